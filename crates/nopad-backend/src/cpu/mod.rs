@@ -157,6 +157,24 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn view_mut<'a>(&'a self, buf: &'a mut Vec<T>, range: Range<usize>) -> &'a mut [T] {
         &mut buf[range]
     }
+    fn view_mut2<'a>(
+        &'a self,
+        buf: &'a mut Vec<T>,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (&'a mut [T], &'a mut [T]) {
+        assert!(
+            a.end <= b.start || b.end <= a.start,
+            "view_mut2: ranges {a:?} and {b:?} overlap"
+        );
+        if a.start < b.start {
+            let (lo, hi) = buf.split_at_mut(b.start);
+            (&mut lo[a], &mut hi[..b.end - b.start])
+        } else {
+            let (lo, hi) = buf.split_at_mut(a.start);
+            (&mut hi[..a.end - a.start], &mut lo[b])
+        }
+    }
     fn write(&self, buf: &mut Vec<T>, offset: usize, data: &[f32]) -> Result<()> {
         check_len("write", "buffer", buf.len(), offset + data.len())?;
         for (d, &s) in buf[offset..offset + data.len()].iter_mut().zip(data) {
@@ -167,6 +185,10 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn read(&self, buf: &Vec<T>, range: Range<usize>) -> Result<Vec<f32>> {
         check_len("read", "buffer", buf.len(), range.end)?;
         Ok(buf[range].iter().map(|x| x.to_f32()).collect())
+    }
+    fn read_f64(&self, buf: &Vec<T>, range: Range<usize>) -> Result<Vec<f64>> {
+        check_len("read_f64", "buffer", buf.len(), range.end)?;
+        Ok(buf[range].iter().map(|x| x.to_f64()).collect())
     }
     fn zero(&self, x: &mut [T]) -> Result<()> {
         x.fill(T::ZERO);
