@@ -1,12 +1,15 @@
 //! Varlen causal grouped-query attention on the CPU: the reference every GPU kernel is checked
 //! against.
 //!
-//! One task per (sequence, key/value head) computes that head group's rows; tasks run in
-//! parallel and write their results back in a fixed order. The backward recomputes the
-//! probabilities from the saved log-sum-exp (no `[L, L]` matrix is kept between passes).
+//! One task per (sequence, key/value head) gathers that sequence's K and V (and each query head
+//! of the group) into dense matrices and does the products with SIMD GEMMs on a `[L, L]`
+//! score matrix; tasks run in parallel and write back in a fixed order, so results are
+//! deterministic. The backward recomputes the probabilities from the saved log-sum-exp (no
+//! `[L, L]` matrix is kept between passes).
 
 use rayon::prelude::*;
 
+use super::linear::{gemm_serial, Mat};
 use super::{check_len, Scalar};
 use crate::error::check;
 use crate::{AttnDims, Result};
@@ -92,6 +95,64 @@ fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
     s
 }
 
+/// Copies the `[len, dh]` vectors starting at `first(t)` for tokens `s..s+len` into a dense matrix.
+fn gather<T: Scalar>(
+    src: &[T],
+    s: usize,
+    len: usize,
+    dh: usize,
+    at: impl Fn(usize) -> usize,
+) -> Vec<T> {
+    let mut m = Vec::with_capacity(len * dh);
+    for i in 0..len {
+        m.extend_from_slice(&src[at(s + i)..][..dh]);
+    }
+    m
+}
+
+/// Dense row-major `[rows, cols]` operand for [`gemm_serial`], optionally transposed.
+fn mat<T>(data: &[T], cols: usize, transposed: bool) -> Mat<'_, T> {
+    if transposed {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    } else {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+}
+
+/// Causal probabilities of one (sequence, head) in place: `s: [len, len]` holds scaled scores on
+/// entry and `P` (zero above the diagonal) on exit. With `lse` given (backward) P is recomputed
+/// from it; otherwise each row's log-sum-exp is written to `lse_out`.
+fn probabilities<T: Scalar>(s: &mut [T], len: usize, lse: Option<&[T]>, lse_out: &mut [T]) {
+    for i in 0..len {
+        let row = &mut s[i * len..(i + 1) * len];
+        let l = match lse {
+            Some(l) => l[i],
+            None => {
+                let m = row[..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let mut sum = T::ZERO;
+                for &x in &row[..=i] {
+                    sum += (x - m).exp();
+                }
+                let l = m + sum.ln();
+                lse_out[i] = l;
+                l
+            }
+        };
+        for x in &mut row[..=i] {
+            *x = (*x - l).exp();
+        }
+        row[i + 1..].fill(T::ZERO);
+    }
+}
+
 fn tasks(cu: &[i32], n_kv_heads: usize) -> Vec<(usize, usize, usize)> {
     let mut v = Vec::new();
     for w in cu.windows(2) {
@@ -119,53 +180,56 @@ pub(crate) fn forward<T: Scalar>(
     let lay = Layout::new(&dims);
     let group = h / dims.n_kv_heads;
     let scale = T::from_f32(dims.scale);
-    // Each task returns (rows × group heads × dh) outputs and (group heads × rows) lse values.
-    let results: Vec<(Vec<T>, Vec<T>)> = tasks(cu, dims.n_kv_heads)
+    let work = tasks(cu, dims.n_kv_heads);
+    // Each task returns its heads' outputs `[group][len, dh]` and log-sum-exps `[group][len]`.
+    let results: Vec<(Vec<T>, Vec<T>)> = work
         .par_iter()
         .map(|&(s, e, g)| {
             let len = e - s;
-            let mut o = vec![T::ZERO; len * group * dh];
+            let k = gather(qkv, s, len, dh, |t| lay.k(t, g));
+            let v = gather(qkv, s, len, dh, |t| lay.v(t, g));
+            let mut o = vec![T::ZERO; group * len * dh];
             let mut l = vec![T::ZERO; group * len];
-            let mut p = vec![T::ZERO; len];
+            let mut p = vec![T::ZERO; len * len];
             for hh in 0..group {
-                let head = g * group + hh;
-                for i in 0..len {
-                    let q = &qkv[lay.q(s + i, head)..][..dh];
-                    let mut m = T::neg_infinity();
-                    for j in 0..=i {
-                        let x = dot(q, &qkv[lay.k(s + j, g)..][..dh]) * scale;
-                        p[j] = x;
-                        m = m.max(x);
-                    }
-                    let mut sum = T::ZERO;
-                    for pj in &mut p[..=i] {
-                        *pj = (*pj - m).exp();
-                        sum += *pj;
-                    }
-                    let orow = &mut o[(i * group + hh) * dh..][..dh];
-                    for (j, &pj) in p[..=i].iter().enumerate() {
-                        let v = &qkv[lay.v(s + j, g)..][..dh];
-                        for (oo, &vv) in orow.iter_mut().zip(v) {
-                            *oo += pj * vv;
-                        }
-                    }
-                    let inv = T::ONE / sum;
-                    orow.iter_mut().for_each(|x| *x *= inv);
-                    l[hh * len + i] = m + sum.ln();
-                }
+                let q = gather(qkv, s, len, dh, |t| lay.q(t, g * group + hh));
+                gemm_serial(
+                    len,
+                    len,
+                    dh,
+                    &mut p,
+                    len,
+                    mat(&q, dh, false),
+                    mat(&k, dh, true),
+                    false,
+                    scale,
+                );
+                probabilities(&mut p, len, None, &mut l[hh * len..(hh + 1) * len]);
+                let oh = &mut o[hh * len * dh..(hh + 1) * len * dh];
+                gemm_serial(
+                    len,
+                    dh,
+                    len,
+                    oh,
+                    dh,
+                    mat(&p, len, false),
+                    mat(&v, dh, false),
+                    false,
+                    T::ONE,
+                );
             }
             (o, l)
         })
         .collect();
-    for (&(s, e, g), (o, l)) in tasks(cu, dims.n_kv_heads).iter().zip(&results) {
+    for (&(s, e, g), (o, l)) in work.iter().zip(&results) {
         let len = e - s;
-        for i in 0..len {
-            for hh in 0..group {
-                let head = g * group + hh;
+        for hh in 0..group {
+            let head = g * group + hh;
+            for i in 0..len {
                 out[(s + i) * h * dh + head * dh..][..dh]
-                    .copy_from_slice(&o[(i * group + hh) * dh..][..dh]);
-                lse[head * n + s + i] = l[hh * len + i];
+                    .copy_from_slice(&o[(hh * len + i) * dh..][..dh]);
             }
+            lse[head * n + s..head * n + e].copy_from_slice(&l[hh * len..(hh + 1) * len]);
         }
     }
     Ok(())
@@ -191,56 +255,106 @@ pub(crate) fn backward<T: Scalar>(
     let lay = Layout::new(&dims);
     let group = h / dims.n_kv_heads;
     let scale = T::from_f32(dims.scale);
-    // Per task: dq for the group's heads [len, group, dh], dk and dv [len, dh].
-    let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = tasks(cu, dims.n_kv_heads)
+    let work = tasks(cu, dims.n_kv_heads);
+    // Per task: dq `[group][len, dh]`, dk and dv `[len, dh]` (summed over the group's heads).
+    let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = work
         .par_iter()
         .map(|&(s, e, g)| {
             let len = e - s;
-            let mut dq = vec![T::ZERO; len * group * dh];
+            let k = gather(qkv, s, len, dh, |t| lay.k(t, g));
+            let v = gather(qkv, s, len, dh, |t| lay.v(t, g));
+            let mut dq = vec![T::ZERO; group * len * dh];
             let mut dk = vec![T::ZERO; len * dh];
             let mut dv = vec![T::ZERO; len * dh];
-            let mut ds = vec![T::ZERO; len];
+            let mut p = vec![T::ZERO; len * len];
+            let mut dp = vec![T::ZERO; len * len];
+            let mut unused = [];
             for hh in 0..group {
                 let head = g * group + hh;
+                let q = gather(qkv, s, len, dh, |t| lay.q(t, head));
+                let dout = gather(d_out, s, len, dh, |t| t * h * dh + head * dh);
+                let o = gather(out, s, len, dh, |t| t * h * dh + head * dh);
+                gemm_serial(
+                    len,
+                    len,
+                    dh,
+                    &mut p,
+                    len,
+                    mat(&q, dh, false),
+                    mat(&k, dh, true),
+                    false,
+                    scale,
+                );
+                probabilities(
+                    &mut p,
+                    len,
+                    Some(&lse[head * n + s..head * n + e]),
+                    &mut unused,
+                );
+                // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP − rowsum(dO∘O)).
+                gemm_serial(
+                    len,
+                    dh,
+                    len,
+                    &mut dv,
+                    dh,
+                    mat(&p, len, true),
+                    mat(&dout, dh, false),
+                    true,
+                    T::ONE,
+                );
+                gemm_serial(
+                    len,
+                    len,
+                    dh,
+                    &mut dp,
+                    len,
+                    mat(&dout, dh, false),
+                    mat(&v, dh, true),
+                    false,
+                    T::ONE,
+                );
                 for i in 0..len {
-                    let t = s + i;
-                    let q = &qkv[lay.q(t, head)..][..dh];
-                    let dout = &d_out[t * h * dh + head * dh..][..dh];
-                    let o = &out[t * h * dh + head * dh..][..dh];
-                    let di = dot(dout, o); // rowsum(dO ∘ O)
-                    let l = lse[head * n + t];
+                    let di = dot(&dout[i * dh..(i + 1) * dh], &o[i * dh..(i + 1) * dh]);
                     for j in 0..=i {
-                        let k = &qkv[lay.k(s + j, g)..][..dh];
-                        let v = &qkv[lay.v(s + j, g)..][..dh];
-                        let p = (dot(q, k) * scale - l).exp();
-                        let dvj = &mut dv[j * dh..][..dh];
-                        for (a, &b) in dvj.iter_mut().zip(dout) {
-                            *a += p * b;
-                        }
-                        ds[j] = p * (dot(dout, v) - di) * scale;
-                    }
-                    let dqi = &mut dq[(i * group + hh) * dh..][..dh];
-                    for j in 0..=i {
-                        let k = &qkv[lay.k(s + j, g)..][..dh];
-                        for (a, &b) in dqi.iter_mut().zip(k) {
-                            *a += ds[j] * b;
-                        }
-                        for (a, &b) in dk[j * dh..][..dh].iter_mut().zip(q) {
-                            *a += ds[j] * b;
-                        }
+                        p[i * len + j] *= dp[i * len + j] - di;
                     }
                 }
+                // p now holds dS (zero above the diagonal): dQ = s·dS·K, dK += s·dSᵀ·Q.
+                let dqh = &mut dq[hh * len * dh..(hh + 1) * len * dh];
+                gemm_serial(
+                    len,
+                    dh,
+                    len,
+                    dqh,
+                    dh,
+                    mat(&p, len, false),
+                    mat(&k, dh, false),
+                    false,
+                    scale,
+                );
+                gemm_serial(
+                    len,
+                    dh,
+                    len,
+                    &mut dk,
+                    dh,
+                    mat(&p, len, true),
+                    mat(&q, dh, false),
+                    true,
+                    scale,
+                );
             }
             (dq, dk, dv)
         })
         .collect();
     d_qkv[..n * lay.width].fill(T::ZERO);
-    for (&(s, e, g), (dq, dk, dv)) in tasks(cu, dims.n_kv_heads).iter().zip(&results) {
+    for (&(s, e, g), (dq, dk, dv)) in work.iter().zip(&results) {
         for i in 0..e - s {
             let t = s + i;
             for hh in 0..group {
                 d_qkv[lay.q(t, g * group + hh)..][..dh]
-                    .copy_from_slice(&dq[(i * group + hh) * dh..][..dh]);
+                    .copy_from_slice(&dq[(hh * (e - s) + i) * dh..][..dh]);
             }
             d_qkv[lay.k(t, g)..][..dh].copy_from_slice(&dk[i * dh..][..dh]);
             d_qkv[lay.v(t, g)..][..dh].copy_from_slice(&dv[i * dh..][..dh]);

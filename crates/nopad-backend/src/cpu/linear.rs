@@ -15,7 +15,8 @@ pub(crate) struct Mat<'a, T> {
     pub cs: usize,
 }
 
-/// `dst[m, n] (row-major, row stride ldd) = (accumulate ? dst : 0) + scale · a[m, k] · b[k, n]`.
+/// `dst[m, n] (row-major, row stride ldd) = (accumulate ? dst : 0) + scale · a[m, k] · b[k, n]`,
+/// multi-threaded when the product is large.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<T: Scalar>(
     m: usize,
@@ -27,6 +28,56 @@ pub(crate) fn gemm<T: Scalar>(
     b: Mat<'_, T>,
     accumulate: bool,
     scale: T,
+) {
+    // Small products are faster on one thread; the threshold only changes speed, never results
+    // (gemm's blocking does not depend on the thread count).
+    let par = if m * n * k >= 1 << 18 {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    gemm_with(m, n, k, dst, ldd, a, b, accumulate, scale, par)
+}
+
+/// [`gemm`] on the calling thread only (for use inside parallel tasks).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_serial<T: Scalar>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    ldd: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    scale: T,
+) {
+    gemm_with(
+        m,
+        n,
+        k,
+        dst,
+        ldd,
+        a,
+        b,
+        accumulate,
+        scale,
+        Parallelism::None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with<T: Scalar>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    ldd: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    scale: T,
+    par: Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -44,13 +95,6 @@ pub(crate) fn gemm<T: Scalar>(
         |mat: Mat<'_, T>, rows: usize, cols: usize| (rows - 1) * mat.rs + (cols - 1) * mat.cs;
     assert!(a.data.len() > last(a, m, k), "gemm: lhs too small");
     assert!(b.data.len() > last(b, k, n), "gemm: rhs too small");
-    // Small products are faster on one thread; the threshold only changes speed, never results
-    // (gemm's blocking does not depend on the thread count).
-    let par = if m * n * k >= 1 << 18 {
-        Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        Parallelism::None
-    };
     // SAFETY: the asserts above keep every element gemm touches inside the slices; dst does not
     // alias a or b (a &mut and two & borrows).
     unsafe {

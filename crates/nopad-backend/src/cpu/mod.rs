@@ -13,6 +13,7 @@ mod linear;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::error::check;
 use crate::{AdamW, AttnDims, Backend, Kind, LinearDims, Result, RopeDims};
@@ -101,9 +102,62 @@ macro_rules! impl_scalar {
 impl_scalar!(f32);
 impl_scalar!(f64);
 
+/// Bytes held by live buffers, and the most ever held at once.
+#[derive(Default)]
+struct MemCounter {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemCounter {
+    fn add(&self, bytes: usize) {
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// A CPU buffer: a `Vec<T>` (reached through `Deref`) whose bytes count towards the backend's
+/// memory statistics until it is dropped.
+pub struct CpuBuf<T> {
+    data: Vec<T>,
+    mem: Arc<MemCounter>,
+}
+
+impl<T> std::ops::Deref for CpuBuf<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.data
+    }
+}
+
+impl<T> std::ops::DerefMut for CpuBuf<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        &mut self.data
+    }
+}
+
+impl<T: Clone> Clone for CpuBuf<T> {
+    fn clone(&self) -> Self {
+        self.mem.add(self.data.len() * std::mem::size_of::<T>());
+        CpuBuf {
+            data: self.data.clone(),
+            mem: self.mem.clone(),
+        }
+    }
+}
+
+impl<T> Drop for CpuBuf<T> {
+    fn drop(&mut self) {
+        self.mem.current.fetch_sub(
+            self.data.len() * std::mem::size_of::<T>(),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// The CPU backend over scalar type `T`.
 pub struct Cpu<T> {
-    allocated: AtomicUsize,
+    mem: Arc<MemCounter>,
     _t: PhantomData<T>,
 }
 
@@ -117,7 +171,7 @@ impl<T: Scalar> Cpu<T> {
     /// A CPU backend using rayon's global thread pool.
     pub fn new() -> Self {
         Cpu {
-            allocated: AtomicUsize::new(0),
+            mem: Arc::new(MemCounter::default()),
             _t: PhantomData,
         }
     }
@@ -130,7 +184,7 @@ fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<(
 }
 
 impl<T: Scalar> Backend for Cpu<T> {
-    type Buf = Vec<T>;
+    type Buf = CpuBuf<T>;
     type Ref<'a> = &'a [T];
     type Mut<'a> = &'a mut [T];
     type Ints = Vec<i32>;
@@ -143,23 +197,25 @@ impl<T: Scalar> Backend for Cpu<T> {
         )
     }
 
-    fn alloc(&self, len: usize, _kind: Kind) -> Result<Vec<T>> {
-        self.allocated
-            .fetch_add(len * std::mem::size_of::<T>(), Ordering::Relaxed);
-        Ok(vec![T::ZERO; len])
+    fn alloc(&self, len: usize, _kind: Kind) -> Result<CpuBuf<T>> {
+        self.mem.add(len * std::mem::size_of::<T>());
+        Ok(CpuBuf {
+            data: vec![T::ZERO; len],
+            mem: self.mem.clone(),
+        })
     }
-    fn buf_len(&self, buf: &Vec<T>) -> usize {
+    fn buf_len(&self, buf: &CpuBuf<T>) -> usize {
         buf.len()
     }
-    fn view<'a>(&'a self, buf: &'a Vec<T>, range: Range<usize>) -> &'a [T] {
+    fn view<'a>(&'a self, buf: &'a CpuBuf<T>, range: Range<usize>) -> &'a [T] {
         &buf[range]
     }
-    fn view_mut<'a>(&'a self, buf: &'a mut Vec<T>, range: Range<usize>) -> &'a mut [T] {
+    fn view_mut<'a>(&'a self, buf: &'a mut CpuBuf<T>, range: Range<usize>) -> &'a mut [T] {
         &mut buf[range]
     }
     fn view_mut2<'a>(
         &'a self,
-        buf: &'a mut Vec<T>,
+        buf: &'a mut CpuBuf<T>,
         a: Range<usize>,
         b: Range<usize>,
     ) -> (&'a mut [T], &'a mut [T]) {
@@ -175,18 +231,18 @@ impl<T: Scalar> Backend for Cpu<T> {
             (&mut hi[..a.end - a.start], &mut lo[b])
         }
     }
-    fn write(&self, buf: &mut Vec<T>, offset: usize, data: &[f32]) -> Result<()> {
+    fn write(&self, buf: &mut CpuBuf<T>, offset: usize, data: &[f32]) -> Result<()> {
         check_len("write", "buffer", buf.len(), offset + data.len())?;
         for (d, &s) in buf[offset..offset + data.len()].iter_mut().zip(data) {
             *d = T::from_f32(s);
         }
         Ok(())
     }
-    fn read(&self, buf: &Vec<T>, range: Range<usize>) -> Result<Vec<f32>> {
+    fn read(&self, buf: &CpuBuf<T>, range: Range<usize>) -> Result<Vec<f32>> {
         check_len("read", "buffer", buf.len(), range.end)?;
         Ok(buf[range].iter().map(|x| x.to_f32()).collect())
     }
-    fn read_f64(&self, buf: &Vec<T>, range: Range<usize>) -> Result<Vec<f64>> {
+    fn read_f64(&self, buf: &CpuBuf<T>, range: Range<usize>) -> Result<Vec<f64>> {
         check_len("read_f64", "buffer", buf.len(), range.end)?;
         Ok(buf[range].iter().map(|x| x.to_f64()).collect())
     }
@@ -201,7 +257,7 @@ impl<T: Scalar> Backend for Cpu<T> {
         Ok(())
     }
     fn peak_memory(&self) -> usize {
-        self.allocated.load(Ordering::Relaxed)
+        self.mem.peak.load(Ordering::Relaxed)
     }
 
     fn add(&self, out: &mut [T], a: &[T], b: &[T], n: usize) -> Result<()> {
