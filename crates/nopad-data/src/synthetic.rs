@@ -1,7 +1,9 @@
 //! Built-in synthetic instruction data: no files, no tokenizer, learnable, seeded.
 //!
 //! Each example is `[BOS] prompt [SEP] response [EOS]`, where the response is the prompt
-//! reversed, so a model can learn it and the loss must fall. Only the response and EOS are
+//! reversed, so a model can learn it and the loss must fall. Content tokens follow a Zipf law
+//! (rank r has weight 1/(r+1)), as words in text do: a model first learns the unigram
+//! distribution (a quick, visible fall from ln V), then to copy from the prompt. Only the response and EOS are
 //! targets. Total lengths follow the lognormal fits of the paper's datasets (anchors.md: FLAN-like
 //! median 180, σ 0.9; OrcaMath-like median 550, σ 0.6), clamped to `[8, max_len]`.
 
@@ -70,14 +72,23 @@ pub fn instruction_dataset(cfg: &SyntheticConfig) -> Vec<Example> {
     );
     let mut rng = Rng::derived(cfg.seed, "synthetic");
     let (median, sigma) = cfg.lengths.params();
-    let n_content = (cfg.vocab_size - FIRST_CONTENT as usize) as u64;
+    let n_content = cfg.vocab_size - FIRST_CONTENT as usize;
+    let mut cdf: Vec<f64> = (0..n_content).map(|r| 1.0 / (r + 1) as f64).collect();
+    for i in 1..n_content {
+        cdf[i] += cdf[i - 1];
+    }
+    let total = cdf[n_content - 1];
     (0..cfg.n_examples)
         .map(|_| {
             let drawn = rng.lognormal(median, sigma).round() as usize;
             let len = drawn.clamp(MIN_LEN.min(cfg.max_len), cfg.max_len);
             let p = (len - 3) / 2;
             let prompt: Vec<i32> = (0..p)
-                .map(|_| FIRST_CONTENT + rng.below(n_content) as i32)
+                .map(|_| {
+                    let u = rng.uniform() * total;
+                    let rank = cdf.partition_point(|&c| c <= u).min(n_content - 1);
+                    FIRST_CONTENT + rank as i32
+                })
                 .collect();
             let mut input_ids = Vec::with_capacity(2 * p + 3);
             input_ids.push(BOS);
