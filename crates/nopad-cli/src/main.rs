@@ -1,1 +1,43 @@
-fn main() {}
+//! `nopad`: fine-tune Llama-family models with padding-free packing.
+//!
+//! This crate is glue: it parses arguments (and TOML config files), picks the backend, and calls
+//! the library crates. With no arguments it trains the built-in default (the `small` preset on
+//! synthetic FLAN-like data with the `flatten` strategy).
+
+mod device;
+mod eval_cmd;
+mod train_args;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune Llama-family language models with padding-free packing and varlen attention.
+#[derive(Parser, Debug)]
+#[command(name = "nopad", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model (the default command; with no flags, the built-in CPU demo).
+    Train(Box<train_args::TrainArgs>),
+    /// Token-weighted loss of a model over a pretokenized JSONL file.
+    Eval(eval_cmd::EvalArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => train_args::run(&train_args::TrainArgs::default()),
+        Some(Command::Train(args)) => train_args::run(&args),
+        Some(Command::Eval(args)) => eval_cmd::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("nopad: error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(2);
+    }
+}

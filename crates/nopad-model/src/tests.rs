@@ -327,7 +327,7 @@ fn checkpoints_roundtrip_bit_exactly_and_bad_ones_name_the_tensor() {
             .unwrap();
         assert!(
             src.iter()
-                .zip(&m2.params)
+                .zip(m2.params.iter())
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "round trip is not bit-exact"
         );

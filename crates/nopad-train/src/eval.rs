@@ -20,7 +20,12 @@ pub struct EvalResult {
 }
 
 /// Evaluates `model` over `examples`, packed as `pack` says.
-pub fn evaluate<B: Backend>(b: &B, model: &mut Model<B>, examples: &[Example], pack: &PackOptions) -> Result<EvalResult> {
+pub fn evaluate<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    examples: &[Example],
+    pack: &PackOptions,
+) -> Result<EvalResult> {
     let mut tokens = 0;
     model.take_loss_sum(b)?;
     for batch in eval_batches(examples, pack) {
@@ -31,5 +36,12 @@ pub fn evaluate<B: Backend>(b: &B, model: &mut Model<B>, examples: &[Example], p
         model.forward(b, &inputs(&batch), None)?;
     }
     let sum = model.take_loss_sum(b)?;
-    Ok(EvalResult { loss: if tokens > 0 { sum / tokens as f64 } else { f64::NAN }, tokens })
+    Ok(EvalResult {
+        loss: if tokens > 0 {
+            sum / tokens as f64
+        } else {
+            f64::NAN
+        },
+        tokens,
+    })
 }

@@ -24,7 +24,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+        }
     }
 }
 
@@ -71,12 +77,22 @@ impl<B: Backend> Optimizer<B> {
         } else {
             None
         };
-        Ok(Optimizer { cfg, m, v, master, step: 0 })
+        Ok(Optimizer {
+            cfg,
+            m,
+            v,
+            master,
+            step: 0,
+        })
     }
 
     /// The global L2 norm of the accumulated gradients.
     pub fn grad_norm(&self, b: &B, model: &Model<B>) -> Result<f64> {
-        Ok(b.sum_squares(b.view(&model.grads, 0..model.layout.total), model.layout.total)?.sqrt())
+        Ok(b.sum_squares(
+            b.view(&model.grads, 0..model.layout.total),
+            model.layout.total,
+        )?
+        .sqrt())
     }
 
     /// Applies one update with learning rate `lr` (clipping by the global norm) unless the
@@ -85,7 +101,10 @@ impl<B: Backend> Optimizer<B> {
     pub fn update(&mut self, b: &B, model: &mut Model<B>, lr: f64) -> Result<UpdateInfo> {
         let norm = self.grad_norm(b, model)?;
         if !norm.is_finite() {
-            return Ok(UpdateInfo { grad_norm: norm, applied: false });
+            return Ok(UpdateInfo {
+                grad_norm: norm,
+                applied: false,
+            });
         }
         let clip = match self.cfg.max_grad_norm {
             Some(max) if norm > max as f64 => (max as f64 / (norm + 1e-6)) as f32,
@@ -118,7 +137,10 @@ impl<B: Backend> Optimizer<B> {
                 hp,
             )?;
         }
-        Ok(UpdateInfo { grad_norm: norm, applied: true })
+        Ok(UpdateInfo {
+            grad_norm: norm,
+            applied: true,
+        })
     }
 
     /// The weights to save: the master copy when there is one, else the parameters.

@@ -20,7 +20,9 @@ impl FromStr for Decay {
             "cosine" => Ok(Decay::Cosine),
             "linear" => Ok(Decay::Linear),
             "constant" => Ok(Decay::Constant),
-            _ => Err(format!("unknown schedule `{s}` (expected cosine, linear or constant)")),
+            _ => Err(format!(
+                "unknown schedule `{s}` (expected cosine, linear or constant)"
+            )),
         }
     }
 }
@@ -65,15 +67,28 @@ mod tests {
 
     #[test]
     fn warmup_then_decay_hits_the_ends() {
-        let s = Schedule { lr: 1e-3, min_lr: 1e-4, warmup: 10, total: 110, decay: Decay::Cosine };
+        let s = Schedule {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 10,
+            total: 110,
+            decay: Decay::Cosine,
+        };
         assert!((s.lr_at(1) - 1e-4).abs() < 1e-12);
         assert!((s.lr_at(10) - 1e-3).abs() < 1e-12);
         assert!((s.lr_at(60) - 5.5e-4).abs() < 1e-12);
         assert!((s.lr_at(110) - 1e-4).abs() < 1e-12);
         assert!((s.lr_at(500) - 1e-4).abs() < 1e-12);
-        let l = Schedule { decay: Decay::Linear, ..s };
+        let l = Schedule {
+            decay: Decay::Linear,
+            ..s
+        };
         assert!((l.lr_at(35) - (1e-4 + 9e-4 * 0.75)).abs() < 1e-12);
-        let c = Schedule { decay: Decay::Constant, warmup: 0, ..s };
+        let c = Schedule {
+            decay: Decay::Constant,
+            warmup: 0,
+            ..s
+        };
         assert_eq!(c.lr_at(1), 1e-3);
         assert!("step".parse::<Decay>().unwrap_err().contains("cosine"));
     }

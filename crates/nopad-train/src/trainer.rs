@@ -107,7 +107,10 @@ impl TrainConfig {
     pub fn default_cpu() -> Self {
         TrainConfig {
             model: ModelSource::Preset("small".into()),
-            data: DataSource::Synthetic { dist: synthetic::LengthDist::FlanLike, examples: 4096 },
+            data: DataSource::Synthetic {
+                dist: synthetic::LengthDist::FlanLike,
+                examples: 4096,
+            },
             format: None,
             long: LongPolicy::Truncate,
             skip_bad: false,
@@ -116,13 +119,16 @@ impl TrainConfig {
             grad_accum: 1,
             max_len: 512,
             group_by_length: false,
-            steps: Some(120),
+            steps: Some(150),
             epochs: None,
             lr: 3e-3,
             min_lr: 3e-4,
             warmup: 10,
             decay: Decay::Cosine,
-            adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
             seed: 0,
             out: None,
             save_dtype: SaveDtype::F32,
@@ -211,7 +217,11 @@ pub struct Summary {
 }
 
 /// A model on a backend, from a preset (random init) or an HF directory.
-pub fn build_model<B: Backend>(b: &B, source: &ModelSource, seed: u64) -> Result<(Model<B>, String)> {
+pub fn build_model<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+) -> Result<(Model<B>, String)> {
     match source {
         ModelSource::Preset(name) => {
             let cfg = Config::preset(name).ok_or_else(|| {
@@ -239,9 +249,12 @@ pub fn build_model<B: Backend>(b: &B, source: &ModelSource, seed: u64) -> Result
 /// The id pad tokens get: the config's pad id, else its (first) eos id, else 0.
 pub fn pad_token_id(cfg: &Config) -> i32 {
     let first = |v: &Option<serde_json::Value>| {
-        v.as_ref().and_then(|v| v.as_i64().or_else(|| v.as_array()?.first()?.as_i64()))
+        v.as_ref()
+            .and_then(|v| v.as_i64().or_else(|| v.as_array()?.first()?.as_i64()))
     };
-    first(&cfg.pad_token_id).or_else(|| first(&cfg.eos_token_id)).unwrap_or(0) as i32
+    first(&cfg.pad_token_id)
+        .or_else(|| first(&cfg.eos_token_id))
+        .unwrap_or(0) as i32
 }
 
 /// Loads (or generates) the examples of a data source for a model.
@@ -275,7 +288,10 @@ pub fn load_data(
             let mut notes = vec![format!("{}: {report}", path.display())];
             notes.extend(report.warnings.iter().cloned());
             if ex.is_empty() {
-                return Err(TrainError::Config(format!("{}: no usable examples", path.display())));
+                return Err(TrainError::Config(format!(
+                    "{}: no usable examples",
+                    path.display()
+                )));
             }
             Ok((ex, notes))
         }
@@ -304,7 +320,9 @@ pub fn train_step<B: Backend>(
 ) -> Result<(f64, f64, bool)> {
     let targets: usize = batches.iter().map(|x| x.stats.target_tokens).sum();
     if targets == 0 {
-        return Err(TrainError::Config("a step has no target tokens (every label is -100)".into()));
+        return Err(TrainError::Config(
+            "a step has no target tokens (every label is -100)".into(),
+        ));
     }
     let scale = 1.0 / targets as f32;
     for batch in batches {
@@ -318,7 +336,10 @@ pub fn train_step<B: Backend>(
     let info = if loss.is_finite() {
         opt.update(b, model, lr)?
     } else {
-        crate::optimizer::UpdateInfo { grad_norm: f64::NAN, applied: false }
+        crate::optimizer::UpdateInfo {
+            grad_norm: f64::NAN,
+            applied: false,
+        }
     };
     model.zero_grads(b)?;
     Ok((loss, info.grad_norm, info.applied))
@@ -329,18 +350,30 @@ fn open_log(path: &Option<PathBuf>) -> Result<Option<std::io::BufWriter<std::fs:
         None => Ok(None),
         Some(p) => {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| TrainError::Io { path: dir.to_path_buf(), source: e })?;
+                std::fs::create_dir_all(dir).map_err(|e| TrainError::Io {
+                    path: dir.to_path_buf(),
+                    source: e,
+                })?;
             }
-            let f = std::fs::File::create(p).map_err(|e| TrainError::Io { path: p.clone(), source: e })?;
+            let f = std::fs::File::create(p).map_err(|e| TrainError::Io {
+                path: p.clone(),
+                source: e,
+            })?;
             Ok(Some(std::io::BufWriter::new(f)))
         }
     }
 }
 
 /// Trains a model as `tc` says, calling `on_step` after every step. Returns the summary.
-pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepRecord)) -> Result<Summary> {
+pub fn train<B: Backend>(
+    b: &B,
+    tc: &TrainConfig,
+    mut on_step: impl FnMut(&StepRecord),
+) -> Result<Summary> {
     if tc.batch_size == 0 || tc.grad_accum == 0 || tc.max_len < 2 {
-        return Err(TrainError::Config("batch-size and grad-accum must be ≥ 1, max-len ≥ 2".into()));
+        return Err(TrainError::Config(
+            "batch-size and grad-accum must be ≥ 1, max-len ≥ 2".into(),
+        ));
     }
     let (mut model, model_desc) = build_model(b, &tc.model, tc.seed)?;
     let model_dir = match &tc.model {
@@ -361,7 +394,14 @@ pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepR
     };
     let mut loader = Loader::new(
         Arc::new(examples),
-        LoaderOptions { pack: pack.clone(), grad_accum: tc.grad_accum, seed: tc.seed, shuffle: true, start: Default::default(), prefetch: 4 },
+        LoaderOptions {
+            pack: pack.clone(),
+            grad_accum: tc.grad_accum,
+            seed: tc.seed,
+            shuffle: true,
+            start: Default::default(),
+            prefetch: 4,
+        },
     )?;
     let steps_per_epoch = loader.steps_per_epoch();
     let total = match (tc.steps, tc.epochs) {
@@ -369,14 +409,22 @@ pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepR
         (None, Some(e)) => (e * steps_per_epoch as f64).ceil().max(1.0) as u64,
         (None, None) => steps_per_epoch as u64,
     };
-    let schedule = Schedule { lr: tc.lr, min_lr: tc.min_lr, warmup: tc.warmup.min(total), total, decay: tc.decay };
+    let schedule = Schedule {
+        lr: tc.lr,
+        min_lr: tc.min_lr,
+        warmup: tc.warmup.min(total),
+        total,
+        decay: tc.decay,
+    };
     let mut opt = Optimizer::new(b, &model, tc.adamw)?;
     let mut log = open_log(&tc.log)?;
     let bar = if tc.progress {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]")
-                .expect("static template is valid"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
+            )
+            .expect("static template is valid"),
         );
         bar
     } else {
@@ -385,7 +433,9 @@ pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepR
     let start = Instant::now();
     let (mut totals, mut losses, mut skipped) = (BatchStats::default(), Vec::new(), 0u64);
     for step in 1..=total {
-        let s = loader.next().ok_or_else(|| TrainError::Config("the data loader stopped early".into()))?;
+        let s = loader
+            .next()
+            .ok_or_else(|| TrainError::Config("the data loader stopped early".into()))?;
         let t0 = Instant::now();
         let lr = schedule.lr_at(opt.step + 1);
         let (loss, grad_norm, applied) = train_step(b, &mut model, &mut opt, &s.batches, lr)?;
@@ -417,17 +467,26 @@ pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepR
         if let Some(w) = log.as_mut() {
             if step % tc.log_every.max(1) == 0 || step == total {
                 let line = serde_json::to_string(&rec).expect("records serialise");
-                writeln!(w, "{line}").map_err(|e| TrainError::Io { path: tc.log.clone().unwrap_or_default(), source: e })?;
+                writeln!(w, "{line}").map_err(|e| TrainError::Io {
+                    path: tc.log.clone().unwrap_or_default(),
+                    source: e,
+                })?;
             }
         }
-        bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {:.0} tok/s", rec.tokens_per_s));
+        bar.set_message(format!(
+            "loss {loss:.4}  lr {lr:.2e}  {:.0} tok/s",
+            rec.tokens_per_s
+        ));
         bar.inc(1);
         on_step(&rec);
     }
     bar.finish_and_clear();
     let train_seconds = start.elapsed().as_secs_f64();
     if let Some(mut w) = log {
-        w.flush().map_err(|e| TrainError::Io { path: tc.log.clone().unwrap_or_default(), source: e })?;
+        w.flush().map_err(|e| TrainError::Io {
+            path: tc.log.clone().unwrap_or_default(),
+            source: e,
+        })?;
     }
     let eval_loss = match &tc.eval_data {
         None => None,
@@ -438,7 +497,14 @@ pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepR
     };
     if let Some(out) = &tc.out {
         let weights_buf = opt.weights(&model);
-        weights::save_checkpoint(out, &model.cfg, &model.layout, tc.save_dtype, 4 << 30, |r| Ok(b.read(weights_buf, r)?))?;
+        weights::save_checkpoint(
+            out,
+            &model.cfg,
+            &model.layout,
+            tc.save_dtype,
+            4 << 30,
+            |r| Ok(b.read(weights_buf, r)?),
+        )?;
     }
     let tail = (losses.len() / 10).max(1);
     let last_loss = losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64;
@@ -467,19 +533,39 @@ pub fn train<B: Backend>(b: &B, tc: &TrainConfig, mut on_step: impl FnMut(&StepR
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "trained {} ({:.2}M parameters) on {}", self.model, self.params as f64 / 1e6, self.device)?;
+        writeln!(
+            f,
+            "trained {} ({:.2}M parameters) on {}",
+            self.model,
+            self.params as f64 / 1e6,
+            self.device
+        )?;
         writeln!(
             f,
             "  strategy {}: {} steps ({} per epoch), {} examples, {} real tokens, {} pad tokens, {} target tokens",
             self.strategy, self.steps, self.steps_per_epoch, self.examples, self.real_tokens, self.pad_tokens, self.target_tokens
         )?;
-        writeln!(f, "  {:.1} s, {:.0} real tokens/s, peak memory {:.1} MiB", self.train_seconds, self.tokens_per_s, self.peak_memory_bytes as f64 / (1 << 20) as f64)?;
-        write!(f, "  loss {:.4} (first step) -> {:.4} (mean of the last steps)", self.first_loss, self.last_loss)?;
+        writeln!(
+            f,
+            "  {:.1} s, {:.0} real tokens/s, peak memory {:.1} MiB",
+            self.train_seconds,
+            self.tokens_per_s,
+            self.peak_memory_bytes as f64 / (1 << 20) as f64
+        )?;
+        write!(
+            f,
+            "  loss {:.4} (first step) -> {:.4} (mean of the last steps)",
+            self.first_loss, self.last_loss
+        )?;
         if let Some(e) = self.eval_loss {
             write!(f, "\n  held-out loss {e:.4}")?;
         }
         if self.skipped_steps > 0 {
-            write!(f, "\n  {} steps skipped (non-finite gradients)", self.skipped_steps)?;
+            write!(
+                f,
+                "\n  {} steps skipped (non-finite gradients)",
+                self.skipped_steps
+            )?;
         }
         if let Some(o) = &self.out {
             write!(f, "\n  checkpoint: {}", o.display())?;

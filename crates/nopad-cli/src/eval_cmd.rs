@@ -1,0 +1,89 @@
+//! `nopad eval`: the token-weighted loss of a model over a data file, independent of the
+//! strategy and batch size used to compute it.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use nopad_backend::Backend;
+use nopad_data::{LoadOptions, PackOptions, Strategy};
+use nopad_train::trainer::{build_model, pad_token_id};
+use nopad_train::{evaluate, ModelSource};
+
+use crate::device::{run_on, DeviceChoice, Job};
+
+/// Flags of `nopad eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// HF model directory or preset name.
+    #[arg(long)]
+    pub model: String,
+    /// Data file (pretokenized JSONL with `input_ids` and optional `labels`, or any format
+    /// `nopad train` reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Packing strategy used to batch the examples (the loss does not depend on it).
+    #[arg(long, default_value = "flatten")]
+    pub strategy: Strategy,
+    /// Examples per batch (the loss does not depend on it).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Longer examples are truncated (and counted on stderr).
+    #[arg(long, default_value_t = 32768)]
+    pub max_len: usize,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Print `{"loss": ..., "tokens": ...}` only.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct EvalJob<'a>(&'a EvalArgs);
+
+impl Job for EvalJob<'_> {
+    type Out = nopad_train::EvalResult;
+    fn run<B: Backend>(self, b: &B) -> Result<Self::Out> {
+        let a = self.0;
+        let source = if std::path::Path::new(&a.model).is_dir() {
+            ModelSource::Dir(a.model.clone().into())
+        } else {
+            ModelSource::Preset(a.model.clone())
+        };
+        let (mut model, _) = build_model(b, &source, 0)?;
+        let mut opts = LoadOptions::new(a.max_len);
+        opts.vocab_size = Some(model.cfg.vocab_size);
+        if let ModelSource::Dir(d) = &source {
+            opts.tokenizer_dir = Some(d.clone());
+        }
+        let (examples, report) = nopad_data::load_examples(&a.data, &opts)?;
+        if !a.json || report.truncated + report.skipped + report.dropped > 0 {
+            eprintln!("nopad: {}: {report}", a.data.display());
+        }
+        let pack = PackOptions {
+            strategy: a.strategy,
+            batch_size: a.batch_size,
+            max_len: a.max_len,
+            pad_token_id: pad_token_id(&model.cfg),
+            group_by_length: false,
+        };
+        Ok(evaluate(b, &mut model, &examples, &pack)?)
+    }
+}
+
+/// Runs `nopad eval`.
+pub fn run(a: &EvalArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let r = run_on(a.device, EvalJob(a))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": r.loss, "tokens": r.tokens})
+        );
+    } else {
+        println!("loss {:.6} over {} target tokens", r.loss, r.tokens);
+    }
+    Ok(())
+}

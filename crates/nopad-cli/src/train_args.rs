@@ -1,0 +1,294 @@
+//! `nopad train`: flags and TOML config files (the same keys), merged into a validated
+//! [`TrainConfig`]. Precedence: flag > config file > built-in default. An unknown key or a bad
+//! value is an error naming the key (and the file).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use nopad_backend::Backend;
+use nopad_data::synthetic::LengthDist;
+use nopad_model::weights::SaveDtype;
+use nopad_train::{DataSource, ModelSource, TrainConfig};
+use serde::Deserialize;
+
+use crate::device::{run_on, DeviceChoice, Job};
+
+/// Flags of `nopad train`. Every flag but `--config` may also be a key of the config file.
+#[derive(Args, Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainArgs {
+    /// TOML file with any of these settings as keys (e.g. `batch-size = 8`); flags win.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model: an HF directory (config.json + safetensors) or a preset (tiny, small,
+    /// llama-3.2-1b, llama-3.1-8b, llama-2-7b, mistral-7b, qwen2.5-0.5b; random init).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data: a JSONL/JSON file, or `synthetic-flan` / `synthetic-orcamath`.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Examples generated for synthetic data.
+    #[arg(long)]
+    pub synthetic_examples: Option<usize>,
+    /// Data format (default: detected): pretokenized, text, prompt-completion, messages, alpaca.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Examples longer than --max-len: truncate, split or drop.
+    #[arg(long)]
+    pub long: Option<String>,
+    /// Skip (and count) malformed records instead of stopping.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad: Option<bool>,
+    /// Packing: pad, concat, flatten (default) or offline.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Examples per micro-batch (rows of max-len for concat and offline).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Longest example in tokens.
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Length-grouped sampling (pad).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub group_by_length: Option<bool>,
+    /// Optimizer steps (wins over --epochs).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Epochs (may be fractional).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Final learning rate.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Warm-up updates.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Decay after warm-up: cosine, linear or constant.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Decoupled weight decay on matrices.
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long)]
+    pub max_grad_norm: Option<f32>,
+    /// Seed of initialisation and data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Save the final model here, in HF layout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Element type of saved weights: f32 or bf16.
+    #[arg(long)]
+    pub save_dtype: Option<String>,
+    /// Write one JSON line per logged step here.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Log every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Held-out data evaluated at the end of training.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// auto (CUDA if present, else CPU), cpu or cuda.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Never draw a progress bar.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_progress: Option<bool>,
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(key: &str, v: &str) -> Result<T> {
+    v.parse::<T>().map_err(|e| anyhow::anyhow!("`{key}`: {e}"))
+}
+
+fn read_file(path: &Path) -> Result<TrainArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))
+}
+
+impl TrainArgs {
+    /// Fills every field this one leaves empty from `file`.
+    fn or(self, file: TrainArgs) -> TrainArgs {
+        macro_rules! pick {
+            ($($f:ident),*) => { TrainArgs { config: self.config, $($f: self.$f.or(file.$f)),* } };
+        }
+        pick!(
+            model,
+            data,
+            synthetic_examples,
+            format,
+            long,
+            skip_bad,
+            strategy,
+            batch_size,
+            grad_accum,
+            max_len,
+            group_by_length,
+            steps,
+            epochs,
+            lr,
+            min_lr,
+            warmup,
+            schedule,
+            weight_decay,
+            max_grad_norm,
+            seed,
+            out,
+            save_dtype,
+            log,
+            log_every,
+            eval_data,
+            device,
+            no_progress
+        )
+    }
+
+    /// Merges the config file (if any) and validates everything into a [`TrainConfig`].
+    pub fn resolve(&self) -> Result<(TrainConfig, DeviceChoice)> {
+        let file = match &self.config {
+            Some(p) => read_file(p)?,
+            None => TrainArgs::default(),
+        };
+        let a = self.clone().or(file);
+        let mut c = TrainConfig::default_cpu();
+        if let Some(m) = &a.model {
+            c.model = if Path::new(m).is_dir() {
+                ModelSource::Dir(m.into())
+            } else {
+                ModelSource::Preset(m.clone())
+            };
+        }
+        let n_synth = a.synthetic_examples.unwrap_or(4096);
+        c.data = match a.data.as_deref() {
+            None | Some("synthetic-flan") => DataSource::Synthetic {
+                dist: LengthDist::FlanLike,
+                examples: n_synth,
+            },
+            Some("synthetic-orcamath") => DataSource::Synthetic {
+                dist: LengthDist::OrcaMathLike,
+                examples: n_synth,
+            },
+            Some(p) => {
+                if !Path::new(p).is_file() {
+                    bail!("`data`: {p} is not a file (or synthetic-flan / synthetic-orcamath)");
+                }
+                DataSource::File(p.into())
+            }
+        };
+        if let Some(f) = &a.format {
+            c.format = Some(parse("format", f)?);
+        }
+        if let Some(l) = &a.long {
+            c.long = parse("long", l)?;
+        }
+        if let Some(s) = &a.strategy {
+            c.strategy = parse("strategy", s)?;
+        }
+        if let Some(s) = &a.schedule {
+            c.decay = parse("schedule", s)?;
+        }
+        if let Some(s) = &a.save_dtype {
+            c.save_dtype = parse::<SaveDtype>("save-dtype", s)?;
+        }
+        let positive = |key: &str, v: Option<usize>, dflt: usize| -> Result<usize> {
+            match v {
+                Some(0) => bail!("`{key}`: must be at least 1"),
+                Some(v) => Ok(v),
+                None => Ok(dflt),
+            }
+        };
+        c.batch_size = positive("batch-size", a.batch_size, c.batch_size)?;
+        c.grad_accum = positive("grad-accum", a.grad_accum, c.grad_accum)?;
+        c.max_len = positive("max-len", a.max_len, c.max_len)?;
+        if c.max_len < 8 {
+            bail!("`max-len`: {} is too short (at least 8)", c.max_len);
+        }
+        // A file or preset run without --steps trains one epoch by default.
+        if a.steps.is_some() || a.epochs.is_some() || a.data.is_some() || a.model.is_some() {
+            c.steps = a.steps;
+            c.epochs = a
+                .epochs
+                .or(if a.steps.is_none() { Some(1.0) } else { None });
+        }
+        if c.steps == Some(0) {
+            bail!("`steps`: must be at least 1");
+        }
+        if let Some(e) = c.epochs {
+            if !(e > 0.0 && e.is_finite()) {
+                bail!("`epochs`: {e} must be a positive number");
+            }
+        }
+        if let Some(lr) = a.lr {
+            if !(lr > 0.0 && lr.is_finite()) {
+                bail!("`lr`: {lr} must be a positive number");
+            }
+            c.lr = lr;
+            c.min_lr = lr * 0.1;
+        }
+        if let Some(m) = a.min_lr {
+            if !(m >= 0.0 && m <= c.lr) {
+                bail!("`min-lr`: {m} must lie in [0, lr = {}]", c.lr);
+            }
+            c.min_lr = m;
+        }
+        c.warmup = a.warmup.unwrap_or(c.warmup);
+        if let Some(w) = a.weight_decay {
+            if !(w >= 0.0 && w.is_finite()) {
+                bail!("`weight-decay`: {w} must be ≥ 0");
+            }
+            c.adamw.weight_decay = w;
+        }
+        if let Some(g) = a.max_grad_norm {
+            if !(g >= 0.0 && g.is_finite()) {
+                bail!("`max-grad-norm`: {g} must be ≥ 0 (0 turns clipping off)");
+            }
+            c.adamw.max_grad_norm = (g > 0.0).then_some(g);
+        }
+        c.seed = a.seed.unwrap_or(c.seed);
+        c.skip_bad = a.skip_bad.unwrap_or(false);
+        c.group_by_length = a.group_by_length.unwrap_or(false);
+        c.out = a.out.clone();
+        c.log = a.log.clone();
+        c.log_every = match a.log_every {
+            Some(0) => bail!("`log-every`: must be at least 1"),
+            Some(v) => v,
+            None => 1,
+        };
+        c.eval_data = a.eval_data.clone();
+        c.progress = !a.no_progress.unwrap_or(false);
+        let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
+        Ok((c, device))
+    }
+}
+
+struct TrainJob(TrainConfig);
+
+impl Job for TrainJob {
+    type Out = nopad_train::Summary;
+    fn run<B: Backend>(self, b: &B) -> Result<Self::Out> {
+        eprintln!("nopad: training on {}", b.describe());
+        Ok(nopad_train::train(b, &self.0, |_| {})?)
+    }
+}
+
+/// Runs `nopad train`.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let (cfg, device) = args.resolve()?;
+    if cfg.strategy == nopad_data::Strategy::Concat {
+        eprintln!("nopad: warning: {}", nopad_data::CONCAT_WARNING);
+    }
+    let summary = run_on(device, TrainJob(cfg))?;
+    println!("{summary}");
+    Ok(())
+}
