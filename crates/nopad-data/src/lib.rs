@@ -17,6 +17,7 @@ mod pack;
 mod records;
 mod sampler;
 pub mod synthetic;
+mod tokenize;
 
 pub use batch::{Batch, BatchStats, Example, Strategy, IGNORE_INDEX};
 pub use error::DataError;
@@ -24,3 +25,4 @@ pub use load::{load_examples, Format, LoadOptions, LoadReport, LongPolicy};
 pub use loader::{eval_batches, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
+pub use tokenize::ModelTokenizer;

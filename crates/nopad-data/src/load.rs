@@ -224,8 +224,12 @@ pub fn load_examples(
     let mut examples = Vec::with_capacity(records.len());
     for (line, raw) in records {
         report.records += 1;
-        let result = convert_record(&mut conv, line, raw)
-            .and_then(|e| check_example(path, line, &e, conv.vocab_size()).map(|_| e));
+        let result = convert_record(&mut conv, line, raw);
+        if let Some(fatal) = conv.missing_tokenizer() {
+            return Err(fatal);
+        }
+        let result =
+            result.and_then(|e| check_example(path, line, &e, conv.vocab_size()).map(|_| e));
         match result {
             Ok(e) => apply_long_policy(e, line, opts, &mut report, &mut examples),
             Err(err) if opts.skip_bad => {
