@@ -14,8 +14,10 @@ mod error;
 mod load;
 mod loader;
 mod pack;
+mod plot;
 mod records;
 mod sampler;
+mod stats;
 pub mod synthetic;
 mod tokenize;
 
@@ -25,4 +27,5 @@ pub use load::{load_examples, Format, LoadOptions, LoadReport, LongPolicy};
 pub use loader::{eval_batches, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
+pub use stats::{strategy_stats, LengthHistogram, StatsReport, StrategyStats};
 pub use tokenize::ModelTokenizer;
