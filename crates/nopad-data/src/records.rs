@@ -39,6 +39,11 @@ impl<'a> Converter<'a> {
         })
     }
 
+    /// The file's format, once known.
+    pub(crate) fn format(&self) -> Option<Format> {
+        self.format
+    }
+
     /// The vocabulary size token ids are checked against.
     pub(crate) fn vocab_size(&self) -> Option<usize> {
         self.vocab_size
@@ -60,13 +65,40 @@ impl<'a> Converter<'a> {
     }
 }
 
-/// Parses and converts the record at `line`.
+/// Parses and converts the record at `line`, detecting the file's format from it if no earlier
+/// record did.
 pub(crate) fn convert_record(
     conv: &mut Converter,
     line: usize,
     raw: &str,
 ) -> Result<Example, DataError> {
-    let path = conv.path;
+    let obj = parse(conv.path, line, raw)?;
+    if conv.format.is_none() {
+        let f = Format::detect(&obj).ok_or_else(|| {
+            DataError::at(
+                conv.path,
+                line,
+                None,
+                "cannot tell the record format: expected `input_ids`, `messages`, \
+                 `prompt`+`completion`, `instruction`+`output` or `text` (or pass --format)",
+            )
+        })?;
+        conv.format = Some(f);
+    }
+    convert_object(conv, line, &obj)
+}
+
+/// Converts a record once the format is known; `&Converter` only, so threads can share it.
+pub(crate) fn convert_known(
+    conv: &Converter,
+    line: usize,
+    raw: &str,
+) -> Result<Example, DataError> {
+    let obj = parse(conv.path, line, raw)?;
+    convert_object(conv, line, &obj)
+}
+
+fn parse(path: &Path, line: usize, raw: &str) -> Result<Map<String, Value>, DataError> {
     let value: Value = serde_json::from_str(raw).map_err(|e| {
         let s = e.to_string();
         let what = s.rsplit_once(" at line ").map_or(s.as_str(), |(a, _)| a);
@@ -77,35 +109,25 @@ pub(crate) fn convert_record(
             format!("malformed JSON: {what} (column {})", e.column()),
         )
     })?;
-    let Value::Object(obj) = value else {
-        return Err(DataError::at(
+    match value {
+        Value::Object(obj) => Ok(obj),
+        v => Err(DataError::at(
             path,
             line,
             None,
-            format!("expected a JSON object, found {}", json_kind(&value)),
-        ));
-    };
-    let format = match conv.format {
-        Some(f) => f,
-        None => {
-            let f = Format::detect(&obj).ok_or_else(|| {
-                DataError::at(
-                    path,
-                    line,
-                    None,
-                    "cannot tell the record format: expected `input_ids`, `messages`, \
-                     `prompt`+`completion`, `instruction`+`output` or `text` (or pass --format)",
-                )
-            })?;
-            conv.format = Some(f);
-            f
-        }
-    };
-    let rec = Record {
-        path,
-        line,
-        obj: &obj,
-    };
+            format!("expected a JSON object, found {}", json_kind(&v)),
+        )),
+    }
+}
+
+fn convert_object(
+    conv: &Converter,
+    line: usize,
+    obj: &Map<String, Value>,
+) -> Result<Example, DataError> {
+    let path = conv.path;
+    let format = conv.format.expect("the format is known before conversion");
+    let rec = Record { path, line, obj };
     if format == Format::Pretokenized {
         let input_ids = rec.int_array("input_ids")?;
         let labels = match obj.get("labels") {
