@@ -202,7 +202,7 @@ fn main() {
     let (ex, _) = load_examples(&file, &opts).expect("load text");
     let text_tokens: usize = ex.iter().map(Example::len).sum();
     bench(
-        "load prompt-completion JSONL (BPE, 1 thread)",
+        "load prompt-completion JSONL (BPE, all cores)",
         text_tokens,
         || {
             std::hint::black_box(load_examples(&file, &opts).expect("load text"));

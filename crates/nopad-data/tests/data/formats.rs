@@ -22,6 +22,16 @@ const SPECIALS: [&str; 6] = [
     "<|assistant|>",
     "<|end|>",
 ];
+/// Ids 20..: ChatML markers (added tokens, like every `<...>` entry) and their words.
+const MORE: [&str; 7] = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "system",
+    "user",
+    "assistant",
+    "final",
+    "helpful",
+];
 
 /// The test template: BOS, role headers, `<|end|>` after each turn; `.strip()` exercises the
 /// Python-method compatibility and `raise_exception` HF's error function.
@@ -35,15 +45,17 @@ m['role']) }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> 
 /// `<s>`, as Llama 3's does.
 fn model_dir(name: &str, config: serde_json::Value, post_bos: bool) -> PathBuf {
     let dir = temp_dir(name);
-    let vocab: serde_json::Map<String, serde_json::Value> = SPECIALS
-        .iter()
-        .chain(WORDS.iter())
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), json!(i)))
-        .collect();
-    let added: Vec<_> = SPECIALS
-        .iter()
-        .enumerate()
+    let all = || {
+        SPECIALS
+            .iter()
+            .chain(WORDS.iter())
+            .chain(MORE.iter())
+            .enumerate()
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        all().map(|(i, w)| (w.to_string(), json!(i))).collect();
+    let added: Vec<_> = all()
+        .filter(|(_, s)| s.starts_with('<'))
         .map(|(i, s)| {
             json!({"id": i, "content": s, "single_word": false, "lstrip": false,
                    "rstrip": false, "normalized": false, "special": true})
@@ -126,7 +138,7 @@ fn text_and_prompt_completion_golden() {
     let tok = ModelTokenizer::load(&m).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.vocab_size()),
-        (Some(1), Some(2), 20)
+        (Some(1), Some(2), 27)
     );
 }
 
@@ -209,11 +221,11 @@ fn bad_text_records_name_line_and_field() {
     }
     // A vocabulary check applies to tokenized formats too (the tokenizer's size by default).
     let dir = temp_dir("vocab");
-    let p = write(&dir, "d.jsonl", "{\"input_ids\": [1, 20]}\n");
+    let p = write(&dir, "d.jsonl", "{\"input_ids\": [1, 27]}\n");
     let mut o = LoadOptions::new(64);
     o.tokenizer_dir = Some(m.clone());
     let msg = load_examples(&p, &o).unwrap_err().to_string();
-    assert!(msg.contains("d.jsonl:1: field `input_ids`: token id 20 at index 1 is not below the vocabulary size 20"), "{msg}");
+    assert!(msg.contains("d.jsonl:1: field `input_ids`: token id 27 at index 1 is not below the vocabulary size 27"), "{msg}");
     // Text without a tokenizer is fatal even with --skip-bad: every record would fail.
     let p = write(&dir, "t.jsonl", "{\"text\": \"hello\"}\n");
     let mut o = LoadOptions::new(64);
@@ -232,4 +244,55 @@ fn bad_text_records_name_line_and_field() {
         msg.contains("tokenizer_config.json: field `chat_template`: does not parse"),
         "{msg}"
     );
+}
+
+/// A ChatML-style template of our own: default system turn, `namespace`, `loop.first`, `trim`,
+/// whitespace control; no BOS.
+const CHATML: &str = "{%- set ns = namespace(sys=false) -%}{%- for m in messages -%}\
+{%- if m['role'] == 'system' %}{% set ns.sys = true %}{% endif -%}\
+{%- if loop.first and not ns.sys -%}<|im_start|>system\nhelpful<|im_end|>\n{% endif -%}\
+<|im_start|>{{ m.role }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor -%}\
+{%- if add_generation_prompt -%}<|im_start|>assistant\n{% endif -%}";
+
+#[test]
+fn chatml_style_template_masks_system_user_and_headers() {
+    let cfg = json!({"bos_token": null, "eos_token": "<|im_end|>", "chat_template": CHATML});
+    let m = model_dir("chatml", cfg, false);
+    golden(
+        &m,
+        json!({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": " bonjour "}]}),
+        &[20, 22, 26, 21, 20, 23, 6, 21, 20, 24, 15, 21],
+        &[N, N, N, N, N, N, N, N, N, N, 15, 21],
+    );
+}
+
+#[test]
+fn templates_that_rewrite_earlier_turns_are_located_or_rejected() {
+    let conv = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "bonjour"},
+        {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "bye"}]});
+    // The header of the last turn differs from the generation prompt's: prefixes disagree, and
+    // the turn is found by its content and end-of-turn text instead.
+    let mut cfg = chat_config();
+    cfg["chat_template"] = json!(TEMPLATE.replace(
+        "<|assistant|> {{ m['content'] }}",
+        "<|assistant|>{% if loop.last %} final{% endif %} {{ m['content'] }}"
+    ));
+    let m = model_dir("rewrite-header", cfg, false);
+    golden(
+        &m,
+        conv.clone(),
+        &[1, 3, 6, 5, 4, 15, 5, 3, 13, 5, 4, 25, 14, 5],
+        &[N, N, N, N, N, 15, 5, N, N, N, N, 25, 14, 5],
+    );
+    // Content rewritten in earlier turns cannot be located: a located error, never a silent
+    // wrong mask.
+    let mut cfg = chat_config();
+    cfg["chat_template"] = json!(TEMPLATE.replace(
+        "{{ m['content'] }}",
+        "{% if loop.last %}{{ m['content'] }}{% else %}{{ m['content'] | upper }}{% endif %}"
+    ));
+    let m = model_dir("rewrite-content", cfg, false);
+    let msg = load_one(&m, None, conv).unwrap_err();
+    assert!(msg.contains("d.jsonl:1: field `messages`: chat template failed to render: cannot locate assistant message 1"), "{msg}");
 }
