@@ -22,7 +22,7 @@ use crate::{Example, IGNORE_INDEX};
 pub enum Format {
     /// `{"input_ids": [...], "labels": [...]?}`; labels default to the input ids.
     Pretokenized,
-    /// `{"text": "..."}`: every token trained.
+    /// `{"text": "..."}`: every token trained, EOS appended (BOS per the tokenizer).
     Text,
     /// `{"prompt": "...", "completion": "..."}`: loss on the completion and EOS.
     PromptCompletion,

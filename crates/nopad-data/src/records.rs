@@ -147,12 +147,14 @@ fn convert_object(
         Format::Pretokenized => unreachable!("handled above"),
         Format::Text => {
             let text = rec.nonempty_string("text")?;
-            let mut ids = bos(tok);
-            let n_bos = ids.len();
-            ids.extend(rec.encode(tok, "text", text)?);
-            ids.extend(tok.eos_id());
+            let body = rec.encode(tok, "text", text)?;
+            let mut ids = bos_unless(tok, &body);
+            ids.extend(body);
+            push_eos_unless_there(&mut ids, tok.eos_id());
             let mut labels = ids.clone();
-            labels[..n_bos].fill(IGNORE_INDEX);
+            if tok.bos_id().is_some() && ids.first() == tok.bos_id().as_ref() {
+                labels[0] = IGNORE_INDEX;
+            }
             Ok(Example {
                 input_ids: ids,
                 labels,
@@ -211,11 +213,20 @@ fn convert_object(
     }
 }
 
-/// `[BOS]` when the tokenizer's rules add one, else nothing.
-fn bos(tok: &ModelTokenizer) -> Vec<i32> {
+/// `[BOS]` when the tokenizer's rules add one and the text does not already start with it.
+fn bos_unless(tok: &ModelTokenizer, text_ids: &[i32]) -> Vec<i32> {
     match tok.bos_id() {
-        Some(id) if tok.adds_bos() => vec![id],
+        Some(id) if tok.adds_bos() && text_ids.first() != Some(&id) => vec![id],
         _ => vec![],
+    }
+}
+
+/// Ends with EOS (a target: the model learns to stop), unless the text already wrote it.
+fn push_eos_unless_there(ids: &mut Vec<i32>, eos: Option<i32>) {
+    if let Some(eos) = eos {
+        if ids.last() != Some(&eos) {
+            ids.push(eos);
+        }
     }
 }
 
@@ -235,11 +246,12 @@ fn prompt_completion(
              cannot be ended",
         )
     })?;
-    let mut ids = bos(tok);
-    ids.extend(rec.encode(tok, fields.0, prompt)?);
+    let prompt_ids = rec.encode(tok, fields.0, prompt)?;
+    let mut ids = bos_unless(tok, &prompt_ids);
+    ids.extend(prompt_ids);
     let n_prompt = ids.len();
     ids.extend(rec.encode(tok, fields.1, completion)?);
-    ids.push(eos);
+    push_eos_unless_there(&mut ids, Some(eos));
     let mut labels = ids.clone();
     labels[..n_prompt].fill(IGNORE_INDEX);
     Ok(Example {

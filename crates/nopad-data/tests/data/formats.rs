@@ -121,6 +121,13 @@ fn text_and_prompt_completion_golden() {
         &[1, 6, 7, 2],
         &[N, 6, 7, 2],
     );
+    // Special tokens written in the text are not doubled.
+    golden(
+        &m,
+        json!({"text": "<s> hello world </s>"}),
+        &[1, 6, 7, 2],
+        &[N, 6, 7, 2],
+    );
     // Prompt masked; completion and EOS trained.
     golden(
         &m,
