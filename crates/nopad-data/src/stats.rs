@@ -63,7 +63,8 @@ impl StrategyStats {
 /// Distribution of example lengths.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LengthHistogram {
-    /// Width of each bin; bin i holds lengths in `[i * width, (i + 1) * width)`.
+    /// Width of each bin; bin i holds lengths in `[i * width, (i + 1) * width)`, the last bin
+    /// also longer ones when [`LengthHistogram::open_ended`].
     pub bin_width: usize,
     /// Examples per bin.
     pub counts: Vec<usize>,
@@ -79,29 +80,31 @@ pub struct LengthHistogram {
     pub max: usize,
 }
 
+/// Bins of a histogram at most; longer tails go into an open-ended last bin.
+const MAX_BINS: usize = 30;
+
 impl LengthHistogram {
-    /// About 20 bins of a round width.
+    /// About 20 bins of a round width covering the 99th percentile; lengths beyond the last bin
+    /// are counted in it (see [`LengthHistogram::open_ended`]).
     pub fn new(lens: &[usize]) -> Self {
         let mut sorted = lens.to_vec();
         sorted.sort_unstable();
+        let at = |q: f64| {
+            let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+            sorted.get(i).copied().unwrap_or(0)
+        };
         let max = sorted.last().copied().unwrap_or(0);
-        let raw = (max / 20).max(1);
+        let raw = (at(0.99) / 20).max(1);
         let bin_width = [1, 2, 5]
             .iter()
             .flat_map(|&m| (0..12).map(move |e| m * 10usize.pow(e)))
             .filter(|&w| w >= raw)
             .min()
             .unwrap_or(raw);
-        let mut counts = vec![0; max / bin_width + 1];
+        let mut counts = vec![0; (max / bin_width + 1).min(MAX_BINS)];
         for &l in &sorted {
-            counts[l / bin_width] += 1;
+            counts[(l / bin_width).min(MAX_BINS - 1)] += 1;
         }
-        let at = |q: f64| {
-            sorted
-                .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
-                .copied()
-                .unwrap_or(0)
-        };
         LengthHistogram {
             bin_width,
             counts,
@@ -111,6 +114,11 @@ impl LengthHistogram {
             p90: at(0.9),
             max,
         }
+    }
+
+    /// Whether the last bin also holds every longer length (a long tail).
+    pub fn open_ended(&self) -> bool {
+        self.max >= self.counts.len() * self.bin_width
     }
 }
 
@@ -272,7 +280,12 @@ impl fmt::Display for StatsReport {
         for (i, &c) in h.counts.iter().enumerate() {
             let (lo, hi) = (i * h.bin_width, (i + 1) * h.bin_width - 1);
             let bar = "#".repeat((c * 50).div_ceil(top));
-            writeln!(f, "  {lo:>6}-{hi:<6} {c:>8} {bar}")?;
+            let range = if i + 1 == h.counts.len() && h.open_ended() {
+                format!("{lo:>6}+      ")
+            } else {
+                format!("{lo:>6}-{hi:<6}")
+            };
+            writeln!(f, "  {range} {c:>8} {bar}")?;
         }
         writeln!(
             f,
@@ -391,5 +404,13 @@ mod tests {
             (h.min, h.max, h.counts[0], h.counts[1], h.counts[2]),
             (1, 700, 1, 2, 1)
         );
+        assert!(!h.open_ended());
+        // A long tail beyond the 99th percentile lands in an open-ended last bin.
+        let mut lens: Vec<usize> = (0..1000).map(|i| i % 200).collect();
+        lens.push(100_000);
+        let h = LengthHistogram::new(&lens);
+        assert_eq!((h.bin_width, h.counts.len()), (10, MAX_BINS));
+        assert!(h.open_ended() && h.counts[MAX_BINS - 1] == 1);
+        assert_eq!(h.counts.iter().sum::<usize>(), 1001);
     }
 }
