@@ -14,9 +14,12 @@ mod error;
 mod load;
 mod loader;
 mod pack;
+mod plot;
 mod records;
 mod sampler;
+mod stats;
 pub mod synthetic;
+mod tokenize;
 
 pub use batch::{Batch, BatchStats, Example, Strategy, IGNORE_INDEX};
 pub use error::DataError;
@@ -24,3 +27,5 @@ pub use load::{load_examples, Format, LoadOptions, LoadReport, LongPolicy};
 pub use loader::{eval_batches, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
+pub use stats::{strategy_stats, LengthHistogram, StatsReport, StrategyStats};
+pub use tokenize::ModelTokenizer;

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use serde_json::Value;
 
 use crate::error::DataError;
-use crate::records::{convert_record, Converter};
+use crate::records::{convert_known, convert_record, Converter};
 use crate::{Example, IGNORE_INDEX};
 
 /// The shape of the records in a file.
@@ -22,7 +22,7 @@ use crate::{Example, IGNORE_INDEX};
 pub enum Format {
     /// `{"input_ids": [...], "labels": [...]?}`; labels default to the input ids.
     Pretokenized,
-    /// `{"text": "..."}`: every token trained.
+    /// `{"text": "..."}`: every token trained, EOS appended (BOS per the tokenizer).
     Text,
     /// `{"prompt": "...", "completion": "..."}`: loss on the completion and EOS.
     PromptCompletion,
@@ -220,12 +220,45 @@ pub fn load_examples(
         .map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
     let records = split_records(path, &text)?;
     let mut conv = Converter::new(path, opts)?;
+    let vocab = conv.vocab_size();
+    let check = |line, r: Result<Example, DataError>| {
+        r.and_then(|e| check_example(path, line, &e, vocab).map(|_| e))
+    };
+    // Records up to the first whose format is recognised go one by one (it fixes the format);
+    // the rest are converted in parallel, and results are consumed in file order.
+    let mut results = Vec::with_capacity(records.len());
+    let mut first = 0;
+    while first < records.len() && conv.format().is_none() {
+        let (line, raw) = records[first];
+        results.push(check(line, convert_record(&mut conv, line, raw)));
+        first += 1;
+    }
+    if let Some(fatal) = conv.missing_tokenizer() {
+        return Err(fatal);
+    }
+    let rest = &records[first..];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = rest.len().div_ceil(threads).max(256);
+    std::thread::scope(|scope| {
+        let conv = &conv;
+        let handles: Vec<_> = rest
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&(line, raw)| check(line, convert_known(conv, line, raw)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            results.extend(h.join().expect("a conversion thread panicked"));
+        }
+    });
     let mut report = LoadReport::default();
     let mut examples = Vec::with_capacity(records.len());
-    for (line, raw) in records {
+    for (&(line, _), result) in records.iter().zip(results) {
         report.records += 1;
-        let result = convert_record(&mut conv, line, raw)
-            .and_then(|e| check_example(path, line, &e, conv.vocab_size()).map(|_| e));
         match result {
             Ok(e) => apply_long_policy(e, line, opts, &mut report, &mut examples),
             Err(err) if opts.skip_bad => {

@@ -10,37 +10,95 @@ use serde_json::{Map, Value};
 
 use crate::error::{json_kind, DataError};
 use crate::load::{Format, LoadOptions};
-use crate::Example;
+use crate::tokenize::ModelTokenizer;
+use crate::{Example, IGNORE_INDEX};
 
-/// Per-file conversion state: the format (forced or detected from the first record).
+/// Per-file conversion state: the format (forced or detected from the first record) and the
+/// model tokenizer, loaded once.
 pub(crate) struct Converter<'a> {
     path: &'a Path,
     format: Option<Format>,
     vocab_size: Option<usize>,
+    tokenizer: Option<ModelTokenizer>,
 }
 
 impl<'a> Converter<'a> {
     pub(crate) fn new(path: &'a Path, opts: &LoadOptions) -> Result<Self, DataError> {
+        let tokenizer = opts
+            .tokenizer_dir
+            .as_deref()
+            .map(ModelTokenizer::load)
+            .transpose()?;
         Ok(Converter {
             path,
             format: opts.format,
-            vocab_size: opts.vocab_size,
+            vocab_size: opts
+                .vocab_size
+                .or(tokenizer.as_ref().map(ModelTokenizer::vocab_size)),
+            tokenizer,
         })
+    }
+
+    /// The file's format, once known.
+    pub(crate) fn format(&self) -> Option<Format> {
+        self.format
     }
 
     /// The vocabulary size token ids are checked against.
     pub(crate) fn vocab_size(&self) -> Option<usize> {
         self.vocab_size
     }
+
+    /// The error no `--skip-bad` may swallow: the file's format needs a tokenizer and none was
+    /// given.
+    pub(crate) fn missing_tokenizer(&self) -> Option<DataError> {
+        let f = self.format?;
+        (f.needs_tokenizer() && self.tokenizer.is_none()).then(|| {
+            DataError::file(
+                self.path,
+                format!(
+                    "records are in format `{f}`, which needs the model's tokenizer: pass the \
+                     model directory holding tokenizer.json (--model DIR)"
+                ),
+            )
+        })
+    }
 }
 
-/// Parses and converts the record at `line`.
+/// Parses and converts the record at `line`, detecting the file's format from it if no earlier
+/// record did.
 pub(crate) fn convert_record(
     conv: &mut Converter,
     line: usize,
     raw: &str,
 ) -> Result<Example, DataError> {
-    let path = conv.path;
+    let obj = parse(conv.path, line, raw)?;
+    if conv.format.is_none() {
+        let f = Format::detect(&obj).ok_or_else(|| {
+            DataError::at(
+                conv.path,
+                line,
+                None,
+                "cannot tell the record format: expected `input_ids`, `messages`, \
+                 `prompt`+`completion`, `instruction`+`output` or `text` (or pass --format)",
+            )
+        })?;
+        conv.format = Some(f);
+    }
+    convert_object(conv, line, &obj)
+}
+
+/// Converts a record once the format is known; `&Converter` only, so threads can share it.
+pub(crate) fn convert_known(
+    conv: &Converter,
+    line: usize,
+    raw: &str,
+) -> Result<Example, DataError> {
+    let obj = parse(conv.path, line, raw)?;
+    convert_object(conv, line, &obj)
+}
+
+fn parse(path: &Path, line: usize, raw: &str) -> Result<Map<String, Value>, DataError> {
     let value: Value = serde_json::from_str(raw).map_err(|e| {
         let s = e.to_string();
         let what = s.rsplit_once(" at line ").map_or(s.as_str(), |(a, _)| a);
@@ -51,51 +109,200 @@ pub(crate) fn convert_record(
             format!("malformed JSON: {what} (column {})", e.column()),
         )
     })?;
-    let Value::Object(obj) = value else {
-        return Err(DataError::at(
+    match value {
+        Value::Object(obj) => Ok(obj),
+        v => Err(DataError::at(
             path,
             line,
             None,
-            format!("expected a JSON object, found {}", json_kind(&value)),
-        ));
-    };
-    let format = match conv.format {
-        Some(f) => f,
-        None => {
-            let f = Format::detect(&obj).ok_or_else(|| {
-                DataError::at(
-                    path,
-                    line,
-                    None,
-                    "cannot tell the record format: expected `input_ids`, `messages`, \
-                     `prompt`+`completion`, `instruction`+`output` or `text` (or pass --format)",
-                )
-            })?;
-            conv.format = Some(f);
-            f
-        }
-    };
-    let rec = Record {
-        path,
-        line,
-        obj: &obj,
-    };
-    match format {
-        Format::Pretokenized => {
-            let input_ids = rec.int_array("input_ids")?;
-            let labels = match obj.get("labels") {
-                None | Some(Value::Null) => input_ids.clone(),
-                Some(_) => rec.int_array("labels")?,
-            };
-            Ok(Example { input_ids, labels })
-        }
-        other => Err(DataError::at(
-            path,
-            line,
-            None,
-            format!("format `{other}` needs a tokenizer, which this build cannot load yet"),
+            format!("expected a JSON object, found {}", json_kind(&v)),
         )),
     }
+}
+
+fn convert_object(
+    conv: &Converter,
+    line: usize,
+    obj: &Map<String, Value>,
+) -> Result<Example, DataError> {
+    let path = conv.path;
+    let format = conv.format.expect("the format is known before conversion");
+    let rec = Record { path, line, obj };
+    if format == Format::Pretokenized {
+        let input_ids = rec.int_array("input_ids")?;
+        let labels = match obj.get("labels") {
+            None | Some(Value::Null) => input_ids.clone(),
+            Some(_) => rec.int_array("labels")?,
+        };
+        return Ok(Example { input_ids, labels });
+    }
+    if let Some(e) = conv.missing_tokenizer() {
+        return Err(e);
+    }
+    let tok = conv
+        .tokenizer
+        .as_ref()
+        .expect("checked by missing_tokenizer");
+    match format {
+        Format::Pretokenized => unreachable!("handled above"),
+        Format::Text => {
+            let text = rec.nonempty_string("text")?;
+            let body = rec.encode(tok, "text", text)?;
+            let mut ids = bos_unless(tok, &body);
+            ids.extend(body);
+            push_eos_unless_there(&mut ids, tok.eos_id());
+            let mut labels = ids.clone();
+            if tok.bos_id().is_some() && ids.first() == tok.bos_id().as_ref() {
+                labels[0] = IGNORE_INDEX;
+            }
+            Ok(Example {
+                input_ids: ids,
+                labels,
+            })
+        }
+        Format::PromptCompletion => {
+            let prompt = rec.string("prompt")?;
+            let completion = rec.nonempty_string("completion")?;
+            prompt_completion(&rec, tok, prompt, completion, ("prompt", "completion"))
+        }
+        Format::Messages => {
+            let items = rec.get("messages")?;
+            let Value::Array(items) = items else {
+                let msg = format!("expected an array, found {}", json_kind(items));
+                return Err(rec.err("messages", msg));
+            };
+            for (i, m) in items.iter().enumerate() {
+                let Value::Object(m) = m else {
+                    let msg = format!("expected an object, found {}", json_kind(m));
+                    return Err(rec.err(&format!("messages[{i}]"), msg));
+                };
+                for key in ["role", "content"] {
+                    let field = format!("messages[{i}].{key}");
+                    match m.get(key) {
+                        Some(Value::String(_)) => {}
+                        None => return Err(rec.err(&field, "missing")),
+                        Some(v) => {
+                            let msg = format!("expected a string, found {}", json_kind(v));
+                            return Err(rec.err(&field, msg));
+                        }
+                    }
+                }
+            }
+            chat(&rec, tok, items, "messages")
+        }
+        Format::Alpaca => {
+            let instruction = rec.nonempty_string("instruction")?;
+            let input = rec.opt_string("input")?;
+            let output = rec.nonempty_string("output")?;
+            let user = if input.is_empty() {
+                instruction.to_string()
+            } else {
+                format!("{instruction}\n{input}")
+            };
+            if tok.has_chat_template() {
+                let messages = [
+                    serde_json::json!({"role": "user", "content": user}),
+                    serde_json::json!({"role": "assistant", "content": output}),
+                ];
+                chat(&rec, tok, &messages, "instruction")
+            } else {
+                let prompt = format!("{user}\n");
+                prompt_completion(&rec, tok, &prompt, output, ("instruction", "output"))
+            }
+        }
+    }
+}
+
+/// `[BOS]` when the tokenizer's rules add one and the text does not already start with it.
+fn bos_unless(tok: &ModelTokenizer, text_ids: &[i32]) -> Vec<i32> {
+    match tok.bos_id() {
+        Some(id) if tok.adds_bos() && text_ids.first() != Some(&id) => vec![id],
+        _ => vec![],
+    }
+}
+
+/// Ends with EOS (a target: the model learns to stop), unless the text already wrote it.
+fn push_eos_unless_there(ids: &mut Vec<i32>, eos: Option<i32>) {
+    if let Some(eos) = eos {
+        if ids.last() != Some(&eos) {
+            ids.push(eos);
+        }
+    }
+}
+
+/// `[BOS] prompt completion EOS`, loss on the completion and EOS. The two texts are tokenized
+/// apart so the boundary between them is exact.
+fn prompt_completion(
+    rec: &Record,
+    tok: &ModelTokenizer,
+    prompt: &str,
+    completion: &str,
+    fields: (&str, &str),
+) -> Result<Example, DataError> {
+    let eos = tok.eos_id().ok_or_else(|| {
+        rec.err(
+            fields.1,
+            "the tokenizer names no eos_token (tokenizer_config.json), so the completion \
+             cannot be ended",
+        )
+    })?;
+    let prompt_ids = rec.encode(tok, fields.0, prompt)?;
+    let mut ids = bos_unless(tok, &prompt_ids);
+    ids.extend(prompt_ids);
+    let n_prompt = ids.len();
+    ids.extend(rec.encode(tok, fields.1, completion)?);
+    push_eos_unless_there(&mut ids, Some(eos));
+    let mut labels = ids.clone();
+    labels[..n_prompt].fill(IGNORE_INDEX);
+    Ok(Example {
+        input_ids: ids,
+        labels,
+    })
+}
+
+/// A conversation through the chat template; loss on each assistant turn's span only.
+fn chat(
+    rec: &Record,
+    tok: &ModelTokenizer,
+    messages: &[Value],
+    field: &str,
+) -> Result<Example, DataError> {
+    if messages.is_empty() {
+        return Err(rec.err(field, "empty conversation"));
+    }
+    let is_assistant = |m: &Value| m.get("role").and_then(Value::as_str) == Some("assistant");
+    if !messages.iter().any(is_assistant) {
+        return Err(rec.err(field, "no assistant turn: nothing to train on"));
+    }
+    let (text, spans) = tok
+        .render_with_assistant_spans(messages)
+        .map_err(|e| rec.err(field, format!("chat template failed to render: {e}")))?;
+    let (mut ids, starts) = tok
+        .encode_with_offsets(&text)
+        .map_err(|e| rec.err(field, format!("cannot tokenize the rendered text: {e}")))?;
+    let mut labels: Vec<i32> = ids
+        .iter()
+        .zip(&starts)
+        .map(|(&id, &at)| {
+            let trained = spans.iter().any(|&(s, e)| at >= s && at < e);
+            if trained {
+                id
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    // BOS per tokenizer_config.json, but never a second one when the template wrote it.
+    if let (Some(b), true) = (tok.bos_id(), tok.adds_bos()) {
+        if ids.first() != Some(&b) {
+            ids.insert(0, b);
+            labels.insert(0, IGNORE_INDEX);
+        }
+    }
+    Ok(Example {
+        input_ids: ids,
+        labels,
+    })
 }
 
 /// One record with its location, for field access with located errors.
@@ -105,13 +312,12 @@ pub(crate) struct Record<'r> {
     pub obj: &'r Map<String, Value>,
 }
 
-#[allow(dead_code)] // string accessors serve the text formats
 impl Record<'_> {
     pub(crate) fn err(&self, field: &str, msg: impl Into<String>) -> DataError {
         DataError::at(self.path, self.line, Some(field), msg)
     }
 
-    fn get(&self, field: &str) -> Result<&Value, DataError> {
+    pub(crate) fn get(&self, field: &str) -> Result<&Value, DataError> {
         self.obj
             .get(field)
             .ok_or_else(|| self.err(field, "missing"))
@@ -154,6 +360,21 @@ impl Record<'_> {
         let v = self.get(field)?;
         v.as_str()
             .ok_or_else(|| self.err(field, format!("expected a string, found {}", json_kind(v))))
+    }
+
+    /// A required, non-empty string.
+    pub(crate) fn nonempty_string(&self, field: &str) -> Result<&str, DataError> {
+        let s = self.string(field)?;
+        if s.is_empty() {
+            return Err(self.err(field, "empty string"));
+        }
+        Ok(s)
+    }
+
+    /// The ids of `text`, or an error naming the field it came from.
+    fn encode(&self, tok: &ModelTokenizer, field: &str, text: &str) -> Result<Vec<i32>, DataError> {
+        tok.encode(text)
+            .map_err(|e| self.err(field, format!("cannot tokenize: {e}")))
     }
 
     /// An optional string (missing or null gives "").

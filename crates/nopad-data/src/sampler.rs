@@ -127,6 +127,11 @@ impl Planner {
         &self.order
     }
 
+    /// The order of `epoch`, copied (for statistics).
+    pub(crate) fn epoch_order(&mut self, epoch: u64) -> Vec<u32> {
+        self.order(epoch).to_vec()
+    }
+
     /// Plans the step at `pos`: its micro-batches and the position after it.
     fn plan(&mut self, pos: &DataPosition) -> (Vec<MicroPlan>, DataPosition) {
         let (bs, ga, max_len) = (self.pack.batch_size, self.grad_accum, self.pack.max_len);

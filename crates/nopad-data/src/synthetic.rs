@@ -61,6 +61,10 @@ pub struct SyntheticConfig {
 /// Generates the dataset. Lengths are clamped to `[MIN_LEN, max_len]` (to `max_len` alone when it
 /// is shorter than `MIN_LEN`); with `[BOS] p [SEP] p' [EOS]` an odd remainder is dropped, so an
 /// example may be one token shorter than its drawn length.
+///
+/// # Panics
+/// If `vocab_size < 5` or `max_len < 5`: no example can be built (callers validate their
+/// configuration first).
 pub fn instruction_dataset(cfg: &SyntheticConfig) -> Vec<Example> {
     assert!(
         cfg.vocab_size > FIRST_CONTENT as usize,

@@ -131,3 +131,25 @@ fn bad_pretokenized_input_names_line_and_field() {
     let p = write(&dir, "empty.jsonl", "\n");
     assert!(load_err(&p, &o).contains("no records"));
 }
+
+#[test]
+fn large_files_keep_file_order_and_report_the_first_bad_line() {
+    let dir = temp_dir("large");
+    let mut text = String::new();
+    for i in 0..3000 {
+        if i == 776 || i == 2500 {
+            text.push_str("{\"input_ids\": [1, \"x\"]}\n");
+        } else {
+            text.push_str(&format!("{{\"input_ids\": [{i}, {}]}}\n", i + 1));
+        }
+    }
+    let p = write(&dir, "big.jsonl", &text);
+    let mut o = LoadOptions::new(8);
+    assert!(load_err(&p, &o).contains("big.jsonl:777: field `input_ids`"));
+    o.skip_bad = true;
+    let (ex, r) = load_examples(&p, &o).unwrap();
+    assert_eq!((r.records, r.skipped, ex.len()), (3000, 2, 2998));
+    let firsts: Vec<i32> = ex.iter().map(|e| e.input_ids[0]).collect();
+    let want: Vec<i32> = (0..3000).filter(|&i| i != 776 && i != 2500).collect();
+    assert_eq!(firsts, want);
+}

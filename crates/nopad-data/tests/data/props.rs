@@ -298,3 +298,36 @@ fn loader_rejects_what_it_cannot_pack() {
     assert!(err(loader_opts(Strategy::Pad, 0, 1, 40, 0)).contains("batch_size (0)"));
     assert!(Loader::new(Arc::new(vec![]), loader_opts(Strategy::Pad, 1, 1, 4, 0)).is_err());
 }
+
+#[test]
+fn offline_resume_is_exact_while_examples_wait_between_windows() {
+    let seed = 21;
+    let data = Arc::new(traceable(seed, 3000, 40));
+    let opts = loader_opts(Strategy::Offline, 4, 2, 40, seed);
+    let loader = Loader::new(Arc::clone(&data), opts.clone()).unwrap();
+    let spe = loader.steps_per_epoch();
+    let run: Vec<Step> = loader.take(spe + 5).collect();
+    assert_eq!(
+        (run[spe - 1].epoch, run[spe].epoch),
+        (0, 1),
+        "steps_per_epoch {spe}"
+    );
+    // Positions in the middle of the order that carry examples to the next window.
+    let mid: Vec<usize> = (0..spe - 1)
+        .filter(|&k| {
+            let p = &run[k].position_after;
+            !p.carry.is_empty() && p.cursor > 0 && (p.cursor as usize) < data.len()
+        })
+        .collect();
+    assert!(mid.len() > 3, "seed {seed}: no mid-order carry to test");
+    for &k in mid.iter().step_by(mid.len() / 3) {
+        let mut o = opts.clone();
+        o.start = run[k].position_after.clone();
+        let resumed: Vec<Step> = Loader::new(Arc::clone(&data), o).unwrap().take(8).collect();
+        let want = &run[k + 1..(k + 9).min(run.len())];
+        assert!(
+            resumed[..want.len()] == *want,
+            "seed {seed}: resume after step {k} diverges"
+        );
+    }
+}

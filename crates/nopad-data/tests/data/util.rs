@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: traceable examples and temp files.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nopad_data::{Example, IGNORE_INDEX};
 use nopad_rng::Rng;
@@ -39,9 +40,11 @@ pub fn trace(token: i32) -> (usize, usize) {
     )
 }
 
-/// A fresh temp directory for one test.
+/// A fresh temp directory, unique per call (tests run in parallel).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nopad-data-{}-{name}", std::process::id()));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("nopad-data-{}-{k}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir

@@ -1,0 +1,97 @@
+//! `nopad stats`: what each packing strategy would do with a dataset, before any training.
+//!
+//! Glue only: loads the file with nopad-data's loader (same formats, masking and long policy as
+//! training), asks `strategy_stats` for every strategy's epoch, and prints text, JSON or an SVG
+//! histogram.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context};
+use nopad_data::{
+    load_examples, strategy_stats, Format, LoadOptions, LongPolicy, PackOptions, Strategy,
+};
+
+/// Arguments of `nopad stats`.
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    /// Examples: JSONL, or a .json array (pretokenized, text, prompt-completion, messages or
+    /// alpaca records).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Model directory with tokenizer.json and tokenizer_config.json (needed for text formats).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Longest example (and row length for concat and offline).
+    #[arg(long, value_name = "N")]
+    pub max_len: usize,
+    /// Examples per micro-batch (rows for concat and offline).
+    #[arg(long, value_name = "B")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Record format [pretokenized, text, prompt-completion, messages, alpaca]; detected from
+    /// the first record when absent.
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// What to do with examples longer than --max-len [truncate, split, drop].
+    #[arg(long, value_name = "POLICY", default_value = "truncate")]
+    pub long: LongPolicy,
+    /// Count and report bad records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Check token ids against this vocabulary size (default: the tokenizer's, if any).
+    #[arg(long, value_name = "V")]
+    pub vocab_size: Option<usize>,
+    /// Length-grouped sampling for pad (and flatten, which keeps pad's examples).
+    #[arg(long)]
+    pub group_by_length: bool,
+    /// Print one JSON object keyed by strategy name instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw the length histogram to this .svg file.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Runs `nopad stats`.
+pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
+    ensure!(args.max_len >= 1, "--max-len must be at least 1");
+    ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
+    let opts = LoadOptions {
+        format: args.format,
+        max_len: args.max_len,
+        long: args.long,
+        skip_bad: args.skip_bad,
+        vocab_size: args.vocab_size,
+        tokenizer_dir: args.model.clone(),
+    };
+    let (examples, load) = load_examples(&args.data, &opts)
+        .with_context(|| format!("cannot compute statistics of {}", args.data.display()))?;
+    for w in &load.warnings {
+        eprintln!("warning: {w}");
+    }
+    eprintln!("{}: {load}", args.data.display());
+    let pack = PackOptions {
+        strategy: Strategy::Flatten,
+        batch_size: args.batch_size,
+        max_len: args.max_len,
+        pad_token_id: 0,
+        group_by_length: args.group_by_length,
+    };
+    let mut report = strategy_stats(&examples, &pack, args.grad_accum);
+    report.add_load_report(&load);
+    if let Some(plot) = &args.plot {
+        report
+            .write_svg(plot)
+            .with_context(|| "cannot write the --plot chart")?;
+        eprintln!("length histogram written to {}", plot.display());
+    }
+    if args.json {
+        println!("{:#}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
