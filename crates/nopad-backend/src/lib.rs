@@ -16,10 +16,10 @@
 //! - Buffers may be longer than an op needs: ops read and write only the first elements their
 //!   dimensions name.
 
-
 #![deny(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 mod error;
 
 pub use error::{BackendError, Result};
@@ -284,13 +284,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// SwiGLU: `gu: [N, 2F]` holds gate then up per row; `a[N, F] = silu(gate) · up`.
-    fn swiglu_forward(
-        &self,
-        a: Self::Mut<'_>,
-        gu: Self::Ref<'_>,
-        n: usize,
-        f: usize,
-    ) -> Result<()>;
+    fn swiglu_forward(&self, a: Self::Mut<'_>, gu: Self::Ref<'_>, n: usize, f: usize)
+        -> Result<()>;
     /// SwiGLU backward: overwrites `d_gu: [N, 2F]` from `d_a: [N, F]`.
     fn swiglu_backward(
         &self,
