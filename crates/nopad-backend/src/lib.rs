@@ -144,10 +144,22 @@ pub trait Backend {
     fn view<'a>(&'a self, buf: &'a Self::Buf, range: Range<usize>) -> Self::Ref<'a>;
     /// A writable view of `range` of a buffer.
     fn view_mut<'a>(&'a self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::Mut<'a>;
+    /// Two writable views of disjoint ranges of one buffer (a weight gradient and its bias
+    /// gradient). Overlapping ranges are a caller bug and panic.
+    fn view_mut2<'a>(
+        &'a self,
+        buf: &'a mut Self::Buf,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (Self::Mut<'a>, Self::Mut<'a>);
     /// Copies host values into `buf[offset..offset + data.len()]` (converting to the buffer type).
     fn write(&self, buf: &mut Self::Buf, offset: usize, data: &[f32]) -> Result<()>;
     /// Copies `buf[range]` to the host as f32.
     fn read(&self, buf: &Self::Buf, range: Range<usize>) -> Result<Vec<f32>>;
+    /// Copies `buf[range]` to the host as f64 (exact for f64 buffers; the default widens f32).
+    fn read_f64(&self, buf: &Self::Buf, range: Range<usize>) -> Result<Vec<f64>> {
+        Ok(self.read(buf, range)?.into_iter().map(f64::from).collect())
+    }
     /// Sets a view to zero.
     fn zero(&self, x: Self::Mut<'_>) -> Result<()>;
     /// Uploads an i32 array.

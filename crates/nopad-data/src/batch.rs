@@ -89,7 +89,9 @@ impl FromStr for Strategy {
         Strategy::ALL
             .into_iter()
             .find(|st| st.name() == s)
-            .ok_or_else(|| format!("unknown strategy `{s}` (expected one of: pad, concat, flatten, offline)"))
+            .ok_or_else(|| {
+                format!("unknown strategy `{s}` (expected one of: pad, concat, flatten, offline)")
+            })
     }
 }
 
@@ -126,7 +128,8 @@ impl std::ops::AddAssign for BatchStats {
 /// Invariants (checked by [`Batch::validate`]): `cu_seqlens` starts at 0, never decreases and ends
 /// at N; `max_seqlen` is its largest step; `targets[t]` is the token the model must predict from
 /// position t (HF labels shifted by one *within* an attention segment), so the last token of every
-/// segment has no target; pad tokens have no target.
+/// segment has no target; pad tokens have no target; `position_ids` count 0, 1, 2, ... within
+/// every segment (every strategy restarts them at a segment start).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     /// Token ids, `[N]`.
@@ -170,7 +173,10 @@ impl Batch {
             return Err("cu_seqlens must start at 0".into());
         }
         if *self.cu_seqlens.last().unwrap_or(&0) as usize != n {
-            return Err(format!("cu_seqlens ends at {:?}, expected {n}", self.cu_seqlens.last()));
+            return Err(format!(
+                "cu_seqlens ends at {:?}, expected {n}",
+                self.cu_seqlens.last()
+            ));
         }
         let mut max = 0;
         for w in self.cu_seqlens.windows(2) {
@@ -179,11 +185,27 @@ impl Batch {
             }
             max = max.max((w[1] - w[0]) as usize);
             if w[1] > w[0] && self.targets[w[1] as usize - 1] != IGNORE_INDEX {
-                return Err(format!("segment ending at {} has a target on its last token", w[1]));
+                return Err(format!(
+                    "segment ending at {} has a target on its last token",
+                    w[1]
+                ));
+            }
+        }
+        for w in self.cu_seqlens.windows(2) {
+            let (start, end) = (w[0] as usize, w[1] as usize);
+            if let Some(t) = (start..end).find(|&t| self.position_ids[t] != (t - start) as i32) {
+                return Err(format!(
+                    "position_ids[{t}] = {} but the segment starting at {start} expects {}",
+                    self.position_ids[t],
+                    t - start
+                ));
             }
         }
         if max != self.max_seqlen {
-            return Err(format!("max_seqlen {} but the longest segment is {max}", self.max_seqlen));
+            return Err(format!(
+                "max_seqlen {} but the longest segment is {max}",
+                self.max_seqlen
+            ));
         }
         Ok(())
     }

@@ -3,9 +3,24 @@
 //!
 //! This crate knows nothing of models or devices. Its output, [`Batch`], carries every boundary
 //! the model needs (`cu_seqlens`, `position_ids`, shifted `targets`), computed once on the host.
+//! The path of data: [`load_examples`] (or [`synthetic::instruction_dataset`]) gives examples;
+//! [`Loader`] samples them into optimizer steps on a background thread, each micro-batch laid out
+//! by [`pack_micro_batch`]; [`eval_batches`] does the same for evaluation, in file order.
 
 #![deny(missing_docs)]
 
 mod batch;
+mod error;
+mod load;
+mod loader;
+mod pack;
+mod records;
+mod sampler;
+pub mod synthetic;
 
 pub use batch::{Batch, BatchStats, Example, Strategy, IGNORE_INDEX};
+pub use error::DataError;
+pub use load::{load_examples, Format, LoadOptions, LoadReport, LongPolicy};
+pub use loader::{eval_batches, Loader, LoaderOptions};
+pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
+pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};

@@ -1,1 +1,23 @@
-//! placeholder
+//! nopad-model: the Llama-family decoder (Llama, Mistral, Qwen2).
+//!
+//! - [`Config`]: read from an HF `config.json` or a built-in preset, validated once.
+//! - [`Layout`]: where every HF tensor lives in one flat parameter buffer.
+//! - [`weights`]: random init and HF safetensors checkpoints, in and out.
+//! - [`Model`]: explicit forward and backward against any [`nopad_backend::Backend`].
+
+#![deny(missing_docs)]
+
+pub mod config;
+mod error;
+pub mod layout;
+mod model;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Arch, Config, RopeScaling, PRESETS};
+pub use error::{ModelError, Result};
+pub use layout::{Layout, TensorSpec};
+pub use model::{Inputs, Model};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,308 @@
+//! Row-wise ops on the CPU: embedding, RMSNorm, RoPE, SwiGLU, AdamW and reductions.
+
+use rayon::prelude::*;
+
+use super::linear::add_column_sums;
+use super::{check_len, Scalar, ROW_CHUNK};
+use crate::error::check;
+use crate::{AdamW, Result, RopeDims};
+
+/// Σx² in f64, summed per fixed-size chunk and then over chunks in order (deterministic).
+pub(crate) fn sum_squares<T: Scalar>(x: &[T]) -> f64 {
+    let partials: Vec<f64> = x
+        .par_chunks(1 << 14)
+        .map(|c| c.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>())
+        .collect();
+    partials.iter().sum()
+}
+
+fn check_tokens(op: &'static str, tokens: &[i32], n: usize, vocab: usize) -> Result<()> {
+    check_len(op, "tokens", tokens.len(), n)?;
+    for (t, &tok) in tokens[..n].iter().enumerate() {
+        check(tok >= 0 && (tok as usize) < vocab, op, || {
+            format!("token id {tok} at position {t} is outside the vocabulary of {vocab}")
+        })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn embedding_forward<T: Scalar>(
+    x: &mut [T],
+    table: &[T],
+    tokens: &[i32],
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    check_len("embedding_forward", "x", x.len(), n * d)?;
+    check_tokens("embedding_forward", tokens, n, table.len() / d.max(1))?;
+    x[..n * d]
+        .par_chunks_mut(d)
+        .zip(&tokens[..n])
+        .for_each(|(row, &tok)| {
+            let t = tok as usize;
+            row.copy_from_slice(&table[t * d..(t + 1) * d]);
+        });
+    Ok(())
+}
+
+pub(crate) fn embedding_backward<T: Scalar>(
+    d_table: &mut [T],
+    dx: &[T],
+    tokens: &[i32],
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    check_len("embedding_backward", "dx", dx.len(), n * d)?;
+    check_tokens("embedding_backward", tokens, n, d_table.len() / d.max(1))?;
+    // Sequential over tokens: repeated ids add in token order, so the result is deterministic.
+    for (t, &tok) in tokens[..n].iter().enumerate() {
+        let row = &mut d_table[tok as usize * d..(tok as usize + 1) * d];
+        row.iter_mut()
+            .zip(&dx[t * d..(t + 1) * d])
+            .for_each(|(o, &g)| *o += g);
+    }
+    Ok(())
+}
+
+pub(crate) fn rmsnorm_forward<T: Scalar>(
+    y: &mut [T],
+    rstd: &mut [T],
+    x: &[T],
+    weight: &[T],
+    n: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_forward";
+    check_len(OP, "y", y.len(), n * d)?;
+    check_len(OP, "rstd", rstd.len(), n)?;
+    check_len(OP, "x", x.len(), n * d)?;
+    check_len(OP, "weight", weight.len(), d)?;
+    let eps = T::from_f32(eps);
+    let inv_d = T::ONE / T::from_f64(d as f64);
+    y[..n * d]
+        .par_chunks_mut(d)
+        .zip(rstd[..n].par_iter_mut())
+        .zip(x[..n * d].par_chunks(d))
+        .for_each(|((yr, r), xr)| {
+            let mut ss = T::ZERO;
+            for &v in xr {
+                ss += v * v;
+            }
+            let rs = T::ONE / (ss * inv_d + eps).sqrt();
+            *r = rs;
+            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&weight[..d]) {
+                *o = v * rs * w;
+            }
+        });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rmsnorm_backward<T: Scalar>(
+    dx: &mut [T],
+    d_weight: &mut [T],
+    dy: &[T],
+    x: &[T],
+    weight: &[T],
+    rstd: &[T],
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_backward";
+    for (name, len, need) in [
+        ("dx", dx.len(), n * d),
+        ("dy", dy.len(), n * d),
+        ("x", x.len(), n * d),
+        ("rstd", rstd.len(), n),
+        ("weight", weight.len(), d),
+        ("d_weight", d_weight.len(), d),
+    ] {
+        check_len(OP, name, len, need)?;
+    }
+    let inv_d = T::ONE / T::from_f64(d as f64);
+    // y = w·x·r with r = (mean x² + eps)^-½:
+    // dx_j = r·w_j·dy_j − r³·x_j/d · Σ_i dy_i·w_i·x_i.
+    dx[..n * d]
+        .par_chunks_mut(d)
+        .zip(dy[..n * d].par_chunks(d))
+        .zip(x[..n * d].par_chunks(d))
+        .zip(rstd[..n].par_iter())
+        .for_each(|(((dxr, dyr), xr), &r)| {
+            let mut dot = T::ZERO;
+            for ((&g, &w), &v) in dyr.iter().zip(&weight[..d]).zip(xr) {
+                dot += g * w * v;
+            }
+            let c = r * r * r * dot * inv_d;
+            for (((o, &g), &w), &v) in dxr.iter_mut().zip(dyr).zip(&weight[..d]).zip(xr) {
+                *o += r * w * g - c * v;
+            }
+        });
+    // d_weight += Σ_t dy·x·r, as column sums of the row products (fixed order).
+    let mut prod = vec![T::ZERO; n * d];
+    prod.par_chunks_mut(d)
+        .zip(dy[..n * d].par_chunks(d))
+        .zip(x[..n * d].par_chunks(d))
+        .zip(rstd[..n].par_iter())
+        .for_each(|(((p, dyr), xr), &r)| {
+            for ((o, &g), &v) in p.iter_mut().zip(dyr).zip(xr) {
+                *o = g * v * r;
+            }
+        });
+    add_column_sums(d_weight, &prod, n, d);
+    Ok(())
+}
+
+/// RoPE in place; `inverse` applies the rotation by −θ (the backward).
+pub(crate) fn rope<T: Scalar>(
+    x: &mut [T],
+    inv_freq: &[T],
+    positions: &[i32],
+    dims: RopeDims,
+    inverse: bool,
+) -> Result<()> {
+    const OP: &str = "rope";
+    let RopeDims {
+        n,
+        row_stride,
+        n_rot_heads,
+        head_dim,
+    } = dims;
+    check(head_dim.is_multiple_of(2), OP, || {
+        format!("head_dim {head_dim} is odd")
+    })?;
+    check(n_rot_heads * head_dim <= row_stride, OP, || {
+        format!("{n_rot_heads} heads of {head_dim} do not fit a row of {row_stride}")
+    })?;
+    let half = head_dim / 2;
+    check_len(OP, "inv_freq", inv_freq.len(), half)?;
+    check_len(OP, "positions", positions.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    check_len(
+        OP,
+        "x",
+        x.len(),
+        (n - 1) * row_stride + n_rot_heads * head_dim,
+    )?;
+    let inv: Vec<f32> = inv_freq[..half].iter().map(|v| v.to_f32()).collect();
+    x.par_chunks_mut(row_stride)
+        .take(n)
+        .zip(&positions[..n])
+        .for_each(|(row, &pos)| {
+            // The angle in f32, as HF computes it (inv_freq · position in float32).
+            let (sin, cos): (Vec<T>, Vec<T>) = inv
+                .iter()
+                .map(|&f| {
+                    let th = pos as f32 * f;
+                    let s = T::from_f32(th.sin());
+                    (if inverse { -s } else { s }, T::from_f32(th.cos()))
+                })
+                .unzip();
+            for head in row[..n_rot_heads * head_dim].chunks_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
+            }
+        });
+    Ok(())
+}
+
+fn sigmoid<T: Scalar>(g: T) -> T {
+    T::ONE / (T::ONE + (-g).exp())
+}
+
+pub(crate) fn swiglu_forward<T: Scalar>(a: &mut [T], gu: &[T], n: usize, f: usize) -> Result<()> {
+    check_len("swiglu_forward", "a", a.len(), n * f)?;
+    check_len("swiglu_forward", "gu", gu.len(), n * 2 * f)?;
+    a[..n * f]
+        .par_chunks_mut(f)
+        .zip(gu[..n * 2 * f].par_chunks(2 * f))
+        .for_each(|(ar, gur)| {
+            let (g, u) = gur.split_at(f);
+            for ((o, &gg), &uu) in ar.iter_mut().zip(g).zip(u) {
+                *o = gg * sigmoid(gg) * uu;
+            }
+        });
+    Ok(())
+}
+
+pub(crate) fn swiglu_backward<T: Scalar>(
+    d_gu: &mut [T],
+    d_a: &[T],
+    gu: &[T],
+    n: usize,
+    f: usize,
+) -> Result<()> {
+    check_len("swiglu_backward", "d_gu", d_gu.len(), n * 2 * f)?;
+    check_len("swiglu_backward", "d_a", d_a.len(), n * f)?;
+    check_len("swiglu_backward", "gu", gu.len(), n * 2 * f)?;
+    d_gu[..n * 2 * f]
+        .par_chunks_mut(2 * f)
+        .zip(d_a[..n * f].par_chunks(f))
+        .zip(gu[..n * 2 * f].par_chunks(2 * f))
+        .for_each(|((dr, dar), gur)| {
+            let (g, u) = gur.split_at(f);
+            let (dg, du) = dr.split_at_mut(f);
+            for i in 0..f {
+                let s = sigmoid(g[i]);
+                let silu = g[i] * s;
+                du[i] = dar[i] * silu;
+                dg[i] = dar[i] * u[i] * s * (T::ONE + g[i] * (T::ONE - s));
+            }
+        });
+    Ok(())
+}
+
+pub(crate) fn adamw<T: Scalar>(
+    param: &mut [T],
+    grad: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    n: usize,
+    hp: AdamW,
+) -> Result<()> {
+    for (name, len) in [
+        ("param", param.len()),
+        ("grad", grad.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+    ] {
+        check_len("adamw", name, len, n)?;
+    }
+    check(hp.step >= 1, "adamw", || "step numbers start at 1".into())?;
+    // The same arithmetic, in the same order, as torch.optim.AdamW (non-fused).
+    let f = |x: f32| T::from_f64(x as f64);
+    let (b1, b2, eps, lr, wd, gs) = (
+        f(hp.beta1),
+        f(hp.beta2),
+        f(hp.eps),
+        f(hp.lr),
+        f(hp.weight_decay),
+        f(hp.grad_scale),
+    );
+    let bc1 = T::ONE - T::from_f64((hp.beta1 as f64).powi(hp.step as i32));
+    let bc2_sqrt = (T::ONE - T::from_f64((hp.beta2 as f64).powi(hp.step as i32))).sqrt();
+    let step_size = lr / bc1;
+    let decay = T::ONE - lr * wd;
+    param[..n]
+        .par_chunks_mut(ROW_CHUNK * 64)
+        .zip(grad[..n].par_chunks(ROW_CHUNK * 64))
+        .zip(m[..n].par_chunks_mut(ROW_CHUNK * 64))
+        .zip(v[..n].par_chunks_mut(ROW_CHUNK * 64))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let gi = g[i] * gs;
+                p[i] *= decay;
+                m[i] = m[i] * b1 + gi * (T::ONE - b1);
+                v[i] = v[i] * b2 + gi * gi * (T::ONE - b2);
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] -= step_size * m[i] / denom;
+            }
+        });
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! The CPU backend: every op in plain Rust over `Vec<T>`, `T` = f32 (the reference the CUDA
+//! backend is checked against) or f64 (exact finite-difference gradient checks).
+//!
+//! Work is spread over threads with rayon, GEMMs go through the `gemm` crate (SIMD, multi-threaded).
+//! Every reduction runs in a fixed order that does not depend on the number of threads or on
+//! work stealing, so two runs with the same inputs give bit-identical results (exact resume needs
+//! this).
+
+mod attention;
+mod layers;
+mod linear;
+
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::check;
+use crate::{AdamW, AttnDims, Backend, Kind, LinearDims, Result, RopeDims};
+
+/// Rows handled by one task in row-parallel loops; fixed so that results never depend on the
+/// thread count.
+pub(crate) const ROW_CHUNK: usize = 64;
+
+/// The floating-point types the CPU backend computes in.
+pub trait Scalar:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::fmt::Debug
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + 'static
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// Converts from f64 (rounding for f32).
+    fn from_f64(x: f64) -> Self;
+    /// Converts to f64 (exact).
+    fn to_f64(self) -> f64;
+    /// Converts from f32 (exact).
+    fn from_f32(x: f32) -> Self;
+    /// Converts to f32 (rounding for f64).
+    fn to_f32(self) -> f32;
+    /// e^x.
+    fn exp(self) -> Self;
+    /// ln x.
+    fn ln(self) -> Self;
+    /// √x.
+    fn sqrt(self) -> Self;
+    /// The larger of two values.
+    fn max(self, o: Self) -> Self;
+    /// Negative infinity.
+    fn neg_infinity() -> Self;
+}
+
+macro_rules! impl_scalar {
+    ($t:ty) => {
+        impl Scalar for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f32(x: f32) -> Self {
+                x as $t
+            }
+            fn to_f32(self) -> f32 {
+                self as f32
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn max(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+            fn neg_infinity() -> Self {
+                <$t>::NEG_INFINITY
+            }
+        }
+    };
+}
+impl_scalar!(f32);
+impl_scalar!(f64);
+
+/// The CPU backend over scalar type `T`.
+pub struct Cpu<T> {
+    allocated: AtomicUsize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Scalar> Default for Cpu<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Scalar> Cpu<T> {
+    /// A CPU backend using rayon's global thread pool.
+    pub fn new() -> Self {
+        Cpu {
+            allocated: AtomicUsize::new(0),
+            _t: PhantomData,
+        }
+    }
+}
+
+fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<()> {
+    check(have >= need, op, || {
+        format!("{what} has {have} elements, needs {need}")
+    })
+}
+
+impl<T: Scalar> Backend for Cpu<T> {
+    type Buf = Vec<T>;
+    type Ref<'a> = &'a [T];
+    type Mut<'a> = &'a mut [T];
+    type Ints = Vec<i32>;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu ({}, {} threads)",
+            std::any::type_name::<T>(),
+            rayon::current_num_threads()
+        )
+    }
+
+    fn alloc(&self, len: usize, _kind: Kind) -> Result<Vec<T>> {
+        self.allocated
+            .fetch_add(len * std::mem::size_of::<T>(), Ordering::Relaxed);
+        Ok(vec![T::ZERO; len])
+    }
+    fn buf_len(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn view<'a>(&'a self, buf: &'a Vec<T>, range: Range<usize>) -> &'a [T] {
+        &buf[range]
+    }
+    fn view_mut<'a>(&'a self, buf: &'a mut Vec<T>, range: Range<usize>) -> &'a mut [T] {
+        &mut buf[range]
+    }
+    fn view_mut2<'a>(
+        &'a self,
+        buf: &'a mut Vec<T>,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (&'a mut [T], &'a mut [T]) {
+        assert!(
+            a.end <= b.start || b.end <= a.start,
+            "view_mut2: ranges {a:?} and {b:?} overlap"
+        );
+        if a.start < b.start {
+            let (lo, hi) = buf.split_at_mut(b.start);
+            (&mut lo[a], &mut hi[..b.end - b.start])
+        } else {
+            let (lo, hi) = buf.split_at_mut(a.start);
+            (&mut hi[..a.end - a.start], &mut lo[b])
+        }
+    }
+    fn write(&self, buf: &mut Vec<T>, offset: usize, data: &[f32]) -> Result<()> {
+        check_len("write", "buffer", buf.len(), offset + data.len())?;
+        for (d, &s) in buf[offset..offset + data.len()].iter_mut().zip(data) {
+            *d = T::from_f32(s);
+        }
+        Ok(())
+    }
+    fn read(&self, buf: &Vec<T>, range: Range<usize>) -> Result<Vec<f32>> {
+        check_len("read", "buffer", buf.len(), range.end)?;
+        Ok(buf[range].iter().map(|x| x.to_f32()).collect())
+    }
+    fn read_f64(&self, buf: &Vec<T>, range: Range<usize>) -> Result<Vec<f64>> {
+        check_len("read_f64", "buffer", buf.len(), range.end)?;
+        Ok(buf[range].iter().map(|x| x.to_f64()).collect())
+    }
+    fn zero(&self, x: &mut [T]) -> Result<()> {
+        x.fill(T::ZERO);
+        Ok(())
+    }
+    fn ints(&self, data: &[i32]) -> Result<Vec<i32>> {
+        Ok(data.to_vec())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn peak_memory(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, out: &mut [T], a: &[T], b: &[T], n: usize) -> Result<()> {
+        check_len("add", "out", out.len(), n)?;
+        check_len("add", "a", a.len(), n)?;
+        check_len("add", "b", b.len(), n)?;
+        for ((o, &x), &y) in out[..n].iter_mut().zip(&a[..n]).zip(&b[..n]) {
+            *o = x + y;
+        }
+        Ok(())
+    }
+    fn add_assign(&self, out: &mut [T], a: &[T], n: usize) -> Result<()> {
+        check_len("add_assign", "out", out.len(), n)?;
+        check_len("add_assign", "a", a.len(), n)?;
+        for (o, &x) in out[..n].iter_mut().zip(&a[..n]) {
+            *o += x;
+        }
+        Ok(())
+    }
+    fn sum_squares(&self, x: &[T], n: usize) -> Result<f64> {
+        check_len("sum_squares", "x", x.len(), n)?;
+        Ok(layers::sum_squares(&x[..n]))
+    }
+
+    fn embedding_forward(
+        &self,
+        x: &mut [T],
+        table: &[T],
+        tokens: &Vec<i32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        layers::embedding_forward(x, table, tokens, n, d)
+    }
+    fn embedding_backward(
+        &self,
+        d_table: &mut [T],
+        dx: &[T],
+        tokens: &Vec<i32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        layers::embedding_backward(d_table, dx, tokens, n, d)
+    }
+    fn linear_forward(
+        &self,
+        y: &mut [T],
+        x: &[T],
+        w: &[T],
+        b: Option<&[T]>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        linear::linear_forward(y, x, w, b, dims)
+    }
+    fn linear_backward(
+        &self,
+        dx: Option<&mut [T]>,
+        d_w: &mut [T],
+        d_b: Option<&mut [T]>,
+        dy: &[T],
+        x: &[T],
+        w: &[T],
+        dims: LinearDims,
+    ) -> Result<()> {
+        linear::linear_backward(dx, d_w, d_b, dy, x, w, dims)
+    }
+    fn rmsnorm_forward(
+        &self,
+        y: &mut [T],
+        rstd: &mut [T],
+        x: &[T],
+        weight: &[T],
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        layers::rmsnorm_forward(y, rstd, x, weight, n, d, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut [T],
+        d_weight: &mut [T],
+        dy: &[T],
+        x: &[T],
+        weight: &[T],
+        rstd: &[T],
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        layers::rmsnorm_backward(dx, d_weight, dy, x, weight, rstd, n, d)
+    }
+    fn rope_forward(
+        &self,
+        x: &mut [T],
+        inv_freq: &[T],
+        positions: &Vec<i32>,
+        dims: RopeDims,
+    ) -> Result<()> {
+        layers::rope(x, inv_freq, positions, dims, false)
+    }
+    fn rope_backward(
+        &self,
+        dx: &mut [T],
+        inv_freq: &[T],
+        positions: &Vec<i32>,
+        dims: RopeDims,
+    ) -> Result<()> {
+        layers::rope(dx, inv_freq, positions, dims, true)
+    }
+    fn attention_forward(
+        &self,
+        out: &mut [T],
+        lse: &mut [T],
+        qkv: &[T],
+        cu_seqlens: &Vec<i32>,
+        dims: AttnDims,
+    ) -> Result<()> {
+        attention::forward(out, lse, qkv, cu_seqlens, dims)
+    }
+    fn attention_backward(
+        &self,
+        d_qkv: &mut [T],
+        d_out: &[T],
+        qkv: &[T],
+        out: &[T],
+        lse: &[T],
+        cu_seqlens: &Vec<i32>,
+        dims: AttnDims,
+    ) -> Result<()> {
+        attention::backward(d_qkv, d_out, qkv, out, lse, cu_seqlens, dims)
+    }
+    fn swiglu_forward(&self, a: &mut [T], gu: &[T], n: usize, f: usize) -> Result<()> {
+        layers::swiglu_forward(a, gu, n, f)
+    }
+    fn swiglu_backward(
+        &self,
+        d_gu: &mut [T],
+        d_a: &[T],
+        gu: &[T],
+        n: usize,
+        f: usize,
+    ) -> Result<()> {
+        layers::swiglu_backward(d_gu, d_a, gu, n, f)
+    }
+    fn lm_head_loss(
+        &self,
+        loss_sum: &mut [T],
+        dx: Option<&mut [T]>,
+        d_w: Option<&mut [T]>,
+        x: &[T],
+        w: &[T],
+        targets: &Vec<i32>,
+        dims: LinearDims,
+        grad_scale: f32,
+    ) -> Result<()> {
+        linear::lm_head_loss(loss_sum, dx, d_w, x, w, targets, dims, grad_scale)
+    }
+    fn adamw(
+        &self,
+        param: &mut [T],
+        master: Option<&mut [T]>,
+        grad: &[T],
+        m: &mut [T],
+        v: &mut [T],
+        n: usize,
+        hp: AdamW,
+    ) -> Result<()> {
+        check(master.is_none(), "adamw", || {
+            "the CPU backend keeps no master copy".into()
+        })?;
+        layers::adamw(param, grad, m, v, n, hp)
+    }
+    fn needs_master(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,6 @@
+//! nopad-data's integration tests, one binary (fewer links on two cores): packing properties over
+//! random length sets, the loader's epochs and resume, and loading of every input format.
+
+mod loading;
+mod props;
+mod util;

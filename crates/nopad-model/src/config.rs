@@ -1,0 +1,582 @@
+//! The Llama-family configuration: read from a Hugging Face `config.json` (or a built-in preset),
+//! validated once, and written back in a form HF Transformers loads.
+//!
+//! Unknown keys in `config.json` are ignored (HF configs carry many that do not change the
+//! maths, such as `use_cache`); every key that does change the maths is read, and a value nopad
+//! cannot honour is an error naming the key.
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{ModelError, Result};
+
+/// The supported architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM` (Llama 2, Llama 3.x).
+    Llama,
+    /// `MistralForCausalLM`.
+    Mistral,
+    /// `Qwen2ForCausalLM` (q/k/v biases).
+    Qwen2,
+}
+
+impl Arch {
+    /// HF class name.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+    /// HF `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// RoPE frequency scaling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor` (`rope_type: "linear"`).
+    Linear {
+        /// Scale factor.
+        factor: f64,
+    },
+    /// Llama 3.1/3.2 frequency-dependent scaling (`rope_type: "llama3"`).
+    Llama3 {
+        /// Scale factor for low frequencies.
+        factor: f64,
+        /// Wavelength threshold factor for the low band.
+        low_freq_factor: f64,
+        /// Wavelength threshold factor for the high band.
+        high_freq_factor: f64,
+        /// Context length the base model was trained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// A validated model configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Architecture.
+    pub arch: Arch,
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// Hidden size D.
+    pub hidden_size: usize,
+    /// MLP width F.
+    pub intermediate_size: usize,
+    /// Decoder layers L.
+    pub num_hidden_layers: usize,
+    /// Query heads H.
+    pub num_attention_heads: usize,
+    /// Key/value heads Hkv (divides H).
+    pub num_key_value_heads: usize,
+    /// Head dimension Dh (even).
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest position the model was configured for (informational; not enforced).
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k, v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama `attention_bias`).
+    pub o_bias: bool,
+    /// Sliding-window attention size, if the model uses one.
+    pub sliding_window: Option<usize>,
+    /// Standard deviation of the random initialisation.
+    pub initializer_range: f64,
+    /// Token ids from the config, kept for saving.
+    pub bos_token_id: Option<Value>,
+    /// End-of-sequence id(s).
+    pub eos_token_id: Option<Value>,
+    /// Padding id.
+    pub pad_token_id: Option<Value>,
+}
+
+struct Reader<'a> {
+    path: &'a str,
+    obj: &'a Map<String, Value>,
+}
+
+impl Reader<'_> {
+    fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
+        ModelError::Config {
+            path: self.path.to_string(),
+            field: field.to_string(),
+            msg: msg.into(),
+        }
+    }
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(x) => Ok(Some(x as usize)),
+                None => Err(self.err(key, format!("expected a non-negative integer, found {v}"))),
+            },
+        }
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?
+            .ok_or_else(|| self.err(key, "missing (required)"))
+    }
+    fn positive(&self, key: &str) -> Result<usize> {
+        let v = self.usize(key)?;
+        if v == 0 {
+            return Err(self.err(key, "must be at least 1"));
+        }
+        Ok(v)
+    }
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+    fn str_opt(&self, key: &str) -> Result<Option<&str>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates an HF `config.json` text; `path` names it in errors.
+    pub fn from_json_str(text: &str, path: &str) -> Result<Config> {
+        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::Format {
+            path: path.into(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let obj = value.as_object().ok_or_else(|| ModelError::Format {
+            path: path.into(),
+            msg: "expected a JSON object".into(),
+        })?;
+        Config::from_map(obj, path)
+    }
+
+    fn from_map(obj: &Map<String, Value>, path: &str) -> Result<Config> {
+        let r = Reader { path, obj };
+        let arch = match r.present("architectures") {
+            Some(Value::Array(a)) if a.len() == 1 => match a[0].as_str() {
+                Some("LlamaForCausalLM") => Arch::Llama,
+                Some("MistralForCausalLM") => Arch::Mistral,
+                Some("Qwen2ForCausalLM") => Arch::Qwen2,
+                _ => {
+                    return Err(r.err(
+                        "architectures",
+                        format!("unsupported architecture {}; nopad supports LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM", a[0]),
+                    ))
+                }
+            },
+            Some(v) => return Err(r.err("architectures", format!("expected a list of one class name, found {v}"))),
+            None => match r.str_opt("model_type")? {
+                Some("llama") => Arch::Llama,
+                Some("mistral") => Arch::Mistral,
+                Some("qwen2") => Arch::Qwen2,
+                Some(other) => return Err(r.err("model_type", format!("unsupported model type `{other}`"))),
+                None => return Err(r.err("architectures", "missing (required, or give model_type)")),
+            },
+        };
+        let hidden_size = r.positive("hidden_size")?;
+        let heads = r.positive("num_attention_heads")?;
+        let kv_heads = r.usize_opt("num_key_value_heads")?.unwrap_or(heads);
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(r.err(
+                "num_key_value_heads",
+                format!("{kv_heads} does not divide num_attention_heads = {heads}"),
+            ));
+        }
+        let head_dim = match r.usize_opt("head_dim")? {
+            Some(h) => h,
+            None => {
+                if !hidden_size.is_multiple_of(heads) {
+                    return Err(r.err("head_dim", format!("missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {heads}")));
+                }
+                hidden_size / heads
+            }
+        };
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(r.err(
+                "head_dim",
+                format!("{head_dim} must be a positive even number for rotary embeddings"),
+            ));
+        }
+        if let Some(act) = r.str_opt("hidden_act")? {
+            if act != "silu" {
+                return Err(r.err(
+                    "hidden_act",
+                    format!("`{act}` is not supported (only silu, the SwiGLU MLP)"),
+                ));
+            }
+        }
+        if r.bool_opt("mlp_bias")?.unwrap_or(false) {
+            return Err(r.err("mlp_bias", "MLP biases are not supported"));
+        }
+        if let Some(p) = r.f64_opt("attention_dropout")? {
+            if p != 0.0 {
+                return Err(r.err(
+                    "attention_dropout",
+                    format!("{p}: dropout is not supported (use 0)"),
+                ));
+            }
+        }
+        if let Some(tp) = r.usize_opt("pretraining_tp")? {
+            if tp != 1 {
+                return Err(r.err("pretraining_tp", format!("{tp}: only 1 is supported")));
+            }
+        }
+        let attention_bias = r.bool_opt("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Qwen2 => (true, false),
+            Arch::Llama => (attention_bias, attention_bias),
+            Arch::Mistral => (false, false),
+        };
+        let sliding_window = match arch {
+            Arch::Mistral => r.usize_opt("sliding_window")?,
+            Arch::Qwen2 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
+                r.usize_opt("sliding_window")?
+            }
+            _ => None,
+        };
+        // RoPE: transformers 4 writes rope_theta + rope_scaling, transformers 5 rope_parameters.
+        let params = r
+            .present("rope_parameters")
+            .or_else(|| r.present("rope_scaling"));
+        let params_key = if r.present("rope_parameters").is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
+        let mut rope_theta = r.f64_opt("rope_theta")?.unwrap_or(10000.0);
+        let rope_scaling = match params {
+            None => RopeScaling::None,
+            Some(Value::Object(p)) => {
+                let pr = Reader { path, obj: p };
+                if let Some(t) = pr.f64_opt("rope_theta")? {
+                    rope_theta = t;
+                }
+                let kind = pr
+                    .str_opt("rope_type")?
+                    .or(pr.str_opt("type")?)
+                    .unwrap_or("default");
+                let num = |k: &str| -> Result<f64> {
+                    pr.f64_opt(k)?.ok_or_else(|| {
+                        r.err(
+                            &format!("{params_key}.{k}"),
+                            "missing (required for this rope_type)",
+                        )
+                    })
+                };
+                match kind {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear {
+                        factor: num("factor")?,
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    },
+                    other => {
+                        return Err(r.err(
+                            &format!("{params_key}.rope_type"),
+                            format!("`{other}` is not supported (default, linear, llama3)"),
+                        ))
+                    }
+                }
+            }
+            Some(v) => return Err(r.err(params_key, format!("expected an object, found {v}"))),
+        };
+        if rope_theta <= 0.0 {
+            return Err(r.err("rope_theta", format!("{rope_theta} must be positive")));
+        }
+        let cfg = Config {
+            arch,
+            vocab_size: r.positive("vocab_size")?,
+            hidden_size,
+            intermediate_size: r.positive("intermediate_size")?,
+            num_hidden_layers: r.positive("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: r.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: r.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            sliding_window,
+            initializer_range: r.f64_opt("initializer_range")?.unwrap_or(0.02),
+            bos_token_id: r.present("bos_token_id").cloned(),
+            eos_token_id: r.present("eos_token_id").cloned(),
+            pad_token_id: r.present("pad_token_id").cloned(),
+        };
+        if cfg.rms_norm_eps.is_nan() || cfg.rms_norm_eps <= 0.0 {
+            return Err(r.err(
+                "rms_norm_eps",
+                format!("{} must be positive", cfg.rms_norm_eps),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// The `config.json` HF Transformers loads for this model.
+    pub fn to_hf_json(&self, torch_dtype: &str) -> Value {
+        let mut m = json!({
+            "architectures": [self.arch.hf_name()],
+            "model_type": self.arch.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "torch_dtype": torch_dtype,
+            "use_cache": true,
+        });
+        let obj = m.as_object_mut().expect("json! object literal");
+        match &self.rope_scaling {
+            RopeScaling::None => {
+                obj.insert("rope_scaling".into(), Value::Null);
+            }
+            RopeScaling::Linear { factor } => {
+                obj.insert(
+                    "rope_scaling".into(),
+                    json!({"rope_type": "linear", "factor": factor}),
+                );
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                obj.insert(
+                    "rope_scaling".into(),
+                    json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                           "high_freq_factor": high_freq_factor,
+                           "original_max_position_embeddings": *original_max_position_embeddings as u64}),
+                );
+            }
+        }
+        match self.arch {
+            Arch::Llama => {
+                obj.insert("attention_bias".into(), json!(self.o_bias));
+                obj.insert("mlp_bias".into(), json!(false));
+            }
+            Arch::Mistral => {
+                obj.insert("sliding_window".into(), json!(self.sliding_window));
+            }
+            Arch::Qwen2 => {
+                obj.insert(
+                    "use_sliding_window".into(),
+                    json!(self.sliding_window.is_some()),
+                );
+                obj.insert("sliding_window".into(), json!(self.sliding_window));
+            }
+        }
+        for (k, v) in [
+            ("bos_token_id", &self.bos_token_id),
+            ("eos_token_id", &self.eos_token_id),
+            ("pad_token_id", &self.pad_token_id),
+        ] {
+            if let Some(v) = v {
+                obj.insert(k.into(), v.clone());
+            }
+        }
+        m
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_params(&self) -> usize {
+        crate::layout::Layout::new(self).total
+    }
+
+    /// Query-plus-key heads that RoPE rotates, times the head dim: width of q and k in a row.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+    }
+
+    /// A built-in configuration by name; see [`PRESETS`].
+    pub fn preset(name: &str) -> Option<Config> {
+        let (_, _, text) = PRESETS.iter().find(|(n, _, _)| *n == name)?;
+        Some(
+            Config::from_json_str(text, &format!("preset {name}"))
+                .expect("built-in presets are valid"),
+        )
+    }
+}
+
+/// Built-in presets: name, what it is, and its config.json. Real shapes use random init.
+pub const PRESETS: &[(&str, &str, &str)] = &[
+    (
+        "tiny",
+        "2 layers, D=16, GQA 4/2: for tests",
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":97,"hidden_size":16,"intermediate_size":40,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":false}"#,
+    ),
+    (
+        "small",
+        "4 layers, D=128, GQA 4/2, V=512: the CPU default",
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":128,"intermediate_size":352,"num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":true}"#,
+    ),
+    (
+        "llama-3.2-1b",
+        "Llama-3.2-1B shape (1.24B)",
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":128256,"hidden_size":2048,"intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,"num_key_value_heads":8,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},"max_position_embeddings":131072,"tie_word_embeddings":true,"bos_token_id":128000,"eos_token_id":128001}"#,
+    ),
+    (
+        "llama-3.1-8b",
+        "Llama-3.1-8B shape (8.03B)",
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"rms_norm_eps":1e-5,"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},"max_position_embeddings":131072,"tie_word_embeddings":false,"bos_token_id":128000,"eos_token_id":128001}"#,
+    ),
+    (
+        "llama-2-7b",
+        "Llama-2-7B shape (6.74B)",
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}"#,
+    ),
+    (
+        "mistral-7b",
+        "Mistral-7B v0.3 shape (7.25B)",
+        r#"{"architectures":["MistralForCausalLM"],"vocab_size":32768,"hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"head_dim":128,"rms_norm_eps":1e-5,"rope_theta":1000000.0,"sliding_window":null,"max_position_embeddings":32768,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}"#,
+    ),
+    (
+        "qwen2.5-0.5b",
+        "Qwen2.5-0.5B shape (0.49B, q/k/v biases, tied)",
+        r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":151936,"hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"max_position_embeddings":32768,"tie_word_embeddings":true,"use_sliding_window":false,"sliding_window":32768,"bos_token_id":151643,"eos_token_id":151643}"#,
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_have_the_published_sizes() {
+        let counts: Vec<(String, usize)> = PRESETS
+            .iter()
+            .map(|(n, _, _)| (n.to_string(), Config::preset(n).unwrap().num_params()))
+            .collect();
+        let get = |n: &str| counts.iter().find(|(m, _)| m == n).unwrap().1;
+        // Parameter counts HF reports for these models.
+        assert_eq!(get("llama-3.2-1b"), 1_235_814_400);
+        assert_eq!(get("llama-3.1-8b"), 8_030_261_248);
+        assert_eq!(get("llama-2-7b"), 6_738_415_616);
+        assert_eq!(get("mistral-7b"), 7_248_023_552);
+        assert_eq!(get("qwen2.5-0.5b"), 494_032_768);
+        let q = Config::preset("qwen2.5-0.5b").unwrap();
+        assert!(q.qkv_bias && !q.o_bias && q.tie_word_embeddings && q.sliding_window.is_none());
+        assert_eq!(q.head_dim, 64);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let base = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2"#;
+        let cases = [
+            (
+                r#","num_key_value_heads":3}"#,
+                "field `num_key_value_heads`: 3 does not divide",
+            ),
+            (
+                r#","hidden_act":"gelu"}"#,
+                "field `hidden_act`: `gelu` is not supported",
+            ),
+            (
+                r#","rope_scaling":{"rope_type":"yarn","factor":2}}"#,
+                "field `rope_scaling.rope_type`: `yarn`",
+            ),
+            (
+                r#","rope_scaling":{"rope_type":"llama3","factor":2}}"#,
+                "field `rope_scaling.low_freq_factor`: missing",
+            ),
+            (
+                r#","rms_norm_eps":"small"}"#,
+                "field `rms_norm_eps`: expected a number",
+            ),
+        ];
+        for (tail, want) in cases {
+            let err = Config::from_json_str(&format!("{base}{tail}"), "m/config.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("m/config.json: ") && err.contains(want),
+                "{err}"
+            );
+        }
+        let err = Config::from_json_str(r#"{"architectures":["GPT2LMHeadModel"]}"#, "c.json")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unsupported architecture \"GPT2LMHeadModel\""),
+            "{err}"
+        );
+        let err = Config::from_json_str(
+            &format!(
+                "{}}}",
+                base.replace("\"hidden_size\":8", "\"hidden_size\":-8")
+            ),
+            "c.json",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("field `hidden_size`: expected a non-negative integer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hf_json_roundtrips() {
+        for (name, _, _) in PRESETS {
+            let c = Config::preset(name).unwrap();
+            let back = Config::from_json_str(&c.to_hf_json("float32").to_string(), "x").unwrap();
+            assert_eq!(c, back, "{name}");
+        }
+        // transformers 5 layout: rope_parameters holds theta and scaling.
+        let v5 = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rope_parameters":{"rope_type":"linear","factor":4.0,"rope_theta":123.0}}"#;
+        let c = Config::from_json_str(v5, "x").unwrap();
+        assert_eq!(c.rope_theta, 123.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    }
+}

@@ -1,0 +1,239 @@
+//! Where every parameter lives in the one flat parameter buffer (and, at the same offsets, in the
+//! gradient and optimizer buffers), under its Hugging Face name.
+//!
+//! Two deliberate choices:
+//! - q, k and v projections of a layer are adjacent rows of one `[(H + 2·Hkv)·Dh, D]` matrix, and
+//!   gate and up of one `[2F, D]` matrix, so each is one GEMM. Their HF tensors are row ranges of it.
+//! - All weight matrices come first and all norms and biases after them, so AdamW's two groups
+//!   (with and without weight decay, as HF Trainer splits them) are two contiguous ranges.
+
+use std::ops::Range;
+
+use crate::config::Config;
+
+/// One HF tensor: its name, shape, and where it lives in the flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// HF name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// HF shape.
+    pub shape: Vec<usize>,
+    /// Offset of the first element.
+    pub offset: usize,
+}
+
+impl TensorSpec {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The range in the flat buffer.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Ranges of one decoder layer's parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRanges {
+    /// `[(H + 2·Hkv)·Dh, D]`: q_proj, k_proj, v_proj rows.
+    pub qkv_w: Range<usize>,
+    /// `[(H + 2·Hkv)·Dh]` when the model has q/k/v biases.
+    pub qkv_b: Option<Range<usize>>,
+    /// `[D, H·Dh]`.
+    pub o_w: Range<usize>,
+    /// `[D]` when the model has an output-projection bias.
+    pub o_b: Option<Range<usize>>,
+    /// `[2F, D]`: gate_proj rows then up_proj rows.
+    pub gate_up_w: Range<usize>,
+    /// `[D, F]`.
+    pub down_w: Range<usize>,
+    /// `[D]` input_layernorm.
+    pub ln1: Range<usize>,
+    /// `[D]` post_attention_layernorm.
+    pub ln2: Range<usize>,
+}
+
+/// The whole parameter layout.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// `[V, D]` embedding (also the output head when tied).
+    pub embed: Range<usize>,
+    /// Per layer.
+    pub layers: Vec<LayerRanges>,
+    /// `[V, D]` output head (equal to `embed` when tied).
+    pub lm_head: Range<usize>,
+    /// `[D]` final norm.
+    pub norm: Range<usize>,
+    /// Parameters that take weight decay (all matrices): `0..decay_end`.
+    pub decay_end: usize,
+    /// Total parameters.
+    pub total: usize,
+    /// Every HF tensor, in checkpoint order.
+    pub tensors: Vec<TensorSpec>,
+}
+
+struct Alloc {
+    next: usize,
+    tensors: Vec<TensorSpec>,
+}
+
+impl Alloc {
+    fn take(&mut self, name: String, shape: Vec<usize>) -> Range<usize> {
+        let spec = TensorSpec {
+            name,
+            shape,
+            offset: self.next,
+        };
+        let r = spec.range();
+        self.next = r.end;
+        self.tensors.push(spec);
+        r
+    }
+    /// A matrix made of several HF tensors stacked by rows.
+    fn stacked(&mut self, parts: &[(String, usize)], cols: usize) -> Range<usize> {
+        let start = self.next;
+        for (name, rows) in parts {
+            self.take(name.clone(), vec![*rows, cols]);
+        }
+        start..self.next
+    }
+    fn stacked_vec(&mut self, parts: &[(String, usize)]) -> Range<usize> {
+        let start = self.next;
+        for (name, len) in parts {
+            self.take(name.clone(), vec![*len]);
+        }
+        start..self.next
+    }
+}
+
+impl Layout {
+    /// The layout of a configuration.
+    pub fn new(c: &Config) -> Layout {
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (qd, kvd) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let mut a = Alloc {
+            next: 0,
+            tensors: Vec::new(),
+        };
+        let p = |i: usize, s: &str| format!("model.layers.{i}.{s}");
+        let embed = a.take("model.embed_tokens.weight".into(), vec![v, d]);
+        let mut mats = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let qkv_w = a.stacked(
+                &[
+                    (p(i, "self_attn.q_proj.weight"), qd),
+                    (p(i, "self_attn.k_proj.weight"), kvd),
+                    (p(i, "self_attn.v_proj.weight"), kvd),
+                ],
+                d,
+            );
+            let o_w = a.take(p(i, "self_attn.o_proj.weight"), vec![d, qd]);
+            let gate_up_w = a.stacked(
+                &[
+                    (p(i, "mlp.gate_proj.weight"), f),
+                    (p(i, "mlp.up_proj.weight"), f),
+                ],
+                d,
+            );
+            let down_w = a.take(p(i, "mlp.down_proj.weight"), vec![d, f]);
+            mats.push((qkv_w, o_w, gate_up_w, down_w));
+        }
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            a.take("lm_head.weight".into(), vec![v, d])
+        };
+        let decay_end = a.next;
+        let mut layers = Vec::new();
+        for (i, (qkv_w, o_w, gate_up_w, down_w)) in mats.into_iter().enumerate() {
+            let ln1 = a.take(p(i, "input_layernorm.weight"), vec![d]);
+            let ln2 = a.take(p(i, "post_attention_layernorm.weight"), vec![d]);
+            let qkv_b = c.qkv_bias.then(|| {
+                a.stacked_vec(&[
+                    (p(i, "self_attn.q_proj.bias"), qd),
+                    (p(i, "self_attn.k_proj.bias"), kvd),
+                    (p(i, "self_attn.v_proj.bias"), kvd),
+                ])
+            });
+            let o_b = c
+                .o_bias
+                .then(|| a.take(p(i, "self_attn.o_proj.bias"), vec![d]));
+            layers.push(LayerRanges {
+                qkv_w,
+                qkv_b,
+                o_w,
+                o_b,
+                gate_up_w,
+                down_w,
+                ln1,
+                ln2,
+            });
+        }
+        let norm = a.take("model.norm.weight".into(), vec![d]);
+        Layout {
+            embed,
+            layers,
+            lm_head,
+            norm,
+            decay_end,
+            total: a.next,
+            tensors: a.tensors,
+        }
+    }
+
+    /// Ranges of the norm weights (initialised to 1; everything else is random or zero).
+    pub fn norm_ranges(&self) -> Vec<Range<usize>> {
+        let mut v: Vec<_> = self
+            .layers
+            .iter()
+            .flat_map(|l| [l.ln1.clone(), l.ln2.clone()])
+            .collect();
+        v.push(self.norm.clone());
+        v
+    }
+
+    /// Ranges of the biases (initialised to 0).
+    pub fn bias_ranges(&self) -> Vec<Range<usize>> {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.qkv_b.clone(), l.o_b.clone()])
+            .flatten()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_tile_the_buffer_and_groups_are_contiguous() {
+        for name in ["tiny", "qwen2.5-0.5b", "llama-2-7b"] {
+            let c = Config::preset(name).unwrap();
+            let l = Layout::new(&c);
+            let mut next = 0;
+            for t in &l.tensors {
+                assert_eq!(t.offset, next, "{}", t.name);
+                next += t.len();
+            }
+            assert_eq!(next, l.total);
+            // Everything after decay_end is a norm or a bias.
+            for t in &l.tensors {
+                let is_vec = t.shape.len() == 1;
+                assert_eq!(t.offset >= l.decay_end, is_vec, "{}", t.name);
+            }
+            assert_eq!(
+                l.tensors.iter().any(|t| t.name == "lm_head.weight"),
+                !c.tie_word_embeddings
+            );
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The decoder's explicit forward and backward, written once against [`Backend`].
+//!
+//! Like llm.c there is no autograd: [`Model::forward`] saves the activations each layer's
+//! backward needs in named buffers ([`LayerActs`]), and [`Model::backward`] walks the layers in
+//! reverse, a page of code that reads line by line against the forward. Gradients of parameters
+//! accumulate in `grads` (so micro-batches of one optimizer step just add up); the caller zeroes
+//! them after each update.
+//!
+//! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
+//! V vocabulary, L layers.
+
+use nopad_backend::{AttnDims, Backend, Kind, LinearDims, RopeDims};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::layout::Layout;
+
+/// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    /// `[N]` token ids.
+    pub tokens: &'a [i32],
+    /// `[N]` next-token targets, -100 where none.
+    pub targets: &'a [i32],
+    /// `[N]` RoPE positions.
+    pub position_ids: &'a [i32],
+    /// `[S + 1]` attention segment boundaries.
+    pub cu_seqlens: &'a [i32],
+    /// Longest segment.
+    pub max_seqlen: usize,
+}
+
+/// Saved activations of one layer, each `[cap, ·]`.
+pub struct LayerActs<B: Backend> {
+    /// `[N, D]` input_layernorm output.
+    pub h1: B::Buf,
+    /// `[N]` its reciprocal RMS.
+    pub rstd1: B::Buf,
+    /// `[N, W]` q, k (rotated) and v.
+    pub qkv: B::Buf,
+    /// `[N, H·Dh]` attention output.
+    pub att: B::Buf,
+    /// `[H, N]` attention log-sum-exp.
+    pub lse: B::Buf,
+    /// `[N, D]` residual stream after attention.
+    pub res_mid: B::Buf,
+    /// `[N, D]` post_attention_layernorm output.
+    pub h2: B::Buf,
+    /// `[N]` its reciprocal RMS.
+    pub rstd2: B::Buf,
+    /// `[N, 2F]` gate and up projections.
+    pub gu: B::Buf,
+    /// `[N, F]` SwiGLU output.
+    pub a: B::Buf,
+}
+
+/// All activation buffers, sized for `cap` tokens.
+pub struct Acts<B: Backend> {
+    /// Token capacity.
+    pub cap: usize,
+    /// `L + 1` residual streams `[N, D]`: the embedding output, then each layer's output.
+    pub res: Vec<B::Buf>,
+    /// Per layer.
+    pub layers: Vec<LayerActs<B>>,
+    /// `[N, D]` final norm output.
+    pub hf: B::Buf,
+    /// `[N]` its reciprocal RMS.
+    pub rstdf: B::Buf,
+    /// `[N, D]` gradient of the residual stream (accumulates through a layer).
+    pub d_res: B::Buf,
+    /// `[N, D]` gradient of a norm output.
+    pub d_h: B::Buf,
+    /// `[N, W]`.
+    pub d_qkv: B::Buf,
+    /// `[N, H·Dh]`.
+    pub d_att: B::Buf,
+    /// `[N, 2F]`.
+    pub d_gu: B::Buf,
+    /// `[N, F]`.
+    pub d_a: B::Buf,
+}
+
+/// Device copies of one micro-batch's integer arrays, plus its shape.
+struct Uploaded<B: Backend> {
+    tokens: B::Ints,
+    targets: B::Ints,
+    positions: B::Ints,
+    cu_seqlens: B::Ints,
+    attn: AttnDims,
+}
+
+/// A Llama-family decoder on a backend.
+pub struct Model<B: Backend> {
+    /// The configuration.
+    pub cfg: Config,
+    /// Where each parameter lives.
+    pub layout: Layout,
+    /// `[P]` parameters as the forward reads them (Compute).
+    pub params: B::Buf,
+    /// `[P]` accumulated gradients (Master).
+    pub grads: B::Buf,
+    inv_freq: B::Buf,
+    loss_sum: B::Buf,
+    acts: Option<Acts<B>>,
+    saved: Option<Uploaded<B>>,
+}
+
+impl<B: Backend> Model<B> {
+    /// A model with zero parameters; fill them with [`crate::weights::init_random`] or
+    /// [`crate::weights::load_checkpoint`] through [`Model::write_params`].
+    pub fn new(b: &B, cfg: Config) -> Result<Self> {
+        let layout = Layout::new(&cfg);
+        let params = b.alloc(layout.total, Kind::Compute)?;
+        let grads = b.alloc(layout.total, Kind::Master)?;
+        let freqs = crate::rope::inv_freq(&cfg);
+        let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
+        b.write(&mut inv_freq, 0, &freqs)?;
+        let loss_sum = b.alloc(1, Kind::Master)?;
+        Ok(Model {
+            cfg,
+            layout,
+            params,
+            grads,
+            inv_freq,
+            loss_sum,
+            acts: None,
+            saved: None,
+        })
+    }
+
+    /// Writes host values into the parameters at `offset`.
+    pub fn write_params(&mut self, b: &B, offset: usize, vals: &[f32]) -> Result<()> {
+        Ok(b.write(&mut self.params, offset, vals)?)
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grads(&mut self, b: &B) -> Result<()> {
+        let n = self.layout.total;
+        Ok(b.zero(b.view_mut(&mut self.grads, 0..n))?)
+    }
+
+    /// Returns the loss summed since the last call (over all target tokens of the forwards run)
+    /// and resets it.
+    pub fn take_loss_sum(&mut self, b: &B) -> Result<f64> {
+        let v = b.read_f64(&self.loss_sum, 0..1)?[0];
+        b.zero(b.view_mut(&mut self.loss_sum, 0..1))?;
+        Ok(v)
+    }
+
+    fn ensure_acts(&mut self, b: &B, n: usize) -> Result<()> {
+        if self.acts.as_ref().is_some_and(|a| a.cap >= n) {
+            return Ok(());
+        }
+        // Grow by at least a quarter so a slowly growing batch does not reallocate every step.
+        let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap + a.cap / 4));
+        self.acts = None;
+        let c = &self.cfg;
+        let (d, f, h) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
+        let (w, hd) = (c.qkv_width(), h * c.head_dim);
+        let act = |len: usize| b.alloc(cap * len, Kind::Compute);
+        let stat = |len: usize| b.alloc(cap * len, Kind::Master);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            layers.push(LayerActs {
+                h1: act(d)?,
+                rstd1: stat(1)?,
+                qkv: act(w)?,
+                att: act(hd)?,
+                lse: stat(h)?,
+                res_mid: act(d)?,
+                h2: act(d)?,
+                rstd2: stat(1)?,
+                gu: act(2 * f)?,
+                a: act(f)?,
+            });
+        }
+        self.acts = Some(Acts {
+            cap,
+            res: (0..=c.num_hidden_layers)
+                .map(|_| act(d))
+                .collect::<std::result::Result<_, _>>()?,
+            layers,
+            hf: act(d)?,
+            rstdf: stat(1)?,
+            d_res: act(d)?,
+            d_h: act(d)?,
+            d_qkv: act(w)?,
+            d_att: act(hd)?,
+            d_gu: act(2 * f)?,
+            d_a: act(f)?,
+        });
+        Ok(())
+    }
+
+    fn upload(&self, b: &B, x: &Inputs<'_>) -> Result<Uploaded<B>> {
+        let n = x.tokens.len();
+        let bad = |what: &str| Err(ModelError::Input(format!("batch: {what}")));
+        if x.targets.len() != n || x.position_ids.len() != n {
+            return bad("tokens, targets and position_ids differ in length");
+        }
+        if x.cu_seqlens.first() != Some(&0) || x.cu_seqlens.last().map(|&v| v as usize) != Some(n) {
+            return bad("cu_seqlens must run from 0 to the number of tokens");
+        }
+        if let Some(w) = self.cfg.sliding_window {
+            if x.max_seqlen > w {
+                return Err(ModelError::Input(format!(
+                    "a sequence of {} tokens exceeds the model's sliding_window of {w}; sliding-window attention is not implemented, so use --max-len {w} or less",
+                    x.max_seqlen
+                )));
+            }
+        }
+        let c = &self.cfg;
+        Ok(Uploaded {
+            tokens: b.ints(x.tokens)?,
+            targets: b.ints(x.targets)?,
+            positions: b.ints(x.position_ids)?,
+            cu_seqlens: b.ints(x.cu_seqlens)?,
+            attn: AttnDims {
+                n,
+                n_seqs: x.cu_seqlens.len() - 1,
+                max_seqlen: x.max_seqlen,
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                scale: 1.0 / (c.head_dim as f32).sqrt(),
+            },
+        })
+    }
+
+    /// Forward pass over one micro-batch; adds its loss sum to the running total
+    /// ([`Model::take_loss_sum`]). With `grad_scale = Some(s)` the output head's gradient
+    /// (scaled by `s` = 1 / target tokens of the optimizer step) is computed on the way and
+    /// [`Model::backward`] may follow; with `None` this is evaluation only.
+    pub fn forward(&mut self, b: &B, x: &Inputs<'_>, grad_scale: Option<f32>) -> Result<()> {
+        let up = self.upload(b, x)?;
+        let n = up.attn.n;
+        self.ensure_acts(b, n)?;
+        let c = &self.cfg;
+        let (d, f, w, hd) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.qkv_width(),
+            c.num_attention_heads * c.head_dim,
+        );
+        let eps = c.rms_norm_eps as f32;
+        let acts = self.acts.as_mut().expect("ensure_acts allocated them");
+        let p = &self.params;
+        let nd = 0..n * d;
+        b.embedding_forward(
+            b.view_mut(&mut acts.res[0], nd.clone()),
+            b.view(p, self.layout.embed.clone()),
+            &up.tokens,
+            n,
+            d,
+        )?;
+        for (l, (lr, la)) in self
+            .layout
+            .layers
+            .iter()
+            .zip(acts.layers.iter_mut())
+            .enumerate()
+        {
+            let (res_in, res_out) = acts.res.split_at_mut(l + 1);
+            let (res_in, res_out) = (&res_in[l], &mut res_out[0]);
+            // Attention block.
+            b.rmsnorm_forward(
+                b.view_mut(&mut la.h1, nd.clone()),
+                b.view_mut(&mut la.rstd1, 0..n),
+                b.view(res_in, nd.clone()),
+                b.view(p, lr.ln1.clone()),
+                n,
+                d,
+                eps,
+            )?;
+            b.linear_forward(
+                b.view_mut(&mut la.qkv, 0..n * w),
+                b.view(&la.h1, nd.clone()),
+                b.view(p, lr.qkv_w.clone()),
+                lr.qkv_b.clone().map(|r| b.view(p, r)),
+                LinearDims {
+                    n,
+                    d_in: d,
+                    d_out: w,
+                },
+            )?;
+            let rope = RopeDims {
+                n,
+                row_stride: w,
+                n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            b.rope_forward(
+                b.view_mut(&mut la.qkv, 0..n * w),
+                b.view(&self.inv_freq, 0..c.head_dim / 2),
+                &up.positions,
+                rope,
+            )?;
+            b.attention_forward(
+                b.view_mut(&mut la.att, 0..n * hd),
+                b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
+                b.view(&la.qkv, 0..n * w),
+                &up.cu_seqlens,
+                up.attn,
+            )?;
+            b.linear_forward(
+                b.view_mut(&mut la.res_mid, nd.clone()),
+                b.view(&la.att, 0..n * hd),
+                b.view(p, lr.o_w.clone()),
+                lr.o_b.clone().map(|r| b.view(p, r)),
+                LinearDims {
+                    n,
+                    d_in: hd,
+                    d_out: d,
+                },
+            )?;
+            b.add_assign(
+                b.view_mut(&mut la.res_mid, nd.clone()),
+                b.view(res_in, nd.clone()),
+                n * d,
+            )?;
+            // MLP block.
+            b.rmsnorm_forward(
+                b.view_mut(&mut la.h2, nd.clone()),
+                b.view_mut(&mut la.rstd2, 0..n),
+                b.view(&la.res_mid, nd.clone()),
+                b.view(p, lr.ln2.clone()),
+                n,
+                d,
+                eps,
+            )?;
+            b.linear_forward(
+                b.view_mut(&mut la.gu, 0..n * 2 * f),
+                b.view(&la.h2, nd.clone()),
+                b.view(p, lr.gate_up_w.clone()),
+                None,
+                LinearDims {
+                    n,
+                    d_in: d,
+                    d_out: 2 * f,
+                },
+            )?;
+            b.swiglu_forward(
+                b.view_mut(&mut la.a, 0..n * f),
+                b.view(&la.gu, 0..n * 2 * f),
+                n,
+                f,
+            )?;
+            b.linear_forward(
+                b.view_mut(res_out, nd.clone()),
+                b.view(&la.a, 0..n * f),
+                b.view(p, lr.down_w.clone()),
+                None,
+                LinearDims {
+                    n,
+                    d_in: f,
+                    d_out: d,
+                },
+            )?;
+            b.add_assign(
+                b.view_mut(res_out, nd.clone()),
+                b.view(&la.res_mid, nd.clone()),
+                n * d,
+            )?;
+        }
+        let last = &acts.res[c.num_hidden_layers];
+        b.rmsnorm_forward(
+            b.view_mut(&mut acts.hf, nd.clone()),
+            b.view_mut(&mut acts.rstdf, 0..n),
+            b.view(last, nd.clone()),
+            b.view(p, self.layout.norm.clone()),
+            n,
+            d,
+            eps,
+        )?;
+        let head = LinearDims {
+            n,
+            d_in: d,
+            d_out: c.vocab_size,
+        };
+        let (dx, dw) = match grad_scale {
+            Some(_) => (
+                Some(b.view_mut(&mut acts.d_h, nd.clone())),
+                Some(b.view_mut(&mut self.grads, self.layout.lm_head.clone())),
+            ),
+            None => (None, None),
+        };
+        b.lm_head_loss(
+            b.view_mut(&mut self.loss_sum, 0..1),
+            dx,
+            dw,
+            b.view(&acts.hf, nd.clone()),
+            b.view(p, self.layout.lm_head.clone()),
+            &up.targets,
+            head,
+            grad_scale.unwrap_or(0.0),
+        )?;
+        self.saved = grad_scale.map(|_| up);
+        Ok(())
+    }
+
+    /// Backward pass of the last training [`Model::forward`]: accumulates every parameter's
+    /// gradient into `grads`.
+    pub fn backward(&mut self, b: &B) -> Result<()> {
+        let up = self
+            .saved
+            .take()
+            .ok_or_else(|| ModelError::Input("backward without a training forward".into()))?;
+        let n = up.attn.n;
+        let c = &self.cfg;
+        let (d, f, w, hd) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.qkv_width(),
+            c.num_attention_heads * c.head_dim,
+        );
+        let acts = self
+            .acts
+            .as_mut()
+            .expect("a forward allocated the activations");
+        let (p, g) = (&self.params, &mut self.grads);
+        let nd = 0..n * d;
+        // Final norm: d_h holds ∂loss/∂hf from the fused head.
+        b.zero(b.view_mut(&mut acts.d_res, nd.clone()))?;
+        b.rmsnorm_backward(
+            b.view_mut(&mut acts.d_res, nd.clone()),
+            b.view_mut(g, self.layout.norm.clone()),
+            b.view(&acts.d_h, nd.clone()),
+            b.view(&acts.res[c.num_hidden_layers], nd.clone()),
+            b.view(p, self.layout.norm.clone()),
+            b.view(&acts.rstdf, 0..n),
+            n,
+            d,
+        )?;
+        for (l, (lr, la)) in self
+            .layout
+            .layers
+            .iter()
+            .zip(acts.layers.iter())
+            .enumerate()
+            .rev()
+        {
+            // d_res = ∂loss/∂res[l+1]. MLP block: res[l+1] = res_mid + a·down_wᵀ.
+            b.linear_backward(
+                Some(b.view_mut(&mut acts.d_a, 0..n * f)),
+                b.view_mut(g, lr.down_w.clone()),
+                None,
+                b.view(&acts.d_res, nd.clone()),
+                b.view(&la.a, 0..n * f),
+                b.view(p, lr.down_w.clone()),
+                LinearDims {
+                    n,
+                    d_in: f,
+                    d_out: d,
+                },
+            )?;
+            b.swiglu_backward(
+                b.view_mut(&mut acts.d_gu, 0..n * 2 * f),
+                b.view(&acts.d_a, 0..n * f),
+                b.view(&la.gu, 0..n * 2 * f),
+                n,
+                f,
+            )?;
+            b.linear_backward(
+                Some(b.view_mut(&mut acts.d_h, nd.clone())),
+                b.view_mut(g, lr.gate_up_w.clone()),
+                None,
+                b.view(&acts.d_gu, 0..n * 2 * f),
+                b.view(&la.h2, nd.clone()),
+                b.view(p, lr.gate_up_w.clone()),
+                LinearDims {
+                    n,
+                    d_in: d,
+                    d_out: 2 * f,
+                },
+            )?;
+            b.rmsnorm_backward(
+                b.view_mut(&mut acts.d_res, nd.clone()),
+                b.view_mut(g, lr.ln2.clone()),
+                b.view(&acts.d_h, nd.clone()),
+                b.view(&la.res_mid, nd.clone()),
+                b.view(p, lr.ln2.clone()),
+                b.view(&la.rstd2, 0..n),
+                n,
+                d,
+            )?;
+            // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
+            let (dw, db) = split_weight_bias(b, g, &lr.o_w, &lr.o_b);
+            b.linear_backward(
+                Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
+                dw,
+                db,
+                b.view(&acts.d_res, nd.clone()),
+                b.view(&la.att, 0..n * hd),
+                b.view(p, lr.o_w.clone()),
+                LinearDims {
+                    n,
+                    d_in: hd,
+                    d_out: d,
+                },
+            )?;
+            b.attention_backward(
+                b.view_mut(&mut acts.d_qkv, 0..n * w),
+                b.view(&acts.d_att, 0..n * hd),
+                b.view(&la.qkv, 0..n * w),
+                b.view(&la.att, 0..n * hd),
+                b.view(&la.lse, 0..n * c.num_attention_heads),
+                &up.cu_seqlens,
+                up.attn,
+            )?;
+            let rope = RopeDims {
+                n,
+                row_stride: w,
+                n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            b.rope_backward(
+                b.view_mut(&mut acts.d_qkv, 0..n * w),
+                b.view(&self.inv_freq, 0..c.head_dim / 2),
+                &up.positions,
+                rope,
+            )?;
+            let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
+            b.linear_backward(
+                Some(b.view_mut(&mut acts.d_h, nd.clone())),
+                dw,
+                db,
+                b.view(&acts.d_qkv, 0..n * w),
+                b.view(&la.h1, nd.clone()),
+                b.view(p, lr.qkv_w.clone()),
+                LinearDims {
+                    n,
+                    d_in: d,
+                    d_out: w,
+                },
+            )?;
+            b.rmsnorm_backward(
+                b.view_mut(&mut acts.d_res, nd.clone()),
+                b.view_mut(g, lr.ln1.clone()),
+                b.view(&acts.d_h, nd.clone()),
+                b.view(&acts.res[l], nd.clone()),
+                b.view(p, lr.ln1.clone()),
+                b.view(&la.rstd1, 0..n),
+                n,
+                d,
+            )?;
+            // d_res = ∂loss/∂res[l].
+        }
+        b.embedding_backward(
+            b.view_mut(g, self.layout.embed.clone()),
+            b.view(&acts.d_res, nd.clone()),
+            &up.tokens,
+            n,
+            d,
+        )?;
+        Ok(())
+    }
+
+    /// `[N, D]` gradient of the loss with respect to the embedded inputs after the last
+    /// [`Model::backward`] (for tests of the input path).
+    pub fn input_grad(&self, b: &B, n: usize) -> Result<Vec<f32>> {
+        let acts = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("no backward has run".into()))?;
+        Ok(b.read(&acts.d_res, 0..n * self.cfg.hidden_size)?)
+    }
+}
+
+fn split_weight_bias<'a, B: Backend>(
+    b: &'a B,
+    g: &'a mut B::Buf,
+    w: &std::ops::Range<usize>,
+    bias: &Option<std::ops::Range<usize>>,
+) -> (B::Mut<'a>, Option<B::Mut<'a>>) {
+    match bias {
+        Some(br) => {
+            let (dw, db) = b.view_mut2(g, w.clone(), br.clone());
+            (dw, Some(db))
+        }
+        None => (b.view_mut(g, w.clone()), None),
+    }
+}

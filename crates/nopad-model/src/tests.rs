@@ -1,0 +1,400 @@
+//! Whole-model tests: finite-difference gradients of every parameter kind (f64), padded vs
+//! flattened batches, gradient accumulation, attention isolation, and checkpoint round trips.
+
+use nopad_backend::cpu::{Cpu, Scalar};
+use nopad_rng::Rng;
+
+use crate::weights::{self, SaveDtype};
+use crate::{Config, Inputs, Model};
+
+/// One packed micro-batch built by hand (independently of nopad-data's packers).
+struct Packed {
+    tokens: Vec<i32>,
+    targets: Vec<i32>,
+    pos: Vec<i32>,
+    cu: Vec<i32>,
+    max: usize,
+}
+
+impl Packed {
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            tokens: &self.tokens,
+            targets: &self.targets,
+            position_ids: &self.pos,
+            cu_seqlens: &self.cu,
+            max_seqlen: self.max,
+        }
+    }
+}
+
+/// Examples as (tokens, labels); label -100 = not a target.
+type Ex = (Vec<i32>, Vec<i32>);
+
+fn shifted(labels: &[i32]) -> Vec<i32> {
+    let mut t: Vec<i32> = labels[1..].to_vec();
+    t.push(-100);
+    t
+}
+
+fn flatten(exs: &[Ex]) -> Packed {
+    let mut p = Packed {
+        tokens: vec![],
+        targets: vec![],
+        pos: vec![],
+        cu: vec![0],
+        max: 0,
+    };
+    for (tok, lab) in exs {
+        p.tokens.extend(tok);
+        p.targets.extend(shifted(lab));
+        p.pos.extend(0..tok.len() as i32);
+        p.cu.push(p.tokens.len() as i32);
+        p.max = p.max.max(tok.len());
+    }
+    p
+}
+
+fn pad(exs: &[Ex], pad_id: i32) -> Packed {
+    let m = exs.iter().map(|e| e.0.len()).max().unwrap();
+    let mut p = Packed {
+        tokens: vec![],
+        targets: vec![],
+        pos: vec![],
+        cu: vec![0],
+        max: m,
+    };
+    for (tok, lab) in exs {
+        let extra = m - tok.len();
+        p.tokens.extend(
+            tok.iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, extra)),
+        );
+        p.targets.extend(
+            shifted(lab)
+                .into_iter()
+                .chain(std::iter::repeat_n(-100, extra)),
+        );
+        p.pos.extend(0..m as i32);
+        p.cu.push(p.tokens.len() as i32);
+    }
+    p
+}
+
+/// Concatenation without isolation: one segment, continuing positions, targets crossing.
+fn concat(exs: &[Ex]) -> Packed {
+    let tokens: Vec<i32> = exs.iter().flat_map(|e| e.0.clone()).collect();
+    let labels: Vec<i32> = exs.iter().flat_map(|e| e.1.clone()).collect();
+    let n = tokens.len();
+    Packed {
+        targets: shifted(&labels),
+        pos: (0..n as i32).collect(),
+        cu: vec![0, n as i32],
+        max: n,
+        tokens,
+    }
+}
+
+fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Ex> {
+    lens.iter()
+        .map(|&l| {
+            let tok: Vec<i32> = (0..l)
+                .map(|_| 1 + rng.below(vocab as u64 - 1) as i32)
+                .collect();
+            // Mask a "prompt" of about a third.
+            let lab = tok
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| if i < l / 3 { -100 } else { t })
+                .collect();
+            (tok, lab)
+        })
+        .collect()
+}
+
+fn tiny(tied: bool, bias: bool) -> Config {
+    let mut c = Config::preset("tiny").unwrap();
+    c.tie_word_embeddings = tied;
+    c.qkv_bias = bias;
+    c.o_bias = bias;
+    c
+}
+
+fn model<T: Scalar>(b: &Cpu<T>, cfg: Config, seed: u64) -> Model<Cpu<T>> {
+    let mut m = Model::new(b, cfg.clone()).unwrap();
+    let layout = m.layout.clone();
+    // A larger init than HF's 0.02 so every path carries gradient well above rounding; biases
+    // and norms get random values too, so their gradients are not special cases.
+    let mut cfg = cfg;
+    cfg.initializer_range = 0.3;
+    weights::init_random(&cfg, &layout, seed, |off, v| m.write_params(b, off, v)).unwrap();
+    let mut rng = Rng::new(seed ^ 99);
+    for r in layout.norm_ranges().into_iter().chain(layout.bias_ranges()) {
+        let v: Vec<f32> = r.clone().map(|_| 1.0 + 0.3 * rng.normal() as f32).collect();
+        m.write_params(b, r.start, &v).unwrap();
+    }
+    m
+}
+
+fn loss_and_grads<T: Scalar>(
+    b: &Cpu<T>,
+    m: &mut Model<Cpu<T>>,
+    batches: &[&Packed],
+    scale: f32,
+) -> (f64, Vec<f64>) {
+    m.zero_grads(b).unwrap();
+    for p in batches {
+        m.forward(b, &p.inputs(), Some(scale)).unwrap();
+        m.backward(b).unwrap();
+    }
+    let loss = m.take_loss_sum(b).unwrap();
+    (loss, m.grads.iter().map(|v| v.to_f64()).collect())
+}
+
+#[test]
+fn finite_differences_for_every_parameter_kind_and_the_input_path() {
+    for (tied, bias) in [(false, true), (true, false)] {
+        let b = Cpu::<f64>::new();
+        let cfg = tiny(tied, bias);
+        let mut m = model(&b, cfg.clone(), 5);
+        let mut rng = Rng::new(6);
+        let exs = examples(&mut rng, &[5, 1, 7, 3], cfg.vocab_size);
+        let p = flatten(&exs);
+        let (_, grads) = loss_and_grads(&b, &mut m, &[&p], 1.0);
+        let eval = |m: &mut Model<Cpu<f64>>| {
+            m.forward(&b, &p.inputs(), None).unwrap();
+            m.take_loss_sum(&b).unwrap()
+        };
+        let h = 1e-5;
+        let tensors = m.layout.tensors.clone();
+        let scale = grads.iter().fold(0.0f64, |a, g| a.max(g.abs()));
+        for t in &tensors {
+            // A few random elements of every tensor (the whole embedding row of a used token too).
+            let mut idx: Vec<usize> = (0..4)
+                .map(|_| t.offset + rng.below(t.len() as u64) as usize)
+                .collect();
+            if t.name.contains("embed") {
+                idx.push(t.offset + p.tokens[2] as usize * cfg.hidden_size + 3);
+            }
+            for i in idx {
+                let orig = m.params[i];
+                m.params[i] = orig + h;
+                let lp = eval(&mut m);
+                m.params[i] = orig - h;
+                let lm = eval(&mut m);
+                m.params[i] = orig;
+                let num = (lp - lm) / (2.0 * h);
+                let err = (num - grads[i]).abs() / scale;
+                assert!(
+                    err < 1e-6,
+                    "{} (tied {tied}): element {}: numeric {num:e}, analytic {:e}",
+                    t.name,
+                    i - t.offset,
+                    grads[i]
+                );
+            }
+        }
+        // Input path: ∂loss/∂x0 for a token that occurs once equals its embedding row gradient.
+        let input_grad = m.input_grad(&b, p.tokens.len()).unwrap();
+        let d = cfg.hidden_size;
+        for (t, &tok) in p.tokens.iter().enumerate() {
+            if p.tokens.iter().filter(|&&x| x == tok).count() == 1 && !tied {
+                let row = &grads[m.layout.embed.start + tok as usize * d..][..d];
+                for e in 0..d {
+                    assert!((input_grad[t * d + e] as f64 - row[e]).abs() <= 1e-6 * scale.max(1.0));
+                }
+            }
+        }
+    }
+}
+
+fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-30)
+}
+
+#[test]
+fn padded_and_flattened_batches_give_the_same_loss_and_gradients() {
+    let b = Cpu::<f32>::new();
+    let cfg = tiny(false, true);
+    let mut m = model(&b, cfg.clone(), 7);
+    let mut rng = Rng::new(8);
+    let exs = examples(&mut rng, &[9, 2, 17, 5, 1, 12], cfg.vocab_size);
+    let f = flatten(&exs);
+    let pd = pad(&exs, 0);
+    let targets = f.targets.iter().filter(|&&t| t != -100).count();
+    assert_eq!(targets, pd.targets.iter().filter(|&&t| t != -100).count());
+    let scale = 1.0 / targets as f32;
+    let (lf, gf) = loss_and_grads(&b, &mut m, &[&f], scale);
+    let (lp, gp) = loss_and_grads(&b, &mut m, &[&pd], scale);
+    assert!(
+        ((lf - lp) / lf).abs() <= 1e-5,
+        "loss: flatten {lf}, pad {lp}"
+    );
+    let r = rel_diff(&gp, &gf);
+    assert!(r <= 1e-5, "gradients differ: relative {r:e}");
+    // Per tensor too, so a small tensor cannot hide behind a large one.
+    for t in &m.layout.tensors {
+        let r = rel_diff(&gp[t.range()], &gf[t.range()]);
+        assert!(r <= 1e-5, "{}: relative {r:e}", t.name);
+    }
+}
+
+#[test]
+fn gradient_accumulation_equals_one_batch_of_the_same_examples() {
+    let b = Cpu::<f32>::new();
+    let cfg = tiny(true, false);
+    let mut m = model(&b, cfg.clone(), 9);
+    let mut rng = Rng::new(10);
+    let exs = examples(&mut rng, &[6, 11, 3, 8, 14, 2, 7], cfg.vocab_size);
+    let whole = flatten(&exs);
+    let parts = [flatten(&exs[..2]), flatten(&exs[2..3]), flatten(&exs[3..])];
+    let targets = whole.targets.iter().filter(|&&t| t != -100).count();
+    let scale = 1.0 / targets as f32;
+    let (l1, g1) = loss_and_grads(&b, &mut m, &[&whole], scale);
+    let (l2, g2) = loss_and_grads(&b, &mut m, &parts.iter().collect::<Vec<_>>(), scale);
+    assert!(((l1 - l2) / l1).abs() <= 1e-5, "loss {l1} vs {l2}");
+    let r = rel_diff(&g2, &g1);
+    assert!(r <= 1e-5, "relative {r:e}");
+}
+
+#[test]
+fn attention_that_crosses_examples_changes_the_loss() {
+    let b = Cpu::<f32>::new();
+    let cfg = tiny(false, false);
+    let mut m = model(&b, cfg.clone(), 11);
+    let mut rng = Rng::new(12);
+    let exs = examples(&mut rng, &[8, 8, 8], cfg.vocab_size);
+    // Same tokens, same targets, same positions; only the attention boundaries differ.
+    let iso = flatten(&exs);
+    let mut leak = flatten(&exs);
+    leak.cu = vec![0, 24];
+    leak.max = 24;
+    let eval = |m: &mut Model<Cpu<f32>>, p: &Packed| {
+        m.forward(&b, &p.inputs(), None).unwrap();
+        m.take_loss_sum(&b).unwrap()
+    };
+    let (li, ll) = (eval(&mut m, &iso), eval(&mut m, &leak));
+    assert!(
+        ((li - ll) / li).abs() > 1e-3,
+        "isolation made no difference: {li} vs {ll}"
+    );
+    // And the full concat variant (positions continue, labels cross) differs as well.
+    let lc = eval(&mut m, &concat(&exs));
+    assert!(((li - lc) / li).abs() > 1e-3, "{li} vs {lc}");
+}
+
+#[test]
+fn checkpoints_roundtrip_bit_exactly_and_bad_ones_name_the_tensor() {
+    let b = Cpu::<f32>::new();
+    let dir = tempfile::tempdir().unwrap();
+    for (cfg, dtype, shard) in [
+        (tiny(false, true), SaveDtype::F32, usize::MAX),
+        (tiny(true, false), SaveDtype::F32, 4096), // sharded, with an index
+        (tiny(false, false), SaveDtype::Bf16, usize::MAX),
+    ] {
+        let path = dir.path().join(format!("m-{:?}-{shard}", dtype));
+        let m = model(&b, cfg.clone(), 13);
+        let mut src = m.params.clone();
+        if dtype == SaveDtype::Bf16 {
+            src.iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+        }
+        weights::save_checkpoint(
+            &path,
+            &cfg,
+            &m.layout,
+            dtype,
+            shard,
+            |r| Ok(src[r].to_vec()),
+        )
+        .unwrap();
+        assert_eq!(
+            path.join("model.safetensors.index.json").exists(),
+            shard != usize::MAX
+        );
+        let cfg2 = weights::read_config(&path).unwrap();
+        let mut m2 = Model::new(&b, cfg2.clone()).unwrap();
+        let layout = m2.layout.clone();
+        weights::load_checkpoint(&path, &cfg2, &layout, |off, v| m2.write_params(&b, off, v))
+            .unwrap();
+        assert!(
+            src.iter()
+                .zip(&m2.params)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "round trip is not bit-exact"
+        );
+        // Save again from the loaded model: the same bytes.
+        let again = dir.path().join("again");
+        weights::save_checkpoint(&again, &cfg2, &layout, dtype, shard, |r| {
+            Ok(m2.params[r].to_vec())
+        })
+        .unwrap();
+        for f in std::fs::read_dir(&path).unwrap() {
+            let name = f.unwrap().file_name();
+            assert_eq!(
+                std::fs::read(path.join(&name)).unwrap(),
+                std::fs::read(again.join(&name)).unwrap(),
+                "{name:?}"
+            );
+        }
+        std::fs::remove_dir_all(&again).unwrap();
+    }
+    // A checkpoint for another shape: the first mismatching tensor is named with both shapes.
+    let path = dir.path().join("m-F32-18446744073709551615");
+    let mut other = tiny(false, true);
+    other.intermediate_size = 48;
+    let layout = crate::Layout::new(&other);
+    let err = weights::load_checkpoint(&path, &other, &layout, |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "tensor `model.layers.0.mlp.down_proj.weight`: shape [16, 40], expected [16, 48]"
+        ),
+        "{err}"
+    );
+    // Without biases in the config, the checkpoint's biases are unexpected.
+    let nobias = tiny(false, false);
+    let err = weights::load_checkpoint(&path, &nobias, &crate::Layout::new(&nobias), |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("self_attn.k_proj.bias`: unexpected tensor"),
+        "{err}"
+    );
+    // A config with more layers than the checkpoint: a missing tensor.
+    let mut deeper = tiny(false, true);
+    deeper.num_hidden_layers = 3;
+    let err = weights::load_checkpoint(&path, &deeper, &crate::Layout::new(&deeper), |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor `model.layers.2.") && err.contains("missing from the checkpoint"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sliding_window_longer_sequences_are_refused() {
+    let b = Cpu::<f32>::new();
+    let mut cfg = tiny(false, false);
+    cfg.sliding_window = Some(4);
+    let mut m = model(&b, cfg.clone(), 1);
+    let exs = examples(&mut Rng::new(2), &[6], cfg.vocab_size);
+    let err = m
+        .forward(&b, &flatten(&exs).inputs(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exceeds the model's sliding_window of 4"),
+        "{err}"
+    );
+}

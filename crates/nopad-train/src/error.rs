@@ -1,0 +1,32 @@
+//! Errors of the training layer.
+
+/// Result of a training operation.
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// Everything training can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The model or checkpoint layer failed.
+    #[error(transparent)]
+    Model(#[from] nopad_model::ModelError),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] nopad_backend::BackendError),
+    /// The data layer failed.
+    #[error(transparent)]
+    Data(#[from] nopad_data::DataError),
+    /// A setting that cannot work, naming the setting.
+    #[error("{0}")]
+    Config(String),
+    /// Writing a log or report failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Training stopped because too many steps had a non-finite loss or gradient.
+    #[error("{0}")]
+    Diverged(String),
+}

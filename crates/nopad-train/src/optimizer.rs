@@ -1,0 +1,128 @@
+//! AdamW over the flat parameter buffer: fp32 moments (and an fp32 master copy where the backend
+//! computes in lower precision), global gradient-norm clipping, and two groups (weight decay on
+//! matrices, none on norms and biases, as HF Trainer does).
+
+use nopad_backend::{AdamW, Backend, Kind};
+use nopad_model::Model;
+
+use crate::error::Result;
+
+/// Hyper-parameters that stay fixed for a run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay for matrices.
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+    }
+}
+
+/// What one update did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateInfo {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the update was applied (false when the norm was not finite).
+    pub applied: bool,
+}
+
+/// Optimizer state.
+pub struct Optimizer<B: Backend> {
+    /// Settings.
+    pub cfg: AdamWConfig,
+    /// `[P]` first moments (Master).
+    pub m: B::Buf,
+    /// `[P]` second moments (Master).
+    pub v: B::Buf,
+    /// `[P]` fp32 master weights, when the backend's Compute type is narrower.
+    pub master: Option<B::Buf>,
+    /// Updates applied so far.
+    pub step: u64,
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// Fresh state for a model (moments zero, master copied from the parameters).
+    pub fn new(b: &B, model: &Model<B>, cfg: AdamWConfig) -> Result<Self> {
+        let n = model.layout.total;
+        let m = b.alloc(n, Kind::Master)?;
+        let v = b.alloc(n, Kind::Master)?;
+        let master = if b.needs_master() {
+            let mut buf = b.alloc(n, Kind::Master)?;
+            const CHUNK: usize = 1 << 24;
+            let mut off = 0;
+            while off < n {
+                let end = (off + CHUNK).min(n);
+                let vals = b.read(&model.params, off..end)?;
+                b.write(&mut buf, off, &vals)?;
+                off = end;
+            }
+            Some(buf)
+        } else {
+            None
+        };
+        Ok(Optimizer { cfg, m, v, master, step: 0 })
+    }
+
+    /// The global L2 norm of the accumulated gradients.
+    pub fn grad_norm(&self, b: &B, model: &Model<B>) -> Result<f64> {
+        Ok(b.sum_squares(b.view(&model.grads, 0..model.layout.total), model.layout.total)?.sqrt())
+    }
+
+    /// Applies one update with learning rate `lr` (clipping by the global norm) unless the
+    /// gradient norm is not finite, in which case nothing changes. Gradients are left as they
+    /// are; the caller zeroes them.
+    pub fn update(&mut self, b: &B, model: &mut Model<B>, lr: f64) -> Result<UpdateInfo> {
+        let norm = self.grad_norm(b, model)?;
+        if !norm.is_finite() {
+            return Ok(UpdateInfo { grad_norm: norm, applied: false });
+        }
+        let clip = match self.cfg.max_grad_norm {
+            Some(max) if norm > max as f64 => (max as f64 / (norm + 1e-6)) as f32,
+            _ => 1.0,
+        };
+        self.step += 1;
+        let split = model.layout.decay_end;
+        let total = model.layout.total;
+        for (range, wd) in [(0..split, self.cfg.weight_decay), (split..total, 0.0)] {
+            if range.is_empty() {
+                continue;
+            }
+            let hp = AdamW {
+                lr: lr as f32,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: wd,
+                step: self.step,
+                grad_scale: clip,
+            };
+            let n = range.len();
+            b.adamw(
+                b.view_mut(&mut model.params, range.clone()),
+                self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
+                b.view(&model.grads, range.clone()),
+                b.view_mut(&mut self.m, range.clone()),
+                b.view_mut(&mut self.v, range.clone()),
+                n,
+                hp,
+            )?;
+        }
+        Ok(UpdateInfo { grad_norm: norm, applied: true })
+    }
+
+    /// The weights to save: the master copy when there is one, else the parameters.
+    pub fn weights<'a>(&'a self, model: &'a Model<B>) -> &'a B::Buf {
+        self.master.as_ref().unwrap_or(&model.params)
+    }
+}
