@@ -21,10 +21,10 @@ struct AdamwParams {
     beta1: f32,
     beta2: f32,
     eps: f32,
-    weight_decay: f32,
     grad_scale: f32,
-    bc1: f32,
-    bc2: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
 }
 
 impl Cuda {
@@ -64,10 +64,10 @@ impl Cuda {
             beta1: hp.beta1,
             beta2: hp.beta2,
             eps: hp.eps,
-            weight_decay: hp.weight_decay,
             grad_scale: hp.grad_scale,
-            bc1: (1.0 - (hp.beta1 as f64).powi(step)) as f32,
-            bc2: (1.0 - (hp.beta2 as f64).powi(step)) as f32,
+            decay: 1.0 - hp.lr * hp.weight_decay,
+            step_size: hp.lr / (1.0 - (hp.beta1 as f64).powi(step) as f32),
+            bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(step) as f32).sqrt(),
         };
         // SAFETY: shapes checked above.
         unsafe { self.launch(ADAMW, self.compute, "adamw", stride_launch(n), &p) }

@@ -58,6 +58,27 @@ impl Backend for Cuda {
         sub_mut(buf, range.start, range.end - range.start)
     }
 
+    fn view_mut2<'a>(
+        &'a self,
+        buf: &'a mut CudaBuf,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (CudaMut<'a>, CudaMut<'a>) {
+        assert!(
+            a.start <= a.end && b.start <= b.end && a.end <= buf.len && b.end <= buf.len,
+            "view_mut2 {a:?}, {b:?} out of a buffer of {} elements",
+            buf.len
+        );
+        assert!(
+            a.end <= b.start || b.end <= a.start,
+            "view_mut2: ranges {a:?} and {b:?} overlap"
+        );
+        // Disjoint ranges of one allocation: two writable views that never alias.
+        let va = sub_mut(buf, a.start, a.end - a.start).detach();
+        let vb = sub_mut(buf, b.start, b.end - b.start).detach();
+        (va, vb)
+    }
+
     fn write(&self, buf: &mut CudaBuf, offset: usize, data: &[f32]) -> Result<()> {
         check(offset + data.len() <= buf.len, "write", || {
             format!(

@@ -14,8 +14,8 @@ use crate::error::check;
 use crate::Backend;
 use crate::{BackendError, LinearDims, Result};
 
-/// Largest logits chunk, in elements (1 GiB of fp32).
-const CHUNK_ELEMS: usize = 1 << 28;
+/// Default largest logits chunk, in elements (1 GiB of fp32).
+pub(crate) const CHUNK_ELEMS: usize = 1 << 28;
 /// Largest chunk, in rows.
 const CHUNK_ROWS: usize = 8192;
 
@@ -132,7 +132,7 @@ impl Cuda {
         // SAFETY: rows index valid rows of x; xc holds m·d.
         unsafe { self.launch(LM_HEAD, c, "gather_rows", per_row(m), &gather)? };
 
-        let chunk = (CHUNK_ELEMS / v).clamp(1, CHUNK_ROWS).min(m);
+        let chunk = (self.lm_head_chunk_elems / v).clamp(1, CHUNK_ROWS).min(m);
         let logits = self.scratch(chunk * v, Dtype::F32)?;
         let dlogits = if grad {
             Some(self.scratch(chunk * v, c)?)

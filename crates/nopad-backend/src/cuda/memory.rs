@@ -244,6 +244,16 @@ impl<'a> CudaMut<'a> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The same view with a lifetime chosen by the caller (for splitting one buffer into
+    /// disjoint views; the caller guarantees the views do not overlap and do not outlive it).
+    pub(crate) fn detach<'b>(self) -> CudaMut<'b> {
+        CudaMut {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            _buf: PhantomData,
+        }
+    }
     /// Reborrows the view as read-only.
     pub fn as_ref(&self) -> CudaRef<'_> {
         CudaRef {

@@ -148,6 +148,8 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     compute: Dtype,
     description: String,
+    /// Largest fp32 logits chunk of `lm_head_loss`, in elements.
+    lm_head_chunk_elems: usize,
 }
 
 impl Cuda {
@@ -183,12 +185,19 @@ impl Cuda {
             ctx,
             compute,
             description: format!("{description}, compute {compute:?}"),
+            lm_head_chunk_elems: lm_head::CHUNK_ELEMS,
         })
     }
 
     /// The element type of Compute buffers.
     pub fn compute_dtype(&self) -> Dtype {
         self.compute
+    }
+
+    /// Caps the fp32 logits chunk of `lm_head_loss` at `elems` elements (at least one row);
+    /// the default is 2^28 (1 GiB). Tests use a small cap to exercise several chunks.
+    pub fn set_lm_head_chunk_elems(&mut self, elems: usize) {
+        self.lm_head_chunk_elems = elems.max(1);
     }
 
     /// Compiles (or loads from the disk cache) every kernel for the Compute type and fp32, so that
