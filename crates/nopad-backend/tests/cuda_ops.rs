@@ -23,6 +23,9 @@ use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
 use nopad_backend::{AdamW, AttnDims, Backend, Kind, LinearDims, RopeDims};
 use nopad_rng::Rng;
 
+#[path = "cuda_ops/bench.rs"]
+mod bench;
+
 const TOL_F32: f64 = 1e-4;
 const BF16_U: f64 = 1.0 / 512.0;
 
@@ -66,7 +69,12 @@ fn envs(test: &str) -> Option<Vec<Env>> {
             rng: Rng::derived(seed, test),
         }
     };
-    Some(vec![mk(CudaDtype::F32), mk(CudaDtype::Bf16)])
+    let envs = vec![mk(CudaDtype::F32), mk(CudaDtype::Bf16)];
+    for e in &envs {
+        // Compiles every kernel in parallel on first use (later runs read the disk cache).
+        e.gpu.warm_up().expect("every kernel compiles");
+    }
+    Some(envs)
 }
 
 fn bf16_round(x: f32) -> f32 {

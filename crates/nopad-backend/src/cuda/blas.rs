@@ -60,7 +60,7 @@ pub(crate) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CUdeviceptr,
     workspace_bytes: usize,
-    plans: Mutex<HashMap<GemmSpec, Plan>>,
+    plans: Mutex<HashMap<(GemmSpec, [u32; 3]), Plan>>,
 }
 
 // SAFETY: the handle and plans are used under the plan mutex or by one stream at a time; cuBLASLt
@@ -83,6 +83,15 @@ fn data_type(d: Dtype) -> sys::cudaDataType {
     }
 }
 
+/// Largest power of two (up to 256) dividing a device address.
+fn alignment(ptr: CUdeviceptr) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+}
+
 impl Blas {
     /// A handle using `workspace` (device memory the caller keeps alive) as scratch.
     pub(crate) fn new(workspace: CUdeviceptr, workspace_bytes: usize) -> Result<Self> {
@@ -95,7 +104,7 @@ impl Blas {
         })
     }
 
-    fn plan(&self, s: &GemmSpec) -> Result<Plan> {
+    fn plan(&self, s: &GemmSpec, align: [u32; 3]) -> Result<Plan> {
         let what = |op: &str| format!("{op} for {s:?}");
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -143,7 +152,24 @@ impl Blas {
                 &ws as *const usize as *const c_void,
                 std::mem::size_of::<usize>(),
             )
-            .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref))
+            .and_then(|_| {
+                use sys::cublasLtMatmulPreferenceAttributes_t as P;
+                let attrs = [
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2]),
+                ];
+                for (attr, bytes) in attrs {
+                    lt::set_matmul_pref_attribute(
+                        pref,
+                        attr,
+                        &bytes as *const u32 as *const c_void,
+                        std::mem::size_of::<u32>(),
+                    )?;
+                }
+                lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref)
+            })
         };
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
@@ -174,10 +200,13 @@ impl Blas {
         c: CUdeviceptr,
         stream: CUstream,
     ) -> Result<()> {
+        // Views into flat buffers can start anywhere; cuBLASLt's heuristic assumes 256-byte
+        // alignment unless told otherwise, so the pointers' alignment is part of the plan key.
+        let align = [alignment(a), alignment(b), alignment(c)];
         let mut plans = self.plans.lock().expect("GEMM plan cache mutex poisoned");
-        let p = match plans.entry(spec) {
+        let p = match plans.entry((spec, align)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&spec)?),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&spec, align)?),
         };
         let beta: f32 = if spec.accumulate { 1.0 } else { 0.0 };
         lt::matmul(

@@ -242,22 +242,26 @@ impl Kernels {
         Some(dir.join(format!("{stem}-{}-{key:016x}.cubin", dtype.suffix())))
     }
 
-    fn module(&self, file: KernelFile, dtype: Dtype) -> Result<Arc<CudaModule>> {
-        let mut modules = self.modules.lock().expect("kernel cache mutex poisoned");
-        if let Some(m) = modules.get(&(file.name, dtype)) {
-            return Ok(m.clone());
-        }
+    /// The cached image of a file, or a fresh compile (written to the cache).
+    fn image(&self, file: KernelFile, dtype: Dtype) -> Result<Vec<u8>> {
         let path = self.cache_path(file, dtype);
-        let image = match path.as_deref().and_then(|p| std::fs::read(p).ok()) {
-            Some(image) => image,
-            None => {
-                let image = compile_cubin(file, dtype, &self.arch)?;
-                if let Some(p) = &path {
-                    write_atomically(p, &image);
-                }
-                image
-            }
-        };
+        if let Some(image) = path.as_deref().and_then(|p| std::fs::read(p).ok()) {
+            return Ok(image);
+        }
+        let image = compile_cubin(file, dtype, &self.arch)?;
+        if let Some(p) = &path {
+            write_atomically(p, &image);
+        }
+        Ok(image)
+    }
+
+    fn insert_module(
+        &self,
+        modules: &mut HashMap<(&'static str, Dtype), Arc<CudaModule>>,
+        file: KernelFile,
+        dtype: Dtype,
+        image: Vec<u8>,
+    ) -> Result<Arc<CudaModule>> {
         let module =
             self.ctx
                 .load_module(Ptx::from_binary(image))
@@ -267,6 +271,15 @@ impl Kernels {
                 })?;
         modules.insert((file.name, dtype), module.clone());
         Ok(module)
+    }
+
+    fn module(&self, file: KernelFile, dtype: Dtype) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().expect("kernel cache mutex poisoned");
+        if let Some(m) = modules.get(&(file.name, dtype)) {
+            return Ok(m.clone());
+        }
+        let image = self.image(file, dtype)?;
+        self.insert_module(&mut modules, file, dtype, image)
     }
 
     fn function(&self, file: KernelFile, dtype: Dtype, name: &str) -> Result<CUfunction> {
@@ -334,10 +347,35 @@ impl Kernels {
         Ok(())
     }
 
-    /// Compiles and loads every kernel file for `dtype` (warm-up; also surfaces compile errors).
-    pub(crate) fn load_all(&self, dtype: Dtype) -> Result<()> {
-        for file in ALL_FILES {
-            self.module(file, dtype)?;
+    /// Compiles (in parallel, one thread per file) or loads from the disk cache every kernel
+    /// file for each of `dtypes`, and loads the modules: warm-up, and compile errors at start.
+    pub(crate) fn load_all(&self, dtypes: &[Dtype]) -> Result<()> {
+        let mut modules = self.modules.lock().expect("kernel cache mutex poisoned");
+        let jobs: Vec<(KernelFile, Dtype)> = dtypes
+            .iter()
+            .flat_map(|&d| ALL_FILES.iter().map(move |&f| (f, d)))
+            .filter(|(f, d)| !modules.contains_key(&(f.name, *d)))
+            .collect();
+        let images: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = jobs
+                .iter()
+                .map(|&(f, d)| s.spawn(move || self.image(f, d)))
+                .collect();
+            handles
+                .into_iter()
+                .zip(&jobs)
+                .map(|(h, (f, _))| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(BackendError::Device {
+                            op: format!("NVRTC {}", f.name),
+                            msg: "the compiling thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        for ((file, dtype), image) in jobs.into_iter().zip(images) {
+            self.insert_module(&mut modules, file, dtype, image?)?;
         }
         Ok(())
     }

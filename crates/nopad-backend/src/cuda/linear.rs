@@ -79,6 +79,9 @@ impl Cuda {
             c: y_type,
             accumulate: false,
         };
+        self.ctx
+            .bind_to_thread()
+            .map_err(self.device_err("cuBLASLt (bind context)"))?;
         self.blas.gemm(spec, 1.0, w, x, y, self.raw_stream())
     }
 
@@ -108,6 +111,9 @@ impl Cuda {
             c: self.compute,
             accumulate: false,
         };
+        self.ctx
+            .bind_to_thread()
+            .map_err(self.device_err("cuBLASLt (bind context)"))?;
         self.blas.gemm(spec, 1.0, w, dy, dx, self.raw_stream())
     }
 
@@ -139,6 +145,9 @@ impl Cuda {
             c: Dtype::F32,
             accumulate: true,
         };
+        self.ctx
+            .bind_to_thread()
+            .map_err(self.device_err("cuBLASLt (bind context)"))?;
         self.blas.gemm(spec, alpha, x, dy, d_w, self.raw_stream())
     }
 

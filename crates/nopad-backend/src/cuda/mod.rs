@@ -170,8 +170,8 @@ impl Cuda {
         let pool = Arc::new(Mutex::new(Pool::new(ctx.clone())));
         let cache_dir = opts.cache_dir.or_else(default_cache_dir);
         let kernels = Kernels::new(ctx.clone(), cc, cache_dir)?;
-        let workspace = CudaBuf::uninit(&pool, WORKSPACE_BYTES, Dtype::Bf16)?;
-        let blas = Blas::new(workspace.ptr, WORKSPACE_BYTES * Dtype::Bf16.size())?;
+        let workspace = CudaBuf::uninit(&pool, WORKSPACE_BYTES / 4, Dtype::F32)?;
+        let blas = Blas::new(workspace.ptr, WORKSPACE_BYTES)?;
         let compute = match opts.dtype {
             CudaDtype::Bf16 => Dtype::Bf16,
             CudaDtype::F32 => Dtype::F32,
@@ -203,11 +203,11 @@ impl Cuda {
     /// Compiles (or loads from the disk cache) every kernel for the Compute type and fp32, so that
     /// compile errors and compile time show up at start rather than in the first step.
     pub fn warm_up(&self) -> Result<()> {
-        self.kernels.load_all(self.compute)?;
-        if self.compute != Dtype::F32 {
-            self.kernels.load_all(Dtype::F32)?;
+        if self.compute == Dtype::F32 {
+            self.kernels.load_all(&[Dtype::F32])
+        } else {
+            self.kernels.load_all(&[self.compute, Dtype::F32])
         }
-        Ok(())
     }
 
     /// Times `f` with CUDA events on the backend's stream, in milliseconds (for benchmarks).
