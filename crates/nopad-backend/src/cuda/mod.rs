@@ -216,13 +216,15 @@ impl Cuda {
             op: op.into(),
             msg: e.to_string(),
         };
+        // cudarc's default flags (None) disable timing.
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let start = self
             .ctx
-            .new_event(None)
+            .new_event(timed)
             .map_err(|e| dev("cuEventCreate", e))?;
         let end = self
             .ctx
-            .new_event(None)
+            .new_event(timed)
             .map_err(|e| dev("cuEventCreate", e))?;
         start
             .record(&self.stream)
