@@ -21,11 +21,15 @@ use std::io::Write;
 
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
-use nopad_backend::{AdamW, AttnDims, Backend, Kind, LinearDims, RopeDims};
+use nopad_backend::{AdamW, Backend, Kind, LinearDims, RopeDims};
 use nopad_rng::Rng;
 
+#[path = "cuda_ops/attention.rs"]
+mod attention;
 #[path = "cuda_ops/bench.rs"]
 mod bench;
+#[path = "cuda_ops/runtime.rs"]
+mod runtime;
 
 const TOL_F32: f64 = 1e-4;
 const BF16_U: f64 = 1.0 / 256.0;
@@ -584,177 +588,4 @@ fn adamw_step() {
             e.check(&format!("adamw v n={n}"), &e.down(&gv), &cv, 0);
         }
     }
-}
-
-/// Runs attention forward and backward on both backends for sequences of `lens`.
-fn attention_case(e: &mut Env, lens: &[usize], h: usize, hkv: usize, dh: usize) {
-    let mut cu = vec![0i32];
-    for &l in lens {
-        cu.push(cu[cu.len() - 1] + l as i32);
-    }
-    let n = *cu.last().expect("cu has an entry") as usize;
-    let dims = AttnDims {
-        n,
-        n_seqs: lens.len(),
-        max_seqlen: lens.iter().copied().max().unwrap_or(0),
-        n_heads: h,
-        n_kv_heads: hkv,
-        head_dim: dh,
-        scale: 1.0 / (dh as f32).sqrt(),
-    };
-    let long = lens.len() > 3 || n > 1000;
-    let tag = if long {
-        format!("{} seqs n={n} h={h}/{hkv} dh={dh}", lens.len())
-    } else {
-        format!("lens={lens:?} h={h}/{hkv} dh={dh}")
-    };
-    let qkv = e.randn(n * dims.qkv_width(), 1.0);
-    let gcu = e.gpu.ints(&cu).unwrap();
-    let gqkv = e.up(&qkv, Kind::Compute);
-    let mut gout = e.poison(n * dims.out_width(), Kind::Compute);
-    let mut glse = e.poison(h * n, Kind::Master);
-    e.gpu
-        .attention_forward(gout.as_mut(), glse.as_mut(), gqkv.as_ref(), &gcu, dims)
-        .unwrap();
-    let (mut out, mut lse) = (vec![0f32; n * dims.out_width()], vec![0f32; h * n]);
-    e.cpu
-        .attention_forward(&mut out, &mut lse, &qkv, &cu, dims)
-        .unwrap();
-    e.check(&format!("attention_fwd out {tag}"), &e.down(&gout), &out, 1);
-    e.check(&format!("attention_fwd lse {tag}"), &e.down(&glse), &lse, 0);
-
-    // The backward reads the CPU forward's out (rounded to the Compute type) and lse on both sides.
-    let bf = e.mode == CudaDtype::Bf16;
-    let out_c: Vec<f32> = out
-        .iter()
-        .map(|&x| if bf { bf16_round(x) } else { x })
-        .collect();
-    let dout = e.randn(n * dims.out_width(), 1.0);
-    let (gdout, go, gl) = (
-        e.up(&dout, Kind::Compute),
-        e.up(&out_c, Kind::Compute),
-        e.up(&lse, Kind::Master),
-    );
-    let mut gd = e.poison(n * dims.qkv_width(), Kind::Compute);
-    e.gpu
-        .attention_backward(
-            gd.as_mut(),
-            gdout.as_ref(),
-            gqkv.as_ref(),
-            go.as_ref(),
-            gl.as_ref(),
-            &gcu,
-            dims,
-        )
-        .unwrap();
-    let mut d = vec![0f32; n * dims.qkv_width()];
-    e.cpu
-        .attention_backward(&mut d, &dout, &qkv, &out_c, &lse, &cu, dims)
-        .unwrap();
-    e.check(&format!("attention_bwd d_qkv {tag}"), &e.down(&gd), &d, 1);
-}
-
-#[test]
-fn attention_short_and_odd_lengths() {
-    let Some(envs) = envs("attention") else {
-        return;
-    };
-    for mut e in envs {
-        attention_case(&mut e, &[1], 1, 1, 8);
-        attention_case(&mut e, &[3, 0, 17, 1, 64, 65, 127, 129], 4, 2, 16);
-        attention_case(&mut e, &[70, 1, 200], 4, 1, 128);
-        attention_case(&mut e, &[100, 33], 8, 2, 64);
-        let lens: Vec<usize> = (0..500).map(|_| 1 + e.below(40)).collect();
-        attention_case(&mut e, &lens, 2, 1, 32);
-    }
-}
-
-#[test]
-fn attention_long_sequence() {
-    let Some(envs) = envs("attention_long") else {
-        return;
-    };
-    for mut e in envs {
-        attention_case(&mut e, &[4096], 2, 1, 64);
-    }
-}
-
-#[test]
-fn steady_state_allocates_nothing_new() {
-    let Some(envs) = envs("memory") else { return };
-    for mut e in envs {
-        let dims = LinearDims {
-            n: 300,
-            d_in: 64,
-            d_out: 96,
-        };
-        let (x, w) = (e.randn(300 * 64, 1.0), e.randn(96 * 64, 1.0));
-        let step = |e: &Env| {
-            let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
-            let mut gy = e.gpu.alloc(300 * 96, Kind::Compute).unwrap();
-            let mut gdw = e.gpu.alloc(96 * 64, Kind::Master).unwrap();
-            e.gpu
-                .linear_forward(gy.as_mut(), gx.as_ref(), gw.as_ref(), None, dims)
-                .unwrap();
-            e.gpu
-                .linear_backward(
-                    None,
-                    gdw.as_mut(),
-                    None,
-                    gy.as_ref(),
-                    gx.as_ref(),
-                    gw.as_ref(),
-                    dims,
-                )
-                .unwrap();
-            e.gpu.synchronize().unwrap();
-        };
-        step(&e);
-        let peak = e.gpu.peak_memory();
-        for _ in 0..3 {
-            step(&e);
-        }
-        say(&format!(
-            "memory {:?}: peak {} bytes after 1 and 4 steps",
-            e.mode, peak
-        ));
-        assert_eq!(
-            e.gpu.peak_memory(),
-            peak,
-            "a repeated step allocated new device memory"
-        );
-    }
-}
-
-#[test]
-fn kernel_cache_on_disk() {
-    if let Err(reason) = probe() {
-        say(&format!(
-            "skipped: no CUDA device ({reason}) [kernel_cache]"
-        ));
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("nopad-kernel-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let open = || {
-        let t = std::time::Instant::now();
-        let g = Cuda::new(CudaOptions {
-            cache_dir: Some(dir.clone()),
-            ..CudaOptions::default()
-        })
-        .expect("device present");
-        g.warm_up().expect("every kernel compiles");
-        t.elapsed().as_secs_f64()
-    };
-    let cold = open();
-    let files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-    let warm = open();
-    say(&format!(
-        "kernel cache: cold start {cold:.2} s, warm {warm:.3} s, {files} cubins"
-    ));
-    assert!(
-        files >= 11,
-        "expected cached cubins in {dir:?}, found {files}"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
 }
