@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 mod error;
 
 pub use error::{BackendError, Result};

@@ -1,0 +1,196 @@
+//! Launchers of the simple varlen causal GQA attention (`attention_fwd.cu`, `attention_bwd.cu`):
+//! exact fp32 math from shared memory, 64 × 64 tiles, no atomics. The host builds the tile list
+//! (sequence, 64-row tile) from its copy of `cu_seqlens`, longest sequences first so the heavy
+//! tiles start early. The fast tensor-core kernels live in `nopad-flash`.
+
+use super::compile::{Launch, ATTENTION_BWD, ATTENTION_FWD};
+use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
+use crate::error::check;
+use crate::Backend;
+use crate::{AttnDims, BackendError, Result};
+
+const TILE: usize = 64;
+const MAX_HEAD_DIM: usize = 128;
+
+/// Mirrors `AttnParams` in attention_fwd.cu / attention_bwd.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnParams {
+    out: u64,
+    lse: u64,
+    qkv: u64,
+    d_out: u64,
+    o: u64,
+    delta: u64,
+    cu: u64,
+    tiles: u64,
+    n: i32,
+    h: i32,
+    hkv: i32,
+    dh: i32,
+    scale: f32,
+}
+
+/// Checks the dims against `cu_seqlens` and returns the tile list `[(b, tile)]`, flattened.
+fn tiles(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<Vec<i32>> {
+    let s = dims.n_seqs;
+    check(cu.host.len() > s, op, || {
+        format!("cu_seqlens has {} entries for {s} sequences", cu.host.len())
+    })?;
+    let cu = &cu.host[..=s];
+    check(cu[0] == 0 && cu[s] as usize == dims.n, op, || {
+        format!(
+            "cu_seqlens runs {}..{}, expected 0..{}",
+            cu[0], cu[s], dims.n
+        )
+    })?;
+    check(cu.windows(2).all(|w| w[0] <= w[1]), op, || {
+        "cu_seqlens is not non-decreasing".into()
+    })?;
+    check(
+        dims.n_kv_heads > 0 && dims.n_heads.is_multiple_of(dims.n_kv_heads),
+        op,
+        || {
+            format!(
+                "{} heads not divisible by {} kv heads",
+                dims.n_heads, dims.n_kv_heads
+            )
+        },
+    )?;
+    if dims.head_dim == 0 || dims.head_dim > MAX_HEAD_DIM {
+        return Err(BackendError::Unsupported(format!(
+            "{op}: head_dim {} (the simple kernel handles 1..={MAX_HEAD_DIM})",
+            dims.head_dim
+        )));
+    }
+    let mut list: Vec<(usize, i32, i32)> = Vec::new();
+    for b in 0..s {
+        let len = (cu[b + 1] - cu[b]) as usize;
+        for t in 0..len.div_ceil(TILE) {
+            // Cost: key tiles visited by this query tile (causal), for longest-first order.
+            list.push((t + 1, b as i32, t as i32));
+        }
+    }
+    list.sort_by_key(|&(cost, _, _)| std::cmp::Reverse(cost));
+    Ok(list.into_iter().flat_map(|(_, b, t)| [b, t]).collect())
+}
+
+fn smem_fwd(dh: usize) -> u32 {
+    (4 * (3 * TILE * (dh + 1) + TILE * (TILE + 1))) as u32
+}
+
+fn smem_bwd(dh: usize) -> u32 {
+    (4 * (4 * TILE * (dh + 1) + TILE * (TILE + 1) + 2 * TILE)) as u32
+}
+
+impl Cuda {
+    fn params(&self, dims: &AttnDims, cu: &CudaInts, tiles: &CudaInts) -> AttnParams {
+        AttnParams {
+            out: 0,
+            lse: 0,
+            qkv: 0,
+            d_out: 0,
+            o: 0,
+            delta: 0,
+            cu: cu.dev.ptr,
+            tiles: tiles.dev.ptr,
+            n: dims.n as i32,
+            h: dims.n_heads as i32,
+            hkv: dims.n_kv_heads as i32,
+            dh: dims.head_dim as i32,
+            scale: dims.scale,
+        }
+    }
+
+    /// out: `[N, H·Dh]` Compute; lse: `[H, N]` fp32; qkv: `[N, (H + 2Hkv)·Dh]` Compute.
+    pub(crate) fn attention_forward_impl(
+        &self,
+        out: CudaMut<'_>,
+        lse: CudaMut<'_>,
+        qkv: CudaRef<'_>,
+        cu_seqlens: &CudaInts,
+        dims: AttnDims,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        let list = tiles(op, cu_seqlens, &dims)?;
+        let n = dims.n;
+        want(op, "out", &out, self.compute, n * dims.out_width())?;
+        want(op, "lse", &lse, Dtype::F32, dims.n_heads * n)?;
+        want(op, "qkv", &qkv, self.compute, n * dims.qkv_width())?;
+        if list.is_empty() || dims.n_heads == 0 {
+            return Ok(());
+        }
+        let tiles = self.ints(&list)?;
+        let mut p = self.params(&dims, cu_seqlens, &tiles);
+        p.out = out.ptr;
+        p.lse = lse.ptr;
+        p.qkv = qkv.ptr;
+        let cfg = Launch {
+            grid: ((list.len() / 2) as u32, dims.n_heads as u32, 1),
+            block: 256,
+            smem: smem_fwd(dims.head_dim),
+        };
+        // SAFETY: shapes and cu_seqlens checked above; the tile list covers valid rows only.
+        unsafe { self.launch(ATTENTION_FWD, self.compute, "attention_fwd", cfg, &p) }
+    }
+
+    /// d_qkv: `[N, (H + 2Hkv)·Dh]` (every element of the first N rows overwritten); d_out,
+    /// out: `[N, H·Dh]`; lse: `[H, N]` fp32 from the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_backward_impl(
+        &self,
+        d_qkv: CudaMut<'_>,
+        d_out: CudaRef<'_>,
+        qkv: CudaRef<'_>,
+        out: CudaRef<'_>,
+        lse: CudaRef<'_>,
+        cu_seqlens: &CudaInts,
+        dims: AttnDims,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let list = tiles(op, cu_seqlens, &dims)?;
+        let n = dims.n;
+        want(op, "d_qkv", &d_qkv, self.compute, n * dims.qkv_width())?;
+        want(op, "d_out", &d_out, self.compute, n * dims.out_width())?;
+        want(op, "qkv", &qkv, self.compute, n * dims.qkv_width())?;
+        want(op, "out", &out, self.compute, n * dims.out_width())?;
+        want(op, "lse", &lse, Dtype::F32, dims.n_heads * n)?;
+        if list.is_empty() || dims.n_heads == 0 {
+            return Ok(());
+        }
+        let tiles = self.ints(&list)?;
+        let delta = self.scratch(dims.n_heads * n, Dtype::F32)?;
+        let mut p = self.params(&dims, cu_seqlens, &tiles);
+        p.out = d_qkv.ptr;
+        p.lse = lse.ptr;
+        p.qkv = qkv.ptr;
+        p.d_out = d_out.ptr;
+        p.o = out.ptr;
+        p.delta = delta.ptr;
+        let c = self.compute;
+        let n_tiles = (list.len() / 2) as u32;
+        let smem = smem_bwd(dims.head_dim);
+        // SAFETY: shapes and cu_seqlens checked above; delta holds H·N fp32.
+        unsafe {
+            self.launch(
+                ATTENTION_BWD,
+                c,
+                "attention_bwd_delta",
+                Launch::flat(n * dims.n_heads * 32, 256),
+                &p,
+            )?;
+            let dkv = Launch {
+                grid: (n_tiles, dims.n_kv_heads as u32, 1),
+                block: 256,
+                smem,
+            };
+            self.launch(ATTENTION_BWD, c, "attention_bwd_dkv", dkv, &p)?;
+            let dq = Launch {
+                grid: (n_tiles, dims.n_heads as u32, 1),
+                block: 256,
+                smem,
+            };
+            self.launch(ATTENTION_BWD, c, "attention_bwd_dq", dq, &p)
+        }
+    }
+}

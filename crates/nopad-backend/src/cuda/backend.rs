@@ -1,0 +1,377 @@
+//! The [`Backend`] impl of [`Cuda`]: memory ops here, every layer op delegated to its launcher
+//! (`elementwise.rs`, `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `rope.rs`, `swiglu.rs`, `attention.rs`,
+//! `lm_head.rs`, `adamw.rs`).
+
+use std::ops::Range;
+
+use cudarc::driver::result as cu;
+
+use super::memory::{sub_mut, sub_ref};
+use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
+use crate::error::check;
+use crate::{AdamW, AttnDims, Backend, BackendError, Kind, LinearDims, Result, RopeDims};
+
+impl Cuda {
+    fn dtype_of(&self, kind: Kind) -> Dtype {
+        match kind {
+            Kind::Compute => self.compute,
+            Kind::Master => Dtype::F32,
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+    type Ref<'a> = CudaRef<'a>;
+    type Mut<'a> = CudaMut<'a>;
+    type Ints = CudaInts;
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn alloc(&self, len: usize, kind: Kind) -> Result<CudaBuf> {
+        let mut buf = self.scratch(len, self.dtype_of(kind))?;
+        self.zero(buf.as_mut())?;
+        Ok(buf)
+    }
+
+    fn buf_len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn view<'a>(&'a self, buf: &'a CudaBuf, range: Range<usize>) -> CudaRef<'a> {
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} out of a buffer of {} elements",
+            buf.len
+        );
+        sub_ref(buf, range.start, range.end - range.start)
+    }
+
+    fn view_mut<'a>(&'a self, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaMut<'a> {
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view_mut {range:?} out of a buffer of {} elements",
+            buf.len
+        );
+        sub_mut(buf, range.start, range.end - range.start)
+    }
+
+    fn view_mut2<'a>(
+        &'a self,
+        buf: &'a mut CudaBuf,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (CudaMut<'a>, CudaMut<'a>) {
+        assert!(
+            a.start <= a.end && b.start <= b.end && a.end <= buf.len && b.end <= buf.len,
+            "view_mut2 {a:?}, {b:?} out of a buffer of {} elements",
+            buf.len
+        );
+        assert!(
+            a.end <= b.start || b.end <= a.start,
+            "view_mut2: ranges {a:?} and {b:?} overlap"
+        );
+        // Disjoint ranges of one allocation: two writable views that never alias.
+        let va = sub_mut(buf, a.start, a.end - a.start).detach();
+        let vb = sub_mut(buf, b.start, b.end - b.start).detach();
+        (va, vb)
+    }
+
+    fn write(&self, buf: &mut CudaBuf, offset: usize, data: &[f32]) -> Result<()> {
+        check(offset + data.len() <= buf.len, "write", || {
+            format!(
+                "{} values at offset {offset} into a buffer of {}",
+                data.len(),
+                buf.len
+            )
+        })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(self.device_err("write"))?;
+        let dst = buf.ptr + (offset * buf.dtype.size()) as u64;
+        let s = self.raw_stream();
+        // SAFETY: `dst` has room for `data.len()` elements (checked above); pageable sources are
+        // staged before the call returns, so the temporary may be dropped right after.
+        unsafe {
+            match buf.dtype {
+                Dtype::Bf16 => {
+                    let host: Vec<u16> = data
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_bits())
+                        .collect();
+                    cu::memcpy_htod_async(dst, &host, s)
+                }
+                Dtype::F32 => cu::memcpy_htod_async(dst, data, s),
+                Dtype::I32 => {
+                    return Err(BackendError::Unsupported(
+                        "write: i32 buffers are uploaded with `ints`".into(),
+                    ))
+                }
+            }
+        }
+        .map_err(self.device_err("write (cuMemcpyHtoDAsync)"))
+    }
+
+    fn read(&self, buf: &CudaBuf, range: Range<usize>) -> Result<Vec<f32>> {
+        check(
+            range.start <= range.end && range.end <= buf.len,
+            "read",
+            || format!("range {range:?} of a buffer of {}", buf.len),
+        )?;
+        let n = range.end - range.start;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        self.ctx.bind_to_thread().map_err(self.device_err("read"))?;
+        let src = buf.ptr + (range.start * buf.dtype.size()) as u64;
+        let s = self.raw_stream();
+        let err = self.device_err("read (cuMemcpyDtoHAsync)");
+        // SAFETY: `src` holds `n` elements of the buffer's type; the stream is synchronised
+        // before the host vectors are read.
+        unsafe {
+            match buf.dtype {
+                Dtype::Bf16 => {
+                    let mut host = vec![0u16; n];
+                    cu::memcpy_dtoh_async(&mut host, src, s).map_err(&err)?;
+                    cu::stream::synchronize(s).map_err(&err)?;
+                    Ok(host
+                        .into_iter()
+                        .map(|b| half::bf16::from_bits(b).to_f32())
+                        .collect())
+                }
+                Dtype::F32 => {
+                    let mut host = vec![0f32; n];
+                    cu::memcpy_dtoh_async(&mut host, src, s).map_err(&err)?;
+                    cu::stream::synchronize(s).map_err(&err)?;
+                    Ok(host)
+                }
+                Dtype::I32 => {
+                    let mut host = vec![0i32; n];
+                    cu::memcpy_dtoh_async(&mut host, src, s).map_err(&err)?;
+                    cu::stream::synchronize(s).map_err(&err)?;
+                    Ok(host.into_iter().map(|v| v as f32).collect())
+                }
+            }
+        }
+    }
+
+    fn zero(&self, x: CudaMut<'_>) -> Result<()> {
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(self.device_err("zero"))?;
+        // SAFETY: the view covers `len` elements of a live buffer.
+        unsafe { cu::memset_d8_async(x.ptr, 0, x.len * x.dtype.size(), self.raw_stream()) }
+            .map_err(self.device_err("zero (cuMemsetD8Async)"))
+    }
+
+    fn ints(&self, data: &[i32]) -> Result<CudaInts> {
+        let mut dev = self.scratch(data.len(), Dtype::I32)?;
+        if !data.is_empty() {
+            self.ctx.bind_to_thread().map_err(self.device_err("ints"))?;
+            // SAFETY: `dev` holds `data.len()` i32; pageable sources are staged before return.
+            unsafe { cu::memcpy_htod_async(dev.as_mut().ptr, data, self.raw_stream()) }
+                .map_err(self.device_err("ints (cuMemcpyHtoDAsync)"))?;
+        }
+        Ok(CudaInts {
+            dev,
+            host: data.to_vec(),
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(self.device_err("synchronize"))?;
+        self.stream
+            .synchronize()
+            .map_err(self.device_err("cuStreamSynchronize"))
+    }
+
+    fn peak_memory(&self) -> usize {
+        self.pool
+            .lock()
+            .expect("pool mutex poisoned by a panic in another thread")
+            .peak()
+    }
+
+    fn add(&self, out: CudaMut<'_>, a: CudaRef<'_>, b: CudaRef<'_>, n: usize) -> Result<()> {
+        self.add_impl(out, a, Some(b), n)
+    }
+
+    fn add_assign(&self, out: CudaMut<'_>, a: CudaRef<'_>, n: usize) -> Result<()> {
+        self.add_impl(out, a, None, n)
+    }
+
+    fn sum_squares(&self, x: CudaRef<'_>, n: usize) -> Result<f64> {
+        self.sum_squares_impl(x, n)
+    }
+
+    fn embedding_forward(
+        &self,
+        x: CudaMut<'_>,
+        table: CudaRef<'_>,
+        tokens: &CudaInts,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.embedding_forward_impl(x, table, tokens, n, d)
+    }
+
+    fn embedding_backward(
+        &self,
+        d_table: CudaMut<'_>,
+        dx: CudaRef<'_>,
+        tokens: &CudaInts,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.embedding_backward_impl(d_table, dx, tokens, n, d)
+    }
+
+    fn linear_forward(
+        &self,
+        y: CudaMut<'_>,
+        x: CudaRef<'_>,
+        w: CudaRef<'_>,
+        b: Option<CudaRef<'_>>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        self.linear_forward_impl(y, x, w, b, dims)
+    }
+
+    fn linear_backward(
+        &self,
+        dx: Option<CudaMut<'_>>,
+        d_w: CudaMut<'_>,
+        d_b: Option<CudaMut<'_>>,
+        dy: CudaRef<'_>,
+        x: CudaRef<'_>,
+        w: CudaRef<'_>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        self.linear_backward_impl(dx, d_w, d_b, dy, x, w, dims)
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        y: CudaMut<'_>,
+        rstd: CudaMut<'_>,
+        x: CudaRef<'_>,
+        weight: CudaRef<'_>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.rmsnorm_forward_impl(y, rstd, x, weight, n, d, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dx: CudaMut<'_>,
+        d_weight: CudaMut<'_>,
+        dy: CudaRef<'_>,
+        x: CudaRef<'_>,
+        weight: CudaRef<'_>,
+        rstd: CudaRef<'_>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.rmsnorm_backward_impl(dx, d_weight, dy, x, weight, rstd, n, d)
+    }
+
+    fn rope_forward(
+        &self,
+        x: CudaMut<'_>,
+        inv_freq: CudaRef<'_>,
+        positions: &CudaInts,
+        dims: RopeDims,
+    ) -> Result<()> {
+        self.rope_impl(x, inv_freq, positions, dims, 1.0)
+    }
+
+    fn rope_backward(
+        &self,
+        dx: CudaMut<'_>,
+        inv_freq: CudaRef<'_>,
+        positions: &CudaInts,
+        dims: RopeDims,
+    ) -> Result<()> {
+        self.rope_impl(dx, inv_freq, positions, dims, -1.0)
+    }
+
+    fn attention_forward(
+        &self,
+        out: CudaMut<'_>,
+        lse: CudaMut<'_>,
+        qkv: CudaRef<'_>,
+        cu_seqlens: &CudaInts,
+        dims: AttnDims,
+    ) -> Result<()> {
+        self.attention_forward_impl(out, lse, qkv, cu_seqlens, dims)
+    }
+
+    fn attention_backward(
+        &self,
+        d_qkv: CudaMut<'_>,
+        d_out: CudaRef<'_>,
+        qkv: CudaRef<'_>,
+        out: CudaRef<'_>,
+        lse: CudaRef<'_>,
+        cu_seqlens: &CudaInts,
+        dims: AttnDims,
+    ) -> Result<()> {
+        self.attention_backward_impl(d_qkv, d_out, qkv, out, lse, cu_seqlens, dims)
+    }
+
+    fn swiglu_forward(&self, a: CudaMut<'_>, gu: CudaRef<'_>, n: usize, f: usize) -> Result<()> {
+        self.swiglu_forward_impl(a, gu, n, f)
+    }
+
+    fn swiglu_backward(
+        &self,
+        d_gu: CudaMut<'_>,
+        d_a: CudaRef<'_>,
+        gu: CudaRef<'_>,
+        n: usize,
+        f: usize,
+    ) -> Result<()> {
+        self.swiglu_backward_impl(d_gu, d_a, gu, n, f)
+    }
+
+    fn lm_head_loss(
+        &self,
+        loss_sum: CudaMut<'_>,
+        dx: Option<CudaMut<'_>>,
+        d_w: Option<CudaMut<'_>>,
+        x: CudaRef<'_>,
+        w: CudaRef<'_>,
+        targets: &CudaInts,
+        dims: LinearDims,
+        grad_scale: f32,
+    ) -> Result<()> {
+        self.lm_head_loss_impl(loss_sum, dx, d_w, x, w, targets, dims, grad_scale)
+    }
+
+    fn adamw(
+        &self,
+        param: CudaMut<'_>,
+        master: Option<CudaMut<'_>>,
+        grad: CudaRef<'_>,
+        m: CudaMut<'_>,
+        v: CudaMut<'_>,
+        n: usize,
+        hp: AdamW,
+    ) -> Result<()> {
+        self.adamw_impl(param, master, grad, m, v, n, hp)
+    }
+
+    fn needs_master(&self) -> bool {
+        self.compute != Dtype::F32
+    }
+}

@@ -1,0 +1,242 @@
+//! GEMMs through cuBLASLt with cached plans: the matmul descriptor, the four layouts and the
+//! heuristic's algorithm are built once per (shape, leading dimensions, transposes, dtypes, beta)
+//! and reused, so a training step issues only `cublasLtMatmul` calls.
+//!
+//! Everything is column-major as cuBLASLt sees it: `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] +
+//! beta · C`. The row-major callers in `linear.rs` and `lm_head.rs` map their products onto this.
+//! Accumulation is fp32 (`CUBLAS_COMPUTE_32F`); with f32 inputs this is true fp32, TF32 stays off.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+
+use super::memory::Dtype;
+use crate::{BackendError, Result};
+
+/// One GEMM's shape and types, the cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct GemmSpec {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub lda: i64,
+    pub ldb: i64,
+    pub ldc: i64,
+    /// Type of A and B.
+    pub ab: Dtype,
+    /// Type of C (= D).
+    pub c: Dtype,
+    /// Whether C is accumulated into (beta = 1) or overwritten (beta = 0).
+    pub accumulate: bool,
+}
+
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once by `Blas::plan` and is destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.c);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// The cuBLASLt handle, the workspace and the plan cache.
+pub(crate) struct Blas {
+    handle: sys::cublasLtHandle_t,
+    workspace: CUdeviceptr,
+    workspace_bytes: usize,
+    plans: Mutex<HashMap<(GemmSpec, [u32; 3]), Plan>>,
+}
+
+// SAFETY: the handle and plans are used under the plan mutex or by one stream at a time; cuBLASLt
+// handles may be used from any thread as long as calls are not concurrent on the same stream.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+fn err(op: &str, e: lt::CublasError) -> BackendError {
+    BackendError::Device {
+        op: format!("cuBLASLt {op}"),
+        msg: format!("{e:?}"),
+    }
+}
+
+fn data_type(d: Dtype) -> sys::cudaDataType {
+    match d {
+        Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
+        Dtype::I32 => sys::cudaDataType::CUDA_R_32I,
+    }
+}
+
+/// Largest power of two (up to 256) dividing a device address.
+fn alignment(ptr: CUdeviceptr) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+}
+
+impl Blas {
+    /// A handle using `workspace` (device memory the caller keeps alive) as scratch.
+    pub(crate) fn new(workspace: CUdeviceptr, workspace_bytes: usize) -> Result<Self> {
+        let handle = lt::create_handle().map_err(|e| err("create", e))?;
+        Ok(Blas {
+            handle,
+            workspace,
+            workspace_bytes,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn plan(&self, s: &GemmSpec, align: [u32; 3]) -> Result<Plan> {
+        let what = |op: &str| format!("{op} for {s:?}");
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| err(&what("matmul desc"), e))?;
+        let set_op = |attr, t: bool| {
+            // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 (the enum lives in cuBLAS, not
+            // cuBLASLt's bindings).
+            let op: i32 = t as i32;
+            // SAFETY: `desc` is live; the attribute takes a cublasOperation_t (i32-sized).
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    attr,
+                    &op as *const _ as *const c_void,
+                    std::mem::size_of::<i32>(),
+                )
+            }
+        };
+        set_op(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            s.trans_a,
+        )
+        .map_err(|e| err(&what("transa"), e))?;
+        set_op(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            s.trans_b,
+        )
+        .map_err(|e| err(&what("transb"), e))?;
+        // Stored (pre-op) shapes: op(A) is m x k, op(B) is k x n.
+        let (ar, ac) = if s.trans_a { (s.k, s.m) } else { (s.m, s.k) };
+        let (br, bc) = if s.trans_b { (s.n, s.k) } else { (s.k, s.n) };
+        let layout = |t, r, c, ld| lt::create_matrix_layout(data_type(t), r, c, ld);
+        let a = layout(s.ab, ar, ac, s.lda).map_err(|e| err(&what("layout A"), e))?;
+        let b = layout(s.ab, br, bc, s.ldb).map_err(|e| err(&what("layout B"), e))?;
+        let c = layout(s.c, s.m, s.n, s.ldc).map_err(|e| err(&what("layout C"), e))?;
+        let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
+        let ws = self.workspace_bytes;
+        // SAFETY: `pref` is live; the attribute takes a u64/size_t byte count.
+        let heur = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const usize as *const c_void,
+                std::mem::size_of::<usize>(),
+            )
+            .and_then(|_| {
+                use sys::cublasLtMatmulPreferenceAttributes_t as P;
+                let attrs = [
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align[0]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align[1]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align[2]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align[2]),
+                ];
+                for (attr, bytes) in attrs {
+                    lt::set_matmul_pref_attribute(
+                        pref,
+                        attr,
+                        &bytes as *const u32 as *const c_void,
+                        std::mem::size_of::<u32>(),
+                    )?;
+                }
+                lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref)
+            })
+        };
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        // Built before checking the heuristic so that an error drops (destroys) the handles.
+        let mut plan = Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        plan.algo = heur
+            .map_err(|e| err(&what("heuristic (no algorithm)"), e))?
+            .algo;
+        Ok(plan)
+    }
+
+    /// `C = alpha · op(A) · op(B) + (accumulate ? C : 0)` on `stream`.
+    ///
+    /// # Safety
+    /// `a`, `b`, `c` must point to device memory holding the matrices `spec` describes.
+    pub(crate) unsafe fn gemm(
+        &self,
+        spec: GemmSpec,
+        alpha: f32,
+        a: CUdeviceptr,
+        b: CUdeviceptr,
+        c: CUdeviceptr,
+        stream: CUstream,
+    ) -> Result<()> {
+        // Views into flat buffers can start anywhere; cuBLASLt's heuristic assumes 256-byte
+        // alignment unless told otherwise, so the pointers' alignment is part of the plan key.
+        let align = [alignment(a), alignment(b), alignment(c)];
+        let mut plans = self.plans.lock().expect("GEMM plan cache mutex poisoned");
+        let p = match plans.entry((spec, align)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&spec, align)?),
+        };
+        let beta: f32 = if spec.accumulate { 1.0 } else { 0.0 };
+        lt::matmul(
+            self.handle,
+            p.desc,
+            &alpha as *const f32 as *const c_void,
+            &beta as *const f32 as *const c_void,
+            a as *const c_void,
+            p.a,
+            b as *const c_void,
+            p.b,
+            c as *const c_void,
+            p.c,
+            c as *mut c_void,
+            p.c,
+            &p.algo,
+            self.workspace as *mut c_void,
+            self.workspace_bytes,
+            stream as sys::cudaStream_t,
+        )
+        .map_err(|e| err(&format!("matmul {spec:?}"), e))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.clear();
+        }
+        // SAFETY: created once in `new`.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}

@@ -1,0 +1,199 @@
+//! The fused output head and cross-entropy, chunked so that fp32 logits exist for at most
+//! `CHUNK_ELEMS` elements at once (about 2k rows at V = 128k), never `[N, V]`.
+//!
+//! Rows whose target is -100 are dropped on the host (prompt rows are often half the tokens):
+//! the target rows are gathered into a compact `xc: [M, D]`, and per chunk of rows:
+//! logits `[C, V]` fp32 = xc · wᵀ (cuBLASLt) → `cross_entropy` (loss per row, dlogits in place of
+//! nothing: a separate Compute `[C, V]` buffer, as the backward GEMMs need Compute inputs) →
+//! `dxc = dlogits · w` and `d_w += dlogitsᵀ · xc`. Finally `dx` is zeroed and the `dxc` rows
+//! scattered back, and the per-row losses are summed in a fixed order into `loss_sum[0]`.
+
+use super::compile::{Launch, LM_HEAD, REDUCE};
+use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
+use crate::error::check;
+use crate::Backend;
+use crate::{BackendError, LinearDims, Result};
+
+/// Default largest logits chunk, in elements (1 GiB of fp32).
+pub(crate) const CHUNK_ELEMS: usize = 1 << 28;
+/// Largest chunk, in rows.
+const CHUNK_ROWS: usize = 8192;
+
+/// Mirrors `RowsParams` in lm_head.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RowsParams {
+    dst: u64,
+    src: u64,
+    rows: u64,
+    d: i32,
+}
+
+/// Mirrors `CrossEntropyParams` in lm_head.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CrossEntropyParams {
+    logits: u64,
+    dlogits: u64,
+    loss: u64,
+    targets: u64,
+    v: i32,
+    grad_scale: f32,
+}
+
+/// Mirrors `SumIntoParams` in reduce.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SumIntoParams {
+    out: u64,
+    x: u64,
+    n: i32,
+}
+
+fn per_row(rows: usize) -> Launch {
+    Launch {
+        grid: (rows as u32, 1, 1),
+        block: 256,
+        smem: 0,
+    }
+}
+
+impl Cuda {
+    /// loss_sum: `[1]` fp32 (accumulated); dx: `[N, D]` Compute (overwritten); d_w: `[V, D]` fp32
+    /// (accumulated); x: `[N, D]`; w: `[V, D]` Compute; targets: `[N]` (-100 = no target).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn lm_head_loss_impl(
+        &self,
+        loss_sum: CudaMut<'_>,
+        dx: Option<CudaMut<'_>>,
+        d_w: Option<CudaMut<'_>>,
+        x: CudaRef<'_>,
+        w: CudaRef<'_>,
+        targets: &CudaInts,
+        dims: LinearDims,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let op = "lm_head_loss";
+        let LinearDims {
+            n,
+            d_in: d,
+            d_out: v,
+        } = dims;
+        let c = self.compute;
+        want(op, "loss_sum", &loss_sum, Dtype::F32, 1)?;
+        if let Some(dx) = &dx {
+            want(op, "dx", dx, c, n * d)?;
+        }
+        if let Some(d_w) = &d_w {
+            want(op, "d_w", d_w, Dtype::F32, v * d)?;
+        }
+        want(op, "x", &x, c, n * d)?;
+        want(op, "w", &w, c, v * d)?;
+        check(targets.host.len() >= n, op, || {
+            format!("{} targets for n = {n}", targets.host.len())
+        })?;
+        check(v > 0 && d > 0, op, || {
+            format!("empty head: V = {v}, D = {d}")
+        })?;
+
+        // Compact the target rows on the host.
+        let mut rows = Vec::new();
+        let mut tgt = Vec::new();
+        for (t, &y) in targets.host[..n].iter().enumerate() {
+            if y == -100 {
+                continue;
+            }
+            if y < 0 || y as usize >= v {
+                return Err(BackendError::Shape {
+                    op,
+                    what: format!("target {y} at row {t} outside the vocabulary of {v}"),
+                });
+            }
+            rows.push(t as i32);
+            tgt.push(y);
+        }
+        if let Some(dx) = &dx {
+            self.zero_raw(dx.ptr, n * d, c)?;
+        }
+        let m = rows.len();
+        if m == 0 {
+            return Ok(());
+        }
+        let grad = dx.is_some() || d_w.is_some();
+        let rows_dev = self.ints(&rows)?;
+        let tgt_dev = self.ints(&tgt)?;
+        let xc = self.scratch(m * d, c)?;
+        let gather = RowsParams {
+            dst: xc.ptr,
+            src: x.ptr,
+            rows: rows_dev.dev.ptr,
+            d: d as i32,
+        };
+        // SAFETY: rows index valid rows of x; xc holds m·d.
+        unsafe { self.launch(LM_HEAD, c, "gather_rows", per_row(m), &gather)? };
+
+        let chunk = (self.lm_head_chunk_elems / v).clamp(1, CHUNK_ROWS).min(m);
+        let logits = self.scratch(chunk * v, Dtype::F32)?;
+        let dlogits = if grad {
+            Some(self.scratch(chunk * v, c)?)
+        } else {
+            None
+        };
+        let dxc = if dx.is_some() {
+            Some(self.scratch(m * d, c)?)
+        } else {
+            None
+        };
+        let losses = self.scratch(m, Dtype::F32)?;
+        let esz = c.size() as u64;
+        for r0 in (0..m).step_by(chunk) {
+            let rc = chunk.min(m - r0);
+            let xc_r = xc.ptr + (r0 * d) as u64 * esz;
+            // SAFETY: xc_r holds rc·d, w v·d and logits chunk·v elements.
+            unsafe { self.gemm_x_wt(logits.ptr, xc_r, w.ptr, rc, d, v, Dtype::F32)? };
+            let ce = CrossEntropyParams {
+                logits: logits.ptr,
+                dlogits: dlogits.as_ref().map_or(0, |b| b.ptr),
+                loss: losses.ptr + (r0 * 4) as u64,
+                targets: tgt_dev.dev.ptr + (r0 * 4) as u64,
+                v: v as i32,
+                grad_scale,
+            };
+            // SAFETY: one block per chunk row; targets are in [0, v).
+            unsafe { self.launch(LM_HEAD, c, "cross_entropy", per_row(rc), &ce)? };
+            if let Some(dl) = &dlogits {
+                if let Some(dxc) = &dxc {
+                    let dxc_r = dxc.ptr + (r0 * d) as u64 * esz;
+                    // SAFETY: dl holds rc·v, dxc_r rc·d elements.
+                    unsafe { self.gemm_dy_w(dxc_r, dl.ptr, w.ptr, rc, d, v)? };
+                }
+                if let Some(d_w) = &d_w {
+                    // SAFETY: d_w holds v·d fp32, dl rc·v, xc_r rc·d elements.
+                    unsafe { self.gemm_dyt_x(d_w.ptr, dl.ptr, xc_r, rc, d, v, 1.0)? };
+                }
+            }
+        }
+        if let (Some(dx), Some(dxc)) = (&dx, &dxc) {
+            let scatter = RowsParams {
+                dst: dx.ptr,
+                src: dxc.ptr,
+                rows: rows_dev.dev.ptr,
+                d: d as i32,
+            };
+            // SAFETY: rows index valid, distinct rows of dx.
+            unsafe { self.launch(LM_HEAD, c, "scatter_rows", per_row(m), &scatter)? };
+        }
+        let sum = SumIntoParams {
+            out: loss_sum.ptr,
+            x: losses.ptr,
+            n: m as i32,
+        };
+        let one = Launch {
+            grid: (1, 1, 1),
+            block: 1024,
+            smem: 0,
+        };
+        // SAFETY: losses holds m fp32; loss_sum one.
+        unsafe { self.launch(REDUCE, Dtype::F32, "sum_into", one, &sum) }
+    }
+}

@@ -1,0 +1,350 @@
+//! Device memory: a caching allocator with size-bucketed free lists, the owned buffer type and
+//! the borrowed views the [`crate::Backend`] trait hands around.
+//!
+//! Blocks are never returned to the driver while the backend lives (except to retry an
+//! allocation that ran out of memory), so a training step that repeats the shapes of the previous
+//! one never calls `cuMemAlloc`. All work runs on one stream, so a block freed on the host can be
+//! handed to the next allocation at once: the stream orders the old and the new use.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{result as cu, CudaContext};
+
+use crate::{BackendError, Result};
+
+/// Element type of a device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// bfloat16 (stored as 16 bits).
+    Bf16,
+    /// IEEE single precision.
+    F32,
+    /// 32-bit signed integers (token ids, positions, `cu_seqlens`).
+    I32,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bf16 => 2,
+            Dtype::F32 | Dtype::I32 => 4,
+        }
+    }
+    /// Suffix of kernel entry points compiled for this element type.
+    pub(crate) fn suffix(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F32 => "f32",
+            Dtype::I32 => "i32",
+        }
+    }
+}
+
+/// Size class of a request: 16 classes per power of two, so at most 1/8 of a request is padding
+/// (above 8 KiB).
+fn bucket(bytes: usize) -> usize {
+    let bytes = bytes.max(512);
+    let p = bytes.next_power_of_two();
+    let step = (p / 16).max(512);
+    bytes.div_ceil(step) * step
+}
+
+/// Free lists and counters of the caching allocator.
+pub(crate) struct Pool {
+    ctx: Arc<CudaContext>,
+    free: HashMap<usize, Vec<CUdeviceptr>>,
+    /// Bytes obtained from the driver and not yet given back.
+    reserved: usize,
+    peak: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(ctx: Arc<CudaContext>) -> Self {
+        Pool {
+            ctx,
+            free: HashMap::new(),
+            reserved: 0,
+            peak: 0,
+        }
+    }
+
+    pub(crate) fn peak(&self) -> usize {
+        self.peak
+    }
+
+    fn take(&mut self, bytes: usize) -> Result<(CUdeviceptr, usize)> {
+        let size = bucket(bytes);
+        if let Some(ptr) = self.free.get_mut(&size).and_then(Vec::pop) {
+            return Ok((ptr, size));
+        }
+        let dev = |e: cu::DriverError| BackendError::Device {
+            op: format!("cuMemAlloc({size} bytes)"),
+            msg: e.to_string(),
+        };
+        self.ctx.bind_to_thread().map_err(dev)?;
+        // SAFETY: a plain device allocation of `size` bytes in the bound context.
+        let ptr = match unsafe { cu::malloc_sync(size) } {
+            Ok(p) => p,
+            Err(_) => {
+                // Out of memory (or fragmented): give the cached blocks back and try once more.
+                self.ctx.synchronize().map_err(dev)?;
+                self.release_cached().map_err(dev)?;
+                // SAFETY: as above.
+                unsafe { cu::malloc_sync(size) }.map_err(|e| BackendError::Device {
+                    op: format!("cuMemAlloc({size} bytes, {} bytes held)", self.reserved),
+                    msg: e.to_string(),
+                })?
+            }
+        };
+        self.reserved += size;
+        self.peak = self.peak.max(self.reserved);
+        Ok((ptr, size))
+    }
+
+    fn give(&mut self, ptr: CUdeviceptr, size: usize) {
+        self.free.entry(size).or_default().push(ptr);
+    }
+
+    fn release_cached(&mut self) -> std::result::Result<(), cu::DriverError> {
+        for (size, ptrs) in self.free.drain() {
+            for p in ptrs {
+                // SAFETY: `p` came from `malloc_sync` and is on no free list any more.
+                unsafe { cu::free_sync(p) }?;
+                self.reserved -= size;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Every buffer holds the pool, so this runs after the last buffer is gone. Errors at
+        // teardown have nobody left to report to.
+        if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
+            let _ = self.release_cached();
+        }
+    }
+}
+
+/// An owned device buffer of `len` elements of one [`Dtype`]; its block returns to the
+/// backend's pool when dropped.
+pub struct CudaBuf {
+    pub(crate) ptr: CUdeviceptr,
+    pub(crate) len: usize,
+    pub(crate) dtype: Dtype,
+    block: usize,
+    pool: Arc<Mutex<Pool>>,
+}
+
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaBuf({:?}[{}] @ {:#x})",
+            self.dtype, self.len, self.ptr
+        )
+    }
+}
+
+impl CudaBuf {
+    /// An uninitialised buffer from the pool (callers fill it before any kernel reads it).
+    pub(crate) fn uninit(pool: &Arc<Mutex<Pool>>, len: usize, dtype: Dtype) -> Result<Self> {
+        let (ptr, block) = pool
+            .lock()
+            .expect("pool mutex poisoned by a panic in another thread")
+            .take(len * dtype.size())?;
+        Ok(CudaBuf {
+            ptr,
+            len,
+            dtype,
+            block,
+            pool: pool.clone(),
+        })
+    }
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// A view of the whole buffer.
+    pub fn as_ref(&self) -> CudaRef<'_> {
+        CudaRef {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            _buf: PhantomData,
+        }
+    }
+    /// A writable view of the whole buffer.
+    pub fn as_mut(&mut self) -> CudaMut<'_> {
+        CudaMut {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            _buf: PhantomData,
+        }
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.give(self.ptr, self.block);
+        }
+    }
+}
+
+/// A read-only view of `len` elements of a device buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaRef<'a> {
+    pub(crate) ptr: CUdeviceptr,
+    pub(crate) len: usize,
+    pub(crate) dtype: Dtype,
+    _buf: PhantomData<&'a CudaBuf>,
+}
+
+/// A writable view of `len` elements of a device buffer.
+#[derive(Debug)]
+pub struct CudaMut<'a> {
+    pub(crate) ptr: CUdeviceptr,
+    pub(crate) len: usize,
+    pub(crate) dtype: Dtype,
+    _buf: PhantomData<&'a mut CudaBuf>,
+}
+
+impl CudaRef<'_> {
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<'a> CudaMut<'a> {
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The same view with a lifetime chosen by the caller (for splitting one buffer into
+    /// disjoint views; the caller guarantees the views do not overlap and do not outlive it).
+    pub(crate) fn detach<'b>(self) -> CudaMut<'b> {
+        CudaMut {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            _buf: PhantomData,
+        }
+    }
+    /// Reborrows the view as read-only.
+    pub fn as_ref(&self) -> CudaRef<'_> {
+        CudaRef {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            _buf: PhantomData,
+        }
+    }
+}
+
+/// Length and element type of either view kind, for shape checks.
+pub(crate) trait ViewInfo {
+    fn len_(&self) -> usize;
+    fn dtype_(&self) -> Dtype;
+}
+impl ViewInfo for CudaRef<'_> {
+    fn len_(&self) -> usize {
+        self.len
+    }
+    fn dtype_(&self) -> Dtype {
+        self.dtype
+    }
+}
+impl ViewInfo for CudaMut<'_> {
+    fn len_(&self) -> usize {
+        self.len
+    }
+    fn dtype_(&self) -> Dtype {
+        self.dtype
+    }
+}
+
+/// Views of a sub-range; the range was checked against the buffer by the caller.
+pub(crate) fn sub_ref(buf: &CudaBuf, start: usize, len: usize) -> CudaRef<'_> {
+    CudaRef {
+        ptr: buf.ptr + (start * buf.dtype.size()) as u64,
+        len,
+        dtype: buf.dtype,
+        _buf: PhantomData,
+    }
+}
+
+pub(crate) fn sub_mut(buf: &mut CudaBuf, start: usize, len: usize) -> CudaMut<'_> {
+    CudaMut {
+        ptr: buf.ptr + (start * buf.dtype.size()) as u64,
+        len,
+        dtype: buf.dtype,
+        _buf: PhantomData,
+    }
+}
+
+/// An `i32` array on the device together with the host copy it was uploaded from, so that
+/// launchers can build tile lists and compact rows without reading the device.
+#[derive(Debug)]
+pub struct CudaInts {
+    pub(crate) dev: CudaBuf,
+    pub(crate) host: Vec<i32>,
+}
+
+impl CudaInts {
+    /// The host copy.
+    pub fn host(&self) -> &[i32] {
+        &self.host
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket;
+
+    #[test]
+    fn buckets_cover_the_request_and_waste_little() {
+        for bytes in [
+            1,
+            511,
+            512,
+            513,
+            4096,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            123_456_789,
+        ] {
+            let b = bucket(bytes);
+            assert!(b >= bytes, "{bytes} -> {b}");
+            assert!(
+                b <= (bytes.max(512) * 9).div_ceil(8) + 512,
+                "{bytes} -> {b}"
+            );
+            assert_eq!(bucket(b), b, "bucket of a bucket size is itself");
+        }
+    }
+}

@@ -1,0 +1,69 @@
+// prelude.cuh: prepended to every kernel file by compile.rs.
+// Owns the element types and conversions, the compute type chosen by -DNOPAD_BF16, the naming
+// macro for dtype-suffixed entry points, and warp/block reductions. No host headers: NVRTC only.
+//
+// bf16 is stored as a 16-bit integer: widening is an exact shift, narrowing rounds to nearest
+// even (NaN stays NaN), so no cuda_bf16.h is needed.
+
+typedef unsigned short bf16_t;
+typedef long long i64;
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t x) {
+    return __uint_as_float(((unsigned)x) << 16);
+}
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+#if NOPAD_BF16
+typedef bf16_t compute_t;
+#define KNAME(base) base##_bf16
+__device__ __forceinline__ float ld(const compute_t* p, i64 i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ compute_t to_c(float x) { return f32_to_bf16(x); }
+#else
+typedef float compute_t;
+#define KNAME(base) base##_f32
+__device__ __forceinline__ float ld(const compute_t* p, i64 i) { return p[i]; }
+__device__ __forceinline__ compute_t to_c(float x) { return x; }
+#endif
+
+#define INF_F __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `scratch` holds 32 floats; the function synchronises before returning, so it can be reused.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : 0.f;
+    t = warp_sum(t);
+    return t;
+}
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : -INF_F;
+    t = warp_max(t);
+    return t;
+}

@@ -1,0 +1,122 @@
+//! Launchers of `rmsnorm.cu`: forward (saves fp32 `rstd`), backward `dx +=` (the residual stream's
+//! gradient accumulates) and `d_weight +=` through deterministic row-split partials.
+
+use super::compile::{Launch, RMSNORM};
+use super::linear::row_splits;
+use super::{want, Cuda, CudaMut, CudaRef, Dtype};
+use crate::Result;
+
+/// Mirrors `RmsnormParams` in rmsnorm.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RmsnormParams {
+    y: u64,
+    rstd: u64,
+    x: u64,
+    weight: u64,
+    dy: u64,
+    partial: u64,
+    n: i32,
+    d: i32,
+    eps: f32,
+    rows_per: i32,
+}
+
+fn per_row(n: usize) -> Launch {
+    Launch {
+        grid: (n as u32, 1, 1),
+        block: 256,
+        smem: 0,
+    }
+}
+
+impl Cuda {
+    /// y: `[n, d]` Compute; rstd: `[n]` fp32; x: `[n, d]`; weight: `[d]` Compute.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rmsnorm_forward_impl(
+        &self,
+        y: CudaMut<'_>,
+        rstd: CudaMut<'_>,
+        x: CudaRef<'_>,
+        weight: CudaRef<'_>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rmsnorm_forward";
+        let c = self.compute;
+        want(op, "y", &y, c, n * d)?;
+        want(op, "rstd", &rstd, Dtype::F32, n)?;
+        want(op, "x", &x, c, n * d)?;
+        want(op, "weight", &weight, c, d)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let p = RmsnormParams {
+            y: y.ptr,
+            rstd: rstd.ptr,
+            x: x.ptr,
+            weight: weight.ptr,
+            dy: 0,
+            partial: 0,
+            n: n as i32,
+            d: d as i32,
+            eps,
+            rows_per: 0,
+        };
+        // SAFETY: shapes checked above.
+        unsafe { self.launch(RMSNORM, c, "rmsnorm_fwd", per_row(n), &p) }
+    }
+
+    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` fp32 (accumulated); dy, x: `[n, d]`;
+    /// weight: `[d]`; rstd: `[n]` fp32 from the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rmsnorm_backward_impl(
+        &self,
+        dx: CudaMut<'_>,
+        d_weight: CudaMut<'_>,
+        dy: CudaRef<'_>,
+        x: CudaRef<'_>,
+        weight: CudaRef<'_>,
+        rstd: CudaRef<'_>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        let op = "rmsnorm_backward";
+        let c = self.compute;
+        want(op, "dx", &dx, c, n * d)?;
+        want(op, "d_weight", &d_weight, Dtype::F32, d)?;
+        want(op, "dy", &dy, c, n * d)?;
+        want(op, "x", &x, c, n * d)?;
+        want(op, "weight", &weight, c, d)?;
+        want(op, "rstd", &rstd, Dtype::F32, n)?;
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        let (splits, rows_per) = row_splits(n);
+        let partial = self.scratch(splits * d, Dtype::F32)?;
+        let p = RmsnormParams {
+            y: dx.ptr,
+            rstd: rstd.ptr,
+            x: x.ptr,
+            weight: weight.ptr,
+            dy: dy.ptr,
+            partial: partial.ptr,
+            n: n as i32,
+            d: d as i32,
+            eps: 0.0,
+            rows_per: rows_per as i32,
+        };
+        let cols = Launch {
+            grid: (d.div_ceil(256) as u32, splits as u32, 1),
+            block: 256,
+            smem: 0,
+        };
+        // SAFETY: shapes checked above; partial holds splits·d fp32.
+        unsafe {
+            self.launch(RMSNORM, c, "rmsnorm_bwd_dx", per_row(n), &p)?;
+            self.launch(RMSNORM, c, "rmsnorm_bwd_dw_partial", cols, &p)?;
+        }
+        self.finish_partials(d_weight.ptr, &partial, splits, d)
+    }
+}

@@ -1,0 +1,72 @@
+//! Launchers of `swiglu.cu`: `a = silu(gate) · up` over `gu: [N, 2F]` and its backward, which
+//! overwrites `d_gu`.
+
+use super::compile::SWIGLU;
+use super::elementwise::stride_launch;
+use super::{want, Cuda, CudaMut, CudaRef};
+use crate::Result;
+
+/// Mirrors `SwigluParams` in swiglu.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SwigluParams {
+    out: u64,
+    gu: u64,
+    d_a: u64,
+    n: i32,
+    f: i32,
+}
+
+impl Cuda {
+    /// a: `[n, f]`; gu: `[n, 2f]` (Compute).
+    pub(crate) fn swiglu_forward_impl(
+        &self,
+        a: CudaMut<'_>,
+        gu: CudaRef<'_>,
+        n: usize,
+        f: usize,
+    ) -> Result<()> {
+        let op = "swiglu_forward";
+        want(op, "a", &a, self.compute, n * f)?;
+        want(op, "gu", &gu, self.compute, 2 * n * f)?;
+        if n * f == 0 {
+            return Ok(());
+        }
+        let p = SwigluParams {
+            out: a.ptr,
+            gu: gu.ptr,
+            d_a: 0,
+            n: n as i32,
+            f: f as i32,
+        };
+        // SAFETY: shapes checked above.
+        unsafe { self.launch(SWIGLU, self.compute, "swiglu_fwd", stride_launch(n * f), &p) }
+    }
+
+    /// d_gu: `[n, 2f]` (overwritten); d_a: `[n, f]`; gu: `[n, 2f]`.
+    pub(crate) fn swiglu_backward_impl(
+        &self,
+        d_gu: CudaMut<'_>,
+        d_a: CudaRef<'_>,
+        gu: CudaRef<'_>,
+        n: usize,
+        f: usize,
+    ) -> Result<()> {
+        let op = "swiglu_backward";
+        want(op, "d_gu", &d_gu, self.compute, 2 * n * f)?;
+        want(op, "d_a", &d_a, self.compute, n * f)?;
+        want(op, "gu", &gu, self.compute, 2 * n * f)?;
+        if n * f == 0 {
+            return Ok(());
+        }
+        let p = SwigluParams {
+            out: d_gu.ptr,
+            gu: gu.ptr,
+            d_a: d_a.ptr,
+            n: n as i32,
+            f: f as i32,
+        };
+        // SAFETY: shapes checked above.
+        unsafe { self.launch(SWIGLU, self.compute, "swiglu_bwd", stride_launch(n * f), &p) }
+    }
+}

@@ -1,0 +1,335 @@
+//! Times every op of the CUDA backend (bf16) on Llama-3.2-1B shapes with CUDA events: D = 2048,
+//! H = 32, Hkv = 8, Dh = 64, F = 8192, V = 128256, N = 4096 tokens (one sequence, and 16 × 256).
+//! Ignored by default: run with `--ignored bench_llama_1b_shapes`. Prints a table of median and
+//! min milliseconds over 10 runs after 2 warm-up runs, with TFLOP/s or GB/s.
+
+use super::say;
+use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaOptions};
+use nopad_backend::{AdamW, AttnDims, Backend, Kind, LinearDims, RopeDims};
+
+/// Uniform values in [-s, s) from a fixed xorshift stream (fast enough for 10^8 elements).
+fn fill(n: usize, s: f32, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s
+        })
+        .collect()
+}
+
+fn up(g: &Cuda, n: usize, s: f32, kind: Kind) -> CudaBuf {
+    let mut b = g.alloc(n, kind).expect("alloc");
+    g.write(&mut b, 0, &fill(n, s, n as u64)).expect("write");
+    b
+}
+
+fn time(
+    g: &Cuda,
+    name: &str,
+    work: f64,
+    bytes: bool,
+    mut f: impl FnMut() -> nopad_backend::Result<()>,
+) {
+    for _ in 0..2 {
+        f().expect(name);
+    }
+    let mut ts: Vec<f32> = (0..10).map(|_| g.time_ms(&mut f).expect(name)).collect();
+    ts.sort_by(|a, b| a.total_cmp(b));
+    let med = ts[ts.len() / 2] as f64;
+    let rate = if bytes {
+        format!("{:8.0} GB/s", work / med / 1e6)
+    } else {
+        format!("{:8.1} TFLOP/s", work / med / 1e9)
+    };
+    say(&format!(
+        "bench {name:<44} median {med:9.3} ms  min {:9.3} ms  {rate}",
+        ts[0]
+    ));
+}
+
+#[test]
+#[ignore]
+fn bench_llama_1b_shapes() {
+    if let Err(reason) = probe() {
+        say(&format!("skipped: no CUDA device ({reason}) [bench]"));
+        return;
+    }
+    let g = Cuda::new(CudaOptions::default()).expect("device present");
+    say(&format!("bench device: {}", g.describe()));
+    let (n, d, h, hkv, dh, f, v) = (
+        4096usize,
+        2048usize,
+        32usize,
+        8usize,
+        64usize,
+        8192usize,
+        128256usize,
+    );
+    let qkv_w = (h + 2 * hkv) * dh;
+    let x = up(&g, n * 2 * f, 1.0, Kind::Compute);
+    let mut y = up(&g, n * 2 * f, 1.0, Kind::Compute);
+    let mut dx = up(&g, n * f, 1.0, Kind::Compute);
+    let w = up(&g, 2 * f * d, 0.02, Kind::Compute);
+    let mut dw = up(&g, 2 * f * d, 0.0, Kind::Master);
+
+    for (name, d_in, d_out) in [
+        ("qkv", d, qkv_w),
+        ("o_proj", d, d),
+        ("gate_up", d, 2 * f),
+        ("down", f, d),
+    ] {
+        let dims = LinearDims { n, d_in, d_out };
+        let fl = 2.0 * (n * d_in * d_out) as f64;
+        time(
+            &g,
+            &format!("linear_fwd {name} {n}x{d_in}->{d_out}"),
+            fl,
+            false,
+            || {
+                g.linear_forward(
+                    g.view_mut(&mut y, 0..n * d_out),
+                    g.view(&x, 0..n * d_in),
+                    g.view(&w, 0..d_in * d_out),
+                    None,
+                    dims,
+                )
+            },
+        );
+        time(
+            &g,
+            &format!("linear_bwd {name} (dx + dW)"),
+            2.0 * fl,
+            false,
+            || {
+                g.linear_backward(
+                    Some(g.view_mut(&mut dx, 0..n * d_in)),
+                    g.view_mut(&mut dw, 0..d_in * d_out),
+                    None,
+                    g.view(&y, 0..n * d_out),
+                    g.view(&x, 0..n * d_in),
+                    g.view(&w, 0..d_in * d_out),
+                    dims,
+                )
+            },
+        );
+    }
+
+    let mut rstd = up(&g, n, 1.0, Kind::Master);
+    let mut dwt = up(&g, d, 0.0, Kind::Master);
+    let nd = (n * d) as f64;
+    time(&g, "rmsnorm_fwd 4096x2048", nd * 4.0, true, || {
+        g.rmsnorm_forward(
+            g.view_mut(&mut y, 0..n * d),
+            g.view_mut(&mut rstd, 0..n),
+            g.view(&x, 0..n * d),
+            g.view(&w, 0..d),
+            n,
+            d,
+            1e-5,
+        )
+    });
+    time(&g, "rmsnorm_bwd", nd * 10.0, true, || {
+        g.rmsnorm_backward(
+            g.view_mut(&mut dx, 0..n * d),
+            g.view_mut(&mut dwt, 0..d),
+            g.view(&y, 0..n * d),
+            g.view(&x, 0..n * d),
+            g.view(&w, 0..d),
+            g.view(&rstd, 0..n),
+            n,
+            d,
+        )
+    });
+    let inv = up(&g, dh / 2, 0.5, Kind::Master);
+    let pos: Vec<i32> = (0..n as i32).collect();
+    let gpos = g.ints(&pos).expect("ints");
+    let rd = RopeDims {
+        n,
+        row_stride: qkv_w,
+        n_rot_heads: h + hkv,
+        head_dim: dh,
+    };
+    time(
+        &g,
+        "rope_fwd (q and k heads)",
+        (n * (h + hkv) * dh * 4) as f64,
+        true,
+        || {
+            g.rope_forward(
+                g.view_mut(&mut y, 0..n * qkv_w),
+                g.view(&inv, 0..dh / 2),
+                &gpos,
+                rd,
+            )
+        },
+    );
+    let nf = (n * f) as f64;
+    time(&g, "swiglu_fwd 4096x8192", nf * 6.0, true, || {
+        g.swiglu_forward(
+            g.view_mut(&mut dx, 0..n * f),
+            g.view(&y, 0..2 * n * f),
+            n,
+            f,
+        )
+    });
+    time(&g, "swiglu_bwd", nf * 10.0, true, || {
+        g.swiglu_backward(
+            g.view_mut(&mut y, 0..2 * n * f),
+            g.view(&dx, 0..n * f),
+            g.view(&x, 0..2 * n * f),
+            n,
+            f,
+        )
+    });
+
+    for lens in [vec![n], vec![256; 16]] {
+        let mut cu = vec![0i32];
+        for &l in &lens {
+            cu.push(cu[cu.len() - 1] + l as i32);
+        }
+        let gcu = g.ints(&cu).expect("ints");
+        let dims = AttnDims {
+            n,
+            n_seqs: lens.len(),
+            max_seqlen: lens[0],
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: dh,
+            scale: 0.125,
+        };
+        let sl2: f64 = lens.iter().map(|&l| (l * l) as f64 / 2.0).sum();
+        let fl = 4.0 * (dh * h) as f64 * sl2;
+        let mut lse = up(&g, h * n, 0.0, Kind::Master);
+        let tag = format!("{}x{}", lens.len(), lens[0]);
+        time(&g, &format!("attention_fwd {tag}"), fl, false, || {
+            g.attention_forward(
+                g.view_mut(&mut dx, 0..n * h * dh),
+                g.view_mut(&mut lse, 0..h * n),
+                g.view(&x, 0..n * qkv_w),
+                &gcu,
+                dims,
+            )
+        });
+        time(&g, &format!("attention_bwd {tag}"), 2.5 * fl, false, || {
+            g.attention_backward(
+                g.view_mut(&mut y, 0..n * qkv_w),
+                g.view(&x, 0..n * h * dh),
+                g.view(&x, 0..n * qkv_w),
+                g.view(&dx, 0..n * h * dh),
+                g.view(&lse, 0..h * n),
+                &gcu,
+                dims,
+            )
+        });
+    }
+
+    let head = up(&g, v * d, 0.02, Kind::Compute);
+    let mut dhead = up(&g, v * d, 0.0, Kind::Master);
+    let mut loss = up(&g, 1, 0.0, Kind::Master);
+    for masked in [0usize, 2] {
+        let targets: Vec<i32> = (0..n)
+            .map(|t| {
+                if masked > 0 && t % masked == 0 {
+                    -100
+                } else {
+                    (t * 7919 % v) as i32
+                }
+            })
+            .collect();
+        let rows = targets.iter().filter(|&&t| t != -100).count();
+        let gt = g.ints(&targets).expect("ints");
+        let dims = LinearDims {
+            n,
+            d_in: d,
+            d_out: v,
+        };
+        time(
+            &g,
+            &format!("lm_head_loss fwd+bwd {rows} target rows, V={v}"),
+            6.0 * (rows * d * v) as f64,
+            false,
+            || {
+                g.lm_head_loss(
+                    g.view_mut(&mut loss, 0..1),
+                    Some(g.view_mut(&mut dx, 0..n * d)),
+                    Some(g.view_mut(&mut dhead, 0..v * d)),
+                    g.view(&x, 0..n * d),
+                    g.view(&head, 0..v * d),
+                    &gt,
+                    dims,
+                    1e-4,
+                )
+            },
+        );
+    }
+    let tok: Vec<i32> = (0..n).map(|t| (t * 31 % v) as i32).collect();
+    let gtok = g.ints(&tok).expect("ints");
+    time(&g, "embedding_fwd", nd * 4.0, true, || {
+        g.embedding_forward(
+            g.view_mut(&mut y, 0..n * d),
+            g.view(&head, 0..v * d),
+            &gtok,
+            n,
+            d,
+        )
+    });
+    time(&g, "embedding_bwd (fp32 atomics)", nd * 10.0, true, || {
+        g.embedding_backward(
+            g.view_mut(&mut dhead, 0..v * d),
+            g.view(&x, 0..n * d),
+            &gtok,
+            n,
+            d,
+        )
+    });
+    time(&g, "add 4096x2048", nd * 6.0, true, || {
+        g.add(
+            g.view_mut(&mut y, 0..n * d),
+            g.view(&x, 0..n * d),
+            g.view(&dx, 0..n * d),
+            n * d,
+        )
+    });
+    let np = 256usize << 20;
+    let mut p = up(&g, np, 1.0, Kind::Compute);
+    let mut master = up(&g, np, 1.0, Kind::Master);
+    let grad = up(&g, np, 1.0, Kind::Master);
+    let mut m = up(&g, np, 0.0, Kind::Master);
+    let mut vv = up(&g, np, 0.0, Kind::Master);
+    let hp = AdamW {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 3,
+        grad_scale: 1.0,
+    };
+    time(
+        &g,
+        "adamw 256M params (bf16 + fp32 master)",
+        np as f64 * 34.0,
+        true,
+        || {
+            g.adamw(
+                g.view_mut(&mut p, 0..np),
+                Some(g.view_mut(&mut master, 0..np)),
+                g.view(&grad, 0..np),
+                g.view_mut(&mut m, 0..np),
+                g.view_mut(&mut vv, 0..np),
+                np,
+                hp,
+            )
+        },
+    );
+    time(&g, "sum_squares 256M fp32", np as f64 * 4.0, true, || {
+        g.sum_squares(g.view(&grad, 0..np), np).map(|_| ())
+    });
+    say(&format!(
+        "bench peak device memory: {:.2} GiB",
+        g.peak_memory() as f64 / (1u64 << 30) as f64
+    ));
+}
