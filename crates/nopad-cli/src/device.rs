@@ -1,7 +1,10 @@
-//! Choosing the backend: `--device auto|cpu|cuda`, and running a job generic over it.
+//! Choosing the backend: `--device auto|cpu|cuda` (and `--dtype bf16|f32` on CUDA), and running
+//! a job generic over it.
 
-use anyhow::Result;
-use nopad_backend::{cpu::Cpu, Backend};
+use anyhow::{Context, Result};
+use nopad_backend::cpu::Cpu;
+use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
+use nopad_backend::Backend;
 
 /// What `--device` asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +29,15 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
+/// Parses `--dtype`.
+pub fn parse_dtype(s: &str) -> std::result::Result<CudaDtype, String> {
+    match s {
+        "bf16" => Ok(CudaDtype::Bf16),
+        "f32" => Ok(CudaDtype::F32),
+        _ => Err(format!("unknown dtype `{s}` (expected bf16 or f32)")),
+    }
+}
+
 /// A piece of work that runs on whichever backend was chosen.
 pub trait Job {
     /// What the job returns.
@@ -34,16 +46,27 @@ pub trait Job {
     fn run<B: Backend>(self, b: &B) -> Result<Self::Out>;
 }
 
+fn cuda(dtype: CudaDtype) -> Result<Cuda> {
+    let c = Cuda::new(CudaOptions {
+        dtype,
+        ..Default::default()
+    })
+    .context("--device cuda")?;
+    c.warm_up().context("compiling the CUDA kernels")?;
+    Ok(c)
+}
+
 /// Runs `job` on the backend `choice` selects.
-pub fn run_on<J: Job>(choice: DeviceChoice, job: J) -> Result<J::Out> {
+pub fn run_on<J: Job>(choice: DeviceChoice, dtype: CudaDtype, job: J) -> Result<J::Out> {
     match choice {
         DeviceChoice::Cpu => job.run(&Cpu::<f32>::new()),
-        DeviceChoice::Cuda => {
-            anyhow::bail!("--device cuda: this build has no CUDA backend yet; use --device cpu")
-        }
-        DeviceChoice::Auto => {
-            eprintln!("nopad: no CUDA backend in this build; using the CPU");
-            job.run(&Cpu::<f32>::new())
-        }
+        DeviceChoice::Cuda => job.run(&cuda(dtype)?),
+        DeviceChoice::Auto => match probe() {
+            Ok(_) => job.run(&cuda(dtype)?),
+            Err(why) => {
+                eprintln!("nopad: no usable GPU ({why}); using the CPU");
+                job.run(&Cpu::<f32>::new())
+            }
+        },
     }
 }

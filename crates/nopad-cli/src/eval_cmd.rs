@@ -34,6 +34,9 @@ pub struct EvalArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Compute type on CUDA: bf16 (mixed precision) or f32.
+    #[arg(long, default_value = "bf16", value_parser = crate::device::parse_dtype)]
+    pub dtype: nopad_backend::cuda::CudaDtype,
     /// Print `{"loss": ..., "tokens": ...}` only.
     #[arg(long)]
     pub json: bool,
@@ -76,7 +79,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let r = run_on(a.device, EvalJob(a))?;
+    let r = run_on(a.device, a.dtype, EvalJob(a))?;
     if a.json {
         println!(
             "{}",

@@ -6,6 +6,7 @@
 
 mod device;
 mod eval_cmd;
+mod stats;
 mod train_args;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Train(Box<train_args::TrainArgs>),
     /// Token-weighted loss of a model over a pretokenized JSONL file.
     Eval(eval_cmd::EvalArgs),
+    /// What each packing strategy would do with a data set (rows, padding, steps, Σlen²).
+    Stats(stats::StatsArgs),
 }
 
 fn main() {
@@ -32,6 +35,7 @@ fn main() {
         None => train_args::run(&train_args::TrainArgs::default()),
         Some(Command::Train(args)) => train_args::run(&args),
         Some(Command::Eval(args)) => eval_cmd::run(&args),
+        Some(Command::Stats(args)) => stats::run(&args),
     };
     if let Err(e) = result {
         eprintln!("nopad: error: {e}");

@@ -13,6 +13,7 @@ use nopad_train::{DataSource, ModelSource, TrainConfig};
 use serde::Deserialize;
 
 use crate::device::{run_on, DeviceChoice, Job};
+use nopad_backend::cuda::CudaDtype;
 
 /// Flags of `nopad train`. Every flag but `--config` may also be a key of the config file.
 #[derive(Args, Clone, Debug, Default, Deserialize)]
@@ -101,6 +102,9 @@ pub struct TrainArgs {
     /// auto (CUDA if present, else CPU), cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
+    /// Compute type on CUDA: bf16 (mixed precision, fp32 master weights) or f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Never draw a progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_progress: Option<bool>,
@@ -150,12 +154,13 @@ impl TrainArgs {
             log_every,
             eval_data,
             device,
+            dtype,
             no_progress
         )
     }
 
     /// Merges the config file (if any) and validates everything into a [`TrainConfig`].
-    pub fn resolve(&self) -> Result<(TrainConfig, DeviceChoice)> {
+    pub fn resolve(&self) -> Result<(TrainConfig, DeviceChoice, CudaDtype)> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => TrainArgs::default(),
@@ -268,7 +273,9 @@ impl TrainArgs {
         c.eval_data = a.eval_data.clone();
         c.progress = !a.no_progress.unwrap_or(false);
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
-        Ok((c, device))
+        let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
+            .map_err(|e| anyhow::anyhow!("`dtype`: {e}"))?;
+        Ok((c, device, dtype))
     }
 }
 
@@ -284,11 +291,11 @@ impl Job for TrainJob {
 
 /// Runs `nopad train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let (cfg, device) = args.resolve()?;
+    let (cfg, device, dtype) = args.resolve()?;
     if cfg.strategy == nopad_data::Strategy::Concat {
         eprintln!("nopad: warning: {}", nopad_data::CONCAT_WARNING);
     }
-    let summary = run_on(device, TrainJob(cfg))?;
+    let summary = run_on(device, dtype, TrainJob(cfg))?;
     println!("{summary}");
     Ok(())
 }

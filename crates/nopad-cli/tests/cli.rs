@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn nopad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nopad")).args(args).output().expect("the nopad binary runs")
+    Command::new(env!("CARGO_BIN_EXE_nopad"))
+        .args(args)
+        .output()
+        .expect("the nopad binary runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -27,16 +30,48 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
     let out = dir.path().join("ckpt");
     let log = dir.path().join("log.jsonl");
     let summary = ok(nopad(&[
-        "train", "--model", "tiny", "--steps", "3", "--max-len", "32", "--batch-size", "4", "--device", "cpu",
-        "--out", out.to_str().unwrap(), "--log", log.to_str().unwrap(), "--no-progress",
+        "train",
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--max-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+        "--no-progress",
     ]));
-    assert!(summary.contains("strategy flatten: 3 steps") && summary.contains("loss "), "{summary}");
+    assert!(
+        summary.contains("strategy flatten: 3 steps") && summary.contains("loss "),
+        "{summary}"
+    );
     assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
-    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "target_tokens_per_s", "padding_fraction"] {
-        assert!(lines[2].get(key).is_some_and(|v| v.is_number()), "log line lacks {key}: {}", lines[2]);
+    for key in [
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "target_tokens_per_s",
+        "padding_fraction",
+    ] {
+        assert!(
+            lines[2].get(key).is_some_and(|v| v.is_number()),
+            "log line lacks {key}: {}",
+            lines[2]
+        );
     }
     let data = dir.path().join("eval.jsonl");
     write(
@@ -46,7 +81,16 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
          {\"input_ids\": [1, 40, 41, 42], \"labels\": [-100, -100, -100, 42]}\n",
     );
     let eval = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["eval", "--model", out.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--device", "cpu"];
+        let mut args = vec![
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            "--device",
+            "cpu",
+        ];
         args.extend_from_slice(extra);
         serde_json::from_str(ok(nopad(&args)).trim()).unwrap()
     };
@@ -55,7 +99,11 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
     assert_eq!(base["tokens"], 10);
     let l0 = base["loss"].as_f64().unwrap();
     assert!(l0.is_finite() && l0 > 0.0);
-    for extra in [&["--strategy", "pad", "--batch-size", "1"][..], &["--strategy", "pad", "--batch-size", "3"], &["--batch-size", "2"]] {
+    for extra in [
+        &["--strategy", "pad", "--batch-size", "1"][..],
+        &["--strategy", "pad", "--batch-size", "3"],
+        &["--batch-size", "2"],
+    ] {
         let r = eval(extra);
         assert_eq!(r["tokens"], 10);
         let l = r["loss"].as_f64().unwrap();
@@ -67,8 +115,19 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
 fn config_files_are_merged_and_bad_keys_or_values_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("run.toml");
-    write(&cfg, "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n");
-    let out = ok(nopad(&["train", "--config", cfg.to_str().unwrap(), "--device", "cpu", "--strategy", "pad"]));
+    write(
+        &cfg,
+        "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n",
+    );
+    let out = ok(nopad(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--strategy",
+        "pad",
+    ]));
     assert!(out.contains("strategy pad: 2 steps"), "{out}");
 
     write(&cfg, "model = \"tiny\"\nbatch_sise = 2\n");
@@ -86,7 +145,10 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
     let e = stderr(&nopad(&["train", "--batch-size", "0"]));
     assert!(e.contains("`batch-size`: must be at least 1"), "{e}");
     let e = stderr(&nopad(&["train", "--model", "llama-9b"]));
-    assert!(e.contains("`llama-9b` is neither a directory nor a preset") && e.contains("llama-3.2-1b"), "{e}");
+    assert!(
+        e.contains("`llama-9b` is neither a directory nor a preset") && e.contains("llama-3.2-1b"),
+        "{e}"
+    );
     let e = stderr(&nopad(&["train", "--device", "tpu"]));
     assert!(e.contains("`device`: unknown device `tpu`"), "{e}");
 }
@@ -95,14 +157,33 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
 fn bad_data_and_bad_models_are_reported_with_their_place() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d.jsonl");
-    write(&data, "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 200, 3]}\n");
-    let e = stderr(&nopad(&["eval", "--model", "tiny", "--data", data.to_str().unwrap(), "--device", "cpu"]));
+    write(
+        &data,
+        "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 200, 3]}\n",
+    );
+    let e = stderr(&nopad(&[
+        "eval",
+        "--model",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
     assert!(e.contains("d.jsonl:2") && e.contains("input_ids"), "{e}");
 
     let model = dir.path().join("m");
     std::fs::create_dir(&model).unwrap();
     write(&model.join("config.json"), "{\"architectures\": [\"LlamaForCausalLM\"], \"vocab_size\": 10, \"hidden_size\": 8, \"intermediate_size\": 8, \"num_hidden_layers\": 1, \"num_attention_heads\": 3}");
     write(&data, "{\"input_ids\": [1, 2, 3]}\n");
-    let e = stderr(&nopad(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu"]));
+    let e = stderr(&nopad(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]));
     assert!(e.contains("config.json: field `head_dim`"), "{e}");
 }

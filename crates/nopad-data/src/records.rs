@@ -24,9 +24,12 @@ pub(crate) struct Converter<'a> {
 
 impl<'a> Converter<'a> {
     pub(crate) fn new(path: &'a Path, opts: &LoadOptions) -> Result<Self, DataError> {
+        // A model directory without tokenizer.json is fine for pretokenized data; formats that
+        // need a tokenizer then fail with `missing_tokenizer`.
         let tokenizer = opts
             .tokenizer_dir
             .as_deref()
+            .filter(|d| d.join("tokenizer.json").exists())
             .map(ModelTokenizer::load)
             .transpose()?;
         Ok(Converter {

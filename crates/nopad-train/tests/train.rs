@@ -12,7 +12,10 @@ use nopad_train::{evaluate, train, AdamWConfig, DataSource, ModelSource, Optimiz
 fn tiny_config(steps: u64) -> TrainConfig {
     let mut c = TrainConfig::default_cpu();
     c.model = ModelSource::Preset("tiny".into());
-    c.data = DataSource::Synthetic { dist: LengthDist::FlanLike, examples: 256 };
+    c.data = DataSource::Synthetic {
+        dist: LengthDist::FlanLike,
+        examples: 256,
+    };
     c.max_len = 64;
     c.batch_size = 8;
     c.steps = Some(steps);
@@ -31,7 +34,10 @@ fn a_short_run_on_the_tiny_preset_lowers_the_loss() {
     assert_eq!(losses.len(), 40);
     let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
-    assert!(last < first - 0.3, "loss did not fall: first {first:.3}, last {last:.3}");
+    assert!(
+        last < first - 0.3,
+        "loss did not fall: first {first:.3}, last {last:.3}"
+    );
     assert!(s.tokens_per_s > 0.0 && s.real_tokens > 0 && s.pad_tokens == 0);
 }
 
@@ -42,7 +48,10 @@ fn runs_with_the_same_seed_are_bit_identical() {
         let mut c = tiny_config(6);
         c.seed = seed;
         let mut v = Vec::new();
-        train(&b, &c, |r| v.push((r.loss.to_bits(), r.grad_norm.to_bits()))).unwrap();
+        train(&b, &c, |r| {
+            v.push((r.loss.to_bits(), r.grad_norm.to_bits()))
+        })
+        .unwrap();
         v
     };
     assert_eq!(run(3), run(3));
@@ -50,11 +59,23 @@ fn runs_with_the_same_seed_are_bit_identical() {
 }
 
 fn examples() -> Vec<Example> {
-    instruction_dataset(&SyntheticConfig { n_examples: 48, vocab_size: 97, lengths: LengthDist::FlanLike, max_len: 40, seed: 1 })
+    instruction_dataset(&SyntheticConfig {
+        n_examples: 48,
+        vocab_size: 97,
+        lengths: LengthDist::FlanLike,
+        max_len: 40,
+        seed: 1,
+    })
 }
 
 fn pack(strategy: Strategy, batch_size: usize) -> PackOptions {
-    PackOptions { strategy, batch_size, max_len: 40, pad_token_id: 0, group_by_length: false }
+    PackOptions {
+        strategy,
+        batch_size,
+        max_len: 40,
+        pad_token_id: 0,
+        group_by_length: false,
+    }
 }
 
 #[test]
@@ -67,12 +88,23 @@ fn pad_and_flatten_steps_train_identically() {
     for strategy in [Strategy::Pad, Strategy::Flatten] {
         let (mut model, _) = build_model(&b, &ModelSource::Preset("tiny".into()), 7).unwrap();
         let mut opt = Optimizer::new(&b, &model, AdamWConfig::default()).unwrap();
-        let opts = LoaderOptions { pack: pack(strategy, 4), grad_accum: 2, seed: 5, shuffle: true, start: Default::default(), prefetch: 2 };
+        let opts = LoaderOptions {
+            pack: pack(strategy, 4),
+            grad_accum: 2,
+            seed: 5,
+            shuffle: true,
+            start: Default::default(),
+            prefetch: 2,
+        };
         let mut loader = Loader::new(ex.clone(), opts).unwrap();
         let mut losses = Vec::new();
         for _ in 0..4 {
             let step = loader.next().unwrap();
-            losses.push(train_step(&b, &mut model, &mut opt, &step.batches, 1e-3).unwrap().0);
+            losses.push(
+                train_step(&b, &mut model, &mut opt, &step.batches, 1e-3)
+                    .unwrap()
+                    .0,
+            );
         }
         results.push((losses, model.params.to_vec()));
     }
@@ -81,7 +113,11 @@ fn pad_and_flatten_steps_train_identically() {
     for (a, c) in lp.iter().zip(lf) {
         assert!((a - c).abs() / a <= 1e-5, "pad {a} vs flatten {c}");
     }
-    let diff = wp.iter().zip(wf).map(|(a, c)| (a - c).abs()).fold(0.0f32, f32::max);
+    let diff = wp
+        .iter()
+        .zip(wf)
+        .map(|(a, c)| (a - c).abs())
+        .fold(0.0f32, f32::max);
     assert!(diff <= 1e-5, "weights drifted apart by {diff}");
 }
 
@@ -92,15 +128,27 @@ fn evaluation_does_not_depend_on_strategy_or_batch_size() {
     let ex = examples();
     let base = evaluate(&b, &mut model, &ex, &pack(Strategy::Flatten, 48)).unwrap();
     assert!(base.tokens > 0 && base.loss.is_finite());
-    for (s, bs) in [(Strategy::Pad, 1), (Strategy::Pad, 7), (Strategy::Flatten, 1), (Strategy::Flatten, 5)] {
+    for (s, bs) in [
+        (Strategy::Pad, 1),
+        (Strategy::Pad, 7),
+        (Strategy::Flatten, 1),
+        (Strategy::Flatten, 5),
+    ] {
         let r = evaluate(&b, &mut model, &ex, &pack(s, bs)).unwrap();
         assert_eq!(r.tokens, base.tokens);
-        assert!(((r.loss - base.loss) / base.loss).abs() <= 1e-5, "{s} x{bs}: {} vs {}", r.loss, base.loss);
+        assert!(
+            ((r.loss - base.loss) / base.loss).abs() <= 1e-5,
+            "{s} x{bs}: {} vs {}",
+            r.loss,
+            base.loss
+        );
     }
     // A single packed micro-batch gives the same loss as the whole evaluation.
     let refs: Vec<&Example> = ex.iter().collect();
     let batch = pack_micro_batch(&refs, &pack(Strategy::Flatten, 48));
-    model.forward(&b, &nopad_train::trainer::inputs(&batch), None).unwrap();
+    model
+        .forward(&b, &nopad_train::trainer::inputs(&batch), None)
+        .unwrap();
     let loss = model.take_loss_sum(&b).unwrap() / batch.stats.target_tokens as f64;
     assert!(((loss - base.loss) / base.loss).abs() <= 1e-6);
 }
