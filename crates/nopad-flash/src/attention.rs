@@ -20,6 +20,9 @@ const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
 const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
 const SIMPLE: &str = include_str!("kernels/simple.cu");
 
+/// The caller's loader: `load(name, cuda_source) -> module` (NVRTC plus its disk cache).
+pub type ModuleLoader = dyn Fn(&str, &str) -> Result<Arc<CudaModule>, String>;
+
 /// Which kernels `forward`/`backward` launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
@@ -63,18 +66,19 @@ fn driver(what: impl Into<String>) -> impl FnOnce(result::DriverError) -> FlashE
 impl FlashAttention {
     /// Compile and load every kernel through `load(name, cuda_source)` (the caller's NVRTC with
     /// its disk cache). Sources are self-contained: no CUDA headers are needed.
-    pub fn new(
-        load: &dyn Fn(&str, &str) -> Result<Arc<CudaModule>, String>,
-    ) -> Result<Self, FlashError> {
+    pub fn new(load: &ModuleLoader) -> Result<Self, FlashError> {
         let module = |name: &str, src: &str| {
-            load(name, &format!("{COMMON}\n{src}"))
-                .map_err(|msg| FlashError::Load { module: name.to_string(), msg })
+            load(name, &format!("{COMMON}\n{src}")).map_err(|msg| FlashError::Load {
+                module: name.to_string(),
+                msg,
+            })
         };
         let fwd = module("flash_fwd.cu", FWD)?;
         let bwd = module("flash_bwd.cu", &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}"))?;
         let simple = module("flash_simple.cu", SIMPLE)?;
         let get = |m: &Arc<CudaModule>, name: String| {
-            m.load_function(&name).map_err(driver(format!("loading kernel {name}")))
+            m.load_function(&name)
+                .map_err(driver(format!("loading kernel {name}")))
         };
         let per_dim = |dh: usize| -> Result<PerDim, FlashError> {
             let p = PerDim {
@@ -95,7 +99,11 @@ impl FlashAttention {
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
             Ok(p)
         };
-        Ok(FlashAttention { d64: per_dim(64)?, d128: per_dim(128)?, kernels: KernelSet::Mma })
+        Ok(FlashAttention {
+            d64: per_dim(64)?,
+            d128: per_dim(128)?,
+            kernels: KernelSet::Mma,
+        })
     }
 
     /// Switch between the tensor-core kernels (default) and the scalar oracle.
@@ -122,7 +130,10 @@ impl FlashAttention {
             )));
         }
         if !(dims.scale.is_finite() && dims.scale > 0.0) {
-            return Err(FlashError::Unsupported(format!("scale {} must be finite and > 0", dims.scale)));
+            return Err(FlashError::Unsupported(format!(
+                "scale {} must be finite and > 0",
+                dims.scale
+            )));
         }
         Ok(())
     }
@@ -196,9 +207,17 @@ impl FlashAttention {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(func);
-        b.arg(&qkv).arg(&out).arg(&lse).arg(&tiles).arg(&h).arg(&hkv).arg(&n).arg(&dims.scale);
+        b.arg(&qkv)
+            .arg(&out)
+            .arg(&lse)
+            .arg(&tiles)
+            .arg(&h)
+            .arg(&hkv)
+            .arg(&n)
+            .arg(&dims.scale);
         // SAFETY: argument order and types match `flash_fwd_<dh>` / `flash_simple_fwd_<dh>`.
-        b.launch(cfg).map_err(driver(format!("launching {name}_{}", dims.head_dim)))?;
+        b.launch(cfg)
+            .map_err(driver(format!("launching {name}_{}", dims.head_dim)))?;
         Ok(())
     }
 
@@ -249,20 +268,36 @@ impl FlashAttention {
         match self.kernels {
             KernelSet::Mma => {
                 let mut b = stream.launch_builder(&f.prep);
-                b.arg(&out).arg(&d_out).arg(&lse).arg(&dbuf).arg(&lse2).arg(&tiles);
+                b.arg(&out)
+                    .arg(&d_out)
+                    .arg(&lse)
+                    .arg(&dbuf)
+                    .arg(&lse2)
+                    .arg(&tiles);
                 b.arg(&h).arg(&n).arg(&tpad);
                 // SAFETY: matches `flash_bwd_prep_<dh>`.
-                b.launch(cfg(grid_q, 256, 0)).map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
+                b.launch(cfg(grid_q, 256, 0))
+                    .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
 
                 let mut b = stream.launch_builder(&f.dkdv);
-                b.arg(&qkv).arg(&d_out).arg(&lse2).arg(&dbuf).arg(&d_qkv).arg(&kv_tiles);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse2)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&kv_tiles);
                 b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
                 // SAFETY: matches `flash_bwd_dkdv_<dh>`.
                 b.launch(cfg(grid_kv, 128, smem_dkdv(dh)))
                     .map_err(driver(format!("launching flash_bwd_dkdv_{dh}")))?;
 
                 let mut b = stream.launch_builder(&f.dq);
-                b.arg(&qkv).arg(&d_out).arg(&lse2).arg(&dbuf).arg(&d_qkv).arg(&tiles);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse2)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&tiles);
                 b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
                 // SAFETY: matches `flash_bwd_dq_<dh>`.
                 b.launch(cfg(grid_q, 128, smem_dq(dh)))
@@ -271,18 +306,33 @@ impl FlashAttention {
             KernelSet::Simple => {
                 // D: [H, N] unpadded, inside the workspace's D section (N <= Tpad).
                 let mut b = stream.launch_builder(&f.s_prep);
-                b.arg(&out).arg(&d_out).arg(&dbuf).arg(&tiles).arg(&h).arg(&n);
+                b.arg(&out)
+                    .arg(&d_out)
+                    .arg(&dbuf)
+                    .arg(&tiles)
+                    .arg(&h)
+                    .arg(&n);
                 // SAFETY: matches `flash_simple_bwd_prep_<dh>`.
                 b.launch(cfg(grid_q, 64, 0))
                     .map_err(driver(format!("launching flash_simple_bwd_prep_{dh}")))?;
                 let mut b = stream.launch_builder(&f.s_dq);
-                b.arg(&qkv).arg(&d_out).arg(&lse).arg(&dbuf).arg(&d_qkv).arg(&tiles);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&tiles);
                 b.arg(&h).arg(&hkv).arg(&n).arg(&scale);
                 // SAFETY: matches `flash_simple_bwd_dq_<dh>`.
                 b.launch(cfg(grid_q, 64, 0))
                     .map_err(driver(format!("launching flash_simple_bwd_dq_{dh}")))?;
                 let mut b = stream.launch_builder(&f.s_dkdv);
-                b.arg(&qkv).arg(&d_out).arg(&lse).arg(&dbuf).arg(&d_qkv).arg(&tiles);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&tiles);
                 b.arg(&h).arg(&hkv).arg(&n).arg(&scale);
                 // SAFETY: matches `flash_simple_bwd_dkdv_<dh>`; its grid is q tiles x Hkv.
                 b.launch(cfg((q_tiles * dims.n_kv_heads) as u32, 64, 0))

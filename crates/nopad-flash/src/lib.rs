@@ -20,7 +20,7 @@ pub mod harness;
 pub mod plan;
 pub mod reference;
 
-pub use attention::{FlashAttention, KernelSet};
+pub use attention::{FlashAttention, KernelSet, ModuleLoader};
 pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.
@@ -72,7 +72,10 @@ pub enum FlashError {
 /// Causal FLOPs of one call (flash-notes section 7 convention): forward `4 Dh H sum L^2 / 2`,
 /// backward 2.5 x forward (5 matmuls against 2).
 pub fn causal_flops(cu_seqlens_host: &[i32], n_heads: usize, head_dim: usize) -> (f64, f64) {
-    let sum_sq: f64 = cu_seqlens_host.windows(2).map(|w| ((w[1] - w[0]) as f64).powi(2)).sum();
+    let sum_sq: f64 = cu_seqlens_host
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) as f64).powi(2))
+        .sum();
     let fwd = 4.0 * head_dim as f64 * n_heads as f64 * sum_sq / 2.0;
     (fwd, 2.5 * fwd)
 }

@@ -85,7 +85,10 @@ impl Plan {
         let mut max_len = 0usize;
         for (b, w) in cu_seqlens.windows(2).enumerate() {
             if w[1] < w[0] {
-                return bad(format!("cu_seqlens decreases at sequence {b}: {} -> {}", w[0], w[1]));
+                return bad(format!(
+                    "cu_seqlens decreases at sequence {b}: {} -> {}",
+                    w[0], w[1]
+                ));
             }
             let len = (w[1] - w[0]) as usize;
             max_len = max_len.max(len);
@@ -100,13 +103,21 @@ impl Plan {
         }
         let n_tokens = *cu_seqlens.last().unwrap_or(&0) as usize;
         if n_tokens != dims.n {
-            return bad(format!("cu_seqlens ends at {n_tokens}, but dims.n = {}", dims.n));
+            return bad(format!(
+                "cu_seqlens ends at {n_tokens}, but dims.n = {}",
+                dims.n
+            ));
         }
         if max_len > dims.max_seqlen {
-            return bad(format!("a sequence has {max_len} tokens > dims.max_seqlen = {}", dims.max_seqlen));
+            return bad(format!(
+                "a sequence has {max_len} tokens > dims.max_seqlen = {}",
+                dims.max_seqlen
+            ));
         }
         if pad > i32::MAX as usize / 2 {
-            return bad(format!("{n_tokens} tokens exceed the i32 row indices of the kernels"));
+            return bad(format!(
+                "{n_tokens} tokens exceed the i32 row indices of the kernels"
+            ));
         }
         // Stable sorts: equal costs keep sequence order, so the list is deterministic.
         let mut qi: Vec<usize> = (0..q_tiles.len()).collect();
@@ -115,8 +126,20 @@ impl Plan {
         ki.sort_by_key(|&i| std::cmp::Reverse(kv_cost[i]));
         let q_tiles: Vec<TileDesc> = qi.iter().map(|&i| q_tiles[i]).collect();
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
-        let host = q_tiles.iter().chain(kv_tiles.iter()).flatten().copied().collect();
-        Ok(Plan { n_tokens, t_pad: pad, q_tiles, kv_tiles, host, pinned: OnceLock::new() })
+        let host = q_tiles
+            .iter()
+            .chain(kv_tiles.iter())
+            .flatten()
+            .copied()
+            .collect();
+        Ok(Plan {
+            n_tokens,
+            t_pad: pad,
+            q_tiles,
+            kv_tiles,
+            host,
+            pinned: OnceLock::new(),
+        })
     }
 
     /// Query tiles (64 rows each) in launch order.
@@ -140,28 +163,45 @@ impl Plan {
         let lse2 = align256(kv_tiles + 16 * self.kv_tiles.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
         let total = align256(d + 4 * n_heads * self.t_pad).max(256);
-        WorkspaceLayout { tiles, kv_tiles, lse2, d, total }
+        WorkspaceLayout {
+            tiles,
+            kv_tiles,
+            lse2,
+            d,
+            total,
+        }
     }
 
     /// The tile lists in page-locked host memory (created once per plan), so the upload in
     /// `forward`/`backward` is a true async copy that never waits for the stream.
-    pub(crate) fn pinned_tiles(&self, ctx: &std::sync::Arc<CudaContext>) -> Result<&[i32], FlashError> {
+    pub(crate) fn pinned_tiles(
+        &self,
+        ctx: &std::sync::Arc<CudaContext>,
+    ) -> Result<&[i32], FlashError> {
         if self.pinned.get().is_none() {
             let len = self.host.len().max(4);
             // SAFETY: the slice is fully written below before any copy reads it.
-            let mut p = unsafe { ctx.alloc_pinned::<i32>(len) }
-                .map_err(|e| FlashError::Driver { what: "alloc_pinned for tile lists".into(), source: e })?;
-            let dst = p
-                .as_mut_ptr()
-                .map_err(|e| FlashError::Driver { what: "pinned tile list pointer".into(), source: e })?;
+            let mut p =
+                unsafe { ctx.alloc_pinned::<i32>(len) }.map_err(|e| FlashError::Driver {
+                    what: "alloc_pinned for tile lists".into(),
+                    source: e,
+                })?;
+            let dst = p.as_mut_ptr().map_err(|e| FlashError::Driver {
+                what: "pinned tile list pointer".into(),
+                source: e,
+            })?;
             // SAFETY: `dst` points at `len >= host.len()` i32s owned by `p`.
             unsafe { std::ptr::copy_nonoverlapping(self.host.as_ptr(), dst, self.host.len()) };
             let _ = self.pinned.set(p);
         }
-        let p = self.pinned.get().ok_or_else(|| FlashError::InvalidSeqlens("pinned tile list missing".into()))?;
-        let s = p
-            .as_slice()
-            .map_err(|e| FlashError::Driver { what: "pinned tile list slice".into(), source: e })?;
+        let p = self
+            .pinned
+            .get()
+            .ok_or_else(|| FlashError::InvalidSeqlens("pinned tile list missing".into()))?;
+        let s = p.as_slice().map_err(|e| FlashError::Driver {
+            what: "pinned tile list slice".into(),
+            source: e,
+        })?;
         Ok(&s[..self.host.len()])
     }
 }
@@ -171,7 +211,15 @@ mod tests {
     use super::*;
 
     fn dims(n: usize, s: usize, max: usize) -> FlashDims {
-        FlashDims { n, n_seqs: s, max_seqlen: max, n_heads: 4, n_kv_heads: 1, head_dim: 64, scale: 0.125 }
+        FlashDims {
+            n,
+            n_seqs: s,
+            max_seqlen: max,
+            n_heads: 4,
+            n_kv_heads: 1,
+            head_dim: 64,
+            scale: 0.125,
+        }
     }
 
     #[test]
@@ -193,13 +241,28 @@ mod tests {
             }
             assert_eq!(t[3] % TILE as i32, 0, "pad_start is tile aligned");
         }
-        assert!(seen.iter().all(|&c| c == 1), "each row in exactly one query tile");
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "each row in exactly one query tile"
+        );
         let costs: Vec<i32> = plan.q_tiles().iter().map(|t| t[2] + 1).collect();
-        assert!(costs.windows(2).all(|w| w[0] >= w[1]), "longest first: {costs:?}");
-        let kcost: Vec<i32> =
-            plan.kv_tiles().iter().map(|t| (t[1] + TILE as i32 - 1) / TILE as i32 - t[2]).collect();
-        assert!(kcost.windows(2).all(|w| w[0] >= w[1]), "key tiles longest first: {kcost:?}");
-        assert_eq!(plan.padded_tokens(), lens.iter().map(|l| l.div_ceil(TILE) * TILE).sum::<usize>());
+        assert!(
+            costs.windows(2).all(|w| w[0] >= w[1]),
+            "longest first: {costs:?}"
+        );
+        let kcost: Vec<i32> = plan
+            .kv_tiles()
+            .iter()
+            .map(|t| (t[1] + TILE as i32 - 1) / TILE as i32 - t[2])
+            .collect();
+        assert!(
+            kcost.windows(2).all(|w| w[0] >= w[1]),
+            "key tiles longest first: {kcost:?}"
+        );
+        assert_eq!(
+            plan.padded_tokens(),
+            lens.iter().map(|l| l.div_ceil(TILE) * TILE).sum::<usize>()
+        );
     }
 
     #[test]

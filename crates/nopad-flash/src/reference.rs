@@ -36,24 +36,70 @@ fn bf16_round(x: f64) -> f64 {
 }
 
 /// Forward and backward of causal varlen attention on the CPU.
-pub fn attention(qkv: &[f32], d_out: &[f32], cu: &[i32], dims: &FlashDims, prec: Precision) -> Reference {
+pub fn attention(
+    qkv: &[f32],
+    d_out: &[f32],
+    cu: &[i32],
+    dims: &FlashDims,
+    prec: Precision,
+) -> Reference {
     let (n, h_q, h_kv, dh) = (dims.n, dims.n_heads, dims.n_kv_heads, dims.head_dim);
     let group = h_q / h_kv;
     let rs = (h_q + 2 * h_kv) * dh;
     let scale = dims.scale as f64;
-    let rnd = |x: f64| if prec == Precision::Bf16 { bf16_round(x) } else { x };
+    let rnd = |x: f64| {
+        if prec == Precision::Bf16 {
+            bf16_round(x)
+        } else {
+            x
+        }
+    };
     // Sequence start and length of each token.
     let mut seq_of = vec![(0usize, 0usize); n];
     for w in cu.windows(2) {
-        for t in w[0] as usize..w[1] as usize {
-            seq_of[t] = (w[0] as usize, (w[1] - w[0]) as usize);
-        }
+        seq_of[w[0] as usize..w[1] as usize].fill((w[0] as usize, (w[1] - w[0]) as usize));
     }
-    let q = |t: usize, h: usize| &qkv[t * rs + h * dh..t * rs + (h + 1) * dh];
-    let k = |t: usize, hk: usize| &qkv[t * rs + (h_q + hk) * dh..t * rs + (h_q + hk + 1) * dh];
-    let v = |t: usize, hk: usize| &qkv[t * rs + (h_q + h_kv + hk) * dh..t * rs + (h_q + h_kv + hk + 1) * dh];
-    let dout = |t: usize, h: usize| &d_out[t * h_q * dh + h * dh..t * h_q * dh + (h + 1) * dh];
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+    // f64 copies, one contiguous row per (token, head), so the inner loops vectorise.
+    let to64 = |src: &[f32], heads: usize, stride: usize, off: usize| -> Vec<f64> {
+        let mut v = vec![0f64; n * heads * dh];
+        v.par_chunks_mut(heads * dh)
+            .enumerate()
+            .for_each(|(t, row)| {
+                for (x, &y) in row
+                    .iter_mut()
+                    .zip(&src[t * stride + off..t * stride + off + heads * dh])
+                {
+                    *x = y as f64;
+                }
+            });
+        v
+    };
+    let (q64, k64, v64) = (
+        to64(qkv, h_q, rs, 0),
+        to64(qkv, h_kv, rs, h_q * dh),
+        to64(qkv, h_kv, rs, (h_q + h_kv) * dh),
+    );
+    let do64 = to64(d_out, h_q, h_q * dh, 0);
+    let q = |t: usize, h: usize| &q64[(t * h_q + h) * dh..(t * h_q + h + 1) * dh];
+    let k = |t: usize, hk: usize| &k64[(t * h_kv + hk) * dh..(t * h_kv + hk + 1) * dh];
+    let v = |t: usize, hk: usize| &v64[(t * h_kv + hk) * dh..(t * h_kv + hk + 1) * dh];
+    let dout = |t: usize, h: usize| &do64[(t * h_q + h) * dh..(t * h_q + h + 1) * dh];
+    let dot = |a: &[f64], b: &[f64]| -> f64 {
+        let mut acc = [0f64; 4];
+        let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+        let tail: f64 = ca
+            .remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ca.zip(cb) {
+            for l in 0..4 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc[0] + acc[1] + acc[2] + acc[3] + tail
+    };
 
     // Pass 1, per (h, t): out, lse, D, dq.
     struct Row {
@@ -77,22 +123,27 @@ pub fn attention(qkv: &[f32], d_out: &[f32], cu: &[i32], dims: &FlashDims, prec:
             let mut out = vec![0f64; dh];
             for (jj, &pj) in p.iter().enumerate() {
                 for (o, &vv) in out.iter_mut().zip(v(s0 + jj, hk)) {
-                    *o += pj * vv as f64;
+                    *o += pj * vv;
                 }
             }
             out.iter_mut().for_each(|o| *o = rnd(*o));
             let dor = dout(t, h);
-            let d = rnd(out.iter().zip(dor).map(|(&o, &g)| o * g as f64).sum::<f64>());
+            let d = rnd(dot(&out, dor));
             let mut dq = vec![0f64; dh];
             for (jj, &pj) in p.iter().enumerate() {
                 let dp = rnd(dot(dor, v(s0 + jj, hk)));
                 let ds = rnd(pj * (dp - d));
                 for (a, &kk) in dq.iter_mut().zip(k(s0 + jj, hk)) {
-                    *a += ds * kk as f64;
+                    *a += ds * kk;
                 }
             }
             dq.iter_mut().for_each(|a| *a = rnd(*a * scale));
-            Row { out, lse: m + l.ln(), d, dq }
+            Row {
+                out,
+                lse: m + l.ln(),
+                d,
+                dq,
+            }
         })
         .collect();
 
@@ -115,8 +166,8 @@ pub fn attention(qkv: &[f32], d_out: &[f32], cu: &[i32], dims: &FlashDims, prec:
                     let dp = rnd(dot(dor, vj));
                     let ds = rnd(p * (dp - row.d));
                     for e in 0..dh {
-                        dk[e] += ds * qi[e] as f64;
-                        dv[e] += p * dor[e] as f64;
+                        dk[e] += ds * qi[e];
+                        dv[e] += p * dor[e];
                     }
                 }
             }
@@ -156,17 +207,31 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let cu = [0i32, 3, 3, 4, 9];
-        let dims = FlashDims { n: 9, n_seqs: 4, max_seqlen: 5, n_heads: 4, n_kv_heads: 2, head_dim: 4, scale: 0.7 };
+        let dims = FlashDims {
+            n: 9,
+            n_seqs: 4,
+            max_seqlen: 5,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            scale: 0.7,
+        };
         let rs = (dims.n_heads + 2 * dims.n_kv_heads) * dims.head_dim;
         let mut rng = nopad_rng::Rng::new(7);
         // Values on a coarse grid are exact in f32 and keep the loss smooth enough.
-        let qkv: Vec<f32> = (0..dims.n * rs).map(|_| (rng.normal() * 64.0).round() as f32 / 64.0).collect();
-        let d_out: Vec<f32> =
-            (0..dims.n * dims.n_heads * dims.head_dim).map(|_| (rng.normal() * 64.0).round() as f32 / 64.0).collect();
+        let qkv: Vec<f32> = (0..dims.n * rs)
+            .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
+            .collect();
+        let d_out: Vec<f32> = (0..dims.n * dims.n_heads * dims.head_dim)
+            .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
+            .collect();
         let r = attention(&qkv, &d_out, &cu, &dims, Precision::F64);
         let loss = |x: &[f32]| -> f64 {
             let o = attention(x, &d_out, &cu, &dims, Precision::F64).out;
-            o.iter().zip(&d_out).map(|(&a, &b)| a as f64 * b as f64).sum()
+            o.iter()
+                .zip(&d_out)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum()
         };
         let eps = 1.0 / 256.0;
         let mut worst = 0f64;
@@ -186,7 +251,15 @@ mod tests {
     /// A length-1 sequence: out = v, lse = scale q.k, dV = dO, dQ = dK = 0.
     #[test]
     fn length_one_sequence() {
-        let dims = FlashDims { n: 1, n_seqs: 1, max_seqlen: 1, n_heads: 1, n_kv_heads: 1, head_dim: 2, scale: 0.5 };
+        let dims = FlashDims {
+            n: 1,
+            n_seqs: 1,
+            max_seqlen: 1,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 0.5,
+        };
         let qkv = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         let r = attention(&qkv, &[0.25, -1.0], &[0, 1], &dims, Precision::F64);
         assert_eq!(r.out, vec![5.0, 6.0]);
