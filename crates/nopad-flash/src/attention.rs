@@ -18,6 +18,7 @@ const FWD: &str = include_str!("kernels/fwd.cu");
 const BWD_PREP: &str = include_str!("kernels/bwd_prep.cu");
 const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
 const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
+const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
 const SIMPLE: &str = include_str!("kernels/simple.cu");
 
 /// The caller's loader: `load(name, cuda_source) -> module` (NVRTC plus its disk cache).
@@ -35,24 +36,51 @@ pub enum KernelSet {
 /// The functions of one head dimension.
 struct PerDim {
     fwd: CudaFunction,
+    fwd_wide: CudaFunction,
     prep: CudaFunction,
     dkdv: CudaFunction,
+    dkdv_dq: CudaFunction,
     dq: CudaFunction,
+    convert: CudaFunction,
     s_fwd: CudaFunction,
     s_prep: CudaFunction,
     s_dq: CudaFunction,
     s_dkdv: CudaFunction,
 }
 
+/// Query rows per forward tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardTiles {
+    /// 64 rows, 16 per warp: more tiles, less masked waste; best for short sequences.
+    Narrow,
+    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP; best for long sequences.
+    Wide,
+    /// Wide when at least half of the tokens sit in sequences longer than `AUTO_WIDE_MIN_LEN`.
+    Auto,
+}
+
+/// Sequence length from which `ForwardTiles::Auto` counts a token as "long".
+pub const AUTO_WIDE_MIN_LEN: usize = 512;
+
 /// Loaded varlen FlashAttention kernels for head dims 64 and 128.
 pub struct FlashAttention {
     d64: PerDim,
     d128: PerDim,
     kernels: KernelSet,
+    forward_tiles: ForwardTiles,
 }
 
-fn smem_dkdv(dh: usize) -> usize {
-    6 * TILE * dh * 2 + 4 * TILE * 4
+fn smem_dkdv(dh: usize, atomic: bool) -> usize {
+    6 * TILE * dh * 2 + 4 * TILE * 4 + if atomic { TILE * TILE * 2 } else { 0 }
+}
+/// Q [BR][Dh] + K, V [BC][Dh] bf16 (fwd.cu: BR = 64 or 128; BC = 32 only at Dh 128, BR 128).
+fn smem_fwd(dh: usize, wide: bool) -> usize {
+    let (br, bc) = match (wide, dh) {
+        (false, _) => (64, 64),
+        (true, 128) => (128, 32),
+        (true, _) => (128, 64),
+    };
+    (br + 2 * bc) * dh * 2
 }
 fn smem_dq(dh: usize) -> usize {
     6 * TILE * dh * 2
@@ -74,7 +102,10 @@ impl FlashAttention {
             })
         };
         let fwd = module("flash_fwd.cu", FWD)?;
-        let bwd = module("flash_bwd.cu", &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}"))?;
+        let bwd = module(
+            "flash_bwd.cu",
+            &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_CONVERT}"),
+        )?;
         let simple = module("flash_simple.cu", SIMPLE)?;
         let get = |m: &Arc<CudaModule>, name: String| {
             m.load_function(&name)
@@ -83,18 +114,30 @@ impl FlashAttention {
         let per_dim = |dh: usize| -> Result<PerDim, FlashError> {
             let p = PerDim {
                 fwd: get(&fwd, format!("flash_fwd_{dh}"))?,
+                fwd_wide: get(&fwd, format!("flash_fwd_br128_{dh}"))?,
                 prep: get(&bwd, format!("flash_bwd_prep_{dh}"))?,
                 dkdv: get(&bwd, format!("flash_bwd_dkdv_{dh}"))?,
+                dkdv_dq: get(&bwd, format!("flash_bwd_dkdv_dq_{dh}"))?,
                 dq: get(&bwd, format!("flash_bwd_dq_{dh}"))?,
+                convert: get(&bwd, format!("flash_bwd_convert_{dh}"))?,
                 s_fwd: get(&simple, format!("flash_simple_fwd_{dh}"))?,
                 s_prep: get(&simple, format!("flash_simple_bwd_prep_{dh}"))?,
                 s_dq: get(&simple, format!("flash_simple_bwd_dq_{dh}"))?,
                 s_dkdv: get(&simple, format!("flash_simple_bwd_dkdv_{dh}"))?,
             };
             let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            p.fwd
+                .set_attribute(attr, smem_fwd(dh, false) as i32)
+                .map_err(driver(format!("raising smem of flash_fwd_{dh}")))?;
+            p.fwd_wide
+                .set_attribute(attr, smem_fwd(dh, true) as i32)
+                .map_err(driver(format!("raising smem of flash_fwd_br128_{dh}")))?;
             p.dkdv
-                .set_attribute(attr, smem_dkdv(dh) as i32)
+                .set_attribute(attr, smem_dkdv(dh, false) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dkdv_{dh}")))?;
+            p.dkdv_dq
+                .set_attribute(attr, smem_dkdv(dh, true) as i32)
+                .map_err(driver(format!("raising smem of flash_bwd_dkdv_dq_{dh}")))?;
             p.dq.set_attribute(attr, smem_dq(dh) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
             Ok(p)
@@ -103,12 +146,18 @@ impl FlashAttention {
             d64: per_dim(64)?,
             d128: per_dim(128)?,
             kernels: KernelSet::Mma,
+            forward_tiles: ForwardTiles::Auto,
         })
     }
 
     /// Switch between the tensor-core kernels (default) and the scalar oracle.
     pub fn set_kernels(&mut self, kernels: KernelSet) {
         self.kernels = kernels;
+    }
+
+    /// Choose the forward tile height (default `Auto`).
+    pub fn set_forward_tiles(&mut self, tiles: ForwardTiles) {
+        self.forward_tiles = tiles;
     }
 
     /// Which kernel set is active.
@@ -152,9 +201,11 @@ impl FlashAttention {
         Plan::new(cu_seqlens_host, dims)
     }
 
-    /// Device scratch bytes the caller passes as `workspace` (tile lists, lse2 and D `[H, Tpad]`).
+    /// Device scratch bytes the caller passes as `workspace`: tile lists, lse2 and D `[H, Tpad]`
+    /// fp32, and the atomic backward's dQ accumulator `[H, Tpad, Dh]` fp32 (Tpad = tokens with
+    /// each sequence rounded up to 64).
     pub fn workspace_bytes(&self, plan: &Plan, dims: &FlashDims) -> usize {
-        plan.layout(dims.n_heads).total
+        plan.layout(dims.n_heads, dims.head_dim).total
     }
 
     unsafe fn upload_tiles(
@@ -188,6 +239,36 @@ impl FlashAttention {
         lse: u64,
         workspace: u64,
     ) -> Result<(), FlashError> {
+        self.forward_with_tiles(
+            self.forward_tiles,
+            stream,
+            plan,
+            dims,
+            qkv,
+            _cu_seqlens,
+            out,
+            lse,
+            workspace,
+        )
+    }
+
+    /// [`FlashAttention::forward`] with an explicit tile height (benchmarks compare them).
+    ///
+    /// # Safety
+    /// As [`FlashAttention::forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_with_tiles(
+        &self,
+        forward_tiles: ForwardTiles,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        dims: &FlashDims,
+        qkv: u64,
+        _cu_seqlens: u64,
+        out: u64,
+        lse: u64,
+        workspace: u64,
+    ) -> Result<(), FlashError> {
         Self::check_dims(dims)?;
         let q_tiles = plan.q_tiles.len();
         if q_tiles == 0 {
@@ -196,25 +277,46 @@ impl FlashAttention {
         self.upload_tiles(stream, plan, workspace)?;
         let f = self.per_dim(dims);
         let (h, hkv, n) = (dims.n_heads as i32, dims.n_kv_heads as i32, dims.n as i32);
-        let tiles = workspace;
-        let (func, name, block) = match self.kernels {
-            KernelSet::Mma => (&f.fwd, "flash_fwd", 128),
-            KernelSet::Simple => (&f.s_fwd, "flash_simple_fwd", 64),
+        let lay = plan.layout(dims.n_heads, dims.head_dim);
+        let segs = workspace + lay.segs as u64;
+        let tiles = workspace + lay.tiles as u64;
+        let simple_tiles = workspace + lay.simple_tiles as u64;
+        let wide_tiles = workspace + lay.wide_tiles as u64;
+        let mut b;
+        let (name, grid, block, smem) = match self.kernels {
+            KernelSet::Mma => {
+                let wide = match forward_tiles {
+                    ForwardTiles::Narrow => false,
+                    ForwardTiles::Wide => true,
+                    ForwardTiles::Auto => 2 * plan.long_tokens(AUTO_WIDE_MIN_LEN) >= dims.n,
+                };
+                if wide {
+                    b = stream.launch_builder(&f.fwd_wide);
+                    b.arg(&qkv).arg(&out).arg(&lse).arg(&wide_tiles).arg(&segs);
+                    (
+                        "flash_fwd_br128",
+                        plan.wide_tiles.len(),
+                        128,
+                        smem_fwd(dims.head_dim, true),
+                    )
+                } else {
+                    b = stream.launch_builder(&f.fwd);
+                    b.arg(&qkv).arg(&out).arg(&lse).arg(&tiles).arg(&segs);
+                    ("flash_fwd", q_tiles, 128, smem_fwd(dims.head_dim, false))
+                }
+            }
+            KernelSet::Simple => {
+                b = stream.launch_builder(&f.s_fwd);
+                b.arg(&qkv).arg(&out).arg(&lse).arg(&simple_tiles);
+                ("flash_simple_fwd", plan.simple_tiles.len(), 64, 0)
+            }
         };
+        b.arg(&h).arg(&hkv).arg(&n).arg(&dims.scale);
         let cfg = LaunchConfig {
-            grid_dim: ((q_tiles * dims.n_heads) as u32, 1, 1),
+            grid_dim: ((grid * dims.n_heads) as u32, 1, 1),
             block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
-        let mut b = stream.launch_builder(func);
-        b.arg(&qkv)
-            .arg(&out)
-            .arg(&lse)
-            .arg(&tiles)
-            .arg(&h)
-            .arg(&hkv)
-            .arg(&n)
-            .arg(&dims.scale);
         // SAFETY: argument order and types match `flash_fwd_<dh>` / `flash_simple_fwd_<dh>`.
         b.launch(cfg)
             .map_err(driver(format!("launching {name}_{}", dims.head_dim)))?;
@@ -222,8 +324,10 @@ impl FlashAttention {
     }
 
     /// Backward: writes all of `d_qkv: [N, (H+2Hkv)*Dh]` bf16 from `d_out: [N, H*Dh]`, the
-    /// forward's `out` and `lse`. Every path is atomic-free, so the result is bitwise
-    /// deterministic whatever `deterministic` says (kept for an atomic dQ path later).
+    /// forward's `out` and `lse`. `deterministic = false`: one pass over key tiles computes dK,
+    /// dV and dQ, dQ through fp32 `red.global.add` (fast; dQ may differ in the last bits from run
+    /// to run). `deterministic = true`: dQ comes from a second kernel over query tiles that
+    /// recomputes P and dP (no atomics, bitwise reproducible, about 40% more matmul work).
     ///
     /// # Safety
     /// As [`FlashAttention::forward`]; `out` and `lse` are that forward's outputs.
@@ -240,7 +344,7 @@ impl FlashAttention {
         d_out: u64,
         d_qkv: u64,
         workspace: u64,
-        _deterministic: bool,
+        deterministic: bool,
     ) -> Result<(), FlashError> {
         Self::check_dims(dims)?;
         let q_tiles = plan.q_tiles.len();
@@ -248,15 +352,23 @@ impl FlashAttention {
             return Ok(());
         }
         self.upload_tiles(stream, plan, workspace)?;
-        let lay: WorkspaceLayout = plan.layout(dims.n_heads);
+        let lay: WorkspaceLayout = plan.layout(dims.n_heads, dims.head_dim);
         let f = self.per_dim(dims);
         let dh = dims.head_dim;
         let (h, hkv, n) = (dims.n_heads as i32, dims.n_kv_heads as i32, dims.n as i32);
         let tpad = plan.t_pad as i32;
         let tiles = workspace + lay.tiles as u64;
         let kv_tiles = workspace + lay.kv_tiles as u64;
+        let simple_tiles = workspace + lay.simple_tiles as u64;
+        let segs = workspace + lay.segs as u64;
+        let grid_simple = (plan.simple_tiles.len() * dims.n_heads) as u32;
         let lse2 = workspace + lay.lse2 as u64;
         let dbuf = workspace + lay.d as u64;
+        let dqacc = if deterministic {
+            0u64
+        } else {
+            workspace + lay.dqacc as u64
+        };
         let grid_q = (q_tiles * dims.n_heads) as u32;
         let grid_kv = (plan.kv_tiles.len() * dims.n_kv_heads) as u32;
         let cfg = |grid: u32, block: u32, smem: usize| LaunchConfig {
@@ -279,29 +391,51 @@ impl FlashAttention {
                 b.launch(cfg(grid_q, 256, 0))
                     .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
 
-                let mut b = stream.launch_builder(&f.dkdv);
+                let (dkdv, name) = if deterministic {
+                    (&f.dkdv, "flash_bwd_dkdv")
+                } else {
+                    (&f.dkdv_dq, "flash_bwd_dkdv_dq")
+                };
+                let mut b = stream.launch_builder(dkdv);
                 b.arg(&qkv)
                     .arg(&d_out)
                     .arg(&lse2)
                     .arg(&dbuf)
                     .arg(&d_qkv)
-                    .arg(&kv_tiles);
+                    .arg(&kv_tiles)
+                    .arg(&segs)
+                    .arg(&dqacc);
                 b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
-                // SAFETY: matches `flash_bwd_dkdv_<dh>`.
-                b.launch(cfg(grid_kv, 128, smem_dkdv(dh)))
-                    .map_err(driver(format!("launching flash_bwd_dkdv_{dh}")))?;
+                // SAFETY: matches `flash_bwd_dkdv[_dq]_<dh>`; dqacc is null only when unused.
+                b.launch(cfg(grid_kv, 128, smem_dkdv(dh, !deterministic)))
+                    .map_err(driver(format!("launching {name}_{dh}")))?;
 
-                let mut b = stream.launch_builder(&f.dq);
-                b.arg(&qkv)
-                    .arg(&d_out)
-                    .arg(&lse2)
-                    .arg(&dbuf)
-                    .arg(&d_qkv)
-                    .arg(&tiles);
-                b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
-                // SAFETY: matches `flash_bwd_dq_<dh>`.
-                b.launch(cfg(grid_q, 128, smem_dq(dh)))
-                    .map_err(driver(format!("launching flash_bwd_dq_{dh}")))?;
+                if deterministic {
+                    let mut b = stream.launch_builder(&f.dq);
+                    b.arg(&qkv)
+                        .arg(&d_out)
+                        .arg(&lse2)
+                        .arg(&dbuf)
+                        .arg(&d_qkv)
+                        .arg(&tiles)
+                        .arg(&segs);
+                    b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
+                    // SAFETY: matches `flash_bwd_dq_<dh>`.
+                    b.launch(cfg(grid_q, 128, smem_dq(dh)))
+                        .map_err(driver(format!("launching flash_bwd_dq_{dh}")))?;
+                } else {
+                    let mut b = stream.launch_builder(&f.convert);
+                    b.arg(&dqacc)
+                        .arg(&d_qkv)
+                        .arg(&tiles)
+                        .arg(&h)
+                        .arg(&hkv)
+                        .arg(&tpad)
+                        .arg(&scale);
+                    // SAFETY: matches `flash_bwd_convert_<dh>`.
+                    b.launch(cfg(grid_q, 128, 0))
+                        .map_err(driver(format!("launching flash_bwd_convert_{dh}")))?;
+                }
             }
             KernelSet::Simple => {
                 // D: [H, N] unpadded, inside the workspace's D section (N <= Tpad).
@@ -309,11 +443,11 @@ impl FlashAttention {
                 b.arg(&out)
                     .arg(&d_out)
                     .arg(&dbuf)
-                    .arg(&tiles)
+                    .arg(&simple_tiles)
                     .arg(&h)
                     .arg(&n);
                 // SAFETY: matches `flash_simple_bwd_prep_<dh>`.
-                b.launch(cfg(grid_q, 64, 0))
+                b.launch(cfg(grid_simple, 64, 0))
                     .map_err(driver(format!("launching flash_simple_bwd_prep_{dh}")))?;
                 let mut b = stream.launch_builder(&f.s_dq);
                 b.arg(&qkv)
@@ -321,10 +455,10 @@ impl FlashAttention {
                     .arg(&lse)
                     .arg(&dbuf)
                     .arg(&d_qkv)
-                    .arg(&tiles);
+                    .arg(&simple_tiles);
                 b.arg(&h).arg(&hkv).arg(&n).arg(&scale);
                 // SAFETY: matches `flash_simple_bwd_dq_<dh>`.
-                b.launch(cfg(grid_q, 64, 0))
+                b.launch(cfg(grid_simple, 64, 0))
                     .map_err(driver(format!("launching flash_simple_bwd_dq_{dh}")))?;
                 let mut b = stream.launch_builder(&f.s_dkdv);
                 b.arg(&qkv)
@@ -332,11 +466,15 @@ impl FlashAttention {
                     .arg(&lse)
                     .arg(&dbuf)
                     .arg(&d_qkv)
-                    .arg(&tiles);
+                    .arg(&simple_tiles);
                 b.arg(&h).arg(&hkv).arg(&n).arg(&scale);
                 // SAFETY: matches `flash_simple_bwd_dkdv_<dh>`; its grid is q tiles x Hkv.
-                b.launch(cfg((q_tiles * dims.n_kv_heads) as u32, 64, 0))
-                    .map_err(driver(format!("launching flash_simple_bwd_dkdv_{dh}")))?;
+                b.launch(cfg(
+                    (plan.simple_tiles.len() * dims.n_kv_heads) as u32,
+                    64,
+                    0,
+                ))
+                .map_err(driver(format!("launching flash_simple_bwd_dkdv_{dh}")))?;
             }
         }
         Ok(())

@@ -7,10 +7,11 @@
 //! own disk cache. Sequences are given by `cu_seqlens`; attention is causal within a sequence and
 //! never crosses one. A [`Plan`] (host tile lists, longest first) is built once per batch.
 //!
-//! Kernels: `fwd.cu` (forward), `bwd_prep.cu` (D = rowsum(dO * O)), `bwd_dkdv.cu` (dK, dV over key
-//! tiles, GQA group summed in registers), `bwd_dq.cu` (dQ over query tiles with recompute). All of
-//! the backward is atomic-free and therefore bitwise deterministic; `simple.cu` holds the scalar
-//! stage-1 kernels used as the GPU oracle ([`KernelSet::Simple`]).
+//! Kernels: `fwd.cu` (forward, 64- or 128-row query tiles), `bwd_prep.cu` (D = rowsum(dO * O)), `bwd_dkdv.cu` (dK, dV over key
+//! tiles, GQA group summed in registers; optionally dQ too, through fp32 atomics), `bwd_dq.cu` (dQ
+//! over query tiles with recompute: the deterministic backward), `bwd_convert.cu` (atomic dQ to
+//! bf16); `simple.cu` holds the scalar stage-1 kernels used as the GPU oracle
+//! ([`KernelSet::Simple`]). Runs of short sequences share 64-row tiles (block-diagonal mask).
 //! `reference` is the f64 CPU reference; `harness` checks and times everything (`flash-check`).
 
 #![deny(missing_docs)]
@@ -20,7 +21,7 @@ pub mod harness;
 pub mod plan;
 pub mod reference;
 
-pub use attention::{FlashAttention, KernelSet, ModuleLoader};
+pub use attention::{FlashAttention, ForwardTiles, KernelSet, ModuleLoader, AUTO_WIDE_MIN_LEN};
 pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.

@@ -2,9 +2,12 @@
 //! host copy of `cu_seqlens`, and the workspace layout they imply.
 //!
 //! Tiles are 64 rows. A tile descriptor is `[seq_start, seq_len, tile_index, pad_start]` (an
-//! `int4` on the device), where `pad_start` is the sequence's first row in the padded scratch
-//! layout `[H, Tpad]` (each sequence rounded up to whole tiles, so scratch reads need no bounds
-//! checks). Lists are sorted by cost, longest first, so the heaviest tiles start in the first wave
+//! `int4` on the device), where `pad_start` is the tile's sequence's first row in the padded
+//! scratch layout `[H, Tpad]` (each sequence rounded up to whole tiles, so scratch reads need no
+//! bounds checks). Runs of consecutive sequences of at most 64 tokens share one tile ("packed":
+//! `seq_start` = first row, `seq_len` = rows, `tile_index = -(k + 1)` naming row k of the segment
+//! table, which gives each row's sequence start; the kernels add a block-diagonal mask), so a
+//! batch of 2000 sequences of 1-32 tokens needs ~500 tiles rather than 2000. Lists are sorted by cost, longest first, so the heaviest tiles start in the first wave
 //! and short ones fill the tail. Nothing here touches the GPU except the pinned staging copy that
 //! the launchers create on first use.
 
@@ -14,8 +17,10 @@ use cudarc::driver::{CudaContext, PinnedHostSlice};
 
 use crate::{FlashDims, FlashError};
 
-/// Rows per tile in every kernel (query tiles and key tiles alike).
+/// Rows per tile in every kernel (query tiles and key tiles alike) but the wide forward.
 pub const TILE: usize = 64;
+/// Query rows per tile of the wide forward (4 warps x 32 rows).
+pub const WIDE_TILE: usize = 128;
 
 /// One tile descriptor, `[seq_start, seq_len, tile_index, pad_start]`.
 pub type TileDesc = [i32; 4];
@@ -23,14 +28,23 @@ pub type TileDesc = [i32; 4];
 /// Byte offsets of the workspace sections (each 256-byte aligned).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct WorkspaceLayout {
-    /// Query-tile list, `[q_tiles][4]` i32, followed directly by the key-tile list.
+    /// Query-tile list, `[q_tiles][4]` i32, followed directly by the other lists.
     pub tiles: usize,
     /// Key-tile list `[kv_tiles][4]` i32 (contiguous after the query tiles).
     pub kv_tiles: usize,
+    /// Unpacked tile list of the scalar kernels `[simple_tiles][4]` i32.
+    pub simple_tiles: usize,
+    /// The wide forward's list `[wide_tiles][4]` i32.
+    pub wide_tiles: usize,
+    /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
+    /// starts at local row `segs[64 k + r]`.
+    pub segs: usize,
     /// `lse2: [H, Tpad]` fp32, LSE in log2 units (+inf on padding rows).
     pub lse2: usize,
     /// `D: [H, Tpad]` fp32, rowsum(dO * O) (0 on padding rows).
     pub d: usize,
+    /// `dqacc: [H, Tpad, Dh]` fp32, the atomic backward's dQ accumulator.
+    pub dqacc: usize,
     /// Total bytes.
     pub total: usize,
 }
@@ -39,11 +53,19 @@ pub(crate) struct WorkspaceLayout {
 pub struct Plan {
     pub(crate) n_tokens: usize,
     pub(crate) t_pad: usize,
+    seq_lens: Vec<usize>,
     /// Query tiles (forward, preprocess, dQ), longest first.
     pub(crate) q_tiles: Vec<TileDesc>,
     /// Key tiles (dK/dV), most query tiles to visit first.
     pub(crate) kv_tiles: Vec<TileDesc>,
-    /// `q_tiles ++ kv_tiles`, flattened, the bytes uploaded to the workspace.
+    /// One tile per (sequence, 64 rows), never packed: the scalar oracle kernels' list.
+    pub(crate) simple_tiles: Vec<TileDesc>,
+    /// The wide forward's list: 128-row tiles (index in 128-row units) of sequences longer
+    /// than 64, plus the short and packed 64-row tiles.
+    pub(crate) wide_tiles: Vec<TileDesc>,
+    /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
+    pub(crate) segs: Vec<i32>,
+    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ segs`, flattened: what goes to the workspace.
     host: Vec<i32>,
     pinned: OnceLock<PinnedHostSlice<i32>>,
 }
@@ -81,8 +103,40 @@ impl Plan {
         let mut kv_tiles = Vec::new();
         let mut q_cost = Vec::new();
         let mut kv_cost = Vec::new();
+        let mut simple_tiles = Vec::new();
+        let mut wide_tiles = Vec::new();
+        let mut wide_cost = Vec::new();
+        let mut segs: Vec<i32> = Vec::new();
         let mut pad = 0usize;
         let mut max_len = 0usize;
+        // A run of consecutive short sequences waiting to share one tile: (first row, local starts).
+        let mut pack: Option<(i32, Vec<i32>)> = None;
+        let rows_in = |pack: &Option<(i32, Vec<i32>)>| pack.as_ref().map_or(0, |p| p.1.len());
+        let flush = |pack: &mut Option<(i32, Vec<i32>)>,
+                     q: &mut Vec<TileDesc>,
+                     kv: &mut Vec<TileDesc>,
+                     qc: &mut Vec<usize>,
+                     kc: &mut Vec<usize>,
+                     segs: &mut Vec<i32>,
+                     pad: &mut usize| {
+            if let Some((row0, starts)) = pack.take() {
+                let rows = starts.len() as i32;
+                // One sequence alone is an ordinary tile; two or more get a segment table.
+                let z = if starts.iter().all(|&s| s == 0) {
+                    0
+                } else {
+                    let k = (segs.len() / TILE) as i32;
+                    segs.extend(starts.iter().copied());
+                    segs.resize(segs.len() + TILE - starts.len(), TILE as i32);
+                    -(k + 1)
+                };
+                q.push([row0, rows, z, *pad as i32]);
+                kv.push([row0, rows, z, *pad as i32]);
+                qc.push(1);
+                kc.push(1);
+                *pad += TILE;
+            }
+        };
         for (b, w) in cu_seqlens.windows(2).enumerate() {
             if w[1] < w[0] {
                 return bad(format!(
@@ -94,6 +148,42 @@ impl Plan {
             max_len = max_len.max(len);
             let nt = len.div_ceil(TILE);
             for m in 0..nt {
+                simple_tiles.push([w[0], len as i32, m as i32, 0]);
+            }
+            if len == 0 {
+                continue;
+            }
+            if len <= TILE {
+                if rows_in(&pack) + len > TILE {
+                    flush(
+                        &mut pack,
+                        &mut q_tiles,
+                        &mut kv_tiles,
+                        &mut q_cost,
+                        &mut kv_cost,
+                        &mut segs,
+                        &mut pad,
+                    );
+                }
+                let p = pack.get_or_insert_with(|| (w[0], Vec::new()));
+                let local = w[0] - p.0;
+                p.1.extend(std::iter::repeat_n(local, len));
+                continue;
+            }
+            flush(
+                &mut pack,
+                &mut q_tiles,
+                &mut kv_tiles,
+                &mut q_cost,
+                &mut kv_cost,
+                &mut segs,
+                &mut pad,
+            );
+            for m in 0..len.div_ceil(WIDE_TILE) {
+                wide_tiles.push([w[0], len as i32, m as i32, pad as i32]);
+                wide_cost.push(((m + 1) * WIDE_TILE).min(len).div_ceil(TILE));
+            }
+            for m in 0..nt {
                 q_tiles.push([w[0], len as i32, m as i32, pad as i32]);
                 q_cost.push(m + 1);
                 kv_tiles.push([w[0], len as i32, m as i32, pad as i32]);
@@ -101,6 +191,15 @@ impl Plan {
             }
             pad += nt * TILE;
         }
+        flush(
+            &mut pack,
+            &mut q_tiles,
+            &mut kv_tiles,
+            &mut q_cost,
+            &mut kv_cost,
+            &mut segs,
+            &mut pad,
+        );
         let n_tokens = *cu_seqlens.last().unwrap_or(&0) as usize;
         if n_tokens != dims.n {
             return bad(format!(
@@ -124,22 +223,48 @@ impl Plan {
         qi.sort_by_key(|&i| std::cmp::Reverse(q_cost[i]));
         let mut ki: Vec<usize> = (0..kv_tiles.len()).collect();
         ki.sort_by_key(|&i| std::cmp::Reverse(kv_cost[i]));
+        // The wide forward's list: 128-row tiles of the long sequences, then the short and
+        // packed tiles of the 64-row list (cost 1, so they stay last).
+        for (t, &c) in q_tiles.iter().zip(&q_cost) {
+            if t[1] as usize <= TILE {
+                wide_tiles.push(*t);
+                wide_cost.push(c);
+            }
+        }
+        let mut wi: Vec<usize> = (0..wide_tiles.len()).collect();
+        wi.sort_by_key(|&i| std::cmp::Reverse(wide_cost[i]));
+        let wide_tiles: Vec<TileDesc> = wi.iter().map(|&i| wide_tiles[i]).collect();
         let q_tiles: Vec<TileDesc> = qi.iter().map(|&i| q_tiles[i]).collect();
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
         let host = q_tiles
             .iter()
             .chain(kv_tiles.iter())
+            .chain(simple_tiles.iter())
+            .chain(wide_tiles.iter())
             .flatten()
             .copied()
-            .collect();
+            .chain(segs.iter().copied())
+            .collect::<Vec<i32>>();
         Ok(Plan {
             n_tokens,
+            seq_lens: cu_seqlens
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as usize)
+                .collect(),
             t_pad: pad,
             q_tiles,
             kv_tiles,
+            simple_tiles,
+            wide_tiles,
+            segs,
             host,
             pinned: OnceLock::new(),
         })
+    }
+
+    /// Tokens in sequences of at least `min_len` tokens.
+    pub fn long_tokens(&self, min_len: usize) -> usize {
+        self.seq_lens.iter().filter(|&&l| l >= min_len).sum()
     }
 
     /// Query tiles (64 rows each) in launch order.
@@ -157,17 +282,25 @@ impl Plan {
         self.t_pad
     }
 
-    pub(crate) fn layout(&self, n_heads: usize) -> WorkspaceLayout {
+    pub(crate) fn layout(&self, n_heads: usize, head_dim: usize) -> WorkspaceLayout {
         let tiles = 0;
         let kv_tiles = 16 * self.q_tiles.len();
-        let lse2 = align256(kv_tiles + 16 * self.kv_tiles.len());
+        let simple_tiles = kv_tiles + 16 * self.kv_tiles.len();
+        let wide_tiles = simple_tiles + 16 * self.simple_tiles.len();
+        let segs = wide_tiles + 16 * self.wide_tiles.len();
+        let lse2 = align256(segs + 4 * self.segs.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
-        let total = align256(d + 4 * n_heads * self.t_pad).max(256);
+        let dqacc = align256(d + 4 * n_heads * self.t_pad);
+        let total = align256(dqacc + 4 * n_heads * self.t_pad * head_dim).max(256);
         WorkspaceLayout {
             tiles,
             kv_tiles,
+            simple_tiles,
+            wide_tiles,
+            segs,
             lse2,
             d,
+            dqacc,
             total,
         }
     }
@@ -224,28 +357,60 @@ mod tests {
 
     #[test]
     fn every_row_is_covered_once_and_lists_are_sorted() {
-        let lens = [1usize, 0, 64, 65, 200, 0, 3, 129];
+        let lens = [1usize, 0, 64, 65, 200, 0, 3, 129, 30, 0, 30, 5, 2, 70, 1, 1];
         let mut cu = vec![0i32];
         for l in lens {
             cu.push(cu.last().copied().unwrap_or(0) + l as i32);
         }
         let n = *cu.last().unwrap_or(&0) as usize;
         let plan = Plan::new(&cu, &dims(n, lens.len(), 200)).expect("valid plan");
+        let seq_start = |t: usize| cu[cu.partition_point(|&c| c as usize <= t) - 1];
         let mut seen = vec![0u32; n];
+        let mut packed = 0;
         for t in plan.q_tiles() {
+            let m = t[2].max(0);
             for r in 0..TILE as i32 {
-                let i = t[2] * TILE as i32 + r;
+                let i = m * TILE as i32 + r;
                 if i < t[1] {
-                    seen[(t[0] + i) as usize] += 1;
+                    let row = (t[0] + i) as usize;
+                    seen[row] += 1;
+                    let start = if t[2] < 0 {
+                        t[0] + plan.segs[(-t[2] - 1) as usize * TILE + r as usize]
+                    } else {
+                        t[0]
+                    };
+                    assert_eq!(start, seq_start(row), "sequence start of row {row}");
                 }
             }
+            packed += usize::from(t[2] < 0);
             assert_eq!(t[3] % TILE as i32, 0, "pad_start is tile aligned");
         }
         assert!(
             seen.iter().all(|&c| c == 1),
             "each row in exactly one query tile"
         );
-        let costs: Vec<i32> = plan.q_tiles().iter().map(|t| t[2] + 1).collect();
+        assert!(packed >= 2, "runs of short sequences share tiles");
+        let mut wide_seen = vec![0u32; n];
+        for t in &plan.wide_tiles {
+            let rows = if t[1] as usize > TILE {
+                WIDE_TILE
+            } else {
+                TILE
+            } as i32;
+            for r in 0..rows {
+                let i = t[2].max(0) * rows + r;
+                if i < t[1] {
+                    wide_seen[(t[0] + i) as usize] += 1;
+                }
+            }
+        }
+        assert!(
+            wide_seen.iter().all(|&c| c == 1),
+            "each row in exactly one wide tile"
+        );
+        let simple: usize = lens.iter().map(|l| l.div_ceil(TILE)).sum();
+        assert_eq!(plan.simple_tiles.len(), simple);
+        let costs: Vec<i32> = plan.q_tiles().iter().map(|t| t[2].max(0) + 1).collect();
         assert!(
             costs.windows(2).all(|w| w[0] >= w[1]),
             "longest first: {costs:?}"
@@ -253,16 +418,25 @@ mod tests {
         let kcost: Vec<i32> = plan
             .kv_tiles()
             .iter()
-            .map(|t| (t[1] + TILE as i32 - 1) / TILE as i32 - t[2])
+            .map(|t| (t[1] + TILE as i32 - 1) / TILE as i32 - t[2].max(0))
             .collect();
         assert!(
             kcost.windows(2).all(|w| w[0] >= w[1]),
             "key tiles longest first: {kcost:?}"
         );
-        assert_eq!(
-            plan.padded_tokens(),
-            lens.iter().map(|l| l.div_ceil(TILE) * TILE).sum::<usize>()
-        );
+        // Sequences longer than a tile are padded to whole tiles, each packed or short tile is one.
+        let long: usize = lens
+            .iter()
+            .filter(|&&l| l > TILE)
+            .map(|l| l.div_ceil(TILE) * TILE)
+            .sum();
+        let short = plan
+            .q_tiles()
+            .iter()
+            .filter(|t| t[1] as usize <= TILE)
+            .count()
+            * TILE;
+        assert_eq!(plan.padded_tokens(), long + short);
     }
 
     #[test]

@@ -7,9 +7,9 @@
 use std::io::Write;
 use std::time::Instant;
 
+use nopad_flash::harness::check::Variant;
 use nopad_flash::harness::{bench, check, Gpu};
 use nopad_flash::reference::{self, Precision};
-use nopad_flash::KernelSet;
 
 fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Option<T> {
     args.iter()
@@ -60,7 +60,12 @@ fn main() {
     if !has("--skip-check") {
         for s in &shapes {
             let t = Instant::now();
-            match check::check_shape(&mut gpu, s, seed, &[KernelSet::Simple, KernelSet::Mma]) {
+            match check::check_shape(
+                &mut gpu,
+                s,
+                seed,
+                &[Variant::Simple, Variant::Mma, Variant::MmaAtomic],
+            ) {
                 Ok(rows) => {
                     for r in rows {
                         failed += usize::from(!r.pass());

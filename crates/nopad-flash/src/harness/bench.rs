@@ -9,7 +9,7 @@ use std::path::Path;
 use cudarc::driver::{sys, DevicePtr};
 
 use super::{drv, lognormal_lens, random_bf16, uniform_lens, write_raw, Gpu, HarnessError, Shape};
-use crate::{causal_flops, KernelSet};
+use crate::{causal_flops, ForwardTiles, KernelSet};
 
 /// Timings of one shape.
 #[derive(Clone, Debug)]
@@ -20,14 +20,22 @@ pub struct BenchRow {
     pub n: usize,
     /// Sequences.
     pub n_seqs: usize,
-    /// Forward ms: median, min, max.
+    /// Forward ms (64-row tiles): median, min, max.
     pub fwd_ms: [f64; 3],
-    /// Backward ms: median, min, max.
+    /// Forward ms (128-row tiles): median, min, max.
+    pub fwd_wide_ms: [f64; 3],
+    /// Deterministic backward ms: median, min, max.
     pub bwd_ms: [f64; 3],
-    /// Forward TFLOP/s at the median.
+    /// Atomic-dQ backward ms: median, min, max.
+    pub bwd_atomic_ms: [f64; 3],
+    /// Forward (64-row) TFLOP/s at the median.
     pub fwd_tflops: f64,
-    /// Backward TFLOP/s at the median.
+    /// Forward (128-row) TFLOP/s at the median.
+    pub fwd_wide_tflops: f64,
+    /// Deterministic backward TFLOP/s at the median.
     pub bwd_tflops: f64,
+    /// Atomic backward TFLOP/s at the median.
+    pub bwd_atomic_tflops: f64,
 }
 
 /// The benchmark shapes (a)-(d), plus 1 x 8192 for the published comparison.
@@ -122,14 +130,21 @@ pub fn bench_table(
         let (p_lse, _e) = lse.device_ptr(&s);
         let (p_dqkv, _f) = dqkv.device_ptr(&s);
         let (p_ws, _g) = ws.device_ptr(&s);
-        // SAFETY (both closures): every pointer is a live allocation sized from `dims`.
-        let fwd = || unsafe {
+        // SAFETY (all closures): every pointer is a live allocation sized from `dims`.
+        let fwd_with = |ft: ForwardTiles| unsafe {
             gpu.fa
-                .forward(&s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_ws)
+                .forward_with_tiles(ft, &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_ws)
         };
-        let bwd = || unsafe {
+        let fwd_narrow = || fwd_with(ForwardTiles::Narrow);
+        let fwd_wide = || fwd_with(ForwardTiles::Wide);
+        let bwd_det = || unsafe {
             gpu.fa.backward(
                 &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_dout, p_dqkv, p_ws, true,
+            )
+        };
+        let bwd_atomic = || unsafe {
+            gpu.fa.backward(
+                &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_dout, p_dqkv, p_ws, false,
             )
         };
         let ev = || {
@@ -154,17 +169,25 @@ pub fn bench_table(
                 }
                 Ok(t)
             };
-        let tf = stats(time(&fwd)?);
-        let tb = stats(time(&bwd)?);
+        let tf = stats(time(&fwd_narrow)?);
+        // Wide last, so the dumped `out` comes from the wide forward (the check covers both).
+        let tw = stats(time(&fwd_wide)?);
+        let ta = stats(time(&bwd_atomic)?);
+        // Deterministic last, so the dumped d_qkv is the reproducible one.
+        let tb = stats(time(&bwd_det)?);
         let (ff, fb) = causal_flops(&shape.cu, dims.n_heads, dims.head_dim);
         let row = BenchRow {
             shape: shape.name.clone(),
             n: dims.n,
             n_seqs: dims.n_seqs,
             fwd_ms: tf,
+            fwd_wide_ms: tw,
             bwd_ms: tb,
+            bwd_atomic_ms: ta,
             fwd_tflops: ff / (tf[0] * 1e-3) / 1e12,
+            fwd_wide_tflops: ff / (tw[0] * 1e-3) / 1e12,
             bwd_tflops: fb / (tb[0] * 1e-3) / 1e12,
+            bwd_atomic_tflops: fb / (ta[0] * 1e-3) / 1e12,
         };
         if let Some(dir) = dump {
             let file = shape.name.replace('/', "-");
@@ -187,15 +210,16 @@ pub fn bench_table(
                 &s.clone_dtoh(&dqkv).map_err(drv("read d_qkv"))?,
             )?;
             manifest.push_str(&format!(
-                "{file}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.5}\t{:.5}\n",
+                "{file}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.5}\t{:.5}\t{:.5}\n",
                 dims.n_seqs,
                 dims.n,
                 dims.n_heads,
                 dims.n_kv_heads,
                 dims.head_dim,
                 dims.scale,
-                tf[0],
-                tb[0]
+                tf[0].min(tw[0]),
+                tb[0],
+                ta[0]
             ));
         }
         rows.push(row);
@@ -218,18 +242,22 @@ pub fn bench_table(
 /// The table the CLI prints.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<26} {:>7} {:>5} | {:>22} {:>7} | {:>22} {:>7}\n",
+        "{:<26} {:>7} {:>5} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7}\n",
         "shape",
         "tokens",
         "seqs",
-        "fwd ms med [min,max]",
+        "fwd64 ms med [min,max]",
         "TFLOP/s",
-        "bwd ms med [min,max]",
+        "fwd128 ms med [min,max]",
+        "TFLOP/s",
+        "bwd det ms med [min,max]",
+        "TFLOP/s",
+        "bwd atomic ms [min,max]",
         "TFLOP/s"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<26} {:>7} {:>5} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1}\n",
+            "{:<26} {:>7} {:>5} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1}\n",
             r.shape,
             r.n,
             r.n_seqs,
@@ -237,10 +265,18 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.fwd_ms[1],
             r.fwd_ms[2],
             r.fwd_tflops,
+            r.fwd_wide_ms[0],
+            r.fwd_wide_ms[1],
+            r.fwd_wide_ms[2],
+            r.fwd_wide_tflops,
             r.bwd_ms[0],
             r.bwd_ms[1],
             r.bwd_ms[2],
-            r.bwd_tflops
+            r.bwd_tflops,
+            r.bwd_atomic_ms[0],
+            r.bwd_atomic_ms[1],
+            r.bwd_atomic_ms[2],
+            r.bwd_atomic_tflops
         ));
     }
     s

@@ -6,24 +6,33 @@
 // with P_ij = exp2(scale log2e q_i.k_j - lse2_i), dP_ij = dO_i . V_j (recomputed here).
 // Shapes: qkv [N, (H + 2 Hkv) * DH] bf16; d_out [N, H * DH] bf16; lse2, D [H, Tpad] fp32 padded
 //         (bwd_prep.cu); d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the k and v parts;
-//         tiles int4 {seq_start, L, n, pad}, ordered by cost (query tiles to visit).
+//         tiles int4 {seq_start, L, n, pad}, ordered by cost (query tiles to visit); n < 0: a
+//         packed tile, query row i sees keys from segs[64 (-n - 1) + i] on.
 // Geometry: 1-D grid of kv tiles x Hkv, heads fastest; 128 threads = 4 warps, each owning 16 keys. K_n, V_n stay in
 // smem; (query head, query tile) steps stream Q, dO, lse2, D through a 2-stage cp.async ring. Each
 // warp computes S^T = K Q^T and dP^T = V dO^T (A from smem via ldmatrix, B = Q/dO rows), keeps
 // P^T and dS^T in registers as bf16 A fragments for dV += P^T dO and dK += dS^T Q (B via
-// ldmatrix.trans). The GQA group sum happens in registers: no atomics, deterministic.
-// Accumulation: fp32 (S, dP, dK, dV); P and dS rounded to bf16 as MMA operands.
-// Shared memory: (2 + 4) [64][DH] bf16 tiles + 2 x 2 x 64 fp32 = 48.5 KB (DH 64), 97 KB (DH 128).
+// ldmatrix.trans). The GQA group sum happens in registers, so dK/dV are deterministic.
+// ATOMIC = true (the fast, non-deterministic backward) also computes dQ here: dS^T goes to smem
+// as bf16 [key][query], each warp forms 16 query rows of dS K in 32-column slices (A via
+// ldmatrix.trans of dS^T, B = K via ldmatrix.trans) and adds them to the fp32 accumulator
+// dqacc [H, Tpad, DH] with red.global.add.v2.f32 (zeroed by bwd_prep, scaled and converted by
+// bwd_convert). ATOMIC = false leaves dQ to bwd_dq.cu (7 matmuls instead of 5, no atomics).
+// Accumulation: fp32 (S, dP, dK, dV, dQ); P and dS rounded to bf16 as MMA operands.
+// Shared memory: (2 + 4) [64][DH] bf16 tiles + 2 x 2 x 64 fp32 (+ 8 KB dS when ATOMIC)
+// = 48.5 / 56.5 KB (DH 64), 97 / 105 KB (DH 128).
 
 #define BWD_THREADS 128
 
-template <int DH>
+template <int DH, bool ATOMIC>
 __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                                                const bf16_t* __restrict__ d_out,
                                                const float* __restrict__ lse2,
                                                const float* __restrict__ Dg,
                                                bf16_t* __restrict__ d_qkv,
-                                               const int4* __restrict__ tiles, int H, int Hkv,
+                                               const int4* __restrict__ tiles,
+                                               const int* __restrict__ segs,
+                                               float* __restrict__ dqacc, int H, int Hkv,
                                                int Tpad, float scale) {
     constexpr int TILE = 64 * DH;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -33,10 +42,12 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
     bf16_t* sdO = sQ + 2 * TILE;  // [2][64][DH]
     float* sL = (float*)(sdO + 2 * TILE);  // [2][64]
     float* sD = sL + 128;                  // [2][64]
+    bf16_t* sdS = (bf16_t*)(sD + 128);     // [64 keys][64 queries], swizzled; ATOMIC only
 
     const int hk = blockIdx.x % Hkv;
     const int4 tile = tiles[blockIdx.x / Hkv];
-    const int seq_start = tile.x, L = tile.y, n = tile.z, pad = tile.w;
+    const int seq_start = tile.x, L = tile.y, n = tile.z < 0 ? 0 : tile.z, pad = tile.w;
+    const int* seg = tile.z < 0 ? segs + (-tile.z - 1) * 64 : nullptr;
     const int G = H / Hkv;
     const long long rs = (long long)(H + 2 * Hkv) * DH;
     const long long ors = (long long)H * DH;
@@ -113,7 +124,8 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                 int qcol = nt * 8 + 2 * t + (e & 1);
                 int j = n * 64 + warp * 16 + g + ((e >> 1) << 3);
                 float v = fast_exp2(st[nt][e] * c - sLs[qcol]);
-                p[e] = (m == n && m * 64 + qcol < j) ? 0.f : v;
+                bool masked = m == n && (m * 64 + qcol < j || (seg != nullptr && seg[qcol] > j));
+                p[e] = masked ? 0.f : v;
             }
             pa[nt >> 1][(nt & 1) * 2] = pack_bf16(p[0], p[1]);
             pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
@@ -152,6 +164,17 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
             pa[nt >> 1][(nt & 1) * 2 + 1] =
                 pack_bf16(bf_lo(p23) * (st[nt][2] - d0), bf_hi(p23) * (st[nt][3] - d1));
         }
+        if (ATOMIC) {
+            // dS^T to smem as [key][query] (16-B chunk swizzle, as a [64][64] tile).
+#pragma unroll
+            for (int kj = 0; kj < 4; ++kj)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    int r = warp * 16 + g + ((x & 1) << 3);
+                    int q = kj * 16 + ((x >> 1) << 3) + 2 * t;
+                    *(u32*)(sdS + swz<64>(r, q >> 3) + (q & 7)) = pa[kj][x];
+                }
+        }
         // dK += dS^T Q.
 #pragma unroll
         for (int kj = 0; kj < 4; ++kj)
@@ -162,7 +185,37 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                 mma_bf16(dk[2 * dp], pa[kj], b[0], b[1]);
                 mma_bf16(dk[2 * dp + 1], pa[kj], b[2], b[3]);
             }
-        __syncthreads();  // every warp is done with this stage before step s + 2 refills it.
+        if (ATOMIC) {
+            __syncthreads();  // dS^T complete in smem.
+            const int h = hk * G + s / steps_per_head;
+            const u32 sSa = smem_u32(sdS);
+            float* dst = dqacc + ((long long)h * Tpad + pad + m * 64 + warp * 16 + g) * DH + 2 * t;
+#pragma unroll 1
+            for (int cs = 0; cs < DH / 32; ++cs) {
+                float acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    u32 a[4];
+                    ldsm_x4_t(a, addr_b<64>(sSa, kk * 16, warp, lane));
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {
+                        u32 b[4];
+                        ldsm_x4_t(b, addr_bt<DH>(sKa, kk * 16, cs * 2 + np, lane));
+                        mma_bf16(acc[2 * np], a, b[0], b[1]);
+                        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    float* p = dst + cs * 32 + nt * 8;
+                    red_add_v2(p, acc[nt][0], acc[nt][1]);
+                    red_add_v2(p + 8 * DH, acc[nt][2], acc[nt][3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this stage (and dS) before they are refilled.
     }
     cp_wait<0>();
 
@@ -181,13 +234,16 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
-    flash_bwd_dkdv_64(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
-                      bf16_t* d_qkv, const int4* tiles, int H, int Hkv, int Tpad, float scale) {
-    flash_bwd_dkdv<64>(qkv, d_out, lse2, D, d_qkv, tiles, H, Hkv, Tpad, scale);
-}
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
-    flash_bwd_dkdv_128(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
-                       bf16_t* d_qkv, const int4* tiles, int H, int Hkv, int Tpad, float scale) {
-    flash_bwd_dkdv<128>(qkv, d_out, lse2, D, d_qkv, tiles, H, Hkv, Tpad, scale);
-}
+#define DKDV_ENTRY(DH, NAME, ATOMIC)                                                          \
+    extern "C" __global__ void __launch_bounds__(BWD_THREADS)                                  \
+        NAME(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,        \
+             bf16_t* d_qkv, const int4* tiles, const int* segs, float* dqacc, int H, int Hkv,  \
+             int Tpad, float scale) {                                                          \
+        flash_bwd_dkdv<DH, ATOMIC>(qkv, d_out, lse2, D, d_qkv, tiles, segs, dqacc, H, Hkv,     \
+                                   Tpad, scale);                                               \
+    }
+
+DKDV_ENTRY(64, flash_bwd_dkdv_64, false)
+DKDV_ENTRY(128, flash_bwd_dkdv_128, false)
+DKDV_ENTRY(64, flash_bwd_dkdv_dq_64, true)
+DKDV_ENTRY(128, flash_bwd_dkdv_dq_128, true)

@@ -6,7 +6,8 @@
 // each dQ row is owned by one warp, so the result is bitwise deterministic.
 // Shapes: qkv [N, (H + 2 Hkv) * DH] bf16; d_out [N, H * DH] bf16; lse2, D [H, Tpad] fp32 padded;
 //         d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the q part;
-//         tiles int4 {seq_start, L, m, pad} (the forward's list).
+//         tiles int4 {seq_start, L, m, pad} (the forward's list; m < 0: packed tile, row r sees
+//         keys from segs[64 (-m - 1) + r] on).
 // Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H); 128 threads = 4 warps x 16 query rows; Q and dO one smem tile each,
 // K_n, V_n through a 2-stage cp.async ring. S = Q K^T and dP = dO V^T with B = K/V rows; dS stays in
 // registers as the A operand of dS K (B = K via ldmatrix.trans).
@@ -21,7 +22,8 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                                              const float* __restrict__ lse2,
                                              const float* __restrict__ Dg,
                                              bf16_t* __restrict__ d_qkv,
-                                             const int4* __restrict__ tiles, int H, int Hkv,
+                                             const int4* __restrict__ tiles,
+                                             const int* __restrict__ segs, int H, int Hkv,
                                              int Tpad, float scale) {
     constexpr int TILE = 64 * DH;
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -32,7 +34,7 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
 
     const int h = blockIdx.x % H;
     const int4 tile = tiles[blockIdx.x / H];
-    const int seq_start = tile.x, L = tile.y, m = tile.z, pad = tile.w;
+    const int seq_start = tile.x, L = tile.y, m = tile.z < 0 ? 0 : tile.z, pad = tile.w;
     const int hk = h / (H / Hkv);
     const long long rs = (long long)(H + 2 * Hkv) * DH;
     const long long ors = (long long)H * DH;
@@ -51,8 +53,10 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
     cp_commit();
 
     float l2[2], dd[2];
+    int seg_lo[2] = {0, 0};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+        if (tile.z < 0) seg_lo[r] = segs[(-tile.z - 1) * 64 + warp * 16 + g + 8 * r];
         long long p = (long long)h * Tpad + pad + m * 64 + warp * 16 + g + 8 * r;
         l2[r] = lse2[p];
         dd[r] = Dg[p];
@@ -106,7 +110,7 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                 int i = m * 64 + warp * 16 + g + 8 * r;
                 int j = n * 64 + nt * 8 + 2 * t + (e & 1);
                 float p = fast_exp2(s[nt][e] * c - l2[r]);
-                if (n == m && (j > i || j >= L)) p = 0.f;
+                if (n == m && (j > i || j >= L || j < seg_lo[r])) p = 0.f;
                 v[e] = p * (dp[nt][e] - dd[r]);
             }
             da[nt >> 1][(nt & 1) * 2] = pack_bf16(v[0], v[1]);
@@ -139,11 +143,13 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
 
 extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     flash_bwd_dq_64(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
-                    bf16_t* d_qkv, const int4* tiles, int H, int Hkv, int Tpad, float scale) {
-    flash_bwd_dq<64>(qkv, d_out, lse2, D, d_qkv, tiles, H, Hkv, Tpad, scale);
+                    bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
+                    float scale) {
+    flash_bwd_dq<64>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
 }
 extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     flash_bwd_dq_128(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
-                     bf16_t* d_qkv, const int4* tiles, int H, int Hkv, int Tpad, float scale) {
-    flash_bwd_dq<128>(qkv, d_out, lse2, D, d_qkv, tiles, H, Hkv, Tpad, scale);
+                     bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
+                     float scale) {
+    flash_bwd_dq<128>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
 }

@@ -3,8 +3,10 @@
 // Computes, for every query tile row i of sequence (seq_start, L, m, pad) and query head h:
 //   D[h, pad + i]    = sum_e d_out[t, h, e] * out[t, h, e]   (t = seq_start + i; 0 when i >= L)
 //   lse2[h, pad + i] = lse[h, t] * log2 e                    (+inf when i >= L, so P = 0 there)
+//   dqacc[h, pad + i, :] = 0 when dqacc is not null (the atomic backward's fp32 dQ accumulator)
 // Shapes: out, d_out [N, H * DH] bf16; lse [H, N] fp32; D, lse2 [H, Tpad] fp32, where each
-// sequence is padded to whole 64-row tiles so the main kernels read them without bounds checks.
+// sequence is padded to whole 64-row tiles so the main kernels read them without bounds checks;
+// dqacc [H, Tpad, DH] fp32.
 // Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H), 256 threads = 8 warps, each warp 8 rows, lanes split DH.
 // Accumulation: fp32, warp-shuffle reduction.
 
@@ -13,15 +15,20 @@ __device__ __forceinline__ void flash_bwd_prep(const bf16_t* __restrict__ out,
                                                const bf16_t* __restrict__ d_out,
                                                const float* __restrict__ lse, float* __restrict__ D,
                                                float* __restrict__ lse2,
+                                               float* __restrict__ dqacc,
                                                const int4* __restrict__ tiles, int H, int N,
                                                int Tpad) {
     constexpr int PER = DH / 32;  // elements per lane: 2 or 4
     const int h = blockIdx.x % H;
     const int4 tile = tiles[blockIdx.x / H];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (dqacc != nullptr) {
+        float4* z = (float4*)(dqacc + ((long long)h * Tpad + tile.w + max(tile.z, 0) * 64) * DH);
+        for (int x = threadIdx.x; x < 64 * DH / 4; x += 256) z[x] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
 #pragma unroll
     for (int rr = 0; rr < 8; ++rr) {
-        int i = tile.z * 64 + warp * 8 + rr;
+        int i = max(tile.z, 0) * 64 + warp * 8 + rr;
         float s = 0.f;
         if (i < tile.y) {
             long long off = (long long)(tile.x + i) * H * DH + h * DH + lane * PER;
@@ -44,11 +51,11 @@ __device__ __forceinline__ void flash_bwd_prep(const bf16_t* __restrict__ out,
 
 extern "C" __global__ void __launch_bounds__(256)
     flash_bwd_prep_64(const bf16_t* out, const bf16_t* d_out, const float* lse, float* D,
-                      float* lse2, const int4* tiles, int H, int N, int Tpad) {
-    flash_bwd_prep<64>(out, d_out, lse, D, lse2, tiles, H, N, Tpad);
+                      float* lse2, float* dqacc, const int4* tiles, int H, int N, int Tpad) {
+    flash_bwd_prep<64>(out, d_out, lse, D, lse2, dqacc, tiles, H, N, Tpad);
 }
 extern "C" __global__ void __launch_bounds__(256)
     flash_bwd_prep_128(const bf16_t* out, const bf16_t* d_out, const float* lse, float* D,
-                       float* lse2, const int4* tiles, int H, int N, int Tpad) {
-    flash_bwd_prep<128>(out, d_out, lse, D, lse2, tiles, H, N, Tpad);
+                       float* lse2, float* dqacc, const int4* tiles, int H, int N, int Tpad) {
+    flash_bwd_prep<128>(out, d_out, lse, D, lse2, dqacc, tiles, H, N, Tpad);
 }

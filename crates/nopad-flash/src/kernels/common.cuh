@@ -75,6 +75,11 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// p[0] += a, p[1] += b in global memory, one vector reduction (sm_90; p 8-byte aligned).
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
 // Element offset of 16-byte chunk `c` of row `r` in a swizzled [rows][DH] tile.
 template <int DH>
 __device__ __forceinline__ int swz(int r, int c) {
