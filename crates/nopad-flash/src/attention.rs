@@ -1,0 +1,482 @@
+//! `FlashAttention`: loads the kernels through the caller's NVRTC loader, checks shapes, uploads
+//! a plan's tile lists into the workspace and launches forward and backward.
+//!
+//! Launch geometry lives here; the math lives in the `.cu` files under `kernels/` (each opens
+//! with what it computes). Every launch returns a `Result` naming its kernel.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result, sys, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
+
+use crate::plan::{Plan, WorkspaceLayout, TILE};
+use crate::{FlashDims, FlashError};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const FWD: &str = include_str!("kernels/fwd.cu");
+const BWD_PREP: &str = include_str!("kernels/bwd_prep.cu");
+const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
+const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
+const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
+const SIMPLE: &str = include_str!("kernels/simple.cu");
+
+/// The caller's loader: `load(name, cuda_source) -> module` (NVRTC plus its disk cache).
+pub type ModuleLoader = dyn Fn(&str, &str) -> Result<Arc<CudaModule>, String>;
+
+/// Which kernels `forward`/`backward` launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSet {
+    /// Tensor-core kernels (`fwd.cu`, `bwd_*.cu`): the production path.
+    Mma,
+    /// Scalar stage-1 kernels (`simple.cu`): slow, obvious, the GPU oracle.
+    Simple,
+}
+
+/// The functions of one head dimension.
+struct PerDim {
+    fwd: CudaFunction,
+    fwd_wide: CudaFunction,
+    prep: CudaFunction,
+    dkdv: CudaFunction,
+    dkdv_dq: CudaFunction,
+    dq: CudaFunction,
+    convert: CudaFunction,
+    s_fwd: CudaFunction,
+    s_prep: CudaFunction,
+    s_dq: CudaFunction,
+    s_dkdv: CudaFunction,
+}
+
+/// Query rows per forward tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardTiles {
+    /// 64 rows, 16 per warp: more tiles, less masked waste; best for short sequences.
+    Narrow,
+    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP; best for long sequences.
+    Wide,
+    /// Wide when at least half of the tokens sit in sequences longer than `AUTO_WIDE_MIN_LEN`.
+    Auto,
+}
+
+/// Sequence length from which `ForwardTiles::Auto` counts a token as "long".
+pub const AUTO_WIDE_MIN_LEN: usize = 512;
+
+/// Loaded varlen FlashAttention kernels for head dims 64 and 128.
+pub struct FlashAttention {
+    d64: PerDim,
+    d128: PerDim,
+    kernels: KernelSet,
+    forward_tiles: ForwardTiles,
+}
+
+fn smem_dkdv(dh: usize, atomic: bool) -> usize {
+    6 * TILE * dh * 2 + 4 * TILE * 4 + if atomic { TILE * TILE * 2 } else { 0 }
+}
+/// Q [BR][Dh] + K, V [BC][Dh] bf16 (fwd.cu: BR = 64 or 128; BC = 32 only at Dh 128, BR 128).
+fn smem_fwd(dh: usize, wide: bool) -> usize {
+    let (br, bc) = match (wide, dh) {
+        (false, _) => (64, 64),
+        (true, 128) => (128, 32),
+        (true, _) => (128, 64),
+    };
+    (br + 2 * bc) * dh * 2
+}
+fn smem_dq(dh: usize) -> usize {
+    6 * TILE * dh * 2
+}
+
+fn driver(what: impl Into<String>) -> impl FnOnce(result::DriverError) -> FlashError {
+    let what = what.into();
+    move |source| FlashError::Driver { what, source }
+}
+
+impl FlashAttention {
+    /// Compile and load every kernel through `load(name, cuda_source)` (the caller's NVRTC with
+    /// its disk cache). Sources are self-contained: no CUDA headers are needed.
+    pub fn new(load: &ModuleLoader) -> Result<Self, FlashError> {
+        let module = |name: &str, src: &str| {
+            load(name, &format!("{COMMON}\n{src}")).map_err(|msg| FlashError::Load {
+                module: name.to_string(),
+                msg,
+            })
+        };
+        let fwd = module("flash_fwd.cu", FWD)?;
+        let bwd = module(
+            "flash_bwd.cu",
+            &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_CONVERT}"),
+        )?;
+        let simple = module("flash_simple.cu", SIMPLE)?;
+        let get = |m: &Arc<CudaModule>, name: String| {
+            m.load_function(&name)
+                .map_err(driver(format!("loading kernel {name}")))
+        };
+        let per_dim = |dh: usize| -> Result<PerDim, FlashError> {
+            let p = PerDim {
+                fwd: get(&fwd, format!("flash_fwd_{dh}"))?,
+                fwd_wide: get(&fwd, format!("flash_fwd_br128_{dh}"))?,
+                prep: get(&bwd, format!("flash_bwd_prep_{dh}"))?,
+                dkdv: get(&bwd, format!("flash_bwd_dkdv_{dh}"))?,
+                dkdv_dq: get(&bwd, format!("flash_bwd_dkdv_dq_{dh}"))?,
+                dq: get(&bwd, format!("flash_bwd_dq_{dh}"))?,
+                convert: get(&bwd, format!("flash_bwd_convert_{dh}"))?,
+                s_fwd: get(&simple, format!("flash_simple_fwd_{dh}"))?,
+                s_prep: get(&simple, format!("flash_simple_bwd_prep_{dh}"))?,
+                s_dq: get(&simple, format!("flash_simple_bwd_dq_{dh}"))?,
+                s_dkdv: get(&simple, format!("flash_simple_bwd_dkdv_{dh}"))?,
+            };
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            p.fwd
+                .set_attribute(attr, smem_fwd(dh, false) as i32)
+                .map_err(driver(format!("raising smem of flash_fwd_{dh}")))?;
+            p.fwd_wide
+                .set_attribute(attr, smem_fwd(dh, true) as i32)
+                .map_err(driver(format!("raising smem of flash_fwd_br128_{dh}")))?;
+            p.dkdv
+                .set_attribute(attr, smem_dkdv(dh, false) as i32)
+                .map_err(driver(format!("raising smem of flash_bwd_dkdv_{dh}")))?;
+            p.dkdv_dq
+                .set_attribute(attr, smem_dkdv(dh, true) as i32)
+                .map_err(driver(format!("raising smem of flash_bwd_dkdv_dq_{dh}")))?;
+            p.dq.set_attribute(attr, smem_dq(dh) as i32)
+                .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
+            Ok(p)
+        };
+        Ok(FlashAttention {
+            d64: per_dim(64)?,
+            d128: per_dim(128)?,
+            kernels: KernelSet::Mma,
+            forward_tiles: ForwardTiles::Auto,
+        })
+    }
+
+    /// Switch between the tensor-core kernels (default) and the scalar oracle.
+    pub fn set_kernels(&mut self, kernels: KernelSet) {
+        self.kernels = kernels;
+    }
+
+    /// Choose the forward tile height (default `Auto`).
+    pub fn set_forward_tiles(&mut self, tiles: ForwardTiles) {
+        self.forward_tiles = tiles;
+    }
+
+    /// Which kernel set is active.
+    pub fn kernels(&self) -> KernelSet {
+        self.kernels
+    }
+
+    fn check_dims(dims: &FlashDims) -> Result<(), FlashError> {
+        if dims.head_dim != 64 && dims.head_dim != 128 {
+            return Err(FlashError::Unsupported(format!(
+                "head_dim {} (kernels exist for 64 and 128)",
+                dims.head_dim
+            )));
+        }
+        if dims.n_kv_heads == 0 || dims.n_heads % dims.n_kv_heads != 0 {
+            return Err(FlashError::Unsupported(format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                dims.n_heads, dims.n_kv_heads
+            )));
+        }
+        if !(dims.scale.is_finite() && dims.scale > 0.0) {
+            return Err(FlashError::Unsupported(format!(
+                "scale {} must be finite and > 0",
+                dims.scale
+            )));
+        }
+        Ok(())
+    }
+
+    fn per_dim(&self, dims: &FlashDims) -> &PerDim {
+        if dims.head_dim == 64 {
+            &self.d64
+        } else {
+            &self.d128
+        }
+    }
+
+    /// Build the tile lists for `cu_seqlens_host` (host copy of the device `cu_seqlens`).
+    pub fn plan(&self, cu_seqlens_host: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
+        Self::check_dims(dims)?;
+        Plan::new(cu_seqlens_host, dims)
+    }
+
+    /// Device scratch bytes the caller passes as `workspace`: tile lists, lse2 and D `[H, Tpad]`
+    /// fp32, and the atomic backward's dQ accumulator `[H, Tpad, Dh]` fp32 (Tpad = tokens with
+    /// each sequence rounded up to 64).
+    pub fn workspace_bytes(&self, plan: &Plan, dims: &FlashDims) -> usize {
+        plan.layout(dims.n_heads, dims.head_dim).total
+    }
+
+    unsafe fn upload_tiles(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        workspace: u64,
+    ) -> Result<(), FlashError> {
+        let tiles = plan.pinned_tiles(stream.context())?;
+        if !tiles.is_empty() {
+            result::memcpy_htod_async(workspace, tiles, stream.cu_stream())
+                .map_err(driver("uploading tile lists to the workspace"))?;
+        }
+        Ok(())
+    }
+
+    /// Forward: `out: [N, H*Dh]` bf16 and `lse: [H, N]` fp32 from `qkv: [N, (H+2Hkv)*Dh]` bf16.
+    ///
+    /// # Safety
+    /// All pointers are valid device allocations of the documented sizes on `stream`'s context;
+    /// `workspace` holds `workspace_bytes` bytes; `plan` was built from this batch's cu_seqlens.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        dims: &FlashDims,
+        qkv: u64,
+        _cu_seqlens: u64,
+        out: u64,
+        lse: u64,
+        workspace: u64,
+    ) -> Result<(), FlashError> {
+        self.forward_with_tiles(
+            self.forward_tiles,
+            stream,
+            plan,
+            dims,
+            qkv,
+            _cu_seqlens,
+            out,
+            lse,
+            workspace,
+        )
+    }
+
+    /// [`FlashAttention::forward`] with an explicit tile height (benchmarks compare them).
+    ///
+    /// # Safety
+    /// As [`FlashAttention::forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_with_tiles(
+        &self,
+        forward_tiles: ForwardTiles,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        dims: &FlashDims,
+        qkv: u64,
+        _cu_seqlens: u64,
+        out: u64,
+        lse: u64,
+        workspace: u64,
+    ) -> Result<(), FlashError> {
+        Self::check_dims(dims)?;
+        let q_tiles = plan.q_tiles.len();
+        if q_tiles == 0 {
+            return Ok(());
+        }
+        self.upload_tiles(stream, plan, workspace)?;
+        let f = self.per_dim(dims);
+        let (h, hkv, n) = (dims.n_heads as i32, dims.n_kv_heads as i32, dims.n as i32);
+        let lay = plan.layout(dims.n_heads, dims.head_dim);
+        let segs = workspace + lay.segs as u64;
+        let tiles = workspace + lay.tiles as u64;
+        let simple_tiles = workspace + lay.simple_tiles as u64;
+        let wide_tiles = workspace + lay.wide_tiles as u64;
+        let mut b;
+        let (name, grid, block, smem) = match self.kernels {
+            KernelSet::Mma => {
+                let wide = match forward_tiles {
+                    ForwardTiles::Narrow => false,
+                    ForwardTiles::Wide => true,
+                    ForwardTiles::Auto => 2 * plan.long_tokens(AUTO_WIDE_MIN_LEN) >= dims.n,
+                };
+                if wide {
+                    b = stream.launch_builder(&f.fwd_wide);
+                    b.arg(&qkv).arg(&out).arg(&lse).arg(&wide_tiles).arg(&segs);
+                    (
+                        "flash_fwd_br128",
+                        plan.wide_tiles.len(),
+                        128,
+                        smem_fwd(dims.head_dim, true),
+                    )
+                } else {
+                    b = stream.launch_builder(&f.fwd);
+                    b.arg(&qkv).arg(&out).arg(&lse).arg(&tiles).arg(&segs);
+                    ("flash_fwd", q_tiles, 128, smem_fwd(dims.head_dim, false))
+                }
+            }
+            KernelSet::Simple => {
+                b = stream.launch_builder(&f.s_fwd);
+                b.arg(&qkv).arg(&out).arg(&lse).arg(&simple_tiles);
+                ("flash_simple_fwd", plan.simple_tiles.len(), 64, 0)
+            }
+        };
+        b.arg(&h).arg(&hkv).arg(&n).arg(&dims.scale);
+        let cfg = LaunchConfig {
+            grid_dim: ((grid * dims.n_heads) as u32, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: argument order and types match `flash_fwd_<dh>` / `flash_simple_fwd_<dh>`.
+        b.launch(cfg)
+            .map_err(driver(format!("launching {name}_{}", dims.head_dim)))?;
+        Ok(())
+    }
+
+    /// Backward: writes all of `d_qkv: [N, (H+2Hkv)*Dh]` bf16 from `d_out: [N, H*Dh]`, the
+    /// forward's `out` and `lse`. `deterministic = false`: one pass over key tiles computes dK,
+    /// dV and dQ, dQ through fp32 `red.global.add` (fast; dQ may differ in the last bits from run
+    /// to run). `deterministic = true`: dQ comes from a second kernel over query tiles that
+    /// recomputes P and dP (no atomics, bitwise reproducible, about 40% more matmul work).
+    ///
+    /// # Safety
+    /// As [`FlashAttention::forward`]; `out` and `lse` are that forward's outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        dims: &FlashDims,
+        qkv: u64,
+        _cu_seqlens: u64,
+        out: u64,
+        lse: u64,
+        d_out: u64,
+        d_qkv: u64,
+        workspace: u64,
+        deterministic: bool,
+    ) -> Result<(), FlashError> {
+        Self::check_dims(dims)?;
+        let q_tiles = plan.q_tiles.len();
+        if q_tiles == 0 {
+            return Ok(());
+        }
+        self.upload_tiles(stream, plan, workspace)?;
+        let lay: WorkspaceLayout = plan.layout(dims.n_heads, dims.head_dim);
+        let f = self.per_dim(dims);
+        let dh = dims.head_dim;
+        let (h, hkv, n) = (dims.n_heads as i32, dims.n_kv_heads as i32, dims.n as i32);
+        let tpad = plan.t_pad as i32;
+        let tiles = workspace + lay.tiles as u64;
+        let kv_tiles = workspace + lay.kv_tiles as u64;
+        let simple_tiles = workspace + lay.simple_tiles as u64;
+        let segs = workspace + lay.segs as u64;
+        let grid_simple = (plan.simple_tiles.len() * dims.n_heads) as u32;
+        let lse2 = workspace + lay.lse2 as u64;
+        let dbuf = workspace + lay.d as u64;
+        let dqacc = if deterministic {
+            0u64
+        } else {
+            workspace + lay.dqacc as u64
+        };
+        let grid_q = (q_tiles * dims.n_heads) as u32;
+        let grid_kv = (plan.kv_tiles.len() * dims.n_kv_heads) as u32;
+        let cfg = |grid: u32, block: u32, smem: usize| LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let scale = dims.scale;
+        match self.kernels {
+            KernelSet::Mma => {
+                let mut b = stream.launch_builder(&f.prep);
+                b.arg(&out)
+                    .arg(&d_out)
+                    .arg(&lse)
+                    .arg(&dbuf)
+                    .arg(&lse2)
+                    .arg(&tiles);
+                b.arg(&h).arg(&n).arg(&tpad);
+                // SAFETY: matches `flash_bwd_prep_<dh>`.
+                b.launch(cfg(grid_q, 256, 0))
+                    .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
+
+                let (dkdv, name) = if deterministic {
+                    (&f.dkdv, "flash_bwd_dkdv")
+                } else {
+                    (&f.dkdv_dq, "flash_bwd_dkdv_dq")
+                };
+                let mut b = stream.launch_builder(dkdv);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse2)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&kv_tiles)
+                    .arg(&segs)
+                    .arg(&dqacc);
+                b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
+                // SAFETY: matches `flash_bwd_dkdv[_dq]_<dh>`; dqacc is null only when unused.
+                b.launch(cfg(grid_kv, 128, smem_dkdv(dh, !deterministic)))
+                    .map_err(driver(format!("launching {name}_{dh}")))?;
+
+                if deterministic {
+                    let mut b = stream.launch_builder(&f.dq);
+                    b.arg(&qkv)
+                        .arg(&d_out)
+                        .arg(&lse2)
+                        .arg(&dbuf)
+                        .arg(&d_qkv)
+                        .arg(&tiles)
+                        .arg(&segs);
+                    b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
+                    // SAFETY: matches `flash_bwd_dq_<dh>`.
+                    b.launch(cfg(grid_q, 128, smem_dq(dh)))
+                        .map_err(driver(format!("launching flash_bwd_dq_{dh}")))?;
+                } else {
+                    let mut b = stream.launch_builder(&f.convert);
+                    b.arg(&dqacc)
+                        .arg(&d_qkv)
+                        .arg(&tiles)
+                        .arg(&h)
+                        .arg(&hkv)
+                        .arg(&tpad)
+                        .arg(&scale);
+                    // SAFETY: matches `flash_bwd_convert_<dh>`.
+                    b.launch(cfg(grid_q, 128, 0))
+                        .map_err(driver(format!("launching flash_bwd_convert_{dh}")))?;
+                }
+            }
+            KernelSet::Simple => {
+                // D: [H, N] unpadded, inside the workspace's D section (N <= Tpad).
+                let mut b = stream.launch_builder(&f.s_prep);
+                b.arg(&out)
+                    .arg(&d_out)
+                    .arg(&dbuf)
+                    .arg(&simple_tiles)
+                    .arg(&h)
+                    .arg(&n);
+                // SAFETY: matches `flash_simple_bwd_prep_<dh>`.
+                b.launch(cfg(grid_simple, 64, 0))
+                    .map_err(driver(format!("launching flash_simple_bwd_prep_{dh}")))?;
+                let mut b = stream.launch_builder(&f.s_dq);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&simple_tiles);
+                b.arg(&h).arg(&hkv).arg(&n).arg(&scale);
+                // SAFETY: matches `flash_simple_bwd_dq_<dh>`.
+                b.launch(cfg(grid_simple, 64, 0))
+                    .map_err(driver(format!("launching flash_simple_bwd_dq_{dh}")))?;
+                let mut b = stream.launch_builder(&f.s_dkdv);
+                b.arg(&qkv)
+                    .arg(&d_out)
+                    .arg(&lse)
+                    .arg(&dbuf)
+                    .arg(&d_qkv)
+                    .arg(&simple_tiles);
+                b.arg(&h).arg(&hkv).arg(&n).arg(&scale);
+                // SAFETY: matches `flash_simple_bwd_dkdv_<dh>`; its grid is q tiles x Hkv.
+                b.launch(cfg(
+                    (plan.simple_tiles.len() * dims.n_kv_heads) as u32,
+                    64,
+                    0,
+                ))
+                .map_err(driver(format!("launching flash_simple_bwd_dkdv_{dh}")))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,249 @@
+// bwd_dkdv.cu: varlen causal FlashAttention backward, dK and dV, over key tiles (mma.sync).
+//
+// Computes, per sequence, kv head hk and key tile n (keys j = 64n .. 64n+63):
+//   dV_j = sum_{h in group(hk)} sum_{i >= j} P_ij dO_i
+//   dK_j = scale * sum_{h in group(hk)} sum_{i >= j} P_ij (dP_ij - D_i) Q_i
+// with P_ij = exp2(scale log2e q_i.k_j - lse2_i), dP_ij = dO_i . V_j (recomputed here).
+// Shapes: qkv [N, (H + 2 Hkv) * DH] bf16; d_out [N, H * DH] bf16; lse2, D [H, Tpad] fp32 padded
+//         (bwd_prep.cu); d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the k and v parts;
+//         tiles int4 {seq_start, L, n, pad}, ordered by cost (query tiles to visit); n < 0: a
+//         packed tile, query row i sees keys from segs[64 (-n - 1) + i] on.
+// Geometry: 1-D grid of kv tiles x Hkv, heads fastest; 128 threads = 4 warps, each owning 16 keys. K_n, V_n stay in
+// smem; (query head, query tile) steps stream Q, dO, lse2, D through a 2-stage cp.async ring. Each
+// warp computes S^T = K Q^T and dP^T = V dO^T (A from smem via ldmatrix, B = Q/dO rows), keeps
+// P^T and dS^T in registers as bf16 A fragments for dV += P^T dO and dK += dS^T Q (B via
+// ldmatrix.trans). The GQA group sum happens in registers, so dK/dV are deterministic.
+// ATOMIC = true (the fast, non-deterministic backward) also computes dQ here: dS^T goes to smem
+// as bf16 [key][query], each warp forms 16 query rows of dS K in 32-column slices (A via
+// ldmatrix.trans of dS^T, B = K via ldmatrix.trans) and adds them to the fp32 accumulator
+// dqacc [H, Tpad, DH] with red.global.add.v2.f32 (zeroed by bwd_prep, scaled and converted by
+// bwd_convert). ATOMIC = false leaves dQ to bwd_dq.cu (7 matmuls instead of 5, no atomics).
+// Accumulation: fp32 (S, dP, dK, dV, dQ); P and dS rounded to bf16 as MMA operands.
+// Shared memory: (2 + 4) [64][DH] bf16 tiles + 2 x 2 x 64 fp32 (+ 8 KB dS when ATOMIC)
+// = 48.5 / 56.5 KB (DH 64), 97 / 105 KB (DH 128).
+
+#define BWD_THREADS 128
+
+template <int DH, bool ATOMIC>
+__device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
+                                               const bf16_t* __restrict__ d_out,
+                                               const float* __restrict__ lse2,
+                                               const float* __restrict__ Dg,
+                                               bf16_t* __restrict__ d_qkv,
+                                               const int4* __restrict__ tiles,
+                                               const int* __restrict__ segs,
+                                               float* __restrict__ dqacc, int H, int Hkv,
+                                               int Tpad, float scale) {
+    constexpr int TILE = 64 * DH;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    bf16_t* sK = (bf16_t*)smem_raw;
+    bf16_t* sV = sK + TILE;
+    bf16_t* sQ = sV + TILE;       // [2][64][DH]
+    bf16_t* sdO = sQ + 2 * TILE;  // [2][64][DH]
+    float* sL = (float*)(sdO + 2 * TILE);  // [2][64]
+    float* sD = sL + 128;                  // [2][64]
+    bf16_t* sdS = (bf16_t*)(sD + 128);     // [64 keys][64 queries], swizzled; ATOMIC only
+
+    const int hk = blockIdx.x % Hkv;
+    const int4 tile = tiles[blockIdx.x / Hkv];
+    const int seq_start = tile.x, L = tile.y, n = tile.z < 0 ? 0 : tile.z, pad = tile.w;
+    const int* seg = tile.z < 0 ? segs + (-tile.z - 1) * 64 : nullptr;
+    const int G = H / Hkv;
+    const long long rs = (long long)(H + 2 * Hkv) * DH;
+    const long long ors = (long long)H * DH;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int nq = (L + 63) >> 6;
+    const int steps_per_head = nq - n;
+    const int steps = G * steps_per_head;
+    const float c = scale * LOG2E;
+
+    const bf16_t* gK = qkv + (long long)(seq_start + n * 64) * rs + (H + hk) * DH;
+    const bf16_t* gV = qkv + (long long)(seq_start + n * 64) * rs + (H + Hkv + hk) * DH;
+    load_tile<64, DH, BWD_THREADS>(sK, gK, rs, L - n * 64, tid);
+    load_tile<64, DH, BWD_THREADS>(sV, gV, rs, L - n * 64, tid);
+
+    // Step s covers query head hk*G + s / steps_per_head, query tile n + s % steps_per_head.
+    auto load_step = [&](int s, int stage) {
+        int h = hk * G + s / steps_per_head;
+        int m = n + s % steps_per_head;
+        const bf16_t* gQ = qkv + (long long)(seq_start + m * 64) * rs + h * DH;
+        const bf16_t* gO = d_out + (long long)(seq_start + m * 64) * ors + h * DH;
+        load_tile<64, DH, BWD_THREADS>(sQ + stage * TILE, gQ, rs, L - m * 64, tid);
+        load_tile<64, DH, BWD_THREADS>(sdO + stage * TILE, gO, ors, L - m * 64, tid);
+        if (tid < 32) {
+            long long p = (long long)h * Tpad + pad + m * 64 + (tid & 15) * 4;
+            const float* src = tid < 16 ? lse2 + p : Dg + p;
+            float* dst = (tid < 16 ? sL : sD) + stage * 64 + (tid & 15) * 4;
+            cp_async16(smem_u32(dst), src, true);
+        }
+    };
+    load_step(0, 0);
+    cp_commit();
+
+    float dk[DH / 8][4], dv[DH / 8][4];
+#pragma unroll
+    for (int i = 0; i < DH / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+    const u32 sKa = smem_u32(sK), sVa = smem_u32(sV);
+    for (int s = 0; s < steps; ++s) {
+        const int stage = s & 1;
+        if (s + 1 < steps) load_step(s + 1, stage ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();  // stage s (and K, V) landed for every thread.
+        const int m = n + s % steps_per_head;
+        const u32 sQa = smem_u32(sQ + stage * TILE), sOa = smem_u32(sdO + stage * TILE);
+        const float* sLs = sL + stage * 64;
+        const float* sDs = sD + stage * 64;
+
+        // S^T[16 keys][64 queries] = K Q^T; P^T = exp2(c S^T - lse2[query]).
+        float st[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) {
+            u32 a[4];
+            ldsm_x4(a, addr_a<DH>(sKa, warp * 16, kk, lane));
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 b[4];
+                ldsm_x4(b, addr_b<DH>(sQa, np * 16, kk, lane));
+                mma_bf16(st[2 * np], a, b[0], b[1]);
+                mma_bf16(st[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        u32 pa[4][4];  // P^T as bf16 A fragments, k = queries (slice kj = queries 16kj..16kj+15)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int qcol = nt * 8 + 2 * t + (e & 1);
+                int j = n * 64 + warp * 16 + g + ((e >> 1) << 3);
+                float v = fast_exp2(st[nt][e] * c - sLs[qcol]);
+                bool masked = m == n && (m * 64 + qcol < j || (seg != nullptr && seg[qcol] > j));
+                p[e] = masked ? 0.f : v;
+            }
+            pa[nt >> 1][(nt & 1) * 2] = pack_bf16(p[0], p[1]);
+            pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
+        }
+        // dV += P^T dO.
+#pragma unroll
+        for (int kj = 0; kj < 4; ++kj)
+#pragma unroll
+            for (int dp = 0; dp < DH / 16; ++dp) {
+                u32 b[4];
+                ldsm_x4_t(b, addr_bt<DH>(sOa, kj * 16, dp, lane));
+                mma_bf16(dv[2 * dp], pa[kj], b[0], b[1]);
+                mma_bf16(dv[2 * dp + 1], pa[kj], b[2], b[3]);
+            }
+        // dP^T = V dO^T; dS^T = P^T (dP^T - D[query]), reusing st's registers.
+#pragma unroll
+        for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) {
+            u32 a[4];
+            ldsm_x4(a, addr_a<DH>(sVa, warp * 16, kk, lane));
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 b[4];
+                ldsm_x4(b, addr_b<DH>(sOa, np * 16, kk, lane));
+                mma_bf16(st[2 * np], a, b[0], b[1]);
+                mma_bf16(st[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            u32 p01 = pa[nt >> 1][(nt & 1) * 2], p23 = pa[nt >> 1][(nt & 1) * 2 + 1];
+            float d0 = sDs[nt * 8 + 2 * t], d1 = sDs[nt * 8 + 2 * t + 1];
+            pa[nt >> 1][(nt & 1) * 2] =
+                pack_bf16(bf_lo(p01) * (st[nt][0] - d0), bf_hi(p01) * (st[nt][1] - d1));
+            pa[nt >> 1][(nt & 1) * 2 + 1] =
+                pack_bf16(bf_lo(p23) * (st[nt][2] - d0), bf_hi(p23) * (st[nt][3] - d1));
+        }
+        if (ATOMIC) {
+            // dS^T to smem as [key][query] (16-B chunk swizzle, as a [64][64] tile).
+#pragma unroll
+            for (int kj = 0; kj < 4; ++kj)
+#pragma unroll
+                for (int x = 0; x < 4; ++x) {
+                    int r = warp * 16 + g + ((x & 1) << 3);
+                    int q = kj * 16 + ((x >> 1) << 3) + 2 * t;
+                    *(u32*)(sdS + swz<64>(r, q >> 3) + (q & 7)) = pa[kj][x];
+                }
+        }
+        // dK += dS^T Q.
+#pragma unroll
+        for (int kj = 0; kj < 4; ++kj)
+#pragma unroll
+            for (int dp = 0; dp < DH / 16; ++dp) {
+                u32 b[4];
+                ldsm_x4_t(b, addr_bt<DH>(sQa, kj * 16, dp, lane));
+                mma_bf16(dk[2 * dp], pa[kj], b[0], b[1]);
+                mma_bf16(dk[2 * dp + 1], pa[kj], b[2], b[3]);
+            }
+        if (ATOMIC) {
+            __syncthreads();  // dS^T complete in smem.
+            const int h = hk * G + s / steps_per_head;
+            const u32 sSa = smem_u32(sdS);
+            float* dst = dqacc + ((long long)h * Tpad + pad + m * 64 + warp * 16 + g) * DH + 2 * t;
+#pragma unroll 1
+            for (int cs = 0; cs < DH / 32; ++cs) {
+                float acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    u32 a[4];
+                    ldsm_x4_t(a, addr_b<64>(sSa, kk * 16, warp, lane));
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {
+                        u32 b[4];
+                        ldsm_x4_t(b, addr_bt<DH>(sKa, kk * 16, cs * 2 + np, lane));
+                        mma_bf16(acc[2 * np], a, b[0], b[1]);
+                        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    float* p = dst + cs * 32 + nt * 8;
+                    red_add_v2(p, acc[nt][0], acc[nt][1]);
+                    red_add_v2(p + 8 * DH, acc[nt][2], acc[nt][3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this stage (and dS) before they are refilled.
+    }
+    cp_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int j = n * 64 + warp * 16 + g + 8 * r;
+        if (j < L) {
+            bf16_t* dK = d_qkv + (long long)(seq_start + j) * rs + (H + hk) * DH + 2 * t;
+            bf16_t* dV = d_qkv + (long long)(seq_start + j) * rs + (H + Hkv + hk) * DH + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < DH / 8; ++dt) {
+                *(u32*)(dK + dt * 8) = pack_bf16(dk[dt][2 * r] * scale, dk[dt][2 * r + 1] * scale);
+                *(u32*)(dV + dt * 8) = pack_bf16(dv[dt][2 * r], dv[dt][2 * r + 1]);
+            }
+        }
+    }
+}
+
+#define DKDV_ENTRY(DH, NAME, ATOMIC)                                                          \
+    extern "C" __global__ void __launch_bounds__(BWD_THREADS)                                  \
+        NAME(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,        \
+             bf16_t* d_qkv, const int4* tiles, const int* segs, float* dqacc, int H, int Hkv,  \
+             int Tpad, float scale) {                                                          \
+        flash_bwd_dkdv<DH, ATOMIC>(qkv, d_out, lse2, D, d_qkv, tiles, segs, dqacc, H, Hkv,     \
+                                   Tpad, scale);                                               \
+    }
+
+DKDV_ENTRY(64, flash_bwd_dkdv_64, false)
+DKDV_ENTRY(128, flash_bwd_dkdv_128, false)
+DKDV_ENTRY(64, flash_bwd_dkdv_dq_64, true)
+DKDV_ENTRY(128, flash_bwd_dkdv_dq_128, true)

@@ -1,0 +1,155 @@
+// bwd_dq.cu: varlen causal FlashAttention backward, dQ over query tiles with recompute (mma.sync).
+//
+// Computes, per sequence, query head h and query tile m (rows i = 64m .. 64m+63):
+//   dQ_i = scale * sum_{j <= i} P_ij (dP_ij - D_i) K_j
+// with P_ij = exp2(scale log2e q_i.k_j - lse2_i) and dP_ij = dO_i . V_j recomputed. No atomics:
+// each dQ row is owned by one warp, so the result is bitwise deterministic.
+// Shapes: qkv [N, (H + 2 Hkv) * DH] bf16; d_out [N, H * DH] bf16; lse2, D [H, Tpad] fp32 padded;
+//         d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the q part;
+//         tiles int4 {seq_start, L, m, pad} (the forward's list; m < 0: packed tile, row r sees
+//         keys from segs[64 (-m - 1) + r] on).
+// Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H); 128 threads = 4 warps x 16 query rows; Q and dO one smem tile each,
+// K_n, V_n through a 2-stage cp.async ring. S = Q K^T and dP = dO V^T with B = K/V rows; dS stays in
+// registers as the A operand of dS K (B = K via ldmatrix.trans).
+// Accumulation: fp32; P and dS rounded to bf16 as MMA operands.
+// Shared memory: 6 [64][DH] bf16 tiles = 48 KB (DH 64), 96 KB (DH 128).
+
+#define DQ_THREADS 128
+
+template <int DH>
+__device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
+                                             const bf16_t* __restrict__ d_out,
+                                             const float* __restrict__ lse2,
+                                             const float* __restrict__ Dg,
+                                             bf16_t* __restrict__ d_qkv,
+                                             const int4* __restrict__ tiles,
+                                             const int* __restrict__ segs, int H, int Hkv,
+                                             int Tpad, float scale) {
+    constexpr int TILE = 64 * DH;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    bf16_t* sQ = (bf16_t*)smem_raw;
+    bf16_t* sdO = sQ + TILE;
+    bf16_t* sK = sdO + TILE;   // [2][64][DH]
+    bf16_t* sV = sK + 2 * TILE;  // [2][64][DH]
+
+    const int h = blockIdx.x % H;
+    const int4 tile = tiles[blockIdx.x / H];
+    const int seq_start = tile.x, L = tile.y, m = tile.z < 0 ? 0 : tile.z, pad = tile.w;
+    const int hk = h / (H / Hkv);
+    const long long rs = (long long)(H + 2 * Hkv) * DH;
+    const long long ors = (long long)H * DH;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const float c = scale * LOG2E;
+
+    const bf16_t* gK = qkv + (long long)seq_start * rs + (H + hk) * DH;
+    const bf16_t* gV = qkv + (long long)seq_start * rs + (H + Hkv + hk) * DH;
+    load_tile<64, DH, DQ_THREADS>(sQ, qkv + (long long)(seq_start + m * 64) * rs + h * DH, rs,
+                                  L - m * 64, tid);
+    load_tile<64, DH, DQ_THREADS>(sdO, d_out + (long long)(seq_start + m * 64) * ors + h * DH, ors,
+                                  L - m * 64, tid);
+    load_tile<64, DH, DQ_THREADS>(sK, gK, rs, L, tid);
+    load_tile<64, DH, DQ_THREADS>(sV, gV, rs, L, tid);
+    cp_commit();
+
+    float l2[2], dd[2];
+    int seg_lo[2] = {0, 0};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (tile.z < 0) seg_lo[r] = segs[(-tile.z - 1) * 64 + warp * 16 + g + 8 * r];
+        long long p = (long long)h * Tpad + pad + m * 64 + warp * 16 + g + 8 * r;
+        l2[r] = lse2[p];
+        dd[r] = Dg[p];
+    }
+    float dq[DH / 8][4];
+#pragma unroll
+    for (int i = 0; i < DH / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    const u32 sQa = smem_u32(sQ), sOa = smem_u32(sdO);
+
+    for (int n = 0; n <= m; ++n) {
+        const int stage = n & 1;
+        if (n + 1 <= m) {
+            load_tile<64, DH, DQ_THREADS>(sK + (stage ^ 1) * TILE, gK + (long long)(n + 1) * 64 * rs,
+                                          rs, L - (n + 1) * 64, tid);
+            load_tile<64, DH, DQ_THREADS>(sV + (stage ^ 1) * TILE, gV + (long long)(n + 1) * 64 * rs,
+                                          rs, L - (n + 1) * 64, tid);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        const u32 sKa = smem_u32(sK + stage * TILE), sVa = smem_u32(sV + stage * TILE);
+
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) {
+            u32 a[4], ao[4];
+            ldsm_x4(a, addr_a<DH>(sQa, warp * 16, kk, lane));
+            ldsm_x4(ao, addr_a<DH>(sOa, warp * 16, kk, lane));
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 b[4];
+                ldsm_x4(b, addr_b<DH>(sKa, np * 16, kk, lane));
+                mma_bf16(s[2 * np], a, b[0], b[1]);
+                mma_bf16(s[2 * np + 1], a, b[2], b[3]);
+                ldsm_x4(b, addr_b<DH>(sVa, np * 16, kk, lane));
+                mma_bf16(dp[2 * np], ao, b[0], b[1]);
+                mma_bf16(dp[2 * np + 1], ao, b[2], b[3]);
+            }
+        }
+        u32 da[4][4];  // dS as bf16 A fragments, k = keys
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int r = e >> 1;
+                int i = m * 64 + warp * 16 + g + 8 * r;
+                int j = n * 64 + nt * 8 + 2 * t + (e & 1);
+                float p = fast_exp2(s[nt][e] * c - l2[r]);
+                if (n == m && (j > i || j >= L || j < seg_lo[r])) p = 0.f;
+                v[e] = p * (dp[nt][e] - dd[r]);
+            }
+            da[nt >> 1][(nt & 1) * 2] = pack_bf16(v[0], v[1]);
+            da[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(v[2], v[3]);
+        }
+#pragma unroll
+        for (int kj = 0; kj < 4; ++kj)
+#pragma unroll
+            for (int dpi = 0; dpi < DH / 16; ++dpi) {
+                u32 b[4];
+                ldsm_x4_t(b, addr_bt<DH>(sKa, kj * 16, dpi, lane));
+                mma_bf16(dq[2 * dpi], da[kj], b[0], b[1]);
+                mma_bf16(dq[2 * dpi + 1], da[kj], b[2], b[3]);
+            }
+        __syncthreads();  // every warp is done with this stage before it is refilled.
+    }
+    cp_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int i = m * 64 + warp * 16 + g + 8 * r;
+        if (i < L) {
+            bf16_t* dst = d_qkv + (long long)(seq_start + i) * rs + h * DH + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < DH / 8; ++dt)
+                *(u32*)(dst + dt * 8) = pack_bf16(dq[dt][2 * r] * scale, dq[dt][2 * r + 1] * scale);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    flash_bwd_dq_64(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
+                    bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
+                    float scale) {
+    flash_bwd_dq<64>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
+}
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    flash_bwd_dq_128(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
+                     bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
+                     float scale) {
+    flash_bwd_dq<128>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
+}

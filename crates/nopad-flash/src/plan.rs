@@ -1,0 +1,450 @@
+//! Host-side work lists: the (sequence, tile) pairs every kernel launch walks, built from the
+//! host copy of `cu_seqlens`, and the workspace layout they imply.
+//!
+//! Tiles are 64 rows. A tile descriptor is `[seq_start, seq_len, tile_index, pad_start]` (an
+//! `int4` on the device), where `pad_start` is the tile's sequence's first row in the padded
+//! scratch layout `[H, Tpad]` (each sequence rounded up to whole tiles, so scratch reads need no
+//! bounds checks). Runs of consecutive sequences of at most 64 tokens share one tile ("packed":
+//! `seq_start` = first row, `seq_len` = rows, `tile_index = -(k + 1)` naming row k of the segment
+//! table, which gives each row's sequence start; the kernels add a block-diagonal mask), so a
+//! batch of 2000 sequences of 1-32 tokens needs ~500 tiles rather than 2000. Lists are sorted by cost, longest first, so the heaviest tiles start in the first wave
+//! and short ones fill the tail. Nothing here touches the GPU except the pinned staging copy that
+//! the launchers create on first use.
+
+use std::sync::OnceLock;
+
+use cudarc::driver::{CudaContext, PinnedHostSlice};
+
+use crate::{FlashDims, FlashError};
+
+/// Rows per tile in every kernel (query tiles and key tiles alike) but the wide forward.
+pub const TILE: usize = 64;
+/// Query rows per tile of the wide forward (4 warps x 32 rows).
+pub const WIDE_TILE: usize = 128;
+
+/// One tile descriptor, `[seq_start, seq_len, tile_index, pad_start]`.
+pub type TileDesc = [i32; 4];
+
+/// Byte offsets of the workspace sections (each 256-byte aligned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WorkspaceLayout {
+    /// Query-tile list, `[q_tiles][4]` i32, followed directly by the other lists.
+    pub tiles: usize,
+    /// Key-tile list `[kv_tiles][4]` i32 (contiguous after the query tiles).
+    pub kv_tiles: usize,
+    /// Unpacked tile list of the scalar kernels `[simple_tiles][4]` i32.
+    pub simple_tiles: usize,
+    /// The wide forward's list `[wide_tiles][4]` i32.
+    pub wide_tiles: usize,
+    /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
+    /// starts at local row `segs[64 k + r]`.
+    pub segs: usize,
+    /// `lse2: [H, Tpad]` fp32, LSE in log2 units (+inf on padding rows).
+    pub lse2: usize,
+    /// `D: [H, Tpad]` fp32, rowsum(dO * O) (0 on padding rows).
+    pub d: usize,
+    /// `dqacc: [H, Tpad, Dh]` fp32, the atomic backward's dQ accumulator.
+    pub dqacc: usize,
+    /// Total bytes.
+    pub total: usize,
+}
+
+/// Host-built tile lists for one packed batch; reuse it for forward and backward of that batch.
+pub struct Plan {
+    pub(crate) n_tokens: usize,
+    pub(crate) t_pad: usize,
+    seq_lens: Vec<usize>,
+    /// Query tiles (forward, preprocess, dQ), longest first.
+    pub(crate) q_tiles: Vec<TileDesc>,
+    /// Key tiles (dK/dV), most query tiles to visit first.
+    pub(crate) kv_tiles: Vec<TileDesc>,
+    /// One tile per (sequence, 64 rows), never packed: the scalar oracle kernels' list.
+    pub(crate) simple_tiles: Vec<TileDesc>,
+    /// The wide forward's list: 128-row tiles (index in 128-row units) of sequences longer
+    /// than 64, plus the short and packed 64-row tiles.
+    pub(crate) wide_tiles: Vec<TileDesc>,
+    /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
+    pub(crate) segs: Vec<i32>,
+    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ segs`, flattened: what goes to the workspace.
+    host: Vec<i32>,
+    pinned: OnceLock<PinnedHostSlice<i32>>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("n_tokens", &self.n_tokens)
+            .field("t_pad", &self.t_pad)
+            .field("q_tiles", &self.q_tiles.len())
+            .field("kv_tiles", &self.kv_tiles.len())
+            .finish()
+    }
+}
+
+fn align256(x: usize) -> usize {
+    x.div_ceil(256) * 256
+}
+
+impl Plan {
+    /// Validate `cu_seqlens` against `dims` and build the sorted tile lists.
+    pub fn new(cu_seqlens: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
+        let bad = |msg: String| Err(FlashError::InvalidSeqlens(msg));
+        if cu_seqlens.len() != dims.n_seqs + 1 {
+            return bad(format!(
+                "cu_seqlens has {} entries, expected n_seqs + 1 = {}",
+                cu_seqlens.len(),
+                dims.n_seqs + 1
+            ));
+        }
+        if cu_seqlens[0] != 0 {
+            return bad(format!("cu_seqlens[0] = {}, expected 0", cu_seqlens[0]));
+        }
+        let mut q_tiles = Vec::new();
+        let mut kv_tiles = Vec::new();
+        let mut q_cost = Vec::new();
+        let mut kv_cost = Vec::new();
+        let mut simple_tiles = Vec::new();
+        let mut wide_tiles = Vec::new();
+        let mut wide_cost = Vec::new();
+        let mut segs: Vec<i32> = Vec::new();
+        let mut pad = 0usize;
+        let mut max_len = 0usize;
+        // A run of consecutive short sequences waiting to share one tile: (first row, local starts).
+        let mut pack: Option<(i32, Vec<i32>)> = None;
+        let rows_in = |pack: &Option<(i32, Vec<i32>)>| pack.as_ref().map_or(0, |p| p.1.len());
+        let flush = |pack: &mut Option<(i32, Vec<i32>)>,
+                     q: &mut Vec<TileDesc>,
+                     kv: &mut Vec<TileDesc>,
+                     qc: &mut Vec<usize>,
+                     kc: &mut Vec<usize>,
+                     segs: &mut Vec<i32>,
+                     pad: &mut usize| {
+            if let Some((row0, starts)) = pack.take() {
+                let rows = starts.len() as i32;
+                // One sequence alone is an ordinary tile; two or more get a segment table.
+                let z = if starts.iter().all(|&s| s == 0) {
+                    0
+                } else {
+                    let k = (segs.len() / TILE) as i32;
+                    segs.extend(starts.iter().copied());
+                    segs.resize(segs.len() + TILE - starts.len(), TILE as i32);
+                    -(k + 1)
+                };
+                q.push([row0, rows, z, *pad as i32]);
+                kv.push([row0, rows, z, *pad as i32]);
+                qc.push(1);
+                kc.push(1);
+                *pad += TILE;
+            }
+        };
+        for (b, w) in cu_seqlens.windows(2).enumerate() {
+            if w[1] < w[0] {
+                return bad(format!(
+                    "cu_seqlens decreases at sequence {b}: {} -> {}",
+                    w[0], w[1]
+                ));
+            }
+            let len = (w[1] - w[0]) as usize;
+            max_len = max_len.max(len);
+            let nt = len.div_ceil(TILE);
+            for m in 0..nt {
+                simple_tiles.push([w[0], len as i32, m as i32, 0]);
+            }
+            if len == 0 {
+                continue;
+            }
+            if len <= TILE {
+                if rows_in(&pack) + len > TILE {
+                    flush(
+                        &mut pack,
+                        &mut q_tiles,
+                        &mut kv_tiles,
+                        &mut q_cost,
+                        &mut kv_cost,
+                        &mut segs,
+                        &mut pad,
+                    );
+                }
+                let p = pack.get_or_insert_with(|| (w[0], Vec::new()));
+                let local = w[0] - p.0;
+                p.1.extend(std::iter::repeat_n(local, len));
+                continue;
+            }
+            flush(
+                &mut pack,
+                &mut q_tiles,
+                &mut kv_tiles,
+                &mut q_cost,
+                &mut kv_cost,
+                &mut segs,
+                &mut pad,
+            );
+            for m in 0..len.div_ceil(WIDE_TILE) {
+                wide_tiles.push([w[0], len as i32, m as i32, pad as i32]);
+                wide_cost.push(((m + 1) * WIDE_TILE).min(len).div_ceil(TILE));
+            }
+            for m in 0..nt {
+                q_tiles.push([w[0], len as i32, m as i32, pad as i32]);
+                q_cost.push(m + 1);
+                kv_tiles.push([w[0], len as i32, m as i32, pad as i32]);
+                kv_cost.push(nt - m);
+            }
+            pad += nt * TILE;
+        }
+        flush(
+            &mut pack,
+            &mut q_tiles,
+            &mut kv_tiles,
+            &mut q_cost,
+            &mut kv_cost,
+            &mut segs,
+            &mut pad,
+        );
+        let n_tokens = *cu_seqlens.last().unwrap_or(&0) as usize;
+        if n_tokens != dims.n {
+            return bad(format!(
+                "cu_seqlens ends at {n_tokens}, but dims.n = {}",
+                dims.n
+            ));
+        }
+        if max_len > dims.max_seqlen {
+            return bad(format!(
+                "a sequence has {max_len} tokens > dims.max_seqlen = {}",
+                dims.max_seqlen
+            ));
+        }
+        if pad > i32::MAX as usize / 2 {
+            return bad(format!(
+                "{n_tokens} tokens exceed the i32 row indices of the kernels"
+            ));
+        }
+        // Stable sorts: equal costs keep sequence order, so the list is deterministic.
+        let mut qi: Vec<usize> = (0..q_tiles.len()).collect();
+        qi.sort_by_key(|&i| std::cmp::Reverse(q_cost[i]));
+        let mut ki: Vec<usize> = (0..kv_tiles.len()).collect();
+        ki.sort_by_key(|&i| std::cmp::Reverse(kv_cost[i]));
+        // The wide forward's list: 128-row tiles of the long sequences, then the short and
+        // packed tiles of the 64-row list (cost 1, so they stay last).
+        for (t, &c) in q_tiles.iter().zip(&q_cost) {
+            if t[1] as usize <= TILE {
+                wide_tiles.push(*t);
+                wide_cost.push(c);
+            }
+        }
+        let mut wi: Vec<usize> = (0..wide_tiles.len()).collect();
+        wi.sort_by_key(|&i| std::cmp::Reverse(wide_cost[i]));
+        let wide_tiles: Vec<TileDesc> = wi.iter().map(|&i| wide_tiles[i]).collect();
+        let q_tiles: Vec<TileDesc> = qi.iter().map(|&i| q_tiles[i]).collect();
+        let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
+        let host = q_tiles
+            .iter()
+            .chain(kv_tiles.iter())
+            .chain(simple_tiles.iter())
+            .chain(wide_tiles.iter())
+            .flatten()
+            .copied()
+            .chain(segs.iter().copied())
+            .collect::<Vec<i32>>();
+        Ok(Plan {
+            n_tokens,
+            seq_lens: cu_seqlens
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as usize)
+                .collect(),
+            t_pad: pad,
+            q_tiles,
+            kv_tiles,
+            simple_tiles,
+            wide_tiles,
+            segs,
+            host,
+            pinned: OnceLock::new(),
+        })
+    }
+
+    /// Tokens in sequences of at least `min_len` tokens.
+    pub fn long_tokens(&self, min_len: usize) -> usize {
+        self.seq_lens.iter().filter(|&&l| l >= min_len).sum()
+    }
+
+    /// Query tiles (64 rows each) in launch order.
+    pub fn q_tiles(&self) -> &[TileDesc] {
+        &self.q_tiles
+    }
+
+    /// Key tiles (64 rows each) in launch order.
+    pub fn kv_tiles(&self) -> &[TileDesc] {
+        &self.kv_tiles
+    }
+
+    /// Rows of the padded scratch layout (every sequence rounded up to whole tiles).
+    pub fn padded_tokens(&self) -> usize {
+        self.t_pad
+    }
+
+    pub(crate) fn layout(&self, n_heads: usize, head_dim: usize) -> WorkspaceLayout {
+        let tiles = 0;
+        let kv_tiles = 16 * self.q_tiles.len();
+        let simple_tiles = kv_tiles + 16 * self.kv_tiles.len();
+        let wide_tiles = simple_tiles + 16 * self.simple_tiles.len();
+        let segs = wide_tiles + 16 * self.wide_tiles.len();
+        let lse2 = align256(segs + 4 * self.segs.len());
+        let d = align256(lse2 + 4 * n_heads * self.t_pad);
+        let dqacc = align256(d + 4 * n_heads * self.t_pad);
+        let total = align256(dqacc + 4 * n_heads * self.t_pad * head_dim).max(256);
+        WorkspaceLayout {
+            tiles,
+            kv_tiles,
+            simple_tiles,
+            wide_tiles,
+            segs,
+            lse2,
+            d,
+            dqacc,
+            total,
+        }
+    }
+
+    /// The tile lists in page-locked host memory (created once per plan), so the upload in
+    /// `forward`/`backward` is a true async copy that never waits for the stream.
+    pub(crate) fn pinned_tiles(
+        &self,
+        ctx: &std::sync::Arc<CudaContext>,
+    ) -> Result<&[i32], FlashError> {
+        if self.pinned.get().is_none() {
+            let len = self.host.len().max(4);
+            // SAFETY: the slice is fully written below before any copy reads it.
+            let mut p =
+                unsafe { ctx.alloc_pinned::<i32>(len) }.map_err(|e| FlashError::Driver {
+                    what: "alloc_pinned for tile lists".into(),
+                    source: e,
+                })?;
+            let dst = p.as_mut_ptr().map_err(|e| FlashError::Driver {
+                what: "pinned tile list pointer".into(),
+                source: e,
+            })?;
+            // SAFETY: `dst` points at `len >= host.len()` i32s owned by `p`.
+            unsafe { std::ptr::copy_nonoverlapping(self.host.as_ptr(), dst, self.host.len()) };
+            let _ = self.pinned.set(p);
+        }
+        let p = self
+            .pinned
+            .get()
+            .ok_or_else(|| FlashError::InvalidSeqlens("pinned tile list missing".into()))?;
+        let s = p.as_slice().map_err(|e| FlashError::Driver {
+            what: "pinned tile list slice".into(),
+            source: e,
+        })?;
+        Ok(&s[..self.host.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(n: usize, s: usize, max: usize) -> FlashDims {
+        FlashDims {
+            n,
+            n_seqs: s,
+            max_seqlen: max,
+            n_heads: 4,
+            n_kv_heads: 1,
+            head_dim: 64,
+            scale: 0.125,
+        }
+    }
+
+    #[test]
+    fn every_row_is_covered_once_and_lists_are_sorted() {
+        let lens = [1usize, 0, 64, 65, 200, 0, 3, 129, 30, 0, 30, 5, 2, 70, 1, 1];
+        let mut cu = vec![0i32];
+        for l in lens {
+            cu.push(cu.last().copied().unwrap_or(0) + l as i32);
+        }
+        let n = *cu.last().unwrap_or(&0) as usize;
+        let plan = Plan::new(&cu, &dims(n, lens.len(), 200)).expect("valid plan");
+        let seq_start = |t: usize| cu[cu.partition_point(|&c| c as usize <= t) - 1];
+        let mut seen = vec![0u32; n];
+        let mut packed = 0;
+        for t in plan.q_tiles() {
+            let m = t[2].max(0);
+            for r in 0..TILE as i32 {
+                let i = m * TILE as i32 + r;
+                if i < t[1] {
+                    let row = (t[0] + i) as usize;
+                    seen[row] += 1;
+                    let start = if t[2] < 0 {
+                        t[0] + plan.segs[(-t[2] - 1) as usize * TILE + r as usize]
+                    } else {
+                        t[0]
+                    };
+                    assert_eq!(start, seq_start(row), "sequence start of row {row}");
+                }
+            }
+            packed += usize::from(t[2] < 0);
+            assert_eq!(t[3] % TILE as i32, 0, "pad_start is tile aligned");
+        }
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "each row in exactly one query tile"
+        );
+        assert!(packed >= 2, "runs of short sequences share tiles");
+        let mut wide_seen = vec![0u32; n];
+        for t in &plan.wide_tiles {
+            let rows = if t[1] as usize > TILE {
+                WIDE_TILE
+            } else {
+                TILE
+            } as i32;
+            for r in 0..rows {
+                let i = t[2].max(0) * rows + r;
+                if i < t[1] {
+                    wide_seen[(t[0] + i) as usize] += 1;
+                }
+            }
+        }
+        assert!(
+            wide_seen.iter().all(|&c| c == 1),
+            "each row in exactly one wide tile"
+        );
+        let simple: usize = lens.iter().map(|l| l.div_ceil(TILE)).sum();
+        assert_eq!(plan.simple_tiles.len(), simple);
+        let costs: Vec<i32> = plan.q_tiles().iter().map(|t| t[2].max(0) + 1).collect();
+        assert!(
+            costs.windows(2).all(|w| w[0] >= w[1]),
+            "longest first: {costs:?}"
+        );
+        let kcost: Vec<i32> = plan
+            .kv_tiles()
+            .iter()
+            .map(|t| (t[1] + TILE as i32 - 1) / TILE as i32 - t[2].max(0))
+            .collect();
+        assert!(
+            kcost.windows(2).all(|w| w[0] >= w[1]),
+            "key tiles longest first: {kcost:?}"
+        );
+        // Sequences longer than a tile are padded to whole tiles, each packed or short tile is one.
+        let long: usize = lens
+            .iter()
+            .filter(|&&l| l > TILE)
+            .map(|l| l.div_ceil(TILE) * TILE)
+            .sum();
+        let short = plan
+            .q_tiles()
+            .iter()
+            .filter(|t| t[1] as usize <= TILE)
+            .count()
+            * TILE;
+        assert_eq!(plan.padded_tokens(), long + short);
+    }
+
+    #[test]
+    fn rejects_bad_cu_seqlens() {
+        assert!(Plan::new(&[0, 5, 3], &dims(3, 2, 8)).is_err());
+        assert!(Plan::new(&[1, 5], &dims(5, 1, 8)).is_err());
+        assert!(Plan::new(&[0, 5], &dims(6, 1, 8)).is_err());
+        assert!(Plan::new(&[0, 9], &dims(9, 1, 8)).is_err());
+        assert!(Plan::new(&[0, 0, 0], &dims(0, 2, 8)).is_ok());
+    }
+}
