@@ -1,7 +1,8 @@
 //! Launchers of the simple varlen causal GQA attention (`attention_fwd.cu`, `attention_bwd.cu`):
 //! exact fp32 math from shared memory, 64 × 64 tiles, no atomics. The host builds the tile list
 //! (sequence, 64-row tile) from its copy of `cu_seqlens`, longest sequences first so the heavy
-//! tiles start early. The fast tensor-core kernels live in `nopad-flash`.
+//! tiles start early. In bf16 mode with head_dim 64 or 128 the calls go to nopad-flash's
+//! tensor-core kernels instead (unless `CudaOptions::simple_attention`).
 
 use super::compile::{Launch, ATTENTION_BWD, ATTENTION_FWD};
 use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
@@ -84,6 +85,49 @@ fn smem_bwd(dh: usize) -> u32 {
 }
 
 impl Cuda {
+    /// nopad-flash's kernels when they apply to this call (bf16, head_dim 64 or 128), loaded on
+    /// first use through the backend's NVRTC cache.
+    fn flash_for(&self, dims: &AttnDims) -> Result<Option<&nopad_flash::FlashAttention>> {
+        if self.simple_attention
+            || self.compute != Dtype::Bf16
+            || !matches!(dims.head_dim, 64 | 128)
+        {
+            return Ok(None);
+        }
+        let loaded = self.flash.get_or_init(|| {
+            let loader = self.kernels.external_loader();
+            let load =
+                move |name: &str, src: &str| loader.load(name, src).map_err(|e| e.to_string());
+            nopad_flash::FlashAttention::new(&load).map_err(|e| e.to_string())
+        });
+        match loaded {
+            Ok(f) => Ok(Some(f)),
+            Err(e) => Err(BackendError::Device {
+                op: "loading nopad-flash kernels".into(),
+                msg: e.clone(),
+            }),
+        }
+    }
+
+    fn flash_dims(dims: &AttnDims) -> nopad_flash::FlashDims {
+        nopad_flash::FlashDims {
+            n: dims.n,
+            n_seqs: dims.n_seqs,
+            max_seqlen: dims.max_seqlen,
+            n_heads: dims.n_heads,
+            n_kv_heads: dims.n_kv_heads,
+            head_dim: dims.head_dim,
+            scale: dims.scale,
+        }
+    }
+
+    fn flash_err(op: &str) -> impl FnOnce(nopad_flash::FlashError) -> BackendError + '_ {
+        move |e| BackendError::Device {
+            op: op.into(),
+            msg: e.to_string(),
+        }
+    }
+
     fn params(&self, dims: &AttnDims, cu: &CudaInts, tiles: &CudaInts) -> AttnParams {
         AttnParams {
             out: 0,
@@ -119,6 +163,31 @@ impl Cuda {
         want(op, "qkv", &qkv, self.compute, n * dims.qkv_width())?;
         if list.is_empty() || dims.n_heads == 0 {
             return Ok(());
+        }
+        if let Some(flash) = self.flash_for(&dims)? {
+            let fd = Self::flash_dims(&dims);
+            let plan = flash
+                .plan(&cu_seqlens.host[..=dims.n_seqs], &fd)
+                .map_err(Self::flash_err(op))?;
+            let ws = self.scratch(
+                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
+                Dtype::F32,
+            )?;
+            // SAFETY: out, lse and qkv were checked against the dims above; the workspace has
+            // the size the plan asks for; all live on this backend's context and stream.
+            return unsafe {
+                flash.forward(
+                    &self.stream,
+                    &plan,
+                    &fd,
+                    qkv.ptr,
+                    cu_seqlens.dev.ptr,
+                    out.ptr,
+                    lse.ptr,
+                    ws.ptr,
+                )
+            }
+            .map_err(Self::flash_err(op));
         }
         let tiles = self.ints(&list)?;
         let mut p = self.params(&dims, cu_seqlens, &tiles);
@@ -157,6 +226,34 @@ impl Cuda {
         want(op, "lse", &lse, Dtype::F32, dims.n_heads * n)?;
         if list.is_empty() || dims.n_heads == 0 {
             return Ok(());
+        }
+        if let Some(flash) = self.flash_for(&dims)? {
+            let fd = Self::flash_dims(&dims);
+            let plan = flash
+                .plan(&cu_seqlens.host[..=dims.n_seqs], &fd)
+                .map_err(Self::flash_err(op))?;
+            let ws = self.scratch(
+                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
+                Dtype::F32,
+            )?;
+            // SAFETY: every buffer was checked against the dims above; out and lse come from the
+            // forward of the same batch; the workspace has the size the plan asks for.
+            return unsafe {
+                flash.backward(
+                    &self.stream,
+                    &plan,
+                    &fd,
+                    qkv.ptr,
+                    cu_seqlens.dev.ptr,
+                    out.ptr,
+                    lse.ptr,
+                    d_out.ptr,
+                    d_qkv.ptr,
+                    ws.ptr,
+                    self.deterministic,
+                )
+            }
+            .map_err(Self::flash_err(op));
         }
         let tiles = self.ints(&list)?;
         let delta = self.scratch(dims.n_heads * n, Dtype::F32)?;

@@ -138,18 +138,26 @@ fn options(arch: &str, dtype: Dtype) -> Vec<String> {
 pub(crate) fn compile_cubin(file: KernelFile, dtype: Dtype, arch: &str) -> Result<Vec<u8>> {
     let opts = options(arch, dtype);
     let src = format!("{PRELUDE}\n#line 1 \"{}\"\n{}", file.name, file.src);
+    compile_source(file.name, &format!("{dtype:?}"), src, &opts)
+}
+
+/// Compiles a complete translation unit with NVRTC; `label` tells errors which variant it was.
+fn compile_source(name: &str, label: &str, src: String, opts: &[String]) -> Result<Vec<u8>> {
     let fail = |what: &str, e: nvrtc::NvrtcError| BackendError::Device {
-        op: format!("NVRTC {} ({:?})", file.name, dtype),
+        op: format!("NVRTC {name} ({label})"),
         msg: format!("{what}: {e:?}"),
     };
     let c_src = CString::new(src).map_err(|_| BackendError::Device {
-        op: format!("NVRTC {}", file.name),
+        op: format!("NVRTC {name}"),
         msg: "source contains a NUL byte".into(),
     })?;
-    let c_name = CString::new(file.name).expect("kernel file names are plain ASCII");
+    let c_name = CString::new(name).map_err(|_| BackendError::Device {
+        op: format!("NVRTC {name}"),
+        msg: "file name contains a NUL byte".into(),
+    })?;
     let prog = nvrtc::create_program(&c_src, Some(&c_name)).map_err(|e| fail("create", e))?;
     // SAFETY: `prog` is live until the destroy below; the options are plain strings.
-    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    let compiled = unsafe { nvrtc::compile_program(prog, opts) };
     let out = match compiled {
         Ok(()) => {
             let mut size = 0usize;
@@ -176,7 +184,7 @@ pub(crate) fn compile_cubin(file: KernelFile, dtype: Dtype, arch: &str) -> Resul
                 })
                 .unwrap_or_default();
             Err(BackendError::Device {
-                op: format!("NVRTC {} ({:?})", file.name, dtype),
+                op: format!("NVRTC {name} ({label})"),
                 msg: format!(
                     "compilation failed ({e:?}) with options {}:\n{log}",
                     opts.join(" ")
@@ -271,6 +279,18 @@ impl Kernels {
                 })?;
         modules.insert((file.name, dtype), module.clone());
         Ok(module)
+    }
+
+    /// A loader for sources that are not the backend's own files (nopad-flash's kernels),
+    /// sharing the device, options and disk cache.
+    pub(crate) fn external_loader(&self) -> ExternalLoader {
+        ExternalLoader {
+            ctx: self.ctx.clone(),
+            arch: self.arch.clone(),
+            cc: self.cc,
+            nvrtc: self.nvrtc,
+            cache_dir: self.cache_dir.clone(),
+        }
     }
 
     fn module(&self, file: KernelFile, dtype: Dtype) -> Result<Arc<CudaModule>> {
@@ -423,5 +443,50 @@ mod tests {
     fn arch_names() {
         assert_eq!(arch_for((9, 0)), "sm_90a");
         assert_eq!(arch_for((8, 6)), "sm_86");
+    }
+}
+
+/// Compiles self-contained sources with the backend's NVRTC options and disk cache.
+pub(crate) struct ExternalLoader {
+    ctx: Arc<CudaContext>,
+    arch: String,
+    cc: (i32, i32),
+    nvrtc: (i32, i32),
+    cache_dir: Option<PathBuf>,
+}
+
+impl ExternalLoader {
+    /// Compiles (or loads from the disk cache) `src` as module `name`.
+    pub(crate) fn load(&self, name: &str, src: &str) -> Result<Arc<CudaModule>> {
+        let opts = options(&self.arch, Dtype::Bf16);
+        let key = fnv1a(&[
+            src.as_bytes(),
+            opts.join(" ").as_bytes(),
+            format!(
+                "cc{}.{} nvrtc{}.{}",
+                self.cc.0, self.cc.1, self.nvrtc.0, self.nvrtc.1
+            )
+            .as_bytes(),
+        ]);
+        let path = self
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{}-{key:016x}.cubin", name.trim_end_matches(".cu"))));
+        let image = match path.as_deref().and_then(|p| std::fs::read(p).ok()) {
+            Some(image) => image,
+            None => {
+                let image = compile_source(name, "external", src.to_string(), &opts)?;
+                if let Some(p) = &path {
+                    write_atomically(p, &image);
+                }
+                image
+            }
+        };
+        self.ctx
+            .load_module(Ptx::from_binary(image))
+            .map_err(|e| BackendError::Device {
+                op: format!("cuModuleLoadData({name})"),
+                msg: e.to_string(),
+            })
     }
 }

@@ -58,6 +58,11 @@ pub struct CudaOptions {
     /// Where compiled kernels are cached; `None` means `$XDG_CACHE_HOME/nopad/kernels` or
     /// `~/.cache/nopad/kernels` (no disk cache when neither is known).
     pub cache_dir: Option<PathBuf>,
+    /// Attention kernels: nopad-flash's tensor-core kernels (default; bf16, head_dim 64 or 128)
+    /// or the simple exact ones (always used in F32 mode and for other head dims).
+    pub simple_attention: bool,
+    /// Attention backward without atomics (bitwise reproducible, slower).
+    pub deterministic: bool,
 }
 
 /// Checks that the driver, NVRTC and cuBLASLt libraries can be loaded; the error names the first
@@ -140,6 +145,9 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// The CUDA backend: one device, one stream, the kernel and GEMM-plan caches and the memory pool.
 pub struct Cuda {
     // Field order is drop order: plans and modules go before the context they live in.
+    flash: std::sync::OnceLock<std::result::Result<nopad_flash::FlashAttention, String>>,
+    simple_attention: bool,
+    deterministic: bool,
     blas: Blas,
     kernels: Kernels,
     _workspace: CudaBuf,
@@ -177,6 +185,9 @@ impl Cuda {
             CudaDtype::F32 => Dtype::F32,
         };
         Ok(Cuda {
+            flash: std::sync::OnceLock::new(),
+            simple_attention: opts.simple_attention,
+            deterministic: opts.deterministic,
             blas,
             kernels,
             _workspace: workspace,

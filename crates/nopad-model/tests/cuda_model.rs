@@ -1,0 +1,159 @@
+//! The whole model on the CUDA backend against the CPU backend: same weights, same packed batch,
+//! loss and every parameter's gradient. F32 mode must agree to 1e-4 (norm-relative, per tensor);
+//! bf16 mode within a tolerance derived from bf16's unit roundoff. Without a GPU each test prints a
+//! visible skip line and returns.
+
+use std::io::Write;
+
+use nopad_backend::cpu::Cpu;
+use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
+use nopad_backend::Backend;
+use nopad_model::{weights, Config, Inputs, Model};
+use nopad_rng::Rng;
+
+fn gpu(dtype: CudaDtype, test: &str) -> Option<Cuda> {
+    if let Err(why) = probe() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: no CUDA device ({why}) [{test}]"
+        );
+        return None;
+    }
+    Some(
+        Cuda::new(CudaOptions {
+            dtype,
+            ..Default::default()
+        })
+        .expect("a probed GPU opens"),
+    )
+}
+
+/// Head dim 64 so the bf16 run goes through nopad-flash; GQA 4/2; biases on (Qwen2-like) and an
+/// untied head, so every parameter kind is compared.
+fn config() -> Config {
+    Config::from_json_str(
+        r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":1000,"hidden_size":256,"intermediate_size":512,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-6,
+            "rope_theta":10000.0,"tie_word_embeddings":false}"#,
+        "test config",
+    )
+    .unwrap()
+}
+
+struct Packed {
+    tokens: Vec<i32>,
+    targets: Vec<i32>,
+    pos: Vec<i32>,
+    cu: Vec<i32>,
+    max: usize,
+}
+
+fn flatten(rng: &mut Rng, lens: &[usize], vocab: usize) -> Packed {
+    let mut p = Packed {
+        tokens: vec![],
+        targets: vec![],
+        pos: vec![],
+        cu: vec![0],
+        max: 0,
+    };
+    for &l in lens {
+        let toks: Vec<i32> = (0..l).map(|_| rng.below(vocab as u64) as i32).collect();
+        for i in 0..l {
+            p.tokens.push(toks[i]);
+            // A masked prompt of a quarter, then targets; the last token has none.
+            p.targets.push(if i + 1 < l && i >= l / 4 {
+                toks[i + 1]
+            } else {
+                -100
+            });
+            p.pos.push(i as i32);
+        }
+        p.cu.push(p.tokens.len() as i32);
+        p.max = p.max.max(l);
+    }
+    p
+}
+
+fn run<B: Backend>(b: &B, cfg: &Config, seed: u64, p: &Packed) -> (f64, Vec<f32>) {
+    let mut m = Model::new(b, cfg.clone()).unwrap();
+    let layout = m.layout.clone();
+    weights::init_random(cfg, &layout, seed, |off, v| m.write_params(b, off, v)).unwrap();
+    let inputs = Inputs {
+        tokens: &p.tokens,
+        targets: &p.targets,
+        position_ids: &p.pos,
+        cu_seqlens: &p.cu,
+        max_seqlen: p.max,
+    };
+    let targets = p.targets.iter().filter(|&&t| t >= 0).count();
+    m.forward(b, &inputs, Some(1.0 / targets as f32)).unwrap();
+    m.backward(b).unwrap();
+    let loss = m.take_loss_sum(b).unwrap() / targets as f64;
+    (loss, b.read(&m.grads, 0..layout.total).unwrap())
+}
+
+fn rel(a: &[f32], r: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(r)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = r.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    num / den.max(1e-30)
+}
+
+fn compare(dtype: CudaDtype, loss_tol: f64, grad_tol: f64, test: &str) {
+    let Some(gpu) = gpu(dtype, test) else { return };
+    let cfg = config();
+    let seed = Rng::new(0x5eed).next_u64() ^ std::process::id() as u64;
+    let mut rng = Rng::new(seed);
+    // Lengths with a length-1 sequence, primes, tile-crossing sizes and one long sequence.
+    let p = flatten(&mut rng, &[1, 17, 64, 65, 129, 300, 2, 31], cfg.vocab_size);
+    let (l_cpu, g_cpu) = run(&Cpu::<f32>::new(), &cfg, seed, &p);
+    let (l_gpu, g_gpu) = run(&gpu, &cfg, seed, &p);
+    let dl = ((l_gpu - l_cpu) / l_cpu).abs();
+    eprintln!("[{test}] seed {seed}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {dl:.2e})");
+    assert!(
+        dl <= loss_tol,
+        "[{test}] seed {seed}: loss differs by {dl:e}"
+    );
+    assert!(
+        g_gpu.iter().all(|g| g.is_finite()),
+        "[{test}] non-finite gradient"
+    );
+    let layout = nopad_model::Layout::new(&cfg);
+    let mut worst = (0.0, String::new());
+    for t in &layout.tensors {
+        let r = rel(&g_gpu[t.range()], &g_cpu[t.range()]);
+        if r > worst.0 {
+            worst = (r, t.name.clone());
+        }
+        assert!(
+            r <= grad_tol,
+            "[{test}] seed {seed}: {}: gradient relative error {r:e} > {grad_tol:e}",
+            t.name
+        );
+    }
+    eprintln!("[{test}] worst gradient: {} at {:.2e}", worst.1, worst.0);
+}
+
+#[test]
+fn f32_model_matches_cpu() {
+    compare(CudaDtype::F32, 1e-4, 1e-4, "f32_model_matches_cpu");
+}
+
+/// bf16 stores every activation with unit roundoff u = 2^-8 ≈ 3.9e-3. The loss is a mean over
+/// many tokens, so its error averages down to about u. A parameter gradient passes through about
+/// k = 2·10·L independently rounded stages (norm, projection, rope, attention, projection,
+/// residual... in both passes); independent roundings add like a random walk, √k·u, and we allow
+/// three standard deviations: 3·√40·u ≈ 0.074 for L = 2.
+#[test]
+fn bf16_model_matches_cpu_within_bf16_rounding() {
+    compare(
+        CudaDtype::Bf16,
+        4e-3,
+        7.4e-2,
+        "bf16_model_matches_cpu_within_bf16_rounding",
+    );
+}
