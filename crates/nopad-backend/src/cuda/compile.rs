@@ -412,40 +412,6 @@ fn write_atomically(path: &Path, data: &[u8]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    /// Compiles every kernel file for both element types with NVRTC for sm_90a. Needs only
-    /// libnvrtc (no GPU): e.g. `LD_LIBRARY_PATH=/opt/cudalocal/nvidia/cu13/lib`.
-    #[test]
-    fn every_kernel_file_compiles_with_nvrtc() {
-        // SAFETY: only tries to dlopen the library.
-        if !unsafe { nvrtc_sys::is_culib_present() } {
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA toolkit's lib)"
-            );
-            return;
-        }
-        for file in ALL_FILES {
-            for dtype in [Dtype::Bf16, Dtype::F32] {
-                match compile_cubin(file, dtype, "sm_90a") {
-                    Ok(image) => assert!(!image.is_empty(), "{} gave an empty cubin", file.name),
-                    Err(e) => panic!("{e}"),
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn arch_names() {
-        assert_eq!(arch_for((9, 0)), "sm_90a");
-        assert_eq!(arch_for((8, 6)), "sm_86");
-    }
-}
-
 /// Compiles self-contained sources with the backend's NVRTC options and disk cache.
 pub(crate) struct ExternalLoader {
     ctx: Arc<CudaContext>,
@@ -488,5 +454,39 @@ impl ExternalLoader {
                 op: format!("cuModuleLoadData({name})"),
                 msg: e.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Compiles every kernel file for both element types with NVRTC for sm_90a. Needs only
+    /// libnvrtc (no GPU): e.g. `LD_LIBRARY_PATH=/opt/cudalocal/nvidia/cu13/lib`.
+    #[test]
+    fn every_kernel_file_compiles_with_nvrtc() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { nvrtc_sys::is_culib_present() } {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA toolkit's lib)"
+            );
+            return;
+        }
+        for file in ALL_FILES {
+            for dtype in [Dtype::Bf16, Dtype::F32] {
+                match compile_cubin(file, dtype, "sm_90a") {
+                    Ok(image) => assert!(!image.is_empty(), "{} gave an empty cubin", file.name),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arch_names() {
+        assert_eq!(arch_for((9, 0)), "sm_90a");
+        assert_eq!(arch_for((8, 6)), "sm_86");
     }
 }
