@@ -4,6 +4,7 @@
 //! the library crates. With no arguments it trains the built-in default (the `small` preset on
 //! synthetic FLAN-like data with the `flatten` strategy).
 
+mod bench;
 mod device;
 mod eval_cmd;
 mod stats;
@@ -27,6 +28,8 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// What each packing strategy would do with a data set (rows, padding, steps, Σlen²).
     Stats(stats::StatsArgs),
+    /// Train with every strategy on the same examples and compare speed, memory and loss.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
         Some(Command::Train(args)) => train_args::run(&args),
         Some(Command::Eval(args)) => eval_cmd::run(&args),
         Some(Command::Stats(args)) => stats::run(&args),
+        Some(Command::Bench(args)) => bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("nopad: error: {e}");

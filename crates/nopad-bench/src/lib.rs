@@ -1,0 +1,347 @@
+//! nopad-bench: trains one model with each packing strategy on the same examples, in the same
+//! order, from the same initial weights, and measures what the paper measured: optimizer steps
+//! per epoch, real and target tokens/s, MFU, peak memory, padding, and the loss curve, plus the
+//! held-out loss at the end. Also exports the initial weights (HF layout) and the exact steps
+//! (pretokenized JSONL) so `bench/hf_baseline.py` can train the same thing with HF Transformers.
+
+#![deny(missing_docs)]
+
+pub mod chart;
+mod report;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nopad_backend::Backend;
+use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, IGNORE_INDEX};
+use nopad_model::weights::{self, SaveDtype};
+use nopad_model::Config;
+use nopad_train::trainer::{build_model, pad_token_id, train_step};
+use nopad_train::{evaluate, AdamWConfig, ModelSource, Optimizer};
+use serde::Serialize;
+
+pub use report::{markdown, text};
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] nopad_train::TrainError),
+    /// The model layer failed.
+    #[error(transparent)]
+    Model(#[from] nopad_model::ModelError),
+    /// The data layer failed.
+    #[error(transparent)]
+    Data(#[from] nopad_data::DataError),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] nopad_backend::BackendError),
+    /// Writing results failed.
+    #[error("{path}: {msg}")]
+    Output {
+        /// The file.
+        path: String,
+        /// What failed.
+        msg: String,
+    },
+}
+
+/// Result of a benchmark operation.
+pub type Result<T> = std::result::Result<T, BenchError>;
+
+/// One benchmark's settings (shared by every strategy).
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Model.
+    pub model: ModelSource,
+    /// Keep only this many decoder layers of the model (None: all).
+    pub layers: Option<usize>,
+    /// Examples per micro-batch (rows for concat/offline).
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Longest example / row.
+    pub max_len: usize,
+    /// Untimed warm-up steps (they train; their losses are recorded).
+    pub warmup: u64,
+    /// Timed steps.
+    pub steps: u64,
+    /// Learning rate (constant, no warm-up: the comparison is about equal steps).
+    pub lr: f64,
+    /// Seed of the weights and the data order.
+    pub seed: u64,
+    /// Peak dense bf16 FLOP/s of the device for MFU (measured GEMM ceiling).
+    pub peak_flops: f64,
+}
+
+/// What one strategy did.
+#[derive(Clone, Debug, Serialize)]
+pub struct StrategyResult {
+    /// Strategy name.
+    pub strategy: String,
+    /// Device description.
+    pub device: String,
+    /// Optimizer steps one epoch takes.
+    pub steps_per_epoch: usize,
+    /// Median real tokens/s over the timed steps.
+    pub tokens_per_s: f64,
+    /// Median target tokens/s.
+    pub target_tokens_per_s: f64,
+    /// Model FLOPs utilisation (useful FLOPs only: no padding, no masked attention).
+    pub mfu: f64,
+    /// Median step time in ms, and the spread (min, max).
+    pub step_ms: (f64, f64, f64),
+    /// Peak device memory in bytes.
+    pub peak_memory_bytes: usize,
+    /// Pad tokens / laid-out tokens over the timed steps.
+    pub padding_fraction: f64,
+    /// Loss of every step (warm-up included), in order.
+    pub losses: Vec<f64>,
+    /// Held-out loss after the run.
+    pub eval_loss: f64,
+}
+
+/// Model FLOPs of one batch that count as useful: 6·N per real token for the matrices (N without
+/// the input embedding, a lookup), plus the causal attention of the examples (not of padding):
+/// 3 passes × 2 matmuls × 2 FLOPs × Dh·H·Σlen²/2 per layer = 6·Dh·H·L·Σlen².
+pub fn useful_flops(cfg: &Config, batch: &Batch, pad_id: i32, strategy: Strategy) -> f64 {
+    let layout = nopad_model::Layout::new(cfg);
+    let embed = if cfg.tie_word_embeddings {
+        0
+    } else {
+        cfg.vocab_size * cfg.hidden_size
+    };
+    let n = (layout.total - embed) as f64;
+    let sum_sq = if strategy == Strategy::Pad {
+        // Each row is an example plus trailing pads (pad id, no target).
+        batch
+            .cu_seqlens
+            .windows(2)
+            .map(|w| {
+                let (s, mut e) = (w[0] as usize, w[1] as usize);
+                while e > s + 1
+                    && batch.tokens[e - 1] == pad_id
+                    && batch.targets[e - 1] == IGNORE_INDEX
+                {
+                    e -= 1;
+                }
+                ((e - s) as f64).powi(2)
+            })
+            .sum()
+    } else {
+        batch.stats.sum_len_sq as f64
+    };
+    let attn =
+        6.0 * (cfg.head_dim * cfg.num_attention_heads * cfg.num_hidden_layers) as f64 * sum_sq;
+    6.0 * n * batch.stats.real_tokens as f64 + attn
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Builds the model of a benchmark (with `layers` applied) on a backend.
+pub fn model<B: Backend>(b: &B, cfg: &BenchConfig) -> Result<nopad_model::Model<B>> {
+    match (&cfg.model, cfg.layers) {
+        (ModelSource::Preset(name), Some(l)) => {
+            let mut c = Config::preset(name).ok_or_else(|| {
+                nopad_train::TrainError::Config(format!("--model: unknown preset `{name}`"))
+            })?;
+            c.num_hidden_layers = l.min(c.num_hidden_layers).max(1);
+            let mut m = nopad_model::Model::new(b, c.clone())?;
+            let layout = m.layout.clone();
+            weights::init_random(&c, &layout, cfg.seed, |off, v| m.write_params(b, off, v))?;
+            Ok(m)
+        }
+        (source, None) => Ok(build_model(b, source, cfg.seed)?.0),
+        (ModelSource::Dir(_), Some(_)) => {
+            Err(nopad_train::TrainError::Config("--layers applies to presets only".into()).into())
+        }
+    }
+}
+
+/// Trains `cfg.warmup + cfg.steps` steps with `strategy` on `train`, then evaluates on `heldout`.
+pub fn run_strategy<B: Backend>(
+    b: &B,
+    cfg: &BenchConfig,
+    strategy: Strategy,
+    train: &Arc<Vec<Example>>,
+    heldout: &[Example],
+    mut progress: impl FnMut(u64, f64),
+) -> Result<StrategyResult> {
+    let mut model = model(b, cfg)?;
+    let pad_id = pad_token_id(&model.cfg);
+    let pack = PackOptions {
+        strategy,
+        batch_size: cfg.batch_size,
+        max_len: cfg.max_len,
+        pad_token_id: pad_id,
+        group_by_length: false,
+    };
+    let mut loader = Loader::new(
+        train.clone(),
+        LoaderOptions {
+            pack,
+            grad_accum: cfg.grad_accum,
+            seed: cfg.seed,
+            shuffle: true,
+            start: Default::default(),
+            prefetch: 4,
+        },
+    )?;
+    let steps_per_epoch = loader.steps_per_epoch();
+    let adamw = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    let mut opt = Optimizer::new(b, &model, adamw)?;
+    let (mut losses, mut times, mut tok, mut tgt) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut real, mut padded, mut flops, mut secs) = (0usize, 0usize, 0.0f64, 0.0f64);
+    b.synchronize()?;
+    for k in 0..cfg.warmup + cfg.steps {
+        let step = loader
+            .next()
+            .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
+        let t0 = Instant::now();
+        let (loss, _, _) = train_step(b, &mut model, &mut opt, &step.batches, cfg.lr)?;
+        b.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        losses.push(loss);
+        progress(k + 1, loss);
+        if k >= cfg.warmup {
+            let st = step.stats();
+            times.push(dt * 1e3);
+            tok.push(st.real_tokens as f64 / dt);
+            tgt.push(st.target_tokens as f64 / dt);
+            real += st.real_tokens;
+            padded += st.pad_tokens;
+            flops += step
+                .batches
+                .iter()
+                .map(|x| useful_flops(&model.cfg, x, pad_id, strategy))
+                .sum::<f64>();
+            secs += dt;
+        }
+    }
+    let peak = b.peak_memory();
+    let eval_pack = PackOptions {
+        strategy: Strategy::Flatten,
+        batch_size: cfg.batch_size,
+        max_len: cfg.max_len,
+        pad_token_id: pad_id,
+        group_by_length: false,
+    };
+    let eval_loss = evaluate(b, &mut model, heldout, &eval_pack)?.loss;
+    let lo = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = times.iter().cloned().fold(0.0, f64::max);
+    Ok(StrategyResult {
+        strategy: strategy.name().into(),
+        device: b.describe(),
+        steps_per_epoch,
+        tokens_per_s: median(&mut tok),
+        target_tokens_per_s: median(&mut tgt),
+        mfu: flops / secs.max(1e-12) / cfg.peak_flops,
+        step_ms: (median(&mut times), lo, hi),
+        peak_memory_bytes: peak,
+        padding_fraction: padded as f64 / (real + padded).max(1) as f64,
+        losses,
+        eval_loss,
+    })
+}
+
+/// Writes what `bench/hf_baseline.py` needs to train the same run with HF Transformers: the
+/// initial weights in HF layout (`DIR/model/`), and `DIR/steps.jsonl`, one line per optimizer
+/// step holding its micro-batches' examples (`input_ids`, `labels`) in nopad's order, plus
+/// `DIR/heldout.jsonl`.
+pub fn export<B: Backend>(
+    b: &B,
+    cfg: &BenchConfig,
+    train: &Arc<Vec<Example>>,
+    heldout: &[Example],
+    dir: &Path,
+) -> Result<()> {
+    let out_err = |p: &Path, e: &dyn std::fmt::Display| BenchError::Output {
+        path: p.display().to_string(),
+        msg: e.to_string(),
+    };
+    let model = model(b, cfg)?;
+    weights::save_checkpoint(
+        &dir.join("model"),
+        &model.cfg,
+        &model.layout,
+        SaveDtype::F32,
+        4 << 30,
+        |r| Ok(b.read(&model.params, r)?),
+    )?;
+    let pack = PackOptions {
+        strategy: Strategy::Flatten,
+        batch_size: cfg.batch_size,
+        max_len: cfg.max_len,
+        pad_token_id: pad_token_id(&model.cfg),
+        group_by_length: false,
+    };
+    let mut loader = Loader::new(
+        train.clone(),
+        LoaderOptions {
+            pack,
+            grad_accum: cfg.grad_accum,
+            seed: cfg.seed,
+            shuffle: true,
+            start: Default::default(),
+            prefetch: 2,
+        },
+    )?;
+    let path = dir.join("steps.jsonl");
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| out_err(&path, &e))?);
+    for _ in 0..cfg.warmup + cfg.steps {
+        let step = loader
+            .next()
+            .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
+        let micro: Vec<Vec<serde_json::Value>> =
+            step.batches.iter().map(examples_of_flat_batch).collect();
+        writeln!(f, "{}", serde_json::json!({ "micro_batches": micro }))
+            .map_err(|e| out_err(&path, &e))?;
+    }
+    f.flush().map_err(|e| out_err(&path, &e))?;
+    let path = dir.join("heldout.jsonl");
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| out_err(&path, &e))?);
+    for e in heldout {
+        writeln!(
+            f,
+            "{}",
+            serde_json::json!({"input_ids": e.input_ids, "labels": e.labels})
+        )
+        .map_err(|e| out_err(&path, &e))?;
+    }
+    f.flush().map_err(|e| out_err(&path, &e))
+}
+
+/// The examples of a flatten batch, in HF convention (labels aligned with input_ids; the first
+/// label of each example is -100, the rest are the shifted targets).
+fn examples_of_flat_batch(batch: &Batch) -> Vec<serde_json::Value> {
+    batch
+        .cu_seqlens
+        .windows(2)
+        .filter(|w| w[1] > w[0])
+        .map(|w| {
+            let (s, e) = (w[0] as usize, w[1] as usize);
+            let mut labels = vec![IGNORE_INDEX];
+            labels.extend_from_slice(&batch.targets[s..e - 1]);
+            serde_json::json!({"input_ids": &batch.tokens[s..e], "labels": labels})
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

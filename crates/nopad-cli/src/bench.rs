@@ -1,0 +1,209 @@
+//! `nopad bench`: every strategy on the same model, examples and order; the paper's table,
+//! JSON, Markdown and SVG charts; optionally the export for the HF baseline.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use nopad_backend::cuda::CudaDtype;
+use nopad_backend::Backend;
+use nopad_bench::{BenchConfig, StrategyResult};
+use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
+use nopad_data::{Example, LoadOptions, Strategy};
+use nopad_train::ModelSource;
+
+use crate::device::{parse_dtype, run_on, DeviceChoice, Job};
+
+/// Flags of `nopad bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model: HF directory or preset.
+    #[arg(long, default_value = "llama-3.2-1b")]
+    pub model: String,
+    /// Keep only the first N decoder layers of a preset (to fit a quick run).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// synthetic-flan (median 180 tokens), synthetic-orcamath (median 550), or a data file.
+    #[arg(long, default_value = "synthetic-flan")]
+    pub data: String,
+    /// Examples generated for synthetic data.
+    #[arg(long, default_value_t = 4000)]
+    pub examples: usize,
+    /// Strategies to compare, comma-separated.
+    #[arg(
+        long,
+        default_value = "pad,concat,flatten,offline",
+        value_delimiter = ','
+    )]
+    pub strategies: Vec<Strategy>,
+    /// Examples per micro-batch (rows for concat and offline).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Longest example / row.
+    #[arg(long, default_value_t = 4096)]
+    pub max_len: usize,
+    /// Untimed warm-up steps (they still train).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: u64,
+    /// Constant learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Seed of weights and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Compute type on CUDA: bf16 or f32.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    pub dtype: CudaDtype,
+    /// Peak dense TFLOP/s for MFU (default: the bf16 GEMM ceiling measured on the H200).
+    #[arg(long, default_value_t = 790.0)]
+    pub peak_tflops: f64,
+    /// Directory for results.json, results.md and the SVG charts.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Also write the initial weights and the exact steps for bench/hf_baseline.py here.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+}
+
+fn examples(a: &BenchArgs, vocab: usize) -> Result<Vec<Example>> {
+    let dist = match a.data.as_str() {
+        "synthetic-flan" => LengthDist::FlanLike,
+        "synthetic-orcamath" => LengthDist::OrcaMathLike,
+        path => {
+            let mut opts = LoadOptions::new(a.max_len);
+            opts.vocab_size = Some(vocab);
+            if std::path::Path::new(&a.model).is_dir() {
+                opts.tokenizer_dir = Some(a.model.clone().into());
+            }
+            let (ex, report) = nopad_data::load_examples(std::path::Path::new(path), &opts)?;
+            eprintln!("nopad bench: {path}: {report}");
+            return Ok(ex);
+        }
+    };
+    Ok(instruction_dataset(&SyntheticConfig {
+        n_examples: a.examples,
+        vocab_size: vocab,
+        lengths: dist,
+        max_len: a.max_len,
+        seed: a.seed,
+    }))
+}
+
+struct StrategyJob<'a> {
+    cfg: &'a BenchConfig,
+    strategy: Strategy,
+    train: &'a Arc<Vec<Example>>,
+    heldout: &'a [Example],
+    export: Option<&'a std::path::Path>,
+}
+
+impl Job for StrategyJob<'_> {
+    type Out = StrategyResult;
+    fn run<B: Backend>(self, b: &B) -> Result<StrategyResult> {
+        if let Some(dir) = self.export {
+            nopad_bench::export(b, self.cfg, self.train, self.heldout, dir)?;
+            eprintln!(
+                "nopad bench: exported the initial weights and steps to {}",
+                dir.display()
+            );
+        }
+        let total = self.cfg.warmup + self.cfg.steps;
+        let name = self.strategy.name();
+        let r = nopad_bench::run_strategy(
+            b,
+            self.cfg,
+            self.strategy,
+            self.train,
+            self.heldout,
+            |k, loss| {
+                eprint!("\r  {name:<8} step {k}/{total}  loss {loss:.4}   ");
+            },
+        )?;
+        eprintln!();
+        Ok(r)
+    }
+}
+
+/// Runs `nopad bench`.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.batch_size == 0 || a.grad_accum == 0 || a.steps == 0 {
+        bail!("--batch-size, --grad-accum and --steps must be at least 1");
+    }
+    let model = if std::path::Path::new(&a.model).is_dir() {
+        ModelSource::Dir(a.model.clone().into())
+    } else {
+        ModelSource::Preset(a.model.clone())
+    };
+    let vocab = match &model {
+        ModelSource::Preset(p) => {
+            nopad_model::Config::preset(p)
+                .with_context(|| format!("--model: unknown preset `{p}`"))?
+                .vocab_size
+        }
+        ModelSource::Dir(d) => nopad_model::weights::read_config(d)?.vocab_size,
+    };
+    let cfg = BenchConfig {
+        model,
+        layers: a.layers,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_len: a.max_len,
+        warmup: a.warmup,
+        steps: a.steps,
+        lr: a.lr,
+        seed: a.seed,
+        peak_flops: a.peak_tflops * 1e12,
+    };
+    let mut all = examples(a, vocab)?;
+    // The last 5% (at least one example) are held out for the final evaluation.
+    let held = (all.len() / 20).max(1);
+    if all.len() < held + 1 {
+        bail!("--data: need at least two examples");
+    }
+    let heldout = all.split_off(all.len() - held);
+    let train = Arc::new(all);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
+    let mut results = Vec::new();
+    for (i, &s) in a.strategies.iter().enumerate() {
+        let export = if i == 0 { a.export.as_deref() } else { None };
+        // A fresh backend per strategy, so peak memory is each strategy's own.
+        results.push(run_on(
+            a.device,
+            a.dtype,
+            StrategyJob {
+                cfg: &cfg,
+                strategy: s,
+                train: &train,
+                heldout: &heldout,
+                export,
+            },
+        )?);
+    }
+    let table = nopad_bench::text(&results);
+    println!("{table}");
+    let json = serde_json::json!({
+        "model": a.model, "layers": a.layers, "data": a.data, "batch_size": a.batch_size,
+        "grad_accum": a.grad_accum, "max_len": a.max_len, "warmup": a.warmup, "steps": a.steps,
+        "lr": a.lr, "seed": a.seed, "peak_tflops": a.peak_tflops, "results": results,
+    });
+    let write = |name: &str, text: String| -> Result<()> {
+        let p = a.out.join(name);
+        std::fs::write(&p, text).with_context(|| format!("{}: cannot write", p.display()))
+    };
+    write("results.json", serde_json::to_string_pretty(&json)?)?;
+    write("results.md", nopad_bench::markdown(&results))?;
+    nopad_bench::chart::write_all(&a.out, &results)?;
+    eprintln!("nopad bench: results in {}", a.out.display());
+    Ok(())
+}
