@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""The seed's system, on the same run as `nopad bench --export DIR`: HF Transformers trains the
+same initial weights on the same examples in the same order, and reports tokens/s, peak memory
+and the loss of every step.
+
+Modes (one per process, so peak memory is each mode's own):
+  pad      right-padded micro-batches, SDPA attention (the classic baseline);
+  flatten  DataCollatorWithFlattening semantics (one row, position ids restarting at 0, first
+           label of each example masked, cu_seqlens handed to attention) with PyTorch's
+           FlashAttention-2 varlen kernel (torch.nn.attention.varlen.varlen_attn) registered
+           as a custom attention, since the flash_attn package is not installed.
+  parity   loads DIR/model (written by nopad) and prints the token-weighted loss over
+           DIR/heldout.jsonl in fp32: the number `nopad eval --json` must reproduce.
+
+The step loss is HF's causal-LM loss with `num_items_in_batch` = target tokens of the whole
+optimizer step, i.e. the token-weighted loss nopad uses. AdamW (torch, fused), constant lr,
+no weight decay, clipping at 1.0, bf16 parameters (HF's usual bf16 training keeps the optimizer
+states in bf16 too: compare memory with that in mind).
+
+Usage: hf_baseline.py DIR MODE [--warmup 3] [--lr 1e-4] [--json OUT]
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+IGNORE = -100
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention interface over PyTorch's varlen FlashAttention-2: [1, H, T, D] in,
+    [1, T, H, D] out; boundaries from the collator's cu_seq_lens (never from a mask)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = kwargs["cu_seq_lens_q"]
+    max_len = int(kwargs["max_length_q"])
+    q = query.transpose(1, 2)[0]
+    k = key.transpose(1, 2)[0]
+    v = value.transpose(1, 2)[0]
+    if k.shape[1] != q.shape[1]:  # GQA: torch 2.11's varlen_attn has no GQA flag
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0))
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register("nopad_varlen_fa2", varlen_attention)
+
+
+def pad_batch(examples, pad_id, device):
+    m = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), m), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), m), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), m), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e.get("labels", e["input_ids"]))
+        mask[i, :n] = 1
+    real = sum(len(e["input_ids"]) for e in examples)
+    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)), real
+
+
+def flat_batch(examples, device):
+    """DataCollatorWithFlattening semantics, with flash-attention kwargs."""
+    ids, labels, pos, cu = [], [], [], [0]
+    for e in examples:
+        n = len(e["input_ids"])
+        ids += e["input_ids"]
+        lab = list(e.get("labels", e["input_ids"]))
+        lab[0] = IGNORE  # the first label of every example never crosses a boundary
+        labels += lab
+        pos += list(range(n))
+        cu.append(cu[-1] + n)
+    max_len = max(b - a for a, b in zip(cu, cu[1:]))
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+    batch = dict(
+        input_ids=torch.tensor([ids], device=device),
+        labels=torch.tensor([labels], device=device),
+        position_ids=torch.tensor([pos], device=device),
+        cu_seq_lens_q=cu_t,
+        cu_seq_lens_k=cu_t,
+        max_length_q=max_len,
+        max_length_k=max_len,
+    )
+    return batch, len(ids)
+
+
+def targets_of(examples):
+    # HF shifts labels inside the model: position t predicts labels[t + 1]; the first label of
+    # each example is never a target.
+    return sum(sum(1 for l in e.get("labels", e["input_ids"])[1:] if l != IGNORE) for e in examples)
+
+
+def train(args):
+    steps = [json.loads(l) for l in open(f"{args.dir}/steps.jsonl")]
+    attn = "sdpa" if args.mode == "pad" else "nopad_varlen_fa2"
+    model = AutoModelForCausalLM.from_pretrained(
+        f"{args.dir}/model", dtype=torch.bfloat16, attn_implementation=attn
+    ).cuda()
+    model.config.use_cache = False
+    model.train()
+    pad_id = model.config.pad_token_id
+    if pad_id is None:
+        eos = model.config.eos_token_id
+        pad_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    losses, times, tokens = [], [], []
+    for k, step in enumerate(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n_targets = sum(targets_of(mb) for mb in step["micro_batches"])
+        total, real = 0.0, 0
+        for mb in step["micro_batches"]:
+            if args.mode == "pad":
+                batch, r = pad_batch(mb, pad_id, "cuda")
+            else:
+                batch, r = flat_batch(mb, "cuda")
+            real += r
+            out = model(**batch, num_items_in_batch=torch.tensor(n_targets, device="cuda"))
+            out.loss.backward()
+            total += out.loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(total)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if k >= args.warmup:
+            times.append(dt)
+            tokens.append(real)
+        print(f"\r  hf {args.mode:<8} step {k + 1}/{len(steps)}  loss {loss:.4f}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    rates = sorted(t / s for t, s in zip(tokens, times))
+    result = {
+        "system": f"hf-{args.mode}",
+        "tokens_per_s": rates[len(rates) // 2] if rates else float("nan"),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "losses": losses,
+        "transformers": __import__("transformers").__version__,
+        "torch": torch.__version__,
+    }
+    return result
+
+
+@torch.no_grad()
+def parity(args):
+    model = AutoModelForCausalLM.from_pretrained(f"{args.dir}/model", dtype=torch.float32, attn_implementation="sdpa").cuda()
+    model.eval()
+    total, n = 0.0, 0
+    for line in open(f"{args.dir}/heldout.jsonl"):
+        e = json.loads(line)
+        ids = torch.tensor([e["input_ids"]], device="cuda")
+        labels = torch.tensor([e.get("labels", e["input_ids"])], device="cuda")
+        t = targets_of([e])
+        if t == 0:
+            continue
+        out = model(input_ids=ids, labels=labels)
+        total += float(out.loss) * t
+        n += t
+    return {"system": "hf-parity", "loss": total / n, "tokens": n}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("dir")
+    p.add_argument("mode", choices=["pad", "flatten", "parity"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--json")
+    args = p.parse_args()
+    result = parity(args) if args.mode == "parity" else train(args)
+    text = json.dumps(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
