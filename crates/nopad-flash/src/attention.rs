@@ -59,6 +59,9 @@ pub enum ForwardTiles {
     Auto,
 }
 
+/// Whether plans let runs of short sequences share tiles (block-diagonal mask).
+pub const PACK_SHORT: bool = true;
+
 /// Sequence length from which `ForwardTiles::Auto` counts a token as "long".
 pub const AUTO_WIDE_MIN_LEN: usize = 512;
 
@@ -198,7 +201,7 @@ impl FlashAttention {
     /// Build the tile lists for `cu_seqlens_host` (host copy of the device `cu_seqlens`).
     pub fn plan(&self, cu_seqlens_host: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
         Self::check_dims(dims)?;
-        Plan::new(cu_seqlens_host, dims)
+        Plan::with_packing(cu_seqlens_host, dims, PACK_SHORT)
     }
 
     /// Device scratch bytes the caller passes as `workspace`: tile lists, lse2 and D `[H, Tpad]`
@@ -385,9 +388,10 @@ impl FlashAttention {
                     .arg(&lse)
                     .arg(&dbuf)
                     .arg(&lse2)
+                    .arg(&dqacc)
                     .arg(&tiles);
                 b.arg(&h).arg(&n).arg(&tpad);
-                // SAFETY: matches `flash_bwd_prep_<dh>`.
+                // SAFETY: matches `flash_bwd_prep_<dh>` (10 parameters).
                 b.launch(cfg(grid_q, 256, 0))
                     .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
 

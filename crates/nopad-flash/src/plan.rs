@@ -88,6 +88,15 @@ fn align256(x: usize) -> usize {
 impl Plan {
     /// Validate `cu_seqlens` against `dims` and build the sorted tile lists.
     pub fn new(cu_seqlens: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
+        Plan::with_packing(cu_seqlens, dims, true)
+    }
+
+    /// As [`Plan::new`]; `pack = false` gives every sequence its own tiles.
+    pub fn with_packing(
+        cu_seqlens: &[i32],
+        dims: &FlashDims,
+        pack_short: bool,
+    ) -> Result<Plan, FlashError> {
         let bad = |msg: String| Err(FlashError::InvalidSeqlens(msg));
         if cu_seqlens.len() != dims.n_seqs + 1 {
             return bad(format!(
@@ -153,7 +162,7 @@ impl Plan {
             if len == 0 {
                 continue;
             }
-            if len <= TILE {
+            if pack_short && len <= TILE {
                 if rows_in(&pack) + len > TILE {
                     flush(
                         &mut pack,
