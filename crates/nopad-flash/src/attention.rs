@@ -51,19 +51,27 @@ struct PerDim {
 /// Query rows per forward tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardTiles {
-    /// 64 rows, 16 per warp: more tiles, less masked waste; best for short sequences.
+    /// 64 rows, 16 per warp (Dh 64: capped at 168 registers for 3 CTAs per SM).
     Narrow,
-    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP; best for long sequences.
+    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP, but 2 CTAs per SM and
+    /// (Dh 128) 32-key tiles to fit the registers.
     Wide,
-    /// Wide when at least half of the tokens sit in sequences longer than `AUTO_WIDE_MIN_LEN`.
+    /// The measured best: `Narrow` for every shape measured on the H200 (crate README).
     Auto,
+}
+
+/// How the backward computes dQ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DqMode {
+    /// A second kernel over query tiles recomputes P and dP (7 matmuls instead of 5, no
+    /// atomics, bitwise reproducible). Measured faster than `Atomic` on the H200 at 64-key tiles.
+    Recompute,
+    /// dQ from the dK/dV kernel through fp32 `red.global.add` (non-deterministic).
+    Atomic,
 }
 
 /// Whether plans let runs of short sequences share tiles (block-diagonal mask).
 pub const PACK_SHORT: bool = true;
-
-/// Sequence length from which `ForwardTiles::Auto` counts a token as "long".
-pub const AUTO_WIDE_MIN_LEN: usize = 512;
 
 /// Loaded varlen FlashAttention kernels for head dims 64 and 128.
 pub struct FlashAttention {
@@ -71,6 +79,7 @@ pub struct FlashAttention {
     d128: PerDim,
     kernels: KernelSet,
     forward_tiles: ForwardTiles,
+    nondeterministic_dq: DqMode,
 }
 
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
@@ -150,6 +159,7 @@ impl FlashAttention {
             d128: per_dim(128)?,
             kernels: KernelSet::Mma,
             forward_tiles: ForwardTiles::Auto,
+            nondeterministic_dq: DqMode::Recompute,
         })
     }
 
@@ -161,6 +171,12 @@ impl FlashAttention {
     /// Choose the forward tile height (default `Auto`).
     pub fn set_forward_tiles(&mut self, tiles: ForwardTiles) {
         self.forward_tiles = tiles;
+    }
+
+    /// The dQ strategy `backward(.., deterministic = false)` uses (default `Recompute`: with
+    /// 64-key tiles the atomic path moved more bytes than it saved, see the crate README).
+    pub fn set_nondeterministic_dq(&mut self, dq: DqMode) {
+        self.nondeterministic_dq = dq;
     }
 
     /// Which kernel set is active.
@@ -291,7 +307,7 @@ impl FlashAttention {
                 let wide = match forward_tiles {
                     ForwardTiles::Narrow => false,
                     ForwardTiles::Wide => true,
-                    ForwardTiles::Auto => 2 * plan.long_tokens(AUTO_WIDE_MIN_LEN) >= dims.n,
+                    ForwardTiles::Auto => false,
                 };
                 if wide {
                     b = stream.launch_builder(&f.fwd_wide);
@@ -341,13 +357,42 @@ impl FlashAttention {
         plan: &Plan,
         dims: &FlashDims,
         qkv: u64,
-        _cu_seqlens: u64,
+        cu_seqlens: u64,
         out: u64,
         lse: u64,
         d_out: u64,
         d_qkv: u64,
         workspace: u64,
         deterministic: bool,
+    ) -> Result<(), FlashError> {
+        let dq = if deterministic {
+            DqMode::Recompute
+        } else {
+            self.nondeterministic_dq
+        };
+        self.backward_with_dq(
+            dq, stream, plan, dims, qkv, cu_seqlens, out, lse, d_out, d_qkv, workspace,
+        )
+    }
+
+    /// [`FlashAttention::backward`] with an explicit dQ strategy (checks and benchmarks).
+    ///
+    /// # Safety
+    /// As [`FlashAttention::backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_with_dq(
+        &self,
+        dq_mode: DqMode,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        dims: &FlashDims,
+        qkv: u64,
+        _cu_seqlens: u64,
+        out: u64,
+        lse: u64,
+        d_out: u64,
+        d_qkv: u64,
+        workspace: u64,
     ) -> Result<(), FlashError> {
         Self::check_dims(dims)?;
         let q_tiles = plan.q_tiles.len();
@@ -367,6 +412,7 @@ impl FlashAttention {
         let grid_simple = (plan.simple_tiles.len() * dims.n_heads) as u32;
         let lse2 = workspace + lay.lse2 as u64;
         let dbuf = workspace + lay.d as u64;
+        let deterministic = dq_mode == DqMode::Recompute;
         let dqacc = if deterministic {
             0u64
         } else {

@@ -21,7 +21,7 @@ pub mod harness;
 pub mod plan;
 pub mod reference;
 
-pub use attention::{FlashAttention, ForwardTiles, KernelSet, ModuleLoader, AUTO_WIDE_MIN_LEN};
+pub use attention::{DqMode, FlashAttention, ForwardTiles, KernelSet, ModuleLoader, PACK_SHORT};
 pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.
