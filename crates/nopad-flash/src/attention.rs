@@ -220,11 +220,21 @@ impl FlashAttention {
         Plan::with_packing(cu_seqlens_host, dims, PACK_SHORT)
     }
 
-    /// Device scratch bytes the caller passes as `workspace`: tile lists, lse2 and D `[H, Tpad]`
-    /// fp32, and the atomic backward's dQ accumulator `[H, Tpad, Dh]` fp32 (Tpad = tokens with
-    /// each sequence rounded up to 64).
+    /// Device scratch bytes the caller passes as `workspace` to `forward` and `backward`: tile
+    /// lists, lse2 and D `[H, Tpad]` fp32 (Tpad = tokens with each sequence rounded up to 64),
+    /// plus the atomic backward's dQ accumulator `[H, Tpad, Dh]` fp32 only if
+    /// `set_nondeterministic_dq(DqMode::Atomic)` was chosen.
     pub fn workspace_bytes(&self, plan: &Plan, dims: &FlashDims) -> usize {
-        plan.layout(dims.n_heads, dims.head_dim).total
+        Self::workspace_bytes_for(plan, dims, self.nondeterministic_dq)
+    }
+
+    /// Workspace bytes for a backward with dQ strategy `dq` (`Atomic` needs the accumulator).
+    pub fn workspace_bytes_for(plan: &Plan, dims: &FlashDims, dq: DqMode) -> usize {
+        let lay = plan.layout(dims.n_heads, dims.head_dim);
+        match dq {
+            DqMode::Atomic => lay.total,
+            DqMode::Recompute => lay.dqacc.max(256),
+        }
     }
 
     unsafe fn upload_tiles(
@@ -378,7 +388,7 @@ impl FlashAttention {
     /// [`FlashAttention::backward`] with an explicit dQ strategy (checks and benchmarks).
     ///
     /// # Safety
-    /// As [`FlashAttention::backward`].
+    /// As [`FlashAttention::backward`], with `workspace` of `workspace_bytes_for(.., dq_mode)`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn backward_with_dq(
         &self,

@@ -449,6 +449,31 @@ mod tests {
     }
 
     #[test]
+    fn workspace_sections_are_ordered_aligned_and_sized() {
+        let cu = [0i32, 5, 5, 70, 300, 301];
+        let plan = Plan::new(&cu, &dims(301, 5, 300)).expect("valid plan");
+        let (h, dh) = (4, 128);
+        let l = plan.layout(h, dh);
+        let tiles_end = l.segs + 4 * plan.segs.len();
+        assert_eq!(l.kv_tiles, 16 * plan.q_tiles().len());
+        assert_eq!(l.simple_tiles, l.kv_tiles + 16 * plan.kv_tiles().len());
+        assert_eq!(l.wide_tiles, l.simple_tiles + 16 * plan.simple_tiles.len());
+        assert_eq!(l.segs, l.wide_tiles + 16 * plan.wide_tiles.len());
+        assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
+        assert_eq!(
+            l.d - l.lse2,
+            (4 * h * plan.padded_tokens()).div_ceil(256) * 256
+        );
+        assert!(l.dqacc >= l.d + 4 * h * plan.padded_tokens() && l.dqacc % 256 == 0);
+        assert!(l.total >= l.dqacc + 4 * h * plan.padded_tokens() * dh);
+        assert_eq!(
+            plan.host.len() * 4,
+            tiles_end,
+            "uploaded bytes = tile sections"
+        );
+    }
+
+    #[test]
     fn rejects_bad_cu_seqlens() {
         assert!(Plan::new(&[0, 5, 3], &dims(3, 2, 8)).is_err());
         assert!(Plan::new(&[1, 5], &dims(5, 1, 8)).is_err());

@@ -121,7 +121,11 @@ pub fn bench_table(
             .alloc_zeros::<u16>(qkv.len())
             .map_err(drv("alloc d_qkv"))?;
         let ws = s
-            .alloc_zeros::<u8>(gpu.fa.workspace_bytes(&plan, &dims))
+            .alloc_zeros::<u8>(crate::FlashAttention::workspace_bytes_for(
+                &plan,
+                &dims,
+                DqMode::Atomic,
+            ))
             .map_err(drv("alloc workspace"))?;
         let (p_qkv, _a) = d_qkv_in.device_ptr(&s);
         let (p_dout, _b) = d_dout.device_ptr(&s);

@@ -163,7 +163,7 @@ fn run_gpu(
     let lse = Guarded::new(&s, dims.n * dims.n_heads, f32::NAN)?;
     let dq1 = Guarded::new(&s, qkv.len(), NAN_BF16)?;
     let dq2 = Guarded::new(&s, qkv.len(), NAN_BF16)?;
-    let ws_len = gpu.fa.workspace_bytes(&plan, &dims);
+    let ws_len = crate::FlashAttention::workspace_bytes_for(&plan, &dims, DqMode::Atomic);
     let ws = s
         .clone_htod(&vec![0xFFu8; ws_len])
         .map_err(drv("alloc workspace"))?;
