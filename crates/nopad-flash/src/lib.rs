@@ -90,3 +90,14 @@ mod tests {
         assert_eq!(b, 2.5 * f);
     }
 }
+
+#[cfg(test)]
+mod thread_safety {
+    // The backend keeps one FlashAttention and per-batch Plans in its device object.
+    fn send_sync<T: Send + Sync>() {}
+    #[test]
+    fn handles_are_send_and_sync() {
+        send_sync::<super::FlashAttention>();
+        send_sync::<super::Plan>();
+    }
+}
