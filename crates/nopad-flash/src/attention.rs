@@ -51,16 +51,27 @@ struct PerDim {
 /// Query rows per forward tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardTiles {
-    /// 64 rows, 16 per warp: more tiles, less masked waste; best for short sequences.
+    /// 64 rows, 16 per warp (Dh 64: capped at 168 registers for 3 CTAs per SM).
     Narrow,
-    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP; best for long sequences.
+    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP, but 2 CTAs per SM and
+    /// (Dh 128) 32-key tiles to fit the registers.
     Wide,
-    /// Wide when at least half of the tokens sit in sequences longer than `AUTO_WIDE_MIN_LEN`.
+    /// The measured best: `Narrow` for every shape measured on the H200 (crate README).
     Auto,
 }
 
-/// Sequence length from which `ForwardTiles::Auto` counts a token as "long".
-pub const AUTO_WIDE_MIN_LEN: usize = 512;
+/// How the backward computes dQ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DqMode {
+    /// A second kernel over query tiles recomputes P and dP (7 matmuls instead of 5, no
+    /// atomics, bitwise reproducible). Measured faster than `Atomic` on the H200 at 64-key tiles.
+    Recompute,
+    /// dQ from the dK/dV kernel through fp32 `red.global.add` (non-deterministic).
+    Atomic,
+}
+
+/// Whether plans let runs of short sequences share tiles (block-diagonal mask).
+pub const PACK_SHORT: bool = true;
 
 /// Loaded varlen FlashAttention kernels for head dims 64 and 128.
 pub struct FlashAttention {
@@ -68,6 +79,7 @@ pub struct FlashAttention {
     d128: PerDim,
     kernels: KernelSet,
     forward_tiles: ForwardTiles,
+    nondeterministic_dq: DqMode,
 }
 
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
@@ -147,6 +159,7 @@ impl FlashAttention {
             d128: per_dim(128)?,
             kernels: KernelSet::Mma,
             forward_tiles: ForwardTiles::Auto,
+            nondeterministic_dq: DqMode::Recompute,
         })
     }
 
@@ -158,6 +171,12 @@ impl FlashAttention {
     /// Choose the forward tile height (default `Auto`).
     pub fn set_forward_tiles(&mut self, tiles: ForwardTiles) {
         self.forward_tiles = tiles;
+    }
+
+    /// The dQ strategy `backward(.., deterministic = false)` uses (default `Recompute`: with
+    /// 64-key tiles the atomic path moved more bytes than it saved, see the crate README).
+    pub fn set_nondeterministic_dq(&mut self, dq: DqMode) {
+        self.nondeterministic_dq = dq;
     }
 
     /// Which kernel set is active.
@@ -198,14 +217,24 @@ impl FlashAttention {
     /// Build the tile lists for `cu_seqlens_host` (host copy of the device `cu_seqlens`).
     pub fn plan(&self, cu_seqlens_host: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
         Self::check_dims(dims)?;
-        Plan::new(cu_seqlens_host, dims)
+        Plan::with_packing(cu_seqlens_host, dims, PACK_SHORT)
     }
 
-    /// Device scratch bytes the caller passes as `workspace`: tile lists, lse2 and D `[H, Tpad]`
-    /// fp32, and the atomic backward's dQ accumulator `[H, Tpad, Dh]` fp32 (Tpad = tokens with
-    /// each sequence rounded up to 64).
+    /// Device scratch bytes the caller passes as `workspace` to `forward` and `backward`: tile
+    /// lists, lse2 and D `[H, Tpad]` fp32 (Tpad = tokens with each sequence rounded up to 64),
+    /// plus the atomic backward's dQ accumulator `[H, Tpad, Dh]` fp32 only if
+    /// `set_nondeterministic_dq(DqMode::Atomic)` was chosen.
     pub fn workspace_bytes(&self, plan: &Plan, dims: &FlashDims) -> usize {
-        plan.layout(dims.n_heads, dims.head_dim).total
+        Self::workspace_bytes_for(plan, dims, self.nondeterministic_dq)
+    }
+
+    /// Workspace bytes for a backward with dQ strategy `dq` (`Atomic` needs the accumulator).
+    pub fn workspace_bytes_for(plan: &Plan, dims: &FlashDims, dq: DqMode) -> usize {
+        let lay = plan.layout(dims.n_heads, dims.head_dim);
+        match dq {
+            DqMode::Atomic => lay.total,
+            DqMode::Recompute => lay.dqacc.max(256),
+        }
     }
 
     unsafe fn upload_tiles(
@@ -288,7 +317,7 @@ impl FlashAttention {
                 let wide = match forward_tiles {
                     ForwardTiles::Narrow => false,
                     ForwardTiles::Wide => true,
-                    ForwardTiles::Auto => 2 * plan.long_tokens(AUTO_WIDE_MIN_LEN) >= dims.n,
+                    ForwardTiles::Auto => false,
                 };
                 if wide {
                     b = stream.launch_builder(&f.fwd_wide);
@@ -338,13 +367,42 @@ impl FlashAttention {
         plan: &Plan,
         dims: &FlashDims,
         qkv: u64,
-        _cu_seqlens: u64,
+        cu_seqlens: u64,
         out: u64,
         lse: u64,
         d_out: u64,
         d_qkv: u64,
         workspace: u64,
         deterministic: bool,
+    ) -> Result<(), FlashError> {
+        let dq = if deterministic {
+            DqMode::Recompute
+        } else {
+            self.nondeterministic_dq
+        };
+        self.backward_with_dq(
+            dq, stream, plan, dims, qkv, cu_seqlens, out, lse, d_out, d_qkv, workspace,
+        )
+    }
+
+    /// [`FlashAttention::backward`] with an explicit dQ strategy (checks and benchmarks).
+    ///
+    /// # Safety
+    /// As [`FlashAttention::backward`], with `workspace` of `workspace_bytes_for(.., dq_mode)`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_with_dq(
+        &self,
+        dq_mode: DqMode,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        dims: &FlashDims,
+        qkv: u64,
+        _cu_seqlens: u64,
+        out: u64,
+        lse: u64,
+        d_out: u64,
+        d_qkv: u64,
+        workspace: u64,
     ) -> Result<(), FlashError> {
         Self::check_dims(dims)?;
         let q_tiles = plan.q_tiles.len();
@@ -364,6 +422,7 @@ impl FlashAttention {
         let grid_simple = (plan.simple_tiles.len() * dims.n_heads) as u32;
         let lse2 = workspace + lay.lse2 as u64;
         let dbuf = workspace + lay.d as u64;
+        let deterministic = dq_mode == DqMode::Recompute;
         let dqacc = if deterministic {
             0u64
         } else {
@@ -385,9 +444,10 @@ impl FlashAttention {
                     .arg(&lse)
                     .arg(&dbuf)
                     .arg(&lse2)
+                    .arg(&dqacc)
                     .arg(&tiles);
                 b.arg(&h).arg(&n).arg(&tpad);
-                // SAFETY: matches `flash_bwd_prep_<dh>`.
+                // SAFETY: matches `flash_bwd_prep_<dh>` (10 parameters).
                 b.launch(cfg(grid_q, 256, 0))
                     .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
 

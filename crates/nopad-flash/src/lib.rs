@@ -21,7 +21,7 @@ pub mod harness;
 pub mod plan;
 pub mod reference;
 
-pub use attention::{FlashAttention, ForwardTiles, KernelSet, ModuleLoader, AUTO_WIDE_MIN_LEN};
+pub use attention::{DqMode, FlashAttention, ForwardTiles, KernelSet, ModuleLoader, PACK_SHORT};
 pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.
@@ -88,5 +88,16 @@ mod tests {
         let (f, b) = super::causal_flops(&[0, 4096, 8192], 32, 128);
         assert_eq!(f, 4.0 * 128.0 * 32.0 * 2.0 * 4096.0 * 4096.0 / 2.0);
         assert_eq!(b, 2.5 * f);
+    }
+}
+
+#[cfg(test)]
+mod thread_safety {
+    // The backend keeps one FlashAttention and per-batch Plans in its device object.
+    fn send_sync<T: Send + Sync>() {}
+    #[test]
+    fn handles_are_send_and_sync() {
+        send_sync::<super::FlashAttention>();
+        send_sync::<super::Plan>();
     }
 }

@@ -88,6 +88,15 @@ fn align256(x: usize) -> usize {
 impl Plan {
     /// Validate `cu_seqlens` against `dims` and build the sorted tile lists.
     pub fn new(cu_seqlens: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
+        Plan::with_packing(cu_seqlens, dims, true)
+    }
+
+    /// As [`Plan::new`]; `pack = false` gives every sequence its own tiles.
+    pub fn with_packing(
+        cu_seqlens: &[i32],
+        dims: &FlashDims,
+        pack_short: bool,
+    ) -> Result<Plan, FlashError> {
         let bad = |msg: String| Err(FlashError::InvalidSeqlens(msg));
         if cu_seqlens.len() != dims.n_seqs + 1 {
             return bad(format!(
@@ -153,7 +162,7 @@ impl Plan {
             if len == 0 {
                 continue;
             }
-            if len <= TILE {
+            if pack_short && len <= TILE {
                 if rows_in(&pack) + len > TILE {
                     flush(
                         &mut pack,
@@ -437,6 +446,31 @@ mod tests {
             .count()
             * TILE;
         assert_eq!(plan.padded_tokens(), long + short);
+    }
+
+    #[test]
+    fn workspace_sections_are_ordered_aligned_and_sized() {
+        let cu = [0i32, 5, 5, 70, 300, 301];
+        let plan = Plan::new(&cu, &dims(301, 5, 300)).expect("valid plan");
+        let (h, dh) = (4, 128);
+        let l = plan.layout(h, dh);
+        let tiles_end = l.segs + 4 * plan.segs.len();
+        assert_eq!(l.kv_tiles, 16 * plan.q_tiles().len());
+        assert_eq!(l.simple_tiles, l.kv_tiles + 16 * plan.kv_tiles().len());
+        assert_eq!(l.wide_tiles, l.simple_tiles + 16 * plan.simple_tiles.len());
+        assert_eq!(l.segs, l.wide_tiles + 16 * plan.wide_tiles.len());
+        assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
+        assert_eq!(
+            l.d - l.lse2,
+            (4 * h * plan.padded_tokens()).div_ceil(256) * 256
+        );
+        assert!(l.dqacc >= l.d + 4 * h * plan.padded_tokens() && l.dqacc % 256 == 0);
+        assert!(l.total >= l.dqacc + 4 * h * plan.padded_tokens() * dh);
+        assert_eq!(
+            plan.host.len() * 4,
+            tiles_end,
+            "uploaded bytes = tile sections"
+        );
     }
 
     #[test]

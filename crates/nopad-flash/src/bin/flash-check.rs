@@ -2,7 +2,7 @@
 //! then time the mma kernels on the shapes (and dump data for bench/flash_vs_torch.py).
 //!
 //! Usage: `flash-check [--seed N] [--skip-check] [--skip-bench] [--reps N] [--dump DIR]
-//! [--only SUBSTR] [--ref-only]`. Exit status 1 if any check fails.
+//! [--only SUBSTR] [--skip SUBSTR] [--ref-only]`. Exit status 1 if any check fails.
 
 use std::io::Write;
 use std::time::Instant;
@@ -28,10 +28,12 @@ fn main() {
     });
     let has = |f: &str| args.iter().any(|a| a == f);
     let only: Option<String> = arg(&args, "--only");
+    let skip: Option<String> = arg(&args, "--skip");
     println!("flash-check seed {seed}");
     let shapes: Vec<_> = check::check_shapes(seed)
         .into_iter()
         .filter(|s| only.as_ref().is_none_or(|o| s.name.contains(o.as_str())))
+        .filter(|s| skip.as_ref().is_none_or(|o| !s.name.contains(o.as_str())))
         .collect();
     if has("--ref-only") {
         for s in &shapes {

@@ -9,7 +9,7 @@ use std::path::Path;
 use cudarc::driver::{sys, DevicePtr};
 
 use super::{drv, lognormal_lens, random_bf16, uniform_lens, write_raw, Gpu, HarnessError, Shape};
-use crate::{causal_flops, ForwardTiles, KernelSet};
+use crate::{causal_flops, DqMode, ForwardTiles, KernelSet};
 
 /// Timings of one shape.
 #[derive(Clone, Debug)]
@@ -121,7 +121,11 @@ pub fn bench_table(
             .alloc_zeros::<u16>(qkv.len())
             .map_err(drv("alloc d_qkv"))?;
         let ws = s
-            .alloc_zeros::<u8>(gpu.fa.workspace_bytes(&plan, &dims))
+            .alloc_zeros::<u8>(crate::FlashAttention::workspace_bytes_for(
+                &plan,
+                &dims,
+                DqMode::Atomic,
+            ))
             .map_err(drv("alloc workspace"))?;
         let (p_qkv, _a) = d_qkv_in.device_ptr(&s);
         let (p_dout, _b) = d_dout.device_ptr(&s);
@@ -138,13 +142,33 @@ pub fn bench_table(
         let fwd_narrow = || fwd_with(ForwardTiles::Narrow);
         let fwd_wide = || fwd_with(ForwardTiles::Wide);
         let bwd_det = || unsafe {
-            gpu.fa.backward(
-                &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_dout, p_dqkv, p_ws, true,
+            gpu.fa.backward_with_dq(
+                DqMode::Recompute,
+                &s,
+                &plan,
+                &dims,
+                p_qkv,
+                p_cu,
+                p_out,
+                p_lse,
+                p_dout,
+                p_dqkv,
+                p_ws,
             )
         };
         let bwd_atomic = || unsafe {
-            gpu.fa.backward(
-                &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_dout, p_dqkv, p_ws, false,
+            gpu.fa.backward_with_dq(
+                DqMode::Atomic,
+                &s,
+                &plan,
+                &dims,
+                p_qkv,
+                p_cu,
+                p_out,
+                p_lse,
+                p_dout,
+                p_dqkv,
+                p_ws,
             )
         };
         let ev = || {

@@ -8,9 +8,9 @@
 //         (bwd_prep.cu); d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the k and v parts;
 //         tiles int4 {seq_start, L, n, pad}, ordered by cost (query tiles to visit); n < 0: a
 //         packed tile, query row i sees keys from segs[64 (-n - 1) + i] on.
-// Geometry: 1-D grid of kv tiles x Hkv, heads fastest; 128 threads = 4 warps, each owning 16 keys. K_n, V_n stay in
-// smem; (query head, query tile) steps stream Q, dO, lse2, D through a 2-stage cp.async ring. Each
-// warp computes S^T = K Q^T and dP^T = V dO^T (A from smem via ldmatrix, B = Q/dO rows), keeps
+// Geometry: 1-D grid of kv tiles x Hkv, heads fastest; 128 threads = 4 warps, each owning 16
+// keys. K_n, V_n stay in smem; (query head, query tile) steps stream Q, dO, lse2, D through a
+// 2-stage cp.async ring. Each warp computes S^T = K Q^T and dP^T = V dO^T (A from smem via ldmatrix, B = Q/dO rows), keeps
 // P^T and dS^T in registers as bf16 A fragments for dV += P^T dO and dK += dS^T Q (B via
 // ldmatrix.trans). The GQA group sum happens in registers, so dK/dV are deterministic.
 // ATOMIC = true (the fast, non-deterministic backward) also computes dQ here: dS^T goes to smem

@@ -8,9 +8,10 @@
 //         d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the q part;
 //         tiles int4 {seq_start, L, m, pad} (the forward's list; m < 0: packed tile, row r sees
 //         keys from segs[64 (-m - 1) + r] on).
-// Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H); 128 threads = 4 warps x 16 query rows; Q and dO one smem tile each,
-// K_n, V_n through a 2-stage cp.async ring. S = Q K^T and dP = dO V^T with B = K/V rows; dS stays in
-// registers as the A operand of dS K (B = K via ldmatrix.trans).
+// Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H); 128 threads =
+// 4 warps x 16 query rows; Q and dO one smem tile each, K_n, V_n through a 2-stage cp.async
+// ring. S = Q K^T and dP = dO V^T with B = K/V rows; dS stays in registers as the A operand of
+// dS K (B = K via ldmatrix.trans).
 // Accumulation: fp32; P and dS rounded to bf16 as MMA operands.
 // Shared memory: 6 [64][DH] bf16 tiles = 48 KB (DH 64), 96 KB (DH 128).
 

@@ -7,7 +7,8 @@
 // Shapes: out, d_out [N, H * DH] bf16; lse [H, N] fp32; D, lse2 [H, Tpad] fp32, where each
 // sequence is padded to whole 64-row tiles so the main kernels read them without bounds checks;
 // dqacc [H, Tpad, DH] fp32.
-// Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H), 256 threads = 8 warps, each warp 8 rows, lanes split DH.
+// Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H), 256 threads =
+// 8 warps, each warp 8 rows, lanes split DH.
 // Accumulation: fp32, warp-shuffle reduction.
 
 template <int DH>

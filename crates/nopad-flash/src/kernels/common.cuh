@@ -75,9 +75,15 @@ __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// p[0] += a, p[1] += b in global memory, one vector reduction (sm_90; p 8-byte aligned).
+// p[0] += a, p[1] += b in global memory: one vector reduction on sm_90 (p 8-byte aligned), two
+// scalar atomics before (so the module still builds for sm_80/sm_89).
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
 }
 
 // Element offset of 16-byte chunk `c` of row `r` in a swizzled [rows][DH] tile.

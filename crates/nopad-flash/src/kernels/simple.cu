@@ -6,8 +6,9 @@
 // Shapes: qkv [N, (H + 2 Hkv) * DH] bf16 (q heads, then k heads, then v heads per row);
 //         out, d_out [N, H * DH] bf16; lse [H, N] fp32; D [H, N] fp32 (scratch);
 //         d_qkv [N, (H + 2 Hkv) * DH] bf16; tiles int4 {seq_start, L, tile, pad_start}, 64 rows.
-// Geometry: 1-D grid of tiles x heads (heads fastest), 64 threads, one thread per query row (forward, dQ) or key row
-// (dK/dV). Accumulation: fp32 throughout; no shared memory, no tensor cores. Slow but obvious.
+// Geometry: 1-D grid of tiles x heads (heads fastest), 64 threads, one thread per query row
+// (forward, dQ) or key row (dK/dV); the plan's unpacked per-sequence list. Accumulation: fp32
+// throughout; no shared memory, no tensor cores. Slow but obvious.
 
 #define SIMPLE_ROWS 64
 
