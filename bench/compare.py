@@ -13,6 +13,10 @@ def load(p):
         return json.load(f)
 
 
+def ratio(a, b):
+    return a / b if b else float("nan")
+
+
 def main():
     nopad = {r["strategy"]: r for r in load(sys.argv[1])["results"]}
     hf = {"pad": load(sys.argv[2]), "flatten": load(sys.argv[3])}
@@ -24,13 +28,13 @@ def main():
             continue
         d = max(abs(a - b) for a, b in zip(n["losses"], h["losses"]))
         print(
-            f"{mode:<8} {n['tokens_per_s']:>12.0f} {h['tokens_per_s']:>10.0f} {n['tokens_per_s'] / h['tokens_per_s']:>6.2f} | "
+            f"{mode:<8} {n['tokens_per_s']:>12.0f} {h['tokens_per_s']:>10.0f} {ratio(n['tokens_per_s'], h['tokens_per_s']):>6.2f} | "
             f"{n['peak_memory_bytes'] / gib:>9.2f} {h['peak_memory_bytes'] / gib:>7.2f} "
-            f"{n['peak_memory_bytes'] / h['peak_memory_bytes']:>6.2f} | {d:.3e} (first step {abs(n['losses'][0] - h['losses'][0]):.2e})"
+            f"{ratio(n['peak_memory_bytes'], h['peak_memory_bytes']):>6.2f} | {d:.3e} (first step {abs(n['losses'][0] - h['losses'][0]):.2e})"
         )
     if "flatten" in nopad:
-        print(f"nopad flatten vs HF flatten + FA2 varlen: {nopad['flatten']['tokens_per_s'] / hf['flatten']['tokens_per_s']:.2f}x tokens/s, "
-              f"{nopad['flatten']['peak_memory_bytes'] / hf['flatten']['peak_memory_bytes']:.2f}x peak memory")
+        print(f"nopad flatten vs HF flatten + FA2 varlen: {ratio(nopad['flatten']['tokens_per_s'], hf['flatten']['tokens_per_s']):.2f}x tokens/s, "
+              f"{ratio(nopad['flatten']['peak_memory_bytes'], hf['flatten']['peak_memory_bytes']):.2f}x peak memory")
     if len(sys.argv) > 5:
         p, e = load(sys.argv[4]), load(sys.argv[5])
         print(f"checkpoint parity: HF loads nopad's checkpoint: loss {p['loss']:.6f} over {p['tokens']} tokens; "

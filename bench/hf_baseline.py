@@ -34,8 +34,6 @@ IGNORE = -100
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """HF attention interface over PyTorch's varlen FlashAttention-2: [1, H, T, D] in,
     [1, T, H, D] out; boundaries from the collator's cu_seq_lens (never from a mask)."""
-    from torch.nn.attention.varlen import varlen_attn
-
     cu = kwargs["cu_seq_lens_q"]
     max_len = int(kwargs["max_length_q"])
     q = query.transpose(1, 2)[0]
@@ -45,6 +43,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
+    if q.device.type != "cuda":  # CPU check of the plumbing only: per-segment causal SDPA
+        segs = []
+        for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+            segs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
+            ).transpose(0, 1))
+        return torch.cat(segs).unsqueeze(0), None
+    from torch.nn.attention.varlen import varlen_attn
+
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0))
     return out.unsqueeze(0), None
 
@@ -102,7 +109,7 @@ def train(args):
     attn = "sdpa" if args.mode == "pad" else "nopad_varlen_fa2"
     model = AutoModelForCausalLM.from_pretrained(
         f"{args.dir}/model", dtype=torch.bfloat16, attn_implementation=attn
-    ).cuda()
+    ).to(args.device)
     model.config.use_cache = False
     model.train()
     pad_id = model.config.pad_token_id
@@ -110,27 +117,31 @@ def train(args):
         eos = model.config.eos_token_id
         pad_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     losses, times, tokens = [], [], []
     for k, step in enumerate(steps):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         n_targets = sum(targets_of(mb) for mb in step["micro_batches"])
         total, real = 0.0, 0
         for mb in step["micro_batches"]:
             if args.mode == "pad":
-                batch, r = pad_batch(mb, pad_id, "cuda")
+                batch, r = pad_batch(mb, pad_id, args.device)
             else:
-                batch, r = flat_batch(mb, "cuda")
+                batch, r = flat_batch(mb, args.device)
             real += r
-            out = model(**batch, num_items_in_batch=torch.tensor(n_targets, device="cuda"))
+            out = model(**batch, num_items_in_batch=torch.tensor(n_targets, device=args.device))
             out.loss.backward()
             total += out.loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(total)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         losses.append(loss)
         if k >= args.warmup:
@@ -142,7 +153,7 @@ def train(args):
     result = {
         "system": f"hf-{args.mode}",
         "tokens_per_s": rates[len(rates) // 2] if rates else float("nan"),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
         "losses": losses,
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,
@@ -152,13 +163,13 @@ def train(args):
 
 @torch.no_grad()
 def parity(args):
-    model = AutoModelForCausalLM.from_pretrained(f"{args.dir}/model", dtype=torch.float32, attn_implementation="sdpa").cuda()
+    model = AutoModelForCausalLM.from_pretrained(f"{args.dir}/model", dtype=torch.float32, attn_implementation="sdpa").to(args.device)
     model.eval()
     total, n = 0.0, 0
     for line in open(f"{args.dir}/heldout.jsonl"):
         e = json.loads(line)
-        ids = torch.tensor([e["input_ids"]], device="cuda")
-        labels = torch.tensor([e.get("labels", e["input_ids"])], device="cuda")
+        ids = torch.tensor([e["input_ids"]], device=args.device)
+        labels = torch.tensor([e.get("labels", e["input_ids"])], device=args.device)
         t = targets_of([e])
         if t == 0:
             continue
@@ -175,6 +186,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--json")
+    p.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (checking the script)")
     args = p.parse_args()
     result = parity(args) if args.mode == "parity" else train(args)
     text = json.dumps(result)
