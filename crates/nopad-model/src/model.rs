@@ -31,10 +31,12 @@ pub struct Inputs<'a> {
 }
 
 /// Saved activations of one layer, each `[cap, ·]`.
+///
+/// The norm outputs and the SwiGLU output are not kept: the backward recomputes them from the
+/// residual streams, the saved `rstd` and `gu` (cheap, memory-bound kernels), which saves
+/// `2·D + F` values per token and layer, a third of the activation memory.
 pub struct LayerActs<B: Backend> {
-    /// `[N, D]` input_layernorm output.
-    pub h1: B::Buf,
-    /// `[N]` its reciprocal RMS.
+    /// `[N]` input_layernorm's reciprocal RMS.
     pub rstd1: B::Buf,
     /// `[N, W]` q, k (rotated) and v.
     pub qkv: B::Buf,
@@ -44,14 +46,10 @@ pub struct LayerActs<B: Backend> {
     pub lse: B::Buf,
     /// `[N, D]` residual stream after attention.
     pub res_mid: B::Buf,
-    /// `[N, D]` post_attention_layernorm output.
-    pub h2: B::Buf,
-    /// `[N]` its reciprocal RMS.
+    /// `[N]` post_attention_layernorm's reciprocal RMS.
     pub rstd2: B::Buf,
     /// `[N, 2F]` gate and up projections.
     pub gu: B::Buf,
-    /// `[N, F]` SwiGLU output.
-    pub a: B::Buf,
 }
 
 /// All activation buffers, sized for `cap` tokens.
@@ -66,6 +64,12 @@ pub struct Acts<B: Backend> {
     pub hf: B::Buf,
     /// `[N]` its reciprocal RMS.
     pub rstdf: B::Buf,
+    /// `[N, D]` a norm output (forward) or its recomputation (backward), shared by the layers.
+    pub h: B::Buf,
+    /// `[N, F]` a SwiGLU output, shared likewise.
+    pub a: B::Buf,
+    /// `[N]` reciprocal RMS written by recomputations (equal to the saved one).
+    pub rstd_tmp: B::Buf,
     /// `[N, D]` gradient of the residual stream (accumulates through a layer).
     pub d_res: B::Buf,
     /// `[N, D]` gradient of a norm output.
@@ -162,16 +166,13 @@ impl<B: Backend> Model<B> {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
             layers.push(LayerActs {
-                h1: act(d)?,
                 rstd1: stat(1)?,
                 qkv: act(w)?,
                 att: act(hd)?,
                 lse: stat(h)?,
                 res_mid: act(d)?,
-                h2: act(d)?,
                 rstd2: stat(1)?,
                 gu: act(2 * f)?,
-                a: act(f)?,
             });
         }
         self.acts = Some(Acts {
@@ -182,6 +183,9 @@ impl<B: Backend> Model<B> {
             layers,
             hf: act(d)?,
             rstdf: stat(1)?,
+            h: act(d)?,
+            a: act(f)?,
+            rstd_tmp: stat(1)?,
             d_res: act(d)?,
             d_h: act(d)?,
             d_qkv: act(w)?,
@@ -264,7 +268,7 @@ impl<B: Backend> Model<B> {
             let (res_in, res_out) = (&res_in[l], &mut res_out[0]);
             // Attention block.
             b.rmsnorm_forward(
-                b.view_mut(&mut la.h1, nd.clone()),
+                b.view_mut(&mut acts.h, nd.clone()),
                 b.view_mut(&mut la.rstd1, 0..n),
                 b.view(res_in, nd.clone()),
                 b.view(p, lr.ln1.clone()),
@@ -274,7 +278,7 @@ impl<B: Backend> Model<B> {
             )?;
             b.linear_forward(
                 b.view_mut(&mut la.qkv, 0..n * w),
-                b.view(&la.h1, nd.clone()),
+                b.view(&acts.h, nd.clone()),
                 b.view(p, lr.qkv_w.clone()),
                 lr.qkv_b.clone().map(|r| b.view(p, r)),
                 LinearDims {
@@ -320,7 +324,7 @@ impl<B: Backend> Model<B> {
             )?;
             // MLP block.
             b.rmsnorm_forward(
-                b.view_mut(&mut la.h2, nd.clone()),
+                b.view_mut(&mut acts.h, nd.clone()),
                 b.view_mut(&mut la.rstd2, 0..n),
                 b.view(&la.res_mid, nd.clone()),
                 b.view(p, lr.ln2.clone()),
@@ -330,7 +334,7 @@ impl<B: Backend> Model<B> {
             )?;
             b.linear_forward(
                 b.view_mut(&mut la.gu, 0..n * 2 * f),
-                b.view(&la.h2, nd.clone()),
+                b.view(&acts.h, nd.clone()),
                 b.view(p, lr.gate_up_w.clone()),
                 None,
                 LinearDims {
@@ -340,14 +344,14 @@ impl<B: Backend> Model<B> {
                 },
             )?;
             b.swiglu_forward(
-                b.view_mut(&mut la.a, 0..n * f),
+                b.view_mut(&mut acts.a, 0..n * f),
                 b.view(&la.gu, 0..n * 2 * f),
                 n,
                 f,
             )?;
             b.linear_forward(
                 b.view_mut(res_out, nd.clone()),
-                b.view(&la.a, 0..n * f),
+                b.view(&acts.a, 0..n * f),
                 b.view(p, lr.down_w.clone()),
                 None,
                 LinearDims {
@@ -413,6 +417,7 @@ impl<B: Backend> Model<B> {
             c.qkv_width(),
             c.num_attention_heads * c.head_dim,
         );
+        let eps = c.rms_norm_eps as f32;
         let acts = self
             .acts
             .as_mut()
@@ -439,13 +444,20 @@ impl<B: Backend> Model<B> {
             .enumerate()
             .rev()
         {
-            // d_res = ∂loss/∂res[l+1]. MLP block: res[l+1] = res_mid + a·down_wᵀ.
+            // d_res = ∂loss/∂res[l+1]. MLP block: res[l+1] = res_mid + a·down_wᵀ, with a
+            // recomputed from the saved gate/up projections.
+            b.swiglu_forward(
+                b.view_mut(&mut acts.a, 0..n * f),
+                b.view(&la.gu, 0..n * 2 * f),
+                n,
+                f,
+            )?;
             b.linear_backward(
                 Some(b.view_mut(&mut acts.d_a, 0..n * f)),
                 b.view_mut(g, lr.down_w.clone()),
                 None,
                 b.view(&acts.d_res, nd.clone()),
-                b.view(&la.a, 0..n * f),
+                b.view(&acts.a, 0..n * f),
                 b.view(p, lr.down_w.clone()),
                 LinearDims {
                     n,
@@ -460,12 +472,22 @@ impl<B: Backend> Model<B> {
                 n,
                 f,
             )?;
+            // h2 = post_attention_layernorm(res_mid), recomputed.
+            b.rmsnorm_forward(
+                b.view_mut(&mut acts.h, nd.clone()),
+                b.view_mut(&mut acts.rstd_tmp, 0..n),
+                b.view(&la.res_mid, nd.clone()),
+                b.view(p, lr.ln2.clone()),
+                n,
+                d,
+                eps,
+            )?;
             b.linear_backward(
                 Some(b.view_mut(&mut acts.d_h, nd.clone())),
                 b.view_mut(g, lr.gate_up_w.clone()),
                 None,
                 b.view(&acts.d_gu, 0..n * 2 * f),
-                b.view(&la.h2, nd.clone()),
+                b.view(&acts.h, nd.clone()),
                 b.view(p, lr.gate_up_w.clone()),
                 LinearDims {
                     n,
@@ -519,13 +541,23 @@ impl<B: Backend> Model<B> {
                 &up.positions,
                 rope,
             )?;
+            // h1 = input_layernorm(res[l]), recomputed.
+            b.rmsnorm_forward(
+                b.view_mut(&mut acts.h, nd.clone()),
+                b.view_mut(&mut acts.rstd_tmp, 0..n),
+                b.view(&acts.res[l], nd.clone()),
+                b.view(p, lr.ln1.clone()),
+                n,
+                d,
+                eps,
+            )?;
             let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
             b.linear_backward(
                 Some(b.view_mut(&mut acts.d_h, nd.clone())),
                 dw,
                 db,
                 b.view(&acts.d_qkv, 0..n * w),
-                b.view(&la.h1, nd.clone()),
+                b.view(&acts.h, nd.clone()),
                 b.view(p, lr.qkv_w.clone()),
                 LinearDims {
                     n,

@@ -3,10 +3,16 @@
 //!
 //! Blocks are never returned to the driver while the backend lives (except to retry an
 //! allocation that ran out of memory), so a training step that repeats the shapes of the previous
-//! one never calls `cuMemAlloc`. All work runs on one stream, so a block freed on the host can be
-//! handed to the next allocation at once: the stream orders the old and the new use.
+//! one never calls `cuMemAlloc`. A request may take a free block up to 1.5× its size: packed
+//! batches change size every step, and without that slack every new size would reserve a new
+//! block while the old ones sit idle. All work runs on one stream, so a block freed on the host
+//! can be handed to the next allocation at once: the stream orders the old and the new use.
+//!
+//! Two peaks are kept: bytes held by live buffers (what `torch.cuda.max_memory_allocated`
+//! reports, and what [`crate::Backend::peak_memory`] returns) and bytes reserved from the driver
+//! (live plus cached, like `max_memory_reserved`).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
@@ -56,30 +62,53 @@ fn bucket(bytes: usize) -> usize {
 /// Free lists and counters of the caching allocator.
 pub(crate) struct Pool {
     ctx: Arc<CudaContext>,
-    free: HashMap<usize, Vec<CUdeviceptr>>,
+    free: BTreeMap<usize, Vec<CUdeviceptr>>,
     /// Bytes obtained from the driver and not yet given back.
     reserved: usize,
-    peak: usize,
+    peak_reserved: usize,
+    /// Bytes of blocks held by live buffers.
+    live: usize,
+    peak_live: usize,
 }
 
 impl Pool {
     pub(crate) fn new(ctx: Arc<CudaContext>) -> Self {
         Pool {
             ctx,
-            free: HashMap::new(),
+            free: BTreeMap::new(),
             reserved: 0,
-            peak: 0,
+            peak_reserved: 0,
+            live: 0,
+            peak_live: 0,
         }
     }
 
+    /// Most bytes ever held by live buffers.
     pub(crate) fn peak(&self) -> usize {
-        self.peak
+        self.peak_live
+    }
+
+    /// Most bytes ever reserved from the driver (live plus cached).
+    pub(crate) fn peak_reserved(&self) -> usize {
+        self.peak_reserved
     }
 
     fn take(&mut self, bytes: usize) -> Result<(CUdeviceptr, usize)> {
+        let (ptr, size) = self.take_block(bytes)?;
+        self.live += size;
+        self.peak_live = self.peak_live.max(self.live);
+        Ok((ptr, size))
+    }
+
+    fn take_block(&mut self, bytes: usize) -> Result<(CUdeviceptr, usize)> {
         let size = bucket(bytes);
-        if let Some(ptr) = self.free.get_mut(&size).and_then(Vec::pop) {
-            return Ok((ptr, size));
+        // The smallest cached block that fits with at most 50% slack.
+        let fit = self
+            .free
+            .range_mut(size..=size + size / 2)
+            .find_map(|(&s, ptrs)| ptrs.pop().map(|p| (p, s)));
+        if let Some(hit) = fit {
+            return Ok(hit);
         }
         let dev = |e: cu::DriverError| BackendError::Device {
             op: format!("cuMemAlloc({size} bytes)"),
@@ -101,16 +130,17 @@ impl Pool {
             }
         };
         self.reserved += size;
-        self.peak = self.peak.max(self.reserved);
+        self.peak_reserved = self.peak_reserved.max(self.reserved);
         Ok((ptr, size))
     }
 
     fn give(&mut self, ptr: CUdeviceptr, size: usize) {
+        self.live -= size;
         self.free.entry(size).or_default().push(ptr);
     }
 
     fn release_cached(&mut self) -> std::result::Result<(), cu::DriverError> {
-        for (size, ptrs) in self.free.drain() {
+        for (size, ptrs) in std::mem::take(&mut self.free) {
             for p in ptrs {
                 // SAFETY: `p` came from `malloc_sync` and is on no free list any more.
                 unsafe { cu::free_sync(p) }?;
