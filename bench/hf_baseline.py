@@ -17,7 +17,7 @@ optimizer step, i.e. the token-weighted loss nopad uses. AdamW (torch, fused), c
 no weight decay, clipping at 1.0, bf16 parameters (HF's usual bf16 training keeps the optimizer
 states in bf16 too: compare memory with that in mind).
 
-Usage: hf_baseline.py DIR MODE [--warmup 3] [--lr 1e-4] [--json OUT]
+Usage: hf_baseline.py DIR MODE [--amp] [--warmup 3] [--lr 1e-4] [--json OUT] [--device cpu]
 """
 
 import argparse
@@ -107,8 +107,10 @@ def targets_of(examples):
 def train(args):
     steps = [json.loads(l) for l in open(f"{args.dir}/steps.jsonl")]
     attn = "sdpa" if args.mode == "pad" else "nopad_varlen_fa2"
+    # Default: bf16 parameters and optimizer states (HF's usual bf16 training). --amp: fp32
+    # parameters, gradients and AdamW states with bf16 autocast, the precision nopad keeps.
     model = AutoModelForCausalLM.from_pretrained(
-        f"{args.dir}/model", dtype=torch.bfloat16, attn_implementation=attn
+        f"{args.dir}/model", dtype=torch.float32 if args.amp else torch.bfloat16, attn_implementation=attn
     ).to(args.device)
     model.config.use_cache = False
     model.train()
@@ -133,7 +135,8 @@ def train(args):
             else:
                 batch, r = flat_batch(mb, args.device)
             real += r
-            out = model(**batch, num_items_in_batch=torch.tensor(n_targets, device=args.device))
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
+                out = model(**batch, num_items_in_batch=torch.tensor(n_targets, device=args.device))
             out.loss.backward()
             total += out.loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -151,7 +154,7 @@ def train(args):
     print(file=sys.stderr)
     rates = sorted(t / s for t, s in zip(tokens, times))
     result = {
-        "system": f"hf-{args.mode}",
+        "system": f"hf-{args.mode}" + ("-amp" if args.amp else ""),
         "tokens_per_s": rates[len(rates) // 2] if rates else float("nan"),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
         "losses": losses,
@@ -186,6 +189,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--json")
+    p.add_argument("--amp", action="store_true", help="fp32 weights and optimizer states, bf16 autocast")
     p.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (checking the script)")
     args = p.parse_args()
     result = parity(args) if args.mode == "parity" else train(args)

@@ -166,8 +166,13 @@ pub trait Backend {
     fn ints(&self, data: &[i32]) -> Result<Self::Ints>;
     /// Waits for all queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
-    /// Peak device memory allocated so far, in bytes.
+    /// Most bytes held by live buffers at once so far (like `torch.cuda.max_memory_allocated`).
     fn peak_memory(&self) -> usize;
+    /// Most bytes reserved from the device at once, cached free blocks included (like
+    /// `torch.cuda.max_memory_reserved`); backends without a cache report [`Backend::peak_memory`].
+    fn peak_reserved_memory(&self) -> usize {
+        self.peak_memory()
+    }
 
     // ---- element-wise ---------------------------------------------------------------------
 

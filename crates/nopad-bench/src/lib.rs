@@ -22,7 +22,7 @@ use nopad_train::trainer::{build_model, pad_token_id, train_step};
 use nopad_train::{evaluate, AdamWConfig, ModelSource, Optimizer};
 use serde::Serialize;
 
-pub use report::{markdown, text};
+pub use report::{markdown, profile_text, text};
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,8 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Peak dense bf16 FLOP/s of the device for MFU (measured GEMM ceiling).
     pub peak_flops: f64,
+    /// Extra steps, after the evaluation, timed op by op (0: none).
+    pub profile_steps: u64,
 }
 
 /// What one strategy did.
@@ -94,8 +96,13 @@ pub struct StrategyResult {
     pub mfu: f64,
     /// Median step time in ms, and the spread (min, max).
     pub step_ms: (f64, f64, f64),
-    /// Peak device memory in bytes.
+    /// Peak bytes held by live buffers (comparable to `torch.cuda.max_memory_allocated`).
     pub peak_memory_bytes: usize,
+    /// Peak bytes reserved from the device, allocator cache included.
+    pub peak_reserved_bytes: usize,
+    /// Per-op time of `profile_steps` extra steps run after everything else (op, ms per step);
+    /// the optimizer update is the op `adamw+clip` and `zero_grads`.
+    pub profile: Vec<(String, f64)>,
     /// Pad tokens / laid-out tokens over the timed steps.
     pub padding_fraction: f64,
     /// Loss of every step (warm-up included), in order.
@@ -241,6 +248,12 @@ pub fn run_strategy<B: Backend>(
         group_by_length: false,
     };
     let eval_loss = evaluate(b, &mut model, heldout, &eval_pack)?.loss;
+    let peak_reserved = b.peak_reserved_memory();
+    let profile = if cfg.profile_steps > 0 {
+        profile_steps(b, &mut model, &mut opt, &mut loader, cfg)?
+    } else {
+        Vec::new()
+    };
     let lo = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = times.iter().cloned().fold(0.0, f64::max);
     Ok(StrategyResult {
@@ -252,10 +265,59 @@ pub fn run_strategy<B: Backend>(
         mfu: flops / secs.max(1e-12) / cfg.peak_flops,
         step_ms: (median(&mut times), lo, hi),
         peak_memory_bytes: peak,
+        peak_reserved_bytes: peak_reserved,
+        profile,
         padding_fraction: padded as f64 / (real + padded).max(1) as f64,
         losses,
         eval_loss,
     })
+}
+
+/// Runs `cfg.profile_steps` more steps with every op timed; returns ms per step for each op.
+fn profile_steps<B: Backend>(
+    b: &B,
+    model: &mut nopad_model::Model<B>,
+    opt: &mut Optimizer<B>,
+    loader: &mut Loader,
+    cfg: &BenchConfig,
+) -> Result<Vec<(String, f64)>> {
+    use std::collections::BTreeMap;
+    let mut extra: BTreeMap<&str, f64> = BTreeMap::new();
+    model.set_profiling(true);
+    for _ in 0..cfg.profile_steps {
+        let step = loader
+            .next()
+            .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
+        let targets: usize = step.batches.iter().map(|x| x.stats.target_tokens).sum();
+        for batch in &step.batches {
+            model.forward(
+                b,
+                &nopad_train::trainer::inputs(batch),
+                Some(1.0 / targets.max(1) as f32),
+            )?;
+            model.backward(b)?;
+        }
+        b.synchronize()?;
+        let t = Instant::now();
+        model.take_loss_sum(b)?;
+        opt.update(b, model, cfg.lr)?;
+        b.synchronize()?;
+        *extra.entry("adamw+clip").or_default() += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        model.zero_grads(b)?;
+        b.synchronize()?;
+        *extra.entry("zero_grads").or_default() += t.elapsed().as_secs_f64();
+    }
+    model.set_profiling(false);
+    let k = cfg.profile_steps as f64;
+    let mut v: Vec<(String, f64)> = model
+        .take_profile()
+        .into_iter()
+        .map(|(l, s, _)| (l.to_string(), s * 1e3 / k))
+        .collect();
+    v.extend(extra.into_iter().map(|(l, s)| (l.to_string(), s * 1e3 / k)));
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(v)
 }
 
 /// Writes what `bench/hf_baseline.py` needs to train the same run with HF Transformers: the

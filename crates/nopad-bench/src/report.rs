@@ -110,6 +110,25 @@ pub fn text(results: &[StrategyResult]) -> String {
     out.join("\n")
 }
 
+/// The per-op breakdown of each strategy that was profiled (ms per step, largest first).
+pub fn profile_text(results: &[StrategyResult]) -> String {
+    let mut out = Vec::new();
+    for r in results.iter().filter(|r| !r.profile.is_empty()) {
+        let total: f64 = r.profile.iter().map(|p| p.1).sum();
+        out.push(format!(
+            "{} (profiled, synchronised after every op): {total:.1} ms per step",
+            r.strategy
+        ));
+        for (op, ms) in &r.profile {
+            out.push(format!(
+                "  {op:<22} {ms:>8.2} ms  {:>5.1}%",
+                100.0 * ms / total
+            ));
+        }
+    }
+    out.join("\n")
+}
+
 /// The same table in Markdown.
 pub fn markdown(results: &[StrategyResult]) -> String {
     let mut out = format!(

@@ -24,6 +24,7 @@ fn cfg() -> BenchConfig {
         lr: 3e-3,
         seed: 3,
         peak_flops: 1e12,
+        profile_steps: 1,
     }
 }
 
@@ -63,6 +64,14 @@ fn flatten_follows_pad_concat_does_not_offline_has_fewer_steps() {
     );
     assert!(pad.padding_fraction > 0.0 && flat.padding_fraction == 0.0);
     assert!((flat.eval_loss - pad.eval_loss).abs() < 1e-4);
+    assert!(
+        flat.profile
+            .iter()
+            .any(|(op, ms)| op == "attention fwd" && *ms > 0.0),
+        "{:?}",
+        flat.profile
+    );
+    assert!(flat.profile.iter().any(|(op, _)| op == "adamw+clip"));
     let t = text(&res);
     assert!(
         t.contains("flatten vs pad: same steps per epoch") && t.contains("offline:"),

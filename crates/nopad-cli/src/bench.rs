@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// Peak dense TFLOP/s for MFU (default: the bf16 GEMM ceiling measured on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
+    /// After the run, time this many more steps op by op and print the breakdown.
+    #[arg(long, default_value_t = 0)]
+    pub profile_steps: u64,
     /// Directory for results.json, results.md and the SVG charts.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
@@ -163,6 +166,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         lr: a.lr,
         seed: a.seed,
         peak_flops: a.peak_tflops * 1e12,
+        profile_steps: a.profile_steps,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.
@@ -192,6 +196,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let table = nopad_bench::text(&results);
     println!("{table}");
+    let profile = nopad_bench::profile_text(&results);
+    if !profile.is_empty() {
+        println!("{profile}");
+    }
     let json = serde_json::json!({
         "model": a.model, "layers": a.layers, "data": a.data, "batch_size": a.batch_size,
         "grad_accum": a.grad_accum, "max_len": a.max_len, "warmup": a.warmup, "steps": a.steps,

@@ -11,6 +11,7 @@ pub mod config;
 mod error;
 pub mod layout;
 mod model;
+pub mod profile;
 pub mod rope;
 pub mod weights;
 

@@ -14,6 +14,7 @@ use nopad_backend::{AttnDims, Backend, Kind, LinearDims, RopeDims};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::layout::Layout;
+use crate::profile::Profile;
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward`]).
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +108,7 @@ pub struct Model<B: Backend> {
     loss_sum: B::Buf,
     acts: Option<Acts<B>>,
     saved: Option<Uploaded<B>>,
+    profile: Profile,
 }
 
 impl<B: Backend> Model<B> {
@@ -129,7 +131,18 @@ impl<B: Backend> Model<B> {
             loss_sum,
             acts: None,
             saved: None,
+            profile: Profile::default(),
         })
+    }
+
+    /// Times every op of the following passes (synchronising the device at each boundary).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile.set_enabled(on);
+    }
+
+    /// Seconds and calls per op label since profiling started or was last taken.
+    pub fn take_profile(&mut self) -> Vec<(&'static str, f64, u64)> {
+        self.profile.take()
     }
 
     /// Writes host values into the parameters at `offset`.
@@ -249,6 +262,8 @@ impl<B: Backend> Model<B> {
         let eps = c.rms_norm_eps as f32;
         let acts = self.acts.as_mut().expect("ensure_acts allocated them");
         let p = &self.params;
+        let prof = &mut self.profile;
+        prof.start(b)?;
         let nd = 0..n * d;
         b.embedding_forward(
             b.view_mut(&mut acts.res[0], nd.clone()),
@@ -257,6 +272,7 @@ impl<B: Backend> Model<B> {
             n,
             d,
         )?;
+        prof.mark(b, "embedding fwd")?;
         for (l, (lr, la)) in self
             .layout
             .layers
@@ -276,6 +292,7 @@ impl<B: Backend> Model<B> {
                 d,
                 eps,
             )?;
+            prof.mark(b, "rmsnorm fwd")?;
             b.linear_forward(
                 b.view_mut(&mut la.qkv, 0..n * w),
                 b.view(&acts.h, nd.clone()),
@@ -287,6 +304,7 @@ impl<B: Backend> Model<B> {
                     d_out: w,
                 },
             )?;
+            prof.mark(b, "qkv_proj fwd")?;
             let rope = RopeDims {
                 n,
                 row_stride: w,
@@ -299,6 +317,7 @@ impl<B: Backend> Model<B> {
                 &up.positions,
                 rope,
             )?;
+            prof.mark(b, "rope fwd")?;
             b.attention_forward(
                 b.view_mut(&mut la.att, 0..n * hd),
                 b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
@@ -306,6 +325,7 @@ impl<B: Backend> Model<B> {
                 &up.cu_seqlens,
                 up.attn,
             )?;
+            prof.mark(b, "attention fwd")?;
             b.linear_forward(
                 b.view_mut(&mut la.res_mid, nd.clone()),
                 b.view(&la.att, 0..n * hd),
@@ -317,11 +337,13 @@ impl<B: Backend> Model<B> {
                     d_out: d,
                 },
             )?;
+            prof.mark(b, "o_proj fwd")?;
             b.add_assign(
                 b.view_mut(&mut la.res_mid, nd.clone()),
                 b.view(res_in, nd.clone()),
                 n * d,
             )?;
+            prof.mark(b, "residual_add fwd")?;
             // MLP block.
             b.rmsnorm_forward(
                 b.view_mut(&mut acts.h, nd.clone()),
@@ -332,6 +354,7 @@ impl<B: Backend> Model<B> {
                 d,
                 eps,
             )?;
+            prof.mark(b, "rmsnorm fwd")?;
             b.linear_forward(
                 b.view_mut(&mut la.gu, 0..n * 2 * f),
                 b.view(&acts.h, nd.clone()),
@@ -343,12 +366,14 @@ impl<B: Backend> Model<B> {
                     d_out: 2 * f,
                 },
             )?;
+            prof.mark(b, "gate_up_proj fwd")?;
             b.swiglu_forward(
                 b.view_mut(&mut acts.a, 0..n * f),
                 b.view(&la.gu, 0..n * 2 * f),
                 n,
                 f,
             )?;
+            prof.mark(b, "swiglu fwd")?;
             b.linear_forward(
                 b.view_mut(res_out, nd.clone()),
                 b.view(&acts.a, 0..n * f),
@@ -360,11 +385,13 @@ impl<B: Backend> Model<B> {
                     d_out: d,
                 },
             )?;
+            prof.mark(b, "down_proj fwd")?;
             b.add_assign(
                 b.view_mut(res_out, nd.clone()),
                 b.view(&la.res_mid, nd.clone()),
                 n * d,
             )?;
+            prof.mark(b, "residual_add fwd")?;
         }
         let last = &acts.res[c.num_hidden_layers];
         b.rmsnorm_forward(
@@ -376,6 +403,7 @@ impl<B: Backend> Model<B> {
             d,
             eps,
         )?;
+        prof.mark(b, "rmsnorm fwd")?;
         let head = LinearDims {
             n,
             d_in: d,
@@ -398,6 +426,7 @@ impl<B: Backend> Model<B> {
             head,
             grad_scale.unwrap_or(0.0),
         )?;
+        prof.mark(b, "lm_head_loss fwd")?;
         self.saved = grad_scale.map(|_| up);
         Ok(())
     }
@@ -423,9 +452,12 @@ impl<B: Backend> Model<B> {
             .as_mut()
             .expect("a forward allocated the activations");
         let (p, g) = (&self.params, &mut self.grads);
+        let prof = &mut self.profile;
+        prof.start(b)?;
         let nd = 0..n * d;
         // Final norm: d_h holds ∂loss/∂hf from the fused head.
         b.zero(b.view_mut(&mut acts.d_res, nd.clone()))?;
+        prof.mark(b, "zero bwd")?;
         b.rmsnorm_backward(
             b.view_mut(&mut acts.d_res, nd.clone()),
             b.view_mut(g, self.layout.norm.clone()),
@@ -436,6 +468,7 @@ impl<B: Backend> Model<B> {
             n,
             d,
         )?;
+        prof.mark(b, "rmsnorm bwd")?;
         for (l, (lr, la)) in self
             .layout
             .layers
@@ -452,6 +485,7 @@ impl<B: Backend> Model<B> {
                 n,
                 f,
             )?;
+            prof.mark(b, "recompute bwd")?;
             b.linear_backward(
                 Some(b.view_mut(&mut acts.d_a, 0..n * f)),
                 b.view_mut(g, lr.down_w.clone()),
@@ -465,6 +499,7 @@ impl<B: Backend> Model<B> {
                     d_out: d,
                 },
             )?;
+            prof.mark(b, "down_proj bwd")?;
             b.swiglu_backward(
                 b.view_mut(&mut acts.d_gu, 0..n * 2 * f),
                 b.view(&acts.d_a, 0..n * f),
@@ -472,6 +507,7 @@ impl<B: Backend> Model<B> {
                 n,
                 f,
             )?;
+            prof.mark(b, "swiglu bwd")?;
             // h2 = post_attention_layernorm(res_mid), recomputed.
             b.rmsnorm_forward(
                 b.view_mut(&mut acts.h, nd.clone()),
@@ -482,6 +518,7 @@ impl<B: Backend> Model<B> {
                 d,
                 eps,
             )?;
+            prof.mark(b, "recompute bwd")?;
             b.linear_backward(
                 Some(b.view_mut(&mut acts.d_h, nd.clone())),
                 b.view_mut(g, lr.gate_up_w.clone()),
@@ -495,6 +532,7 @@ impl<B: Backend> Model<B> {
                     d_out: 2 * f,
                 },
             )?;
+            prof.mark(b, "gate_up_proj bwd")?;
             b.rmsnorm_backward(
                 b.view_mut(&mut acts.d_res, nd.clone()),
                 b.view_mut(g, lr.ln2.clone()),
@@ -505,6 +543,7 @@ impl<B: Backend> Model<B> {
                 n,
                 d,
             )?;
+            prof.mark(b, "rmsnorm bwd")?;
             // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
             let (dw, db) = split_weight_bias(b, g, &lr.o_w, &lr.o_b);
             b.linear_backward(
@@ -520,6 +559,7 @@ impl<B: Backend> Model<B> {
                     d_out: d,
                 },
             )?;
+            prof.mark(b, "o_proj bwd")?;
             b.attention_backward(
                 b.view_mut(&mut acts.d_qkv, 0..n * w),
                 b.view(&acts.d_att, 0..n * hd),
@@ -529,6 +569,7 @@ impl<B: Backend> Model<B> {
                 &up.cu_seqlens,
                 up.attn,
             )?;
+            prof.mark(b, "attention bwd")?;
             let rope = RopeDims {
                 n,
                 row_stride: w,
@@ -541,6 +582,7 @@ impl<B: Backend> Model<B> {
                 &up.positions,
                 rope,
             )?;
+            prof.mark(b, "rope bwd")?;
             // h1 = input_layernorm(res[l]), recomputed.
             b.rmsnorm_forward(
                 b.view_mut(&mut acts.h, nd.clone()),
@@ -551,6 +593,7 @@ impl<B: Backend> Model<B> {
                 d,
                 eps,
             )?;
+            prof.mark(b, "recompute bwd")?;
             let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
             b.linear_backward(
                 Some(b.view_mut(&mut acts.d_h, nd.clone())),
@@ -565,6 +608,7 @@ impl<B: Backend> Model<B> {
                     d_out: w,
                 },
             )?;
+            prof.mark(b, "qkv_proj bwd")?;
             b.rmsnorm_backward(
                 b.view_mut(&mut acts.d_res, nd.clone()),
                 b.view_mut(g, lr.ln1.clone()),
@@ -575,6 +619,7 @@ impl<B: Backend> Model<B> {
                 n,
                 d,
             )?;
+            prof.mark(b, "rmsnorm bwd")?;
             // d_res = ∂loss/∂res[l].
         }
         b.embedding_backward(
@@ -584,6 +629,7 @@ impl<B: Backend> Model<B> {
             n,
             d,
         )?;
+        prof.mark(b, "embedding bwd")?;
         Ok(())
     }
 

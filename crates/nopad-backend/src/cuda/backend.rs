@@ -200,6 +200,13 @@ impl Backend for Cuda {
             .peak()
     }
 
+    fn peak_reserved_memory(&self) -> usize {
+        self.pool
+            .lock()
+            .expect("pool mutex poisoned by a panic in another thread")
+            .peak_reserved()
+    }
+
     fn add(&self, out: CudaMut<'_>, a: CudaRef<'_>, b: CudaRef<'_>, n: usize) -> Result<()> {
         self.add_impl(out, a, Some(b), n)
     }
