@@ -36,9 +36,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     [1, T, H, D] out; boundaries from the collator's cu_seq_lens (never from a mask)."""
     cu = kwargs["cu_seq_lens_q"]
     max_len = int(kwargs["max_length_q"])
-    q = query.transpose(1, 2)[0]
-    k = key.transpose(1, 2)[0]
-    v = value.transpose(1, 2)[0]
+    # Under autocast the rotary embedding leaves q and k in fp32; the kernel takes bf16 only.
+    q = query.transpose(1, 2)[0].to(torch.bfloat16)
+    k = key.transpose(1, 2)[0].to(torch.bfloat16)
+    v = value.transpose(1, 2)[0].to(torch.bfloat16)
     if k.shape[1] != q.shape[1]:  # GQA: torch 2.11's varlen_attn has no GQA flag
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)

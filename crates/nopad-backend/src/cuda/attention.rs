@@ -84,7 +84,33 @@ fn smem_bwd(dh: usize) -> u32 {
     (4 * (4 * TILE * (dh + 1) + TILE * (TILE + 1) + 2 * TILE)) as u32
 }
 
+/// A flash plan and the batch it was built for.
+pub(crate) struct CachedPlan {
+    cu: Vec<i32>,
+    heads: (usize, usize, usize),
+    plan: std::sync::Arc<nopad_flash::Plan>,
+}
+
 impl Cuda {
+    /// The plan for this batch: the cached one when `cu_seqlens` and the head shape match the
+    /// last call's (all layers of a micro-batch), else a new one.
+    fn flash_plan(
+        &self,
+        flash: &nopad_flash::FlashAttention,
+        cu: &[i32],
+        fd: &nopad_flash::FlashDims,
+        op: &str,
+    ) -> Result<std::sync::Arc<nopad_flash::Plan>> {
+        let heads = (fd.n_heads, fd.n_kv_heads, fd.head_dim);
+        let mut cache = self.flash_plan.lock().expect("plan cache mutex poisoned");
+        if let Some(c) = cache.as_ref().filter(|c| c.heads == heads && c.cu == cu) {
+            return Ok(c.plan.clone());
+        }
+        let plan = std::sync::Arc::new(flash.plan(cu, fd).map_err(Self::flash_err(op))?);
+        *cache = Some(CachedPlan { cu: cu.to_vec(), heads, plan: plan.clone() });
+        Ok(plan)
+    }
+
     /// nopad-flash's kernels when they apply to this call (bf16, head_dim 64 or 128), loaded on
     /// first use through the backend's NVRTC cache.
     fn flash_for(&self, dims: &AttnDims) -> Result<Option<&nopad_flash::FlashAttention>> {
@@ -166,9 +192,7 @@ impl Cuda {
         }
         if let Some(flash) = self.flash_for(&dims)? {
             let fd = Self::flash_dims(&dims);
-            let plan = flash
-                .plan(&cu_seqlens.host[..=dims.n_seqs], &fd)
-                .map_err(Self::flash_err(op))?;
+            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
             let ws = self.scratch(
                 flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
                 Dtype::F32,
@@ -229,9 +253,7 @@ impl Cuda {
         }
         if let Some(flash) = self.flash_for(&dims)? {
             let fd = Self::flash_dims(&dims);
-            let plan = flash
-                .plan(&cu_seqlens.host[..=dims.n_seqs], &fd)
-                .map_err(Self::flash_err(op))?;
+            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
             let ws = self.scratch(
                 flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
                 Dtype::F32,

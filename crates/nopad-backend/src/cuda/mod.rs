@@ -146,6 +146,9 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 pub struct Cuda {
     // Field order is drop order: plans and modules go before the context they live in.
     flash: std::sync::OnceLock<std::result::Result<nopad_flash::FlashAttention, String>>,
+    /// The flash plan of the last batch (its cu_seqlens and head shape): every layer's forward
+    /// and backward of a micro-batch share one plan and its pinned tile lists.
+    flash_plan: Mutex<Option<attention::CachedPlan>>,
     simple_attention: bool,
     deterministic: bool,
     blas: Blas,
@@ -186,6 +189,7 @@ impl Cuda {
         };
         Ok(Cuda {
             flash: std::sync::OnceLock::new(),
+            flash_plan: Mutex::new(None),
             simple_attention: opts.simple_attention,
             deterministic: opts.deterministic,
             blas,
