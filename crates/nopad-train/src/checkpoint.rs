@@ -28,7 +28,7 @@ use nopad_model::Model;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::error::{Result, TrainError};
+use crate::error::{io, Result, TrainError};
 use crate::identity::RunIdentity;
 use crate::optimizer::Optimizer;
 use crate::records::EvalRecord;
@@ -101,13 +101,6 @@ pub struct TrainerState {
     pub identity: RunIdentity,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Flushes a directory's entries (new names, renames) to disk.
 fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
@@ -177,9 +170,12 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     Ok(state)
 }
 
+/// A checkpoint directory and its state.
+pub type Found = (PathBuf, TrainerState);
+
 /// The newest complete checkpoint under `out` with its state, and notes on newer directories
 /// that could not be used.
-pub fn latest(out: &Path) -> Result<(Option<(PathBuf, TrainerState)>, Vec<String>)> {
+pub fn latest(out: &Path) -> Result<(Option<Found>, Vec<String>)> {
     let mut notes = vec![];
     for (_, dir) in complete_checkpoints(out)?.into_iter().rev() {
         match load_state(&dir) {

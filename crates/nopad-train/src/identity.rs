@@ -233,6 +233,17 @@ impl RunIdentity {
         let then = serde_json::to_value(saved).expect("identities serialise");
         let mut out = vec![];
         diff("", &then, &now, &mut out);
+        if out.iter().any(|d| d.starts_with("`data.")) {
+            let show = |p: &Option<PathBuf>| {
+                p.as_ref()
+                    .map_or("synthetic data".into(), |p| p.display().to_string())
+            };
+            out.push(format!(
+                "(the checkpoint was trained on {}; this run reads {})",
+                show(&saved.data.path),
+                show(&self.data.path)
+            ));
+        }
         out
     }
 }
@@ -320,7 +331,10 @@ mod tests {
         let d = a.differences(&b).join("\n");
         assert!(d.contains("`strategy`") && d.contains("\"pad\""), "{d}");
         assert!(d.contains("data as tokenized"), "{d}");
-        assert!(!d.contains("elsewhere"), "{d}");
-        assert_eq!(a.differences(&b).len(), 2);
+        assert!(
+            !d.contains("`data.path`") && d.contains("trained on elsewhere.jsonl"),
+            "{d}"
+        );
+        assert_eq!(a.differences(&b).len(), 3);
     }
 }

@@ -5,23 +5,16 @@
 
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::error::{Result, TrainError};
+use crate::error::{io, Result};
 
 /// An open log, or nothing when no `--log` was asked for.
 pub(crate) struct RunLog {
     path: PathBuf,
     w: Option<BufWriter<fs::File>>,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 impl RunLog {

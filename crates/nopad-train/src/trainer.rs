@@ -190,10 +190,7 @@ fn step_scaled<B: Backend>(
 }
 
 /// The checkpoint a run continues from, if any (`notes` learn why none or which were skipped).
-fn find_resume(
-    tc: &TrainConfig,
-    notes: &mut Vec<String>,
-) -> Result<Option<(PathBuf, TrainerState)>> {
+fn find_resume(tc: &TrainConfig, notes: &mut Vec<String>) -> Result<Option<checkpoint::Found>> {
     match &tc.resume {
         None => Ok(None),
         Some(Resume::Dir(d)) => Ok(Some((d.clone(), checkpoint::load_state(d)?))),
