@@ -352,4 +352,18 @@ fn resuming_with_other_data_or_another_strategy_is_refused_by_name() {
     assert!(e.contains("train.jsonl"), "{e}");
     let e = refused(&["--resume", "nowhere"]);
     assert!(e.contains("`resume`: nowhere is not a directory"), "{e}");
+    // Flags that need another flag say which.
+    for (flags, needs) in [
+        (&["--save-every", "2"][..], "`save-every` needs `out`"),
+        (&["--resume", "latest"], "`resume latest` needs `out`"),
+        (&["--eval-every", "2"], "`eval-every` needs `eval-data`"),
+        (&["--keep", "0"], "`keep`: must be at least 1"),
+    ] {
+        let o = nopad().arg("train").args(flags).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.code() == Some(2) && e.contains(needs),
+            "{flags:?}: {e}"
+        );
+    }
 }

@@ -57,6 +57,18 @@ pub struct ScheduleState {
     pub decay: String,
 }
 
+impl From<&crate::schedule::Schedule> for ScheduleState {
+    fn from(s: &crate::schedule::Schedule) -> Self {
+        ScheduleState {
+            lr: s.lr,
+            min_lr: s.min_lr,
+            warmup: s.warmup,
+            total: s.total,
+            decay: s.decay.name().into(),
+        }
+    }
+}
+
 /// Running totals of a run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {

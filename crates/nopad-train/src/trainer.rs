@@ -448,13 +448,7 @@ pub fn train<B: Backend>(
                 optimizer_step: opt.step,
                 data_position: s.position_after.clone(),
                 steps_per_epoch,
-                schedule: ScheduleState {
-                    lr: schedule.lr,
-                    min_lr: schedule.min_lr,
-                    warmup: schedule.warmup,
-                    total,
-                    decay: schedule.decay.name().into(),
-                },
+                schedule: ScheduleState::from(&schedule),
                 counters: counters.clone(),
                 losses: losses.clone(),
                 evals: evals.clone(),
@@ -462,12 +456,10 @@ pub fn train<B: Backend>(
             };
             let (dir, gone) =
                 checkpoint::save(b, out, &model, &opt, &state, tc.keep, tc.save_delay)?;
-            let gone: Vec<String> = gone.iter().map(|g| g.display().to_string()).collect();
-            let gone = if gone.is_empty() {
-                String::new()
-            } else {
-                format!(" (deleted {})", gone.join(", "))
-            };
+            let gone: String = gone
+                .iter()
+                .map(|g| format!(", deleted {}", g.display()))
+                .collect();
             say(format!("saved {}{gone}", dir.display()));
             last_checkpoint = Some(dir);
         }
