@@ -372,7 +372,12 @@ pub fn save<B: Backend>(
             std::thread::sleep(d);
         }
     };
-    fs::create_dir_all(out).map_err(io(out))?;
+    if !out.is_dir() {
+        fs::create_dir_all(out).map_err(io(out))?;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?; // the new OUT itself must survive a crash too
+        }
+    }
     remove_leftovers(out)?;
     let name = dir_name(state.step);
     let tmp = out.join(format!(".{name}.tmp-{}", std::process::id()));
