@@ -1,6 +1,10 @@
 //! `nopad train`: flags and TOML config files (the same keys), merged into a validated
 //! [`TrainConfig`]. Precedence: flag > config file > built-in default. An unknown key or a bad
 //! value is an error naming the key (and the file).
+//!
+//! Exit status: 0 when the run finished (or stopped at `--stop-after`), 2 on an error, 75 when
+//! SIGINT/SIGTERM stopped it after saving a checkpoint, 128 + signal when a second signal ended it
+//! at once.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +13,7 @@ use clap::Args;
 use nopad_backend::Backend;
 use nopad_data::synthetic::LengthDist;
 use nopad_model::weights::SaveDtype;
-use nopad_train::{DataSource, ModelSource, TrainConfig};
+use nopad_train::{DataSource, ModelSource, Resume, StopReason, TrainConfig};
 use serde::Deserialize;
 
 use crate::device::{run_on, DeviceChoice, Job};
@@ -17,6 +21,12 @@ use nopad_backend::cuda::CudaDtype;
 
 /// Flags of `nopad train`. Every flag but `--config` may also be a key of the config file.
 #[derive(Args, Clone, Debug, Default, Deserialize)]
+#[command(after_help = "Checkpoints and stopping:
+  With --out, SIGINT or SIGTERM (Ctrl-C) finishes the current step, saves OUT/checkpoint-NNNNNN
+  and exits with status 75; a second signal exits at once (status 130 or 143), leaving the newest
+  complete checkpoint intact. Continue with the same flags plus `--resume latest`: the next
+  batch, learning rate and loss are those of an uninterrupted run (bit-identical on the CPU).
+  Exit status: 0 done (or --stop-after reached), 2 error, 75 stopped by a signal after saving.")]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainArgs {
     /// TOML file with any of these settings as keys (e.g. `batch-size = 8`); flags win.
@@ -84,21 +94,45 @@ pub struct TrainArgs {
     /// Seed of initialisation and data order.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Save the final model here, in HF layout.
+    /// Output directory: the final weights in HF layout at its root (written when the run reaches
+    /// its last step), checkpoints in OUT/checkpoint-NNNNNN/.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Element type of saved weights: f32 or bf16.
+    /// Save a checkpoint every N steps under --out (weights in HF layout, optimizer moments, data
+    /// position, schedule and counters; written atomically).
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// Keep only the newest K checkpoints (older ones are deleted after each save).
+    #[arg(long, value_name = "K")]
+    pub keep: Option<usize>,
+    /// Continue from a checkpoint directory, or `latest`: the newest complete one under --out (a
+    /// fresh start when there is none yet). Give the run's other flags unchanged: a checkpoint
+    /// whose model, data, strategy or schedule differ is refused, naming each difference.
+    #[arg(long, value_name = "DIR|latest")]
+    pub resume: Option<String>,
+    /// Stop after step N (saving a checkpoint), keeping the schedule of the whole run; continue
+    /// later with --resume latest. Exit status 0.
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<u64>,
+    /// Stop with an error after N consecutive steps whose loss or gradient norm was not finite
+    /// (their updates are skipped, counted and logged); 0 never stops. Default 10.
+    #[arg(long, value_name = "N")]
+    pub max_bad_steps: Option<u64>,
+    /// Element type of the final weights: f32 or bf16 (checkpoints are always f32).
     #[arg(long)]
     pub save_dtype: Option<String>,
-    /// Write one JSON line per logged step here.
+    /// Write one JSON line per logged step (and per evaluation) here; a resumed run appends.
     #[arg(long)]
     pub log: Option<PathBuf>,
     /// Log every N steps.
     #[arg(long)]
     pub log_every: Option<u64>,
-    /// Held-out data evaluated at the end of training.
+    /// Held-out data evaluated at the end of training (token-weighted loss, every example once).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Also evaluate --eval-data every N steps (logged as {"step", "eval_loss", "eval_tokens"}).
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
     /// auto (CUDA if present, else CPU), cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
@@ -108,6 +142,14 @@ pub struct TrainArgs {
     /// Never draw a progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_progress: Option<bool>,
+    /// Test only: poison step N's gradients with NaN.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub test_nan_at_step: Option<u64>,
+    /// Test only: sleep this many milliseconds between the files of a checkpoint save.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub test_save_delay_ms: Option<u64>,
 }
 
 fn parse<T: std::str::FromStr<Err = String>>(key: &str, v: &str) -> Result<T> {
@@ -125,7 +167,12 @@ impl TrainArgs {
     /// Fills every field this one leaves empty from `file`.
     fn or(self, file: TrainArgs) -> TrainArgs {
         macro_rules! pick {
-            ($($f:ident),*) => { TrainArgs { config: self.config, $($f: self.$f.or(file.$f)),* } };
+            ($($f:ident),*) => { TrainArgs {
+                config: self.config,
+                test_nan_at_step: self.test_nan_at_step,
+                test_save_delay_ms: self.test_save_delay_ms,
+                $($f: self.$f.or(file.$f)),*
+            } };
         }
         pick!(
             model,
@@ -149,10 +196,16 @@ impl TrainArgs {
             max_grad_norm,
             seed,
             out,
+            save_every,
+            keep,
+            resume,
+            stop_after,
+            max_bad_steps,
             save_dtype,
             log,
             log_every,
             eval_data,
+            eval_every,
             device,
             dtype,
             no_progress
@@ -271,6 +324,27 @@ impl TrainArgs {
             None => 1,
         };
         c.eval_data = a.eval_data.clone();
+        c.eval_every = a.eval_every;
+        c.save_every = a.save_every;
+        c.keep = a.keep;
+        c.stop_after = a.stop_after;
+        c.max_bad_steps = a.max_bad_steps.unwrap_or(c.max_bad_steps);
+        c.resume = a.resume.as_deref().map(|r| match r {
+            "latest" => Resume::Latest,
+            dir => Resume::Dir(dir.into()),
+        });
+        if let Some(Resume::Dir(d)) = &c.resume {
+            if !d.is_dir() {
+                bail!(
+                    "`resume`: {} is not a directory (give a checkpoint-NNNNNN directory, or \
+                     `latest` with --out)",
+                    d.display()
+                );
+            }
+        }
+        c.nan_at_step = a.test_nan_at_step;
+        c.save_delay = a.test_save_delay_ms.map(std::time::Duration::from_millis);
+        c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         c.progress = !a.no_progress.unwrap_or(false);
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
         let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
@@ -289,13 +363,25 @@ impl Job for TrainJob {
     }
 }
 
-/// Runs `nopad train`.
+/// Exit status of a run that a signal stopped after saving its checkpoint (EX_TEMPFAIL: try
+/// again, with `--resume latest`). A second signal exits at once with 128 + its number.
+pub const EXIT_INTERRUPTED: i32 = 75;
+
+/// Runs `nopad train`. A run stopped by SIGINT/SIGTERM exits with [`EXIT_INTERRUPTED`] after
+/// printing its summary; one stopped by `--stop-after` exits 0.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let (cfg, device, dtype) = args.resolve()?;
+    let (mut cfg, device, dtype) = args.resolve()?;
     if cfg.strategy == nopad_data::Strategy::Concat {
         eprintln!("nopad: warning: {}", nopad_data::CONCAT_WARNING);
     }
+    cfg.interrupt =
+        Some(nopad_train::signals::install().context("installing the SIGINT/SIGTERM handlers")?);
     let summary = run_on(device, dtype, TrainJob(cfg))?;
     println!("{summary}");
+    if let Some(StopReason::Signal(_)) = summary.stopped {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(EXIT_INTERRUPTED);
+    }
     Ok(())
 }

@@ -30,3 +30,11 @@ pub enum TrainError {
     #[error("{0}")]
     Diverged(String),
 }
+
+/// Maps an OS error to [`TrainError::Io`] naming `path` (for `map_err`).
+pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -1,17 +1,31 @@
 //! nopad-train: the training loop over a [`nopad_model::Model`] on any backend: token-weighted
 //! loss across gradient accumulation, AdamW with clipping, learning-rate schedules, evaluation,
-//! per-step metrics and the run summary.
+//! per-step metrics, the run summary, and checkpoints a run resumes from exactly.
+//!
+//! Module map: `trainer` (the loop, [`train`]), `config` ([`TrainConfig`]), `optimizer`,
+//! `schedule`, `eval`, `records` (step and eval records, [`Summary`]), `checkpoint` (layout,
+//! atomic saves, `latest`, restore), `identity` (what must match to resume), `signals`
+//! (SIGINT/SIGTERM → a graceful stop), `runlog` (the JSON-lines log).
 
 #![deny(missing_docs)]
 
+pub mod checkpoint;
+mod config;
 mod error;
 pub mod eval;
+pub mod identity;
 pub mod optimizer;
+mod records;
+mod runlog;
 pub mod schedule;
+pub mod signals;
 pub mod trainer;
 
+pub use config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use optimizer::{AdamWConfig, Optimizer};
+pub use records::{EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
-pub use trainer::{train, DataSource, ModelSource, StepRecord, Summary, TrainConfig};
+pub use signals::Interrupt;
+pub use trainer::train;

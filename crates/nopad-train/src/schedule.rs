@@ -13,6 +13,17 @@ pub enum Decay {
     Constant,
 }
 
+impl Decay {
+    /// The name `FromStr` accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decay::Cosine => "cosine",
+            Decay::Linear => "linear",
+            Decay::Constant => "constant",
+        }
+    }
+}
+
 impl FromStr for Decay {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -5,215 +5,47 @@
 //! of a step is known on the host before any forward (the packer counted them), so every
 //! micro-batch's gradient is scaled by the same `1/targets_of_step` and the accumulated gradient
 //! is exactly that of one big batch, for any strategy and any split into micro-batches.
+//!
+//! Around the steps: resuming (weights, moments, data position, schedule and counters from a
+//! checkpoint, so the next step is exactly the one an uninterrupted run would take), skipping
+//! non-finite steps, periodic evaluation and checkpoints, and stopping on request.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use nopad_backend::Backend;
 use nopad_data::{
-    synthetic, Batch, BatchStats, Example, Format, Loader, LoaderOptions, LongPolicy, PackOptions,
-    Strategy,
+    synthetic, Batch, BatchStats, Example, Loader, LoaderOptions, PackOptions, Strategy,
 };
-use nopad_model::weights::{self, SaveDtype};
+use nopad_model::weights;
 use nopad_model::{Config, Inputs, Model};
-use serde::Serialize;
 
+use crate::checkpoint::{self, Counters, ScheduleState, TrainerState};
 use crate::error::{Result, TrainError};
 use crate::eval::evaluate;
-use crate::optimizer::{AdamWConfig, Optimizer};
-use crate::schedule::{Decay, Schedule};
+use crate::identity::RunIdentity;
+use crate::optimizer::Optimizer;
+use crate::runlog::RunLog;
+use crate::schedule::Schedule;
 
-/// Where the model comes from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ModelSource {
-    /// A built-in preset, randomly initialised from the seed.
-    Preset(String),
-    /// An HF model directory (config.json + safetensors).
-    Dir(PathBuf),
+pub use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
+pub use crate::records::{EvalRecord, StepRecord, StopReason, Summary};
+
+fn unknown_preset(name: &str) -> TrainError {
+    let names: Vec<&str> = nopad_model::PRESETS.iter().map(|p| p.0).collect();
+    TrainError::Config(format!(
+        "--model: `{name}` is neither a directory nor a preset (presets: {})",
+        names.join(", ")
+    ))
 }
 
-/// Where the training examples come from.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DataSource {
-    /// A user's file.
-    File(PathBuf),
-    /// The built-in synthetic instruction set.
-    Synthetic {
-        /// Length distribution.
-        dist: synthetic::LengthDist,
-        /// Number of examples.
-        examples: usize,
-    },
-}
-
-/// Every setting of a training run, validated.
-#[derive(Clone, Debug)]
-pub struct TrainConfig {
-    /// Model.
-    pub model: ModelSource,
-    /// Training data.
-    pub data: DataSource,
-    /// Force a data format instead of detecting it.
-    pub format: Option<Format>,
-    /// What to do with examples longer than `max_len`.
-    pub long: LongPolicy,
-    /// Skip (and count) bad records instead of failing.
-    pub skip_bad: bool,
-    /// Packing strategy.
-    pub strategy: Strategy,
-    /// Examples per micro-batch (rows for concat/offline).
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Longest example (or row) in tokens.
-    pub max_len: usize,
-    /// Length-grouped sampling for `pad`.
-    pub group_by_length: bool,
-    /// Optimizer steps to run (wins over `epochs`).
-    pub steps: Option<u64>,
-    /// Epochs to run when `steps` is not given.
-    pub epochs: Option<f64>,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Final learning rate.
-    pub min_lr: f64,
-    /// Warm-up updates.
-    pub warmup: u64,
-    /// Decay after warm-up.
-    pub decay: Decay,
-    /// AdamW settings.
-    pub adamw: AdamWConfig,
-    /// Seed of initialisation and data order.
-    pub seed: u64,
-    /// Final checkpoint directory (HF layout).
-    pub out: Option<PathBuf>,
-    /// Element type of saved weights.
-    pub save_dtype: SaveDtype,
-    /// JSON-lines log of every logged step.
-    pub log: Option<PathBuf>,
-    /// Log every this many steps.
-    pub log_every: u64,
-    /// Held-out data evaluated at the end.
-    pub eval_data: Option<PathBuf>,
-    /// Draw a progress bar (only on a terminal).
-    pub progress: bool,
-}
-
-impl TrainConfig {
-    /// The built-in default: the small preset on synthetic FLAN-like data with `flatten`,
-    /// sized to finish in under two minutes on two CPU cores.
-    pub fn default_cpu() -> Self {
-        TrainConfig {
-            model: ModelSource::Preset("small".into()),
-            data: DataSource::Synthetic {
-                dist: synthetic::LengthDist::FlanLike,
-                examples: 4096,
-            },
-            format: None,
-            long: LongPolicy::Truncate,
-            skip_bad: false,
-            strategy: Strategy::Flatten,
-            batch_size: 16,
-            grad_accum: 1,
-            max_len: 512,
-            group_by_length: false,
-            steps: Some(150),
-            epochs: None,
-            lr: 3e-3,
-            min_lr: 3e-4,
-            warmup: 10,
-            decay: Decay::Cosine,
-            adamw: AdamWConfig {
-                weight_decay: 0.01,
-                ..AdamWConfig::default()
-            },
-            seed: 0,
-            out: None,
-            save_dtype: SaveDtype::F32,
-            log: None,
-            log_every: 1,
-            eval_data: None,
-            progress: true,
-        }
+/// The config of a model source, without its weights.
+pub fn model_config(source: &ModelSource) -> Result<Config> {
+    match source {
+        ModelSource::Preset(name) => Config::preset(name).ok_or_else(|| unknown_preset(name)),
+        ModelSource::Dir(dir) => Ok(weights::read_config(dir)?),
     }
-}
-
-/// One logged step (also one line of the `--log` file).
-#[derive(Clone, Debug, Serialize)]
-pub struct StepRecord {
-    /// 1-based optimizer step.
-    pub step: u64,
-    /// Epoch the step's data came from.
-    pub epoch: u64,
-    /// Token-weighted loss of the step.
-    pub loss: f64,
-    /// Learning rate of the update.
-    pub lr: f64,
-    /// Gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Real (non-pad) tokens per second of this step.
-    pub tokens_per_s: f64,
-    /// Target tokens per second of this step.
-    pub target_tokens_per_s: f64,
-    /// Pad tokens / all tokens laid out.
-    pub padding_fraction: f64,
-    /// Examples in the step.
-    pub examples: usize,
-    /// Real tokens in the step.
-    pub real_tokens: usize,
-    /// Target tokens in the step.
-    pub target_tokens: usize,
-    /// Seconds since training started.
-    pub elapsed_s: f64,
-    /// Peak device memory so far.
-    pub peak_memory_bytes: usize,
-    /// Whether the update was skipped (non-finite gradient).
-    pub skipped: bool,
-}
-
-/// What a run did, for the final report.
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    /// Model description.
-    pub model: String,
-    /// Parameters.
-    pub params: usize,
-    /// Device description.
-    pub device: String,
-    /// Strategy.
-    pub strategy: String,
-    /// Optimizer steps run.
-    pub steps: u64,
-    /// Optimizer steps one epoch has with this strategy.
-    pub steps_per_epoch: usize,
-    /// Examples loaded.
-    pub examples: usize,
-    /// Totals over the run.
-    pub real_tokens: usize,
-    /// Pad tokens over the run.
-    pub pad_tokens: usize,
-    /// Target tokens over the run.
-    pub target_tokens: usize,
-    /// Training time (excluding loading and saving).
-    pub train_seconds: f64,
-    /// Real tokens per second over the run.
-    pub tokens_per_s: f64,
-    /// Loss of the first step.
-    pub first_loss: f64,
-    /// Mean loss of the last 10% of steps (at least one).
-    pub last_loss: f64,
-    /// Held-out loss at the end, if `eval_data` was given.
-    pub eval_loss: Option<f64>,
-    /// Steps skipped for non-finite gradients.
-    pub skipped_steps: u64,
-    /// Peak device memory.
-    pub peak_memory_bytes: usize,
-    /// Where the final checkpoint went.
-    pub out: Option<PathBuf>,
-    /// Notes from loading and packing (truncations, warnings).
-    pub notes: Vec<String>,
 }
 
 /// A model on a backend, from a preset (random init) or an HF directory.
@@ -224,13 +56,7 @@ pub fn build_model<B: Backend>(
 ) -> Result<(Model<B>, String)> {
     match source {
         ModelSource::Preset(name) => {
-            let cfg = Config::preset(name).ok_or_else(|| {
-                let names: Vec<&str> = nopad_model::PRESETS.iter().map(|p| p.0).collect();
-                TrainError::Config(format!(
-                    "--model: `{name}` is neither a directory nor a preset (presets: {})",
-                    names.join(", ")
-                ))
-            })?;
+            let cfg = Config::preset(name).ok_or_else(|| unknown_preset(name))?;
             let mut m = Model::new(b, cfg.clone())?;
             let layout = m.layout.clone();
             weights::init_random(&cfg, &layout, seed, |off, v| m.write_params(b, off, v))?;
@@ -318,13 +144,29 @@ pub fn train_step<B: Backend>(
     batches: &[Batch],
     lr: f64,
 ) -> Result<(f64, f64, bool)> {
+    step_scaled(b, model, opt, batches, lr, false)
+}
+
+/// [`train_step`], with the loss scale replaced by NaN when `poison` (a test of the skip path).
+fn step_scaled<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    opt: &mut Optimizer<B>,
+    batches: &[Batch],
+    lr: f64,
+    poison: bool,
+) -> Result<(f64, f64, bool)> {
     let targets: usize = batches.iter().map(|x| x.stats.target_tokens).sum();
     if targets == 0 {
         return Err(TrainError::Config(
             "a step has no target tokens (every label is -100)".into(),
         ));
     }
-    let scale = 1.0 / targets as f32;
+    let scale = if poison {
+        f32::NAN
+    } else {
+        1.0 / targets as f32
+    };
     for batch in batches {
         if batch.is_empty() {
             continue;
@@ -333,6 +175,8 @@ pub fn train_step<B: Backend>(
         model.backward(b)?;
     }
     let loss = model.take_loss_sum(b)? / targets as f64;
+    // A non-finite loss or gradient norm leaves weights and moments untouched (`update` checks
+    // the norm); the gradients are zeroed either way, so nothing non-finite survives the step.
     let info = if loss.is_finite() {
         opt.update(b, model, lr)?
     } else {
@@ -345,44 +189,90 @@ pub fn train_step<B: Backend>(
     Ok((loss, info.grad_norm, info.applied))
 }
 
-fn open_log(path: &Option<PathBuf>) -> Result<Option<std::io::BufWriter<std::fs::File>>> {
-    match path {
+/// The checkpoint a run continues from, if any (`notes` learn why none or which were skipped).
+fn find_resume(tc: &TrainConfig, notes: &mut Vec<String>) -> Result<Option<checkpoint::Found>> {
+    match &tc.resume {
         None => Ok(None),
-        Some(p) => {
-            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| TrainError::Io {
-                    path: dir.to_path_buf(),
-                    source: e,
-                })?;
-            }
-            let f = std::fs::File::create(p).map_err(|e| TrainError::Io {
-                path: p.clone(),
-                source: e,
+        Some(Resume::Dir(d)) => Ok(Some((d.clone(), checkpoint::load_state(d)?))),
+        Some(Resume::Latest) => {
+            let out = tc.out.as_ref().ok_or_else(|| {
+                TrainError::Config("`resume latest` needs `out` (where the checkpoints are)".into())
             })?;
-            Ok(Some(std::io::BufWriter::new(f)))
+            let (found, skipped) = checkpoint::latest(out)?;
+            notes.extend(skipped);
+            if found.is_none() {
+                notes.push(format!(
+                    "--resume latest: no complete checkpoint under {}; started from scratch",
+                    out.display()
+                ));
+            }
+            Ok(found)
         }
     }
 }
 
-/// Trains a model as `tc` says, calling `on_step` after every step. Returns the summary.
+/// Mean of the last 10% (at least one) of the finite losses.
+fn tail_mean(losses: &[f64]) -> f64 {
+    if losses.is_empty() {
+        return f64::NAN;
+    }
+    let tail = (losses.len() / 10).max(1);
+    losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64
+}
+
+/// Trains a model as `tc` says, calling `on_step` after every step. Returns the summary; a run
+/// asked to stop (signal or `stop_after`) returns normally with [`Summary::stopped`] set.
 pub fn train<B: Backend>(
     b: &B,
     tc: &TrainConfig,
     mut on_step: impl FnMut(&StepRecord),
 ) -> Result<Summary> {
-    if tc.batch_size == 0 || tc.grad_accum == 0 || tc.max_len < 2 {
-        return Err(TrainError::Config(
-            "batch-size and grad-accum must be ≥ 1, max-len ≥ 2".into(),
-        ));
-    }
-    let (mut model, model_desc) = build_model(b, &tc.model, tc.seed)?;
+    tc.validate()?;
+    let mut notes = vec![];
+    let resume = find_resume(tc, &mut notes)?;
+    let (mut model, model_desc) = match &resume {
+        None => build_model(b, &tc.model, tc.seed)?,
+        // The weights come from the checkpoint: skip the initialisation or the HF load.
+        Some(_) => {
+            let what = match &tc.model {
+                ModelSource::Preset(name) => format!("preset {name}"),
+                ModelSource::Dir(d) => d.display().to_string(),
+            };
+            let desc = format!("{what} (weights from the checkpoint)");
+            (Model::new(b, model_config(&tc.model)?)?, desc)
+        }
+    };
     let model_dir = match &tc.model {
         ModelSource::Dir(d) => Some(d.as_path()),
         ModelSource::Preset(_) => None,
     };
-    let (examples, mut notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
+    let (examples, data_notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
+    notes.extend(data_notes);
     if tc.strategy == Strategy::Concat {
         notes.push("strategy concat: attention crosses examples and positions continue; training is NOT equivalent to padding (shown for comparison only)".into());
+    }
+    // Only a run that saves or resumes needs its identity (hashing a big data file takes time).
+    let identity = if tc.out.is_some() || resume.is_some() {
+        Some(RunIdentity::new(tc, &model.cfg, &examples)?)
+    } else {
+        None
+    };
+    if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
+        let diffs = id.differences(&st.identity);
+        if !diffs.is_empty() {
+            return Err(TrainError::Config(format!(
+                "cannot resume from {}: this run is not the one that saved it:\n  {}\n\
+                 resume with the checkpoint's settings, or start a new run with another --out",
+                dir.display(),
+                diffs.join("\n  ")
+            )));
+        }
+    }
+    let start_step = resume.as_ref().map_or(0, |(_, st)| st.step);
+    if let Some(n) = tc.stop_after.filter(|&n| n <= start_step) {
+        return Err(TrainError::Config(format!(
+            "`stop-after` {n}: the checkpoint is already at step {start_step}"
+        )));
     }
     let n_examples = examples.len();
     let pack = PackOptions {
@@ -399,15 +289,26 @@ pub fn train<B: Backend>(
             grad_accum: tc.grad_accum,
             seed: tc.seed,
             shuffle: true,
-            start: Default::default(),
+            start: resume
+                .as_ref()
+                .map(|(_, st)| st.data_position.clone())
+                .unwrap_or_default(),
             prefetch: 4,
         },
     )?;
-    let steps_per_epoch = loader.steps_per_epoch();
-    let total = match (tc.steps, tc.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => (e * steps_per_epoch as f64).ceil().max(1.0) as u64,
-        (None, None) => steps_per_epoch as u64,
+    // A resumed run takes its length from the checkpoint: `offline` counts the steps of the
+    // loader's start epoch, which may differ from those of epoch 0 the first session counted.
+    let (total, steps_per_epoch) = match &resume {
+        Some((_, st)) => (st.schedule.total, st.steps_per_epoch),
+        None => {
+            let spe = loader.steps_per_epoch();
+            let total = match (tc.steps, tc.epochs) {
+                (Some(s), _) => s,
+                (None, Some(e)) => (e * spe as f64).ceil().max(1.0) as u64,
+                (None, None) => spe as u64,
+            };
+            (total, spe)
+        }
     };
     let schedule = Schedule {
         lr: tc.lr,
@@ -417,38 +318,56 @@ pub fn train<B: Backend>(
         decay: tc.decay,
     };
     let mut opt = Optimizer::new(b, &model, tc.adamw)?;
-    let mut log = open_log(&tc.log)?;
-    let bar = if tc.progress {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
-            )
-            .expect("static template is valid"),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
+    let (mut counters, mut losses, mut evals) = match &resume {
+        Some((dir, st)) => {
+            checkpoint::restore(b, dir, st, &mut model, &mut opt)?;
+            (st.counters.clone(), st.losses.clone(), st.evals.clone())
+        }
+        None => (Counters::default(), vec![], vec![]),
     };
-    let start = Instant::now();
-    let (mut totals, mut losses, mut skipped) = (BatchStats::default(), Vec::new(), 0u64);
-    for step in 1..=total {
+    let eval_examples = match &tc.eval_data {
+        Some(p) => Some(load_data(&DataSource::File(p.clone()), &model.cfg, model_dir, tc)?.0),
+        None => None,
+    };
+    let mut log = RunLog::open(&tc.log, start_step)?;
+    let bar = progress_bar(tc.progress, total, start_step);
+    let say = |msg: String| bar.suspend(|| eprintln!("nopad: {msg}"));
+    if let Some((dir, _)) = &resume {
+        say(format!(
+            "resumed from {} at step {start_step} of {total}",
+            dir.display()
+        ));
+    }
+    let session = Instant::now();
+    let (mut stopped, mut last_checkpoint, mut done) = (None, None, start_step);
+    for step in start_step + 1..=total {
         let s = loader
             .next()
             .ok_or_else(|| TrainError::Config("the data loader stopped early".into()))?;
         let t0 = Instant::now();
         let lr = schedule.lr_at(opt.step + 1);
-        let (loss, grad_norm, applied) = train_step(b, &mut model, &mut opt, &s.batches, lr)?;
+        let poison = tc.nan_at_step == Some(step);
+        let (loss, grad_norm, applied) =
+            step_scaled(b, &mut model, &mut opt, &s.batches, lr, poison)?;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
-        let st = s.stats();
-        totals += st;
-        if !applied {
-            skipped += 1;
+        done = step;
+        let st: BatchStats = s.stats();
+        counters.train_seconds += dt;
+        counters.real_tokens += st.real_tokens;
+        counters.pad_tokens += st.pad_tokens;
+        counters.target_tokens += st.target_tokens;
+        if applied {
+            counters.bad_in_a_row = 0;
+        } else {
+            counters.skipped_steps += 1;
+            counters.bad_in_a_row += 1;
         }
-        losses.push(loss);
+        if loss.is_finite() {
+            losses.push(loss);
+        }
         let laid_out = (st.real_tokens + st.pad_tokens).max(1);
-        let rec = StepRecord {
+        let mut rec = StepRecord {
             step,
             epoch: s.epoch,
             loss,
@@ -460,18 +379,52 @@ pub fn train<B: Backend>(
             examples: st.examples,
             real_tokens: st.real_tokens,
             target_tokens: st.target_tokens,
-            elapsed_s: start.elapsed().as_secs_f64(),
+            elapsed_s: session.elapsed().as_secs_f64(),
             peak_memory_bytes: b.peak_memory(),
             skipped: !applied,
+            skipped_steps: counters.skipped_steps,
+            eval: None,
         };
-        if let Some(w) = log.as_mut() {
-            if step % tc.log_every.max(1) == 0 || step == total {
-                let line = serde_json::to_string(&rec).expect("records serialise");
-                writeln!(w, "{line}").map_err(|e| TrainError::Io {
-                    path: tc.log.clone().unwrap_or_default(),
-                    source: e,
-                })?;
+        if step % tc.log_every.max(1) == 0 || step == total || !applied {
+            log.line(&rec)?;
+        }
+        if !applied {
+            say(format!(
+                "step {step}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped \
+                 ({} in a row, {} in the run)",
+                counters.bad_in_a_row, counters.skipped_steps
+            ));
+            if tc.max_bad_steps > 0 && counters.bad_in_a_row >= tc.max_bad_steps {
+                bar.finish_and_clear();
+                return Err(TrainError::Diverged(format!(
+                    "step {step}: {} steps in a row had a non-finite loss or gradient norm \
+                     (--max-bad-steps {}); stopped instead of training on NaNs. The weights are \
+                     those before step {}{}. Check the data, lower --lr or tighten --max-grad-norm",
+                    counters.bad_in_a_row,
+                    tc.max_bad_steps,
+                    step + 1 - counters.bad_in_a_row,
+                    last_checkpoint
+                        .as_ref()
+                        .map(|c: &PathBuf| format!("; last checkpoint {}", c.display()))
+                        .unwrap_or_default()
+                )));
             }
+        }
+        let eval_now = tc.eval_every.is_some_and(|n| step % n == 0) || step == total;
+        if let (Some(ex), true) = (&eval_examples, eval_now) {
+            let r = evaluate(b, &mut model, ex, &pack)?;
+            let e = EvalRecord {
+                step,
+                eval_loss: r.loss,
+                eval_tokens: r.tokens,
+            };
+            log.line(&e)?;
+            say(format!(
+                "step {step}: eval loss {:.4} over {} target tokens",
+                r.loss, r.tokens
+            ));
+            evals.push(e);
+            rec.eval = Some(e);
         }
         bar.set_message(format!(
             "loss {loss:.4}  lr {lr:.2e}  {:.0} tok/s",
@@ -479,100 +432,97 @@ pub fn train<B: Backend>(
         ));
         bar.inc(1);
         on_step(&rec);
+        if step < total {
+            stopped = match tc.interrupt.as_ref().and_then(|i| i.requested()) {
+                Some(sig) => Some(StopReason::Signal(sig)),
+                None if tc.stop_after == Some(step) => Some(StopReason::StopAfter(step)),
+                None => None,
+            };
+        }
+        let periodic = tc.save_every.is_some_and(|n| step % n == 0);
+        if let (Some(out), Some(id), true) = (&tc.out, &identity, periodic || stopped.is_some()) {
+            let state = TrainerState {
+                format: checkpoint::FORMAT,
+                nopad_version: env!("CARGO_PKG_VERSION").into(),
+                step,
+                optimizer_step: opt.step,
+                data_position: s.position_after.clone(),
+                steps_per_epoch,
+                schedule: ScheduleState::from(&schedule),
+                counters: counters.clone(),
+                losses: losses.clone(),
+                evals: evals.clone(),
+                identity: id.clone(),
+            };
+            let (dir, gone) =
+                checkpoint::save(b, out, &model, &opt, &state, tc.keep, tc.save_delay)?;
+            let gone: String = gone
+                .iter()
+                .map(|g| format!(", deleted {}", g.display()))
+                .collect();
+            say(format!("saved {}{gone}", dir.display()));
+            last_checkpoint = Some(dir);
+        }
+        if stopped.is_some() {
+            break;
+        }
     }
     bar.finish_and_clear();
-    let train_seconds = start.elapsed().as_secs_f64();
-    if let Some(mut w) = log {
-        w.flush().map_err(|e| TrainError::Io {
-            path: tc.log.clone().unwrap_or_default(),
-            source: e,
-        })?;
-    }
-    let eval_loss = match &tc.eval_data {
-        None => None,
-        Some(path) => {
-            let (ex, _) = load_data(&DataSource::File(path.clone()), &model.cfg, model_dir, tc)?;
-            Some(evaluate(b, &mut model, &ex, &pack)?.loss)
-        }
-    };
-    if let Some(out) = &tc.out {
-        let weights_buf = opt.weights(&model);
+    if let (Some(out), None) = (&tc.out, stopped) {
+        let w = opt.weights(&model);
         weights::save_checkpoint(
             out,
             &model.cfg,
             &model.layout,
             tc.save_dtype,
             4 << 30,
-            |r| Ok(b.read(weights_buf, r)?),
+            |r| Ok(b.read(w, r)?),
         )?;
     }
-    let tail = (losses.len() / 10).max(1);
-    let last_loss = losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64;
+    let final_eval = evals
+        .last()
+        .filter(|e| e.step == total && stopped.is_none())
+        .copied();
     Ok(Summary {
         model: model_desc,
         params: model.layout.total,
         device: b.describe(),
         strategy: tc.strategy.name().into(),
         steps: total,
+        steps_done: done,
         steps_per_epoch,
         examples: n_examples,
-        real_tokens: totals.real_tokens,
-        pad_tokens: totals.pad_tokens,
-        target_tokens: totals.target_tokens,
-        train_seconds,
-        tokens_per_s: totals.real_tokens as f64 / train_seconds.max(1e-9),
+        real_tokens: counters.real_tokens,
+        pad_tokens: counters.pad_tokens,
+        target_tokens: counters.target_tokens,
+        train_seconds: counters.train_seconds,
+        tokens_per_s: counters.real_tokens as f64 / counters.train_seconds.max(1e-9),
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
-        last_loss,
-        eval_loss,
-        skipped_steps: skipped,
+        last_loss: tail_mean(&losses),
+        eval_loss: final_eval.map(|e| e.eval_loss),
+        eval_tokens: final_eval.map(|e| e.eval_tokens),
+        evals,
+        skipped_steps: counters.skipped_steps,
         peak_memory_bytes: b.peak_memory(),
-        out: tc.out.clone(),
+        out: tc.out.clone().filter(|_| stopped.is_none()),
+        resumed_from: resume.map(|(d, _)| d),
+        checkpoint: last_checkpoint,
+        stopped,
         notes,
     })
 }
 
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "trained {} ({:.2}M parameters) on {}",
-            self.model,
-            self.params as f64 / 1e6,
-            self.device
-        )?;
-        writeln!(
-            f,
-            "  strategy {}: {} steps ({} per epoch), {} examples, {} real tokens, {} pad tokens, {} target tokens",
-            self.strategy, self.steps, self.steps_per_epoch, self.examples, self.real_tokens, self.pad_tokens, self.target_tokens
-        )?;
-        writeln!(
-            f,
-            "  {:.1} s, {:.0} real tokens/s, peak memory {:.1} MiB",
-            self.train_seconds,
-            self.tokens_per_s,
-            self.peak_memory_bytes as f64 / (1 << 20) as f64
-        )?;
-        write!(
-            f,
-            "  loss {:.4} (first step) -> {:.4} (mean of the last steps)",
-            self.first_loss, self.last_loss
-        )?;
-        if let Some(e) = self.eval_loss {
-            write!(f, "\n  held-out loss {e:.4}")?;
-        }
-        if self.skipped_steps > 0 {
-            write!(
-                f,
-                "\n  {} steps skipped (non-finite gradients)",
-                self.skipped_steps
-            )?;
-        }
-        if let Some(o) = &self.out {
-            write!(f, "\n  checkpoint: {}", o.display())?;
-        }
-        for n in &self.notes {
-            write!(f, "\n  note: {n}")?;
-        }
-        Ok(())
+fn progress_bar(show: bool, total: u64, at: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
     }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
+        )
+        .expect("static template is valid"),
+    );
+    bar.set_position(at);
+    bar
 }

@@ -1,0 +1,441 @@
+//! Checkpoints: everything a run needs to continue exactly, written so that a crash at any moment
+//! leaves the previous checkpoint intact and never a partial one that resuming would trust.
+//!
+//! Layout of `OUT/checkpoint-000120/` (the number is the optimizer step done):
+//! - `config.json`, `model.safetensors`: the weights in HF layout, always f32 (the fp32 master
+//!   copy where the backend keeps one), loadable by HF Transformers as they are;
+//! - `optimizer.safetensors`: AdamW's first and second moments, `exp_avg` and `exp_avg_sq`, each
+//!   one flat f32 tensor `[P]` in nopad's parameter order (see `nopad_model::Layout`);
+//! - `trainer_state.json`: [`TrainerState`] (step, data position, schedule, counters, losses,
+//!   and the run's [`RunIdentity`]);
+//! - `COMPLETE`: written last; a directory without it is never resumed from.
+//!
+//! A save writes into `OUT/.checkpoint-000120.tmp-PID/`, fsyncs every file and the directory,
+//! renames it into place and fsyncs `OUT`. Deleting old checkpoints (`keep`) renames them out of
+//! sight first, so a half-deleted directory is never visible either. There is no RNG state to
+//! store: nothing draws random numbers while training, and the data order is a function of the
+//! seed and the epoch, which `data_position` holds.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nopad_backend::Backend;
+use nopad_data::DataPosition;
+use nopad_model::weights::{self, SaveDtype};
+use nopad_model::Model;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{io, Result, TrainError};
+use crate::identity::RunIdentity;
+use crate::optimizer::Optimizer;
+use crate::records::EvalRecord;
+
+/// Version of the checkpoint layout; resuming refuses any other.
+pub const FORMAT: u32 = 1;
+/// The marker written last into a checkpoint directory.
+pub const COMPLETE: &str = "COMPLETE";
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+/// Values moved between host and device at once (64 MiB of f32).
+const CHUNK: usize = 1 << 24;
+
+/// The learning-rate schedule as saved (a resumed run uses these values, not recomputed ones).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate.
+    pub min_lr: f64,
+    /// Warm-up updates.
+    pub warmup: u64,
+    /// Updates the schedule spans (the run's length).
+    pub total: u64,
+    /// Decay after warm-up.
+    pub decay: String,
+}
+
+impl From<&crate::schedule::Schedule> for ScheduleState {
+    fn from(s: &crate::schedule::Schedule) -> Self {
+        ScheduleState {
+            lr: s.lr,
+            min_lr: s.min_lr,
+            warmup: s.warmup,
+            total: s.total,
+            decay: s.decay.name().into(),
+        }
+    }
+}
+
+/// Running totals of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Steps whose update was skipped (non-finite loss or gradient norm).
+    pub skipped_steps: u64,
+    /// Of those, how many in a row up to now.
+    pub bad_in_a_row: u64,
+    /// Real tokens trained on.
+    pub real_tokens: usize,
+    /// Pad tokens laid out.
+    pub pad_tokens: usize,
+    /// Target tokens.
+    pub target_tokens: usize,
+    /// Seconds spent in steps.
+    pub train_seconds: f64,
+}
+
+/// `trainer_state.json`: where the run stands, and what it is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// The nopad version that wrote it.
+    pub nopad_version: String,
+    /// Optimizer steps done (skipped ones included).
+    pub step: u64,
+    /// Updates applied (`Optimizer::step`, AdamW's bias-correction count).
+    pub optimizer_step: u64,
+    /// Where the data stream stands: the next example, the epoch, the packer's carry.
+    pub data_position: DataPosition,
+    /// Steps per epoch, as the run started counting them.
+    pub steps_per_epoch: usize,
+    /// The schedule.
+    pub schedule: ScheduleState,
+    /// Running totals.
+    pub counters: Counters,
+    /// The finite losses so far, in order (for the summary's first and last losses).
+    pub losses: Vec<f64>,
+    /// Evaluations so far.
+    pub evals: Vec<EvalRecord>,
+    /// What the run is: resuming refuses a checkpoint of another run.
+    pub identity: RunIdentity,
+}
+
+/// Flushes a directory's entries (new names, renames) to disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// The directory name of the checkpoint after `step`.
+pub fn dir_name(step: u64) -> String {
+    format!("checkpoint-{step:06}")
+}
+
+/// The step of a checkpoint directory name (`None` for anything else, tmp directories included).
+fn step_of(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("checkpoint-")?;
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Checkpoint directories under `out` whose save finished, oldest first.
+fn complete_checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io(out)(e)),
+    };
+    let mut found = vec![];
+    for entry in entries {
+        let entry = entry.map_err(io(out))?;
+        let name = entry.file_name();
+        if let Some(step) = name.to_str().and_then(step_of) {
+            let path = entry.path();
+            if path.join(COMPLETE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Reads a checkpoint's state, refusing a directory whose save did not finish.
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    if !dir.join(COMPLETE).is_file() {
+        return Err(TrainError::Config(format!(
+            "{}: not a complete checkpoint (no {COMPLETE} marker: its save never finished, or it \
+             is not a checkpoint); resume from `latest` or an older checkpoint-NNNNNN",
+            dir.display()
+        )));
+    }
+    let path = dir.join(STATE);
+    let text = fs::read_to_string(&path).map_err(io(&path))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    if state.format != FORMAT {
+        return Err(TrainError::Config(format!(
+            "{}: checkpoint format {} (written by nopad {}), this nopad reads format {FORMAT}",
+            path.display(),
+            state.format,
+            state.nopad_version
+        )));
+    }
+    Ok(state)
+}
+
+/// A checkpoint directory and its state.
+pub type Found = (PathBuf, TrainerState);
+
+/// The newest complete checkpoint under `out` with its state, and notes on newer directories
+/// that could not be used.
+pub fn latest(out: &Path) -> Result<(Option<Found>, Vec<String>)> {
+    let mut notes = vec![];
+    for (_, dir) in complete_checkpoints(out)?.into_iter().rev() {
+        match load_state(&dir) {
+            Ok(s) => return Ok((Some((dir, s)), notes)),
+            Err(e) => notes.push(format!("skipped an unreadable checkpoint: {e}")),
+        }
+    }
+    Ok((None, notes))
+}
+
+/// Writes `[P]` moments as one safetensors file, streaming from the device in chunks.
+fn write_optimizer<B: Backend>(b: &B, path: &Path, opt: &Optimizer<B>, n: usize) -> Result<()> {
+    let bytes = 4 * n;
+    let tensor = |start: usize| json!({"dtype": "F32", "shape": [n], "data_offsets": [start, start + bytes]});
+    let header = json!({
+        "__metadata__": {"format": "nopad-optimizer", "step": opt.step.to_string()},
+        "exp_avg": tensor(0),
+        "exp_avg_sq": tensor(bytes),
+    });
+    let mut header = header.to_string().into_bytes();
+    // safetensors aligns the data to 8 bytes by padding the header with spaces.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let f = fs::File::create(path).map_err(io(path))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|_| w.write_all(&header))
+        .map_err(io(path))?;
+    for buf in [&opt.m, &opt.v] {
+        let mut off = 0;
+        while off < n {
+            let end = (off + CHUNK).min(n);
+            let vals = b.read(buf, off..end)?;
+            let raw: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&raw).map_err(io(path))?;
+            off = end;
+        }
+    }
+    let f = w.into_inner().map_err(|e| io(path)(e.into_error()))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Reads the moments written by [`write_optimizer`] into `opt`, checking names, types and sizes.
+fn read_optimizer<B: Backend>(b: &B, path: &Path, opt: &mut Optimizer<B>, n: usize) -> Result<()> {
+    let bad = |msg: String| TrainError::Config(format!("{}: {msg}", path.display()));
+    let mut f = fs::File::open(path).map_err(io(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io(path))?;
+    let hlen = u64::from_le_bytes(len);
+    if hlen > 1 << 20 {
+        return Err(bad(format!(
+            "header of {hlen} bytes: not an optimizer state"
+        )));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    f.read_exact(&mut header).map_err(io(path))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let file_len = f.metadata().map_err(io(path))?.len();
+    for (name, is_m) in [("exp_avg", true), ("exp_avg_sq", false)] {
+        let t = header
+            .get(name)
+            .ok_or_else(|| bad(format!("tensor `{name}` missing")))?;
+        let (start, end) = match t["data_offsets"].as_array().map(|a| a.as_slice()) {
+            Some([s, e]) => (s.as_u64().unwrap_or(u64::MAX), e.as_u64().unwrap_or(0)),
+            _ => return Err(bad(format!("tensor `{name}`: no data_offsets"))),
+        };
+        if t["dtype"] != "F32"
+            || t["shape"] != json!([n])
+            || end.checked_sub(start) != Some(4 * n as u64)
+            || 8 + hlen + end > file_len
+        {
+            return Err(bad(format!(
+                "tensor `{name}`: expected F32 [{n}] (dtype {}, shape {}, {} bytes in a file of {file_len}): \
+                 was the checkpoint made for another model?",
+                t["dtype"], t["shape"], end.saturating_sub(start)
+            )));
+        }
+        f.seek(SeekFrom::Start(8 + hlen + start))
+            .map_err(io(path))?;
+        let buf = if is_m { &mut opt.m } else { &mut opt.v };
+        let mut raw = vec![0u8; 4 * CHUNK.min(n)];
+        let mut off = 0;
+        while off < n {
+            let end = (off + CHUNK).min(n);
+            let raw = &mut raw[..4 * (end - off)];
+            f.read_exact(raw).map_err(io(path))?;
+            let vals: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            b.write(buf, off, &vals)?;
+            off = end;
+        }
+    }
+    Ok(())
+}
+
+/// Restores a model's parameters (and the optimizer's master copy) from a checkpoint's
+/// `model.safetensors`, and the moments and update count from `optimizer.safetensors`.
+pub fn restore<B: Backend>(
+    b: &B,
+    dir: &Path,
+    state: &TrainerState,
+    model: &mut Model<B>,
+    opt: &mut Optimizer<B>,
+) -> Result<()> {
+    let (cfg, layout) = (model.cfg.clone(), model.layout.clone());
+    let params = &mut model.params;
+    let mut master = opt.master.as_mut();
+    weights::load_checkpoint(dir, &cfg, &layout, |off, vals| {
+        b.write(params, off, vals)?;
+        if let Some(m) = master.as_deref_mut() {
+            b.write(m, off, vals)?;
+        }
+        Ok(())
+    })?;
+    read_optimizer(b, &dir.join(OPTIMIZER), opt, layout.total)?;
+    opt.step = state.optimizer_step;
+    Ok(())
+}
+
+/// Whether the process that owns a `.tmp-PID`/`.old-PID` directory may still be writing it.
+fn owner_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false; // ours, left from an earlier attempt at the same step
+    }
+    // Where /proc is missing, assume the owner lives: leaving a leftover is harmless.
+    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes leftovers of interrupted saves and deletions (`.checkpoint-*.tmp-PID`, `.old-PID`)
+/// whose process is gone.
+fn remove_leftovers(out: &Path) -> Result<()> {
+    for entry in fs::read_dir(out).map_err(io(out))? {
+        let entry = entry.map_err(io(out))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(".checkpoint-") else {
+            continue;
+        };
+        let pid = rest
+            .rsplit_once(".tmp-")
+            .or_else(|| rest.rsplit_once(".old-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if pid.is_some_and(|p| !owner_alive(p)) {
+            let path = entry.path();
+            fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes all but the newest `keep` complete checkpoints; returns what it deleted.
+fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let all = complete_checkpoints(out)?;
+    let mut gone = vec![];
+    for (step, dir) in &all[..all.len().saturating_sub(keep)] {
+        // Out of sight first: a crash in remove_dir_all leaves only a hidden leftover.
+        let hidden = out.join(format!(".{}.old-{}", dir_name(*step), std::process::id()));
+        fs::rename(dir, &hidden).map_err(io(dir))?;
+        sync_dir(out)?;
+        fs::remove_dir_all(&hidden).map_err(io(&hidden))?;
+        gone.push(dir.clone());
+    }
+    Ok(gone)
+}
+
+/// Saves a checkpoint of the run after `state.step` under `out` (see the module docs for the
+/// layout and the order of writes), then keeps only the newest `keep`. `delay` (tests only)
+/// sleeps between the files. Returns the checkpoint's directory and what was deleted.
+pub fn save<B: Backend>(
+    b: &B,
+    out: &Path,
+    model: &Model<B>,
+    opt: &Optimizer<B>,
+    state: &TrainerState,
+    keep: Option<usize>,
+    delay: Option<Duration>,
+) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let pause = || {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+    };
+    if !out.is_dir() {
+        fs::create_dir_all(out).map_err(io(out))?;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?; // the new OUT itself must survive a crash too
+        }
+    }
+    remove_leftovers(out)?;
+    let name = dir_name(state.step);
+    let tmp = out.join(format!(".{name}.tmp-{}", std::process::id()));
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let w = opt.weights(model);
+    weights::save_checkpoint(
+        &tmp,
+        &model.cfg,
+        &model.layout,
+        SaveDtype::F32,
+        4 << 30,
+        |r| Ok(b.read(w, r)?),
+    )?;
+    pause();
+    write_optimizer(b, &tmp.join(OPTIMIZER), opt, model.layout.total)?;
+    pause();
+    let text = serde_json::to_string_pretty(state).expect("trainer states serialise");
+    weights::atomic_write(&tmp.join(STATE), text.as_bytes())?;
+    pause();
+    weights::atomic_write(&tmp.join(COMPLETE), format!("{}\n", state.step).as_bytes())?;
+    sync_dir(&tmp)?;
+    pause();
+    let dir = out.join(&name);
+    if dir.exists() {
+        // A checkpoint of this step from an earlier attempt (a resume from an older one):
+        // replace it, hiding the old one first so one of the two is always complete.
+        let old = out.join(format!(".{name}.old-{}", std::process::id()));
+        fs::rename(&dir, &old).map_err(io(&dir))?;
+        fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        sync_dir(out)?;
+        fs::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    }
+    sync_dir(out)?;
+    let gone = match keep {
+        Some(k) => prune(out, k)?,
+        None => vec![],
+    };
+    Ok((dir, gone))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_numbered_names_are_checkpoints() {
+        assert_eq!(step_of("checkpoint-000120"), Some(120));
+        assert_eq!(step_of("checkpoint-1234567"), Some(1234567));
+        for bad in [
+            ".checkpoint-000120.tmp-77",
+            "checkpoint-000120.tmp-77",
+            "checkpoint-",
+            "checkpoint-12a",
+            "checkpoint--1",
+        ] {
+            assert_eq!(step_of(bad), None, "{bad}");
+        }
+    }
+}

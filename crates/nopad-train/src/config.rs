@@ -1,0 +1,208 @@
+//! What a training run is asked to do: [`TrainConfig`] and the sources of its model and data.
+//! Validated values only; parsing flags and config files is the CLI's job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nopad_data::{synthetic, Format, LongPolicy, Strategy};
+use nopad_model::weights::SaveDtype;
+
+use crate::optimizer::AdamWConfig;
+use crate::schedule::Decay;
+use crate::signals::Interrupt;
+
+/// Where the model comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    /// A built-in preset, randomly initialised from the seed.
+    Preset(String),
+    /// An HF model directory (config.json + safetensors).
+    Dir(PathBuf),
+}
+
+/// Where the training examples come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DataSource {
+    /// A user's file.
+    File(PathBuf),
+    /// The built-in synthetic instruction set.
+    Synthetic {
+        /// Length distribution.
+        dist: synthetic::LengthDist,
+        /// Number of examples.
+        examples: usize,
+    },
+}
+
+/// Which checkpoint a run continues from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest complete checkpoint under `out`; a fresh start (with a note) when there is none,
+    /// so one command line serves the first start and every restart after a preemption.
+    Latest,
+    /// This checkpoint directory; an error when it is not a complete checkpoint.
+    Dir(PathBuf),
+}
+
+/// Every setting of a training run, validated.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Model.
+    pub model: ModelSource,
+    /// Training data.
+    pub data: DataSource,
+    /// Force a data format instead of detecting it.
+    pub format: Option<Format>,
+    /// What to do with examples longer than `max_len`.
+    pub long: LongPolicy,
+    /// Skip (and count) bad records instead of failing.
+    pub skip_bad: bool,
+    /// Packing strategy.
+    pub strategy: Strategy,
+    /// Examples per micro-batch (rows for concat/offline).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Longest example (or row) in tokens.
+    pub max_len: usize,
+    /// Length-grouped sampling for `pad`.
+    pub group_by_length: bool,
+    /// Optimizer steps to run (wins over `epochs`).
+    pub steps: Option<u64>,
+    /// Epochs to run when `steps` is not given.
+    pub epochs: Option<f64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate.
+    pub min_lr: f64,
+    /// Warm-up updates.
+    pub warmup: u64,
+    /// Decay after warm-up.
+    pub decay: Decay,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Output directory: the final weights in HF layout at its root, checkpoints in
+    /// `checkpoint-NNNNNN/` below it.
+    pub out: Option<PathBuf>,
+    /// Element type of the final weights (checkpoints are always f32, so resuming is exact).
+    pub save_dtype: SaveDtype,
+    /// JSON-lines log of every logged step and evaluation.
+    pub log: Option<PathBuf>,
+    /// Log every this many steps.
+    pub log_every: u64,
+    /// Held-out data, evaluated at the end (and every `eval_every` steps).
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate `eval_data` every this many steps as well as at the end.
+    pub eval_every: Option<u64>,
+    /// Save a checkpoint under `out` every this many steps.
+    pub save_every: Option<u64>,
+    /// Keep only the newest this many checkpoints (older ones are deleted after a save).
+    pub keep: Option<usize>,
+    /// Continue from a checkpoint.
+    pub resume: Option<Resume>,
+    /// Stop (saving a checkpoint) after this step, keeping the schedule of the whole run, as a
+    /// preempted run would; `resume` continues it.
+    pub stop_after: Option<u64>,
+    /// Stop with an error after this many consecutive steps whose loss or gradient norm was not
+    /// finite (their updates are skipped); 0 never stops.
+    pub max_bad_steps: u64,
+    /// Draw a progress bar (only on a terminal).
+    pub progress: bool,
+    /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
+    /// checkpoint and stops.
+    pub interrupt: Option<Interrupt>,
+    /// Test-only: the gradients of this step are poisoned with NaN (its loss scale is NaN), as
+    /// a numerically broken batch would; the update must be skipped and counted.
+    pub nan_at_step: Option<u64>,
+    /// Test-only: sleep this long between the files of a checkpoint save, so a test can kill the
+    /// process in the middle of one.
+    pub save_delay: Option<Duration>,
+}
+
+impl TrainConfig {
+    /// The built-in default: the small preset on synthetic FLAN-like data with `flatten`,
+    /// sized to finish in under two minutes on two CPU cores.
+    pub fn default_cpu() -> Self {
+        TrainConfig {
+            model: ModelSource::Preset("small".into()),
+            data: DataSource::Synthetic {
+                dist: synthetic::LengthDist::FlanLike,
+                examples: 4096,
+            },
+            format: None,
+            long: LongPolicy::Truncate,
+            skip_bad: false,
+            strategy: Strategy::Flatten,
+            batch_size: 16,
+            grad_accum: 1,
+            max_len: 512,
+            group_by_length: false,
+            steps: Some(150),
+            epochs: None,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 10,
+            decay: Decay::Cosine,
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
+            seed: 0,
+            out: None,
+            save_dtype: SaveDtype::F32,
+            log: None,
+            log_every: 1,
+            eval_data: None,
+            eval_every: None,
+            save_every: None,
+            keep: None,
+            resume: None,
+            stop_after: None,
+            max_bad_steps: 10,
+            progress: true,
+            interrupt: None,
+            nan_at_step: None,
+            save_delay: None,
+        }
+    }
+
+    /// Checks the settings that do not need the model or the data.
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::TrainError::Config;
+        if self.batch_size == 0 || self.grad_accum == 0 || self.max_len < 2 {
+            return Err(Config(
+                "batch-size and grad-accum must be ≥ 1, max-len ≥ 2".into(),
+            ));
+        }
+        let zero = |key: &str, v: Option<u64>| match v {
+            Some(0) => Err(Config(format!("`{key}`: must be at least 1"))),
+            _ => Ok(()),
+        };
+        zero("save-every", self.save_every)?;
+        zero("eval-every", self.eval_every)?;
+        zero("stop-after", self.stop_after)?;
+        zero("keep", self.keep.map(|k| k as u64))?;
+        if self.out.is_none() {
+            for (key, set) in [
+                ("save-every", self.save_every.is_some()),
+                ("stop-after", self.stop_after.is_some()),
+                ("keep", self.keep.is_some()),
+                ("resume latest", self.resume == Some(Resume::Latest)),
+            ] {
+                if set {
+                    return Err(Config(format!(
+                        "`{key}` needs `out`: checkpoints are written to (and found in) OUT/checkpoint-NNNNNN"
+                    )));
+                }
+            }
+        }
+        if self.eval_every.is_some() && self.eval_data.is_none() {
+            return Err(Config(
+                "`eval-every` needs `eval-data` (the held-out file to evaluate)".into(),
+            ));
+        }
+        Ok(())
+    }
+}

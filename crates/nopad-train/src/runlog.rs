@@ -1,0 +1,67 @@
+//! The JSON-lines log (`--log`): one line per logged step and one per evaluation, flushed as it
+//! is written so a crash loses nothing logged. A resumed run first drops the lines of steps after
+//! its checkpoint (the interrupted session logged them, but the resumed one redoes those steps),
+//! so the log of a resumed run reads like that of an uninterrupted one.
+
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::{io, Result};
+
+/// An open log, or nothing when no `--log` was asked for.
+pub(crate) struct RunLog {
+    path: PathBuf,
+    w: Option<BufWriter<fs::File>>,
+}
+
+impl RunLog {
+    /// Opens `path` for a run that starts after step `resumed_at` (0 for a fresh run, which
+    /// truncates the file).
+    pub(crate) fn open(path: &Option<PathBuf>, resumed_at: u64) -> Result<RunLog> {
+        let Some(p) = path else {
+            return Ok(RunLog {
+                path: PathBuf::new(),
+                w: None,
+            });
+        };
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let f = if resumed_at > 0 && p.exists() {
+            let text = fs::read_to_string(p).map_err(io(p))?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    // A torn last line (a crash mid-write) does not parse and goes too.
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step")?.as_u64())
+                        .is_some_and(|s| s <= resumed_at)
+                })
+                .flat_map(|l| [l, "\n"])
+                .collect();
+            nopad_model::weights::atomic_write(p, kept.as_bytes())?;
+            fs::OpenOptions::new().append(true).open(p).map_err(io(p))?
+        } else {
+            fs::File::create(p).map_err(io(p))?
+        };
+        Ok(RunLog {
+            path: p.clone(),
+            w: Some(BufWriter::new(f)),
+        })
+    }
+
+    /// Appends one JSON line and flushes it.
+    pub(crate) fn line<T: Serialize>(&mut self, value: &T) -> Result<()> {
+        if let Some(w) = self.w.as_mut() {
+            let line = serde_json::to_string(value).expect("log records serialise");
+            writeln!(w, "{line}")
+                .and_then(|_| w.flush())
+                .map_err(io(&self.path))?;
+        }
+        Ok(())
+    }
+}
