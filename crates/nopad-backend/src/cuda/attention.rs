@@ -107,7 +107,11 @@ impl Cuda {
             return Ok(c.plan.clone());
         }
         let plan = std::sync::Arc::new(flash.plan(cu, fd).map_err(Self::flash_err(op))?);
-        *cache = Some(CachedPlan { cu: cu.to_vec(), heads, plan: plan.clone() });
+        *cache = Some(CachedPlan {
+            cu: cu.to_vec(),
+            heads,
+            plan: plan.clone(),
+        });
         Ok(plan)
     }
 
