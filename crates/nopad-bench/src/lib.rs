@@ -77,6 +77,8 @@ pub struct BenchConfig {
     pub peak_flops: f64,
     /// Extra steps, after the evaluation, timed op by op (0: none).
     pub profile_steps: u64,
+    /// Recompute activations in the backward.
+    pub recompute: bool,
 }
 
 /// What one strategy did.
@@ -185,6 +187,7 @@ pub fn run_strategy<B: Backend>(
     mut progress: impl FnMut(u64, f64),
 ) -> Result<StrategyResult> {
     let mut model = model(b, cfg)?;
+    model.set_recompute(cfg.recompute);
     let pad_id = pad_token_id(&model.cfg);
     let pack = PackOptions {
         strategy,

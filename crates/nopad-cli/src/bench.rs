@@ -67,6 +67,9 @@ pub struct BenchArgs {
     /// Peak dense TFLOP/s for MFU (default: the bf16 GEMM ceiling measured on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
+    /// Recompute each layer's activations in the backward (less memory, more compute).
+    #[arg(long)]
+    pub recompute: bool,
     /// After the run, time this many more steps op by op and print the breakdown.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: u64,
@@ -167,6 +170,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         seed: a.seed,
         peak_flops: a.peak_tflops * 1e12,
         profile_steps: a.profile_steps,
+        recompute: a.recompute,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.

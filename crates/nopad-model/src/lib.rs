@@ -9,6 +9,7 @@
 
 pub mod config;
 mod error;
+mod layer;
 pub mod layout;
 mod model;
 pub mod profile;
@@ -17,8 +18,9 @@ pub mod weights;
 
 pub use config::{Arch, Config, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
+pub use layer::{LayerActs, Scratch};
 pub use layout::{Layout, TensorSpec};
-pub use model::{Inputs, Model};
+pub use model::{Acts, Inputs, Model};
 
 #[cfg(test)]
 mod tests;

@@ -9,10 +9,11 @@
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
 
-use nopad_backend::{AttnDims, Backend, Kind, LinearDims, RopeDims};
+use nopad_backend::{AttnDims, Backend, Kind, LinearDims};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
+use crate::layer::{self, LayerActs, Scratch};
 use crate::layout::Layout;
 use crate::profile::Profile;
 
@@ -31,28 +32,6 @@ pub struct Inputs<'a> {
     pub max_seqlen: usize,
 }
 
-/// Saved activations of one layer, each `[cap, ·]`.
-///
-/// The norm outputs and the SwiGLU output are not kept: the backward recomputes them from the
-/// residual streams, the saved `rstd` and `gu` (cheap, memory-bound kernels), which saves
-/// `2·D + F` values per token and layer, a third of the activation memory.
-pub struct LayerActs<B: Backend> {
-    /// `[N]` input_layernorm's reciprocal RMS.
-    pub rstd1: B::Buf,
-    /// `[N, W]` q, k (rotated) and v.
-    pub qkv: B::Buf,
-    /// `[N, H·Dh]` attention output.
-    pub att: B::Buf,
-    /// `[H, N]` attention log-sum-exp.
-    pub lse: B::Buf,
-    /// `[N, D]` residual stream after attention.
-    pub res_mid: B::Buf,
-    /// `[N]` post_attention_layernorm's reciprocal RMS.
-    pub rstd2: B::Buf,
-    /// `[N, 2F]` gate and up projections.
-    pub gu: B::Buf,
-}
-
 /// All activation buffers, sized for `cap` tokens.
 pub struct Acts<B: Backend> {
     /// Token capacity.
@@ -65,24 +44,8 @@ pub struct Acts<B: Backend> {
     pub hf: B::Buf,
     /// `[N]` its reciprocal RMS.
     pub rstdf: B::Buf,
-    /// `[N, D]` a norm output (forward) or its recomputation (backward), shared by the layers.
-    pub h: B::Buf,
-    /// `[N, F]` a SwiGLU output, shared likewise.
-    pub a: B::Buf,
-    /// `[N]` reciprocal RMS written by recomputations (equal to the saved one).
-    pub rstd_tmp: B::Buf,
-    /// `[N, D]` gradient of the residual stream (accumulates through a layer).
-    pub d_res: B::Buf,
-    /// `[N, D]` gradient of a norm output.
-    pub d_h: B::Buf,
-    /// `[N, W]`.
-    pub d_qkv: B::Buf,
-    /// `[N, H·Dh]`.
-    pub d_att: B::Buf,
-    /// `[N, 2F]`.
-    pub d_gu: B::Buf,
-    /// `[N, F]`.
-    pub d_a: B::Buf,
+    /// Buffers the layers share.
+    pub s: Scratch<B>,
 }
 
 /// Device copies of one micro-batch's integer arrays, plus its shape.
@@ -109,6 +72,7 @@ pub struct Model<B: Backend> {
     acts: Option<Acts<B>>,
     saved: Option<Uploaded<B>>,
     profile: Profile,
+    recompute: bool,
 }
 
 impl<B: Backend> Model<B> {
@@ -132,7 +96,15 @@ impl<B: Backend> Model<B> {
             acts: None,
             saved: None,
             profile: Profile::default(),
+            recompute: false,
         })
+    }
+
+    /// Keeps only each layer's input residual stream in the forward and recomputes the rest of
+    /// a layer's activations in the backward: about a third more compute for activation memory
+    /// of one layer instead of all (long sequences, large batches).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     /// Times every op of the following passes (synchronising the device at each boundary).
@@ -165,7 +137,16 @@ impl<B: Backend> Model<B> {
     }
 
     fn ensure_acts(&mut self, b: &B, n: usize) -> Result<()> {
-        if self.acts.as_ref().is_some_and(|a| a.cap >= n) {
+        let slots = if self.recompute {
+            1
+        } else {
+            self.cfg.num_hidden_layers
+        };
+        if self
+            .acts
+            .as_ref()
+            .is_some_and(|a| a.cap >= n && a.layers.len() == slots)
+        {
             return Ok(());
         }
         // Grow by at least a quarter so a slowly growing batch does not reallocate every step.
@@ -176,8 +157,14 @@ impl<B: Backend> Model<B> {
         let (w, hd) = (c.qkv_width(), h * c.head_dim);
         let act = |len: usize| b.alloc(cap * len, Kind::Compute);
         let stat = |len: usize| b.alloc(cap * len, Kind::Master);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for _ in 0..c.num_hidden_layers {
+        // With recomputation one layer's worth of saved activations serves every layer.
+        let slots = if self.recompute {
+            1
+        } else {
+            c.num_hidden_layers
+        };
+        let mut layers = Vec::with_capacity(slots);
+        for _ in 0..slots {
             layers.push(LayerActs {
                 rstd1: stat(1)?,
                 qkv: act(w)?,
@@ -196,15 +183,17 @@ impl<B: Backend> Model<B> {
             layers,
             hf: act(d)?,
             rstdf: stat(1)?,
-            h: act(d)?,
-            a: act(f)?,
-            rstd_tmp: stat(1)?,
-            d_res: act(d)?,
-            d_h: act(d)?,
-            d_qkv: act(w)?,
-            d_att: act(hd)?,
-            d_gu: act(2 * f)?,
-            d_a: act(f)?,
+            s: Scratch {
+                h: act(d)?,
+                a: act(f)?,
+                rstd_tmp: stat(1)?,
+                d_res: act(d)?,
+                d_h: act(d)?,
+                d_qkv: act(w)?,
+                d_att: act(hd)?,
+                d_gu: act(2 * f)?,
+                d_a: act(f)?,
+            },
         });
         Ok(())
     }
@@ -253,12 +242,7 @@ impl<B: Backend> Model<B> {
         let n = up.attn.n;
         self.ensure_acts(b, n)?;
         let c = &self.cfg;
-        let (d, f, w, hd) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.qkv_width(),
-            c.num_attention_heads * c.head_dim,
-        );
+        let d = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
         let acts = self.acts.as_mut().expect("ensure_acts allocated them");
         let p = &self.params;
@@ -273,125 +257,29 @@ impl<B: Backend> Model<B> {
             d,
         )?;
         prof.mark(b, "embedding fwd")?;
-        for (l, (lr, la)) in self
-            .layout
-            .layers
-            .iter()
-            .zip(acts.layers.iter_mut())
-            .enumerate()
-        {
+        let recompute = self.recompute;
+        let cx = layer::Ctx {
+            b,
+            c,
+            p,
+            inv_freq: &self.inv_freq,
+            positions: &up.positions,
+            cu_seqlens: &up.cu_seqlens,
+            attn: up.attn,
+            n,
+        };
+        for (l, lr) in self.layout.layers.iter().enumerate() {
+            let la = &mut acts.layers[if recompute { 0 } else { l }];
             let (res_in, res_out) = acts.res.split_at_mut(l + 1);
-            let (res_in, res_out) = (&res_in[l], &mut res_out[0]);
-            // Attention block.
-            b.rmsnorm_forward(
-                b.view_mut(&mut acts.h, nd.clone()),
-                b.view_mut(&mut la.rstd1, 0..n),
-                b.view(res_in, nd.clone()),
-                b.view(p, lr.ln1.clone()),
-                n,
-                d,
-                eps,
+            layer::forward(
+                &cx,
+                lr,
+                la,
+                &mut acts.s,
+                &res_in[l],
+                Some(&mut res_out[0]),
+                prof,
             )?;
-            prof.mark(b, "rmsnorm fwd")?;
-            b.linear_forward(
-                b.view_mut(&mut la.qkv, 0..n * w),
-                b.view(&acts.h, nd.clone()),
-                b.view(p, lr.qkv_w.clone()),
-                lr.qkv_b.clone().map(|r| b.view(p, r)),
-                LinearDims {
-                    n,
-                    d_in: d,
-                    d_out: w,
-                },
-            )?;
-            prof.mark(b, "qkv_proj fwd")?;
-            let rope = RopeDims {
-                n,
-                row_stride: w,
-                n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
-                head_dim: c.head_dim,
-            };
-            b.rope_forward(
-                b.view_mut(&mut la.qkv, 0..n * w),
-                b.view(&self.inv_freq, 0..c.head_dim / 2),
-                &up.positions,
-                rope,
-            )?;
-            prof.mark(b, "rope fwd")?;
-            b.attention_forward(
-                b.view_mut(&mut la.att, 0..n * hd),
-                b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
-                b.view(&la.qkv, 0..n * w),
-                &up.cu_seqlens,
-                up.attn,
-            )?;
-            prof.mark(b, "attention fwd")?;
-            b.linear_forward(
-                b.view_mut(&mut la.res_mid, nd.clone()),
-                b.view(&la.att, 0..n * hd),
-                b.view(p, lr.o_w.clone()),
-                lr.o_b.clone().map(|r| b.view(p, r)),
-                LinearDims {
-                    n,
-                    d_in: hd,
-                    d_out: d,
-                },
-            )?;
-            prof.mark(b, "o_proj fwd")?;
-            b.add_assign(
-                b.view_mut(&mut la.res_mid, nd.clone()),
-                b.view(res_in, nd.clone()),
-                n * d,
-            )?;
-            prof.mark(b, "residual_add fwd")?;
-            // MLP block.
-            b.rmsnorm_forward(
-                b.view_mut(&mut acts.h, nd.clone()),
-                b.view_mut(&mut la.rstd2, 0..n),
-                b.view(&la.res_mid, nd.clone()),
-                b.view(p, lr.ln2.clone()),
-                n,
-                d,
-                eps,
-            )?;
-            prof.mark(b, "rmsnorm fwd")?;
-            b.linear_forward(
-                b.view_mut(&mut la.gu, 0..n * 2 * f),
-                b.view(&acts.h, nd.clone()),
-                b.view(p, lr.gate_up_w.clone()),
-                None,
-                LinearDims {
-                    n,
-                    d_in: d,
-                    d_out: 2 * f,
-                },
-            )?;
-            prof.mark(b, "gate_up_proj fwd")?;
-            b.swiglu_forward(
-                b.view_mut(&mut acts.a, 0..n * f),
-                b.view(&la.gu, 0..n * 2 * f),
-                n,
-                f,
-            )?;
-            prof.mark(b, "swiglu fwd")?;
-            b.linear_forward(
-                b.view_mut(res_out, nd.clone()),
-                b.view(&acts.a, 0..n * f),
-                b.view(p, lr.down_w.clone()),
-                None,
-                LinearDims {
-                    n,
-                    d_in: f,
-                    d_out: d,
-                },
-            )?;
-            prof.mark(b, "down_proj fwd")?;
-            b.add_assign(
-                b.view_mut(res_out, nd.clone()),
-                b.view(&la.res_mid, nd.clone()),
-                n * d,
-            )?;
-            prof.mark(b, "residual_add fwd")?;
         }
         let last = &acts.res[c.num_hidden_layers];
         b.rmsnorm_forward(
@@ -411,7 +299,7 @@ impl<B: Backend> Model<B> {
         };
         let (dx, dw) = match grad_scale {
             Some(_) => (
-                Some(b.view_mut(&mut acts.d_h, nd.clone())),
+                Some(b.view_mut(&mut acts.s.d_h, nd.clone())),
                 Some(b.view_mut(&mut self.grads, self.layout.lm_head.clone())),
             ),
             None => (None, None),
@@ -440,13 +328,7 @@ impl<B: Backend> Model<B> {
             .ok_or_else(|| ModelError::Input("backward without a training forward".into()))?;
         let n = up.attn.n;
         let c = &self.cfg;
-        let (d, f, w, hd) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.qkv_width(),
-            c.num_attention_heads * c.head_dim,
-        );
-        let eps = c.rms_norm_eps as f32;
+        let d = c.hidden_size;
         let acts = self
             .acts
             .as_mut()
@@ -456,12 +338,12 @@ impl<B: Backend> Model<B> {
         prof.start(b)?;
         let nd = 0..n * d;
         // Final norm: d_h holds ∂loss/∂hf from the fused head.
-        b.zero(b.view_mut(&mut acts.d_res, nd.clone()))?;
+        b.zero(b.view_mut(&mut acts.s.d_res, nd.clone()))?;
         prof.mark(b, "zero bwd")?;
         b.rmsnorm_backward(
-            b.view_mut(&mut acts.d_res, nd.clone()),
+            b.view_mut(&mut acts.s.d_res, nd.clone()),
             b.view_mut(g, self.layout.norm.clone()),
-            b.view(&acts.d_h, nd.clone()),
+            b.view(&acts.s.d_h, nd.clone()),
             b.view(&acts.res[c.num_hidden_layers], nd.clone()),
             b.view(p, self.layout.norm.clone()),
             b.view(&acts.rstdf, 0..n),
@@ -469,162 +351,36 @@ impl<B: Backend> Model<B> {
             d,
         )?;
         prof.mark(b, "rmsnorm bwd")?;
-        for (l, (lr, la)) in self
-            .layout
-            .layers
-            .iter()
-            .zip(acts.layers.iter())
-            .enumerate()
-            .rev()
-        {
-            // d_res = ∂loss/∂res[l+1]. MLP block: res[l+1] = res_mid + a·down_wᵀ, with a
-            // recomputed from the saved gate/up projections.
-            b.swiglu_forward(
-                b.view_mut(&mut acts.a, 0..n * f),
-                b.view(&la.gu, 0..n * 2 * f),
-                n,
-                f,
-            )?;
-            prof.mark(b, "recompute bwd")?;
-            b.linear_backward(
-                Some(b.view_mut(&mut acts.d_a, 0..n * f)),
-                b.view_mut(g, lr.down_w.clone()),
-                None,
-                b.view(&acts.d_res, nd.clone()),
-                b.view(&acts.a, 0..n * f),
-                b.view(p, lr.down_w.clone()),
-                LinearDims {
-                    n,
-                    d_in: f,
-                    d_out: d,
-                },
-            )?;
-            prof.mark(b, "down_proj bwd")?;
-            b.swiglu_backward(
-                b.view_mut(&mut acts.d_gu, 0..n * 2 * f),
-                b.view(&acts.d_a, 0..n * f),
-                b.view(&la.gu, 0..n * 2 * f),
-                n,
-                f,
-            )?;
-            prof.mark(b, "swiglu bwd")?;
-            // h2 = post_attention_layernorm(res_mid), recomputed.
-            b.rmsnorm_forward(
-                b.view_mut(&mut acts.h, nd.clone()),
-                b.view_mut(&mut acts.rstd_tmp, 0..n),
-                b.view(&la.res_mid, nd.clone()),
-                b.view(p, lr.ln2.clone()),
-                n,
-                d,
-                eps,
-            )?;
-            prof.mark(b, "recompute bwd")?;
-            b.linear_backward(
-                Some(b.view_mut(&mut acts.d_h, nd.clone())),
-                b.view_mut(g, lr.gate_up_w.clone()),
-                None,
-                b.view(&acts.d_gu, 0..n * 2 * f),
-                b.view(&acts.h, nd.clone()),
-                b.view(p, lr.gate_up_w.clone()),
-                LinearDims {
-                    n,
-                    d_in: d,
-                    d_out: 2 * f,
-                },
-            )?;
-            prof.mark(b, "gate_up_proj bwd")?;
-            b.rmsnorm_backward(
-                b.view_mut(&mut acts.d_res, nd.clone()),
-                b.view_mut(g, lr.ln2.clone()),
-                b.view(&acts.d_h, nd.clone()),
-                b.view(&la.res_mid, nd.clone()),
-                b.view(p, lr.ln2.clone()),
-                b.view(&la.rstd2, 0..n),
-                n,
-                d,
-            )?;
-            prof.mark(b, "rmsnorm bwd")?;
-            // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
-            let (dw, db) = split_weight_bias(b, g, &lr.o_w, &lr.o_b);
-            b.linear_backward(
-                Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
-                dw,
-                db,
-                b.view(&acts.d_res, nd.clone()),
-                b.view(&la.att, 0..n * hd),
-                b.view(p, lr.o_w.clone()),
-                LinearDims {
-                    n,
-                    d_in: hd,
-                    d_out: d,
-                },
-            )?;
-            prof.mark(b, "o_proj bwd")?;
-            b.attention_backward(
-                b.view_mut(&mut acts.d_qkv, 0..n * w),
-                b.view(&acts.d_att, 0..n * hd),
-                b.view(&la.qkv, 0..n * w),
-                b.view(&la.att, 0..n * hd),
-                b.view(&la.lse, 0..n * c.num_attention_heads),
-                &up.cu_seqlens,
-                up.attn,
-            )?;
-            prof.mark(b, "attention bwd")?;
-            let rope = RopeDims {
-                n,
-                row_stride: w,
-                n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
-                head_dim: c.head_dim,
-            };
-            b.rope_backward(
-                b.view_mut(&mut acts.d_qkv, 0..n * w),
-                b.view(&self.inv_freq, 0..c.head_dim / 2),
-                &up.positions,
-                rope,
-            )?;
-            prof.mark(b, "rope bwd")?;
-            // h1 = input_layernorm(res[l]), recomputed.
-            b.rmsnorm_forward(
-                b.view_mut(&mut acts.h, nd.clone()),
-                b.view_mut(&mut acts.rstd_tmp, 0..n),
-                b.view(&acts.res[l], nd.clone()),
-                b.view(p, lr.ln1.clone()),
-                n,
-                d,
-                eps,
-            )?;
-            prof.mark(b, "recompute bwd")?;
-            let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
-            b.linear_backward(
-                Some(b.view_mut(&mut acts.d_h, nd.clone())),
-                dw,
-                db,
-                b.view(&acts.d_qkv, 0..n * w),
-                b.view(&acts.h, nd.clone()),
-                b.view(p, lr.qkv_w.clone()),
-                LinearDims {
-                    n,
-                    d_in: d,
-                    d_out: w,
-                },
-            )?;
-            prof.mark(b, "qkv_proj bwd")?;
-            b.rmsnorm_backward(
-                b.view_mut(&mut acts.d_res, nd.clone()),
-                b.view_mut(g, lr.ln1.clone()),
-                b.view(&acts.d_h, nd.clone()),
-                b.view(&acts.res[l], nd.clone()),
-                b.view(p, lr.ln1.clone()),
-                b.view(&la.rstd1, 0..n),
-                n,
-                d,
-            )?;
-            prof.mark(b, "rmsnorm bwd")?;
-            // d_res = ∂loss/∂res[l].
+        let recompute = self.recompute;
+        let cx = layer::Ctx {
+            b,
+            c,
+            p,
+            inv_freq: &self.inv_freq,
+            positions: &up.positions,
+            cu_seqlens: &up.cu_seqlens,
+            attn: up.attn,
+            n,
+        };
+        for (l, lr) in self.layout.layers.iter().enumerate().rev() {
+            if recompute {
+                // Rebuild this layer's saved activations from its input residual stream.
+                layer::forward(
+                    &cx,
+                    lr,
+                    &mut acts.layers[0],
+                    &mut acts.s,
+                    &acts.res[l],
+                    None,
+                    prof,
+                )?;
+            }
+            let la = &acts.layers[if recompute { 0 } else { l }];
+            layer::backward(&cx, lr, la, &mut acts.s, g, &acts.res[l], prof)?;
         }
         b.embedding_backward(
             b.view_mut(g, self.layout.embed.clone()),
-            b.view(&acts.d_res, nd.clone()),
+            b.view(&acts.s.d_res, nd.clone()),
             &up.tokens,
             n,
             d,
@@ -640,11 +396,11 @@ impl<B: Backend> Model<B> {
             .acts
             .as_ref()
             .ok_or_else(|| ModelError::Input("no backward has run".into()))?;
-        Ok(b.read(&acts.d_res, 0..n * self.cfg.hidden_size)?)
+        Ok(b.read(&acts.s.d_res, 0..n * self.cfg.hidden_size)?)
     }
 }
 
-fn split_weight_bias<'a, B: Backend>(
+pub(crate) fn split_weight_bias<'a, B: Backend>(
     b: &'a B,
     g: &'a mut B::Buf,
     w: &std::ops::Range<usize>,

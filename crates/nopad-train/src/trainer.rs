@@ -242,6 +242,7 @@ pub fn train<B: Backend>(
             (Model::new(b, model_config(&tc.model)?)?, desc)
         }
     };
+    model.set_recompute(tc.recompute);
     let model_dir = match &tc.model {
         ModelSource::Dir(d) => Some(d.as_path()),
         ModelSource::Preset(_) => None,

@@ -1,0 +1,378 @@
+//! One decoder layer's explicit forward and backward, written against [`Backend`]. The model
+//! calls these for every layer; with activation recomputation (`Model::set_recompute`) the
+//! backward first re-runs a layer's forward from its saved input residual stream.
+//!
+//! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width.
+
+use nopad_backend::{AttnDims, Backend, LinearDims, RopeDims};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::layout::LayerRanges;
+use crate::model::split_weight_bias;
+use crate::profile::Profile;
+
+/// What every layer of one pass shares: the backend, the config, the parameters and the batch.
+pub(crate) struct Ctx<'a, B: Backend> {
+    pub b: &'a B,
+    pub c: &'a Config,
+    /// `[P]` parameters.
+    pub p: &'a B::Buf,
+    /// `[Dh/2]` RoPE inverse frequencies.
+    pub inv_freq: &'a B::Buf,
+    /// `[N]` positions.
+    pub positions: &'a B::Ints,
+    /// `[S + 1]` segment boundaries.
+    pub cu_seqlens: &'a B::Ints,
+    /// Attention shape of the batch.
+    pub attn: AttnDims,
+    /// Tokens N.
+    pub n: usize,
+}
+
+/// Saved activations of one layer, each `[cap, ·]`.
+///
+/// The norm outputs and the SwiGLU output are not kept: the backward recomputes them from the
+/// residual streams, the saved `rstd` and `gu` (cheap, memory-bound kernels), which saves
+/// `2·D + F` values per token and layer, a third of the activation memory.
+pub struct LayerActs<B: Backend> {
+    /// `[N]` input_layernorm's reciprocal RMS.
+    pub rstd1: B::Buf,
+    /// `[N, W]` q, k (rotated) and v.
+    pub qkv: B::Buf,
+    /// `[N, H·Dh]` attention output.
+    pub att: B::Buf,
+    /// `[H, N]` attention log-sum-exp.
+    pub lse: B::Buf,
+    /// `[N, D]` residual stream after attention.
+    pub res_mid: B::Buf,
+    /// `[N]` post_attention_layernorm's reciprocal RMS.
+    pub rstd2: B::Buf,
+    /// `[N, 2F]` gate and up projections.
+    pub gu: B::Buf,
+}
+
+/// Buffers every layer reuses, `[cap, ·]`.
+pub struct Scratch<B: Backend> {
+    /// `[N, D]` a norm output (forward) or its recomputation (backward).
+    pub h: B::Buf,
+    /// `[N, F]` a SwiGLU output, likewise.
+    pub a: B::Buf,
+    /// `[N]` reciprocal RMS written by recomputations (equal to the saved one).
+    pub rstd_tmp: B::Buf,
+    /// `[N, D]` gradient of the residual stream (accumulates through a layer).
+    pub d_res: B::Buf,
+    /// `[N, D]` gradient of a norm output.
+    pub d_h: B::Buf,
+    /// `[N, W]`.
+    pub d_qkv: B::Buf,
+    /// `[N, H·Dh]`.
+    pub d_att: B::Buf,
+    /// `[N, 2F]`.
+    pub d_gu: B::Buf,
+    /// `[N, F]`.
+    pub d_a: B::Buf,
+}
+
+fn dims(c: &Config) -> (usize, usize, usize, usize, f32) {
+    let hd = c.num_attention_heads * c.head_dim;
+    (
+        c.hidden_size,
+        c.intermediate_size,
+        c.qkv_width(),
+        hd,
+        c.rms_norm_eps as f32,
+    )
+}
+
+/// Layer forward: `res_out = layer(res_in)`, saving what the backward needs in `la`. With
+/// `res_out = None` (recomputation) it stops once `la` is complete (after the gate/up GEMM).
+pub(crate) fn forward<B: Backend>(
+    cx: &Ctx<'_, B>,
+    lr: &LayerRanges,
+    la: &mut LayerActs<B>,
+    acts: &mut Scratch<B>,
+    res_in: &B::Buf,
+    res_out: Option<&mut B::Buf>,
+    prof: &mut Profile,
+) -> Result<()> {
+    let (b, c, p, n) = (cx.b, cx.c, cx.p, cx.n);
+    let (d, f, w, hd, eps) = dims(c);
+    let nd = 0..n * d;
+    // Attention block.
+    b.rmsnorm_forward(
+        b.view_mut(&mut acts.h, nd.clone()),
+        b.view_mut(&mut la.rstd1, 0..n),
+        b.view(res_in, nd.clone()),
+        b.view(p, lr.ln1.clone()),
+        n,
+        d,
+        eps,
+    )?;
+    prof.mark(b, "rmsnorm fwd")?;
+    b.linear_forward(
+        b.view_mut(&mut la.qkv, 0..n * w),
+        b.view(&acts.h, nd.clone()),
+        b.view(p, lr.qkv_w.clone()),
+        lr.qkv_b.clone().map(|r| b.view(p, r)),
+        LinearDims {
+            n,
+            d_in: d,
+            d_out: w,
+        },
+    )?;
+    prof.mark(b, "qkv_proj fwd")?;
+    let rope = RopeDims {
+        n,
+        row_stride: w,
+        n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
+        head_dim: c.head_dim,
+    };
+    b.rope_forward(
+        b.view_mut(&mut la.qkv, 0..n * w),
+        b.view(cx.inv_freq, 0..c.head_dim / 2),
+        cx.positions,
+        rope,
+    )?;
+    prof.mark(b, "rope fwd")?;
+    b.attention_forward(
+        b.view_mut(&mut la.att, 0..n * hd),
+        b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
+        b.view(&la.qkv, 0..n * w),
+        cx.cu_seqlens,
+        cx.attn,
+    )?;
+    prof.mark(b, "attention fwd")?;
+    b.linear_forward(
+        b.view_mut(&mut la.res_mid, nd.clone()),
+        b.view(&la.att, 0..n * hd),
+        b.view(p, lr.o_w.clone()),
+        lr.o_b.clone().map(|r| b.view(p, r)),
+        LinearDims {
+            n,
+            d_in: hd,
+            d_out: d,
+        },
+    )?;
+    prof.mark(b, "o_proj fwd")?;
+    b.add_assign(
+        b.view_mut(&mut la.res_mid, nd.clone()),
+        b.view(res_in, nd.clone()),
+        n * d,
+    )?;
+    prof.mark(b, "residual_add fwd")?;
+    // MLP block.
+    b.rmsnorm_forward(
+        b.view_mut(&mut acts.h, nd.clone()),
+        b.view_mut(&mut la.rstd2, 0..n),
+        b.view(&la.res_mid, nd.clone()),
+        b.view(p, lr.ln2.clone()),
+        n,
+        d,
+        eps,
+    )?;
+    prof.mark(b, "rmsnorm fwd")?;
+    b.linear_forward(
+        b.view_mut(&mut la.gu, 0..n * 2 * f),
+        b.view(&acts.h, nd.clone()),
+        b.view(p, lr.gate_up_w.clone()),
+        None,
+        LinearDims {
+            n,
+            d_in: d,
+            d_out: 2 * f,
+        },
+    )?;
+    prof.mark(b, "gate_up_proj fwd")?;
+    // The rest of the MLP is skipped when recomputing for the backward.
+    let Some(res_out) = res_out else {
+        return Ok(());
+    };
+    b.swiglu_forward(
+        b.view_mut(&mut acts.a, 0..n * f),
+        b.view(&la.gu, 0..n * 2 * f),
+        n,
+        f,
+    )?;
+    prof.mark(b, "swiglu fwd")?;
+    b.linear_forward(
+        b.view_mut(res_out, nd.clone()),
+        b.view(&acts.a, 0..n * f),
+        b.view(p, lr.down_w.clone()),
+        None,
+        LinearDims {
+            n,
+            d_in: f,
+            d_out: d,
+        },
+    )?;
+    prof.mark(b, "down_proj fwd")?;
+    b.add_assign(
+        b.view_mut(res_out, nd.clone()),
+        b.view(&la.res_mid, nd.clone()),
+        n * d,
+    )?;
+    prof.mark(b, "residual_add fwd")?;
+    Ok(())
+}
+
+/// Layer backward: on entry `acts.d_res` = ∂loss/∂res_out, on exit ∂loss/∂res_in; parameter
+/// gradients accumulate into `g`.
+pub(crate) fn backward<B: Backend>(
+    cx: &Ctx<'_, B>,
+    lr: &LayerRanges,
+    la: &LayerActs<B>,
+    acts: &mut Scratch<B>,
+    g: &mut B::Buf,
+    res_in: &B::Buf,
+    prof: &mut Profile,
+) -> Result<()> {
+    let (b, c, p, n) = (cx.b, cx.c, cx.p, cx.n);
+    let (d, f, w, hd, eps) = dims(c);
+    let nd = 0..n * d;
+    // d_res = ∂loss/∂res[l+1]. MLP block: res[l+1] = res_mid + a·down_wᵀ, with a
+    // recomputed from the saved gate/up projections.
+    b.swiglu_forward(
+        b.view_mut(&mut acts.a, 0..n * f),
+        b.view(&la.gu, 0..n * 2 * f),
+        n,
+        f,
+    )?;
+    prof.mark(b, "recompute bwd")?;
+    b.linear_backward(
+        Some(b.view_mut(&mut acts.d_a, 0..n * f)),
+        b.view_mut(g, lr.down_w.clone()),
+        None,
+        b.view(&acts.d_res, nd.clone()),
+        b.view(&acts.a, 0..n * f),
+        b.view(p, lr.down_w.clone()),
+        LinearDims {
+            n,
+            d_in: f,
+            d_out: d,
+        },
+    )?;
+    prof.mark(b, "down_proj bwd")?;
+    b.swiglu_backward(
+        b.view_mut(&mut acts.d_gu, 0..n * 2 * f),
+        b.view(&acts.d_a, 0..n * f),
+        b.view(&la.gu, 0..n * 2 * f),
+        n,
+        f,
+    )?;
+    prof.mark(b, "swiglu bwd")?;
+    // h2 = post_attention_layernorm(res_mid), recomputed.
+    b.rmsnorm_forward(
+        b.view_mut(&mut acts.h, nd.clone()),
+        b.view_mut(&mut acts.rstd_tmp, 0..n),
+        b.view(&la.res_mid, nd.clone()),
+        b.view(p, lr.ln2.clone()),
+        n,
+        d,
+        eps,
+    )?;
+    prof.mark(b, "recompute bwd")?;
+    b.linear_backward(
+        Some(b.view_mut(&mut acts.d_h, nd.clone())),
+        b.view_mut(g, lr.gate_up_w.clone()),
+        None,
+        b.view(&acts.d_gu, 0..n * 2 * f),
+        b.view(&acts.h, nd.clone()),
+        b.view(p, lr.gate_up_w.clone()),
+        LinearDims {
+            n,
+            d_in: d,
+            d_out: 2 * f,
+        },
+    )?;
+    prof.mark(b, "gate_up_proj bwd")?;
+    b.rmsnorm_backward(
+        b.view_mut(&mut acts.d_res, nd.clone()),
+        b.view_mut(g, lr.ln2.clone()),
+        b.view(&acts.d_h, nd.clone()),
+        b.view(&la.res_mid, nd.clone()),
+        b.view(p, lr.ln2.clone()),
+        b.view(&la.rstd2, 0..n),
+        n,
+        d,
+    )?;
+    prof.mark(b, "rmsnorm bwd")?;
+    // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
+    let (dw, db) = split_weight_bias(b, g, &lr.o_w, &lr.o_b);
+    b.linear_backward(
+        Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
+        dw,
+        db,
+        b.view(&acts.d_res, nd.clone()),
+        b.view(&la.att, 0..n * hd),
+        b.view(p, lr.o_w.clone()),
+        LinearDims {
+            n,
+            d_in: hd,
+            d_out: d,
+        },
+    )?;
+    prof.mark(b, "o_proj bwd")?;
+    b.attention_backward(
+        b.view_mut(&mut acts.d_qkv, 0..n * w),
+        b.view(&acts.d_att, 0..n * hd),
+        b.view(&la.qkv, 0..n * w),
+        b.view(&la.att, 0..n * hd),
+        b.view(&la.lse, 0..n * c.num_attention_heads),
+        cx.cu_seqlens,
+        cx.attn,
+    )?;
+    prof.mark(b, "attention bwd")?;
+    let rope = RopeDims {
+        n,
+        row_stride: w,
+        n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
+        head_dim: c.head_dim,
+    };
+    b.rope_backward(
+        b.view_mut(&mut acts.d_qkv, 0..n * w),
+        b.view(cx.inv_freq, 0..c.head_dim / 2),
+        cx.positions,
+        rope,
+    )?;
+    prof.mark(b, "rope bwd")?;
+    // h1 = input_layernorm(res[l]), recomputed.
+    b.rmsnorm_forward(
+        b.view_mut(&mut acts.h, nd.clone()),
+        b.view_mut(&mut acts.rstd_tmp, 0..n),
+        b.view(res_in, nd.clone()),
+        b.view(p, lr.ln1.clone()),
+        n,
+        d,
+        eps,
+    )?;
+    prof.mark(b, "recompute bwd")?;
+    let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
+    b.linear_backward(
+        Some(b.view_mut(&mut acts.d_h, nd.clone())),
+        dw,
+        db,
+        b.view(&acts.d_qkv, 0..n * w),
+        b.view(&acts.h, nd.clone()),
+        b.view(p, lr.qkv_w.clone()),
+        LinearDims {
+            n,
+            d_in: d,
+            d_out: w,
+        },
+    )?;
+    prof.mark(b, "qkv_proj bwd")?;
+    b.rmsnorm_backward(
+        b.view_mut(&mut acts.d_res, nd.clone()),
+        b.view_mut(g, lr.ln1.clone()),
+        b.view(&acts.d_h, nd.clone()),
+        b.view(res_in, nd.clone()),
+        b.view(p, lr.ln1.clone()),
+        b.view(&la.rstd1, 0..n),
+        n,
+        d,
+    )?;
+    prof.mark(b, "rmsnorm bwd")?;
+    // d_res = ∂loss/∂res[l].
+    Ok(())
+}
