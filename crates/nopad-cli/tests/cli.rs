@@ -187,3 +187,132 @@ fn bad_data_and_bad_models_are_reported_with_their_place() {
     ]));
     assert!(e.contains("config.json: field `head_dim`"), "{e}");
 }
+
+/// A user's whole path with text data: a model directory with its own tokenizer and chat
+/// template, chat records trained on, the same records through `nopad stats` and `nopad eval`.
+#[test]
+fn chat_data_through_a_model_directory_with_its_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let m = model.to_str().unwrap();
+    ok(nopad(&[
+        "train",
+        "--model",
+        "tiny",
+        "--steps",
+        "1",
+        "--max-len",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        m,
+        "--no-progress",
+    ]));
+    // Word-level tokenizer: ids 0-4 special, then words; all below the tiny preset's 97.
+    let words = [
+        "hi", "there", "how", "are", "you", "fine", "thanks", "bye", "see", "ya", "good", "day",
+    ];
+    let specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"];
+    let vocab: serde_json::Map<String, serde_json::Value> = specials
+        .iter()
+        .chain(words.iter())
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<_> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
+    write(&model.join("tokenizer.json"), &tok.to_string());
+    let template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} {% else %}<|assistant|> {{ m['content'] }}</s> {% endif %}{% endfor %}";
+    write(
+        &model.join("tokenizer_config.json"),
+        &serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+            .to_string(),
+    );
+    let data = dir.path().join("chat.jsonl");
+    let mut lines = String::new();
+    for (u, a) in [
+        ("hi there", "hi how are you"),
+        ("how are you", "fine thanks"),
+        ("bye", "see ya"),
+        ("good day", "good day"),
+        ("hi", "bye"),
+    ] {
+        lines += &serde_json::json!({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}).to_string();
+        lines.push('\n');
+    }
+    write(&data, &lines);
+    let d = data.to_str().unwrap();
+    let out2 = dir.path().join("ft");
+    let summary = ok(nopad(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        out2.to_str().unwrap(),
+        "--no-progress",
+    ]));
+    assert!(
+        summary.contains("5 examples") && summary.contains("loss "),
+        "{summary}"
+    );
+    let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&[
+        "stats",
+        "--data",
+        d,
+        "--model",
+        m,
+        "--max-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--json",
+    ])))
+    .unwrap();
+    for s in ["pad", "concat", "flatten", "offline"] {
+        for k in [
+            "rows",
+            "steps_per_epoch",
+            "real_tokens",
+            "pad_tokens",
+            "padding_fraction",
+            "sum_len_sq",
+            "predicted_speedup",
+        ] {
+            assert!(stats[s].get(k).is_some(), "stats.{s} lacks {k}: {stats}");
+        }
+    }
+    assert_eq!(stats["pad"]["real_tokens"], stats["flatten"]["real_tokens"]);
+    // The assistant turns are the targets: 4+2+2+2+1 words plus </s> after each = 16.
+    let e: serde_json::Value = serde_json::from_str(
+        ok(nopad(&[
+            "eval",
+            "--model",
+            out2.to_str().unwrap(),
+            "--data",
+            d,
+            "--json",
+            "--device",
+            "cpu",
+        ]))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(e["tokens"], 16, "{e}");
+}

@@ -218,7 +218,8 @@ impl ModelTokenizer {
     /// occupies: its content and whatever the template writes after it before the next turn
     /// (the end-of-turn tokens). Found by rendering growing prefixes of the conversation: turn i
     /// spans from the end of `messages[..i]` with the generation prompt to the end of
-    /// `messages[..=i]`.
+    /// `messages[..=i]`, starting at the content itself when the template writes the role header
+    /// there (templates without a generation prompt).
     pub fn render_with_assistant_spans(
         &self,
         messages: &[Value],
@@ -231,13 +232,19 @@ impl ModelTokenizer {
             }
             let before = self.render_chat(&messages[..i], true)?;
             let upto = self.render_chat(&messages[..=i], false)?;
+            let content = m.get("content").and_then(Value::as_str).unwrap_or("");
             if upto.starts_with(&before) && full.starts_with(&upto) {
-                spans.push((before.len(), upto.len()));
+                // A template that ignores `add_generation_prompt` leaves the role header inside
+                // the new text: the trained span starts where the content does.
+                let skip = Some(content)
+                    .filter(|c| !c.is_empty())
+                    .and_then(|c| upto[before.len()..].find(c))
+                    .unwrap_or(0);
+                spans.push((before.len() + skip, upto.len()));
                 continue;
             }
             // Templates that rewrite earlier turns (e.g. drop reasoning) break the prefix rule:
             // find this turn's content, and the end-of-turn text after it, in the full render.
-            let content = m.get("content").and_then(Value::as_str).unwrap_or("");
             let from = spans.last().map_or(0, |s: &(usize, usize)| s.1);
             let tail = upto
                 .rfind(content)

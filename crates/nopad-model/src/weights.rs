@@ -306,3 +306,29 @@ pub fn save_checkpoint(
         .expect("JSON values serialise");
     atomic_write(&dir.join("config.json"), config.as_bytes())
 }
+
+/// Files of a model directory that describe its tokenizer and generation settings, copied next to
+/// saved weights so the output directory is a complete model (HF loads it, nopad trains on text
+/// with it).
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Copies the [`TOKENIZER_FILES`] that exist in `from` into `to` (atomically, file by file).
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for name in TOKENIZER_FILES {
+        let src = from.join(name);
+        if src.is_file() {
+            let bytes = fs::read(&src).map_err(|e| ModelError::io(&src, e))?;
+            atomic_write(&to.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}

@@ -479,6 +479,9 @@ pub fn train<B: Backend>(
             4 << 30,
             |r| Ok(b.read(w, r)?),
         )?;
+        if let ModelSource::Dir(src) = &tc.model {
+            weights::copy_tokenizer_files(src, out)?;
+        }
     }
     let final_eval = evals
         .last()
