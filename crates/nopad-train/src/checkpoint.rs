@@ -366,6 +366,7 @@ pub fn save<B: Backend>(
     state: &TrainerState,
     keep: Option<usize>,
     delay: Option<Duration>,
+    tokenizer_from: Option<&Path>,
 ) -> Result<(PathBuf, Vec<PathBuf>)> {
     let pause = || {
         if let Some(d) = delay {
@@ -391,6 +392,9 @@ pub fn save<B: Backend>(
         4 << 30,
         |r| Ok(b.read(w, r)?),
     )?;
+    if let Some(src) = tokenizer_from {
+        weights::copy_tokenizer_files(src, &tmp)?;
+    }
     pause();
     write_optimizer(b, &tmp.join(OPTIMIZER), opt, model.layout.total)?;
     pause();

@@ -455,8 +455,16 @@ pub fn train<B: Backend>(
                 evals: evals.clone(),
                 identity: id.clone(),
             };
-            let (dir, gone) =
-                checkpoint::save(b, out, &model, &opt, &state, tc.keep, tc.save_delay)?;
+            let (dir, gone) = checkpoint::save(
+                b,
+                out,
+                &model,
+                &opt,
+                &state,
+                tc.keep,
+                tc.save_delay,
+                model_dir,
+            )?;
             let gone: String = gone
                 .iter()
                 .map(|g| format!(", deleted {}", g.display()))
