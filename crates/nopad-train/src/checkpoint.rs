@@ -357,7 +357,8 @@ fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
 
 /// Saves a checkpoint of the run after `state.step` under `out` (see the module docs for the
 /// layout and the order of writes), then keeps only the newest `keep`. `delay` (tests only)
-/// sleeps between the files. Returns the checkpoint's directory and what was deleted.
+/// sleeps between the files; `tokenizer_from` is a model directory whose tokenizer files are
+/// copied in. Returns the checkpoint's directory and what was deleted.
 #[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     b: &B,
