@@ -24,6 +24,10 @@ cat /tmp/flan/compare.txt 2>/dev/null
 HF_MODES=flatten timeout 130 bench/side_by_side.sh $d/nopad /tmp/l2 --model llama-2-7b --layers 8 --data synthetic-flan \
   --examples 1500 --batch-size 16 --max-len 4096 --strategies flatten,pad --warmup 3 --steps 12 > "$out/l2.log" 2>&1
 cat /tmp/l2/compare.txt 2>/dev/null
+# 3b. The same 8-layer Llama-2-7B shape, OrcaMath-like lengths, 8 examples per step.
+HF_MODES=flatten timeout 130 bench/side_by_side.sh $d/nopad /tmp/l2orca --model llama-2-7b --layers 8 --data synthetic-orcamath \
+  --examples 800 --batch-size 8 --max-len 4096 --strategies flatten,pad --warmup 3 --steps 12 > "$out/l2orca.log" 2>&1
+cat /tmp/l2orca/compare.txt 2>/dev/null
 # 4. Llama-3.2-1B, OrcaMath-like lengths, 8 examples per step: nopad vs HF flatten.
 HF_MODES=flatten timeout 110 bench/side_by_side.sh $d/nopad /tmp/orca --model llama-3.2-1b --data synthetic-orcamath \
   --examples 1000 --batch-size 8 --max-len 4096 --strategies flatten,pad --warmup 3 --steps 15 > "$out/orca.log" 2>&1
@@ -31,5 +35,5 @@ cat /tmp/orca/compare.txt 2>/dev/null
 # 5. The strategies that change the rows: concat and offline (4 rows of 4096 per step) beside flatten.
 timeout 90 $d/nopad bench --device cuda --model llama-3.2-1b --data synthetic-flan --examples 2000 --batch-size 4 \
   --max-len 4096 --strategies flatten,concat,offline --warmup 2 --steps 8 --out /tmp/rows > "$out/rows.log" 2>&1
-tar czf "$out/results.tgz" --exclude=export/model -C /tmp flan l2 orca rows 2>/dev/null
-for f in flan l2 orca rows; do echo "== $f"; grep -v "step [0-9]*/" "$out/$f.log" | tr '\r' '\n' | grep -v "step [0-9]*/" | tail -32; done
+tar czf "$out/results.tgz" --exclude=export/model -C /tmp flan l2 l2orca orca rows 2>/dev/null
+for f in flan l2 l2orca orca rows; do echo "== $f"; grep -v "step [0-9]*/" "$out/$f.log" | tr '\r' '\n' | grep -v "step [0-9]*/" | tail -32; done
