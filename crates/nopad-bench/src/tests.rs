@@ -123,3 +123,37 @@ fn export_holds_the_steps_in_order_and_a_loadable_model() {
     let cfg2 = nopad_model::weights::read_config(&dir.path().join("model")).unwrap();
     assert_eq!(cfg2.num_hidden_layers, 2);
 }
+
+#[test]
+fn useful_flops_count_real_tokens_and_example_attention_only() {
+    use crate::useful_flops;
+    use nopad_data::{pack_micro_batch, Example, PackOptions};
+    let cfg = nopad_model::Config::preset("tiny").unwrap();
+    let ex = |n: usize| Example {
+        input_ids: (1..=n as i32).collect(),
+        labels: (1..=n as i32).collect(),
+    };
+    let exs = [ex(3), ex(5)];
+    let refs: Vec<&Example> = exs.iter().collect();
+    let layout = nopad_model::Layout::new(&cfg);
+    // Untied: the input embedding is a lookup, not a matmul.
+    let n = (layout.total - cfg.vocab_size * cfg.hidden_size) as f64;
+    let attn = 6.0
+        * (cfg.head_dim * cfg.num_attention_heads * cfg.num_hidden_layers) as f64
+        * (9.0 + 25.0);
+    let want = 6.0 * n * 8.0 + attn;
+    for s in [Strategy::Flatten, Strategy::Pad] {
+        let b = pack_micro_batch(
+            &refs,
+            &PackOptions {
+                strategy: s,
+                batch_size: 2,
+                max_len: 16,
+                pad_token_id: 0,
+                group_by_length: false,
+            },
+        );
+        let got = useful_flops(&cfg, &b, 0, s);
+        assert!((got - want).abs() < 1e-6 * want, "{s}: {got} vs {want}");
+    }
+}
