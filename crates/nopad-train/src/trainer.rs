@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use nopad_backend::Backend;
 use nopad_data::{
-    synthetic, Batch, BatchStats, Example, Loader, LoaderOptions, PackOptions, Strategy,
+    synthetic, Batch, BatchStats, Example, Loader, LoaderOptions, LongPolicy, PackOptions, Strategy,
 };
 use nopad_model::weights;
 use nopad_model::{Config, Inputs, Model};
@@ -326,8 +326,15 @@ pub fn train<B: Backend>(
         }
         None => (Counters::default(), vec![], vec![]),
     };
+    // Held-out data never loses examples: under `--long drop` its long examples are split.
     let eval_examples = match &tc.eval_data {
-        Some(p) => Some(load_data(&DataSource::File(p.clone()), &model.cfg, model_dir, tc)?.0),
+        Some(p) => {
+            let mut etc = tc.clone();
+            if etc.long == LongPolicy::Drop {
+                etc.long = LongPolicy::Split;
+            }
+            Some(load_data(&DataSource::File(p.clone()), &model.cfg, model_dir, &etc)?.0)
+        }
         None => None,
     };
     let mut log = RunLog::open(&tc.log, start_step)?;

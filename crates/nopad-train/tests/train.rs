@@ -152,3 +152,28 @@ fn evaluation_does_not_depend_on_strategy_or_batch_size() {
     let loss = model.take_loss_sum(&b).unwrap() / batch.stats.target_tokens as f64;
     assert!(((loss - base.loss) / base.loss).abs() <= 1e-6);
 }
+
+#[test]
+fn held_out_data_keeps_long_examples_even_under_long_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let eval = dir.path().join("eval.jsonl");
+    // One short example and one longer than max-len 64: 9 + 99 targets.
+    let short: Vec<i32> = (1..=10).collect();
+    let long: Vec<i32> = (1..=100).map(|i| i % 90 + 1).collect();
+    std::fs::write(
+        &eval,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"input_ids": short}),
+            serde_json::json!({"input_ids": long})
+        ),
+    )
+    .unwrap();
+    let b = Cpu::<f32>::new();
+    let mut c = tiny_config(2);
+    c.long = nopad_data::LongPolicy::Drop;
+    c.eval_data = Some(eval);
+    let s = train(&b, &c, |_| {}).unwrap();
+    // Split into 64 + 36 tokens: 9 + 63 + 35 targets; nothing dropped.
+    assert_eq!(s.eval_tokens, Some(9 + 63 + 35), "{:?}", s.eval_tokens);
+}
