@@ -336,8 +336,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// One AdamW update over `n` parameters: `param` (Compute) is what the forward reads;
-    /// `master` (Master) is the fp32 copy the update is applied to when the backend keeps one
-    /// (see [`Backend::needs_master`]), after which `param` is refreshed from it.
+    /// `master` (from [`Backend::master_new`]) is the fp32 copy the update is applied to when the
+    /// backend keeps one (see [`Backend::needs_master`]), after which `param` is refreshed from it.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &self,
@@ -351,4 +351,42 @@ pub trait Backend {
     ) -> Result<()>;
     /// Whether Compute and Master differ in type, so the optimizer needs a master copy.
     fn needs_master(&self) -> bool;
+    /// A master copy of `params[..n]` (called only when [`Backend::needs_master`]): fp32 weights
+    /// equal to the parameters, in whatever form [`Backend::adamw`] takes as `master`. The default
+    /// is a full Master buffer; the CUDA backend keeps only the low 16 bits of each fp32 weight,
+    /// whose high 16 bits are the bf16 parameter itself, so exact fp32 master weights cost 2 bytes
+    /// per parameter instead of 4.
+    fn master_new(&self, params: &Self::Buf, n: usize) -> Result<Self::Buf> {
+        let mut master = self.alloc(n, Kind::Master)?;
+        const CHUNK: usize = 1 << 24;
+        let mut off = 0;
+        while off < n {
+            let end = (off + CHUNK).min(n);
+            let vals = self.read(params, off..end)?;
+            self.write(&mut master, off, &vals)?;
+            off = end;
+        }
+        Ok(master)
+    }
+    /// The fp32 master weights of `range`.
+    fn master_read(
+        &self,
+        params: &Self::Buf,
+        master: &Self::Buf,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let _ = params;
+        self.read(master, range)
+    }
+    /// Sets the master weights from `offset` on to `data`, and the parameters to their rounding.
+    fn master_write(
+        &self,
+        params: &mut Self::Buf,
+        master: &mut Self::Buf,
+        offset: usize,
+        data: &[f32],
+    ) -> Result<()> {
+        self.write(params, offset, data)?;
+        self.write(master, offset, data)
+    }
 }

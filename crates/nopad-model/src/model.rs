@@ -149,8 +149,9 @@ impl<B: Backend> Model<B> {
         {
             return Ok(());
         }
-        // Grow by at least a quarter so a slowly growing batch does not reallocate every step.
-        let cap = n.max(self.acts.as_ref().map_or(0, |a| a.cap + a.cap / 4));
+        // Exactly the tokens of the largest batch so far: the peak then counts no slack (a
+        // backend with a caching allocator makes the reallocation cheap).
+        let cap = n;
         self.acts = None;
         let c = &self.cfg;
         let (d, f, h) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);

@@ -298,9 +298,9 @@ pub fn restore<B: Backend>(
     let params = &mut model.params;
     let mut master = opt.master.as_mut();
     weights::load_checkpoint(dir, &cfg, &layout, |off, vals| {
-        b.write(params, off, vals)?;
-        if let Some(m) = master.as_deref_mut() {
-            b.write(m, off, vals)?;
+        match master.as_deref_mut() {
+            Some(m) => b.master_write(params, m, off, vals)?,
+            None => b.write(params, off, vals)?,
         }
         Ok(())
     })?;
@@ -385,14 +385,13 @@ pub fn save<B: Backend>(
     let name = dir_name(state.step);
     let tmp = out.join(format!(".{name}.tmp-{}", std::process::id()));
     fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let w = opt.weights(model);
     weights::save_checkpoint(
         &tmp,
         &model.cfg,
         &model.layout,
         SaveDtype::F32,
         4 << 30,
-        |r| Ok(b.read(w, r)?),
+        |r| Ok(opt.read_weights(b, model, r)?),
     )?;
     if let Some(src) = tokenizer_from {
         weights::copy_tokenizer_files(src, &tmp)?;

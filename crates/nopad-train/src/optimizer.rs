@@ -51,7 +51,8 @@ pub struct Optimizer<B: Backend> {
     pub m: B::Buf,
     /// `[P]` second moments (Master).
     pub v: B::Buf,
-    /// `[P]` fp32 master weights, when the backend's Compute type is narrower.
+    /// `[P]` fp32 master weights (in the backend's form, see `Backend::master_new`), when the
+    /// backend's Compute type is narrower.
     pub master: Option<B::Buf>,
     /// Updates applied so far.
     pub step: u64,
@@ -64,16 +65,7 @@ impl<B: Backend> Optimizer<B> {
         let m = b.alloc(n, Kind::Master)?;
         let v = b.alloc(n, Kind::Master)?;
         let master = if b.needs_master() {
-            let mut buf = b.alloc(n, Kind::Master)?;
-            const CHUNK: usize = 1 << 24;
-            let mut off = 0;
-            while off < n {
-                let end = (off + CHUNK).min(n);
-                let vals = b.read(&model.params, off..end)?;
-                b.write(&mut buf, off, &vals)?;
-                off = end;
-            }
-            Some(buf)
+            Some(b.master_new(&model.params, n)?)
         } else {
             None
         };
@@ -143,8 +135,17 @@ impl<B: Backend> Optimizer<B> {
         })
     }
 
-    /// The weights to save: the master copy when there is one, else the parameters.
-    pub fn weights<'a>(&'a self, model: &'a Model<B>) -> &'a B::Buf {
-        self.master.as_ref().unwrap_or(&model.params)
+    /// `range` of the weights to save: the fp32 master weights when there are some, else the
+    /// parameters.
+    pub fn read_weights(
+        &self,
+        b: &B,
+        model: &Model<B>,
+        range: std::ops::Range<usize>,
+    ) -> nopad_backend::Result<Vec<f32>> {
+        match &self.master {
+            Some(m) => b.master_read(&model.params, m, range),
+            None => b.read(&model.params, range),
+        }
     }
 }

@@ -485,14 +485,13 @@ pub fn train<B: Backend>(
     }
     bar.finish_and_clear();
     if let (Some(out), None) = (&tc.out, stopped) {
-        let w = opt.weights(&model);
         weights::save_checkpoint(
             out,
             &model.cfg,
             &model.layout,
             tc.save_dtype,
             4 << 30,
-            |r| Ok(b.read(w, r)?),
+            |r| Ok(opt.read_weights(b, &model, r)?),
         )?;
         if let ModelSource::Dir(src) = &tc.model {
             weights::copy_tokenizer_files(src, out)?;

@@ -1,11 +1,12 @@
 // adamw.cu: one AdamW step over a flat parameter range (multi-tensor: the whole flat buffer in
-// one launch). grad, m, v: [n] f32; master: [n] f32 or null; param: [n] compute_t.
-// With a master copy the update is applied to it and param is refreshed from it; without, param
+// one launch). grad, m, v: [n] f32; param: [n] compute_t; master_lo: [n] u16 or null.
+// With master_lo (bf16 only) the fp32 master weight is (param << 16) + sign_extend(master_lo)
+// (see adamw.rs); the update is applied to it and both halves are written back. Without, param
 // itself is updated. Bias corrections are computed on the host (as the CPU backend does).
 
 struct AdamwParams {
     compute_t* param;
-    float* master;
+    unsigned short* master_lo;
     const float* grad;
     float* m;
     float* v;
@@ -20,19 +21,84 @@ struct AdamwParams {
     float bc2_sqrt;   // sqrt(1 - beta2^step)
 };
 
-extern "C" __global__ void KNAME(adamw)(const AdamwParams p) {
+// One element: the same arithmetic, in the same order, as torch.optim.AdamW (and the CPU
+// backend). Returns the new weight; m and v are updated in place.
+__device__ __forceinline__ float adamw_one(const AdamwParams& p, float g, float w, float& m, float& v) {
+    g *= p.grad_scale;
+    w *= p.decay;
+    m = m * p.beta1 + g * (1.f - p.beta1);
+    v = v * p.beta2 + g * g * (1.f - p.beta2);
+    float denom = sqrtf(v) / p.bc2_sqrt + p.eps;
+    return w - p.step_size * m / denom;
+}
+
+__device__ __forceinline__ float master_join(unsigned short hi, unsigned short lo) {
+    return __uint_as_float(((unsigned)hi << 16) + (unsigned)(int)(short)lo);
+}
+__device__ __forceinline__ void master_split(float w, unsigned short& hi, unsigned short& lo) {
+    unsigned u = __float_as_uint(w), h = (u + 0x8000u) >> 16;
+    hi = (unsigned short)h;
+    lo = (unsigned short)(u - (h << 16));
+}
+
+#if NOPAD_BF16
+// Split-master path, 4 elements per thread with 16-byte (fp32) and 8-byte (16-bit) accesses:
+// 28 bytes per parameter. The launcher guarantees alignment; elements past n/4*4 are done by
+// the first threads one by one.
+extern "C" __global__ void KNAME(adamw_split4)(const AdamwParams p) {
+    i64 n4 = p.n / 4;
+    const float4* g4 = (const float4*)p.grad;
+    float4* m4 = (float4*)p.m;
+    float4* v4 = (float4*)p.v;
+    uint2* w4 = (uint2*)p.param;
+    uint2* l4 = (uint2*)p.master_lo;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
+        float4 g = g4[i], m = m4[i], v = v4[i];
+        uint2 wh = w4[i], wl = l4[i];
+        float gs[4] = {g.x, g.y, g.z, g.w}, ms[4] = {m.x, m.y, m.z, m.w}, vs[4] = {v.x, v.y, v.z, v.w};
+        unsigned short hs[4] = {(unsigned short)(wh.x & 0xffff), (unsigned short)(wh.x >> 16),
+                                (unsigned short)(wh.y & 0xffff), (unsigned short)(wh.y >> 16)};
+        unsigned short ls[4] = {(unsigned short)(wl.x & 0xffff), (unsigned short)(wl.x >> 16),
+                                (unsigned short)(wl.y & 0xffff), (unsigned short)(wl.y >> 16)};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            float w = adamw_one(p, gs[k], master_join(hs[k], ls[k]), ms[k], vs[k]);
+            master_split(w, hs[k], ls[k]);
+        }
+        m4[i] = make_float4(ms[0], ms[1], ms[2], ms[3]);
+        v4[i] = make_float4(vs[0], vs[1], vs[2], vs[3]);
+        w4[i] = make_uint2(hs[0] | ((unsigned)hs[1] << 16), hs[2] | ((unsigned)hs[3] << 16));
+        l4[i] = make_uint2(ls[0] | ((unsigned)ls[1] << 16), ls[2] | ((unsigned)ls[3] << 16));
+    }
+    i64 t = n4 * 4 + blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if (t < p.n) {
+        float m = p.m[t], v = p.v[t];
+        float w = adamw_one(p, p.grad[t], master_join(p.param[t], p.master_lo[t]), m, v);
+        p.m[t] = m;
+        p.v[t] = v;
+        master_split(w, p.param[t], p.master_lo[t]);
+    }
+}
+
+// The same one element per thread, for views that are not aligned for adamw_split4.
+extern "C" __global__ void KNAME(adamw_split1)(const AdamwParams p) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
-        // The same arithmetic, in the same order, as torch.optim.AdamW (and the CPU backend).
-        float g = p.grad[i] * p.grad_scale;
-        float w = p.master ? p.master[i] : ld(p.param, i);
-        w *= p.decay;
-        float m = p.m[i] * p.beta1 + g * (1.f - p.beta1);
-        float v = p.v[i] * p.beta2 + g * g * (1.f - p.beta2);
+        float m = p.m[i], v = p.v[i];
+        float w = adamw_one(p, p.grad[i], master_join(p.param[i], p.master_lo[i]), m, v);
         p.m[i] = m;
         p.v[i] = v;
-        float denom = sqrtf(v) / p.bc2_sqrt + p.eps;
-        w -= p.step_size * m / denom;
-        if (p.master) p.master[i] = w;
+        master_split(w, p.param[i], p.master_lo[i]);
+    }
+}
+#endif
+
+// Without a master copy (f32 mode): the parameters themselves.
+extern "C" __global__ void KNAME(adamw)(const AdamwParams p) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
+        float m = p.m[i], v = p.v[i];
+        float w = adamw_one(p, p.grad[i], ld(p.param, i), m, v);
+        p.m[i] = m;
+        p.v[i] = v;
         p.param[i] = to_c(w);
     }
 }

@@ -1,18 +1,42 @@
 //! Launcher of `adamw.cu`: one multi-tensor AdamW step over a flat parameter range, updating the
-//! fp32 master copy (mixed precision) and refreshing the Compute parameters from it.
+//! fp32 master weights (mixed precision) and refreshing the Compute parameters from them.
+//!
+//! Split master weights: in bf16 mode an fp32 master weight is kept as two 16-bit halves, the
+//! high half being the bf16 parameter the forward reads and the low half a `U16` buffer beside
+//! it. `bits = (hi << 16) + sign_extend(lo)` restores the fp32 word exactly, and the split rounds
+//! `hi` to the nearest bf16 (ties away from zero, the only case where it differs from
+//! round-to-nearest-even), so the forward sees the same weights as with a separate fp32 copy while
+//! the master costs 2 bytes per parameter instead of 4.
+
+use std::ops::Range;
+
+use cudarc::driver::result as cu;
 
 use super::compile::ADAMW;
 use super::elementwise::stride_launch;
-use super::{want, Cuda, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, CudaBuf, CudaMut, CudaRef, Dtype};
 use crate::error::check;
-use crate::{AdamW, Result};
+use crate::{AdamW, BackendError, Result};
+
+/// Splits an fp32 word into (bf16 high half rounded to nearest, low 16 bits of the remainder).
+pub(crate) fn split_master(x: f32) -> (u16, u16) {
+    let u = x.to_bits();
+    let hi = u.wrapping_add(0x8000) >> 16;
+    let lo = u.wrapping_sub(hi << 16) as u16;
+    (hi as u16, lo)
+}
+
+/// The fp32 word of a split master weight.
+pub(crate) fn join_master(hi: u16, lo: u16) -> f32 {
+    f32::from_bits(((hi as u32) << 16).wrapping_add(lo as i16 as i32 as u32))
+}
 
 /// Mirrors `AdamwParams` in adamw.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AdamwParams {
     param: u64,
-    master: u64,
+    master_lo: u64,
     grad: u64,
     m: u64,
     v: u64,
@@ -28,7 +52,7 @@ struct AdamwParams {
 }
 
 impl Cuda {
-    /// param: `[n]` Compute; master, grad, m, v: `[n]` fp32.
+    /// param: `[n]` Compute; master: `[n]` U16 low halves (bf16 mode); grad, m, v: `[n]` fp32.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_impl(
         &self,
@@ -43,7 +67,10 @@ impl Cuda {
         let op = "adamw";
         want(op, "param", &param, self.compute, n)?;
         if let Some(master) = &master {
-            want(op, "master", master, Dtype::F32, n)?;
+            check(self.compute == Dtype::Bf16, op, || {
+                "a master copy is kept only in bf16 mode".into()
+            })?;
+            want(op, "master", master, Dtype::U16, n)?;
         }
         want(op, "grad", &grad, Dtype::F32, n)?;
         want(op, "m", &m, Dtype::F32, n)?;
@@ -55,7 +82,7 @@ impl Cuda {
         let step = hp.step.min(i32::MAX as u64) as i32;
         let p = AdamwParams {
             param: param.ptr,
-            master: master.map_or(0, |m| m.ptr),
+            master_lo: master.map_or(0, |m| m.ptr),
             grad: grad.ptr,
             m: m.ptr,
             v: v.ptr,
@@ -69,7 +96,149 @@ impl Cuda {
             step_size: hp.lr / (1.0 - (hp.beta1 as f64).powi(step) as f32),
             bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(step) as f32).sqrt(),
         };
-        // SAFETY: shapes checked above.
-        unsafe { self.launch(ADAMW, self.compute, "adamw", stride_launch(n), &p) }
+        let aligned = p.grad % 16 == 0
+            && p.m % 16 == 0
+            && p.v % 16 == 0
+            && p.param % 8 == 0
+            && p.master_lo % 8 == 0;
+        let (name, cfg) = match (p.master_lo != 0, aligned) {
+            (false, _) => ("adamw", stride_launch(n)),
+            (true, true) => ("adamw_split4", stride_launch(n.div_ceil(4))),
+            (true, false) => ("adamw_split1", stride_launch(n)),
+        };
+        // SAFETY: shapes checked above; adamw_split4 only on 16/8-byte aligned views.
+        unsafe { self.launch(ADAMW, self.compute, name, cfg, &p) }
+    }
+}
+
+impl Cuda {
+    fn master_check(&self, params: &CudaBuf, lo: &CudaBuf, range: &Range<usize>) -> Result<()> {
+        check(
+            params.dtype == Dtype::Bf16
+                && lo.dtype == Dtype::U16
+                && range.start <= range.end
+                && range.end <= params.len.min(lo.len),
+            "master",
+            || {
+                format!(
+                    "{range:?} of bf16 parameters ({:?}[{}]) and low halves ({:?}[{}])",
+                    params.dtype, params.len, lo.dtype, lo.len
+                )
+            },
+        )
+    }
+
+    /// The fp32 master weights of `range`, joined from the bf16 parameters and the low halves.
+    pub(crate) fn master_read_impl(
+        &self,
+        params: &CudaBuf,
+        lo: &CudaBuf,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        self.master_check(params, lo, &range)?;
+        let hi = self.download_u16(params, range.clone())?;
+        let lo = self.download_u16(lo, range)?;
+        Ok(hi
+            .into_iter()
+            .zip(lo)
+            .map(|(h, l)| join_master(h, l))
+            .collect())
+    }
+
+    /// Sets fp32 master weights from `offset` on: high halves into the parameters, low halves
+    /// into `lo`.
+    pub(crate) fn master_write_impl(
+        &self,
+        params: &mut CudaBuf,
+        lo: &mut CudaBuf,
+        offset: usize,
+        data: &[f32],
+    ) -> Result<()> {
+        self.master_check(params, lo, &(offset..offset + data.len()))?;
+        let (his, los): (Vec<u16>, Vec<u16>) = data.iter().map(|&x| split_master(x)).unzip();
+        self.upload_u16(params, offset, &his)?;
+        self.upload_u16(lo, offset, &los)
+    }
+
+    fn download_u16(&self, buf: &CudaBuf, range: Range<usize>) -> Result<Vec<u16>> {
+        let mut host = vec![0u16; range.len()];
+        if host.is_empty() {
+            return Ok(host);
+        }
+        let err = |e: cu::DriverError| BackendError::Device {
+            op: "master_read (cuMemcpyDtoHAsync)".into(),
+            msg: e.to_string(),
+        };
+        self.ctx.bind_to_thread().map_err(err)?;
+        let s = self.raw_stream();
+        // SAFETY: the caller checked that `range` lies within the 16-bit buffer; the stream is
+        // synchronised before `host` is read.
+        unsafe {
+            cu::memcpy_dtoh_async(&mut host, buf.ptr + 2 * range.start as u64, s).map_err(err)?;
+            cu::stream::synchronize(s).map_err(err)?;
+        }
+        Ok(host)
+    }
+
+    fn upload_u16(&self, buf: &mut CudaBuf, offset: usize, data: &[u16]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let err = |e: cu::DriverError| BackendError::Device {
+            op: "master_write (cuMemcpyHtoDAsync)".into(),
+            msg: e.to_string(),
+        };
+        self.ctx.bind_to_thread().map_err(err)?;
+        // SAFETY: the caller checked the range; pageable sources are staged before the call
+        // returns.
+        unsafe { cu::memcpy_htod_async(buf.ptr + 2 * offset as u64, data, self.raw_stream()) }
+            .map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{join_master, split_master};
+    use nopad_rng::Rng;
+
+    fn check(x: f32) {
+        let (hi, lo) = split_master(x);
+        assert_eq!(join_master(hi, lo).to_bits(), x.to_bits(), "{x:e}");
+        // The high half is the nearest bf16 (ties may go either way).
+        let h = half::bf16::from_bits(hi).to_f32() as f64;
+        let rne = half::bf16::from_f32(x).to_f32() as f64;
+        assert!(
+            (h - x as f64).abs() <= (rne - x as f64).abs(),
+            "{x:e}: {h:e} vs {rne:e}"
+        );
+    }
+
+    #[test]
+    fn split_master_weights_are_exact_and_round_to_nearest() {
+        for x in [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            1e-30,
+            -3.0e38,
+            f32::MIN_POSITIVE,
+            1.0 + 1.0 / 256.0,
+        ] {
+            check(x);
+        }
+        // Every low-half pattern of a few high halves, ties included.
+        for hi in [0x3f80u32, 0xbf80, 0x0001, 0x7f7e, 0x4049] {
+            for lo in 0..=0xffffu32 {
+                check(f32::from_bits((hi << 16) | lo));
+            }
+        }
+        let mut rng = Rng::new(7);
+        for _ in 0..100_000 {
+            let x = f32::from_bits(rng.next_u64() as u32);
+            if x.is_finite() && x.abs() < 3.0e38 {
+                check(x);
+            }
+        }
     }
 }

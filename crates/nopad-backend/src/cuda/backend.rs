@@ -107,10 +107,11 @@ impl Backend for Cuda {
                     cu::memcpy_htod_async(dst, &host, s)
                 }
                 Dtype::F32 => cu::memcpy_htod_async(dst, data, s),
-                Dtype::I32 => {
-                    return Err(BackendError::Unsupported(
-                        "write: i32 buffers are uploaded with `ints`".into(),
-                    ))
+                Dtype::I32 | Dtype::U16 => {
+                    return Err(BackendError::Unsupported(format!(
+                        "write: {:?} buffers hold no f32 values",
+                        buf.dtype
+                    )))
                 }
             }
         }
@@ -156,6 +157,9 @@ impl Backend for Cuda {
                     cu::stream::synchronize(s).map_err(&err)?;
                     Ok(host.into_iter().map(|v| v as f32).collect())
                 }
+                Dtype::U16 => Err(BackendError::Unsupported(
+                    "read: u16 buffers hold no f32 values (use master_read)".into(),
+                )),
             }
         }
     }
@@ -380,5 +384,31 @@ impl Backend for Cuda {
 
     fn needs_master(&self) -> bool {
         self.compute != Dtype::F32
+    }
+
+    fn master_new(&self, _params: &CudaBuf, n: usize) -> Result<CudaBuf> {
+        // The parameters are bf16 values, so the low halves of their fp32 masters are zero.
+        let mut lo = self.scratch(n, Dtype::U16)?;
+        self.zero(lo.as_mut())?;
+        Ok(lo)
+    }
+
+    fn master_read(
+        &self,
+        params: &CudaBuf,
+        master: &CudaBuf,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        self.master_read_impl(params, master, range)
+    }
+
+    fn master_write(
+        &self,
+        params: &mut CudaBuf,
+        master: &mut CudaBuf,
+        offset: usize,
+        data: &[f32],
+    ) -> Result<()> {
+        self.master_write_impl(params, master, offset, data)
     }
 }

@@ -80,6 +80,7 @@ fn data_type(d: Dtype) -> sys::cudaDataType {
         Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
         Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
         Dtype::I32 => sys::cudaDataType::CUDA_R_32I,
+        Dtype::U16 => sys::cudaDataType::CUDA_R_16U,
     }
 }
 

@@ -8,9 +8,10 @@
 //! block while the old ones sit idle. All work runs on one stream, so a block freed on the host
 //! can be handed to the next allocation at once: the stream orders the old and the new use.
 //!
-//! Two peaks are kept: bytes held by live buffers (what `torch.cuda.max_memory_allocated`
-//! reports, and what [`crate::Backend::peak_memory`] returns) and bytes reserved from the driver
-//! (live plus cached, like `max_memory_reserved`).
+//! Two peaks are kept: bytes requested by live buffers, each rounded up to 512 bytes (what
+//! `torch.cuda.max_memory_allocated` reports, and what [`crate::Backend::peak_memory`] returns),
+//! and bytes reserved from the driver (whole blocks, live plus cached, like
+//! `max_memory_reserved`).
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
@@ -30,13 +31,16 @@ pub enum Dtype {
     F32,
     /// 32-bit signed integers (token ids, positions, `cu_seqlens`).
     I32,
+    /// Raw 16-bit words: the low halves of fp32 master weights whose high halves are the bf16
+    /// parameters (see `adamw.rs`). No kernel reads them as numbers except AdamW.
+    U16,
 }
 
 impl Dtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            Dtype::Bf16 => 2,
+            Dtype::Bf16 | Dtype::U16 => 2,
             Dtype::F32 | Dtype::I32 => 4,
         }
     }
@@ -46,8 +50,15 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
             Dtype::F32 => "f32",
             Dtype::I32 => "i32",
+            Dtype::U16 => "u16",
         }
     }
+}
+
+/// What a request counts towards the live peak: its size rounded up to 512 bytes, as PyTorch's
+/// caching allocator counts `max_memory_allocated` (not the size of the block that serves it).
+fn live_bytes(bytes: usize) -> usize {
+    bytes.max(1).div_ceil(512) * 512
 }
 
 /// Size class of a request: 16 classes per power of two, so at most 1/8 of a request is padding
@@ -66,7 +77,7 @@ pub(crate) struct Pool {
     /// Bytes obtained from the driver and not yet given back.
     reserved: usize,
     peak_reserved: usize,
-    /// Bytes of blocks held by live buffers.
+    /// Bytes requested by live buffers (see [`live_bytes`]).
     live: usize,
     peak_live: usize,
 }
@@ -95,7 +106,7 @@ impl Pool {
 
     fn take(&mut self, bytes: usize) -> Result<(CUdeviceptr, usize)> {
         let (ptr, size) = self.take_block(bytes)?;
-        self.live += size;
+        self.live += live_bytes(bytes);
         self.peak_live = self.peak_live.max(self.live);
         Ok((ptr, size))
     }
@@ -134,8 +145,8 @@ impl Pool {
         Ok((ptr, size))
     }
 
-    fn give(&mut self, ptr: CUdeviceptr, size: usize) {
-        self.live -= size;
+    fn give(&mut self, ptr: CUdeviceptr, size: usize, bytes: usize) {
+        self.live -= live_bytes(bytes);
         self.free.entry(size).or_default().push(ptr);
     }
 
@@ -223,7 +234,7 @@ impl CudaBuf {
 impl Drop for CudaBuf {
     fn drop(&mut self) {
         if let Ok(mut pool) = self.pool.lock() {
-            pool.give(self.ptr, self.block);
+            pool.give(self.ptr, self.block, self.len * self.dtype.size());
         }
     }
 }
