@@ -96,11 +96,11 @@ impl Cuda {
             step_size: hp.lr / (1.0 - (hp.beta1 as f64).powi(step) as f32),
             bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(step) as f32).sqrt(),
         };
-        let aligned = p.grad % 16 == 0
-            && p.m % 16 == 0
-            && p.v % 16 == 0
-            && p.param % 8 == 0
-            && p.master_lo % 8 == 0;
+        let aligned = p.grad.is_multiple_of(16)
+            && p.m.is_multiple_of(16)
+            && p.v.is_multiple_of(16)
+            && p.param.is_multiple_of(8)
+            && p.master_lo.is_multiple_of(8);
         let (name, cfg) = match (p.master_lo != 0, aligned) {
             (false, _) => ("adamw", stride_launch(n)),
             (true, true) => ("adamw_split4", stride_launch(n.div_ceil(4))),
