@@ -172,7 +172,7 @@ fn probe_and_describe() {
 fn add_add_assign_sum_squares() {
     let Some(envs) = envs("add") else { return };
     for mut e in envs {
-        for n in [1, 7, 1031, 100_003] {
+        for n in [1, 7, 1031, 1024, 100_003, 100_000] {
             let (a, b, o) = (e.randn(n, 1.0), e.randn(n, 1.0), e.randn(n, 1.0));
             let (ga, gb) = (e.up(&a, Kind::Compute), e.up(&b, Kind::Compute));
             let mut gout = e.poison(n + 3, Kind::Compute);

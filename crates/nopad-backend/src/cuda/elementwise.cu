@@ -19,3 +19,22 @@ extern "C" __global__ void KNAME(add_assign)(const AddParams p) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x)
         p.out[i] = to_c(ld(p.out, i) + ld(p.a, i));
 }
+
+// The same, 8 elements per thread (n % 8 == 0, 16-byte aligned buffers).
+extern "C" __global__ void KNAME(add_v8)(const AddParams p) {
+    for (i64 i = (blockIdx.x * (i64)blockDim.x + threadIdx.x) * 8; i < p.n; i += (i64)gridDim.x * blockDim.x * 8) {
+        f8 a = ld8(p.a, i), b = ld8(p.b, i);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a.v[k] += b.v[k];
+        st8(p.out, i, a);
+    }
+}
+
+extern "C" __global__ void KNAME(add_assign_v8)(const AddParams p) {
+    for (i64 i = (blockIdx.x * (i64)blockDim.x + threadIdx.x) * 8; i < p.n; i += (i64)gridDim.x * blockDim.x * 8) {
+        f8 o = ld8(p.out, i), a = ld8(p.a, i);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o.v[k] += a.v[k];
+        st8(p.out, i, o);
+    }
+}

@@ -26,6 +26,21 @@ struct SumSquaresParams {
 }
 
 /// Grid of a grid-stride elementwise kernel: enough blocks to fill the device, no more.
+/// Whether the `*_v8` kernels (8 elements per 16-byte access) may run: every address 16-byte
+/// aligned and every row length (in elements) a multiple of 8.
+pub(crate) fn v8_ok(ptrs: &[u64], lens: &[usize]) -> bool {
+    ptrs.iter().all(|p| p.is_multiple_of(16)) && lens.iter().all(|l| l.is_multiple_of(8))
+}
+
+/// A kernel name with `_v8` appended when `v8`.
+pub(crate) fn v8_name(base: &'static str, v8: bool) -> String {
+    if v8 {
+        format!("{base}_v8")
+    } else {
+        base.to_string()
+    }
+}
+
 pub(crate) fn stride_launch(n: usize) -> Launch {
     let mut cfg = Launch::flat(n, 256);
     cfg.grid.0 = cfg.grid.0.min(132 * 16);
@@ -54,11 +69,14 @@ impl Cuda {
         let p = AddParams {
             out: out.ptr,
             a: a.ptr,
-            b: b.map_or(0, |b| b.ptr),
+            b: b.as_ref().map_or(0, |b| b.ptr),
             n: n as i64,
         };
-        // SAFETY: out, a (and b) hold at least n elements of type `t` (checked above).
-        unsafe { self.launch(ELEMENTWISE, t, op, stride_launch(n), &p) }
+        let v8 = v8_ok(&[p.out, p.a, b.as_ref().map_or(0, |b| b.ptr)], &[n]);
+        let threads = if v8 { n / 8 } else { n };
+        // SAFETY: out, a (and b) hold at least n elements of type `t` (checked above); the v8
+        // kernels only on aligned views.
+        unsafe { self.launch(ELEMENTWISE, t, &v8_name(op, v8), stride_launch(threads), &p) }
     }
 
     /// `Σ x[i]²` over `i < n`: per-block fp64 partials, added on the host in a fixed order.

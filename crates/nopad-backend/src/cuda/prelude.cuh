@@ -67,3 +67,36 @@ __device__ float block_max(float v, float* scratch) {
     t = warp_max(t);
     return t;
 }
+
+// Eight consecutive compute_t elements as floats, in one 16-byte access (bf16) or two (f32).
+// The address p + i must be 16-byte aligned; launchers check before choosing a *_v8 kernel.
+struct f8 { float v[8]; };
+__device__ __forceinline__ f8 ld8(const compute_t* p, i64 i) {
+    f8 r;
+#if NOPAD_BF16
+    uint4 u = *(const uint4*)(p + i);
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        r.v[2 * k] = __uint_as_float(w[k] << 16);
+        r.v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+#else
+    float4 a = *(const float4*)(p + i), b = *(const float4*)(p + i + 4);
+    r.v[0] = a.x; r.v[1] = a.y; r.v[2] = a.z; r.v[3] = a.w;
+    r.v[4] = b.x; r.v[5] = b.y; r.v[6] = b.z; r.v[7] = b.w;
+#endif
+    return r;
+}
+__device__ __forceinline__ void st8(compute_t* p, i64 i, const f8& r) {
+#if NOPAD_BF16
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+        w[k] = (unsigned)f32_to_bf16(r.v[2 * k]) | ((unsigned)f32_to_bf16(r.v[2 * k + 1]) << 16);
+    *(uint4*)(p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+#else
+    *(float4*)(p + i) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
+    *(float4*)(p + i + 4) = make_float4(r.v[4], r.v[5], r.v[6], r.v[7]);
+#endif
+}

@@ -2,6 +2,7 @@
 //! gradient accumulates) and `d_weight +=` through deterministic row-split partials.
 
 use super::compile::{Launch, RMSNORM};
+use super::elementwise::{v8_name, v8_ok};
 use super::linear::row_splits;
 use super::{want, Cuda, CudaMut, CudaRef, Dtype};
 use crate::Result;
@@ -64,8 +65,9 @@ impl Cuda {
             eps,
             rows_per: 0,
         };
-        // SAFETY: shapes checked above.
-        unsafe { self.launch(RMSNORM, c, "rmsnorm_fwd", per_row(n), &p) }
+        let v8 = v8_ok(&[p.y, p.x, p.weight], &[d]);
+        // SAFETY: shapes checked above; the v8 kernel only on aligned views.
+        unsafe { self.launch(RMSNORM, c, &v8_name("rmsnorm_fwd", v8), per_row(n), &p) }
     }
 
     /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` fp32 (accumulated); dy, x: `[n, d]`;
@@ -107,15 +109,22 @@ impl Cuda {
             eps: 0.0,
             rows_per: rows_per as i32,
         };
+        let v8 = v8_ok(&[p.y, p.x, p.weight, p.dy], &[d]);
         let cols = Launch {
-            grid: (d.div_ceil(256) as u32, splits as u32, 1),
+            grid: (
+                d.div_ceil(if v8 { 2048 } else { 256 }) as u32,
+                splits as u32,
+                1,
+            ),
             block: 256,
             smem: 0,
         };
-        // SAFETY: shapes checked above; partial holds splits·d fp32.
+        // SAFETY: shapes checked above; partial holds splits·d fp32; the v8 kernels only on
+        // aligned views.
         unsafe {
-            self.launch(RMSNORM, c, "rmsnorm_bwd_dx", per_row(n), &p)?;
-            self.launch(RMSNORM, c, "rmsnorm_bwd_dw_partial", cols, &p)?;
+            self.launch(RMSNORM, c, &v8_name("rmsnorm_bwd_dx", v8), per_row(n), &p)?;
+            let dw = v8_name("rmsnorm_bwd_dw_partial", v8);
+            self.launch(RMSNORM, c, &dw, cols, &p)?;
         }
         self.finish_partials(d_weight.ptr, &partial, splits, d)
     }

@@ -2,7 +2,7 @@
 //! positions; the backward is the same kernel with the angle negated.
 
 use super::compile::ROPE;
-use super::elementwise::stride_launch;
+use super::elementwise::{stride_launch, v8_name, v8_ok};
 use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::error::check;
 use crate::{Result, RopeDims};
@@ -72,7 +72,10 @@ impl Cuda {
             sign,
         };
         let total = n * n_rot_heads * head_dim / 2;
-        // SAFETY: shapes checked above.
-        unsafe { self.launch(ROPE, self.compute, "rope", stride_launch(total), &p) }
+        let v8 = v8_ok(&[p.x], &[head_dim / 2, row_stride]);
+        let threads = if v8 { total / 8 } else { total };
+        let name = v8_name("rope", v8);
+        // SAFETY: shapes checked above; the v8 kernel only on aligned rows.
+        unsafe { self.launch(ROPE, self.compute, &name, stride_launch(threads), &p) }
     }
 }

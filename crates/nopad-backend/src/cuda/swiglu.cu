@@ -33,3 +33,37 @@ extern "C" __global__ void KNAME(swiglu_bwd)(const SwigluParams p) {
         p.out[t * 2 * p.f + p.f + j] = to_c(da * silu);
     }
 }
+
+// The same, 8 elements of a row per thread (f % 8 == 0, 16-byte aligned buffers): one 16-byte
+// access per operand, no 64-bit division per element.
+extern "C" __global__ void KNAME(swiglu_fwd_v8)(const SwigluParams p) {
+    int f8n = p.f / 8;
+    i64 total = (i64)p.n * f8n;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        i64 t = idx / f8n;
+        int j = (int)(idx - t * f8n) * 8;
+        f8 g = ld8(p.gu, t * 2 * p.f + j), u = ld8(p.gu, t * 2 * p.f + p.f + j), a;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a.v[k] = g.v[k] * sigmoidf_(g.v[k]) * u.v[k];
+        st8(p.out, t * p.f + j, a);
+    }
+}
+
+extern "C" __global__ void KNAME(swiglu_bwd_v8)(const SwigluParams p) {
+    int f8n = p.f / 8;
+    i64 total = (i64)p.n * f8n;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
+        i64 t = idx / f8n;
+        int j = (int)(idx - t * f8n) * 8;
+        f8 g = ld8(p.gu, t * 2 * p.f + j), u = ld8(p.gu, t * 2 * p.f + p.f + j);
+        f8 da = ld8(p.d_a, t * p.f + j), dg, du;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            float sg = sigmoidf_(g.v[k]);
+            dg.v[k] = da.v[k] * u.v[k] * sg * (1.f + g.v[k] * (1.f - sg));
+            du.v[k] = da.v[k] * (g.v[k] * sg);
+        }
+        st8(p.out, t * 2 * p.f + j, dg);
+        st8(p.out, t * 2 * p.f + p.f + j, du);
+    }
+}

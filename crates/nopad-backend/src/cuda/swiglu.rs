@@ -2,7 +2,7 @@
 //! overwrites `d_gu`.
 
 use super::compile::SWIGLU;
-use super::elementwise::stride_launch;
+use super::elementwise::{stride_launch, v8_name, v8_ok};
 use super::{want, Cuda, CudaMut, CudaRef};
 use crate::Result;
 
@@ -39,8 +39,11 @@ impl Cuda {
             n: n as i32,
             f: f as i32,
         };
-        // SAFETY: shapes checked above.
-        unsafe { self.launch(SWIGLU, self.compute, "swiglu_fwd", stride_launch(n * f), &p) }
+        let v8 = v8_ok(&[p.out, p.gu, p.d_a], &[f]);
+        let threads = if v8 { n * f / 8 } else { n * f };
+        let name = v8_name("swiglu_fwd", v8);
+        // SAFETY: shapes checked above; the v8 kernel only on aligned views.
+        unsafe { self.launch(SWIGLU, self.compute, &name, stride_launch(threads), &p) }
     }
 
     /// d_gu: `[n, 2f]` (overwritten); d_a: `[n, f]`; gu: `[n, 2f]`.
@@ -66,7 +69,10 @@ impl Cuda {
             n: n as i32,
             f: f as i32,
         };
-        // SAFETY: shapes checked above.
-        unsafe { self.launch(SWIGLU, self.compute, "swiglu_bwd", stride_launch(n * f), &p) }
+        let v8 = v8_ok(&[p.out, p.gu, p.d_a], &[f]);
+        let threads = if v8 { n * f / 8 } else { n * f };
+        let name = v8_name("swiglu_bwd", v8);
+        // SAFETY: shapes checked above; the v8 kernel only on aligned views.
+        unsafe { self.launch(SWIGLU, self.compute, &name, stride_launch(threads), &p) }
     }
 }
