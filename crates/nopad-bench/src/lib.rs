@@ -78,7 +78,7 @@ pub struct BenchConfig {
     /// Extra steps, after the evaluation, timed op by op (0: none).
     pub profile_steps: u64,
     /// Recompute activations in the backward.
-    pub recompute: bool,
+    pub recompute: nopad_model::Recompute,
 }
 
 /// What one strategy did.

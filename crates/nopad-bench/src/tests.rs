@@ -25,7 +25,7 @@ fn cfg() -> BenchConfig {
         seed: 3,
         peak_flops: 1e12,
         profile_steps: 1,
-        recompute: false,
+        recompute: nopad_model::Recompute::None,
     }
 }
 

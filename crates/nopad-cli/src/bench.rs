@@ -81,9 +81,10 @@ pub struct BenchArgs {
     /// Peak dense TFLOP/s for MFU (default: the bf16 GEMM ceiling measured on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
-    /// Recompute each layer's activations in the backward (less memory, more compute).
-    #[arg(long)]
-    pub recompute: bool,
+    /// Activation recomputation: none, mlp (drop the gate/up projections and redo that GEMM in
+    /// the backward) or full (keep only each layer's input); a bare --recompute means full.
+    #[arg(long, default_value = "none", default_missing_value = "full", num_args = 0..=1)]
+    pub recompute: nopad_model::Recompute,
     /// After the run, time this many more steps op by op and print the breakdown.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: u64,

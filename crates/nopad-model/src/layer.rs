@@ -28,6 +28,9 @@ pub(crate) struct Ctx<'a, B: Backend> {
     pub attn: AttnDims,
     /// Tokens N.
     pub n: usize,
+    /// `Recompute::Mlp`: the gate/up projections live in `Scratch::gu`, not in `LayerActs::gu`,
+    /// and the backward recomputes them.
+    pub mlp_recompute: bool,
 }
 
 /// Saved activations of one layer, each `[cap, ·]`.
@@ -48,7 +51,7 @@ pub struct LayerActs<B: Backend> {
     pub res_mid: B::Buf,
     /// `[N]` post_attention_layernorm's reciprocal RMS.
     pub rstd2: B::Buf,
-    /// `[N, 2F]` gate and up projections.
+    /// `[N, 2F]` gate and up projections (empty under `Recompute::Mlp`).
     pub gu: B::Buf,
 }
 
@@ -72,6 +75,8 @@ pub struct Scratch<B: Backend> {
     pub d_gu: B::Buf,
     /// `[N, F]`.
     pub d_a: B::Buf,
+    /// `[N, 2F]` gate and up projections under `Recompute::Mlp` (else empty).
+    pub gu: B::Buf,
 }
 
 fn dims(c: &Config) -> (usize, usize, usize, usize, f32) {
@@ -172,8 +177,13 @@ pub(crate) fn forward<B: Backend>(
         eps,
     )?;
     prof.mark(b, "rmsnorm fwd")?;
+    let gu = if cx.mlp_recompute {
+        &mut acts.gu
+    } else {
+        &mut la.gu
+    };
     b.linear_forward(
-        b.view_mut(&mut la.gu, 0..n * 2 * f),
+        b.view_mut(gu, 0..n * 2 * f),
         b.view(&acts.h, nd.clone()),
         b.view(p, lr.gate_up_w.clone()),
         None,
@@ -188,9 +198,10 @@ pub(crate) fn forward<B: Backend>(
     let Some(res_out) = res_out else {
         return Ok(());
     };
+    let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
     b.swiglu_forward(
         b.view_mut(&mut acts.a, 0..n * f),
-        b.view(&la.gu, 0..n * 2 * f),
+        b.view(gu, 0..n * 2 * f),
         n,
         f,
     )?;
@@ -216,6 +227,27 @@ pub(crate) fn forward<B: Backend>(
     Ok(())
 }
 
+/// `acts.h` = h2 = post_attention_layernorm(res_mid), recomputed from the saved residual stream.
+fn recompute_h2<B: Backend>(
+    cx: &Ctx<'_, B>,
+    lr: &LayerRanges,
+    la: &LayerActs<B>,
+    acts: &mut Scratch<B>,
+) -> Result<()> {
+    let (b, n) = (cx.b, cx.n);
+    let (d, _, _, _, eps) = dims(cx.c);
+    b.rmsnorm_forward(
+        b.view_mut(&mut acts.h, 0..n * d),
+        b.view_mut(&mut acts.rstd_tmp, 0..n),
+        b.view(&la.res_mid, 0..n * d),
+        b.view(cx.p, lr.ln2.clone()),
+        n,
+        d,
+        eps,
+    )?;
+    Ok(())
+}
+
 /// Layer backward: on entry `acts.d_res` = ∂loss/∂res_out, on exit ∂loss/∂res_in; parameter
 /// gradients accumulate into `g`.
 pub(crate) fn backward<B: Backend>(
@@ -231,10 +263,26 @@ pub(crate) fn backward<B: Backend>(
     let (d, f, w, hd, eps) = dims(c);
     let nd = 0..n * d;
     // d_res = ∂loss/∂res[l+1]. MLP block: res[l+1] = res_mid + a·down_wᵀ, with a
-    // recomputed from the saved gate/up projections.
+    // recomputed from the saved gate/up projections (themselves recomputed under
+    // Recompute::Mlp, from h2 = post_attention_layernorm(res_mid)).
+    if cx.mlp_recompute {
+        recompute_h2(cx, lr, la, acts)?;
+        b.linear_forward(
+            b.view_mut(&mut acts.gu, 0..n * 2 * f),
+            b.view(&acts.h, nd.clone()),
+            b.view(p, lr.gate_up_w.clone()),
+            None,
+            LinearDims {
+                n,
+                d_in: d,
+                d_out: 2 * f,
+            },
+        )?;
+    }
+    let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
     b.swiglu_forward(
         b.view_mut(&mut acts.a, 0..n * f),
-        b.view(&la.gu, 0..n * 2 * f),
+        b.view(gu, 0..n * 2 * f),
         n,
         f,
     )?;
@@ -253,25 +301,19 @@ pub(crate) fn backward<B: Backend>(
         },
     )?;
     prof.mark(b, "down_proj bwd")?;
+    let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
     b.swiglu_backward(
         b.view_mut(&mut acts.d_gu, 0..n * 2 * f),
         b.view(&acts.d_a, 0..n * f),
-        b.view(&la.gu, 0..n * 2 * f),
+        b.view(gu, 0..n * 2 * f),
         n,
         f,
     )?;
     prof.mark(b, "swiglu bwd")?;
-    // h2 = post_attention_layernorm(res_mid), recomputed.
-    b.rmsnorm_forward(
-        b.view_mut(&mut acts.h, nd.clone()),
-        b.view_mut(&mut acts.rstd_tmp, 0..n),
-        b.view(&la.res_mid, nd.clone()),
-        b.view(p, lr.ln2.clone()),
-        n,
-        d,
-        eps,
-    )?;
-    prof.mark(b, "recompute bwd")?;
+    if !cx.mlp_recompute {
+        recompute_h2(cx, lr, la, acts)?;
+        prof.mark(b, "recompute bwd")?;
+    }
     b.linear_backward(
         Some(b.view_mut(&mut acts.d_h, nd.clone())),
         b.view_mut(g, lr.gate_up_w.clone()),

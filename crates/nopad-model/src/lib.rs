@@ -13,6 +13,7 @@ mod layer;
 pub mod layout;
 mod model;
 pub mod profile;
+mod recompute;
 pub mod rope;
 pub mod weights;
 
@@ -21,6 +22,7 @@ pub use error::{ModelError, Result};
 pub use layer::{LayerActs, Scratch};
 pub use layout::{Layout, TensorSpec};
 pub use model::{Acts, Inputs, Model};
+pub use recompute::Recompute;
 
 #[cfg(test)]
 mod tests;

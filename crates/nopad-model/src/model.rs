@@ -16,6 +16,7 @@ use crate::error::{ModelError, Result};
 use crate::layer::{self, LayerActs, Scratch};
 use crate::layout::Layout;
 use crate::profile::Profile;
+use crate::recompute::Recompute;
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward`]).
 #[derive(Clone, Copy, Debug)]
@@ -72,7 +73,7 @@ pub struct Model<B: Backend> {
     acts: Option<Acts<B>>,
     saved: Option<Uploaded<B>>,
     profile: Profile,
-    recompute: bool,
+    recompute: Recompute,
 }
 
 impl<B: Backend> Model<B> {
@@ -96,15 +97,13 @@ impl<B: Backend> Model<B> {
             acts: None,
             saved: None,
             profile: Profile::default(),
-            recompute: false,
+            recompute: Recompute::None,
         })
     }
 
-    /// Keeps only each layer's input residual stream in the forward and recomputes the rest of
-    /// a layer's activations in the backward: about a third more compute for activation memory
-    /// of one layer instead of all (long sequences, large batches).
-    pub fn set_recompute(&mut self, on: bool) {
-        self.recompute = on;
+    /// How much of each layer's activations the backward recomputes (see [`Recompute`]).
+    pub fn set_recompute(&mut self, mode: Recompute) {
+        self.recompute = mode;
     }
 
     /// Times every op of the following passes (synchronising the device at each boundary).
@@ -137,7 +136,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn ensure_acts(&mut self, b: &B, n: usize) -> Result<()> {
-        let slots = if self.recompute {
+        let slots = if self.recompute == Recompute::Full {
             1
         } else {
             self.cfg.num_hidden_layers
@@ -159,11 +158,13 @@ impl<B: Backend> Model<B> {
         let act = |len: usize| b.alloc(cap * len, Kind::Compute);
         let stat = |len: usize| b.alloc(cap * len, Kind::Master);
         // With recomputation one layer's worth of saved activations serves every layer.
-        let slots = if self.recompute {
+        let slots = if self.recompute == Recompute::Full {
             1
         } else {
             c.num_hidden_layers
         };
+        let mlp = self.recompute == Recompute::Mlp;
+        let gu_len = |on: bool| if on { 2 * f } else { 0 };
         let mut layers = Vec::with_capacity(slots);
         for _ in 0..slots {
             layers.push(LayerActs {
@@ -173,7 +174,7 @@ impl<B: Backend> Model<B> {
                 lse: stat(h)?,
                 res_mid: act(d)?,
                 rstd2: stat(1)?,
-                gu: act(2 * f)?,
+                gu: act(gu_len(!mlp))?,
             });
         }
         self.acts = Some(Acts {
@@ -194,6 +195,7 @@ impl<B: Backend> Model<B> {
                 d_att: act(hd)?,
                 d_gu: act(2 * f)?,
                 d_a: act(f)?,
+                gu: act(gu_len(mlp))?,
             },
         });
         Ok(())
@@ -258,7 +260,7 @@ impl<B: Backend> Model<B> {
             d,
         )?;
         prof.mark(b, "embedding fwd")?;
-        let recompute = self.recompute;
+        let recompute = self.recompute == Recompute::Full;
         let cx = layer::Ctx {
             b,
             c,
@@ -268,6 +270,7 @@ impl<B: Backend> Model<B> {
             cu_seqlens: &up.cu_seqlens,
             attn: up.attn,
             n,
+            mlp_recompute: self.recompute == Recompute::Mlp,
         };
         for (l, lr) in self.layout.layers.iter().enumerate() {
             let la = &mut acts.layers[if recompute { 0 } else { l }];
@@ -352,7 +355,7 @@ impl<B: Backend> Model<B> {
             d,
         )?;
         prof.mark(b, "rmsnorm bwd")?;
-        let recompute = self.recompute;
+        let recompute = self.recompute == Recompute::Full;
         let cx = layer::Ctx {
             b,
             c,
@@ -362,6 +365,7 @@ impl<B: Backend> Model<B> {
             cu_seqlens: &up.cu_seqlens,
             attn: up.attn,
             n,
+            mlp_recompute: self.recompute == Recompute::Mlp,
         };
         for (l, lr) in self.layout.layers.iter().enumerate().rev() {
             if recompute {

@@ -401,30 +401,35 @@ fn sliding_window_longer_sequences_are_refused() {
 
 #[test]
 fn recomputing_activations_gives_identical_gradients_in_less_memory() {
+    use crate::Recompute;
     let cfg = tiny(false, true);
     let mut rng = Rng::new(21);
     let exs = examples(&mut rng, &[9, 2, 17, 5], cfg.vocab_size);
     let p = flatten(&exs);
-    let run = |recompute: bool| {
+    let run = |mode: Recompute| {
         let b = Cpu::<f32>::new();
         let mut m = model(&b, cfg.clone(), 22);
-        m.set_recompute(recompute);
+        m.set_recompute(mode);
         let (loss, grads) = loss_and_grads(&b, &mut m, &[&p, &p], 0.01);
         let input = m.input_grad(&b, p.tokens.len()).unwrap();
         let acts = nopad_backend::Backend::peak_memory(&b);
         (loss, grads, input, acts)
     };
-    let (l0, g0, i0, mem0) = run(false);
-    let (l1, g1, i1, mem1) = run(true);
-    // The CPU backend is deterministic, so the recomputed activations are the same bits.
-    assert_eq!(l0.to_bits(), l1.to_bits());
-    assert!(
-        g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()),
-        "gradients differ"
-    );
-    assert!(i0.iter().zip(&i1).all(|(a, b)| a.to_bits() == b.to_bits()));
-    assert!(
-        mem1 < mem0,
-        "recompute should hold less memory: {mem1} vs {mem0}"
-    );
+    let (l0, g0, i0, mem0) = run(Recompute::None);
+    let mut last_mem = mem0;
+    for mode in [Recompute::Mlp, Recompute::Full] {
+        let (l1, g1, i1, mem1) = run(mode);
+        // The CPU backend is deterministic, so the recomputed activations are the same bits.
+        assert_eq!(l0.to_bits(), l1.to_bits(), "{mode}");
+        assert!(
+            g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "gradients differ under recompute {mode}"
+        );
+        assert!(i0.iter().zip(&i1).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            mem1 < last_mem,
+            "recompute {mode} should hold less memory: {mem1} vs {last_mem}"
+        );
+        last_mem = mem1;
+    }
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
 use nopad_backend::Backend;
-use nopad_model::{weights, Config, Inputs, Model};
+use nopad_model::{weights, Config, Inputs, Model, Recompute};
 use nopad_rng::Rng;
 
 fn gpu(dtype: CudaDtype, test: &str) -> Option<Cuda> {
@@ -74,7 +74,13 @@ fn flatten(rng: &mut Rng, lens: &[usize], vocab: usize) -> Packed {
     p
 }
 
-fn run<B: Backend>(b: &B, cfg: &Config, seed: u64, p: &Packed, recompute: bool) -> (f64, Vec<f32>) {
+fn run<B: Backend>(
+    b: &B,
+    cfg: &Config,
+    seed: u64,
+    p: &Packed,
+    recompute: Recompute,
+) -> (f64, Vec<f32>) {
     let mut m = Model::new(b, cfg.clone()).unwrap();
     m.set_recompute(recompute);
     let layout = m.layout.clone();
@@ -104,14 +110,14 @@ fn rel(a: &[f32], r: &[f32]) -> f64 {
     num / den.max(1e-30)
 }
 
-fn compare(dtype: CudaDtype, recompute: bool, loss_tol: f64, grad_tol: f64, test: &str) {
+fn compare(dtype: CudaDtype, recompute: Recompute, loss_tol: f64, grad_tol: f64, test: &str) {
     let Some(gpu) = gpu(dtype, test) else { return };
     let cfg = config();
     let seed = Rng::new(0x5eed).next_u64() ^ std::process::id() as u64;
     let mut rng = Rng::new(seed);
     // Lengths with a length-1 sequence, primes, tile-crossing sizes and one long sequence.
     let p = flatten(&mut rng, &[1, 17, 64, 65, 129, 300, 2, 31], cfg.vocab_size);
-    let (l_cpu, g_cpu) = run(&Cpu::<f32>::new(), &cfg, seed, &p, false);
+    let (l_cpu, g_cpu) = run(&Cpu::<f32>::new(), &cfg, seed, &p, Recompute::None);
     let (l_gpu, g_gpu) = run(&gpu, &cfg, seed, &p, recompute);
     let dl = ((l_gpu - l_cpu) / l_cpu).abs();
     eprintln!("[{test}] seed {seed}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {dl:.2e})");
@@ -141,7 +147,13 @@ fn compare(dtype: CudaDtype, recompute: bool, loss_tol: f64, grad_tol: f64, test
 
 #[test]
 fn f32_model_matches_cpu() {
-    compare(CudaDtype::F32, false, 1e-4, 1e-4, "f32_model_matches_cpu");
+    compare(
+        CudaDtype::F32,
+        Recompute::None,
+        1e-4,
+        1e-4,
+        "f32_model_matches_cpu",
+    );
 }
 
 /// bf16 stores every activation with unit roundoff u = 2^-8 ≈ 3.9e-3. The loss is a mean over
@@ -153,7 +165,7 @@ fn f32_model_matches_cpu() {
 fn bf16_model_matches_cpu_within_bf16_rounding() {
     compare(
         CudaDtype::Bf16,
-        false,
+        Recompute::None,
         4e-3,
         7.4e-2,
         "bf16_model_matches_cpu_within_bf16_rounding",
@@ -161,14 +173,16 @@ fn bf16_model_matches_cpu_within_bf16_rounding() {
 }
 
 /// Recomputing activations in the backward runs the same ops on the same inputs: the same
-/// tolerance as without it.
+/// tolerance as without it, for both modes.
 #[test]
 fn bf16_model_with_recompute_matches_cpu() {
-    compare(
-        CudaDtype::Bf16,
-        true,
-        4e-3,
-        7.4e-2,
-        "bf16_model_with_recompute_matches_cpu",
-    );
+    for mode in [Recompute::Mlp, Recompute::Full] {
+        compare(
+            CudaDtype::Bf16,
+            mode,
+            4e-3,
+            7.4e-2,
+            &format!("bf16_model_with_recompute_{mode}_matches_cpu"),
+        );
+    }
 }

@@ -108,9 +108,9 @@ pub struct TrainConfig {
     /// Stop with an error after this many consecutive steps whose loss or gradient norm was not
     /// finite (their updates are skipped); 0 never stops.
     pub max_bad_steps: u64,
-    /// Recompute each layer's activations in the backward (less memory, about a third more
-    /// compute); results are unchanged.
-    pub recompute: bool,
+    /// Activation recomputation in the backward (less memory, more compute); results are
+    /// unchanged.
+    pub recompute: nopad_model::Recompute,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
@@ -164,7 +164,7 @@ impl TrainConfig {
             resume: None,
             stop_after: None,
             max_bad_steps: 10,
-            recompute: false,
+            recompute: nopad_model::Recompute::None,
             progress: true,
             interrupt: None,
             nan_at_step: None,
