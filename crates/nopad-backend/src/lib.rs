@@ -303,12 +303,13 @@ pub trait Backend {
     /// SwiGLU: `gu: [N, 2F]` holds gate then up per row; `a[N, F] = silu(gate) · up`.
     fn swiglu_forward(&self, a: Self::Mut<'_>, gu: Self::Ref<'_>, n: usize, f: usize)
         -> Result<()>;
-    /// SwiGLU backward: overwrites `d_gu: [N, 2F]` from `d_a: [N, F]`.
+    /// SwiGLU backward, in place: `gu: [N, 2F]` (the forward's input) is overwritten with its
+    /// gradient `d_gu` from `d_a: [N, F]` (the backward is the last reader of `gu`, so no
+    /// separate `[N, 2F]` buffer is needed).
     fn swiglu_backward(
         &self,
-        d_gu: Self::Mut<'_>,
+        gu: Self::Mut<'_>,
         d_a: Self::Ref<'_>,
-        gu: Self::Ref<'_>,
         n: usize,
         f: usize,
     ) -> Result<()>;

@@ -51,7 +51,8 @@ pub struct LayerActs<B: Backend> {
     pub res_mid: B::Buf,
     /// `[N]` post_attention_layernorm's reciprocal RMS.
     pub rstd2: B::Buf,
-    /// `[N, 2F]` gate and up projections (empty under `Recompute::Mlp`).
+    /// `[N, 2F]` gate and up projections (empty under `Recompute::Mlp`); the backward
+    /// overwrites them with their gradient.
     pub gu: B::Buf,
 }
 
@@ -71,8 +72,6 @@ pub struct Scratch<B: Backend> {
     pub d_qkv: B::Buf,
     /// `[N, H·Dh]`.
     pub d_att: B::Buf,
-    /// `[N, 2F]`.
-    pub d_gu: B::Buf,
     /// `[N, F]`.
     pub d_a: B::Buf,
     /// `[N, 2F]` gate and up projections under `Recompute::Mlp` (else empty).
@@ -253,7 +252,7 @@ fn recompute_h2<B: Backend>(
 pub(crate) fn backward<B: Backend>(
     cx: &Ctx<'_, B>,
     lr: &LayerRanges,
-    la: &LayerActs<B>,
+    la: &mut LayerActs<B>,
     acts: &mut Scratch<B>,
     g: &mut B::Buf,
     res_in: &B::Buf,
@@ -301,11 +300,15 @@ pub(crate) fn backward<B: Backend>(
         },
     )?;
     prof.mark(b, "down_proj bwd")?;
-    let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
+    // In place: the gate/up projections become their gradient.
+    let d_gu = if cx.mlp_recompute {
+        &mut acts.gu
+    } else {
+        &mut la.gu
+    };
     b.swiglu_backward(
-        b.view_mut(&mut acts.d_gu, 0..n * 2 * f),
+        b.view_mut(d_gu, 0..n * 2 * f),
         b.view(&acts.d_a, 0..n * f),
-        b.view(gu, 0..n * 2 * f),
         n,
         f,
     )?;
@@ -318,7 +321,10 @@ pub(crate) fn backward<B: Backend>(
         Some(b.view_mut(&mut acts.d_h, nd.clone())),
         b.view_mut(g, lr.gate_up_w.clone()),
         None,
-        b.view(&acts.d_gu, 0..n * 2 * f),
+        b.view(
+            if cx.mlp_recompute { &acts.gu } else { &la.gu },
+            0..n * 2 * f,
+        ),
         b.view(&acts.h, nd.clone()),
         b.view(p, lr.gate_up_w.clone()),
         LinearDims {

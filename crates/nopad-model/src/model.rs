@@ -193,7 +193,6 @@ impl<B: Backend> Model<B> {
                 d_h: act(d)?,
                 d_qkv: act(w)?,
                 d_att: act(hd)?,
-                d_gu: act(2 * f)?,
                 d_a: act(f)?,
                 gu: act(gu_len(mlp))?,
             },
@@ -380,7 +379,7 @@ impl<B: Backend> Model<B> {
                     prof,
                 )?;
             }
-            let la = &acts.layers[if recompute { 0 } else { l }];
+            let la = &mut acts.layers[if recompute { 0 } else { l }];
             layer::backward(&cx, lr, la, &mut acts.s, g, &acts.res[l], prof)?;
         }
         b.embedding_backward(

@@ -232,27 +232,24 @@ pub(crate) fn swiglu_forward<T: Scalar>(a: &mut [T], gu: &[T], n: usize, f: usiz
 }
 
 pub(crate) fn swiglu_backward<T: Scalar>(
-    d_gu: &mut [T],
+    gu: &mut [T],
     d_a: &[T],
-    gu: &[T],
     n: usize,
     f: usize,
 ) -> Result<()> {
-    check_len("swiglu_backward", "d_gu", d_gu.len(), n * 2 * f)?;
     check_len("swiglu_backward", "d_a", d_a.len(), n * f)?;
     check_len("swiglu_backward", "gu", gu.len(), n * 2 * f)?;
-    d_gu[..n * 2 * f]
+    gu[..n * 2 * f]
         .par_chunks_mut(2 * f)
         .zip(d_a[..n * f].par_chunks(f))
-        .zip(gu[..n * 2 * f].par_chunks(2 * f))
-        .for_each(|((dr, dar), gur)| {
-            let (g, u) = gur.split_at(f);
-            let (dg, du) = dr.split_at_mut(f);
+        .for_each(|(row, dar)| {
+            let (g, u) = row.split_at_mut(f);
             for i in 0..f {
-                let s = sigmoid(g[i]);
-                let silu = g[i] * s;
-                du[i] = dar[i] * silu;
-                dg[i] = dar[i] * u[i] * s * (T::ONE + g[i] * (T::ONE - s));
+                let (gi, ui) = (g[i], u[i]);
+                let s = sigmoid(gi);
+                let silu = gi * s;
+                u[i] = dar[i] * silu;
+                g[i] = dar[i] * ui * s * (T::ONE + gi * (T::ONE - s));
             }
         });
     Ok(())

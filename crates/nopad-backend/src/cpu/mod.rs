@@ -392,15 +392,8 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn swiglu_forward(&self, a: &mut [T], gu: &[T], n: usize, f: usize) -> Result<()> {
         layers::swiglu_forward(a, gu, n, f)
     }
-    fn swiglu_backward(
-        &self,
-        d_gu: &mut [T],
-        d_a: &[T],
-        gu: &[T],
-        n: usize,
-        f: usize,
-    ) -> Result<()> {
-        layers::swiglu_backward(d_gu, d_a, gu, n, f)
+    fn swiglu_backward(&self, gu: &mut [T], d_a: &[T], n: usize, f: usize) -> Result<()> {
+        layers::swiglu_backward(gu, d_a, n, f)
     }
     fn lm_head_loss(
         &self,

@@ -344,15 +344,8 @@ impl Backend for Cuda {
         self.swiglu_forward_impl(a, gu, n, f)
     }
 
-    fn swiglu_backward(
-        &self,
-        d_gu: CudaMut<'_>,
-        d_a: CudaRef<'_>,
-        gu: CudaRef<'_>,
-        n: usize,
-        f: usize,
-    ) -> Result<()> {
-        self.swiglu_backward_impl(d_gu, d_a, gu, n, f)
+    fn swiglu_backward(&self, gu: CudaMut<'_>, d_a: CudaRef<'_>, n: usize, f: usize) -> Result<()> {
+        self.swiglu_backward_impl(gu, d_a, n, f)
     }
 
     fn lm_head_loss(

@@ -280,7 +280,11 @@ impl Cuda {
                 REDUCE,
                 Dtype::F32,
                 "partials_finish",
-                Launch::flat(cols, 256),
+                Launch {
+                    grid: (cols.div_ceil(32) as u32, 1, 1),
+                    block: 256,
+                    smem: 0,
+                },
                 &p,
             )
         }

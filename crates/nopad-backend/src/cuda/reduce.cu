@@ -2,7 +2,7 @@
 // - sum_squares: x [n] compute_t -> partial [gridDim.x] f64 (host adds the partials in f64).
 // - colsum_partial: dy [rows, cols] compute_t -> partial [splits, cols] f32, split s summing
 //   rows s*rows_per..; grid (ceil(cols/256), splits), block 256.
-// - partials_finish: out[c] += sum_s partial[s, c]; out [cols] f32 (Master).
+// - partials_finish: out[c] += sum_s partial[s, c]; out [cols] f32 (Master); grid ceil(cols/32).
 // - sum_into: out[0] += sum_i x[i]; x [n] f32; one block of 1024 threads.
 
 struct SumSquaresParams {
@@ -54,12 +54,32 @@ struct FinishParams {
     int cols;
 };
 
+// Blocks of 256 threads = 32 columns x 8 groups of splits, each group summing every 8th split
+// with 4 loads in flight, then a fixed-order sum of the 8 groups in shared memory
+// (deterministic). Grid: ceil(cols / 32).
 extern "C" __global__ void KNAME(partials_finish)(const FinishParams p) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= p.cols) return;
-    float acc = 0.f;
-    for (int s = 0; s < p.splits; ++s) acc += p.partial[(i64)s * p.cols + c];
-    p.out[c] += acc;
+    __shared__ float part[8][33];
+    int x = threadIdx.x & 31, y = threadIdx.x >> 5;
+    int c = blockIdx.x * 32 + x;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    if (c < p.cols) {
+        int s = y;
+        for (; s + 24 < p.splits; s += 32) {
+            a0 += p.partial[(i64)s * p.cols + c];
+            a1 += p.partial[(i64)(s + 8) * p.cols + c];
+            a2 += p.partial[(i64)(s + 16) * p.cols + c];
+            a3 += p.partial[(i64)(s + 24) * p.cols + c];
+        }
+        for (; s < p.splits; s += 8) a0 += p.partial[(i64)s * p.cols + c];
+    }
+    part[y][x] = (a0 + a1) + (a2 + a3);
+    __syncthreads();
+    if (y == 0 && c < p.cols) {
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc += part[k][x];
+        p.out[c] += acc;
+    }
 }
 
 struct SumIntoParams {

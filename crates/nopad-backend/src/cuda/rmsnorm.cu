@@ -109,6 +109,7 @@ extern "C" __global__ void KNAME(rmsnorm_bwd_dw_partial_v8)(const RmsnormParams 
     int r0 = blockIdx.y * p.rows_per;
     int r1 = min(p.n, r0 + p.rows_per);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
     for (int t = r0; t < r1; ++t) {
         i64 i = (i64)t * p.d + j;
         f8 dy = ld8(p.dy, i), x = ld8(p.x, i);

@@ -1,5 +1,6 @@
 // swiglu.cu: a = silu(gate) * up and its backward.
-// gu: [N, 2F] compute_t (gate then up per row); a, d_a: [N, F]; d_gu: [N, 2F] (overwritten).
+// gu: [N, 2F] compute_t (gate then up per row); a, d_a: [N, F]. The backward works in place
+// (out == gu): each thread reads its gate and up values before writing their gradients there.
 // Flat grid over N*F; fp32 math.
 
 struct SwigluParams {

@@ -46,24 +46,22 @@ impl Cuda {
         unsafe { self.launch(SWIGLU, self.compute, &name, stride_launch(threads), &p) }
     }
 
-    /// d_gu: `[n, 2f]` (overwritten); d_a: `[n, f]`; gu: `[n, 2f]`.
+    /// gu: `[n, 2f]`, overwritten with its gradient; d_a: `[n, f]`.
     pub(crate) fn swiglu_backward_impl(
         &self,
-        d_gu: CudaMut<'_>,
+        gu: CudaMut<'_>,
         d_a: CudaRef<'_>,
-        gu: CudaRef<'_>,
         n: usize,
         f: usize,
     ) -> Result<()> {
         let op = "swiglu_backward";
-        want(op, "d_gu", &d_gu, self.compute, 2 * n * f)?;
         want(op, "d_a", &d_a, self.compute, n * f)?;
         want(op, "gu", &gu, self.compute, 2 * n * f)?;
         if n * f == 0 {
             return Ok(());
         }
         let p = SwigluParams {
-            out: d_gu.ptr,
+            out: gu.ptr,
             gu: gu.ptr,
             d_a: d_a.ptr,
             n: n as i32,

@@ -179,7 +179,6 @@ fn bench_llama_1b_shapes() {
         g.swiglu_backward(
             g.view_mut(&mut y, 0..2 * n * f),
             g.view(&dx, 0..n * f),
-            g.view(&x, 0..2 * n * f),
             n,
             f,
         )
