@@ -32,9 +32,11 @@ pub enum Kind {
     /// Weights as the forward pass reads them, activations and activation gradients:
     /// bf16 on CUDA in mixed precision, the scalar type on the CPU.
     Compute,
-    /// Parameter gradients, optimizer moments and master weights: fp32 on CUDA, the scalar type on
-    /// the CPU.
+    /// Optimizer moments, master weights, statistics: fp32 on CUDA, the scalar type on the CPU.
     Master,
+    /// Parameter gradients: fp32 on CUDA unless `CudaOptions::bf16_grads` (bf16, each GEMM still
+    /// accumulating in fp32 and rounding once per write), the scalar type on the CPU.
+    Grad,
 }
 
 /// Shape of a GEMM `y[N, out] = x[N, in] · w[out, in]ᵀ (+ b[out])`.

@@ -43,6 +43,9 @@ struct Env {
     cpu: Cpu<f32>,
     gpu: Cuda,
     mode: CudaDtype,
+    /// bf16 parameter gradients (`CudaOptions::bf16_grads`): one more rounding on every
+    /// accumulated gradient.
+    bf16_grads: bool,
     seed: u64,
     rng: Rng,
 }
@@ -61,20 +64,26 @@ fn envs(test: &str) -> Option<Vec<Env>> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
         });
-    let mk = |mode| {
+    let mk = |mode, bf16_grads| {
         let opts = CudaOptions {
             dtype: mode,
+            bf16_grads,
             ..CudaOptions::default()
         };
         Env {
             cpu: Cpu::new(),
             gpu: Cuda::new(opts).expect("probe() found a device, so Cuda::new must succeed"),
             mode,
+            bf16_grads,
             seed,
             rng: Rng::derived(seed, test),
         }
     };
-    let envs = vec![mk(CudaDtype::F32), mk(CudaDtype::Bf16)];
+    let envs = vec![
+        mk(CudaDtype::F32, false),
+        mk(CudaDtype::Bf16, false),
+        mk(CudaDtype::Bf16, true),
+    ];
     for e in &envs {
         // Compiles every kernel in parallel on first use (later runs read the disk cache).
         e.gpu.warm_up().expect("every kernel compiles");
@@ -107,6 +116,10 @@ impl Env {
                 }
             })
             .collect()
+    }
+    /// Extra roundings of an accumulated parameter gradient (1 with bf16 gradients).
+    fn gk(&self) -> u32 {
+        self.bf16_grads as u32
     }
     fn below(&mut self, n: usize) -> usize {
         self.rng.below(n as u64) as usize
@@ -144,7 +157,11 @@ impl Env {
         let rel = num.sqrt() / den.sqrt().max(1e-30);
         say(&format!(
             "cuda_ops {:<5} {what:<40} rel {rel:.2e} max_abs {max_abs:.2e} (tol {tol:.1e}, n {})",
-            format!("{:?}", self.mode),
+            format!(
+                "{:?}{}",
+                self.mode,
+                if self.bf16_grads { "+g16" } else { "" }
+            ),
             got.len()
         ));
         assert!(
@@ -235,7 +252,7 @@ fn embedding_forward_backward() {
 
             let (dx, acc) = (e.randn(n * d, 1.0), e.randn(v * d, 1.0));
             let gdx = e.up(&dx, Kind::Compute);
-            let mut gdt = e.up(&acc, Kind::Master);
+            let mut gdt = e.up(&acc, Kind::Grad);
             e.gpu
                 .embedding_backward(gdt.as_mut(), gdx.as_ref(), &gt, n, d)
                 .unwrap();
@@ -247,7 +264,7 @@ fn embedding_forward_backward() {
                 &format!("embedding_bwd n={n} v={v} d={d}"),
                 &e.down(&gdt),
                 &want,
-                0,
+                e.gk(),
             );
         }
     }
@@ -296,8 +313,8 @@ fn linear_forward_backward() {
             let (dw0, db0) = (e.randn(d_out * d_in, 1.0), e.randn(d_out, 1.0));
             let gdy = e.up(&dy, Kind::Compute);
             let mut gdx = e.poison(n * d_in, Kind::Compute);
-            let mut gdw = e.up(&dw0, Kind::Master);
-            let mut gdb = e.up(&db0, Kind::Master);
+            let mut gdw = e.up(&dw0, Kind::Grad);
+            let mut gdb = e.up(&db0, Kind::Grad);
             let gdbv = bias.then(|| gdb.as_mut());
             e.gpu
                 .linear_backward(
@@ -316,8 +333,8 @@ fn linear_forward_backward() {
                 .linear_backward(Some(&mut dx), &mut dw, dbv, &dy, &x, &w, dims)
                 .unwrap();
             e.check(&format!("linear_bwd dx {tag}"), &e.down(&gdx), &dx, 1);
-            e.check(&format!("linear_bwd dw {tag}"), &e.down(&gdw), &dw, 0);
-            e.check(&format!("linear_bwd db {tag}"), &e.down(&gdb), &db, 0);
+            e.check(&format!("linear_bwd dw {tag}"), &e.down(&gdw), &dw, e.gk());
+            e.check(&format!("linear_bwd db {tag}"), &e.down(&gdb), &db, e.gk());
         }
     }
 }
@@ -359,7 +376,7 @@ fn rmsnorm_forward_backward() {
             let (dy, dx0, dw0) = (e.randn(n * d, 1.0), e.randn(n * d, 1.0), e.randn(d, 1.0));
             let (gdy, grs) = (e.up(&dy, Kind::Compute), e.up(&rstd, Kind::Master));
             let mut gdx = e.up(&dx0, Kind::Compute);
-            let mut gdw = e.up(&dw0, Kind::Master);
+            let mut gdw = e.up(&dw0, Kind::Grad);
             e.gpu
                 .rmsnorm_backward(
                     gdx.as_mut(),
@@ -377,7 +394,12 @@ fn rmsnorm_forward_backward() {
                 .rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d)
                 .unwrap();
             e.check(&format!("rmsnorm_bwd dx(+=) {tag}"), &e.down(&gdx), &dx, 1);
-            e.check(&format!("rmsnorm_bwd dweight {tag}"), &e.down(&gdw), &dw, 0);
+            e.check(
+                &format!("rmsnorm_bwd dweight {tag}"),
+                &e.down(&gdw),
+                &dw,
+                e.gk(),
+            );
         }
     }
 }
@@ -481,7 +503,7 @@ fn lm_head_loss_forward_backward() {
             let gt = e.gpu.ints(&targets).unwrap();
             let mut gl = e.up(&l0, Kind::Master);
             let mut gdx = e.poison(n * d, Kind::Compute);
-            let mut gdw = e.up(&dw0, Kind::Master);
+            let mut gdw = e.up(&dw0, Kind::Grad);
             e.gpu
                 .lm_head_loss(
                     gl.as_mut(),
@@ -510,7 +532,15 @@ fn lm_head_loss_forward_backward() {
             e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
             // dlogits rounded, then the dx GEMM output rounded.
             e.check(&format!("lm_head dx {tag}"), &e.down(&gdx), &dx, 2);
-            e.check(&format!("lm_head dw {tag}"), &e.down(&gdw), &dw, 1);
+            // With bf16 gradients every chunk's GEMM rounds d_w once more.
+            let m = targets.iter().filter(|&&t| t >= 0).count();
+            let chunks = m.div_ceil(chunk_rows.min(m.max(1))) as u32;
+            e.check(
+                &format!("lm_head dw {tag}"),
+                &e.down(&gdw),
+                &dw,
+                1 + e.gk() * chunks,
+            );
 
             // Loss only (evaluation): no gradients touched.
             let mut gl = e.up(&l0, Kind::Master);
@@ -548,7 +578,11 @@ fn adamw_step() {
             };
             // fp32 weights that bf16 cannot hold, so a split master must keep both halves.
             let p = e.randn(n, 1.0);
-            let g: Vec<f32> = (0..n).map(|_| e.rng.normal() as f32).collect();
+            // bf16-representable when the gradients are bf16, so both sides see the same values.
+            let g: Vec<f32> = (0..n)
+                .map(|_| e.rng.normal() as f32)
+                .map(|x| if e.bf16_grads { bf16_round(x) } else { x })
+                .collect();
             let m: Vec<f32> = (0..n).map(|_| e.rng.normal() as f32 * 0.1).collect();
             let v: Vec<f32> = (0..n).map(|_| e.rng.uniform() as f32 * 0.01).collect();
             let pad = |x: &[f32]| [vec![0f32; off], x.to_vec()].concat();
@@ -565,7 +599,7 @@ fn adamw_step() {
             } else {
                 None
             };
-            let gg = e.up(&pad(&g), Kind::Master);
+            let gg = e.up(&pad(&g), Kind::Grad);
             let (mut gm, mut gv) = (e.up(&pad(&m), Kind::Master), e.up(&pad(&v), Kind::Master));
             let r = off..off + n;
             let master = gmaster.as_mut().map(|b| e.gpu.view_mut(b, r.clone()));

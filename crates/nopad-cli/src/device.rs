@@ -38,6 +38,36 @@ pub fn parse_dtype(s: &str) -> std::result::Result<CudaDtype, String> {
     }
 }
 
+/// Parses `--grad-dtype` into whether gradients are bf16.
+pub fn parse_grad_dtype(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "f32" => Ok(false),
+        "bf16" => Ok(true),
+        _ => Err(format!(
+            "unknown gradient dtype `{s}` (expected f32 or bf16)"
+        )),
+    }
+}
+
+/// The CUDA precision settings (`--dtype`, `--grad-dtype`); the CPU ignores them.
+#[derive(Clone, Copy, Debug)]
+pub struct Precision {
+    /// Compute type.
+    pub dtype: CudaDtype,
+    /// bf16 parameter gradients (bf16 compute only).
+    pub bf16_grads: bool,
+}
+
+impl Precision {
+    /// `dtype` with fp32 gradients.
+    pub fn of(dtype: CudaDtype) -> Self {
+        Precision {
+            dtype,
+            bf16_grads: false,
+        }
+    }
+}
+
 /// A piece of work that runs on whichever backend was chosen.
 pub trait Job {
     /// What the job returns.
@@ -46,9 +76,10 @@ pub trait Job {
     fn run<B: Backend>(self, b: &B) -> Result<Self::Out>;
 }
 
-fn cuda(dtype: CudaDtype) -> Result<Cuda> {
+fn cuda(p: Precision) -> Result<Cuda> {
     let c = Cuda::new(CudaOptions {
-        dtype,
+        dtype: p.dtype,
+        bf16_grads: p.bf16_grads,
         ..Default::default()
     })
     .context("--device cuda")?;
@@ -57,15 +88,21 @@ fn cuda(dtype: CudaDtype) -> Result<Cuda> {
 }
 
 /// Runs `job` on the backend `choice` selects.
-pub fn run_on<J: Job>(choice: DeviceChoice, dtype: CudaDtype, job: J) -> Result<J::Out> {
+pub fn run_on<J: Job>(choice: DeviceChoice, prec: Precision, job: J) -> Result<J::Out> {
+    let cpu = |job: J| {
+        if prec.bf16_grads {
+            eprintln!("nopad: --grad-dtype bf16 applies to CUDA only; the CPU keeps f32 gradients");
+        }
+        job.run(&Cpu::<f32>::new())
+    };
     match choice {
-        DeviceChoice::Cpu => job.run(&Cpu::<f32>::new()),
-        DeviceChoice::Cuda => job.run(&cuda(dtype)?),
+        DeviceChoice::Cpu => cpu(job),
+        DeviceChoice::Cuda => job.run(&cuda(prec)?),
         DeviceChoice::Auto => match probe() {
-            Ok(_) => job.run(&cuda(dtype)?),
+            Ok(_) => job.run(&cuda(prec)?),
             Err(why) => {
                 eprintln!("nopad: no usable GPU ({why}); using the CPU");
-                job.run(&Cpu::<f32>::new())
+                cpu(job)
             }
         },
     }

@@ -10,7 +10,7 @@ use nopad_data::{LoadOptions, PackOptions, Strategy};
 use nopad_train::trainer::{build_model, pad_token_id};
 use nopad_train::{evaluate, ModelSource};
 
-use crate::device::{run_on, DeviceChoice, Job};
+use crate::device::{run_on, DeviceChoice, Job, Precision};
 
 /// Flags of `nopad eval`.
 #[derive(Args, Debug)]
@@ -79,7 +79,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let r = run_on(a.device, a.dtype, EvalJob(a))?;
+    let r = run_on(a.device, Precision::of(a.dtype), EvalJob(a))?;
     if a.json {
         println!(
             "{}",

@@ -16,8 +16,7 @@ use nopad_model::weights::SaveDtype;
 use nopad_train::{DataSource, ModelSource, Resume, StopReason, TrainConfig};
 use serde::Deserialize;
 
-use crate::device::{run_on, DeviceChoice, Job};
-use nopad_backend::cuda::CudaDtype;
+use crate::device::{parse_grad_dtype, run_on, DeviceChoice, Job, Precision};
 
 /// Flags of `nopad train`. Every flag but `--config` may also be a key of the config file.
 #[derive(Args, Clone, Debug, Default, Deserialize)]
@@ -139,6 +138,10 @@ pub struct TrainArgs {
     /// Compute type on CUDA: bf16 (mixed precision, fp32 master weights) or f32.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Parameter gradients on CUDA in bf16 mode: f32 (default) or bf16 (2 bytes per parameter
+    /// less; each GEMM accumulates in fp32 and rounds once per micro-batch).
+    #[arg(long)]
+    pub grad_dtype: Option<String>,
     /// Activation recomputation in the backward: none, mlp (drop the gate/up projections, two
     /// thirds of a layer's saved activations, and redo that GEMM: ~8% more compute) or full (keep
     /// only each layer's input: one layer's activations instead of all, ~a third more compute).
@@ -214,13 +217,14 @@ impl TrainArgs {
             eval_every,
             device,
             dtype,
+            grad_dtype,
             recompute,
             no_progress
         )
     }
 
     /// Merges the config file (if any) and validates everything into a [`TrainConfig`].
-    pub fn resolve(&self) -> Result<(TrainConfig, DeviceChoice, CudaDtype)> {
+    pub fn resolve(&self) -> Result<(TrainConfig, DeviceChoice, Precision)> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => TrainArgs::default(),
@@ -357,7 +361,9 @@ impl TrainArgs {
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
         let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
             .map_err(|e| anyhow::anyhow!("`dtype`: {e}"))?;
-        Ok((c, device, dtype))
+        let bf16_grads = parse_grad_dtype(a.grad_dtype.as_deref().unwrap_or("f32"))
+            .map_err(|e| anyhow::anyhow!("`grad-dtype`: {e}"))?;
+        Ok((c, device, Precision { dtype, bf16_grads }))
     }
 }
 

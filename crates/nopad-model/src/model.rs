@@ -82,7 +82,7 @@ impl<B: Backend> Model<B> {
     pub fn new(b: &B, cfg: Config) -> Result<Self> {
         let layout = Layout::new(&cfg);
         let params = b.alloc(layout.total, Kind::Compute)?;
-        let grads = b.alloc(layout.total, Kind::Master)?;
+        let grads = b.alloc(layout.total, Kind::Grad)?;
         let freqs = crate::rope::inv_freq(&cfg);
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
         b.write(&mut inv_freq, 0, &freqs)?;

@@ -1,5 +1,6 @@
 // adamw.cu: one AdamW step over a flat parameter range (multi-tensor: the whole flat buffer in
-// one launch). grad, m, v: [n] f32; param: [n] compute_t; master_lo: [n] u16 or null.
+// one launch). m, v: [n] f32; grad: [n] f32 (bf16 for *_g16); param: [n] compute_t;
+// master_lo: [n] u16 or null.
 // With master_lo (bf16 only) the fp32 master weight is (param << 16) + sign_extend(master_lo)
 // (see adamw.rs); the update is applied to it and both halves are written back. Without, param
 // itself is updated. Bias corrections are computed on the host (as the CPU backend does).
@@ -7,7 +8,7 @@
 struct AdamwParams {
     compute_t* param;
     unsigned short* master_lo;
-    const float* grad;
+    const void* grad;   // float*, or bf16_t* with bf16 gradients (the *_g16 kernels)
     float* m;
     float* v;
     i64 n;
@@ -42,20 +43,35 @@ __device__ __forceinline__ void master_split(float w, unsigned short& hi, unsign
 }
 
 #if NOPAD_BF16
+// Gradient loads: fp32 or bf16 gradients (CudaOptions::bf16_grads), 1 or 4 at a time.
+__device__ __forceinline__ float ldg1(const float* g, i64 i) { return g[i]; }
+__device__ __forceinline__ float ldg1(const bf16_t* g, i64 i) { return bf16_to_f32(g[i]); }
+__device__ __forceinline__ void ldg4(const float* g, i64 i4, float* out) {
+    float4 v = ((const float4*)g)[i4];
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+}
+__device__ __forceinline__ void ldg4(const bf16_t* g, i64 i4, float* out) {
+    uint2 v = ((const uint2*)g)[i4];
+    out[0] = __uint_as_float(v.x << 16); out[1] = __uint_as_float(v.x & 0xffff0000u);
+    out[2] = __uint_as_float(v.y << 16); out[3] = __uint_as_float(v.y & 0xffff0000u);
+}
+
 // Split-master path, 4 elements per thread with 16-byte (fp32) and 8-byte (16-bit) accesses:
-// 28 bytes per parameter. The launcher guarantees alignment; elements past n/4*4 are done by
-// the first threads one by one.
-extern "C" __global__ void KNAME(adamw_split4)(const AdamwParams p) {
+// 28 bytes per parameter with fp32 gradients, 26 with bf16. The launcher guarantees alignment;
+// elements past n/4*4 are done by the first threads one by one.
+template <typename G>
+__device__ void adamw_split4_impl(const AdamwParams& p, const G* grad) {
     i64 n4 = p.n / 4;
-    const float4* g4 = (const float4*)p.grad;
     float4* m4 = (float4*)p.m;
     float4* v4 = (float4*)p.v;
     uint2* w4 = (uint2*)p.param;
     uint2* l4 = (uint2*)p.master_lo;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n4; i += (i64)gridDim.x * blockDim.x) {
-        float4 g = g4[i], m = m4[i], v = v4[i];
+        float gs[4];
+        ldg4(grad, i, gs);
+        float4 m = m4[i], v = v4[i];
         uint2 wh = w4[i], wl = l4[i];
-        float gs[4] = {g.x, g.y, g.z, g.w}, ms[4] = {m.x, m.y, m.z, m.w}, vs[4] = {v.x, v.y, v.z, v.w};
+        float ms[4] = {m.x, m.y, m.z, m.w}, vs[4] = {v.x, v.y, v.z, v.w};
         unsigned short hs[4] = {(unsigned short)(wh.x & 0xffff), (unsigned short)(wh.x >> 16),
                                 (unsigned short)(wh.y & 0xffff), (unsigned short)(wh.y >> 16)};
         unsigned short ls[4] = {(unsigned short)(wl.x & 0xffff), (unsigned short)(wl.x >> 16),
@@ -73,30 +89,36 @@ extern "C" __global__ void KNAME(adamw_split4)(const AdamwParams p) {
     i64 t = n4 * 4 + blockIdx.x * (i64)blockDim.x + threadIdx.x;
     if (t < p.n) {
         float m = p.m[t], v = p.v[t];
-        float w = adamw_one(p, p.grad[t], master_join(p.param[t], p.master_lo[t]), m, v);
+        float w = adamw_one(p, ldg1(grad, t), master_join(p.param[t], p.master_lo[t]), m, v);
         p.m[t] = m;
         p.v[t] = v;
         master_split(w, p.param[t], p.master_lo[t]);
     }
 }
 
-// The same one element per thread, for views that are not aligned for adamw_split4.
-extern "C" __global__ void KNAME(adamw_split1)(const AdamwParams p) {
+// The same one element per thread, for views that are not aligned for the 4-wide kernel.
+template <typename G>
+__device__ void adamw_split1_impl(const AdamwParams& p, const G* grad) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
         float m = p.m[i], v = p.v[i];
-        float w = adamw_one(p, p.grad[i], master_join(p.param[i], p.master_lo[i]), m, v);
+        float w = adamw_one(p, ldg1(grad, i), master_join(p.param[i], p.master_lo[i]), m, v);
         p.m[i] = m;
         p.v[i] = v;
         master_split(w, p.param[i], p.master_lo[i]);
     }
 }
+
+extern "C" __global__ void KNAME(adamw_split4)(const AdamwParams p) { adamw_split4_impl(p, (const float*)p.grad); }
+extern "C" __global__ void KNAME(adamw_split1)(const AdamwParams p) { adamw_split1_impl(p, (const float*)p.grad); }
+extern "C" __global__ void KNAME(adamw_split4_g16)(const AdamwParams p) { adamw_split4_impl(p, (const bf16_t*)p.grad); }
+extern "C" __global__ void KNAME(adamw_split1_g16)(const AdamwParams p) { adamw_split1_impl(p, (const bf16_t*)p.grad); }
 #endif
 
 // Without a master copy (f32 mode): the parameters themselves.
 extern "C" __global__ void KNAME(adamw)(const AdamwParams p) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
         float m = p.m[i], v = p.v[i];
-        float w = adamw_one(p, p.grad[i], ld(p.param, i), m, v);
+        float w = adamw_one(p, ((const float*)p.grad)[i], ld(p.param, i), m, v);
         p.m[i] = m;
         p.v[i] = v;
         p.param[i] = to_c(w);

@@ -52,7 +52,8 @@ struct AdamwParams {
 }
 
 impl Cuda {
-    /// param: `[n]` Compute; master: `[n]` U16 low halves (bf16 mode); grad, m, v: `[n]` fp32.
+    /// param: `[n]` Compute; master: `[n]` U16 low halves (bf16 mode); grad: `[n]` of the
+    /// gradient type; m, v: `[n]` fp32.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn adamw_impl(
         &self,
@@ -72,7 +73,7 @@ impl Cuda {
             })?;
             want(op, "master", master, Dtype::U16, n)?;
         }
-        want(op, "grad", &grad, Dtype::F32, n)?;
+        want(op, "grad", &grad, self.grad, n)?;
         want(op, "m", &m, Dtype::F32, n)?;
         want(op, "v", &v, Dtype::F32, n)?;
         check(hp.step >= 1, op, || "step is 1-based".into())?;
@@ -96,18 +97,20 @@ impl Cuda {
             step_size: hp.lr / (1.0 - (hp.beta1 as f64).powi(step) as f32),
             bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(step) as f32).sqrt(),
         };
-        let aligned = p.grad.is_multiple_of(16)
+        let g_align = if self.grad == Dtype::Bf16 { 8 } else { 16 };
+        let aligned = p.grad.is_multiple_of(g_align)
             && p.m.is_multiple_of(16)
             && p.v.is_multiple_of(16)
             && p.param.is_multiple_of(8)
             && p.master_lo.is_multiple_of(8);
+        let g16 = if self.grad == Dtype::Bf16 { "_g16" } else { "" };
         let (name, cfg) = match (p.master_lo != 0, aligned) {
-            (false, _) => ("adamw", stride_launch(n)),
-            (true, true) => ("adamw_split4", stride_launch(n.div_ceil(4))),
-            (true, false) => ("adamw_split1", stride_launch(n)),
+            (false, _) => ("adamw".to_string(), stride_launch(n)),
+            (true, true) => (format!("adamw_split4{g16}"), stride_launch(n.div_ceil(4))),
+            (true, false) => (format!("adamw_split1{g16}"), stride_launch(n)),
         };
         // SAFETY: shapes checked above; adamw_split4 only on 16/8-byte aligned views.
-        unsafe { self.launch(ADAMW, self.compute, name, cfg, &p) }
+        unsafe { self.launch(ADAMW, self.compute, &name, cfg, &p) }
     }
 }
 

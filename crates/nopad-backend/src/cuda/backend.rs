@@ -16,6 +16,7 @@ impl Cuda {
         match kind {
             Kind::Compute => self.compute,
             Kind::Master => Dtype::F32,
+            Kind::Grad => self.grad,
         }
     }
 }

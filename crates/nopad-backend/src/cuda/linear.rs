@@ -117,7 +117,7 @@ impl Cuda {
         self.blas.gemm(spec, 1.0, w, dy, dx, self.raw_stream())
     }
 
-    /// `d_w[out, in] += alpha · dy[rows, out]ᵀ · x[rows, in]` (fp32 `d_w`).
+    /// `d_w[out, in] += alpha · dy[rows, out]ᵀ · x[rows, in]` (`d_w` of the gradient type).
     ///
     /// # Safety
     /// As [`Cuda::gemm_x_wt`].
@@ -142,7 +142,7 @@ impl Cuda {
             ldb: d_out as i64,
             ldc: d_in as i64,
             ab: self.compute,
-            c: Dtype::F32,
+            c: self.grad,
             accumulate: true,
         };
         self.ctx
@@ -207,9 +207,9 @@ impl Cuda {
         if let Some(dx) = &dx {
             want(op, "dx", dx, c, n * d_in)?;
         }
-        want(op, "d_w", &d_w, Dtype::F32, d_out * d_in)?;
+        want(op, "d_w", &d_w, self.grad, d_out * d_in)?;
         if let Some(d_b) = &d_b {
-            want(op, "d_b", d_b, Dtype::F32, d_out)?;
+            want(op, "d_b", d_b, self.grad, d_out)?;
         }
         want(op, "dy", &dy, c, n * d_out)?;
         want(op, "x", &x, c, n * d_in)?;
@@ -235,7 +235,8 @@ impl Cuda {
         Ok(())
     }
 
-    /// `out[c] += Σ_rows m[r, c]` for a Compute matrix `m: [rows, cols]`, fp32 `out`; two
+    /// `out[c] += Σ_rows m[r, c]` for a Compute matrix `m: [rows, cols]`, `out` of the gradient
+    /// type; two
     /// deterministic passes (row-split partials, then their sum).
     fn column_sum_into(&self, out: u64, m: u64, rows: usize, cols: usize) -> Result<()> {
         if cols == 0 {
@@ -278,7 +279,7 @@ impl Cuda {
         unsafe {
             self.launch(
                 REDUCE,
-                Dtype::F32,
+                self.grad,
                 "partials_finish",
                 Launch {
                     grid: (cols.div_ceil(32) as u32, 1, 1),

@@ -88,7 +88,7 @@ impl Cuda {
             want(op, "dx", dx, c, n * d)?;
         }
         if let Some(d_w) = &d_w {
-            want(op, "d_w", d_w, Dtype::F32, v * d)?;
+            want(op, "d_w", d_w, self.grad, v * d)?;
         }
         want(op, "x", &x, c, n * d)?;
         want(op, "w", &w, c, v * d)?;

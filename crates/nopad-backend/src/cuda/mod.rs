@@ -63,6 +63,11 @@ pub struct CudaOptions {
     pub simple_attention: bool,
     /// Attention backward without atomics (bitwise reproducible, slower).
     pub deterministic: bool,
+    /// Parameter gradients in bf16 instead of fp32 (bf16 mode only): 2 bytes per parameter less
+    /// memory and traffic; every GEMM still accumulates in fp32 and rounds once when it adds its
+    /// product to the gradient, i.e. once per micro-batch (and per logits chunk for the output
+    /// head), with round-to-nearest.
+    pub bf16_grads: bool,
 }
 
 /// Checks that the driver, NVRTC and cuBLASLt libraries can be loaded; the error names the first
@@ -158,6 +163,8 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
     compute: Dtype,
+    /// Element type of parameter gradients (Kind::Grad): F32, or Bf16 with `bf16_grads`.
+    grad: Dtype,
     description: String,
     /// Largest fp32 logits chunk of `lm_head_loss`, in elements.
     lm_head_chunk_elems: usize,
@@ -187,6 +194,16 @@ impl Cuda {
             CudaDtype::Bf16 => Dtype::Bf16,
             CudaDtype::F32 => Dtype::F32,
         };
+        if opts.bf16_grads && compute != Dtype::Bf16 {
+            return Err(BackendError::Unsupported(
+                "bf16 gradients need bf16 mode (--dtype bf16)".into(),
+            ));
+        }
+        let grad = if opts.bf16_grads {
+            Dtype::Bf16
+        } else {
+            Dtype::F32
+        };
         Ok(Cuda {
             flash: std::sync::OnceLock::new(),
             flash_plan: Mutex::new(None),
@@ -199,7 +216,8 @@ impl Cuda {
             stream,
             ctx,
             compute,
-            description: format!("{description}, compute {compute:?}"),
+            grad,
+            description: format!("{description}, compute {compute:?}, gradients {grad:?}"),
             lm_head_chunk_elems: lm_head::CHUNK_ELEMS,
         })
     }
@@ -210,7 +228,7 @@ impl Cuda {
     }
 
     /// Caps the fp32 logits chunk of `lm_head_loss` at `elems` elements (at least one row);
-    /// the default is 2^28 (1 GiB). Tests use a small cap to exercise several chunks.
+    /// the default is 2^27 (512 MiB). Tests use a small cap to exercise several chunks.
     pub fn set_lm_head_chunk_elems(&mut self, elems: usize) {
         self.lm_head_chunk_elems = elems.max(1);
     }

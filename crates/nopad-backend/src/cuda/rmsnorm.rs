@@ -87,7 +87,7 @@ impl Cuda {
         let op = "rmsnorm_backward";
         let c = self.compute;
         want(op, "dx", &dx, c, n * d)?;
-        want(op, "d_weight", &d_weight, Dtype::F32, d)?;
+        want(op, "d_weight", &d_weight, self.grad, d)?;
         want(op, "dy", &dy, c, n * d)?;
         want(op, "x", &x, c, n * d)?;
         want(op, "weight", &weight, c, d)?;
