@@ -2,6 +2,13 @@
 //! heuristic's algorithm are built once per (shape, leading dimensions, transposes, dtypes, beta)
 //! and reused, so a training step issues only `cublasLtMatmul` calls.
 //!
+//! Packed batches change the token count every step, so exact shapes rarely repeat. The
+//! heuristic's algorithm is therefore cached per *size class* (each dimension rounded up to a
+//! multiple of an eighth of its next power of two): a new exact shape builds its descriptors (cheap) and reuses its
+//! class's algorithm after `cublasLtMatmulAlgoCheck` accepts it, asking the heuristic only when
+//! the class is new or the check fails. `NOPAD_GEMM_PLANS=exact` turns this off (heuristic per
+//! exact shape), for comparison. The exact-plan cache is cleared when it passes 4096 entries.
+//!
 //! Everything is column-major as cuBLASLt sees it: `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] +
 //! beta · C`. The row-major callers in `linear.rs` and `lm_head.rs` map their products onto this.
 //! Accumulation is fp32 (`CUBLAS_COMPUTE_32F`); with f32 inputs this is true fp32, TF32 stays off.
@@ -60,7 +67,31 @@ pub(crate) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: CUdeviceptr,
     workspace_bytes: usize,
-    plans: Mutex<HashMap<(GemmSpec, [u32; 3]), Plan>>,
+    plans: Mutex<HashMap<PlanKey, Plan>>,
+    /// The heuristic's algorithm per size class (see the module comment); None when disabled.
+    algos: Option<Mutex<HashMap<PlanKey, sys::cublasLtMatmulAlgo_t>>>,
+}
+
+/// A GEMM and the alignments of its three pointers.
+type PlanKey = (GemmSpec, [u32; 3]);
+
+/// `x` rounded up to a multiple of an eighth of the next power of two (at least 64): at most
+/// a quarter more than `x`, four classes per octave.
+fn size_class(x: u64) -> u64 {
+    let p = x.max(64).next_power_of_two();
+    let step = p / 8;
+    x.max(64).div_ceil(step) * step
+}
+
+impl GemmSpec {
+    fn class(&self) -> GemmSpec {
+        GemmSpec {
+            m: size_class(self.m),
+            n: size_class(self.n),
+            k: size_class(self.k),
+            ..*self
+        }
+    }
 }
 
 // SAFETY: the handle and plans are used under the plan mutex or by one stream at a time; cuBLASLt
@@ -102,6 +133,8 @@ impl Blas {
             workspace,
             workspace_bytes,
             plans: Mutex::new(HashMap::new()),
+            algos: (std::env::var("NOPAD_GEMM_PLANS").as_deref() != Ok("exact"))
+                .then(|| Mutex::new(HashMap::new())),
         })
     }
 
@@ -143,6 +176,44 @@ impl Blas {
         let a = layout(s.ab, ar, ac, s.lda).map_err(|e| err(&what("layout A"), e))?;
         let b = layout(s.ab, br, bc, s.ldb).map_err(|e| err(&what("layout B"), e))?;
         let c = layout(s.c, s.m, s.n, s.ldc).map_err(|e| err(&what("layout C"), e))?;
+        // Built before the algorithm so that an error drops (destroys) the handles.
+        let mut plan = Plan {
+            desc,
+            a,
+            b,
+            c,
+            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        let class = (s.class(), align);
+        if let Some(algos) = &self.algos {
+            let known = algos
+                .lock()
+                .expect("GEMM algo cache poisoned")
+                .get(&class)
+                .copied();
+            if let Some(algo) = known {
+                // SAFETY: the handles are live; `result` is plain data filled by the call.
+                let ok = unsafe {
+                    let mut result: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                    let st = sys::cublasLtMatmulAlgoCheck(
+                        self.handle,
+                        desc,
+                        a,
+                        b,
+                        c,
+                        c,
+                        &algo,
+                        &mut result,
+                    );
+                    st == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                        && result.workspaceSize <= self.workspace_bytes
+                };
+                if ok {
+                    plan.algo = algo;
+                    return Ok(plan);
+                }
+            }
+        }
         let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
         let ws = self.workspace_bytes;
         // SAFETY: `pref` is live; the attribute takes a u64/size_t byte count.
@@ -174,17 +245,15 @@ impl Blas {
         };
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        // Built before checking the heuristic so that an error drops (destroys) the handles.
-        let mut plan = Plan {
-            desc,
-            a,
-            b,
-            c,
-            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
-        };
         plan.algo = heur
             .map_err(|e| err(&what("heuristic (no algorithm)"), e))?
             .algo;
+        if let Some(algos) = &self.algos {
+            algos
+                .lock()
+                .expect("GEMM algo cache poisoned")
+                .insert(class, plan.algo);
+        }
         Ok(plan)
     }
 
@@ -205,6 +274,11 @@ impl Blas {
         // alignment unless told otherwise, so the pointers' alignment is part of the plan key.
         let align = [alignment(a), alignment(b), alignment(c)];
         let mut plans = self.plans.lock().expect("GEMM plan cache mutex poisoned");
+        if plans.len() >= 4096 && !plans.contains_key(&(spec, align)) {
+            // Every launch so far was enqueued with its own plan's handles, which cuBLASLt has
+            // consumed at enqueue time, so dropping them here is safe.
+            plans.clear();
+        }
         let p = match plans.entry((spec, align)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&spec, align)?),
@@ -239,5 +313,24 @@ impl Drop for Blas {
         }
         // SAFETY: created once in `new`.
         let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_round_up_by_an_eighth_of_the_next_power_of_two() {
+        assert_eq!(size_class(1), 64);
+        assert_eq!(size_class(64), 64);
+        assert_eq!(size_class(65), 80);
+        assert_eq!(size_class(2048), 2048);
+        assert_eq!(size_class(4346), 5120);
+        assert_eq!(size_class(5121), 6144);
+        for x in 1..100_000u64 {
+            let c = size_class(x);
+            assert!(c >= x && c <= x.max(64) + x.max(64) / 4, "{x} -> {c}");
+        }
     }
 }

@@ -117,6 +117,40 @@ fn bench_llama_1b_shapes() {
         );
     }
 
+    // Host cost of a GEMM whose token count is new (cuBLASLt heuristic + plan) against a cached
+    // one: packed batches change N every step. Wall clock, synchronised, median of 5.
+    for (name, d_in, d_out) in [("qkv", d, qkv_w), ("o_proj", d, d), ("gate_up", d, 2 * f)] {
+        let mut wall = |rows: usize| {
+            let dims = LinearDims {
+                n: rows,
+                d_in,
+                d_out,
+            };
+            g.synchronize().expect("sync");
+            let t = std::time::Instant::now();
+            g.linear_forward(
+                g.view_mut(&mut y, 0..rows * d_out),
+                g.view(&x, 0..rows * d_in),
+                g.view(&w, 0..d_in * d_out),
+                None,
+                dims,
+            )
+            .expect("linear_forward");
+            g.synchronize().expect("sync");
+            t.elapsed().as_secs_f64() * 1e3
+        };
+        let med = |f: &mut dyn FnMut(usize) -> f64| {
+            let mut ts: Vec<f64> = (1..=5).map(f).collect();
+            ts.sort_by(|a, b| a.total_cmp(b));
+            ts[2]
+        };
+        let cached = med(&mut |_| wall(n - 1000));
+        let fresh = med(&mut |i| wall(n - 1000 - 8 * i));
+        say(&format!(
+            "bench gemm plan {name:<8} N~3096: cached {cached:.3} ms, new N {fresh:.3} ms (wall, synchronised)"
+        ));
+    }
+
     let mut rstd = up(&g, n, 1.0, Kind::Master);
     let mut dwt = up(&g, d, 0.0, Kind::Master);
     let nd = (n * d) as f64;
