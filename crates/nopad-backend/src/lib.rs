@@ -242,6 +242,20 @@ pub trait Backend {
         d: usize,
         eps: f32,
     ) -> Result<()>;
+    /// The residual add fused with the RMSNorm after it: `x += r` (`x, r: [N, D]` Compute), then
+    /// `y = rmsnorm(x)` with `rstd` saved, exactly as `add_assign` followed by `rmsnorm_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm_forward(
+        &self,
+        y: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        x: Self::Mut<'_>,
+        r: Self::Ref<'_>,
+        weight: Self::Ref<'_>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// RMSNorm backward: `dx += ∂L/∂x` (accumulates into the residual-stream gradient),
     /// `d_weight += Σ_t dy[t] · x[t] · rstd[t]`.
     #[allow(clippy::too_many_arguments)]

@@ -372,6 +372,37 @@ fn rmsnorm_forward_backward() {
                 0,
             );
 
+            // The residual add fused with the norm: x += r, then the norm of the sum (rounded
+            // to the Compute type first, one more rounding on every output).
+            let r = e.randn(n * d, 1.0);
+            let (mut gxs, gr) = (e.up(&x, Kind::Compute), e.up(&r, Kind::Compute));
+            let mut gy2 = e.poison(n * d, Kind::Compute);
+            let mut grstd2 = e.poison(n, Kind::Master);
+            e.gpu
+                .add_rmsnorm_forward(
+                    gy2.as_mut(),
+                    grstd2.as_mut(),
+                    gxs.as_mut(),
+                    gr.as_ref(),
+                    gw.as_ref(),
+                    n,
+                    d,
+                    1e-5,
+                )
+                .unwrap();
+            let (mut xs, mut y2, mut rstd2) = (x.clone(), vec![0f32; n * d], vec![0f32; n]);
+            e.cpu
+                .add_rmsnorm_forward(&mut y2, &mut rstd2, &mut xs, &r, &w, n, d, 1e-5)
+                .unwrap();
+            e.check(&format!("add_rmsnorm x+r {tag}"), &e.down(&gxs), &xs, 1);
+            e.check(&format!("add_rmsnorm y {tag}"), &e.down(&gy2), &y2, 2);
+            e.check(
+                &format!("add_rmsnorm rstd {tag}"),
+                &e.down(&grstd2),
+                &rstd2,
+                1,
+            );
+
             // The backward reads the CPU's rstd on both sides, so only the backward is compared.
             let (dy, dx0, dw0) = (e.randn(n * d, 1.0), e.randn(n * d, 1.0), e.randn(d, 1.0));
             let (gdy, grs) = (e.up(&dy, Kind::Compute), e.up(&rstd, Kind::Master));

@@ -159,23 +159,18 @@ pub(crate) fn forward<B: Backend>(
         },
     )?;
     prof.mark(b, "o_proj fwd")?;
-    b.add_assign(
-        b.view_mut(&mut la.res_mid, nd.clone()),
-        b.view(res_in, nd.clone()),
-        n * d,
-    )?;
-    prof.mark(b, "residual_add fwd")?;
-    // MLP block.
-    b.rmsnorm_forward(
+    // res_mid = res_in + attention block; MLP block: h2 = post_attention_layernorm(res_mid).
+    b.add_rmsnorm_forward(
         b.view_mut(&mut acts.h, nd.clone()),
         b.view_mut(&mut la.rstd2, 0..n),
-        b.view(&la.res_mid, nd.clone()),
+        b.view_mut(&mut la.res_mid, nd.clone()),
+        b.view(res_in, nd.clone()),
         b.view(p, lr.ln2.clone()),
         n,
         d,
         eps,
     )?;
-    prof.mark(b, "rmsnorm fwd")?;
+    prof.mark(b, "residual_add+rmsnorm fwd")?;
     let gu = if cx.mlp_recompute {
         &mut acts.gu
     } else {

@@ -336,6 +336,20 @@ impl<T: Scalar> Backend for Cpu<T> {
     ) -> Result<()> {
         layers::rmsnorm_forward(y, rstd, x, weight, n, d, eps)
     }
+    fn add_rmsnorm_forward(
+        &self,
+        y: &mut [T],
+        rstd: &mut [T],
+        x: &mut [T],
+        r: &[T],
+        weight: &[T],
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.add_assign(x, r, n * d)?;
+        layers::rmsnorm_forward(y, rstd, x, weight, n, d, eps)
+    }
     fn rmsnorm_backward(
         &self,
         dx: &mut [T],

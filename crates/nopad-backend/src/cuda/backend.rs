@@ -283,6 +283,20 @@ impl Backend for Cuda {
         self.rmsnorm_forward_impl(y, rstd, x, weight, n, d, eps)
     }
 
+    fn add_rmsnorm_forward(
+        &self,
+        y: CudaMut<'_>,
+        rstd: CudaMut<'_>,
+        x: CudaMut<'_>,
+        r: CudaRef<'_>,
+        weight: CudaRef<'_>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.add_rmsnorm_forward_impl(y, rstd, x, r, weight, n, d, eps)
+    }
+
     fn rmsnorm_backward(
         &self,
         dx: CudaMut<'_>,

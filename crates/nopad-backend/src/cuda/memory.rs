@@ -295,6 +295,15 @@ impl<'a> CudaMut<'a> {
             _buf: PhantomData,
         }
     }
+    /// Reborrows the view for a shorter time.
+    pub fn reborrow(&mut self) -> CudaMut<'_> {
+        CudaMut {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            _buf: PhantomData,
+        }
+    }
     /// Reborrows the view as read-only.
     pub fn as_ref(&self) -> CudaRef<'_> {
         CudaRef {

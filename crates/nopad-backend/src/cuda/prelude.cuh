@@ -30,6 +30,15 @@ __device__ __forceinline__ float ld(const compute_t* p, i64 i) { return p[i]; }
 __device__ __forceinline__ compute_t to_c(float x) { return x; }
 #endif
 
+// x rounded to compute_t and widened back (what storing and reloading it gives).
+__device__ __forceinline__ float round_c(float x) {
+#if NOPAD_BF16
+    return bf16_to_f32(f32_to_bf16(x));
+#else
+    return x;
+#endif
+}
+
 #define INF_F __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -121,3 +121,29 @@ extern "C" __global__ void KNAME(rmsnorm_bwd_dw_partial_v8)(const RmsnormParams 
 #pragma unroll
     for (int k = 0; k < 8; ++k) out[k] = acc[k];
 }
+
+// x += r (rounded to compute_t, as the separate add kernel does), then the forward above on the
+// sum: one read of x and r, one write of x and y. `dy` carries r. 8-wide, d % 8 == 0.
+extern "C" __global__ void KNAME(add_rmsnorm_fwd_v8)(const RmsnormParams p) {
+    __shared__ float scratch[32];
+    i64 base = (i64)blockIdx.x * p.d;
+    compute_t* x = (compute_t*)p.x;
+    float ss = 0.f;
+    for (int j = threadIdx.x * 8; j < p.d; j += blockDim.x * 8) {
+        f8 a = ld8(x, base + j), r = ld8(p.dy, base + j);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a.v[k] = round_c(a.v[k] + r.v[k]);
+        st8(x, base + j, a);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ss += a.v[k] * a.v[k];
+    }
+    ss = block_sum(ss, scratch);
+    float rs = rsqrtf(ss / (float)p.d + p.eps);
+    if (threadIdx.x == 0) p.rstd[blockIdx.x] = rs;
+    for (int j = threadIdx.x * 8; j < p.d; j += blockDim.x * 8) {
+        f8 a = ld8(x, base + j), w = ld8(p.weight, j);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a.v[k] = a.v[k] * rs * w.v[k];
+        st8(p.y, base + j, a);
+    }
+}

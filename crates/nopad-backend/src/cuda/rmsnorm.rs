@@ -70,6 +70,51 @@ impl Cuda {
         unsafe { self.launch(RMSNORM, c, &v8_name("rmsnorm_fwd", v8), per_row(n), &p) }
     }
 
+    /// x: `[n, d]` Compute, `x += r` first; then as [`Cuda::rmsnorm_forward_impl`]. One kernel
+    /// (8-wide when aligned, else the two separate kernels).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_rmsnorm_forward_impl(
+        &self,
+        y: CudaMut<'_>,
+        rstd: CudaMut<'_>,
+        mut x: CudaMut<'_>,
+        r: CudaRef<'_>,
+        weight: CudaRef<'_>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "add_rmsnorm_forward";
+        let c = self.compute;
+        want(op, "y", &y, c, n * d)?;
+        want(op, "rstd", &rstd, Dtype::F32, n)?;
+        want(op, "x", &x, c, n * d)?;
+        want(op, "r", &r, c, n * d)?;
+        want(op, "weight", &weight, c, d)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let p = RmsnormParams {
+            y: y.ptr,
+            rstd: rstd.ptr,
+            x: x.ptr,
+            weight: weight.ptr,
+            dy: r.ptr,
+            partial: 0,
+            n: n as i32,
+            d: d as i32,
+            eps,
+            rows_per: 0,
+        };
+        if v8_ok(&[p.y, p.x, p.weight, p.dy], &[d]) {
+            // SAFETY: shapes checked above; aligned views.
+            unsafe { self.launch(RMSNORM, c, "add_rmsnorm_fwd_v8", per_row(n), &p) }
+        } else {
+            self.add_impl(x.reborrow(), r, None, n * d)?;
+            self.rmsnorm_forward_impl(y, rstd, x.as_ref(), weight, n, d, eps)
+        }
+    }
+
     /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` fp32 (accumulated); dy, x: `[n, d]`;
     /// weight: `[d]`; rstd: `[n]` fp32 from the forward.
     #[allow(clippy::too_many_arguments)]
