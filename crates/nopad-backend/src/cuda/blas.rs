@@ -4,10 +4,13 @@
 //!
 //! Packed batches change the token count every step, so exact shapes rarely repeat. The
 //! heuristic's algorithm is therefore cached per *size class* (each dimension rounded up to a
-//! multiple of an eighth of its next power of two): a new exact shape builds its descriptors (cheap) and reuses its
-//! class's algorithm after `cublasLtMatmulAlgoCheck` accepts it, asking the heuristic only when
-//! the class is new or the check fails. `NOPAD_GEMM_PLANS=exact` turns this off (heuristic per
-//! exact shape), for comparison. The exact-plan cache is cleared when it passes 4096 entries.
+//! multiple of an eighth of its next power of two): the algorithm of a class is the heuristic's
+//! choice for the class's own (rounded) shape, and a new exact shape builds its descriptors
+//! (cheap) and takes its class's algorithm once `cublasLtMatmulAlgoCheck` accepts it, else asks
+//! the heuristic for itself. Either way the algorithm depends on the shape alone, never on which
+//! shapes came first, so results do not depend on history (exact resume).
+//! `NOPAD_GEMM_PLANS=exact` turns this off (heuristic per exact shape), for comparison. The
+//! exact-plan cache is cleared when it passes 4096 entries.
 //!
 //! Everything is column-major as cuBLASLt sees it: `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] +
 //! beta · C`. The row-major callers in `linear.rs` and `lm_head.rs` map their products onto this.
@@ -84,11 +87,19 @@ fn size_class(x: u64) -> u64 {
 }
 
 impl GemmSpec {
+    /// The size class: dimensions rounded up (see [`size_class`]), leading dimensions widened
+    /// where the rounded matrices need it.
     fn class(&self) -> GemmSpec {
+        let (m, n, k) = (size_class(self.m), size_class(self.n), size_class(self.k));
+        let a_rows = if self.trans_a { k } else { m };
+        let b_rows = if self.trans_b { n } else { k };
         GemmSpec {
-            m: size_class(self.m),
-            n: size_class(self.n),
-            k: size_class(self.k),
+            m,
+            n,
+            k,
+            lda: self.lda.max(a_rows as i64),
+            ldb: self.ldb.max(b_rows as i64),
+            ldc: self.ldc.max(m as i64),
             ..*self
         }
     }
@@ -138,7 +149,8 @@ impl Blas {
         })
     }
 
-    fn plan(&self, s: &GemmSpec, align: [u32; 3]) -> Result<Plan> {
+    /// The descriptors of `s`, with no algorithm yet.
+    fn descriptors(&self, s: &GemmSpec) -> Result<Plan> {
         let what = |op: &str| format!("{op} for {s:?}");
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -176,44 +188,24 @@ impl Blas {
         let a = layout(s.ab, ar, ac, s.lda).map_err(|e| err(&what("layout A"), e))?;
         let b = layout(s.ab, br, bc, s.ldb).map_err(|e| err(&what("layout B"), e))?;
         let c = layout(s.c, s.m, s.n, s.ldc).map_err(|e| err(&what("layout C"), e))?;
-        // Built before the algorithm so that an error drops (destroys) the handles.
-        let mut plan = Plan {
+        Ok(Plan {
             desc,
             a,
             b,
             c,
             algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
-        };
-        let class = (s.class(), align);
-        if let Some(algos) = &self.algos {
-            let known = algos
-                .lock()
-                .expect("GEMM algo cache poisoned")
-                .get(&class)
-                .copied();
-            if let Some(algo) = known {
-                // SAFETY: the handles are live; `result` is plain data filled by the call.
-                let ok = unsafe {
-                    let mut result: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
-                    let st = sys::cublasLtMatmulAlgoCheck(
-                        self.handle,
-                        desc,
-                        a,
-                        b,
-                        c,
-                        c,
-                        &algo,
-                        &mut result,
-                    );
-                    st == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                        && result.workspaceSize <= self.workspace_bytes
-                };
-                if ok {
-                    plan.algo = algo;
-                    return Ok(plan);
-                }
-            }
-        }
+        })
+    }
+
+    /// The heuristic's first algorithm for the GEMM `p` describes.
+    fn heuristic(
+        &self,
+        p: &Plan,
+        s: &GemmSpec,
+        align: [u32; 3],
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let what = |op: &str| format!("{op} for {s:?}");
+        let (desc, a, b, c) = (p.desc, p.a, p.b, p.c);
         let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
         let ws = self.workspace_bytes;
         // SAFETY: `pref` is live; the attribute takes a u64/size_t byte count.
@@ -245,15 +237,63 @@ impl Blas {
         };
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        plan.algo = heur
+        Ok(heur
             .map_err(|e| err(&what("heuristic (no algorithm)"), e))?
-            .algo;
+            .algo)
+    }
+
+    /// Whether `algo` runs the GEMM `p` describes within the workspace.
+    fn accepts(&self, p: &Plan, algo: &sys::cublasLtMatmulAlgo_t) -> bool {
+        // SAFETY: the handles are live; `result` is plain data filled by the call.
+        unsafe {
+            let mut result: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+            let st = sys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                p.desc,
+                p.a,
+                p.b,
+                p.c,
+                p.c,
+                algo,
+                &mut result,
+            );
+            st == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && result.workspaceSize <= self.workspace_bytes
+        }
+    }
+
+    /// The plan of `s`: its descriptors and an algorithm that depends on `s` alone (never on
+    /// which shapes came first, so a resumed run computes what an uninterrupted one does).
+    fn plan(&self, s: &GemmSpec, align: [u32; 3]) -> Result<Plan> {
+        let mut plan = self.descriptors(s)?;
         if let Some(algos) = &self.algos {
-            algos
+            // The class's algorithm is the heuristic's choice for the class's own shape (the
+            // dimensions rounded up, leading dimensions widened to fit).
+            let class = s.class();
+            let key = (class, align);
+            let known = algos
                 .lock()
                 .expect("GEMM algo cache poisoned")
-                .insert(class, plan.algo);
+                .get(&key)
+                .copied();
+            let algo = match known {
+                Some(a) => a,
+                None => {
+                    let cp = self.descriptors(&class)?;
+                    let a = self.heuristic(&cp, &class, align)?;
+                    algos
+                        .lock()
+                        .expect("GEMM algo cache poisoned")
+                        .insert(key, a);
+                    a
+                }
+            };
+            if self.accepts(&plan, &algo) {
+                plan.algo = algo;
+                return Ok(plan);
+            }
         }
+        plan.algo = self.heuristic(&plan, s, align)?;
         Ok(plan)
     }
 

@@ -73,7 +73,7 @@ fn bench_llama_1b_shapes() {
     let mut y = up(&g, n * 2 * f, 1.0, Kind::Compute);
     let mut dx = up(&g, n * f, 1.0, Kind::Compute);
     let w = up(&g, 2 * f * d, 0.02, Kind::Compute);
-    let mut dw = up(&g, 2 * f * d, 0.0, Kind::Master);
+    let mut dw = up(&g, 2 * f * d, 0.0, Kind::Grad);
 
     for (name, d_in, d_out) in [
         ("qkv", d, qkv_w),
@@ -152,7 +152,7 @@ fn bench_llama_1b_shapes() {
     }
 
     let mut rstd = up(&g, n, 1.0, Kind::Master);
-    let mut dwt = up(&g, d, 0.0, Kind::Master);
+    let mut dwt = up(&g, d, 0.0, Kind::Grad);
     let nd = (n * d) as f64;
     time(&g, "rmsnorm_fwd 4096x2048", nd * 4.0, true, || {
         g.rmsnorm_forward(
@@ -260,7 +260,7 @@ fn bench_llama_1b_shapes() {
     }
 
     let head = up(&g, v * d, 0.02, Kind::Compute);
-    let mut dhead = up(&g, v * d, 0.0, Kind::Master);
+    let mut dhead = up(&g, v * d, 0.0, Kind::Grad);
     let mut loss = up(&g, 1, 0.0, Kind::Master);
     for masked in [0usize, 2] {
         let targets: Vec<i32> = (0..n)
@@ -309,15 +309,21 @@ fn bench_llama_1b_shapes() {
             d,
         )
     });
-    time(&g, "embedding_bwd (fp32 atomics)", nd * 10.0, true, || {
-        g.embedding_backward(
-            g.view_mut(&mut dhead, 0..v * d),
-            g.view(&x, 0..n * d),
-            &gtok,
-            n,
-            d,
-        )
-    });
+    time(
+        &g,
+        "embedding_bwd (sorted, deterministic)",
+        nd * 10.0,
+        true,
+        || {
+            g.embedding_backward(
+                g.view_mut(&mut dhead, 0..v * d),
+                g.view(&x, 0..n * d),
+                &gtok,
+                n,
+                d,
+            )
+        },
+    );
     time(&g, "add 4096x2048", nd * 6.0, true, || {
         g.add(
             g.view_mut(&mut y, 0..n * d),
@@ -328,8 +334,8 @@ fn bench_llama_1b_shapes() {
     });
     let np = 256usize << 20;
     let mut p = up(&g, np, 1.0, Kind::Compute);
-    let mut master = up(&g, np, 1.0, Kind::Master);
-    let grad = up(&g, np, 1.0, Kind::Master);
+    let mut master = g.master_new(&p, np).expect("master");
+    let grad = up(&g, np, 1.0, Kind::Grad);
     let mut m = up(&g, np, 0.0, Kind::Master);
     let mut vv = up(&g, np, 0.0, Kind::Master);
     let hp = AdamW {
@@ -343,8 +349,8 @@ fn bench_llama_1b_shapes() {
     };
     time(
         &g,
-        "adamw 256M params (bf16 + fp32 master)",
-        np as f64 * 34.0,
+        "adamw 256M params (bf16 + split fp32 master)",
+        np as f64 * 28.0,
         true,
         || {
             g.adamw(

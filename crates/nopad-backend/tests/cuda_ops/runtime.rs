@@ -18,7 +18,7 @@ fn steady_state_allocates_nothing_new() {
         let step = |e: &Env| {
             let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
             let mut gy = e.gpu.alloc(300 * 96, Kind::Compute).unwrap();
-            let mut gdw = e.gpu.alloc(96 * 64, Kind::Master).unwrap();
+            let mut gdw = e.gpu.alloc(96 * 64, Kind::Grad).unwrap();
             e.gpu
                 .linear_forward(gy.as_mut(), gx.as_ref(), gw.as_ref(), None, dims)
                 .unwrap();
