@@ -51,12 +51,14 @@ struct PerDim {
 /// Query rows per forward tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardTiles {
-    /// 64 rows, 16 per warp (Dh 64: capped at 168 registers for 3 CTAs per SM).
+    /// 64 rows, 16 per warp, 4 (Dh 64) or 3 (Dh 128) CTAs per SM; skips the MMAs of masked
+    /// 16-key blocks (diagonal, packed and partial tiles).
     Narrow,
-    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP, but 2 CTAs per SM and
-    /// (Dh 128) 32-key tiles to fit the registers.
+    /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs per
+    /// SM; no block skipping. The faster one on long sequences at Dh 128 (crate README, run 4a).
     Wide,
-    /// The measured best: `Narrow` for every shape measured on the H200 (crate README).
+    /// `Wide` for the sequences of at least `plan::AUTO_WIDE_MIN` tokens, `Narrow` for the rest
+    /// (two launches).
     Auto,
 }
 
