@@ -13,13 +13,13 @@ use cudarc::driver::{
 use crate::plan::{Plan, WorkspaceLayout, TILE};
 use crate::{FlashDims, FlashError};
 
-const COMMON: &str = include_str!("kernels/common.cuh");
-const FWD: &str = include_str!("kernels/fwd.cu");
-const BWD_PREP: &str = include_str!("kernels/bwd_prep.cu");
-const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
-const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
-const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
-const SIMPLE: &str = include_str!("kernels/simple.cu");
+pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
+pub(crate) const FWD: &str = include_str!("kernels/fwd.cu");
+pub(crate) const BWD_PREP: &str = include_str!("kernels/bwd_prep.cu");
+pub(crate) const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
+pub(crate) const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
+pub(crate) const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
+pub(crate) const SIMPLE: &str = include_str!("kernels/simple.cu");
 
 /// The caller's loader: `load(name, cuda_source) -> module` (NVRTC plus its disk cache).
 pub type ModuleLoader = dyn Fn(&str, &str) -> Result<Arc<CudaModule>, String>;
@@ -51,12 +51,14 @@ struct PerDim {
 /// Query rows per forward tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardTiles {
-    /// 64 rows, 16 per warp (Dh 64: capped at 168 registers for 3 CTAs per SM).
+    /// 64 rows, 16 per warp, 4 (Dh 64) or 3 (Dh 128) CTAs per SM; skips the MMAs of masked
+    /// 16-key blocks (diagonal, packed and partial tiles).
     Narrow,
-    /// 128 rows, 32 per warp: half the shared-memory reads per FLOP, but 2 CTAs per SM and
-    /// (Dh 128) 32-key tiles to fit the registers.
+    /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs per
+    /// SM; no block skipping. The faster one on long sequences at Dh 128 (crate README, run 4a).
     Wide,
-    /// The measured best: `Narrow` for every shape measured on the H200 (crate README).
+    /// `Wide` for the sequences of at least `plan::AUTO_WIDE_MIN` tokens, `Narrow` for the rest
+    /// (two launches).
     Auto,
 }
 
@@ -85,14 +87,10 @@ pub struct FlashAttention {
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
     6 * TILE * dh * 2 + 4 * TILE * 4 + if atomic { TILE * TILE * 2 } else { 0 }
 }
-/// Q [BR][Dh] + K, V [BC][Dh] bf16 (fwd.cu: BR = 64 or 128; BC = 32 only at Dh 128, BR 128).
+/// Q [BR][Dh] + K, V [BC][Dh] bf16 (fwd.cu: BR = 64 or 128, BC = 64).
 fn smem_fwd(dh: usize, wide: bool) -> usize {
-    let (br, bc) = match (wide, dh) {
-        (false, _) => (64, 64),
-        (true, 128) => (128, 32),
-        (true, _) => (128, 64),
-    };
-    (br + 2 * bc) * dh * 2
+    let br = if wide { 128 } else { 64 };
+    (br + 2 * 64) * dh * 2
 }
 fn smem_dq(dh: usize) -> usize {
     6 * TILE * dh * 2
@@ -311,44 +309,64 @@ impl FlashAttention {
         let tiles = workspace + lay.tiles as u64;
         let simple_tiles = workspace + lay.simple_tiles as u64;
         let wide_tiles = workspace + lay.wide_tiles as u64;
-        let mut b;
-        let (name, grid, block, smem) = match self.kernels {
+        let dh = dims.head_dim;
+        // (kernel, name, tile list, tiles, threads, smem): one launch, or two for `Auto` when
+        // the batch has both long and short sequences (they write disjoint rows).
+        let mut launches: Vec<(&CudaFunction, &str, u64, usize, u32, usize)> = Vec::new();
+        match self.kernels {
             KernelSet::Mma => {
-                let wide = match forward_tiles {
-                    ForwardTiles::Narrow => false,
-                    ForwardTiles::Wide => true,
-                    ForwardTiles::Auto => false,
+                let narrow = |list: u64, count: usize| {
+                    (&f.fwd, "flash_fwd", list, count, 128, smem_fwd(dh, false))
                 };
-                if wide {
-                    b = stream.launch_builder(&f.fwd_wide);
-                    b.arg(&qkv).arg(&out).arg(&lse).arg(&wide_tiles).arg(&segs);
+                let wide = |list: u64, count: usize| {
                     (
+                        &f.fwd_wide,
                         "flash_fwd_br128",
-                        plan.wide_tiles.len(),
+                        list,
+                        count,
                         128,
-                        smem_fwd(dims.head_dim, true),
+                        smem_fwd(dh, true),
                     )
-                } else {
-                    b = stream.launch_builder(&f.fwd);
-                    b.arg(&qkv).arg(&out).arg(&lse).arg(&tiles).arg(&segs);
-                    ("flash_fwd", q_tiles, 128, smem_fwd(dims.head_dim, false))
+                };
+                match forward_tiles {
+                    ForwardTiles::Narrow => launches.push(narrow(tiles, q_tiles)),
+                    ForwardTiles::Wide => launches.push(wide(wide_tiles, plan.wide_tiles.len())),
+                    ForwardTiles::Auto => {
+                        launches.push(wide(workspace + lay.auto_wide as u64, plan.auto_wide.len()));
+                        launches.push(narrow(
+                            workspace + lay.auto_narrow as u64,
+                            plan.auto_narrow.len(),
+                        ));
+                    }
                 }
             }
-            KernelSet::Simple => {
-                b = stream.launch_builder(&f.s_fwd);
-                b.arg(&qkv).arg(&out).arg(&lse).arg(&simple_tiles);
-                ("flash_simple_fwd", plan.simple_tiles.len(), 64, 0)
+            KernelSet::Simple => launches.push((
+                &f.s_fwd,
+                "flash_simple_fwd",
+                simple_tiles,
+                plan.simple_tiles.len(),
+                64,
+                0,
+            )),
+        }
+        launches.retain(|l| l.3 > 0);
+        for (func, name, list, count, block, smem) in launches {
+            let mut b = stream.launch_builder(func);
+            b.arg(&qkv).arg(&out).arg(&lse).arg(&list);
+            if self.kernels == KernelSet::Mma {
+                b.arg(&segs);
             }
-        };
-        b.arg(&h).arg(&hkv).arg(&n).arg(&dims.scale);
-        let cfg = LaunchConfig {
-            grid_dim: ((grid * dims.n_heads) as u32, 1, 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: argument order and types match `flash_fwd_<dh>` / `flash_simple_fwd_<dh>`.
-        b.launch(cfg)
-            .map_err(driver(format!("launching {name}_{}", dims.head_dim)))?;
+            b.arg(&h).arg(&hkv).arg(&n).arg(&dims.scale);
+            let cfg = LaunchConfig {
+                grid_dim: ((count * dims.n_heads) as u32, 1, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            // SAFETY: argument order and types match `flash_fwd[_br128]_<dh>` (with segs) and
+            // `flash_simple_fwd_<dh>` (without).
+            b.launch(cfg)
+                .map_err(driver(format!("launching {name}_{dh}")))?;
+        }
         Ok(())
     }
 

@@ -21,6 +21,10 @@ use crate::{FlashDims, FlashError};
 pub const TILE: usize = 64;
 /// Query rows per tile of the wide forward (4 warps x 32 rows).
 pub const WIDE_TILE: usize = 128;
+/// `ForwardTiles::Auto` runs sequences of at least this many tokens with the wide forward
+/// (128-row tiles: half the shared-memory reads per FLOP) and the rest with the 64-row one
+/// (which skips masked 16-key blocks, so it wastes less on short sequences).
+pub const AUTO_WIDE_MIN: usize = 512;
 
 /// One tile descriptor, `[seq_start, seq_len, tile_index, pad_start]`.
 pub type TileDesc = [i32; 4];
@@ -36,6 +40,10 @@ pub(crate) struct WorkspaceLayout {
     pub simple_tiles: usize,
     /// The wide forward's list `[wide_tiles][4]` i32.
     pub wide_tiles: usize,
+    /// `ForwardTiles::Auto`'s wide list `[auto_wide][4]` i32.
+    pub auto_wide: usize,
+    /// `ForwardTiles::Auto`'s narrow list `[auto_narrow][4]` i32.
+    pub auto_narrow: usize,
     /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
     /// starts at local row `segs[64 k + r]`.
     pub segs: usize,
@@ -63,9 +71,14 @@ pub struct Plan {
     /// The wide forward's list: 128-row tiles (index in 128-row units) of sequences longer
     /// than 64, plus the short and packed 64-row tiles.
     pub(crate) wide_tiles: Vec<TileDesc>,
+    /// `ForwardTiles::Auto`: 128-row tiles of the sequences of at least `AUTO_WIDE_MIN` tokens
+    /// (wide kernel) and the 64-row tiles of the others (narrow kernel), each longest first.
+    pub(crate) auto_wide: Vec<TileDesc>,
+    pub(crate) auto_narrow: Vec<TileDesc>,
     /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
     pub(crate) segs: Vec<i32>,
-    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ segs`, flattened: what goes to the workspace.
+    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++ segs`,
+    /// flattened: what goes to the workspace.
     host: Vec<i32>,
     pinned: OnceLock<PinnedHostSlice<i32>>,
 }
@@ -244,12 +257,17 @@ impl Plan {
         wi.sort_by_key(|&i| std::cmp::Reverse(wide_cost[i]));
         let wide_tiles: Vec<TileDesc> = wi.iter().map(|&i| wide_tiles[i]).collect();
         let q_tiles: Vec<TileDesc> = qi.iter().map(|&i| q_tiles[i]).collect();
+        let long = |t: &&TileDesc| t[1] as usize >= AUTO_WIDE_MIN;
+        let auto_wide: Vec<TileDesc> = wide_tiles.iter().filter(long).copied().collect();
+        let auto_narrow: Vec<TileDesc> = q_tiles.iter().filter(|t| !long(t)).copied().collect();
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
         let host = q_tiles
             .iter()
             .chain(kv_tiles.iter())
             .chain(simple_tiles.iter())
             .chain(wide_tiles.iter())
+            .chain(auto_wide.iter())
+            .chain(auto_narrow.iter())
             .flatten()
             .copied()
             .chain(segs.iter().copied())
@@ -265,6 +283,8 @@ impl Plan {
             kv_tiles,
             simple_tiles,
             wide_tiles,
+            auto_wide,
+            auto_narrow,
             segs,
             host,
             pinned: OnceLock::new(),
@@ -296,7 +316,9 @@ impl Plan {
         let kv_tiles = 16 * self.q_tiles.len();
         let simple_tiles = kv_tiles + 16 * self.kv_tiles.len();
         let wide_tiles = simple_tiles + 16 * self.simple_tiles.len();
-        let segs = wide_tiles + 16 * self.wide_tiles.len();
+        let auto_wide = wide_tiles + 16 * self.wide_tiles.len();
+        let auto_narrow = auto_wide + 16 * self.auto_wide.len();
+        let segs = auto_narrow + 16 * self.auto_narrow.len();
         let lse2 = align256(segs + 4 * self.segs.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
         let dqacc = align256(d + 4 * n_heads * self.t_pad);
@@ -306,6 +328,8 @@ impl Plan {
             kv_tiles,
             simple_tiles,
             wide_tiles,
+            auto_wide,
+            auto_narrow,
             segs,
             lse2,
             d,
@@ -366,13 +390,15 @@ mod tests {
 
     #[test]
     fn every_row_is_covered_once_and_lists_are_sorted() {
-        let lens = [1usize, 0, 64, 65, 200, 0, 3, 129, 30, 0, 30, 5, 2, 70, 1, 1];
+        let lens = [
+            1usize, 0, 64, 65, 200, 0, 3, 129, 30, 0, 600, 30, 5, 2, 70, 1, 1,
+        ];
         let mut cu = vec![0i32];
         for l in lens {
             cu.push(cu.last().copied().unwrap_or(0) + l as i32);
         }
         let n = *cu.last().unwrap_or(&0) as usize;
-        let plan = Plan::new(&cu, &dims(n, lens.len(), 200)).expect("valid plan");
+        let plan = Plan::new(&cu, &dims(n, lens.len(), 600)).expect("valid plan");
         let seq_start = |t: usize| cu[cu.partition_point(|&c| c as usize <= t) - 1];
         let mut seen = vec![0u32; n];
         let mut packed = 0;
@@ -417,6 +443,23 @@ mod tests {
             wide_seen.iter().all(|&c| c == 1),
             "each row in exactly one wide tile"
         );
+        let mut auto_seen = vec![0u32; n];
+        for (list, rows) in [(&plan.auto_wide, WIDE_TILE), (&plan.auto_narrow, TILE)] {
+            for t in list.iter() {
+                let rows = if t[1] as usize > TILE { rows } else { TILE };
+                for r in 0..rows as i32 {
+                    let i = t[2].max(0) * rows as i32 + r;
+                    if i < t[1] {
+                        auto_seen[(t[0] + i) as usize] += 1;
+                    }
+                }
+            }
+        }
+        assert!(!plan.auto_wide.is_empty() && !plan.auto_narrow.is_empty());
+        assert!(
+            auto_seen.iter().all(|&c| c == 1),
+            "each row in exactly one auto tile"
+        );
         let simple: usize = lens.iter().map(|l| l.div_ceil(TILE)).sum();
         assert_eq!(plan.simple_tiles.len(), simple);
         let costs: Vec<i32> = plan.q_tiles().iter().map(|t| t[2].max(0) + 1).collect();
@@ -458,7 +501,9 @@ mod tests {
         assert_eq!(l.kv_tiles, 16 * plan.q_tiles().len());
         assert_eq!(l.simple_tiles, l.kv_tiles + 16 * plan.kv_tiles().len());
         assert_eq!(l.wide_tiles, l.simple_tiles + 16 * plan.simple_tiles.len());
-        assert_eq!(l.segs, l.wide_tiles + 16 * plan.wide_tiles.len());
+        assert_eq!(l.auto_wide, l.wide_tiles + 16 * plan.wide_tiles.len());
+        assert_eq!(l.auto_narrow, l.auto_wide + 16 * plan.auto_wide.len());
+        assert_eq!(l.segs, l.auto_narrow + 16 * plan.auto_narrow.len());
         assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
         assert_eq!(
             l.d - l.lse2,

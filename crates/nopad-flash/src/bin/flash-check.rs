@@ -2,7 +2,9 @@
 //! then time the mma kernels on the shapes (and dump data for bench/flash_vs_torch.py).
 //!
 //! Usage: `flash-check [--seed N] [--skip-check] [--skip-bench] [--reps N] [--dump DIR]
-//! [--only SUBSTR] [--skip SUBSTR] [--ref-only]`. Exit status 1 if any check fails.
+//! [--only SUBSTR] [--skip SUBSTR] [--bench-only SUBSTR[,SUBSTR..]] [--ref-only]`. Exit status 1
+//! if any check fails. `FLASH_SUBST="from=>to;;.."` edits the kernel sources before compiling
+//! (experiments; see `harness::Gpu::new`).
 
 use std::io::Write;
 use std::time::Instant;
@@ -66,7 +68,12 @@ fn main() {
                 &mut gpu,
                 s,
                 seed,
-                &[Variant::Simple, Variant::Mma, Variant::MmaAtomic],
+                &[
+                    Variant::Simple,
+                    Variant::Mma,
+                    Variant::MmaAtomic,
+                    Variant::MmaAuto,
+                ],
             ) {
                 Ok(rows) => {
                     for r in rows {
@@ -93,9 +100,18 @@ fn main() {
         if let Some(d) = &dump {
             let _ = std::fs::create_dir_all(d);
         }
+        let bench_only: Option<String> = arg(&args, "--bench-only");
+        let bshapes: Vec<_> = bench::bench_shapes(seed)
+            .into_iter()
+            .filter(|s| {
+                bench_only
+                    .as_ref()
+                    .is_none_or(|o| o.split(',').any(|o| s.name.contains(o)))
+            })
+            .collect();
         match bench::bench_table(
             &mut gpu,
-            &bench::bench_shapes(seed),
+            &bshapes,
             seed,
             reps,
             dump.as_deref().map(std::path::Path::new),

@@ -24,6 +24,8 @@ pub struct BenchRow {
     pub fwd_ms: [f64; 3],
     /// Forward ms (128-row tiles): median, min, max.
     pub fwd_wide_ms: [f64; 3],
+    /// Forward ms (`ForwardTiles::Auto`, the default): median, min, max.
+    pub fwd_auto_ms: [f64; 3],
     /// Deterministic backward ms: median, min, max.
     pub bwd_ms: [f64; 3],
     /// Atomic-dQ backward ms: median, min, max.
@@ -32,6 +34,8 @@ pub struct BenchRow {
     pub fwd_tflops: f64,
     /// Forward (128-row) TFLOP/s at the median.
     pub fwd_wide_tflops: f64,
+    /// Forward (Auto) TFLOP/s at the median.
+    pub fwd_auto_tflops: f64,
     /// Deterministic backward TFLOP/s at the median.
     pub bwd_tflops: f64,
     /// Atomic backward TFLOP/s at the median.
@@ -141,6 +145,7 @@ pub fn bench_table(
         };
         let fwd_narrow = || fwd_with(ForwardTiles::Narrow);
         let fwd_wide = || fwd_with(ForwardTiles::Wide);
+        let fwd_auto = || fwd_with(ForwardTiles::Auto);
         let bwd_det = || unsafe {
             gpu.fa.backward_with_dq(
                 DqMode::Recompute,
@@ -194,8 +199,9 @@ pub fn bench_table(
                 Ok(t)
             };
         let tf = stats(time(&fwd_narrow)?);
-        // Wide last, so the dumped `out` comes from the wide forward (the check covers both).
         let tw = stats(time(&fwd_wide)?);
+        // Auto (the default) last, so the dumped `out` comes from it (the check covers all three).
+        let tau = stats(time(&fwd_auto)?);
         let ta = stats(time(&bwd_atomic)?);
         // Deterministic last, so the dumped d_qkv is the reproducible one.
         let tb = stats(time(&bwd_det)?);
@@ -206,10 +212,12 @@ pub fn bench_table(
             n_seqs: dims.n_seqs,
             fwd_ms: tf,
             fwd_wide_ms: tw,
+            fwd_auto_ms: tau,
             bwd_ms: tb,
             bwd_atomic_ms: ta,
             fwd_tflops: ff / (tf[0] * 1e-3) / 1e12,
             fwd_wide_tflops: ff / (tw[0] * 1e-3) / 1e12,
+            fwd_auto_tflops: ff / (tau[0] * 1e-3) / 1e12,
             bwd_tflops: fb / (tb[0] * 1e-3) / 1e12,
             bwd_atomic_tflops: fb / (ta[0] * 1e-3) / 1e12,
         };
@@ -241,7 +249,7 @@ pub fn bench_table(
                 dims.n_kv_heads,
                 dims.head_dim,
                 dims.scale,
-                tf[0].min(tw[0]),
+                tau[0],
                 tb[0],
                 ta[0]
             ));
@@ -266,13 +274,15 @@ pub fn bench_table(
 /// The table the CLI prints.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<26} {:>7} {:>5} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7}\n",
+        "{:<26} {:>7} {:>5} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7}\n",
         "shape",
         "tokens",
         "seqs",
         "fwd64 ms med [min,max]",
         "TFLOP/s",
         "fwd128 ms med [min,max]",
+        "TFLOP/s",
+        "fwd auto ms [min,max]",
         "TFLOP/s",
         "bwd det ms med [min,max]",
         "TFLOP/s",
@@ -281,7 +291,7 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<26} {:>7} {:>5} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1}\n",
+            "{:<26} {:>7} {:>5} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1}\n",
             r.shape,
             r.n,
             r.n_seqs,
@@ -293,6 +303,10 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.fwd_wide_ms[1],
             r.fwd_wide_ms[2],
             r.fwd_wide_tflops,
+            r.fwd_auto_ms[0],
+            r.fwd_auto_ms[1],
+            r.fwd_auto_ms[2],
+            r.fwd_auto_tflops,
             r.bwd_ms[0],
             r.bwd_ms[1],
             r.bwd_ms[2],

@@ -28,6 +28,8 @@ pub enum Variant {
     Mma,
     /// mma kernels: 128-row forward, atomic-dQ backward.
     MmaAtomic,
+    /// mma kernels: the default (`Auto`) forward, deterministic backward.
+    MmaAuto,
 }
 
 impl Variant {
@@ -145,10 +147,10 @@ fn run_gpu(
     let dims = shape.dims();
     let s: Arc<CudaStream> = gpu.stream.clone();
     gpu.fa.set_kernels(variant.kernels());
-    gpu.fa.set_forward_tiles(if variant == Variant::MmaAtomic {
-        ForwardTiles::Wide
-    } else {
-        ForwardTiles::Narrow
+    gpu.fa.set_forward_tiles(match variant {
+        Variant::MmaAtomic => ForwardTiles::Wide,
+        Variant::MmaAuto => ForwardTiles::Auto,
+        _ => ForwardTiles::Narrow,
     });
     let dq_mode = if variant.deterministic() {
         DqMode::Recompute

@@ -89,7 +89,13 @@ impl Gpu {
         let arch = arch_name(major, minor);
         let cuda_home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
         let lctx = ctx.clone();
+        let subst = source_substitutions()?;
         let load = move |name: &str, src: &str| -> Result<Arc<CudaModule>, String> {
+            let mut src = src.to_string();
+            for (from, to) in &subst {
+                src = src.replace(from.as_str(), to);
+            }
+            let src = src.as_str();
             let opts = CompileOptions {
                 arch: Some(arch),
                 include_paths: vec![format!("{cuda_home}/include")],
@@ -109,6 +115,41 @@ impl Gpu {
             arch: arch.to_string(),
         })
     }
+}
+
+/// Experiments without rebuilding: `FLASH_SUBST="from=>to;;from2=>to2"` replaces text in the
+/// kernel sources before NVRTC compiles them (harness only; every `from` must occur, so a stale
+/// experiment fails loudly instead of silently measuring the default kernels).
+fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
+    let Ok(spec) = std::env::var("FLASH_SUBST") else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for part in spec.split(";;").filter(|p| !p.trim().is_empty()) {
+        let Some((from, to)) = part.split_once("=>") else {
+            return Err(HarnessError::NoDevice(format!(
+                "FLASH_SUBST entry without '=>': {part}"
+            )));
+        };
+        let from = from.to_string();
+        let all = [
+            crate::attention::COMMON,
+            crate::attention::FWD,
+            crate::attention::BWD_PREP,
+            crate::attention::BWD_DKDV,
+            crate::attention::BWD_DQ,
+            crate::attention::BWD_CONVERT,
+            crate::attention::SIMPLE,
+        ];
+        if !all.iter().any(|src| src.contains(from.as_str())) {
+            return Err(HarnessError::NoDevice(format!(
+                "FLASH_SUBST: '{from}' occurs in no kernel source"
+            )));
+        }
+        eprintln!("FLASH_SUBST: '{from}' => '{to}'");
+        out.push((from, to.to_string()));
+    }
+    Ok(out)
 }
 
 /// A batch shape: packed sequences plus head geometry.

@@ -24,6 +24,45 @@
 
 #define BWD_THREADS 128
 
+// st = X^T[16 rows of sA (K or V) at this warp][64 rows of sB (Q or dO)], contracting DH.
+// CHECK: skip 16-column blocks np whose bit in `need` is clear (they stay 0).
+template <int DH, bool CHECK>
+__device__ __forceinline__ void bwd_xt(float (&st)[8][4], const SwzAddr<DH>& aA,
+                                       const SwzAddr<DH>& aB, u32 sA, u32 sB, int warp,
+                                       u32 need) {
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+        u32 a[4];
+        ldsm_x4(a, sA + aA.at(warp * 16, kk));
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            if (CHECK && !((need >> np) & 1u)) continue;
+            u32 b[4];
+            ldsm_x4(b, sB + aB.at(np * 16, kk));
+            mma_bf16(st[2 * np], a, b[0], b[1]);
+            mma_bf16(st[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc[16 rows][DH] += pa[16][64 queries] * sB[64 queries][DH] (B via ldmatrix.trans).
+// CHECK: skip query slices kj whose bit in `need` is clear (pa is 0 there).
+template <int DH, bool CHECK>
+__device__ __forceinline__ void bwd_acc_pb(float (&acc)[DH / 8][4], const u32 (&pa)[4][4],
+                                           const SwzAddr<DH>& aA, u32 sB, u32 need) {
+#pragma unroll
+    for (int kj = 0; kj < 4; ++kj) {
+        if (CHECK && !((need >> kj) & 1u)) continue;
+#pragma unroll
+        for (int dp = 0; dp < DH / 16; ++dp) {
+            u32 b[4];
+            ldsm_x4_t(b, sB + aA.at(kj * 16, dp));
+            mma_bf16(acc[2 * dp], pa[kj], b[0], b[1]);
+            mma_bf16(acc[2 * dp + 1], pa[kj], b[2], b[3]);
+        }
+    }
+}
+
 template <int DH, bool ATOMIC>
 __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                                                const bf16_t* __restrict__ d_out,
@@ -88,6 +127,17 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
         for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
     const u32 sKa = smem_u32(sK), sVa = smem_u32(sV);
+    // Block skipping (warp-uniform): this warp's keys j0 .. j0 + 15 are seen by queries i with
+    // seg(i) <= j <= i. On the diagonal step a 16-query block q0 .. q0 + 15 with q0 + 15 < j0,
+    // or (packed) seg(q0) > j0 + 15, or q0 >= L is all masked (P = dS = 0): its MMAs are
+    // skipped (and its P forced to 0). A warp whose keys are all >= L skips every MMA.
+    const int j0 = n * 64 + warp * 16;
+    const bool wvalid = j0 < L;
+    // Lane offsets relative to a tile's base: A pattern (K, V as A; dO, Q as .trans B) and B
+    // pattern (Q, dO as B of K Q^T and V dO^T).
+    SwzAddr<DH> pa_, pb_;
+    pa_.init(0, lane, false);
+    pb_.init(0, lane, true);
     for (int s = 0; s < steps; ++s) {
         const int stage = s & 1;
         if (s + 1 < steps) load_step(s + 1, stage ^ 1);
@@ -96,26 +146,30 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
         __syncthreads();  // stage s (and K, V) landed for every thread.
         const int m = n + s % steps_per_head;
         const u32 sQa = smem_u32(sQ + stage * TILE), sOa = smem_u32(sdO + stage * TILE);
+        SwzAddr<DH> aA = pa_, aB = pb_;
+        aA.refresh();
+        aB.refresh();
         const float* sLs = sL + stage * 64;
         const float* sDs = sD + stage * 64;
+        u32 need = 0;
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            int q0 = m * 64 + np * 16;
+            bool nd = wvalid && q0 < L &&
+                      (m > n || (q0 + 15 >= j0 && (seg == nullptr || seg[np * 16] <= j0 + 15)));
+            need |= (u32)nd << np;
+        }
+        const bool all = need == 15u;
 
         // S^T[16 keys][64 queries] = K Q^T; P^T = exp2(c S^T - lse2[query]).
         float st[8][4];
+        u32 pa[4][4];  // P^T as bf16 A fragments, k = queries (slice kj = queries 16kj..16kj+15)
 #pragma unroll
         for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            u32 a[4];
-            ldsm_x4(a, addr_a<DH>(sKa, warp * 16, kk, lane));
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                u32 b[4];
-                ldsm_x4(b, addr_b<DH>(sQa, np * 16, kk, lane));
-                mma_bf16(st[2 * np], a, b[0], b[1]);
-                mma_bf16(st[2 * np + 1], a, b[2], b[3]);
-            }
-        }
-        u32 pa[4][4];  // P^T as bf16 A fragments, k = queries (slice kj = queries 16kj..16kj+15)
+        if (all)
+            bwd_xt<DH, false>(st, aA, aB, sKa, sQa, warp, need);
+        else if (need)
+            bwd_xt<DH, true>(st, aA, aB, sKa, sQa, warp, need);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
             float p[4];
@@ -124,37 +178,25 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                 int qcol = nt * 8 + 2 * t + (e & 1);
                 int j = n * 64 + warp * 16 + g + ((e >> 1) << 3);
                 float v = fast_exp2(st[nt][e] * c - sLs[qcol]);
-                bool masked = m == n && (m * 64 + qcol < j || (seg != nullptr && seg[qcol] > j));
+                bool masked = (!all && !((need >> (nt >> 1)) & 1u)) ||
+                              (m == n && (m * 64 + qcol < j || (seg != nullptr && seg[qcol] > j)));
                 p[e] = masked ? 0.f : v;
             }
             pa[nt >> 1][(nt & 1) * 2] = pack_bf16(p[0], p[1]);
             pa[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p[2], p[3]);
         }
         // dV += P^T dO.
-#pragma unroll
-        for (int kj = 0; kj < 4; ++kj)
-#pragma unroll
-            for (int dp = 0; dp < DH / 16; ++dp) {
-                u32 b[4];
-                ldsm_x4_t(b, addr_bt<DH>(sOa, kj * 16, dp, lane));
-                mma_bf16(dv[2 * dp], pa[kj], b[0], b[1]);
-                mma_bf16(dv[2 * dp + 1], pa[kj], b[2], b[3]);
-            }
+        if (all)
+            bwd_acc_pb<DH, false>(dv, pa, aA, sOa, need);
+        else if (need)
+            bwd_acc_pb<DH, true>(dv, pa, aA, sOa, need);
         // dP^T = V dO^T; dS^T = P^T (dP^T - D[query]), reusing st's registers.
 #pragma unroll
         for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            u32 a[4];
-            ldsm_x4(a, addr_a<DH>(sVa, warp * 16, kk, lane));
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                u32 b[4];
-                ldsm_x4(b, addr_b<DH>(sOa, np * 16, kk, lane));
-                mma_bf16(st[2 * np], a, b[0], b[1]);
-                mma_bf16(st[2 * np + 1], a, b[2], b[3]);
-            }
-        }
+        if (all)
+            bwd_xt<DH, false>(st, aA, aB, sVa, sOa, warp, need);
+        else if (need)
+            bwd_xt<DH, true>(st, aA, aB, sVa, sOa, warp, need);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
             u32 p01 = pa[nt >> 1][(nt & 1) * 2], p23 = pa[nt >> 1][(nt & 1) * 2 + 1];
@@ -176,27 +218,27 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                 }
         }
         // dK += dS^T Q.
-#pragma unroll
-        for (int kj = 0; kj < 4; ++kj)
-#pragma unroll
-            for (int dp = 0; dp < DH / 16; ++dp) {
-                u32 b[4];
-                ldsm_x4_t(b, addr_bt<DH>(sQa, kj * 16, dp, lane));
-                mma_bf16(dk[2 * dp], pa[kj], b[0], b[1]);
-                mma_bf16(dk[2 * dp + 1], pa[kj], b[2], b[3]);
-            }
+        if (all)
+            bwd_acc_pb<DH, false>(dk, pa, aA, sQa, need);
+        else if (need)
+            bwd_acc_pb<DH, true>(dk, pa, aA, sQa, need);
         if (ATOMIC) {
             __syncthreads();  // dS^T complete in smem.
             const int h = hk * G + s / steps_per_head;
             const u32 sSa = smem_u32(sdS);
             float* dst = dqacc + ((long long)h * Tpad + pad + m * 64 + warp * 16 + g) * DH + 2 * t;
+            // This warp's 16 query rows: none < L, nothing to add. Key blocks kk with keys all
+            // >= L or (diagonal) all after these queries have dS = 0 and are skipped.
+            const bool qvalid = m * 64 + warp * 16 < L;
+            const int kk_end = min(m == n ? warp + 1 : 4, (L - n * 64 + 15) >> 4);
 #pragma unroll 1
-            for (int cs = 0; cs < DH / 32; ++cs) {
+            for (int cs = 0; qvalid && cs < DH / 32; ++cs) {
                 float acc[4][4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 #pragma unroll
                 for (int kk = 0; kk < 4; ++kk) {
+                    if (kk >= kk_end) break;
                     u32 a[4];
                     ldsm_x4_t(a, addr_b<64>(sSa, kk * 16, warp, lane));
 #pragma unroll

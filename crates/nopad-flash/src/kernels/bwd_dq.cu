@@ -66,6 +66,16 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
 #pragma unroll
     for (int i = 0; i < DH / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
     const u32 sQa = smem_u32(sQ), sOa = smem_u32(sdO);
+    // Block skipping (warp-uniform, as in fwd.cu): this warp's rows i0 .. r_hi (< L) see keys
+    // kmin .. r_hi; on the diagonal step 16-key blocks outside that range are all masked (dS = 0)
+    // and their MMAs are skipped. A warp with no row < L skips every MMA.
+    const int i0 = m * 64 + warp * 16;
+    const bool wvalid = i0 < L;
+    const int r_hi = min(i0 + 15, L - 1);
+    const int kmin = (tile.z < 0 && wvalid) ? segs[(-tile.z - 1) * 64 + warp * 16] : 0;
+    SwzAddr<DH> pa_, pb_;  // lane offsets, A and B patterns (common.cuh)
+    pa_.init(0, lane, false);
+    pb_.init(0, lane, true);
 
     for (int n = 0; n <= m; ++n) {
         const int stage = n & 1;
@@ -79,26 +89,57 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
         cp_wait<1>();
         __syncthreads();
         const u32 sKa = smem_u32(sK + stage * TILE), sVa = smem_u32(sV + stage * TILE);
+        SwzAddr<DH> aA = pa_, aB = pb_;
+        aA.refresh();
+        aB.refresh();
+
+        u32 need = 0;
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            int k0 = n * 64 + np * 16;
+            need |= (u32)(wvalid && (n < m || (k0 <= r_hi && k0 + 15 >= kmin))) << np;
+        }
+        const bool all = need == 15u;
 
         float s[8][4], dp[8][4];
 #pragma unroll
         for (int i = 0; i < 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+        if (all) {
 #pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            u32 a[4], ao[4];
-            ldsm_x4(a, addr_a<DH>(sQa, warp * 16, kk, lane));
-            ldsm_x4(ao, addr_a<DH>(sOa, warp * 16, kk, lane));
+            for (int kk = 0; kk < DH / 16; ++kk) {
+                u32 a[4], ao[4];
+                ldsm_x4(a, sQa + aA.at(warp * 16, kk));
+                ldsm_x4(ao, sOa + aA.at(warp * 16, kk));
 #pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                u32 b[4];
-                ldsm_x4(b, addr_b<DH>(sKa, np * 16, kk, lane));
-                mma_bf16(s[2 * np], a, b[0], b[1]);
-                mma_bf16(s[2 * np + 1], a, b[2], b[3]);
-                ldsm_x4(b, addr_b<DH>(sVa, np * 16, kk, lane));
-                mma_bf16(dp[2 * np], ao, b[0], b[1]);
-                mma_bf16(dp[2 * np + 1], ao, b[2], b[3]);
+                for (int np = 0; np < 4; ++np) {
+                    u32 b[4];
+                    ldsm_x4(b, sKa + aB.at(np * 16, kk));
+                    mma_bf16(s[2 * np], a, b[0], b[1]);
+                    mma_bf16(s[2 * np + 1], a, b[2], b[3]);
+                    ldsm_x4(b, sVa + aB.at(np * 16, kk));
+                    mma_bf16(dp[2 * np], ao, b[0], b[1]);
+                    mma_bf16(dp[2 * np + 1], ao, b[2], b[3]);
+                }
+            }
+        } else if (need) {
+#pragma unroll
+            for (int kk = 0; kk < DH / 16; ++kk) {
+                u32 a[4], ao[4];
+                ldsm_x4(a, sQa + aA.at(warp * 16, kk));
+                ldsm_x4(ao, sOa + aA.at(warp * 16, kk));
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    if (!((need >> np) & 1u)) continue;
+                    u32 b[4];
+                    ldsm_x4(b, sKa + aB.at(np * 16, kk));
+                    mma_bf16(s[2 * np], a, b[0], b[1]);
+                    mma_bf16(s[2 * np + 1], a, b[2], b[3]);
+                    ldsm_x4(b, sVa + aB.at(np * 16, kk));
+                    mma_bf16(dp[2 * np], ao, b[0], b[1]);
+                    mma_bf16(dp[2 * np + 1], ao, b[2], b[3]);
+                }
             }
         }
         u32 da[4][4];  // dS as bf16 A fragments, k = keys
@@ -117,15 +158,30 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
             da[nt >> 1][(nt & 1) * 2] = pack_bf16(v[0], v[1]);
             da[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(v[2], v[3]);
         }
+        if (all) {
 #pragma unroll
-        for (int kj = 0; kj < 4; ++kj)
+            for (int kj = 0; kj < 4; ++kj)
 #pragma unroll
-            for (int dpi = 0; dpi < DH / 16; ++dpi) {
-                u32 b[4];
-                ldsm_x4_t(b, addr_bt<DH>(sKa, kj * 16, dpi, lane));
-                mma_bf16(dq[2 * dpi], da[kj], b[0], b[1]);
-                mma_bf16(dq[2 * dpi + 1], da[kj], b[2], b[3]);
+                for (int dpi = 0; dpi < DH / 16; ++dpi) {
+                    u32 b[4];
+                    ldsm_x4_t(b, sKa + aA.at(kj * 16, dpi));
+                    mma_bf16(dq[2 * dpi], da[kj], b[0], b[1]);
+                    mma_bf16(dq[2 * dpi + 1], da[kj], b[2], b[3]);
+                }
+        } else if (need) {
+            // Skipped key blocks are masked (dS = 0): leaving out their MMAs is exact.
+#pragma unroll
+            for (int kj = 0; kj < 4; ++kj) {
+                if (!((need >> kj) & 1u)) continue;
+#pragma unroll
+                for (int dpi = 0; dpi < DH / 16; ++dpi) {
+                    u32 b[4];
+                    ldsm_x4_t(b, sKa + aA.at(kj * 16, dpi));
+                    mma_bf16(dq[2 * dpi], da[kj], b[0], b[1]);
+                    mma_bf16(dq[2 * dpi + 1], da[kj], b[2], b[3]);
+                }
             }
+        }
         __syncthreads();  // every warp is done with this stage before it is refilled.
     }
     cp_wait<0>();

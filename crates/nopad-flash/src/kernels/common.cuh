@@ -93,20 +93,25 @@ __device__ __forceinline__ int swz(int r, int c) {
 }
 
 // Copy rows [0, ROWS) of a strided bf16 matrix into a swizzled tile; rows >= rows_valid are
-// zero-filled (never read). `g` must point at a readable row 0.
+// zero-filled (never read). `g` must point at a readable row 0. Thread `tid` copies chunk
+// `tid % CPR` of rows `tid / CPR + it * RPI`; RPI is a multiple of 8, so the swizzle is the same
+// for all its rows: one shared address plus immediates, one global pointer stepped by RPI rows.
 template <int ROWS, int DH, int NT>
 __device__ __forceinline__ void load_tile(bf16_t* s, const bf16_t* g, long long row_stride,
                                           int rows_valid, int tid) {
     constexpr int CPR = DH / 8;
-    constexpr int TOTAL = ROWS * CPR;
-    static_assert(TOTAL % NT == 0, "tile chunks must divide evenly over the block");
+    constexpr int RPI = NT / CPR;
+    static_assert(NT % CPR == 0 && RPI % 8 == 0 && ROWS % RPI == 0,
+                  "tile chunks must divide evenly over the block");
+    const int r0 = tid / CPR, c = tid % CPR;
+    const u32 s0 = smem_u32(s + swz<DH>(r0, c));
+    const bf16_t* src = g + (long long)r0 * row_stride + c * 8;
+    const long long step = (long long)RPI * row_stride;
 #pragma unroll
-    for (int it = 0; it < TOTAL / NT; ++it) {
-        int idx = it * NT + tid;
-        int r = idx / CPR, c = idx % CPR;
-        bool p = r < rows_valid;
-        const bf16_t* src = p ? g + (long long)r * row_stride + c * 8 : g;
-        cp_async16(smem_u32(s + swz<DH>(r, c)), src, p);
+    for (int it = 0; it < ROWS / RPI; ++it) {
+        bool p = r0 + it * RPI < rows_valid;
+        cp_async16(s0 + it * RPI * DH * 2, p ? src : g, p);
+        src += step;
     }
 }
 
@@ -129,3 +134,34 @@ __device__ __forceinline__ u32 addr_bt(u32 base, int k0, int np, int l) {
     int r = k0 + (l & 15);
     return base + 2 * swz<DH>(r, 2 * np + (l >> 4));
 }
+
+// Per-lane ldmatrix addressing without hoisted address registers. A warp's ldmatrix rows are
+// `r0 + (lane-dependent part)` with r0 a multiple of 8, so the swizzle term `r & 7` is a lane
+// constant and chunk `2 c2 + b` (c2 = 16-column slice, b a lane bit) lands at
+// `((2 c2) ^ y) << 4` bytes with y = b ^ (r & 7): for c2 = 4 ch + cl that is
+// `128 ch + ((2 cl ^ y) << 4)`. So four per-lane offsets (cl = 0..3) plus compile-time
+// immediates give every address of a tile. Without this the compiler hoisted one register per
+// distinct (row block, slice) address out of the loops (56 in flash_fwd_128) and spilled.
+// `refresh()` (an opaque move, once per loop iteration) stops it from hoisting the sums again.
+template <int DH>
+struct SwzAddr {
+    u32 o[4];
+    // A-pattern (ldmatrix x4 of a 16x16 block: rows l & 15, chunk bit l >> 4; also the
+    // .trans B operand of addr_bt) when `b_pattern` is false; B-pattern (two n8 blocks: rows
+    // (l & 7) + 8 (l >> 4), chunk bit (l >> 3) & 1) when true.
+    __device__ __forceinline__ void init(u32 base, int l, bool b_pattern) {
+        int row = b_pattern ? (l & 7) + ((l >> 4) << 3) : (l & 15);
+        int y = (b_pattern ? ((l >> 3) & 1) : (l >> 4)) ^ (l & 7);
+#pragma unroll
+        for (int cl = 0; cl < 4; ++cl) o[cl] = base + row * DH * 2 + (((2 * cl) ^ y) << 4);
+    }
+    __device__ __forceinline__ void refresh() {
+#pragma unroll
+        for (int cl = 0; cl < 4; ++cl) asm volatile("mov.b32 %0, %0;" : "+r"(o[cl]));
+    }
+    // Rows r0.. (r0 % 8 == 0), 16-column slice c2; both compile-time after unrolling.
+    __device__ __forceinline__ u32 at(int r0, int c2) const {
+        return o[c2 & 3] + r0 * DH * 2 + (c2 >> 2) * 128;
+    }
+};
+

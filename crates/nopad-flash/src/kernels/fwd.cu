@@ -9,10 +9,11 @@
 //         segs[64 (-m - 1) + r] on (block-diagonal mask).
 // Geometry: 1-D grid of tiles x heads, heads fastest (tile = blockIdx.x / H), so a tile's heads
 // run adjacently and GQA groups share K/V in L2. 128 threads = 4 warps; each warp owns WM
-// m16 row blocks (16 WM query rows), so BR = 64 WM; K/V tiles of BC = 64 keys (32 at
-// DH 128, WM 2, for registers). With WM = 2 each
-// K/V fragment read from smem feeds two MMAs, halving shared-memory traffic per FLOP (FA2's
-// 32 rows per warp). Q, K, V one swizzled smem tile each; V_n loads during Q K_n^T + softmax,
+// m16 row blocks (16 WM query rows), so BR = 64 WM; K/V tiles of BC = 64 keys. With WM = 2
+// each K/V fragment read from smem feeds two MMAs, halving shared-memory traffic per FLOP (FA2's
+// 128 x 64 tile, 32 rows per warp; no spills since the ldmatrix addresses come from four
+// per-lane offsets, common.cuh SwzAddr). WM = 1 (the short-sequence kernel) skips the MMAs of
+// 16-key blocks that are all masked for a warp (diagonal and packed tiles, rows past L). Q, K, V one swizzled smem tile each; V_n loads during Q K_n^T + softmax,
 // K_{n+1} during P V_n (FA2's order). Scores stay in registers and become the A operand of
 // P V. Online softmax in raw score units with exp2 folding (c = scale * log2 e).
 // Accumulation: fp32 (scores, O, row sums); P is rounded to bf16 for the P V product.
@@ -24,8 +25,7 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
                                           float* __restrict__ lse, const int4* __restrict__ tiles,
                                           const int* __restrict__ segs, int H, int Hkv, int N,
                                           float scale) {
-    // BC = 32 at (DH 128, WM 2) keeps the fp32 scores at 32 registers next to 128 of O.
-    constexpr int BR = 64 * WM, BC = (DH == 128 && WM == 2) ? 32 : 64;
+    constexpr int BR = 64 * WM, BC = 64;
     constexpr bool Q_IN_REGS = WM == 1;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16_t* sQ = (bf16_t*)smem_raw;  // [BR][DH]
@@ -45,7 +45,13 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = m * BR + warp * 16 * WM;  // first local row of this warp
-    const u32 sQa = smem_u32(sQ), sKa = smem_u32(sK), sVa = smem_u32(sV);
+    const u32 sQa = smem_u32(sQ), sKa = smem_u32(sK);
+    // A-pattern offsets serve Q (A operand) and V (.trans B operand): sV sits a compile-time
+    // V_OFF bytes after sQ, so V needs no registers of its own.
+    constexpr u32 V_OFF = (BR + BC) * DH * 2;
+    SwzAddr<DH> aQ, aK;
+    aQ.init(sQa, lane, false);
+    aK.init(sKa, lane, true);
 
     load_tile<BR, DH, FWD_THREADS>(sQ, gQ, rs, L - m * BR, tid);
     load_tile<BC, DH, FWD_THREADS>(sK, gK, rs, L, tid);
@@ -66,44 +72,100 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     // (or the sequence end) and need the mask.
     const int n_tiles = (min((m + 1) * BR, L) + BC - 1) / BC;
     const int n_diag = m * BR / BC;
+    // Block skipping (warp-uniform): m16 block mi of this warp holds rows r_lo .. r_hi (clamped
+    // to L - 1) and sees keys kmin .. r_hi (kmin > 0 only in packed tiles: the first row's
+    // sequence start, the smallest of the block). On tiles crossing the diagonal a 16-key block
+    // outside that range is all masked: its Q K^T and P V MMAs are skipped (the mask sets its
+    // scores to -inf, so P = 0 there either way). Blocks with no row < L skip everything.
+    int r_hi[WM], kmin[WM];
+    bool valid[WM];
+#pragma unroll
+    for (int mi = 0; mi < WM; ++mi) {
+        int r_lo = row0 + mi * 16;
+        valid[mi] = r_lo < L;
+        r_hi[mi] = min(r_lo + 15, L - 1);
+        kmin[mi] = (tile.z < 0 && valid[mi]) ? segs[(-tile.z - 1) * 64 + r_lo] : 0;
+    }
 
     for (int n = 0; n < n_tiles; ++n) {
         cp_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P V_{n-1}, so sV may be refilled.
+        aQ.refresh();
+        aK.refresh();
         if (Q_IN_REGS && n == 0) {
 #pragma unroll
-            for (int kk = 0; kk < DH / 16; ++kk) ldsm_x4(qf[Q_IN_REGS ? kk : 0], addr_a<DH>(sQa, warp * 16, kk, lane));
+            for (int kk = 0; kk < DH / 16; ++kk) ldsm_x4(qf[Q_IN_REGS ? kk : 0], aQ.at(warp * 16, kk));
         }
         load_tile<BC, DH, FWD_THREADS>(sV, gV + (long long)n * BC * rs, rs, L - n * BC, tid);
         cp_commit();
+
+        // need bit np: this warp must multiply 16-key block np of this tile. Only WM = 1 skips
+        // (WM = 2, the long-sequence kernel, spilled with the predicated path; all = true).
+        u32 need = 0;
+        bool all = true;
+        if (WM == 1) {
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                int k0 = n * BC + np * 16;
+                bool nd = valid[0] && (n < n_diag || (k0 <= r_hi[0] && k0 + 15 >= kmin[0]));
+                need |= (u32)nd << np;
+            }
+            all = need == (1u << (BC / 16)) - 1;
+        }
+        auto needs = [&](int np) { return all || ((need >> np) & 1u); };
 
         float s[WM][BC / 8][4];
 #pragma unroll
         for (int mi = 0; mi < WM; ++mi)
 #pragma unroll
             for (int i = 0; i < BC / 8; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.f;
-        // With Q in registers the k loop must unroll (qf is indexed by kk); with Q in smem a
-        // rolled loop keeps the K fragments of one k-slice live at a time (no spills at WM = 2).
-#pragma unroll Q_IN_REGS ? DH / 16 : 2
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            u32 a[WM][4];
+        if (all) {
 #pragma unroll
-            for (int mi = 0; mi < WM; ++mi) {
-                if (Q_IN_REGS) {
-#pragma unroll
-                    for (int x = 0; x < 4; ++x) a[mi][x] = qf[Q_IN_REGS ? kk : 0][x];
-                } else {
-                    ldsm_x4(a[mi], addr_a<DH>(sQa, warp * 16 * WM + mi * 16, kk, lane));
-                }
-            }
-#pragma unroll
-            for (int np = 0; np < BC / 16; ++np) {
-                u32 b[4];
-                ldsm_x4(b, addr_b<DH>(sKa, np * 16, kk, lane));
+            for (int kk = 0; kk < DH / 16; ++kk) {
+                u32 a[WM][4];
 #pragma unroll
                 for (int mi = 0; mi < WM; ++mi) {
-                    mma_bf16(s[mi][2 * np], a[mi], b[0], b[1]);
-                    mma_bf16(s[mi][2 * np + 1], a[mi], b[2], b[3]);
+                    if (Q_IN_REGS) {
+#pragma unroll
+                        for (int x = 0; x < 4; ++x) a[mi][x] = qf[Q_IN_REGS ? kk : 0][x];
+                    } else {
+                        ldsm_x4(a[mi], aQ.at(warp * 16 * WM + mi * 16, kk));
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < BC / 16; ++np) {
+                    u32 b[4];
+                    ldsm_x4(b, aK.at(np * 16, kk));
+#pragma unroll
+                    for (int mi = 0; mi < WM; ++mi) {
+                        mma_bf16(s[mi][2 * np], a[mi], b[0], b[1]);
+                        mma_bf16(s[mi][2 * np + 1], a[mi], b[2], b[3]);
+                    }
+                }
+            }
+        } else if (WM == 1 && need) {
+#pragma unroll
+            for (int kk = 0; kk < DH / 16; ++kk) {
+                u32 a[WM][4];
+#pragma unroll
+                for (int mi = 0; mi < WM; ++mi) {
+                    if (Q_IN_REGS) {
+#pragma unroll
+                        for (int x = 0; x < 4; ++x) a[mi][x] = qf[Q_IN_REGS ? kk : 0][x];
+                    } else {
+                        ldsm_x4(a[mi], aQ.at(warp * 16 * WM + mi * 16, kk));
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < BC / 16; ++np) {
+                    if (!needs(np)) continue;
+                    u32 b[4];
+                    ldsm_x4(b, aK.at(np * 16, kk));
+#pragma unroll
+                    for (int mi = 0; mi < WM; ++mi) {
+                        mma_bf16(s[mi][2 * np], a[mi], b[0], b[1]);
+                        mma_bf16(s[mi][2 * np + 1], a[mi], b[2], b[3]);
+                    }
                 }
             }
         }
@@ -175,18 +237,35 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
                 pa[mi][kj][2] = pack_bf16(s[mi][2 * kj + 1][0], s[mi][2 * kj + 1][1]);
                 pa[mi][kj][3] = pack_bf16(s[mi][2 * kj + 1][2], s[mi][2 * kj + 1][3]);
             }
+        if (all) {
 #pragma unroll
-        for (int dp = 0; dp < DH / 16; ++dp)
+            for (int dp = 0; dp < DH / 16; ++dp)
 #pragma unroll
-            for (int kj = 0; kj < BC / 16; ++kj) {
-                u32 b[4];
-                ldsm_x4_t(b, addr_bt<DH>(sVa, kj * 16, dp, lane));
+                for (int kj = 0; kj < BC / 16; ++kj) {
+                    u32 b[4];
+                    ldsm_x4_t(b, aQ.at(kj * 16, dp) + V_OFF);
 #pragma unroll
-                for (int mi = 0; mi < WM; ++mi) {
-                    mma_bf16(o[mi][2 * dp], pa[mi][kj], b[0], b[1]);
-                    mma_bf16(o[mi][2 * dp + 1], pa[mi][kj], b[2], b[3]);
+                    for (int mi = 0; mi < WM; ++mi) {
+                        mma_bf16(o[mi][2 * dp], pa[mi][kj], b[0], b[1]);
+                        mma_bf16(o[mi][2 * dp + 1], pa[mi][kj], b[2], b[3]);
+                    }
                 }
-            }
+        } else if (WM == 1 && need) {
+            // Skipped key blocks have P = 0 (masked): leaving out their MMAs is exact.
+#pragma unroll
+            for (int dp = 0; dp < DH / 16; ++dp)
+#pragma unroll
+                for (int kj = 0; kj < BC / 16; ++kj) {
+                    if (!needs(kj)) continue;
+                    u32 b[4];
+                    ldsm_x4_t(b, aQ.at(kj * 16, dp) + V_OFF);
+#pragma unroll
+                    for (int mi = 0; mi < WM; ++mi) {
+                        mma_bf16(o[mi][2 * dp], pa[mi][kj], b[0], b[1]);
+                        mma_bf16(o[mi][2 * dp + 1], pa[mi][kj], b[2], b[3]);
+                    }
+                }
+        }
     }
     cp_wait<0>();
 
@@ -211,8 +290,9 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
         }
 }
 
-// MINB: CTAs per SM the register allocation must allow. DH 64, WM 1 needs <= 168 registers
-// for 3 CTAs/SM; at 173 (no cap) it fell to 2 and lost ~20% on short and medium sequences.
+// MINB: CTAs per SM the register allocation must allow (ptxas 13.0, no spills at these caps):
+// DH 64 WM 1: 128 registers, 4 CTAs/SM; DH 128 WM 1: 168, 3 CTAs/SM (216 uncapped). Run 3
+// saw the DH 64 kernel lose ~20% on short sequences when it fell from 3 CTAs/SM to 2.
 #define FWD_ENTRY(DH, WM, NAME, MINB)                                                          \
     extern "C" __global__ void __launch_bounds__(FWD_THREADS, MINB)                            \
         NAME(const bf16_t* qkv, bf16_t* out, float* lse, const int4* tiles, const int* segs,   \
@@ -220,7 +300,7 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
         flash_fwd<DH, WM>(qkv, out, lse, tiles, segs, H, Hkv, N, scale);                       \
     }
 
-FWD_ENTRY(64, 1, flash_fwd_64, 3)
-FWD_ENTRY(128, 1, flash_fwd_128, 1)
+FWD_ENTRY(64, 1, flash_fwd_64, 4)
+FWD_ENTRY(128, 1, flash_fwd_128, 3)
 FWD_ENTRY(64, 2, flash_fwd_br128_64, 1)
 FWD_ENTRY(128, 2, flash_fwd_br128_128, 1)
