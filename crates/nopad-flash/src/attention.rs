@@ -57,8 +57,8 @@ pub enum ForwardTiles {
     /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs per
     /// SM; no block skipping. The faster one on long sequences at Dh 128 (crate README, run 4a).
     Wide,
-    /// `Wide` for the sequences of at least `plan::AUTO_WIDE_MIN` tokens, `Narrow` for the rest
-    /// (two launches).
+    /// At Dh 128, `Wide` for the sequences of at least `plan::AUTO_WIDE_MIN` tokens and `Narrow`
+    /// for the rest (two launches); at Dh 64, `Narrow` (measured faster there).
     Auto,
 }
 
@@ -331,6 +331,9 @@ impl FlashAttention {
                 match forward_tiles {
                     ForwardTiles::Narrow => launches.push(narrow(tiles, q_tiles)),
                     ForwardTiles::Wide => launches.push(wide(wide_tiles, plan.wide_tiles.len())),
+                    // At Dh 64 the 64-row kernel measured faster on every shape (run 4a: c
+                    // 125.5 vs 116.0 TFLOP/s with Auto), so Auto uses it alone there.
+                    ForwardTiles::Auto if dh == 64 => launches.push(narrow(tiles, q_tiles)),
                     ForwardTiles::Auto => {
                         launches.push(wide(workspace + lay.auto_wide as u64, plan.auto_wide.len()));
                         launches.push(narrow(
