@@ -12,6 +12,7 @@ mkdir -p "$out" /tmp/logs   # at most 8 files come back: the run logs travel ins
 {
   timeout 100 $d/cuda_ops --test-threads=1 2>&1
   timeout 60 $d/cuda_model --test-threads=1 --nocapture 2>&1
+  timeout 40 $d/flash_gpu_test --test-threads=1 --nocapture 2>&1
   timeout 40 $d/cuda_ops --ignored bench_llama_1b_shapes --nocapture 2>&1
 } > "$out/tests.txt"
 grep -E "test result|FAILED|panicked|worst|loss cpu|gemm plan" "$out/tests.txt"
