@@ -28,8 +28,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     pub attn: AttnDims,
     /// Tokens N.
     pub n: usize,
-    /// `Recompute::Mlp`: the gate/up projections live in `Scratch::gu`, not in `LayerActs::gu`,
-    /// and the backward recomputes them.
+    /// `Recompute::Mlp` in this layer: the gate/up projections live in `Scratch::gu`, not in
+    /// `LayerActs::gu`, and the backward recomputes them.
     pub mlp_recompute: bool,
 }
 

@@ -163,10 +163,10 @@ impl<B: Backend> Model<B> {
         } else {
             c.num_hidden_layers
         };
-        let mlp = self.recompute == Recompute::Mlp;
+        let mode = self.recompute;
         let gu_len = |on: bool| if on { 2 * f } else { 0 };
         let mut layers = Vec::with_capacity(slots);
-        for _ in 0..slots {
+        for l in 0..slots {
             layers.push(LayerActs {
                 rstd1: stat(1)?,
                 qkv: act(w)?,
@@ -174,7 +174,7 @@ impl<B: Backend> Model<B> {
                 lse: stat(h)?,
                 res_mid: act(d)?,
                 rstd2: stat(1)?,
-                gu: act(gu_len(!mlp))?,
+                gu: act(gu_len(!mode.mlp_in_layer(l)))?,
             });
         }
         self.acts = Some(Acts {
@@ -194,7 +194,7 @@ impl<B: Backend> Model<B> {
                 d_qkv: act(w)?,
                 d_att: act(hd)?,
                 d_a: act(f)?,
-                gu: act(gu_len(mlp))?,
+                gu: act(gu_len(mode.mlp_in_layer(0)))?,
             },
         });
         Ok(())
@@ -269,11 +269,16 @@ impl<B: Backend> Model<B> {
             cu_seqlens: &up.cu_seqlens,
             attn: up.attn,
             n,
-            mlp_recompute: self.recompute == Recompute::Mlp,
+            mlp_recompute: false,
         };
+        let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate() {
             let la = &mut acts.layers[if recompute { 0 } else { l }];
             let (res_in, res_out) = acts.res.split_at_mut(l + 1);
+            let cx = layer::Ctx {
+                mlp_recompute: mode.mlp_in_layer(l),
+                ..cx
+            };
             layer::forward(
                 &cx,
                 lr,
@@ -364,9 +369,14 @@ impl<B: Backend> Model<B> {
             cu_seqlens: &up.cu_seqlens,
             attn: up.attn,
             n,
-            mlp_recompute: self.recompute == Recompute::Mlp,
+            mlp_recompute: false,
         };
+        let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate().rev() {
+            let cx = layer::Ctx {
+                mlp_recompute: mode.mlp_in_layer(l),
+                ..cx
+            };
             if recompute {
                 // Rebuild this layer's saved activations from its input residual stream.
                 layer::forward(

@@ -190,7 +190,11 @@ fn bf16_model_matches_cpu_within_bf16_rounding() {
 /// tolerance as without it, for both modes.
 #[test]
 fn bf16_model_with_recompute_matches_cpu() {
-    for mode in [Recompute::Mlp, Recompute::Full] {
+    for mode in [
+        Recompute::Mlp(Some(1)),
+        Recompute::Mlp(None),
+        Recompute::Full,
+    ] {
         compare(
             CudaDtype::Bf16,
             mode,

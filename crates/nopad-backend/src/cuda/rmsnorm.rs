@@ -115,7 +115,8 @@ impl Cuda {
         }
     }
 
-    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` fp32 (accumulated); dy, x: `[n, d]`;
+    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` of the gradient type (accumulated);
+    /// dy, x: `[n, d]`;
     /// weight: `[d]`; rstd: `[n]` fp32 from the forward.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rmsnorm_backward_impl(
