@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context};
+use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{
     load_examples, strategy_stats, Format, LoadOptions, LongPolicy, PackOptions, Strategy,
 };
@@ -15,9 +16,16 @@ use nopad_data::{
 #[derive(clap::Args, Debug)]
 pub struct StatsArgs {
     /// Examples: JSONL, or a .json array (pretokenized, text, prompt-completion, messages or
-    /// alpaca records).
+    /// alpaca records); or `synthetic-flan` / `synthetic-orcamath` (the built-in length
+    /// distributions of `nopad bench` and `nopad train`).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
+    /// Number of synthetic examples (with `--data synthetic-*`).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub examples: usize,
+    /// Seed of the synthetic examples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Model directory with tokenizer.json and tokenizer_config.json (needed for text formats).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
@@ -67,12 +75,34 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
         vocab_size: args.vocab_size,
         tokenizer_dir: args.model.clone(),
     };
-    let (examples, load) = load_examples(&args.data, &opts)
-        .with_context(|| format!("cannot compute statistics of {}", args.data.display()))?;
-    for w in &load.warnings {
-        eprintln!("warning: {w}");
-    }
-    eprintln!("{}: {load}", args.data.display());
+    let synthetic = match args.data.to_str() {
+        Some("synthetic-flan") => Some(LengthDist::FlanLike),
+        Some("synthetic-orcamath") => Some(LengthDist::OrcaMathLike),
+        _ => None,
+    };
+    let (examples, load) = match synthetic {
+        Some(lengths) => {
+            ensure!(args.examples >= 1, "--examples must be at least 1");
+            let ex = instruction_dataset(&SyntheticConfig {
+                n_examples: args.examples,
+                vocab_size: args.vocab_size.unwrap_or(32_000),
+                lengths,
+                max_len: args.max_len,
+                seed: args.seed,
+            });
+            eprintln!("{}: {} synthetic examples", args.data.display(), ex.len());
+            (ex, None)
+        }
+        None => {
+            let (examples, load) = load_examples(&args.data, &opts)
+                .with_context(|| format!("cannot compute statistics of {}", args.data.display()))?;
+            for w in &load.warnings {
+                eprintln!("warning: {w}");
+            }
+            eprintln!("{}: {load}", args.data.display());
+            (examples, Some(load))
+        }
+    };
     let pack = PackOptions {
         strategy: Strategy::Flatten,
         batch_size: args.batch_size,
@@ -81,7 +111,9 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
         group_by_length: args.group_by_length,
     };
     let mut report = strategy_stats(&examples, &pack, args.grad_accum);
-    report.add_load_report(&load);
+    if let Some(load) = &load {
+        report.add_load_report(load);
+    }
     if let Some(plot) = &args.plot {
         report
             .write_svg(plot)

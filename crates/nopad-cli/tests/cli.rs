@@ -316,3 +316,31 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
     .unwrap();
     assert_eq!(e["tokens"], 16, "{e}");
 }
+
+/// `nopad stats` on the built-in length distributions; flatten packs the same tokens as pad with
+/// no padding, and the precision and recompute flags reject bad values by name.
+#[test]
+fn stats_on_synthetic_data_and_flag_errors() {
+    let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&[
+        "stats",
+        "--data",
+        "synthetic-orcamath",
+        "--examples",
+        "300",
+        "--max-len",
+        "2048",
+        "--batch-size",
+        "8",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(stats["pad"]["real_tokens"], stats["flatten"]["real_tokens"]);
+    assert_eq!(stats["flatten"]["pad_tokens"], 0, "{stats}");
+    assert!(stats["pad"]["pad_tokens"].as_u64().unwrap() > 0, "{stats}");
+    let bad = nopad(&["train", "--model", "tiny", "--grad-dtype", "f16"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("grad-dtype"), "{}", stderr(&bad));
+    let bad = nopad(&["bench", "--model", "tiny", "--recompute", "mlp:x"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("mlp:K"), "{}", stderr(&bad));
+}
