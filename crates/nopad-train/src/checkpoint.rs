@@ -10,7 +10,7 @@
 //!   and the run's [`RunIdentity`]);
 //! - `COMPLETE`: written last; a directory without it is never resumed from.
 //!
-//! A save writes into `OUT/.checkpoint-000120.tmp-PID/`, fsyncs every file and the directory,
+//! A save writes into `OUT/.checkpoint-000120.tmp-HOST-PID/`, fsyncs every file and the directory,
 //! renames it into place and fsyncs `OUT`. Deleting old checkpoints (`keep`) renames them out of
 //! sight first, so a half-deleted directory is never visible either. There is no RNG state to
 //! store: nothing draws random numbers while training, and the data order is a function of the
@@ -309,18 +309,53 @@ pub fn restore<B: Backend>(
     Ok(())
 }
 
-/// Whether the process that owns a `.tmp-PID`/`.old-PID` directory may still be writing it.
-fn owner_alive(pid: u32) -> bool {
+/// This machine's name as it appears in leftover names (`/proc/sys/kernel/hostname`, reduced to
+/// letters, digits and '-'; "host" where unknown).
+fn host_name() -> String {
+    let raw = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    if name.is_empty() {
+        "host".into()
+    } else {
+        name
+    }
+}
+
+/// `HOST-PID` of this process: the owner part of the `.tmp-`/`.old-` names it writes.
+fn owner_tag() -> String {
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+/// Whether the owner of a `.tmp-`/`.old-` directory (its name's `HOST-PID` or, from older
+/// versions, `PID`) may still be writing it. On a shared filesystem another host's process
+/// cannot be checked, so its leftovers are kept (leaving one is harmless, deleting a live save is
+/// not).
+fn owner_alive(owner: &str, host: &str) -> bool {
+    let (owner_host, pid) = match owner.rsplit_once('-') {
+        Some((h, p)) => (Some(h), p),
+        None => (None, owner),
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return true; // not a name nopad writes: leave it
+    };
+    if owner_host.is_some_and(|h| h != host) {
+        return true;
+    }
     if pid == std::process::id() {
         return false; // ours, left from an earlier attempt at the same step
     }
-    // Where /proc is missing, assume the owner lives: leaving a leftover is harmless.
+    // Where /proc is missing, assume the owner lives.
     !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes leftovers of interrupted saves and deletions (`.checkpoint-*.tmp-PID`, `.old-PID`)
-/// whose process is gone.
+/// Removes leftovers of interrupted saves and deletions (`.checkpoint-*.tmp-HOST-PID`,
+/// `.old-HOST-PID`) whose process is gone.
 fn remove_leftovers(out: &Path) -> Result<()> {
+    let host = host_name();
     for entry in fs::read_dir(out).map_err(io(out))? {
         let entry = entry.map_err(io(out))?;
         let name = entry.file_name();
@@ -328,11 +363,11 @@ fn remove_leftovers(out: &Path) -> Result<()> {
         let Some(rest) = name.strip_prefix(".checkpoint-") else {
             continue;
         };
-        let pid = rest
-            .rsplit_once(".tmp-")
-            .or_else(|| rest.rsplit_once(".old-"))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok());
-        if pid.is_some_and(|p| !owner_alive(p)) {
+        let owner = rest
+            .split_once(".tmp-")
+            .or_else(|| rest.split_once(".old-"))
+            .map(|(_, owner)| owner);
+        if owner.is_some_and(|o| !owner_alive(o, &host)) {
             let path = entry.path();
             fs::remove_dir_all(&path).map_err(io(&path))?;
         }
@@ -346,7 +381,7 @@ fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let mut gone = vec![];
     for (step, dir) in &all[..all.len().saturating_sub(keep)] {
         // Out of sight first: a crash in remove_dir_all leaves only a hidden leftover.
-        let hidden = out.join(format!(".{}.old-{}", dir_name(*step), std::process::id()));
+        let hidden = out.join(format!(".{}.old-{}", dir_name(*step), owner_tag()));
         fs::rename(dir, &hidden).map_err(io(dir))?;
         sync_dir(out)?;
         fs::remove_dir_all(&hidden).map_err(io(&hidden))?;
@@ -383,7 +418,7 @@ pub fn save<B: Backend>(
     }
     remove_leftovers(out)?;
     let name = dir_name(state.step);
-    let tmp = out.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = out.join(format!(".{name}.tmp-{}", owner_tag()));
     fs::create_dir(&tmp).map_err(io(&tmp))?;
     weights::save_checkpoint(
         &tmp,
@@ -409,7 +444,7 @@ pub fn save<B: Backend>(
     if dir.exists() {
         // A checkpoint of this step from an earlier attempt (a resume from an older one):
         // replace it, hiding the old one first so one of the two is always complete.
-        let old = out.join(format!(".{name}.old-{}", std::process::id()));
+        let old = out.join(format!(".{name}.old-{}", owner_tag()));
         fs::rename(&dir, &old).map_err(io(&dir))?;
         fs::rename(&tmp, &dir).map_err(io(&dir))?;
         sync_dir(out)?;
@@ -442,5 +477,29 @@ mod tests {
         ] {
             assert_eq!(step_of(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn leftovers_of_other_hosts_and_live_processes_are_kept() {
+        let me = std::process::id();
+        // Ours (an earlier attempt of this process), under the new and the old naming.
+        assert!(!owner_alive(&format!("box-1-{me}"), "box-1"));
+        assert!(!owner_alive(&me.to_string(), "box-1"));
+        // Another host's, whatever its pid: it cannot be checked from here.
+        assert!(owner_alive(&format!("other-{me}"), "box-1"));
+        assert!(owner_alive("other-1", "box-1"));
+        // Not a name nopad writes.
+        assert!(owner_alive("box-1-x", "box-1"));
+        if Path::new("/proc/self").exists() {
+            // A pid that cannot exist (above the kernel's limit of 2^22) on this host is gone.
+            assert!(!owner_alive("box-1-4194305", "box-1"));
+            // pid 1 always lives.
+            assert!(owner_alive("box-1-1", "box-1"));
+        }
+        let tag = owner_tag();
+        assert!(
+            tag.ends_with(&format!("-{me}")) && !tag.contains('.'),
+            "{tag}"
+        );
     }
 }
