@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use nopad_backend::Backend;
 use nopad_data::{LoadOptions, PackOptions, Strategy};
-use nopad_train::trainer::{build_model, pad_token_id};
+use nopad_train::trainer::{build_eval_model, pad_token_id};
 use nopad_train::{evaluate, ModelSource};
 
 use crate::device::{run_on, DeviceChoice, Job, Precision};
@@ -53,7 +53,7 @@ impl Job for EvalJob<'_> {
         } else {
             ModelSource::Preset(a.model.clone())
         };
-        let (mut model, _) = build_model(b, &source, 0)?;
+        let (mut model, _) = build_eval_model(b, &source, 0)?;
         let mut opts = LoadOptions::new(a.max_len);
         opts.vocab_size = Some(model.cfg.vocab_size);
         if let ModelSource::Dir(d) = &source {

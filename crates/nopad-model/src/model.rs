@@ -80,9 +80,19 @@ impl<B: Backend> Model<B> {
     /// A model with zero parameters; fill them with [`crate::weights::init_random`] or
     /// [`crate::weights::load_checkpoint`] through [`Model::write_params`].
     pub fn new(b: &B, cfg: Config) -> Result<Self> {
+        Self::build(b, cfg, true)
+    }
+
+    /// The same for evaluation only: no gradient buffer (as large as the parameters, fp32 on
+    /// CUDA), so [`Model::backward`] and [`Model::zero_grads`] are errors.
+    pub fn new_eval(b: &B, cfg: Config) -> Result<Self> {
+        Self::build(b, cfg, false)
+    }
+
+    fn build(b: &B, cfg: Config, grads: bool) -> Result<Self> {
         let layout = Layout::new(&cfg);
         let params = b.alloc(layout.total, Kind::Compute)?;
-        let grads = b.alloc(layout.total, Kind::Grad)?;
+        let grads = b.alloc(if grads { layout.total } else { 0 }, Kind::Grad)?;
         let freqs = crate::rope::inv_freq(&cfg);
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
         b.write(&mut inv_freq, 0, &freqs)?;
@@ -123,8 +133,18 @@ impl<B: Backend> Model<B> {
 
     /// Sets every gradient to zero.
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
+        self.check_grads(b)?;
         let n = self.layout.total;
         Ok(b.zero(b.view_mut(&mut self.grads, 0..n))?)
+    }
+
+    fn check_grads(&self, b: &B) -> Result<()> {
+        if b.buf_len(&self.grads) < self.layout.total {
+            return Err(ModelError::Input(
+                "this model was built for evaluation (Model::new_eval) and has no gradients".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Returns the loss summed since the last call (over all target tokens of the forwards run)
@@ -240,6 +260,9 @@ impl<B: Backend> Model<B> {
     /// (scaled by `s` = 1 / target tokens of the optimizer step) is computed on the way and
     /// [`Model::backward`] may follow; with `None` this is evaluation only.
     pub fn forward(&mut self, b: &B, x: &Inputs<'_>, grad_scale: Option<f32>) -> Result<()> {
+        if grad_scale.is_some() {
+            self.check_grads(b)?;
+        }
         let up = self.upload(b, x)?;
         let n = up.attn.n;
         self.ensure_acts(b, n)?;
@@ -330,6 +353,7 @@ impl<B: Backend> Model<B> {
     /// Backward pass of the last training [`Model::forward`]: accumulates every parameter's
     /// gradient into `grads`.
     pub fn backward(&mut self, b: &B) -> Result<()> {
+        self.check_grads(b)?;
         let up = self
             .saved
             .take()

@@ -440,3 +440,40 @@ fn recomputing_activations_gives_identical_gradients_in_less_memory() {
         last_mem = mem1;
     }
 }
+
+#[test]
+fn an_evaluation_model_holds_no_gradients_and_gives_the_same_loss() {
+    let cfg = tiny(false, true);
+    let mut rng = Rng::new(31);
+    let exs = examples(&mut rng, &[9, 2, 17], cfg.vocab_size);
+    let p = flatten(&exs);
+    let loss_of = |eval: bool| {
+        let b = Cpu::<f32>::new();
+        let mut m = if eval {
+            Model::new_eval(&b, cfg.clone()).unwrap()
+        } else {
+            Model::new(&b, cfg.clone()).unwrap()
+        };
+        let layout = m.layout.clone();
+        crate::weights::init_random(&cfg, &layout, 3, |off, v| m.write_params(&b, off, v)).unwrap();
+        m.forward(&b, &p.inputs(), None).unwrap();
+        let loss = m.take_loss_sum(&b).unwrap();
+        if eval {
+            let err = m
+                .forward(&b, &p.inputs(), Some(1.0))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("evaluation"), "{err}");
+            assert!(m.zero_grads(&b).is_err() && m.backward(&b).is_err());
+        }
+        (loss, nopad_backend::Backend::peak_memory(&b))
+    };
+    let (l_train, mem_train) = loss_of(false);
+    let (l_eval, mem_eval) = loss_of(true);
+    assert_eq!(l_train.to_bits(), l_eval.to_bits());
+    let params = crate::Layout::new(&cfg).total * 4;
+    assert!(
+        mem_eval + params <= mem_train,
+        "{mem_eval} + {params} > {mem_train}"
+    );
+}

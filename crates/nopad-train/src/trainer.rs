@@ -54,17 +54,35 @@ pub fn build_model<B: Backend>(
     source: &ModelSource,
     seed: u64,
 ) -> Result<(Model<B>, String)> {
+    build(b, source, seed, Model::new)
+}
+
+/// The same for evaluation only (no gradient buffer, see [`Model::new_eval`]).
+pub fn build_eval_model<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+) -> Result<(Model<B>, String)> {
+    build(b, source, seed, Model::new_eval)
+}
+
+fn build<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+    new: fn(&B, Config) -> nopad_model::Result<Model<B>>,
+) -> Result<(Model<B>, String)> {
     match source {
         ModelSource::Preset(name) => {
             let cfg = Config::preset(name).ok_or_else(|| unknown_preset(name))?;
-            let mut m = Model::new(b, cfg.clone())?;
+            let mut m = new(b, cfg.clone())?;
             let layout = m.layout.clone();
             weights::init_random(&cfg, &layout, seed, |off, v| m.write_params(b, off, v))?;
             Ok((m, format!("preset {name} (random init, seed {seed})")))
         }
         ModelSource::Dir(dir) => {
             let cfg = weights::read_config(dir)?;
-            let mut m = Model::new(b, cfg.clone())?;
+            let mut m = new(b, cfg.clone())?;
             let layout = m.layout.clone();
             weights::load_checkpoint(dir, &cfg, &layout, |off, v| m.write_params(b, off, v))?;
             Ok((m, format!("{} ({})", dir.display(), cfg.arch.hf_name())))
