@@ -86,8 +86,10 @@ pub struct BenchConfig {
 pub struct StrategyResult {
     /// Strategy name.
     pub strategy: String,
-    /// Device description.
+    /// Device description (on CUDA with the compute and gradient types).
     pub device: String,
+    /// Activation recomputation mode (`none`, `mlp`, `mlp:K`, `full`).
+    pub recompute: String,
     /// Optimizer steps one epoch takes.
     pub steps_per_epoch: usize,
     /// Median real tokens/s over the timed steps.
@@ -262,6 +264,7 @@ pub fn run_strategy<B: Backend>(
     Ok(StrategyResult {
         strategy: strategy.name().into(),
         device: b.describe(),
+        recompute: cfg.recompute.to_string(),
         steps_per_epoch,
         tokens_per_s: median(&mut tok),
         target_tokens_per_s: median(&mut tgt),

@@ -121,7 +121,7 @@ pub fn profile_text(results: &[StrategyResult]) -> String {
         ));
         for (op, ms) in &r.profile {
             out.push(format!(
-                "  {op:<22} {ms:>8.2} ms  {:>5.1}%",
+                "  {op:<26} {ms:>8.2} ms  {:>5.1}%",
                 100.0 * ms / total
             ));
         }
@@ -129,13 +129,20 @@ pub fn profile_text(results: &[StrategyResult]) -> String {
     out.join("\n")
 }
 
-/// The same table in Markdown.
+/// The same table in Markdown, under a line naming the device and the recomputation mode.
 pub fn markdown(results: &[StrategyResult]) -> String {
-    let mut out = format!(
+    let mut out = String::new();
+    if let Some(r) = results.first() {
+        out.push_str(&format!(
+            "Device: {}; recompute: {}.\n\n",
+            r.device, r.recompute
+        ));
+    }
+    out.push_str(&format!(
         "| {} |\n|{}\n",
         HEADER.join(" | "),
         "---|".repeat(HEADER.len())
-    );
+    ));
     for r in rows(results) {
         out.push_str(&format!("| {} |\n", r.join(" | ")));
     }

@@ -78,7 +78,11 @@ fn flatten_follows_pad_concat_does_not_offline_has_fewer_steps() {
         t.contains("flatten vs pad: same steps per epoch") && t.contains("offline:"),
         "{t}"
     );
-    assert!(markdown(&res).starts_with("| strategy |"));
+    let md = markdown(&res);
+    assert!(
+        md.starts_with("Device: ") && md.contains("recompute: none") && md.contains("| strategy |"),
+        "{md}"
+    );
     let dir = tempfile::tempdir().unwrap();
     chart::write_all(dir.path(), &res).unwrap();
     for f in ["throughput.svg", "memory.svg", "loss.svg"] {
