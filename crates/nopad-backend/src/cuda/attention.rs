@@ -151,28 +151,6 @@ impl Cuda {
         }
     }
 
-    /// The flash dims, the (cached) plan of this batch and a workspace of the size it asks for:
-    /// what the forward and the backward both need before their launch.
-    fn flash_setup(
-        &self,
-        flash: &nopad_flash::FlashAttention,
-        cu_seqlens: &CudaInts,
-        dims: &AttnDims,
-        op: &str,
-    ) -> Result<(
-        nopad_flash::FlashDims,
-        std::sync::Arc<nopad_flash::Plan>,
-        super::CudaBuf,
-    )> {
-        let fd = Self::flash_dims(dims);
-        let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
-        let ws = self.scratch(
-            flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
-            Dtype::F32,
-        )?;
-        Ok((fd, plan, ws))
-    }
-
     fn flash_err(op: &str) -> impl FnOnce(nopad_flash::FlashError) -> BackendError + '_ {
         move |e| BackendError::Device {
             op: op.into(),
@@ -217,7 +195,12 @@ impl Cuda {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
-            let (fd, plan, ws) = self.flash_setup(flash, cu_seqlens, &dims, op)?;
+            let fd = Self::flash_dims(&dims);
+            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
+            let ws = self.scratch(
+                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
+                Dtype::F32,
+            )?;
             // SAFETY: out, lse and qkv were checked against the dims above; the workspace has
             // the size the plan asks for; all live on this backend's context and stream.
             return unsafe {
@@ -273,7 +256,12 @@ impl Cuda {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
-            let (fd, plan, ws) = self.flash_setup(flash, cu_seqlens, &dims, op)?;
+            let fd = Self::flash_dims(&dims);
+            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
+            let ws = self.scratch(
+                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
+                Dtype::F32,
+            )?;
             // SAFETY: every buffer was checked against the dims above; out and lse come from the
             // forward of the same batch; the workspace has the size the plan asks for.
             return unsafe {
