@@ -78,6 +78,16 @@ pub struct Scratch<B: Backend> {
     pub gu: B::Buf,
 }
 
+/// RoPE over the query and key heads at the start of each `qkv` row.
+fn rope_dims(c: &Config, n: usize) -> RopeDims {
+    RopeDims {
+        n,
+        row_stride: c.qkv_width(),
+        n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
+        head_dim: c.head_dim,
+    }
+}
+
 fn dims(c: &Config) -> (usize, usize, usize, usize, f32) {
     let hd = c.num_attention_heads * c.head_dim;
     (
@@ -126,12 +136,7 @@ pub(crate) fn forward<B: Backend>(
         },
     )?;
     prof.mark(b, "qkv_proj fwd")?;
-    let rope = RopeDims {
-        n,
-        row_stride: w,
-        n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
-        head_dim: c.head_dim,
-    };
+    let rope = rope_dims(c, n);
     b.rope_forward(
         b.view_mut(&mut la.qkv, 0..n * w),
         b.view(cx.inv_freq, 0..c.head_dim / 2),
@@ -366,12 +371,7 @@ pub(crate) fn backward<B: Backend>(
         cx.attn,
     )?;
     prof.mark(b, "attention bwd")?;
-    let rope = RopeDims {
-        n,
-        row_stride: w,
-        n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
-        head_dim: c.head_dim,
-    };
+    let rope = rope_dims(c, n);
     b.rope_backward(
         b.view_mut(&mut acts.d_qkv, 0..n * w),
         b.view(cx.inv_freq, 0..c.head_dim / 2),
