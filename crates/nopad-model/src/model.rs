@@ -113,6 +113,10 @@ impl<B: Backend> Model<B> {
 
     /// How much of each layer's activations the backward recomputes (see [`Recompute`]).
     pub fn set_recompute(&mut self, mode: Recompute) {
+        if mode != self.recompute {
+            // The activation buffers are laid out for the mode (which layers keep `gu`).
+            self.acts = None;
+        }
         self.recompute = mode;
     }
 

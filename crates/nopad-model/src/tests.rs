@@ -477,3 +477,28 @@ fn an_evaluation_model_holds_no_gradients_and_gives_the_same_loss() {
         "{mem_eval} + {params} > {mem_train}"
     );
 }
+
+#[test]
+fn changing_the_recompute_mode_between_steps_keeps_the_gradients() {
+    use crate::Recompute;
+    let cfg = tiny(false, true);
+    let mut rng = Rng::new(41);
+    let p = flatten(&examples(&mut rng, &[7, 12, 3], cfg.vocab_size));
+    let b = Cpu::<f32>::new();
+    let mut m = model(&b, cfg.clone(), 42);
+    let (l0, g0) = loss_and_grads(&b, &mut m, &[&p], 0.1);
+    for mode in [
+        Recompute::Mlp(None),
+        Recompute::None,
+        Recompute::Full,
+        Recompute::Mlp(Some(1)),
+    ] {
+        m.set_recompute(mode);
+        let (l, g) = loss_and_grads(&b, &mut m, &[&p], 0.1);
+        assert_eq!(l.to_bits(), l0.to_bits(), "{mode}");
+        assert!(
+            g.iter().zip(&g0).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{mode}"
+        );
+    }
+}
