@@ -7,8 +7,10 @@
 //! heads, Dh head dim, F MLP width, V vocabulary.
 //!
 //! Rules every implementation follows (the model relies on them):
-//! - Parameter gradients (`d_w`, `d_b`, `d_table`, `d_weight`) are *accumulated* (`+=`), so that
-//!   gradient accumulation over micro-batches and tied embeddings need no extra pass.
+//! - Parameter gradients (`d_w`, `d_b`, `d_weight`) are written as the op's [`GradWrite`] says:
+//!   overwritten by the first micro-batch of an optimizer step (so no zeroing pass is needed, and
+//!   the buffer may hold anything before), accumulated (`+=`) by the others. `d_table` of the
+//!   embedding backward is always accumulated (tied embeddings add to the output head's gradient).
 //! - Activation gradients are *overwritten*, except the residual-stream gradient written by
 //!   [`Backend::rmsnorm_backward`], which is accumulated (the residual stream's gradient arrives from
 //!   the skip connection and from the norm).
@@ -37,6 +39,35 @@ pub enum Kind {
     /// Parameter gradients: fp32 on CUDA unless `CudaOptions::bf16_grads` (bf16, each GEMM still
     /// accumulating in fp32 and rounding once per write), the scalar type on the CPU.
     Grad,
+}
+
+/// Checks the parts of [`Backend::alloc_parts`]: aligned offsets, inside the allocation.
+pub fn check_parts(
+    bytes: usize,
+    parts: &[(usize, usize, Kind)],
+    size: impl Fn(Kind) -> usize,
+) -> Result<()> {
+    for (i, &(off, len, kind)) in parts.iter().enumerate() {
+        let end = len.checked_mul(size(kind)).and_then(|b| b.checked_add(off));
+        if off % 256 != 0 || end.is_none_or(|e| e > bytes) {
+            return Err(BackendError::Shape {
+                op: "alloc_parts",
+                what: format!(
+                    "part {i} ({len} x {kind:?} at byte {off}) is unaligned or outside the {bytes} bytes"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How an op writes a parameter gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWrite {
+    /// `d_w = …`: the gradient's previous contents are ignored (they may be anything, even NaN).
+    Overwrite,
+    /// `d_w += …`.
+    Accumulate,
 }
 
 /// Shape of a GEMM `y[N, out] = x[N, in] · w[out, in]ᵀ (+ b[out])`.
@@ -140,6 +171,22 @@ pub trait Backend {
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: Kind) -> Result<Self::Buf>;
+    /// Bytes of one element of a [`Kind`].
+    fn kind_size(&self, kind: Kind) -> usize;
+    /// Zero-filled buffers carved out of one allocation of `bytes` bytes: part `i` is
+    /// `parts[i] = (byte offset, elements, kind)`. Parts may overlap; the caller guarantees that
+    /// overlapping parts never hold data it needs at the same time (the model places parameter
+    /// gradients over activations that are dead by the time the gradients are written). Offsets
+    /// must be multiples of 256 and parts must lie inside `bytes`. The default allocates every
+    /// part on its own (no aliasing: the same results with more memory), which is what the CPU
+    /// backend does.
+    fn alloc_parts(&self, bytes: usize, parts: &[(usize, usize, Kind)]) -> Result<Vec<Self::Buf>> {
+        check_parts(bytes, parts, |k| self.kind_size(k))?;
+        parts
+            .iter()
+            .map(|&(_, len, kind)| self.alloc(len, kind))
+            .collect()
+    }
     /// Number of elements of a buffer.
     fn buf_len(&self, buf: &Self::Buf) -> usize;
     /// A view of `range` of a buffer.
@@ -215,8 +262,8 @@ pub trait Backend {
         b: Option<Self::Ref<'_>>,
         dims: LinearDims,
     ) -> Result<()>;
-    /// `dx = dy · w` (overwrites, skipped when `dx` is None), `d_w += dyᵀ · x`,
-    /// `d_b += Σ_rows dy` (`d_w`, `d_b` are Master).
+    /// `dx = dy · w` (overwrites, skipped when `dx` is None), `d_w (+)= dyᵀ · x`,
+    /// `d_b (+)= Σ_rows dy` (`d_w`, `d_b` are Grad; `+=` or `=` as `acc` says, also when N = 0).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -227,6 +274,7 @@ pub trait Backend {
         x: Self::Ref<'_>,
         w: Self::Ref<'_>,
         dims: LinearDims,
+        acc: GradWrite,
     ) -> Result<()>;
 
     /// RMSNorm: `rstd[t] = 1/√(mean(x[t]²) + eps)`, `y[t] = x[t] · rstd[t] · weight`.
@@ -257,7 +305,7 @@ pub trait Backend {
         eps: f32,
     ) -> Result<()>;
     /// RMSNorm backward: `dx += ∂L/∂x` (accumulates into the residual-stream gradient),
-    /// `d_weight += Σ_t dy[t] · x[t] · rstd[t]`.
+    /// `d_weight (+)= Σ_t dy[t] · x[t] · rstd[t]` (as `acc` says).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
@@ -269,6 +317,7 @@ pub trait Backend {
         rstd: Self::Ref<'_>,
         n: usize,
         d: usize,
+        acc: GradWrite,
     ) -> Result<()>;
 
     /// Rotary embedding in place, HF rotate-half convention: for head vector `x = [x1, x2]`
@@ -337,7 +386,8 @@ pub trait Backend {
     /// `loss += logsumexp(logits[t]) − logits[t][targets[t]]`. Adds the loss sum into
     /// `loss_sum[0]` (Master, one element). When `dx` is given: `dx[t] = grad_scale ·
     /// ∂loss_t/∂x[t]` (overwrites; zero for rows without a target) and
-    /// `d_w += grad_scale · Σ_t ∂loss_t/∂w`. `grad_scale` is 1 / (target tokens of the whole
+    /// `d_w (+)= grad_scale · Σ_t ∂loss_t/∂w` (as `acc` says; zero rows with a target and
+    /// `Overwrite` leave `d_w` zero). `grad_scale` is 1 / (target tokens of the whole
     /// optimizer step), which makes the loss token-weighted across micro-batches.
     #[allow(clippy::too_many_arguments)]
     fn lm_head_loss(
@@ -350,6 +400,7 @@ pub trait Backend {
         targets: &Self::Ints,
         dims: LinearDims,
         grad_scale: f32,
+        acc: GradWrite,
     ) -> Result<()>;
 
     /// One AdamW update over `n` parameters: `param` (Compute) is what the forward reads;

@@ -21,7 +21,7 @@ use std::io::Write;
 
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
-use nopad_backend::{AdamW, Backend, Kind, LinearDims, RopeDims};
+use nopad_backend::{AdamW, Backend, GradWrite, Kind, LinearDims, RopeDims};
 use nopad_rng::Rng;
 
 #[path = "cuda_ops/attention.rs"]
@@ -133,6 +133,25 @@ impl Env {
     /// A GPU buffer of `len` NaNs.
     fn poison(&self, len: usize, kind: Kind) -> CudaBuf {
         self.up(&vec![f32::NAN; len], kind)
+    }
+    /// Accumulate or Overwrite, drawn from the seed.
+    fn grad_write(&mut self) -> GradWrite {
+        if self.rng.uniform() < 0.5 {
+            GradWrite::Accumulate
+        } else {
+            GradWrite::Overwrite
+        }
+    }
+    /// Gradient buffers before an op: `w0`, `b0` when it accumulates, NaN when it overwrites
+    /// (whatever an overwrite finds must not leak into its result).
+    fn grads_before(&self, w0: &[f32], b0: &[f32], acc: GradWrite) -> (CudaBuf, CudaBuf) {
+        match acc {
+            GradWrite::Accumulate => (self.up(w0, Kind::Grad), self.up(b0, Kind::Grad)),
+            GradWrite::Overwrite => (
+                self.poison(w0.len(), Kind::Grad),
+                self.poison(b0.len(), Kind::Grad),
+            ),
+        }
     }
     fn down(&self, b: &CudaBuf) -> Vec<f32> {
         self.gpu.read(b, 0..self.gpu.buf_len(b)).expect("read")
@@ -313,8 +332,10 @@ fn linear_forward_backward() {
             let (dw0, db0) = (e.randn(d_out * d_in, 1.0), e.randn(d_out, 1.0));
             let gdy = e.up(&dy, Kind::Compute);
             let mut gdx = e.poison(n * d_in, Kind::Compute);
-            let mut gdw = e.up(&dw0, Kind::Grad);
-            let mut gdb = e.up(&db0, Kind::Grad);
+            // Accumulating onto random gradients, or overwriting NaN (either, by the seed).
+            let acc = e.grad_write();
+            let (mut gdw, mut gdb) = e.grads_before(&dw0, &db0, acc);
+            let tag = format!("{tag} {acc:?}");
             let gdbv = bias.then(|| gdb.as_mut());
             e.gpu
                 .linear_backward(
@@ -325,16 +346,19 @@ fn linear_forward_backward() {
                     gx.as_ref(),
                     gw.as_ref(),
                     dims,
+                    acc,
                 )
                 .unwrap();
             let (mut dx, mut dw, mut db) = (vec![0f32; n * d_in], dw0.clone(), db0.clone());
             let dbv = bias.then_some(&mut db[..]);
             e.cpu
-                .linear_backward(Some(&mut dx), &mut dw, dbv, &dy, &x, &w, dims)
+                .linear_backward(Some(&mut dx), &mut dw, dbv, &dy, &x, &w, dims, acc)
                 .unwrap();
             e.check(&format!("linear_bwd dx {tag}"), &e.down(&gdx), &dx, 1);
             e.check(&format!("linear_bwd dw {tag}"), &e.down(&gdw), &dw, e.gk());
-            e.check(&format!("linear_bwd db {tag}"), &e.down(&gdb), &db, e.gk());
+            if bias || acc == GradWrite::Accumulate {
+                e.check(&format!("linear_bwd db {tag}"), &e.down(&gdb), &db, e.gk());
+            }
         }
     }
 }
@@ -407,7 +431,9 @@ fn rmsnorm_forward_backward() {
             let (dy, dx0, dw0) = (e.randn(n * d, 1.0), e.randn(n * d, 1.0), e.randn(d, 1.0));
             let (gdy, grs) = (e.up(&dy, Kind::Compute), e.up(&rstd, Kind::Master));
             let mut gdx = e.up(&dx0, Kind::Compute);
-            let mut gdw = e.up(&dw0, Kind::Grad);
+            let acc = e.grad_write();
+            let (mut gdw, _) = e.grads_before(&dw0, &[], acc);
+            let tag = format!("{tag} {acc:?}");
             e.gpu
                 .rmsnorm_backward(
                     gdx.as_mut(),
@@ -418,11 +444,12 @@ fn rmsnorm_forward_backward() {
                     grs.as_ref(),
                     n,
                     d,
+                    acc,
                 )
                 .unwrap();
             let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
             e.cpu
-                .rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d)
+                .rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, acc)
                 .unwrap();
             e.check(&format!("rmsnorm_bwd dx(+=) {tag}"), &e.down(&gdx), &dx, 1);
             e.check(
@@ -534,7 +561,9 @@ fn lm_head_loss_forward_backward() {
             let gt = e.gpu.ints(&targets).unwrap();
             let mut gl = e.up(&l0, Kind::Master);
             let mut gdx = e.poison(n * d, Kind::Compute);
-            let mut gdw = e.up(&dw0, Kind::Grad);
+            let acc = e.grad_write();
+            let (mut gdw, _) = e.grads_before(&dw0, &[], acc);
+            let tag = format!("{tag} {acc:?}");
             e.gpu
                 .lm_head_loss(
                     gl.as_mut(),
@@ -545,6 +574,7 @@ fn lm_head_loss_forward_backward() {
                     &gt,
                     dims,
                     scale,
+                    acc,
                 )
                 .unwrap();
             let (mut l, mut dx, mut dw) = (l0.clone(), vec![0f32; n * d], dw0.clone());
@@ -558,6 +588,7 @@ fn lm_head_loss_forward_backward() {
                     &targets,
                     dims,
                     scale,
+                    acc,
                 )
                 .unwrap();
             e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
@@ -585,6 +616,7 @@ fn lm_head_loss_forward_backward() {
                     &gt,
                     dims,
                     scale,
+                    GradWrite::Accumulate,
                 )
                 .unwrap();
             e.check(&format!("lm_head loss-only {tag}"), &e.down(&gl), &l, 0);

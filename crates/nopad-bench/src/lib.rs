@@ -79,6 +79,8 @@ pub struct BenchConfig {
     pub profile_steps: u64,
     /// Recompute activations in the backward.
     pub recompute: nopad_model::Recompute,
+    /// Place gradients over dead activations when a step is one micro-batch.
+    pub grad_aliasing: bool,
 }
 
 /// What one strategy did.
@@ -90,6 +92,8 @@ pub struct StrategyResult {
     pub device: String,
     /// Activation recomputation mode (`none`, `mlp`, `mlp:K`, `full`).
     pub recompute: String,
+    /// Whether the gradients lay over dead activations (`Model::set_grad_aliasing`).
+    pub grad_aliasing: bool,
     /// Optimizer steps one epoch takes.
     pub steps_per_epoch: usize,
     /// Median real tokens/s over the timed steps.
@@ -190,6 +194,8 @@ pub fn run_strategy<B: Backend>(
 ) -> Result<StrategyResult> {
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
+    let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1;
+    model.set_grad_aliasing(b, aliasing)?;
     let pad_id = pad_token_id(&model.cfg);
     let pack = PackOptions {
         strategy,
@@ -265,6 +271,7 @@ pub fn run_strategy<B: Backend>(
         strategy: strategy.name().into(),
         device: b.describe(),
         recompute: cfg.recompute.to_string(),
+        grad_aliasing: aliasing,
         steps_per_epoch,
         tokens_per_s: median(&mut tok),
         target_tokens_per_s: median(&mut tgt),

@@ -134,8 +134,10 @@ pub fn markdown(results: &[StrategyResult]) -> String {
     let mut out = String::new();
     if let Some(r) = results.first() {
         out.push_str(&format!(
-            "Device: {}; recompute: {}.\n\n",
-            r.device, r.recompute
+            "Device: {}; recompute: {}; gradients over dead activations: {}.\n\n",
+            r.device,
+            r.recompute,
+            if r.grad_aliasing { "yes" } else { "no" }
         ));
     }
     out.push_str(&format!(

@@ -26,6 +26,7 @@ fn cfg() -> BenchConfig {
         peak_flops: 1e12,
         profile_steps: 1,
         recompute: nopad_model::Recompute::None,
+        grad_aliasing: true,
     }
 }
 

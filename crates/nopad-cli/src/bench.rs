@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// the backward) or full (keep only each layer's input); a bare --recompute means full.
     #[arg(long, default_value = "none", default_missing_value = "full", num_args = 0..=1)]
     pub recompute: nopad_model::Recompute,
+    /// Keep the parameter gradients in a buffer of their own (by default, with one micro-batch
+    /// per step, they lie over activations that are dead by the time each is written).
+    #[arg(long)]
+    pub no_grad_aliasing: bool,
     /// After the run, time this many more steps op by op and print the breakdown.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: u64,
@@ -204,6 +208,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         peak_flops: a.peak_tflops * 1e12,
         profile_steps: a.profile_steps,
         recompute: a.recompute,
+        grad_aliasing: !a.no_grad_aliasing,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.

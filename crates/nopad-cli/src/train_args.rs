@@ -148,6 +148,11 @@ pub struct TrainArgs {
     /// A bare --recompute means full.
     #[arg(long, num_args = 0..=1, default_missing_value = "full")]
     pub recompute: Option<nopad_model::Recompute>,
+    /// Keep the parameter gradients in a buffer of their own. By default a run with one
+    /// micro-batch per step places them over activations that are dead by the time each is
+    /// written (same results, less memory).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_grad_aliasing: Option<bool>,
     /// Never draw a progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_progress: Option<bool>,
@@ -219,6 +224,7 @@ impl TrainArgs {
             dtype,
             grad_dtype,
             recompute,
+            no_grad_aliasing,
             no_progress
         )
     }
@@ -358,6 +364,7 @@ impl TrainArgs {
         c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         c.progress = !a.no_progress.unwrap_or(false);
         c.recompute = a.recompute.unwrap_or_default();
+        c.grad_aliasing = !a.no_grad_aliasing.unwrap_or(false);
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
         let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
             .map_err(|e| anyhow::anyhow!("`dtype`: {e}"))?;

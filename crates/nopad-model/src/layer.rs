@@ -4,7 +4,7 @@
 //!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width.
 
-use nopad_backend::{AttnDims, Backend, LinearDims, RopeDims};
+use nopad_backend::{AttnDims, Backend, GradWrite, LinearDims, RopeDims};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -31,6 +31,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     /// `Recompute::Mlp` in this layer: the gate/up projections live in `Scratch::gu`, not in
     /// `LayerActs::gu`, and the backward recomputes them.
     pub mlp_recompute: bool,
+    /// How the backward writes parameter gradients (overwrite in a step's first micro-batch).
+    pub grad_write: GradWrite,
 }
 
 /// Saved activations of one layer, each `[cap, ·]`.
@@ -298,6 +300,7 @@ pub(crate) fn backward<B: Backend>(
             d_in: f,
             d_out: d,
         },
+        cx.grad_write,
     )?;
     prof.mark(b, "down_proj bwd")?;
     // In place: the gate/up projections become their gradient.
@@ -332,6 +335,7 @@ pub(crate) fn backward<B: Backend>(
             d_in: d,
             d_out: 2 * f,
         },
+        cx.grad_write,
     )?;
     prof.mark(b, "gate_up_proj bwd")?;
     b.rmsnorm_backward(
@@ -343,6 +347,7 @@ pub(crate) fn backward<B: Backend>(
         b.view(&la.rstd2, 0..n),
         n,
         d,
+        cx.grad_write,
     )?;
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
@@ -359,6 +364,7 @@ pub(crate) fn backward<B: Backend>(
             d_in: hd,
             d_out: d,
         },
+        cx.grad_write,
     )?;
     prof.mark(b, "o_proj bwd")?;
     b.attention_backward(
@@ -403,6 +409,7 @@ pub(crate) fn backward<B: Backend>(
             d_in: d,
             d_out: w,
         },
+        cx.grad_write,
     )?;
     prof.mark(b, "qkv_proj bwd")?;
     b.rmsnorm_backward(
@@ -414,6 +421,7 @@ pub(crate) fn backward<B: Backend>(
         b.view(&la.rstd1, 0..n),
         n,
         d,
+        cx.grad_write,
     )?;
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res[l].

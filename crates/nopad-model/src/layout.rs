@@ -6,6 +6,11 @@
 //!   gate and up of one `[2F, D]` matrix, so each is one GEMM. Their HF tensors are row ranges of it.
 //! - All weight matrices come first and all norms and biases after them, so AdamW's two groups
 //!   (with and without weight decay, as HF Trainer splits them) are two contiguous ranges.
+//! - The layers' matrices come first, in layer order, then the embedding and output head: the
+//!   model places the gradient buffer over activations (`Model::set_grad_aliasing`): layer `l`'s
+//!   gradients may cover only activations of the layers above `l` (dead by the time the backward
+//!   reaches `l`), so the lowest layer's come first; the head's gradient, written in the
+//!   forward, and the norms' lie above every activation.
 
 use std::ops::Range;
 
@@ -124,7 +129,6 @@ impl Layout {
             tensors: Vec::new(),
         };
         let p = |i: usize, s: &str| format!("model.layers.{i}.{s}");
-        let embed = a.take("model.embed_tokens.weight".into(), vec![v, d]);
         let mut mats = Vec::new();
         for i in 0..c.num_hidden_layers {
             let qkv_w = a.stacked(
@@ -146,6 +150,7 @@ impl Layout {
             let down_w = a.take(p(i, "mlp.down_proj.weight"), vec![d, f]);
             mats.push((qkv_w, o_w, gate_up_w, down_w));
         }
+        let embed = a.take("model.embed_tokens.weight".into(), vec![v, d]);
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {

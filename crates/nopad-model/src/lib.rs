@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+mod arena;
 pub mod config;
 mod error;
 mod layer;

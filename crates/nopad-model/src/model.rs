@@ -2,14 +2,22 @@
 //!
 //! Like llm.c there is no autograd: [`Model::forward`] saves the activations each layer's
 //! backward needs in named buffers ([`LayerActs`]), and [`Model::backward`] walks the layers in
-//! reverse, a page of code that reads line by line against the forward. Gradients of parameters
-//! accumulate in `grads` (so micro-batches of one optimizer step just add up); the caller zeroes
-//! them after each update.
+//! reverse, a page of code that reads line by line against the forward. The first micro-batch
+//! after [`Model::zero_grads`] *writes* the parameter gradients (no zeroing pass), the following
+//! ones add to them (so micro-batches of one optimizer step just add up).
+//!
+//! With [`Model::set_grad_aliasing`] (for steps of one micro-batch) the parameter gradients share
+//! memory with the saved activations ([`crate::arena`]): the backward writes layer `l`'s
+//! gradients when the activations of the layers above `l` are dead, so they may lie there.
 //!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
 
-use nopad_backend::{AttnDims, Backend, Kind, LinearDims};
+use std::ops::Range;
+
+use nopad_backend::{AttnDims, Backend, GradWrite, Kind, LinearDims};
+
+use crate::arena::{self, align_up};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
@@ -58,6 +66,18 @@ struct Uploaded<B: Backend> {
     attn: AttnDims,
 }
 
+/// What the gradient buffer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GradState {
+    /// Zero as far as anyone can tell: the buffer may hold anything, and the next training
+    /// forward and backward overwrite it instead of adding.
+    Zero,
+    /// A training forward wrote the output head's gradient this way; its backward has not run.
+    Pending(GradWrite),
+    /// The sum of the gradients of the micro-batches since [`Model::zero_grads`].
+    Written,
+}
+
 /// A Llama-family decoder on a backend.
 pub struct Model<B: Backend> {
     /// The configuration.
@@ -66,8 +86,12 @@ pub struct Model<B: Backend> {
     pub layout: Layout,
     /// `[P]` parameters as the forward reads them (Compute).
     pub params: B::Buf,
-    /// `[P]` accumulated gradients (Master).
-    pub grads: B::Buf,
+    /// `[P]` gradients (Grad); read them through [`Model::grads`]. Empty in an evaluation model
+    /// and, with aliasing, until the first forward allocates the activations.
+    pub(crate) grads: B::Buf,
+    grad_state: GradState,
+    has_grads: bool,
+    alias_grads: bool,
     inv_freq: B::Buf,
     loss_sum: B::Buf,
     acts: Option<Acts<B>>,
@@ -92,6 +116,7 @@ impl<B: Backend> Model<B> {
     fn build(b: &B, cfg: Config, grads: bool) -> Result<Self> {
         let layout = Layout::new(&cfg);
         let params = b.alloc(layout.total, Kind::Compute)?;
+        let has_grads = grads;
         let grads = b.alloc(if grads { layout.total } else { 0 }, Kind::Grad)?;
         let freqs = crate::rope::inv_freq(&cfg);
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
@@ -102,6 +127,9 @@ impl<B: Backend> Model<B> {
             layout,
             params,
             grads,
+            grad_state: GradState::Zero,
+            has_grads,
+            alias_grads: false,
             inv_freq,
             loss_sum,
             acts: None,
@@ -135,20 +163,93 @@ impl<B: Backend> Model<B> {
         Ok(b.write(&mut self.params, offset, vals)?)
     }
 
-    /// Sets every gradient to zero.
-    pub fn zero_grads(&mut self, b: &B) -> Result<()> {
-        self.check_grads(b)?;
-        let n = self.layout.total;
-        Ok(b.zero(b.view_mut(&mut self.grads, 0..n))?)
+    /// Places the parameter gradients over the saved activations of the layers whose backward
+    /// has finished by the time each gradient is written ([`crate::arena`]), which saves about
+    /// a layer's activations or gradients, whichever is smaller, per layer. Only for optimizer
+    /// steps of one micro-batch: a second training forward before [`Model::zero_grads`] would
+    /// write activations over the first one's gradients, so it is refused. Call between steps.
+    pub fn set_grad_aliasing(&mut self, b: &B, on: bool) -> Result<()> {
+        self.check_grads()?;
+        if on == self.alias_grads {
+            return Ok(());
+        }
+        if self.grad_state != GradState::Zero {
+            return Err(ModelError::Input(
+                "gradient aliasing can change only between optimizer steps".into(),
+            ));
+        }
+        self.alias_grads = on;
+        self.acts = None;
+        // With aliasing the activations' allocation brings the gradients along.
+        self.grads = b.alloc(if on { 0 } else { self.layout.total }, Kind::Grad)?;
+        Ok(())
     }
 
-    fn check_grads(&self, b: &B) -> Result<()> {
-        if b.buf_len(&self.grads) < self.layout.total {
+    /// Sets every gradient to zero: free, the next micro-batch's backward overwrites them.
+    pub fn zero_grads(&mut self, b: &B) -> Result<()> {
+        let _ = b;
+        self.check_grads()?;
+        self.grad_state = GradState::Zero;
+        Ok(())
+    }
+
+    /// `[P]` gradients of the micro-batches since [`Model::zero_grads`] (zeros if none ran).
+    pub fn grads(&mut self, b: &B) -> Result<&B::Buf> {
+        self.settle_grads(b)?;
+        Ok(&self.grads)
+    }
+
+    /// The parameters to update and their gradients, for the optimizer.
+    pub fn params_and_grads(&mut self, b: &B) -> Result<(&mut B::Buf, &B::Buf)> {
+        self.settle_grads(b)?;
+        Ok((&mut self.params, &self.grads))
+    }
+
+    /// Makes the buffer hold what [`Model::grads`] promises.
+    fn settle_grads(&mut self, b: &B) -> Result<()> {
+        self.check_grads()?;
+        match self.grad_state {
+            GradState::Written => Ok(()),
+            GradState::Pending(_) => Err(ModelError::Input(
+                "a training forward's backward has not run, so its gradients are incomplete".into(),
+            )),
+            GradState::Zero => {
+                let n = self.layout.total;
+                if b.buf_len(&self.grads) < n {
+                    // Aliasing before any forward: a buffer of its own until one runs.
+                    self.grads = b.alloc(n, Kind::Grad)?;
+                } else {
+                    b.zero(b.view_mut(&mut self.grads, 0..n))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn check_grads(&self) -> Result<()> {
+        if !self.has_grads {
             return Err(ModelError::Input(
                 "this model was built for evaluation (Model::new_eval) and has no gradients".into(),
             ));
         }
         Ok(())
+    }
+
+    /// How a forward may touch the gradients: `Some(how the head's gradient is written)` for a
+    /// training forward, `None` for evaluation; an error where it would lose gradients.
+    fn begin_forward(&self, train: bool) -> Result<Option<GradWrite>> {
+        let refuse = |why: &str| Err(ModelError::Input(why.into()));
+        match (self.grad_state, train) {
+            (GradState::Pending(_), _) => refuse(
+                "a forward while the previous training forward's backward has not run",
+            ),
+            (GradState::Written, _) if self.alias_grads => refuse(
+                "a forward would write activations over the gradients (gradient aliasing is for                  steps of one micro-batch): take the optimizer step and zero_grads first, or turn                  aliasing off for gradient accumulation",
+            ),
+            (_, false) => Ok(None),
+            (GradState::Zero, true) => Ok(Some(GradWrite::Overwrite)),
+            (GradState::Written, true) => Ok(Some(GradWrite::Accumulate)),
+        }
     }
 
     /// Returns the loss summed since the last call (over all target tokens of the forwards run)
@@ -160,11 +261,8 @@ impl<B: Backend> Model<B> {
     }
 
     fn ensure_acts(&mut self, b: &B, n: usize) -> Result<()> {
-        let slots = if self.recompute == Recompute::Full {
-            1
-        } else {
-            self.cfg.num_hidden_layers
-        };
+        let full = self.recompute == Recompute::Full;
+        let slots = if full { 1 } else { self.cfg.num_hidden_layers };
         if self
             .acts
             .as_ref()
@@ -172,56 +270,177 @@ impl<B: Backend> Model<B> {
         {
             return Ok(());
         }
+        if self.alias_grads && self.grad_state != GradState::Zero {
+            return Err(ModelError::Input(
+                "bug: aliased activations reallocated while gradients are live".into(),
+            ));
+        }
         // Exactly the tokens of the largest batch so far: the peak then counts no slack (a
-        // backend with a caching allocator makes the reallocation cheap).
+        // backend with a caching allocator makes the reallocation cheap). The old buffers go
+        // first, so that their memory can serve the new ones.
         let cap = n;
         self.acts = None;
+        if self.alias_grads {
+            self.grads = b.alloc(0, Kind::Grad)?;
+        }
         let c = &self.cfg;
         let (d, f, h) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
-        let (w, hd) = (c.qkv_width(), h * c.head_dim);
-        let act = |len: usize| b.alloc(cap * len, Kind::Compute);
-        let stat = |len: usize| b.alloc(cap * len, Kind::Master);
-        // With recomputation one layer's worth of saved activations serves every layer.
-        let slots = if self.recompute == Recompute::Full {
-            1
-        } else {
-            c.num_hidden_layers
-        };
+        let (w, hd, n_layers) = (c.qkv_width(), h * c.head_dim, c.num_hidden_layers);
+        let (big, stat) = (Kind::Compute, Kind::Master);
         let mode = self.recompute;
         let gu_len = |on: bool| if on { 2 * f } else { 0 };
+        // What one layer saves, in `LayerActs` field order.
+        let layer_parts = |l: usize| {
+            [
+                (cap, stat),
+                (cap * w, big),
+                (cap * hd, big),
+                (cap * h, stat),
+                (cap * d, big),
+                (cap, stat),
+                (cap * gu_len(!mode.mlp_in_layer(l)), big),
+            ]
+        };
+        // Slot l: res[l], then (unless one shared set serves every layer) the layer's parts.
+        let slot_parts: Vec<Vec<(usize, Kind)>> = (0..n_layers)
+            .map(|l| {
+                let mut v = vec![(cap * d, big)];
+                if !full {
+                    v.extend(layer_parts(l));
+                }
+                v
+            })
+            .collect();
+        let mut bufs = self.alloc_slots(b, &slot_parts)?.into_iter();
+        let mut res = Vec::with_capacity(n_layers + 1);
         let mut layers = Vec::with_capacity(slots);
-        for l in 0..slots {
+        let mut next = || bufs.next().expect("one buffer per part");
+        for _ in 0..n_layers {
+            res.push(next());
+            if !full {
+                layers.push(LayerActs {
+                    rstd1: next(),
+                    qkv: next(),
+                    att: next(),
+                    lse: next(),
+                    res_mid: next(),
+                    rstd2: next(),
+                    gu: next(),
+                });
+            }
+        }
+        let one = |len: usize, kind: Kind| b.alloc(len, kind);
+        if full {
+            let [r1, qkv, att, lse, rm, r2, gu] = layer_parts(0);
             layers.push(LayerActs {
-                rstd1: stat(1)?,
-                qkv: act(w)?,
-                att: act(hd)?,
-                lse: stat(h)?,
-                res_mid: act(d)?,
-                rstd2: stat(1)?,
-                gu: act(gu_len(!mode.mlp_in_layer(l)))?,
+                rstd1: one(r1.0, r1.1)?,
+                qkv: one(qkv.0, qkv.1)?,
+                att: one(att.0, att.1)?,
+                lse: one(lse.0, lse.1)?,
+                res_mid: one(rm.0, rm.1)?,
+                rstd2: one(r2.0, r2.1)?,
+                gu: one(gu.0, gu.1)?,
             });
         }
+        res.push(one(cap * d, big)?);
         self.acts = Some(Acts {
             cap,
-            res: (0..=c.num_hidden_layers)
-                .map(|_| act(d))
-                .collect::<std::result::Result<_, _>>()?,
+            res,
             layers,
-            hf: act(d)?,
-            rstdf: stat(1)?,
+            hf: one(cap * d, big)?,
+            rstdf: one(cap, stat)?,
             s: Scratch {
-                h: act(d)?,
-                a: act(f)?,
-                rstd_tmp: stat(1)?,
-                d_res: act(d)?,
-                d_h: act(d)?,
-                d_qkv: act(w)?,
-                d_att: act(hd)?,
-                d_a: act(f)?,
-                gu: act(gu_len(mode.mlp_in_layer(0)))?,
+                h: one(cap * d, big)?,
+                a: one(cap * f, big)?,
+                rstd_tmp: one(cap, stat)?,
+                d_res: one(cap * d, big)?,
+                d_h: one(cap * d, big)?,
+                d_qkv: one(cap * w, big)?,
+                d_att: one(cap * hd, big)?,
+                d_a: one(cap * f, big)?,
+                gu: one(cap * gu_len(mode.mlp_in_layer(0)), big)?,
             },
         });
         Ok(())
+    }
+
+    /// The per-layer slots' buffers, in order. With aliasing they come from one allocation that
+    /// also holds the gradients (which then replace `self.grads`); else each on its own.
+    fn alloc_slots(&mut self, b: &B, slots: &[Vec<(usize, Kind)>]) -> Result<Vec<B::Buf>> {
+        if !self.alias_grads {
+            return slots
+                .iter()
+                .flatten()
+                .map(|&(len, kind)| Ok(b.alloc(len, kind)?))
+                .collect();
+        }
+        // Offsets inside each slot, and the slot sizes.
+        let mut rel = Vec::new();
+        let mut sizes = Vec::new();
+        for parts in slots {
+            let mut at = 0;
+            let mut offs = Vec::new();
+            for &(len, kind) in parts {
+                offs.push(at);
+                at += align_up(len * b.kind_size(kind));
+            }
+            rel.push(offs);
+            sizes.push(at);
+        }
+        let g = b.kind_size(Kind::Grad);
+        let live = |l: usize| -> Vec<Range<usize>> {
+            self.grads_written_above(l)
+                .into_iter()
+                .map(|r| r.start * g..r.end * g)
+                .collect()
+        };
+        let limit: Vec<usize> = (0..slots.len())
+            .map(|l| {
+                live(l)
+                    .iter()
+                    .map(|r| r.start)
+                    .min()
+                    .unwrap_or(usize::MAX / 4)
+            })
+            .collect();
+        let total = self.layout.total;
+        let p = arena::place(&sizes, &limit, total * g);
+        if !arena::disjoint(&p, &sizes, live) {
+            return Err(ModelError::Input(format!(
+                "bug: activation slots overlap live gradients: {p:?}"
+            )));
+        }
+        let mut parts: Vec<(usize, usize, Kind)> = Vec::new();
+        for ((ps, offs), &start) in slots.iter().zip(&rel).zip(&p.slots) {
+            for (&(len, kind), &off) in ps.iter().zip(offs) {
+                parts.push((start + off, len, kind));
+            }
+        }
+        parts.push((p.grads, total, Kind::Grad));
+        let mut bufs = b.alloc_parts(p.bytes, &parts)?;
+        self.grads = bufs.pop().expect("the gradients' part");
+        Ok(bufs)
+    }
+
+    /// Element ranges of the gradients written while layer `l`'s activations are still to be
+    /// read: those of layers `l..`, the output head (written in the forward) and the final norm.
+    /// An untied embedding's is written after every layer's backward.
+    fn grads_written_above(&self, l: usize) -> Vec<Range<usize>> {
+        let lay = &self.layout;
+        let mut v = vec![lay.lm_head.clone(), lay.norm.clone()];
+        for lr in &lay.layers[l..] {
+            v.extend([
+                lr.qkv_w.clone(),
+                lr.o_w.clone(),
+                lr.gate_up_w.clone(),
+                lr.down_w.clone(),
+                lr.ln1.clone(),
+                lr.ln2.clone(),
+            ]);
+            v.extend(lr.qkv_b.clone());
+            v.extend(lr.o_b.clone());
+        }
+        v
     }
 
     fn upload(&self, b: &B, x: &Inputs<'_>) -> Result<Uploaded<B>> {
@@ -265,8 +484,9 @@ impl<B: Backend> Model<B> {
     /// [`Model::backward`] may follow; with `None` this is evaluation only.
     pub fn forward(&mut self, b: &B, x: &Inputs<'_>, grad_scale: Option<f32>) -> Result<()> {
         if grad_scale.is_some() {
-            self.check_grads(b)?;
+            self.check_grads()?;
         }
+        let head_write = self.begin_forward(grad_scale.is_some())?;
         let up = self.upload(b, x)?;
         let n = up.attn.n;
         self.ensure_acts(b, n)?;
@@ -297,6 +517,7 @@ impl<B: Backend> Model<B> {
             attn: up.attn,
             n,
             mlp_recompute: false,
+            grad_write: GradWrite::Accumulate,
         };
         let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate() {
@@ -348,20 +569,25 @@ impl<B: Backend> Model<B> {
             &up.targets,
             head,
             grad_scale.unwrap_or(0.0),
+            head_write.unwrap_or(GradWrite::Accumulate),
         )?;
         prof.mark(b, "lm_head_loss fwd")?;
         self.saved = grad_scale.map(|_| up);
+        if let Some(how) = head_write {
+            self.grad_state = GradState::Pending(how);
+        }
         Ok(())
     }
 
     /// Backward pass of the last training [`Model::forward`]: accumulates every parameter's
     /// gradient into `grads`.
     pub fn backward(&mut self, b: &B) -> Result<()> {
-        self.check_grads(b)?;
-        let up = self
-            .saved
-            .take()
-            .ok_or_else(|| ModelError::Input("backward without a training forward".into()))?;
+        self.check_grads()?;
+        let (GradState::Pending(acc), Some(up)) = (self.grad_state, self.saved.take()) else {
+            return Err(ModelError::Input(
+                "backward without a training forward".into(),
+            ));
+        };
         let n = up.attn.n;
         let c = &self.cfg;
         let d = c.hidden_size;
@@ -385,6 +611,7 @@ impl<B: Backend> Model<B> {
             b.view(&acts.rstdf, 0..n),
             n,
             d,
+            acc,
         )?;
         prof.mark(b, "rmsnorm bwd")?;
         let recompute = self.recompute == Recompute::Full;
@@ -398,6 +625,7 @@ impl<B: Backend> Model<B> {
             attn: up.attn,
             n,
             mlp_recompute: false,
+            grad_write: acc,
         };
         let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate().rev() {
@@ -420,6 +648,10 @@ impl<B: Backend> Model<B> {
             let la = &mut acts.layers[if recompute { 0 } else { l }];
             layer::backward(&cx, lr, la, &mut acts.s, g, &acts.res[l], prof)?;
         }
+        if acc == GradWrite::Overwrite && self.layout.embed != self.layout.lm_head {
+            // The embedding backward adds; untied, nothing wrote this step's embedding gradient.
+            b.zero(b.view_mut(g, self.layout.embed.clone()))?;
+        }
         b.embedding_backward(
             b.view_mut(g, self.layout.embed.clone()),
             b.view(&acts.s.d_res, nd.clone()),
@@ -428,6 +660,7 @@ impl<B: Backend> Model<B> {
             d,
         )?;
         prof.mark(b, "embedding bwd")?;
+        self.grad_state = GradState::Written;
         Ok(())
     }
 

@@ -149,7 +149,69 @@ fn loss_and_grads<T: Scalar>(
         m.backward(b).unwrap();
     }
     let loss = m.take_loss_sum(b).unwrap();
-    (loss, m.grads.iter().map(|v| v.to_f64()).collect())
+    (
+        loss,
+        m.grads(b).unwrap().iter().map(|v| v.to_f64()).collect(),
+    )
+}
+
+fn same_bits(a: &[f64], b: &[f64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+#[test]
+fn a_step_overwrites_stale_gradients_and_aliasing_refuses_a_second_micro_batch() {
+    use nopad_backend::Backend;
+    for tied in [false, true] {
+        let cfg = tiny(tied, true);
+        let mut rng = Rng::new(51);
+        let p = flatten(&examples(&mut rng, &[7, 12, 3], cfg.vocab_size));
+        let q = flatten(&examples(&mut rng, &[5, 9], cfg.vocab_size));
+        let b = Cpu::<f32>::new();
+        let mut m = model(&b, cfg.clone(), 52);
+        let (l0, g0) = loss_and_grads(&b, &mut m, &[&p], 0.1);
+        // What aliased activations leave in the buffer must not survive into a step.
+        let total = m.layout.total;
+        b.write(&mut m.grads, 0, &vec![f32::NAN; total]).unwrap();
+        let (l1, g1) = loss_and_grads(&b, &mut m, &[&p], 0.1);
+        assert!(l1 == l0 && same_bits(&g1, &g0), "tied={tied}");
+        // Aliased: the same numbers (the CPU backend places every part on its own).
+        m.zero_grads(&b).unwrap();
+        m.set_grad_aliasing(&b, true).unwrap();
+        let (l2, g2) = loss_and_grads(&b, &mut m, &[&p], 0.1);
+        assert!(l2 == l0 && same_bits(&g2, &g0), "tied={tied}");
+        // A second micro-batch, or any forward, would write over the gradients: refused.
+        for train in [Some(0.1), None] {
+            let err = m.forward(&b, &q.inputs(), train).unwrap_err().to_string();
+            assert!(err.contains("aliasing"), "{err}");
+        }
+        assert!(
+            m.set_grad_aliasing(&b, false).is_err(),
+            "only between steps"
+        );
+        m.zero_grads(&b).unwrap();
+        // Zeroed gradients read as zeros; a backward needs its forward.
+        assert!(m.grads(&b).unwrap().iter().all(|&v| v == 0.0));
+        assert!(m.backward(&b).is_err());
+        m.forward(&b, &q.inputs(), Some(0.1)).unwrap();
+        assert!(
+            m.grads(&b).is_err(),
+            "incomplete while the backward is pending"
+        );
+        assert!(m.forward(&b, &p.inputs(), Some(0.1)).is_err());
+        m.backward(&b).unwrap();
+        // Without aliasing, two micro-batches add up.
+        m.zero_grads(&b).unwrap();
+        m.set_grad_aliasing(&b, false).unwrap();
+        let (_, gq) = loss_and_grads(&b, &mut m, &[&q], 0.1);
+        let (_, gpq) = loss_and_grads(&b, &mut m, &[&p, &q], 0.1);
+        for ((s, a), c) in gpq.iter().zip(&g0).zip(&gq) {
+            assert!(
+                (s - (a + c)).abs() <= 1e-5 * (1.0 + s.abs()),
+                "{s} vs {a} + {c}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -33,8 +33,9 @@ use crate::identity::RunIdentity;
 use crate::optimizer::Optimizer;
 use crate::records::EvalRecord;
 
-/// Version of the checkpoint layout; resuming refuses any other.
-pub const FORMAT: u32 = 1;
+/// Version of the checkpoint layout; resuming refuses any other. 2: the optimizer moments follow
+/// the parameter order with the layers' matrices before the embedding (`nopad_model::Layout`).
+pub const FORMAT: u32 = 2;
 /// The marker written last into a checkpoint directory.
 pub const COMPLETE: &str = "COMPLETE";
 const STATE: &str = "trainer_state.json";

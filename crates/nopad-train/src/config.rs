@@ -111,6 +111,9 @@ pub struct TrainConfig {
     /// Activation recomputation in the backward (less memory, more compute); results are
     /// unchanged.
     pub recompute: nopad_model::Recompute,
+    /// With one micro-batch per step (`grad_accum` 1), place the parameter gradients over dead
+    /// activations (`Model::set_grad_aliasing`); results are unchanged.
+    pub grad_aliasing: bool,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
@@ -165,6 +168,7 @@ impl TrainConfig {
             stop_after: None,
             max_bad_steps: 10,
             recompute: nopad_model::Recompute::None,
+            grad_aliasing: true,
             progress: true,
             interrupt: None,
             nan_at_step: None,

@@ -79,12 +79,10 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// The global L2 norm of the accumulated gradients.
-    pub fn grad_norm(&self, b: &B, model: &Model<B>) -> Result<f64> {
-        Ok(b.sum_squares(
-            b.view(&model.grads, 0..model.layout.total),
-            model.layout.total,
-        )?
-        .sqrt())
+    pub fn grad_norm(&self, b: &B, model: &mut Model<B>) -> Result<f64> {
+        let n = model.layout.total;
+        let g = model.grads(b)?;
+        Ok(b.sum_squares(b.view(g, 0..n), n)?.sqrt())
     }
 
     /// Applies one update with learning rate `lr` (clipping by the global norm) unless the
@@ -105,6 +103,7 @@ impl<B: Backend> Optimizer<B> {
         self.step += 1;
         let split = model.layout.decay_end;
         let total = model.layout.total;
+        let (params, grads) = model.params_and_grads(b)?;
         for (range, wd) in [(0..split, self.cfg.weight_decay), (split..total, 0.0)] {
             if range.is_empty() {
                 continue;
@@ -120,9 +119,9 @@ impl<B: Backend> Optimizer<B> {
             };
             let n = range.len();
             b.adamw(
-                b.view_mut(&mut model.params, range.clone()),
+                b.view_mut(params, range.clone()),
                 self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
-                b.view(&model.grads, range.clone()),
+                b.view(grads, range.clone()),
                 b.view_mut(&mut self.m, range.clone()),
                 b.view_mut(&mut self.v, range.clone()),
                 n,

@@ -261,6 +261,7 @@ pub fn train<B: Backend>(
         }
     };
     model.set_recompute(tc.recompute);
+    model.set_grad_aliasing(b, tc.grad_aliasing && tc.grad_accum == 1)?;
     let model_dir = match &tc.model {
         ModelSource::Dir(d) => Some(d.as_path()),
         ModelSource::Preset(_) => None,

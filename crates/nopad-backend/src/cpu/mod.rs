@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::check;
-use crate::{AdamW, AttnDims, Backend, Kind, LinearDims, Result, RopeDims};
+use crate::{AdamW, AttnDims, Backend, GradWrite, Kind, LinearDims, Result, RopeDims};
 
 /// Rows handled by one task in row-parallel loops; fixed so that results never depend on the
 /// thread count.
@@ -101,6 +101,16 @@ macro_rules! impl_scalar {
 }
 impl_scalar!(f32);
 impl_scalar!(f64);
+
+/// Under [`GradWrite::Overwrite`], zeroes the first `n` elements of a gradient the op then
+/// accumulates into (exact: `0 + x = x`). A buffer shorter than `n` is left for the op's own
+/// length check to report.
+fn clear<T: Scalar>(g: Option<&mut [T]>, n: usize, acc: GradWrite) {
+    if let (Some(g), GradWrite::Overwrite) = (g, acc) {
+        let n = n.min(g.len());
+        g[..n].fill(T::ZERO);
+    }
+}
 
 /// Bytes held by live buffers, and the most ever held at once.
 #[derive(Default)]
@@ -203,6 +213,9 @@ impl<T: Scalar> Backend for Cpu<T> {
             data: vec![T::ZERO; len],
             mem: self.mem.clone(),
         })
+    }
+    fn kind_size(&self, _kind: Kind) -> usize {
+        std::mem::size_of::<T>()
     }
     fn buf_len(&self, buf: &CpuBuf<T>) -> usize {
         buf.len()
@@ -321,7 +334,12 @@ impl<T: Scalar> Backend for Cpu<T> {
         x: &[T],
         w: &[T],
         dims: LinearDims,
+        acc: GradWrite,
     ) -> Result<()> {
+        let (d_in, d_out) = (dims.d_in, dims.d_out);
+        clear(Some(&mut *d_w), d_out * d_in, acc);
+        let mut d_b = d_b;
+        clear(d_b.as_deref_mut(), d_out, acc);
         linear::linear_backward(dx, d_w, d_b, dy, x, w, dims)
     }
     fn rmsnorm_forward(
@@ -360,7 +378,9 @@ impl<T: Scalar> Backend for Cpu<T> {
         rstd: &[T],
         n: usize,
         d: usize,
+        acc: GradWrite,
     ) -> Result<()> {
+        clear(Some(&mut *d_weight), d, acc);
         layers::rmsnorm_backward(dx, d_weight, dy, x, weight, rstd, n, d)
     }
     fn rope_forward(
@@ -419,7 +439,10 @@ impl<T: Scalar> Backend for Cpu<T> {
         targets: &Vec<i32>,
         dims: LinearDims,
         grad_scale: f32,
+        acc: GradWrite,
     ) -> Result<()> {
+        let mut d_w = d_w;
+        clear(d_w.as_deref_mut(), dims.d_out * dims.d_in, acc);
         linear::lm_head_loss(loss_sum, dx, d_w, x, w, targets, dims, grad_scale)
     }
     fn adamw(

@@ -3,7 +3,7 @@
 //! far from anything a wrong formula could meet.
 
 use super::Cpu;
-use crate::{AdamW, AttnDims, Backend, LinearDims, RopeDims};
+use crate::{AdamW, AttnDims, Backend, GradWrite, LinearDims, RopeDims};
 use nopad_rng::Rng;
 
 type B = Cpu<f64>;
@@ -78,9 +78,33 @@ fn linear_matches_naive_and_finite_differences() {
         let mut dx = vec![f64::NAN; n * d_in];
         let mut dw = vec![0.5; d_out * d_in]; // accumulates on top of 0.5
         let mut db = vec![0.0; d_out];
-        b.linear_backward(Some(&mut dx), &mut dw, Some(&mut db), &r, &x, &w, dims)
-            .unwrap();
+        b.linear_backward(
+            Some(&mut dx),
+            &mut dw,
+            Some(&mut db),
+            &r,
+            &x,
+            &w,
+            dims,
+            GradWrite::Accumulate,
+        )
+        .unwrap();
         dw.iter_mut().for_each(|v| *v -= 0.5);
+        // Overwriting ignores what the gradients held (NaN here).
+        let (mut dw2, mut db2) = (vec![f64::NAN; d_out * d_in], vec![f64::NAN; d_out]);
+        b.linear_backward(
+            None,
+            &mut dw2,
+            Some(&mut db2),
+            &r,
+            &x,
+            &w,
+            dims,
+            GradWrite::Overwrite,
+        )
+        .unwrap();
+        close("linear dw overwrite", &dw2, &dw, 1e-12);
+        close("linear db overwrite", &db2, &db, 1e-12);
         fd_check("linear dx", &x, &dx, |x| dotv(&fwd(x, &w, &bias), &r));
         fd_check("linear dw", &w, &dw, |w| dotv(&fwd(&x, w, &bias), &r));
         fd_check("linear db", &bias, &db, |bb| dotv(&fwd(&x, &w, bb), &r));
@@ -111,8 +135,32 @@ fn rmsnorm_finite_differences_and_residual_accumulation() {
     let base = randn(&mut rng, n * d, 1.0);
     let mut dx = base.clone();
     let mut dw = vec![0.0; d];
-    b.rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rstd, n, d)
-        .unwrap();
+    b.rmsnorm_backward(
+        &mut dx,
+        &mut dw,
+        &r,
+        &x,
+        &w,
+        &rstd,
+        n,
+        d,
+        GradWrite::Accumulate,
+    )
+    .unwrap();
+    let mut dw2 = vec![f64::NAN; d];
+    b.rmsnorm_backward(
+        &mut base.clone(),
+        &mut dw2,
+        &r,
+        &x,
+        &w,
+        &rstd,
+        n,
+        d,
+        GradWrite::Overwrite,
+    )
+    .unwrap();
+    assert_eq!(dw2, dw, "an overwrite ignores the NaN it finds");
     let dx: Vec<f64> = dx.iter().zip(&base).map(|(a, b)| a - b).collect();
     fd_check("rmsnorm dx", &x, &dx, |x| dotv(&fwd(x, &w).0, &r));
     fd_check("rmsnorm dw", &w, &dw, |w| dotv(&fwd(&x, w).0, &r));
@@ -309,8 +357,18 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     let scale = 0.25f32;
     let loss = |x: &[f64], w: &[f64]| {
         let mut l = vec![0.0];
-        b.lm_head_loss(&mut l, None, None, x, w, &targets, dims, scale)
-            .unwrap();
+        b.lm_head_loss(
+            &mut l,
+            None,
+            None,
+            x,
+            w,
+            &targets,
+            dims,
+            scale,
+            GradWrite::Accumulate,
+        )
+        .unwrap();
         l[0]
     };
     let mut naive = 0.0;
@@ -338,8 +396,23 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
         &targets,
         dims,
         scale,
+        GradWrite::Accumulate,
     )
     .unwrap();
+    let mut dw2 = vec![f64::NAN; v * d];
+    b.lm_head_loss(
+        &mut [0.0],
+        None,
+        Some(&mut dw2),
+        &x,
+        &w,
+        &targets,
+        dims,
+        scale,
+        GradWrite::Overwrite,
+    )
+    .unwrap();
+    assert_eq!(dw2, dw, "an overwrite ignores the NaN it finds");
     assert!(
         (l[0] - 1.0 - naive).abs() < 1e-12,
         "loss accumulates into loss_sum"
@@ -352,7 +425,17 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     fd_check("lm_head dw", &w, &dw, |w| scale as f64 * loss(&x, w));
     let bad = vec![11, -100, 0, 0, 0, 0];
     let err = b
-        .lm_head_loss(&mut l, None, None, &x, &w, &bad, dims, 1.0)
+        .lm_head_loss(
+            &mut l,
+            None,
+            None,
+            &x,
+            &w,
+            &bad,
+            dims,
+            1.0,
+            GradWrite::Accumulate,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("target 11 at row 0"), "{err}");
 }

@@ -9,7 +9,9 @@ use cudarc::driver::result as cu;
 use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::error::check;
-use crate::{AdamW, AttnDims, Backend, BackendError, Kind, LinearDims, Result, RopeDims};
+use crate::{
+    AdamW, AttnDims, Backend, BackendError, GradWrite, Kind, LinearDims, Result, RopeDims,
+};
 
 impl Cuda {
     fn dtype_of(&self, kind: Kind) -> Dtype {
@@ -35,6 +37,22 @@ impl Backend for Cuda {
         let mut buf = self.scratch(len, self.dtype_of(kind))?;
         self.zero(buf.as_mut())?;
         Ok(buf)
+    }
+
+    fn kind_size(&self, kind: Kind) -> usize {
+        self.dtype_of(kind).size()
+    }
+
+    fn alloc_parts(&self, bytes: usize, parts: &[(usize, usize, Kind)]) -> Result<Vec<CudaBuf>> {
+        crate::check_parts(bytes, parts, |k| self.kind_size(k))?;
+        // One block of 16-bit words (any dtype's alignment holds at 256-byte offsets), zeroed.
+        let mut base = self.scratch(bytes.div_ceil(2), Dtype::U16)?;
+        self.zero(base.as_mut())?;
+        let base = std::sync::Arc::new(base);
+        Ok(parts
+            .iter()
+            .map(|&(off, len, kind)| CudaBuf::part(&base, off, len, self.dtype_of(kind)))
+            .collect())
     }
 
     fn buf_len(&self, buf: &CudaBuf) -> usize {
@@ -266,8 +284,9 @@ impl Backend for Cuda {
         x: CudaRef<'_>,
         w: CudaRef<'_>,
         dims: LinearDims,
+        acc: GradWrite,
     ) -> Result<()> {
-        self.linear_backward_impl(dx, d_w, d_b, dy, x, w, dims)
+        self.linear_backward_impl(dx, d_w, d_b, dy, x, w, dims, acc)
     }
 
     fn rmsnorm_forward(
@@ -307,8 +326,9 @@ impl Backend for Cuda {
         rstd: CudaRef<'_>,
         n: usize,
         d: usize,
+        acc: GradWrite,
     ) -> Result<()> {
-        self.rmsnorm_backward_impl(dx, d_weight, dy, x, weight, rstd, n, d)
+        self.rmsnorm_backward_impl(dx, d_weight, dy, x, weight, rstd, n, d, acc)
     }
 
     fn rope_forward(
@@ -373,8 +393,9 @@ impl Backend for Cuda {
         targets: &CudaInts,
         dims: LinearDims,
         grad_scale: f32,
+        acc: GradWrite,
     ) -> Result<()> {
-        self.lm_head_loss_impl(loss_sum, dx, d_w, x, w, targets, dims, grad_scale)
+        self.lm_head_loss_impl(loss_sum, dx, d_w, x, w, targets, dims, grad_scale, acc)
     }
 
     fn adamw(

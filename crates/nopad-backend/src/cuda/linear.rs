@@ -9,7 +9,7 @@ use super::blas::GemmSpec;
 use super::compile::{Launch, LINEAR, REDUCE};
 use super::elementwise::stride_launch;
 use super::{want, Cuda, CudaMut, CudaRef, Dtype};
-use crate::{LinearDims, Result};
+use crate::{GradWrite, LinearDims, Result};
 
 /// Mirrors `BiasParams` in linear.cu.
 #[repr(C)]
@@ -40,6 +40,7 @@ pub(crate) struct FinishParams {
     pub partial: u64,
     pub splits: i32,
     pub cols: i32,
+    pub accumulate: i32,
 }
 
 /// Row splits of a two-stage column reduction over `rows` rows: enough blocks to fill the GPU,
@@ -131,6 +132,7 @@ impl Cuda {
         d_in: usize,
         d_out: usize,
         alpha: f32,
+        acc: GradWrite,
     ) -> Result<()> {
         let spec = GemmSpec {
             m: d_in as u64,
@@ -143,7 +145,7 @@ impl Cuda {
             ldc: d_in as i64,
             ab: self.compute,
             c: self.grad,
-            accumulate: true,
+            accumulate: acc == GradWrite::Accumulate,
         };
         self.ctx
             .bind_to_thread()
@@ -200,6 +202,7 @@ impl Cuda {
         x: CudaRef<'_>,
         w: CudaRef<'_>,
         dims: LinearDims,
+        acc: GradWrite,
     ) -> Result<()> {
         let op = "linear_backward";
         let LinearDims { n, d_in, d_out } = dims;
@@ -215,6 +218,13 @@ impl Cuda {
         want(op, "x", &x, c, n * d_in)?;
         want(op, "w", &w, c, d_out * d_in)?;
         if n == 0 {
+            // Nothing to add; an overwrite still has to leave zeros.
+            if acc == GradWrite::Overwrite {
+                self.zero_raw(d_w.ptr, d_out * d_in, self.grad)?;
+                if let Some(d_b) = &d_b {
+                    self.zero_raw(d_b.ptr, d_out, self.grad)?;
+                }
+            }
             return Ok(());
         }
         if let Some(dx) = dx {
@@ -227,18 +237,24 @@ impl Cuda {
         }
         if d_in > 0 && d_out > 0 {
             // SAFETY: shapes checked above.
-            unsafe { self.gemm_dyt_x(d_w.ptr, dy.ptr, x.ptr, n, d_in, d_out, 1.0)? };
+            unsafe { self.gemm_dyt_x(d_w.ptr, dy.ptr, x.ptr, n, d_in, d_out, 1.0, acc)? };
         }
         if let Some(d_b) = d_b {
-            self.column_sum_into(d_b.ptr, dy.ptr, n, d_out)?;
+            self.column_sum_into(d_b.ptr, dy.ptr, n, d_out, acc)?;
         }
         Ok(())
     }
 
-    /// `out[c] += Σ_rows m[r, c]` for a Compute matrix `m: [rows, cols]`, `out` of the gradient
-    /// type; two
-    /// deterministic passes (row-split partials, then their sum).
-    fn column_sum_into(&self, out: u64, m: u64, rows: usize, cols: usize) -> Result<()> {
+    /// `out[c] (+)= Σ_rows m[r, c]` for a Compute matrix `m: [rows, cols]`, `out` of the gradient
+    /// type; two deterministic passes (row-split partials, then their sum).
+    fn column_sum_into(
+        &self,
+        out: u64,
+        m: u64,
+        rows: usize,
+        cols: usize,
+        acc: GradWrite,
+    ) -> Result<()> {
         if cols == 0 {
             return Ok(());
         }
@@ -258,22 +274,24 @@ impl Cuda {
         };
         // SAFETY: m holds rows·cols, partial splits·cols elements.
         unsafe { self.launch(REDUCE, self.compute, "colsum_partial", cfg, &p)? };
-        self.finish_partials(out, &partial, splits, cols)
+        self.finish_partials(out, &partial, splits, cols, acc)
     }
 
-    /// `out[c] += Σ_s partial[s, c]` (reduce.cu's `partials_finish`, fp32 throughout).
+    /// `out[c] (+)= Σ_s partial[s, c]` (reduce.cu's `partials_finish`, fp32 throughout).
     pub(crate) fn finish_partials(
         &self,
         out: u64,
         partial: &super::CudaBuf,
         splits: usize,
         cols: usize,
+        acc: GradWrite,
     ) -> Result<()> {
         let p = FinishParams {
             out,
             partial: partial.ptr,
             splits: splits as i32,
             cols: cols as i32,
+            accumulate: (acc == GradWrite::Accumulate) as i32,
         };
         // SAFETY: partial holds splits·cols and out cols fp32 values.
         unsafe {

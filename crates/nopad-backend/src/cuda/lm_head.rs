@@ -12,7 +12,7 @@ use super::compile::{Launch, LM_HEAD, REDUCE};
 use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::error::check;
 use crate::Backend;
-use crate::{BackendError, LinearDims, Result};
+use crate::{BackendError, GradWrite, LinearDims, Result};
 
 /// Default largest logits chunk, in elements (512 MiB of fp32, ~1k rows at V = 128k). Each chunk
 /// costs a read and a write of the fp32 `d_w` (1 GiB at V = 128k, D = 2048): on the H200, 256 MiB
@@ -62,8 +62,8 @@ fn per_row(rows: usize) -> Launch {
 }
 
 impl Cuda {
-    /// loss_sum: `[1]` fp32 (accumulated); dx: `[N, D]` Compute (overwritten); d_w: `[V, D]` fp32
-    /// (accumulated); x: `[N, D]`; w: `[V, D]` Compute; targets: `[N]` (-100 = no target).
+    /// loss_sum: `[1]` fp32 (accumulated); dx: `[N, D]` Compute (overwritten); d_w: `[V, D]` of
+    /// the gradient type (as `acc`); x: `[N, D]`; w: `[V, D]` Compute; targets: `[N]` (-100 = no target).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lm_head_loss_impl(
         &self,
@@ -75,6 +75,7 @@ impl Cuda {
         targets: &CudaInts,
         dims: LinearDims,
         grad_scale: f32,
+        acc: GradWrite,
     ) -> Result<()> {
         let op = "lm_head_loss";
         let LinearDims {
@@ -120,6 +121,9 @@ impl Cuda {
         }
         let m = rows.len();
         if m == 0 {
+            if let (Some(d_w), GradWrite::Overwrite) = (&d_w, acc) {
+                self.zero_raw(d_w.ptr, v * d, self.grad)?;
+            }
             return Ok(());
         }
         let grad = dx.is_some() || d_w.is_some();
@@ -152,7 +156,9 @@ impl Cuda {
         };
         let losses = self.scratch(m, Dtype::F32)?;
         let esz = c.size() as u64;
-        for r0 in (0..m).step_by(chunk) {
+        for (i, r0) in (0..m).step_by(chunk).enumerate() {
+            // The first chunk's d_w GEMM overwrites when asked to, the others add.
+            let acc = if i == 0 { acc } else { GradWrite::Accumulate };
             let rc = chunk.min(m - r0);
             let xc_r = xc.ptr + (r0 * d) as u64 * esz;
             // SAFETY: xc_r holds rc·d, w v·d and logits chunk·v elements.
@@ -175,7 +181,7 @@ impl Cuda {
                 }
                 if let Some(d_w) = &d_w {
                     // SAFETY: d_w holds v·d fp32, dl rc·v, xc_r rc·d elements.
-                    unsafe { self.gemm_dyt_x(d_w.ptr, dl.ptr, xc_r, rc, d, v, 1.0)? };
+                    unsafe { self.gemm_dyt_x(d_w.ptr, dl.ptr, xc_r, rc, d, v, 1.0, acc)? };
                 }
             }
         }

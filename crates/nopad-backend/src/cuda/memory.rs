@@ -173,13 +173,24 @@ impl Drop for Pool {
 }
 
 /// An owned device buffer of `len` elements of one [`Dtype`]; its block returns to the
-/// backend's pool when dropped.
+/// backend's pool when dropped (for a part of a shared allocation, when the last part is).
 pub struct CudaBuf {
     pub(crate) ptr: CUdeviceptr,
     pub(crate) len: usize,
     pub(crate) dtype: Dtype,
-    block: usize,
-    pool: Arc<Mutex<Pool>>,
+    owner: Owner,
+}
+
+/// Who gives a buffer's memory back.
+enum Owner {
+    /// A block of the pool, returned on drop.
+    Block {
+        block: usize,
+        pool: Arc<Mutex<Pool>>,
+    },
+    /// Part of a shared allocation (`Backend::alloc_parts`), kept alive by every part (the
+    /// field is held only for its `Drop`).
+    Part(#[allow(dead_code)] Arc<CudaBuf>),
 }
 
 impl std::fmt::Debug for CudaBuf {
@@ -203,9 +214,21 @@ impl CudaBuf {
             ptr,
             len,
             dtype,
-            block,
-            pool: pool.clone(),
+            owner: Owner::Block {
+                block,
+                pool: pool.clone(),
+            },
         })
+    }
+    /// `len` elements of `dtype` at `byte_offset` into a shared allocation; the caller checked
+    /// that they lie inside it.
+    pub(crate) fn part(base: &Arc<CudaBuf>, byte_offset: usize, len: usize, dtype: Dtype) -> Self {
+        CudaBuf {
+            ptr: base.ptr + byte_offset as u64,
+            len,
+            dtype,
+            owner: Owner::Part(base.clone()),
+        }
     }
     /// Element type.
     pub fn dtype(&self) -> Dtype {
@@ -233,8 +256,10 @@ impl CudaBuf {
 
 impl Drop for CudaBuf {
     fn drop(&mut self) {
-        if let Ok(mut pool) = self.pool.lock() {
-            pool.give(self.ptr, self.block, self.len * self.dtype.size());
+        if let Owner::Block { block, pool } = &self.owner {
+            if let Ok(mut pool) = pool.lock() {
+                pool.give(self.ptr, *block, self.len * self.dtype.size());
+            }
         }
     }
 }

@@ -2,8 +2,8 @@
 // - sum_squares: x [n] compute_t -> partial [gridDim.x] f64 (host adds the partials in f64).
 // - colsum_partial: dy [rows, cols] compute_t -> partial [splits, cols] f32, split s summing
 //   rows s*rows_per..; grid (ceil(cols/256), splits), block 256.
-// - partials_finish: out[c] += sum_s partial[s, c]; out [cols] of the gradient type; grid
-//   ceil(cols/32).
+// - partials_finish: out[c] (+)= sum_s partial[s, c] (accumulate != 0: +=, else =); out
+//   [cols] of the gradient type; grid ceil(cols/32).
 // - sum_into: out[0] += sum_i x[i]; x [n] f32; one block of 1024 threads.
 
 struct SumSquaresParams {
@@ -53,6 +53,7 @@ struct FinishParams {
     const float* partial;
     int splits;
     int cols;
+    int accumulate;
 };
 
 // Blocks of 256 threads = 32 columns x 8 groups of splits, each group summing every 8th split
@@ -79,7 +80,7 @@ extern "C" __global__ void KNAME(partials_finish)(const FinishParams p) {
         float acc = 0.f;
 #pragma unroll
         for (int k = 0; k < 8; ++k) acc += part[k][x];
-        p.out[c] = to_c(ld(p.out, c) + acc);
+        p.out[c] = to_c(p.accumulate ? ld(p.out, c) + acc : acc);
     }
 }
 

@@ -5,7 +5,7 @@ use super::compile::{Launch, RMSNORM};
 use super::elementwise::{v8_name, v8_ok};
 use super::linear::row_splits;
 use super::{want, Cuda, CudaMut, CudaRef, Dtype};
-use crate::Result;
+use crate::{GradWrite, Result};
 
 /// Mirrors `RmsnormParams` in rmsnorm.cu.
 #[repr(C)]
@@ -115,7 +115,7 @@ impl Cuda {
         }
     }
 
-    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` of the gradient type (accumulated);
+    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` of the gradient type (as `acc`);
     /// dy, x: `[n, d]`;
     /// weight: `[d]`; rstd: `[n]` fp32 from the forward.
     #[allow(clippy::too_many_arguments)]
@@ -129,6 +129,7 @@ impl Cuda {
         rstd: CudaRef<'_>,
         n: usize,
         d: usize,
+        acc: GradWrite,
     ) -> Result<()> {
         let op = "rmsnorm_backward";
         let c = self.compute;
@@ -139,6 +140,9 @@ impl Cuda {
         want(op, "weight", &weight, c, d)?;
         want(op, "rstd", &rstd, Dtype::F32, n)?;
         if n == 0 || d == 0 {
+            if acc == GradWrite::Overwrite {
+                self.zero_raw(d_weight.ptr, d, self.grad)?;
+            }
             return Ok(());
         }
         let (splits, rows_per) = row_splits(n);
@@ -172,6 +176,6 @@ impl Cuda {
             let dw = v8_name("rmsnorm_bwd_dw_partial", v8);
             self.launch(RMSNORM, c, &dw, cols, &p)?;
         }
-        self.finish_partials(d_weight.ptr, &partial, splits, d)
+        self.finish_partials(d_weight.ptr, &partial, splits, d, acc)
     }
 }

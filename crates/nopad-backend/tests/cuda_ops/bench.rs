@@ -5,7 +5,7 @@
 
 use super::say;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaOptions};
-use nopad_backend::{AdamW, AttnDims, Backend, Kind, LinearDims, RopeDims};
+use nopad_backend::{AdamW, AttnDims, Backend, GradWrite, Kind, LinearDims, RopeDims};
 
 /// Uniform values in [-s, s) from a fixed xorshift stream (fast enough for 10^8 elements).
 fn fill(n: usize, s: f32, seed: u64) -> Vec<f32> {
@@ -112,6 +112,7 @@ fn bench_llama_1b_shapes() {
                     g.view(&x, 0..n * d_in),
                     g.view(&w, 0..d_in * d_out),
                     dims,
+                    GradWrite::Accumulate,
                 )
             },
         );
@@ -175,6 +176,7 @@ fn bench_llama_1b_shapes() {
             g.view(&rstd, 0..n),
             n,
             d,
+            GradWrite::Accumulate,
         )
     });
     let inv = up(&g, dh / 2, 0.5, Kind::Master);
@@ -294,6 +296,7 @@ fn bench_llama_1b_shapes() {
                     &gt,
                     dims,
                     1e-4,
+                    GradWrite::Accumulate,
                 )
             },
         );

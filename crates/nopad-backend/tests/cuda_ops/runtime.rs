@@ -3,7 +3,7 @@
 
 use super::{envs, say, Env};
 use nopad_backend::cuda::{probe, Cuda, CudaOptions};
-use nopad_backend::{Backend, Kind, LinearDims};
+use nopad_backend::{Backend, GradWrite, Kind, LinearDims};
 
 #[test]
 fn steady_state_allocates_nothing_new() {
@@ -31,6 +31,7 @@ fn steady_state_allocates_nothing_new() {
                     gx.as_ref(),
                     gw.as_ref(),
                     dims,
+                    GradWrite::Accumulate,
                 )
                 .unwrap();
             e.gpu.synchronize().unwrap();
