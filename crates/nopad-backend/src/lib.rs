@@ -217,6 +217,12 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// Most bytes held by live buffers at once so far (like `torch.cuda.max_memory_allocated`).
     fn peak_memory(&self) -> usize;
+    /// Gives the free blocks a caching allocator holds back to the device (after the queued
+    /// work finishes). The model calls it when its activations grow: the old, smaller blocks
+    /// would otherwise stay reserved, as no larger request can use them. A no-op by default.
+    fn release_cached(&self) -> Result<()> {
+        Ok(())
+    }
     /// Most bytes reserved from the device at once, cached free blocks included (like
     /// `torch.cuda.max_memory_reserved`); backends without a cache report [`Backend::peak_memory`].
     fn peak_reserved_memory(&self) -> usize {

@@ -13,7 +13,9 @@ use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{Example, LoadOptions, Strategy};
 use nopad_train::ModelSource;
 
-use crate::device::{parse_dtype, parse_grad_dtype, run_on, DeviceChoice, Job, Precision};
+use crate::device::{
+    parse_dtype, parse_grad_dtype, run_on, DeviceChoice, GradDtype, Job, Precision,
+};
 
 /// What `nopad bench` measures.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,10 +80,11 @@ pub struct BenchArgs {
     /// Compute type on CUDA: bf16 or f32.
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     pub dtype: CudaDtype,
-    /// Parameter gradients on CUDA in bf16 mode: f32 or bf16 (2 bytes per parameter less; each
-    /// GEMM accumulates in fp32 and rounds once per write).
-    #[arg(long = "grad-dtype", default_value = "f32", value_parser = parse_grad_dtype, action = clap::ArgAction::Set)]
-    pub bf16_grads: bool,
+    /// Parameter gradients on CUDA in bf16 mode: auto (bf16 when a step is one micro-batch,
+    /// else f32), f32 or bf16 (2 bytes per parameter less; each GEMM accumulates in fp32 and
+    /// rounds once per write).
+    #[arg(long = "grad-dtype", default_value = "auto", value_parser = parse_grad_dtype)]
+    pub grad_dtype: GradDtype,
     /// Peak dense TFLOP/s for MFU (default: the bf16 GEMM ceiling measured on the H200).
     #[arg(long, default_value_t = 790.0)]
     pub peak_tflops: f64,
@@ -226,10 +229,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         // A fresh backend per strategy, so peak memory is each strategy's own.
         results.push(run_on(
             a.device,
-            Precision {
-                dtype: a.dtype,
-                bf16_grads: a.bf16_grads,
-            },
+            Precision::with_grads(a.dtype, a.grad_dtype, a.grad_accum),
             StrategyJob {
                 cfg: &cfg,
                 strategy: s,

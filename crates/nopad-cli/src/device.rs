@@ -38,13 +38,26 @@ pub fn parse_dtype(s: &str) -> std::result::Result<CudaDtype, String> {
     }
 }
 
-/// Parses `--grad-dtype` into whether gradients are bf16.
-pub fn parse_grad_dtype(s: &str) -> std::result::Result<bool, String> {
+/// `--grad-dtype`: the element type of parameter gradients on CUDA in bf16 mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradDtype {
+    /// bf16 when a step is one micro-batch (the gradient is then rounded once, as it is
+    /// written), f32 under gradient accumulation (where bf16 would round at every micro-batch).
+    Auto,
+    /// Always f32.
+    F32,
+    /// Always bf16.
+    Bf16,
+}
+
+/// Parses `--grad-dtype`.
+pub fn parse_grad_dtype(s: &str) -> std::result::Result<GradDtype, String> {
     match s {
-        "f32" => Ok(false),
-        "bf16" => Ok(true),
+        "auto" => Ok(GradDtype::Auto),
+        "f32" => Ok(GradDtype::F32),
+        "bf16" => Ok(GradDtype::Bf16),
         _ => Err(format!(
-            "unknown gradient dtype `{s}` (expected f32 or bf16)"
+            "unknown gradient dtype `{s}` (expected auto, f32 or bf16)"
         )),
     }
 }
@@ -65,6 +78,16 @@ impl Precision {
             dtype,
             bf16_grads: false,
         }
+    }
+
+    /// `dtype` with gradients as `--grad-dtype` asks for `grad_accum` micro-batches per step.
+    pub fn with_grads(dtype: CudaDtype, grads: GradDtype, grad_accum: usize) -> Self {
+        let bf16_grads = match grads {
+            GradDtype::Auto => dtype == CudaDtype::Bf16 && grad_accum == 1,
+            GradDtype::F32 => false,
+            GradDtype::Bf16 => true,
+        };
+        Precision { dtype, bf16_grads }
     }
 }
 
@@ -89,12 +112,7 @@ fn cuda(p: Precision) -> Result<Cuda> {
 
 /// Runs `job` on the backend `choice` selects.
 pub fn run_on<J: Job>(choice: DeviceChoice, prec: Precision, job: J) -> Result<J::Out> {
-    let cpu = |job: J| {
-        if prec.bf16_grads {
-            eprintln!("nopad: --grad-dtype bf16 applies to CUDA only; the CPU keeps f32 gradients");
-        }
-        job.run(&Cpu::<f32>::new())
-    };
+    let cpu = |job: J| job.run(&Cpu::<f32>::new());
     match choice {
         DeviceChoice::Cpu => cpu(job),
         DeviceChoice::Cuda => job.run(&cuda(prec)?),
@@ -105,5 +123,24 @@ pub fn run_on<J: Job>(choice: DeviceChoice, prec: Precision, job: J) -> Result<J
                 cpu(job)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_gradients_are_bf16_only_for_one_micro_batch_in_bf16_mode() {
+        let bf16 = |dtype, g, accum| Precision::with_grads(dtype, g, accum).bf16_grads;
+        assert!(bf16(CudaDtype::Bf16, GradDtype::Auto, 1));
+        assert!(!bf16(CudaDtype::Bf16, GradDtype::Auto, 2));
+        assert!(!bf16(CudaDtype::F32, GradDtype::Auto, 1));
+        assert!(bf16(CudaDtype::Bf16, GradDtype::Bf16, 4));
+        assert!(!bf16(CudaDtype::Bf16, GradDtype::F32, 1));
+        assert_eq!(parse_grad_dtype("auto"), Ok(GradDtype::Auto));
+        assert!(parse_grad_dtype("f16")
+            .unwrap_err()
+            .contains("auto, f32 or bf16"));
     }
 }

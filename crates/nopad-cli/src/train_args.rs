@@ -138,8 +138,9 @@ pub struct TrainArgs {
     /// Compute type on CUDA: bf16 (mixed precision, fp32 master weights) or f32.
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Parameter gradients on CUDA in bf16 mode: f32 (default) or bf16 (2 bytes per parameter
-    /// less; each GEMM accumulates in fp32 and rounds once per micro-batch).
+    /// Parameter gradients on CUDA in bf16 mode: auto (default: bf16 when a step is one
+    /// micro-batch, so each gradient is rounded once, as it is written; f32 under gradient
+    /// accumulation, where bf16 would round at every micro-batch), f32 or bf16.
     #[arg(long)]
     pub grad_dtype: Option<String>,
     /// Activation recomputation in the backward: none, mlp (drop the gate/up projections, two
@@ -368,9 +369,10 @@ impl TrainArgs {
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
         let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
             .map_err(|e| anyhow::anyhow!("`dtype`: {e}"))?;
-        let bf16_grads = parse_grad_dtype(a.grad_dtype.as_deref().unwrap_or("f32"))
+        let grads = parse_grad_dtype(a.grad_dtype.as_deref().unwrap_or("auto"))
             .map_err(|e| anyhow::anyhow!("`grad-dtype`: {e}"))?;
-        Ok((c, device, Precision { dtype, bf16_grads }))
+        let prec = Precision::with_grads(dtype, grads, c.grad_accum);
+        Ok((c, device, prec))
     }
 }
 

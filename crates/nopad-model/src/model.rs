@@ -279,9 +279,15 @@ impl<B: Backend> Model<B> {
         // backend with a caching allocator makes the reallocation cheap). The old buffers go
         // first, so that their memory can serve the new ones.
         let cap = n;
+        let grow = self.acts.is_some();
         self.acts = None;
         if self.alias_grads {
             self.grads = b.alloc(0, Kind::Grad)?;
+        }
+        if grow {
+            // No larger request can reuse the smaller blocks just freed: give them back rather
+            // than keep them reserved (a few times per run, as the largest batch grows).
+            b.release_cached()?;
         }
         let c = &self.cfg;
         let (d, f, h) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);

@@ -223,6 +223,13 @@ impl Backend for Cuda {
             .peak()
     }
 
+    fn release_cached(&self) -> Result<()> {
+        self.pool
+            .lock()
+            .expect("pool mutex poisoned by a panic in another thread")
+            .trim()
+    }
+
     fn peak_reserved_memory(&self) -> usize {
         self.pool
             .lock()

@@ -86,10 +86,12 @@ impl Cuda {
         self.blas.gemm(spec, 1.0, w, x, y, self.raw_stream())
     }
 
-    /// `dx[rows, in] = dy[rows, out] · w[out, in]` (Compute output).
+    /// `dx[rows, in] = dy[rows, out] · w[out, in]` (Compute output); `dy`'s rows are `ld_dy`
+    /// elements apart (`d_out` when packed).
     ///
     /// # Safety
     /// As [`Cuda::gemm_x_wt`].
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_dy_w(
         &self,
         dx: u64,
@@ -98,6 +100,7 @@ impl Cuda {
         rows: usize,
         d_in: usize,
         d_out: usize,
+        ld_dy: usize,
     ) -> Result<()> {
         let spec = GemmSpec {
             m: d_in as u64,
@@ -106,7 +109,7 @@ impl Cuda {
             trans_a: false,
             trans_b: false,
             lda: d_in as i64,
-            ldb: d_out as i64,
+            ldb: ld_dy as i64,
             ldc: d_in as i64,
             ab: self.compute,
             c: self.compute,
@@ -118,7 +121,8 @@ impl Cuda {
         self.blas.gemm(spec, 1.0, w, dy, dx, self.raw_stream())
     }
 
-    /// `d_w[out, in] += alpha · dy[rows, out]ᵀ · x[rows, in]` (`d_w` of the gradient type).
+    /// `d_w[out, in] (+)= alpha · dy[rows, out]ᵀ · x[rows, in]` (`d_w` of the gradient type;
+    /// `dy`'s rows `ld_dy` elements apart).
     ///
     /// # Safety
     /// As [`Cuda::gemm_x_wt`].
@@ -131,6 +135,7 @@ impl Cuda {
         rows: usize,
         d_in: usize,
         d_out: usize,
+        ld_dy: usize,
         alpha: f32,
         acc: GradWrite,
     ) -> Result<()> {
@@ -141,7 +146,7 @@ impl Cuda {
             trans_a: false,
             trans_b: true,
             lda: d_in as i64,
-            ldb: d_out as i64,
+            ldb: ld_dy as i64,
             ldc: d_in as i64,
             ab: self.compute,
             c: self.grad,
@@ -232,12 +237,12 @@ impl Cuda {
                 self.zero_raw(dx.ptr, n * d_in, c)?;
             } else if d_in > 0 {
                 // SAFETY: shapes checked above.
-                unsafe { self.gemm_dy_w(dx.ptr, dy.ptr, w.ptr, n, d_in, d_out)? };
+                unsafe { self.gemm_dy_w(dx.ptr, dy.ptr, w.ptr, n, d_in, d_out, d_out)? };
             }
         }
         if d_in > 0 && d_out > 0 {
             // SAFETY: shapes checked above.
-            unsafe { self.gemm_dyt_x(d_w.ptr, dy.ptr, x.ptr, n, d_in, d_out, 1.0, acc)? };
+            unsafe { self.gemm_dyt_x(d_w.ptr, dy.ptr, x.ptr, n, d_in, d_out, d_out, 1.0, acc)? };
         }
         if let Some(d_b) = d_b {
             self.column_sum_into(d_b.ptr, dy.ptr, n, d_out, acc)?;

@@ -3,9 +3,10 @@
 //!
 //! Rows whose target is -100 are dropped on the host (prompt rows are often half the tokens):
 //! the target rows are gathered into a compact `xc: [M, D]`, and per chunk of rows:
-//! logits `[C, V]` fp32 = xc · wᵀ (cuBLASLt) → `cross_entropy` (loss per row, dlogits in place of
-//! nothing: a separate Compute `[C, V]` buffer, as the backward GEMMs need Compute inputs) →
-//! `dxc = dlogits · w` and `d_w += dlogitsᵀ · xc`. Finally `dx` is zeroed and the `dxc` rows
+//! logits `[C, V]` fp32 = xc · wᵀ (cuBLASLt) → `cross_entropy` (loss per row in one pass over
+//! the logits; dlogits in Compute type written over each row's own logits, so the backward
+//! GEMMs read a Compute matrix whose rows are `4·V / size` elements apart and no second
+//! `[C, V]` buffer exists) → `dxc = dlogits · w` and `d_w (+)= dlogitsᵀ · xc`. Finally `dx` is zeroed and the `dxc` rows
 //! scattered back, and the per-row losses are summed in a fixed order into `loss_sum[0]`.
 
 use super::compile::{Launch, LM_HEAD, REDUCE};
@@ -15,9 +16,9 @@ use crate::Backend;
 use crate::{BackendError, GradWrite, LinearDims, Result};
 
 /// Default largest logits chunk, in elements (512 MiB of fp32, ~1k rows at V = 128k). Each chunk
-/// costs a read and a write of the fp32 `d_w` (1 GiB at V = 128k, D = 2048): on the H200, 256 MiB
-/// chunks made the head 2.6 ms slower per 2.9k target rows than 1 GiB ones, which hold 0.75 GiB
-/// more (the chunk and its bf16 copy).
+/// costs a read and a write of `d_w` (1 GiB in fp32 at V = 128k, D = 2048): on the H200, 256 MiB
+/// chunks made the head 2.6 ms slower per 2.9k target rows than 1 GiB ones, which held 0.75 GiB
+/// more (the chunk and, then, a separate bf16 copy for the dlogits).
 pub(crate) const CHUNK_ELEMS: usize = 1 << 27;
 /// Largest chunk, in rows.
 const CHUNK_ROWS: usize = 8192;
@@ -37,10 +38,10 @@ struct RowsParams {
 #[derive(Clone, Copy)]
 struct CrossEntropyParams {
     logits: u64,
-    dlogits: u64,
     loss: u64,
     targets: u64,
     v: i32,
+    grad: i32,
     grad_scale: f32,
 }
 
@@ -144,11 +145,8 @@ impl Cuda {
         let max_rows = (self.lm_head_chunk_elems / v).clamp(1, CHUNK_ROWS);
         let chunk = m.div_ceil(m.div_ceil(max_rows));
         let logits = self.scratch(chunk * v, Dtype::F32)?;
-        let dlogits = if grad {
-            Some(self.scratch(chunk * v, c)?)
-        } else {
-            None
-        };
+        // dlogits (Compute) overwrite the logits in place, row by row: `ld` elements apart.
+        let ld = v * 4 / c.size();
         let dxc = if dx.is_some() {
             Some(self.scratch(m * d, c)?)
         } else {
@@ -165,23 +163,24 @@ impl Cuda {
             unsafe { self.gemm_x_wt(logits.ptr, xc_r, w.ptr, rc, d, v, Dtype::F32)? };
             let ce = CrossEntropyParams {
                 logits: logits.ptr,
-                dlogits: dlogits.as_ref().map_or(0, |b| b.ptr),
                 loss: losses.ptr + (r0 * 4) as u64,
                 targets: tgt_dev.dev.ptr + (r0 * 4) as u64,
                 v: v as i32,
+                grad: grad as i32,
                 grad_scale,
             };
             // SAFETY: one block per chunk row; targets are in [0, v).
             unsafe { self.launch(LM_HEAD, c, "cross_entropy", per_row(rc), &ce)? };
-            if let Some(dl) = &dlogits {
+            if grad {
+                let dl = logits.ptr;
                 if let Some(dxc) = &dxc {
                     let dxc_r = dxc.ptr + (r0 * d) as u64 * esz;
-                    // SAFETY: dl holds rc·v, dxc_r rc·d elements.
-                    unsafe { self.gemm_dy_w(dxc_r, dl.ptr, w.ptr, rc, d, v)? };
+                    // SAFETY: dl holds rc rows of v elements, ld apart; dxc_r rc·d elements.
+                    unsafe { self.gemm_dy_w(dxc_r, dl, w.ptr, rc, d, v, ld)? };
                 }
                 if let Some(d_w) = &d_w {
-                    // SAFETY: d_w holds v·d fp32, dl rc·v, xc_r rc·d elements.
-                    unsafe { self.gemm_dyt_x(d_w.ptr, dl.ptr, xc_r, rc, d, v, 1.0, acc)? };
+                    // SAFETY: d_w holds v·d, dl rc rows ld apart, xc_r rc·d elements.
+                    unsafe { self.gemm_dyt_x(d_w.ptr, dl, xc_r, rc, d, v, ld, 1.0, acc)? };
                 }
             }
         }

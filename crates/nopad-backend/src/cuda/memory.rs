@@ -150,6 +150,17 @@ impl Pool {
         self.free.entry(size).or_default().push(ptr);
     }
 
+    /// Waits for the stream's work, then gives every cached block back to the driver.
+    pub(crate) fn trim(&mut self) -> Result<()> {
+        let dev = |e: cu::DriverError| BackendError::Device {
+            op: "release cached blocks".into(),
+            msg: e.to_string(),
+        };
+        self.ctx.bind_to_thread().map_err(dev)?;
+        self.ctx.synchronize().map_err(dev)?;
+        self.release_cached().map_err(dev)
+    }
+
     fn release_cached(&mut self) -> std::result::Result<(), cu::DriverError> {
         for (size, ptrs) in std::mem::take(&mut self.free) {
             for p in ptrs {
