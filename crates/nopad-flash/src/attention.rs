@@ -40,6 +40,7 @@ struct PerDim {
     prep: CudaFunction,
     dkdv: CudaFunction,
     dkdv_dq: CudaFunction,
+    dkdv_dq_w: CudaFunction,
     dq: CudaFunction,
     convert: CudaFunction,
     s_fwd: CudaFunction,
@@ -51,14 +52,14 @@ struct PerDim {
 /// Query rows per forward tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardTiles {
-    /// 64 rows, 16 per warp, 4 (Dh 64) or 3 (Dh 128) CTAs per SM; skips the MMAs of masked
-    /// 16-key blocks (diagonal, packed and partial tiles).
+    /// 64 rows, 16 per warp, 4 CTAs per SM (128 registers); skips masked 16-key blocks.
     Narrow,
-    /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs per
-    /// SM; no block skipping. The faster one on long sequences at Dh 128 (crate README, run 4a).
+    /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs
+    /// per SM (255 / 228 registers, no spills); no block skipping.
     Wide,
-    /// At Dh 128, `Wide` for the sequences of at least `plan::AUTO_WIDE_MIN` tokens and `Narrow`
-    /// for the rest (two launches); at Dh 64, `Narrow` (measured faster there).
+    /// The measured best (run 4a, crate README): at Dh 128 `Wide` for the sequences of at
+    /// least `plan::AUTO_WIDE_MIN` tokens and `Narrow` for the rest (two launches); at Dh 64
+    /// `Narrow` everywhere.
     Auto,
 }
 
@@ -86,6 +87,10 @@ pub struct FlashAttention {
 
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
     6 * TILE * dh * 2 + 4 * TILE * 4 + if atomic { TILE * TILE * 2 } else { 0 }
+}
+/// The 128-key atomic kernel: K, V [128][Dh] + Q, dO [2][64][Dh] bf16, lse2/D, dS [128][64].
+fn smem_dkdv_wide(dh: usize) -> usize {
+    (2 * 128 + 4 * TILE) * dh * 2 + 4 * TILE * 4 + 128 * TILE * 2
 }
 /// Q [BR][Dh] + K, V [BC][Dh] bf16 (fwd.cu: BR = 64 or 128, BC = 64).
 fn smem_fwd(dh: usize, wide: bool) -> usize {
@@ -128,6 +133,7 @@ impl FlashAttention {
                 prep: get(&bwd, format!("flash_bwd_prep_{dh}"))?,
                 dkdv: get(&bwd, format!("flash_bwd_dkdv_{dh}"))?,
                 dkdv_dq: get(&bwd, format!("flash_bwd_dkdv_dq_{dh}"))?,
+                dkdv_dq_w: get(&bwd, format!("flash_bwd_dkdv_dq_w_{dh}"))?,
                 dq: get(&bwd, format!("flash_bwd_dq_{dh}"))?,
                 convert: get(&bwd, format!("flash_bwd_convert_{dh}"))?,
                 s_fwd: get(&simple, format!("flash_simple_fwd_{dh}"))?,
@@ -148,6 +154,9 @@ impl FlashAttention {
             p.dkdv_dq
                 .set_attribute(attr, smem_dkdv(dh, true) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dkdv_dq_{dh}")))?;
+            p.dkdv_dq_w
+                .set_attribute(attr, smem_dkdv_wide(dh) as i32)
+                .map_err(driver(format!("raising smem of flash_bwd_dkdv_dq_w_{dh}")))?;
             p.dq.set_attribute(attr, smem_dq(dh) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
             Ok(p)
@@ -450,7 +459,6 @@ impl FlashAttention {
             workspace + lay.dqacc as u64
         };
         let grid_q = (q_tiles * dims.n_heads) as u32;
-        let grid_kv = (plan.kv_tiles.len() * dims.n_kv_heads) as u32;
         let cfg = |grid: u32, block: u32, smem: usize| LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (block, 1, 1),
@@ -472,24 +480,57 @@ impl FlashAttention {
                 b.launch(cfg(grid_q, 256, 0))
                     .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
 
-                let (dkdv, name) = if deterministic {
-                    (&f.dkdv, "flash_bwd_dkdv")
+                // (kernel, name, key-tile list, tiles, threads, smem): the deterministic
+                // backward runs every 64-key tile with 4 warps; the atomic one runs long
+                // sequences with the 128-key, 8-warp kernel and the rest with 64-key tiles.
+                let lists = if deterministic {
+                    vec![(
+                        &f.dkdv,
+                        "flash_bwd_dkdv",
+                        kv_tiles,
+                        plan.kv_tiles.len(),
+                        128,
+                        smem_dkdv(dh, false),
+                    )]
                 } else {
-                    (&f.dkdv_dq, "flash_bwd_dkdv_dq")
+                    vec![
+                        (
+                            &f.dkdv_dq_w,
+                            "flash_bwd_dkdv_dq_w",
+                            workspace + lay.kv_wide as u64,
+                            plan.kv_wide.len(),
+                            256,
+                            smem_dkdv_wide(dh),
+                        ),
+                        (
+                            &f.dkdv_dq,
+                            "flash_bwd_dkdv_dq",
+                            workspace + lay.kv_rest as u64,
+                            plan.kv_rest.len(),
+                            128,
+                            smem_dkdv(dh, true),
+                        ),
+                    ]
                 };
-                let mut b = stream.launch_builder(dkdv);
-                b.arg(&qkv)
-                    .arg(&d_out)
-                    .arg(&lse2)
-                    .arg(&dbuf)
-                    .arg(&d_qkv)
-                    .arg(&kv_tiles)
-                    .arg(&segs)
-                    .arg(&dqacc);
-                b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
-                // SAFETY: matches `flash_bwd_dkdv[_dq]_<dh>`; dqacc is null only when unused.
-                b.launch(cfg(grid_kv, 128, smem_dkdv(dh, !deterministic)))
-                    .map_err(driver(format!("launching {name}_{dh}")))?;
+                for (dkdv, name, list, count, threads, smem) in lists {
+                    if count == 0 {
+                        continue;
+                    }
+                    let mut b = stream.launch_builder(dkdv);
+                    b.arg(&qkv)
+                        .arg(&d_out)
+                        .arg(&lse2)
+                        .arg(&dbuf)
+                        .arg(&d_qkv)
+                        .arg(&list)
+                        .arg(&segs)
+                        .arg(&dqacc);
+                    b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
+                    // SAFETY: matches `flash_bwd_dkdv[_dq[_w]]_<dh>`; dqacc is null only when
+                    // unused.
+                    b.launch(cfg((count * dims.n_kv_heads) as u32, threads, smem))
+                        .map_err(driver(format!("launching {name}_{dh}")))?;
+                }
 
                 if deterministic {
                     let mut b = stream.launch_builder(&f.dq);

@@ -44,6 +44,10 @@ pub(crate) struct WorkspaceLayout {
     pub auto_wide: usize,
     /// `ForwardTiles::Auto`'s narrow list `[auto_narrow][4]` i32.
     pub auto_narrow: usize,
+    /// The atomic backward's 128-key list `[kv_wide][4]` i32.
+    pub kv_wide: usize,
+    /// The atomic backward's 64-key list `[kv_rest][4]` i32.
+    pub kv_rest: usize,
     /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
     /// starts at local row `segs[64 k + r]`.
     pub segs: usize,
@@ -75,10 +79,14 @@ pub struct Plan {
     /// (wide kernel) and the 64-row tiles of the others (narrow kernel), each longest first.
     pub(crate) auto_wide: Vec<TileDesc>,
     pub(crate) auto_narrow: Vec<TileDesc>,
+    /// The atomic backward's key tiles: 128-key tiles (index in 128-key units) of the sequences
+    /// of at least `AUTO_WIDE_MIN` tokens (8-warp kernel), and the 64-key tiles of the others.
+    pub(crate) kv_wide: Vec<TileDesc>,
+    pub(crate) kv_rest: Vec<TileDesc>,
     /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
     pub(crate) segs: Vec<i32>,
-    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++ segs`,
-    /// flattened: what goes to the workspace.
+    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++
+    /// kv_wide ++ kv_rest ++ segs`, flattened: what goes to the workspace.
     host: Vec<i32>,
     pinned: OnceLock<PinnedHostSlice<i32>>,
 }
@@ -128,6 +136,8 @@ impl Plan {
         let mut simple_tiles = Vec::new();
         let mut wide_tiles = Vec::new();
         let mut wide_cost = Vec::new();
+        let mut kv_wide = Vec::new();
+        let mut kv_wide_cost = Vec::new();
         let mut segs: Vec<i32> = Vec::new();
         let mut pad = 0usize;
         let mut max_len = 0usize;
@@ -204,6 +214,10 @@ impl Plan {
             for m in 0..len.div_ceil(WIDE_TILE) {
                 wide_tiles.push([w[0], len as i32, m as i32, pad as i32]);
                 wide_cost.push(((m + 1) * WIDE_TILE).min(len).div_ceil(TILE));
+                if len >= AUTO_WIDE_MIN {
+                    kv_wide.push([w[0], len as i32, m as i32, pad as i32]);
+                    kv_wide_cost.push(nt - 2 * m);
+                }
             }
             for m in 0..nt {
                 q_tiles.push([w[0], len as i32, m as i32, pad as i32]);
@@ -260,6 +274,10 @@ impl Plan {
         let long = |t: &&TileDesc| t[1] as usize >= AUTO_WIDE_MIN;
         let auto_wide: Vec<TileDesc> = wide_tiles.iter().filter(long).copied().collect();
         let auto_narrow: Vec<TileDesc> = q_tiles.iter().filter(|t| !long(t)).copied().collect();
+        let mut kwi: Vec<usize> = (0..kv_wide.len()).collect();
+        kwi.sort_by_key(|&i| std::cmp::Reverse(kv_wide_cost[i]));
+        let kv_wide: Vec<TileDesc> = kwi.iter().map(|&i| kv_wide[i]).collect();
+        let kv_rest: Vec<TileDesc> = kv_tiles.iter().filter(|t| !long(t)).copied().collect();
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
         let host = q_tiles
             .iter()
@@ -268,6 +286,8 @@ impl Plan {
             .chain(wide_tiles.iter())
             .chain(auto_wide.iter())
             .chain(auto_narrow.iter())
+            .chain(kv_wide.iter())
+            .chain(kv_rest.iter())
             .flatten()
             .copied()
             .chain(segs.iter().copied())
@@ -285,6 +305,8 @@ impl Plan {
             wide_tiles,
             auto_wide,
             auto_narrow,
+            kv_wide,
+            kv_rest,
             segs,
             host,
             pinned: OnceLock::new(),
@@ -318,7 +340,9 @@ impl Plan {
         let wide_tiles = simple_tiles + 16 * self.simple_tiles.len();
         let auto_wide = wide_tiles + 16 * self.wide_tiles.len();
         let auto_narrow = auto_wide + 16 * self.auto_wide.len();
-        let segs = auto_narrow + 16 * self.auto_narrow.len();
+        let kv_wide = auto_narrow + 16 * self.auto_narrow.len();
+        let kv_rest = kv_wide + 16 * self.kv_wide.len();
+        let segs = kv_rest + 16 * self.kv_rest.len();
         let lse2 = align256(segs + 4 * self.segs.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
         let dqacc = align256(d + 4 * n_heads * self.t_pad);
@@ -330,6 +354,8 @@ impl Plan {
             wide_tiles,
             auto_wide,
             auto_narrow,
+            kv_wide,
+            kv_rest,
             segs,
             lse2,
             d,
@@ -456,6 +482,23 @@ mod tests {
             }
         }
         assert!(!plan.auto_wide.is_empty() && !plan.auto_narrow.is_empty());
+        // The atomic backward's key lists cover every key row once, too.
+        let mut kv_seen = vec![0u32; n];
+        for (list, rows) in [(&plan.kv_wide, WIDE_TILE), (&plan.kv_rest, TILE)] {
+            for t in list.iter() {
+                for r in 0..rows as i32 {
+                    let i = t[2].max(0) * rows as i32 + r;
+                    if i < t[1] {
+                        kv_seen[(t[0] + i) as usize] += 1;
+                    }
+                }
+            }
+        }
+        assert!(!plan.kv_wide.is_empty() && !plan.kv_rest.is_empty());
+        assert!(
+            kv_seen.iter().all(|&c| c == 1),
+            "each key row in exactly one atomic-backward tile"
+        );
         assert!(
             auto_seen.iter().all(|&c| c == 1),
             "each row in exactly one auto tile"
@@ -503,7 +546,9 @@ mod tests {
         assert_eq!(l.wide_tiles, l.simple_tiles + 16 * plan.simple_tiles.len());
         assert_eq!(l.auto_wide, l.wide_tiles + 16 * plan.wide_tiles.len());
         assert_eq!(l.auto_narrow, l.auto_wide + 16 * plan.auto_wide.len());
-        assert_eq!(l.segs, l.auto_narrow + 16 * plan.auto_narrow.len());
+        assert_eq!(l.kv_wide, l.auto_narrow + 16 * plan.auto_narrow.len());
+        assert_eq!(l.kv_rest, l.kv_wide + 16 * plan.kv_wide.len());
+        assert_eq!(l.segs, l.kv_rest + 16 * plan.kv_rest.len());
         assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
         assert_eq!(
             l.d - l.lse2,

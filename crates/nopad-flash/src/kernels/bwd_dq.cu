@@ -198,7 +198,9 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+// DH 64: 3 CTAs/SM (168 registers, as uncapped; 4 would need 128 and spills 56 B).
+#define DQ64_MINB 3
+extern "C" __global__ void __launch_bounds__(DQ_THREADS, DQ64_MINB)
     flash_bwd_dq_64(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
                     bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
                     float scale) {
