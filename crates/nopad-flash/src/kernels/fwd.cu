@@ -19,6 +19,8 @@
 // Accumulation: fp32 (scores, O, row sums); P is rounded to bf16 for the P V product.
 
 #define FWD_THREADS 128
+// 1: V_0 is copied together with Q and K_0 at the start (0: after the first barrier, as run 4).
+#define FWD_PREFETCH_V0 1
 
 template <int DH, int WM>
 __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t* __restrict__ out,
@@ -58,6 +60,12 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     load_tile<BR, DH, FWD_THREADS>(sQ, gQ, rs, L - m * BR, tid);
     load_tile<BC, DH, FWD_THREADS>(sK, gK, rs, L, tid);
     cp_commit();
+    if (FWD_PREFETCH_V0) {
+        // V_0 as its own group, in flight with Q and K_0 (a tile of a short sequence otherwise
+        // waits for two copies in a row).
+        load_tile<BC, DH, FWD_THREADS>(sV, gV, rs, L, tid);
+        cp_commit();
+    }
 
     float o[WM][DH / 8][4];
     float row_max[WM][2], row_sum[WM][2];
@@ -90,7 +98,10 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     }
 
     for (int n = 0; n < n_tiles; ++n) {
-        cp_wait<0>();
+        if (FWD_PREFETCH_V0 && n == 0)
+            cp_wait<1>();  // Q, K_0 landed (V_0 may still be in flight)
+        else
+            cp_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P V_{n-1}, so sV may be refilled.
         aQ.refresh();
         aK.refresh();
@@ -98,8 +109,10 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
 #pragma unroll
             for (int kk = 0; kk < DH / 16; ++kk) ldsm_x4(qf[Q_IN_REGS ? kk : 0], aQ.at(warp * 16, kk));
         }
-        load_tile<BC, DH, FWD_THREADS>(sV, gV + (long long)n * BC * rs, rs, L - n * BC, tid);
-        cp_commit();
+        if (!FWD_PREFETCH_V0 || n > 0) {
+            load_tile<BC, DH, FWD_THREADS>(sV, gV + (long long)n * BC * rs, rs, L - n * BC, tid);
+            cp_commit();
+        }
 
         // need bit np: this warp must multiply 16-key block np of this tile. Only WM = 1 skips
         // (WM = 2, the long-sequence kernel, spilled with the predicated path; all = true).
