@@ -10,7 +10,7 @@ use cudarc::driver::{
     result, sys, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
 
-use crate::plan::{Plan, PlanOptions, WorkspaceLayout, TILE};
+use crate::plan::{Plan, WorkspaceLayout, TILE};
 use crate::{FlashDims, FlashError};
 
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
@@ -125,7 +125,6 @@ pub struct FlashAttention {
     forward_tiles: ForwardTiles,
     nondeterministic_dq: DqMode,
     backward_config: BackwardConfig,
-    plan_options: PlanOptions,
 }
 
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
@@ -224,7 +223,6 @@ impl FlashAttention {
             forward_tiles: ForwardTiles::Auto,
             nondeterministic_dq: DqMode::Recompute,
             backward_config: BackwardConfig::default(),
-            plan_options: PlanOptions::default(),
         })
     }
 
@@ -247,17 +245,6 @@ impl FlashAttention {
     /// Choose the backward kernels (default `BackwardConfig::default()`).
     pub fn set_backward_config(&mut self, config: BackwardConfig) {
         self.backward_config = config;
-    }
-
-    /// How `plan` builds tile lists (packing, launch order); default `PlanOptions::default()`
-    /// with `pack_short = PACK_SHORT`.
-    pub fn set_plan_options(&mut self, options: PlanOptions) {
-        self.plan_options = options;
-    }
-
-    /// The active plan options.
-    pub fn plan_options(&self) -> PlanOptions {
-        self.plan_options
     }
 
     /// The active backward kernel choices.
@@ -303,7 +290,7 @@ impl FlashAttention {
     /// Build the tile lists for `cu_seqlens_host` (host copy of the device `cu_seqlens`).
     pub fn plan(&self, cu_seqlens_host: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
         Self::check_dims(dims)?;
-        Plan::with_options(cu_seqlens_host, dims, &self.plan_options)
+        Plan::with_packing(cu_seqlens_host, dims, PACK_SHORT)
     }
 
     /// Device scratch bytes the caller passes as `workspace` to `forward` and `backward`: tile
@@ -622,9 +609,8 @@ impl FlashAttention {
                         .arg(&tl)
                         .arg(&dqacc);
                     b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
-                    // SAFETY: matches `flash_bwd_long[_dq]_<dh>` (11 parameters); one CTA per
-                    // (key tile, kv head) entry of the list.
-                    b.launch(cfg(count as u32, 256, smem_long(dh)))
+                    // SAFETY: matches `flash_bwd_long[_dq]_<dh>` (11 parameters).
+                    b.launch(cfg((count * dims.n_kv_heads) as u32, 256, smem_long(dh)))
                         .map(|_| ())
                         .map_err(driver(format!("launching {name}_{dh}")))
                 };
@@ -646,8 +632,7 @@ impl FlashAttention {
                 let (nq_all, nkv_all) = (q_tiles, plan.kv_tiles.len());
                 let (q_short, nq_short) = (list(lay.auto_narrow), plan.auto_narrow.len());
                 let (q_long, nq_long) = (list(lay.q_long), plan.q_long.len());
-                let (kv_wide, nkv_wide) = (list(lay.kv_wide), plan.kv_wide.len());
-                let (kv_long, nkv_long) = (list(lay.kv_long), plan.kv_long.len());
+                let (kv_long, nkv_long) = (list(lay.kv_wide), plan.kv_wide.len());
                 let (kv_short, nkv_short) = (list(lay.kv_rest), plan.kv_rest.len());
                 // Zero-tile lists are skipped.
                 let run = |count: usize, go: &dyn Fn() -> Result<(), FlashError>| {
@@ -689,7 +674,7 @@ impl FlashAttention {
                     if conf.long_atomic == LongKeys::Split {
                         run(nkv_long, &|| long(true, kv_long, nkv_long))?;
                     } else {
-                        run(nkv_wide, &|| dkdv(k_rows, kv_wide, nkv_wide))?;
+                        run(nkv_long, &|| dkdv(k_rows, kv_long, nkv_long))?;
                     }
                     run(nkv_short, &|| dkdv(k_det, kv_short, nkv_short))?;
                     if !conf.fused_prep {

@@ -27,7 +27,7 @@ pub use attention::{
     BackwardConfig, DqMode, FlashAttention, ForwardTiles, KernelSet, LongKeys, ModuleLoader,
     PACK_SHORT,
 };
-pub use plan::{Plan, PlanOptions, TileOrder};
+pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -29,41 +29,6 @@ pub const AUTO_WIDE_MIN: usize = 512;
 /// One tile descriptor, `[seq_start, seq_len, tile_index, pad_start]`.
 pub type TileDesc = [i32; 4];
 
-/// Launch order of the 64-row tile lists (query and key tiles).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TileOrder {
-    /// Every tile by cost, longest first: the heaviest tiles start in the first wave, but the
-    /// tiles of one sequence (which read the same K/V, or Q/dO) spread over the whole grid.
-    Cost,
-    /// Sequences longest first, the tiles of each adjacent (costliest first), so the CTAs that
-    /// read one sequence's K/V (Q/dO) run together and share them in L2; packed tiles last.
-    Sequence,
-}
-
-/// How plans are built.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PlanOptions {
-    /// Runs of sequences of at most 64 tokens share tiles (block-diagonal mask).
-    pub pack_short: bool,
-    /// Order of the 64-row query and key tile lists.
-    pub order: TileOrder,
-    /// Long-sequence backward (`bwd_long.cu`), one entry per (128-key tile, kv head): 0 orders
-    /// entries by cost with heads fastest; B > 0 makes runs of B consecutive key tiles of one
-    /// (sequence, kv head) adjacent (FA2's grid order for B >= tiles per sequence), so the
-    /// CTAs adding into one head's dQ accumulator and reading its Q/dO run together.
-    pub long_group: usize,
-}
-
-impl Default for PlanOptions {
-    fn default() -> Self {
-        PlanOptions {
-            pack_short: true,
-            order: TileOrder::Cost,
-            long_group: 0,
-        }
-    }
-}
-
 /// Byte offsets of the workspace sections (each 256-byte aligned).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct WorkspaceLayout {
@@ -85,8 +50,6 @@ pub(crate) struct WorkspaceLayout {
     pub kv_rest: usize,
     /// 64-row query tiles of the sequences of at least `AUTO_WIDE_MIN` tokens `[q_long][4]` i32.
     pub q_long: usize,
-    /// `bwd_long.cu`'s entries `[kv_long][4]` i32 (one per key tile and kv head).
-    pub kv_long: usize,
     /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
     /// starts at local row `segs[64 k + r]`.
     pub segs: usize,
@@ -126,13 +89,10 @@ pub struct Plan {
     /// 64-row query tiles of the sequences of at least `AUTO_WIDE_MIN` tokens, longest first
     /// (the others are `auto_narrow`).
     pub(crate) q_long: Vec<TileDesc>,
-    /// `bwd_long.cu`'s grid, one entry per (128-key tile, kv head): `[seq_start, seq_len,
-    /// n | hk << 16, pad_start]`, in `PlanOptions::long_group` order.
-    pub(crate) kv_long: Vec<TileDesc>,
     /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
     pub(crate) segs: Vec<i32>,
     /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++
-    /// kv_wide ++ kv_rest ++ q_long ++ kv_long ++ segs`, flattened: what goes to the workspace.
+    /// kv_wide ++ kv_rest ++ q_long ++ segs`, flattened: what goes to the workspace.
     host: Vec<i32>,
     pinned: OnceLock<PinnedHostSlice<i32>>,
 }
@@ -155,7 +115,7 @@ fn align256(x: usize) -> usize {
 impl Plan {
     /// Validate `cu_seqlens` against `dims` and build the sorted tile lists.
     pub fn new(cu_seqlens: &[i32], dims: &FlashDims) -> Result<Plan, FlashError> {
-        Plan::with_options(cu_seqlens, dims, &PlanOptions::default())
+        Plan::with_packing(cu_seqlens, dims, true)
     }
 
     /// As [`Plan::new`]; `pack = false` gives every sequence its own tiles.
@@ -164,20 +124,6 @@ impl Plan {
         dims: &FlashDims,
         pack_short: bool,
     ) -> Result<Plan, FlashError> {
-        let options = PlanOptions {
-            pack_short,
-            ..PlanOptions::default()
-        };
-        Plan::with_options(cu_seqlens, dims, &options)
-    }
-
-    /// As [`Plan::new`] with explicit options.
-    pub fn with_options(
-        cu_seqlens: &[i32],
-        dims: &FlashDims,
-        options: &PlanOptions,
-    ) -> Result<Plan, FlashError> {
-        let pack_short = options.pack_short;
         let bad = |msg: String| Err(FlashError::InvalidSeqlens(msg));
         if cu_seqlens.len() != dims.n_seqs + 1 {
             return bad(format!(
@@ -314,30 +260,11 @@ impl Plan {
                 "{n_tokens} tokens exceed the i32 row indices of the kernels"
             ));
         }
-        // bwd_long.cu packs the key tile and kv head into one i32 (16 + 15 bits).
-        if max_len.div_ceil(WIDE_TILE) > 0xffff || dims.n_kv_heads > 0x7fff {
-            return bad(format!(
-                "{max_len} tokens or {} kv heads exceed the long backward's tile indices",
-                dims.n_kv_heads
-            ));
-        }
-        // Stable sorts: equal keys keep sequence order, so the lists are deterministic.
+        // Stable sorts: equal costs keep sequence order, so the list is deterministic.
         let mut qi: Vec<usize> = (0..q_tiles.len()).collect();
+        qi.sort_by_key(|&i| std::cmp::Reverse(q_cost[i]));
         let mut ki: Vec<usize> = (0..kv_tiles.len()).collect();
-        match options.order {
-            TileOrder::Cost => {
-                qi.sort_by_key(|&i| std::cmp::Reverse(q_cost[i]));
-                ki.sort_by_key(|&i| std::cmp::Reverse(kv_cost[i]));
-            }
-            TileOrder::Sequence => {
-                // (longest sequence first, its first row, costliest tile first); a packed tile
-                // counts as a sequence of its rows, so those come last.
-                let key =
-                    |t: &TileDesc, c: usize| (std::cmp::Reverse(t[1]), t[0], std::cmp::Reverse(c));
-                qi.sort_by_key(|&i| key(&q_tiles[i], q_cost[i]));
-                ki.sort_by_key(|&i| key(&kv_tiles[i], kv_cost[i]));
-            }
-        }
+        ki.sort_by_key(|&i| std::cmp::Reverse(kv_cost[i]));
         // The wide forward's list: 128-row tiles of the long sequences, then the short and
         // packed tiles of the 64-row list (cost 1, so they stay last).
         for (t, &c) in q_tiles.iter().zip(&q_cost) {
@@ -359,21 +286,6 @@ impl Plan {
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
         let kv_rest: Vec<TileDesc> = kv_tiles.iter().filter(|t| !long(t)).copied().collect();
         let q_long: Vec<TileDesc> = q_tiles.iter().filter(long).copied().collect();
-        // (sort key, entry) per (128-key tile, kv head) of the long sequences.
-        type LongKey = (usize, i32, i32, usize, i32);
-        let mut kv_long: Vec<(LongKey, TileDesc)> = Vec::new();
-        for (rank, t) in kv_wide.iter().enumerate() {
-            let n = t[2];
-            for hk in 0..dims.n_kv_heads {
-                let key = match (n as usize).checked_div(options.long_group) {
-                    None => (rank, 0, 0, hk, 0), // kv_wide is cost-sorted; heads fastest
-                    Some(run) => (run, -t[1], t[0], hk, n),
-                };
-                kv_long.push((key, [t[0], t[1], n | ((hk as i32) << 16), t[3]]));
-            }
-        }
-        kv_long.sort_by_key(|e| e.0);
-        let kv_long: Vec<TileDesc> = kv_long.into_iter().map(|e| e.1).collect();
         let host = q_tiles
             .iter()
             .chain(kv_tiles.iter())
@@ -384,7 +296,6 @@ impl Plan {
             .chain(kv_wide.iter())
             .chain(kv_rest.iter())
             .chain(q_long.iter())
-            .chain(kv_long.iter())
             .flatten()
             .copied()
             .chain(segs.iter().copied())
@@ -405,7 +316,6 @@ impl Plan {
             kv_wide,
             kv_rest,
             q_long,
-            kv_long,
             segs,
             host,
             pinned: OnceLock::new(),
@@ -442,8 +352,7 @@ impl Plan {
         let kv_wide = auto_narrow + 16 * self.auto_narrow.len();
         let kv_rest = kv_wide + 16 * self.kv_wide.len();
         let q_long = kv_rest + 16 * self.kv_rest.len();
-        let kv_long = q_long + 16 * self.q_long.len();
-        let segs = kv_long + 16 * self.kv_long.len();
+        let segs = q_long + 16 * self.q_long.len();
         let lse2 = align256(segs + 4 * self.segs.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
         let dqacc = align256(d + 4 * n_heads * self.t_pad);
@@ -458,7 +367,6 @@ impl Plan {
             kv_wide,
             kv_rest,
             q_long,
-            kv_long,
             segs,
             lse2,
             d,
@@ -668,73 +576,6 @@ mod tests {
     }
 
     #[test]
-    fn sequence_order_and_long_entries_cover_every_row() {
-        let lens = [700usize, 3, 64, 65, 200, 30, 1300, 30, 5, 129, 512];
-        let mut cu = vec![0i32];
-        for l in lens {
-            cu.push(cu.last().copied().unwrap_or(0) + l as i32);
-        }
-        let n = *cu.last().unwrap_or(&0) as usize;
-        let mut d = dims(n, lens.len(), 1300);
-        d.n_kv_heads = 2;
-        d.n_heads = 4;
-        for (order, group) in [(TileOrder::Sequence, 4), (TileOrder::Cost, 0)] {
-            let opt = PlanOptions {
-                pack_short: true,
-                order,
-                long_group: group,
-            };
-            let plan = Plan::with_options(&cu, &d, &opt).expect("valid plan");
-            for list in [&plan.q_tiles, &plan.kv_tiles] {
-                let mut seen = vec![0u32; n];
-                for t in list.iter() {
-                    for r in 0..TILE as i32 {
-                        let i = t[2].max(0) * TILE as i32 + r;
-                        if i < t[1] {
-                            seen[(t[0] + i) as usize] += 1;
-                        }
-                    }
-                }
-                assert!(seen.iter().all(|&c| c == 1), "{order:?}: every row once");
-                if order == TileOrder::Sequence {
-                    // Each sequence's tiles are adjacent, longest sequences first.
-                    let starts: Vec<i32> = list.iter().map(|t| t[0]).collect();
-                    let mut runs = starts.clone();
-                    runs.dedup();
-                    let mut uniq = runs.clone();
-                    uniq.sort();
-                    uniq.dedup();
-                    assert_eq!(runs.len(), uniq.len(), "tiles of a sequence adjacent");
-                    let lens: Vec<i32> = list.iter().map(|t| t[1]).collect();
-                    assert!(lens.windows(2).all(|w| w[0] >= w[1]), "longest first");
-                }
-            }
-            // kv_long: every key row of a long sequence once per kv head.
-            let mut seen = vec![0u32; n * d.n_kv_heads];
-            for t in &plan.kv_long {
-                let (tn, hk) = (t[2] & 0xffff, (t[2] >> 16) as usize);
-                for r in 0..WIDE_TILE as i32 {
-                    let i = tn * WIDE_TILE as i32 + r;
-                    if i < t[1] {
-                        seen[(t[0] + i) as usize * d.n_kv_heads + hk] += 1;
-                    }
-                }
-            }
-            for (row, c) in seen.chunks(d.n_kv_heads).enumerate() {
-                let start = cu[cu.partition_point(|&x| x as usize <= row) - 1];
-                let len = lens[cu.iter().position(|&x| x == start).unwrap_or(0)];
-                let want = u32::from(len >= AUTO_WIDE_MIN);
-                assert!(c.iter().all(|&x| x == want), "row {row} ({order:?})");
-            }
-            if group > 0 {
-                // Runs of `group` key tiles of one (sequence, head) are adjacent.
-                let first = &plan.kv_long[..group];
-                assert!(first.iter().all(|t| t[0] == first[0][0] && t[2] >> 16 == 0));
-            }
-        }
-    }
-
-    #[test]
     fn workspace_sections_are_ordered_aligned_and_sized() {
         let cu = [0i32, 5, 5, 70, 300, 301];
         let plan = Plan::new(&cu, &dims(301, 5, 300)).expect("valid plan");
@@ -749,8 +590,7 @@ mod tests {
         assert_eq!(l.kv_wide, l.auto_narrow + 16 * plan.auto_narrow.len());
         assert_eq!(l.kv_rest, l.kv_wide + 16 * plan.kv_wide.len());
         assert_eq!(l.q_long, l.kv_rest + 16 * plan.kv_rest.len());
-        assert_eq!(l.kv_long, l.q_long + 16 * plan.q_long.len());
-        assert_eq!(l.segs, l.kv_long + 16 * plan.kv_long.len());
+        assert_eq!(l.segs, l.q_long + 16 * plan.q_long.len());
         assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
         assert_eq!(
             l.d - l.lse2,

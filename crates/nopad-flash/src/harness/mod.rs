@@ -15,9 +15,7 @@ use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use rayon::prelude::*;
 
-use crate::{
-    BackwardConfig, FlashAttention, FlashDims, FlashError, LongKeys, PlanOptions, TileOrder,
-};
+use crate::{BackwardConfig, FlashAttention, FlashDims, FlashError, LongKeys};
 
 /// Harness failures (setup, driver, files), with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +111,6 @@ impl Gpu {
             eprintln!("FLASH_BWD: {conf:?}");
             fa.set_backward_config(conf);
         }
-        if let Some(opt) = plan_options_from_env()? {
-            eprintln!("FLASH_PLAN: {opt:?}");
-            fa.set_plan_options(opt);
-        }
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -189,33 +183,6 @@ fn backward_config_from_env() -> Result<Option<BackwardConfig>, HarnessError> {
         }
     }
     Ok(Some(conf))
-}
-
-/// Experiments without rebuilding: `FLASH_PLAN="order=seq,long_group=32"` overrides fields of
-/// the default `PlanOptions` (harness only; unknown keys are errors).
-fn plan_options_from_env() -> Result<Option<PlanOptions>, HarnessError> {
-    let Ok(spec) = std::env::var("FLASH_PLAN") else {
-        return Ok(None);
-    };
-    let bad = |what: &str| HarnessError::NoDevice(format!("FLASH_PLAN: {what}"));
-    let mut opt = PlanOptions::default();
-    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| bad(&format!("entry without '=': {part}")))?;
-        match (k.trim(), v.trim()) {
-            ("order", "cost") => opt.order = TileOrder::Cost,
-            ("order", "seq") => opt.order = TileOrder::Sequence,
-            ("long_group", g) => {
-                opt.long_group = g
-                    .parse()
-                    .map_err(|_| bad(&format!("long_group '{g}' is not a number")))?
-            }
-            ("pack_short", b) => opt.pack_short = b == "1",
-            _ => return Err(bad(&format!("unknown entry '{part}'"))),
-        }
-    }
-    Ok(Some(opt))
 }
 
 /// A batch shape: packed sequences plus head geometry.

@@ -11,10 +11,9 @@
 // Shapes: qkv [N, (H + 2 Hkv) * DH] bf16; d_out [N, H * DH] bf16; lse2, D [H, Tpad] fp32 padded
 //         (bwd_prep.cu or the fused dQ kernel); d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel
 //         writes the k and v parts; dqacc [H, Tpad, DH] fp32 (ATOMIC: zeroed by bwd_prep,
-//         scaled and converted by bwd_convert); tiles int4 {seq_start, L, n | hk << 16, pad},
-//         one per CTA (key tile n in 128-key units, kv head hk), in the host's order
-//         (plan::PlanOptions::long_group).
-// Geometry: 1-D grid of (key tile, kv head) entries; 256 threads = 8 warps. K_n, V_n
+//         scaled and converted by bwd_convert); tiles int4 {seq_start, L, n, pad} with n in
+//         128-key units, ordered by cost.
+// Geometry: 1-D grid of key tiles x Hkv, heads fastest; 256 threads = 8 warps. K_n, V_n
 // [128][DH] stay in smem; (query head, 64-row query tile m >= 2n) steps stream Q, dO, lse2, D
 // through a 2-stage cp.async ring (the next step's copy is issued right after the step's first
 // barrier, so it has the whole step to land). Per step, FA2's warp layouts:
@@ -80,9 +79,9 @@ __device__ __forceinline__ void flash_bwd_long(const bf16_t* __restrict__ qkv,
     float* sL = (float*)(sS + QT * 128);  // [2][64]
     float* sD = sL + 2 * QT;              // [2][64]
 
-    // One entry per CTA: {seq_start, L, n | hk << 16, pad}; the host picks the order.
-    const int4 tile = tiles[blockIdx.x];
-    const int seq_start = tile.x, L = tile.y, n = tile.z & 0xffff, hk = tile.z >> 16, pad = tile.w;
+    const int hk = blockIdx.x % Hkv;
+    const int4 tile = tiles[blockIdx.x / Hkv];
+    const int seq_start = tile.x, L = tile.y, n = tile.z, pad = tile.w;
     const int G = H / Hkv;
     const long long rs = (long long)(H + 2 * Hkv) * DH;
     const long long ors = (long long)H * DH;
