@@ -18,6 +18,7 @@ pub(crate) const FWD: &str = include_str!("kernels/fwd.cu");
 pub(crate) const BWD_PREP: &str = include_str!("kernels/bwd_prep.cu");
 pub(crate) const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
 pub(crate) const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
+pub(crate) const BWD_LONG: &str = include_str!("kernels/bwd_long.cu");
 pub(crate) const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
 pub(crate) const SIMPLE: &str = include_str!("kernels/simple.cu");
 
@@ -40,6 +41,9 @@ struct PerDim {
     prep: CudaFunction,
     dkdv: CudaFunction,
     dkdv_dq: CudaFunction,
+    dkdv_dq_w: CudaFunction,
+    long: CudaFunction,
+    long_dq: CudaFunction,
     dq: CudaFunction,
     convert: CudaFunction,
     s_fwd: CudaFunction,
@@ -51,14 +55,14 @@ struct PerDim {
 /// Query rows per forward tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardTiles {
-    /// 64 rows, 16 per warp, 4 (Dh 64) or 3 (Dh 128) CTAs per SM; skips the MMAs of masked
-    /// 16-key blocks (diagonal, packed and partial tiles).
+    /// 64 rows, 16 per warp, 4 CTAs per SM (128 registers); skips masked 16-key blocks.
     Narrow,
-    /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs per
-    /// SM; no block skipping. The faster one on long sequences at Dh 128 (crate README, run 4a).
+    /// 128 rows x 64 keys, 32 rows per warp: half the shared-memory reads per FLOP, 2 CTAs
+    /// per SM (255 / 228 registers, no spills); no block skipping.
     Wide,
-    /// At Dh 128, `Wide` for the sequences of at least `plan::AUTO_WIDE_MIN` tokens and `Narrow`
-    /// for the rest (two launches); at Dh 64, `Narrow` (measured faster there).
+    /// The measured best (run 4a, crate README): at Dh 128 `Wide` for the sequences of at
+    /// least `plan::AUTO_WIDE_MIN` tokens and `Narrow` for the rest (two launches); at Dh 64
+    /// `Narrow` everywhere.
     Auto,
 }
 
@@ -72,6 +76,44 @@ pub enum DqMode {
     Atomic,
 }
 
+/// Which kernel runs the key tiles of long sequences (at least `plan::AUTO_WIDE_MIN` tokens) in
+/// the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LongKeys {
+    /// 64-key tiles, 4 warps of 16 keys, like every other sequence (`bwd_dkdv.cu`).
+    Narrow,
+    /// 128-key tiles, 8 warps of 16 keys, P^T and dS^T in registers (`bwd_dkdv.cu`, NW = 8);
+    /// atomic backward only (the deterministic one treats it as `Narrow`).
+    Rows,
+    /// 128-key tiles in FA2's layout: 8 warps split S/dP, dK/dV and dQ by blocks, P and dS
+    /// through shared memory (`bwd_long.cu`).
+    Split,
+}
+
+/// Backward kernel choices (see the crate README for what was measured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackwardConfig {
+    /// Deterministic path (and the short sequences of the split atomic one): the dQ kernel
+    /// computes D = rowsum(dO o O) and lse2 itself and runs before the dK/dV kernel, so there
+    /// is no separate preprocess pass over O and dO.
+    pub fused_prep: bool,
+    /// Long sequences' key tiles in the deterministic backward (`Narrow` or `Split`).
+    pub long_deterministic: LongKeys,
+    /// Long sequences' key tiles in the atomic backward. With `Rows` or `Split` the short
+    /// sequences take the deterministic kernels (dQ by recompute, measured faster there).
+    pub long_atomic: LongKeys,
+}
+
+impl Default for BackwardConfig {
+    fn default() -> Self {
+        BackwardConfig {
+            fused_prep: true,
+            long_deterministic: LongKeys::Narrow,
+            long_atomic: LongKeys::Split,
+        }
+    }
+}
+
 /// Whether plans let runs of short sequences share tiles (block-diagonal mask).
 pub const PACK_SHORT: bool = true;
 
@@ -82,10 +124,15 @@ pub struct FlashAttention {
     kernels: KernelSet,
     forward_tiles: ForwardTiles,
     nondeterministic_dq: DqMode,
+    backward_config: BackwardConfig,
 }
 
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
     6 * TILE * dh * 2 + 4 * TILE * 4 + if atomic { TILE * TILE * 2 } else { 0 }
+}
+/// The 128-key atomic kernel: K, V [128][Dh] + Q, dO [2][64][Dh] bf16, lse2/D, dS [128][64].
+fn smem_dkdv_wide(dh: usize) -> usize {
+    (2 * 128 + 4 * TILE) * dh * 2 + 4 * TILE * 4 + 128 * TILE * 2
 }
 /// Q [BR][Dh] + K, V [BC][Dh] bf16 (fwd.cu: BR = 64 or 128, BC = 64).
 fn smem_fwd(dh: usize, wide: bool) -> usize {
@@ -94,6 +141,10 @@ fn smem_fwd(dh: usize, wide: bool) -> usize {
 }
 fn smem_dq(dh: usize) -> usize {
     6 * TILE * dh * 2
+}
+/// `bwd_long.cu`: K, V [128][Dh] + Q, dO [2][64][Dh] + P, dS [64][128] bf16 + lse2, D [2][64].
+fn smem_long(dh: usize) -> usize {
+    (2 * 128 + 4 * TILE) * dh * 2 + 2 * TILE * 128 * 2 + 4 * TILE * 4
 }
 
 fn driver(what: impl Into<String>) -> impl FnOnce(result::DriverError) -> FlashError {
@@ -114,7 +165,7 @@ impl FlashAttention {
         let fwd = module("flash_fwd.cu", FWD)?;
         let bwd = module(
             "flash_bwd.cu",
-            &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_CONVERT}"),
+            &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_LONG}\n{BWD_CONVERT}"),
         )?;
         let simple = module("flash_simple.cu", SIMPLE)?;
         let get = |m: &Arc<CudaModule>, name: String| {
@@ -128,6 +179,9 @@ impl FlashAttention {
                 prep: get(&bwd, format!("flash_bwd_prep_{dh}"))?,
                 dkdv: get(&bwd, format!("flash_bwd_dkdv_{dh}"))?,
                 dkdv_dq: get(&bwd, format!("flash_bwd_dkdv_dq_{dh}"))?,
+                dkdv_dq_w: get(&bwd, format!("flash_bwd_dkdv_dq_w_{dh}"))?,
+                long: get(&bwd, format!("flash_bwd_long_{dh}"))?,
+                long_dq: get(&bwd, format!("flash_bwd_long_dq_{dh}"))?,
                 dq: get(&bwd, format!("flash_bwd_dq_{dh}"))?,
                 convert: get(&bwd, format!("flash_bwd_convert_{dh}"))?,
                 s_fwd: get(&simple, format!("flash_simple_fwd_{dh}"))?,
@@ -148,6 +202,16 @@ impl FlashAttention {
             p.dkdv_dq
                 .set_attribute(attr, smem_dkdv(dh, true) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dkdv_dq_{dh}")))?;
+            p.dkdv_dq_w
+                .set_attribute(attr, smem_dkdv_wide(dh) as i32)
+                .map_err(driver(format!("raising smem of flash_bwd_dkdv_dq_w_{dh}")))?;
+            for (func, name) in [
+                (&p.long, "flash_bwd_long"),
+                (&p.long_dq, "flash_bwd_long_dq"),
+            ] {
+                func.set_attribute(attr, smem_long(dh) as i32)
+                    .map_err(driver(format!("raising smem of {name}_{dh}")))?;
+            }
             p.dq.set_attribute(attr, smem_dq(dh) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
             Ok(p)
@@ -158,6 +222,7 @@ impl FlashAttention {
             kernels: KernelSet::Mma,
             forward_tiles: ForwardTiles::Auto,
             nondeterministic_dq: DqMode::Recompute,
+            backward_config: BackwardConfig::default(),
         })
     }
 
@@ -175,6 +240,16 @@ impl FlashAttention {
     /// 64-key tiles the atomic path moved more bytes than it saved, see the crate README).
     pub fn set_nondeterministic_dq(&mut self, dq: DqMode) {
         self.nondeterministic_dq = dq;
+    }
+
+    /// Choose the backward kernels (default `BackwardConfig::default()`).
+    pub fn set_backward_config(&mut self, config: BackwardConfig) {
+        self.backward_config = config;
+    }
+
+    /// The active backward kernel choices.
+    pub fn backward_config(&self) -> BackwardConfig {
+        self.backward_config
     }
 
     /// Which kernel set is active.
@@ -449,8 +524,6 @@ impl FlashAttention {
         } else {
             workspace + lay.dqacc as u64
         };
-        let grid_q = (q_tiles * dims.n_heads) as u32;
-        let grid_kv = (plan.kv_tiles.len() * dims.n_kv_heads) as u32;
         let cfg = |grid: u32, block: u32, smem: usize| LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (block, 1, 1),
@@ -459,63 +532,155 @@ impl FlashAttention {
         let scale = dims.scale;
         match self.kernels {
             KernelSet::Mma => {
-                let mut b = stream.launch_builder(&f.prep);
-                b.arg(&out)
-                    .arg(&d_out)
-                    .arg(&lse)
-                    .arg(&dbuf)
-                    .arg(&lse2)
-                    .arg(&dqacc)
-                    .arg(&tiles);
-                b.arg(&h).arg(&n).arg(&tpad);
-                // SAFETY: matches `flash_bwd_prep_<dh>` (10 parameters).
-                b.launch(cfg(grid_q, 256, 0))
-                    .map_err(driver(format!("launching flash_bwd_prep_{dh}")))?;
-
-                let (dkdv, name) = if deterministic {
-                    (&f.dkdv, "flash_bwd_dkdv")
-                } else {
-                    (&f.dkdv_dq, "flash_bwd_dkdv_dq")
+                let conf = self.backward_config;
+                let list = |off: usize| workspace + off as u64;
+                // Launch helpers; each names its kernel in errors. `count` = tiles in the list.
+                let prep = |tl: u64, count: usize, zero_dq: bool| -> Result<(), FlashError> {
+                    let acc = if zero_dq { dqacc } else { 0u64 };
+                    let mut b = stream.launch_builder(&f.prep);
+                    b.arg(&out)
+                        .arg(&d_out)
+                        .arg(&lse)
+                        .arg(&dbuf)
+                        .arg(&lse2)
+                        .arg(&acc)
+                        .arg(&tl);
+                    b.arg(&h).arg(&n).arg(&tpad);
+                    // SAFETY: matches `flash_bwd_prep_<dh>` (10 parameters).
+                    b.launch(cfg((count * dims.n_heads) as u32, 256, 0))
+                        .map(|_| ())
+                        .map_err(driver(format!("launching flash_bwd_prep_{dh}")))
                 };
-                let mut b = stream.launch_builder(dkdv);
-                b.arg(&qkv)
-                    .arg(&d_out)
-                    .arg(&lse2)
-                    .arg(&dbuf)
-                    .arg(&d_qkv)
-                    .arg(&kv_tiles)
-                    .arg(&segs)
-                    .arg(&dqacc);
-                b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
-                // SAFETY: matches `flash_bwd_dkdv[_dq]_<dh>`; dqacc is null only when unused.
-                b.launch(cfg(grid_kv, 128, smem_dkdv(dh, !deterministic)))
-                    .map_err(driver(format!("launching {name}_{dh}")))?;
-
-                if deterministic {
+                // `fused`: the kernel computes D and lse2 of its rows (no preprocess pass).
+                let dq = |tl: u64, count: usize, fused: bool| -> Result<(), FlashError> {
+                    let (o, l) = if fused { (out, lse) } else { (0u64, 0u64) };
                     let mut b = stream.launch_builder(&f.dq);
                     b.arg(&qkv)
                         .arg(&d_out)
                         .arg(&lse2)
                         .arg(&dbuf)
                         .arg(&d_qkv)
-                        .arg(&tiles)
-                        .arg(&segs);
+                        .arg(&tl)
+                        .arg(&segs)
+                        .arg(&o)
+                        .arg(&l);
+                    b.arg(&h).arg(&hkv).arg(&n).arg(&tpad).arg(&scale);
+                    // SAFETY: matches `flash_bwd_dq_<dh>` (14 parameters).
+                    b.launch(cfg((count * dims.n_heads) as u32, 128, smem_dq(dh)))
+                        .map(|_| ())
+                        .map_err(driver(format!("launching flash_bwd_dq_{dh}")))
+                };
+                // bwd_dkdv.cu kernels: (function, name, threads, smem).
+                let dkdv = |k: (&CudaFunction, &str, u32, usize),
+                            tl: u64,
+                            count: usize|
+                 -> Result<(), FlashError> {
+                    let mut b = stream.launch_builder(k.0);
+                    b.arg(&qkv)
+                        .arg(&d_out)
+                        .arg(&lse2)
+                        .arg(&dbuf)
+                        .arg(&d_qkv)
+                        .arg(&tl)
+                        .arg(&segs)
+                        .arg(&dqacc);
                     b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
-                    // SAFETY: matches `flash_bwd_dq_<dh>`.
-                    b.launch(cfg(grid_q, 128, smem_dq(dh)))
-                        .map_err(driver(format!("launching flash_bwd_dq_{dh}")))?;
-                } else {
+                    // SAFETY: matches `flash_bwd_dkdv[_dq[_w]]_<dh>` (12 parameters); dqacc
+                    // is null only when the kernel does not use it.
+                    b.launch(cfg((count * dims.n_kv_heads) as u32, k.2, k.3))
+                        .map(|_| ())
+                        .map_err(driver(format!("launching {}_{dh}", k.1)))
+                };
+                let k_det = (&f.dkdv, "flash_bwd_dkdv", 128, smem_dkdv(dh, false));
+                let k_atomic = (&f.dkdv_dq, "flash_bwd_dkdv_dq", 128, smem_dkdv(dh, true));
+                let k_rows = (&f.dkdv_dq_w, "flash_bwd_dkdv_dq_w", 256, smem_dkdv_wide(dh));
+                let long = |atomic: bool, tl: u64, count: usize| -> Result<(), FlashError> {
+                    let (func, name) = if atomic {
+                        (&f.long_dq, "flash_bwd_long_dq")
+                    } else {
+                        (&f.long, "flash_bwd_long")
+                    };
+                    let mut b = stream.launch_builder(func);
+                    b.arg(&qkv)
+                        .arg(&d_out)
+                        .arg(&lse2)
+                        .arg(&dbuf)
+                        .arg(&d_qkv)
+                        .arg(&tl)
+                        .arg(&dqacc);
+                    b.arg(&h).arg(&hkv).arg(&tpad).arg(&scale);
+                    // SAFETY: matches `flash_bwd_long[_dq]_<dh>` (11 parameters).
+                    b.launch(cfg((count * dims.n_kv_heads) as u32, 256, smem_long(dh)))
+                        .map(|_| ())
+                        .map_err(driver(format!("launching {name}_{dh}")))
+                };
+                let convert = |tl: u64, count: usize| -> Result<(), FlashError> {
                     let mut b = stream.launch_builder(&f.convert);
                     b.arg(&dqacc)
                         .arg(&d_qkv)
-                        .arg(&tiles)
+                        .arg(&tl)
                         .arg(&h)
                         .arg(&hkv)
                         .arg(&tpad)
                         .arg(&scale);
                     // SAFETY: matches `flash_bwd_convert_<dh>`.
-                    b.launch(cfg(grid_q, 128, 0))
-                        .map_err(driver(format!("launching flash_bwd_convert_{dh}")))?;
+                    b.launch(cfg((count * dims.n_heads) as u32, 128, 0))
+                        .map(|_| ())
+                        .map_err(driver(format!("launching flash_bwd_convert_{dh}")))
+                };
+                // Lists: all query / key tiles, and split by length (`plan::AUTO_WIDE_MIN`).
+                let (nq_all, nkv_all) = (q_tiles, plan.kv_tiles.len());
+                let (q_short, nq_short) = (list(lay.auto_narrow), plan.auto_narrow.len());
+                let (q_long, nq_long) = (list(lay.q_long), plan.q_long.len());
+                let (kv_long, nkv_long) = (list(lay.kv_wide), plan.kv_wide.len());
+                let (kv_short, nkv_short) = (list(lay.kv_rest), plan.kv_rest.len());
+                // Zero-tile lists are skipped.
+                let run = |count: usize, go: &dyn Fn() -> Result<(), FlashError>| {
+                    if count > 0 {
+                        go()
+                    } else {
+                        Ok(())
+                    }
+                };
+                if deterministic {
+                    if conf.fused_prep {
+                        dq(tiles, nq_all, true)?;
+                    } else {
+                        prep(tiles, nq_all, false)?;
+                    }
+                    if conf.long_deterministic == LongKeys::Split {
+                        run(nkv_long, &|| long(false, kv_long, nkv_long))?;
+                        run(nkv_short, &|| dkdv(k_det, kv_short, nkv_short))?;
+                    } else {
+                        dkdv(k_det, kv_tiles, nkv_all)?;
+                    }
+                    if !conf.fused_prep {
+                        dq(tiles, nq_all, false)?;
+                    }
+                } else if conf.long_atomic == LongKeys::Narrow {
+                    // Every sequence through the 64-key atomic kernel.
+                    prep(tiles, nq_all, true)?;
+                    dkdv(k_atomic, kv_tiles, nkv_all)?;
+                    convert(tiles, nq_all)?;
+                } else {
+                    // Long sequences: 128-key atomic kernel; short ones: the deterministic
+                    // kernels (dQ by recompute).
+                    run(nq_long, &|| prep(q_long, nq_long, true))?;
+                    if conf.fused_prep {
+                        run(nq_short, &|| dq(q_short, nq_short, true))?;
+                    } else {
+                        run(nq_short, &|| prep(q_short, nq_short, false))?;
+                    }
+                    if conf.long_atomic == LongKeys::Split {
+                        run(nkv_long, &|| long(true, kv_long, nkv_long))?;
+                    } else {
+                        run(nkv_long, &|| dkdv(k_rows, kv_long, nkv_long))?;
+                    }
+                    run(nkv_short, &|| dkdv(k_det, kv_short, nkv_short))?;
+                    if !conf.fused_prep {
+                        run(nq_short, &|| dq(q_short, nq_short, false))?;
+                    }
+                    run(nq_long, &|| convert(q_long, nq_long))?;
                 }
             }
             KernelSet::Simple => {

@@ -7,10 +7,12 @@
 //! own disk cache. Sequences are given by `cu_seqlens`; attention is causal within a sequence and
 //! never crosses one. A [`Plan`] (host tile lists, longest first) is built once per batch.
 //!
-//! Kernels: `fwd.cu` (forward, 64- or 128-row query tiles), `bwd_prep.cu` (D = rowsum(dO * O)), `bwd_dkdv.cu` (dK, dV over key
-//! tiles, GQA group summed in registers; optionally dQ too, through fp32 atomics), `bwd_dq.cu` (dQ
-//! over query tiles with recompute: the deterministic backward), `bwd_convert.cu` (atomic dQ to
-//! bf16); `simple.cu` holds the scalar stage-1 kernels used as the GPU oracle
+//! Kernels: `fwd.cu` (forward, 64- or 128-row query tiles), `bwd_prep.cu` (D = rowsum(dO * O)),
+//! `bwd_dkdv.cu` (dK, dV over key tiles, GQA group summed in registers; optionally dQ too,
+//! through fp32 atomics), `bwd_dq.cu` (dQ over query tiles with recompute: the deterministic
+//! backward; can compute D itself), `bwd_long.cu` (long sequences in FA2's layout: 128-key
+//! tiles, 8 warps, P and dS through shared memory, dQ by atomics), `bwd_convert.cu` (atomic dQ
+//! to bf16); `simple.cu` holds the scalar stage-1 kernels used as the GPU oracle
 //! ([`KernelSet::Simple`]). Runs of short sequences share 64-row tiles (block-diagonal mask).
 //! `reference` is the f64 CPU reference; `harness` checks and times everything (`flash-check`).
 
@@ -21,7 +23,10 @@ pub mod harness;
 pub mod plan;
 pub mod reference;
 
-pub use attention::{DqMode, FlashAttention, ForwardTiles, KernelSet, ModuleLoader, PACK_SHORT};
+pub use attention::{
+    BackwardConfig, DqMode, FlashAttention, ForwardTiles, KernelSet, LongKeys, ModuleLoader,
+    PACK_SHORT,
+};
 pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.

@@ -44,6 +44,12 @@ pub(crate) struct WorkspaceLayout {
     pub auto_wide: usize,
     /// `ForwardTiles::Auto`'s narrow list `[auto_narrow][4]` i32.
     pub auto_narrow: usize,
+    /// The atomic backward's 128-key list `[kv_wide][4]` i32.
+    pub kv_wide: usize,
+    /// The atomic backward's 64-key list `[kv_rest][4]` i32.
+    pub kv_rest: usize,
+    /// 64-row query tiles of the sequences of at least `AUTO_WIDE_MIN` tokens `[q_long][4]` i32.
+    pub q_long: usize,
     /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
     /// starts at local row `segs[64 k + r]`.
     pub segs: usize,
@@ -75,10 +81,18 @@ pub struct Plan {
     /// (wide kernel) and the 64-row tiles of the others (narrow kernel), each longest first.
     pub(crate) auto_wide: Vec<TileDesc>,
     pub(crate) auto_narrow: Vec<TileDesc>,
+    /// The backward's key tiles split by length: 128-key tiles (index in 128-key units) of the
+    /// sequences of at least `AUTO_WIDE_MIN` tokens (8-warp kernels), and the 64-key tiles of
+    /// the others, each longest first.
+    pub(crate) kv_wide: Vec<TileDesc>,
+    pub(crate) kv_rest: Vec<TileDesc>,
+    /// 64-row query tiles of the sequences of at least `AUTO_WIDE_MIN` tokens, longest first
+    /// (the others are `auto_narrow`).
+    pub(crate) q_long: Vec<TileDesc>,
     /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
     pub(crate) segs: Vec<i32>,
-    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++ segs`,
-    /// flattened: what goes to the workspace.
+    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++
+    /// kv_wide ++ kv_rest ++ q_long ++ segs`, flattened: what goes to the workspace.
     host: Vec<i32>,
     pinned: OnceLock<PinnedHostSlice<i32>>,
 }
@@ -128,6 +142,8 @@ impl Plan {
         let mut simple_tiles = Vec::new();
         let mut wide_tiles = Vec::new();
         let mut wide_cost = Vec::new();
+        let mut kv_wide = Vec::new();
+        let mut kv_wide_cost = Vec::new();
         let mut segs: Vec<i32> = Vec::new();
         let mut pad = 0usize;
         let mut max_len = 0usize;
@@ -204,6 +220,10 @@ impl Plan {
             for m in 0..len.div_ceil(WIDE_TILE) {
                 wide_tiles.push([w[0], len as i32, m as i32, pad as i32]);
                 wide_cost.push(((m + 1) * WIDE_TILE).min(len).div_ceil(TILE));
+                if len >= AUTO_WIDE_MIN {
+                    kv_wide.push([w[0], len as i32, m as i32, pad as i32]);
+                    kv_wide_cost.push(nt - 2 * m);
+                }
             }
             for m in 0..nt {
                 q_tiles.push([w[0], len as i32, m as i32, pad as i32]);
@@ -260,7 +280,12 @@ impl Plan {
         let long = |t: &&TileDesc| t[1] as usize >= AUTO_WIDE_MIN;
         let auto_wide: Vec<TileDesc> = wide_tiles.iter().filter(long).copied().collect();
         let auto_narrow: Vec<TileDesc> = q_tiles.iter().filter(|t| !long(t)).copied().collect();
+        let mut kwi: Vec<usize> = (0..kv_wide.len()).collect();
+        kwi.sort_by_key(|&i| std::cmp::Reverse(kv_wide_cost[i]));
+        let kv_wide: Vec<TileDesc> = kwi.iter().map(|&i| kv_wide[i]).collect();
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
+        let kv_rest: Vec<TileDesc> = kv_tiles.iter().filter(|t| !long(t)).copied().collect();
+        let q_long: Vec<TileDesc> = q_tiles.iter().filter(long).copied().collect();
         let host = q_tiles
             .iter()
             .chain(kv_tiles.iter())
@@ -268,6 +293,9 @@ impl Plan {
             .chain(wide_tiles.iter())
             .chain(auto_wide.iter())
             .chain(auto_narrow.iter())
+            .chain(kv_wide.iter())
+            .chain(kv_rest.iter())
+            .chain(q_long.iter())
             .flatten()
             .copied()
             .chain(segs.iter().copied())
@@ -285,6 +313,9 @@ impl Plan {
             wide_tiles,
             auto_wide,
             auto_narrow,
+            kv_wide,
+            kv_rest,
+            q_long,
             segs,
             host,
             pinned: OnceLock::new(),
@@ -318,7 +349,10 @@ impl Plan {
         let wide_tiles = simple_tiles + 16 * self.simple_tiles.len();
         let auto_wide = wide_tiles + 16 * self.wide_tiles.len();
         let auto_narrow = auto_wide + 16 * self.auto_wide.len();
-        let segs = auto_narrow + 16 * self.auto_narrow.len();
+        let kv_wide = auto_narrow + 16 * self.auto_narrow.len();
+        let kv_rest = kv_wide + 16 * self.kv_wide.len();
+        let q_long = kv_rest + 16 * self.kv_rest.len();
+        let segs = q_long + 16 * self.q_long.len();
         let lse2 = align256(segs + 4 * self.segs.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
         let dqacc = align256(d + 4 * n_heads * self.t_pad);
@@ -330,6 +364,9 @@ impl Plan {
             wide_tiles,
             auto_wide,
             auto_narrow,
+            kv_wide,
+            kv_rest,
+            q_long,
             segs,
             lse2,
             d,
@@ -456,6 +493,53 @@ mod tests {
             }
         }
         assert!(!plan.auto_wide.is_empty() && !plan.auto_narrow.is_empty());
+        // The atomic backward's key lists cover every key row once, too.
+        let mut kv_seen = vec![0u32; n];
+        for (list, rows) in [(&plan.kv_wide, WIDE_TILE), (&plan.kv_rest, TILE)] {
+            for t in list.iter() {
+                for r in 0..rows as i32 {
+                    let i = t[2].max(0) * rows as i32 + r;
+                    if i < t[1] {
+                        kv_seen[(t[0] + i) as usize] += 1;
+                    }
+                }
+            }
+        }
+        assert!(!plan.kv_wide.is_empty() && !plan.kv_rest.is_empty());
+        assert!(
+            kv_seen.iter().all(|&c| c == 1),
+            "each key row in exactly one long/short backward key tile"
+        );
+        // Long and short query tiles of the split backward cover every row once, too.
+        let mut q_seen = vec![0u32; n];
+        for t in plan.q_long.iter().chain(&plan.auto_narrow) {
+            for r in 0..TILE as i32 {
+                let i = t[2].max(0) * TILE as i32 + r;
+                if i < t[1] {
+                    q_seen[(t[0] + i) as usize] += 1;
+                }
+            }
+        }
+        assert!(!plan.q_long.is_empty());
+        assert!(
+            q_seen.iter().all(|&c| c == 1),
+            "each row in exactly one long/short query tile"
+        );
+        let cost = |t: &TileDesc, rows: i32| (t[1] + rows - 1) / rows - t[2].max(0);
+        let rest: Vec<i32> = plan.kv_rest.iter().map(|t| cost(t, TILE as i32)).collect();
+        assert!(
+            rest.windows(2).all(|w| w[0] >= w[1]),
+            "kv_rest longest first: {rest:?}"
+        );
+        let wide: Vec<i32> = plan
+            .kv_wide
+            .iter()
+            .map(|t| (t[1] + 63) / 64 - 2 * t[2])
+            .collect();
+        assert!(
+            wide.windows(2).all(|w| w[0] >= w[1]),
+            "kv_wide longest first: {wide:?}"
+        );
         assert!(
             auto_seen.iter().all(|&c| c == 1),
             "each row in exactly one auto tile"
@@ -503,7 +587,10 @@ mod tests {
         assert_eq!(l.wide_tiles, l.simple_tiles + 16 * plan.simple_tiles.len());
         assert_eq!(l.auto_wide, l.wide_tiles + 16 * plan.wide_tiles.len());
         assert_eq!(l.auto_narrow, l.auto_wide + 16 * plan.auto_wide.len());
-        assert_eq!(l.segs, l.auto_narrow + 16 * plan.auto_narrow.len());
+        assert_eq!(l.kv_wide, l.auto_narrow + 16 * plan.auto_narrow.len());
+        assert_eq!(l.kv_rest, l.kv_wide + 16 * plan.kv_wide.len());
+        assert_eq!(l.q_long, l.kv_rest + 16 * plan.kv_rest.len());
+        assert_eq!(l.segs, l.q_long + 16 * plan.q_long.len());
         assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
         assert_eq!(
             l.d - l.lse2,

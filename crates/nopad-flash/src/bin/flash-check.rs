@@ -2,9 +2,10 @@
 //! then time the mma kernels on the shapes (and dump data for bench/flash_vs_torch.py).
 //!
 //! Usage: `flash-check [--seed N] [--skip-check] [--skip-bench] [--reps N] [--dump DIR]
-//! [--only SUBSTR] [--skip SUBSTR] [--bench-only SUBSTR[,SUBSTR..]] [--ref-only]`. Exit status 1
-//! if any check fails. `FLASH_SUBST="from=>to;;.."` edits the kernel sources before compiling
-//! (experiments; see `harness::Gpu::new`).
+//! [--only SUBSTR[,SUBSTR..]] [--skip SUBSTR] [--bench-only SUBSTR[,SUBSTR..]] [--ref-only]`.
+//! Exit status 1 if any check fails. `FLASH_SUBST="from=>to;;.."` edits the kernel sources before
+//! compiling and `FLASH_BWD="key=value,.."` overrides the backward kernel choices (experiments;
+//! see `harness::Gpu::new`).
 
 use std::io::Write;
 use std::time::Instant;
@@ -34,7 +35,10 @@ fn main() {
     println!("flash-check seed {seed}");
     let shapes: Vec<_> = check::check_shapes(seed)
         .into_iter()
-        .filter(|s| only.as_ref().is_none_or(|o| s.name.contains(o.as_str())))
+        .filter(|s| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|o| s.name.contains(o)))
+        })
         .filter(|s| skip.as_ref().is_none_or(|o| !s.name.contains(o.as_str())))
         .collect();
     if has("--ref-only") {

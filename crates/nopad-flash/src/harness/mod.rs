@@ -15,7 +15,7 @@ use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use rayon::prelude::*;
 
-use crate::{FlashAttention, FlashDims, FlashError};
+use crate::{BackwardConfig, FlashAttention, FlashDims, FlashError, LongKeys};
 
 /// Harness failures (setup, driver, files), with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,11 @@ impl Gpu {
             let ptx = compile_ptx_with_opts(src, opts).map_err(|e| format!("{name}: {e:?}"))?;
             lctx.load_module(ptx).map_err(|e| format!("{name}: {e}"))
         };
-        let fa = FlashAttention::new(&load)?;
+        let mut fa = FlashAttention::new(&load)?;
+        if let Some(conf) = backward_config_from_env()? {
+            eprintln!("FLASH_BWD: {conf:?}");
+            fa.set_backward_config(conf);
+        }
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -138,6 +142,7 @@ fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
             crate::attention::BWD_PREP,
             crate::attention::BWD_DKDV,
             crate::attention::BWD_DQ,
+            crate::attention::BWD_LONG,
             crate::attention::BWD_CONVERT,
             crate::attention::SIMPLE,
         ];
@@ -150,6 +155,34 @@ fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
         out.push((from, to.to_string()));
     }
     Ok(out)
+}
+
+/// Experiments without rebuilding: `FLASH_BWD="fused_prep=0,long_det=split,long_atomic=rows"`
+/// overrides fields of the default `BackwardConfig` (harness only; unknown keys are errors).
+fn backward_config_from_env() -> Result<Option<BackwardConfig>, HarnessError> {
+    let Ok(spec) = std::env::var("FLASH_BWD") else {
+        return Ok(None);
+    };
+    let bad = |what: &str| HarnessError::NoDevice(format!("FLASH_BWD: {what}"));
+    let keys = |v: &str| match v {
+        "narrow" => Ok(LongKeys::Narrow),
+        "rows" => Ok(LongKeys::Rows),
+        "split" => Ok(LongKeys::Split),
+        _ => Err(bad(&format!("unknown kernel choice '{v}'"))),
+    };
+    let mut conf = BackwardConfig::default();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| bad(&format!("entry without '=': {part}")))?;
+        match k.trim() {
+            "fused_prep" => conf.fused_prep = v.trim() == "1",
+            "long_det" => conf.long_deterministic = keys(v.trim())?,
+            "long_atomic" => conf.long_atomic = keys(v.trim())?,
+            _ => return Err(bad(&format!("unknown key '{k}'"))),
+        }
+    }
+    Ok(Some(conf))
 }
 
 /// A batch shape: packed sequences plus head geometry.

@@ -20,12 +20,13 @@
 template <int DH>
 __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                                              const bf16_t* __restrict__ d_out,
-                                             const float* __restrict__ lse2,
-                                             const float* __restrict__ Dg,
+                                             float* __restrict__ lse2, float* __restrict__ Dg,
                                              bf16_t* __restrict__ d_qkv,
                                              const int4* __restrict__ tiles,
-                                             const int* __restrict__ segs, int H, int Hkv,
-                                             int Tpad, float scale) {
+                                             const int* __restrict__ segs,
+                                             const bf16_t* __restrict__ out,
+                                             const float* __restrict__ lse, int H, int Hkv,
+                                             int N, int Tpad, float scale) {
     constexpr int TILE = 64 * DH;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16_t* sQ = (bf16_t*)smem_raw;
@@ -51,16 +52,58 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                                   L - m * 64, tid);
     load_tile<64, DH, DQ_THREADS>(sK, gK, rs, L, tid);
     load_tile<64, DH, DQ_THREADS>(sV, gV, rs, L, tid);
+    // out != nullptr: this kernel computes D and lse2 of its rows (and stores them for the dK/dV
+    // kernel, which then runs after it): O goes to the K/V ring's second K stage, free until
+    // the loop's first prefetch.
+    bf16_t* sO = sK + TILE;
+    if (out != nullptr)
+        load_tile<64, DH, DQ_THREADS>(sO, out + (long long)(seq_start + m * 64) * ors + h * DH,
+                                      ors, L - m * 64, tid);
     cp_commit();
 
     float l2[2], dd[2];
     int seg_lo[2] = {0, 0};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2; ++r)
         if (tile.z < 0) seg_lo[r] = segs[(-tile.z - 1) * 64 + warp * 16 + g + 8 * r];
-        long long p = (long long)h * Tpad + pad + m * 64 + warp * 16 + g + 8 * r;
-        l2[r] = lse2[p];
-        dd[r] = Dg[p];
+    if (out != nullptr) {
+        cp_wait<0>();
+        __syncthreads();  // dO and O landed for every thread.
+        // Row warp * 16 + (lane >> 1): lanes 2i, 2i + 1 each sum half of its DH products
+        // (rows >= L were zero-filled, so their D is 0).
+        const int row = warp * 16 + (lane >> 1), half = lane & 1;
+        float dsum = 0.f;
+#pragma unroll
+        for (int ch = 0; ch < DH / 16; ++ch) {
+            int chunk = half * (DH / 16) + ch;
+            uint4 a = *(const uint4*)(sdO + swz<DH>(row, chunk));
+            uint4 b = *(const uint4*)(sO + swz<DH>(row, chunk));
+            dsum += bf_lo(a.x) * bf_lo(b.x) + bf_hi(a.x) * bf_hi(b.x);
+            dsum += bf_lo(a.y) * bf_lo(b.y) + bf_hi(a.y) * bf_hi(b.y);
+            dsum += bf_lo(a.z) * bf_lo(b.z) + bf_hi(a.z) * bf_hi(b.z);
+            dsum += bf_lo(a.w) * bf_lo(b.w) + bf_hi(a.w) * bf_hi(b.w);
+        }
+        dsum += __shfl_xor_sync(0xffffffffu, dsum, 1);
+        const int i = m * 64 + row;
+        const float l2v = i < L ? lse[(long long)h * N + seq_start + i] * LOG2E : FLASH_INF;
+        if (half == 0) {
+            long long p = (long long)h * Tpad + pad + i;
+            Dg[p] = dsum;
+            lse2[p] = l2v;
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            dd[r] = __shfl_sync(0xffffffffu, dsum, 2 * (g + 8 * r));
+            l2[r] = __shfl_sync(0xffffffffu, l2v, 2 * (g + 8 * r));
+        }
+        __syncthreads();  // every warp has read sO before the loop refills that stage.
+    } else {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            long long p = (long long)h * Tpad + pad + m * 64 + warp * 16 + g + 8 * r;
+            l2[r] = lse2[p];
+            dd[r] = Dg[p];
+        }
     }
     float dq[DH / 8][4];
 #pragma unroll
@@ -198,15 +241,16 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DQ_THREADS)
-    flash_bwd_dq_64(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
-                    bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
-                    float scale) {
-    flash_bwd_dq<64>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
-}
-extern "C" __global__ void __launch_bounds__(DQ_THREADS)
-    flash_bwd_dq_128(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,
-                     bf16_t* d_qkv, const int4* tiles, const int* segs, int H, int Hkv, int Tpad,
-                     float scale) {
-    flash_bwd_dq<128>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
-}
+// DH 64: 3 CTAs/SM (168 registers, as uncapped; 4 would need 128 and spills 56 B).
+#define DQ64_MINB 3
+#define DQ_ENTRY(DH, NAME, MINB)                                                              \
+    extern "C" __global__ void __launch_bounds__(DQ_THREADS, MINB)                             \
+        NAME(const bf16_t* qkv, const bf16_t* d_out, float* lse2, float* D, bf16_t* d_qkv,     \
+             const int4* tiles, const int* segs, const bf16_t* out, const float* lse, int H,   \
+             int Hkv, int N, int Tpad, float scale) {                                          \
+        flash_bwd_dq<DH>(qkv, d_out, lse2, D, d_qkv, tiles, segs, out, lse, H, Hkv, N, Tpad,   \
+                         scale);                                                               \
+    }
+
+DQ_ENTRY(64, flash_bwd_dq_64, DQ64_MINB)
+DQ_ENTRY(128, flash_bwd_dq_128, 1)

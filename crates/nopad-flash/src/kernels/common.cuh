@@ -86,6 +86,18 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 #endif
 }
 
+// p[0..3] += {a, b, c, d}: one 16-byte vector reduction on sm_90 (p 16-byte aligned).
+__device__ __forceinline__ void red_add_v4(float* p, float a, float b, float c, float d) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b),
+                 "f"(c), "f"(d)
+                 : "memory");
+#else
+    red_add_v2(p, a, b);
+    red_add_v2(p + 2, c, d);
+#endif
+}
+
 // Element offset of 16-byte chunk `c` of row `r` in a swizzled [rows][DH] tile.
 template <int DH>
 __device__ __forceinline__ int swz(int r, int c) {

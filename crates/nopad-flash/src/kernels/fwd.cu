@@ -19,6 +19,8 @@
 // Accumulation: fp32 (scores, O, row sums); P is rounded to bf16 for the P V product.
 
 #define FWD_THREADS 128
+// 1: V_0 is copied together with Q and K_0 at the start (0: after the first barrier, as run 4).
+#define FWD_PREFETCH_V0 1
 
 template <int DH, int WM>
 __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t* __restrict__ out,
@@ -26,7 +28,9 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
                                           const int* __restrict__ segs, int H, int Hkv, int N,
                                           float scale) {
     constexpr int BR = 64 * WM, BC = 64;
-    constexpr bool Q_IN_REGS = WM == 1;
+    // Q fragments stay in registers only at DH 64: at DH 128 they would cost 32 registers and
+    // hold the 64-row kernel at 3 CTAs/SM (168 registers) instead of 4 (128).
+    constexpr bool Q_IN_REGS = WM == 1 && DH == 64;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16_t* sQ = (bf16_t*)smem_raw;  // [BR][DH]
     bf16_t* sK = sQ + BR * DH;        // [BC][DH]
@@ -56,6 +60,12 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     load_tile<BR, DH, FWD_THREADS>(sQ, gQ, rs, L - m * BR, tid);
     load_tile<BC, DH, FWD_THREADS>(sK, gK, rs, L, tid);
     cp_commit();
+    if (FWD_PREFETCH_V0) {
+        // V_0 as its own group, in flight with Q and K_0 (a tile of a short sequence otherwise
+        // waits for two copies in a row).
+        load_tile<BC, DH, FWD_THREADS>(sV, gV, rs, L, tid);
+        cp_commit();
+    }
 
     float o[WM][DH / 8][4];
     float row_max[WM][2], row_sum[WM][2];
@@ -88,7 +98,10 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     }
 
     for (int n = 0; n < n_tiles; ++n) {
-        cp_wait<0>();
+        if (FWD_PREFETCH_V0 && n == 0)
+            cp_wait<1>();  // Q, K_0 landed (V_0 may still be in flight)
+        else
+            cp_wait<0>();
         __syncthreads();  // K_n landed; every warp finished P V_{n-1}, so sV may be refilled.
         aQ.refresh();
         aK.refresh();
@@ -96,8 +109,10 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
 #pragma unroll
             for (int kk = 0; kk < DH / 16; ++kk) ldsm_x4(qf[Q_IN_REGS ? kk : 0], aQ.at(warp * 16, kk));
         }
-        load_tile<BC, DH, FWD_THREADS>(sV, gV + (long long)n * BC * rs, rs, L - n * BC, tid);
-        cp_commit();
+        if (!FWD_PREFETCH_V0 || n > 0) {
+            load_tile<BC, DH, FWD_THREADS>(sV, gV + (long long)n * BC * rs, rs, L - n * BC, tid);
+            cp_commit();
+        }
 
         // need bit np: this warp must multiply 16-key block np of this tile. Only WM = 1 skips
         // (WM = 2, the long-sequence kernel, spilled with the predicated path; all = true).
@@ -291,8 +306,9 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
 }
 
 // MINB: CTAs per SM the register allocation must allow (ptxas 13.0, no spills at these caps):
-// DH 64 WM 1: 128 registers, 4 CTAs/SM; DH 128 WM 1: 168, 3 CTAs/SM (216 uncapped). Run 3
-// saw the DH 64 kernel lose ~20% on short sequences when it fell from 3 CTAs/SM to 2.
+// DH 64 WM 1: 128 registers, 4 CTAs/SM; DH 128 WM 1 (Q read from smem): 128, 4 CTAs/SM, a few
+// spilled row statistics (72 B; with Q in registers 168 at 3 CTAs/SM, 216 uncapped). Run 4a:
+// 4 vs 3 CTAs/SM (DH 64) and 3 vs 2 (DH 128) gave +19% and +23% on 500 x U[8,256].
 #define FWD_ENTRY(DH, WM, NAME, MINB)                                                          \
     extern "C" __global__ void __launch_bounds__(FWD_THREADS, MINB)                            \
         NAME(const bf16_t* qkv, bf16_t* out, float* lse, const int4* tiles, const int* segs,   \
@@ -301,6 +317,6 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ qkv, bf16_t
     }
 
 FWD_ENTRY(64, 1, flash_fwd_64, 4)
-FWD_ENTRY(128, 1, flash_fwd_128, 3)
+FWD_ENTRY(128, 1, flash_fwd_128, 4)
 FWD_ENTRY(64, 2, flash_fwd_br128_64, 1)
 FWD_ENTRY(128, 2, flash_fwd_br128_128, 1)
