@@ -168,9 +168,9 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Sets every gradient to zero: free, the next micro-batch's backward overwrites them.
-    pub fn zero_grads(&mut self, b: &B) -> Result<()> {
-        let _ = b;
+    /// Sets every gradient to zero. Free: nothing touches the device (`b` is kept for the
+    /// callers' sake), the next micro-batch's backward overwrites them.
+    pub fn zero_grads(&mut self, _b: &B) -> Result<()> {
         self.check_grads()?;
         self.grad_state = GradState::Zero;
         Ok(())
@@ -227,7 +227,7 @@ impl<B: Backend> Model<B> {
                 "a forward while the previous training forward's backward has not run",
             ),
             (GradState::Written, _) if self.alias_grads => refuse(
-                "a forward would write activations over the gradients (gradient aliasing is for                  steps of one micro-batch): take the optimizer step and zero_grads first, or turn                  aliasing off for gradient accumulation",
+                "a forward would write activations over the gradients (gradient aliasing is for steps of one micro-batch): take the optimizer step and zero_grads first, or turn aliasing off for gradient accumulation",
             ),
             (_, false) => Ok(None),
             (GradState::Zero, true) => Ok(Some(GradWrite::Overwrite)),
