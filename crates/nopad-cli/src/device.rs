@@ -69,6 +69,9 @@ pub struct Precision {
     pub dtype: CudaDtype,
     /// bf16 parameter gradients (bf16 compute only).
     pub bf16_grads: bool,
+    /// The user asked for bf16 gradients (`--grad-dtype bf16`), so falling back to the CPU,
+    /// which keeps f32 gradients, is worth a note.
+    pub asked_bf16_grads: bool,
 }
 
 impl Precision {
@@ -77,6 +80,7 @@ impl Precision {
         Precision {
             dtype,
             bf16_grads: false,
+            asked_bf16_grads: false,
         }
     }
 
@@ -87,7 +91,11 @@ impl Precision {
             GradDtype::F32 => false,
             GradDtype::Bf16 => true,
         };
-        Precision { dtype, bf16_grads }
+        Precision {
+            dtype,
+            bf16_grads,
+            asked_bf16_grads: grads == GradDtype::Bf16,
+        }
     }
 }
 
@@ -112,7 +120,12 @@ fn cuda(p: Precision) -> Result<Cuda> {
 
 /// Runs `job` on the backend `choice` selects.
 pub fn run_on<J: Job>(choice: DeviceChoice, prec: Precision, job: J) -> Result<J::Out> {
-    let cpu = |job: J| job.run(&Cpu::<f32>::new());
+    let cpu = |job: J| {
+        if prec.asked_bf16_grads {
+            eprintln!("nopad: --grad-dtype bf16 applies to CUDA only; the CPU keeps f32 gradients");
+        }
+        job.run(&Cpu::<f32>::new())
+    };
     match choice {
         DeviceChoice::Cpu => cpu(job),
         DeviceChoice::Cuda => job.run(&cuda(prec)?),
