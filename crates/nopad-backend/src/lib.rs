@@ -217,6 +217,12 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// Most bytes held by live buffers at once so far (like `torch.cuda.max_memory_allocated`).
     fn peak_memory(&self) -> usize;
+    /// Records a timestamp in the device's queue (an event on CUDA; the host clock on the CPU,
+    /// whose ops run synchronously), for profiling without synchronising.
+    fn timestamp(&self) -> Result<()>;
+    /// Waits for the queued work, then returns the seconds between consecutive timestamps
+    /// recorded since the last call (one fewer than there were) and forgets them.
+    fn take_timestamps(&self) -> Result<Vec<f64>>;
     /// Gives the free blocks a caching allocator holds back to the device (after the queued
     /// work finishes). The model calls it when its activations grow: the old, smaller blocks
     /// would otherwise stay reserved, as no larger request can use them. A no-op by default.

@@ -324,7 +324,7 @@ fn profile_steps<B: Backend>(
     model.set_profiling(false);
     let k = cfg.profile_steps as f64;
     let mut v: Vec<(String, f64)> = model
-        .take_profile()
+        .take_profile(b)?
         .into_iter()
         .map(|(l, s, _)| (l.to_string(), s * 1e3 / k))
         .collect();

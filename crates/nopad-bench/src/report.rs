@@ -116,7 +116,7 @@ pub fn profile_text(results: &[StrategyResult]) -> String {
     for r in results.iter().filter(|r| !r.profile.is_empty()) {
         let total: f64 = r.profile.iter().map(|p| p.1).sum();
         out.push(format!(
-            "{} (profiled, synchronised after every op): {total:.1} ms per step",
+            "{} (profiled: device time between op boundaries, optimizer synchronised): {total:.1} ms per step",
             r.strategy
         ));
         for (op, ms) in &r.profile {

@@ -137,8 +137,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// Seconds and calls per op label since profiling started or was last taken.
-    pub fn take_profile(&mut self) -> Vec<(&'static str, f64, u64)> {
-        self.profile.take()
+    pub fn take_profile(&mut self, b: &B) -> Result<Vec<(&'static str, f64, u64)>> {
+        self.profile.take(b)
     }
 
     /// Writes host values into the parameters at `offset`.

@@ -168,6 +168,9 @@ impl<T> Drop for CpuBuf<T> {
 /// The CPU backend over scalar type `T`.
 pub struct Cpu<T> {
     mem: Arc<MemCounter>,
+    /// Host clock readings of `Backend::timestamp` (ops run synchronously, so the host clock at
+    /// an op boundary is the device's).
+    stamps: std::sync::Mutex<Vec<std::time::Instant>>,
     _t: PhantomData<T>,
 }
 
@@ -182,6 +185,7 @@ impl<T: Scalar> Cpu<T> {
     pub fn new() -> Self {
         Cpu {
             mem: Arc::new(MemCounter::default()),
+            stamps: std::sync::Mutex::new(Vec::new()),
             _t: PhantomData,
         }
     }
@@ -268,6 +272,15 @@ impl<T: Scalar> Backend for Cpu<T> {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn timestamp(&self) -> Result<()> {
+        let now = std::time::Instant::now();
+        self.stamps.lock().expect("stamps mutex poisoned").push(now);
+        Ok(())
+    }
+    fn take_timestamps(&self) -> Result<Vec<f64>> {
+        let s = std::mem::take(&mut *self.stamps.lock().expect("stamps mutex poisoned"));
+        Ok(s.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect())
     }
     fn peak_memory(&self) -> usize {
         self.mem.peak.load(Ordering::Relaxed)

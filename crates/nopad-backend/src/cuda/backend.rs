@@ -223,6 +223,35 @@ impl Backend for Cuda {
             .peak()
     }
 
+    fn timestamp(&self) -> Result<()> {
+        let e = self
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(self.device_err("timestamp (cuEventRecord)"))?;
+        self.timestamps
+            .lock()
+            .expect("timestamp mutex poisoned by a panic in another thread")
+            .push(e);
+        Ok(())
+    }
+
+    fn take_timestamps(&self) -> Result<Vec<f64>> {
+        let events = std::mem::take(
+            &mut *self
+                .timestamps
+                .lock()
+                .expect("timestamp mutex poisoned by a panic in another thread"),
+        );
+        events
+            .windows(2)
+            .map(|w| {
+                w[0].elapsed_ms(&w[1])
+                    .map(|ms| ms as f64 * 1e-3)
+                    .map_err(self.device_err("take_timestamps (cuEventElapsedTime)"))
+            })
+            .collect()
+    }
+
     fn release_cached(&self) -> Result<()> {
         self.pool
             .lock()

@@ -154,6 +154,8 @@ pub struct Cuda {
     /// The flash plan of the last batch (its cu_seqlens and head shape): every layer's forward
     /// and backward of a micro-batch share one plan and its pinned tile lists.
     flash_plan: Mutex<Option<attention::CachedPlan>>,
+    /// Events recorded by `Backend::timestamp` (profiling).
+    timestamps: Mutex<Vec<cudarc::driver::CudaEvent>>,
     simple_attention: bool,
     deterministic: bool,
     blas: Blas,
@@ -207,6 +209,7 @@ impl Cuda {
         Ok(Cuda {
             flash: std::sync::OnceLock::new(),
             flash_plan: Mutex::new(None),
+            timestamps: Mutex::new(Vec::new()),
             simple_attention: opts.simple_attention,
             deterministic: opts.deterministic,
             blas,
