@@ -28,6 +28,8 @@ pub struct Acts<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
+    /// Makes the activation buffers hold `n` tokens, reallocating them (and, with aliasing, the
+    /// gradients that share their allocation) when the batch is larger than any before.
     pub(super) fn ensure_acts(&mut self, b: &B, n: usize) -> Result<()> {
         let full = self.recompute == Recompute::Full;
         let slots = if full { 1 } else { self.cfg.num_hidden_layers };
