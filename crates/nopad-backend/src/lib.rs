@@ -42,7 +42,7 @@ pub enum Kind {
 }
 
 /// Checks the parts of [`Backend::alloc_parts`]: aligned offsets, inside the allocation.
-pub fn check_parts(
+pub(crate) fn check_parts(
     bytes: usize,
     parts: &[(usize, usize, Kind)],
     size: impl Fn(Kind) -> usize,

@@ -513,3 +513,17 @@ fn reductions_are_deterministic_and_shape_errors_are_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn alloc_parts_checks_alignment_and_bounds() {
+    use crate::Kind;
+    let b = Cpu::<f32>::new();
+    let ok = b
+        .alloc_parts(1024, &[(0, 4, Kind::Compute), (256, 192, Kind::Grad)])
+        .unwrap();
+    assert_eq!(ok.iter().map(|p| p.len()).collect::<Vec<_>>(), [4, 192]);
+    for bad in [(100, 4, Kind::Master), (768, 65, Kind::Master)] {
+        let err = b.alloc_parts(1024, &[bad]).unwrap_err().to_string();
+        assert!(err.contains("unaligned or outside the 1024 bytes"), "{err}");
+    }
+}
