@@ -11,6 +11,7 @@ use cudarc::driver::{
 };
 
 use crate::plan::{Plan, WorkspaceLayout, TILE};
+use crate::staging::StagingPool;
 use crate::{FlashDims, FlashError};
 
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
@@ -125,6 +126,8 @@ pub struct FlashAttention {
     forward_tiles: ForwardTiles,
     nondeterministic_dq: DqMode,
     backward_config: BackwardConfig,
+    /// Page-locked buffers for the tile-list uploads, shared with the plans.
+    pub(crate) staging: Arc<StagingPool>,
 }
 
 fn smem_dkdv(dh: usize, atomic: bool) -> usize {
@@ -223,6 +226,7 @@ impl FlashAttention {
             forward_tiles: ForwardTiles::Auto,
             nondeterministic_dq: DqMode::Recompute,
             backward_config: BackwardConfig::default(),
+            staging: Arc::new(StagingPool::default()),
         })
     }
 
@@ -316,12 +320,7 @@ impl FlashAttention {
         plan: &Plan,
         workspace: u64,
     ) -> Result<(), FlashError> {
-        let tiles = plan.pinned_tiles(stream.context())?;
-        if !tiles.is_empty() {
-            result::memcpy_htod_async(workspace, tiles, stream.cu_stream())
-                .map_err(driver("uploading tile lists to the workspace"))?;
-        }
-        Ok(())
+        plan.upload(&self.staging, stream, workspace)
     }
 
     /// Forward: `out: [N, H*Dh]` bf16 and `lse: [H, N]` fp32 from `qkv: [N, (H+2Hkv)*Dh]` bf16.

@@ -22,6 +22,7 @@ mod attention;
 pub mod harness;
 pub mod plan;
 pub mod reference;
+mod staging;
 
 pub use attention::{
     BackwardConfig, DqMode, FlashAttention, ForwardTiles, KernelSet, LongKeys, ModuleLoader,

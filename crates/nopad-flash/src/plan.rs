@@ -8,13 +8,14 @@
 //! `seq_start` = first row, `seq_len` = rows, `tile_index = -(k + 1)` naming row k of the segment
 //! table, which gives each row's sequence start; the kernels add a block-diagonal mask), so a
 //! batch of 2000 sequences of 1-32 tokens needs ~500 tiles rather than 2000. Lists are sorted by cost, longest first, so the heaviest tiles start in the first wave
-//! and short ones fill the tail. Nothing here touches the GPU except the pinned staging copy that
-//! the launchers create on first use.
+//! and short ones fill the tail. Nothing here touches the GPU except the upload, from a page-locked
+//! buffer borrowed from the `staging` pool on first use.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, PinnedHostSlice};
+use cudarc::driver::CudaStream;
 
+use crate::staging::{StagingBuf, StagingPool};
 use crate::{FlashDims, FlashError};
 
 /// Rows per tile in every kernel (query tiles and key tiles alike) but the wide forward.
@@ -93,8 +94,19 @@ pub struct Plan {
     pub(crate) segs: Vec<i32>,
     /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++
     /// kv_wide ++ kv_rest ++ q_long ++ segs`, flattened: what goes to the workspace.
-    host: Vec<i32>,
-    pinned: OnceLock<PinnedHostSlice<i32>>,
+    pub(crate) host: Vec<i32>,
+    /// The page-locked copy of `host`, borrowed from the pool on the first upload and returned
+    /// when the plan drops.
+    staged: Mutex<Option<(Arc<StagingPool>, StagingBuf)>>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        let staged = self.staged.get_mut().map(|s| s.take());
+        if let Ok(Some((pool, buf))) = staged {
+            pool.give_back(buf);
+        }
+    }
 }
 
 impl std::fmt::Debug for Plan {
@@ -318,7 +330,7 @@ impl Plan {
             q_long,
             segs,
             host,
-            pinned: OnceLock::new(),
+            staged: Mutex::new(None),
         })
     }
 
@@ -375,37 +387,28 @@ impl Plan {
         }
     }
 
-    /// The tile lists in page-locked host memory (created once per plan), so the upload in
-    /// `forward`/`backward` is a true async copy that never waits for the stream.
-    pub(crate) fn pinned_tiles(
+    /// Copy the tile lists to the workspace (device address `dst`) on `stream`, from
+    /// page-locked memory borrowed from `pool` on the first call, so the copy is truly async.
+    ///
+    /// # Safety
+    /// `dst` is a device allocation of at least `4 * host.len()` bytes on `stream`'s context.
+    pub(crate) unsafe fn upload(
         &self,
-        ctx: &std::sync::Arc<CudaContext>,
-    ) -> Result<&[i32], FlashError> {
-        if self.pinned.get().is_none() {
-            let len = self.host.len().max(4);
-            // SAFETY: the slice is fully written below before any copy reads it.
-            let mut p =
-                unsafe { ctx.alloc_pinned::<i32>(len) }.map_err(|e| FlashError::Driver {
-                    what: "alloc_pinned for tile lists".into(),
-                    source: e,
-                })?;
-            let dst = p.as_mut_ptr().map_err(|e| FlashError::Driver {
-                what: "pinned tile list pointer".into(),
-                source: e,
-            })?;
-            // SAFETY: `dst` points at `len >= host.len()` i32s owned by `p`.
-            unsafe { std::ptr::copy_nonoverlapping(self.host.as_ptr(), dst, self.host.len()) };
-            let _ = self.pinned.set(p);
+        pool: &Arc<StagingPool>,
+        stream: &CudaStream,
+        dst: u64,
+    ) -> Result<(), FlashError> {
+        if self.host.is_empty() {
+            return Ok(());
         }
-        let p = self
-            .pinned
-            .get()
-            .ok_or_else(|| FlashError::InvalidSeqlens("pinned tile list missing".into()))?;
-        let s = p.as_slice().map_err(|e| FlashError::Driver {
-            what: "pinned tile list slice".into(),
-            source: e,
-        })?;
-        Ok(&s[..self.host.len()])
+        let mut staged = self.staged.lock().expect("plan staging mutex poisoned");
+        if staged.is_none() {
+            *staged = Some((pool.clone(), pool.take(stream.context(), &self.host)?));
+        }
+        match staged.as_ref() {
+            Some((_, buf)) => buf.upload(stream, dst),
+            None => Ok(()),
+        }
     }
 }
 

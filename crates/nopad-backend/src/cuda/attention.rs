@@ -32,8 +32,8 @@ struct AttnParams {
     scale: f32,
 }
 
-/// Checks the dims against `cu_seqlens` and returns the tile list `[(b, tile)]`, flattened.
-fn tiles(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<Vec<i32>> {
+/// Checks the dims against `cu_seqlens` (both kernel paths).
+fn check_batch(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<()> {
     let s = dims.n_seqs;
     check(cu.host.len() > s, op, || {
         format!("cu_seqlens has {} entries for {s} sequences", cu.host.len())
@@ -64,8 +64,15 @@ fn tiles(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<Vec<i32>> {
             dims.head_dim
         )));
     }
+    Ok(())
+}
+
+/// The simple kernel's tile list `[(b, tile)]`, flattened, longest sequences first (after
+/// `check_batch`).
+fn tiles(cu: &CudaInts, dims: &AttnDims) -> Vec<i32> {
+    let cu = &cu.host[..=dims.n_seqs];
     let mut list: Vec<(usize, i32, i32)> = Vec::new();
-    for b in 0..s {
+    for b in 0..dims.n_seqs {
         let len = (cu[b + 1] - cu[b]) as usize;
         for t in 0..len.div_ceil(TILE) {
             // Cost: key tiles visited by this query tile (causal), for longest-first order.
@@ -73,7 +80,7 @@ fn tiles(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<Vec<i32>> {
         }
     }
     list.sort_by_key(|&(cost, _, _)| std::cmp::Reverse(cost));
-    Ok(list.into_iter().flat_map(|(_, b, t)| [b, t]).collect())
+    list.into_iter().flat_map(|(_, b, t)| [b, t]).collect()
 }
 
 fn smem_fwd(dh: usize) -> u32 {
@@ -186,12 +193,12 @@ impl Cuda {
         dims: AttnDims,
     ) -> Result<()> {
         let op = "attention_forward";
-        let list = tiles(op, cu_seqlens, &dims)?;
+        check_batch(op, cu_seqlens, &dims)?;
         let n = dims.n;
         want(op, "out", &out, self.compute, n * dims.out_width())?;
         want(op, "lse", &lse, Dtype::F32, dims.n_heads * n)?;
         want(op, "qkv", &qkv, self.compute, n * dims.qkv_width())?;
-        if list.is_empty() || dims.n_heads == 0 {
+        if n == 0 || dims.n_heads == 0 {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
@@ -217,6 +224,7 @@ impl Cuda {
             }
             .map_err(Self::flash_err(op));
         }
+        let list = tiles(cu_seqlens, &dims);
         let tiles = self.ints(&list)?;
         let mut p = self.params(&dims, cu_seqlens, &tiles);
         p.out = out.ptr;
@@ -245,14 +253,14 @@ impl Cuda {
         dims: AttnDims,
     ) -> Result<()> {
         let op = "attention_backward";
-        let list = tiles(op, cu_seqlens, &dims)?;
+        check_batch(op, cu_seqlens, &dims)?;
         let n = dims.n;
         want(op, "d_qkv", &d_qkv, self.compute, n * dims.qkv_width())?;
         want(op, "d_out", &d_out, self.compute, n * dims.out_width())?;
         want(op, "qkv", &qkv, self.compute, n * dims.qkv_width())?;
         want(op, "out", &out, self.compute, n * dims.out_width())?;
         want(op, "lse", &lse, Dtype::F32, dims.n_heads * n)?;
-        if list.is_empty() || dims.n_heads == 0 {
+        if n == 0 || dims.n_heads == 0 {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
@@ -281,6 +289,7 @@ impl Cuda {
             }
             .map_err(Self::flash_err(op));
         }
+        let list = tiles(cu_seqlens, &dims);
         let tiles = self.ints(&list)?;
         let delta = self.scratch(dims.n_heads * n, Dtype::F32)?;
         let mut p = self.params(&dims, cu_seqlens, &tiles);
