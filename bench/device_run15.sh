@@ -24,7 +24,7 @@ if [ $SECONDS -lt 330 ]; then
 fi
 if [ $SECONDS -lt 470 ]; then
   timeout 80 ncu --clock-control none --section SpeedOfLight --section LaunchStats --section Occupancy \
-    -k regex:"rmsnorm_bwd|partials_finish" --launch-skip 300 --launch-count 6 \
+    -k regex:"rmsnorm_bwd|partials_finish" --launch-skip 100 --launch-count 6 \
     $d/nopad bench --device cuda --out /tmp/nc15 $c1 --warmup 1 --steps 2 > /tmp/logs/ncu_rms.txt 2>&1
   echo "ncu rc=$? at ${SECONDS}s"
   grep -E "^  [a-z_]+.*\(|Duration|Memory Throughput|Achieved Occupancy|Grid Size|Registers Per" /tmp/logs/ncu_rms.txt | head -40
