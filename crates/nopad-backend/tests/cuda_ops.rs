@@ -367,7 +367,15 @@ fn linear_forward_backward() {
 fn rmsnorm_forward_backward() {
     let Some(envs) = envs("rmsnorm") else { return };
     for mut e in envs {
-        for (n, d) in [(1, 1), (7, 13), (131, 2048), (1000, 67), (3000, 256)] {
+        for (n, d) in [
+            (1, 1),
+            (7, 13),
+            (131, 2048),
+            (1000, 67),
+            (3000, 256),
+            (517, 4096),
+            (9, 2056),
+        ] {
             let tag = format!("n={n} d={d}");
             let (x, w) = (e.randn(n * d, 1.0), e.randn(d, 1.0));
             let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));

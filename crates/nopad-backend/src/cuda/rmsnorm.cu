@@ -2,6 +2,7 @@
 // x, y, dy, dx: [N, D] compute_t; weight: [D] compute_t; rstd: [N] f32 (saved by the forward);
 // d_weight partials: [splits, D] f32, finished by reduce.cu's partials_finish.
 // fwd and bwd_dx: one block (256 threads) per row. bwd_dw_partial: grid (ceil(D/256), splits).
+// bwd_fused_v8_{1,2} (D <= 4096, 8-wide): dx and the d_weight partials in one pass, grid splits.
 
 struct RmsnormParams {
     compute_t* y;          // fwd: y; bwd: dx (accumulated)
@@ -120,6 +121,88 @@ extern "C" __global__ void KNAME(rmsnorm_bwd_dw_partial_v8)(const RmsnormParams 
     float* out = p.partial + (i64)blockIdx.y * p.d + j;
 #pragma unroll
     for (int k = 0; k < 8; ++k) out[k] = acc[k];
+}
+
+// The backward in one pass (8-wide, d % 8 == 0, d <= 2048 NV): block b owns rows
+// [b rows_per, (b + 1) rows_per) and, in every thread, columns j = 8 tid + 2048 k (k < NV). Per
+// row: s = sum_j w dy x (block sum), dx += r w dy - x r^3 s / D, and the thread's d_weight
+// partial += dy x r stays in registers; the next row's dy, x and rstd are loaded before this
+// row's reduction, so the loads overlap it. partial[b, :] at the end (partials_finish). One read
+// of dy and x instead of two, and as many blocks as splits rather than a 2-D grid of columns.
+template <int NV>
+__device__ __forceinline__ void rmsnorm_bwd_fused(const RmsnormParams& p) {
+    __shared__ float scratch[32];
+    const int r0 = blockIdx.x * p.rows_per, r1 = min(p.n, r0 + p.rows_per);
+    f8 w[NV], dy[NV], x[NV], ndy[NV], nx[NV];
+    float acc[NV][8];
+    bool ok[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+        int j = threadIdx.x * 8 + 2048 * k;
+        ok[k] = j < p.d;
+        if (ok[k]) w[k] = ld8(p.weight, j);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[k][e] = 0.f;
+    }
+    float r = 0.f, nr = 0.f;
+    if (r0 < r1) {
+        r = p.rstd[r0];
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+            if (ok[k]) {
+                dy[k] = ld8(p.dy, (i64)r0 * p.d + threadIdx.x * 8 + 2048 * k);
+                x[k] = ld8(p.x, (i64)r0 * p.d + threadIdx.x * 8 + 2048 * k);
+            }
+    }
+    for (int t = r0; t < r1; ++t) {
+        const i64 base = (i64)t * p.d;
+        if (t + 1 < r1) {
+            nr = p.rstd[t + 1];
+#pragma unroll
+            for (int k = 0; k < NV; ++k)
+                if (ok[k]) {
+                    ndy[k] = ld8(p.dy, base + p.d + threadIdx.x * 8 + 2048 * k);
+                    nx[k] = ld8(p.x, base + p.d + threadIdx.x * 8 + 2048 * k);
+                }
+        }
+        f8 dx[NV];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+            if (ok[k]) {
+                dx[k] = ld8(p.y, base + threadIdx.x * 8 + 2048 * k);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s += w[k].v[e] * dy[k].v[e] * x[k].v[e];
+            }
+        s = block_sum(s, scratch);
+        const float c = r * r * r * s / (float)p.d;
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+            if (ok[k]) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    dx[k].v[e] = dx[k].v[e] + (r * w[k].v[e] * dy[k].v[e] - x[k].v[e] * c);
+                    acc[k][e] += dy[k].v[e] * x[k].v[e] * r;
+                }
+                st8(p.y, base + threadIdx.x * 8 + 2048 * k, dx[k]);
+                dy[k] = ndy[k];
+                x[k] = nx[k];
+            }
+        r = nr;
+    }
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+        if (ok[k]) {
+            float* out = p.partial + (i64)blockIdx.x * p.d + threadIdx.x * 8 + 2048 * k;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) out[e] = acc[k][e];
+        }
+}
+extern "C" __global__ void KNAME(rmsnorm_bwd_fused_v8_1)(const RmsnormParams p) {
+    rmsnorm_bwd_fused<1>(p);
+}
+extern "C" __global__ void KNAME(rmsnorm_bwd_fused_v8_2)(const RmsnormParams p) {
+    rmsnorm_bwd_fused<2>(p);
 }
 
 // x += r (rounded to compute_t, as the separate add kernel does), then the forward above on the

@@ -145,7 +145,17 @@ impl Cuda {
             }
             return Ok(());
         }
-        let (splits, rows_per) = row_splits(n);
+        let v8 = v8_ok(&[dx.ptr, x.ptr, weight.ptr, dy.ptr], &[d]);
+        // One pass (rmsnorm_bwd_fused_v8_*) when rows are 8-wide and at most 4096 wide: blocks
+        // of ~16 rows, at most 256 of them; otherwise dx per row and a 2-D d_weight pass.
+        let fused = v8 && d <= 4096;
+        let (splits, rows_per) = if fused {
+            let splits = n.div_ceil(16).clamp(1, 256);
+            let rows_per = n.div_ceil(splits);
+            (n.div_ceil(rows_per), rows_per)
+        } else {
+            row_splits(n)
+        };
         let partial = self.scratch(splits * d, Dtype::F32)?;
         let p = RmsnormParams {
             y: dx.ptr,
@@ -159,7 +169,22 @@ impl Cuda {
             eps: 0.0,
             rows_per: rows_per as i32,
         };
-        let v8 = v8_ok(&[p.y, p.x, p.weight, p.dy], &[d]);
+        if fused {
+            let name = if d <= 2048 {
+                "rmsnorm_bwd_fused_v8_1"
+            } else {
+                "rmsnorm_bwd_fused_v8_2"
+            };
+            let cfg = Launch {
+                grid: (splits as u32, 1, 1),
+                block: 256,
+                smem: 0,
+            };
+            // SAFETY: shapes checked above; partial holds splits·d fp32; 16-byte aligned rows
+            // of at most 4096 columns (the kernel's NV = 1 or 2 chunks of 2048 per thread).
+            unsafe { self.launch(RMSNORM, c, name, cfg, &p)? };
+            return self.finish_partials(d_weight.ptr, &partial, splits, d, acc);
+        }
         let cols = Launch {
             grid: (
                 d.div_ceil(if v8 { 2048 } else { 256 }) as u32,
