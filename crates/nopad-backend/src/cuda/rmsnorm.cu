@@ -123,7 +123,7 @@ extern "C" __global__ void KNAME(rmsnorm_bwd_dw_partial_v8)(const RmsnormParams 
     for (int k = 0; k < 8; ++k) out[k] = acc[k];
 }
 
-// The backward in one pass (8-wide, d % 8 == 0, d <= 2048 NV): block b owns rows
+// The backward in one pass (8-wide, d % 8 == 0, d <= 2048 * NV): block b owns rows
 // [b rows_per, (b + 1) rows_per) and, in every thread, columns j = 8 tid + 2048 k (k < NV). Per
 // row: s = sum_j w dy x (block sum), dx += r w dy - x r^3 s / D, and the thread's d_weight
 // partial += dy x r stays in registers; the next row's dy, x and rstd are loaded before this
