@@ -23,6 +23,7 @@ pub mod harness;
 pub mod plan;
 pub mod reference;
 mod staging;
+mod wgmma;
 
 pub use attention::{
     BackwardConfig, DqMode, FlashAttention, ForwardTiles, KernelSet, LongKeys, ModuleLoader,

@@ -6,6 +6,7 @@ use std::io::Write;
 
 use nopad_flash::harness::check::{self, Variant};
 use nopad_flash::harness::Gpu;
+use nopad_flash::LongKeys;
 
 #[test]
 fn tiny_shapes_match_the_reference_on_the_gpu() {
@@ -30,6 +31,59 @@ fn tiny_shapes_match_the_reference_on_the_gpu() {
         .expect("kernels run");
         for r in rows {
             assert!(r.pass(), "seed {seed}: {}", check::format_row(&r));
+        }
+    }
+}
+
+/// The long-sequence backward kernels: the warpgroup-MMA one (`LongKeys::Wgmma`, sm_90a, the
+/// default there) after its operand layouts are checked against CPU products, and FA2's layout on
+/// mma.sync (`LongKeys::Split`, the default elsewhere). Sequences of at least 512 tokens (not
+/// multiples of 64 or 128, GQA and not) through the deterministic and the atomic backward
+/// against the f64 reference.
+#[test]
+fn long_sequence_backwards_match_the_reference_on_the_gpu() {
+    let mut gpu = match Gpu::new() {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let mut choices = vec![LongKeys::Split];
+    match gpu
+        .fa
+        .wgmma_selftest(&gpu.stream, 29)
+        .expect("selftest runs")
+    {
+        Some(errs) => {
+            for (name, e) in ["S = Q K^T", "dV = P^T dO", "dQ = dS K"].iter().zip(errs) {
+                assert!(e < 1e-5, "wgmma layout of {name}: relative error {e:e}");
+            }
+            choices.push(LongKeys::Wgmma);
+        }
+        None => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped the wgmma kernels: {} has no wgmma (needs compute capability 9.0)",
+                gpu.arch
+            );
+        }
+    }
+    let seed = 31;
+    let lens = [600, 3, 1100, 0, 513, 64, 700];
+    for keys in choices {
+        let mut conf = gpu.fa.backward_config();
+        conf.long_atomic = keys;
+        conf.long_deterministic = keys;
+        gpu.fa.set_backward_config(conf);
+        for (h, hkv) in [(4, 1), (2, 2)] {
+            let name = format!("long_d128_h{h}/{hkv}_{keys:?}");
+            let shape = nopad_flash::harness::Shape::from_lens(&name, &lens, h, hkv, 128);
+            let variants = [Variant::Mma, Variant::MmaAtomic];
+            let rows = check::check_shape(&mut gpu, &shape, seed, &variants).expect("kernels run");
+            for r in rows {
+                assert!(r.pass(), "seed {seed}: {}", check::format_row(&r));
+            }
         }
     }
 }

@@ -168,6 +168,7 @@ fn backward_config_from_env() -> Result<Option<BackwardConfig>, HarnessError> {
         "narrow" => Ok(LongKeys::Narrow),
         "rows" => Ok(LongKeys::Rows),
         "split" => Ok(LongKeys::Split),
+        "wg" => Ok(LongKeys::Wgmma),
         _ => Err(bad(&format!("unknown kernel choice '{v}'"))),
     };
     let mut conf = BackwardConfig::default();
