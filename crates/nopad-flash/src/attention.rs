@@ -21,6 +21,7 @@ pub(crate) const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
 pub(crate) const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
 pub(crate) const BWD_LONG: &str = include_str!("kernels/bwd_long.cu");
 pub(crate) const BWD_WG: &str = include_str!("kernels/bwd_wg.cu");
+pub(crate) const BWD_WGS: &str = include_str!("kernels/bwd_wgs.cu");
 pub(crate) const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
 pub(crate) const SIMPLE: &str = include_str!("kernels/simple.cu");
 
@@ -48,6 +49,8 @@ struct PerDim {
     long_dq: CudaFunction,
     /// `bwd_wg.cu` (dK/dV only, and with dQ reds): Dh 128 on sm_90a only.
     wg: Option<(CudaFunction, CudaFunction)>,
+    /// `bwd_wgs.cu` (dQ by recompute, dK/dV over 64-key tiles): Dh 128 on sm_90a only.
+    wgs: Option<(CudaFunction, CudaFunction)>,
     dq: CudaFunction,
     convert: CudaFunction,
     s_fwd: CudaFunction,
@@ -111,6 +114,10 @@ pub struct BackwardConfig {
     /// 24-36% faster than `Split` on a, b, e). With `Rows`, `Split` or `Wgmma` the short
     /// sequences take the deterministic kernels (dQ by recompute, measured faster there).
     pub long_atomic: LongKeys,
+    /// The deterministic kernels (dQ of every query tile; dK/dV of the key tiles that do not
+    /// go to the long kernel) on warpgroup MMAs (`bwd_wgs.cu`) where the device has them (Dh
+    /// 128, compute capability 9.0); `bwd_dq.cu` / `bwd_dkdv.cu` otherwise.
+    pub short_wgmma: bool,
 }
 
 impl Default for BackwardConfig {
@@ -119,6 +126,7 @@ impl Default for BackwardConfig {
             fused_prep: true,
             long_deterministic: LongKeys::Wgmma,
             long_atomic: LongKeys::Wgmma,
+            short_wgmma: true,
         }
     }
 }
@@ -164,6 +172,10 @@ const SMEM_WG: usize =
     2 * 128 * 128 * 2 + 4 * TILE * 128 * 2 + 2 * TILE * 128 * 2 + 4 * TILE * 4 + 1024;
 /// `flash_wg_selftest`: x [64][128] + y [128][128] bf16, aligned.
 const SMEM_WG_SELFTEST: usize = (64 + 128) * 128 * 2 + 1024;
+/// `flash_bwd_wgs_dq_128`: Q, dO + K, V [2] [64][128] bf16 + lse2, D [64] fp32, aligned.
+const SMEM_WGS_DQ: usize = 6 * TILE * 128 * 2 + 2 * TILE * 4 + 1024;
+/// `flash_bwd_wgs_kv_128`: K, V + Q, dO [2] [64][128] bf16 + lse2, D [2][64] fp32 + segs [64].
+const SMEM_WGS_KV: usize = 6 * TILE * 128 * 2 + 4 * TILE * 4 + TILE * 4 + 1024;
 
 /// Whether the current context's device runs sm_90a code (wgmma): compute capability 9.0.
 fn device_has_wgmma() -> bool {
@@ -200,7 +212,9 @@ impl FlashAttention {
         let fwd = module("flash_fwd.cu", FWD)?;
         let bwd = module(
             "flash_bwd.cu",
-            &format!("{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_LONG}\n{BWD_WG}\n{BWD_CONVERT}"),
+            &format!(
+                "{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_LONG}\n{BWD_WG}\n{BWD_WGS}\n{BWD_CONVERT}"
+            ),
         )?;
         let wgmma = device_has_wgmma();
         let simple = module("flash_simple.cu", SIMPLE)?;
@@ -222,6 +236,14 @@ impl FlashAttention {
                     Some((
                         get(&bwd, format!("flash_bwd_wg_{dh}"))?,
                         get(&bwd, format!("flash_bwd_wg_dq_{dh}"))?,
+                    ))
+                } else {
+                    None
+                },
+                wgs: if wgmma && dh == 128 {
+                    Some((
+                        get(&bwd, format!("flash_bwd_wgs_dq_{dh}"))?,
+                        get(&bwd, format!("flash_bwd_wgs_kv_{dh}"))?,
                     ))
                 } else {
                     None
@@ -258,6 +280,12 @@ impl FlashAttention {
             }
             p.dq.set_attribute(attr, smem_dq(dh) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
+            if let Some((dq, kv)) = &p.wgs {
+                dq.set_attribute(attr, SMEM_WGS_DQ as i32)
+                    .map_err(driver(format!("raising smem of flash_bwd_wgs_dq_{dh}")))?;
+                kv.set_attribute(attr, SMEM_WGS_KV as i32)
+                    .map_err(driver(format!("raising smem of flash_bwd_wgs_kv_{dh}")))?;
+            }
             if let Some((wg, wg_dq)) = &p.wg {
                 for func in [wg, wg_dq] {
                     func.set_attribute(attr, SMEM_WG as i32)
@@ -609,9 +637,15 @@ impl FlashAttention {
                         .map_err(driver(format!("launching flash_bwd_prep_{dh}")))
                 };
                 // `fused`: the kernel computes D and lse2 of its rows (no preprocess pass).
+                // The deterministic kernels on warpgroup MMAs where available (`bwd_wgs.cu`).
+                let wgs = f.wgs.as_ref().filter(|_| conf.short_wgmma);
+                let (dq_fn, dq_name, dq_smem) = match wgs {
+                    Some((wgs_dq, _)) => (wgs_dq, "flash_bwd_wgs_dq", SMEM_WGS_DQ),
+                    None => (&f.dq, "flash_bwd_dq", smem_dq(dh)),
+                };
                 let dq = |tl: u64, count: usize, fused: bool| -> Result<(), FlashError> {
                     let (o, l) = if fused { (out, lse) } else { (0u64, 0u64) };
-                    let mut b = stream.launch_builder(&f.dq);
+                    let mut b = stream.launch_builder(dq_fn);
                     b.arg(&qkv)
                         .arg(&d_out)
                         .arg(&lse2)
@@ -622,10 +656,11 @@ impl FlashAttention {
                         .arg(&o)
                         .arg(&l);
                     b.arg(&h).arg(&hkv).arg(&n).arg(&tpad).arg(&scale);
-                    // SAFETY: matches `flash_bwd_dq_<dh>` (14 parameters).
-                    b.launch(cfg((count * dims.n_heads) as u32, 128, smem_dq(dh)))
+                    // SAFETY: matches `flash_bwd_dq_<dh>` and `flash_bwd_wgs_dq_128` (14
+                    // parameters, 128 threads each).
+                    b.launch(cfg((count * dims.n_heads) as u32, 128, dq_smem))
                         .map(|_| ())
-                        .map_err(driver(format!("launching flash_bwd_dq_{dh}")))
+                        .map_err(driver(format!("launching {dq_name}_{dh}")))
                 };
                 // bwd_dkdv.cu kernels: (function, name, threads, smem).
                 let dkdv = |k: (&CudaFunction, &str, u32, usize),
@@ -648,7 +683,11 @@ impl FlashAttention {
                         .map(|_| ())
                         .map_err(driver(format!("launching {}_{dh}", k.1)))
                 };
-                let k_det = (&f.dkdv, "flash_bwd_dkdv", 128, smem_dkdv(dh, false));
+                // `flash_bwd_wgs_kv_128` takes `flash_bwd_dkdv_<dh>`'s 12 parameters.
+                let k_det = match wgs {
+                    Some((_, wgs_kv)) => (wgs_kv, "flash_bwd_wgs_kv", 128, SMEM_WGS_KV),
+                    None => (&f.dkdv, "flash_bwd_dkdv", 128, smem_dkdv(dh, false)),
+                };
                 let k_atomic = (&f.dkdv_dq, "flash_bwd_dkdv_dq", 128, smem_dkdv(dh, true));
                 let k_rows = (&f.dkdv_dq_w, "flash_bwd_dkdv_dq_w", 256, smem_dkdv_wide(dh));
                 // `keys` = Split or Wgmma (the latter where the device and Dh allow it).

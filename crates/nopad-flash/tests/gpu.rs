@@ -18,26 +18,36 @@ fn tiny_shapes_match_the_reference_on_the_gpu() {
         }
     };
     let seed = 17;
-    for shape in check::check_shapes(seed)
-        .iter()
-        .filter(|s| s.name.starts_with("tiny"))
-    {
-        let rows = check::check_shape(
-            &mut gpu,
-            shape,
-            seed,
-            &[Variant::Simple, Variant::Mma, Variant::MmaAtomic],
-        )
-        .expect("kernels run");
-        for r in rows {
-            assert!(r.pass(), "seed {seed}: {}", check::format_row(&r));
+    // The deterministic kernels on warpgroup MMAs (the default on sm_90a) and on mma.sync.
+    for short_wgmma in [true, false] {
+        let mut conf = gpu.fa.backward_config();
+        conf.short_wgmma = short_wgmma;
+        gpu.fa.set_backward_config(conf);
+        for shape in check::check_shapes(seed)
+            .iter()
+            .filter(|s| s.name.starts_with("tiny"))
+        {
+            let rows = check::check_shape(
+                &mut gpu,
+                shape,
+                seed,
+                &[Variant::Simple, Variant::Mma, Variant::MmaAtomic],
+            )
+            .expect("kernels run");
+            for r in rows {
+                assert!(
+                    r.pass(),
+                    "seed {seed}, short_wgmma {short_wgmma}: {}",
+                    check::format_row(&r)
+                );
+            }
         }
     }
 }
 
-/// The long-sequence backward kernels: the warpgroup-MMA one (`LongKeys::Wgmma`, sm_90a, the
-/// default there) after its operand layouts are checked against CPU products, and FA2's layout on
-/// mma.sync (`LongKeys::Split`, the default elsewhere). Sequences of at least 512 tokens (not
+/// The long-sequence backward kernels: the warpgroup-MMA ones (`LongKeys::Wgmma` with
+/// `short_wgmma`, sm_90a, the default there) after their operand layouts are checked against CPU
+/// products, and FA2's layout on mma.sync (`LongKeys::Split`, the default elsewhere). Sequences of at least 512 tokens (not
 /// multiples of 64 or 128, GQA and not) through the deterministic and the atomic backward
 /// against the f64 reference.
 #[test]
@@ -75,6 +85,7 @@ fn long_sequence_backwards_match_the_reference_on_the_gpu() {
         let mut conf = gpu.fa.backward_config();
         conf.long_atomic = keys;
         conf.long_deterministic = keys;
+        conf.short_wgmma = keys == LongKeys::Wgmma;
         gpu.fa.set_backward_config(conf);
         for (h, hkv) in [(4, 1), (2, 2)] {
             let name = format!("long_d128_h{h}/{hkv}_{keys:?}");

@@ -143,6 +143,8 @@ fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
             crate::attention::BWD_DKDV,
             crate::attention::BWD_DQ,
             crate::attention::BWD_LONG,
+            crate::attention::BWD_WG,
+            crate::attention::BWD_WGS,
             crate::attention::BWD_CONVERT,
             crate::attention::SIMPLE,
         ];
@@ -157,7 +159,8 @@ fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
     Ok(out)
 }
 
-/// Experiments without rebuilding: `FLASH_BWD="fused_prep=0,long_det=split,long_atomic=rows"`
+/// Experiments without rebuilding:
+/// `FLASH_BWD="fused_prep=0,long_det=split,long_atomic=rows,short_wg=0"`
 /// overrides fields of the default `BackwardConfig` (harness only; unknown keys are errors).
 fn backward_config_from_env() -> Result<Option<BackwardConfig>, HarnessError> {
     let Ok(spec) = std::env::var("FLASH_BWD") else {
@@ -180,6 +183,7 @@ fn backward_config_from_env() -> Result<Option<BackwardConfig>, HarnessError> {
             "fused_prep" => conf.fused_prep = v.trim() == "1",
             "long_det" => conf.long_deterministic = keys(v.trim())?,
             "long_atomic" => conf.long_atomic = keys(v.trim())?,
+            "short_wg" => conf.short_wgmma = v.trim() == "1",
             _ => return Err(bad(&format!("unknown key '{k}'"))),
         }
     }

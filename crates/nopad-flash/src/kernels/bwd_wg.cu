@@ -29,6 +29,7 @@
 #endif
 
 #define WG_THREADS 256
+#define WG_HEADS_FAST 1
 
 #ifdef FLASH_WGMMA
 
@@ -129,8 +130,11 @@ __device__ __forceinline__ void flash_bwd_wg(const bf16_t* __restrict__ qkv,
     float* sL = (float*)(smem_wg + (sS + QB - raw));  // [2][64]
     float* sD = sL + 2 * QT;                           // [2][64]
 
-    const int hk = blockIdx.x % Hkv;
-    const int4 tile = tiles[blockIdx.x / Hkv];
+    // Grid order: WG_HEADS_FAST = 1 puts kv heads fastest (as bwd_long.cu); 0 runs all key
+    // tiles of one kv head first (FA2's order: the CTAs in flight share Q, dO and dqacc in L2).
+    const int ntiles = gridDim.x / Hkv;
+    const int hk = WG_HEADS_FAST ? blockIdx.x % Hkv : blockIdx.x / ntiles;
+    const int4 tile = tiles[WG_HEADS_FAST ? blockIdx.x / Hkv : blockIdx.x % ntiles];
     const int seq_start = tile.x, L = tile.y, n = tile.z, pad = tile.w;
     const int G = H / Hkv;
     const long long rs = (long long)(H + 2 * Hkv) * DH;
