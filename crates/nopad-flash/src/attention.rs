@@ -15,7 +15,9 @@ use crate::staging::StagingPool;
 use crate::{FlashDims, FlashError};
 
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
+pub(crate) const WGMMA: &str = include_str!("kernels/wgmma.cuh");
 pub(crate) const FWD: &str = include_str!("kernels/fwd.cu");
+pub(crate) const FWD_WG: &str = include_str!("kernels/fwd_wg.cu");
 pub(crate) const BWD_PREP: &str = include_str!("kernels/bwd_prep.cu");
 pub(crate) const BWD_DKDV: &str = include_str!("kernels/bwd_dkdv.cu");
 pub(crate) const BWD_DQ: &str = include_str!("kernels/bwd_dq.cu");
@@ -41,6 +43,8 @@ pub enum KernelSet {
 struct PerDim {
     fwd: CudaFunction,
     fwd_wide: CudaFunction,
+    /// `fwd_wg.cu`: Dh 128 on sm_90a only.
+    fwd_wg: Option<CudaFunction>,
     prep: CudaFunction,
     dkdv: CudaFunction,
     dkdv_dq: CudaFunction,
@@ -69,8 +73,21 @@ pub enum ForwardTiles {
     Wide,
     /// The measured best (run 4a, crate README): at Dh 128 `Wide` for the sequences of at
     /// least `plan::AUTO_WIDE_MIN` tokens and `Narrow` for the rest (two launches); at Dh 64
-    /// `Narrow` everywhere.
+    /// `Narrow` everywhere. Where the device has warpgroup MMAs (Dh 128, compute capability
+    /// 9.0) `FlashAttention::set_forward_wgmma` decides which tiles go to `fwd_wg.cu` instead.
     Auto,
+}
+
+/// Which `ForwardTiles::Auto` tiles run on the warpgroup-MMA forward (`fwd_wg.cu`; Dh 128 on
+/// compute capability 9.0, ignored elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardWgmma {
+    /// None: `Auto` as on other devices.
+    Off,
+    /// The sequences shorter than `plan::AUTO_WIDE_MIN`; the long ones keep the `Wide` kernel.
+    Short,
+    /// Every tile.
+    All,
 }
 
 /// How the backward computes dQ.
@@ -140,6 +157,7 @@ pub struct FlashAttention {
     d128: PerDim,
     kernels: KernelSet,
     forward_tiles: ForwardTiles,
+    forward_wgmma: ForwardWgmma,
     nondeterministic_dq: DqMode,
     backward_config: BackwardConfig,
     /// Page-locked buffers for the tile-list uploads, shared with the plans.
@@ -172,6 +190,8 @@ const SMEM_WG: usize =
     2 * 128 * 128 * 2 + 4 * TILE * 128 * 2 + 2 * TILE * 128 * 2 + 4 * TILE * 4 + 1024;
 /// `flash_wg_selftest`: x [64][128] + y [128][128] bf16, aligned.
 const SMEM_WG_SELFTEST: usize = (64 + 128) * 128 * 2 + 1024;
+/// `flash_fwd_wg_128`: Q, K, V [64][128] bf16, aligned.
+const SMEM_FWD_WG: usize = 3 * TILE * 128 * 2 + 1024;
 /// `flash_bwd_wgs_dq_128`: Q, dO + K, V [2] [64][128] bf16 + lse2, D [64] fp32, aligned.
 const SMEM_WGS_DQ: usize = 6 * TILE * 128 * 2 + 2 * TILE * 4 + 1024;
 /// `flash_bwd_wgs_kv_128`: K, V + Q, dO [2] [64][128] bf16 + lse2, D [2][64] fp32 + segs [64].
@@ -209,11 +229,11 @@ impl FlashAttention {
                 msg,
             })
         };
-        let fwd = module("flash_fwd.cu", FWD)?;
+        let fwd = module("flash_fwd.cu", &format!("{WGMMA}\n{FWD}\n{FWD_WG}"))?;
         let bwd = module(
             "flash_bwd.cu",
             &format!(
-                "{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_LONG}\n{BWD_WG}\n{BWD_WGS}\n{BWD_CONVERT}"
+                "{WGMMA}\n{BWD_PREP}\n{BWD_DKDV}\n{BWD_DQ}\n{BWD_LONG}\n{BWD_WG}\n{BWD_WGS}\n{BWD_CONVERT}"
             ),
         )?;
         let wgmma = device_has_wgmma();
@@ -226,6 +246,10 @@ impl FlashAttention {
             let p = PerDim {
                 fwd: get(&fwd, format!("flash_fwd_{dh}"))?,
                 fwd_wide: get(&fwd, format!("flash_fwd_br128_{dh}"))?,
+                fwd_wg: match wgmma && dh == 128 {
+                    true => Some(get(&fwd, format!("flash_fwd_wg_{dh}"))?),
+                    false => None,
+                },
                 prep: get(&bwd, format!("flash_bwd_prep_{dh}"))?,
                 dkdv: get(&bwd, format!("flash_bwd_dkdv_{dh}"))?,
                 dkdv_dq: get(&bwd, format!("flash_bwd_dkdv_dq_{dh}"))?,
@@ -280,6 +304,11 @@ impl FlashAttention {
             }
             p.dq.set_attribute(attr, smem_dq(dh) as i32)
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
+            if let Some(fwd_wg) = &p.fwd_wg {
+                fwd_wg
+                    .set_attribute(attr, SMEM_FWD_WG as i32)
+                    .map_err(driver(format!("raising smem of flash_fwd_wg_{dh}")))?;
+            }
             if let Some((dq, kv)) = &p.wgs {
                 dq.set_attribute(attr, SMEM_WGS_DQ as i32)
                     .map_err(driver(format!("raising smem of flash_bwd_wgs_dq_{dh}")))?;
@@ -299,6 +328,7 @@ impl FlashAttention {
             d128: per_dim(128)?,
             kernels: KernelSet::Mma,
             forward_tiles: ForwardTiles::Auto,
+            forward_wgmma: ForwardWgmma::All,
             nondeterministic_dq: DqMode::Recompute,
             backward_config: BackwardConfig::default(),
             staging: Arc::new(StagingPool::default()),
@@ -324,6 +354,11 @@ impl FlashAttention {
     /// Choose the forward tile height (default `Auto`).
     pub fn set_forward_tiles(&mut self, tiles: ForwardTiles) {
         self.forward_tiles = tiles;
+    }
+
+    /// Choose which `Auto` forward tiles run on warpgroup MMAs where available (default `All`).
+    pub fn set_forward_wgmma(&mut self, wgmma: ForwardWgmma) {
+        self.forward_wgmma = wgmma;
     }
 
     /// The dQ strategy `backward(.., deterministic = false)` uses (default `Recompute`: with
@@ -488,18 +523,37 @@ impl FlashAttention {
                         smem_fwd(dh, true),
                     )
                 };
+                // Where the device has warpgroup MMAs (Dh 128, sm_90a), `Auto` tiles go to
+                // `fwd_wg.cu` as `forward_wgmma` says.
+                let wg = f
+                    .fwd_wg
+                    .as_ref()
+                    .filter(|_| self.forward_wgmma != ForwardWgmma::Off)
+                    .map(|func| {
+                        move |list: u64, count: usize| {
+                            (func, "flash_fwd_wg", list, count, 128, SMEM_FWD_WG)
+                        }
+                    });
+                let auto_wide = workspace + lay.auto_wide as u64;
+                let auto_narrow = workspace + lay.auto_narrow as u64;
                 match forward_tiles {
+                    ForwardTiles::Auto if wg.is_some() => {
+                        let wg = wg.expect("checked");
+                        if self.forward_wgmma == ForwardWgmma::All {
+                            launches.push(wg(tiles, q_tiles));
+                        } else {
+                            launches.push(wide(auto_wide, plan.auto_wide.len()));
+                            launches.push(wg(auto_narrow, plan.auto_narrow.len()));
+                        }
+                    }
                     ForwardTiles::Narrow => launches.push(narrow(tiles, q_tiles)),
                     ForwardTiles::Wide => launches.push(wide(wide_tiles, plan.wide_tiles.len())),
                     // At Dh 64 the 64-row kernel measured faster on every shape (run 4a: c
                     // 125.5 vs 116.0 TFLOP/s with Auto), so Auto uses it alone there.
                     ForwardTiles::Auto if dh == 64 => launches.push(narrow(tiles, q_tiles)),
                     ForwardTiles::Auto => {
-                        launches.push(wide(workspace + lay.auto_wide as u64, plan.auto_wide.len()));
-                        launches.push(narrow(
-                            workspace + lay.auto_narrow as u64,
-                            plan.auto_narrow.len(),
-                        ));
+                        launches.push(wide(auto_wide, plan.auto_wide.len()));
+                        launches.push(narrow(auto_narrow, plan.auto_narrow.len()));
                     }
                 }
             }

@@ -26,8 +26,8 @@ mod staging;
 mod wgmma;
 
 pub use attention::{
-    BackwardConfig, DqMode, FlashAttention, ForwardTiles, KernelSet, LongKeys, ModuleLoader,
-    PACK_SHORT,
+    BackwardConfig, DqMode, FlashAttention, ForwardTiles, ForwardWgmma, KernelSet, LongKeys,
+    ModuleLoader, PACK_SHORT,
 };
 pub use plan::Plan;
 

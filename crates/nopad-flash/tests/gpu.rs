@@ -31,7 +31,12 @@ fn tiny_shapes_match_the_reference_on_the_gpu() {
                 &mut gpu,
                 shape,
                 seed,
-                &[Variant::Simple, Variant::Mma, Variant::MmaAtomic],
+                &[
+                    Variant::Simple,
+                    Variant::Mma,
+                    Variant::MmaAtomic,
+                    Variant::MmaAuto,
+                ],
             )
             .expect("kernels run");
             for r in rows {
@@ -90,7 +95,7 @@ fn long_sequence_backwards_match_the_reference_on_the_gpu() {
         for (h, hkv) in [(4, 1), (2, 2)] {
             let name = format!("long_d128_h{h}/{hkv}_{keys:?}");
             let shape = nopad_flash::harness::Shape::from_lens(&name, &lens, h, hkv, 128);
-            let variants = [Variant::Mma, Variant::MmaAtomic];
+            let variants = [Variant::Mma, Variant::MmaAtomic, Variant::MmaAuto];
             let rows = check::check_shape(&mut gpu, &shape, seed, &variants).expect("kernels run");
             for r in rows {
                 assert!(r.pass(), "seed {seed}: {}", check::format_row(&r));

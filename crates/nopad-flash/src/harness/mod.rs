@@ -15,7 +15,7 @@ use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use rayon::prelude::*;
 
-use crate::{BackwardConfig, FlashAttention, FlashDims, FlashError, LongKeys};
+use crate::{BackwardConfig, FlashAttention, FlashDims, FlashError, ForwardWgmma, LongKeys};
 
 /// Harness failures (setup, driver, files), with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,21 @@ impl Gpu {
             eprintln!("FLASH_BWD: {conf:?}");
             fa.set_backward_config(conf);
         }
+        // `FLASH_FWD=wg=off|short|all`: which `Auto` forward tiles use warpgroup MMAs.
+        if let Ok(spec) = std::env::var("FLASH_FWD") {
+            let wg = match spec.trim() {
+                "wg=off" => ForwardWgmma::Off,
+                "wg=short" => ForwardWgmma::Short,
+                "wg=all" => ForwardWgmma::All,
+                _ => {
+                    return Err(HarnessError::NoDevice(format!(
+                        "FLASH_FWD: unknown '{spec}'"
+                    )))
+                }
+            };
+            eprintln!("FLASH_FWD: {wg:?}");
+            fa.set_forward_wgmma(wg);
+        }
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -138,7 +153,9 @@ fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
         let from = from.to_string();
         let all = [
             crate::attention::COMMON,
+            crate::attention::WGMMA,
             crate::attention::FWD,
+            crate::attention::FWD_WG,
             crate::attention::BWD_PREP,
             crate::attention::BWD_DKDV,
             crate::attention::BWD_DQ,

@@ -1,8 +1,7 @@
 // bwd_wgs.cu: varlen causal FlashAttention backward for every sequence length at head dim 128
 // with Hopper warpgroup MMAs (sm_90a; elsewhere the kernels trap and the host never selects
-// them). Uses bwd_wg.cu's helpers (descriptors, SW128 tiles, wgmma wrappers), which precede it
-// in the module. The deterministic pair of bwd_dq.cu / bwd_dkdv.cu on 64 x 64 tiles, one
-// warpgroup (128 threads) per CTA, two CTAs per SM:
+// them; helpers in wgmma.cuh). The deterministic pair of bwd_dq.cu / bwd_dkdv.cu on 64 x 64
+// tiles, one warpgroup (128 threads) per CTA, two CTAs per SM:
 //
 // flash_bwd_wgs_dq_128: per (query head h, 64-row query tile m; packed tiles as in bwd_dq.cu),
 //   dQ_i = scale sum_j P_ij (dP_ij - D_i) K_j over key tiles n <= m (recompute, no atomics):
@@ -23,18 +22,6 @@
 #define WGS_THREADS 128
 
 #ifdef FLASH_WGMMA
-// D[64][128] (+)= A[64][16] B[16][128]; A from registers (a[4]: this warp's 16 rows in the
-// m16n8k16 A-fragment layout), B from shared memory (descriptor).
-template <int TB>
-__device__ __forceinline__ void wgmma_64x128_rs(float* d, const u32* a, unsigned long long db,
-                                               int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate), "n"(TB));
-}
-
 template <int DH>
 __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
                                                  const bf16_t* __restrict__ d_out,
