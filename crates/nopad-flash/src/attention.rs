@@ -43,7 +43,7 @@ pub enum KernelSet {
 struct PerDim {
     fwd: CudaFunction,
     fwd_wide: CudaFunction,
-    /// `fwd_wg.cu`: Dh 128 on sm_90a only.
+    /// `fwd_wg.cu`: sm_90a only.
     fwd_wg: Option<CudaFunction>,
     prep: CudaFunction,
     dkdv: CudaFunction,
@@ -53,7 +53,7 @@ struct PerDim {
     long_dq: CudaFunction,
     /// `bwd_wg.cu` (dK/dV only, and with dQ reds): Dh 128 on sm_90a only.
     wg: Option<(CudaFunction, CudaFunction)>,
-    /// `bwd_wgs.cu` (dQ by recompute, dK/dV over 64-key tiles): Dh 128 on sm_90a only.
+    /// `bwd_wgs.cu` (dQ by recompute, dK/dV over 64-key tiles): sm_90a only.
     wgs: Option<(CudaFunction, CudaFunction)>,
     dq: CudaFunction,
     convert: CudaFunction,
@@ -73,13 +73,13 @@ pub enum ForwardTiles {
     Wide,
     /// The measured best (run 4a, crate README): at Dh 128 `Wide` for the sequences of at
     /// least `plan::AUTO_WIDE_MIN` tokens and `Narrow` for the rest (two launches); at Dh 64
-    /// `Narrow` everywhere. Where the device has warpgroup MMAs (Dh 128, compute capability
-    /// 9.0) `FlashAttention::set_forward_wgmma` decides which tiles go to `fwd_wg.cu` instead.
+    /// `Narrow` everywhere. Where the device has warpgroup MMAs (compute capability 9.0)
+    /// `FlashAttention::set_forward_wgmma` decides which tiles go to `fwd_wg.cu` instead.
     Auto,
 }
 
-/// Which `ForwardTiles::Auto` tiles run on the warpgroup-MMA forward (`fwd_wg.cu`; Dh 128 on
-/// compute capability 9.0, ignored elsewhere).
+/// Which `ForwardTiles::Auto` tiles run on the warpgroup-MMA forward (`fwd_wg.cu`; compute
+/// capability 9.0, ignored elsewhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardWgmma {
     /// None: `Auto` as on other devices.
@@ -132,8 +132,8 @@ pub struct BackwardConfig {
     /// sequences take the deterministic kernels (dQ by recompute, measured faster there).
     pub long_atomic: LongKeys,
     /// The deterministic kernels (dQ of every query tile; dK/dV of the key tiles that do not
-    /// go to the long kernel) on warpgroup MMAs (`bwd_wgs.cu`) where the device has them (Dh
-    /// 128, compute capability 9.0); `bwd_dq.cu` / `bwd_dkdv.cu` otherwise.
+    /// go to the long kernel) on warpgroup MMAs (`bwd_wgs.cu`) where the device has them
+    /// (compute capability 9.0); `bwd_dq.cu` / `bwd_dkdv.cu` otherwise.
     pub short_wgmma: bool,
 }
 
@@ -190,12 +190,18 @@ const SMEM_WG: usize =
     2 * 128 * 128 * 2 + 4 * TILE * 128 * 2 + 2 * TILE * 128 * 2 + 4 * TILE * 4 + 1024;
 /// `flash_wg_selftest`: x [64][128] + y [128][128] bf16, aligned.
 const SMEM_WG_SELFTEST: usize = (64 + 128) * 128 * 2 + 1024;
-/// `flash_fwd_wg_128`: Q, K, V [64][128] bf16, aligned.
-const SMEM_FWD_WG: usize = 3 * TILE * 128 * 2 + 1024;
-/// `flash_bwd_wgs_dq_128`: Q, dO + K, V [2] [64][128] bf16 + lse2, D [64] fp32, aligned.
-const SMEM_WGS_DQ: usize = 6 * TILE * 128 * 2 + 2 * TILE * 4 + 1024;
-/// `flash_bwd_wgs_kv_128`: K, V + Q, dO [2] [64][128] bf16 + lse2, D [2][64] fp32 + segs [64].
-const SMEM_WGS_KV: usize = 6 * TILE * 128 * 2 + 4 * TILE * 4 + TILE * 4 + 1024;
+/// `flash_fwd_wg_<dh>`: Q, K, V [64][Dh] bf16, aligned to 1024 bytes.
+fn smem_fwd_wg(dh: usize) -> usize {
+    3 * TILE * dh * 2 + 1024
+}
+/// `flash_bwd_wgs_dq_<dh>`: Q, dO + K, V [2] [64][Dh] bf16 + lse2, D [64] fp32, aligned.
+fn smem_wgs_dq(dh: usize) -> usize {
+    6 * TILE * dh * 2 + 2 * TILE * 4 + 1024
+}
+/// `flash_bwd_wgs_kv_<dh>`: K, V + Q, dO [2] [64][Dh] bf16 + lse2, D [2][64] fp32 + segs [64].
+fn smem_wgs_kv(dh: usize) -> usize {
+    6 * TILE * dh * 2 + 4 * TILE * 4 + TILE * 4 + 1024
+}
 
 /// Whether the current context's device runs sm_90a code (wgmma): compute capability 9.0.
 fn device_has_wgmma() -> bool {
@@ -246,7 +252,7 @@ impl FlashAttention {
             let p = PerDim {
                 fwd: get(&fwd, format!("flash_fwd_{dh}"))?,
                 fwd_wide: get(&fwd, format!("flash_fwd_br128_{dh}"))?,
-                fwd_wg: match wgmma && dh == 128 {
+                fwd_wg: match wgmma {
                     true => Some(get(&fwd, format!("flash_fwd_wg_{dh}"))?),
                     false => None,
                 },
@@ -264,7 +270,7 @@ impl FlashAttention {
                 } else {
                     None
                 },
-                wgs: if wgmma && dh == 128 {
+                wgs: if wgmma {
                     Some((
                         get(&bwd, format!("flash_bwd_wgs_dq_{dh}"))?,
                         get(&bwd, format!("flash_bwd_wgs_kv_{dh}"))?,
@@ -306,13 +312,13 @@ impl FlashAttention {
                 .map_err(driver(format!("raising smem of flash_bwd_dq_{dh}")))?;
             if let Some(fwd_wg) = &p.fwd_wg {
                 fwd_wg
-                    .set_attribute(attr, SMEM_FWD_WG as i32)
+                    .set_attribute(attr, smem_fwd_wg(dh) as i32)
                     .map_err(driver(format!("raising smem of flash_fwd_wg_{dh}")))?;
             }
             if let Some((dq, kv)) = &p.wgs {
-                dq.set_attribute(attr, SMEM_WGS_DQ as i32)
+                dq.set_attribute(attr, smem_wgs_dq(dh) as i32)
                     .map_err(driver(format!("raising smem of flash_bwd_wgs_dq_{dh}")))?;
-                kv.set_attribute(attr, SMEM_WGS_KV as i32)
+                kv.set_attribute(attr, smem_wgs_kv(dh) as i32)
                     .map_err(driver(format!("raising smem of flash_bwd_wgs_kv_{dh}")))?;
             }
             if let Some((wg, wg_dq)) = &p.wg {
@@ -523,7 +529,7 @@ impl FlashAttention {
                         smem_fwd(dh, true),
                     )
                 };
-                // Where the device has warpgroup MMAs (Dh 128, sm_90a), `Auto` tiles go to
+                // Where the device has warpgroup MMAs (sm_90a), `Auto` tiles go to
                 // `fwd_wg.cu` as `forward_wgmma` says.
                 let wg = f
                     .fwd_wg
@@ -531,7 +537,7 @@ impl FlashAttention {
                     .filter(|_| self.forward_wgmma != ForwardWgmma::Off)
                     .map(|func| {
                         move |list: u64, count: usize| {
-                            (func, "flash_fwd_wg", list, count, 128, SMEM_FWD_WG)
+                            (func, "flash_fwd_wg", list, count, 128, smem_fwd_wg(dh))
                         }
                     });
                 let auto_wide = workspace + lay.auto_wide as u64;
@@ -694,7 +700,7 @@ impl FlashAttention {
                 // The deterministic kernels on warpgroup MMAs where available (`bwd_wgs.cu`).
                 let wgs = f.wgs.as_ref().filter(|_| conf.short_wgmma);
                 let (dq_fn, dq_name, dq_smem) = match wgs {
-                    Some((wgs_dq, _)) => (wgs_dq, "flash_bwd_wgs_dq", SMEM_WGS_DQ),
+                    Some((wgs_dq, _)) => (wgs_dq, "flash_bwd_wgs_dq", smem_wgs_dq(dh)),
                     None => (&f.dq, "flash_bwd_dq", smem_dq(dh)),
                 };
                 let dq = |tl: u64, count: usize, fused: bool| -> Result<(), FlashError> {
@@ -739,7 +745,7 @@ impl FlashAttention {
                 };
                 // `flash_bwd_wgs_kv_128` takes `flash_bwd_dkdv_<dh>`'s 12 parameters.
                 let k_det = match wgs {
-                    Some((_, wgs_kv)) => (wgs_kv, "flash_bwd_wgs_kv", 128, SMEM_WGS_KV),
+                    Some((_, wgs_kv)) => (wgs_kv, "flash_bwd_wgs_kv", 128, smem_wgs_kv(dh)),
                     None => (&f.dkdv, "flash_bwd_dkdv", 128, smem_dkdv(dh, false)),
                 };
                 let k_atomic = (&f.dkdv_dq, "flash_bwd_dkdv_dq", 128, smem_dkdv(dh, true));

@@ -92,9 +92,9 @@ fn long_sequence_backwards_match_the_reference_on_the_gpu() {
         conf.long_deterministic = keys;
         conf.short_wgmma = keys == LongKeys::Wgmma;
         gpu.fa.set_backward_config(conf);
-        for (h, hkv) in [(4, 1), (2, 2)] {
-            let name = format!("long_d128_h{h}/{hkv}_{keys:?}");
-            let shape = nopad_flash::harness::Shape::from_lens(&name, &lens, h, hkv, 128);
+        for (dh, h, hkv) in [(128, 4, 1), (128, 2, 2), (64, 4, 1)] {
+            let name = format!("long_d{dh}_h{h}/{hkv}_{keys:?}");
+            let shape = nopad_flash::harness::Shape::from_lens(&name, &lens, h, hkv, dh);
             let variants = [Variant::Mma, Variant::MmaAtomic, Variant::MmaAuto];
             let rows = check::check_shape(&mut gpu, &shape, seed, &variants).expect("kernels run");
             for r in rows {

@@ -60,9 +60,9 @@ __device__ __forceinline__ void flash_bwd_wg(const bf16_t* __restrict__ qkv,
     const int steps = G * steps_per_head;
     const float c = scale * LOG2E;
 
-    load_tile_sw<KT, WG_THREADS>(sK, qkv + (long long)(seq_start + n * KT) * rs + (H + hk) * DH,
+    load_tile_sw<KT, 128, WG_THREADS>(sK, qkv + (long long)(seq_start + n * KT) * rs + (H + hk) * DH,
                                  rs, L - n * KT, tid);
-    load_tile_sw<KT, WG_THREADS>(sV,
+    load_tile_sw<KT, 128, WG_THREADS>(sV,
                                  qkv + (long long)(seq_start + n * KT) * rs + (H + Hkv + hk) * DH,
                                  rs, L - n * KT, tid);
     auto load_step = [&](int s, int stage) {
@@ -70,8 +70,8 @@ __device__ __forceinline__ void flash_bwd_wg(const bf16_t* __restrict__ qkv,
         int m = m0 + s % steps_per_head;
         const bf16_t* gQ = qkv + (long long)(seq_start + m * QT) * rs + h * DH;
         const bf16_t* gO = d_out + (long long)(seq_start + m * QT) * ors + h * DH;
-        load_tile_sw<QT, WG_THREADS>(sQ + stage * QB, gQ, rs, L - m * QT, tid);
-        load_tile_sw<QT, WG_THREADS>(sO + stage * QB, gO, ors, L - m * QT, tid);
+        load_tile_sw<QT, 128, WG_THREADS>(sQ + stage * QB, gQ, rs, L - m * QT, tid);
+        load_tile_sw<QT, 128, WG_THREADS>(sO + stage * QB, gO, ors, L - m * QT, tid);
         if (tid < 32) {
             long long p = (long long)h * Tpad + pad + m * QT + (tid & 15) * 4;
             const float* src = tid < 16 ? lse2 + p : Dg + p;
@@ -260,8 +260,8 @@ extern "C" __global__ void __launch_bounds__(128, 1)
     const u32 raw = smem_u32(smem_wgt);
     const u32 sx = (raw + 1023) & ~1023u, sy = sx + 64 * 128 * 2;
     const int tid = threadIdx.x, wl = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    load_tile_sw<64, 128>(sx, x, 128, 64, tid);
-    load_tile_sw<128, 128>(sy, y, 128, 128, tid);
+    load_tile_sw<64, 128, 128>(sx, x, 128, 64, tid);
+    load_tile_sw<128, 128, 128>(sy, y, 128, 128, tid);
     cp_commit();
     cp_wait<0>();
     fence_async_smem();

@@ -1,4 +1,4 @@
-// bwd_wgs.cu: varlen causal FlashAttention backward for every sequence length at head dim 128
+// bwd_wgs.cu: varlen causal FlashAttention backward for every sequence length at head dim 64/128
 // with Hopper warpgroup MMAs (sm_90a; elsewhere the kernels trap and the host never selects
 // them; helpers in wgmma.cuh). The deterministic pair of bwd_dq.cu / bwd_dkdv.cu on 64 x 64
 // tiles, one warpgroup (128 threads) per CTA, two CTAs per SM:
@@ -6,18 +6,19 @@
 // flash_bwd_wgs_dq_128: per (query head h, 64-row query tile m; packed tiles as in bwd_dq.cu),
 //   dQ_i = scale sum_j P_ij (dP_ij - D_i) K_j over key tiles n <= m (recompute, no atomics):
 //   S = Q K^T, dP = dO V^T (m64n64k16 x 8 each, both operands K-major from shared memory);
-//   dS stays in registers as the A operand of dQ += dS K (m64n128k16 x 4, B = K MN-major).
+//   dS stays in registers as the A operand of dQ += dS K (m64n{DH}k16 x 4, B = K MN-major).
 //   With `out` given it first computes D = rowsum(dO o O) and lse2 of its rows and stores them
 //   for the dK/dV kernel, which runs after it.
 // flash_bwd_wgs_kv_128: per (kv head hk, 64-key tile n; packed tiles), dK and dV over the
 //   group's (query head, query tile m >= n) steps: S^T = K Q^T, dP^T = V dO^T (m64n64k16 x 8,
 //   K-major), P^T and dS^T stay in registers as the A operands of dV += P^T dO and
-//   dK += dS^T Q (m64n128k16 x 4, B = dO / Q MN-major): no shared-memory round trip and one
+//   dK += dS^T Q (m64n{DH}k16 x 4, B = dO / Q MN-major): no shared-memory round trip and one
 //   barrier per step. lse2 and D index columns here, so each step stages them in smem.
 // Masking as bwd_dq.cu / bwd_dkdv.cu (causal inside a sequence; packed tiles: query row i sees
 // keys from segs[64 p + i] on), but whole 64 x 64 tiles: no 16-key block skipping.
-// Shared memory (SW128 tiles, 1024-byte aligned): dq: Q, dO + K, V [2][64][128] = 96 KB;
-// kv: K, V + Q, dO [2][64][128] + lse2, D [2][64] + segs [64] = 97 KB.
+// Shared memory (SW128 tiles, 1024-byte aligned): dq: Q, dO + K, V [2][64][DH] = 96 / 48 KB;
+// kv: K, V + Q, dO [2][64][DH] + lse2, D [2][64] + segs [64] = 97 / 49 KB (DH 128 / 64).
+// CTAs per SM (registers, shared memory): 2 at DH 128; dq 4, kv 3 at DH 64.
 
 #define WGS_THREADS 128
 
@@ -32,8 +33,9 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
                                                  const bf16_t* __restrict__ out,
                                                  const float* __restrict__ lse, int H, int Hkv,
                                                  int N, int Tpad, float scale) {
-    static_assert(DH == 128, "wgmma backward: head dim 128 only");
-    constexpr u32 TB = 64 * DH * 2;  // bytes of a [64][128] tile (column blocks 8 KB apart)
+    static_assert(DH == 64 || DH == 128, "wgmma backward: head dim 64 or 128");
+    constexpr u32 TB = 64 * DH * 2;  // bytes of a [64][DH] tile
+    constexpr u32 BS = 64 * 128;     // its 64-column blocks' stride
     extern __shared__ __align__(128) unsigned char smem_wgs[];
     const u32 raw = smem_u32(smem_wgs);
     const u32 sQ = (raw + 1023) & ~1023u, sO = sQ + TB, sK = sO + TB, sV = sK + 2 * TB;
@@ -52,12 +54,12 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
 
     const bf16_t* gK = qkv + (long long)seq_start * rs + (H + hk) * DH;
     const bf16_t* gV = qkv + (long long)seq_start * rs + (H + Hkv + hk) * DH;
-    load_tile_sw<64, WGS_THREADS>(sQ, qkv + (long long)(seq_start + m * 64) * rs + h * DH, rs,
+    load_tile_sw<64, DH, WGS_THREADS>(sQ, qkv + (long long)(seq_start + m * 64) * rs + h * DH, rs,
                                   L - m * 64, tid);
-    load_tile_sw<64, WGS_THREADS>(sO, d_out + (long long)(seq_start + m * 64) * ors + h * DH,
+    load_tile_sw<64, DH, WGS_THREADS>(sO, d_out + (long long)(seq_start + m * 64) * ors + h * DH,
                                   ors, L - m * 64, tid);
-    load_tile_sw<64, WGS_THREADS>(sK, gK, rs, L, tid);
-    load_tile_sw<64, WGS_THREADS>(sV, gV, rs, L, tid);
+    load_tile_sw<64, DH, WGS_THREADS>(sK, gK, rs, L, tid);
+    load_tile_sw<64, DH, WGS_THREADS>(sV, gV, rs, L, tid);
     cp_commit();
 
     // lse2 and D of this thread's accumulator rows 16 wl + g + 8 r.
@@ -106,9 +108,9 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
         }
     }
 
-    float dq[64];
+    float dq[DH / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) dq[i] = 0.f;
+    for (int i = 0; i < DH / 2; ++i) dq[i] = 0.f;
 
     for (int n = 0; n <= m; ++n) {
         const int stage = n & 1;
@@ -116,9 +118,9 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
         fence_async_smem();
         __syncthreads();  // K_n, V_n landed; every warp finished step n - 1 (its MMAs waited).
         if (n + 1 <= m) {
-            load_tile_sw<64, WGS_THREADS>(sK + (stage ^ 1) * TB, gK + (long long)(n + 1) * 64 * rs,
+            load_tile_sw<64, DH, WGS_THREADS>(sK + (stage ^ 1) * TB, gK + (long long)(n + 1) * 64 * rs,
                                           rs, L - (n + 1) * 64, tid);
-            load_tile_sw<64, WGS_THREADS>(sV + (stage ^ 1) * TB, gV + (long long)(n + 1) * 64 * rs,
+            load_tile_sw<64, DH, WGS_THREADS>(sV + (stage ^ 1) * TB, gV + (long long)(n + 1) * 64 * rs,
                                           rs, L - (n + 1) * 64, tid);
         }
         cp_commit();
@@ -130,7 +132,7 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
         typedef unsigned long long u64;
         const u64 qK = wg_desc(qa, 16, 1024), oK = wg_desc(oa, 16, 1024);
         const u64 kK = wg_desc(ka, 16, 1024), vK = wg_desc(va, 16, 1024);
-        const u64 kM = wg_desc(ka, TB / 2, 1024);
+        const u64 kM = wg_desc(ka, BS, 1024);
 
         float s[32], dp[32];
         reg_fence<32>(s);
@@ -138,13 +140,13 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * (TB / 2) + (kk & 3) * 32) >> 4;
+            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
             wgmma_64x64<0, 0>(s, qK + o, kK + o, kk);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * (TB / 2) + (kk & 3) * 32) >> 4;
+            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
             wgmma_64x64<0, 0>(dp, oK + o, vK + o, kk);
         }
         wg_commit();
@@ -176,13 +178,13 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
                 da[kj][2 * hb + 1] = pack_bf16(s[4 * j + 2] * (dp[4 * j + 2] - dd[1]),
                                                s[4 * j + 3] * (dp[4 * j + 3] - dd[1]));
             }
-        reg_fence<64>(dq);
+        reg_fence<DH / 2>(dq);
         wg_fence();
 #pragma unroll
-        for (int kj = 0; kj < 4; ++kj) wgmma_64x128_rs<1>(dq, da[kj], kM + ((kj * 2048) >> 4), 1);
+        for (int kj = 0; kj < 4; ++kj) wgmma_rs<DH, 1>(dq, da[kj], kM + ((kj * 2048) >> 4), 1);
         wg_commit();
         wg_wait<0>();
-        reg_fence<64>(dq);
+        reg_fence<DH / 2>(dq);
     }
     cp_wait<0>();
 
@@ -207,8 +209,9 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
                                                  const int4* __restrict__ tiles,
                                                  const int* __restrict__ segs, int H, int Hkv,
                                                  int Tpad, float scale) {
-    static_assert(DH == 128, "wgmma backward: head dim 128 only");
-    constexpr u32 TB = 64 * DH * 2;
+    static_assert(DH == 64 || DH == 128, "wgmma backward: head dim 64 or 128");
+    constexpr u32 TB = 64 * DH * 2;  // bytes of a [64][DH] tile
+    constexpr u32 BS = 64 * 128;     // its 64-column blocks' stride
     extern __shared__ __align__(128) unsigned char smem_wgs[];
     const u32 raw = smem_u32(smem_wgs);
     const u32 sK = (raw + 1023) & ~1023u, sV = sK + TB, sQ = sV + TB, sO = sQ + 2 * TB;
@@ -232,17 +235,17 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
     const float c = scale * LOG2E;
 
     if (tid < 64) sSeg[tid] = packed ? segs[(-tile.z - 1) * 64 + tid] : 0;
-    load_tile_sw<64, WGS_THREADS>(sK, qkv + (long long)(seq_start + n * 64) * rs + (H + hk) * DH,
+    load_tile_sw<64, DH, WGS_THREADS>(sK, qkv + (long long)(seq_start + n * 64) * rs + (H + hk) * DH,
                                   rs, L - n * 64, tid);
-    load_tile_sw<64, WGS_THREADS>(sV,
+    load_tile_sw<64, DH, WGS_THREADS>(sV,
                                   qkv + (long long)(seq_start + n * 64) * rs + (H + Hkv + hk) * DH,
                                   rs, L - n * 64, tid);
     auto load_step = [&](int s, int stage) {
         int h = hk * G + s / steps_per_head;
         int m = n + s % steps_per_head;
-        load_tile_sw<64, WGS_THREADS>(sQ + stage * TB, qkv + (long long)(seq_start + m * 64) * rs + h * DH,
+        load_tile_sw<64, DH, WGS_THREADS>(sQ + stage * TB, qkv + (long long)(seq_start + m * 64) * rs + h * DH,
                                       rs, L - m * 64, tid);
-        load_tile_sw<64, WGS_THREADS>(sO + stage * TB, d_out + (long long)(seq_start + m * 64) * ors + h * DH,
+        load_tile_sw<64, DH, WGS_THREADS>(sO + stage * TB, d_out + (long long)(seq_start + m * 64) * ors + h * DH,
                                       ors, L - m * 64, tid);
         if (tid < 32) {
             long long p = (long long)h * Tpad + pad + m * 64 + (tid & 15) * 4;
@@ -254,9 +257,9 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
     load_step(0, 0);
     cp_commit();
 
-    float dk[64], dv[64];
+    float dk[DH / 2], dv[DH / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
+    for (int i = 0; i < DH / 2; ++i) dk[i] = dv[i] = 0.f;
     // This thread's accumulator rows are keys n 64 + 16 wl + g + 8 r; its columns queries
     // 8 j + 2t + (0, 1) of the step's tile.
     const int key0 = n * 64 + 16 * wl + g;
@@ -277,7 +280,7 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
         typedef unsigned long long u64;
         const u64 qK = wg_desc(qa, 16, 1024), oK = wg_desc(oa, 16, 1024);
         const u64 kK = wg_desc(ka, 16, 1024), vK = wg_desc(va, 16, 1024);
-        const u64 qM = wg_desc(qa, TB / 2, 1024), oM = wg_desc(oa, TB / 2, 1024);
+        const u64 qM = wg_desc(qa, BS, 1024), oM = wg_desc(oa, BS, 1024);
 
         float st[32], dpt[32];
         reg_fence<32>(st);
@@ -285,13 +288,13 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * (TB / 2) + (kk & 3) * 32) >> 4;
+            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
             wgmma_64x64<0, 0>(st, kK + o, qK + o, kk);
         }
         wg_commit();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * (TB / 2) + (kk & 3) * 32) >> 4;
+            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
             wgmma_64x64<0, 0>(dpt, vK + o, oK + o, kk);
         }
         wg_commit();
@@ -330,17 +333,17 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
                 da[kq][2 * hb + 1] = pack_bf16(st[4 * j + 2] * (dpt[4 * j + 2] - d.x),
                                                st[4 * j + 3] * (dpt[4 * j + 3] - d.y));
             }
-        reg_fence<64>(dk);
-        reg_fence<64>(dv);
+        reg_fence<DH / 2>(dk);
+        reg_fence<DH / 2>(dv);
         wg_fence();
 #pragma unroll
-        for (int kq = 0; kq < 4; ++kq) wgmma_64x128_rs<1>(dv, pa[kq], oM + ((kq * 2048) >> 4), 1);
+        for (int kq = 0; kq < 4; ++kq) wgmma_rs<DH, 1>(dv, pa[kq], oM + ((kq * 2048) >> 4), 1);
 #pragma unroll
-        for (int kq = 0; kq < 4; ++kq) wgmma_64x128_rs<1>(dk, da[kq], qM + ((kq * 2048) >> 4), 1);
+        for (int kq = 0; kq < 4; ++kq) wgmma_rs<DH, 1>(dk, da[kq], qM + ((kq * 2048) >> 4), 1);
         wg_commit();
         wg_wait<0>();
-        reg_fence<64>(dk);
-        reg_fence<64>(dv);
+        reg_fence<DH / 2>(dk);
+        reg_fence<DH / 2>(dv);
     }
     cp_wait<0>();
 
@@ -351,7 +354,7 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
             bf16_t* dK = d_qkv + (long long)(seq_start + j) * rs + (H + hk) * DH + 2 * t;
             bf16_t* dV = d_qkv + (long long)(seq_start + j) * rs + (H + Hkv + hk) * DH + 2 * t;
 #pragma unroll
-            for (int jj = 0; jj < 16; ++jj) {
+            for (int jj = 0; jj < DH / 8; ++jj) {
                 *(u32*)(dK + 8 * jj) = pack_bf16(dk[4 * jj + 2 * r] * scale, dk[4 * jj + 2 * r + 1] * scale);
                 *(u32*)(dV + 8 * jj) = pack_bf16(dv[4 * jj + 2 * r], dv[4 * jj + 2 * r + 1]);
             }
@@ -359,31 +362,40 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WGS_THREADS, 2)
-    flash_bwd_wgs_dq_128(const bf16_t* qkv, const bf16_t* d_out, float* lse2, float* D,
-                         bf16_t* d_qkv, const int4* tiles, const int* segs, const bf16_t* out,
-                         const float* lse, int H, int Hkv, int N, int Tpad, float scale) {
-    flash_bwd_wgs_dq<128>(qkv, d_out, lse2, D, d_qkv, tiles, segs, out, lse, H, Hkv, N, Tpad,
-                          scale);
-}
-extern "C" __global__ void __launch_bounds__(WGS_THREADS, 2)
-    flash_bwd_wgs_kv_128(const bf16_t* qkv, const bf16_t* d_out, const float* lse2,
-                         const float* D, bf16_t* d_qkv, const int4* tiles, const int* segs,
-                         float* dqacc, int H, int Hkv, int Tpad, float scale) {
-    flash_bwd_wgs_kv<128>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);
-}
+#define WGS_ENTRY(DH, MINB_DQ, MINB_KV)                                                         \
+    extern "C" __global__ void __launch_bounds__(WGS_THREADS, MINB_DQ)                           \
+        flash_bwd_wgs_dq_##DH(const bf16_t* qkv, const bf16_t* d_out, float* lse2, float* D,    \
+                              bf16_t* d_qkv, const int4* tiles, const int* segs,               \
+                              const bf16_t* out, const float* lse, int H, int Hkv, int N,       \
+                              int Tpad, float scale) {                                          \
+        flash_bwd_wgs_dq<DH>(qkv, d_out, lse2, D, d_qkv, tiles, segs, out, lse, H, Hkv, N,      \
+                             Tpad, scale);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(WGS_THREADS, MINB_KV)                           \
+        flash_bwd_wgs_kv_##DH(const bf16_t* qkv, const bf16_t* d_out, const float* lse2,        \
+                              const float* D, bf16_t* d_qkv, const int4* tiles,                 \
+                              const int* segs, float* dqacc, int H, int Hkv, int Tpad,          \
+                              float scale) {                                                    \
+        flash_bwd_wgs_kv<DH>(qkv, d_out, lse2, D, d_qkv, tiles, segs, H, Hkv, Tpad, scale);     \
+    }
+WGS_ENTRY(64, 4, 3)
+WGS_ENTRY(128, 2, 2)
 
 #else  // not sm_90a: same entry points, never launched (the host checks the architecture).
 
-extern "C" __global__ void flash_bwd_wgs_dq_128(const bf16_t*, const bf16_t*, float*, float*,
-                                                bf16_t*, const int4*, const int*, const bf16_t*,
-                                                const float*, int, int, int, int, float) {
-    __trap();
-}
-extern "C" __global__ void flash_bwd_wgs_kv_128(const bf16_t*, const bf16_t*, const float*,
-                                                const float*, bf16_t*, const int4*, const int*,
-                                                float*, int, int, int, float) {
-    __trap();
-}
+#define WGS_ENTRY(DH)                                                                          \
+    extern "C" __global__ void flash_bwd_wgs_dq_##DH(const bf16_t*, const bf16_t*, float*,       \
+                                                     float*, bf16_t*, const int4*, const int*,  \
+                                                     const bf16_t*, const float*, int, int,     \
+                                                     int, int, float) {                         \
+        __trap();                                                                               \
+    }                                                                                           \
+    extern "C" __global__ void flash_bwd_wgs_kv_##DH(const bf16_t*, const bf16_t*, const float*, \
+                                                     const float*, bf16_t*, const int4*,        \
+                                                     const int*, float*, int, int, int, float) { \
+        __trap();                                                                               \
+    }
+WGS_ENTRY(64)
+WGS_ENTRY(128)
 
 #endif

@@ -1,4 +1,4 @@
-// fwd_wg.cu: varlen causal FlashAttention forward at head dim 128 with Hopper warpgroup MMAs
+// fwd_wg.cu: varlen causal FlashAttention forward at head dim 64 or 128 with Hopper warpgroup MMAs
 // (sm_90a; elsewhere the kernel traps and the host never selects it; helpers in wgmma.cuh).
 //
 // Same work, tile list and outputs as fwd.cu's 64-row kernel: per (query head h, 64-row query
@@ -6,9 +6,10 @@
 //   out = softmax_causal(scale q k^T) v, lse = ln sum_j exp(scale q . k_j),
 // over key tiles n <= m: S = Q K_n^T (m64n64k16 x 8, both operands K-major from shared memory),
 // online softmax in registers (exp2 folding), P as bf16 A fragments in registers for
-// O += P V_n (m64n128k16 x 4, B = V MN-major). One warpgroup (128 threads) per CTA; Q, K, V one
+// O += P V_n (m64n{DH}k16 x 4, B = V MN-major). One warpgroup (128 threads) per CTA; Q, K, V one
 // SW128 tile each, in FA2's order: V_n loads during S = Q K_n^T and the softmax, K_{n+1} during
-// P V_n. Shared memory 48 KB + 1 KB alignment: three CTAs per SM (registers allow 170).
+// P V_n. Shared memory 3 [64][DH] tiles + 1 KB alignment (49 KB at DH 128: three CTAs per SM,
+// registers allow 170; 25 KB at DH 64: four, 128 registers).
 
 #define FWG_THREADS 128
 
@@ -19,8 +20,9 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
                                              const int4* __restrict__ tiles,
                                              const int* __restrict__ segs, int H, int Hkv, int N,
                                              float scale) {
-    static_assert(DH == 128, "wgmma forward: head dim 128 only");
-    constexpr u32 TB = 64 * DH * 2;  // bytes of a [64][128] tile (column blocks 8 KB apart)
+    static_assert(DH == 64 || DH == 128, "wgmma forward: head dim 64 or 128");
+    constexpr u32 TB = 64 * DH * 2;  // bytes of a [64][DH] tile
+    constexpr u32 BS = 64 * 128;     // its 64-column blocks' stride
     extern __shared__ __align__(128) unsigned char smem_fwg[];
     const u32 raw = smem_u32(smem_fwg);
     const u32 sQ = (raw + 1023) & ~1023u, sK = sQ + TB, sV = sK + TB;
@@ -36,11 +38,11 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
 
     const bf16_t* gK = qkv + (long long)seq_start * rs + (H + hk) * DH;
     const bf16_t* gV = qkv + (long long)seq_start * rs + (H + Hkv + hk) * DH;
-    load_tile_sw<64, FWG_THREADS>(sQ, qkv + (long long)(seq_start + m * 64) * rs + h * DH, rs,
+    load_tile_sw<64, DH, FWG_THREADS>(sQ, qkv + (long long)(seq_start + m * 64) * rs + h * DH, rs,
                                   L - m * 64, tid);
-    load_tile_sw<64, FWG_THREADS>(sK, gK, rs, L, tid);
+    load_tile_sw<64, DH, FWG_THREADS>(sK, gK, rs, L, tid);
     cp_commit();
-    load_tile_sw<64, FWG_THREADS>(sV, gV, rs, L, tid);
+    load_tile_sw<64, DH, FWG_THREADS>(sV, gV, rs, L, tid);
     cp_commit();
 
     // This thread's rows 16 wl + g + 8 r of the tile.
@@ -49,9 +51,9 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
     for (int r = 0; r < 2; ++r)
         if (tile.z < 0) seg_lo[r] = segs[(-tile.z - 1) * 64 + 16 * wl + g + 8 * r];
     float row_max[2] = {-FLASH_INF, -FLASH_INF}, row_sum[2] = {0.f, 0.f};
-    float o[64];
+    float o[DH / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
 
     for (int n = 0; n <= m; ++n) {
         cp_wait<1>();
@@ -63,14 +65,14 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
         asm volatile("mov.b32 %0, %0;" : "+r"(va));
         typedef unsigned long long u64;
         const u64 qK = wg_desc(qa, 16, 1024), kK = wg_desc(ka, 16, 1024);
-        const u64 vM = wg_desc(va, TB / 2, 1024);
+        const u64 vM = wg_desc(va, BS, 1024);
 
         float s[32];
         reg_fence<32>(s);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 off = ((kk >> 2) * (TB / 2) + (kk & 3) * 32) >> 4;
+            const u32 off = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
             wgmma_64x64<0, 0>(s, qK + off, kK + off, kk);
         }
         wg_commit();
@@ -108,7 +110,7 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
             }
             row_sum[r] = row_sum[r] * alpha + sum;
 #pragma unroll
-            for (int jj = 0; jj < 16; ++jj) {
+            for (int jj = 0; jj < DH / 8; ++jj) {
                 o[4 * jj + 2 * r] *= alpha;
                 o[4 * jj + 2 * r + 1] *= alpha;
             }
@@ -125,19 +127,19 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
         fence_async_smem();
         __syncthreads();  // V_n landed; every warp's S MMAs are done, so sK may be refilled.
         if (n + 1 <= m)
-            load_tile_sw<64, FWG_THREADS>(sK, gK + (long long)(n + 1) * 64 * rs, rs,
+            load_tile_sw<64, DH, FWG_THREADS>(sK, gK + (long long)(n + 1) * 64 * rs, rs,
                                           L - (n + 1) * 64, tid);
         cp_commit();
-        reg_fence<64>(o);
+        reg_fence<DH / 2>(o);
         wg_fence();
 #pragma unroll
-        for (int kj = 0; kj < 4; ++kj) wgmma_64x128_rs<1>(o, pa[kj], vM + ((kj * 2048) >> 4), 1);
+        for (int kj = 0; kj < 4; ++kj) wgmma_rs<DH, 1>(o, pa[kj], vM + ((kj * 2048) >> 4), 1);
         wg_commit();
         wg_wait<0>();
-        reg_fence<64>(o);
+        reg_fence<DH / 2>(o);
         __syncthreads();  // every warp's P V MMAs are done, so sV may be refilled.
         if (n + 1 <= m)
-            load_tile_sw<64, FWG_THREADS>(sV, gV + (long long)(n + 1) * 64 * rs, rs,
+            load_tile_sw<64, DH, FWG_THREADS>(sV, gV + (long long)(n + 1) * 64 * rs, rs,
                                           L - (n + 1) * 64, tid);
         cp_commit();
     }
@@ -153,7 +155,7 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
         if (i < L) {
             bf16_t* dst = out + (long long)(seq_start + i) * H * DH + h * DH + 2 * t;
 #pragma unroll
-            for (int jj = 0; jj < 16; ++jj)
+            for (int jj = 0; jj < DH / 8; ++jj)
                 *(u32*)(dst + 8 * jj) = pack_bf16(o[4 * jj + 2 * r] * inv, o[4 * jj + 2 * r + 1] * inv);
             if (t == 0)
                 lse[(long long)h * N + seq_start + i] = l > 0.f ? row_max[r] * scale + logf(l) : FLASH_INF;
@@ -161,17 +163,23 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FWG_THREADS, 3)
-    flash_fwd_wg_128(const bf16_t* qkv, bf16_t* out, float* lse, const int4* tiles,
-                     const int* segs, int H, int Hkv, int N, float scale) {
-    flash_fwd_wg<128>(qkv, out, lse, tiles, segs, H, Hkv, N, scale);
-}
+#define FWG_ENTRY(DH, MINB)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FWG_THREADS, MINB)                             \
+        flash_fwd_wg_##DH(const bf16_t* qkv, bf16_t* out, float* lse, const int4* tiles,       \
+                          const int* segs, int H, int Hkv, int N, float scale) {               \
+        flash_fwd_wg<DH>(qkv, out, lse, tiles, segs, H, Hkv, N, scale);                        \
+    }
+FWG_ENTRY(64, 4)
+FWG_ENTRY(128, 3)
 
 #else  // not sm_90a: same entry point, never launched (the host checks the architecture).
 
-extern "C" __global__ void flash_fwd_wg_128(const bf16_t*, bf16_t*, float*, const int4*,
-                                            const int*, int, int, int, float) {
-    __trap();
-}
+#define FWG_ENTRY(DH)                                                                          \
+    extern "C" __global__ void flash_fwd_wg_##DH(const bf16_t*, bf16_t*, float*, const int4*,  \
+                                                 const int*, int, int, int, float) {            \
+        __trap();                                                                               \
+    }
+FWG_ENTRY(64)
+FWG_ENTRY(128)
 
 #endif
