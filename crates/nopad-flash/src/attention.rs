@@ -113,7 +113,8 @@ pub enum LongKeys {
     /// through shared memory (`bwd_long.cu`).
     Split,
     /// `Split`'s work on Hopper warpgroup MMAs (`wgmma`, `bwd_wg.cu`): 2 warpgroups, both
-    /// operands from shared memory. Dh 128 on compute capability 9.0 only; elsewhere `Split`.
+    /// operands from shared memory. Dh 128 on compute capability 9.0 only; elsewhere `Split`
+    /// in the atomic backward and `Narrow` in the deterministic one.
     Wgmma,
 }
 
@@ -125,7 +126,8 @@ pub struct BackwardConfig {
     /// is no separate preprocess pass over O and dO.
     pub fused_prep: bool,
     /// Long sequences' key tiles in the deterministic backward (`Narrow`, `Split` or `Wgmma`,
-    /// the default: run 7a measured it 15-20% faster than `Split` on a, b, e).
+    /// the default: run 7a measured it 15-20% faster than `Split` on a, b, e; where there is no
+    /// long wgmma kernel, i.e. at Dh 64 or off sm_90a, `Wgmma` acts as `Narrow`).
     pub long_deterministic: LongKeys,
     /// Long sequences' key tiles in the atomic backward (default `Wgmma`: run 7a measured it
     /// 24-36% faster than `Split` on a, b, e). With `Rows`, `Split` or `Wgmma` the short
@@ -811,8 +813,16 @@ impl FlashAttention {
                     } else {
                         prep(tiles, nq_all, false)?;
                     }
-                    if matches!(conf.long_deterministic, LongKeys::Split | LongKeys::Wgmma) {
-                        let keys = conf.long_deterministic;
+                    // `Wgmma` without the long wgmma kernel (Dh 64, or no sm_90a) means `Narrow`:
+                    // every key tile through `k_det` (run 18: at Dh 64 the 128-key mma.sync
+                    // kernel left the 1B model's backward where it was, with few long sequences
+                    // per batch filling few SMs).
+                    let long_keys = match conf.long_deterministic {
+                        LongKeys::Wgmma if f.wg.is_none() => LongKeys::Narrow,
+                        keys => keys,
+                    };
+                    if matches!(long_keys, LongKeys::Split | LongKeys::Wgmma) {
+                        let keys = long_keys;
                         run(nkv_long, &|| long(keys, false, kv_long, nkv_long))?;
                         run(nkv_short, &|| dkdv(k_det, kv_short, nkv_short))?;
                     } else {
