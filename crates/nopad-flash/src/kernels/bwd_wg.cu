@@ -20,7 +20,7 @@
 // fp32 + 1 KB alignment slack = 164 KB: one CTA (2 warpgroups) per SM.
 
 #define WG_THREADS 256
-#define WG_HEADS_FAST 1
+#define WG_HEADS_FAST_G1 0
 
 #ifdef FLASH_WGMMA
 
@@ -43,11 +43,13 @@ __device__ __forceinline__ void flash_bwd_wg(const bf16_t* __restrict__ qkv,
     float* sL = (float*)(smem_wg + (sS + QB - raw));  // [2][64]
     float* sD = sL + 2 * QT;                           // [2][64]
 
-    // Grid order: WG_HEADS_FAST = 1 puts kv heads fastest (as bwd_long.cu); 0 runs all key
-    // tiles of one kv head first (FA2's order: the CTAs in flight share Q, dO and dqacc in L2).
+    // Grid order: kv heads fastest (as bwd_long.cu), or, without GQA (G = 1) unless
+    // WG_HEADS_FAST_G1, all key tiles of one head first (FA2's order: the CTAs in flight share
+    // Q, dO and dqacc in L2). Run 7b: FA2's order gave a (G = 1) +10% and b, e (G = 4) -16%, -18%.
+    const bool heads_fast = WG_HEADS_FAST_G1 || H != Hkv;
     const int ntiles = gridDim.x / Hkv;
-    const int hk = WG_HEADS_FAST ? blockIdx.x % Hkv : blockIdx.x / ntiles;
-    const int4 tile = tiles[WG_HEADS_FAST ? blockIdx.x / Hkv : blockIdx.x % ntiles];
+    const int hk = heads_fast ? blockIdx.x % Hkv : blockIdx.x / ntiles;
+    const int4 tile = tiles[heads_fast ? blockIdx.x / Hkv : blockIdx.x % ntiles];
     const int seq_start = tile.x, L = tile.y, n = tile.z, pad = tile.w;
     const int G = H / Hkv;
     const long long rs = (long long)(H + 2 * Hkv) * DH;
