@@ -27,7 +27,9 @@ pub(crate) const BWD_WGS: &str = include_str!("kernels/bwd_wgs.cu");
 pub(crate) const BWD_CONVERT: &str = include_str!("kernels/bwd_convert.cu");
 pub(crate) const SIMPLE: &str = include_str!("kernels/simple.cu");
 
-/// The caller's loader: `load(name, cuda_source) -> module` (NVRTC plus its disk cache).
+/// The caller's loader: `load(name, cuda_source) -> module` (NVRTC plus its disk cache). On a
+/// device of compute capability 9.0 it must compile for `sm_90a` (as nopad's loaders do): the
+/// wgmma kernels, selected there, are built only with that target and trap otherwise.
 pub type ModuleLoader = dyn Fn(&str, &str) -> Result<Arc<CudaModule>, String>;
 
 /// Which kernels `forward`/`backward` launch.
