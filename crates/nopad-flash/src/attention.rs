@@ -546,9 +546,8 @@ impl FlashAttention {
                     });
                 let auto_wide = workspace + lay.auto_wide as u64;
                 let auto_narrow = workspace + lay.auto_narrow as u64;
-                match forward_tiles {
-                    ForwardTiles::Auto if wg.is_some() => {
-                        let wg = wg.expect("checked");
+                match (forward_tiles, wg) {
+                    (ForwardTiles::Auto, Some(wg)) => {
                         if self.forward_wgmma == ForwardWgmma::All {
                             launches.push(wg(tiles, q_tiles));
                         } else {
@@ -556,12 +555,14 @@ impl FlashAttention {
                             launches.push(wg(auto_narrow, plan.auto_narrow.len()));
                         }
                     }
-                    ForwardTiles::Narrow => launches.push(narrow(tiles, q_tiles)),
-                    ForwardTiles::Wide => launches.push(wide(wide_tiles, plan.wide_tiles.len())),
+                    (ForwardTiles::Narrow, _) => launches.push(narrow(tiles, q_tiles)),
+                    (ForwardTiles::Wide, _) => {
+                        launches.push(wide(wide_tiles, plan.wide_tiles.len()))
+                    }
                     // At Dh 64 the 64-row kernel measured faster on every shape (run 4a: c
                     // 125.5 vs 116.0 TFLOP/s with Auto), so Auto uses it alone there.
-                    ForwardTiles::Auto if dh == 64 => launches.push(narrow(tiles, q_tiles)),
-                    ForwardTiles::Auto => {
+                    (ForwardTiles::Auto, None) if dh == 64 => launches.push(narrow(tiles, q_tiles)),
+                    (ForwardTiles::Auto, None) => {
                         launches.push(wide(auto_wide, plan.auto_wide.len()));
                         launches.push(narrow(auto_narrow, plan.auto_narrow.len()));
                     }
@@ -720,7 +721,7 @@ impl FlashAttention {
                         .arg(&o)
                         .arg(&l);
                     b.arg(&h).arg(&hkv).arg(&n).arg(&tpad).arg(&scale);
-                    // SAFETY: matches `flash_bwd_dq_<dh>` and `flash_bwd_wgs_dq_128` (14
+                    // SAFETY: matches `flash_bwd_dq_<dh>` and `flash_bwd_wgs_dq_<dh>` (14
                     // parameters, 128 threads each).
                     b.launch(cfg((count * dims.n_heads) as u32, 128, dq_smem))
                         .map(|_| ())
@@ -747,7 +748,7 @@ impl FlashAttention {
                         .map(|_| ())
                         .map_err(driver(format!("launching {}_{dh}", k.1)))
                 };
-                // `flash_bwd_wgs_kv_128` takes `flash_bwd_dkdv_<dh>`'s 12 parameters.
+                // `flash_bwd_wgs_kv_<dh>` takes `flash_bwd_dkdv_<dh>`'s 12 parameters.
                 let k_det = match wgs {
                     Some((_, wgs_kv)) => (wgs_kv, "flash_bwd_wgs_kv", 128, smem_wgs_kv(dh)),
                     None => (&f.dkdv, "flash_bwd_dkdv", 128, smem_dkdv(dh, false)),
