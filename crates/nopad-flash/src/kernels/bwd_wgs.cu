@@ -138,17 +138,9 @@ __device__ __forceinline__ void flash_bwd_wgs_dq(const bf16_t* __restrict__ qkv,
         reg_fence<32>(s);
         reg_fence<32>(dp);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
-            wgmma_64x64<0, 0>(s, qK + o, kK + o, kk);
-        }
+        wgmma_64x64_tiles<DH>(s, qK, kK);
         wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
-            wgmma_64x64<0, 0>(dp, oK + o, vK + o, kk);
-        }
+        wgmma_64x64_tiles<DH>(dp, oK, vK);
         wg_commit();
         wg_wait<1>();
         reg_fence<32>(s);
@@ -286,17 +278,9 @@ __device__ __forceinline__ void flash_bwd_wgs_kv(const bf16_t* __restrict__ qkv,
         reg_fence<32>(st);
         reg_fence<32>(dpt);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
-            wgmma_64x64<0, 0>(st, kK + o, qK + o, kk);
-        }
+        wgmma_64x64_tiles<DH>(st, kK, qK);
         wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 o = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
-            wgmma_64x64<0, 0>(dpt, vK + o, oK + o, kk);
-        }
+        wgmma_64x64_tiles<DH>(dpt, vK, oK);
         wg_commit();
         const float* sLs = sL + stage * 64;
         const float* sDs = sD + stage * 64;

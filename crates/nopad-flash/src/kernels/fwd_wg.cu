@@ -70,11 +70,7 @@ __device__ __forceinline__ void flash_fwd_wg(const bf16_t* __restrict__ qkv,
         float s[32];
         reg_fence<32>(s);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk) {
-            const u32 off = ((kk >> 2) * BS + (kk & 3) * 32) >> 4;
-            wgmma_64x64<0, 0>(s, qK + off, kK + off, kk);
-        }
+        wgmma_64x64_tiles<DH>(s, qK, kK);
         wg_commit();
         wg_wait<0>();
         reg_fence<32>(s);

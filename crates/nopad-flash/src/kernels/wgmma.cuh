@@ -135,4 +135,16 @@ __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, unsigned long l
     else wgmma_64x128_rs<TB>(d, a, db, accumulate);
 }
 
+// D[64][64] = A B^T with A, B two [64][DH] SW128 tiles given by K-major descriptors of their
+// starts: k step kk lies in 64-column block kk / 4 (8 KB apart), 32 bytes further per step.
+template <int DH>
+__device__ __forceinline__ void wgmma_64x64_tiles(float* d, unsigned long long da,
+                                                  unsigned long long db) {
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+        const u32 o = ((kk >> 2) * (64 * 128) + (kk & 3) * 32) >> 4;
+        wgmma_64x64<0, 0>(d, da + o, db + o, kk);
+    }
+}
+
 #endif  // FLASH_WGMMA
