@@ -193,7 +193,7 @@ fn smem_long(dh: usize) -> usize {
 const SMEM_WG: usize =
     2 * 128 * 128 * 2 + 4 * TILE * 128 * 2 + 2 * TILE * 128 * 2 + 4 * TILE * 4 + 1024;
 /// `flash_wg_selftest`: x [64][128] + y [128][128] bf16, aligned.
-const SMEM_WG_SELFTEST: usize = (64 + 128) * 128 * 2 + 1024;
+pub(crate) const SMEM_WG_SELFTEST: usize = (64 + 128) * 128 * 2 + 1024;
 /// `flash_fwd_wg_<dh>`: Q, K, V [64][Dh] bf16, aligned to 1024 bytes.
 fn smem_fwd_wg(dh: usize) -> usize {
     3 * TILE * dh * 2 + 1024
@@ -224,7 +224,7 @@ fn device_has_wgmma() -> bool {
     }
 }
 
-fn driver(what: impl Into<String>) -> impl FnOnce(result::DriverError) -> FlashError {
+pub(crate) fn driver(what: impl Into<String>) -> impl FnOnce(result::DriverError) -> FlashError {
     let what = what.into();
     move |source| FlashError::Driver { what, source }
 }

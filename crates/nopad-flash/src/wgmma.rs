@@ -1,4 +1,4 @@
-//! Self-test of the warpgroup-MMA operand layouts that `kernels/bwd_wg.cu` relies on: the
+//! Self-test of the warpgroup-MMA operand layouts that the `wgmma.cuh` kernels rely on: the
 //! shared-memory descriptors (128-byte swizzle, K-major and MN-major, one and two 64-wide
 //! blocks) are checked against CPU products before any attention number is trusted.
 
@@ -6,18 +6,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
-use crate::attention::FlashAttention;
+use crate::attention::{driver as drv, FlashAttention, SMEM_WG_SELFTEST};
 use crate::FlashError;
-
-/// Shared memory of `flash_wg_selftest`: x [64][128] + y [128][128] bf16, 1024-byte aligned.
-const SMEM: u32 = ((64 + 128) * 128 * 2 + 1024) as u32;
-
-fn drv(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> FlashError {
-    move |source| FlashError::Driver {
-        what: what.to_string(),
-        source,
-    }
-}
 
 impl FlashAttention {
     /// Whether the backward can run its long sequences on wgmma (`LongKeys::Wgmma`): the device
@@ -60,7 +50,7 @@ impl FlashAttention {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: SMEM,
+            shared_mem_bytes: SMEM_WG_SELFTEST as u32,
         };
         // SAFETY: matches `flash_wg_selftest(x, y, c1, c2, c3)` with the sizes above.
         unsafe { b.launch(cfg) }.map_err(drv("launching flash_wg_selftest"))?;

@@ -8,14 +8,21 @@ use nopad_flash::harness::check::{self, Variant};
 use nopad_flash::harness::Gpu;
 use nopad_flash::LongKeys;
 
-#[test]
-fn tiny_shapes_match_the_reference_on_the_gpu() {
-    let mut gpu = match Gpu::new() {
-        Ok(g) => g,
+/// The GPU, or `None` after a visible skip line where there is none (CI).
+fn gpu_or_skip() -> Option<Gpu> {
+    match Gpu::new() {
+        Ok(g) => Some(g),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
-            return;
+            None
         }
+    }
+}
+
+#[test]
+fn tiny_shapes_match_the_reference_on_the_gpu() {
+    let Some(mut gpu) = gpu_or_skip() else {
+        return;
     };
     let seed = 17;
     // The deterministic kernels on warpgroup MMAs (the default on sm_90a) and on mma.sync.
@@ -57,12 +64,8 @@ fn tiny_shapes_match_the_reference_on_the_gpu() {
 /// against the f64 reference.
 #[test]
 fn long_sequence_backwards_match_the_reference_on_the_gpu() {
-    let mut gpu = match Gpu::new() {
-        Ok(g) => g,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
-            return;
-        }
+    let Some(mut gpu) = gpu_or_skip() else {
+        return;
     };
     let mut choices = vec![LongKeys::Split];
     match gpu
