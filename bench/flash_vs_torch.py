@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """nopad-flash vs PyTorch varlen attention, on the same data, in the same machine session.
 
-Reads the directory written by `flash-check --dump DIR` (manifest.tsv plus raw little-endian
+Reads the directory written by `flash-check bench --dump DIR` (manifest.tsv plus raw little-endian
 files per shape: cu_seqlens i32, qkv/d_out/out/d_qkv bf16 bits, lse f32), then for each shape:
   1. runs torch.nn.attention.varlen.varlen_attn (PyTorch's built-in FA2; causal = window (-1, 0);
      no GQA flag in 2.11, so K/V heads are repeat_interleaved) forward and backward on nopad's
      inputs and prints max |nopad - torch| and the relative L2 difference for out, lse, dq, dk, dv;
   2. times PyTorch forward and backward with CUDA events (3 warm-ups, median of REPS) and prints
-     a side-by-side table against nopad's times from the manifest (causal FLOPs, flash-notes 7;
+     a side-by-side table against nopad's times from the manifest (causal FLOPs, docs/FLASH.md section 11;
      nopad's forward = its default `Auto` tiling);
-     the backward ratio uses nopad's faster backward mode, `det` the deterministic one (default).
+     nopad's backward is its default (deterministic) one.
 Usage: python3 flash_vs_torch.py DIR [REPS]
 """
 import sys
@@ -54,8 +54,7 @@ def timed(fn):
 
 table = []
 for line in open(f"{DIR}/manifest.tsv"):
-    name, S, N, H, Hkv, Dh, scale, nf, nb, na = line.rstrip("\n").split("\t")
-    na = float(na)
+    name, S, N, H, Hkv, Dh, scale, nf, nb = line.rstrip("\n").split("\t")
     S, N, H, Hkv, Dh, scale, nf, nb = int(S), int(N), int(H), int(Hkv), int(Dh), float(scale), float(nf), float(nb)
     G = H // Hkv
     cu = torch.from_numpy(np.fromfile(f"{DIR}/{name}.cu.i32", dtype=np.int32)).cuda()
@@ -96,15 +95,15 @@ for line in open(f"{DIR}/manifest.tsv"):
         tf = timed(lambda: varlen_attn(qt, kt, vt, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0)))
     o = varlen_attn(qt, kt, vt, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
     tb = timed(lambda: torch.autograd.grad(o, (qt, kt, vt), dout, retain_graph=True))
-    table.append((name, N, S, flops, nf, tf[0], nb, na, tb[0]))
+    table.append((name, N, S, flops, nf, tf[0], nb, tb[0]))
     print(f"torch {name}: fwd {tf[0]:.4f} ms [{tf[1]:.4f},{tf[2]:.4f}]  bwd {tb[0]:.4f} ms [{tb[1]:.4f},{tb[2]:.4f}]", flush=True)
     del qt, kt, vt, o, qkv, dout
     torch.cuda.empty_cache()
 
 print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}; TFLOP/s (causal, fwd = 4 Dh H sum L^2 / 2, bwd = 2.5 fwd); median of {REPS}")
-print("bwd det = nopad's deterministic backward; bwd atomic = nopad's atomic-dQ backward (torch's FA2 backward is atomic too)")
-print(f"{'shape':<26} {'tokens':>7} {'seqs':>5} | {'fwd nopad':>9} {'torch':>7} {'ratio':>6} | {'bwd det':>8} {'atomic':>7} {'torch':>7} {'ratio':>6} {'det':>5}")
-for name, N, S, fl, nf, tf, nb, na, tb in table:
+print("bwd nopad = its deterministic backward (dQ by recompute); torch's FA2 backward adds dQ atomically")
+print(f"{'shape':<26} {'tokens':>7} {'seqs':>5} | {'fwd nopad':>9} {'torch':>7} {'ratio':>6} | {'bwd nopad':>9} {'torch':>7} {'ratio':>6}")
+for name, N, S, fl, nf, tf, nb, tb in table:
     a, b = fl / nf / 1e9, fl / tf / 1e9
-    c, e, d = 2.5 * fl / nb / 1e9, 2.5 * fl / na / 1e9, 2.5 * fl / tb / 1e9
-    print(f"{name:<26} {N:>7} {S:>5} | {a:>9.1f} {b:>7.1f} {a / b:>6.2f} | {c:>8.1f} {e:>7.1f} {d:>7.1f} {max(c, e) / d:>6.2f} {c / d:>5.2f}")
+    c, d = 2.5 * fl / nb / 1e9, 2.5 * fl / tb / 1e9
+    print(f"{name:<26} {N:>7} {S:>5} | {a:>9.1f} {b:>7.1f} {a / b:>6.2f} | {c:>9.1f} {d:>7.1f} {c / d:>6.2f}")

@@ -20,18 +20,16 @@ use crate::device::{
 /// What `nopad bench` measures.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BenchTarget {
-    /// Training with each strategy (the default).
+    /// Training with each strategy (the default). The attention kernels alone are timed by
+    /// the `flash-check bench` binary of nopad-flash-check.
     #[default]
     Train,
-    /// nopad-flash's varlen attention kernels on the shapes (GPU only); compare with
-    /// PyTorch through `flash-check --dump` and `bench/flash_vs_torch.py`.
-    Attention,
 }
 
 /// Flags of `nopad bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// `train` (default) or `attention`.
+    /// `train` (the default and only target).
     #[arg(value_enum, default_value_t = BenchTarget::Train)]
     pub target: BenchTarget,
     /// Model: HF directory or preset.
@@ -166,22 +164,8 @@ impl Job for StrategyJob<'_> {
     }
 }
 
-/// Times the attention kernels (`nopad bench attention`).
-fn attention(a: &BenchArgs) -> Result<()> {
-    use nopad_flash::harness::{bench, Gpu};
-    let mut gpu =
-        Gpu::new().map_err(|e| anyhow::anyhow!("nopad bench attention needs a CUDA GPU: {e}"))?;
-    let rows = bench::bench_table(&mut gpu, &bench::bench_shapes(a.seed), a.seed, 20, None)
-        .map_err(|e| anyhow::anyhow!("attention benchmark: {e}"))?;
-    print!("{}", bench::format_table(&rows));
-    Ok(())
-}
-
 /// Runs `nopad bench`.
 pub fn run(a: &BenchArgs) -> Result<()> {
-    if a.target == BenchTarget::Attention {
-        return attention(a);
-    }
     if a.batch_size == 0 || a.grad_accum == 0 || a.steps == 0 {
         bail!("--batch-size, --grad-accum and --steps must be at least 1");
     }

@@ -1,34 +1,45 @@
 //! nopad-flash: varlen causal FlashAttention forward and backward for packed, padding-free
-//! batches (bf16 in and out, fp32 accumulation), on NVIDIA tensor cores through `mma.sync`.
+//! batches (bf16 in and out, fp32 accumulation) on NVIDIA tensor cores: `mma.sync.m16n8k16`
+//! kernels on every sm_80+ device and warpgroup-MMA (`wgmma`) kernels on compute capability 9.0.
 //!
-//! The caller owns memory and compilation: it passes raw device pointers in the backend's packed
-//! layout (`qkv: [N, (H + 2 Hkv) * Dh]`, q heads then k heads then v heads per token row), one
-//! scratch workspace sized by [`FlashAttention::workspace_bytes`], and an NVRTC loader with its
-//! own disk cache. Sequences are given by `cu_seqlens`; attention is causal within a sequence and
-//! never crosses one. A [`Plan`] (host tile lists, longest first) is built once per batch.
+//! The caller owns device memory and compilation: it passes raw device pointers in the
+//! backend's packed layout (`qkv: [N, (H + 2 Hkv) * Dh]`, q heads then k heads then v heads per
+//! token row), one scratch workspace sized by [`FlashAttention::workspace_bytes`], and an NVRTC
+//! loader with its own disk cache ([`ModuleLoader`]). The crate allocates no device memory; it
+//! keeps a small pool of page-locked host buffers for the tile-list uploads (`staging`).
+//! Sequences are given by `cu_seqlens`; attention is causal within a sequence and never crosses
+//! one. A [`Plan`] (host tile lists, longest first) is built once per batch.
 //!
-//! Kernels: `fwd.cu` (forward, 64- or 128-row query tiles), `bwd_prep.cu` (D = rowsum(dO * O)),
-//! `bwd_dkdv.cu` (dK, dV over key tiles, GQA group summed in registers; optionally dQ too,
-//! through fp32 atomics), `bwd_dq.cu` (dQ over query tiles with recompute: the deterministic
-//! backward; can compute D itself), `bwd_long.cu` (long sequences in FA2's layout: 128-key
-//! tiles, 8 warps, P and dS through shared memory, dQ by atomics), `bwd_convert.cu` (atomic dQ
-//! to bf16); `simple.cu` holds the scalar stage-1 kernels used as the GPU oracle
-//! ([`KernelSet::Simple`]). Runs of short sequences share 64-row tiles (block-diagonal mask).
-//! `reference` is the f64 CPU reference; `harness` checks and times everything (`flash-check`).
+//! Modules by role: `choice` (the one pure function from head dim and device to the kernels and
+//! tile lists: [`route`]), `module` (sources, loading, shared-memory sizes), `forward` and
+//! `backward` (one named launch function per kernel family), `attention` ([`FlashAttention`]),
+//! `plan` (tile lists and workspace layout), `staging` (page-locked upload buffers), `wgmma`
+//! (operand-layout self-test), `reference` (the f64 CPU reference), `error`.
+//!
+//! Kernels (`src/kernels/`): `common.cuh` (bf16, mma.sync, ldmatrix, cp.async, swizzle),
+//! `wgmma.cuh` (sm_90a descriptors and wrappers), `fwd.cu` (64- and 128-row forward),
+//! `fwd_wgmma.cu`, `bwd_dq.cu` (dQ by recompute, D fused), `bwd_dkdv.cu` (dK, dV),
+//! `bwd_wgmma_short.cu` (both on one warpgroup) and `bwd_wgmma_long.cu` (dK, dV of long
+//! sequences on two warpgroups, Dh 128). The design (fragment layouts, tiles, data flow, test
+//! shapes) is `docs/FLASH.md`.
 
 #![deny(missing_docs)]
 
 mod attention;
-pub mod harness;
+mod backward;
+pub mod choice;
+mod error;
+mod forward;
+mod module;
 pub mod plan;
 pub mod reference;
 mod staging;
 mod wgmma;
 
-pub use attention::{
-    BackwardConfig, DqMode, FlashAttention, ForwardTiles, ForwardWgmma, KernelSet, LongKeys,
-    ModuleLoader, PACK_SHORT,
-};
+pub use attention::{FlashAttention, PACK_SHORT};
+pub use choice::{arch_for, has_wgmma, route, Capability, Kernel, Route, Step, Tiles};
+pub use error::FlashError;
+pub use module::{ptx_loader, ModuleLoader, SOURCES};
 pub use plan::Plan;
 
 /// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.
@@ -50,34 +61,7 @@ pub struct FlashDims {
     pub scale: f32,
 }
 
-/// Errors of planning and launching; each names what failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FlashError {
-    /// A shape the kernels do not support (head_dim other than 64/128, bad head ratio).
-    #[error("unsupported attention shape: {0}")]
-    Unsupported(String),
-    /// `cu_seqlens` inconsistent with itself or with the dims.
-    #[error("invalid cu_seqlens: {0}")]
-    InvalidSeqlens(String),
-    /// The caller's loader failed to compile or load a module.
-    #[error("loading CUDA module {module}: {msg}")]
-    Load {
-        /// Module name (the .cu file).
-        module: String,
-        /// The loader's message (compile log included).
-        msg: String,
-    },
-    /// A driver call (function lookup, attribute, copy, launch) failed.
-    #[error("{what}: {source}")]
-    Driver {
-        /// What was being done, naming the kernel.
-        what: String,
-        /// The driver error.
-        source: cudarc::driver::DriverError,
-    },
-}
-
-/// Causal FLOPs of one call (flash-notes section 7 convention): forward `4 Dh H sum L^2 / 2`,
+/// Causal FLOPs of one call (the convention of `docs/FLASH.md` section 11): forward `4 Dh H sum L^2 / 2`,
 /// backward 2.5 x forward (5 matmuls against 2).
 pub fn causal_flops(cu_seqlens_host: &[i32], n_heads: usize, head_dim: usize) -> (f64, f64) {
     let sum_sq: f64 = cu_seqlens_host

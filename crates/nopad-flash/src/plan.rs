@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaStream;
 
+use crate::choice::Tiles;
 use crate::staging::{StagingBuf, StagingPool};
 use crate::{FlashDims, FlashError};
 
@@ -22,7 +23,8 @@ use crate::{FlashDims, FlashError};
 pub const TILE: usize = 64;
 /// Query rows per tile of the wide forward (4 warps x 32 rows).
 pub const WIDE_TILE: usize = 128;
-/// `ForwardTiles::Auto` runs sequences of at least this many tokens with the wide forward
+/// The length split of the routes: on mma.sync, sequences of at least this many tokens run the
+/// wide forward
 /// (128-row tiles: half the shared-memory reads per FLOP) and the rest with the 64-row one
 /// (which skips masked 16-key blocks, so it wastes less on short sequences).
 pub const AUTO_WIDE_MIN: usize = 512;
@@ -37,20 +39,14 @@ pub(crate) struct WorkspaceLayout {
     pub tiles: usize,
     /// Key-tile list `[kv_tiles][4]` i32 (contiguous after the query tiles).
     pub kv_tiles: usize,
-    /// Unpacked tile list of the scalar kernels `[simple_tiles][4]` i32.
-    pub simple_tiles: usize,
-    /// The wide forward's list `[wide_tiles][4]` i32.
-    pub wide_tiles: usize,
-    /// `ForwardTiles::Auto`'s wide list `[auto_wide][4]` i32.
+    /// 128-row query tiles of the long sequences `[auto_wide][4]` i32 (`Tiles::QueryLong128`).
     pub auto_wide: usize,
-    /// `ForwardTiles::Auto`'s narrow list `[auto_narrow][4]` i32.
+    /// 64-row query tiles of the short sequences `[auto_narrow][4]` i32 (`Tiles::QueryShort`).
     pub auto_narrow: usize,
-    /// The atomic backward's 128-key list `[kv_wide][4]` i32.
+    /// 128-key tiles of the long sequences `[kv_wide][4]` i32 (`Tiles::KeysLong128`).
     pub kv_wide: usize,
-    /// The atomic backward's 64-key list `[kv_rest][4]` i32.
+    /// 64-key tiles of the short sequences `[kv_rest][4]` i32 (`Tiles::KeysShort`).
     pub kv_rest: usize,
-    /// 64-row query tiles of the sequences of at least `AUTO_WIDE_MIN` tokens `[q_long][4]` i32.
-    pub q_long: usize,
     /// Segment table `[packed][64]` i32: row r of packed tile k belongs to the sequence that
     /// starts at local row `segs[64 k + r]`.
     pub segs: usize,
@@ -58,8 +54,6 @@ pub(crate) struct WorkspaceLayout {
     pub lse2: usize,
     /// `D: [H, Tpad]` fp32, rowsum(dO * O) (0 on padding rows).
     pub d: usize,
-    /// `dqacc: [H, Tpad, Dh]` fp32, the atomic backward's dQ accumulator.
-    pub dqacc: usize,
     /// Total bytes.
     pub total: usize,
 }
@@ -73,27 +67,19 @@ pub struct Plan {
     pub(crate) q_tiles: Vec<TileDesc>,
     /// Key tiles (dK/dV), most query tiles to visit first.
     pub(crate) kv_tiles: Vec<TileDesc>,
-    /// One tile per (sequence, 64 rows), never packed: the scalar oracle kernels' list.
-    pub(crate) simple_tiles: Vec<TileDesc>,
-    /// The wide forward's list: 128-row tiles (index in 128-row units) of sequences longer
-    /// than 64, plus the short and packed 64-row tiles.
-    pub(crate) wide_tiles: Vec<TileDesc>,
-    /// `ForwardTiles::Auto`: 128-row tiles of the sequences of at least `AUTO_WIDE_MIN` tokens
-    /// (wide kernel) and the 64-row tiles of the others (narrow kernel), each longest first.
+    /// 128-row tiles (index in 128-row units) of the sequences of at least `AUTO_WIDE_MIN`
+    /// tokens and the 64-row tiles of the others, each longest first.
     pub(crate) auto_wide: Vec<TileDesc>,
     pub(crate) auto_narrow: Vec<TileDesc>,
     /// The backward's key tiles split by length: 128-key tiles (index in 128-key units) of the
-    /// sequences of at least `AUTO_WIDE_MIN` tokens (8-warp kernels), and the 64-key tiles of
-    /// the others, each longest first.
+    /// sequences of at least `AUTO_WIDE_MIN` tokens (two-warpgroup kernel), and the 64-key
+    /// tiles of the others, each longest first.
     pub(crate) kv_wide: Vec<TileDesc>,
     pub(crate) kv_rest: Vec<TileDesc>,
-    /// 64-row query tiles of the sequences of at least `AUTO_WIDE_MIN` tokens, longest first
-    /// (the others are `auto_narrow`).
-    pub(crate) q_long: Vec<TileDesc>,
     /// The packed tiles' segment table `[packed][64]`: local start row of each row's sequence.
     pub(crate) segs: Vec<i32>,
-    /// `q_tiles ++ kv_tiles ++ simple_tiles ++ wide_tiles ++ auto_wide ++ auto_narrow ++
-    /// kv_wide ++ kv_rest ++ q_long ++ segs`, flattened: what goes to the workspace.
+    /// `q_tiles ++ kv_tiles ++ auto_wide ++ auto_narrow ++ kv_wide ++ kv_rest ++ segs`,
+    /// flattened: what goes to the workspace.
     pub(crate) host: Vec<i32>,
     /// The page-locked copy of `host`, borrowed from the pool on the first upload and returned
     /// when the plan drops.
@@ -151,7 +137,6 @@ impl Plan {
         let mut kv_tiles = Vec::new();
         let mut q_cost = Vec::new();
         let mut kv_cost = Vec::new();
-        let mut simple_tiles = Vec::new();
         let mut wide_tiles = Vec::new();
         let mut wide_cost = Vec::new();
         let mut kv_wide = Vec::new();
@@ -197,9 +182,6 @@ impl Plan {
             let len = (w[1] - w[0]) as usize;
             max_len = max_len.max(len);
             let nt = len.div_ceil(TILE);
-            for m in 0..nt {
-                simple_tiles.push([w[0], len as i32, m as i32, 0]);
-            }
             if len == 0 {
                 continue;
             }
@@ -277,8 +259,8 @@ impl Plan {
         qi.sort_by_key(|&i| std::cmp::Reverse(q_cost[i]));
         let mut ki: Vec<usize> = (0..kv_tiles.len()).collect();
         ki.sort_by_key(|&i| std::cmp::Reverse(kv_cost[i]));
-        // The wide forward's list: 128-row tiles of the long sequences, then the short and
-        // packed tiles of the 64-row list (cost 1, so they stay last).
+        // 128-row tiles of every sequence longer than 64, then the short and packed tiles of
+        // the 64-row list (cost 1, so they stay last); `auto_wide` keeps the long ones.
         for (t, &c) in q_tiles.iter().zip(&q_cost) {
             if t[1] as usize <= TILE {
                 wide_tiles.push(*t);
@@ -297,17 +279,13 @@ impl Plan {
         let kv_wide: Vec<TileDesc> = kwi.iter().map(|&i| kv_wide[i]).collect();
         let kv_tiles: Vec<TileDesc> = ki.iter().map(|&i| kv_tiles[i]).collect();
         let kv_rest: Vec<TileDesc> = kv_tiles.iter().filter(|t| !long(t)).copied().collect();
-        let q_long: Vec<TileDesc> = q_tiles.iter().filter(long).copied().collect();
         let host = q_tiles
             .iter()
             .chain(kv_tiles.iter())
-            .chain(simple_tiles.iter())
-            .chain(wide_tiles.iter())
             .chain(auto_wide.iter())
             .chain(auto_narrow.iter())
             .chain(kv_wide.iter())
             .chain(kv_rest.iter())
-            .chain(q_long.iter())
             .flatten()
             .copied()
             .chain(segs.iter().copied())
@@ -321,13 +299,10 @@ impl Plan {
             t_pad: pad,
             q_tiles,
             kv_tiles,
-            simple_tiles,
-            wide_tiles,
             auto_wide,
             auto_narrow,
             kv_wide,
             kv_rest,
-            q_long,
             segs,
             host,
             staged: Mutex::new(None),
@@ -354,35 +329,39 @@ impl Plan {
         self.t_pad
     }
 
-    pub(crate) fn layout(&self, n_heads: usize, head_dim: usize) -> WorkspaceLayout {
+    /// Byte offset and length (tiles) of one list in the workspace.
+    pub(crate) fn list(&self, lay: &WorkspaceLayout, tiles: Tiles) -> (usize, usize) {
+        match tiles {
+            Tiles::Query => (lay.tiles, self.q_tiles.len()),
+            Tiles::QueryLong128 => (lay.auto_wide, self.auto_wide.len()),
+            Tiles::QueryShort => (lay.auto_narrow, self.auto_narrow.len()),
+            Tiles::Keys => (lay.kv_tiles, self.kv_tiles.len()),
+            Tiles::KeysLong128 => (lay.kv_wide, self.kv_wide.len()),
+            Tiles::KeysShort => (lay.kv_rest, self.kv_rest.len()),
+        }
+    }
+
+    pub(crate) fn layout(&self, n_heads: usize) -> WorkspaceLayout {
         let tiles = 0;
         let kv_tiles = 16 * self.q_tiles.len();
-        let simple_tiles = kv_tiles + 16 * self.kv_tiles.len();
-        let wide_tiles = simple_tiles + 16 * self.simple_tiles.len();
-        let auto_wide = wide_tiles + 16 * self.wide_tiles.len();
+        let auto_wide = kv_tiles + 16 * self.kv_tiles.len();
         let auto_narrow = auto_wide + 16 * self.auto_wide.len();
         let kv_wide = auto_narrow + 16 * self.auto_narrow.len();
         let kv_rest = kv_wide + 16 * self.kv_wide.len();
-        let q_long = kv_rest + 16 * self.kv_rest.len();
-        let segs = q_long + 16 * self.q_long.len();
+        let segs = kv_rest + 16 * self.kv_rest.len();
         let lse2 = align256(segs + 4 * self.segs.len());
         let d = align256(lse2 + 4 * n_heads * self.t_pad);
-        let dqacc = align256(d + 4 * n_heads * self.t_pad);
-        let total = align256(dqacc + 4 * n_heads * self.t_pad * head_dim).max(256);
+        let total = align256(d + 4 * n_heads * self.t_pad).max(256);
         WorkspaceLayout {
             tiles,
             kv_tiles,
-            simple_tiles,
-            wide_tiles,
             auto_wide,
             auto_narrow,
             kv_wide,
             kv_rest,
-            q_long,
             segs,
             lse2,
             d,
-            dqacc,
             total,
         }
     }
@@ -465,24 +444,6 @@ mod tests {
             "each row in exactly one query tile"
         );
         assert!(packed >= 2, "runs of short sequences share tiles");
-        let mut wide_seen = vec![0u32; n];
-        for t in &plan.wide_tiles {
-            let rows = if t[1] as usize > TILE {
-                WIDE_TILE
-            } else {
-                TILE
-            } as i32;
-            for r in 0..rows {
-                let i = t[2].max(0) * rows + r;
-                if i < t[1] {
-                    wide_seen[(t[0] + i) as usize] += 1;
-                }
-            }
-        }
-        assert!(
-            wide_seen.iter().all(|&c| c == 1),
-            "each row in exactly one wide tile"
-        );
         let mut auto_seen = vec![0u32; n];
         for (list, rows) in [(&plan.auto_wide, WIDE_TILE), (&plan.auto_narrow, TILE)] {
             for t in list.iter() {
@@ -496,7 +457,7 @@ mod tests {
             }
         }
         assert!(!plan.auto_wide.is_empty() && !plan.auto_narrow.is_empty());
-        // The atomic backward's key lists cover every key row once, too.
+        // The long/short key lists cover every key row once, too.
         let mut kv_seen = vec![0u32; n];
         for (list, rows) in [(&plan.kv_wide, WIDE_TILE), (&plan.kv_rest, TILE)] {
             for t in list.iter() {
@@ -512,21 +473,6 @@ mod tests {
         assert!(
             kv_seen.iter().all(|&c| c == 1),
             "each key row in exactly one long/short backward key tile"
-        );
-        // Long and short query tiles of the split backward cover every row once, too.
-        let mut q_seen = vec![0u32; n];
-        for t in plan.q_long.iter().chain(&plan.auto_narrow) {
-            for r in 0..TILE as i32 {
-                let i = t[2].max(0) * TILE as i32 + r;
-                if i < t[1] {
-                    q_seen[(t[0] + i) as usize] += 1;
-                }
-            }
-        }
-        assert!(!plan.q_long.is_empty());
-        assert!(
-            q_seen.iter().all(|&c| c == 1),
-            "each row in exactly one long/short query tile"
         );
         let cost = |t: &TileDesc, rows: i32| (t[1] + rows - 1) / rows - t[2].max(0);
         let rest: Vec<i32> = plan.kv_rest.iter().map(|t| cost(t, TILE as i32)).collect();
@@ -547,8 +493,6 @@ mod tests {
             auto_seen.iter().all(|&c| c == 1),
             "each row in exactly one auto tile"
         );
-        let simple: usize = lens.iter().map(|l| l.div_ceil(TILE)).sum();
-        assert_eq!(plan.simple_tiles.len(), simple);
         let costs: Vec<i32> = plan.q_tiles().iter().map(|t| t[2].max(0) + 1).collect();
         assert!(
             costs.windows(2).all(|w| w[0] >= w[1]),
@@ -582,25 +526,21 @@ mod tests {
     fn workspace_sections_are_ordered_aligned_and_sized() {
         let cu = [0i32, 5, 5, 70, 300, 301];
         let plan = Plan::new(&cu, &dims(301, 5, 300)).expect("valid plan");
-        let (h, dh) = (4, 128);
-        let l = plan.layout(h, dh);
+        let h = 4;
+        let l = plan.layout(h);
         let tiles_end = l.segs + 4 * plan.segs.len();
         assert_eq!(l.kv_tiles, 16 * plan.q_tiles().len());
-        assert_eq!(l.simple_tiles, l.kv_tiles + 16 * plan.kv_tiles().len());
-        assert_eq!(l.wide_tiles, l.simple_tiles + 16 * plan.simple_tiles.len());
-        assert_eq!(l.auto_wide, l.wide_tiles + 16 * plan.wide_tiles.len());
+        assert_eq!(l.auto_wide, l.kv_tiles + 16 * plan.kv_tiles().len());
         assert_eq!(l.auto_narrow, l.auto_wide + 16 * plan.auto_wide.len());
         assert_eq!(l.kv_wide, l.auto_narrow + 16 * plan.auto_narrow.len());
         assert_eq!(l.kv_rest, l.kv_wide + 16 * plan.kv_wide.len());
-        assert_eq!(l.q_long, l.kv_rest + 16 * plan.kv_rest.len());
-        assert_eq!(l.segs, l.q_long + 16 * plan.q_long.len());
+        assert_eq!(l.segs, l.kv_rest + 16 * plan.kv_rest.len());
         assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
         assert_eq!(
             l.d - l.lse2,
             (4 * h * plan.padded_tokens()).div_ceil(256) * 256
         );
-        assert!(l.dqacc >= l.d + 4 * h * plan.padded_tokens() && l.dqacc % 256 == 0);
-        assert!(l.total >= l.dqacc + 4 * h * plan.padded_tokens() * dh);
+        assert!(l.total >= l.d + 4 * h * plan.padded_tokens() && l.total % 256 == 0);
         assert_eq!(
             plan.host.len() * 4,
             tiles_end,

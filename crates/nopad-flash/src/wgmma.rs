@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
-use crate::attention::{driver as drv, FlashAttention, SMEM_WG_SELFTEST};
-use crate::FlashError;
+use crate::error::driver as drv;
+use crate::module::SMEM_WG_SELFTEST;
+use crate::{FlashAttention, FlashError};
 
 impl FlashAttention {
-    /// Whether the backward can run its long sequences on wgmma (`LongKeys::Wgmma`): the device
-    /// has compute capability 9.0 (sm_90a).
+    /// Whether the route uses the wgmma kernels (compute capability 9.0, sm_90a).
     pub fn has_wgmma(&self) -> bool {
-        self.wg_selftest.is_some()
+        crate::has_wgmma(self.capability())
     }
 
     /// Runs `flash_wg_selftest` on random bf16 `x [64][128]`, `y [128][128]` and returns, for
@@ -24,7 +24,7 @@ impl FlashAttention {
         stream: &Arc<CudaStream>,
         seed: u64,
     ) -> Result<Option<[f64; 3]>, FlashError> {
-        let Some(func) = &self.wg_selftest else {
+        let Some(func) = self.wg_selftest() else {
             return Ok(None);
         };
         let mut rng = nopad_rng::Rng::derived(seed, "wgmma selftest");

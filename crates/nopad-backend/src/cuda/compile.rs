@@ -90,10 +90,10 @@ fn cuda_include() -> String {
     format!("{home}/include")
 }
 
-/// `sm_XY`, with the `a` suffix (architecture-specific features) from compute capability 9.0 on.
+/// `sm_XY`, with the `a` suffix from compute capability 9.0 on: nopad-flash's table, the one
+/// the workspace uses, so the backend's kernels and the flash kernels compile for one target.
 pub(crate) fn arch_for(cc: (i32, i32)) -> String {
-    let suffix = if cc.0 >= 9 { "a" } else { "" };
-    format!("sm_{}{}{}", cc.0, cc.1, suffix)
+    nopad_flash::arch_for(cc)
 }
 
 /// FNV-1a, 64 bits: stable across Rust releases, unlike `DefaultHasher`.

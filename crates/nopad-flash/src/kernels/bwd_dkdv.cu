@@ -5,7 +5,7 @@
 //   dK_j = scale * sum_{h in group(hk)} sum_{i >= j} P_ij (dP_ij - D_i) Q_i
 // with P_ij = exp2(scale log2e q_i.k_j - lse2_i), dP_ij = dO_i . V_j (recomputed here).
 // Shapes: qkv [N, (H + 2 Hkv) * DH] bf16; d_out [N, H * DH] bf16; lse2, D [H, Tpad] fp32 padded
-//         (bwd_prep.cu); d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the k and v parts;
+//         (written by bwd_dq.cu); d_qkv [N, (H + 2 Hkv) * DH] bf16, this kernel writes the k and v parts;
 //         tiles int4 {seq_start, L, n, pad}, ordered by cost (query tiles to visit); n < 0: a
 //         packed tile, query row i sees keys from segs[64 (-n - 1) + i] on.
 // Geometry: 1-D grid of kv tiles x Hkv, heads fastest; NW warps (4, or 8 in the wide atomic
@@ -14,7 +14,9 @@
 // warp computes S^T = K Q^T and dP^T = V dO^T (A from smem via ldmatrix, B = Q/dO rows), keeps
 // P^T and dS^T in registers as bf16 A fragments for dV += P^T dO and dK += dS^T Q (B via
 // ldmatrix.trans). The GQA group sum happens in registers, so dK/dV are deterministic.
-// ATOMIC = true (the fast, non-deterministic backward) also computes dQ here: dS^T goes to smem
+// Only ATOMIC = false, NW = 4 has an entry point (the deterministic backward); the ATOMIC and
+// NW = 8 branches served the atomic-dQ backward, which left the crate (docs/FLASH.md section 9).
+// ATOMIC = true (the fast, non-deterministic backward) also computed dQ here: dS^T goes to smem
 // as bf16 [key][query], each warp forms 16 query rows (x DH 4 / NW columns) of dS K in
 // 32-column slices (A via ldmatrix.trans of dS^T, B = K via ldmatrix.trans) and adds them to the
 // fp32 accumulator dqacc [H, Tpad, DH] with red.global.add.v4.f32 (zeroed by bwd_prep, scaled
@@ -319,10 +321,3 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
 
 DKDV_ENTRY(64, flash_bwd_dkdv_64, false, DKDV64_MINB, 4)
 DKDV_ENTRY(128, flash_bwd_dkdv_128, false, 1, 4)
-DKDV_ENTRY(64, flash_bwd_dkdv_dq_64, true, 1, 4)
-DKDV_ENTRY(128, flash_bwd_dkdv_dq_128, true, 1, 4)
-// Wide atomic kernels: 128 keys, 8 warps, for long sequences; each (key tile, query tile) pair
-// adds its dQ partial over 128 keys, half the red traffic of 64-key tiles (and half the Q/dO
-// tile loads). Packed tiles never reach them.
-DKDV_ENTRY(64, flash_bwd_dkdv_dq_w_64, true, 1, 8)
-DKDV_ENTRY(128, flash_bwd_dkdv_dq_w_128, true, 1, 8)

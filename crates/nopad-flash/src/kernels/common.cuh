@@ -2,7 +2,7 @@
 //
 // bf16 is carried as `unsigned short` and converted with PTX `cvt`, so the sources compile under
 // NVRTC with no CUDA headers. Tensor-core helpers wrap `mma.sync.m16n8k16` (bf16 in, fp32
-// accumulate), `ldmatrix` and `cp.async`; fragment layouts are those of flash-notes section 5.
+// accumulate), `ldmatrix` and `cp.async`; fragment layouts are those of docs/FLASH.md section 5.
 //
 // Shared tiles are `[rows][DH]` bf16 with 16-byte chunk c of row r stored at chunk
 // `c ^ (r & 7)`, so the 8 row addresses of one ldmatrix (and the cp.async stores) hit all banks.

@@ -7,7 +7,7 @@
 // block 1024-byte aligned. A K-major operand (contiguous along k) is described by its start
 // (+32 bytes per 16-column k step inside a block) and SBO = 1024 (8-row groups); an MN-major one
 // (contiguous along m or n) by its start (+2048 bytes per 16-row k step), SBO = 1024 (8 k rows)
-// and LBO = the stride between 64-wide m / n blocks. `flash_wg_selftest` (bwd_wg.cu) checks
+// and LBO = the stride between 64-wide m / n blocks. `flash_wg_selftest` (bwd_wgmma_long.cu) checks
 // these conventions against CPU products.
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -1,9 +1,12 @@
-//! Correctness and speed harness for the kernels (behind the `flash-check` binary, and later
-//! `nopad bench attention`): device setup with an NVRTC loader, seeded random data, the test and
-//! benchmark shapes, and raw little-endian dumps that `bench/flash_vs_torch.py` reads.
+//! nopad-flash-check: the correctness and speed harness of nopad-flash's kernels, behind the
+//! `flash-check` binary: device setup with an NVRTC loader, seeded random data, the test and
+//! benchmark shapes (`docs/FLASH.md` section 11), and raw little-endian dumps that
+//! `bench/flash_vs_torch.py` reads.
 //!
-//! `check` compares every kernel set against the f64 CPU reference with FlashAttention's rule;
-//! `bench` times the mma kernels with CUDA events. Nothing here is used by training.
+//! `check` compares every route the device can run (its own and, on Hopper, the mma.sync one)
+//! against the f64 CPU reference with FlashAttention's rule; `bench` times the device's route
+//! with CUDA events. Nothing here is used by training, and nothing reads environment variables
+//! but `CUDA_HOME`: every knob is a flag of the binary.
 
 pub mod bench;
 pub mod check;
@@ -12,10 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtr};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use rayon::prelude::*;
 
-use crate::{BackwardConfig, FlashAttention, FlashDims, FlashError, ForwardWgmma, LongKeys};
+use nopad_flash::{arch_for, has_wgmma, FlashAttention, FlashDims, FlashError};
 
 /// Harness failures (setup, driver, files), with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,9 @@ pub enum HarnessError {
     /// No usable CUDA driver or device.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
+    /// A bad flag value (names the flag).
+    #[error("{0}")]
+    Config(String),
     /// From the attention library.
     #[error(transparent)]
     Flash(#[from] FlashError),
@@ -57,154 +62,78 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     /// The stream every launch uses.
     pub stream: Arc<CudaStream>,
-    /// Loaded kernels.
+    /// The kernels on the device's own route.
     pub fa: FlashAttention,
+    /// On a device with wgmma, the same kernels on the mma.sync route (that of every other
+    /// device), so one Hopper run checks both; `None` elsewhere.
+    pub fa_mma_sync: Option<FlashAttention>,
     /// e.g. "sm_90a"
     pub arch: String,
 }
 
-fn arch_name(major: i32, minor: i32) -> &'static str {
-    match (major, minor) {
-        (9, 0) => "sm_90a",
-        (8, 0) => "sm_80",
-        (8, 6) => "sm_86",
-        (8, 9) => "sm_89",
-        (10, 0) => "sm_100",
-        (12, 0) => "sm_120",
-        _ => "sm_80",
+/// Text substitutions applied to the kernel sources before compiling (`--subst`): the
+/// harness's way to try a kernel change without rebuilding. Never used by the library.
+pub type Substitutions = Vec<(String, String)>;
+
+/// Parse `from=>to;;from2=>to2`; every `from` must occur in some kernel source, so a stale
+/// experiment fails loudly instead of silently measuring the shipped kernels.
+pub fn parse_substitutions(spec: &str) -> Result<Substitutions, HarnessError> {
+    let mut out = Vec::new();
+    for part in spec.split(";;").filter(|p| !p.trim().is_empty()) {
+        let Some((from, to)) = part.split_once("=>") else {
+            return Err(HarnessError::Config(format!(
+                "--subst: entry without '=>': {part}"
+            )));
+        };
+        if !nopad_flash::SOURCES
+            .iter()
+            .any(|(_, src)| src.contains(from))
+        {
+            return Err(HarnessError::Config(format!(
+                "--subst: '{from}' occurs in no kernel source"
+            )));
+        }
+        out.push((from.to_string(), to.to_string()));
     }
+    Ok(out)
 }
 
 impl Gpu {
-    /// Open device 0 and compile the kernels with NVRTC for its architecture.
-    pub fn new() -> Result<Gpu, HarnessError> {
+    /// Open device 0 and compile the kernels with NVRTC for its architecture (with `subst`
+    /// applied to the sources first).
+    pub fn new(subst: &[(String, String)]) -> Result<Gpu, HarnessError> {
         // SAFETY: only probes whether libcuda can be loaded.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(HarnessError::NoDevice("libcuda could not be loaded".into()));
         }
         let ctx = CudaContext::new(0).map_err(|e| HarnessError::NoDevice(e.to_string()))?;
-        let (major, minor) = ctx
+        let cap = ctx
             .compute_capability()
             .map_err(drv("compute capability"))?;
-        let arch = arch_name(major, minor);
         let cuda_home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
-        let lctx = ctx.clone();
-        let subst = source_substitutions()?;
+        let compile = nopad_flash::ptx_loader(ctx.clone(), format!("{cuda_home}/include"))?;
+        let subst = subst.to_vec();
         let load = move |name: &str, src: &str| -> Result<Arc<CudaModule>, String> {
             let mut src = src.to_string();
             for (from, to) in &subst {
                 src = src.replace(from.as_str(), to);
             }
-            let src = src.as_str();
-            let opts = CompileOptions {
-                arch: Some(arch),
-                include_paths: vec![format!("{cuda_home}/include")],
-                name: Some(name.to_string()),
-                options: vec!["-std=c++17".into(), "-lineinfo".into()],
-                ..Default::default()
-            };
-            let ptx = compile_ptx_with_opts(src, opts).map_err(|e| format!("{name}: {e:?}"))?;
-            lctx.load_module(ptx).map_err(|e| format!("{name}: {e}"))
+            compile(name, &src)
         };
-        let mut fa = FlashAttention::new(&load)?;
-        if let Some(conf) = backward_config_from_env()? {
-            eprintln!("FLASH_BWD: {conf:?}");
-            fa.set_backward_config(conf);
-        }
-        // `FLASH_FWD=wg=off|short|all`: which `Auto` forward tiles use warpgroup MMAs.
-        if let Ok(spec) = std::env::var("FLASH_FWD") {
-            let wg = match spec.trim() {
-                "wg=off" => ForwardWgmma::Off,
-                "wg=short" => ForwardWgmma::Short,
-                "wg=all" => ForwardWgmma::All,
-                _ => {
-                    return Err(HarnessError::NoDevice(format!(
-                        "FLASH_FWD: unknown '{spec}'"
-                    )))
-                }
-            };
-            eprintln!("FLASH_FWD: {wg:?}");
-            fa.set_forward_wgmma(wg);
-        }
+        let fa = FlashAttention::new(&load)?;
+        let fa_mma_sync = match has_wgmma(cap) {
+            true => Some(FlashAttention::with_capability(&load, (8, 0))?),
+            false => None,
+        };
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
             stream,
             fa,
-            arch: arch.to_string(),
+            fa_mma_sync,
+            arch: arch_for(cap),
         })
     }
-}
-
-/// Experiments without rebuilding: `FLASH_SUBST="from=>to;;from2=>to2"` replaces text in the
-/// kernel sources before NVRTC compiles them (harness only; every `from` must occur, so a stale
-/// experiment fails loudly instead of silently measuring the default kernels).
-fn source_substitutions() -> Result<Vec<(String, String)>, HarnessError> {
-    let Ok(spec) = std::env::var("FLASH_SUBST") else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for part in spec.split(";;").filter(|p| !p.trim().is_empty()) {
-        let Some((from, to)) = part.split_once("=>") else {
-            return Err(HarnessError::NoDevice(format!(
-                "FLASH_SUBST entry without '=>': {part}"
-            )));
-        };
-        let from = from.to_string();
-        let all = [
-            crate::attention::COMMON,
-            crate::attention::WGMMA,
-            crate::attention::FWD,
-            crate::attention::FWD_WG,
-            crate::attention::BWD_PREP,
-            crate::attention::BWD_DKDV,
-            crate::attention::BWD_DQ,
-            crate::attention::BWD_LONG,
-            crate::attention::BWD_WG,
-            crate::attention::BWD_WGS,
-            crate::attention::BWD_CONVERT,
-            crate::attention::SIMPLE,
-        ];
-        if !all.iter().any(|src| src.contains(from.as_str())) {
-            return Err(HarnessError::NoDevice(format!(
-                "FLASH_SUBST: '{from}' occurs in no kernel source"
-            )));
-        }
-        eprintln!("FLASH_SUBST: '{from}' => '{to}'");
-        out.push((from, to.to_string()));
-    }
-    Ok(out)
-}
-
-/// Experiments without rebuilding:
-/// `FLASH_BWD="fused_prep=0,long_det=split,long_atomic=rows,short_wg=0"`
-/// overrides fields of the default `BackwardConfig` (harness only; unknown keys are errors).
-fn backward_config_from_env() -> Result<Option<BackwardConfig>, HarnessError> {
-    let Ok(spec) = std::env::var("FLASH_BWD") else {
-        return Ok(None);
-    };
-    let bad = |what: &str| HarnessError::NoDevice(format!("FLASH_BWD: {what}"));
-    let keys = |v: &str| match v {
-        "narrow" => Ok(LongKeys::Narrow),
-        "rows" => Ok(LongKeys::Rows),
-        "split" => Ok(LongKeys::Split),
-        "wg" => Ok(LongKeys::Wgmma),
-        _ => Err(bad(&format!("unknown kernel choice '{v}'"))),
-    };
-    let mut conf = BackwardConfig::default();
-    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| bad(&format!("entry without '=': {part}")))?;
-        match k.trim() {
-            "fused_prep" => conf.fused_prep = v.trim() == "1",
-            "long_det" => conf.long_deterministic = keys(v.trim())?,
-            "long_atomic" => conf.long_atomic = keys(v.trim())?,
-            "short_wg" => conf.short_wgmma = v.trim() == "1",
-            _ => return Err(bad(&format!("unknown key '{k}'"))),
-        }
-    }
-    Ok(Some(conf))
 }
 
 /// A batch shape: packed sequences plus head geometry.

@@ -1,8 +1,8 @@
-// bwd_wg.cu: varlen causal FlashAttention backward for long sequences at head dim 128 with
+// bwd_wgmma_long.cu: varlen causal FlashAttention backward for long sequences at head dim 128 with
 // Hopper warpgroup MMAs (`wgmma.mma_async`, sm_90a only; elsewhere the kernels trap and the host
 // never selects them).
 //
-// Same work and tile list as bwd_long.cu (one CTA per 128-key tile x kv head of a sequence of at
+// FA2's backward layout (one CTA per 128-key tile x kv head of a sequence of at
 // least plan::AUTO_WIDE_MIN tokens; (query head, 64-row query tile m >= 2n) steps; ATOMIC adds
 // each step's dQ partial to dqacc with 16-byte reds), but the five matmuls of a step are 64 x N
 // warpgroup MMAs reading both operands from shared memory:
@@ -13,6 +13,8 @@
 //     A = P^T / dS^T MN-major, B = dO / Q MN-major), so each warpgroup reads only its own P, dS;
 //   dQ = dS K [64 q x 128] (ATOMIC): warpgroup w owns columns 64w.. (m64n64k16 x 8, A = dS
 //     K-major, B = K MN-major); its reds run while dV / dK are still in the tensor cores.
+// Only ATOMIC = false has an entry point (the deterministic backward: dQ comes from
+// bwd_wgmma_short.cu); ATOMIC = true served the atomic-dQ backward (docs/FLASH.md section 9).
 // Accumulators: dK, dV 64 + 64 fp32 per thread for the whole CTA; S, dP (then dQ) 32 + 32.
 //
 // Shared tiles: wgmma.cuh's SW128 layout and descriptors.
@@ -43,7 +45,7 @@ __device__ __forceinline__ void flash_bwd_wg(const bf16_t* __restrict__ qkv,
     float* sL = (float*)(smem_wg + (sS + QB - raw));  // [2][64]
     float* sD = sL + 2 * QT;                           // [2][64]
 
-    // Grid order: kv heads fastest (as bwd_long.cu), or, without GQA (G = 1) unless
+    // Grid order: kv heads fastest, or, without GQA (G = 1) unless
     // WG_HEADS_FAST_G1, all key tiles of one head first (FA2's order: the CTAs in flight share
     // Q, dO and dqacc in L2). Run 7b: FA2's order gave a (G = 1) +10% and b, e (G = 4) -16%, -18%.
     const bool heads_fast = WG_HEADS_FAST_G1 || H != Hkv;
@@ -329,4 +331,3 @@ extern "C" __global__ void flash_wg_selftest(const bf16_t*, const bf16_t*, float
 #endif
 
 WG_ENTRY(flash_bwd_wg_128, false)
-WG_ENTRY(flash_bwd_wg_dq_128, true)

@@ -1,4 +1,4 @@
-// fwd_wg.cu: varlen causal FlashAttention forward at head dim 64 or 128 with Hopper warpgroup MMAs
+// fwd_wgmma.cu: varlen causal FlashAttention forward at head dim 64 or 128 with Hopper warpgroup MMAs
 // (sm_90a; elsewhere the kernel traps and the host never selects it; helpers in wgmma.cuh).
 //
 // Same work, tile list and outputs as fwd.cu's 64-row kernel: per (query head h, 64-row query

@@ -1,4 +1,4 @@
-// bwd_wgs.cu: varlen causal FlashAttention backward for every sequence length at head dim 64/128
+// bwd_wgmma_short.cu: varlen causal FlashAttention backward for every sequence length at head dim 64/128
 // with Hopper warpgroup MMAs (sm_90a; elsewhere the kernels trap and the host never selects
 // them; helpers in wgmma.cuh). The deterministic pair of bwd_dq.cu / bwd_dkdv.cu on 64 x 64
 // tiles, one warpgroup (128 threads) per CTA, two CTAs per SM:

@@ -1,4 +1,4 @@
-//! Speed: time forward and backward of the mma kernels on the shapes with CUDA events
+//! Speed: time forward and backward of the device's route on the benchmark shapes with CUDA events
 //! (warm-up, then the median of `reps` timed calls, with min and max as the spread), report
 //! causal TFLOP/s (`causal_flops`), and optionally dump inputs and outputs for
 //! `bench/flash_vs_torch.py`, which checks PyTorch against the same data and times it.
@@ -9,7 +9,7 @@ use std::path::Path;
 use cudarc::driver::{sys, DevicePtr};
 
 use super::{drv, lognormal_lens, random_bf16, uniform_lens, write_raw, Gpu, HarnessError, Shape};
-use crate::{causal_flops, DqMode, ForwardTiles, KernelSet};
+use nopad_flash::causal_flops;
 
 /// Timings of one shape.
 #[derive(Clone, Debug)]
@@ -20,26 +20,14 @@ pub struct BenchRow {
     pub n: usize,
     /// Sequences.
     pub n_seqs: usize,
-    /// Forward ms (64-row tiles): median, min, max.
+    /// Forward ms: median, min, max.
     pub fwd_ms: [f64; 3],
-    /// Forward ms (128-row tiles): median, min, max.
-    pub fwd_wide_ms: [f64; 3],
-    /// Forward ms (`ForwardTiles::Auto`, the default): median, min, max.
-    pub fwd_auto_ms: [f64; 3],
-    /// Deterministic backward ms: median, min, max.
+    /// Backward ms: median, min, max.
     pub bwd_ms: [f64; 3],
-    /// Atomic-dQ backward ms: median, min, max.
-    pub bwd_atomic_ms: [f64; 3],
-    /// Forward (64-row) TFLOP/s at the median.
+    /// Forward TFLOP/s at the median.
     pub fwd_tflops: f64,
-    /// Forward (128-row) TFLOP/s at the median.
-    pub fwd_wide_tflops: f64,
-    /// Forward (Auto) TFLOP/s at the median.
-    pub fwd_auto_tflops: f64,
-    /// Deterministic backward TFLOP/s at the median.
+    /// Backward TFLOP/s at the median.
     pub bwd_tflops: f64,
-    /// Atomic backward TFLOP/s at the median.
-    pub bwd_atomic_tflops: f64,
 }
 
 /// The benchmark shapes (a)-(d), plus 1 x 8192 for the published comparison.
@@ -93,13 +81,12 @@ fn stats(mut t: Vec<f64>) -> [f64; 3] {
 
 /// Time every shape; with `dump`, also write inputs/outputs and `manifest.tsv` there.
 pub fn bench_table(
-    gpu: &mut Gpu,
+    gpu: &Gpu,
     shapes: &[Shape],
     seed: u64,
     reps: usize,
     dump: Option<&Path>,
 ) -> Result<Vec<BenchRow>, HarnessError> {
-    gpu.fa.set_kernels(KernelSet::Mma);
     let s = gpu.stream.clone();
     let mut rows = Vec::new();
     let mut manifest = String::new();
@@ -125,11 +112,7 @@ pub fn bench_table(
             .alloc_zeros::<u16>(qkv.len())
             .map_err(drv("alloc d_qkv"))?;
         let ws = s
-            .alloc_zeros::<u8>(crate::FlashAttention::workspace_bytes_for(
-                &plan,
-                &dims,
-                DqMode::Atomic,
-            ))
+            .alloc_zeros::<u8>(gpu.fa.workspace_bytes(&plan, &dims))
             .map_err(drv("alloc workspace"))?;
         let (p_qkv, _a) = d_qkv_in.device_ptr(&s);
         let (p_dout, _b) = d_dout.device_ptr(&s);
@@ -138,42 +121,14 @@ pub fn bench_table(
         let (p_lse, _e) = lse.device_ptr(&s);
         let (p_dqkv, _f) = dqkv.device_ptr(&s);
         let (p_ws, _g) = ws.device_ptr(&s);
-        // SAFETY (all closures): every pointer is a live allocation sized from `dims`.
-        let fwd_with = |ft: ForwardTiles| unsafe {
+        // SAFETY (both closures): every pointer is a live allocation sized from `dims`.
+        let fwd = || unsafe {
             gpu.fa
-                .forward_with_tiles(ft, &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_ws)
+                .forward(&s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_ws)
         };
-        let fwd_narrow = || fwd_with(ForwardTiles::Narrow);
-        let fwd_wide = || fwd_with(ForwardTiles::Wide);
-        let fwd_auto = || fwd_with(ForwardTiles::Auto);
-        let bwd_det = || unsafe {
-            gpu.fa.backward_with_dq(
-                DqMode::Recompute,
-                &s,
-                &plan,
-                &dims,
-                p_qkv,
-                p_cu,
-                p_out,
-                p_lse,
-                p_dout,
-                p_dqkv,
-                p_ws,
-            )
-        };
-        let bwd_atomic = || unsafe {
-            gpu.fa.backward_with_dq(
-                DqMode::Atomic,
-                &s,
-                &plan,
-                &dims,
-                p_qkv,
-                p_cu,
-                p_out,
-                p_lse,
-                p_dout,
-                p_dqkv,
-                p_ws,
+        let bwd = || unsafe {
+            gpu.fa.backward(
+                &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_dout, p_dqkv, p_ws, true,
             )
         };
         let ev = || {
@@ -183,7 +138,7 @@ pub fn bench_table(
         };
         let (e0, e1) = (ev()?, ev()?);
         let time =
-            |f: &dyn Fn() -> Result<(), crate::FlashError>| -> Result<Vec<f64>, HarnessError> {
+            |f: &dyn Fn() -> Result<(), nopad_flash::FlashError>| -> Result<Vec<f64>, HarnessError> {
                 for _ in 0..3 {
                     f()?;
                 }
@@ -198,28 +153,17 @@ pub fn bench_table(
                 }
                 Ok(t)
             };
-        let tf = stats(time(&fwd_narrow)?);
-        let tw = stats(time(&fwd_wide)?);
-        // Auto (the default) last, so the dumped `out` comes from it (the check covers all three).
-        let tau = stats(time(&fwd_auto)?);
-        let ta = stats(time(&bwd_atomic)?);
-        // Deterministic last, so the dumped d_qkv is the reproducible one.
-        let tb = stats(time(&bwd_det)?);
+        let tf = stats(time(&fwd)?);
+        let tb = stats(time(&bwd)?);
         let (ff, fb) = causal_flops(&shape.cu, dims.n_heads, dims.head_dim);
         let row = BenchRow {
             shape: shape.name.clone(),
             n: dims.n,
             n_seqs: dims.n_seqs,
             fwd_ms: tf,
-            fwd_wide_ms: tw,
-            fwd_auto_ms: tau,
             bwd_ms: tb,
-            bwd_atomic_ms: ta,
             fwd_tflops: ff / (tf[0] * 1e-3) / 1e12,
-            fwd_wide_tflops: ff / (tw[0] * 1e-3) / 1e12,
-            fwd_auto_tflops: ff / (tau[0] * 1e-3) / 1e12,
             bwd_tflops: fb / (tb[0] * 1e-3) / 1e12,
-            bwd_atomic_tflops: fb / (ta[0] * 1e-3) / 1e12,
         };
         if let Some(dir) = dump {
             let file = shape.name.replace('/', "-");
@@ -242,16 +186,15 @@ pub fn bench_table(
                 &s.clone_dtoh(&dqkv).map_err(drv("read d_qkv"))?,
             )?;
             manifest.push_str(&format!(
-                "{file}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.5}\t{:.5}\t{:.5}\n",
+                "{file}\t{}\t{}\t{}\t{}\t{}\t{}\t{:.5}\t{:.5}\n",
                 dims.n_seqs,
                 dims.n,
                 dims.n_heads,
                 dims.n_kv_heads,
                 dims.head_dim,
                 dims.scale,
-                tau[0],
-                tb[0],
-                ta[0]
+                tf[0],
+                tb[0]
             ));
         }
         rows.push(row);
@@ -271,27 +214,21 @@ pub fn bench_table(
     Ok(rows)
 }
 
-/// The table the CLI prints.
+/// The table `flash-check bench` prints.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<26} {:>7} {:>5} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7} | {:>22} {:>7}\n",
+        "{:<26} {:>7} {:>5} | {:>22} {:>7} | {:>22} {:>7}\n",
         "shape",
         "tokens",
         "seqs",
-        "fwd64 ms med [min,max]",
+        "fwd ms med [min,max]",
         "TFLOP/s",
-        "fwd128 ms med [min,max]",
+        "bwd ms med [min,max]",
         "TFLOP/s",
-        "fwd auto ms [min,max]",
-        "TFLOP/s",
-        "bwd det ms med [min,max]",
-        "TFLOP/s",
-        "bwd atomic ms [min,max]",
-        "TFLOP/s"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<26} {:>7} {:>5} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1}\n",
+            "{:<26} {:>7} {:>5} | {:>8.4} [{:.4},{:.4}] {:>7.1} | {:>8.4} [{:.4},{:.4}] {:>7.1}\n",
             r.shape,
             r.n,
             r.n_seqs,
@@ -299,22 +236,10 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.fwd_ms[1],
             r.fwd_ms[2],
             r.fwd_tflops,
-            r.fwd_wide_ms[0],
-            r.fwd_wide_ms[1],
-            r.fwd_wide_ms[2],
-            r.fwd_wide_tflops,
-            r.fwd_auto_ms[0],
-            r.fwd_auto_ms[1],
-            r.fwd_auto_ms[2],
-            r.fwd_auto_tflops,
             r.bwd_ms[0],
             r.bwd_ms[1],
             r.bwd_ms[2],
-            r.bwd_tflops,
-            r.bwd_atomic_ms[0],
-            r.bwd_atomic_ms[1],
-            r.bwd_atomic_ms[2],
-            r.bwd_atomic_tflops
+            r.bwd_tflops
         ));
     }
     s

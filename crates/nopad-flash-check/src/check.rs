@@ -1,8 +1,8 @@
 //! Correctness: run a kernel set on fresh random data and compare with the f64 reference by
 //! FlashAttention's rule — `max|gpu - ref| <= k * max|bf16_ref - ref| + 1e-5` with k = 2 for the
 //! output and 3 for dQ, dK, dV; LSE within 1e-3 — after NaN-poisoning every output and workspace
-//! and surrounding the outputs with NaN guard bands. Backward runs twice: the deterministic
-//! variants must be bitwise stable; the atomic one is reported, not required.
+//! and surrounding the outputs with NaN guard bands. Backward runs twice and must be bitwise
+//! stable (every route is deterministic).
 
 use std::sync::Arc;
 
@@ -11,37 +11,40 @@ use cudarc::driver::{CudaStream, DevicePtr};
 use super::{
     bf16_to_f32, drv, lognormal_lens, random_bf16, uniform_lens, Gpu, Guarded, HarnessError, Shape,
 };
-use crate::reference::{self, Precision};
-use crate::{DqMode, ForwardTiles, KernelSet};
+use nopad_flash::reference::{self, Precision};
+use nopad_flash::FlashAttention;
 
 const NAN_BF16: u16 = 0x7FC0;
 /// Absolute slack added to the bounds: covers outputs the bf16 reference gets exactly right
 /// (e.g. a length-1 sequence's dQ, which is 0 up to fp32 rounding in any implementation).
 const SLACK: f64 = 1e-5;
 
-/// A kernel set plus backward mode.
+/// Which route of the kernels a check runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
-    /// Scalar oracle kernels.
-    Simple,
-    /// mma kernels: 64-row forward, deterministic backward (dQ over query tiles).
-    Mma,
-    /// mma kernels: 128-row forward, atomic-dQ backward.
-    MmaAtomic,
-    /// mma kernels: the default (`Auto`) forward, deterministic backward.
-    MmaAuto,
+    /// The device's own route (`choice::route` of its capability): what training runs.
+    Device,
+    /// The mma.sync route of every device without wgmma, run on a Hopper device.
+    MmaSync,
 }
 
 impl Variant {
-    fn kernels(self) -> KernelSet {
-        if self == Variant::Simple {
-            KernelSet::Simple
-        } else {
-            KernelSet::Mma
+    /// The routes this GPU can check: its own, plus mma.sync where its own is wgmma.
+    pub fn all(gpu: &Gpu) -> Vec<Variant> {
+        match gpu.fa_mma_sync {
+            Some(_) => vec![Variant::Device, Variant::MmaSync],
+            None => vec![Variant::Device],
         }
     }
-    fn deterministic(self) -> bool {
-        self != Variant::MmaAtomic
+
+    fn kernels(self, gpu: &Gpu) -> Result<&FlashAttention, HarnessError> {
+        match (self, &gpu.fa_mma_sync) {
+            (Variant::Device, _) => Ok(&gpu.fa),
+            (Variant::MmaSync, Some(fa)) => Ok(fa),
+            (Variant::MmaSync, None) => Err(HarnessError::Config(
+                "the mma.sync route is the device's own here: check Variant::Device".into(),
+            )),
+        }
     }
 }
 
@@ -60,7 +63,7 @@ pub struct CheckRow {
     pub written: bool,
     /// Guard bands untouched.
     pub guards: bool,
-    /// Two backward runs bitwise equal (required unless the variant is atomic).
+    /// Two backward runs bitwise equal.
     pub deterministic: bool,
 }
 
@@ -69,12 +72,12 @@ impl CheckRow {
     pub fn pass(&self) -> bool {
         self.written
             && self.guards
-            && (self.deterministic || !self.variant.deterministic())
+            && self.deterministic
             && self.err.iter().zip(&self.bound).all(|(e, b)| e <= b)
     }
 }
 
-/// The flash-notes section 7 shapes, per (Dh, G) configuration; heads kept small so the f64
+/// The test shapes of `docs/FLASH.md` section 11, per (Dh, G) configuration; heads kept small so the f64
 /// reference stays affordable (the kernels do not care about the head count).
 pub fn check_shapes(seed: u64) -> Vec<Shape> {
     let mut rng = nopad_rng::Rng::derived(seed, "check-shapes");
@@ -138,7 +141,7 @@ struct GpuOut {
 }
 
 fn run_gpu(
-    gpu: &mut Gpu,
+    gpu: &Gpu,
     shape: &Shape,
     qkv: &[u16],
     dout: &[u16],
@@ -146,18 +149,8 @@ fn run_gpu(
 ) -> Result<GpuOut, HarnessError> {
     let dims = shape.dims();
     let s: Arc<CudaStream> = gpu.stream.clone();
-    gpu.fa.set_kernels(variant.kernels());
-    gpu.fa.set_forward_tiles(match variant {
-        Variant::MmaAtomic => ForwardTiles::Wide,
-        Variant::MmaAuto => ForwardTiles::Auto,
-        _ => ForwardTiles::Narrow,
-    });
-    let dq_mode = if variant.deterministic() {
-        DqMode::Recompute
-    } else {
-        DqMode::Atomic
-    };
-    let plan = gpu.fa.plan(&shape.cu, &dims)?;
+    let fa = variant.kernels(gpu)?;
+    let plan = fa.plan(&shape.cu, &dims)?;
     let d_qkv_in = s.clone_htod(qkv).map_err(drv("upload qkv"))?;
     let d_dout = s.clone_htod(dout).map_err(drv("upload d_out"))?;
     let d_cu = s.clone_htod(&shape.cu).map_err(drv("upload cu_seqlens"))?;
@@ -165,7 +158,7 @@ fn run_gpu(
     let lse = Guarded::new(&s, dims.n * dims.n_heads, f32::NAN)?;
     let dq1 = Guarded::new(&s, qkv.len(), NAN_BF16)?;
     let dq2 = Guarded::new(&s, qkv.len(), NAN_BF16)?;
-    let ws_len = crate::FlashAttention::workspace_bytes_for(&plan, &dims, DqMode::Atomic);
+    let ws_len = fa.workspace_bytes(&plan, &dims);
     let ws = s
         .clone_htod(&vec![0xFFu8; ws_len])
         .map_err(drv("alloc workspace"))?;
@@ -176,34 +169,13 @@ fn run_gpu(
     let (p_out, p_lse) = (out.ptr(&s), lse.ptr(&s));
     // SAFETY: every pointer is a live allocation of the size `dims` implies, on this stream.
     unsafe {
-        gpu.fa
-            .forward(&s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_ws)?;
-        gpu.fa.backward_with_dq(
-            dq_mode,
-            &s,
-            &plan,
-            &dims,
-            p_qkv,
-            p_cu,
-            p_out,
-            p_lse,
-            p_dout,
-            dq1.ptr(&s),
-            p_ws,
-        )?;
-        gpu.fa.backward_with_dq(
-            dq_mode,
-            &s,
-            &plan,
-            &dims,
-            p_qkv,
-            p_cu,
-            p_out,
-            p_lse,
-            p_dout,
-            dq2.ptr(&s),
-            p_ws,
-        )?;
+        fa.forward(&s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_ws)?;
+        for d in [&dq1, &dq2] {
+            let p_d = d.ptr(&s);
+            fa.backward(
+                &s, &plan, &dims, p_qkv, p_cu, p_out, p_lse, p_dout, p_d, p_ws, true,
+            )?;
+        }
     }
     s.synchronize()
         .map_err(drv(format!("running {:?} on {}", variant, shape.name)))?;
@@ -236,7 +208,7 @@ fn run_gpu(
 
 /// Check `shape` for every kernel set in `sets` on data drawn from `seed`.
 pub fn check_shape(
-    gpu: &mut Gpu,
+    gpu: &Gpu,
     shape: &Shape,
     seed: u64,
     variants: &[Variant],
