@@ -283,3 +283,40 @@ pub(crate) fn write_raw<T: Copy>(dir: &Path, name: &str, data: &[T]) -> Result<(
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutions_must_match_a_kernel_source() {
+        let ok = parse_substitutions("#define FWD_THREADS=>#define FWD_THREADS;;").expect("valid");
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].1, "#define FWD_THREADS");
+        assert!(matches!(
+            parse_substitutions("no such text anywhere=>x"),
+            Err(HarnessError::Config(_))
+        ));
+        assert!(matches!(
+            parse_substitutions("missing arrow"),
+            Err(HarnessError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn shapes_give_consistent_dims() {
+        let s = Shape::from_lens("x", &[3, 0, 130], 4, 2, 64);
+        let d = s.dims();
+        assert_eq!((d.n, d.n_seqs, d.max_seqlen), (133, 3, 130));
+        assert_eq!(s.row(), (4 + 2 * 2) * 64);
+        assert_eq!(s.cu, [0, 3, 3, 133]);
+    }
+
+    #[test]
+    fn check_and_bench_shapes_are_deterministic_in_the_seed() {
+        let names = |v: Vec<Shape>| v.into_iter().map(|s| (s.name, s.cu)).collect::<Vec<_>>();
+        assert_eq!(names(check::check_shapes(5)), names(check::check_shapes(5)));
+        assert_eq!(names(bench::bench_shapes(5)), names(bench::bench_shapes(5)));
+        assert_eq!(check::check_shapes(5).len(), 4 * 4 + 3);
+    }
+}
