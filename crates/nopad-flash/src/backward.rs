@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::error::driver;
 use crate::module::Loaded;
@@ -98,15 +98,9 @@ pub(crate) unsafe fn launch_dkdv(
         .arg(&tiles)
         .arg(&a.segs)
         .arg(&dqacc);
-    b.arg(&a.n_heads)
-        .arg(&a.n_kv_heads)
-        .arg(&a.t_pad)
-        .arg(&a.scale);
     // SAFETY: matches `flash_bwd_dkdv_<dh>` and `flash_bwd_wgs_kv_<dh>` (12 parameters); the
     // deterministic kernels never read `dqacc`.
-    b.launch(config(count * a.n_kv_heads as usize, k))
-        .map(|_| ())
-        .map_err(driver(format!("launching {}", k.name)))
+    launch_kv(b, k, count, a)
 }
 
 /// dK, dV of `count` 128-key tiles of long sequences (`flash_bwd_wg_128`), after
@@ -130,11 +124,25 @@ pub(crate) unsafe fn launch_dkdv_long(
         .arg(&a.d_qkv)
         .arg(&tiles)
         .arg(&dqacc);
+    // SAFETY: matches `flash_bwd_wg_128` (11 parameters); it never reads `dqacc`.
+    launch_kv(b, k, count, a)
+}
+
+/// The dK/dV kernels' common tail: `H, Hkv, Tpad, scale`, then the launch over `count` key
+/// tiles x kv heads.
+///
+/// # Safety
+/// `b` holds the kernel's leading parameters in order, as its callers push them.
+unsafe fn launch_kv<'a>(
+    mut b: LaunchArgs<'a>,
+    k: &Loaded,
+    count: usize,
+    a: &'a BackwardArgs,
+) -> Result<(), FlashError> {
     b.arg(&a.n_heads)
         .arg(&a.n_kv_heads)
         .arg(&a.t_pad)
         .arg(&a.scale);
-    // SAFETY: matches `flash_bwd_wg_128` (11 parameters); it never reads `dqacc`.
     b.launch(config(count * a.n_kv_heads as usize, k))
         .map(|_| ())
         .map_err(driver(format!("launching {}", k.name)))
