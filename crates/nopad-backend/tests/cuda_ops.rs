@@ -21,7 +21,8 @@ use std::io::Write;
 
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
-use nopad_backend::{AdamW, Backend, GradWrite, Kind, LinearDims, RopeDims};
+use nopad_backend::prelude::*;
+use nopad_backend::{AdamW, GradWrite, Kind, LinearDims, RopeDims};
 use nopad_rng::Rng;
 
 #[path = "cuda_ops/attention.rs"]
@@ -256,11 +257,23 @@ fn embedding_forward_backward() {
             let gtab = e.up(&table, Kind::Compute);
             let mut gx = e.poison(n * d, Kind::Compute);
             e.gpu
-                .embedding_forward(gx.as_mut(), gtab.as_ref(), &gt, n, d)
+                .embedding_forward(EmbeddingFwd {
+                    x: gx.as_mut(),
+                    table: gtab.as_ref(),
+                    tokens: &gt,
+                    n,
+                    d,
+                })
                 .unwrap();
             let mut want = vec![0f32; n * d];
             e.cpu
-                .embedding_forward(&mut want, &table, &tokens, n, d)
+                .embedding_forward(EmbeddingFwd {
+                    x: &mut want,
+                    table: &table,
+                    tokens: &tokens,
+                    n,
+                    d,
+                })
                 .unwrap();
             e.check(
                 &format!("embedding_fwd n={n} v={v} d={d}"),
@@ -273,11 +286,23 @@ fn embedding_forward_backward() {
             let gdx = e.up(&dx, Kind::Compute);
             let mut gdt = e.up(&acc, Kind::Grad);
             e.gpu
-                .embedding_backward(gdt.as_mut(), gdx.as_ref(), &gt, n, d)
+                .embedding_backward(EmbeddingBwd {
+                    d_table: gdt.as_mut(),
+                    dx: gdx.as_ref(),
+                    tokens: &gt,
+                    n,
+                    d,
+                })
                 .unwrap();
             let mut want = acc.clone();
             e.cpu
-                .embedding_backward(&mut want, &dx, &tokens, n, d)
+                .embedding_backward(EmbeddingBwd {
+                    d_table: &mut want,
+                    dx: &dx,
+                    tokens: &tokens,
+                    n,
+                    d,
+                })
                 .unwrap();
             e.check(
                 &format!("embedding_bwd n={n} v={v} d={d}"),
@@ -315,11 +340,25 @@ fn linear_forward_backward() {
             let mut gy = e.poison(n * d_out, Kind::Compute);
             let gbv = bias.then(|| gb.as_ref());
             e.gpu
-                .linear_forward(gy.as_mut(), gx.as_ref(), gw.as_ref(), gbv, dims)
+                .linear_forward(LinearFwd {
+                    y: gy.as_mut(),
+                    x: gx.as_ref(),
+                    w: gw.as_ref(),
+                    b: gbv,
+                    dims,
+                })
                 .unwrap();
             let mut want = vec![0f32; n * d_out];
             let bv = bias.then_some(&b[..]);
-            e.cpu.linear_forward(&mut want, &x, &w, bv, dims).unwrap();
+            e.cpu
+                .linear_forward(LinearFwd {
+                    y: &mut want,
+                    x: &x,
+                    w: &w,
+                    b: bv,
+                    dims,
+                })
+                .unwrap();
             // GEMM output rounded, then the bias add rounded again.
             e.check(
                 &format!("linear_fwd {tag}"),
@@ -338,21 +377,32 @@ fn linear_forward_backward() {
             let tag = format!("{tag} {acc:?}");
             let gdbv = bias.then(|| gdb.as_mut());
             e.gpu
-                .linear_backward(
-                    Some(gdx.as_mut()),
-                    gdw.as_mut(),
-                    gdbv,
-                    gdy.as_ref(),
-                    gx.as_ref(),
-                    gw.as_ref(),
+                .linear_backward(LinearBwd {
+                    dx: Some(gdx.as_mut()),
+                    dx_write: GradWrite::Overwrite,
+                    d_w: Some(gdw.as_mut()),
+                    d_b: gdbv,
+                    dy: gdy.as_ref(),
+                    x: gx.as_ref(),
+                    w: gw.as_ref(),
                     dims,
-                    acc,
-                )
+                    write: acc,
+                })
                 .unwrap();
             let (mut dx, mut dw, mut db) = (vec![0f32; n * d_in], dw0.clone(), db0.clone());
             let dbv = bias.then_some(&mut db[..]);
             e.cpu
-                .linear_backward(Some(&mut dx), &mut dw, dbv, &dy, &x, &w, dims, acc)
+                .linear_backward(LinearBwd {
+                    dx: Some(&mut dx),
+                    dx_write: GradWrite::Overwrite,
+                    d_w: Some(&mut dw),
+                    d_b: dbv,
+                    dy: &dy,
+                    x: &x,
+                    w: &w,
+                    dims,
+                    write: acc,
+                })
                 .unwrap();
             e.check(&format!("linear_bwd dx {tag}"), &e.down(&gdx), &dx, 1);
             e.check(&format!("linear_bwd dw {tag}"), &e.down(&gdw), &dw, e.gk());
@@ -382,19 +432,27 @@ fn rmsnorm_forward_backward() {
             let mut gy = e.poison(n * d, Kind::Compute);
             let mut grstd = e.poison(n, Kind::Master);
             e.gpu
-                .rmsnorm_forward(
-                    gy.as_mut(),
-                    grstd.as_mut(),
-                    gx.as_ref(),
-                    gw.as_ref(),
+                .rmsnorm_forward(RmsNormFwd {
+                    y: gy.as_mut(),
+                    rstd: grstd.as_mut(),
+                    x: gx.as_ref(),
+                    weight: gw.as_ref(),
                     n,
                     d,
-                    1e-5,
-                )
+                    eps: 1e-5,
+                })
                 .unwrap();
             let (mut y, mut rstd) = (vec![0f32; n * d], vec![0f32; n]);
             e.cpu
-                .rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, d, 1e-5)
+                .rmsnorm_forward(RmsNormFwd {
+                    y: &mut y,
+                    rstd: &mut rstd,
+                    x: &x,
+                    weight: &w,
+                    n,
+                    d,
+                    eps: 1e-5,
+                })
                 .unwrap();
             e.check(&format!("rmsnorm_fwd y {tag}"), &e.down(&gy), &y, 1);
             e.check(
@@ -411,20 +469,29 @@ fn rmsnorm_forward_backward() {
             let mut gy2 = e.poison(n * d, Kind::Compute);
             let mut grstd2 = e.poison(n, Kind::Master);
             e.gpu
-                .add_rmsnorm_forward(
-                    gy2.as_mut(),
-                    grstd2.as_mut(),
-                    gxs.as_mut(),
-                    gr.as_ref(),
-                    gw.as_ref(),
+                .add_rmsnorm_forward(AddRmsNormFwd {
+                    y: gy2.as_mut(),
+                    rstd: grstd2.as_mut(),
+                    x: gxs.as_mut(),
+                    r: gr.as_ref(),
+                    weight: gw.as_ref(),
                     n,
                     d,
-                    1e-5,
-                )
+                    eps: 1e-5,
+                })
                 .unwrap();
             let (mut xs, mut y2, mut rstd2) = (x.clone(), vec![0f32; n * d], vec![0f32; n]);
             e.cpu
-                .add_rmsnorm_forward(&mut y2, &mut rstd2, &mut xs, &r, &w, n, d, 1e-5)
+                .add_rmsnorm_forward(AddRmsNormFwd {
+                    y: &mut y2,
+                    rstd: &mut rstd2,
+                    x: &mut xs,
+                    r: &r,
+                    weight: &w,
+                    n,
+                    d,
+                    eps: 1e-5,
+                })
                 .unwrap();
             e.check(&format!("add_rmsnorm x+r {tag}"), &e.down(&gxs), &xs, 1);
             e.check(&format!("add_rmsnorm y {tag}"), &e.down(&gy2), &y2, 2);
@@ -443,21 +510,31 @@ fn rmsnorm_forward_backward() {
             let (mut gdw, _) = e.grads_before(&dw0, &[], acc);
             let tag = format!("{tag} {acc:?}");
             e.gpu
-                .rmsnorm_backward(
-                    gdx.as_mut(),
-                    gdw.as_mut(),
-                    gdy.as_ref(),
-                    gx.as_ref(),
-                    gw.as_ref(),
-                    grs.as_ref(),
+                .rmsnorm_backward(RmsNormBwd {
+                    dx: gdx.as_mut(),
+                    d_weight: gdw.as_mut(),
+                    dy: gdy.as_ref(),
+                    x: gx.as_ref(),
+                    weight: gw.as_ref(),
+                    rstd: grs.as_ref(),
                     n,
                     d,
-                    acc,
-                )
+                    write: acc,
+                })
                 .unwrap();
             let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
             e.cpu
-                .rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, n, d, acc)
+                .rmsnorm_backward(RmsNormBwd {
+                    dx: &mut dx,
+                    d_weight: &mut dw,
+                    dy: &dy,
+                    x: &x,
+                    weight: &w,
+                    rstd: &rstd,
+                    n,
+                    d,
+                    write: acc,
+                })
                 .unwrap();
             e.check(&format!("rmsnorm_bwd dx(+=) {tag}"), &e.down(&gdx), &dx, 1);
             e.check(
@@ -493,14 +570,38 @@ fn rope_forward_backward() {
                 let mut want = x.clone();
                 if backward {
                     e.gpu
-                        .rope_backward(gx.as_mut(), ginv.as_ref(), &gpos, dims)
+                        .rope_backward(Rope {
+                            x: gx.as_mut(),
+                            inv_freq: ginv.as_ref(),
+                            positions: &gpos,
+                            dims,
+                        })
                         .unwrap();
-                    e.cpu.rope_backward(&mut want, &inv, &pos, dims).unwrap();
+                    e.cpu
+                        .rope_backward(Rope {
+                            x: &mut want,
+                            inv_freq: &inv,
+                            positions: &pos,
+                            dims,
+                        })
+                        .unwrap();
                 } else {
                     e.gpu
-                        .rope_forward(gx.as_mut(), ginv.as_ref(), &gpos, dims)
+                        .rope_forward(Rope {
+                            x: gx.as_mut(),
+                            inv_freq: ginv.as_ref(),
+                            positions: &gpos,
+                            dims,
+                        })
                         .unwrap();
-                    e.cpu.rope_forward(&mut want, &inv, &pos, dims).unwrap();
+                    e.cpu
+                        .rope_forward(Rope {
+                            x: &mut want,
+                            inv_freq: &inv,
+                            positions: &pos,
+                            dims,
+                        })
+                        .unwrap();
                 }
                 let what = if backward { "rope_bwd" } else { "rope_fwd" };
                 e.check(&format!("{what} {tag}"), &e.down(&gx), &want, 1);
@@ -519,17 +620,41 @@ fn swiglu_forward_backward() {
             let (ggu, gda) = (e.up(&gu, Kind::Compute), e.up(&da, Kind::Compute));
             let mut ga = e.poison(n * f, Kind::Compute);
             e.gpu
-                .swiglu_forward(ga.as_mut(), ggu.as_ref(), n, f)
+                .swiglu_forward(SwigluFwd {
+                    a: ga.as_mut(),
+                    gu: ggu.as_ref(),
+                    n,
+                    f,
+                })
                 .unwrap();
             let mut a = vec![0f32; n * f];
-            e.cpu.swiglu_forward(&mut a, &gu, n, f).unwrap();
+            e.cpu
+                .swiglu_forward(SwigluFwd {
+                    a: &mut a,
+                    gu: &gu,
+                    n,
+                    f,
+                })
+                .unwrap();
             e.check(&format!("swiglu_fwd {tag}"), &e.down(&ga), &a, 1);
             let mut gdgu = ggu;
             e.gpu
-                .swiglu_backward(gdgu.as_mut(), gda.as_ref(), n, f)
+                .swiglu_backward(SwigluBwd {
+                    gu: gdgu.as_mut(),
+                    d_a: gda.as_ref(),
+                    n,
+                    f,
+                })
                 .unwrap();
             let mut dgu = gu.clone();
-            e.cpu.swiglu_backward(&mut dgu, &da, n, f).unwrap();
+            e.cpu
+                .swiglu_backward(SwigluBwd {
+                    gu: &mut dgu,
+                    d_a: &da,
+                    n,
+                    f,
+                })
+                .unwrap();
             e.check(&format!("swiglu_bwd {tag}"), &e.down(&gdgu), &dgu, 1);
         }
     }
@@ -573,31 +698,31 @@ fn lm_head_loss_forward_backward() {
             let (mut gdw, _) = e.grads_before(&dw0, &[], acc);
             let tag = format!("{tag} {acc:?}");
             e.gpu
-                .lm_head_loss(
-                    gl.as_mut(),
-                    Some(gdx.as_mut()),
-                    Some(gdw.as_mut()),
-                    gx.as_ref(),
-                    gw.as_ref(),
-                    &gt,
+                .lm_head_loss(LmHeadLoss {
+                    loss_sum: gl.as_mut(),
+                    dx: Some(gdx.as_mut()),
+                    d_w: Some(gdw.as_mut()),
+                    x: gx.as_ref(),
+                    w: gw.as_ref(),
+                    targets: &gt,
                     dims,
-                    scale,
-                    acc,
-                )
+                    grad_scale: scale,
+                    write: acc,
+                })
                 .unwrap();
             let (mut l, mut dx, mut dw) = (l0.clone(), vec![0f32; n * d], dw0.clone());
             e.cpu
-                .lm_head_loss(
-                    &mut l,
-                    Some(&mut dx),
-                    Some(&mut dw),
-                    &x,
-                    &w,
-                    &targets,
+                .lm_head_loss(LmHeadLoss {
+                    loss_sum: &mut l,
+                    dx: Some(&mut dx),
+                    d_w: Some(&mut dw),
+                    x: &x,
+                    w: &w,
+                    targets: &targets,
                     dims,
-                    scale,
-                    acc,
-                )
+                    grad_scale: scale,
+                    write: acc,
+                })
                 .unwrap();
             e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
             // dlogits rounded, then the dx GEMM output rounded.
@@ -615,17 +740,17 @@ fn lm_head_loss_forward_backward() {
             // Loss only (evaluation): no gradients touched.
             let mut gl = e.up(&l0, Kind::Master);
             e.gpu
-                .lm_head_loss(
-                    gl.as_mut(),
-                    None,
-                    None,
-                    gx.as_ref(),
-                    gw.as_ref(),
-                    &gt,
+                .lm_head_loss(LmHeadLoss {
+                    loss_sum: gl.as_mut(),
+                    dx: None,
+                    d_w: None,
+                    x: gx.as_ref(),
+                    w: gw.as_ref(),
+                    targets: &gt,
                     dims,
-                    scale,
-                    GradWrite::Accumulate,
-                )
+                    grad_scale: scale,
+                    write: GradWrite::Accumulate,
+                })
                 .unwrap();
             e.check(&format!("lm_head loss-only {tag}"), &e.down(&gl), &l, 0);
         }
@@ -675,19 +800,27 @@ fn adamw_step() {
             let r = off..off + n;
             let master = gmaster.as_mut().map(|b| e.gpu.view_mut(b, r.clone()));
             e.gpu
-                .adamw(
-                    e.gpu.view_mut(&mut gp, r.clone()),
+                .adamw(AdamWStep {
+                    param: e.gpu.view_mut(&mut gp, r.clone()),
                     master,
-                    e.gpu.view(&gg, r.clone()),
-                    e.gpu.view_mut(&mut gm, r.clone()),
-                    e.gpu.view_mut(&mut gv, r.clone()),
+                    grad: e.gpu.view(&gg, r.clone()),
+                    m: e.gpu.view_mut(&mut gm, r.clone()),
+                    v: e.gpu.view_mut(&mut gv, r.clone()),
                     n,
                     hp,
-                )
+                })
                 .unwrap();
             let (mut cp, mut cm, mut cv) = (p.clone(), m.clone(), v.clone());
             e.cpu
-                .adamw(&mut cp, None, &g, &mut cm, &mut cv, n, hp)
+                .adamw(AdamWStep {
+                    param: &mut cp,
+                    master: None,
+                    grad: &g,
+                    m: &mut cm,
+                    v: &mut cv,
+                    n,
+                    hp,
+                })
                 .unwrap();
             // The change of the parameters is compared too (the update is ~1e-3 of them). The
             // f32 updated values carry rounding errors of up to ulp(p)/2 = 2^-24·|p| each, which

@@ -10,7 +10,8 @@
 use rayon::prelude::*;
 
 use super::linear::{gemm_serial, Mat};
-use super::{check_len, Scalar};
+use super::{check_len, Cpu, Scalar};
+use crate::args::{AttnBwd, AttnFwd};
 use crate::error::check;
 use crate::{AttnDims, Result};
 
@@ -165,13 +166,14 @@ fn tasks(cu: &[i32], n_kv_heads: usize) -> Vec<(usize, usize, usize)> {
     v
 }
 
-pub(crate) fn forward<T: Scalar>(
-    out: &mut [T],
-    lse: &mut [T],
-    qkv: &[T],
-    cu: &[i32],
-    dims: AttnDims,
-) -> Result<()> {
+pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
+    let AttnFwd {
+        out,
+        lse,
+        qkv,
+        cu_seqlens: cu,
+        dims,
+    } = a;
     const OP: &str = "attention_forward";
     check_dims(OP, qkv, cu, &dims)?;
     let (n, h, dh) = (dims.n, dims.n_heads, dims.head_dim);
@@ -235,16 +237,16 @@ pub(crate) fn forward<T: Scalar>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<T: Scalar>(
-    d_qkv: &mut [T],
-    d_out: &[T],
-    qkv: &[T],
-    out: &[T],
-    lse: &[T],
-    cu: &[i32],
-    dims: AttnDims,
-) -> Result<()> {
+pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
+    let AttnBwd {
+        d_qkv,
+        d_out,
+        qkv,
+        out,
+        lse,
+        cu_seqlens: cu,
+        dims,
+    } = a;
     const OP: &str = "attention_backward";
     check_dims(OP, qkv, cu, &dims)?;
     let (n, h, dh) = (dims.n, dims.n_heads, dims.head_dim);

@@ -3,7 +3,8 @@
 
 use super::{bf16_round, envs, Env};
 use nopad_backend::cuda::CudaDtype;
-use nopad_backend::{AttnDims, Backend, Kind};
+use nopad_backend::prelude::*;
+use nopad_backend::{AttnDims, Kind};
 
 /// Runs attention forward and backward on both backends for sequences of `lens`.
 fn attention_case(e: &mut Env, lens: &[usize], h: usize, hkv: usize, dh: usize) {
@@ -33,11 +34,23 @@ fn attention_case(e: &mut Env, lens: &[usize], h: usize, hkv: usize, dh: usize) 
     let mut gout = e.poison(n * dims.out_width(), Kind::Compute);
     let mut glse = e.poison(h * n, Kind::Master);
     e.gpu
-        .attention_forward(gout.as_mut(), glse.as_mut(), gqkv.as_ref(), &gcu, dims)
+        .attention_forward(AttnFwd {
+            out: gout.as_mut(),
+            lse: glse.as_mut(),
+            qkv: gqkv.as_ref(),
+            cu_seqlens: &gcu,
+            dims,
+        })
         .unwrap();
     let (mut out, mut lse) = (vec![0f32; n * dims.out_width()], vec![0f32; h * n]);
     e.cpu
-        .attention_forward(&mut out, &mut lse, &qkv, &cu, dims)
+        .attention_forward(AttnFwd {
+            out: &mut out,
+            lse: &mut lse,
+            qkv: &qkv,
+            cu_seqlens: &cu,
+            dims,
+        })
         .unwrap();
     e.check(&format!("attention_fwd out {tag}"), &e.down(&gout), &out, 1);
     e.check(&format!("attention_fwd lse {tag}"), &e.down(&glse), &lse, 0);
@@ -56,19 +69,27 @@ fn attention_case(e: &mut Env, lens: &[usize], h: usize, hkv: usize, dh: usize) 
     );
     let mut gd = e.poison(n * dims.qkv_width(), Kind::Compute);
     e.gpu
-        .attention_backward(
-            gd.as_mut(),
-            gdout.as_ref(),
-            gqkv.as_ref(),
-            go.as_ref(),
-            gl.as_ref(),
-            &gcu,
+        .attention_backward(AttnBwd {
+            d_qkv: gd.as_mut(),
+            d_out: gdout.as_ref(),
+            qkv: gqkv.as_ref(),
+            out: go.as_ref(),
+            lse: gl.as_ref(),
+            cu_seqlens: &gcu,
             dims,
-        )
+        })
         .unwrap();
     let mut d = vec![0f32; n * dims.qkv_width()];
     e.cpu
-        .attention_backward(&mut d, &dout, &qkv, &out_c, &lse, &cu, dims)
+        .attention_backward(AttnBwd {
+            d_qkv: &mut d,
+            d_out: &dout,
+            qkv: &qkv,
+            out: &out_c,
+            lse: &lse,
+            cu_seqlens: &cu,
+            dims,
+        })
         .unwrap();
     e.check(&format!("attention_bwd d_qkv {tag}"), &e.down(&gd), &d, 1);
 }
