@@ -626,3 +626,49 @@ fn alloc_parts_checks_alignment_and_bounds() {
         assert!(err.contains("unaligned or outside the 1024 bytes"), "{err}");
     }
 }
+
+#[test]
+fn linear_backward_frozen_weight_and_accumulated_dx() {
+    // The reference semantics the conformance suite holds every backend to: without d_w only dx
+    // is computed (bit for bit the dx of a full backward); dx_write Accumulate adds the same dx
+    // onto what the buffer held.
+    let b = B::new();
+    let mut rng = Rng::new(20);
+    let dims = LinearDims {
+        n: 13,
+        d_in: 17,
+        d_out: 11,
+    };
+    let (x, w, dy) = (
+        randn(&mut rng, 13 * 17, 1.0),
+        randn(&mut rng, 11 * 17, 1.0),
+        randn(&mut rng, 13 * 11, 1.0),
+    );
+    let bwd = |dx: &mut [f64], dx_write, d_w: Option<&mut [f64]>| {
+        b.linear_backward(LinearBwd {
+            dx: Some(dx),
+            dx_write,
+            d_w,
+            d_b: None,
+            dy: &dy,
+            x: &x,
+            w: &w,
+            dims,
+            write: GradWrite::Overwrite,
+        })
+        .unwrap()
+    };
+    let (mut full, mut dw) = (vec![f64::NAN; 13 * 17], vec![f64::NAN; 11 * 17]);
+    bwd(&mut full, GradWrite::Overwrite, Some(&mut dw));
+    let mut frozen = vec![f64::NAN; 13 * 17];
+    bwd(&mut frozen, GradWrite::Overwrite, None);
+    assert_eq!(frozen, full, "a frozen weight changes dx");
+    let base = randn(&mut rng, 13 * 17, 1.0);
+    let mut acc = base.clone();
+    bwd(&mut acc, GradWrite::Accumulate, None);
+    let want: Vec<f64> = base.iter().zip(&full).map(|(a, b)| a + b).collect();
+    close("dx accumulated", &acc, &want, 1e-14);
+    let mut s = base.clone();
+    b.scale(&mut s, 0.5, 13 * 17).unwrap();
+    assert!(s.iter().zip(&base).all(|(a, b)| *a == 0.5 * b));
+}
