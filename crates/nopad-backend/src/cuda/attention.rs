@@ -145,6 +145,26 @@ impl Cuda {
         }
     }
 
+    /// What both flash calls of a batch need: its dims, its (cached) plan and a workspace of
+    /// the size the plan asks for.
+    fn flash_setup(
+        &self,
+        flash: &nopad_flash::FlashAttention,
+        cu: &CudaInts,
+        dims: &AttnDims,
+        op: &str,
+    ) -> Result<(
+        nopad_flash::FlashDims,
+        std::sync::Arc<nopad_flash::Plan>,
+        super::CudaBuf,
+    )> {
+        let fd = Self::flash_dims(dims);
+        let plan = self.flash_plan(flash, &cu.host[..=dims.n_seqs], &fd, op)?;
+        let ws_words = flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1);
+        let ws = self.scratch(ws_words, Dtype::F32)?;
+        Ok((fd, plan, ws))
+    }
+
     fn flash_dims(dims: &AttnDims) -> nopad_flash::FlashDims {
         nopad_flash::FlashDims {
             n: dims.n,
@@ -201,12 +221,7 @@ impl Cuda {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
-            let fd = Self::flash_dims(&dims);
-            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
-            let ws = self.scratch(
-                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
-                Dtype::F32,
-            )?;
+            let (fd, plan, ws) = self.flash_setup(flash, cu_seqlens, &dims, op)?;
             // SAFETY: out, lse and qkv were checked against the dims above; the workspace has
             // the size the plan asks for; all live on this backend's context and stream.
             return unsafe {
@@ -262,12 +277,7 @@ impl Cuda {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
-            let fd = Self::flash_dims(&dims);
-            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
-            let ws = self.scratch(
-                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
-                Dtype::F32,
-            )?;
+            let (fd, plan, ws) = self.flash_setup(flash, cu_seqlens, &dims, op)?;
             // SAFETY: every buffer was checked against the dims above; out and lse come from the
             // forward of the same batch; the workspace has the size the plan asks for.
             return unsafe {
