@@ -1,6 +1,9 @@
 //! Every CPU op against a naive reference (forward) and central finite differences in f64
 //! (backward). f64 makes the comparison exact to ~1e-7 relative, so the tolerances below are
 //! far from anything a wrong formula could meet.
+//!
+//! These tests make `Cpu<f64>` the reference of `tests/conformance.rs`. The file runs past 600
+//! lines because each op's test holds its own naive formula next to the check that uses it.
 
 use super::Cpu;
 use crate::prelude::*;
