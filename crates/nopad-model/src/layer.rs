@@ -4,6 +4,10 @@
 //!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width.
 
+use nopad_backend::args::{
+    AddRmsNormFwd, AttnBwd, AttnFwd, LinearBwd, LinearFwd, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd,
+    SwigluFwd,
+};
 use nopad_backend::{AttnDims, Backend, GradWrite, LinearDims, RopeDims};
 
 use crate::config::Config;
@@ -116,108 +120,108 @@ pub(crate) fn forward<B: Backend>(
     let (d, f, w, hd, eps) = dims(c);
     let nd = 0..n * d;
     // Attention block.
-    b.rmsnorm_forward(
-        b.view_mut(&mut acts.h, nd.clone()),
-        b.view_mut(&mut la.rstd1, 0..n),
-        b.view(res_in, nd.clone()),
-        b.view(p, lr.ln1.clone()),
+    b.rmsnorm_forward(RmsNormFwd {
+        y: b.view_mut(&mut acts.h, nd.clone()),
+        rstd: b.view_mut(&mut la.rstd1, 0..n),
+        x: b.view(res_in, nd.clone()),
+        weight: b.view(p, lr.ln1.clone()),
         n,
         d,
         eps,
-    )?;
+    })?;
     prof.mark(b, "rmsnorm fwd")?;
-    b.linear_forward(
-        b.view_mut(&mut la.qkv, 0..n * w),
-        b.view(&acts.h, nd.clone()),
-        b.view(p, lr.qkv_w.clone()),
-        lr.qkv_b.clone().map(|r| b.view(p, r)),
-        LinearDims {
+    b.linear_forward(LinearFwd {
+        y: b.view_mut(&mut la.qkv, 0..n * w),
+        x: b.view(&acts.h, nd.clone()),
+        w: b.view(p, lr.qkv_w.clone()),
+        b: lr.qkv_b.clone().map(|r| b.view(p, r)),
+        dims: LinearDims {
             n,
             d_in: d,
             d_out: w,
         },
-    )?;
+    })?;
     prof.mark(b, "qkv_proj fwd")?;
     let rope = rope_dims(c, n);
-    b.rope_forward(
-        b.view_mut(&mut la.qkv, 0..n * w),
-        b.view(cx.inv_freq, 0..c.head_dim / 2),
-        cx.positions,
-        rope,
-    )?;
+    b.rope_forward(Rope {
+        x: b.view_mut(&mut la.qkv, 0..n * w),
+        inv_freq: b.view(cx.inv_freq, 0..c.head_dim / 2),
+        positions: cx.positions,
+        dims: rope,
+    })?;
     prof.mark(b, "rope fwd")?;
-    b.attention_forward(
-        b.view_mut(&mut la.att, 0..n * hd),
-        b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
-        b.view(&la.qkv, 0..n * w),
-        cx.cu_seqlens,
-        cx.attn,
-    )?;
+    b.attention_forward(AttnFwd {
+        out: b.view_mut(&mut la.att, 0..n * hd),
+        lse: b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
+        qkv: b.view(&la.qkv, 0..n * w),
+        cu_seqlens: cx.cu_seqlens,
+        dims: cx.attn,
+    })?;
     prof.mark(b, "attention fwd")?;
-    b.linear_forward(
-        b.view_mut(&mut la.res_mid, nd.clone()),
-        b.view(&la.att, 0..n * hd),
-        b.view(p, lr.o_w.clone()),
-        lr.o_b.clone().map(|r| b.view(p, r)),
-        LinearDims {
+    b.linear_forward(LinearFwd {
+        y: b.view_mut(&mut la.res_mid, nd.clone()),
+        x: b.view(&la.att, 0..n * hd),
+        w: b.view(p, lr.o_w.clone()),
+        b: lr.o_b.clone().map(|r| b.view(p, r)),
+        dims: LinearDims {
             n,
             d_in: hd,
             d_out: d,
         },
-    )?;
+    })?;
     prof.mark(b, "o_proj fwd")?;
     // res_mid = res_in + attention block; MLP block: h2 = post_attention_layernorm(res_mid).
-    b.add_rmsnorm_forward(
-        b.view_mut(&mut acts.h, nd.clone()),
-        b.view_mut(&mut la.rstd2, 0..n),
-        b.view_mut(&mut la.res_mid, nd.clone()),
-        b.view(res_in, nd.clone()),
-        b.view(p, lr.ln2.clone()),
+    b.add_rmsnorm_forward(AddRmsNormFwd {
+        y: b.view_mut(&mut acts.h, nd.clone()),
+        rstd: b.view_mut(&mut la.rstd2, 0..n),
+        x: b.view_mut(&mut la.res_mid, nd.clone()),
+        r: b.view(res_in, nd.clone()),
+        weight: b.view(p, lr.ln2.clone()),
         n,
         d,
         eps,
-    )?;
+    })?;
     prof.mark(b, "residual_add+rmsnorm fwd")?;
     let gu = if cx.mlp_recompute {
         &mut acts.gu
     } else {
         &mut la.gu
     };
-    b.linear_forward(
-        b.view_mut(gu, 0..n * 2 * f),
-        b.view(&acts.h, nd.clone()),
-        b.view(p, lr.gate_up_w.clone()),
-        None,
-        LinearDims {
+    b.linear_forward(LinearFwd {
+        y: b.view_mut(gu, 0..n * 2 * f),
+        x: b.view(&acts.h, nd.clone()),
+        w: b.view(p, lr.gate_up_w.clone()),
+        b: None,
+        dims: LinearDims {
             n,
             d_in: d,
             d_out: 2 * f,
         },
-    )?;
+    })?;
     prof.mark(b, "gate_up_proj fwd")?;
     // The rest of the MLP is skipped when recomputing for the backward.
     let Some(res_out) = res_out else {
         return Ok(());
     };
     let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
-    b.swiglu_forward(
-        b.view_mut(&mut acts.a, 0..n * f),
-        b.view(gu, 0..n * 2 * f),
+    b.swiglu_forward(SwigluFwd {
+        a: b.view_mut(&mut acts.a, 0..n * f),
+        gu: b.view(gu, 0..n * 2 * f),
         n,
         f,
-    )?;
+    })?;
     prof.mark(b, "swiglu fwd")?;
-    b.linear_forward(
-        b.view_mut(res_out, nd.clone()),
-        b.view(&acts.a, 0..n * f),
-        b.view(p, lr.down_w.clone()),
-        None,
-        LinearDims {
+    b.linear_forward(LinearFwd {
+        y: b.view_mut(res_out, nd.clone()),
+        x: b.view(&acts.a, 0..n * f),
+        w: b.view(p, lr.down_w.clone()),
+        b: None,
+        dims: LinearDims {
             n,
             d_in: f,
             d_out: d,
         },
-    )?;
+    })?;
     prof.mark(b, "down_proj fwd")?;
     b.add_assign(
         b.view_mut(res_out, nd.clone()),
@@ -237,15 +241,15 @@ fn recompute_h2<B: Backend>(
 ) -> Result<()> {
     let (b, n) = (cx.b, cx.n);
     let (d, _, _, _, eps) = dims(cx.c);
-    b.rmsnorm_forward(
-        b.view_mut(&mut acts.h, 0..n * d),
-        b.view_mut(&mut acts.rstd_tmp, 0..n),
-        b.view(&la.res_mid, 0..n * d),
-        b.view(cx.p, lr.ln2.clone()),
+    b.rmsnorm_forward(RmsNormFwd {
+        y: b.view_mut(&mut acts.h, 0..n * d),
+        rstd: b.view_mut(&mut acts.rstd_tmp, 0..n),
+        x: b.view(&la.res_mid, 0..n * d),
+        weight: b.view(cx.p, lr.ln2.clone()),
         n,
         d,
         eps,
-    )?;
+    })?;
     Ok(())
 }
 
@@ -268,40 +272,41 @@ pub(crate) fn backward<B: Backend>(
     // Recompute::Mlp, from h2 = post_attention_layernorm(res_mid)).
     if cx.mlp_recompute {
         recompute_h2(cx, lr, la, acts)?;
-        b.linear_forward(
-            b.view_mut(&mut acts.gu, 0..n * 2 * f),
-            b.view(&acts.h, nd.clone()),
-            b.view(p, lr.gate_up_w.clone()),
-            None,
-            LinearDims {
+        b.linear_forward(LinearFwd {
+            y: b.view_mut(&mut acts.gu, 0..n * 2 * f),
+            x: b.view(&acts.h, nd.clone()),
+            w: b.view(p, lr.gate_up_w.clone()),
+            b: None,
+            dims: LinearDims {
                 n,
                 d_in: d,
                 d_out: 2 * f,
             },
-        )?;
+        })?;
     }
     let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
-    b.swiglu_forward(
-        b.view_mut(&mut acts.a, 0..n * f),
-        b.view(gu, 0..n * 2 * f),
+    b.swiglu_forward(SwigluFwd {
+        a: b.view_mut(&mut acts.a, 0..n * f),
+        gu: b.view(gu, 0..n * 2 * f),
         n,
         f,
-    )?;
+    })?;
     prof.mark(b, "recompute bwd")?;
-    b.linear_backward(
-        Some(b.view_mut(&mut acts.d_a, 0..n * f)),
-        b.view_mut(g, lr.down_w.clone()),
-        None,
-        b.view(&acts.d_res, nd.clone()),
-        b.view(&acts.a, 0..n * f),
-        b.view(p, lr.down_w.clone()),
-        LinearDims {
+    b.linear_backward(LinearBwd {
+        dx: Some(b.view_mut(&mut acts.d_a, 0..n * f)),
+        dx_write: GradWrite::Overwrite,
+        d_w: Some(b.view_mut(g, lr.down_w.clone())),
+        d_b: None,
+        dy: b.view(&acts.d_res, nd.clone()),
+        x: b.view(&acts.a, 0..n * f),
+        w: b.view(p, lr.down_w.clone()),
+        dims: LinearDims {
             n,
             d_in: f,
             d_out: d,
         },
-        cx.grad_write,
-    )?;
+        write: cx.grad_write,
+    })?;
     prof.mark(b, "down_proj bwd")?;
     // In place: the gate/up projections become their gradient.
     let d_gu = if cx.mlp_recompute {
@@ -309,120 +314,123 @@ pub(crate) fn backward<B: Backend>(
     } else {
         &mut la.gu
     };
-    b.swiglu_backward(
-        b.view_mut(d_gu, 0..n * 2 * f),
-        b.view(&acts.d_a, 0..n * f),
+    b.swiglu_backward(SwigluBwd {
+        gu: b.view_mut(d_gu, 0..n * 2 * f),
+        d_a: b.view(&acts.d_a, 0..n * f),
         n,
         f,
-    )?;
+    })?;
     prof.mark(b, "swiglu bwd")?;
     if !cx.mlp_recompute {
         recompute_h2(cx, lr, la, acts)?;
         prof.mark(b, "recompute bwd")?;
     }
-    b.linear_backward(
-        Some(b.view_mut(&mut acts.d_h, nd.clone())),
-        b.view_mut(g, lr.gate_up_w.clone()),
-        None,
-        b.view(
+    b.linear_backward(LinearBwd {
+        dx: Some(b.view_mut(&mut acts.d_h, nd.clone())),
+        dx_write: GradWrite::Overwrite,
+        d_w: Some(b.view_mut(g, lr.gate_up_w.clone())),
+        d_b: None,
+        dy: b.view(
             if cx.mlp_recompute { &acts.gu } else { &la.gu },
             0..n * 2 * f,
         ),
-        b.view(&acts.h, nd.clone()),
-        b.view(p, lr.gate_up_w.clone()),
-        LinearDims {
+        x: b.view(&acts.h, nd.clone()),
+        w: b.view(p, lr.gate_up_w.clone()),
+        dims: LinearDims {
             n,
             d_in: d,
             d_out: 2 * f,
         },
-        cx.grad_write,
-    )?;
+        write: cx.grad_write,
+    })?;
     prof.mark(b, "gate_up_proj bwd")?;
-    b.rmsnorm_backward(
-        b.view_mut(&mut acts.d_res, nd.clone()),
-        b.view_mut(g, lr.ln2.clone()),
-        b.view(&acts.d_h, nd.clone()),
-        b.view(&la.res_mid, nd.clone()),
-        b.view(p, lr.ln2.clone()),
-        b.view(&la.rstd2, 0..n),
+    b.rmsnorm_backward(RmsNormBwd {
+        dx: b.view_mut(&mut acts.d_res, nd.clone()),
+        d_weight: b.view_mut(g, lr.ln2.clone()),
+        dy: b.view(&acts.d_h, nd.clone()),
+        x: b.view(&la.res_mid, nd.clone()),
+        weight: b.view(p, lr.ln2.clone()),
+        rstd: b.view(&la.rstd2, 0..n),
         n,
         d,
-        cx.grad_write,
-    )?;
+        write: cx.grad_write,
+    })?;
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
     let (dw, db) = split_weight_bias(b, g, &lr.o_w, &lr.o_b);
-    b.linear_backward(
-        Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
-        dw,
-        db,
-        b.view(&acts.d_res, nd.clone()),
-        b.view(&la.att, 0..n * hd),
-        b.view(p, lr.o_w.clone()),
-        LinearDims {
+    b.linear_backward(LinearBwd {
+        dx: Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
+        dx_write: GradWrite::Overwrite,
+        d_w: Some(dw),
+        d_b: db,
+        dy: b.view(&acts.d_res, nd.clone()),
+        x: b.view(&la.att, 0..n * hd),
+        w: b.view(p, lr.o_w.clone()),
+        dims: LinearDims {
             n,
             d_in: hd,
             d_out: d,
         },
-        cx.grad_write,
-    )?;
+        write: cx.grad_write,
+    })?;
     prof.mark(b, "o_proj bwd")?;
-    b.attention_backward(
-        b.view_mut(&mut acts.d_qkv, 0..n * w),
-        b.view(&acts.d_att, 0..n * hd),
-        b.view(&la.qkv, 0..n * w),
-        b.view(&la.att, 0..n * hd),
-        b.view(&la.lse, 0..n * c.num_attention_heads),
-        cx.cu_seqlens,
-        cx.attn,
-    )?;
+    b.attention_backward(AttnBwd {
+        d_qkv: b.view_mut(&mut acts.d_qkv, 0..n * w),
+        d_out: b.view(&acts.d_att, 0..n * hd),
+        qkv: b.view(&la.qkv, 0..n * w),
+        out: b.view(&la.att, 0..n * hd),
+        lse: b.view(&la.lse, 0..n * c.num_attention_heads),
+        cu_seqlens: cx.cu_seqlens,
+        dims: cx.attn,
+    })?;
     prof.mark(b, "attention bwd")?;
     let rope = rope_dims(c, n);
-    b.rope_backward(
-        b.view_mut(&mut acts.d_qkv, 0..n * w),
-        b.view(cx.inv_freq, 0..c.head_dim / 2),
-        cx.positions,
-        rope,
-    )?;
+    b.rope_backward(Rope {
+        x: b.view_mut(&mut acts.d_qkv, 0..n * w),
+        inv_freq: b.view(cx.inv_freq, 0..c.head_dim / 2),
+        positions: cx.positions,
+        dims: rope,
+    })?;
     prof.mark(b, "rope bwd")?;
     // h1 = input_layernorm(res[l]), recomputed.
-    b.rmsnorm_forward(
-        b.view_mut(&mut acts.h, nd.clone()),
-        b.view_mut(&mut acts.rstd_tmp, 0..n),
-        b.view(res_in, nd.clone()),
-        b.view(p, lr.ln1.clone()),
+    b.rmsnorm_forward(RmsNormFwd {
+        y: b.view_mut(&mut acts.h, nd.clone()),
+        rstd: b.view_mut(&mut acts.rstd_tmp, 0..n),
+        x: b.view(res_in, nd.clone()),
+        weight: b.view(p, lr.ln1.clone()),
         n,
         d,
         eps,
-    )?;
+    })?;
     prof.mark(b, "recompute bwd")?;
     let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
-    b.linear_backward(
-        Some(b.view_mut(&mut acts.d_h, nd.clone())),
-        dw,
-        db,
-        b.view(&acts.d_qkv, 0..n * w),
-        b.view(&acts.h, nd.clone()),
-        b.view(p, lr.qkv_w.clone()),
-        LinearDims {
+    b.linear_backward(LinearBwd {
+        dx: Some(b.view_mut(&mut acts.d_h, nd.clone())),
+        dx_write: GradWrite::Overwrite,
+        d_w: Some(dw),
+        d_b: db,
+        dy: b.view(&acts.d_qkv, 0..n * w),
+        x: b.view(&acts.h, nd.clone()),
+        w: b.view(p, lr.qkv_w.clone()),
+        dims: LinearDims {
             n,
             d_in: d,
             d_out: w,
         },
-        cx.grad_write,
-    )?;
+        write: cx.grad_write,
+    })?;
     prof.mark(b, "qkv_proj bwd")?;
-    b.rmsnorm_backward(
-        b.view_mut(&mut acts.d_res, nd.clone()),
-        b.view_mut(g, lr.ln1.clone()),
-        b.view(&acts.d_h, nd.clone()),
-        b.view(res_in, nd.clone()),
-        b.view(p, lr.ln1.clone()),
-        b.view(&la.rstd1, 0..n),
+    b.rmsnorm_backward(RmsNormBwd {
+        dx: b.view_mut(&mut acts.d_res, nd.clone()),
+        d_weight: b.view_mut(g, lr.ln1.clone()),
+        dy: b.view(&acts.d_h, nd.clone()),
+        x: b.view(res_in, nd.clone()),
+        weight: b.view(p, lr.ln1.clone()),
+        rstd: b.view(&la.rstd1, 0..n),
         n,
         d,
-        cx.grad_write,
-    )?;
+        write: cx.grad_write,
+    })?;
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res[l].
     Ok(())

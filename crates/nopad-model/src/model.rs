@@ -13,6 +13,7 @@
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
 
+use nopad_backend::args::{EmbeddingBwd, EmbeddingFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd};
 use nopad_backend::{AttnDims, Backend, GradWrite, Kind, LinearDims};
 
 use crate::config::Config;
@@ -298,13 +299,13 @@ impl<B: Backend> Model<B> {
         let prof = &mut self.profile;
         prof.start(b)?;
         let nd = 0..n * d;
-        b.embedding_forward(
-            b.view_mut(&mut acts.res[0], nd.clone()),
-            b.view(p, self.layout.embed.clone()),
-            &up.tokens,
+        b.embedding_forward(EmbeddingFwd {
+            x: b.view_mut(&mut acts.res[0], nd.clone()),
+            table: b.view(p, self.layout.embed.clone()),
+            tokens: &up.tokens,
             n,
             d,
-        )?;
+        })?;
         prof.mark(b, "embedding fwd")?;
         let recompute = self.recompute == Recompute::Full;
         let cx = layer::Ctx {
@@ -338,15 +339,15 @@ impl<B: Backend> Model<B> {
             )?;
         }
         let last = &acts.res[c.num_hidden_layers];
-        b.rmsnorm_forward(
-            b.view_mut(&mut acts.hf, nd.clone()),
-            b.view_mut(&mut acts.rstdf, 0..n),
-            b.view(last, nd.clone()),
-            b.view(p, self.layout.norm.clone()),
+        b.rmsnorm_forward(RmsNormFwd {
+            y: b.view_mut(&mut acts.hf, nd.clone()),
+            rstd: b.view_mut(&mut acts.rstdf, 0..n),
+            x: b.view(last, nd.clone()),
+            weight: b.view(p, self.layout.norm.clone()),
             n,
             d,
             eps,
-        )?;
+        })?;
         prof.mark(b, "rmsnorm fwd")?;
         let head = LinearDims {
             n,
@@ -360,17 +361,17 @@ impl<B: Backend> Model<B> {
             ),
             None => (None, None),
         };
-        b.lm_head_loss(
-            b.view_mut(&mut self.loss_sum, 0..1),
+        b.lm_head_loss(LmHeadLoss {
+            loss_sum: b.view_mut(&mut self.loss_sum, 0..1),
             dx,
-            dw,
-            b.view(&acts.hf, nd.clone()),
-            b.view(p, self.layout.lm_head.clone()),
-            &up.targets,
-            head,
-            grad_scale.unwrap_or(0.0),
-            head_write.unwrap_or(GradWrite::Accumulate),
-        )?;
+            d_w: dw,
+            x: b.view(&acts.hf, nd.clone()),
+            w: b.view(p, self.layout.lm_head.clone()),
+            targets: &up.targets,
+            dims: head,
+            grad_scale: grad_scale.unwrap_or(0.0),
+            write: head_write.unwrap_or(GradWrite::Accumulate),
+        })?;
         prof.mark(b, "lm_head_loss fwd")?;
         self.saved = grad_scale.map(|_| up);
         if let Some(how) = head_write {
@@ -402,17 +403,17 @@ impl<B: Backend> Model<B> {
         // Final norm: d_h holds ∂loss/∂hf from the fused head.
         b.zero(b.view_mut(&mut acts.s.d_res, nd.clone()))?;
         prof.mark(b, "zero bwd")?;
-        b.rmsnorm_backward(
-            b.view_mut(&mut acts.s.d_res, nd.clone()),
-            b.view_mut(g, self.layout.norm.clone()),
-            b.view(&acts.s.d_h, nd.clone()),
-            b.view(&acts.res[c.num_hidden_layers], nd.clone()),
-            b.view(p, self.layout.norm.clone()),
-            b.view(&acts.rstdf, 0..n),
+        b.rmsnorm_backward(RmsNormBwd {
+            dx: b.view_mut(&mut acts.s.d_res, nd.clone()),
+            d_weight: b.view_mut(g, self.layout.norm.clone()),
+            dy: b.view(&acts.s.d_h, nd.clone()),
+            x: b.view(&acts.res[c.num_hidden_layers], nd.clone()),
+            weight: b.view(p, self.layout.norm.clone()),
+            rstd: b.view(&acts.rstdf, 0..n),
             n,
             d,
-            acc,
-        )?;
+            write: acc,
+        })?;
         prof.mark(b, "rmsnorm bwd")?;
         let recompute = self.recompute == Recompute::Full;
         let cx = layer::Ctx {
@@ -452,13 +453,13 @@ impl<B: Backend> Model<B> {
             // The embedding backward adds; untied, nothing wrote this step's embedding gradient.
             b.zero(b.view_mut(g, self.layout.embed.clone()))?;
         }
-        b.embedding_backward(
-            b.view_mut(g, self.layout.embed.clone()),
-            b.view(&acts.s.d_res, nd.clone()),
-            &up.tokens,
+        b.embedding_backward(EmbeddingBwd {
+            d_table: b.view_mut(g, self.layout.embed.clone()),
+            dx: b.view(&acts.s.d_res, nd.clone()),
+            tokens: &up.tokens,
             n,
             d,
-        )?;
+        })?;
         prof.mark(b, "embedding bwd")?;
         self.grad_state = GradState::Written;
         Ok(())

@@ -161,7 +161,7 @@ fn same_bits(a: &[f64], b: &[f64]) -> bool {
 
 #[test]
 fn a_step_overwrites_stale_gradients_and_aliasing_refuses_a_second_micro_batch() {
-    use nopad_backend::Backend;
+    use nopad_backend::Device;
     for tied in [false, true] {
         let cfg = tiny(tied, true);
         let mut rng = Rng::new(51);
@@ -477,7 +477,7 @@ fn recomputing_activations_gives_identical_gradients_in_less_memory() {
         m.set_recompute(mode);
         let (loss, grads) = loss_and_grads(&b, &mut m, &[&p, &p], 0.01);
         let input = m.input_grad(&b, p.tokens.len()).unwrap();
-        let acts = nopad_backend::Backend::peak_memory(&b);
+        let acts = nopad_backend::Device::peak_memory(&b);
         (loss, grads, input, acts)
     };
     let (l0, g0, i0, mem0) = run(Recompute::None);
@@ -528,7 +528,7 @@ fn an_evaluation_model_holds_no_gradients_and_gives_the_same_loss() {
             assert!(err.contains("evaluation"), "{err}");
             assert!(m.zero_grads(&b).is_err() && m.backward(&b).is_err());
         }
-        (loss, nopad_backend::Backend::peak_memory(&b))
+        (loss, nopad_backend::Device::peak_memory(&b))
     };
     let (l_train, mem_train) = loss_of(false);
     let (l_eval, mem_eval) = loss_of(true);

@@ -2,7 +2,7 @@
 //! computes in lower precision), global gradient-norm clipping, and two groups (weight decay on
 //! matrices, none on norms and biases, as HF Trainer does).
 
-use nopad_backend::{AdamW, Backend, Kind};
+use nopad_backend::{AdamW, AdamWStep, Backend, Kind};
 use nopad_model::Model;
 
 use crate::error::Result;
@@ -118,15 +118,15 @@ impl<B: Backend> Optimizer<B> {
                 grad_scale: clip,
             };
             let n = range.len();
-            b.adamw(
-                b.view_mut(params, range.clone()),
-                self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
-                b.view(grads, range.clone()),
-                b.view_mut(&mut self.m, range.clone()),
-                b.view_mut(&mut self.v, range.clone()),
+            b.adamw(AdamWStep {
+                param: b.view_mut(params, range.clone()),
+                master: self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
+                grad: b.view(grads, range.clone()),
+                m: b.view_mut(&mut self.m, range.clone()),
+                v: b.view_mut(&mut self.v, range.clone()),
                 n,
                 hp,
-            )?;
+            })?;
         }
         Ok(UpdateInfo {
             grad_norm: norm,

@@ -10,7 +10,8 @@
 use rayon::prelude::*;
 
 use super::linear::{gemm_serial, Mat};
-use super::{check_len, Scalar};
+use super::{check_len, Cpu, Scalar};
+use crate::args::{AttnBwd, AttnFwd};
 use crate::error::check;
 use crate::{AttnDims, Result};
 
@@ -127,6 +128,12 @@ fn mat<T>(data: &[T], cols: usize, transposed: bool) -> Mat<'_, T> {
     }
 }
 
+/// `p[len, len] = scale · q · kᵀ` (q, k: `[len, dh]`), the raw scores of one head.
+fn scores<T: Scalar>(p: &mut [T], q: &[T], k: &[T], len: usize, dh: usize, scale: T) {
+    let (qm, kt) = (mat(q, dh, false), mat(k, dh, true));
+    gemm_serial(len, len, dh, p, len, qm, kt, false, scale);
+}
+
 /// Causal probabilities of one (sequence, head) in place: `s: [len, len]` holds scaled scores on
 /// entry and `P` (zero above the diagonal) on exit. With `lse` given (backward) P is recomputed
 /// from it; otherwise each row's log-sum-exp is written to `lse_out`.
@@ -165,13 +172,14 @@ fn tasks(cu: &[i32], n_kv_heads: usize) -> Vec<(usize, usize, usize)> {
     v
 }
 
-pub(crate) fn forward<T: Scalar>(
-    out: &mut [T],
-    lse: &mut [T],
-    qkv: &[T],
-    cu: &[i32],
-    dims: AttnDims,
-) -> Result<()> {
+pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
+    let AttnFwd {
+        out,
+        lse,
+        qkv,
+        cu_seqlens: cu,
+        dims,
+    } = a;
     const OP: &str = "attention_forward";
     check_dims(OP, qkv, cu, &dims)?;
     let (n, h, dh) = (dims.n, dims.n_heads, dims.head_dim);
@@ -193,17 +201,7 @@ pub(crate) fn forward<T: Scalar>(
             let mut p = vec![T::ZERO; len * len];
             for hh in 0..group {
                 let q = gather(qkv, s, len, dh, |t| lay.q(t, g * group + hh));
-                gemm_serial(
-                    len,
-                    len,
-                    dh,
-                    &mut p,
-                    len,
-                    mat(&q, dh, false),
-                    mat(&k, dh, true),
-                    false,
-                    scale,
-                );
+                scores(&mut p, &q, &k, len, dh, scale);
                 probabilities(&mut p, len, None, &mut l[hh * len..(hh + 1) * len]);
                 let oh = &mut o[hh * len * dh..(hh + 1) * len * dh];
                 gemm_serial(
@@ -235,16 +233,16 @@ pub(crate) fn forward<T: Scalar>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<T: Scalar>(
-    d_qkv: &mut [T],
-    d_out: &[T],
-    qkv: &[T],
-    out: &[T],
-    lse: &[T],
-    cu: &[i32],
-    dims: AttnDims,
-) -> Result<()> {
+pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
+    let AttnBwd {
+        d_qkv,
+        d_out,
+        qkv,
+        out,
+        lse,
+        cu_seqlens: cu,
+        dims,
+    } = a;
     const OP: &str = "attention_backward";
     check_dims(OP, qkv, cu, &dims)?;
     let (n, h, dh) = (dims.n, dims.n_heads, dims.head_dim);
@@ -274,17 +272,7 @@ pub(crate) fn backward<T: Scalar>(
                 let q = gather(qkv, s, len, dh, |t| lay.q(t, head));
                 let dout = gather(d_out, s, len, dh, |t| t * h * dh + head * dh);
                 let o = gather(out, s, len, dh, |t| t * h * dh + head * dh);
-                gemm_serial(
-                    len,
-                    len,
-                    dh,
-                    &mut p,
-                    len,
-                    mat(&q, dh, false),
-                    mat(&k, dh, true),
-                    false,
-                    scale,
-                );
+                scores(&mut p, &q, &k, len, dh, scale);
                 probabilities(
                     &mut p,
                     len,

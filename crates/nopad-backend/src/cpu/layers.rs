@@ -3,9 +3,10 @@
 use rayon::prelude::*;
 
 use super::linear::add_column_sums;
-use super::{check_len, Scalar, ROW_CHUNK};
+use super::{check_len, clear, Cpu, Scalar, ROW_CHUNK};
+use crate::args::{EmbeddingBwd, EmbeddingFwd, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd};
 use crate::error::check;
-use crate::{AdamW, Result, RopeDims};
+use crate::{AdamWStep, Result, RopeDims};
 
 /// Σx² in f64, summed per fixed-size chunk and then over chunks in order (deterministic).
 pub(crate) fn sum_squares<T: Scalar>(x: &[T]) -> f64 {
@@ -26,13 +27,14 @@ fn check_tokens(op: &'static str, tokens: &[i32], n: usize, vocab: usize) -> Res
     Ok(())
 }
 
-pub(crate) fn embedding_forward<T: Scalar>(
-    x: &mut [T],
-    table: &[T],
-    tokens: &[i32],
-    n: usize,
-    d: usize,
-) -> Result<()> {
+pub(crate) fn embedding_forward<T: Scalar>(a: EmbeddingFwd<'_, Cpu<T>>) -> Result<()> {
+    let EmbeddingFwd {
+        x,
+        table,
+        tokens,
+        n,
+        d,
+    } = a;
     check_len("embedding_forward", "x", x.len(), n * d)?;
     check_tokens("embedding_forward", tokens, n, table.len() / d.max(1))?;
     x[..n * d]
@@ -45,13 +47,14 @@ pub(crate) fn embedding_forward<T: Scalar>(
     Ok(())
 }
 
-pub(crate) fn embedding_backward<T: Scalar>(
-    d_table: &mut [T],
-    dx: &[T],
-    tokens: &[i32],
-    n: usize,
-    d: usize,
-) -> Result<()> {
+pub(crate) fn embedding_backward<T: Scalar>(a: EmbeddingBwd<'_, Cpu<T>>) -> Result<()> {
+    let EmbeddingBwd {
+        d_table,
+        dx,
+        tokens,
+        n,
+        d,
+    } = a;
     check_len("embedding_backward", "dx", dx.len(), n * d)?;
     check_tokens("embedding_backward", tokens, n, d_table.len() / d.max(1))?;
     // Sequential over tokens: repeated ids add in token order, so the result is deterministic.
@@ -64,15 +67,16 @@ pub(crate) fn embedding_backward<T: Scalar>(
     Ok(())
 }
 
-pub(crate) fn rmsnorm_forward<T: Scalar>(
-    y: &mut [T],
-    rstd: &mut [T],
-    x: &[T],
-    weight: &[T],
-    n: usize,
-    d: usize,
-    eps: f32,
-) -> Result<()> {
+pub(crate) fn rmsnorm_forward<T: Scalar>(a: RmsNormFwd<'_, Cpu<T>>) -> Result<()> {
+    let RmsNormFwd {
+        y,
+        rstd,
+        x,
+        weight,
+        n,
+        d,
+        eps,
+    } = a;
     const OP: &str = "rmsnorm_forward";
     check_len(OP, "y", y.len(), n * d)?;
     check_len(OP, "rstd", rstd.len(), n)?;
@@ -98,17 +102,19 @@ pub(crate) fn rmsnorm_forward<T: Scalar>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rmsnorm_backward<T: Scalar>(
-    dx: &mut [T],
-    d_weight: &mut [T],
-    dy: &[T],
-    x: &[T],
-    weight: &[T],
-    rstd: &[T],
-    n: usize,
-    d: usize,
-) -> Result<()> {
+pub(crate) fn rmsnorm_backward<T: Scalar>(a: RmsNormBwd<'_, Cpu<T>>) -> Result<()> {
+    let RmsNormBwd {
+        dx,
+        d_weight,
+        dy,
+        x,
+        weight,
+        rstd,
+        n,
+        d,
+        write,
+    } = a;
+    clear(Some(&mut *d_weight), d, write);
     const OP: &str = "rmsnorm_backward";
     for (name, len, need) in [
         ("dx", dx.len(), n * d),
@@ -154,13 +160,13 @@ pub(crate) fn rmsnorm_backward<T: Scalar>(
 }
 
 /// RoPE in place; `inverse` applies the rotation by −θ (the backward).
-pub(crate) fn rope<T: Scalar>(
-    x: &mut [T],
-    inv_freq: &[T],
-    positions: &[i32],
-    dims: RopeDims,
-    inverse: bool,
-) -> Result<()> {
+pub(crate) fn rope<T: Scalar>(a: Rope<'_, Cpu<T>>, inverse: bool) -> Result<()> {
+    let Rope {
+        x,
+        inv_freq,
+        positions,
+        dims,
+    } = a;
     const OP: &str = "rope";
     let RopeDims {
         n,
@@ -216,7 +222,8 @@ fn sigmoid<T: Scalar>(g: T) -> T {
     T::ONE / (T::ONE + (-g).exp())
 }
 
-pub(crate) fn swiglu_forward<T: Scalar>(a: &mut [T], gu: &[T], n: usize, f: usize) -> Result<()> {
+pub(crate) fn swiglu_forward<T: Scalar>(args: SwigluFwd<'_, Cpu<T>>) -> Result<()> {
+    let SwigluFwd { a, gu, n, f } = args;
     check_len("swiglu_forward", "a", a.len(), n * f)?;
     check_len("swiglu_forward", "gu", gu.len(), n * 2 * f)?;
     a[..n * f]
@@ -231,12 +238,8 @@ pub(crate) fn swiglu_forward<T: Scalar>(a: &mut [T], gu: &[T], n: usize, f: usiz
     Ok(())
 }
 
-pub(crate) fn swiglu_backward<T: Scalar>(
-    gu: &mut [T],
-    d_a: &[T],
-    n: usize,
-    f: usize,
-) -> Result<()> {
+pub(crate) fn swiglu_backward<T: Scalar>(a: SwigluBwd<'_, Cpu<T>>) -> Result<()> {
+    let SwigluBwd { gu, d_a, n, f } = a;
     check_len("swiglu_backward", "d_a", d_a.len(), n * f)?;
     check_len("swiglu_backward", "gu", gu.len(), n * 2 * f)?;
     gu[..n * 2 * f]
@@ -255,14 +258,19 @@ pub(crate) fn swiglu_backward<T: Scalar>(
     Ok(())
 }
 
-pub(crate) fn adamw<T: Scalar>(
-    param: &mut [T],
-    grad: &[T],
-    m: &mut [T],
-    v: &mut [T],
-    n: usize,
-    hp: AdamW,
-) -> Result<()> {
+pub(crate) fn adamw<T: Scalar>(a: AdamWStep<'_, Cpu<T>>) -> Result<()> {
+    let AdamWStep {
+        param,
+        master,
+        grad,
+        m,
+        v,
+        n,
+        hp,
+    } = a;
+    check(master.is_none(), "adamw", || {
+        "the CPU backend keeps no master copy".into()
+    })?;
     for (name, len) in [
         ("param", param.len()),
         ("grad", grad.len()),

@@ -3,9 +3,10 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{check_len, Scalar, ROW_CHUNK};
+use super::{check_len, clear, Cpu, Scalar, ROW_CHUNK};
+use crate::args::{LinearBwd, LinearFwd, LmHeadLoss};
 use crate::error::check;
-use crate::{LinearDims, Result};
+use crate::{GradWrite, LinearDims, Result};
 
 /// A strided matrix operand: element (i, j) is at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -127,13 +128,8 @@ fn check_linear<T>(op: &'static str, dims: LinearDims, x: &[T], w: &[T]) -> Resu
     check_len(op, "w", w.len(), dims.d_out * dims.d_in)
 }
 
-pub(crate) fn linear_forward<T: Scalar>(
-    y: &mut [T],
-    x: &[T],
-    w: &[T],
-    b: Option<&[T]>,
-    dims: LinearDims,
-) -> Result<()> {
+pub(crate) fn linear_forward<T: Scalar>(a: LinearFwd<'_, Cpu<T>>) -> Result<()> {
+    let LinearFwd { y, x, w, b, dims } = a;
     let LinearDims { n, d_in, d_out } = dims;
     check_linear("linear_forward", dims, x, w)?;
     check_len("linear_forward", "y", y.len(), n * d_out)?;
@@ -174,19 +170,23 @@ pub(crate) fn add_column_sums<T: Scalar>(out: &mut [T], x: &[T], rows: usize, co
     }
 }
 
-pub(crate) fn linear_backward<T: Scalar>(
-    dx: Option<&mut [T]>,
-    d_w: &mut [T],
-    d_b: Option<&mut [T]>,
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    dims: LinearDims,
-) -> Result<()> {
+pub(crate) fn linear_backward<T: Scalar>(a: LinearBwd<'_, Cpu<T>>) -> Result<()> {
+    let LinearBwd {
+        dx,
+        dx_write,
+        mut d_w,
+        mut d_b,
+        dy,
+        x,
+        w,
+        dims,
+        write,
+    } = a;
     let LinearDims { n, d_in, d_out } = dims;
+    clear(d_w.as_deref_mut(), d_out * d_in, write);
+    clear(d_b.as_deref_mut(), d_out, write);
     check_linear("linear_backward", dims, x, w)?;
     check_len("linear_backward", "dy", dy.len(), n * d_out)?;
-    check_len("linear_backward", "d_w", d_w.len(), d_out * d_in)?;
     if let Some(dx) = dx {
         check_len("linear_backward", "dx", dx.len(), n * d_in)?;
         let dym = Mat {
@@ -199,19 +199,24 @@ pub(crate) fn linear_backward<T: Scalar>(
             rs: d_in,
             cs: 1,
         };
-        gemm(n, d_in, d_out, dx, d_in, dym, wm, false, T::ONE);
+        let acc = dx_write == GradWrite::Accumulate;
+        gemm(n, d_in, d_out, dx, d_in, dym, wm, acc, T::ONE);
     }
-    let dyt = Mat {
-        data: dy,
-        rs: 1,
-        cs: d_out,
-    }; // dyᵀ: [d_out, n]
-    let xm = Mat {
-        data: x,
-        rs: d_in,
-        cs: 1,
-    };
-    gemm(d_out, d_in, n, d_w, d_in, dyt, xm, true, T::ONE);
+    // A frozen weight (no d_w) skips this GEMM, the larger half of the backward's work.
+    if let Some(d_w) = d_w {
+        check_len("linear_backward", "d_w", d_w.len(), d_out * d_in)?;
+        let dyt = Mat {
+            data: dy,
+            rs: 1,
+            cs: d_out,
+        }; // dyᵀ: [d_out, n]
+        let xm = Mat {
+            data: x,
+            rs: d_in,
+            cs: 1,
+        };
+        gemm(d_out, d_in, n, d_w, d_in, dyt, xm, true, T::ONE);
+    }
     if let Some(d_b) = d_b {
         check_len("linear_backward", "d_b", d_b.len(), d_out)?;
         add_column_sums(d_b, dy, n, d_out);
@@ -224,18 +229,20 @@ fn head_chunk_rows(v: usize) -> usize {
     ((1usize << 22) / v.max(1)).clamp(16, 1024)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn lm_head_loss<T: Scalar>(
-    loss_sum: &mut [T],
-    mut dx: Option<&mut [T]>,
-    mut d_w: Option<&mut [T]>,
-    x: &[T],
-    w: &[T],
-    targets: &[i32],
-    dims: LinearDims,
-    grad_scale: f32,
-) -> Result<()> {
+pub(crate) fn lm_head_loss<T: Scalar>(a: LmHeadLoss<'_, Cpu<T>>) -> Result<()> {
     const OP: &str = "lm_head_loss";
+    let LmHeadLoss {
+        loss_sum,
+        mut dx,
+        mut d_w,
+        x,
+        w,
+        targets,
+        dims,
+        grad_scale,
+        write,
+    } = a;
+    clear(d_w.as_deref_mut(), dims.d_out * dims.d_in, write);
     let LinearDims {
         n,
         d_in: d,

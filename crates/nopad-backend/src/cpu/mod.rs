@@ -15,8 +15,12 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::args::{
+    AddRmsNormFwd, AttnBwd, AttnFwd, EmbeddingBwd, EmbeddingFwd, LinearBwd, LinearFwd, LmHeadLoss,
+    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+};
 use crate::error::check;
-use crate::{AdamW, AttnDims, Backend, GradWrite, Kind, LinearDims, Result, RopeDims};
+use crate::{AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
 
 /// Rows handled by one task in row-parallel loops; fixed so that results never depend on the
 /// thread count.
@@ -168,7 +172,7 @@ impl<T> Drop for CpuBuf<T> {
 /// The CPU backend over scalar type `T`.
 pub struct Cpu<T> {
     mem: Arc<MemCounter>,
-    /// Host clock readings of `Backend::timestamp` (ops run synchronously, so the host clock at
+    /// Host clock readings of `Device::timestamp` (ops run synchronously, so the host clock at
     /// an op boundary is the device's).
     stamps: std::sync::Mutex<Vec<std::time::Instant>>,
     _t: PhantomData<T>,
@@ -197,7 +201,7 @@ fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<(
     })
 }
 
-impl<T: Scalar> Backend for Cpu<T> {
+impl<T: Scalar> Device for Cpu<T> {
     type Buf = CpuBuf<T>;
     type Ref<'a> = &'a [T];
     type Mut<'a> = &'a mut [T];
@@ -285,7 +289,9 @@ impl<T: Scalar> Backend for Cpu<T> {
     fn peak_memory(&self) -> usize {
         self.mem.peak.load(Ordering::Relaxed)
     }
+}
 
+impl<T: Scalar> Ops for Cpu<T> {
     fn add(&self, out: &mut [T], a: &[T], b: &[T], n: usize) -> Result<()> {
         check_len("add", "out", out.len(), n)?;
         check_len("add", "a", a.len(), n)?;
@@ -303,175 +309,83 @@ impl<T: Scalar> Backend for Cpu<T> {
         }
         Ok(())
     }
+    fn scale(&self, x: &mut [T], s: f32, n: usize) -> Result<()> {
+        check_len("scale", "x", x.len(), n)?;
+        let s = T::from_f32(s);
+        x[..n].iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
     fn sum_squares(&self, x: &[T], n: usize) -> Result<f64> {
         check_len("sum_squares", "x", x.len(), n)?;
         Ok(layers::sum_squares(&x[..n]))
     }
-
-    fn embedding_forward(
-        &self,
-        x: &mut [T],
-        table: &[T],
-        tokens: &Vec<i32>,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        layers::embedding_forward(x, table, tokens, n, d)
+    fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
+        layers::embedding_forward(a)
     }
-    fn embedding_backward(
-        &self,
-        d_table: &mut [T],
-        dx: &[T],
-        tokens: &Vec<i32>,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        layers::embedding_backward(d_table, dx, tokens, n, d)
+    fn embedding_backward(&self, a: EmbeddingBwd<'_, Self>) -> Result<()> {
+        layers::embedding_backward(a)
     }
-    fn linear_forward(
-        &self,
-        y: &mut [T],
-        x: &[T],
-        w: &[T],
-        b: Option<&[T]>,
-        dims: LinearDims,
-    ) -> Result<()> {
-        linear::linear_forward(y, x, w, b, dims)
+    fn linear_forward(&self, a: LinearFwd<'_, Self>) -> Result<()> {
+        linear::linear_forward(a)
     }
-    fn linear_backward(
-        &self,
-        dx: Option<&mut [T]>,
-        d_w: &mut [T],
-        d_b: Option<&mut [T]>,
-        dy: &[T],
-        x: &[T],
-        w: &[T],
-        dims: LinearDims,
-        acc: GradWrite,
-    ) -> Result<()> {
-        let (d_in, d_out) = (dims.d_in, dims.d_out);
-        clear(Some(&mut *d_w), d_out * d_in, acc);
-        let mut d_b = d_b;
-        clear(d_b.as_deref_mut(), d_out, acc);
-        linear::linear_backward(dx, d_w, d_b, dy, x, w, dims)
+    fn linear_backward(&self, a: LinearBwd<'_, Self>) -> Result<()> {
+        linear::linear_backward(a)
     }
-    fn rmsnorm_forward(
-        &self,
-        y: &mut [T],
-        rstd: &mut [T],
-        x: &[T],
-        weight: &[T],
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
-        layers::rmsnorm_forward(y, rstd, x, weight, n, d, eps)
+    fn rmsnorm_forward(&self, a: RmsNormFwd<'_, Self>) -> Result<()> {
+        layers::rmsnorm_forward(a)
     }
-    fn add_rmsnorm_forward(
-        &self,
-        y: &mut [T],
-        rstd: &mut [T],
-        x: &mut [T],
-        r: &[T],
-        weight: &[T],
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
+    fn add_rmsnorm_forward(&self, a: AddRmsNormFwd<'_, Self>) -> Result<()> {
+        let AddRmsNormFwd {
+            y,
+            rstd,
+            x,
+            r,
+            weight,
+            n,
+            d,
+            eps,
+        } = a;
         self.add_assign(x, r, n * d)?;
-        layers::rmsnorm_forward(y, rstd, x, weight, n, d, eps)
+        let (x, weight) = (&*x, weight);
+        layers::rmsnorm_forward(RmsNormFwd {
+            y,
+            rstd,
+            x,
+            weight,
+            n,
+            d,
+            eps,
+        })
     }
-    fn rmsnorm_backward(
-        &self,
-        dx: &mut [T],
-        d_weight: &mut [T],
-        dy: &[T],
-        x: &[T],
-        weight: &[T],
-        rstd: &[T],
-        n: usize,
-        d: usize,
-        acc: GradWrite,
-    ) -> Result<()> {
-        clear(Some(&mut *d_weight), d, acc);
-        layers::rmsnorm_backward(dx, d_weight, dy, x, weight, rstd, n, d)
+    fn rmsnorm_backward(&self, a: RmsNormBwd<'_, Self>) -> Result<()> {
+        layers::rmsnorm_backward(a)
     }
-    fn rope_forward(
-        &self,
-        x: &mut [T],
-        inv_freq: &[T],
-        positions: &Vec<i32>,
-        dims: RopeDims,
-    ) -> Result<()> {
-        layers::rope(x, inv_freq, positions, dims, false)
+    fn rope_forward(&self, a: Rope<'_, Self>) -> Result<()> {
+        layers::rope(a, false)
     }
-    fn rope_backward(
-        &self,
-        dx: &mut [T],
-        inv_freq: &[T],
-        positions: &Vec<i32>,
-        dims: RopeDims,
-    ) -> Result<()> {
-        layers::rope(dx, inv_freq, positions, dims, true)
+    fn rope_backward(&self, a: Rope<'_, Self>) -> Result<()> {
+        layers::rope(a, true)
     }
-    fn attention_forward(
-        &self,
-        out: &mut [T],
-        lse: &mut [T],
-        qkv: &[T],
-        cu_seqlens: &Vec<i32>,
-        dims: AttnDims,
-    ) -> Result<()> {
-        attention::forward(out, lse, qkv, cu_seqlens, dims)
+    fn attention_forward(&self, a: AttnFwd<'_, Self>) -> Result<()> {
+        attention::forward(a)
     }
-    fn attention_backward(
-        &self,
-        d_qkv: &mut [T],
-        d_out: &[T],
-        qkv: &[T],
-        out: &[T],
-        lse: &[T],
-        cu_seqlens: &Vec<i32>,
-        dims: AttnDims,
-    ) -> Result<()> {
-        attention::backward(d_qkv, d_out, qkv, out, lse, cu_seqlens, dims)
+    fn attention_backward(&self, a: AttnBwd<'_, Self>) -> Result<()> {
+        attention::backward(a)
     }
-    fn swiglu_forward(&self, a: &mut [T], gu: &[T], n: usize, f: usize) -> Result<()> {
-        layers::swiglu_forward(a, gu, n, f)
+    fn swiglu_forward(&self, a: SwigluFwd<'_, Self>) -> Result<()> {
+        layers::swiglu_forward(a)
     }
-    fn swiglu_backward(&self, gu: &mut [T], d_a: &[T], n: usize, f: usize) -> Result<()> {
-        layers::swiglu_backward(gu, d_a, n, f)
+    fn swiglu_backward(&self, a: SwigluBwd<'_, Self>) -> Result<()> {
+        layers::swiglu_backward(a)
     }
-    fn lm_head_loss(
-        &self,
-        loss_sum: &mut [T],
-        dx: Option<&mut [T]>,
-        d_w: Option<&mut [T]>,
-        x: &[T],
-        w: &[T],
-        targets: &Vec<i32>,
-        dims: LinearDims,
-        grad_scale: f32,
-        acc: GradWrite,
-    ) -> Result<()> {
-        let mut d_w = d_w;
-        clear(d_w.as_deref_mut(), dims.d_out * dims.d_in, acc);
-        linear::lm_head_loss(loss_sum, dx, d_w, x, w, targets, dims, grad_scale)
+    fn lm_head_loss(&self, a: LmHeadLoss<'_, Self>) -> Result<()> {
+        linear::lm_head_loss(a)
     }
-    fn adamw(
-        &self,
-        param: &mut [T],
-        master: Option<&mut [T]>,
-        grad: &[T],
-        m: &mut [T],
-        v: &mut [T],
-        n: usize,
-        hp: AdamW,
-    ) -> Result<()> {
-        check(master.is_none(), "adamw", || {
-            "the CPU backend keeps no master copy".into()
-        })?;
-        layers::adamw(param, grad, m, v, n, hp)
+}
+
+impl<T: Scalar> OptimizerOps for Cpu<T> {
+    fn adamw(&self, a: AdamWStep<'_, Self>) -> Result<()> {
+        layers::adamw(a)
     }
     fn needs_master(&self) -> bool {
         false

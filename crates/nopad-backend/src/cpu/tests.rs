@@ -1,9 +1,12 @@
 //! Every CPU op against a naive reference (forward) and central finite differences in f64
 //! (backward). f64 makes the comparison exact to ~1e-7 relative, so the tolerances below are
 //! far from anything a wrong formula could meet.
+//!
+//! These tests make `Cpu<f64>` the reference of `tests/conformance.rs`. The file runs past 600
+//! lines because each op's test holds its own naive formula next to the check that uses it.
 
 use super::Cpu;
-use crate::{AdamW, AttnDims, Backend, GradWrite, LinearDims, RopeDims};
+use crate::prelude::*;
 use nopad_rng::Rng;
 
 type B = Cpu<f64>;
@@ -63,7 +66,14 @@ fn linear_matches_naive_and_finite_differences() {
         let r = randn(&mut rng, n * d_out, 1.0);
         let fwd = |x: &[f64], w: &[f64], bias: &[f64]| {
             let mut y = vec![0.0; n * d_out];
-            b.linear_forward(&mut y, x, w, Some(bias), dims).unwrap();
+            b.linear_forward(LinearFwd {
+                y: &mut y,
+                x,
+                w,
+                b: Some(bias),
+                dims,
+            })
+            .unwrap();
             y
         };
         let y = fwd(&x, &w, &bias);
@@ -78,30 +88,32 @@ fn linear_matches_naive_and_finite_differences() {
         let mut dx = vec![f64::NAN; n * d_in];
         let mut dw = vec![0.5; d_out * d_in]; // accumulates on top of 0.5
         let mut db = vec![0.0; d_out];
-        b.linear_backward(
-            Some(&mut dx),
-            &mut dw,
-            Some(&mut db),
-            &r,
-            &x,
-            &w,
+        b.linear_backward(LinearBwd {
+            dx: Some(&mut dx),
+            dx_write: GradWrite::Overwrite,
+            d_w: Some(&mut dw),
+            d_b: Some(&mut db),
+            dy: &r,
+            x: &x,
+            w: &w,
             dims,
-            GradWrite::Accumulate,
-        )
+            write: GradWrite::Accumulate,
+        })
         .unwrap();
         dw.iter_mut().for_each(|v| *v -= 0.5);
         // Overwriting ignores what the gradients held (NaN here).
         let (mut dw2, mut db2) = (vec![f64::NAN; d_out * d_in], vec![f64::NAN; d_out]);
-        b.linear_backward(
-            None,
-            &mut dw2,
-            Some(&mut db2),
-            &r,
-            &x,
-            &w,
+        b.linear_backward(LinearBwd {
+            dx: None,
+            dx_write: GradWrite::Overwrite,
+            d_w: Some(&mut dw2),
+            d_b: Some(&mut db2),
+            dy: &r,
+            x: &x,
+            w: &w,
             dims,
-            GradWrite::Overwrite,
-        )
+            write: GradWrite::Overwrite,
+        })
         .unwrap();
         close("linear dw overwrite", &dw2, &dw, 1e-12);
         close("linear db overwrite", &db2, &db, 1e-12);
@@ -121,8 +133,16 @@ fn rmsnorm_finite_differences_and_residual_accumulation() {
     let r = randn(&mut rng, n * d, 1.0);
     let fwd = |x: &[f64], w: &[f64]| {
         let (mut y, mut rstd) = (vec![0.0; n * d], vec![0.0; n]);
-        b.rmsnorm_forward(&mut y, &mut rstd, x, w, n, d, eps)
-            .unwrap();
+        b.rmsnorm_forward(RmsNormFwd {
+            y: &mut y,
+            rstd: &mut rstd,
+            x,
+            weight: w,
+            n,
+            d,
+            eps,
+        })
+        .unwrap();
         (y, rstd)
     };
     let (y, rstd) = fwd(&x, &w);
@@ -135,30 +155,30 @@ fn rmsnorm_finite_differences_and_residual_accumulation() {
     let base = randn(&mut rng, n * d, 1.0);
     let mut dx = base.clone();
     let mut dw = vec![0.0; d];
-    b.rmsnorm_backward(
-        &mut dx,
-        &mut dw,
-        &r,
-        &x,
-        &w,
-        &rstd,
+    b.rmsnorm_backward(RmsNormBwd {
+        dx: &mut dx,
+        d_weight: &mut dw,
+        dy: &r,
+        x: &x,
+        weight: &w,
+        rstd: &rstd,
         n,
         d,
-        GradWrite::Accumulate,
-    )
+        write: GradWrite::Accumulate,
+    })
     .unwrap();
     let mut dw2 = vec![f64::NAN; d];
-    b.rmsnorm_backward(
-        &mut base.clone(),
-        &mut dw2,
-        &r,
-        &x,
-        &w,
-        &rstd,
+    b.rmsnorm_backward(RmsNormBwd {
+        dx: &mut base.clone(),
+        d_weight: &mut dw2,
+        dy: &r,
+        x: &x,
+        weight: &w,
+        rstd: &rstd,
         n,
         d,
-        GradWrite::Overwrite,
-    )
+        write: GradWrite::Overwrite,
+    })
     .unwrap();
     assert_eq!(dw2, dw, "an overwrite ignores the NaN it finds");
     let dx: Vec<f64> = dx.iter().zip(&base).map(|(a, b)| a - b).collect();
@@ -185,7 +205,13 @@ fn rope_rotates_halves_and_backward_is_the_transpose() {
     let x = randn(&mut rng, n * stride, 1.0);
     let fwd = |x: &[f64]| {
         let mut y = x.to_vec();
-        b.rope_forward(&mut y, &inv32, &pos, dims).unwrap();
+        b.rope_forward(Rope {
+            x: &mut y,
+            inv_freq: &inv32,
+            positions: &pos,
+            dims,
+        })
+        .unwrap();
         y
     };
     let y = fwd(&x);
@@ -208,7 +234,13 @@ fn rope_rotates_halves_and_backward_is_the_transpose() {
     }
     let r = randn(&mut rng, n * stride, 1.0);
     let mut dx = r.clone();
-    b.rope_backward(&mut dx, &inv32, &pos, dims).unwrap();
+    b.rope_backward(Rope {
+        x: &mut dx,
+        inv_freq: &inv32,
+        positions: &pos,
+        dims,
+    })
+    .unwrap();
     fd_check("rope dx", &x, &dx, |x| dotv(&fwd(x), &r));
 }
 
@@ -221,14 +253,26 @@ fn swiglu_finite_differences() {
     let r = randn(&mut rng, n * f, 1.0);
     let fwd = |gu: &[f64]| {
         let mut a = vec![0.0; n * f];
-        b.swiglu_forward(&mut a, gu, n, f).unwrap();
+        b.swiglu_forward(SwigluFwd {
+            a: &mut a,
+            gu,
+            n,
+            f,
+        })
+        .unwrap();
         a
     };
     let a = fwd(&gu);
     let (g, u) = (gu[3], gu[f + 3]);
     assert!((a[3] - g / (1.0 + (-g).exp()) * u).abs() < 1e-12);
     let mut dgu = gu.clone();
-    b.swiglu_backward(&mut dgu, &r, n, f).unwrap();
+    b.swiglu_backward(SwigluBwd {
+        gu: &mut dgu,
+        d_a: &r,
+        n,
+        f,
+    })
+    .unwrap();
     fd_check("swiglu", &gu, &dgu, |gu| dotv(&fwd(gu), &r));
 }
 
@@ -292,8 +336,14 @@ fn attention_matches_dense_reference_and_finite_differences() {
         let fwd = |qkv: &[f64]| {
             let mut out = vec![f64::NAN; n * h * dh];
             let mut lse = vec![f64::NAN; h * n];
-            b.attention_forward(&mut out, &mut lse, qkv, &cu, dims)
-                .unwrap();
+            b.attention_forward(AttnFwd {
+                out: &mut out,
+                lse: &mut lse,
+                qkv,
+                cu_seqlens: &cu,
+                dims,
+            })
+            .unwrap();
             (out, lse)
         };
         let (out, lse) = fwd(&qkv);
@@ -306,8 +356,16 @@ fn attention_matches_dense_reference_and_finite_differences() {
         assert!(lse.iter().all(|v| v.is_finite()));
         let r = randn(&mut rng, n * h * dh, 1.0);
         let mut dqkv = vec![f64::NAN; n * dims.qkv_width()];
-        b.attention_backward(&mut dqkv, &r, &qkv, &out, &lse, &cu, dims)
-            .unwrap();
+        b.attention_backward(AttnBwd {
+            d_qkv: &mut dqkv,
+            d_out: &r,
+            qkv: &qkv,
+            out: &out,
+            lse: &lse,
+            cu_seqlens: &cu,
+            dims,
+        })
+        .unwrap();
         fd_check("attention dqkv", &qkv, &dqkv, |x| dotv(&fwd(x).0, &r));
     }
 }
@@ -330,10 +388,22 @@ fn attention_isolation_changes_the_result() {
     let mut o1 = vec![0.0; 6 * 8];
     let mut o2 = vec![0.0; 6 * 8];
     let mut lse = vec![0.0; 12];
-    b.attention_forward(&mut o1, &mut lse, &qkv, &vec![0, 3, 6], dims(2, 3))
-        .unwrap();
-    b.attention_forward(&mut o2, &mut lse, &qkv, &vec![0, 6], dims(1, 6))
-        .unwrap();
+    b.attention_forward(AttnFwd {
+        out: &mut o1,
+        lse: &mut lse,
+        qkv: &qkv,
+        cu_seqlens: &vec![0, 3, 6],
+        dims: dims(2, 3),
+    })
+    .unwrap();
+    b.attention_forward(AttnFwd {
+        out: &mut o2,
+        lse: &mut lse,
+        qkv: &qkv,
+        cu_seqlens: &vec![0, 6],
+        dims: dims(1, 6),
+    })
+    .unwrap();
     assert_eq!(&o1[..24], &o2[..24]);
     assert!(o1[24..]
         .iter()
@@ -357,17 +427,17 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     let scale = 0.25f32;
     let loss = |x: &[f64], w: &[f64]| {
         let mut l = vec![0.0];
-        b.lm_head_loss(
-            &mut l,
-            None,
-            None,
+        b.lm_head_loss(LmHeadLoss {
+            loss_sum: &mut l,
+            dx: None,
+            d_w: None,
             x,
             w,
-            &targets,
+            targets: &targets,
             dims,
-            scale,
-            GradWrite::Accumulate,
-        )
+            grad_scale: scale,
+            write: GradWrite::Accumulate,
+        })
         .unwrap();
         l[0]
     };
@@ -387,30 +457,30 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     let mut l = vec![1.0];
     let mut dx = vec![f64::NAN; n * d];
     let mut dw = vec![0.0; v * d];
-    b.lm_head_loss(
-        &mut l,
-        Some(&mut dx),
-        Some(&mut dw),
-        &x,
-        &w,
-        &targets,
+    b.lm_head_loss(LmHeadLoss {
+        loss_sum: &mut l,
+        dx: Some(&mut dx),
+        d_w: Some(&mut dw),
+        x: &x,
+        w: &w,
+        targets: &targets,
         dims,
-        scale,
-        GradWrite::Accumulate,
-    )
+        grad_scale: scale,
+        write: GradWrite::Accumulate,
+    })
     .unwrap();
     let mut dw2 = vec![f64::NAN; v * d];
-    b.lm_head_loss(
-        &mut [0.0],
-        None,
-        Some(&mut dw2),
-        &x,
-        &w,
-        &targets,
+    b.lm_head_loss(LmHeadLoss {
+        loss_sum: &mut [0.0],
+        dx: None,
+        d_w: Some(&mut dw2),
+        x: &x,
+        w: &w,
+        targets: &targets,
         dims,
-        scale,
-        GradWrite::Overwrite,
-    )
+        grad_scale: scale,
+        write: GradWrite::Overwrite,
+    })
     .unwrap();
     assert_eq!(dw2, dw, "an overwrite ignores the NaN it finds");
     assert!(
@@ -425,17 +495,17 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     fd_check("lm_head dw", &w, &dw, |w| scale as f64 * loss(&x, w));
     let bad = vec![11, -100, 0, 0, 0, 0];
     let err = b
-        .lm_head_loss(
-            &mut l,
-            None,
-            None,
-            &x,
-            &w,
-            &bad,
+        .lm_head_loss(LmHeadLoss {
+            loss_sum: &mut l,
+            dx: None,
+            d_w: None,
+            x: &x,
+            w: &w,
+            targets: &bad,
             dims,
-            1.0,
-            GradWrite::Accumulate,
-        )
+            grad_scale: 1.0,
+            write: GradWrite::Accumulate,
+        })
         .unwrap_err();
     assert!(err.to_string().contains("target 11 at row 0"), "{err}");
 }
@@ -448,17 +518,37 @@ fn embedding_gathers_and_scatters_with_repeats() {
     let table = randn(&mut rng, vocab * d, 1.0);
     let tokens = vec![4, 1, 4, 0];
     let mut x = vec![0.0; 4 * d];
-    b.embedding_forward(&mut x, &table, &tokens, 4, d).unwrap();
+    b.embedding_forward(EmbeddingFwd {
+        x: &mut x,
+        table: &table,
+        tokens: &tokens,
+        n: 4,
+        d,
+    })
+    .unwrap();
     assert_eq!(&x[..d], &table[4 * d..5 * d]);
     let dx = randn(&mut rng, 4 * d, 1.0);
     let mut dt = vec![1.0; vocab * d];
-    b.embedding_backward(&mut dt, &dx, &tokens, 4, d).unwrap();
+    b.embedding_backward(EmbeddingBwd {
+        d_table: &mut dt,
+        dx: &dx,
+        tokens: &tokens,
+        n: 4,
+        d,
+    })
+    .unwrap();
     for e in 0..d {
         assert!((dt[4 * d + e] - (1.0 + dx[e] + dx[2 * d + e])).abs() < 1e-12);
         assert_eq!(dt[2 * d + e], 1.0);
     }
     let err = b
-        .embedding_forward(&mut x, &table, &vec![5, 0, 0, 0], 4, d)
+        .embedding_forward(EmbeddingFwd {
+            x: &mut x,
+            table: &table,
+            tokens: &vec![5, 0, 0, 0],
+            n: 4,
+            d,
+        })
         .unwrap_err();
     assert!(err.to_string().contains("token id 5"), "{err}");
 }
@@ -493,7 +583,16 @@ fn adamw_matches_the_scalar_formula() {
                 - 0.1f32 as f64 * mh / (vh.sqrt() + 1e-8f32 as f64 * 1.0)
         })
         .collect();
-    b.adamw(&mut p, None, &g, &mut m, &mut v, 2, hp).unwrap();
+    b.adamw(AdamWStep {
+        param: &mut p,
+        master: None,
+        grad: &g,
+        m: &mut m,
+        v: &mut v,
+        n: 2,
+        hp,
+    })
+    .unwrap();
     // eps enters as eps (not eps·√bc2), as in torch; the difference is below 1e-9 here.
     close("adamw", &p, &want, 1e-8);
 }
@@ -529,4 +628,50 @@ fn alloc_parts_checks_alignment_and_bounds() {
         let err = err.to_string();
         assert!(err.contains("unaligned or outside the 1024 bytes"), "{err}");
     }
+}
+
+#[test]
+fn linear_backward_frozen_weight_and_accumulated_dx() {
+    // The reference semantics the conformance suite holds every backend to: without d_w only dx
+    // is computed (bit for bit the dx of a full backward); dx_write Accumulate adds the same dx
+    // onto what the buffer held.
+    let b = B::new();
+    let mut rng = Rng::new(20);
+    let dims = LinearDims {
+        n: 13,
+        d_in: 17,
+        d_out: 11,
+    };
+    let (x, w, dy) = (
+        randn(&mut rng, 13 * 17, 1.0),
+        randn(&mut rng, 11 * 17, 1.0),
+        randn(&mut rng, 13 * 11, 1.0),
+    );
+    let bwd = |dx: &mut [f64], dx_write, d_w: Option<&mut [f64]>| {
+        b.linear_backward(LinearBwd {
+            dx: Some(dx),
+            dx_write,
+            d_w,
+            d_b: None,
+            dy: &dy,
+            x: &x,
+            w: &w,
+            dims,
+            write: GradWrite::Overwrite,
+        })
+        .unwrap()
+    };
+    let (mut full, mut dw) = (vec![f64::NAN; 13 * 17], vec![f64::NAN; 11 * 17]);
+    bwd(&mut full, GradWrite::Overwrite, Some(&mut dw));
+    let mut frozen = vec![f64::NAN; 13 * 17];
+    bwd(&mut frozen, GradWrite::Overwrite, None);
+    assert_eq!(frozen, full, "a frozen weight changes dx");
+    let base = randn(&mut rng, 13 * 17, 1.0);
+    let mut acc = base.clone();
+    bwd(&mut acc, GradWrite::Accumulate, None);
+    let want: Vec<f64> = base.iter().zip(&full).map(|(a, b)| a + b).collect();
+    close("dx accumulated", &acc, &want, 1e-14);
+    let mut s = base.clone();
+    b.scale(&mut s, 0.5, 13 * 17).unwrap();
+    assert!(s.iter().zip(&base).all(|(a, b)| *a == 0.5 * b));
 }

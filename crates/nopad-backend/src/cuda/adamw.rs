@@ -14,9 +14,9 @@ use cudarc::driver::result as cu;
 
 use super::compile::ADAMW;
 use super::elementwise::stride_launch;
-use super::{want, Cuda, CudaBuf, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, CudaBuf, Dtype};
 use crate::error::check;
-use crate::{AdamW, BackendError, Result};
+use crate::{AdamWStep, BackendError, Result};
 
 /// Splits an fp32 word into (bf16 high half rounded to nearest, low 16 bits of the remainder).
 pub(crate) fn split_master(x: f32) -> (u16, u16) {
@@ -54,17 +54,16 @@ struct AdamwParams {
 impl Cuda {
     /// param: `[n]` Compute; master: `[n]` U16 low halves (bf16 mode); grad: `[n]` of the
     /// gradient type; m, v: `[n]` fp32.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn adamw_impl(
-        &self,
-        param: CudaMut<'_>,
-        master: Option<CudaMut<'_>>,
-        grad: CudaRef<'_>,
-        m: CudaMut<'_>,
-        v: CudaMut<'_>,
-        n: usize,
-        hp: AdamW,
-    ) -> Result<()> {
+    pub(crate) fn adamw_impl(&self, a: AdamWStep<'_, Self>) -> Result<()> {
+        let AdamWStep {
+            param,
+            master,
+            grad,
+            m,
+            v,
+            n,
+            hp,
+        } = a;
         let op = "adamw";
         want(op, "param", &param, self.compute, n)?;
         if let Some(master) = &master {

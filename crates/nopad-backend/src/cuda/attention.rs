@@ -1,14 +1,16 @@
-//! Launchers of the simple varlen causal GQA attention (`attention_fwd.cu`, `attention_bwd.cu`):
-//! exact fp32 math from shared memory, 64 × 64 tiles, no atomics. The host builds the tile list
-//! (sequence, 64-row tile) from its copy of `cu_seqlens`, longest sequences first so the heavy
-//! tiles start early. In bf16 mode with head_dim 64 or 128 the calls go to nopad-flash's
-//! tensor-core kernels instead (unless `CudaOptions::simple_attention`).
+//! Attention on CUDA. In bf16 mode with head_dim 64 or 128 (every default Llama shape) the calls
+//! go to nopad-flash's tensor-core kernels. Everything else takes the simple varlen causal GQA
+//! kernels here (`attention_fwd.cu`, `attention_bwd.cu`): F32 mode (the exact comparison with
+//! the CPU backend, which the model's CUDA tests run) and bf16 with any other head_dim up to 128.
+//! They do exact fp32 math from shared memory in 64 × 64 tiles, with no atomics; the host builds
+//! the tile list (sequence, 64-row tile) from its copy of `cu_seqlens`, longest sequences first
+//! so the heavy tiles start early.
 
 use super::compile::{Launch, ATTENTION_BWD, ATTENTION_FWD};
-use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, CudaInts, Dtype};
+use crate::args::{AttnBwd, AttnFwd};
 use crate::error::check;
-use crate::Backend;
-use crate::{AttnDims, BackendError, Result};
+use crate::{AttnDims, BackendError, Device, Result};
 
 const TILE: usize = 64;
 const MAX_HEAD_DIM: usize = 128;
@@ -125,10 +127,7 @@ impl Cuda {
     /// nopad-flash's kernels when they apply to this call (bf16, head_dim 64 or 128), loaded on
     /// first use through the backend's NVRTC cache.
     fn flash_for(&self, dims: &AttnDims) -> Result<Option<&nopad_flash::FlashAttention>> {
-        if self.simple_attention
-            || self.compute != Dtype::Bf16
-            || !matches!(dims.head_dim, 64 | 128)
-        {
+        if self.compute != Dtype::Bf16 || !matches!(dims.head_dim, 64 | 128) {
             return Ok(None);
         }
         let loaded = self.flash.get_or_init(|| {
@@ -144,6 +143,26 @@ impl Cuda {
                 msg: e.clone(),
             }),
         }
+    }
+
+    /// What both flash calls of a batch need: its dims, its (cached) plan and a workspace of
+    /// the size the plan asks for.
+    fn flash_setup(
+        &self,
+        flash: &nopad_flash::FlashAttention,
+        cu: &CudaInts,
+        dims: &AttnDims,
+        op: &str,
+    ) -> Result<(
+        nopad_flash::FlashDims,
+        std::sync::Arc<nopad_flash::Plan>,
+        super::CudaBuf,
+    )> {
+        let fd = Self::flash_dims(dims);
+        let plan = self.flash_plan(flash, &cu.host[..=dims.n_seqs], &fd, op)?;
+        let ws_words = flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1);
+        let ws = self.scratch(ws_words, Dtype::F32)?;
+        Ok((fd, plan, ws))
     }
 
     fn flash_dims(dims: &AttnDims) -> nopad_flash::FlashDims {
@@ -184,14 +203,14 @@ impl Cuda {
     }
 
     /// out: `[N, H·Dh]` Compute; lse: `[H, N]` fp32; qkv: `[N, (H + 2Hkv)·Dh]` Compute.
-    pub(crate) fn attention_forward_impl(
-        &self,
-        out: CudaMut<'_>,
-        lse: CudaMut<'_>,
-        qkv: CudaRef<'_>,
-        cu_seqlens: &CudaInts,
-        dims: AttnDims,
-    ) -> Result<()> {
+    pub(crate) fn attention_forward_impl(&self, a: AttnFwd<'_, Self>) -> Result<()> {
+        let AttnFwd {
+            out,
+            lse,
+            qkv,
+            cu_seqlens,
+            dims,
+        } = a;
         let op = "attention_forward";
         check_batch(op, cu_seqlens, &dims)?;
         let n = dims.n;
@@ -202,12 +221,7 @@ impl Cuda {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
-            let fd = Self::flash_dims(&dims);
-            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
-            let ws = self.scratch(
-                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
-                Dtype::F32,
-            )?;
+            let (fd, plan, ws) = self.flash_setup(flash, cu_seqlens, &dims, op)?;
             // SAFETY: out, lse and qkv were checked against the dims above; the workspace has
             // the size the plan asks for; all live on this backend's context and stream.
             return unsafe {
@@ -241,17 +255,16 @@ impl Cuda {
 
     /// d_qkv: `[N, (H + 2Hkv)·Dh]` (every element of the first N rows overwritten); d_out,
     /// out: `[N, H·Dh]`; lse: `[H, N]` fp32 from the forward.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention_backward_impl(
-        &self,
-        d_qkv: CudaMut<'_>,
-        d_out: CudaRef<'_>,
-        qkv: CudaRef<'_>,
-        out: CudaRef<'_>,
-        lse: CudaRef<'_>,
-        cu_seqlens: &CudaInts,
-        dims: AttnDims,
-    ) -> Result<()> {
+    pub(crate) fn attention_backward_impl(&self, a: AttnBwd<'_, Self>) -> Result<()> {
+        let AttnBwd {
+            d_qkv,
+            d_out,
+            qkv,
+            out,
+            lse,
+            cu_seqlens,
+            dims,
+        } = a;
         let op = "attention_backward";
         check_batch(op, cu_seqlens, &dims)?;
         let n = dims.n;
@@ -264,12 +277,7 @@ impl Cuda {
             return Ok(());
         }
         if let Some(flash) = self.flash_for(&dims)? {
-            let fd = Self::flash_dims(&dims);
-            let plan = self.flash_plan(flash, &cu_seqlens.host[..=dims.n_seqs], &fd, op)?;
-            let ws = self.scratch(
-                flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1),
-                Dtype::F32,
-            )?;
+            let (fd, plan, ws) = self.flash_setup(flash, cu_seqlens, &dims, op)?;
             // SAFETY: every buffer was checked against the dims above; out and lse come from the
             // forward of the same batch; the workspace has the size the plan asks for.
             return unsafe {
@@ -284,7 +292,9 @@ impl Cuda {
                     d_out.ptr,
                     d_qkv.ptr,
                     ws.ptr,
-                    self.deterministic,
+                    // The deterministic backward (dQ by recompute, no atomics): what the
+                    // default `false` also runs, as nothing here selects atomic dQ.
+                    true,
                 )
             }
             .map_err(Self::flash_err(op));

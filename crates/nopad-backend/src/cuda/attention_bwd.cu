@@ -1,4 +1,4 @@
-// attention_bwd.cu: varlen causal GQA attention backward, simple and exact (docs/FLASH.md).
+// attention_bwd.cu: varlen causal GQA attention backward, simple and exact; the exact path for F32 mode and head dims nopad-flash does not take.
 //
 // Shapes as attention_fwd.cu; d_qkv (AttnParams.out): [N, (H + 2*Hkv)*Dh] compute_t, every element
 // of the first N rows written once; d_out, o: [N, H*Dh]; lse, delta: [H, N] f32.

@@ -1,4 +1,4 @@
-// attention_fwd.cu: varlen causal GQA attention forward, simple and exact (docs/FLASH.md).
+// attention_fwd.cu: varlen causal GQA attention forward, simple and exact; the exact path for F32 mode and head dims nopad-flash does not take.
 //
 // qkv: [N, (H + 2*Hkv)*Dh] compute_t (queries, keys, values per row); out: [N, H*Dh] compute_t;
 // lse: [H, N] f32 (natural log of the sum of exp of scaled scores); cu: [S+1] i32;

@@ -1,5 +1,6 @@
-//! The [`Backend`] impl of [`Cuda`]: memory ops here, every layer op delegated to its launcher
-//! (`elementwise.rs`, `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `rope.rs`, `swiglu.rs`, `attention.rs`,
+//! The trait impls of [`Cuda`]: [`Device`] (memory, transfers, queue, instrumentation) here;
+//! [`Ops`] and [`OptimizerOps`] delegate each op to its launcher (`elementwise.rs`,
+//! `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `rope.rs`, `swiglu.rs`, `attention.rs`,
 //! `lm_head.rs`, `adamw.rs`).
 
 use std::ops::Range;
@@ -8,10 +9,12 @@ use cudarc::driver::result as cu;
 
 use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
-use crate::error::check;
-use crate::{
-    AdamW, AttnDims, Backend, BackendError, GradWrite, Kind, LinearDims, Result, RopeDims,
+use crate::args::{
+    AddRmsNormFwd, AttnBwd, AttnFwd, EmbeddingBwd, EmbeddingFwd, LinearBwd, LinearFwd, LmHeadLoss,
+    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
+use crate::error::check;
+use crate::{AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
 
 impl Cuda {
     fn dtype_of(&self, kind: Kind) -> Dtype {
@@ -23,7 +26,7 @@ impl Cuda {
     }
 }
 
-impl Backend for Cuda {
+impl Device for Cuda {
     type Buf = CudaBuf;
     type Ref<'a> = CudaRef<'a>;
     type Mut<'a> = CudaMut<'a>;
@@ -265,186 +268,68 @@ impl Backend for Cuda {
             .expect("pool mutex poisoned by a panic in another thread")
             .peak_reserved()
     }
+}
 
+impl Ops for Cuda {
     fn add(&self, out: CudaMut<'_>, a: CudaRef<'_>, b: CudaRef<'_>, n: usize) -> Result<()> {
         self.add_impl(out, a, Some(b), n)
     }
-
     fn add_assign(&self, out: CudaMut<'_>, a: CudaRef<'_>, n: usize) -> Result<()> {
         self.add_impl(out, a, None, n)
     }
-
+    fn scale(&self, x: CudaMut<'_>, s: f32, n: usize) -> Result<()> {
+        self.scale_impl(x, s, n)
+    }
     fn sum_squares(&self, x: CudaRef<'_>, n: usize) -> Result<f64> {
         self.sum_squares_impl(x, n)
     }
-
-    fn embedding_forward(
-        &self,
-        x: CudaMut<'_>,
-        table: CudaRef<'_>,
-        tokens: &CudaInts,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        self.embedding_forward_impl(x, table, tokens, n, d)
+    fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
+        self.embedding_forward_impl(a)
     }
-
-    fn embedding_backward(
-        &self,
-        d_table: CudaMut<'_>,
-        dx: CudaRef<'_>,
-        tokens: &CudaInts,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
-        self.embedding_backward_impl(d_table, dx, tokens, n, d)
+    fn embedding_backward(&self, a: EmbeddingBwd<'_, Self>) -> Result<()> {
+        self.embedding_backward_impl(a)
     }
-
-    fn linear_forward(
-        &self,
-        y: CudaMut<'_>,
-        x: CudaRef<'_>,
-        w: CudaRef<'_>,
-        b: Option<CudaRef<'_>>,
-        dims: LinearDims,
-    ) -> Result<()> {
-        self.linear_forward_impl(y, x, w, b, dims)
+    fn linear_forward(&self, a: LinearFwd<'_, Self>) -> Result<()> {
+        self.linear_forward_impl(a)
     }
-
-    fn linear_backward(
-        &self,
-        dx: Option<CudaMut<'_>>,
-        d_w: CudaMut<'_>,
-        d_b: Option<CudaMut<'_>>,
-        dy: CudaRef<'_>,
-        x: CudaRef<'_>,
-        w: CudaRef<'_>,
-        dims: LinearDims,
-        acc: GradWrite,
-    ) -> Result<()> {
-        self.linear_backward_impl(dx, d_w, d_b, dy, x, w, dims, acc)
+    fn linear_backward(&self, a: LinearBwd<'_, Self>) -> Result<()> {
+        self.linear_backward_impl(a)
     }
-
-    fn rmsnorm_forward(
-        &self,
-        y: CudaMut<'_>,
-        rstd: CudaMut<'_>,
-        x: CudaRef<'_>,
-        weight: CudaRef<'_>,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.rmsnorm_forward_impl(y, rstd, x, weight, n, d, eps)
+    fn rmsnorm_forward(&self, a: RmsNormFwd<'_, Self>) -> Result<()> {
+        self.rmsnorm_forward_impl(a)
     }
-
-    fn add_rmsnorm_forward(
-        &self,
-        y: CudaMut<'_>,
-        rstd: CudaMut<'_>,
-        x: CudaMut<'_>,
-        r: CudaRef<'_>,
-        weight: CudaRef<'_>,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
-        self.add_rmsnorm_forward_impl(y, rstd, x, r, weight, n, d, eps)
+    fn add_rmsnorm_forward(&self, a: AddRmsNormFwd<'_, Self>) -> Result<()> {
+        self.add_rmsnorm_forward_impl(a)
     }
-
-    fn rmsnorm_backward(
-        &self,
-        dx: CudaMut<'_>,
-        d_weight: CudaMut<'_>,
-        dy: CudaRef<'_>,
-        x: CudaRef<'_>,
-        weight: CudaRef<'_>,
-        rstd: CudaRef<'_>,
-        n: usize,
-        d: usize,
-        acc: GradWrite,
-    ) -> Result<()> {
-        self.rmsnorm_backward_impl(dx, d_weight, dy, x, weight, rstd, n, d, acc)
+    fn rmsnorm_backward(&self, a: RmsNormBwd<'_, Self>) -> Result<()> {
+        self.rmsnorm_backward_impl(a)
     }
-
-    fn rope_forward(
-        &self,
-        x: CudaMut<'_>,
-        inv_freq: CudaRef<'_>,
-        positions: &CudaInts,
-        dims: RopeDims,
-    ) -> Result<()> {
-        self.rope_impl(x, inv_freq, positions, dims, 1.0)
+    fn rope_forward(&self, a: Rope<'_, Self>) -> Result<()> {
+        self.rope_impl(a, 1.0)
     }
-
-    fn rope_backward(
-        &self,
-        dx: CudaMut<'_>,
-        inv_freq: CudaRef<'_>,
-        positions: &CudaInts,
-        dims: RopeDims,
-    ) -> Result<()> {
-        self.rope_impl(dx, inv_freq, positions, dims, -1.0)
+    fn rope_backward(&self, a: Rope<'_, Self>) -> Result<()> {
+        self.rope_impl(a, -1.0)
     }
-
-    fn attention_forward(
-        &self,
-        out: CudaMut<'_>,
-        lse: CudaMut<'_>,
-        qkv: CudaRef<'_>,
-        cu_seqlens: &CudaInts,
-        dims: AttnDims,
-    ) -> Result<()> {
-        self.attention_forward_impl(out, lse, qkv, cu_seqlens, dims)
+    fn attention_forward(&self, a: AttnFwd<'_, Self>) -> Result<()> {
+        self.attention_forward_impl(a)
     }
-
-    fn attention_backward(
-        &self,
-        d_qkv: CudaMut<'_>,
-        d_out: CudaRef<'_>,
-        qkv: CudaRef<'_>,
-        out: CudaRef<'_>,
-        lse: CudaRef<'_>,
-        cu_seqlens: &CudaInts,
-        dims: AttnDims,
-    ) -> Result<()> {
-        self.attention_backward_impl(d_qkv, d_out, qkv, out, lse, cu_seqlens, dims)
+    fn attention_backward(&self, a: AttnBwd<'_, Self>) -> Result<()> {
+        self.attention_backward_impl(a)
     }
-
-    fn swiglu_forward(&self, a: CudaMut<'_>, gu: CudaRef<'_>, n: usize, f: usize) -> Result<()> {
-        self.swiglu_forward_impl(a, gu, n, f)
+    fn swiglu_forward(&self, a: SwigluFwd<'_, Self>) -> Result<()> {
+        self.swiglu_forward_impl(a)
     }
-
-    fn swiglu_backward(&self, gu: CudaMut<'_>, d_a: CudaRef<'_>, n: usize, f: usize) -> Result<()> {
-        self.swiglu_backward_impl(gu, d_a, n, f)
+    fn swiglu_backward(&self, a: SwigluBwd<'_, Self>) -> Result<()> {
+        self.swiglu_backward_impl(a)
     }
-
-    fn lm_head_loss(
-        &self,
-        loss_sum: CudaMut<'_>,
-        dx: Option<CudaMut<'_>>,
-        d_w: Option<CudaMut<'_>>,
-        x: CudaRef<'_>,
-        w: CudaRef<'_>,
-        targets: &CudaInts,
-        dims: LinearDims,
-        grad_scale: f32,
-        acc: GradWrite,
-    ) -> Result<()> {
-        self.lm_head_loss_impl(loss_sum, dx, d_w, x, w, targets, dims, grad_scale, acc)
+    fn lm_head_loss(&self, a: LmHeadLoss<'_, Self>) -> Result<()> {
+        self.lm_head_loss_impl(a)
     }
+}
 
-    fn adamw(
-        &self,
-        param: CudaMut<'_>,
-        master: Option<CudaMut<'_>>,
-        grad: CudaRef<'_>,
-        m: CudaMut<'_>,
-        v: CudaMut<'_>,
-        n: usize,
-        hp: AdamW,
-    ) -> Result<()> {
-        self.adamw_impl(param, master, grad, m, v, n, hp)
+impl OptimizerOps for Cuda {
+    fn adamw(&self, a: AdamWStep<'_, Self>) -> Result<()> {
+        self.adamw_impl(a)
     }
 
     fn needs_master(&self) -> bool {

@@ -12,8 +12,7 @@
 //! 1B shape's o_proj forward from 2.8 to 1.2 ms and the qkv forward from 2.8 to 1.7 ms per step;
 //! the host cost of a new shape is a few microseconds either way. The algorithm depends on the
 //! shape alone, never on which shapes came first, so results do not depend on history (exact
-//! resume). `NOPAD_GEMM_PLANS=exact` asks the heuristic per exact shape instead, for comparison.
-//! The exact-plan cache is cleared when it passes 4096 entries.
+//! resume). The exact-plan cache is cleared when it passes 4096 entries.
 //!
 //! Everything is column-major as cuBLASLt sees it: `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] +
 //! beta · C`. The row-major callers in `linear.rs` and `lm_head.rs` map their products onto this.
@@ -74,8 +73,8 @@ pub(crate) struct Blas {
     workspace: CUdeviceptr,
     workspace_bytes: usize,
     plans: Mutex<HashMap<PlanKey, Plan>>,
-    /// The heuristic's algorithm per size class (see the module comment); None when disabled.
-    algos: Option<Mutex<HashMap<PlanKey, sys::cublasLtMatmulAlgo_t>>>,
+    /// The heuristic's algorithm per size class (see the module comment).
+    algos: Mutex<HashMap<PlanKey, sys::cublasLtMatmulAlgo_t>>,
 }
 
 /// A GEMM and the alignments of its three pointers.
@@ -147,8 +146,7 @@ impl Blas {
             workspace,
             workspace_bytes,
             plans: Mutex::new(HashMap::new()),
-            algos: (std::env::var("NOPAD_GEMM_PLANS").as_deref() != Ok("exact"))
-                .then(|| Mutex::new(HashMap::new())),
+            algos: Mutex::new(HashMap::new()),
         })
     }
 
@@ -269,32 +267,31 @@ impl Blas {
     /// which shapes came first, so a resumed run computes what an uninterrupted one does).
     fn plan(&self, s: &GemmSpec, align: [u32; 3]) -> Result<Plan> {
         let mut plan = self.descriptors(s)?;
-        if let Some(algos) = &self.algos {
-            // The class's algorithm is the heuristic's choice for the class's own shape (the
-            // dimensions rounded up, leading dimensions widened to fit).
-            let class = s.class();
-            let key = (class, align);
-            let known = algos
-                .lock()
-                .expect("GEMM algo cache poisoned")
-                .get(&key)
-                .copied();
-            let algo = match known {
-                Some(a) => a,
-                None => {
-                    let cp = self.descriptors(&class)?;
-                    let a = self.heuristic(&cp, &class, align)?;
-                    algos
-                        .lock()
-                        .expect("GEMM algo cache poisoned")
-                        .insert(key, a);
-                    a
-                }
-            };
-            if self.accepts(&plan, &algo) {
-                plan.algo = algo;
-                return Ok(plan);
+        // The class's algorithm is the heuristic's choice for the class's own shape (the
+        // dimensions rounded up, leading dimensions widened to fit).
+        let class = s.class();
+        let key = (class, align);
+        let known = self
+            .algos
+            .lock()
+            .expect("GEMM algo cache poisoned")
+            .get(&key)
+            .copied();
+        let algo = match known {
+            Some(a) => a,
+            None => {
+                let cp = self.descriptors(&class)?;
+                let a = self.heuristic(&cp, &class, align)?;
+                self.algos
+                    .lock()
+                    .expect("GEMM algo cache poisoned")
+                    .insert(key, a);
+                a
             }
+        };
+        if self.accepts(&plan, &algo) {
+            plan.algo = algo;
+            return Ok(plan);
         }
         plan.algo = self.heuristic(&plan, s, align)?;
         Ok(plan)

@@ -229,7 +229,7 @@ impl Kernels {
             cache_dir,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
-            sync_each: std::env::var("NOPAD_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            sync_each: sync_each_from_env()?,
         })
     }
 
@@ -401,6 +401,24 @@ impl Kernels {
     }
 }
 
+/// `NOPAD_CUDA_SYNC`: unset or `0` off, `1` on; anything else is a typo, reported rather than
+/// silently ignored.
+fn sync_each_from_env() -> Result<bool> {
+    parse_sync(std::env::var_os("NOPAD_CUDA_SYNC").as_deref())
+}
+
+fn parse_sync(v: Option<&std::ffi::OsStr>) -> Result<bool> {
+    match v.map(|v| v.to_str()) {
+        None => Ok(false),
+        Some(Some("0")) => Ok(false),
+        Some(Some("1")) => Ok(true),
+        Some(other) => Err(BackendError::Unsupported(format!(
+            "NOPAD_CUDA_SYNC={}: expected 1 (synchronise after every kernel launch) or 0 (off)",
+            other.unwrap_or("<not UTF-8>")
+        ))),
+    }
+}
+
 fn write_atomically(path: &Path, data: &[u8]) {
     // A failed cache write only costs a recompile next time; it never fails the run.
     if let Some(dir) = path.parent() {
@@ -482,6 +500,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sync_flag_accepts_0_and_1_and_rejects_typos() {
+        use std::ffi::OsStr;
+        assert!(!parse_sync(None).unwrap());
+        assert!(!parse_sync(Some(OsStr::new("0"))).unwrap());
+        assert!(parse_sync(Some(OsStr::new("1"))).unwrap());
+        let err = parse_sync(Some(OsStr::new("yes"))).unwrap_err().to_string();
+        assert!(err.contains("NOPAD_CUDA_SYNC=yes"), "{err}");
     }
 
     #[test]

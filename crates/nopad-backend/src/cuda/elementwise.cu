@@ -1,4 +1,4 @@
-// elementwise.cu: residual adds. out, a, b: [n] of compute_t; fp32 arithmetic.
+// elementwise.cu: residual adds and scaling. out, a, b: [n] of compute_t; fp32 arithmetic.
 // Grid: flat, one thread per element (grid-stride).
 
 struct AddParams {
@@ -37,4 +37,16 @@ extern "C" __global__ void KNAME(add_assign_v8)(const AddParams p) {
         for (int k = 0; k < 8; ++k) o.v[k] += a.v[k];
         st8(p.out, i, o);
     }
+}
+
+struct ScaleParams {
+    compute_t* x;
+    i64 n;
+    float s;
+};
+
+// x[i] *= s  (an adapter's scale)
+extern "C" __global__ void KNAME(scale)(const ScaleParams p) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x)
+        p.x[i] = to_c(ld(p.x, i) * p.s);
 }

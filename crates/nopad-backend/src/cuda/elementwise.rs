@@ -1,4 +1,5 @@
-//! Launchers of `elementwise.cu` (residual adds) and of the sum of squares in `reduce.cu`.
+//! Launchers of `elementwise.cu` (residual adds, scaling) and of the sum of squares in
+//! `reduce.cu`.
 //! Both work on either element type: the module is chosen by the views' type, so Master (fp32)
 //! gradient buffers can be added and measured in mixed precision too.
 
@@ -14,6 +15,15 @@ struct AddParams {
     a: u64,
     b: u64,
     n: i64,
+}
+
+/// Mirrors `ScaleParams` in elementwise.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ScaleParams {
+    x: u64,
+    n: i64,
+    s: f32,
 }
 
 /// Mirrors `SumSquaresParams` in reduce.cu.
@@ -77,6 +87,21 @@ impl Cuda {
         // SAFETY: out, a (and b) hold at least n elements of type `t` (checked above); the v8
         // kernels only on aligned views.
         unsafe { self.launch(ELEMENTWISE, t, &v8_name(op, v8), stride_launch(threads), &p) }
+    }
+
+    /// `x *= s`; x: `[n]` of either element type, fp32 arithmetic.
+    pub(crate) fn scale_impl(&self, x: CudaMut<'_>, s: f32, n: usize) -> Result<()> {
+        want("scale", "x", &x, x.dtype, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let p = ScaleParams {
+            x: x.ptr,
+            n: n as i64,
+            s,
+        };
+        // SAFETY: x holds at least n elements of its type (checked above).
+        unsafe { self.launch(ELEMENTWISE, x.dtype, "scale", stride_launch(n), &p) }
     }
 
     /// `Σ x[i]²` over `i < n`: per-block fp64 partials, added on the host in a fixed order.

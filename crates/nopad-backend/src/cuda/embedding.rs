@@ -5,9 +5,10 @@
 //! `tokens`, so a bad id is an error instead of an out-of-bounds read.
 
 use super::compile::{Launch, EMBEDDING};
-use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, CudaInts, Dtype};
+use crate::args::{EmbeddingBwd, EmbeddingFwd};
 use crate::error::check;
-use crate::{Backend, Result};
+use crate::{Device, Result};
 
 /// Mirrors `EmbeddingParams` in embedding.cu.
 #[repr(C)]
@@ -41,14 +42,14 @@ fn check_tokens(op: &'static str, tokens: &CudaInts, n: usize, rows: usize) -> R
 
 impl Cuda {
     /// x: `[n, d]` Compute; table: `[V, d]` Compute (V = table.len / d).
-    pub(crate) fn embedding_forward_impl(
-        &self,
-        x: CudaMut<'_>,
-        table: CudaRef<'_>,
-        tokens: &CudaInts,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
+    pub(crate) fn embedding_forward_impl(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
+        let EmbeddingFwd {
+            x,
+            table,
+            tokens,
+            n,
+            d,
+        } = a;
         let op = "embedding_forward";
         want(op, "x", &x, self.compute, n * d)?;
         want(op, "table", &table, self.compute, d)?;
@@ -75,14 +76,14 @@ impl Cuda {
     }
 
     /// d_table: `[V, d]` of the gradient type (accumulated); dx: `[n, d]` Compute.
-    pub(crate) fn embedding_backward_impl(
-        &self,
-        d_table: CudaMut<'_>,
-        dx: CudaRef<'_>,
-        tokens: &CudaInts,
-        n: usize,
-        d: usize,
-    ) -> Result<()> {
+    pub(crate) fn embedding_backward_impl(&self, a: EmbeddingBwd<'_, Self>) -> Result<()> {
+        let EmbeddingBwd {
+            d_table,
+            dx,
+            tokens,
+            n,
+            d,
+        } = a;
         let op = "embedding_backward";
         want(op, "d_table", &d_table, self.grad, d)?;
         want(op, "dx", &dx, self.compute, n * d)?;

@@ -8,7 +8,8 @@
 use super::blas::GemmSpec;
 use super::compile::{Launch, LINEAR, REDUCE};
 use super::elementwise::stride_launch;
-use super::{want, Cuda, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, Dtype};
+use crate::args::{LinearBwd, LinearFwd};
 use crate::{GradWrite, LinearDims, Result};
 
 /// Mirrors `BiasParams` in linear.cu.
@@ -51,121 +52,127 @@ pub(crate) fn row_splits(rows: usize) -> (usize, usize) {
     (rows.div_ceil(rows_per).max(1), rows_per)
 }
 
+/// The row-major shape of one of a linear layer's products: `rows` tokens, `[out, in]`
+/// weights, and the distance between consecutive rows of `dy` (`d_out` when packed; the output
+/// head's dlogits rows lie further apart).
+#[derive(Clone, Copy)]
+pub(crate) struct GemmRows {
+    pub rows: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub ld_dy: usize,
+}
+
+impl GemmRows {
+    /// Packed rows of a `[rows, in] → [rows, out]` layer.
+    pub(crate) fn packed(dims: LinearDims) -> Self {
+        GemmRows {
+            rows: dims.n,
+            d_in: dims.d_in,
+            d_out: dims.d_out,
+            ld_dy: dims.d_out,
+        }
+    }
+}
+
 impl Cuda {
-    /// `y[rows, out] (+)= alpha · x[rows, in] · w[out, in]ᵀ`; `y` of type `y_type`.
+    /// Runs one column-major GEMM (see `blas.rs`) on the backend's stream.
+    ///
+    /// # Safety
+    /// The pointers must hold the matrices `spec` names.
+    unsafe fn gemm(&self, spec: GemmSpec, a: u64, b: u64, c: u64) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(self.device_err("cuBLASLt (bind context)"))?;
+        self.blas.gemm(spec, 1.0, a, b, c, self.raw_stream())
+    }
+
+    /// `y[rows, out] = x[rows, in] · w[out, in]ᵀ`; `y` of type `y_type`.
     ///
     /// # Safety
     /// The pointers must hold the matrices named (row-major, dense).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_x_wt(
         &self,
         y: u64,
         x: u64,
         w: u64,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
+        s: GemmRows,
         y_type: Dtype,
     ) -> Result<()> {
         let spec = GemmSpec {
-            m: d_out as u64,
-            n: rows as u64,
-            k: d_in as u64,
+            m: s.d_out as u64,
+            n: s.rows as u64,
+            k: s.d_in as u64,
             trans_a: true,
             trans_b: false,
-            lda: d_in as i64,
-            ldb: d_in as i64,
-            ldc: d_out as i64,
+            lda: s.d_in as i64,
+            ldb: s.d_in as i64,
+            ldc: s.d_out as i64,
             ab: self.compute,
             c: y_type,
             accumulate: false,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(self.device_err("cuBLASLt (bind context)"))?;
-        self.blas.gemm(spec, 1.0, w, x, y, self.raw_stream())
+        self.gemm(spec, w, x, y)
     }
 
-    /// `dx[rows, in] = dy[rows, out] · w[out, in]` (Compute output); `dy`'s rows are `ld_dy`
-    /// elements apart (`d_out` when packed).
+    /// `dx[rows, in] (+)= dy[rows, out] · w[out, in]` (Compute output, `+=` as `acc` says).
     ///
     /// # Safety
     /// As [`Cuda::gemm_x_wt`].
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_dy_w(
         &self,
         dx: u64,
         dy: u64,
         w: u64,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        ld_dy: usize,
+        s: GemmRows,
+        acc: GradWrite,
     ) -> Result<()> {
         let spec = GemmSpec {
-            m: d_in as u64,
-            n: rows as u64,
-            k: d_out as u64,
+            m: s.d_in as u64,
+            n: s.rows as u64,
+            k: s.d_out as u64,
             trans_a: false,
             trans_b: false,
-            lda: d_in as i64,
-            ldb: ld_dy as i64,
-            ldc: d_in as i64,
+            lda: s.d_in as i64,
+            ldb: s.ld_dy as i64,
+            ldc: s.d_in as i64,
             ab: self.compute,
             c: self.compute,
-            accumulate: false,
+            accumulate: acc == GradWrite::Accumulate,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(self.device_err("cuBLASLt (bind context)"))?;
-        self.blas.gemm(spec, 1.0, w, dy, dx, self.raw_stream())
+        self.gemm(spec, w, dy, dx)
     }
 
-    /// `d_w[out, in] (+)= alpha · dy[rows, out]ᵀ · x[rows, in]` (`d_w` of the gradient type;
-    /// `dy`'s rows `ld_dy` elements apart).
+    /// `d_w[out, in] (+)= dy[rows, out]ᵀ · x[rows, in]` (`d_w` of the gradient type).
     ///
     /// # Safety
     /// As [`Cuda::gemm_x_wt`].
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_dyt_x(
         &self,
         d_w: u64,
         dy: u64,
         x: u64,
-        rows: usize,
-        d_in: usize,
-        d_out: usize,
-        ld_dy: usize,
-        alpha: f32,
+        s: GemmRows,
         acc: GradWrite,
     ) -> Result<()> {
         let spec = GemmSpec {
-            m: d_in as u64,
-            n: d_out as u64,
-            k: rows as u64,
+            m: s.d_in as u64,
+            n: s.d_out as u64,
+            k: s.rows as u64,
             trans_a: false,
             trans_b: true,
-            lda: d_in as i64,
-            ldb: ld_dy as i64,
-            ldc: d_in as i64,
+            lda: s.d_in as i64,
+            ldb: s.ld_dy as i64,
+            ldc: s.d_in as i64,
             ab: self.compute,
             c: self.grad,
             accumulate: acc == GradWrite::Accumulate,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(self.device_err("cuBLASLt (bind context)"))?;
-        self.blas.gemm(spec, alpha, x, dy, d_w, self.raw_stream())
+        self.gemm(spec, x, dy, d_w)
     }
 
-    pub(crate) fn linear_forward_impl(
-        &self,
-        y: CudaMut<'_>,
-        x: CudaRef<'_>,
-        w: CudaRef<'_>,
-        b: Option<CudaRef<'_>>,
-        dims: LinearDims,
-    ) -> Result<()> {
+    pub(crate) fn linear_forward_impl(&self, a: LinearFwd<'_, Self>) -> Result<()> {
+        let LinearFwd { y, x, w, b, dims } = a;
         let op = "linear_forward";
         let LinearDims { n, d_in, d_out } = dims;
         let c = self.compute;
@@ -182,7 +189,7 @@ impl Cuda {
             self.zero_raw(y.ptr, n * d_out, c)?;
         } else {
             // SAFETY: shapes checked above.
-            unsafe { self.gemm_x_wt(y.ptr, x.ptr, w.ptr, n, d_in, d_out, c)? };
+            unsafe { self.gemm_x_wt(y.ptr, x.ptr, w.ptr, GemmRows::packed(dims), c)? };
         }
         if let Some(b) = b {
             let p = BiasParams {
@@ -197,25 +204,27 @@ impl Cuda {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn linear_backward_impl(
-        &self,
-        dx: Option<CudaMut<'_>>,
-        d_w: CudaMut<'_>,
-        d_b: Option<CudaMut<'_>>,
-        dy: CudaRef<'_>,
-        x: CudaRef<'_>,
-        w: CudaRef<'_>,
-        dims: LinearDims,
-        acc: GradWrite,
-    ) -> Result<()> {
+    pub(crate) fn linear_backward_impl(&self, a: LinearBwd<'_, Self>) -> Result<()> {
+        let LinearBwd {
+            dx,
+            dx_write,
+            d_w,
+            d_b,
+            dy,
+            x,
+            w,
+            dims,
+            write: acc,
+        } = a;
         let op = "linear_backward";
         let LinearDims { n, d_in, d_out } = dims;
         let c = self.compute;
         if let Some(dx) = &dx {
             want(op, "dx", dx, c, n * d_in)?;
         }
-        want(op, "d_w", &d_w, self.grad, d_out * d_in)?;
+        if let Some(d_w) = &d_w {
+            want(op, "d_w", d_w, self.grad, d_out * d_in)?;
+        }
         if let Some(d_b) = &d_b {
             want(op, "d_b", d_b, self.grad, d_out)?;
         }
@@ -225,24 +234,29 @@ impl Cuda {
         if n == 0 {
             // Nothing to add; an overwrite still has to leave zeros.
             if acc == GradWrite::Overwrite {
-                self.zero_raw(d_w.ptr, d_out * d_in, self.grad)?;
-                if let Some(d_b) = &d_b {
-                    self.zero_raw(d_b.ptr, d_out, self.grad)?;
+                for (g, len) in [(&d_w, d_out * d_in), (&d_b, d_out)] {
+                    if let Some(g) = g {
+                        self.zero_raw(g.ptr, len, self.grad)?;
+                    }
                 }
             }
             return Ok(());
         }
+        let shape = GemmRows::packed(dims);
         if let Some(dx) = dx {
             if d_out == 0 {
-                self.zero_raw(dx.ptr, n * d_in, c)?;
+                if dx_write == GradWrite::Overwrite {
+                    self.zero_raw(dx.ptr, n * d_in, c)?;
+                }
             } else if d_in > 0 {
                 // SAFETY: shapes checked above.
-                unsafe { self.gemm_dy_w(dx.ptr, dy.ptr, w.ptr, n, d_in, d_out, d_out)? };
+                unsafe { self.gemm_dy_w(dx.ptr, dy.ptr, w.ptr, shape, dx_write)? };
             }
         }
-        if d_in > 0 && d_out > 0 {
+        // A frozen weight (no d_w) skips this GEMM, the larger half of the backward's work.
+        if let Some(d_w) = d_w.filter(|_| d_in > 0 && d_out > 0) {
             // SAFETY: shapes checked above.
-            unsafe { self.gemm_dyt_x(d_w.ptr, dy.ptr, x.ptr, n, d_in, d_out, d_out, 1.0, acc)? };
+            unsafe { self.gemm_dyt_x(d_w.ptr, dy.ptr, x.ptr, shape, acc)? };
         }
         if let Some(d_b) = d_b {
             self.column_sum_into(d_b.ptr, dy.ptr, n, d_out, acc)?;

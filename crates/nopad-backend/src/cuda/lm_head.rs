@@ -10,9 +10,11 @@
 //! scattered back, and the per-row losses are summed in a fixed order into `loss_sum[0]`.
 
 use super::compile::{Launch, LM_HEAD, REDUCE};
-use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
+use super::linear::GemmRows;
+use super::{want, Cuda, Dtype};
+use crate::args::LmHeadLoss;
 use crate::error::check;
-use crate::Backend;
+use crate::Device;
 use crate::{BackendError, GradWrite, LinearDims, Result};
 
 /// Default largest logits chunk, in elements (512 MiB of fp32, ~1k rows at V = 128k). Each chunk
@@ -65,19 +67,18 @@ fn per_row(rows: usize) -> Launch {
 impl Cuda {
     /// loss_sum: `[1]` fp32 (accumulated); dx: `[N, D]` Compute (overwritten); d_w: `[V, D]` of
     /// the gradient type (as `acc`); x: `[N, D]`; w: `[V, D]` Compute; targets: `[N]` (-100 = no target).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn lm_head_loss_impl(
-        &self,
-        loss_sum: CudaMut<'_>,
-        dx: Option<CudaMut<'_>>,
-        d_w: Option<CudaMut<'_>>,
-        x: CudaRef<'_>,
-        w: CudaRef<'_>,
-        targets: &CudaInts,
-        dims: LinearDims,
-        grad_scale: f32,
-        acc: GradWrite,
-    ) -> Result<()> {
+    pub(crate) fn lm_head_loss_impl(&self, a: LmHeadLoss<'_, Self>) -> Result<()> {
+        let LmHeadLoss {
+            loss_sum,
+            dx,
+            d_w,
+            x,
+            w,
+            targets,
+            dims,
+            grad_scale,
+            write: acc,
+        } = a;
         let op = "lm_head_loss";
         let LinearDims {
             n,
@@ -159,8 +160,14 @@ impl Cuda {
             let acc = if i == 0 { acc } else { GradWrite::Accumulate };
             let rc = chunk.min(m - r0);
             let xc_r = xc.ptr + (r0 * d) as u64 * esz;
+            let shape = GemmRows {
+                rows: rc,
+                d_in: d,
+                d_out: v,
+                ld_dy: ld,
+            };
             // SAFETY: xc_r holds rc·d, w v·d and logits chunk·v elements.
-            unsafe { self.gemm_x_wt(logits.ptr, xc_r, w.ptr, rc, d, v, Dtype::F32)? };
+            unsafe { self.gemm_x_wt(logits.ptr, xc_r, w.ptr, shape, Dtype::F32)? };
             let ce = CrossEntropyParams {
                 logits: logits.ptr,
                 loss: losses.ptr + (r0 * 4) as u64,
@@ -176,11 +183,11 @@ impl Cuda {
                 if let Some(dxc) = &dxc {
                     let dxc_r = dxc.ptr + (r0 * d) as u64 * esz;
                     // SAFETY: dl holds rc rows of v elements, ld apart; dxc_r rc·d elements.
-                    unsafe { self.gemm_dy_w(dxc_r, dl, w.ptr, rc, d, v, ld)? };
+                    unsafe { self.gemm_dy_w(dxc_r, dl, w.ptr, shape, GradWrite::Overwrite)? };
                 }
                 if let Some(d_w) = &d_w {
                     // SAFETY: d_w holds v·d, dl rc rows ld apart, xc_r rc·d elements.
-                    unsafe { self.gemm_dyt_x(d_w.ptr, dl, xc_r, rc, d, v, ld, 1.0, acc)? };
+                    unsafe { self.gemm_dyt_x(d_w.ptr, dl, xc_r, shape, acc)? };
                 }
             }
         }

@@ -7,7 +7,17 @@
 //! each library before cudarc touches it and report which one is absent.
 //!
 //! Module map: `memory` (caching allocator, buffers, views), `compile` (NVRTC, disk cache,
-//! launch), `blas` (cuBLASLt plans), `backend` (the trait impl), and one launcher per op family.
+//! launch), `blas` (cuBLASLt plans), `backend` (the `Device`, `Ops` and `OptimizerOps` impls),
+//! and one launcher file per op family beside its `.cu` file (`elementwise`, `embedding`,
+//! `linear`, `rmsnorm`, `rope`, `swiglu`, `lm_head`, `adamw`; `attention` has a forward and a
+//! backward `.cu`). `reduce.cu` has no launcher of its own: its reductions are launched from
+//! `elementwise.rs` (sum of squares), `linear.rs` (bias gradient, partial sums, also used by
+//! `rmsnorm.rs`) and `lm_head.rs` (loss sum).
+//!
+//! One environment variable is read, a diagnostic that never changes results:
+//! `NOPAD_CUDA_SYNC=1` synchronises the stream after every kernel launch and checks it, so an
+//! asynchronous fault is reported at the kernel that caused it (slow; for debugging). Unset or
+//! `0` is off; any other value is an error when the backend opens.
 
 mod adamw;
 mod attention;
@@ -58,11 +68,6 @@ pub struct CudaOptions {
     /// Where compiled kernels are cached; `None` means `$XDG_CACHE_HOME/nopad/kernels` or
     /// `~/.cache/nopad/kernels` (no disk cache when neither is known).
     pub cache_dir: Option<PathBuf>,
-    /// Attention kernels: nopad-flash's tensor-core kernels (default; bf16, head_dim 64 or 128)
-    /// or the simple exact ones (always used in F32 mode and for other head dims).
-    pub simple_attention: bool,
-    /// Attention backward without atomics (bitwise reproducible, slower).
-    pub deterministic: bool,
     /// Parameter gradients in bf16 instead of fp32 (bf16 mode only): 2 bytes per parameter less
     /// memory and traffic; every GEMM still accumulates in fp32 and rounds once when it adds its
     /// product to the gradient, i.e. once per micro-batch (and per logits chunk for the output
@@ -156,8 +161,6 @@ pub struct Cuda {
     flash_plan: Mutex<Option<attention::CachedPlan>>,
     /// Events recorded by `Backend::timestamp` (profiling).
     timestamps: Mutex<Vec<cudarc::driver::CudaEvent>>,
-    simple_attention: bool,
-    deterministic: bool,
     blas: Blas,
     kernels: Kernels,
     _workspace: CudaBuf,
@@ -210,8 +213,6 @@ impl Cuda {
             flash: std::sync::OnceLock::new(),
             flash_plan: Mutex::new(None),
             timestamps: Mutex::new(Vec::new()),
-            simple_attention: opts.simple_attention,
-            deterministic: opts.deterministic,
             blas,
             kernels,
             _workspace: workspace,

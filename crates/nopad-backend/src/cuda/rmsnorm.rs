@@ -4,7 +4,8 @@
 use super::compile::{Launch, RMSNORM};
 use super::elementwise::{v8_name, v8_ok};
 use super::linear::row_splits;
-use super::{want, Cuda, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, Dtype};
+use crate::args::{AddRmsNormFwd, RmsNormBwd, RmsNormFwd};
 use crate::{GradWrite, Result};
 
 /// Mirrors `RmsnormParams` in rmsnorm.cu.
@@ -33,17 +34,16 @@ fn per_row(n: usize) -> Launch {
 
 impl Cuda {
     /// y: `[n, d]` Compute; rstd: `[n]` fp32; x: `[n, d]`; weight: `[d]` Compute.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rmsnorm_forward_impl(
-        &self,
-        y: CudaMut<'_>,
-        rstd: CudaMut<'_>,
-        x: CudaRef<'_>,
-        weight: CudaRef<'_>,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
+    pub(crate) fn rmsnorm_forward_impl(&self, a: RmsNormFwd<'_, Self>) -> Result<()> {
+        let RmsNormFwd {
+            y,
+            rstd,
+            x,
+            weight,
+            n,
+            d,
+            eps,
+        } = a;
         let op = "rmsnorm_forward";
         let c = self.compute;
         want(op, "y", &y, c, n * d)?;
@@ -72,18 +72,17 @@ impl Cuda {
 
     /// x: `[n, d]` Compute, `x += r` first; then as [`Cuda::rmsnorm_forward_impl`]. One kernel
     /// (8-wide when aligned, else the two separate kernels).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add_rmsnorm_forward_impl(
-        &self,
-        y: CudaMut<'_>,
-        rstd: CudaMut<'_>,
-        mut x: CudaMut<'_>,
-        r: CudaRef<'_>,
-        weight: CudaRef<'_>,
-        n: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
+    pub(crate) fn add_rmsnorm_forward_impl(&self, a: AddRmsNormFwd<'_, Self>) -> Result<()> {
+        let AddRmsNormFwd {
+            y,
+            rstd,
+            mut x,
+            r,
+            weight,
+            n,
+            d,
+            eps,
+        } = a;
         let op = "add_rmsnorm_forward";
         let c = self.compute;
         want(op, "y", &y, c, n * d)?;
@@ -111,26 +110,33 @@ impl Cuda {
             unsafe { self.launch(RMSNORM, c, "add_rmsnorm_fwd_v8", per_row(n), &p) }
         } else {
             self.add_impl(x.reborrow(), r, None, n * d)?;
-            self.rmsnorm_forward_impl(y, rstd, x.as_ref(), weight, n, d, eps)
+            self.rmsnorm_forward_impl(RmsNormFwd {
+                y,
+                rstd,
+                x: x.as_ref(),
+                weight,
+                n,
+                d,
+                eps,
+            })
         }
     }
 
     /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` of the gradient type (as `acc`);
     /// dy, x: `[n, d]`;
     /// weight: `[d]`; rstd: `[n]` fp32 from the forward.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn rmsnorm_backward_impl(
-        &self,
-        dx: CudaMut<'_>,
-        d_weight: CudaMut<'_>,
-        dy: CudaRef<'_>,
-        x: CudaRef<'_>,
-        weight: CudaRef<'_>,
-        rstd: CudaRef<'_>,
-        n: usize,
-        d: usize,
-        acc: GradWrite,
-    ) -> Result<()> {
+    pub(crate) fn rmsnorm_backward_impl(&self, a: RmsNormBwd<'_, Self>) -> Result<()> {
+        let RmsNormBwd {
+            dx,
+            d_weight,
+            dy,
+            x,
+            weight,
+            rstd,
+            n,
+            d,
+            write: acc,
+        } = a;
         let op = "rmsnorm_backward";
         let c = self.compute;
         want(op, "dx", &dx, c, n * d)?;

@@ -3,7 +3,8 @@
 
 use super::compile::ROPE;
 use super::elementwise::{stride_launch, v8_name, v8_ok};
-use super::{want, Cuda, CudaInts, CudaMut, CudaRef, Dtype};
+use super::{want, Cuda, Dtype};
+use crate::args::Rope;
 use crate::error::check;
 use crate::{Result, RopeDims};
 
@@ -24,14 +25,13 @@ struct RopeParams {
 impl Cuda {
     /// x: N rows of `row_stride` Compute, the first `n_rot_heads·Dh` of each rotated;
     /// inv_freq: `[Dh/2]` fp32; positions: `[N]`. `sign` = 1 forward, -1 backward.
-    pub(crate) fn rope_impl(
-        &self,
-        x: CudaMut<'_>,
-        inv_freq: CudaRef<'_>,
-        positions: &CudaInts,
-        dims: RopeDims,
-        sign: f32,
-    ) -> Result<()> {
+    pub(crate) fn rope_impl(&self, a: Rope<'_, Self>, sign: f32) -> Result<()> {
+        let Rope {
+            x,
+            inv_freq,
+            positions,
+            dims,
+        } = a;
         let op = if sign > 0.0 {
             "rope_forward"
         } else {

@@ -3,7 +3,8 @@
 
 use super::compile::SWIGLU;
 use super::elementwise::{stride_launch, v8_name, v8_ok};
-use super::{want, Cuda, CudaMut, CudaRef};
+use super::{want, Cuda};
+use crate::args::{SwigluBwd, SwigluFwd};
 use crate::Result;
 
 /// Mirrors `SwigluParams` in swiglu.cu.
@@ -19,13 +20,8 @@ struct SwigluParams {
 
 impl Cuda {
     /// a: `[n, f]`; gu: `[n, 2f]` (Compute).
-    pub(crate) fn swiglu_forward_impl(
-        &self,
-        a: CudaMut<'_>,
-        gu: CudaRef<'_>,
-        n: usize,
-        f: usize,
-    ) -> Result<()> {
+    pub(crate) fn swiglu_forward_impl(&self, args: SwigluFwd<'_, Self>) -> Result<()> {
+        let SwigluFwd { a, gu, n, f } = args;
         let op = "swiglu_forward";
         want(op, "a", &a, self.compute, n * f)?;
         want(op, "gu", &gu, self.compute, 2 * n * f)?;
@@ -47,13 +43,8 @@ impl Cuda {
     }
 
     /// gu: `[n, 2f]`, overwritten with its gradient; d_a: `[n, f]`.
-    pub(crate) fn swiglu_backward_impl(
-        &self,
-        gu: CudaMut<'_>,
-        d_a: CudaRef<'_>,
-        n: usize,
-        f: usize,
-    ) -> Result<()> {
+    pub(crate) fn swiglu_backward_impl(&self, a: SwigluBwd<'_, Self>) -> Result<()> {
+        let SwigluBwd { gu, d_a, n, f } = a;
         let op = "swiglu_backward";
         want(op, "d_a", &d_a, self.compute, n * f)?;
         want(op, "gu", &gu, self.compute, 2 * n * f)?;

@@ -5,7 +5,8 @@
 
 use super::say;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaOptions};
-use nopad_backend::{AdamW, AttnDims, Backend, GradWrite, Kind, LinearDims, RopeDims};
+use nopad_backend::prelude::*;
+use nopad_backend::{AdamW, AttnDims, GradWrite, Kind, LinearDims, RopeDims};
 
 /// Uniform values in [-s, s) from a fixed xorshift stream (fast enough for 10^8 elements).
 fn fill(n: usize, s: f32, seed: u64) -> Vec<f32> {
@@ -89,13 +90,13 @@ fn bench_llama_1b_shapes() {
             fl,
             false,
             || {
-                g.linear_forward(
-                    g.view_mut(&mut y, 0..n * d_out),
-                    g.view(&x, 0..n * d_in),
-                    g.view(&w, 0..d_in * d_out),
-                    None,
+                g.linear_forward(LinearFwd {
+                    y: g.view_mut(&mut y, 0..n * d_out),
+                    x: g.view(&x, 0..n * d_in),
+                    w: g.view(&w, 0..d_in * d_out),
+                    b: None,
                     dims,
-                )
+                })
             },
         );
         time(
@@ -104,16 +105,17 @@ fn bench_llama_1b_shapes() {
             2.0 * fl,
             false,
             || {
-                g.linear_backward(
-                    Some(g.view_mut(&mut dx, 0..n * d_in)),
-                    g.view_mut(&mut dw, 0..d_in * d_out),
-                    None,
-                    g.view(&y, 0..n * d_out),
-                    g.view(&x, 0..n * d_in),
-                    g.view(&w, 0..d_in * d_out),
+                g.linear_backward(LinearBwd {
+                    dx: Some(g.view_mut(&mut dx, 0..n * d_in)),
+                    dx_write: GradWrite::Overwrite,
+                    d_w: Some(g.view_mut(&mut dw, 0..d_in * d_out)),
+                    d_b: None,
+                    dy: g.view(&y, 0..n * d_out),
+                    x: g.view(&x, 0..n * d_in),
+                    w: g.view(&w, 0..d_in * d_out),
                     dims,
-                    GradWrite::Accumulate,
-                )
+                    write: GradWrite::Accumulate,
+                })
             },
         );
     }
@@ -129,13 +131,13 @@ fn bench_llama_1b_shapes() {
             };
             g.synchronize().expect("sync");
             let t = std::time::Instant::now();
-            g.linear_forward(
-                g.view_mut(&mut y, 0..rows * d_out),
-                g.view(&x, 0..rows * d_in),
-                g.view(&w, 0..d_in * d_out),
-                None,
+            g.linear_forward(LinearFwd {
+                y: g.view_mut(&mut y, 0..rows * d_out),
+                x: g.view(&x, 0..rows * d_in),
+                w: g.view(&w, 0..d_in * d_out),
+                b: None,
                 dims,
-            )
+            })
             .expect("linear_forward");
             g.synchronize().expect("sync");
             t.elapsed().as_secs_f64() * 1e3
@@ -156,28 +158,28 @@ fn bench_llama_1b_shapes() {
     let mut dwt = up(&g, d, 0.0, Kind::Grad);
     let nd = (n * d) as f64;
     time(&g, "rmsnorm_fwd 4096x2048", nd * 4.0, true, || {
-        g.rmsnorm_forward(
-            g.view_mut(&mut y, 0..n * d),
-            g.view_mut(&mut rstd, 0..n),
-            g.view(&x, 0..n * d),
-            g.view(&w, 0..d),
+        g.rmsnorm_forward(RmsNormFwd {
+            y: g.view_mut(&mut y, 0..n * d),
+            rstd: g.view_mut(&mut rstd, 0..n),
+            x: g.view(&x, 0..n * d),
+            weight: g.view(&w, 0..d),
             n,
             d,
-            1e-5,
-        )
+            eps: 1e-5,
+        })
     });
     time(&g, "rmsnorm_bwd", nd * 10.0, true, || {
-        g.rmsnorm_backward(
-            g.view_mut(&mut dx, 0..n * d),
-            g.view_mut(&mut dwt, 0..d),
-            g.view(&y, 0..n * d),
-            g.view(&x, 0..n * d),
-            g.view(&w, 0..d),
-            g.view(&rstd, 0..n),
+        g.rmsnorm_backward(RmsNormBwd {
+            dx: g.view_mut(&mut dx, 0..n * d),
+            d_weight: g.view_mut(&mut dwt, 0..d),
+            dy: g.view(&y, 0..n * d),
+            x: g.view(&x, 0..n * d),
+            weight: g.view(&w, 0..d),
+            rstd: g.view(&rstd, 0..n),
             n,
             d,
-            GradWrite::Accumulate,
-        )
+            write: GradWrite::Accumulate,
+        })
     });
     let inv = up(&g, dh / 2, 0.5, Kind::Master);
     let pos: Vec<i32> = (0..n as i32).collect();
@@ -194,30 +196,30 @@ fn bench_llama_1b_shapes() {
         (n * (h + hkv) * dh * 4) as f64,
         true,
         || {
-            g.rope_forward(
-                g.view_mut(&mut y, 0..n * qkv_w),
-                g.view(&inv, 0..dh / 2),
-                &gpos,
-                rd,
-            )
+            g.rope_forward(Rope {
+                x: g.view_mut(&mut y, 0..n * qkv_w),
+                inv_freq: g.view(&inv, 0..dh / 2),
+                positions: &gpos,
+                dims: rd,
+            })
         },
     );
     let nf = (n * f) as f64;
     time(&g, "swiglu_fwd 4096x8192", nf * 6.0, true, || {
-        g.swiglu_forward(
-            g.view_mut(&mut dx, 0..n * f),
-            g.view(&y, 0..2 * n * f),
+        g.swiglu_forward(SwigluFwd {
+            a: g.view_mut(&mut dx, 0..n * f),
+            gu: g.view(&y, 0..2 * n * f),
             n,
             f,
-        )
+        })
     });
     time(&g, "swiglu_bwd", nf * 10.0, true, || {
-        g.swiglu_backward(
-            g.view_mut(&mut y, 0..2 * n * f),
-            g.view(&dx, 0..n * f),
+        g.swiglu_backward(SwigluBwd {
+            gu: g.view_mut(&mut y, 0..2 * n * f),
+            d_a: g.view(&dx, 0..n * f),
             n,
             f,
-        )
+        })
     });
 
     for lens in [vec![n], vec![256; 16]] {
@@ -240,24 +242,24 @@ fn bench_llama_1b_shapes() {
         let mut lse = up(&g, h * n, 0.0, Kind::Master);
         let tag = format!("{}x{}", lens.len(), lens[0]);
         time(&g, &format!("attention_fwd {tag}"), fl, false, || {
-            g.attention_forward(
-                g.view_mut(&mut dx, 0..n * h * dh),
-                g.view_mut(&mut lse, 0..h * n),
-                g.view(&x, 0..n * qkv_w),
-                &gcu,
+            g.attention_forward(AttnFwd {
+                out: g.view_mut(&mut dx, 0..n * h * dh),
+                lse: g.view_mut(&mut lse, 0..h * n),
+                qkv: g.view(&x, 0..n * qkv_w),
+                cu_seqlens: &gcu,
                 dims,
-            )
+            })
         });
         time(&g, &format!("attention_bwd {tag}"), 2.5 * fl, false, || {
-            g.attention_backward(
-                g.view_mut(&mut y, 0..n * qkv_w),
-                g.view(&x, 0..n * h * dh),
-                g.view(&x, 0..n * qkv_w),
-                g.view(&dx, 0..n * h * dh),
-                g.view(&lse, 0..h * n),
-                &gcu,
+            g.attention_backward(AttnBwd {
+                d_qkv: g.view_mut(&mut y, 0..n * qkv_w),
+                d_out: g.view(&x, 0..n * h * dh),
+                qkv: g.view(&x, 0..n * qkv_w),
+                out: g.view(&dx, 0..n * h * dh),
+                lse: g.view(&lse, 0..h * n),
+                cu_seqlens: &gcu,
                 dims,
-            )
+            })
         });
     }
 
@@ -287,30 +289,30 @@ fn bench_llama_1b_shapes() {
             6.0 * (rows * d * v) as f64,
             false,
             || {
-                g.lm_head_loss(
-                    g.view_mut(&mut loss, 0..1),
-                    Some(g.view_mut(&mut dx, 0..n * d)),
-                    Some(g.view_mut(&mut dhead, 0..v * d)),
-                    g.view(&x, 0..n * d),
-                    g.view(&head, 0..v * d),
-                    &gt,
+                g.lm_head_loss(LmHeadLoss {
+                    loss_sum: g.view_mut(&mut loss, 0..1),
+                    dx: Some(g.view_mut(&mut dx, 0..n * d)),
+                    d_w: Some(g.view_mut(&mut dhead, 0..v * d)),
+                    x: g.view(&x, 0..n * d),
+                    w: g.view(&head, 0..v * d),
+                    targets: &gt,
                     dims,
-                    1e-4,
-                    GradWrite::Accumulate,
-                )
+                    grad_scale: 1e-4,
+                    write: GradWrite::Accumulate,
+                })
             },
         );
     }
     let tok: Vec<i32> = (0..n).map(|t| (t * 31 % v) as i32).collect();
     let gtok = g.ints(&tok).expect("ints");
     time(&g, "embedding_fwd", nd * 4.0, true, || {
-        g.embedding_forward(
-            g.view_mut(&mut y, 0..n * d),
-            g.view(&head, 0..v * d),
-            &gtok,
+        g.embedding_forward(EmbeddingFwd {
+            x: g.view_mut(&mut y, 0..n * d),
+            table: g.view(&head, 0..v * d),
+            tokens: &gtok,
             n,
             d,
-        )
+        })
     });
     time(
         &g,
@@ -318,13 +320,13 @@ fn bench_llama_1b_shapes() {
         nd * 10.0,
         true,
         || {
-            g.embedding_backward(
-                g.view_mut(&mut dhead, 0..v * d),
-                g.view(&x, 0..n * d),
-                &gtok,
+            g.embedding_backward(EmbeddingBwd {
+                d_table: g.view_mut(&mut dhead, 0..v * d),
+                dx: g.view(&x, 0..n * d),
+                tokens: &gtok,
                 n,
                 d,
-            )
+            })
         },
     );
     time(&g, "add 4096x2048", nd * 6.0, true, || {
@@ -356,15 +358,15 @@ fn bench_llama_1b_shapes() {
         np as f64 * 28.0,
         true,
         || {
-            g.adamw(
-                g.view_mut(&mut p, 0..np),
-                Some(g.view_mut(&mut master, 0..np)),
-                g.view(&grad, 0..np),
-                g.view_mut(&mut m, 0..np),
-                g.view_mut(&mut vv, 0..np),
-                np,
+            g.adamw(AdamWStep {
+                param: g.view_mut(&mut p, 0..np),
+                master: Some(g.view_mut(&mut master, 0..np)),
+                grad: g.view(&grad, 0..np),
+                m: g.view_mut(&mut m, 0..np),
+                v: g.view_mut(&mut vv, 0..np),
+                n: np,
                 hp,
-            )
+            })
         },
     );
     time(&g, "sum_squares 256M fp32", np as f64 * 4.0, true, || {

@@ -3,7 +3,8 @@
 
 use super::{envs, say, Env};
 use nopad_backend::cuda::{probe, Cuda, CudaOptions};
-use nopad_backend::{Backend, GradWrite, Kind, LinearDims};
+use nopad_backend::prelude::*;
+use nopad_backend::{GradWrite, Kind, LinearDims};
 
 #[test]
 fn steady_state_allocates_nothing_new() {
@@ -20,19 +21,26 @@ fn steady_state_allocates_nothing_new() {
             let mut gy = e.gpu.alloc(300 * 96, Kind::Compute).unwrap();
             let mut gdw = e.gpu.alloc(96 * 64, Kind::Grad).unwrap();
             e.gpu
-                .linear_forward(gy.as_mut(), gx.as_ref(), gw.as_ref(), None, dims)
+                .linear_forward(LinearFwd {
+                    y: gy.as_mut(),
+                    x: gx.as_ref(),
+                    w: gw.as_ref(),
+                    b: None,
+                    dims,
+                })
                 .unwrap();
             e.gpu
-                .linear_backward(
-                    None,
-                    gdw.as_mut(),
-                    None,
-                    gy.as_ref(),
-                    gx.as_ref(),
-                    gw.as_ref(),
+                .linear_backward(LinearBwd {
+                    dx: None,
+                    dx_write: GradWrite::Overwrite,
+                    d_w: Some(gdw.as_mut()),
+                    d_b: None,
+                    dy: gy.as_ref(),
+                    x: gx.as_ref(),
+                    w: gw.as_ref(),
                     dims,
-                    GradWrite::Accumulate,
-                )
+                    write: GradWrite::Accumulate,
+                })
                 .unwrap();
             e.gpu.synchronize().unwrap();
         };

@@ -1,0 +1,241 @@
+//! The arguments of every layer op of [`crate::Ops`], one struct per op: the names, shapes and
+//! write rules are written here once, and the trait, the CPU and the CUDA implementations all
+//! take the struct. Views are the backend's [`Device::Ref`] / [`Device::Mut`]; a field documented
+//! as "Grad" or "Master" is a buffer of that [`crate::Kind`], anything else is Compute.
+//!
+//! Adding an op: a struct here, a method in [`crate::Ops`], its CPU function, its CUDA launcher
+//! (and `.cu` file), and a body in `tests/conformance.rs`.
+
+use crate::{AttnDims, Device, GradWrite, LinearDims, RopeDims};
+
+/// Arguments of [`crate::Ops::embedding_forward`]: `x[N, D] = table[tokens[t], :]`.
+pub struct EmbeddingFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, D]`, overwritten.
+    pub x: B::Mut<'a>,
+    /// `[V, D]`.
+    pub table: B::Ref<'a>,
+    /// `[N]` token ids, each below V.
+    pub tokens: &'a B::Ints,
+    /// Tokens N.
+    pub n: usize,
+    /// Hidden size D.
+    pub d: usize,
+}
+
+/// Arguments of [`crate::Ops::embedding_backward`]: `d_table[tokens[t], :] += dx[t, :]`.
+pub struct EmbeddingBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[V, D]` Grad, always accumulated (tied embeddings add to the output head's gradient).
+    pub d_table: B::Mut<'a>,
+    /// `[N, D]`.
+    pub dx: B::Ref<'a>,
+    /// `[N]` token ids, each below V.
+    pub tokens: &'a B::Ints,
+    /// Tokens N.
+    pub n: usize,
+    /// Hidden size D.
+    pub d: usize,
+}
+
+/// Arguments of [`crate::Ops::linear_forward`]: `y[N, out] = x[N, in] · w[out, in]ᵀ (+ b[out])`.
+pub struct LinearFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, out]`, overwritten.
+    pub y: B::Mut<'a>,
+    /// `[N, in]`.
+    pub x: B::Ref<'a>,
+    /// `[out, in]`.
+    pub w: B::Ref<'a>,
+    /// `[out]`, or no bias.
+    pub b: Option<B::Ref<'a>>,
+    /// The GEMM's shape.
+    pub dims: LinearDims,
+}
+
+/// Arguments of [`crate::Ops::linear_backward`]:
+/// `dx (+)= dy · w`, `d_w (+)= dyᵀ · x`, `d_b (+)= Σ_rows dy`.
+///
+/// Every output is optional. A frozen weight (an adapter's base layer) passes `d_w: None` and
+/// `d_b: None`: the weight-gradient GEMM is skipped and only `dx` is computed. An adapter path
+/// whose `dx` adds to the base layer's passes `dx_write: Accumulate` (the GEMM with beta = 1),
+/// so it needs no temporary buffer.
+pub struct LinearBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, in]`, written as `dx_write` says; None skips the GEMM.
+    pub dx: Option<B::Mut<'a>>,
+    /// How `dx` is written: `Overwrite` for a layer's own input gradient, `Accumulate` to add
+    /// onto one another path wrote.
+    pub dx_write: GradWrite,
+    /// `[out, in]` Grad, written as `write` says (also when N = 0); None: a frozen weight.
+    pub d_w: Option<B::Mut<'a>>,
+    /// `[out]` Grad, written as `write` says; None: no bias, or a frozen one.
+    pub d_b: Option<B::Mut<'a>>,
+    /// `[N, out]`, the output's gradient.
+    pub dy: B::Ref<'a>,
+    /// `[N, in]`, the forward's input (read only for `d_w`).
+    pub x: B::Ref<'a>,
+    /// `[out, in]` (read only for `dx`).
+    pub w: B::Ref<'a>,
+    /// The forward GEMM's shape.
+    pub dims: LinearDims,
+    /// How the parameter gradients `d_w`, `d_b` are written.
+    pub write: GradWrite,
+}
+
+/// Arguments of [`crate::Ops::rmsnorm_forward`]: `rstd[t] = 1/√(mean(x[t]²) + eps)`,
+/// `y[t] = x[t] · rstd[t] · weight`.
+pub struct RmsNormFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, D]`, overwritten.
+    pub y: B::Mut<'a>,
+    /// `[N]` Master, overwritten; saved for the backward.
+    pub rstd: B::Mut<'a>,
+    /// `[N, D]`.
+    pub x: B::Ref<'a>,
+    /// `[D]`.
+    pub weight: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// Row length D.
+    pub d: usize,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+/// Arguments of [`crate::Ops::add_rmsnorm_forward`]: the residual add fused with the RMSNorm
+/// after it, `x += r`, then `y = rmsnorm(x)` with `rstd` saved, exactly as `add_assign`
+/// followed by `rmsnorm_forward`.
+pub struct AddRmsNormFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, D]`, overwritten.
+    pub y: B::Mut<'a>,
+    /// `[N]` Master, overwritten.
+    pub rstd: B::Mut<'a>,
+    /// `[N, D]`, the residual stream: `x += r` in place.
+    pub x: B::Mut<'a>,
+    /// `[N, D]`.
+    pub r: B::Ref<'a>,
+    /// `[D]`.
+    pub weight: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// Row length D.
+    pub d: usize,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+/// Arguments of [`crate::Ops::rmsnorm_backward`]: `dx += ∂L/∂x`,
+/// `d_weight (+)= Σ_t dy[t] · x[t] · rstd[t]`.
+pub struct RmsNormBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, D]`, accumulated: the residual stream's gradient arrives from the skip connection
+    /// and from the norm.
+    pub dx: B::Mut<'a>,
+    /// `[D]` Grad, written as `write` says.
+    pub d_weight: B::Mut<'a>,
+    /// `[N, D]`.
+    pub dy: B::Ref<'a>,
+    /// `[N, D]`, the forward's input.
+    pub x: B::Ref<'a>,
+    /// `[D]`.
+    pub weight: B::Ref<'a>,
+    /// `[N]` Master, from the forward.
+    pub rstd: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// Row length D.
+    pub d: usize,
+    /// How `d_weight` is written.
+    pub write: GradWrite,
+}
+
+/// Arguments of [`crate::Ops::rope_forward`] and [`crate::Ops::rope_backward`] (in place).
+pub struct Rope<'a, B: Device + ?Sized + 'a> {
+    /// Rows of `dims.row_stride` elements; the first `dims.n_rot_heads` heads of each rotate.
+    pub x: B::Mut<'a>,
+    /// `[Dh/2]` Master.
+    pub inv_freq: B::Ref<'a>,
+    /// `[N]` positions.
+    pub positions: &'a B::Ints,
+    /// The rotation's shape.
+    pub dims: RopeDims,
+}
+
+/// Arguments of [`crate::Ops::attention_forward`].
+pub struct AttnFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, H·Dh]`, overwritten.
+    pub out: B::Mut<'a>,
+    /// `[H, N]` Master, overwritten: natural-log log-sum-exp of the scaled scores, saved for
+    /// the backward.
+    pub lse: B::Mut<'a>,
+    /// `[N, (H + 2·Hkv)·Dh]`, as described in [`AttnDims`].
+    pub qkv: B::Ref<'a>,
+    /// `[S + 1]` sequence boundaries.
+    pub cu_seqlens: &'a B::Ints,
+    /// The batch's shape.
+    pub dims: AttnDims,
+}
+
+/// Arguments of [`crate::Ops::attention_backward`].
+pub struct AttnBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, (H + 2·Hkv)·Dh]`, every element overwritten.
+    pub d_qkv: B::Mut<'a>,
+    /// `[N, H·Dh]`.
+    pub d_out: B::Ref<'a>,
+    /// `[N, (H + 2·Hkv)·Dh]`, the forward's input.
+    pub qkv: B::Ref<'a>,
+    /// `[N, H·Dh]`, the forward's output.
+    pub out: B::Ref<'a>,
+    /// `[H, N]` Master, from the forward.
+    pub lse: B::Ref<'a>,
+    /// `[S + 1]` sequence boundaries.
+    pub cu_seqlens: &'a B::Ints,
+    /// The batch's shape.
+    pub dims: AttnDims,
+}
+
+/// Arguments of [`crate::Ops::swiglu_forward`]: `a[N, F] = silu(gate) · up`.
+pub struct SwigluFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, F]`, overwritten.
+    pub a: B::Mut<'a>,
+    /// `[N, 2F]`: gate then up, per row.
+    pub gu: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// MLP width F.
+    pub f: usize,
+}
+
+/// Arguments of [`crate::Ops::swiglu_backward`], in place: the backward is the last reader of
+/// `gu`, so its gradient replaces it and no separate `[N, 2F]` buffer is needed.
+pub struct SwigluBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, 2F]`: the forward's input on entry, its gradient `d_gu` on return.
+    pub gu: B::Mut<'a>,
+    /// `[N, F]`.
+    pub d_a: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// MLP width F.
+    pub f: usize,
+}
+
+/// Arguments of [`crate::Ops::lm_head_loss`]: `logits[t] = x[t] · w[V, D]ᵀ`; for each row with
+/// `targets[t] != -100`, `loss += logsumexp(logits[t]) − logits[t][targets[t]]`.
+pub struct LmHeadLoss<'a, B: Device + ?Sized + 'a> {
+    /// `[1]` Master: the loss sum is added to it.
+    pub loss_sum: B::Mut<'a>,
+    /// `[N, D]`: `grad_scale · ∂loss_t/∂x[t]`, overwritten (zero for rows without a target);
+    /// None in evaluation.
+    pub dx: Option<B::Mut<'a>>,
+    /// `[V, D]` Grad: `grad_scale · Σ_t ∂loss_t/∂w`, written as `write` says (no row with a
+    /// target and `Overwrite` leave it zero); None in evaluation or for a frozen head.
+    pub d_w: Option<B::Mut<'a>>,
+    /// `[N, D]`.
+    pub x: B::Ref<'a>,
+    /// `[V, D]`.
+    pub w: B::Ref<'a>,
+    /// `[N]` target ids, or -100 for no target.
+    pub targets: &'a B::Ints,
+    /// `n` = N, `d_in` = D, `d_out` = V.
+    pub dims: LinearDims,
+    /// 1 / (target tokens of the whole optimizer step), which makes the loss token-weighted
+    /// across micro-batches.
+    pub grad_scale: f32,
+    /// How `d_w` is written.
+    pub write: GradWrite,
+}

@@ -1,0 +1,179 @@
+//! The fused output head with cross-entropy, and the AdamW update through the optimizer's
+//! storage (split master weights where the backend keeps them).
+
+use super::super::{Env, Store, TOL_F32};
+use super::BOTH;
+use nopad_backend::prelude::*;
+
+pub(crate) fn lm_head<B: Backend>(e: &mut Env<B>) {
+    // (n, d, v, fraction of rows without a target)
+    for (n, d, v, masked) in [
+        (1, 1, 2, 0.0),
+        (37, 67, 131, 0.5),
+        (300, 64, 1000, 0.3),
+        (16, 8, 11, 1.0),
+    ] {
+        let dims = LinearDims {
+            n,
+            d_in: d,
+            d_out: v,
+        };
+        let x = e.randn(n * d, 1.0, Kind::Compute);
+        let w = e.randn(v * d, 0.3, Kind::Compute);
+        let targets: Vec<i32> = (0..n)
+            .map(|_| {
+                if e.rng.uniform() < masked {
+                    -100
+                } else {
+                    e.below(v) as i32
+                }
+            })
+            .collect();
+        let scale = 1.0 / (n as f32 + 1.0);
+        let (l0, dw0) = (
+            e.randn(1, 1.0, Kind::Master),
+            e.randn(v * d, 1.0, Kind::Grad),
+        );
+        let b = &e.b;
+        let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
+        let gt = b.ints(&targets).unwrap();
+        for acc in BOTH {
+            let tag = format!("n={n} d={d} v={v} masked={masked} {acc:?}");
+            let mut gl = e.up(&l0, Kind::Master);
+            let mut gdx = e.poison(n * d, Kind::Compute);
+            let mut gdw = e.grad_before(&dw0, acc);
+            b.lm_head_loss(LmHeadLoss {
+                loss_sum: b.view_mut(&mut gl, 0..1),
+                dx: Some(b.view_mut(&mut gdx, 0..n * d)),
+                d_w: Some(b.view_mut(&mut gdw, 0..v * d)),
+                x: b.view(&gx, 0..n * d),
+                w: b.view(&gw, 0..v * d),
+                targets: &gt,
+                dims,
+                grad_scale: scale,
+                write: acc,
+            })
+            .unwrap();
+            let (mut l, mut dx, mut dw) = (l0.clone(), vec![0.0; n * d], dw0.clone());
+            e.r.lm_head_loss(LmHeadLoss {
+                loss_sum: &mut l,
+                dx: Some(&mut dx),
+                d_w: Some(&mut dw),
+                x: &x,
+                w: &w,
+                targets: &targets,
+                dims,
+                grad_scale: scale,
+                write: acc,
+            })
+            .unwrap();
+            e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
+            // dlogits rounded, then the dx GEMM's output rounded.
+            e.check(&format!("lm_head dx {tag}"), &e.down(&gdx), &dx, 2);
+            e.check(&format!("lm_head dw {tag}"), &e.down(&gdw), &dw, 1 + e.gk());
+
+            // Loss only (evaluation): no gradient touched.
+            let mut gl = e.up(&l0, Kind::Master);
+            b.lm_head_loss(LmHeadLoss {
+                loss_sum: b.view_mut(&mut gl, 0..1),
+                dx: None,
+                d_w: None,
+                x: b.view(&gx, 0..n * d),
+                w: b.view(&gw, 0..v * d),
+                targets: &gt,
+                dims,
+                grad_scale: scale,
+                write: acc,
+            })
+            .unwrap();
+            e.check(&format!("lm_head loss-only {tag}"), &e.down(&gl), &l, 0);
+        }
+    }
+}
+
+pub(crate) fn adamw<B: Backend>(e: &mut Env<B>) {
+    // off = 1 shifts every view by one element (the unaligned kernels on CUDA).
+    for (n, off) in [(1, 0), (1000, 0), (65_537, 0), (1003, 1)] {
+        let hp = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 1 + e.below(100) as u64,
+            grad_scale: 0.5,
+        };
+        // fp32 weights that bf16 cannot hold, so a split master must keep both halves.
+        let p = e.randn(n, 1.0, Kind::Master);
+        let g = e.randn(n, 1.0, Kind::Grad);
+        let m: Vec<f64> = e.randn(n, 0.1, Kind::Master);
+        let v: Vec<f64> = (0..n)
+            .map(|_| e.rng.uniform() as f32 as f64 * 0.01)
+            .collect();
+        let v = e.round(Kind::Master, &v);
+        let pad = |x: &[f64]| [vec![0.0; off], x.to_vec()].concat();
+        let b = &e.b;
+        let p32: Vec<f32> = p.iter().map(|&x| x as f32).collect();
+        let mut gp = e.up(&pad(&p), Kind::Compute);
+        let mut gmaster = if b.needs_master() {
+            let mut lo = b.master_new(&gp, n + off).unwrap();
+            b.master_write(&mut gp, &mut lo, off, &p32).unwrap();
+            let back = b.master_read(&gp, &lo, off..off + n).unwrap();
+            assert!(
+                back.iter()
+                    .zip(&p32)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "master_write then master_read changed fp32 weights"
+            );
+            Some(lo)
+        } else {
+            None
+        };
+        let gg = e.up(&pad(&g), Kind::Grad);
+        let (mut gm, mut gv) = (e.up(&pad(&m), Kind::Master), e.up(&pad(&v), Kind::Master));
+        let r = off..off + n;
+        b.adamw(AdamWStep {
+            param: b.view_mut(&mut gp, r.clone()),
+            master: gmaster.as_mut().map(|lo| b.view_mut(lo, r.clone())),
+            grad: b.view(&gg, r.clone()),
+            m: b.view_mut(&mut gm, r.clone()),
+            v: b.view_mut(&mut gv, r.clone()),
+            n,
+            hp,
+        })
+        .unwrap();
+        let (mut cp, mut cm, mut cv) = (p.clone(), m.clone(), v.clone());
+        e.r.adamw(AdamWStep {
+            param: &mut cp,
+            master: None,
+            grad: &g,
+            m: &mut cm,
+            v: &mut cv,
+            n,
+            hp,
+        })
+        .unwrap();
+        // The change of the parameters is compared too (the update is ~1e-3 of them). Updated
+        // f32 values carry rounding errors of up to 2^-24·|p| each, which relative to the change
+        // is 2^-24·‖p‖/‖Δ‖; the tolerance of Δ includes twice that.
+        let delta = |a: &[f64]| a.iter().zip(&p).map(|(x, y)| x - y).collect::<Vec<_>>();
+        let norm = |a: &[f64]| a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let dtol = match e.compute {
+            Store::F64 => e.tol(0),
+            _ => TOL_F32 + 2.0 * 2f64.powi(-24) * norm(&p) / norm(&delta(&cp)).max(1e-30),
+        };
+        let updated = match &gmaster {
+            Some(lo) => {
+                e.check(&format!("adamw param n={n}"), &e.down(&gp)[off..], &cp, 1);
+                let w = b.master_read(&gp, lo, r.clone()).unwrap();
+                w.into_iter().map(f64::from).collect()
+            }
+            None => e.down(&gp)[off..].to_vec(),
+        };
+        e.check(&format!("adamw fp32 weights n={n}"), &updated, &cp, 0);
+        let what = format!("adamw weight delta n={n}");
+        e.check_tol(&what, &delta(&updated), &delta(&cp), dtol);
+        e.check(&format!("adamw m n={n}"), &e.down(&gm)[off..], &cm, 0);
+        e.check(&format!("adamw v n={n}"), &e.down(&gv)[off..], &cv, 0);
+    }
+}
