@@ -303,10 +303,10 @@ fn profile_steps<B: Backend>(
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
         let targets: usize = step.batches.iter().map(|x| x.stats.target_tokens).sum();
         for batch in &step.batches {
-            model.forward(
+            model.forward_train(
                 b,
                 &nopad_train::trainer::inputs(batch),
-                Some(1.0 / targets.max(1) as f32),
+                1.0 / targets.max(1) as f32,
             )?;
             model.backward(b)?;
         }

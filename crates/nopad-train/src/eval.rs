@@ -33,7 +33,7 @@ pub fn evaluate<B: Backend>(
             continue;
         }
         tokens += batch.stats.target_tokens;
-        model.forward(b, &inputs(&batch), None)?;
+        model.forward_eval(b, &inputs(&batch))?;
     }
     let sum = model.take_loss_sum(b)?;
     Ok(EvalResult {

@@ -189,7 +189,7 @@ fn step_scaled<B: Backend>(
         if batch.is_empty() {
             continue;
         }
-        model.forward(b, &inputs(batch), Some(scale))?;
+        model.forward_train(b, &inputs(batch), scale)?;
         model.backward(b)?;
     }
     let loss = model.take_loss_sum(b)? / targets as f64;

@@ -147,7 +147,7 @@ fn evaluation_does_not_depend_on_strategy_or_batch_size() {
     let refs: Vec<&Example> = ex.iter().collect();
     let batch = pack_micro_batch(&refs, &pack(Strategy::Flatten, 48));
     model
-        .forward(&b, &nopad_train::trainer::inputs(&batch), None)
+        .forward_eval(&b, &nopad_train::trainer::inputs(&batch))
         .unwrap();
     let loss = model.take_loss_sum(&b).unwrap() / batch.stats.target_tokens as f64;
     assert!(((loss - base.loss) / base.loss).abs() <= 1e-6);
