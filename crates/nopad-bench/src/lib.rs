@@ -18,8 +18,10 @@ use nopad_backend::Backend;
 use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, IGNORE_INDEX};
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
-use nopad_train::trainer::{build_model, pad_token_id, train_step};
-use nopad_train::{evaluate, AdamWConfig, ModelSource, Optimizer};
+use nopad_train::{
+    accumulate, build_model, evaluate, finish, pad_token_id, step_targets, train_step, AdamWConfig,
+    ModelSource, Optimizer, SingleProcess,
+};
 use serde::Serialize;
 
 pub use report::{markdown, profile_text, text};
@@ -230,7 +232,15 @@ pub fn run_strategy<B: Backend>(
             .next()
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
         let t0 = Instant::now();
-        let (loss, _, _) = train_step(b, &mut model, &mut opt, &step.batches, cfg.lr)?;
+        let loss = train_step(
+            b,
+            &SingleProcess,
+            &mut model,
+            &mut opt,
+            &step.batches,
+            cfg.lr,
+        )?
+        .loss;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         losses.push(loss);
@@ -301,19 +311,11 @@ fn profile_steps<B: Backend>(
         let step = loader
             .next()
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
-        let targets: usize = step.batches.iter().map(|x| x.stats.target_tokens).sum();
-        for batch in &step.batches {
-            model.forward_train(
-                b,
-                &nopad_train::trainer::inputs(batch),
-                1.0 / targets.max(1) as f32,
-            )?;
-            model.backward(b)?;
-        }
+        let targets = step_targets::<B>(&SingleProcess, &step.batches)?;
+        accumulate(b, model, &step.batches, 1.0 / targets as f32)?;
         b.synchronize()?;
         let t = Instant::now();
-        model.take_loss_sum(b)?;
-        opt.update(b, model, cfg.lr)?;
+        finish(b, &SingleProcess, model, opt, targets, cfg.lr)?;
         b.synchronize()?;
         *extra.entry("adamw+clip").or_default() += t.elapsed().as_secs_f64();
         let t = Instant::now();

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+mod collective;
 mod config;
 mod error;
 pub mod eval;
@@ -19,13 +20,16 @@ mod records;
 mod runlog;
 pub mod schedule;
 pub mod signals;
+mod step;
 pub mod trainer;
 
+pub use collective::{Collective, SingleProcess};
 pub use config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
-pub use optimizer::{AdamWConfig, Optimizer};
+pub use optimizer::{AdamWConfig, GroupSettings, Optimizer, Placement, StatePrecision, UpdateInfo};
 pub use records::{EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
 pub use signals::Interrupt;
-pub use trainer::train;
+pub use step::{accumulate, eval_step, finish, inputs, step_targets, train_step, StepOutcome};
+pub use trainer::{build_eval_model, build_model, load_data, model_config, pad_token_id, train};

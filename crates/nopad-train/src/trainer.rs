@@ -16,18 +16,20 @@ use std::time::Instant;
 
 use nopad_backend::Backend;
 use nopad_data::{
-    synthetic, Batch, BatchStats, Example, Loader, LoaderOptions, LongPolicy, PackOptions, Strategy,
+    synthetic, BatchStats, Example, Loader, LoaderOptions, LongPolicy, PackOptions, Strategy,
 };
 use nopad_model::weights;
-use nopad_model::{Config, Inputs, Model};
+use nopad_model::{Config, Model};
 
 use crate::checkpoint::{self, Counters, ScheduleState, TrainerState};
+use crate::collective::SingleProcess;
 use crate::error::{Result, TrainError};
 use crate::eval::evaluate;
 use crate::identity::RunIdentity;
 use crate::optimizer::Optimizer;
 use crate::runlog::RunLog;
 use crate::schedule::Schedule;
+use crate::step::{step_scaled, StepOutcome};
 
 pub use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use crate::records::{EvalRecord, StepRecord, StopReason, Summary};
@@ -140,71 +142,6 @@ pub fn load_data(
             Ok((ex, notes))
         }
     }
-}
-
-/// The model's view of a packed batch.
-pub fn inputs(batch: &Batch) -> Inputs<'_> {
-    Inputs {
-        tokens: &batch.tokens,
-        targets: &batch.targets,
-        position_ids: &batch.position_ids,
-        cu_seqlens: &batch.cu_seqlens,
-        max_seqlen: batch.max_seqlen,
-    }
-}
-
-/// Runs forward and backward over a step's micro-batches and applies one update. Returns the
-/// step's token-weighted loss, the gradient norm and whether the update was applied.
-pub fn train_step<B: Backend>(
-    b: &B,
-    model: &mut Model<B>,
-    opt: &mut Optimizer<B>,
-    batches: &[Batch],
-    lr: f64,
-) -> Result<(f64, f64, bool)> {
-    step_scaled(b, model, opt, batches, lr, false)
-}
-
-/// [`train_step`], with the loss scale replaced by NaN when `poison` (a test of the skip path).
-fn step_scaled<B: Backend>(
-    b: &B,
-    model: &mut Model<B>,
-    opt: &mut Optimizer<B>,
-    batches: &[Batch],
-    lr: f64,
-    poison: bool,
-) -> Result<(f64, f64, bool)> {
-    let targets: usize = batches.iter().map(|x| x.stats.target_tokens).sum();
-    if targets == 0 {
-        return Err(TrainError::Config(
-            "a step has no target tokens (every label is -100)".into(),
-        ));
-    }
-    let scale = if poison {
-        f32::NAN
-    } else {
-        1.0 / targets as f32
-    };
-    for batch in batches {
-        if batch.is_empty() {
-            continue;
-        }
-        model.forward_train(b, &inputs(batch), scale)?;
-        model.backward(b)?;
-    }
-    let loss = model.take_loss_sum(b)? / targets as f64;
-    // A non-finite loss or gradient norm leaves weights and moments untouched (`update` checks
-    // the norm); the gradients are zeroed either way, so nothing non-finite survives the step.
-    let info = if loss.is_finite() {
-        opt.update(b, model, lr)?
-    } else {
-        crate::optimizer::UpdateInfo {
-            grad_norm: f64::NAN,
-            applied: false,
-        }
-    };
-    model.zero_grads(b)?;
-    Ok((loss, info.grad_norm, info.applied))
 }
 
 /// The checkpoint a run continues from, if any (`notes` learn why none or which were skipped).
@@ -374,8 +311,19 @@ pub fn train<B: Backend>(
         let t0 = Instant::now();
         let lr = schedule.lr_at(opt.step + 1);
         let poison = tc.nan_at_step == Some(step);
-        let (loss, grad_norm, applied) =
-            step_scaled(b, &mut model, &mut opt, &s.batches, lr, poison)?;
+        let StepOutcome {
+            loss,
+            grad_norm,
+            applied,
+        } = step_scaled(
+            b,
+            &SingleProcess,
+            &mut model,
+            &mut opt,
+            &s.batches,
+            lr,
+            poison,
+        )?;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
         done = step;

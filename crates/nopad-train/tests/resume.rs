@@ -10,7 +10,7 @@ use nopad_data::synthetic::LengthDist;
 use nopad_data::{Loader, LoaderOptions, PackOptions, Strategy};
 use nopad_model::weights;
 use nopad_train::checkpoint::{self, COMPLETE};
-use nopad_train::trainer::{build_model, load_data, pad_token_id, train_step};
+use nopad_train::{build_model, load_data, pad_token_id, train_step, SingleProcess};
 use nopad_train::{
     train, DataSource, Interrupt, ModelSource, Optimizer, Resume, Schedule, StopReason,
     TrainConfig, TrainError,
@@ -381,7 +381,7 @@ fn a_planted_nan_is_skipped_counted_and_never_reaches_the_weights() {
         let s = loader.next().unwrap();
         if step != 3 {
             let lr = schedule.lr_at(opt.step + 1);
-            train_step(&b, &mut model, &mut opt, &s.batches, lr).unwrap();
+            train_step(&b, &SingleProcess, &mut model, &mut opt, &s.batches, lr).unwrap();
         }
     }
     let w = final_weights(&out);

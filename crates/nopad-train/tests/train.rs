@@ -6,7 +6,7 @@ use std::sync::Arc;
 use nopad_backend::cpu::Cpu;
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{pack_micro_batch, Example, Loader, LoaderOptions, PackOptions, Strategy};
-use nopad_train::trainer::{build_model, train_step};
+use nopad_train::{build_model, train_step, SingleProcess};
 use nopad_train::{evaluate, train, AdamWConfig, DataSource, ModelSource, Optimizer, TrainConfig};
 
 fn tiny_config(steps: u64) -> TrainConfig {
@@ -101,9 +101,16 @@ fn pad_and_flatten_steps_train_identically() {
         for _ in 0..4 {
             let step = loader.next().unwrap();
             losses.push(
-                train_step(&b, &mut model, &mut opt, &step.batches, 1e-3)
-                    .unwrap()
-                    .0,
+                train_step(
+                    &b,
+                    &SingleProcess,
+                    &mut model,
+                    &mut opt,
+                    &step.batches,
+                    1e-3,
+                )
+                .unwrap()
+                .loss,
             );
         }
         results.push((losses, model.params.to_vec()));
@@ -147,7 +154,7 @@ fn evaluation_does_not_depend_on_strategy_or_batch_size() {
     let refs: Vec<&Example> = ex.iter().collect();
     let batch = pack_micro_batch(&refs, &pack(Strategy::Flatten, 48));
     model
-        .forward_eval(&b, &nopad_train::trainer::inputs(&batch))
+        .forward_eval(&b, &nopad_train::inputs(&batch))
         .unwrap();
     let loss = model.take_loss_sum(&b).unwrap() / batch.stats.target_tokens as f64;
     assert!(((loss - base.loss) / base.loss).abs() <= 1e-6);
