@@ -19,8 +19,8 @@ use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, I
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
 use nopad_train::{
-    accumulate, build_model, evaluate, finish, pad_token_id, step_targets, train_step, AdamWConfig,
-    ModelSource, Optimizer, SingleProcess,
+    accumulate, build_model, build_model_layers, evaluate, finish, pad_token_id, step_targets,
+    train_step, AdamWConfig, ModelSource, Optimizer, SingleProcess,
 };
 use serde::Serialize;
 
@@ -167,22 +167,11 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Builds the model of a benchmark (with `layers` applied) on a backend.
 pub fn model<B: Backend>(b: &B, cfg: &BenchConfig) -> Result<nopad_model::Model<B>> {
-    match (&cfg.model, cfg.layers) {
-        (ModelSource::Preset(name), Some(l)) => {
-            let mut c = Config::preset(name).ok_or_else(|| {
-                nopad_train::TrainError::Config(format!("--model: unknown preset `{name}`"))
-            })?;
-            c.num_hidden_layers = l.min(c.num_hidden_layers).max(1);
-            let mut m = nopad_model::Model::new(b, c.clone())?;
-            let layout = m.layout.clone();
-            weights::init_random(&c, &layout, cfg.seed, |off, v| m.write_params(b, off, v))?;
-            Ok(m)
-        }
-        (source, None) => Ok(build_model(b, source, cfg.seed)?.0),
-        (ModelSource::Dir(_), Some(_)) => {
-            Err(nopad_train::TrainError::Config("--layers applies to presets only".into()).into())
-        }
-    }
+    let built = match cfg.layers {
+        Some(l) => build_model_layers(b, &cfg.model, cfg.seed, l)?,
+        None => build_model(b, &cfg.model, cfg.seed)?,
+    };
+    Ok(built.0)
 }
 
 /// Trains `cfg.warmup + cfg.steps` steps with `strategy` on `train`, then evaluates on `heldout`.
