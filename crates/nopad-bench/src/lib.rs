@@ -174,6 +174,32 @@ pub fn model<B: Backend>(b: &B, cfg: &BenchConfig) -> Result<nopad_model::Model<
     Ok(built.0)
 }
 
+/// The training data stream of a benchmark: `strategy`, from the start, shuffled by `cfg.seed`.
+fn loader(
+    cfg: &BenchConfig,
+    strategy: Strategy,
+    pad_token_id: i32,
+    train: &Arc<Vec<Example>>,
+    prefetch: usize,
+) -> Result<Loader> {
+    let pack = PackOptions {
+        strategy,
+        batch_size: cfg.batch_size,
+        max_len: cfg.max_len,
+        pad_token_id,
+        group_by_length: false,
+    };
+    let opts = LoaderOptions {
+        pack,
+        grad_accum: cfg.grad_accum,
+        seed: cfg.seed,
+        shuffle: true,
+        start: Default::default(),
+        prefetch,
+    };
+    Ok(Loader::new(train.clone(), opts)?)
+}
+
 /// Trains `cfg.warmup + cfg.steps` steps with `strategy` on `train`, then evaluates on `heldout`.
 pub fn run_strategy<B: Backend>(
     b: &B,
@@ -188,24 +214,7 @@ pub fn run_strategy<B: Backend>(
     let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1;
     model.set_grad_aliasing(b, aliasing)?;
     let pad_id = pad_token_id(&model.cfg);
-    let pack = PackOptions {
-        strategy,
-        batch_size: cfg.batch_size,
-        max_len: cfg.max_len,
-        pad_token_id: pad_id,
-        group_by_length: false,
-    };
-    let mut loader = Loader::new(
-        train.clone(),
-        LoaderOptions {
-            pack,
-            grad_accum: cfg.grad_accum,
-            seed: cfg.seed,
-            shuffle: true,
-            start: Default::default(),
-            prefetch: 4,
-        },
-    )?;
+    let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
     let steps_per_epoch = loader.steps_per_epoch();
     let adamw = AdamWConfig {
         weight_decay: 0.0,
@@ -348,24 +357,8 @@ pub fn export<B: Backend>(
         4 << 30,
         |r| Ok(b.read(&model.params, r)?),
     )?;
-    let pack = PackOptions {
-        strategy: Strategy::Flatten,
-        batch_size: cfg.batch_size,
-        max_len: cfg.max_len,
-        pad_token_id: pad_token_id(&model.cfg),
-        group_by_length: false,
-    };
-    let mut loader = Loader::new(
-        train.clone(),
-        LoaderOptions {
-            pack,
-            grad_accum: cfg.grad_accum,
-            seed: cfg.seed,
-            shuffle: true,
-            start: Default::default(),
-            prefetch: 2,
-        },
-    )?;
+    let pad_id = pad_token_id(&model.cfg);
+    let mut loader = loader(cfg, Strategy::Flatten, pad_id, train, 2)?;
     let path = dir.join("steps.jsonl");
     let mut f =
         std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| out_err(&path, &e))?);

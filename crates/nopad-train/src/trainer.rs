@@ -143,7 +143,8 @@ impl<B: Backend> Session<B> {
     /// Evaluates the held-out data when one is due after `step` (every `eval_every` steps and
     /// at the last one).
     fn evaluate_at(&mut self, b: &B, tc: &TrainConfig, step: u64) -> Result<Option<EvalRecord>> {
-        let due = tc.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == self.schedule.total;
+        let due =
+            tc.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == self.schedule.total;
         let Some(ex) = self.eval_examples.as_ref().filter(|_| due) else {
             return Ok(None);
         };

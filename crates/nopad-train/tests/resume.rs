@@ -16,21 +16,11 @@ use nopad_train::{
     TrainConfig, TrainError,
 };
 
+mod common;
+
 /// A tiny run over 40 examples, so a few steps cross epoch boundaries.
 fn config(steps: u64, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::default_cpu();
-    c.model = ModelSource::Preset("tiny".into());
-    c.data = DataSource::Synthetic {
-        dist: LengthDist::FlanLike,
-        examples: 40,
-    };
-    c.max_len = 48;
-    c.batch_size = 4;
-    c.steps = Some(steps);
-    c.warmup = 3;
-    c.lr = 1e-2;
-    c.min_lr = 1e-3;
-    c.progress = false;
+    let mut c = common::tiny_run(steps, 40, 48, 4, 3);
     c.out = Some(out.to_path_buf());
     c
 }

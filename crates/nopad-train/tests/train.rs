@@ -7,23 +7,12 @@ use nopad_backend::cpu::Cpu;
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{pack_micro_batch, Example, Loader, LoaderOptions, PackOptions, Strategy};
 use nopad_train::{build_model, train_step, SingleProcess};
-use nopad_train::{evaluate, train, AdamWConfig, DataSource, ModelSource, Optimizer, TrainConfig};
+use nopad_train::{evaluate, train, AdamWConfig, ModelSource, Optimizer, TrainConfig};
+
+mod common;
 
 fn tiny_config(steps: u64) -> TrainConfig {
-    let mut c = TrainConfig::default_cpu();
-    c.model = ModelSource::Preset("tiny".into());
-    c.data = DataSource::Synthetic {
-        dist: LengthDist::FlanLike,
-        examples: 256,
-    };
-    c.max_len = 64;
-    c.batch_size = 8;
-    c.steps = Some(steps);
-    c.warmup = 2;
-    c.lr = 1e-2;
-    c.min_lr = 1e-3;
-    c.progress = false;
-    c
+    common::tiny_run(steps, 256, 64, 8, 2)
 }
 
 #[test]
