@@ -18,8 +18,10 @@ use nopad_backend::Backend;
 use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, IGNORE_INDEX};
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
-use nopad_train::trainer::{build_model, pad_token_id, train_step};
-use nopad_train::{evaluate, AdamWConfig, ModelSource, Optimizer};
+use nopad_train::{
+    accumulate, build_model, build_model_layers, evaluate, finish, pad_token_id, step_targets,
+    train_step, AdamWConfig, ModelSource, Optimizer, SingleProcess,
+};
 use serde::Serialize;
 
 pub use report::{markdown, profile_text, text};
@@ -165,22 +167,37 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Builds the model of a benchmark (with `layers` applied) on a backend.
 pub fn model<B: Backend>(b: &B, cfg: &BenchConfig) -> Result<nopad_model::Model<B>> {
-    match (&cfg.model, cfg.layers) {
-        (ModelSource::Preset(name), Some(l)) => {
-            let mut c = Config::preset(name).ok_or_else(|| {
-                nopad_train::TrainError::Config(format!("--model: unknown preset `{name}`"))
-            })?;
-            c.num_hidden_layers = l.min(c.num_hidden_layers).max(1);
-            let mut m = nopad_model::Model::new(b, c.clone())?;
-            let layout = m.layout.clone();
-            weights::init_random(&c, &layout, cfg.seed, |off, v| m.write_params(b, off, v))?;
-            Ok(m)
-        }
-        (source, None) => Ok(build_model(b, source, cfg.seed)?.0),
-        (ModelSource::Dir(_), Some(_)) => {
-            Err(nopad_train::TrainError::Config("--layers applies to presets only".into()).into())
-        }
-    }
+    let built = match cfg.layers {
+        Some(l) => build_model_layers(b, &cfg.model, cfg.seed, l)?,
+        None => build_model(b, &cfg.model, cfg.seed)?,
+    };
+    Ok(built.0)
+}
+
+/// The training data stream of a benchmark: `strategy`, from the start, shuffled by `cfg.seed`.
+fn loader(
+    cfg: &BenchConfig,
+    strategy: Strategy,
+    pad_token_id: i32,
+    train: &Arc<Vec<Example>>,
+    prefetch: usize,
+) -> Result<Loader> {
+    let pack = PackOptions {
+        strategy,
+        batch_size: cfg.batch_size,
+        max_len: cfg.max_len,
+        pad_token_id,
+        group_by_length: false,
+    };
+    let opts = LoaderOptions {
+        pack,
+        grad_accum: cfg.grad_accum,
+        seed: cfg.seed,
+        shuffle: true,
+        start: Default::default(),
+        prefetch,
+    };
+    Ok(Loader::new(train.clone(), opts)?)
 }
 
 /// Trains `cfg.warmup + cfg.steps` steps with `strategy` on `train`, then evaluates on `heldout`.
@@ -197,24 +214,7 @@ pub fn run_strategy<B: Backend>(
     let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1;
     model.set_grad_aliasing(b, aliasing)?;
     let pad_id = pad_token_id(&model.cfg);
-    let pack = PackOptions {
-        strategy,
-        batch_size: cfg.batch_size,
-        max_len: cfg.max_len,
-        pad_token_id: pad_id,
-        group_by_length: false,
-    };
-    let mut loader = Loader::new(
-        train.clone(),
-        LoaderOptions {
-            pack,
-            grad_accum: cfg.grad_accum,
-            seed: cfg.seed,
-            shuffle: true,
-            start: Default::default(),
-            prefetch: 4,
-        },
-    )?;
+    let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
     let steps_per_epoch = loader.steps_per_epoch();
     let adamw = AdamWConfig {
         weight_decay: 0.0,
@@ -230,7 +230,15 @@ pub fn run_strategy<B: Backend>(
             .next()
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
         let t0 = Instant::now();
-        let (loss, _, _) = train_step(b, &mut model, &mut opt, &step.batches, cfg.lr)?;
+        let loss = train_step(
+            b,
+            &SingleProcess,
+            &mut model,
+            &mut opt,
+            &step.batches,
+            cfg.lr,
+        )?
+        .loss;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         losses.push(loss);
@@ -301,19 +309,11 @@ fn profile_steps<B: Backend>(
         let step = loader
             .next()
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
-        let targets: usize = step.batches.iter().map(|x| x.stats.target_tokens).sum();
-        for batch in &step.batches {
-            model.forward(
-                b,
-                &nopad_train::trainer::inputs(batch),
-                Some(1.0 / targets.max(1) as f32),
-            )?;
-            model.backward(b)?;
-        }
+        let targets = step_targets::<B>(&SingleProcess, &step.batches)?;
+        accumulate(b, model, &step.batches, 1.0 / targets as f32)?;
         b.synchronize()?;
         let t = Instant::now();
-        model.take_loss_sum(b)?;
-        opt.update(b, model, cfg.lr)?;
+        finish(b, &SingleProcess, model, opt, targets, cfg.lr)?;
         b.synchronize()?;
         *extra.entry("adamw+clip").or_default() += t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -357,24 +357,8 @@ pub fn export<B: Backend>(
         4 << 30,
         |r| Ok(b.read(&model.params, r)?),
     )?;
-    let pack = PackOptions {
-        strategy: Strategy::Flatten,
-        batch_size: cfg.batch_size,
-        max_len: cfg.max_len,
-        pad_token_id: pad_token_id(&model.cfg),
-        group_by_length: false,
-    };
-    let mut loader = Loader::new(
-        train.clone(),
-        LoaderOptions {
-            pack,
-            grad_accum: cfg.grad_accum,
-            seed: cfg.seed,
-            shuffle: true,
-            start: Default::default(),
-            prefetch: 2,
-        },
-    )?;
+    let pad_id = pad_token_id(&model.cfg);
+    let mut loader = loader(cfg, Strategy::Flatten, pad_id, train, 2)?;
     let path = dir.join("steps.jsonl");
     let mut f =
         std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| out_err(&path, &e))?);

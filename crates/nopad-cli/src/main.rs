@@ -3,14 +3,16 @@
 //! This crate is glue: it parses arguments (and TOML config files), picks the backend, and calls
 //! the library crates. With no arguments it trains the built-in default (the `small` preset on
 //! synthetic FLAN-like data with the `flatten` strategy).
+//!
+//! Entry points: `main` dispatches to `cmd::{train,eval,stats,bench}::run`; each builds its
+//! library configuration and runs it on the backend `device.rs` picks (`run_on`).
 
-mod bench;
+mod cmd;
 mod device;
-mod eval_cmd;
-mod stats;
-mod train_args;
 
 use clap::{Parser, Subcommand};
+
+use cmd::{bench, eval, stats, train};
 
 /// Fine-tune Llama-family language models with padding-free packing and varlen attention.
 #[derive(Parser, Debug)]
@@ -23,9 +25,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a model (the default command; with no flags, the built-in CPU demo).
-    Train(Box<train_args::TrainArgs>),
+    Train(Box<train::TrainArgs>),
     /// Token-weighted loss of a model over a pretokenized JSONL file.
-    Eval(eval_cmd::EvalArgs),
+    Eval(eval::EvalArgs),
     /// What each packing strategy would do with a data set (rows, padding, steps, Σlen²).
     Stats(stats::StatsArgs),
     /// Train with every strategy on the same examples and compare speed, memory and loss.
@@ -35,9 +37,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => train_args::run(&train_args::TrainArgs::default()),
-        Some(Command::Train(args)) => train_args::run(&args),
-        Some(Command::Eval(args)) => eval_cmd::run(&args),
+        None => train::run(&train::TrainArgs::default()),
+        Some(Command::Train(args)) => train::run(&args),
+        Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Stats(args)) => stats::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
     };

@@ -1,7 +1,7 @@
 //! Where every parameter lives in the one flat parameter buffer (and, at the same offsets, in the
 //! gradient and optimizer buffers), under its Hugging Face name.
 //!
-//! Two deliberate choices:
+//! Three deliberate choices:
 //! - q, k and v projections of a layer are adjacent rows of one `[(H + 2·Hkv)·Dh, D]` matrix, and
 //!   gate and up of one `[2F, D]` matrix, so each is one GEMM. Their HF tensors are row ranges of it.
 //! - All weight matrices come first and all norms and biases after them, so AdamW's two groups
@@ -11,6 +11,11 @@
 //!   gradients may cover only activations of the layers above `l` (dead by the time the backward
 //!   reaches `l`), so the lowest layer's come first; the head's gradient, written in the
 //!   forward, and the norms' lie above every activation.
+//!
+//! The same buffer is also cut into [`ParamGroup`]s, the unit an optimizer updates, freezes,
+//! keeps in another precision or places on another rank: one per decoder layer, the embedding,
+//! the output head (when untied) and the final norm. A group is a set of ranges, split into
+//! those that take weight decay and those that do not; the groups tile the buffer.
 
 use std::ops::Range;
 
@@ -80,6 +85,73 @@ pub struct Layout {
     pub total: usize,
     /// Every HF tensor, in checkpoint order.
     pub tensors: Vec<TensorSpec>,
+    /// The parameter groups, in the order the backward completes their gradients.
+    pub groups: Vec<ParamGroup>,
+}
+
+/// Which part of the model a [`ParamGroup`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GroupKind {
+    /// The untied output head (its gradient is written by the training forward).
+    Head,
+    /// The final norm.
+    FinalNorm,
+    /// Decoder layer `l`: its matrices, norms and biases.
+    Layer(usize),
+    /// The token embedding (and the output head when tied).
+    Embedding,
+}
+
+impl std::fmt::Display for GroupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupKind::Head => write!(f, "lm_head"),
+            GroupKind::FinalNorm => write!(f, "norm"),
+            GroupKind::Layer(l) => write!(f, "layer.{l}"),
+            GroupKind::Embedding => write!(f, "embed"),
+        }
+    }
+}
+
+/// A set of parameters updated together, as ranges of the flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamGroup {
+    /// What it holds.
+    pub kind: GroupKind,
+    /// Ranges that take weight decay (matrices), ascending, non-adjacent.
+    pub decay: Vec<Range<usize>>,
+    /// Ranges that take none (norms and biases, as HF Trainer splits them), ascending,
+    /// non-adjacent.
+    pub no_decay: Vec<Range<usize>>,
+}
+
+impl ParamGroup {
+    /// Elements in the group.
+    pub fn len(&self) -> usize {
+        self.ranges().map(|(r, _)| r.len()).sum()
+    }
+
+    /// Whether the group holds no parameter.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every range with whether it takes weight decay, decayed ranges first.
+    pub fn ranges(&self) -> impl Iterator<Item = (Range<usize>, bool)> + '_ {
+        let d = self.decay.iter().map(|r| (r.clone(), true));
+        d.chain(self.no_decay.iter().map(|r| (r.clone(), false)))
+    }
+}
+
+/// Appends `r` to ascending ranges, merging it with the last one where they touch.
+fn push_range(v: &mut Vec<Range<usize>>, r: Range<usize>) {
+    if r.is_empty() {
+        return;
+    }
+    match v.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => v.push(r),
+    }
 }
 
 struct Alloc {
@@ -183,6 +255,7 @@ impl Layout {
             });
         }
         let norm = a.take("model.norm.weight".into(), vec![d]);
+        let groups = groups(&layers, &embed, &lm_head, &norm);
         Layout {
             embed,
             layers,
@@ -191,7 +264,13 @@ impl Layout {
             decay_end,
             total: a.next,
             tensors: a.tensors,
+            groups,
         }
+    }
+
+    /// The group of a kind, if the model has one (a tied model has no `Head`).
+    pub fn group(&self, kind: GroupKind) -> Option<&ParamGroup> {
+        self.groups.iter().find(|g| g.kind == kind)
     }
 
     /// Ranges of the norm weights (initialised to 1; everything else is random or zero).
@@ -213,6 +292,53 @@ impl Layout {
             .flatten()
             .collect()
     }
+}
+
+/// The groups in the order the backward completes them: the untied head (written by the
+/// training forward), the final norm, the layers from the top down, the embedding (which, tied,
+/// is also the head).
+fn groups(
+    layers: &[LayerRanges],
+    embed: &Range<usize>,
+    lm_head: &Range<usize>,
+    norm: &Range<usize>,
+) -> Vec<ParamGroup> {
+    let single = |kind, r: &Range<usize>, decay: bool| {
+        let (mut d, mut nd) = (vec![], vec![]);
+        push_range(if decay { &mut d } else { &mut nd }, r.clone());
+        ParamGroup {
+            kind,
+            decay: d,
+            no_decay: nd,
+        }
+    };
+    let mut v = Vec::with_capacity(layers.len() + 3);
+    if lm_head != embed {
+        v.push(single(GroupKind::Head, lm_head, true));
+    }
+    v.push(single(GroupKind::FinalNorm, norm, false));
+    for (l, lr) in layers.iter().enumerate().rev() {
+        let mut g = ParamGroup {
+            kind: GroupKind::Layer(l),
+            decay: vec![],
+            no_decay: vec![],
+        };
+        for r in [&lr.qkv_w, &lr.o_w, &lr.gate_up_w, &lr.down_w] {
+            push_range(&mut g.decay, r.clone());
+        }
+        let vecs = [
+            Some(&lr.ln1),
+            Some(&lr.ln2),
+            lr.qkv_b.as_ref(),
+            lr.o_b.as_ref(),
+        ];
+        for r in vecs.into_iter().flatten() {
+            push_range(&mut g.no_decay, r.clone());
+        }
+        v.push(g);
+    }
+    v.push(single(GroupKind::Embedding, embed, true));
+    v
 }
 
 #[cfg(test)]
@@ -239,6 +365,48 @@ mod tests {
                 l.tensors.iter().any(|t| t.name == "lm_head.weight"),
                 !c.tie_word_embeddings
             );
+        }
+    }
+
+    #[test]
+    fn groups_tile_the_buffer_with_the_decay_split() {
+        for name in ["tiny", "qwen2.5-0.5b", "llama-2-7b"] {
+            let c = Config::preset(name).unwrap();
+            let l = Layout::new(&c);
+            let mut all: Vec<(Range<usize>, bool)> =
+                l.groups.iter().flat_map(|g| g.ranges()).collect();
+            all.sort_by_key(|(r, _)| r.start);
+            let mut next = 0;
+            for (r, decay) in &all {
+                assert_eq!(r.start, next, "{name}: groups leave a gap or overlap");
+                assert_eq!(*decay, r.end <= l.decay_end, "{name}: {r:?}");
+                next = r.end;
+            }
+            assert_eq!(next, l.total, "{name}");
+            let sum: usize = l.groups.iter().map(|g| g.len()).sum();
+            assert_eq!(sum, l.total, "{name}");
+            // Backward order: the layers from the top down, the embedding last.
+            let kinds: Vec<GroupKind> = l.groups.iter().map(|g| g.kind).collect();
+            let n = c.num_hidden_layers;
+            assert_eq!(kinds.last(), Some(&GroupKind::Embedding));
+            assert_eq!(kinds.contains(&GroupKind::Head), !c.tie_word_embeddings);
+            let layers: Vec<usize> = kinds
+                .iter()
+                .filter_map(|k| match k {
+                    GroupKind::Layer(i) => Some(*i),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(layers, (0..n).rev().collect::<Vec<_>>(), "{name}");
+            // A layer's group is exactly its tensors.
+            let g = l.group(GroupKind::Layer(0)).unwrap();
+            let of_layer: usize = l
+                .tensors
+                .iter()
+                .filter(|t| t.name.starts_with("model.layers.0."))
+                .map(|t| t.len())
+                .sum();
+            assert_eq!(g.len(), of_layer, "{name}");
         }
     }
 }

@@ -21,8 +21,8 @@ pub mod weights;
 pub use config::{Arch, Config, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
 pub use layer::{LayerActs, Scratch};
-pub use layout::{Layout, TensorSpec};
-pub use model::{Acts, Inputs, Model};
+pub use layout::{GroupKind, Layout, ParamGroup, TensorSpec};
+pub use model::{Acts, GroupGrads, Inputs, Model};
 pub use recompute::Recompute;
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The decoder's explicit forward and backward, written once against [`Backend`].
 //!
-//! Like llm.c there is no autograd: [`Model::forward`] saves the activations each layer's
+//! Like llm.c there is no autograd: [`Model::forward_train`] saves the activations each layer's
 //! backward needs in named buffers ([`LayerActs`]), and [`Model::backward`] walks the layers in
 //! reverse, a page of code that reads line by line against the forward. The first micro-batch
 //! after [`Model::zero_grads`] *writes* the parameter gradients (no zeroing pass), the following
@@ -19,14 +19,15 @@ use nopad_backend::{AttnDims, Backend, GradWrite, Kind, LinearDims};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::layer;
-use crate::layout::Layout;
+use crate::layout::{GroupKind, Layout, ParamGroup};
 use crate::profile::Profile;
 use crate::recompute::Recompute;
 
 mod acts;
 pub use acts::Acts;
 
-/// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward`]).
+/// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward_train`] and
+/// [`Model::forward_eval`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {
     /// `[N]` token ids.
@@ -39,6 +40,37 @@ pub struct Inputs<'a> {
     pub cu_seqlens: &'a [i32],
     /// Longest segment.
     pub max_seqlen: usize,
+}
+
+/// What [`Model::backward_with`] hands its hook once a parameter group's gradient is written.
+pub struct GroupGrads<'a, B: Backend> {
+    /// The group's index in [`Layout::groups`].
+    pub index: usize,
+    /// The group.
+    pub group: &'a ParamGroup,
+    /// `[P]` every parameter; the hook may write the group's ranges only.
+    pub params: &'a mut B::Buf,
+    /// `[P]` every gradient; the group's ranges are written for this backward.
+    pub grads: &'a B::Buf,
+}
+
+/// Calls `hook` for the group of `kind`.
+fn group_ready<B: Backend, E: From<ModelError>>(
+    layout: &Layout,
+    kind: GroupKind,
+    params: &mut B::Buf,
+    grads: &B::Buf,
+    hook: &mut impl FnMut(GroupGrads<'_, B>) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let Some(index) = layout.groups.iter().position(|g| g.kind == kind) else {
+        return Err(ModelError::Input(format!("no parameter group {kind} in the layout")).into());
+    };
+    hook(GroupGrads {
+        index,
+        group: &layout.groups[index],
+        params,
+        grads,
+    })
 }
 
 /// Device copies of one micro-batch's integer arrays, plus its shape.
@@ -132,7 +164,8 @@ impl<B: Backend> Model<B> {
         self.recompute = mode;
     }
 
-    /// Times every op of the following passes (synchronising the device at each boundary).
+    /// Times every op of the following passes with device timestamps at each boundary
+    /// (nothing waits for the device; see [`crate::profile`]).
     pub fn set_profiling(&mut self, on: bool) {
         self.profile.set_enabled(on);
     }
@@ -279,11 +312,21 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Forward pass over one micro-batch; adds its loss sum to the running total
-    /// ([`Model::take_loss_sum`]). With `grad_scale = Some(s)` the output head's gradient
-    /// (scaled by `s` = 1 / target tokens of the optimizer step) is computed on the way and
-    /// [`Model::backward`] may follow; with `None` this is evaluation only.
-    pub fn forward(&mut self, b: &B, x: &Inputs<'_>, grad_scale: Option<f32>) -> Result<()> {
+    /// Training forward pass over one micro-batch: adds its loss sum to the running total
+    /// ([`Model::take_loss_sum`]) and computes the output head's gradient on the way, scaled by
+    /// `scale` (1 / target tokens of the optimizer step); [`Model::backward`] follows.
+    pub fn forward_train(&mut self, b: &B, x: &Inputs<'_>, scale: f32) -> Result<()> {
+        self.forward(b, x, Some(scale))
+    }
+
+    /// Evaluation forward pass over one micro-batch: adds its loss sum to the running total
+    /// ([`Model::take_loss_sum`]) and touches no gradient.
+    pub fn forward_eval(&mut self, b: &B, x: &Inputs<'_>) -> Result<()> {
+        self.forward(b, x, None)
+    }
+
+    /// The forward of both: `grad_scale = Some(s)` for training, `None` for evaluation.
+    fn forward(&mut self, b: &B, x: &Inputs<'_>, grad_scale: Option<f32>) -> Result<()> {
         if grad_scale.is_some() {
             self.check_grads()?;
         }
@@ -380,14 +423,39 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Backward pass of the last training [`Model::forward`]: accumulates every parameter's
+    /// Backward pass of the last [`Model::forward_train`]: accumulates every parameter's
     /// gradient into `grads`.
     pub fn backward(&mut self, b: &B) -> Result<()> {
+        self.backward_with(b, |_| Ok::<(), ModelError>(()))
+    }
+
+    /// [`Model::backward`], calling `on_group` for each parameter group ([`Layout::groups`]) as
+    /// soon as this backward has written the group's gradient, in the order of the groups: the
+    /// untied head, the final norm, the layers from the top down, the embedding. This is the seam
+    /// for optimizer-in-backward and gradient buckets. The gradient handed over is the sum of the
+    /// micro-batches since [`Model::zero_grads`]: final for the step in its last micro-batch.
+    ///
+    /// What the hook may do, and why that is safe: by the time a group is handed over, the rest
+    /// of this backward reads neither its parameters (a layer's weights are read only by that
+    /// layer's recomputation and backward, the head's only by the forward, and a tied head is
+    /// the embedding, handed over last) nor writes its gradient again. So the hook may write the
+    /// group's ranges of `params` (and anything outside the model: moments, master weights) and
+    /// read the group's gradient. With gradient aliasing ([`Model::set_grad_aliasing`]) the
+    /// group's gradient lies over the saved activations of the layers above it, which are dead
+    /// and not written again in this backward (that is what makes the aliasing correct for an
+    /// update after the backward too), so the hook reads the same bytes it would read later. The
+    /// hook must not write other groups' ranges: lower layers still read their parameters.
+    pub fn backward_with<E>(
+        &mut self,
+        b: &B,
+        mut on_group: impl FnMut(GroupGrads<'_, B>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E>
+    where
+        E: From<ModelError> + From<nopad_backend::BackendError>,
+    {
         self.check_grads()?;
         let (GradState::Pending(acc), Some(up)) = (self.grad_state, self.saved.take()) else {
-            return Err(ModelError::Input(
-                "backward without a training forward".into(),
-            ));
+            return Err(ModelError::Input("backward without a training forward".into()).into());
         };
         let n = up.attn.n;
         let c = &self.cfg;
@@ -396,9 +464,20 @@ impl<B: Backend> Model<B> {
             .acts
             .as_mut()
             .expect("a forward allocated the activations");
-        let (p, g) = (&self.params, &mut self.grads);
+        let g = &mut self.grads;
         let prof = &mut self.profile;
         prof.start(b)?;
+        // The untied head's gradient is complete since the forward.
+        if self.layout.embed != self.layout.lm_head {
+            group_ready(
+                &self.layout,
+                GroupKind::Head,
+                &mut self.params,
+                g,
+                &mut on_group,
+            )?;
+        }
+        let p = &self.params;
         let nd = 0..n * d;
         // Final norm: d_h holds ∂loss/∂hf from the fused head.
         b.zero(b.view_mut(&mut acts.s.d_res, nd.clone()))?;
@@ -415,24 +494,28 @@ impl<B: Backend> Model<B> {
             write: acc,
         })?;
         prof.mark(b, "rmsnorm bwd")?;
+        group_ready(
+            &self.layout,
+            GroupKind::FinalNorm,
+            &mut self.params,
+            g,
+            &mut on_group,
+        )?;
         let recompute = self.recompute == Recompute::Full;
-        let cx = layer::Ctx {
-            b,
-            c,
-            p,
-            inv_freq: &self.inv_freq,
-            positions: &up.positions,
-            cu_seqlens: &up.cu_seqlens,
-            attn: up.attn,
-            n,
-            mlp_recompute: false,
-            grad_write: acc,
-        };
         let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate().rev() {
+            // Built per layer: the hook below may write this layer's parameters.
             let cx = layer::Ctx {
+                b,
+                c,
+                p: &self.params,
+                inv_freq: &self.inv_freq,
+                positions: &up.positions,
+                cu_seqlens: &up.cu_seqlens,
+                attn: up.attn,
+                n,
                 mlp_recompute: mode.mlp_in_layer(l),
-                ..cx
+                grad_write: acc,
             };
             if recompute {
                 // Rebuild this layer's saved activations from its input residual stream.
@@ -448,6 +531,13 @@ impl<B: Backend> Model<B> {
             }
             let la = &mut acts.layers[if recompute { 0 } else { l }];
             layer::backward(&cx, lr, la, &mut acts.s, g, &acts.res[l], prof)?;
+            group_ready(
+                &self.layout,
+                GroupKind::Layer(l),
+                &mut self.params,
+                g,
+                &mut on_group,
+            )?;
         }
         if acc == GradWrite::Overwrite && self.layout.embed != self.layout.lm_head {
             // The embedding backward adds; untied, nothing wrote this step's embedding gradient.
@@ -462,7 +552,13 @@ impl<B: Backend> Model<B> {
         })?;
         prof.mark(b, "embedding bwd")?;
         self.grad_state = GradState::Written;
-        Ok(())
+        group_ready(
+            &self.layout,
+            GroupKind::Embedding,
+            &mut self.params,
+            &self.grads,
+            &mut on_group,
+        )
     }
 
     /// `[N, D]` gradient of the loss with respect to the embedded inputs after the last

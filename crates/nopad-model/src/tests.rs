@@ -145,7 +145,7 @@ fn loss_and_grads<T: Scalar>(
 ) -> (f64, Vec<f64>) {
     m.zero_grads(b).unwrap();
     for p in batches {
-        m.forward(b, &p.inputs(), Some(scale)).unwrap();
+        m.forward_train(b, &p.inputs(), scale).unwrap();
         m.backward(b).unwrap();
     }
     let loss = m.take_loss_sum(b).unwrap();
@@ -181,8 +181,13 @@ fn a_step_overwrites_stale_gradients_and_aliasing_refuses_a_second_micro_batch()
         let (l2, g2) = loss_and_grads(&b, &mut m, &[&p], 0.1);
         assert!(l2 == l0 && same_bits(&g2, &g0), "tied={tied}");
         // A second micro-batch, or any forward, would write over the gradients: refused.
-        for train in [Some(0.1), None] {
-            let err = m.forward(&b, &q.inputs(), train).unwrap_err().to_string();
+        for train in [true, false] {
+            let r = if train {
+                m.forward_train(&b, &q.inputs(), 0.1)
+            } else {
+                m.forward_eval(&b, &q.inputs())
+            };
+            let err = r.unwrap_err().to_string();
             assert!(err.contains("aliasing"), "{err}");
         }
         assert!(
@@ -193,12 +198,12 @@ fn a_step_overwrites_stale_gradients_and_aliasing_refuses_a_second_micro_batch()
         // Zeroed gradients read as zeros; a backward needs its forward.
         assert!(m.grads(&b).unwrap().iter().all(|&v| v == 0.0));
         assert!(m.backward(&b).is_err());
-        m.forward(&b, &q.inputs(), Some(0.1)).unwrap();
+        m.forward_train(&b, &q.inputs(), 0.1).unwrap();
         assert!(
             m.grads(&b).is_err(),
             "incomplete while the backward is pending"
         );
-        assert!(m.forward(&b, &p.inputs(), Some(0.1)).is_err());
+        assert!(m.forward_train(&b, &p.inputs(), 0.1).is_err());
         m.backward(&b).unwrap();
         // Without aliasing, two micro-batches add up.
         m.zero_grads(&b).unwrap();
@@ -225,7 +230,7 @@ fn finite_differences_for_every_parameter_kind_and_the_input_path() {
         let p = flatten(&exs);
         let (_, grads) = loss_and_grads(&b, &mut m, &[&p], 1.0);
         let eval = |m: &mut Model<Cpu<f64>>| {
-            m.forward(&b, &p.inputs(), None).unwrap();
+            m.forward_eval(&b, &p.inputs()).unwrap();
             m.take_loss_sum(&b).unwrap()
         };
         let h = 1e-5;
@@ -340,7 +345,7 @@ fn attention_that_crosses_examples_changes_the_loss() {
     leak.cu = vec![0, 24];
     leak.max = 24;
     let eval = |m: &mut Model<Cpu<f32>>, p: &Packed| {
-        m.forward(&b, &p.inputs(), None).unwrap();
+        m.forward_eval(&b, &p.inputs()).unwrap();
         m.take_loss_sum(&b).unwrap()
     };
     let (li, ll) = (eval(&mut m, &iso), eval(&mut m, &leak));
@@ -452,7 +457,7 @@ fn sliding_window_longer_sequences_are_refused() {
     let mut m = model(&b, cfg.clone(), 1);
     let exs = examples(&mut Rng::new(2), &[6], cfg.vocab_size);
     let err = m
-        .forward(&b, &flatten(&exs).inputs(), None)
+        .forward_eval(&b, &flatten(&exs).inputs())
         .unwrap_err()
         .to_string();
     assert!(
@@ -518,11 +523,11 @@ fn an_evaluation_model_holds_no_gradients_and_gives_the_same_loss() {
         };
         let layout = m.layout.clone();
         crate::weights::init_random(&cfg, &layout, 3, |off, v| m.write_params(&b, off, v)).unwrap();
-        m.forward(&b, &p.inputs(), None).unwrap();
+        m.forward_eval(&b, &p.inputs()).unwrap();
         let loss = m.take_loss_sum(&b).unwrap();
         if eval {
             let err = m
-                .forward(&b, &p.inputs(), Some(1.0))
+                .forward_train(&b, &p.inputs(), 1.0)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("evaluation"), "{err}");

@@ -102,7 +102,7 @@ fn run<B: Backend>(
     // (and, aliased, activations written over them) and must overwrite all of it.
     for _ in 0..2 {
         m.zero_grads(b).unwrap();
-        m.forward(b, &inputs, Some(1.0 / targets as f32)).unwrap();
+        m.forward_train(b, &inputs, 1.0 / targets as f32).unwrap();
         m.backward(b).unwrap();
     }
     let loss = m.take_loss_sum(b).unwrap() / (2 * targets) as f64;

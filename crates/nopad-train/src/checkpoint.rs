@@ -31,7 +31,8 @@ use serde_json::json;
 use crate::error::{io, Result, TrainError};
 use crate::identity::RunIdentity;
 use crate::optimizer::Optimizer;
-use crate::records::EvalRecord;
+use crate::records::{Counters, EvalRecord, History};
+use crate::schedule::Schedule;
 
 /// Version of the checkpoint layout; resuming refuses any other. 2: the optimizer moments follow
 /// the parameter order with the layers' matrices before the embedding (`nopad_model::Layout`).
@@ -58,8 +59,8 @@ pub struct ScheduleState {
     pub decay: String,
 }
 
-impl From<&crate::schedule::Schedule> for ScheduleState {
-    fn from(s: &crate::schedule::Schedule) -> Self {
+impl From<&Schedule> for ScheduleState {
+    fn from(s: &Schedule) -> Self {
         ScheduleState {
             lr: s.lr,
             min_lr: s.min_lr,
@@ -68,23 +69,6 @@ impl From<&crate::schedule::Schedule> for ScheduleState {
             decay: s.decay.name().into(),
         }
     }
-}
-
-/// Running totals of a run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counters {
-    /// Steps whose update was skipped (non-finite loss or gradient norm).
-    pub skipped_steps: u64,
-    /// Of those, how many in a row up to now.
-    pub bad_in_a_row: u64,
-    /// Real tokens trained on.
-    pub real_tokens: usize,
-    /// Pad tokens laid out.
-    pub pad_tokens: usize,
-    /// Target tokens.
-    pub target_tokens: usize,
-    /// Seconds spent in steps.
-    pub train_seconds: f64,
 }
 
 /// `trainer_state.json`: where the run stands, and what it is.
@@ -112,6 +96,43 @@ pub struct TrainerState {
     pub evals: Vec<EvalRecord>,
     /// What the run is: resuming refuses a checkpoint of another run.
     pub identity: RunIdentity,
+}
+
+impl TrainerState {
+    /// The state after `step`, the data stream at `data_position`: what a checkpoint written
+    /// then holds.
+    pub(crate) fn at(
+        step: u64,
+        optimizer_step: u64,
+        data_position: DataPosition,
+        steps_per_epoch: usize,
+        schedule: &Schedule,
+        history: &History,
+        identity: &RunIdentity,
+    ) -> Self {
+        TrainerState {
+            format: FORMAT,
+            nopad_version: env!("CARGO_PKG_VERSION").into(),
+            step,
+            optimizer_step,
+            data_position,
+            steps_per_epoch,
+            schedule: ScheduleState::from(schedule),
+            counters: history.counters.clone(),
+            losses: history.losses.clone(),
+            evals: history.evals.clone(),
+            identity: identity.clone(),
+        }
+    }
+
+    /// The run's history as this state holds it.
+    pub(crate) fn history(&self) -> History {
+        History {
+            counters: self.counters.clone(),
+            losses: self.losses.clone(),
+            evals: self.evals.clone(),
+        }
+    }
 }
 
 /// Flushes a directory's entries (new names, renames) to disk.

@@ -8,7 +8,7 @@ use nopad_model::Model;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::trainer::inputs;
+use crate::step::eval_step;
 
 /// Result of an evaluation.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -29,11 +29,7 @@ pub fn evaluate<B: Backend>(
     let mut tokens = 0;
     model.take_loss_sum(b)?;
     for batch in eval_batches(examples, pack) {
-        if batch.stats.target_tokens == 0 {
-            continue;
-        }
-        tokens += batch.stats.target_tokens;
-        model.forward(b, &inputs(&batch), None)?;
+        tokens += eval_step(b, model, &batch)?;
     }
     let sum = model.take_loss_sum(b)?;
     Ok(EvalResult {

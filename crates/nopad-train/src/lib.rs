@@ -1,31 +1,49 @@
 //! nopad-train: the training loop over a [`nopad_model::Model`] on any backend: token-weighted
-//! loss across gradient accumulation, AdamW with clipping, learning-rate schedules, evaluation,
-//! per-step metrics, the run summary, and checkpoints a run resumes from exactly.
+//! loss across gradient accumulation, AdamW over parameter groups with clipping, learning-rate
+//! schedules, evaluation, per-step metrics, the run summary, and checkpoints a run resumes from
+//! exactly.
 //!
-//! Module map: `trainer` (the loop, [`train`]), `config` ([`TrainConfig`]), `optimizer`,
-//! `schedule`, `eval`, `records` (step and eval records, [`Summary`]), `checkpoint` (layout,
-//! atomic saves, `latest`, restore), `identity` (what must match to resume), `signals`
-//! (SIGINT/SIGTERM → a graceful stop), `runlog` (the JSON-lines log).
+//! Brief overview: [`train`] runs a [`TrainConfig`] and returns a [`Summary`]. It opens a session
+//! (`session`: resume, model, data, identity, loader, schedule), then loops over
+//! [`train_step`] (`step`, shared with [`evaluate`] and `nopad bench`), logging, evaluation and
+//! checkpoints (`trainer`). [`Optimizer`] updates the model's parameter groups, one at a time if
+//! asked ([`Optimizer::update_group`]); [`Collective`] is what ranks exchange ([`SingleProcess`]
+//! for one). Other modules: `config`, `schedule`, `records` (step and eval records, the run's
+//! history, [`Summary`]), `identity` (what must match to resume), `signals` (SIGINT/SIGTERM → a
+//! graceful stop), `runlog` (the JSON-lines log), `error`.
+//!
+//! Every module is private and the API is the `pub use` block below, except [`checkpoint`]: the
+//! checkpoint directory format, whose free functions (`latest`, `load_state`, …) read best
+//! under their module's name.
 
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+mod collective;
 mod config;
 mod error;
-pub mod eval;
-pub mod identity;
-pub mod optimizer;
+mod eval;
+mod identity;
+mod optimizer;
 mod records;
 mod runlog;
-pub mod schedule;
-pub mod signals;
-pub mod trainer;
+mod schedule;
+mod session;
+mod signals;
+mod step;
+mod trainer;
 
+pub use collective::{Collective, SingleProcess};
 pub use config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
-pub use optimizer::{AdamWConfig, Optimizer};
-pub use records::{EvalRecord, StepRecord, StopReason, Summary};
+pub use identity::{config_hash, RunIdentity};
+pub use optimizer::{AdamWConfig, GroupSettings, Optimizer, Placement, StatePrecision, UpdateInfo};
+pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
-pub use signals::Interrupt;
+pub use session::{
+    build_eval_model, build_model, build_model_layers, load_data, model_config, pad_token_id,
+};
+pub use signals::{install as install_signal_handlers, Interrupt};
+pub use step::{accumulate, eval_step, finish, inputs, step_targets, train_step, StepOutcome};
 pub use trainer::train;

@@ -1,11 +1,20 @@
-//! AdamW over the flat parameter buffer: fp32 moments (and an fp32 master copy where the backend
-//! computes in lower precision), global gradient-norm clipping, and two groups (weight decay on
-//! matrices, none on norms and biases, as HF Trainer does).
+//! AdamW over the model's parameter groups ([`nopad_model::Layout::groups`]): fp32 moments (and
+//! an fp32 master copy where the backend computes in lower precision), global gradient-norm
+//! clipping, weight decay on matrices and none on norms and biases (as HF Trainer splits them).
+//!
+//! Each group has settings of its own ([`GroupSettings`]: trainable or frozen, the precision and
+//! placement of its state, the rank that owns it), the seam for frozen weights, optimizer-state
+//! memory modes and sharding. [`Optimizer::update_group`] updates one group, so it can run from
+//! [`nopad_model::Model::backward_with`] as soon as the group's gradient is complete;
+//! [`Optimizer::update`] is the global gradient norm plus every group this rank owns.
+
+use std::ops::Range;
 
 use nopad_backend::{AdamW, AdamWStep, Backend, Kind};
-use nopad_model::Model;
+use nopad_model::{GroupGrads, GroupKind, Model, ParamGroup};
 
-use crate::error::Result;
+use crate::collective::Collective;
+use crate::error::{Result, TrainError};
 
 /// Hyper-parameters that stay fixed for a run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,6 +52,49 @@ pub struct UpdateInfo {
     pub applied: bool,
 }
 
+/// How a group's optimizer state (moments, master weights) is stored. Only fp32 exists; the
+/// memory modes of later issues (bf16 moments, 8-bit states) become variants here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StatePrecision {
+    /// fp32 moments and master weights.
+    #[default]
+    F32,
+}
+
+/// Where a group's optimizer state lives. Only the device exists; host offload becomes a variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Placement {
+    /// In the backend's memory, beside the parameters.
+    #[default]
+    Device,
+}
+
+/// What the optimizer does with one parameter group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Updated by the optimizer (false: frozen, its parameters never change).
+    pub trainable: bool,
+    /// How its state is stored.
+    pub precision: StatePrecision,
+    /// Where its state lives.
+    pub placement: Placement,
+    /// The rank that updates it ([`crate::Collective::rank`]); others skip it.
+    pub owner: usize,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            trainable: true,
+            precision: StatePrecision::F32,
+            placement: Placement::Device,
+            owner: 0,
+        }
+    }
+}
+
 /// Optimizer state.
 pub struct Optimizer<B: Backend> {
     /// Settings.
@@ -54,12 +106,15 @@ pub struct Optimizer<B: Backend> {
     /// `[P]` fp32 master weights (in the backend's form, see `Backend::master_new`), when the
     /// backend's Compute type is narrower.
     pub master: Option<B::Buf>,
-    /// Updates applied so far.
+    /// Updates applied so far (AdamW's step number of the last update).
     pub step: u64,
+    /// The model's parameter groups, and what to do with each (same order).
+    groups: Vec<(ParamGroup, GroupSettings)>,
 }
 
 impl<B: Backend> Optimizer<B> {
-    /// Fresh state for a model (moments zero, master copied from the parameters).
+    /// Fresh state for a model (moments zero, master copied from the parameters), every group
+    /// trainable with the default settings.
     pub fn new(b: &B, model: &Model<B>, cfg: AdamWConfig) -> Result<Self> {
         let n = model.layout.total;
         let m = b.alloc(n, Kind::Master)?;
@@ -69,27 +124,91 @@ impl<B: Backend> Optimizer<B> {
         } else {
             None
         };
+        let groups = model
+            .layout
+            .groups
+            .iter()
+            .map(|g| (g.clone(), GroupSettings::default()))
+            .collect();
         Ok(Optimizer {
             cfg,
             m,
             v,
             master,
             step: 0,
+            groups,
         })
     }
 
-    /// The global L2 norm of the accumulated gradients.
-    pub fn grad_norm(&self, b: &B, model: &mut Model<B>) -> Result<f64> {
-        let n = model.layout.total;
-        let g = model.grads(b)?;
-        Ok(b.sum_squares(b.view(g, 0..n), n)?.sqrt())
+    /// The parameter groups and their settings, in [`nopad_model::Layout::groups`] order.
+    pub fn groups(&self) -> impl Iterator<Item = (&ParamGroup, &GroupSettings)> {
+        self.groups.iter().map(|(g, s)| (g, s))
     }
 
-    /// Applies one update with learning rate `lr` (clipping by the global norm) unless the
-    /// gradient norm is not finite, in which case nothing changes. Gradients are left as they
-    /// are; the caller zeroes them.
-    pub fn update(&mut self, b: &B, model: &mut Model<B>, lr: f64) -> Result<UpdateInfo> {
-        let norm = self.grad_norm(b, model)?;
+    /// Replaces the settings of the group of `kind`.
+    pub fn set_group(&mut self, kind: GroupKind, settings: GroupSettings) -> Result<()> {
+        match self.groups.iter_mut().find(|(g, _)| g.kind == kind) {
+            Some((_, s)) => {
+                *s = settings;
+                Ok(())
+            }
+            None => Err(TrainError::Config(format!(
+                "the model has no parameter group `{kind}`"
+            ))),
+        }
+    }
+
+    /// Maximal runs of adjacent ranges of the trainable groups that `rank` owns, in buffer
+    /// order, with their weight decay; ranges with a different decay stay apart when
+    /// `split_decay`. On the default layout: `0..decay_end` and `decay_end..total`, the two
+    /// ranges of one flat AdamW.
+    fn runs(&self, rank: usize, split_decay: bool) -> Vec<(Range<usize>, bool)> {
+        let mut all: Vec<(Range<usize>, bool)> = self
+            .groups
+            .iter()
+            .filter(|(_, s)| s.trainable && s.owner == rank)
+            .flat_map(|(g, _)| g.ranges())
+            .collect();
+        all.sort_by_key(|(r, _)| r.start);
+        let mut runs: Vec<(Range<usize>, bool)> = Vec::with_capacity(2);
+        for (r, decay) in all {
+            match runs.last_mut() {
+                Some((last, d)) if last.end == r.start && (*d == decay || !split_decay) => {
+                    last.end = r.end
+                }
+                _ => runs.push((r, decay)),
+            }
+        }
+        runs
+    }
+
+    /// The global L2 norm of the accumulated gradients of the trainable groups, over all ranks.
+    pub fn grad_norm(&self, b: &B, coll: &dyn Collective<B>, model: &mut Model<B>) -> Result<f64> {
+        let g = model.grads(b)?;
+        let mut sq = [0.0f64];
+        for (r, _) in self.runs(coll.rank(), false) {
+            let n = r.len();
+            sq[0] += b.sum_squares(b.view(g, r), n)?;
+        }
+        coll.all_reduce_host(&mut sq)?;
+        Ok(sq[0].sqrt())
+    }
+
+    /// Applies one update with learning rate `lr` (clipping by the global norm) to every
+    /// trainable group this rank owns, unless the gradient norm is not finite, in which case
+    /// nothing changes. Gradients are left as they are; the caller zeroes them.
+    ///
+    /// The groups' ranges are updated in one AdamW launch per run of adjacent ranges with the
+    /// same decay (two on the default layout, the launches of a flat update); AdamW is element
+    /// by element, so this is bit for bit [`Optimizer::update_group`] on each group.
+    pub fn update(
+        &mut self,
+        b: &B,
+        coll: &dyn Collective<B>,
+        model: &mut Model<B>,
+        lr: f64,
+    ) -> Result<UpdateInfo> {
+        let norm = self.grad_norm(b, coll, model)?;
         if !norm.is_finite() {
             return Ok(UpdateInfo {
                 grad_norm: norm,
@@ -100,38 +219,100 @@ impl<B: Backend> Optimizer<B> {
             Some(max) if norm > max as f64 => (max as f64 / (norm + 1e-6)) as f32,
             _ => 1.0,
         };
-        self.step += 1;
-        let split = model.layout.decay_end;
-        let total = model.layout.total;
+        self.begin_step();
+        let runs = self.runs(coll.rank(), true);
         let (params, grads) = model.params_and_grads(b)?;
-        for (range, wd) in [(0..split, self.cfg.weight_decay), (split..total, 0.0)] {
-            if range.is_empty() {
-                continue;
-            }
-            let hp = AdamW {
-                lr: lr as f32,
-                beta1: self.cfg.beta1,
-                beta2: self.cfg.beta2,
-                eps: self.cfg.eps,
-                weight_decay: wd,
-                step: self.step,
-                grad_scale: clip,
-            };
-            let n = range.len();
-            b.adamw(AdamWStep {
-                param: b.view_mut(params, range.clone()),
-                master: self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
-                grad: b.view(grads, range.clone()),
-                m: b.view_mut(&mut self.m, range.clone()),
-                v: b.view_mut(&mut self.v, range.clone()),
-                n,
-                hp,
-            })?;
+        for (range, decay) in runs {
+            self.adamw(b, params, grads, range, decay, lr, clip)?;
         }
         Ok(UpdateInfo {
             grad_norm: norm,
             applied: true,
         })
+    }
+
+    /// Starts an optimizer step: the step number every [`Optimizer::update_group`] of this step
+    /// uses ([`Optimizer::update`] calls it itself).
+    pub fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Updates one group (a frozen one stays as it is) with learning rate `lr`, its gradients
+    /// multiplied by `grad_scale` (the clipping factor, 1 without clipping), as step
+    /// [`Optimizer::step`] (call [`Optimizer::begin_step`] first). Takes what
+    /// [`Model::backward_with`] hands its hook, so it can run as soon as the group's gradient is
+    /// complete. Clipping by the global norm needs every gradient first, so an update in the
+    /// backward runs without it.
+    pub fn update_group(
+        &mut self,
+        b: &B,
+        g: GroupGrads<'_, B>,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let Some((group, settings)) = self.groups.get(g.index) else {
+            return Err(TrainError::Config(format!(
+                "parameter group {} is not one of the model's {}",
+                g.index,
+                self.groups.len()
+            )));
+        };
+        if group.kind != g.group.kind {
+            return Err(TrainError::Config(format!(
+                "parameter group {}: the optimizer was built for another layout",
+                g.group.kind
+            )));
+        }
+        if !settings.trainable {
+            return Ok(());
+        }
+        if self.step == 0 {
+            return Err(TrainError::Config(
+                "update_group before begin_step: AdamW's step numbers start at 1".into(),
+            ));
+        }
+        let ranges: Vec<_> = group.ranges().collect();
+        for (range, decay) in ranges {
+            self.adamw(b, g.params, g.grads, range, decay, lr, grad_scale)?;
+        }
+        Ok(())
+    }
+
+    /// AdamW on one range of the flat buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &mut self,
+        b: &B,
+        params: &mut B::Buf,
+        grads: &B::Buf,
+        range: Range<usize>,
+        decay: bool,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let hp = AdamW {
+            lr: lr as f32,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: if decay { self.cfg.weight_decay } else { 0.0 },
+            step: self.step,
+            grad_scale,
+        };
+        let n = range.len();
+        b.adamw(AdamWStep {
+            param: b.view_mut(params, range.clone()),
+            master: self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
+            grad: b.view(grads, range.clone()),
+            m: b.view_mut(&mut self.m, range.clone()),
+            v: b.view_mut(&mut self.v, range.clone()),
+            n,
+            hp,
+        })?;
+        Ok(())
     }
 
     /// `range` of the weights to save: the fp32 master weights when there are some, else the

@@ -1,8 +1,10 @@
 //! What a run reports: one [`StepRecord`] per step and one [`EvalRecord`] per evaluation (both
-//! also lines of the JSON log), and the [`Summary`] at the end.
+//! also lines of the JSON log), the run's [`History`] (carried in checkpoints) and the
+//! [`Summary`] at the end.
 
 use std::path::PathBuf;
 
+use nopad_data::BatchStats;
 use serde::{Deserialize, Serialize};
 
 /// One logged step (also one line of the `--log` file).
@@ -63,8 +65,94 @@ pub enum StopReason {
     StopAfter(u64),
 }
 
+/// Running totals of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Steps whose update was skipped (non-finite loss or gradient norm).
+    pub skipped_steps: u64,
+    /// Of those, how many in a row up to now.
+    pub bad_in_a_row: u64,
+    /// Real tokens trained on.
+    pub real_tokens: usize,
+    /// Pad tokens laid out.
+    pub pad_tokens: usize,
+    /// Target tokens.
+    pub target_tokens: usize,
+    /// Seconds spent in steps.
+    pub train_seconds: f64,
+}
+
+/// What a run has done so far, over every session of a resumed run.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct History {
+    /// Running totals.
+    pub counters: Counters,
+    /// The finite losses so far, in order.
+    pub losses: Vec<f64>,
+    /// Evaluations so far.
+    pub evals: Vec<EvalRecord>,
+}
+
+impl History {
+    /// Counts one step that took `dt` seconds.
+    pub fn record(&mut self, st: &BatchStats, dt: f64, loss: f64, applied: bool) {
+        let c = &mut self.counters;
+        c.train_seconds += dt;
+        c.real_tokens += st.real_tokens;
+        c.pad_tokens += st.pad_tokens;
+        c.target_tokens += st.target_tokens;
+        if applied {
+            c.bad_in_a_row = 0;
+        } else {
+            c.skipped_steps += 1;
+            c.bad_in_a_row += 1;
+        }
+        if loss.is_finite() {
+            self.losses.push(loss);
+        }
+    }
+}
+
+/// Mean of the last 10% (at least one) of the finite losses.
+fn tail_mean(losses: &[f64]) -> f64 {
+    if losses.is_empty() {
+        return f64::NAN;
+    }
+    let tail = (losses.len() / 10).max(1);
+    losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64
+}
+
+impl Summary {
+    /// The parts of a summary a run's history gives, for a run of `total` steps (the final
+    /// evaluation counts only when the run reached its last step); the caller fills the rest.
+    pub(crate) fn from(h: History, total: u64, stopped: Option<StopReason>) -> Summary {
+        let c = &h.counters;
+        let final_eval = h
+            .evals
+            .last()
+            .filter(|e| e.step == total && stopped.is_none())
+            .copied();
+        Summary {
+            steps: total,
+            real_tokens: c.real_tokens,
+            pad_tokens: c.pad_tokens,
+            target_tokens: c.target_tokens,
+            train_seconds: c.train_seconds,
+            tokens_per_s: c.real_tokens as f64 / c.train_seconds.max(1e-9),
+            first_loss: h.losses.first().copied().unwrap_or(f64::NAN),
+            last_loss: tail_mean(&h.losses),
+            eval_loss: final_eval.map(|e| e.eval_loss),
+            eval_tokens: final_eval.map(|e| e.eval_tokens),
+            skipped_steps: c.skipped_steps,
+            stopped,
+            evals: h.evals,
+            ..Summary::default()
+        }
+    }
+}
+
 /// What a run did, for the final report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
     /// Model description.
     pub model: String,

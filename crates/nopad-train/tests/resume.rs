@@ -10,27 +10,17 @@ use nopad_data::synthetic::LengthDist;
 use nopad_data::{Loader, LoaderOptions, PackOptions, Strategy};
 use nopad_model::weights;
 use nopad_train::checkpoint::{self, COMPLETE};
-use nopad_train::trainer::{build_model, load_data, pad_token_id, train_step};
+use nopad_train::{build_model, load_data, pad_token_id, train_step, SingleProcess};
 use nopad_train::{
     train, DataSource, Interrupt, ModelSource, Optimizer, Resume, Schedule, StopReason,
     TrainConfig, TrainError,
 };
 
+mod common;
+
 /// A tiny run over 40 examples, so a few steps cross epoch boundaries.
 fn config(steps: u64, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::default_cpu();
-    c.model = ModelSource::Preset("tiny".into());
-    c.data = DataSource::Synthetic {
-        dist: LengthDist::FlanLike,
-        examples: 40,
-    };
-    c.max_len = 48;
-    c.batch_size = 4;
-    c.steps = Some(steps);
-    c.warmup = 3;
-    c.lr = 1e-2;
-    c.min_lr = 1e-3;
-    c.progress = false;
+    let mut c = common::tiny_run(steps, 40, 48, 4, 3);
     c.out = Some(out.to_path_buf());
     c
 }
@@ -381,7 +371,7 @@ fn a_planted_nan_is_skipped_counted_and_never_reaches_the_weights() {
         let s = loader.next().unwrap();
         if step != 3 {
             let lr = schedule.lr_at(opt.step + 1);
-            train_step(&b, &mut model, &mut opt, &s.batches, lr).unwrap();
+            train_step(&b, &SingleProcess, &mut model, &mut opt, &s.batches, lr).unwrap();
         }
     }
     let w = final_weights(&out);

@@ -6,24 +6,13 @@ use std::sync::Arc;
 use nopad_backend::cpu::Cpu;
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{pack_micro_batch, Example, Loader, LoaderOptions, PackOptions, Strategy};
-use nopad_train::trainer::{build_model, train_step};
-use nopad_train::{evaluate, train, AdamWConfig, DataSource, ModelSource, Optimizer, TrainConfig};
+use nopad_train::{build_model, train_step, SingleProcess};
+use nopad_train::{evaluate, train, AdamWConfig, ModelSource, Optimizer, TrainConfig};
+
+mod common;
 
 fn tiny_config(steps: u64) -> TrainConfig {
-    let mut c = TrainConfig::default_cpu();
-    c.model = ModelSource::Preset("tiny".into());
-    c.data = DataSource::Synthetic {
-        dist: LengthDist::FlanLike,
-        examples: 256,
-    };
-    c.max_len = 64;
-    c.batch_size = 8;
-    c.steps = Some(steps);
-    c.warmup = 2;
-    c.lr = 1e-2;
-    c.min_lr = 1e-3;
-    c.progress = false;
-    c
+    common::tiny_run(steps, 256, 64, 8, 2)
 }
 
 #[test]
@@ -101,9 +90,16 @@ fn pad_and_flatten_steps_train_identically() {
         for _ in 0..4 {
             let step = loader.next().unwrap();
             losses.push(
-                train_step(&b, &mut model, &mut opt, &step.batches, 1e-3)
-                    .unwrap()
-                    .0,
+                train_step(
+                    &b,
+                    &SingleProcess,
+                    &mut model,
+                    &mut opt,
+                    &step.batches,
+                    1e-3,
+                )
+                .unwrap()
+                .loss,
             );
         }
         results.push((losses, model.params.to_vec()));
@@ -147,7 +143,7 @@ fn evaluation_does_not_depend_on_strategy_or_batch_size() {
     let refs: Vec<&Example> = ex.iter().collect();
     let batch = pack_micro_batch(&refs, &pack(Strategy::Flatten, 48));
     model
-        .forward(&b, &nopad_train::trainer::inputs(&batch), None)
+        .forward_eval(&b, &nopad_train::inputs(&batch))
         .unwrap();
     let loss = model.take_loss_sum(&b).unwrap() / batch.stats.target_tokens as f64;
     assert!(((loss - base.loss) / base.loss).abs() <= 1e-6);

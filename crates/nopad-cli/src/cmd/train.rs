@@ -397,8 +397,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if cfg.strategy == nopad_data::Strategy::Concat {
         eprintln!("nopad: warning: {}", nopad_data::CONCAT_WARNING);
     }
-    cfg.interrupt =
-        Some(nopad_train::signals::install().context("installing the SIGINT/SIGTERM handlers")?);
+    cfg.interrupt = Some(
+        nopad_train::install_signal_handlers().context("installing the SIGINT/SIGTERM handlers")?,
+    );
     let summary = run_on(device, dtype, TrainJob(cfg))?;
     println!("{summary}");
     if let Some(StopReason::Signal(_)) = summary.stopped {

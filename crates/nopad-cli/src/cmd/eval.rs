@@ -7,8 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use nopad_backend::Backend;
 use nopad_data::{LoadOptions, PackOptions, Strategy};
-use nopad_train::trainer::{build_eval_model, pad_token_id};
-use nopad_train::{evaluate, ModelSource};
+use nopad_train::{build_eval_model, evaluate, pad_token_id, ModelSource};
 
 use crate::device::{run_on, DeviceChoice, Job, Precision};
 

@@ -1,0 +1,148 @@
+//! Collectives: what ranks of a data-parallel run exchange, behind a trait of its own so that the
+//! step is written once for one process and for many. It is passed to the step and never folded
+//! into [`Backend`]: a backend computes on one device, a collective joins several (NCCL over CUDA
+//! buffers later, threads in tests).
+//!
+//! The step all-reduces host scalars (the step's target-token count, before any forward, so every
+//! rank scales its loss by the global count; the squared gradient norm, for clipping) and, once
+//! parameters are sharded, device buffer ranges (gradients reduce-scattered to the rank that owns
+//! them, updated parameters all-gathered). [`SingleProcess`] is the identity at world size 1, so
+//! one process computes exactly what it computed before collectives existed.
+
+use std::ops::Range;
+
+use nopad_backend::Backend;
+
+use crate::error::Result;
+
+/// Communication between the ranks of one run. Every rank calls the same methods in the same
+/// order (a collective call is a meeting point); buffers are summed element by element.
+pub trait Collective<B: Backend> {
+    /// This process's rank, `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// Sums `vals` over the ranks, in place, on the host (token counts, loss sums, squared norms).
+    fn all_reduce_host(&self, vals: &mut [f64]) -> Result<()>;
+
+    /// Sums the `n` elements of `buf` over the ranks, in place.
+    fn all_reduce(&self, b: &B, buf: B::Mut<'_>, n: usize) -> Result<()>;
+
+    /// Sums the `n` elements of `buf` over the ranks and leaves this rank's shard
+    /// ([`Collective::shard`]) of the sum in place; the rest of `buf` is undefined afterwards.
+    fn reduce_scatter(&self, b: &B, buf: B::Mut<'_>, n: usize) -> Result<()>;
+
+    /// Fills all `n` elements of `buf` from the ranks' shards, each rank's shard read from that
+    /// rank's `buf` ([`Collective::shard`]).
+    fn all_gather(&self, b: &B, buf: B::Mut<'_>, n: usize) -> Result<()>;
+
+    /// The part of `0..n` this rank owns in [`Collective::reduce_scatter`] and
+    /// [`Collective::all_gather`]: equal shards, the last one shorter when `n` does not divide.
+    fn shard(&self, n: usize) -> Range<usize> {
+        let per = n.div_ceil(self.world_size().max(1));
+        let start = (self.rank() * per).min(n);
+        start..(start + per).min(n)
+    }
+
+    /// Sums one host integer over the ranks (exact below 2^53, far above any token count).
+    fn all_reduce_count(&self, n: usize) -> Result<usize> {
+        let mut v = [n as f64];
+        self.all_reduce_host(&mut v)?;
+        Ok(v[0] as usize)
+    }
+}
+
+/// One process, one rank: every collective is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl<B: Backend> Collective<B> for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_host(&self, _vals: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_reduce(&self, _b: &B, _buf: B::Mut<'_>, _n: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn reduce_scatter(&self, _b: &B, _buf: B::Mut<'_>, _n: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather(&self, _b: &B, _buf: B::Mut<'_>, _n: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nopad_backend::cpu::Cpu;
+
+    /// Rank `r` of a world of `w`, for the provided methods (no communication).
+    struct Rank(usize, usize);
+
+    impl Collective<Cpu<f32>> for Rank {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn world_size(&self) -> usize {
+            self.1
+        }
+        fn all_reduce_host(&self, vals: &mut [f64]) -> Result<()> {
+            // As if every rank held the same values.
+            vals.iter_mut().for_each(|v| *v *= self.1 as f64);
+            Ok(())
+        }
+        fn all_reduce(&self, _: &Cpu<f32>, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn reduce_scatter(&self, _: &Cpu<f32>, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn all_gather(&self, _: &Cpu<f32>, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn shards_tile_the_range() {
+        for (n, w) in [(10, 3), (9, 3), (2, 4), (0, 2), (7, 1)] {
+            let mut next = 0;
+            for r in 0..w {
+                let s = Rank(r, w).shard(n);
+                assert_eq!(s.start, next, "n={n} w={w} r={r}");
+                next = s.end;
+            }
+            assert_eq!(next, n, "n={n} w={w}");
+        }
+        assert_eq!(Rank(1, 2).all_reduce_count(21).unwrap(), 42);
+    }
+
+    #[test]
+    fn a_single_process_changes_nothing() {
+        let b = Cpu::<f32>::new();
+        let c = SingleProcess;
+        let mut buf = vec![1.5f32, -2.0, 3.25];
+        let before = buf.clone();
+        Collective::<Cpu<f32>>::all_reduce(&c, &b, &mut buf, 3).unwrap();
+        c.reduce_scatter(&b, &mut buf, 3).unwrap();
+        c.all_gather(&b, &mut buf, 3).unwrap();
+        assert_eq!(buf, before);
+        let mut v = [7.0, 0.5];
+        Collective::<Cpu<f32>>::all_reduce_host(&c, &mut v).unwrap();
+        assert_eq!(v, [7.0, 0.5]);
+        assert_eq!(Collective::<Cpu<f32>>::shard(&c, 5), 0..5);
+        assert_eq!(Collective::<Cpu<f32>>::world_size(&c), 1);
+    }
+}

@@ -1,0 +1,341 @@
+//! Opening a training session: everything before the first step. It finds the checkpoint to
+//! resume from, builds the model (or takes the checkpoint's weights), loads the data, checks that
+//! a resumed run is the one that saved the checkpoint, and sets up the loader, the schedule, the
+//! optimizer and the run's history, so the next step is exactly the one an uninterrupted run
+//! would take. Also the model and data builders the CLI and the benchmark share.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use nopad_backend::Backend;
+use nopad_data::{synthetic, Example, Loader, LoaderOptions, LongPolicy, PackOptions, Strategy};
+use nopad_model::weights;
+use nopad_model::{Config, Model};
+
+use crate::checkpoint;
+use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::identity::RunIdentity;
+use crate::optimizer::Optimizer;
+use crate::records::History;
+use crate::schedule::Schedule;
+
+fn unknown_preset(name: &str) -> TrainError {
+    let names: Vec<&str> = nopad_model::PRESETS.iter().map(|p| p.0).collect();
+    TrainError::Config(format!(
+        "--model: `{name}` is neither a directory nor a preset (presets: {})",
+        names.join(", ")
+    ))
+}
+
+/// The config of a model source, without its weights.
+pub fn model_config(source: &ModelSource) -> Result<Config> {
+    match source {
+        ModelSource::Preset(name) => Config::preset(name).ok_or_else(|| unknown_preset(name)),
+        ModelSource::Dir(dir) => Ok(weights::read_config(dir)?),
+    }
+}
+
+/// A model on a backend, from a preset (random init) or an HF directory.
+pub fn build_model<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+) -> Result<(Model<B>, String)> {
+    build(b, source, seed, None, Model::new)
+}
+
+/// [`build_model`] keeping only the first `layers` decoder layers of a preset (at least one;
+/// `nopad bench --layers`).
+pub fn build_model_layers<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+    layers: usize,
+) -> Result<(Model<B>, String)> {
+    build(b, source, seed, Some(layers), Model::new)
+}
+
+/// The same for evaluation only (no gradient buffer, see [`Model::new_eval`]).
+pub fn build_eval_model<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+) -> Result<(Model<B>, String)> {
+    build(b, source, seed, None, Model::new_eval)
+}
+
+fn build<B: Backend>(
+    b: &B,
+    source: &ModelSource,
+    seed: u64,
+    layers: Option<usize>,
+    new: fn(&B, Config) -> nopad_model::Result<Model<B>>,
+) -> Result<(Model<B>, String)> {
+    match source {
+        ModelSource::Preset(name) => {
+            let mut cfg = Config::preset(name).ok_or_else(|| unknown_preset(name))?;
+            if let Some(l) = layers {
+                cfg.num_hidden_layers = l.min(cfg.num_hidden_layers).max(1);
+            }
+            let mut m = new(b, cfg.clone())?;
+            let layout = m.layout.clone();
+            weights::init_random(&cfg, &layout, seed, |off, v| m.write_params(b, off, v))?;
+            Ok((m, format!("preset {name} (random init, seed {seed})")))
+        }
+        ModelSource::Dir(_) if layers.is_some() => Err(TrainError::Config(
+            "--layers applies to presets only".into(),
+        )),
+        ModelSource::Dir(dir) => {
+            let cfg = weights::read_config(dir)?;
+            let mut m = new(b, cfg.clone())?;
+            let layout = m.layout.clone();
+            weights::load_checkpoint(dir, &cfg, &layout, |off, v| m.write_params(b, off, v))?;
+            Ok((m, format!("{} ({})", dir.display(), cfg.arch.hf_name())))
+        }
+    }
+}
+
+/// The id pad tokens get: the config's pad id, else its (first) eos id, else 0.
+pub fn pad_token_id(cfg: &Config) -> i32 {
+    let first = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .and_then(|v| v.as_i64().or_else(|| v.as_array()?.first()?.as_i64()))
+    };
+    first(&cfg.pad_token_id)
+        .or_else(|| first(&cfg.eos_token_id))
+        .unwrap_or(0) as i32
+}
+
+/// Loads (or generates) the examples of a data source for a model.
+pub fn load_data(
+    source: &DataSource,
+    model_cfg: &Config,
+    model_dir: Option<&Path>,
+    tc: &TrainConfig,
+) -> Result<(Vec<Example>, Vec<String>)> {
+    match source {
+        DataSource::Synthetic { dist, examples } => {
+            let ex = synthetic::instruction_dataset(&synthetic::SyntheticConfig {
+                n_examples: *examples,
+                vocab_size: model_cfg.vocab_size,
+                lengths: *dist,
+                max_len: tc.max_len,
+                seed: tc.seed,
+            });
+            Ok((ex, vec![]))
+        }
+        DataSource::File(path) => {
+            let opts = nopad_data::LoadOptions {
+                format: tc.format,
+                max_len: tc.max_len,
+                long: tc.long,
+                skip_bad: tc.skip_bad,
+                vocab_size: Some(model_cfg.vocab_size),
+                tokenizer_dir: model_dir.map(|d| d.to_path_buf()),
+            };
+            let (ex, report) = nopad_data::load_examples(path, &opts)?;
+            let mut notes = vec![format!("{}: {report}", path.display())];
+            notes.extend(report.warnings.iter().cloned());
+            if ex.is_empty() {
+                return Err(TrainError::Config(format!(
+                    "{}: no usable examples",
+                    path.display()
+                )));
+            }
+            Ok((ex, notes))
+        }
+    }
+}
+
+/// The checkpoint a run continues from, if any (`notes` learn why none or which were skipped).
+fn find_resume(tc: &TrainConfig, notes: &mut Vec<String>) -> Result<Option<checkpoint::Found>> {
+    match &tc.resume {
+        None => Ok(None),
+        Some(Resume::Dir(d)) => Ok(Some((d.clone(), checkpoint::load_state(d)?))),
+        Some(Resume::Latest) => {
+            let out = tc.out.as_ref().ok_or_else(|| {
+                TrainError::Config("`resume latest` needs `out` (where the checkpoints are)".into())
+            })?;
+            let (found, skipped) = checkpoint::latest(out)?;
+            notes.extend(skipped);
+            if found.is_none() {
+                notes.push(format!(
+                    "--resume latest: no complete checkpoint under {}; started from scratch",
+                    out.display()
+                ));
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// A run between its steps: what [`Session::open`] set up and the loop carries on.
+pub(crate) struct Session<B: Backend> {
+    /// The model, its weights restored on resume.
+    pub model: Model<B>,
+    /// How the summary names it.
+    pub model_desc: String,
+    /// The optimizer, its moments restored on resume.
+    pub opt: Optimizer<B>,
+    /// The training data stream, at the position the run continues from.
+    pub loader: Loader,
+    /// How batches are packed (also for evaluation).
+    pub pack: PackOptions,
+    /// The learning-rate schedule (its `total` is the run's length).
+    pub schedule: Schedule,
+    /// Steps per epoch as the run started counting them.
+    pub steps_per_epoch: usize,
+    /// Examples loaded.
+    pub n_examples: usize,
+    /// What must match to resume (only for runs that save or resume).
+    pub identity: Option<RunIdentity>,
+    /// The checkpoint this session continues from.
+    pub resumed_from: Option<std::path::PathBuf>,
+    /// The last step done before this session.
+    pub start_step: u64,
+    /// Counters, losses and evaluations so far.
+    pub history: History,
+    /// Held-out examples, if any.
+    pub eval_examples: Option<Vec<Example>>,
+    /// Notes for the summary.
+    pub notes: Vec<String>,
+}
+
+impl<B: Backend> Session<B> {
+    /// Opens a session: resume, model, data, identity, loader, schedule, optimizer.
+    pub fn open(b: &B, tc: &TrainConfig) -> Result<Self> {
+        tc.validate()?;
+        let mut notes = vec![];
+        let resume = find_resume(tc, &mut notes)?;
+        let (mut model, model_desc) = match &resume {
+            None => build_model(b, &tc.model, tc.seed)?,
+            // The weights come from the checkpoint: skip the initialisation or the HF load.
+            Some(_) => {
+                let what = match &tc.model {
+                    ModelSource::Preset(name) => format!("preset {name}"),
+                    ModelSource::Dir(d) => d.display().to_string(),
+                };
+                let desc = format!("{what} (weights from the checkpoint)");
+                (Model::new(b, model_config(&tc.model)?)?, desc)
+            }
+        };
+        model.set_recompute(tc.recompute);
+        model.set_grad_aliasing(b, tc.grad_aliasing && tc.grad_accum == 1)?;
+        let model_dir = model_dir(tc);
+        let (examples, data_notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
+        notes.extend(data_notes);
+        if tc.strategy == Strategy::Concat {
+            notes.push("strategy concat: attention crosses examples and positions continue; training is NOT equivalent to padding (shown for comparison only)".into());
+        }
+        // Only a run that saves or resumes needs its identity (hashing a big data file takes time).
+        let identity = if tc.out.is_some() || resume.is_some() {
+            Some(RunIdentity::new(tc, &model.cfg, &examples)?)
+        } else {
+            None
+        };
+        if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
+            let diffs = id.differences(&st.identity);
+            if !diffs.is_empty() {
+                return Err(TrainError::Config(format!(
+                    "cannot resume from {}: this run is not the one that saved it:\n  {}\n\
+                     resume with the checkpoint's settings, or start a new run with another --out",
+                    dir.display(),
+                    diffs.join("\n  ")
+                )));
+            }
+        }
+        let start_step = resume.as_ref().map_or(0, |(_, st)| st.step);
+        if let Some(n) = tc.stop_after.filter(|&n| n <= start_step) {
+            return Err(TrainError::Config(format!(
+                "`stop-after` {n}: the checkpoint is already at step {start_step}"
+            )));
+        }
+        let n_examples = examples.len();
+        let pack = PackOptions {
+            strategy: tc.strategy,
+            batch_size: tc.batch_size,
+            max_len: tc.max_len,
+            pad_token_id: pad_token_id(&model.cfg),
+            group_by_length: tc.group_by_length,
+        };
+        let loader = Loader::new(
+            Arc::new(examples),
+            LoaderOptions {
+                pack: pack.clone(),
+                grad_accum: tc.grad_accum,
+                seed: tc.seed,
+                shuffle: true,
+                start: resume
+                    .as_ref()
+                    .map(|(_, st)| st.data_position.clone())
+                    .unwrap_or_default(),
+                prefetch: 4,
+            },
+        )?;
+        // A resumed run takes its length from the checkpoint: `offline` counts the steps of the
+        // loader's start epoch, which may differ from those of epoch 0 the first session counted.
+        let (total, steps_per_epoch) = match &resume {
+            Some((_, st)) => (st.schedule.total, st.steps_per_epoch),
+            None => {
+                let spe = loader.steps_per_epoch();
+                let total = match (tc.steps, tc.epochs) {
+                    (Some(s), _) => s,
+                    (None, Some(e)) => (e * spe as f64).ceil().max(1.0) as u64,
+                    (None, None) => spe as u64,
+                };
+                (total, spe)
+            }
+        };
+        let schedule = Schedule {
+            lr: tc.lr,
+            min_lr: tc.min_lr,
+            warmup: tc.warmup.min(total),
+            total,
+            decay: tc.decay,
+        };
+        let mut opt = Optimizer::new(b, &model, tc.adamw)?;
+        let history = match &resume {
+            Some((dir, st)) => {
+                checkpoint::restore(b, dir, st, &mut model, &mut opt)?;
+                st.history()
+            }
+            None => History::default(),
+        };
+        // Held-out data never loses examples: under `--long drop` its long examples are split.
+        let eval_examples = match &tc.eval_data {
+            Some(p) => {
+                let mut etc = tc.clone();
+                if etc.long == LongPolicy::Drop {
+                    etc.long = LongPolicy::Split;
+                }
+                Some(load_data(&DataSource::File(p.clone()), &model.cfg, model_dir, &etc)?.0)
+            }
+            None => None,
+        };
+        Ok(Session {
+            model,
+            model_desc,
+            opt,
+            loader,
+            pack,
+            schedule,
+            steps_per_epoch,
+            n_examples,
+            identity,
+            resumed_from: resume.map(|(d, _)| d),
+            start_step,
+            history,
+            eval_examples,
+            notes,
+        })
+    }
+}
+
+/// The model directory of a run (where tokenizer files come from), if the model is one.
+pub(crate) fn model_dir(tc: &TrainConfig) -> Option<&Path> {
+    match &tc.model {
+        ModelSource::Dir(d) => Some(d.as_path()),
+        ModelSource::Preset(_) => None,
+    }
+}
