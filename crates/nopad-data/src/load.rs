@@ -1,7 +1,7 @@
 //! Loading: reads a user's JSONL (or `.json` array) file into [`Example`]s and says exactly what
 //! it did in a [`LoadReport`].
 //!
-//! This module owns file reading, record splitting (with 1-based line numbers), format detection,
+//! This module owns file reading, record splitting (with 1-based line numbers),
 //! the checks every example must pass (non-empty, aligned labels, ids below the vocabulary size)
 //! and the long-example policy. Turning one record into tokens is `records.rs`' job; tokenizers
 //! and chat templates live in `tokenize.rs`. Nothing is dropped silently: every skipped,
@@ -11,92 +11,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde_json::Value;
-
 use crate::error::DataError;
-use crate::records::{convert_known, convert_record, Converter};
+use crate::records::{convert_known, convert_record, Converter, Format};
 use crate::{Example, IGNORE_INDEX};
-
-/// The shape of the records in a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// `{"input_ids": [...], "labels": [...]?}`; labels default to the input ids.
-    Pretokenized,
-    /// `{"text": "..."}`: every token trained, EOS appended (BOS per the tokenizer).
-    Text,
-    /// `{"prompt": "...", "completion": "..."}`: loss on the completion and EOS.
-    PromptCompletion,
-    /// `{"messages": [{"role", "content"}, ...]}` rendered with the chat template.
-    Messages,
-    /// `{"instruction", "input"?, "output"}`.
-    Alpaca,
-}
-
-impl Format {
-    /// Every format, in the order detection tries them.
-    pub const ALL: [Format; 5] = [
-        Format::Pretokenized,
-        Format::Messages,
-        Format::PromptCompletion,
-        Format::Alpaca,
-        Format::Text,
-    ];
-    /// The name used with `--format`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Pretokenized => "pretokenized",
-            Format::Text => "text",
-            Format::PromptCompletion => "prompt-completion",
-            Format::Messages => "messages",
-            Format::Alpaca => "alpaca",
-        }
-    }
-    /// Whether records of this format need a tokenizer.
-    pub fn needs_tokenizer(self) -> bool {
-        self != Format::Pretokenized
-    }
-    /// The format a record's keys announce, if any.
-    pub fn detect(record: &serde_json::Map<String, Value>) -> Option<Format> {
-        let has = |k: &str| record.contains_key(k);
-        if has("input_ids") {
-            Some(Format::Pretokenized)
-        } else if has("messages") {
-            Some(Format::Messages)
-        } else if has("prompt") && has("completion") {
-            Some(Format::PromptCompletion)
-        } else if has("instruction") && has("output") {
-            Some(Format::Alpaca)
-        } else if has("text") {
-            Some(Format::Text)
-        } else {
-            None
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.to_ascii_lowercase().replace('_', "-");
-        match s.as_str() {
-            "pretokenized" | "tokens" => Ok(Format::Pretokenized),
-            "text" => Ok(Format::Text),
-            "prompt-completion" => Ok(Format::PromptCompletion),
-            "messages" | "chat" => Ok(Format::Messages),
-            "alpaca" => Ok(Format::Alpaca),
-            _ => Err(format!(
-                "unknown format `{s}` (expected one of: pretokenized, text, prompt-completion, \
-                 messages, alpaca)"
-            )),
-        }
-    }
-}
 
 /// What to do with an example longer than `max_len`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -219,7 +136,12 @@ pub fn load_examples(
     let text = std::fs::read_to_string(path)
         .map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
     let records = split_records(path, &text)?;
-    let mut conv = Converter::new(path, opts)?;
+    let mut conv = Converter::new(
+        path,
+        opts.format,
+        opts.vocab_size,
+        opts.tokenizer_dir.as_deref(),
+    )?;
     let vocab = conv.vocab_size();
     let check = |line, r: Result<Example, DataError>| {
         r.and_then(|e| check_example(path, line, &e, vocab).map(|_| e))
