@@ -35,7 +35,8 @@ const MORE: [&str; 7] = [
 
 /// The test template: BOS, role headers, `<|end|>` after each turn; `.strip()` exercises the
 /// Python-method compatibility and `raise_exception` HF's error function.
-const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+pub(crate) const TEMPLATE: &str =
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
 <|user|> {{ m['content'].strip() }}<|end|>\n{% elif m['role'] == 'assistant' %}\
 <|assistant|> {{ m['content'] }}<|end|>\n{% else %}{{ raise_exception('unknown role ' + \
 m['role']) }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}";
@@ -43,7 +44,7 @@ m['role']) }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> 
 /// Writes `tokenizer.json` (word level, whitespace split; ids 0-5 specials, then WORDS) and a
 /// `tokenizer_config.json` built from `config`; `post_bos` adds a post-processor that prepends
 /// `<s>`, as Llama 3's does.
-fn model_dir(name: &str, config: serde_json::Value, post_bos: bool) -> PathBuf {
+pub(crate) fn model_dir(name: &str, config: serde_json::Value, post_bos: bool) -> PathBuf {
     let dir = temp_dir(name);
     let all = || {
         SPECIALS
@@ -87,7 +88,7 @@ fn chat_config() -> serde_json::Value {
            "chat_template": TEMPLATE})
 }
 
-fn load_one(
+pub(crate) fn load_one(
     model: &Path,
     format: Option<Format>,
     record: serde_json::Value,
