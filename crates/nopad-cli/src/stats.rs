@@ -74,6 +74,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
         skip_bad: args.skip_bad,
         vocab_size: args.vocab_size,
         tokenizer_dir: args.model.clone(),
+        strict: false,
     };
     let synthetic = match args.data.to_str() {
         Some("synthetic-flan") => Some(LengthDist::FlanLike),

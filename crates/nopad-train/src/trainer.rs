@@ -127,6 +127,7 @@ pub fn load_data(
                 skip_bad: tc.skip_bad,
                 vocab_size: Some(model_cfg.vocab_size),
                 tokenizer_dir: model_dir.map(|d| d.to_path_buf()),
+                strict: false,
             };
             let (ex, report) = nopad_data::load_examples(path, &opts)?;
             let mut notes = vec![format!("{}: {report}", path.display())];

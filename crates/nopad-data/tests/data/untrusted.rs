@@ -104,3 +104,131 @@ fn a_chat_template_of_the_wrong_type_is_named() {
     );
     assert!(!ModelTokenizer::load(&m).unwrap().has_chat_template());
 }
+
+mod edge_cases {
+    use nopad_data::{load_examples, LoadOptions};
+
+    use crate::util::{temp_dir, write};
+
+    fn opts() -> LoadOptions {
+        let mut o = LoadOptions::new(16);
+        o.vocab_size = Some(100);
+        o
+    }
+
+    fn write_bytes(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = temp_dir("edge").join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn examples_with_no_target_are_skipped_and_counted_unless_strict() {
+        let dir = temp_dir("notarget");
+        let p = write(
+            &dir,
+            "d.jsonl",
+            "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [7]}\n\
+             {\"input_ids\": [1, 2], \"labels\": [1, -100]}\n{\"input_ids\": [4, 5]}\n",
+        );
+        let (ex, r) = load_examples(&p, &opts()).unwrap();
+        assert_eq!(ex.len(), 2);
+        assert_eq!(
+            (r.records, r.examples, r.no_targets, r.skipped),
+            (4, 2, 2, 0)
+        );
+        assert!(
+            r.to_string()
+                .ends_with("; 2 examples with no target tokens skipped"),
+            "{r}"
+        );
+        assert!(r.warnings[0].contains("line 2"), "{:?}", r.warnings);
+        let mut strict = opts();
+        strict.strict = true;
+        let err = load_examples(&p, &strict).unwrap_err().to_string();
+        assert!(
+            err.contains("d.jsonl:2: field `labels`: nothing to train"),
+            "{err}"
+        );
+        // A file of nothing but such examples has no usable example.
+        let p = write(&dir, "none.jsonl", "{\"input_ids\": [7]}\n");
+        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        assert!(err.contains("no usable examples"), "{err}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_stripped() {
+        let text = "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3, 4]}\n";
+        for name in ["bom.jsonl", "bom.json"] {
+            let body = if name.ends_with(".json") {
+                "[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 4]}]"
+            } else {
+                text
+            };
+            let p = write_bytes(name, &[b"\xEF\xBB\xBF", body.as_bytes()].concat());
+            let mut o = opts();
+            o.skip_bad = true;
+            let (ex, r) = load_examples(&p, &o).unwrap();
+            assert_eq!(
+                (ex.len(), r.skipped),
+                (2, 0),
+                "{name}: the first record kept"
+            );
+            assert_eq!(ex[0].input_ids, [1, 2]);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_line_and_skip_bad_skips_only_it() {
+        let bytes = b"{\"input_ids\": [1, 2]}\n{\"text\": \"caf\xE9\"}\n{\"input_ids\": [3, 4]}\n";
+        let p = write_bytes("latin1.jsonl", bytes);
+        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        assert!(err.contains("latin1.jsonl:2: not valid UTF-8"), "{err}");
+        let mut o = opts();
+        o.skip_bad = true;
+        let (ex, r) = load_examples(&p, &o).unwrap();
+        assert_eq!((ex.len(), r.records, r.skipped), (2, 3, 1));
+        assert_eq!(ex[1].input_ids, [3, 4]);
+        // In an array nothing can be skipped: the line is named.
+        let p = write_bytes(
+            "latin1.json",
+            b"[{\"input_ids\": [1]},\n {\"text\": \"\xE9\"}]",
+        );
+        let err = load_examples(&p, &o).unwrap_err().to_string();
+        assert!(err.contains("latin1.json:2: not valid UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_one_line_array_names_the_bad_element() {
+        let dir = temp_dir("oneline");
+        let p = write(
+            &dir,
+            "a.json",
+            "[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 4]}, {\"input_ids\": [5, 500]}]",
+        );
+        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("a.json:1: array element 2: field `input_ids`: token id 500"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn json_lines_in_a_json_file_are_read_as_such() {
+        let dir = temp_dir("jsonl-as-json");
+        let p = write(
+            &dir,
+            "d.json",
+            "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3, 4]}\n",
+        );
+        let (ex, r) = load_examples(&p, &opts()).unwrap();
+        assert_eq!((ex.len(), r.records), (2, 2));
+        // A .json file that is neither an array nor JSON Lines gets a hint.
+        let p = write(&dir, "obj.json", "{\n  \"data\": [1, 2]\n}\n");
+        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("obj.json: a .json file must hold a JSON array") && err.contains(".jsonl"),
+            "{err}"
+        );
+    }
+}
