@@ -13,8 +13,7 @@ pub struct DataError {
     pub path: Option<PathBuf>,
     /// 1-based line (for `.json` arrays: the line where the record starts).
     pub line: Option<usize>,
-    /// For a file holding a JSON array: the 0-based index of the record at fault (several
-    /// records may share a line, or all of them one line).
+    /// In a JSON array file: the 0-based index of the record at fault (records share lines).
     pub element: Option<usize>,
     /// The field of the record at fault, if one is.
     pub field: Option<String>,

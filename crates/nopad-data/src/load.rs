@@ -72,8 +72,7 @@ pub struct LoadOptions {
     pub vocab_size: Option<usize>,
     /// The model directory holding `tokenizer.json` and `tokenizer_config.json`.
     pub tokenizer_dir: Option<PathBuf>,
-    /// Fail on an example with no target token (one token, or every label after the first
-    /// -100) instead of skipping and counting it in [`LoadReport::no_targets`].
+    /// Fail on an example with no target token instead of counting it in `no_targets`.
     pub strict: bool,
 }
 

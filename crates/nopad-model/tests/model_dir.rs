@@ -185,26 +185,22 @@ fn config_sizes_are_checked_against_the_headers_before_loading() {
     let dir = tmp.path().join("model");
     save_tiny(&dir, false);
     // Sizes within bounds but not those of the weights: named, from the headers alone.
-    std::fs::write(
-        dir.join("config.json"),
-        tiny_with("vocab_size", 1_000_000.into()),
-    )
-    .unwrap();
-    let err = weights::read_config(&dir).unwrap_err().to_string();
-    assert!(
-        err.contains("tensor `") && err.contains("vocab_size, hidden_size"),
-        "{err}"
-    );
-    std::fs::write(
-        dir.join("config.json"),
-        tiny_with("num_hidden_layers", 3.into()),
-    )
-    .unwrap();
-    let err = weights::read_config(&dir).unwrap_err().to_string();
-    assert!(
-        err.contains("model.layers.2.") && err.contains("num_hidden_layers"),
-        "{err}"
-    );
+    for (key, value, want) in [
+        (
+            "vocab_size",
+            1_000_000,
+            ["tensor `", "vocab_size, hidden_size"],
+        ),
+        (
+            "num_hidden_layers",
+            3,
+            ["model.layers.2.", "num_hidden_layers"],
+        ),
+    ] {
+        std::fs::write(dir.join("config.json"), tiny_with(key, value.into())).unwrap();
+        let err = weights::read_config(&dir).unwrap_err().to_string();
+        assert!(want.iter().all(|w| err.contains(w)), "{key}: {err}");
+    }
     // A header claiming an absurd length is refused without reading it.
     let st = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&st).unwrap();

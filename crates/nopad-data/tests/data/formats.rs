@@ -116,33 +116,31 @@ fn text_and_prompt_completion_golden() {
         json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}),
         false,
     );
-    golden(
-        &m,
-        json!({"text": "hello world"}),
-        &[1, 6, 7, 2],
-        &[N, 6, 7, 2],
-    );
-    // Special tokens written in the text are not doubled.
-    golden(
-        &m,
-        json!({"text": "<s> hello world </s>"}),
-        &[1, 6, 7, 2],
-        &[N, 6, 7, 2],
-    );
-    // Prompt masked; completion and EOS trained.
-    golden(
-        &m,
-        json!({"prompt": "what is two plus two", "completion": "four"}),
-        &[1, 8, 9, 10, 11, 10, 12, 2],
-        &[N, N, N, N, N, N, 12, 2],
-    );
-    // No chat template: alpaca becomes prompt "instruction\ninput\n" + completion.
-    golden(
-        &m,
-        json!({"instruction": "what is", "input": "two plus two", "output": "four"}),
-        &[1, 8, 9, 10, 11, 10, 12, 2],
-        &[N, N, N, N, N, N, 12, 2],
-    );
+    let (hello, qa) = (&[1, 6, 7, 2][..], &[1, 8, 9, 10, 11, 10, 12, 2][..]);
+    let qa_labels = &[N, N, N, N, N, N, 12, 2][..];
+    for (record, ids, labels) in [
+        (json!({"text": "hello world"}), hello, &[N, 6, 7, 2][..]),
+        // Special tokens written in the text are not doubled.
+        (
+            json!({"text": "<s> hello world </s>"}),
+            hello,
+            &[N, 6, 7, 2][..],
+        ),
+        // Prompt masked; completion and EOS trained.
+        (
+            json!({"prompt": "what is two plus two", "completion": "four"}),
+            qa,
+            qa_labels,
+        ),
+        // No chat template: alpaca becomes prompt "instruction\ninput\n" + completion.
+        (
+            json!({"instruction": "what is", "input": "two plus two", "output": "four"}),
+            qa,
+            qa_labels,
+        ),
+    ] {
+        golden(&m, record, ids, labels);
+    }
     let tok = ModelTokenizer::load(&m).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.vocab_size()),

@@ -108,7 +108,7 @@ fn a_chat_template_of_the_wrong_type_is_named() {
 mod edge_cases {
     use nopad_data::{load_examples, LoadOptions};
 
-    use crate::util::{temp_dir, write};
+    use crate::util::temp_dir;
 
     fn opts() -> LoadOptions {
         let mut o = LoadOptions::new(16);
@@ -116,21 +116,22 @@ mod edge_cases {
         o
     }
 
-    fn write_bytes(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    /// Writes `bytes` to a fresh file `name`.
+    fn file(name: &str, bytes: impl AsRef<[u8]>) -> std::path::PathBuf {
         let p = temp_dir("edge").join(name);
         std::fs::write(&p, bytes).unwrap();
         p
     }
 
+    fn error(path: &std::path::Path, opts: &LoadOptions) -> String {
+        load_examples(path, opts).unwrap_err().to_string()
+    }
+
     #[test]
     fn examples_with_no_target_are_skipped_and_counted_unless_strict() {
-        let dir = temp_dir("notarget");
-        let p = write(
-            &dir,
-            "d.jsonl",
-            "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [7]}\n\
-             {\"input_ids\": [1, 2], \"labels\": [1, -100]}\n{\"input_ids\": [4, 5]}\n",
-        );
+        let text = "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [7]}\n\
+             {\"input_ids\": [1, 2], \"labels\": [1, -100]}\n{\"input_ids\": [4, 5]}\n";
+        let p = file("d.jsonl", text);
         let (ex, r) = load_examples(&p, &opts()).unwrap();
         assert_eq!(ex.len(), 2);
         assert_eq!(
@@ -145,14 +146,14 @@ mod edge_cases {
         assert!(r.warnings[0].contains("line 2"), "{:?}", r.warnings);
         let mut strict = opts();
         strict.strict = true;
-        let err = load_examples(&p, &strict).unwrap_err().to_string();
+        let err = error(&p, &strict);
         assert!(
             err.contains("d.jsonl:2: field `labels`: nothing to train"),
             "{err}"
         );
         // A file of nothing but such examples has no usable example.
-        let p = write(&dir, "none.jsonl", "{\"input_ids\": [7]}\n");
-        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        let p = file("none.jsonl", "{\"input_ids\": [7]}\n");
+        let err = error(&p, &opts());
         assert!(err.contains("no usable examples"), "{err}");
     }
 
@@ -165,7 +166,7 @@ mod edge_cases {
             } else {
                 text
             };
-            let p = write_bytes(name, &[b"\xEF\xBB\xBF", body.as_bytes()].concat());
+            let p = file(name, [b"\xEF\xBB\xBF", body.as_bytes()].concat());
             let mut o = opts();
             o.skip_bad = true;
             let (ex, r) = load_examples(&p, &o).unwrap();
@@ -181,8 +182,8 @@ mod edge_cases {
     #[test]
     fn invalid_utf8_names_the_line_and_skip_bad_skips_only_it() {
         let bytes = b"{\"input_ids\": [1, 2]}\n{\"text\": \"caf\xE9\"}\n{\"input_ids\": [3, 4]}\n";
-        let p = write_bytes("latin1.jsonl", bytes);
-        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        let p = file("latin1.jsonl", bytes);
+        let err = error(&p, &opts());
         assert!(err.contains("latin1.jsonl:2: not valid UTF-8"), "{err}");
         let mut o = opts();
         o.skip_bad = true;
@@ -190,23 +191,19 @@ mod edge_cases {
         assert_eq!((ex.len(), r.records, r.skipped), (2, 3, 1));
         assert_eq!(ex[1].input_ids, [3, 4]);
         // In an array nothing can be skipped: the line is named.
-        let p = write_bytes(
+        let p = file(
             "latin1.json",
             b"[{\"input_ids\": [1]},\n {\"text\": \"\xE9\"}]",
         );
-        let err = load_examples(&p, &o).unwrap_err().to_string();
+        let err = error(&p, &o);
         assert!(err.contains("latin1.json:2: not valid UTF-8"), "{err}");
     }
 
     #[test]
     fn a_one_line_array_names_the_bad_element() {
-        let dir = temp_dir("oneline");
-        let p = write(
-            &dir,
-            "a.json",
-            "[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 4]}, {\"input_ids\": [5, 500]}]",
-        );
-        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        let text = "[{\"input_ids\": [1, 2]}, {\"input_ids\": [3, 4]}, {\"input_ids\": [5, 500]}]";
+        let p = file("a.json", text);
+        let err = error(&p, &opts());
         assert!(
             err.contains("a.json:1: array element 2: field `input_ids`: token id 500"),
             "{err}"
@@ -215,17 +212,15 @@ mod edge_cases {
 
     #[test]
     fn json_lines_in_a_json_file_are_read_as_such() {
-        let dir = temp_dir("jsonl-as-json");
-        let p = write(
-            &dir,
+        let p = file(
             "d.json",
             "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3, 4]}\n",
         );
         let (ex, r) = load_examples(&p, &opts()).unwrap();
         assert_eq!((ex.len(), r.records), (2, 2));
         // A .json file that is neither an array nor JSON Lines gets a hint.
-        let p = write(&dir, "obj.json", "{\n  \"data\": [1, 2]\n}\n");
-        let err = load_examples(&p, &opts()).unwrap_err().to_string();
+        let p = file("obj.json", "{\n  \"data\": [1, 2]\n}\n");
+        let err = error(&p, &opts());
         assert!(
             err.contains("obj.json: a .json file must hold a JSON array") && err.contains(".jsonl"),
             "{err}"
