@@ -1,7 +1,11 @@
-//! Model directories as a user (or the Hub) hands them over: presets against the sizes HF
-//! publishes, and directories that must be refused with the file, key or entry named.
+//! Model configs and directories as a user (or the Hub) hands them over: presets against the
+//! sizes HF publishes, config.json parsing and its round trip, and directories that must be
+//! refused with the file, key or entry named.
 
-use nopad_model::{Config, Layout, PRESETS};
+use std::path::Path;
+
+use nopad_model::weights::{self, SaveDtype};
+use nopad_model::{Config, Layout, RopeScaling, PRESETS};
 
 #[test]
 fn presets_parse_and_have_the_published_sizes() {
@@ -16,10 +20,6 @@ fn presets_parse_and_have_the_published_sizes() {
     assert_eq!(count("mistral-7b"), 7_248_023_552);
     assert_eq!(count("qwen2.5-0.5b"), 494_032_768);
 }
-
-use std::path::Path;
-
-use nopad_model::weights::{self, SaveDtype};
 
 /// The `tiny` preset's config.json text with `key` set to `value`.
 fn tiny_with(key: &str, value: serde_json::Value) -> String {
@@ -212,4 +212,81 @@ fn config_sizes_are_checked_against_the_headers_before_loading() {
         err.contains("model.safetensors: not a safetensors file: header of"),
         "{err}"
     );
+}
+
+#[test]
+fn qwen_preset_has_its_biases_and_no_window() {
+    let q = Config::preset("qwen2.5-0.5b").unwrap();
+    assert!(q.qkv_bias && !q.o_bias && q.tie_word_embeddings && q.sliding_window.is_none());
+    assert_eq!(q.head_dim, 64);
+}
+
+#[test]
+fn bad_fields_are_named() {
+    let base = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2"#;
+    let cases = [
+        (
+            r#","num_key_value_heads":3}"#,
+            "field `num_key_value_heads`: 3 does not divide",
+        ),
+        (
+            r#","hidden_act":"gelu"}"#,
+            "field `hidden_act`: `gelu` is not supported",
+        ),
+        (
+            r#","rope_scaling":{"rope_type":"yarn","factor":2}}"#,
+            "field `rope_scaling.rope_type`: `yarn`",
+        ),
+        (
+            r#","rope_scaling":{"rope_type":"llama3","factor":2}}"#,
+            "field `rope_scaling.low_freq_factor`: missing",
+        ),
+        (
+            r#","rms_norm_eps":"small"}"#,
+            "field `rms_norm_eps`: expected a number",
+        ),
+    ];
+    for (tail, want) in cases {
+        let err = Config::from_json_str(&format!("{base}{tail}"), "m/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("m/config.json: ") && err.contains(want),
+            "{err}"
+        );
+    }
+    let err =
+        Config::from_json_str(r#"{"architectures":["GPT2LMHeadModel"]}"#, "c.json").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unsupported architecture \"GPT2LMHeadModel\""),
+        "{err}"
+    );
+    let err = Config::from_json_str(
+        &format!(
+            "{}}}",
+            base.replace("\"hidden_size\":8", "\"hidden_size\":-8")
+        ),
+        "c.json",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("field `hidden_size`: expected a non-negative integer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hf_json_roundtrips() {
+    for (name, _, _) in PRESETS {
+        let c = Config::preset(name).unwrap();
+        let back = Config::from_json_str(&c.to_hf_json("float32").to_string(), "x").unwrap();
+        assert_eq!(c, back, "{name}");
+    }
+    // transformers 5 layout: rope_parameters holds theta and scaling.
+    let v5 = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rope_parameters":{"rope_type":"linear","factor":4.0,"rope_theta":123.0}}"#;
+    let c = Config::from_json_str(v5, "x").unwrap();
+    assert_eq!(c.rope_theta, 123.0);
+    assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
 }
