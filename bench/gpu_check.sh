@@ -4,7 +4,7 @@
 # in the same call, new/old/new, so that the comparison sees the same machine state), optionally
 # side by side with HF Transformers (bench/hf_baseline.py through bench/side_by_side.sh), and an
 # optional exact-resume check. Every log goes to OUT_DIR; a short table is printed last and kept
-# in OUT_DIR/summary.txt.
+# in OUT_DIR/summary.txt. Every step runs even when one fails; the exit status is 1 if any did.
 #
 # Binaries are built elsewhere and carried to the host (e.g. in the ignored .device/ folder):
 #   cargo build --release -p nopad-cli              -> target/release/nopad
@@ -81,6 +81,7 @@ out=$(cd "$out" && pwd)
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
+failed=0   # set when a test, the flash check, a bench run or the resume check fails
 { date -u; git -C "$here/.." rev-parse --short HEAD 2>/dev/null; "$nopad" --version 2>/dev/null
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1; } > "$out/env.txt"
 
@@ -88,7 +89,7 @@ note() { echo "$*" | tee -a "$summary"; }
 for t in "${tests[@]}"; do
   name=$(basename "$t"); name=${name%%-*}   # cargo's deps/cuda_ops-<hash> -> cuda_ops
   timeout 300 "$t" --test-threads=1 --nocapture > "$out/test-$name.txt" 2>&1
-  rc=$?
+  rc=$?; [ $rc = 0 ] || failed=1
   note "test $name: rc=$rc; $(grep -E '^test result' "$out/test-$name.txt" | tail -1)"
   grep -E "FAILED|panicked|skipped" "$out/test-$name.txt" | head -5
 done
@@ -97,7 +98,7 @@ done
 if [ $flash = 1 ]; then
   # shellcheck disable=SC2086  # the command and its arguments are words on purpose
   timeout 300 $FLASH_CHECK --seed "$seed" $FLASH_CHECK_ARGS > "$out/flash-check.txt" 2>&1
-  rc=$?
+  rc=$?; [ $rc = 0 ] || failed=1
   note "flash check (seed $seed): rc=$rc; PASS lines $(grep -c '^PASS' "$out/flash-check.txt"), FAIL lines $(grep -c '^FAIL' "$out/flash-check.txt")"
 fi
 
@@ -108,14 +109,16 @@ bench() {  # label, binary, row; writes $out/bench/<label>/ and $out/bench/<labe
   mkdir -p "$out/bench"
   # shellcheck disable=SC2086  # a row and --bench-args are lists of flags
   timeout 300 "$bin" bench --device cuda --out "$dir" ${ROWS[$row]} $bench_args > "$out/bench/$label.txt" 2>&1
-  echo "bench $label: rc=$? at ${SECONDS}s"
+  local rc=$?; [ $rc = 0 ] || failed=1
+  echo "bench $label: rc=$rc at ${SECONDS}s"
 }
 for row in "${rows[@]}"; do
   if [ -n "$hf" ]; then
     # shellcheck disable=SC2086
     HF_MODES=$hf timeout 600 "$here/side_by_side.sh" "$nopad" "$out/bench/$row-new" ${ROWS[$row]} $bench_args \
       > "$out/bench/$row-new.txt" 2>&1
-    echo "bench $row-new (with HF: $hf): rc=$? at ${SECONDS}s"
+    rc=$?; [ $rc = 0 ] || failed=1
+    echo "bench $row-new (with HF: $hf): rc=$rc at ${SECONDS}s"
   else
     bench "$row-new" "$nopad" "$row"
   fi
@@ -132,7 +135,8 @@ if [ $resume = 1 ]; then
   { "${r[@]}" --out "$out/resume/a" --log "$out/resume/a.jsonl" \
     && "${r[@]}" --out "$out/resume/b" --log "$out/resume/b.jsonl" --save-every 15 --stop-after 15 \
     && "${r[@]}" --out "$out/resume/b" --log "$out/resume/b.jsonl" --resume latest; } > "$out/resume.txt" 2>&1
-  note "resume: rc=$?; $(python3 - "$out/resume/a.jsonl" "$out/resume/b.jsonl" <<'PY'
+  rc=$?; [ $rc = 0 ] || failed=1
+  note "resume: rc=$rc; $(python3 - "$out/resume/a.jsonl" "$out/resume/b.jsonl" <<'PY'
 import json, sys
 a, b = ([x for x in map(json.loads, open(p)) if 'loss' in x and 'step' in x] for p in sys.argv[1:3])
 same = sum(1 for x, y in zip(a, b) if x['loss'] == y['loss'] and x['grad_norm'] == y['grad_norm'])
@@ -165,3 +169,4 @@ PY
 fi
 echo "== summary ($out/summary.txt), done at ${SECONDS}s"
 cat "$summary"
+exit $failed
