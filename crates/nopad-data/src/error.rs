@@ -13,6 +13,8 @@ pub struct DataError {
     pub path: Option<PathBuf>,
     /// 1-based line (for `.json` arrays: the line where the record starts).
     pub line: Option<usize>,
+    /// In a JSON array file: the 0-based index of the record at fault (records share lines).
+    pub element: Option<usize>,
     /// The field of the record at fault, if one is.
     pub field: Option<String>,
     /// What was wrong and, where it helps, what to do.
@@ -25,6 +27,7 @@ impl DataError {
         DataError {
             path: None,
             line: None,
+            element: None,
             field: None,
             message: message.into(),
         }
@@ -41,6 +44,7 @@ impl DataError {
         DataError {
             path: Some(path.to_path_buf()),
             line: Some(line),
+            element: None,
             field: field.map(str::to_string),
             message: message.into(),
         }
@@ -55,6 +59,9 @@ impl fmt::Display for DataError {
                 write!(f, ":{l}")?;
             }
             f.write_str(": ")?;
+        }
+        if let Some(i) = self.element {
+            write!(f, "array element {i}: ")?;
         }
         if let Some(field) = &self.field {
             write!(f, "field `{field}`: ")?;

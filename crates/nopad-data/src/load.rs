@@ -1,11 +1,13 @@
 //! Loading: reads a user's JSONL (or `.json` array) file into [`Example`]s and says exactly what
 //! it did in a [`LoadReport`].
 //!
-//! This module owns file reading, record splitting (with 1-based line numbers), format detection,
-//! the checks every example must pass (non-empty, aligned labels, ids below the vocabulary size)
-//! and the long-example policy. Turning one record into tokens is `records.rs`' job; tokenizers
-//! and chat templates live in `tokenize.rs`. Nothing is dropped silently: every skipped,
-//! truncated, split or dropped example is counted, and skips carry their error message.
+//! This module owns file reading (a UTF-8 byte-order mark is stripped; a line that is not UTF-8
+//! is a bad record of its own), record splitting (with 1-based line numbers, and the element
+//! index in arrays), the checks every example must pass (non-empty, aligned labels, ids below
+//! the vocabulary size), the skipping of examples with no target token (an error under
+//! `strict`) and the long-example policy. Turning one record into tokens is `records.rs`' job;
+//! tokenizers and chat templates live in `tokenize.rs`. Nothing is dropped silently: every
+//! skipped, truncated, split or dropped example is counted, and skips carry their message.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,89 +16,8 @@ use std::str::FromStr;
 use serde_json::Value;
 
 use crate::error::DataError;
-use crate::records::{convert_known, convert_record, Converter};
+use crate::records::{convert_known, convert_record, Converter, Format};
 use crate::{Example, IGNORE_INDEX};
-
-/// The shape of the records in a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// `{"input_ids": [...], "labels": [...]?}`; labels default to the input ids.
-    Pretokenized,
-    /// `{"text": "..."}`: every token trained, EOS appended (BOS per the tokenizer).
-    Text,
-    /// `{"prompt": "...", "completion": "..."}`: loss on the completion and EOS.
-    PromptCompletion,
-    /// `{"messages": [{"role", "content"}, ...]}` rendered with the chat template.
-    Messages,
-    /// `{"instruction", "input"?, "output"}`.
-    Alpaca,
-}
-
-impl Format {
-    /// Every format, in the order detection tries them.
-    pub const ALL: [Format; 5] = [
-        Format::Pretokenized,
-        Format::Messages,
-        Format::PromptCompletion,
-        Format::Alpaca,
-        Format::Text,
-    ];
-    /// The name used with `--format`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Pretokenized => "pretokenized",
-            Format::Text => "text",
-            Format::PromptCompletion => "prompt-completion",
-            Format::Messages => "messages",
-            Format::Alpaca => "alpaca",
-        }
-    }
-    /// Whether records of this format need a tokenizer.
-    pub fn needs_tokenizer(self) -> bool {
-        self != Format::Pretokenized
-    }
-    /// The format a record's keys announce, if any.
-    pub fn detect(record: &serde_json::Map<String, Value>) -> Option<Format> {
-        let has = |k: &str| record.contains_key(k);
-        if has("input_ids") {
-            Some(Format::Pretokenized)
-        } else if has("messages") {
-            Some(Format::Messages)
-        } else if has("prompt") && has("completion") {
-            Some(Format::PromptCompletion)
-        } else if has("instruction") && has("output") {
-            Some(Format::Alpaca)
-        } else if has("text") {
-            Some(Format::Text)
-        } else {
-            None
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.to_ascii_lowercase().replace('_', "-");
-        match s.as_str() {
-            "pretokenized" | "tokens" => Ok(Format::Pretokenized),
-            "text" => Ok(Format::Text),
-            "prompt-completion" => Ok(Format::PromptCompletion),
-            "messages" | "chat" => Ok(Format::Messages),
-            "alpaca" => Ok(Format::Alpaca),
-            _ => Err(format!(
-                "unknown format `{s}` (expected one of: pretokenized, text, prompt-completion, \
-                 messages, alpaca)"
-            )),
-        }
-    }
-}
 
 /// What to do with an example longer than `max_len`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -151,6 +72,8 @@ pub struct LoadOptions {
     pub vocab_size: Option<usize>,
     /// The model directory holding `tokenizer.json` and `tokenizer_config.json`.
     pub tokenizer_dir: Option<PathBuf>,
+    /// Fail on an example with no target token instead of counting it in `no_targets`.
+    pub strict: bool,
 }
 
 impl LoadOptions {
@@ -163,6 +86,7 @@ impl LoadOptions {
             skip_bad: false,
             vocab_size: None,
             tokenizer_dir: None,
+            strict: false,
         }
     }
 }
@@ -174,8 +98,11 @@ pub struct LoadReport {
     pub records: usize,
     /// Examples produced (a split record gives several).
     pub examples: usize,
-    /// Bad records skipped under `skip_bad`.
+    /// Bad records skipped under `skip_bad` (undecodable lines included).
     pub skipped: usize,
+    /// Examples skipped because they hold no target token (unless `strict`). Their loss would
+    /// be nothing, so skipping them changes no loss.
+    pub no_targets: usize,
     /// Records cut to `max_len`.
     pub truncated: usize,
     /// Records cut into several examples.
@@ -204,7 +131,15 @@ impl fmt::Display for LoadReport {
             f,
             "{} records -> {} examples ({} skipped, {} truncated, {} split, {} dropped)",
             self.records, self.examples, self.skipped, self.truncated, self.split, self.dropped
-        )
+        )?;
+        if self.no_targets > 0 {
+            write!(
+                f,
+                "; {} examples with no target tokens skipped",
+                self.no_targets
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -216,10 +151,20 @@ pub fn load_examples(
     if opts.max_len == 0 {
         return Err(DataError::msg("max_len must be at least 1"));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
-    let records = split_records(path, &text)?;
-    let mut conv = Converter::new(path, opts)?;
+    let bytes =
+        std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    let (text, mut undecodable) = decode(path, bytes);
+    if !undecodable.is_empty() && text.trim_start().starts_with('[') {
+        // An array cannot lose a line and stay an array: nothing to skip.
+        return Err(undecodable.swap_remove(0).1);
+    }
+    let (records, is_array) = split_records(path, &text)?;
+    let mut conv = Converter::new(
+        path,
+        opts.format,
+        opts.vocab_size,
+        opts.tokenizer_dir.as_deref(),
+    )?;
     let vocab = conv.vocab_size();
     let check = |line, r: Result<Example, DataError>| {
         r.and_then(|e| check_example(path, line, &e, vocab).map(|_| e))
@@ -257,9 +202,37 @@ pub fn load_examples(
     });
     let mut report = LoadReport::default();
     let mut examples = Vec::with_capacity(records.len());
-    for (&(line, _), result) in records.iter().zip(results) {
+    // Undecodable lines are records that failed: merged back in file order.
+    let mut undecodable = undecodable.into_iter().peekable();
+    let mut results: Vec<(usize, Result<Example, DataError>)> = records
+        .iter()
+        .zip(results)
+        .enumerate()
+        .map(|(i, (&(line, _), r))| {
+            let r = match r {
+                Ok(e) if opts.strict && e.target_tokens() == 0 => Err(no_target_error(path, line)),
+                r => r,
+            };
+            let r = r.map_err(|mut e| {
+                e.element = is_array.then_some(i);
+                e
+            });
+            (line, r)
+        })
+        .collect();
+    if undecodable.peek().is_some() {
+        results.extend(undecodable.map(|(line, e)| (line, Err(e))));
+        results.sort_by_key(|r| r.0);
+    }
+    for (line, result) in results {
         report.records += 1;
         match result {
+            Ok(e) if e.target_tokens() == 0 => {
+                report.no_targets += 1;
+                report.warn(format!(
+                    "line {line}: skipped: no target tokens (every label after the first is -100)"
+                ));
+            }
             Ok(e) => apply_long_policy(e, line, opts, &mut report, &mut examples),
             Err(err) if opts.skip_bad => {
                 report.skipped += 1;
@@ -281,18 +254,75 @@ pub fn load_examples(
     Ok((examples, report))
 }
 
-/// Splits a file into `(1-based line, record text)`: one per non-blank line for JSONL, one per
-/// element for a JSON array (a file ending in `.json` or starting with `[`).
-fn split_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, &'a str)>, DataError> {
-    let is_array =
-        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('[');
+/// The UTF-8 byte-order mark some editors write at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The text of a file, its byte-order mark stripped. A line that is not UTF-8 becomes a blank
+/// line (so line numbers stay true) and an error naming it, returned beside the text.
+fn decode(path: &Path, mut bytes: Vec<u8>) -> (String, Vec<(usize, DataError)>) {
+    if bytes.starts_with(BOM) {
+        bytes.drain(..BOM.len());
+    }
+    let bytes = match String::from_utf8(bytes) {
+        Ok(text) => return (text, vec![]),
+        Err(e) => e.into_bytes(),
+    };
+    let mut text = String::with_capacity(bytes.len());
+    let mut bad = vec![];
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if i > 0 {
+            text.push('\n');
+        }
+        match std::str::from_utf8(line) {
+            Ok(l) => text.push_str(l),
+            Err(e) => bad.push((
+                i + 1,
+                DataError::at(
+                    path,
+                    i + 1,
+                    None,
+                    format!(
+                        "not valid UTF-8 (byte {} of the line); the file must be UTF-8 text",
+                        e.valid_up_to() + 1
+                    ),
+                ),
+            )),
+        }
+    }
+    (text, bad)
+}
+
+/// `(1-based line, record text)` of each record of a file.
+type Records<'a> = Vec<(usize, &'a str)>;
+
+/// Splits a file into `(1-based line, record text)`, and says whether it is a JSON array: one
+/// record per element for a file starting with `[`, else one per non-blank line (JSON Lines).
+/// A `.json` file holding JSON Lines is read as such; any other `.json` file that is not an
+/// array is refused with a hint.
+fn split_records<'a>(path: &Path, text: &'a str) -> Result<(Records<'a>, bool), DataError> {
+    let start = text.trim_start();
+    let is_array = start.starts_with('[');
     if !is_array {
-        return Ok(text
+        if path.extension().is_some_and(|e| e == "json") && !start.is_empty() {
+            // JSON Lines under a .json name: the first line is a whole JSON object.
+            let first = start.lines().next().unwrap_or_default();
+            let one_object = serde_json::from_str::<serde_json::Map<String, Value>>(first).is_ok();
+            if !one_object {
+                return Err(DataError::file(
+                    path,
+                    "a .json file must hold a JSON array of records `[{...}, {...}]`, or one \
+                     JSON object per line (JSON Lines, usually named .jsonl): rename it to \
+                     .jsonl if it holds one record per line",
+                ));
+            }
+        }
+        let lines = text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| (i + 1, l))
-            .collect());
+            .collect();
+        return Ok((lines, false));
     }
     let raws: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)
         .map_err(|e| DataError::at(path, e.line(), None, format!("malformed JSON array: {e}")))?;
@@ -308,7 +338,7 @@ fn split_records<'a>(path: &Path, text: &'a str) -> Result<Vec<(usize, &'a str)>
         scanned = at;
         out.push((line, r.get()));
     }
-    Ok(out)
+    Ok((out, true))
 }
 
 /// The checks every example passes whatever its format.
@@ -356,15 +386,18 @@ pub(crate) fn check_example(
             ));
         }
     }
-    if e.target_tokens() == 0 {
-        return Err(DataError::at(
-            path,
-            line,
-            Some("labels"),
-            "nothing to train: every label after the first is -100",
-        ));
-    }
     Ok(())
+}
+
+/// The error `strict` loading gives an example with no target token.
+fn no_target_error(path: &Path, line: usize) -> DataError {
+    DataError::at(
+        path,
+        line,
+        Some("labels"),
+        "nothing to train: every label after the first is -100 (strict loading refuses such \
+         examples; without it they are skipped and counted)",
+    )
 }
 
 fn apply_long_policy(

@@ -1,17 +1,100 @@
-//! Records: turns one parsed JSON record into an [`Example`], per [`Format`].
+//! Records: the record [`Format`]s (and their detection from a record's keys), and turning one
+//! parsed JSON record into an [`Example`] per format.
 //!
 //! Owns the field-level checks (missing field, wrong type) so that every message names the line
 //! and the field. Formats made of text hand their strings to the model tokenizer in
 //! `tokenize.rs`; this module decides which text is a target and which is not.
 
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
 use crate::error::{json_kind, DataError};
-use crate::load::{Format, LoadOptions};
 use crate::tokenize::ModelTokenizer;
 use crate::{Example, IGNORE_INDEX};
+
+/// The shape of the records in a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// `{"input_ids": [...], "labels": [...]?}`; labels default to the input ids.
+    Pretokenized,
+    /// `{"text": "..."}`: every token trained, EOS appended (BOS per the tokenizer).
+    Text,
+    /// `{"prompt": "...", "completion": "..."}`: loss on the completion and EOS.
+    PromptCompletion,
+    /// `{"messages": [{"role", "content"}, ...]}` rendered with the chat template.
+    Messages,
+    /// `{"instruction", "input"?, "output"}`.
+    Alpaca,
+}
+
+impl Format {
+    /// Every format, in the order detection tries them.
+    pub const ALL: [Format; 5] = [
+        Format::Pretokenized,
+        Format::Messages,
+        Format::PromptCompletion,
+        Format::Alpaca,
+        Format::Text,
+    ];
+    /// The name used with `--format`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Pretokenized => "pretokenized",
+            Format::Text => "text",
+            Format::PromptCompletion => "prompt-completion",
+            Format::Messages => "messages",
+            Format::Alpaca => "alpaca",
+        }
+    }
+    /// Whether records of this format need a tokenizer.
+    pub fn needs_tokenizer(self) -> bool {
+        self != Format::Pretokenized
+    }
+    /// The format a record's keys announce, if any.
+    pub fn detect(record: &serde_json::Map<String, Value>) -> Option<Format> {
+        let has = |k: &str| record.contains_key(k);
+        if has("input_ids") {
+            Some(Format::Pretokenized)
+        } else if has("messages") {
+            Some(Format::Messages)
+        } else if has("prompt") && has("completion") {
+            Some(Format::PromptCompletion)
+        } else if has("instruction") && has("output") {
+            Some(Format::Alpaca)
+        } else if has("text") {
+            Some(Format::Text)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.to_ascii_lowercase().replace('_', "-");
+        match s.as_str() {
+            "pretokenized" | "tokens" => Ok(Format::Pretokenized),
+            "text" => Ok(Format::Text),
+            "prompt-completion" => Ok(Format::PromptCompletion),
+            "messages" | "chat" => Ok(Format::Messages),
+            "alpaca" => Ok(Format::Alpaca),
+            _ => Err(format!(
+                "unknown format `{s}` (expected one of: pretokenized, text, prompt-completion, \
+                 messages, alpaca)"
+            )),
+        }
+    }
+}
 
 /// Per-file conversion state: the format (forced or detected from the first record) and the
 /// model tokenizer, loaded once.
@@ -23,21 +106,24 @@ pub(crate) struct Converter<'a> {
 }
 
 impl<'a> Converter<'a> {
-    pub(crate) fn new(path: &'a Path, opts: &LoadOptions) -> Result<Self, DataError> {
+    /// `format` forces the format (`None`: detect it from the first record); token ids are
+    /// checked against `vocab_size`, else the tokenizer's vocabulary if `tokenizer_dir` has one.
+    pub(crate) fn new(
+        path: &'a Path,
+        format: Option<Format>,
+        vocab_size: Option<usize>,
+        tokenizer_dir: Option<&Path>,
+    ) -> Result<Self, DataError> {
         // A model directory without tokenizer.json is fine for pretokenized data; formats that
         // need a tokenizer then fail with `missing_tokenizer`.
-        let tokenizer = opts
-            .tokenizer_dir
-            .as_deref()
+        let tokenizer = tokenizer_dir
             .filter(|d| d.join("tokenizer.json").exists())
             .map(ModelTokenizer::load)
             .transpose()?;
         Ok(Converter {
             path,
-            format: opts.format,
-            vocab_size: opts
-                .vocab_size
-                .or(tokenizer.as_ref().map(ModelTokenizer::vocab_size)),
+            format,
+            vocab_size: vocab_size.or(tokenizer.as_ref().map(ModelTokenizer::vocab_size)),
             tokenizer,
         })
     }

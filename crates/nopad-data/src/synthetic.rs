@@ -3,9 +3,10 @@
 //! Each example is `[BOS] prompt [SEP] response [EOS]`, where the response is the prompt
 //! reversed, so a model can learn it and the loss must fall. Content tokens follow a Zipf law
 //! (rank r has weight 1/(r+1)), as words in text do: a model first learns the unigram
-//! distribution (a quick, visible fall from ln V), then to copy from the prompt. Only the response and EOS are
-//! targets. Total lengths follow the lognormal fits of the paper's datasets (anchors.md: FLAN-like
-//! median 180, σ 0.9; OrcaMath-like median 550, σ 0.6), clamped to `[8, max_len]`.
+//! distribution (a quick, visible fall from ln V), then to copy from the prompt. Only the
+//! response and EOS are targets. Total lengths follow the lognormal fits of the padding-free
+//! packing paper's datasets (FLAN-like median 180, σ 0.9; OrcaMath-like median 550, σ 0.6),
+//! clamped to `[8, max_len]`.
 
 use nopad_rng::Rng;
 

@@ -7,6 +7,7 @@
 //! decide what is trained for plain formats; `records.rs` does.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use minijinja::{context, Environment, ErrorKind};
 use serde_json::Value;
@@ -22,8 +23,25 @@ pub struct ModelTokenizer {
     eos: Option<(String, i32)>,
     add_bos: bool,
     template: Option<Environment<'static>>,
+    /// Where the chat template came from, for messages.
+    template_origin: String,
     vocab_size: usize,
 }
+
+/// Instructions one rendering of a chat template may execute. A real template spends a few
+/// hundred per message; this stops a template that loops without end in well under a second.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// Bytes one rendering may write, macro and block captures included: 64 MiB, far beyond any
+/// conversation that fits a training example, so a template that doubles its output fails here
+/// instead of aborting on an allocation.
+const TEMPLATE_OUTPUT_BYTES: usize = 64 << 20;
+
+/// Bytes written so far in one rendering (a per-render temp object of minijinja's state).
+#[derive(Debug, Default)]
+struct Written(AtomicUsize);
+
+impl minijinja::value::Object for Written {}
 
 impl std::fmt::Debug for ModelTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,23 +66,66 @@ fn special_token(cfg: &Value, key: &str) -> Option<String> {
 }
 
 /// The chat template: a string, or a list of `{name, template}` (the one named "default", else
-/// the first).
-fn chat_template(cfg: &Value) -> Option<String> {
-    match cfg.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(list) => {
+/// the first). `None` when the key is absent or null; any other shape is an error saying what
+/// was found, so that a malformed template is not mistaken for a missing one.
+fn chat_template(cfg: &Value, path: &Path) -> Result<Option<String>, DataError> {
+    let wrong = |what: String| DataError::file(path, format!("field `chat_template`: {what}"));
+    match cfg.get("chat_template") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(list)) => {
             let named = |n: &str| {
                 list.iter()
                     .find(|t| t.get("name").and_then(Value::as_str) == Some(n))
             };
-            named("default")
-                .or(list.first())?
-                .get("template")?
-                .as_str()
-                .map(str::to_string)
+            let entry = named("default")
+                .or(list.first())
+                .ok_or_else(|| wrong("an empty list of templates".into()))?;
+            match entry.get("template") {
+                Some(Value::String(t)) => Ok(Some(t.clone())),
+                _ => Err(wrong(format!(
+                    "the list entry {entry} has no `template` string"
+                ))),
+            }
         }
-        _ => None,
+        Some(v) => Err(wrong(format!(
+            "expected a string or a list of {{name, template}}, found {}",
+            crate::error::json_kind(v)
+        ))),
     }
+}
+
+/// The environment a chat template renders in: HF's settings, a fuel and an output budget, and
+/// no loader (so `include`, `import` and `extends` find no template but this one).
+fn template_env(src: String) -> Result<Environment<'static>, minijinja::Error> {
+    let mut env = Environment::new();
+    // HF renders with trim_blocks and lstrip_blocks on, and Python string methods.
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<(), minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_formatter(move |out, state, value| {
+        let written = state.get_or_set_temp_object("nopad.written", Written::default);
+        let len = value
+            .as_str()
+            .map_or_else(|| value.to_string().len(), str::len);
+        let total = written.0.fetch_add(len, Ordering::Relaxed) + len;
+        if total > TEMPLATE_OUTPUT_BYTES {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("the output exceeds the budget of {TEMPLATE_OUTPUT_BYTES} bytes"),
+            ));
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
+    env.add_template_owned("chat", src)?;
+    Ok(env)
 }
 
 impl ModelTokenizer {
@@ -106,30 +167,29 @@ impl ModelTokenizer {
             }
             (_, None) => false,
         };
-        let template_src = chat_template(&cfg)
-            .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let jinja_path = dir.join("chat_template.jinja");
+        let (template_src, template_origin, from_config) = match chat_template(&cfg, &cfg_path)? {
+            Some(src) => (
+                Some(src),
+                format!("{} field `chat_template`", cfg_path.display()),
+                true,
+            ),
+            None => (
+                std::fs::read_to_string(&jinja_path).ok(),
+                jinja_path.display().to_string(),
+                false,
+            ),
+        };
         let template = template_src
             .map(|src| {
-                let mut env = Environment::new();
-                // HF renders with trim_blocks and lstrip_blocks on, and Python string methods.
-                env.set_trim_blocks(true);
-                env.set_lstrip_blocks(true);
-                env.set_unknown_method_callback(
-                    minijinja_contrib::pycompat::unknown_method_callback,
-                );
-                env.add_function(
-                    "raise_exception",
-                    |msg: String| -> Result<(), minijinja::Error> {
-                        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-                    },
-                );
-                env.add_template_owned("chat", src).map_err(|e| {
-                    DataError::file(
-                        &cfg_path,
-                        format!("field `chat_template`: does not parse: {e}"),
-                    )
-                })?;
-                Ok::<_, DataError>(env)
+                template_env(src).map_err(|e| {
+                    if from_config {
+                        let msg = format!("field `chat_template`: does not parse: {e}");
+                        DataError::file(&cfg_path, msg)
+                    } else {
+                        DataError::file(&jinja_path, format!("does not parse: {e}"))
+                    }
+                })
             })
             .transpose()?;
         let vocab_size = tok.get_vocab_size(true);
@@ -140,6 +200,7 @@ impl ModelTokenizer {
             eos,
             add_bos,
             template,
+            template_origin,
             vocab_size,
         })
     }
@@ -204,13 +265,17 @@ impl ModelTokenizer {
             documents => (),
         })
         .map_err(|e| {
-            let mut msg = e.to_string();
+            let mut msg = if e.kind() == ErrorKind::OutOfFuel {
+                format!("ran out of fuel after {TEMPLATE_FUEL} steps (does it loop without end?)")
+            } else {
+                e.to_string()
+            };
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
                 msg.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            msg
+            format!("{msg}; the template is {}", self.template_origin)
         })
     }
 

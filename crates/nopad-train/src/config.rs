@@ -57,6 +57,8 @@ pub struct TrainConfig {
     pub long: LongPolicy,
     /// Skip (and count) bad records instead of failing.
     pub skip_bad: bool,
+    /// Refuse examples with no target token instead of skipping (and counting) them.
+    pub strict: bool,
     /// Packing strategy.
     pub strategy: Strategy,
     /// Examples per micro-batch (rows for concat/offline).
@@ -140,6 +142,7 @@ impl TrainConfig {
             format: None,
             long: LongPolicy::Truncate,
             skip_bad: false,
+            strict: false,
             strategy: Strategy::Flatten,
             batch_size: 16,
             grad_accum: 1,

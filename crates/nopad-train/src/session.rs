@@ -131,6 +131,7 @@ pub fn load_data(
                 max_len: tc.max_len,
                 long: tc.long,
                 skip_bad: tc.skip_bad,
+                strict: tc.strict,
                 vocab_size: Some(model_cfg.vocab_size),
                 tokenizer_dir: model_dir.map(|d| d.to_path_buf()),
             };

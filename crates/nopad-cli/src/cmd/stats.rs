@@ -48,6 +48,9 @@ pub struct StatsArgs {
     /// Count and report bad records instead of stopping at the first.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Stop at an example with no target token instead of skipping and counting it.
+    #[arg(long)]
+    pub strict: bool,
     /// Check token ids against this vocabulary size (default: the tokenizer's, if any).
     #[arg(long, value_name = "V")]
     pub vocab_size: Option<usize>,
@@ -74,6 +77,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
         skip_bad: args.skip_bad,
         vocab_size: args.vocab_size,
         tokenizer_dir: args.model.clone(),
+        strict: args.strict,
     };
     let synthetic = match args.data.to_str() {
         Some("synthetic-flan") => Some(LengthDist::FlanLike),

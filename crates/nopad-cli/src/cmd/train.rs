@@ -51,6 +51,9 @@ pub struct TrainArgs {
     /// Skip (and count) malformed records instead of stopping.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad: Option<bool>,
+    /// Stop at an example with no target token instead of skipping and counting it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub strict: Option<bool>,
     /// Packing: pad, concat, flatten (default) or offline.
     #[arg(long)]
     pub strategy: Option<String>,
@@ -196,6 +199,7 @@ impl TrainArgs {
             format,
             long,
             skip_bad,
+            strict,
             strategy,
             batch_size,
             grad_accum,
@@ -333,6 +337,7 @@ impl TrainArgs {
         }
         c.seed = a.seed.unwrap_or(c.seed);
         c.skip_bad = a.skip_bad.unwrap_or(false);
+        c.strict = a.strict.unwrap_or(false);
         c.group_by_length = a.group_by_length.unwrap_or(false);
         c.out = a.out.clone();
         c.log = a.log.clone();

@@ -35,7 +35,8 @@ const MORE: [&str; 7] = [
 
 /// The test template: BOS, role headers, `<|end|>` after each turn; `.strip()` exercises the
 /// Python-method compatibility and `raise_exception` HF's error function.
-const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+pub(crate) const TEMPLATE: &str =
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
 <|user|> {{ m['content'].strip() }}<|end|>\n{% elif m['role'] == 'assistant' %}\
 <|assistant|> {{ m['content'] }}<|end|>\n{% else %}{{ raise_exception('unknown role ' + \
 m['role']) }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}";
@@ -43,7 +44,7 @@ m['role']) }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> 
 /// Writes `tokenizer.json` (word level, whitespace split; ids 0-5 specials, then WORDS) and a
 /// `tokenizer_config.json` built from `config`; `post_bos` adds a post-processor that prepends
 /// `<s>`, as Llama 3's does.
-fn model_dir(name: &str, config: serde_json::Value, post_bos: bool) -> PathBuf {
+pub(crate) fn model_dir(name: &str, config: serde_json::Value, post_bos: bool) -> PathBuf {
     let dir = temp_dir(name);
     let all = || {
         SPECIALS
@@ -87,7 +88,7 @@ fn chat_config() -> serde_json::Value {
            "chat_template": TEMPLATE})
 }
 
-fn load_one(
+pub(crate) fn load_one(
     model: &Path,
     format: Option<Format>,
     record: serde_json::Value,
@@ -115,33 +116,31 @@ fn text_and_prompt_completion_golden() {
         json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}),
         false,
     );
-    golden(
-        &m,
-        json!({"text": "hello world"}),
-        &[1, 6, 7, 2],
-        &[N, 6, 7, 2],
-    );
-    // Special tokens written in the text are not doubled.
-    golden(
-        &m,
-        json!({"text": "<s> hello world </s>"}),
-        &[1, 6, 7, 2],
-        &[N, 6, 7, 2],
-    );
-    // Prompt masked; completion and EOS trained.
-    golden(
-        &m,
-        json!({"prompt": "what is two plus two", "completion": "four"}),
-        &[1, 8, 9, 10, 11, 10, 12, 2],
-        &[N, N, N, N, N, N, 12, 2],
-    );
-    // No chat template: alpaca becomes prompt "instruction\ninput\n" + completion.
-    golden(
-        &m,
-        json!({"instruction": "what is", "input": "two plus two", "output": "four"}),
-        &[1, 8, 9, 10, 11, 10, 12, 2],
-        &[N, N, N, N, N, N, 12, 2],
-    );
+    let (hello, qa) = (&[1, 6, 7, 2][..], &[1, 8, 9, 10, 11, 10, 12, 2][..]);
+    let qa_labels = &[N, N, N, N, N, N, 12, 2][..];
+    for (record, ids, labels) in [
+        (json!({"text": "hello world"}), hello, &[N, 6, 7, 2][..]),
+        // Special tokens written in the text are not doubled.
+        (
+            json!({"text": "<s> hello world </s>"}),
+            hello,
+            &[N, 6, 7, 2][..],
+        ),
+        // Prompt masked; completion and EOS trained.
+        (
+            json!({"prompt": "what is two plus two", "completion": "four"}),
+            qa,
+            qa_labels,
+        ),
+        // No chat template: alpaca becomes prompt "instruction\ninput\n" + completion.
+        (
+            json!({"instruction": "what is", "input": "two plus two", "output": "four"}),
+            qa,
+            qa_labels,
+        ),
+    ] {
+        golden(&m, record, ids, labels);
+    }
     let tok = ModelTokenizer::load(&m).unwrap();
     assert_eq!(
         (tok.bos_id(), tok.eos_id(), tok.vocab_size()),

@@ -4,4 +4,5 @@
 mod formats;
 mod loading;
 mod props;
+mod untrusted;
 mod util;

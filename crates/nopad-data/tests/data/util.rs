@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: traceable examples and temp files.
+//! What the integration tests share: traceable examples and temp files.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
