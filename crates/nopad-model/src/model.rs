@@ -131,9 +131,14 @@ impl<B: Backend> Model<B> {
 
     fn build(b: &B, cfg: Config, grads: bool) -> Result<Self> {
         let layout = Layout::new(&cfg);
-        let params = b.alloc(layout.total, Kind::Compute)?;
+        let n = layout.total;
+        let params = b
+            .alloc(n, Kind::Compute)
+            .map_err(|e| e.while_allocating(|| format!("the model's {n} parameters")))?;
         let has_grads = grads;
-        let grads = b.alloc(if grads { layout.total } else { 0 }, Kind::Grad)?;
+        let grads = b
+            .alloc(if grads { n } else { 0 }, Kind::Grad)
+            .map_err(|e| e.while_allocating(|| format!("the gradients of {n} parameters")))?;
         let freqs = crate::rope::inv_freq(&cfg);
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
         b.write(&mut inv_freq, 0, &freqs)?;
@@ -333,7 +338,12 @@ impl<B: Backend> Model<B> {
         let head_write = self.begin_forward(grad_scale.is_some())?;
         let up = self.upload(b, x)?;
         let n = up.attn.n;
-        self.ensure_acts(b, n)?;
+        self.ensure_acts(b, n).map_err(|e| match e {
+            ModelError::Backend(e) => ModelError::Backend(
+                e.while_allocating(|| format!("the activations of a micro-batch of {n} tokens")),
+            ),
+            e => e,
+        })?;
         let c = &self.cfg;
         let d = c.hidden_size;
         let eps = c.rms_norm_eps as f32;

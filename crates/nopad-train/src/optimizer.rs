@@ -117,10 +117,15 @@ impl<B: Backend> Optimizer<B> {
     /// trainable with the default settings.
     pub fn new(b: &B, model: &Model<B>, cfg: AdamWConfig) -> Result<Self> {
         let n = model.layout.total;
-        let m = b.alloc(n, Kind::Master)?;
-        let v = b.alloc(n, Kind::Master)?;
+        let moments = |e: nopad_backend::BackendError| {
+            e.while_allocating(|| format!("AdamW's moments of {n} parameters"))
+        };
+        let m = b.alloc(n, Kind::Master).map_err(moments)?;
+        let v = b.alloc(n, Kind::Master).map_err(moments)?;
         let master = if b.needs_master() {
-            Some(b.master_new(&model.params, n)?)
+            Some(b.master_new(&model.params, n).map_err(|e| {
+                e.while_allocating(|| format!("the fp32 master weights of {n} parameters"))
+            })?)
         } else {
             None
         };

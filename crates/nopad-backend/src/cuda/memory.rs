@@ -134,10 +134,25 @@ impl Pool {
                 self.ctx.synchronize().map_err(dev)?;
                 self.release_cached().map_err(dev)?;
                 // SAFETY: as above.
-                unsafe { cu::malloc_sync(size) }.map_err(|e| BackendError::Device {
-                    op: format!("cuMemAlloc({size} bytes, {} bytes held)", self.reserved),
-                    msg: e.to_string(),
-                })?
+                match unsafe { cu::malloc_sync(size) } {
+                    Ok(p) => p,
+                    Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                        let (free, total) = cu::mem_get_info().unwrap_or((0, 0));
+                        return Err(BackendError::OutOfMemory {
+                            what: format!("a buffer of {size} bytes"),
+                            requested: size,
+                            held: self.reserved,
+                            free,
+                            total,
+                        });
+                    }
+                    Err(e) => {
+                        return Err(BackendError::Device {
+                            op: format!("cuMemAlloc({size} bytes, {} bytes held)", self.reserved),
+                            msg: e.to_string(),
+                        })
+                    }
+                }
             }
         };
         self.reserved += size;
