@@ -150,7 +150,7 @@ pub fn dir_name(step: u64) -> String {
 }
 
 /// The step of a checkpoint directory name (`None` for anything else, tmp directories included).
-fn step_of(name: &str) -> Option<u64> {
+pub(crate) fn step_of(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("checkpoint-")?;
     if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
         return None;

@@ -30,6 +30,7 @@ mod runlog;
 mod schedule;
 mod session;
 mod signals;
+mod state_check;
 mod step;
 mod trainer;
 

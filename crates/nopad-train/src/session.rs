@@ -19,6 +19,7 @@ use crate::identity::RunIdentity;
 use crate::optimizer::Optimizer;
 use crate::records::History;
 use crate::schedule::Schedule;
+use crate::state_check::{check_schedule, check_state, DataFacts};
 
 fn unknown_preset(name: &str) -> TrainError {
     let names: Vec<&str> = nopad_model::PRESETS.iter().map(|p| p.0).collect();
@@ -246,6 +247,13 @@ impl<B: Backend> Session<B> {
                 )));
             }
         }
+        if let Some((dir, st)) = &resume {
+            let facts = DataFacts {
+                examples: examples.len(),
+                strategy: tc.strategy,
+            };
+            check_state(dir, st, &facts)?;
+        }
         let start_step = resume.as_ref().map_or(0, |(_, st)| st.step);
         if let Some(n) = tc.stop_after.filter(|&n| n <= start_step) {
             return Err(TrainError::Config(format!(
@@ -288,6 +296,10 @@ impl<B: Backend> Session<B> {
                 (total, spe)
             }
         };
+        if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
+            let spe = (tc.strategy != Strategy::Offline).then(|| loader.steps_per_epoch());
+            check_schedule(dir, st, id, spe)?;
+        }
         let schedule = Schedule {
             lr: tc.lr,
             min_lr: tc.min_lr,
