@@ -25,6 +25,7 @@ mod error;
 mod eval;
 mod identity;
 mod optimizer;
+mod out_lock;
 mod records;
 mod runlog;
 mod schedule;
@@ -40,6 +41,7 @@ pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
 pub use optimizer::{AdamWConfig, GroupSettings, Optimizer, Placement, StatePrecision, UpdateInfo};
+pub use out_lock::{OutLock, LOCK_FILE};
 pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
 pub use session::{

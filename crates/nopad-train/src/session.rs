@@ -17,6 +17,7 @@ use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::identity::RunIdentity;
 use crate::optimizer::Optimizer;
+use crate::out_lock::OutLock;
 use crate::records::History;
 use crate::schedule::Schedule;
 use crate::state_check::{check_schedule, check_state, DataFacts};
@@ -202,12 +203,16 @@ pub(crate) struct Session<B: Backend> {
     pub eval_examples: Option<Vec<Example>>,
     /// Notes for the summary.
     pub notes: Vec<String>,
+    /// The exclusive hold on `out`, for the session's whole life.
+    pub _lock: Option<OutLock>,
 }
 
 impl<B: Backend> Session<B> {
     /// Opens a session: resume, model, data, identity, loader, schedule, optimizer.
     pub fn open(b: &B, tc: &TrainConfig) -> Result<Self> {
         tc.validate()?;
+        // Before anything reads or prunes checkpoints under `out`.
+        let lock = tc.out.as_deref().map(OutLock::acquire).transpose()?;
         let mut notes = vec![];
         let resume = find_resume(tc, &mut notes)?;
         let (mut model, model_desc) = match &resume {
@@ -341,6 +346,7 @@ impl<B: Backend> Session<B> {
             history,
             eval_examples,
             notes,
+            _lock: lock,
         })
     }
 }
