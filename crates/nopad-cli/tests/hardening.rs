@@ -1,0 +1,145 @@
+//! What an unlucky or hostile user meets: rows with nothing to train, the loader's flags on
+//! `eval`, and two runs pointed at the same `--out`.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn nopad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nopad"))
+        .args(args)
+        .output()
+        .expect("the nopad binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn eval(data: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        "--model",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    nopad(&args)
+}
+
+#[test]
+fn eval_skips_and_counts_rows_with_no_target_and_strict_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("heldout.jsonl");
+    std::fs::write(
+        &data,
+        "{\"input_ids\": [1, 5, 9, 13, 2], \"labels\": [-100, -100, 9, 13, 2]}\n\
+         {\"input_ids\": [1]}\n\
+         {\"input_ids\": [1, 40, 41], \"labels\": [-100, -100, -100]}\n\
+         {\"input_ids\": [1, 7, 7, 2]}\n",
+    )
+    .unwrap();
+    let o = eval(&data, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Targets: 3 (first row) + 3 (last row); the two rows between hold none.
+    assert_eq!(r["tokens"], 6);
+    assert!(
+        stderr(&o).contains("2 examples with no target tokens skipped"),
+        "{}",
+        stderr(&o)
+    );
+    let o = eval(&data, &["--strict"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(":2"), "names the line: {}", stderr(&o));
+}
+
+#[test]
+fn eval_takes_the_loader_flags_train_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("heldout.jsonl");
+    std::fs::write(
+        &data,
+        "{\"input_ids\": [1, 5, 9, 13, 2, 8, 8, 8, 8, 8]}\nnot json\n{\"input_ids\": [1, 7, 7, 2]}\n",
+    )
+    .unwrap();
+    let o = eval(&data, &["--format", "pretokenized"]);
+    assert!(!o.status.success(), "a bad record stops eval by default");
+    assert!(stderr(&o).contains(":2"), "{}", stderr(&o));
+    let o = eval(
+        &data,
+        &[
+            "--format",
+            "pretokenized",
+            "--skip-bad",
+            "--max-len",
+            "6",
+            "--long",
+            "split",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Split at 6 tokens: [1 5 9 13 2 8] (5 targets) + [8 8 8 8] (3) + [1 7 7 2] (3).
+    assert_eq!(r["tokens"], 11, "{}", stderr(&o));
+}
+
+#[test]
+fn a_second_run_into_the_same_out_is_refused_while_the_first_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = |steps: &str| {
+        vec![
+            "train".to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "--model".into(),
+            "tiny".into(),
+            "--data".into(),
+            "synthetic-flan".into(),
+            "--synthetic-examples".into(),
+            "64".into(),
+            "--steps".into(),
+            steps.into(),
+            "--save-every".into(),
+            "1".into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--no-progress".into(),
+            "--test-save-delay-ms".into(),
+            "400".into(),
+        ]
+    };
+    let mut first = Command::new(env!("CARGO_BIN_EXE_nopad"))
+        .args(args("50"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(".nopad.lock");
+    let t0 = Instant::now();
+    // Until the lock holds its owner's pid (written right after the lock is taken).
+    while std::fs::metadata(&lock).map_or(true, |m| m.len() == 0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the first run never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = Command::new(env!("CARGO_BIN_EXE_nopad"))
+        .args(args("2"))
+        .output()
+        .unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!second.status.success());
+    let msg = stderr(&second);
+    assert!(
+        msg.contains("is writing into this output directory") && msg.contains("pid "),
+        "{msg}"
+    );
+}
