@@ -273,3 +273,7 @@ fn adamw_low<T: Scalar>(
         });
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "optim_tests.rs"]
+mod tests;
