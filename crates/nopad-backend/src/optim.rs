@@ -179,6 +179,17 @@ pub struct AdamWStep<'a, B: Device + ?Sized + 'a> {
     pub hp: AdamW,
 }
 
+impl<B: Device + ?Sized> AdamWStates<'_, B> {
+    /// The precision of the moments; an error unless both have the same.
+    pub fn precision(&self) -> Result<StatePrecision> {
+        let (m, v) = (self.m.precision(), self.v.precision());
+        crate::error::check(m == v, "adamw_states", || {
+            format!("m is {m:?} but v is {v:?}: both moments take one precision")
+        })?;
+        Ok(m)
+    }
+}
+
 /// Optimizer storage and the AdamW update.
 pub trait OptimizerOps: Device {
     /// One AdamW update (see [`AdamWStep`]).

@@ -64,16 +64,8 @@ impl<T: Scalar> Coef<T> {
 
 /// The default update: fp32 (scalar-type) moments, the weights in their own type.
 pub(crate) fn adamw<T: Scalar>(a: AdamWStep<'_, Cpu<T>>) -> Result<()> {
-    let AdamWStep {
-        param,
-        master,
-        grad,
-        m,
-        v,
-        n,
-        hp,
-    } = a;
-    check(master.is_none(), "adamw", || {
+    let (param, grad, m, v, n, hp) = (a.param, a.grad, a.m, a.v, a.n, a.hp);
+    check(a.master.is_none(), "adamw", || {
         "the CPU backend keeps no master copy".into()
     })?;
     for (name, len) in [
@@ -187,27 +179,11 @@ fn parts<'a, 'm, T: Scalar>(
 /// The update with moments in any precision (see [`AdamWStates`]); fp32 moments rounded to
 /// nearest go through [`adamw`].
 pub(crate) fn adamw_states<T: Scalar>(a: AdamWStates<'_, Cpu<T>>) -> Result<()> {
-    let AdamWStates {
-        param,
-        master,
-        grad,
-        m,
-        v,
-        n,
-        hp,
-        rounding,
-    } = a;
-    let op = "adamw_states";
-    check(master.is_none(), op, || {
+    a.precision()?;
+    check(a.master.is_none(), "adamw_states", || {
         "the CPU backend keeps no master copy".into()
     })?;
-    check(m.precision() == v.precision(), op, || {
-        format!(
-            "m is {:?} but v is {:?}: both moments take one precision",
-            m.precision(),
-            v.precision()
-        )
-    })?;
+    let (param, grad, m, v, n, hp, rounding) = (a.param, a.grad, a.m, a.v, a.n, a.hp, a.rounding);
     let sr = match rounding {
         ParamRounding::Nearest => None,
         ParamRounding::Stochastic { seed, first_index } => {

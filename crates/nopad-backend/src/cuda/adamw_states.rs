@@ -51,6 +51,8 @@ impl Cuda {
     /// grad: `[n]` of the gradient type; m, v: `[n]` fp32, bf16, or u8 codes with `[n/256]`
     /// fp32 scales.
     pub(crate) fn adamw_states_impl(&self, a: AdamWStates<'_, Self>) -> Result<()> {
+        let precision = a.precision()?;
+        let op = "adamw_states";
         let AdamWStates {
             param,
             master,
@@ -61,14 +63,6 @@ impl Cuda {
             hp,
             rounding,
         } = a;
-        let op = "adamw_states";
-        let precision = m.precision();
-        check(precision == v.precision(), op, || {
-            format!(
-                "m is {precision:?} but v is {:?}: both moments take one precision",
-                v.precision()
-            )
-        })?;
         let (m, v) = match (m, v, rounding) {
             // The default path, untouched.
             (MomentMut::F32(m), MomentMut::F32(v), ParamRounding::Nearest) => {

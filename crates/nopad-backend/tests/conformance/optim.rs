@@ -16,6 +16,19 @@ use nopad_backend::prelude::*;
 
 const TOL_STATES: f64 = 1e-3;
 
+/// The hyper-parameters of one test update, at a random step (bias corrections vary).
+pub(crate) fn random_hp<B: Backend>(e: &mut Env<B>) -> AdamW {
+    AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 1 + e.below(100) as u64,
+        grad_scale: 0.5,
+    }
+}
+
 /// A moment's state as values (codes times scales), and its codes when it has some.
 fn values(d: &StateData, signed: bool) -> (Vec<f64>, Vec<u8>) {
     match d {
@@ -89,15 +102,7 @@ pub(crate) fn adamw_states<B: Backend>(e: &mut Env<B>) {
     for &(precision, stochastic) in &modes {
         for &(n, off) in sizes {
             let tag = format!("{precision:?} sr={stochastic} n={n} off={off}");
-            let hp = AdamW {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step: 1 + e.below(100) as u64,
-                grad_scale: 0.5,
-            };
+            let hp = random_hp(e);
             let rounding = if stochastic {
                 ParamRounding::Stochastic {
                     seed: e.rng.next_u64(),
