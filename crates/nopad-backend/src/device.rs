@@ -17,6 +17,12 @@ pub enum Kind {
     /// Parameter gradients: fp32 on CUDA unless `CudaOptions::bf16_grads` (bf16, each GEMM still
     /// accumulating in fp32 and rounding once per write), the scalar type on the CPU.
     Grad,
+    /// AdamW moments kept in 16 bits (`StatePrecision::Bf16`): bf16 on CUDA whatever the Compute
+    /// type; the scalar type on the CPU, holding bf16-representable values.
+    Moment16,
+    /// 8-bit codes of block-quantised moments (`StatePrecision::Block8`): one byte on CUDA; the
+    /// scalar type on the CPU, holding the code 0..=255 as a number.
+    Code8,
 }
 
 /// Checks the parts of [`Device::alloc_parts`]: aligned offsets, inside the allocation.

@@ -39,7 +39,11 @@ pub(crate) use device::check_parts;
 pub use device::{Device, Kind};
 pub use error::{BackendError, Result};
 pub use ops::{AttnDims, GradWrite, LinearDims, Ops, RopeDims};
-pub use optim::{AdamW, AdamWStep, OptimizerOps};
+pub use optim::codes;
+pub use optim::{
+    AdamW, AdamWState, AdamWStates, AdamWStep, MasterPrecision, Moment, MomentMut, OptimizerOps,
+    ParamRounding, StateData, StatePrecision,
+};
 
 /// One backend: a [`Device`] with the [`Ops`] and the [`OptimizerOps`]. Downstream code is
 /// generic over `B: Backend`; every type that implements the three traits is one.
@@ -51,7 +55,8 @@ impl<B: Device + Ops + OptimizerOps + ?Sized> Backend for B {}
 pub mod prelude {
     pub use crate::args::*;
     pub use crate::{
-        AdamW, AdamWStep, AttnDims, Backend, Device, GradWrite, Kind, LinearDims, Ops,
-        OptimizerOps, RopeDims,
+        AdamW, AdamWState, AdamWStates, AdamWStep, AttnDims, Backend, Device, GradWrite, Kind,
+        LinearDims, MasterPrecision, Moment, MomentMut, Ops, OptimizerOps, ParamRounding, RopeDims,
+        StateData, StatePrecision,
     };
 }

@@ -92,6 +92,9 @@ impl<B: Backend> Env<B> {
             Kind::Grad => self.grad,
             Kind::Master if self.compute == Store::F64 => Store::F64,
             Kind::Master => Store::F32,
+            // Optimizer states hold bf16 values and 8-bit codes on every backend.
+            Kind::Moment16 => Store::Bf16,
+            Kind::Code8 => Store::F32,
         }
     }
     /// Tolerance of a result with `k` bf16 roundings on its path (module header).
@@ -244,8 +247,12 @@ conformance!(
     attention,
     lm_head,
     adamw,
+    adamw_states,
 );
 
 #[path = "conformance/ops.rs"]
 mod ops;
 use ops::*;
+#[path = "conformance/optim.rs"]
+mod optim;
+use optim::adamw_states;

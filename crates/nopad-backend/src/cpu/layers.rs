@@ -1,12 +1,12 @@
-//! Row-wise ops on the CPU: embedding, RMSNorm, RoPE, SwiGLU, AdamW and reductions.
+//! Row-wise ops on the CPU: embedding, RMSNorm, RoPE, SwiGLU and reductions.
 
 use rayon::prelude::*;
 
 use super::linear::add_column_sums;
-use super::{check_len, clear, Cpu, Scalar, ROW_CHUNK};
+use super::{check_len, clear, Cpu, Scalar};
 use crate::args::{EmbeddingBwd, EmbeddingFwd, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd};
 use crate::error::check;
-use crate::{AdamWStep, Result, RopeDims};
+use crate::{Result, RopeDims};
 
 /// Σx² in f64, summed per fixed-size chunk and then over chunks in order (deterministic).
 pub(crate) fn sum_squares<T: Scalar>(x: &[T]) -> f64 {
@@ -253,60 +253,6 @@ pub(crate) fn swiglu_backward<T: Scalar>(a: SwigluBwd<'_, Cpu<T>>) -> Result<()>
                 let silu = gi * s;
                 u[i] = dar[i] * silu;
                 g[i] = dar[i] * ui * s * (T::ONE + gi * (T::ONE - s));
-            }
-        });
-    Ok(())
-}
-
-pub(crate) fn adamw<T: Scalar>(a: AdamWStep<'_, Cpu<T>>) -> Result<()> {
-    let AdamWStep {
-        param,
-        master,
-        grad,
-        m,
-        v,
-        n,
-        hp,
-    } = a;
-    check(master.is_none(), "adamw", || {
-        "the CPU backend keeps no master copy".into()
-    })?;
-    for (name, len) in [
-        ("param", param.len()),
-        ("grad", grad.len()),
-        ("m", m.len()),
-        ("v", v.len()),
-    ] {
-        check_len("adamw", name, len, n)?;
-    }
-    check(hp.step >= 1, "adamw", || "step numbers start at 1".into())?;
-    // The same arithmetic, in the same order, as torch.optim.AdamW (non-fused).
-    let f = |x: f32| T::from_f64(x as f64);
-    let (b1, b2, eps, lr, wd, gs) = (
-        f(hp.beta1),
-        f(hp.beta2),
-        f(hp.eps),
-        f(hp.lr),
-        f(hp.weight_decay),
-        f(hp.grad_scale),
-    );
-    let bc1 = T::ONE - T::from_f64((hp.beta1 as f64).powi(hp.step as i32));
-    let bc2_sqrt = (T::ONE - T::from_f64((hp.beta2 as f64).powi(hp.step as i32))).sqrt();
-    let step_size = lr / bc1;
-    let decay = T::ONE - lr * wd;
-    param[..n]
-        .par_chunks_mut(ROW_CHUNK * 64)
-        .zip(grad[..n].par_chunks(ROW_CHUNK * 64))
-        .zip(m[..n].par_chunks_mut(ROW_CHUNK * 64))
-        .zip(v[..n].par_chunks_mut(ROW_CHUNK * 64))
-        .for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                let gi = g[i] * gs;
-                p[i] *= decay;
-                m[i] = m[i] * b1 + gi * (T::ONE - b1);
-                v[i] = v[i] * b2 + gi * gi * (T::ONE - b2);
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * m[i] / denom;
             }
         });
     Ok(())

@@ -9,6 +9,7 @@
 mod attention;
 mod layers;
 mod linear;
+mod optim;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -20,7 +21,7 @@ use crate::args::{
     RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
-use crate::{AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
+use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
 
 /// Rows handled by one task in row-parallel loops; fixed so that results never depend on the
 /// thread count.
@@ -385,7 +386,10 @@ impl<T: Scalar> Ops for Cpu<T> {
 
 impl<T: Scalar> OptimizerOps for Cpu<T> {
     fn adamw(&self, a: AdamWStep<'_, Self>) -> Result<()> {
-        layers::adamw(a)
+        optim::adamw(a)
+    }
+    fn adamw_states(&self, a: AdamWStates<'_, Self>) -> Result<()> {
+        optim::adamw_states(a)
     }
     fn needs_master(&self) -> bool {
         false

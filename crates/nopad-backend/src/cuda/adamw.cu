@@ -42,10 +42,11 @@ __device__ __forceinline__ void master_split(float w, unsigned short& hi, unsign
     lo = (unsigned short)(u - (h << 16));
 }
 
-#if NOPAD_BF16
 // Gradient loads: fp32 or bf16 gradients (CudaOptions::bf16_grads), 1 or 4 at a time.
 __device__ __forceinline__ float ldg1(const float* g, i64 i) { return g[i]; }
 __device__ __forceinline__ float ldg1(const bf16_t* g, i64 i) { return bf16_to_f32(g[i]); }
+
+#if NOPAD_BF16
 __device__ __forceinline__ void ldg4(const float* g, i64 i4, float* out) {
     float4 v = ((const float4*)g)[i4];
     out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
@@ -124,3 +125,146 @@ extern "C" __global__ void KNAME(adamw)(const AdamwParams p) {
         p.param[i] = to_c(w);
     }
 }
+
+// ---- Low-precision optimizer states (adamw_states.rs) ---------------------------------------
+// Moments: MOM_F32 float[n]; MOM_BF16 bf16 bits [n], rounded to nearest even on store; MOM_Q8
+// u8 codes [n] into a 256-entry map (signed for m, unsigned for v) with one float scale per 256
+// values (block-wise dynamic quantisation). Weights: W_PLAIN the parameter itself (to_c),
+// W_SPLIT the split fp32 master (bf16 only), W_SR the parameter rounded stochastically to bf16.
+// Every function mirrors one in src/optim/codes.rs operation for operation, so the CPU computes
+// the same codes and bits.
+//
+// One thread per element, one 256-thread block per quantisation block: the 8-bit path updates
+// its 256 values in registers, reduces their new largest magnitudes over the block (warp
+// shuffles, then 8 warp results through shared memory), then quantises, so a state is read and
+// written once. Bytes per parameter (8-bit moments, bf16 weights): read grad (4, or 2 with bf16
+// gradients) + param 2 + master low half 2 (W_SPLIT) + 2 codes + 8/256 of scales, write param 2
+// + low half 2 + 2 codes + scales: about 16 with split master and bf16 gradients, 12 without a
+// master (against 26 for fp32 moments). Memory-bound, one pass.
+
+#define MOM_F32 0
+#define MOM_BF16 1
+#define MOM_Q8 2
+#define W_PLAIN 0
+#define W_SPLIT 1
+#define W_SR 2
+
+struct AdamwStatesParams {
+    AdamwParams a;             // m, v point to float, bf16_t or unsigned char
+    float* m_scale;            // MOM_Q8: [ceil(n/256)]
+    float* v_scale;
+    unsigned long long sr_key; // W_SR: the step's key (codes.rs sr_key)
+    unsigned long long sr_base;  // W_SR: flat index of element 0
+    float map_m[256];          // MOM_Q8: code maps, sorted ascending
+    float map_v[256];
+};
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// codes.rs round_bf16_stochastic: up with probability (low 16 bits)/2^16, from 16 hashed bits.
+__device__ __forceinline__ float round_bf16_sr(float w, unsigned long long key, unsigned long long idx) {
+    unsigned u = __float_as_uint(w);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __uint_as_float(0x7fc00000u);
+    unsigned r = (u & 0x7f800000u) == 0x7f800000u ? 0u : (unsigned)(mix64(key + idx) >> 48);
+    return __uint_as_float((u + r) & 0xffff0000u);
+}
+
+// codes.rs nearest_code: the largest code <= x by a branch-free binary search, then the nearer
+// of it and the next (the lower on a tie).
+__device__ __forceinline__ unsigned char nearest_code(const float* map, float x) {
+    int i = 0;
+#pragma unroll
+    for (int s = 128; s > 0; s >>= 1)
+        if (map[i + s] <= x) i += s;
+    if (i < 255 && map[i + 1] - x < x - map[i]) ++i;
+    return (unsigned char)i;
+}
+
+template <int MOM, int W, typename G>
+__device__ void adamw_q_impl(const AdamwStatesParams& p, const G* grad) {
+    __shared__ float map_m[256], map_v[256];
+    __shared__ float red[2][8];
+    const int t = threadIdx.x;
+    if (MOM == MOM_Q8) {
+        map_m[t] = p.map_m[t];
+        map_v[t] = p.map_v[t];
+        __syncthreads();
+    }
+    i64 nblocks = (p.a.n + 255) / 256;
+    for (i64 b = blockIdx.x; b < nblocks; b += gridDim.x) {
+        i64 i = b * 256 + t;
+        bool live = i < p.a.n;
+        float m = 0.f, v = 0.f;
+        if (live) {
+            if (MOM == MOM_F32) {
+                m = p.a.m[i];
+                v = p.a.v[i];
+            } else if (MOM == MOM_BF16) {
+                m = bf16_to_f32(((const bf16_t*)p.a.m)[i]);
+                v = bf16_to_f32(((const bf16_t*)p.a.v)[i]);
+            } else {
+                m = map_m[((const unsigned char*)p.a.m)[i]] * p.m_scale[b];
+                v = map_v[((const unsigned char*)p.a.v)[i]] * p.v_scale[b];
+            }
+            bf16_t* hi = (bf16_t*)p.a.param;
+            float w = W == W_SPLIT ? master_join(hi[i], p.a.master_lo[i]) : ld(p.a.param, i);
+            w = adamw_one(p.a, ldg1(grad, i), w, m, v);
+            if (W == W_SPLIT) master_split(w, hi[i], p.a.master_lo[i]);
+            else if (W == W_SR) p.a.param[i] = to_c(round_bf16_sr(w, p.sr_key, p.sr_base + i));
+            else p.a.param[i] = to_c(w);
+        }
+        if (MOM == MOM_Q8) {
+            // The block's new scales: largest magnitudes of the updated values (0 past n).
+            float am = warp_max(fabsf(m)), av = warp_max(fabsf(v));
+            if ((t & 31) == 0) {
+                red[0][t >> 5] = am;
+                red[1][t >> 5] = av;
+            }
+            __syncthreads();
+            am = red[0][0];
+            av = red[1][0];
+#pragma unroll
+            for (int k = 1; k < 8; ++k) {
+                am = fmaxf(am, red[0][k]);
+                av = fmaxf(av, red[1][k]);
+            }
+            __syncthreads();  // red is reused by the next block
+            if (live) {
+                ((unsigned char*)p.a.m)[i] = nearest_code(map_m, am > 0.f ? m / am : 0.f);
+                ((unsigned char*)p.a.v)[i] = nearest_code(map_v, av > 0.f ? v / av : 0.f);
+            }
+            if (t == 0) {
+                p.m_scale[b] = am;
+                p.v_scale[b] = av;
+            }
+        } else if (live) {
+            if (MOM == MOM_F32) {
+                p.a.m[i] = m;
+                p.a.v[i] = v;
+            } else {
+                ((bf16_t*)p.a.m)[i] = f32_to_bf16(m);
+                ((bf16_t*)p.a.v)[i] = f32_to_bf16(v);
+            }
+        }
+    }
+}
+
+#define ADAMW_Q(MOM, W, mname, wname)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) KNAME(adamw_q_##mname##_##wname)(            \
+        const AdamwStatesParams p) { adamw_q_impl<MOM, W>(p, (const float*)p.a.grad); }           \
+    extern "C" __global__ void __launch_bounds__(256) KNAME(adamw_q_##mname##_##wname##_g16)(      \
+        const AdamwStatesParams p) { adamw_q_impl<MOM, W>(p, (const bf16_t*)p.a.grad); }
+
+ADAMW_Q(MOM_F32, W_SR, f32, sr)
+ADAMW_Q(MOM_BF16, W_PLAIN, bf16, plain)
+ADAMW_Q(MOM_BF16, W_SR, bf16, sr)
+ADAMW_Q(MOM_Q8, W_PLAIN, q8, plain)
+ADAMW_Q(MOM_Q8, W_SR, q8, sr)
+#if NOPAD_BF16
+ADAMW_Q(MOM_BF16, W_SPLIT, bf16, split)
+ADAMW_Q(MOM_Q8, W_SPLIT, q8, split)
+#endif

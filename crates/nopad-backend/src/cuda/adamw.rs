@@ -16,7 +16,7 @@ use super::compile::ADAMW;
 use super::elementwise::stride_launch;
 use super::{want, Cuda, CudaBuf, Dtype};
 use crate::error::check;
-use crate::{AdamWStep, BackendError, Result};
+use crate::{AdamW, AdamWStep, BackendError, Result};
 
 /// Splits an fp32 word into (bf16 high half rounded to nearest, low 16 bits of the remainder).
 pub(crate) fn split_master(x: f32) -> (u16, u16) {
@@ -34,12 +34,12 @@ pub(crate) fn join_master(hi: u16, lo: u16) -> f32 {
 /// Mirrors `AdamwParams` in adamw.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct AdamwParams {
-    param: u64,
-    master_lo: u64,
-    grad: u64,
-    m: u64,
-    v: u64,
+pub(super) struct AdamwParams {
+    pub(super) param: u64,
+    pub(super) master_lo: u64,
+    pub(super) grad: u64,
+    pub(super) m: u64,
+    pub(super) v: u64,
     n: i64,
     lr: f32,
     beta1: f32,
@@ -49,6 +49,31 @@ struct AdamwParams {
     decay: f32,
     step_size: f32,
     bc2_sqrt: f32,
+}
+
+impl AdamwParams {
+    /// The kernel's pointers and this step's constants (bias corrections on the host, as the
+    /// CPU backend computes them). `hp.step` must be at least 1.
+    pub(super) fn new(ptrs: [u64; 5], n: usize, hp: &AdamW) -> Self {
+        let [param, master_lo, grad, m, v] = ptrs;
+        let step = hp.step.min(i32::MAX as u64) as i32;
+        AdamwParams {
+            param,
+            master_lo,
+            grad,
+            m,
+            v,
+            n: n as i64,
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            grad_scale: hp.grad_scale,
+            decay: 1.0 - hp.lr * hp.weight_decay,
+            step_size: hp.lr / (1.0 - (hp.beta1 as f64).powi(step) as f32),
+            bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(step) as f32).sqrt(),
+        }
+    }
 }
 
 impl Cuda {
@@ -79,23 +104,14 @@ impl Cuda {
         if n == 0 {
             return Ok(());
         }
-        let step = hp.step.min(i32::MAX as u64) as i32;
-        let p = AdamwParams {
-            param: param.ptr,
-            master_lo: master.map_or(0, |m| m.ptr),
-            grad: grad.ptr,
-            m: m.ptr,
-            v: v.ptr,
-            n: n as i64,
-            lr: hp.lr,
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-            grad_scale: hp.grad_scale,
-            decay: 1.0 - hp.lr * hp.weight_decay,
-            step_size: hp.lr / (1.0 - (hp.beta1 as f64).powi(step) as f32),
-            bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(step) as f32).sqrt(),
-        };
+        let ptrs = [
+            param.ptr,
+            master.map_or(0, |m| m.ptr),
+            grad.ptr,
+            m.ptr,
+            v.ptr,
+        ];
+        let p = AdamwParams::new(ptrs, n, &hp);
         let g_align = if self.grad == Dtype::Bf16 { 8 } else { 16 };
         let aligned = p.grad.is_multiple_of(g_align)
             && p.m.is_multiple_of(16)

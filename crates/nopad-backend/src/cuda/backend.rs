@@ -14,7 +14,25 @@ use crate::args::{
     RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
-use crate::{AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
+use crate::{AdamWStates, AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
+
+/// 8-bit codes given as f32 numbers (`Device::write` takes f32): each must be an integer
+/// 0..=255.
+fn codes_from_f32(data: &[f32]) -> Result<Vec<u8>> {
+    data.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if (0.0..=255.0).contains(&x) && x.fract() == 0.0 {
+                Ok(x as u8)
+            } else {
+                Err(BackendError::Shape {
+                    op: "write",
+                    what: format!("value {i} ({x}) is not an 8-bit code (an integer 0..=255)"),
+                })
+            }
+        })
+        .collect()
+}
 
 impl Cuda {
     fn dtype_of(&self, kind: Kind) -> Dtype {
@@ -22,6 +40,8 @@ impl Cuda {
             Kind::Compute => self.compute,
             Kind::Master => Dtype::F32,
             Kind::Grad => self.grad,
+            Kind::Moment16 => Dtype::Bf16,
+            Kind::Code8 => Dtype::U8,
         }
     }
 }
@@ -129,6 +149,10 @@ impl Device for Cuda {
                     cu::memcpy_htod_async(dst, &host, s)
                 }
                 Dtype::F32 => cu::memcpy_htod_async(dst, data, s),
+                Dtype::U8 => {
+                    let host = codes_from_f32(data)?;
+                    cu::memcpy_htod_async(dst, &host, s)
+                }
                 Dtype::I32 | Dtype::U16 => {
                     return Err(BackendError::Unsupported(format!(
                         "write: {:?} buffers hold no f32 values",
@@ -178,6 +202,12 @@ impl Device for Cuda {
                     cu::memcpy_dtoh_async(&mut host, src, s).map_err(&err)?;
                     cu::stream::synchronize(s).map_err(&err)?;
                     Ok(host.into_iter().map(|v| v as f32).collect())
+                }
+                Dtype::U8 => {
+                    let mut host = vec![0u8; n];
+                    cu::memcpy_dtoh_async(&mut host, src, s).map_err(&err)?;
+                    cu::stream::synchronize(s).map_err(&err)?;
+                    Ok(host.into_iter().map(f32::from).collect())
                 }
                 Dtype::U16 => Err(BackendError::Unsupported(
                     "read: u16 buffers hold no f32 values (use master_read)".into(),
@@ -332,8 +362,21 @@ impl OptimizerOps for Cuda {
         self.adamw_impl(a)
     }
 
+    fn adamw_states(&self, a: AdamWStates<'_, Self>) -> Result<()> {
+        self.adamw_states_impl(a)
+    }
+
     fn needs_master(&self) -> bool {
         self.compute != Dtype::F32
+    }
+
+    fn master_bytes(&self, n: usize) -> usize {
+        // The low halves only (see `master_new`).
+        if self.needs_master() {
+            n * Dtype::U16.size()
+        } else {
+            0
+        }
     }
 
     fn master_new(&self, _params: &CudaBuf, n: usize) -> Result<CudaBuf> {

@@ -125,6 +125,7 @@ fn data_type(d: Dtype) -> sys::cudaDataType {
         Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
         Dtype::I32 => sys::cudaDataType::CUDA_R_32I,
         Dtype::U16 => sys::cudaDataType::CUDA_R_16U,
+        Dtype::U8 => sys::cudaDataType::CUDA_R_8U,
     }
 }
 

@@ -34,12 +34,15 @@ pub enum Dtype {
     /// Raw 16-bit words: the low halves of fp32 master weights whose high halves are the bf16
     /// parameters (see `adamw.rs`). No kernel reads them as numbers except AdamW.
     U16,
+    /// Bytes: the codes of 8-bit optimizer states (`Kind::Code8`).
+    U8,
 }
 
 impl Dtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            Dtype::U8 => 1,
             Dtype::Bf16 | Dtype::U16 => 2,
             Dtype::F32 | Dtype::I32 => 4,
         }
@@ -51,6 +54,7 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::I32 => "i32",
             Dtype::U16 => "u16",
+            Dtype::U8 => "u8",
         }
     }
 }

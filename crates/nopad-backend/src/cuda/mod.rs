@@ -10,7 +10,8 @@
 //! launch), `blas` (cuBLASLt plans), `backend` (the `Device`, `Ops` and `OptimizerOps` impls),
 //! and one launcher file per op family beside its `.cu` file (`elementwise`, `embedding`,
 //! `linear`, `rmsnorm`, `rope`, `swiglu`, `lm_head`, `adamw`; `attention` has a forward and a
-//! backward `.cu`). `reduce.cu` has no launcher of its own: its reductions are launched from
+//! backward `.cu`; `adamw_states` launches the low-precision-state kernels of `adamw.cu`).
+//! `reduce.cu` has no launcher of its own: its reductions are launched from
 //! `elementwise.rs` (sum of squares), `linear.rs` (bias gradient, partial sums, also used by
 //! `rmsnorm.rs`) and `lm_head.rs` (loss sum).
 //!
@@ -20,6 +21,7 @@
 //! `0` is off; any other value is an error when the backend opens.
 
 mod adamw;
+mod adamw_states;
 mod attention;
 mod backend;
 mod blas;

@@ -94,15 +94,7 @@ pub(crate) fn lm_head<B: Backend>(e: &mut Env<B>) {
 pub(crate) fn adamw<B: Backend>(e: &mut Env<B>) {
     // off = 1 shifts every view by one element (the unaligned kernels on CUDA).
     for (n, off) in [(1, 0), (1000, 0), (65_537, 0), (1003, 1)] {
-        let hp = AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 1 + e.below(100) as u64,
-            grad_scale: 0.5,
-        };
+        let hp = crate::optim::random_hp(e);
         // fp32 weights that bf16 cannot hold, so a split master must keep both halves.
         let p = e.randn(n, 1.0, Kind::Master);
         let g = e.randn(n, 1.0, Kind::Grad);
