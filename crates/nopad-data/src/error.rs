@@ -19,6 +19,9 @@ pub struct DataError {
     pub field: Option<String>,
     /// What was wrong and, where it helps, what to do.
     pub message: String,
+    /// Set when loading stopped because a signal asked it to (its number), not because of the
+    /// data: the caller exits as the signal asks rather than reporting bad data.
+    pub signal: Option<i32>,
 }
 
 impl DataError {
@@ -30,6 +33,7 @@ impl DataError {
             element: None,
             field: None,
             message: message.into(),
+            signal: None,
         }
     }
     /// An error about a whole file (cannot read it, unknown format).
@@ -47,6 +51,18 @@ impl DataError {
             element: None,
             field: field.map(str::to_string),
             message: message.into(),
+            signal: None,
+        }
+    }
+
+    /// Loading `path` stopped at a signal's request.
+    pub fn stopped(path: &Path, signal: i32) -> Self {
+        DataError {
+            signal: Some(signal),
+            ..DataError::file(
+                path,
+                format!("data preparation stopped by signal {signal}; nothing was trained"),
+            )
         }
     }
 }

@@ -18,6 +18,7 @@ mod plot;
 mod records;
 mod sampler;
 mod stats;
+mod stop;
 pub mod synthetic;
 mod tokenize;
 
@@ -29,4 +30,5 @@ pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
 pub use records::Format;
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
 pub use stats::{strategy_stats, LengthHistogram, StatsReport, StrategyStats};
+pub use stop::StopFlag;
 pub use tokenize::ModelTokenizer;

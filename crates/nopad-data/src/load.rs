@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::error::DataError;
 use crate::records::{convert_known, convert_record, Converter, Format};
+use crate::stop::StopFlag;
 use crate::{Example, IGNORE_INDEX};
 
 /// What to do with an example longer than `max_len`.
@@ -74,6 +75,8 @@ pub struct LoadOptions {
     pub tokenizer_dir: Option<PathBuf>,
     /// Fail on an example with no target token instead of counting it in `no_targets`.
     pub strict: bool,
+    /// Checked between records: once raised, loading stops with [`DataError::signal`] set.
+    pub stop: StopFlag,
 }
 
 impl LoadOptions {
@@ -87,6 +90,7 @@ impl LoadOptions {
             vocab_size: None,
             tokenizer_dir: None,
             strict: false,
+            stop: StopFlag::new(),
         }
     }
 }
@@ -153,6 +157,10 @@ pub fn load_examples(
     }
     let bytes =
         std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    let stopped = || opts.stop.raised().map(|sig| DataError::stopped(path, sig));
+    if let Some(e) = stopped() {
+        return Err(e);
+    }
     let (text, mut undecodable) = decode(path, bytes);
     if !undecodable.is_empty() && text.trim_start().starts_with('[') {
         // An array cannot lose a line and stay an array: nothing to skip.
@@ -174,6 +182,9 @@ pub fn load_examples(
     let mut results = Vec::with_capacity(records.len());
     let mut first = 0;
     while first < records.len() && conv.format().is_none() {
+        if let Some(e) = stopped() {
+            return Err(e);
+        }
         let (line, raw) = records[first];
         results.push(check(line, convert_record(&mut conv, line, raw)));
         first += 1;
@@ -189,8 +200,11 @@ pub fn load_examples(
         let handles: Vec<_> = rest
             .chunks(chunk)
             .map(|part| {
+                let stop = &opts.stop;
                 scope.spawn(move || {
+                    // Checked per record: a record's template render is bounded by its fuel.
                     part.iter()
+                        .take_while(|_| stop.raised().is_none())
                         .map(|&(line, raw)| check(line, convert_known(conv, line, raw)))
                         .collect::<Vec<_>>()
                 })
@@ -200,6 +214,9 @@ pub fn load_examples(
             results.extend(h.join().expect("a conversion thread panicked"));
         }
     });
+    if let Some(e) = stopped() {
+        return Err(e);
+    }
     let mut report = LoadReport::default();
     let mut examples = Vec::with_capacity(records.len());
     // Undecodable lines are records that failed: merged back in file order.

@@ -29,6 +29,10 @@ pub enum TrainError {
     /// Training stopped because too many steps had a non-finite loss or gradient.
     #[error("{0}")]
     Diverged(String),
+    /// A signal stopped the run before its first step (while the data was being prepared), so
+    /// there was nothing to save.
+    #[error("stopped by signal {0} while preparing the data; nothing was trained or written")]
+    Interrupted(i32),
 }
 
 /// Maps an OS error to [`TrainError::Io`] naming `path` (for `map_err`).

@@ -134,10 +134,19 @@ pub fn load_data(
                 long: tc.long,
                 skip_bad: tc.skip_bad,
                 strict: tc.strict,
+                stop: tc
+                    .interrupt
+                    .as_ref()
+                    .map(|i| i.flag().clone())
+                    .unwrap_or_default(),
                 vocab_size: Some(model_cfg.vocab_size),
                 tokenizer_dir: model_dir.map(|d| d.to_path_buf()),
             };
-            let (ex, report) = nopad_data::load_examples(path, &opts)?;
+            let (ex, report) =
+                nopad_data::load_examples(path, &opts).map_err(|e| match e.signal {
+                    Some(sig) => TrainError::Interrupted(sig),
+                    None => e.into(),
+                })?;
             let mut notes = vec![format!("{}: {report}", path.display())];
             notes.extend(report.warnings.iter().cloned());
             if ex.is_empty() {
@@ -231,6 +240,7 @@ impl<B: Backend> Session<B> {
         model.set_grad_aliasing(b, tc.grad_aliasing && tc.grad_accum == 1)?;
         let model_dir = model_dir(tc);
         let (examples, data_notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
+        stop_if_asked(tc)?;
         notes.extend(data_notes);
         if tc.strategy == Strategy::Concat {
             notes.push("strategy concat: attention crosses examples and positions continue; training is NOT equivalent to padding (shown for comparison only)".into());
@@ -241,6 +251,7 @@ impl<B: Backend> Session<B> {
         } else {
             None
         };
+        stop_if_asked(tc)?;
         if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
             let diffs = id.differences(&st.identity);
             if !diffs.is_empty() {
@@ -312,6 +323,7 @@ impl<B: Backend> Session<B> {
             total,
             decay: tc.decay,
         };
+        stop_if_asked(tc)?;
         let mut opt = Optimizer::new(b, &model, tc.adamw)?;
         let history = match &resume {
             Some((dir, st)) => {
@@ -348,6 +360,14 @@ impl<B: Backend> Session<B> {
             notes,
             _lock: lock,
         })
+    }
+}
+
+/// Ends preparation at a signal's request: before the first step there is nothing to save.
+fn stop_if_asked(tc: &TrainConfig) -> Result<()> {
+    match tc.interrupt.as_ref().and_then(|i| i.requested()) {
+        Some(sig) => Err(TrainError::Interrupted(sig)),
+        None => Ok(()),
     }
 }
 

@@ -6,14 +6,16 @@
 //! returned [`Interrupt`] into [`crate::TrainConfig::interrupt`]; tests call
 //! [`Interrupt::request`] instead of sending signals.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-/// A stop request shared between signal handlers (or a test) and the training loop.
+use nopad_data::StopFlag;
+
+/// A stop request shared between signal handlers (or a test), data preparation and the training
+/// loop: preparation stops at once (nothing to save yet), the loop after its current step.
 #[derive(Clone, Debug, Default)]
 pub struct Interrupt {
-    /// 0: no request; otherwise the signal number that asked.
-    signal: Arc<AtomicUsize>,
+    flag: StopFlag,
 }
 
 impl Interrupt {
@@ -22,17 +24,19 @@ impl Interrupt {
         Self::default()
     }
 
-    /// Asks the run to stop after its current step, as `signal` would.
+    /// Asks the run to stop, as `signal` would.
     pub fn request(&self, signal: i32) {
-        self.signal.store(signal.max(1) as usize, Ordering::SeqCst);
+        self.flag.raise(signal);
     }
 
     /// The signal that asked the run to stop, if one did.
     pub fn requested(&self) -> Option<i32> {
-        match self.signal.load(Ordering::SeqCst) {
-            0 => None,
-            s => Some(s as i32),
-        }
+        self.flag.raised()
+    }
+
+    /// The flag data preparation checks ([`nopad_data::LoadOptions::stop`]).
+    pub fn flag(&self) -> &StopFlag {
+        &self.flag
     }
 }
 
@@ -48,7 +52,7 @@ pub fn install() -> std::io::Result<Interrupt> {
         // so only a second signal exits.
         flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))?;
         flag::register(sig, Arc::clone(&seen))?;
-        flag::register_usize(sig, Arc::clone(&interrupt.signal), sig as usize)?;
+        flag::register_usize(sig, interrupt.flag.shared(), sig as usize)?;
     }
     Ok(interrupt)
 }

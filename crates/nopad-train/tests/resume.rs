@@ -466,3 +466,38 @@ fn periodic_evaluation_is_logged_summarised_and_survives_a_resume() {
         strip(&text)
     );
 }
+
+/// A signal during data preparation stops the run before its first step, with nothing written.
+#[test]
+fn an_interrupt_during_preparation_stops_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 5, 9, 13, 2]}\n".repeat(300)).unwrap();
+    let out = dir.path().join("out");
+    for source in [
+        nopad_train::DataSource::File(data.clone()),
+        nopad_train::DataSource::Synthetic {
+            dist: LengthDist::FlanLike,
+            examples: 40,
+        },
+    ] {
+        let interrupt = Interrupt::new();
+        interrupt.request(2); // as a Ctrl-C before the first step would
+        let tc = TrainConfig {
+            data: source,
+            interrupt: Some(interrupt),
+            ..config(5, &out)
+        };
+        let mut steps = 0;
+        match train(&Cpu::<f32>::new(), &tc, |_| steps += 1) {
+            Err(TrainError::Interrupted(2)) => {}
+            other => panic!(
+                "expected Interrupted(2), got {:?}",
+                other.map(|s| s.steps_done)
+            ),
+        }
+        assert_eq!(steps, 0);
+        let left: Vec<_> = std::fs::read_dir(&out).map_or(vec![], |d| d.collect());
+        assert!(left.is_empty(), "nothing written: {left:?}");
+    }
+}

@@ -78,6 +78,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
         vocab_size: args.vocab_size,
         tokenizer_dir: args.model.clone(),
         strict: args.strict,
+        stop: Default::default(),
     };
     let synthetic = match args.data.to_str() {
         Some("synthetic-flan") => Some(LengthDist::FlanLike),

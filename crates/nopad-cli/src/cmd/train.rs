@@ -4,7 +4,7 @@
 //!
 //! Exit status: 0 when the run finished (or stopped at `--stop-after`), 2 on an error, 75 when
 //! SIGINT/SIGTERM stopped it after saving a checkpoint, 128 + signal when a second signal ended it
-//! at once.
+//! at once or when the first one came while the data was being prepared (nothing to save yet).
 
 use std::path::{Path, PathBuf};
 
@@ -23,8 +23,10 @@ use crate::device::{parse_grad_dtype, run_on, DeviceChoice, Job, Precision};
 #[command(after_help = "Checkpoints and stopping:
   With --out, SIGINT or SIGTERM (Ctrl-C) finishes the current step, saves OUT/checkpoint-NNNNNN
   and exits with status 75; a second signal exits at once (status 130 or 143), leaving the newest
-  complete checkpoint intact. Continue with the same flags plus `--resume latest`: the next
-  batch, learning rate and loss are those of an uninterrupted run (bit-identical on the CPU).
+  complete checkpoint intact. A signal while the data is being prepared (read, tokenised,
+  templated) stops at once with status 130 or 143: nothing was trained or written yet.
+  Continue with the same flags plus `--resume latest`: the next batch, learning rate and loss
+  are those of an uninterrupted run (bit-identical on the CPU).
   Exit status: 0 done (or --stop-after reached), 2 error, 75 stopped by a signal after saving.")]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainArgs {
@@ -405,7 +407,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     cfg.interrupt = Some(
         nopad_train::install_signal_handlers().context("installing the SIGINT/SIGTERM handlers")?,
     );
-    let summary = run_on(device, dtype, TrainJob(cfg))?;
+    let summary = match run_on(device, dtype, TrainJob(cfg)) {
+        Ok(s) => s,
+        Err(e) => {
+            // Stopped while preparing the data: exit as the signal's default action would.
+            if let Some(nopad_train::TrainError::Interrupted(sig)) = e.downcast_ref() {
+                eprintln!("nopad: {e}");
+                std::process::exit(128 + sig);
+            }
+            return Err(e);
+        }
+    };
     println!("{summary}");
     if let Some(StopReason::Signal(_)) = summary.stopped {
         use std::io::Write;

@@ -227,3 +227,28 @@ mod edge_cases {
         );
     }
 }
+
+/// A raised stop flag (a first Ctrl-C) ends loading between records with the signal named, not
+/// after the whole file.
+#[test]
+fn a_raised_stop_flag_ends_loading_with_the_signal() {
+    let dir = crate::util::temp_dir("stop");
+    let line = "{\"input_ids\": [1, 5, 9, 13, 2]}\n";
+    let path = crate::util::write(&dir, "big.jsonl", &line.repeat(5000));
+    let mut opts = nopad_data::LoadOptions::new(64);
+    let (ok, _) = nopad_data::load_examples(&path, &opts).unwrap();
+    assert_eq!(ok.len(), 5000);
+    opts.stop = nopad_data::StopFlag::new();
+    opts.stop.raise(2);
+    let e = nopad_data::load_examples(&path, &opts).unwrap_err();
+    assert_eq!(e.signal, Some(2));
+    assert!(e.to_string().contains("stopped by signal 2"), "{e}");
+    // Clones share the flag: the options' copy sees a raise made through another clone.
+    let flag = nopad_data::StopFlag::new();
+    opts.stop = flag.clone();
+    flag.raise(15);
+    assert_eq!(
+        nopad_data::load_examples(&path, &opts).unwrap_err().signal,
+        Some(15)
+    );
+}
