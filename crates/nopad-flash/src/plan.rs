@@ -535,12 +535,12 @@ mod tests {
         assert_eq!(l.kv_wide, l.auto_narrow + 16 * plan.auto_narrow.len());
         assert_eq!(l.kv_rest, l.kv_wide + 16 * plan.kv_wide.len());
         assert_eq!(l.segs, l.kv_rest + 16 * plan.kv_rest.len());
-        assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
+        assert!(tiles_end <= l.lse2 && l.lse2.is_multiple_of(256));
         assert_eq!(
             l.d - l.lse2,
             (4 * h * plan.padded_tokens()).div_ceil(256) * 256
         );
-        assert!(l.total >= l.d + 4 * h * plan.padded_tokens() && l.total % 256 == 0);
+        assert!(l.total >= l.d + 4 * h * plan.padded_tokens() && l.total.is_multiple_of(256));
         assert_eq!(
             plan.host.len() * 4,
             tiles_end,
