@@ -18,30 +18,13 @@
 //! spread). Each comparison prints one line to stderr; a failure names the seed
 //! (`NOPAD_TEST_SEED` reruns it).
 
-use std::io::Write;
-
 use nopad_backend::cpu::Cpu;
-use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
+use nopad_backend::cuda::{Cuda, CudaDtype, CudaOptions};
 use nopad_backend::prelude::*;
 use nopad_rng::Rng;
 
-const TOL_F32: f64 = 1e-4;
-const BF16_U: f64 = 1.0 / 256.0;
-
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-fn seed() -> u64 {
-    std::env::var("NOPAD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-}
+mod common;
+use common::{bf16_tol, cuda_present, say, seed, TOL_F32};
 
 /// How a backend stores each [`Kind`], for drawing representable inputs and for tolerances.
 #[derive(Clone, Copy, PartialEq)]
@@ -102,7 +85,7 @@ impl<B: Backend> Env<B> {
         match self.compute {
             Store::F64 => 1e-12,
             Store::F32 => TOL_F32,
-            Store::Bf16 => 3.0 * k as f64 * BF16_U + TOL_F32,
+            Store::Bf16 => bf16_tol(k),
         }
     }
     /// Extra roundings of an accumulated parameter gradient (1 with bf16 gradients).
@@ -150,14 +133,7 @@ impl<B: Backend> Env<B> {
         self.check_tol(what, got, want, self.tol(k));
     }
     fn check_tol(&self, what: &str, got: &[f64], want: &[f64], tol: f64) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        let (mut num, mut den, mut nan) = (0f64, 0f64, 0usize);
-        for (&g, &w) in got.iter().zip(want) {
-            nan += g.is_nan() as usize;
-            num += (g - w) * (g - w);
-            den += w * w;
-        }
-        let rel = num.sqrt() / den.sqrt().max(1e-30);
+        let common::Error { rel, nan, .. } = common::error(what, got, want);
         say(&format!(
             "conformance {:<12} {what:<44} rel {rel:.2e} (tol {tol:.1e}, n {})",
             self.name,
@@ -176,8 +152,7 @@ impl<B: Backend> Env<B> {
 
 /// The CUDA backend in its three modes, or none after a visible skip line.
 fn cuda_envs(test: &str) -> Vec<Env<Cuda>> {
-    if let Err(reason) = probe() {
-        say(&format!("skipped: no CUDA device ({reason}) [{test}]"));
+    if !cuda_present(test) {
         return Vec::new();
     }
     let modes = [

@@ -9,8 +9,6 @@
 //! failures name the seed (`NOPAD_TEST_SEED`). Without a GPU each test prints
 //! `skipped: no CUDA device (...)` and returns.
 
-use std::io::Write;
-
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
 use nopad_backend::prelude::*;
@@ -19,15 +17,10 @@ use nopad_rng::Rng;
 
 #[path = "cuda_ops/bench.rs"]
 mod bench;
+mod common;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
-
-const TOL_F32: f64 = 1e-4;
-const BF16_U: f64 = 1.0 / 256.0;
-
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
+use common::{bf16_tol, cuda_present, say, TOL_F32};
 
 /// One mode's pair of backends and its random stream.
 struct Env {
@@ -43,18 +36,10 @@ struct Env {
 
 /// Both modes, or None after printing a visible skip line.
 fn envs(test: &str) -> Option<Vec<Env>> {
-    if let Err(reason) = probe() {
-        say(&format!("skipped: no CUDA device ({reason}) [{test}]"));
+    if !cuda_present(test) {
         return None;
     }
-    let seed = std::env::var("NOPAD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = common::seed();
     let mk = |mode, bf16_grads| {
         let opts = CudaOptions {
             dtype: mode,
@@ -91,7 +76,7 @@ impl Env {
     fn tol(&self, k: u32) -> f64 {
         match self.mode {
             CudaDtype::F32 => TOL_F32,
-            CudaDtype::Bf16 => 3.0 * k as f64 * BF16_U + TOL_F32,
+            CudaDtype::Bf16 => bf16_tol(k),
         }
     }
     /// Random normal values times `s`, representable in the Compute type.
@@ -152,19 +137,7 @@ impl Env {
         self.check_tol(what, got, want, self.tol(k));
     }
     fn check_tol(&self, what: &str, got: &[f32], want: &[f32], tol: f64) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        let (mut num, mut den, mut max_abs) = (0f64, 0f64, 0f64);
-        let mut nan = 0usize;
-        for (&g, &w) in got.iter().zip(want) {
-            if g.is_nan() {
-                nan += 1;
-            }
-            let d = (g as f64 - w as f64).abs();
-            num += d * d;
-            den += (w as f64) * (w as f64);
-            max_abs = max_abs.max(d);
-        }
-        let rel = num.sqrt() / den.sqrt().max(1e-30);
+        let common::Error { rel, max_abs, nan } = common::error(what, got, want);
         say(&format!(
             "cuda_ops {:<5} {what:<40} rel {rel:.2e} max_abs {max_abs:.2e} (tol {tol:.1e}, n {})",
             format!(

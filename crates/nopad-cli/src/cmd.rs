@@ -5,3 +5,36 @@ pub mod bench;
 pub mod eval;
 pub mod stats;
 pub mod train;
+
+use nopad_data::{Format, LoadOptions, LongPolicy};
+
+/// The loader's flags, the same on `nopad eval` and `nopad stats` (`nopad train` takes them as
+/// optional overrides of its config file, so it keeps its own).
+#[derive(clap::Args, Debug)]
+pub struct LoaderArgs {
+    /// Record format [pretokenized, text, prompt-completion, messages, alpaca]; detected from
+    /// the first record when absent (as `nopad train` does).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// What to do with examples longer than --max-len [truncate, split, drop].
+    #[arg(long, value_name = "POLICY", default_value = "truncate")]
+    pub long: LongPolicy,
+    /// Count and report bad records instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Stop at an example with no target token instead of skipping and counting it.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl LoaderArgs {
+    /// The loader's options for examples up to `max_len` tokens, with these flags set.
+    pub fn options(&self, max_len: usize) -> LoadOptions {
+        let mut opts = LoadOptions::new(max_len);
+        opts.format = self.format;
+        opts.long = self.long;
+        opts.skip_bad = self.skip_bad;
+        opts.strict = self.strict;
+        opts
+    }
+}

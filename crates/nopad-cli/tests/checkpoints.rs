@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use nopad_train::checkpoint;
 
-fn nopad() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_nopad"))
-}
+mod common;
+use common::{command, stderr};
 
 /// A tiny run that takes a few milliseconds per step on the CPU.
 fn run_args(out: &Path, log: &Path, steps: u32) -> Vec<String> {
@@ -43,17 +42,13 @@ fn run_args(out: &Path, log: &Path, steps: u32) -> Vec<String> {
 }
 
 fn finish(args: &[String]) -> Output {
-    let o = nopad().args(args).output().expect("the nopad binary runs");
-    assert!(
-        o.status.success(),
-        "nopad {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = common::nopad(args);
+    assert!(o.status.success(), "nopad {args:?} failed:\n{}", stderr(&o));
     o
 }
 
 fn spawn(args: &[String]) -> Child {
-    nopad()
+    command()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -336,9 +331,9 @@ fn resuming_with_other_data_or_another_strategy_is_refused_by_name() {
         if !extra.contains(&"--resume") {
             a.extend(["--resume", "latest"].map(String::from));
         }
-        let o = nopad().args(&a).output().unwrap();
+        let o = common::nopad(&a);
         assert_eq!(o.status.code(), Some(2), "resumed a mismatched run");
-        String::from_utf8_lossy(&o.stderr).into_owned()
+        stderr(&o)
     };
     let e = refused(&["--strategy", "pad"]);
     assert!(
@@ -359,8 +354,8 @@ fn resuming_with_other_data_or_another_strategy_is_refused_by_name() {
         (&["--eval-every", "2"], "`eval-every` needs `eval-data`"),
         (&["--keep", "0"], "`keep`: must be at least 1"),
     ] {
-        let o = nopad().arg("train").args(flags).output().unwrap();
-        let e = String::from_utf8_lossy(&o.stderr);
+        let o = command().arg("train").args(flags).output().unwrap();
+        let e = stderr(&o);
         assert!(
             o.status.code() == Some(2) && e.contains(needs),
             "{flags:?}: {e}"

@@ -2,23 +2,9 @@
 //! can cause (each must name the key, file or line).
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn nopad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nopad"))
-        .args(args)
-        .output()
-        .expect("the nopad binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "nopad failed:\n{}", stderr(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{nopad, ok, stderr};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();

@@ -2,19 +2,11 @@
 //! `eval`, and two runs pointed at the same `--out`.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn nopad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nopad"))
-        .args(args)
-        .output()
-        .expect("the nopad binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{command, nopad, stderr};
 
 fn eval(data: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -114,7 +106,7 @@ fn a_second_run_into_the_same_out_is_refused_while_the_first_holds_it() {
             "400".into(),
         ]
     };
-    let mut first = Command::new(env!("CARGO_BIN_EXE_nopad"))
+    let mut first = command()
         .args(args("50"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -130,10 +122,7 @@ fn a_second_run_into_the_same_out_is_refused_while_the_first_holds_it() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let second = Command::new(env!("CARGO_BIN_EXE_nopad"))
-        .args(args("2"))
-        .output()
-        .unwrap();
+    let second = command().args(args("2")).output().unwrap();
     let _ = first.kill();
     let _ = first.wait();
     assert!(!second.status.success());

@@ -98,7 +98,7 @@ impl FlashAttention {
                 dims.head_dim
             )));
         }
-        if dims.n_kv_heads == 0 || dims.n_heads % dims.n_kv_heads != 0 {
+        if dims.n_kv_heads == 0 || !dims.n_heads.is_multiple_of(dims.n_kv_heads) {
             return Err(FlashError::Unsupported(format!(
                 "n_heads {} is not a multiple of n_kv_heads {}",
                 dims.n_heads, dims.n_kv_heads

@@ -92,6 +92,13 @@ pub struct Route {
 use Kernel::*;
 use Tiles::*;
 
+/// A route's list of steps, each `(kernel, tiles)`.
+macro_rules! steps {
+    ($(($kernel:expr, $tiles:expr)),* $(,)?) => {
+        &[$(Step { kernel: $kernel, tiles: $tiles }),*]
+    };
+}
+
 /// The route for head dim `head_dim` (64 or 128; anything else is rejected before this) on a
 /// device of capability `cap`. The backward is deterministic on every route: dQ by recompute
 /// over query tiles, no atomics.
@@ -100,83 +107,29 @@ pub fn route(head_dim: usize, cap: Capability) -> Route {
         // Hopper, Dh 128: wgmma forward everywhere (runs 7a-7d, 7f); long sequences' dK/dV
         // on 128-key tiles of two warpgroups (run 7a: 15-20% over FA2's mma.sync layout).
         (true, 128) => Route {
-            forward: &[Step {
-                kernel: FwdWgmma,
-                tiles: Query,
-            }],
-            backward: &[
-                Step {
-                    kernel: BwdDqWgmma,
-                    tiles: Query,
-                },
-                Step {
-                    kernel: BwdDkdvLongWgmma,
-                    tiles: KeysLong128,
-                },
-                Step {
-                    kernel: BwdDkdvWgmma,
-                    tiles: KeysShort,
-                },
+            forward: steps![(FwdWgmma, Query)],
+            backward: steps![
+                (BwdDqWgmma, Query),
+                (BwdDkdvLongWgmma, KeysLong128),
+                (BwdDkdvWgmma, KeysShort)
             ],
         },
         // Hopper, Dh 64: every key tile on 64-key warpgroup tiles (run 19; there is no 128-key
         // wgmma kernel at Dh 64).
         (true, _) => Route {
-            forward: &[Step {
-                kernel: FwdWgmma,
-                tiles: Query,
-            }],
-            backward: &[
-                Step {
-                    kernel: BwdDqWgmma,
-                    tiles: Query,
-                },
-                Step {
-                    kernel: BwdDkdvWgmma,
-                    tiles: Keys,
-                },
-            ],
+            forward: steps![(FwdWgmma, Query)],
+            backward: steps![(BwdDqWgmma, Query), (BwdDkdvWgmma, Keys)],
         },
         // mma.sync, Dh 128: 128-row tiles for long sequences (half the shared-memory reads per
         // FLOP), 64-row tiles with masked-block skipping for the rest (run 4a).
         (false, 128) => Route {
-            forward: &[
-                Step {
-                    kernel: FwdWide,
-                    tiles: QueryLong128,
-                },
-                Step {
-                    kernel: Fwd,
-                    tiles: QueryShort,
-                },
-            ],
-            backward: &[
-                Step {
-                    kernel: BwdDq,
-                    tiles: Query,
-                },
-                Step {
-                    kernel: BwdDkdv,
-                    tiles: Keys,
-                },
-            ],
+            forward: steps![(FwdWide, QueryLong128), (Fwd, QueryShort)],
+            backward: steps![(BwdDq, Query), (BwdDkdv, Keys)],
         },
         // mma.sync, Dh 64: the 64-row forward alone measured fastest on every shape (run 4a).
         (false, _) => Route {
-            forward: &[Step {
-                kernel: Fwd,
-                tiles: Query,
-            }],
-            backward: &[
-                Step {
-                    kernel: BwdDq,
-                    tiles: Query,
-                },
-                Step {
-                    kernel: BwdDkdv,
-                    tiles: Keys,
-                },
-            ],
+            forward: steps![(Fwd, Query)],
+            backward: steps![(BwdDq, Query), (BwdDkdv, Keys)],
         },
     }
 }

@@ -172,6 +172,20 @@ impl Plan {
                 *pad += TILE;
             }
         };
+        // Every flush hands the same lists to the closure above.
+        macro_rules! flush_pack {
+            () => {
+                flush(
+                    &mut pack,
+                    &mut q_tiles,
+                    &mut kv_tiles,
+                    &mut q_cost,
+                    &mut kv_cost,
+                    &mut segs,
+                    &mut pad,
+                )
+            };
+        }
         for (b, w) in cu_seqlens.windows(2).enumerate() {
             if w[1] < w[0] {
                 return bad(format!(
@@ -187,30 +201,14 @@ impl Plan {
             }
             if pack_short && len <= TILE {
                 if rows_in(&pack) + len > TILE {
-                    flush(
-                        &mut pack,
-                        &mut q_tiles,
-                        &mut kv_tiles,
-                        &mut q_cost,
-                        &mut kv_cost,
-                        &mut segs,
-                        &mut pad,
-                    );
+                    flush_pack!();
                 }
                 let p = pack.get_or_insert_with(|| (w[0], Vec::new()));
                 let local = w[0] - p.0;
                 p.1.extend(std::iter::repeat_n(local, len));
                 continue;
             }
-            flush(
-                &mut pack,
-                &mut q_tiles,
-                &mut kv_tiles,
-                &mut q_cost,
-                &mut kv_cost,
-                &mut segs,
-                &mut pad,
-            );
+            flush_pack!();
             for m in 0..len.div_ceil(WIDE_TILE) {
                 wide_tiles.push([w[0], len as i32, m as i32, pad as i32]);
                 wide_cost.push(((m + 1) * WIDE_TILE).min(len).div_ceil(TILE));
@@ -227,15 +225,7 @@ impl Plan {
             }
             pad += nt * TILE;
         }
-        flush(
-            &mut pack,
-            &mut q_tiles,
-            &mut kv_tiles,
-            &mut q_cost,
-            &mut kv_cost,
-            &mut segs,
-            &mut pad,
-        );
+        flush_pack!();
         let n_tokens = *cu_seqlens.last().unwrap_or(&0) as usize;
         if n_tokens != dims.n {
             return bad(format!(
@@ -535,12 +525,12 @@ mod tests {
         assert_eq!(l.kv_wide, l.auto_narrow + 16 * plan.auto_narrow.len());
         assert_eq!(l.kv_rest, l.kv_wide + 16 * plan.kv_wide.len());
         assert_eq!(l.segs, l.kv_rest + 16 * plan.kv_rest.len());
-        assert!(tiles_end <= l.lse2 && l.lse2 % 256 == 0);
+        assert!(tiles_end <= l.lse2 && l.lse2.is_multiple_of(256));
         assert_eq!(
             l.d - l.lse2,
             (4 * h * plan.padded_tokens()).div_ceil(256) * 256
         );
-        assert!(l.total >= l.d + 4 * h * plan.padded_tokens() && l.total % 256 == 0);
+        assert!(l.total >= l.d + 4 * h * plan.padded_tokens() && l.total.is_multiple_of(256));
         assert_eq!(
             plan.host.len() * 4,
             tiles_end,

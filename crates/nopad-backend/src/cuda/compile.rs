@@ -80,6 +80,21 @@ impl Launch {
             smem: 0,
         }
     }
+
+    /// An `x` by `y` grid of 256-thread blocks with no dynamic shared memory (the shape of
+    /// most of this crate's launches).
+    pub fn blocks(x: usize, y: usize) -> Self {
+        Launch {
+            grid: (x as u32, y as u32, 1),
+            block: 256,
+            smem: 0,
+        }
+    }
+
+    /// One 256-thread block per row of `rows`.
+    pub fn per_row(rows: usize) -> Self {
+        Self::blocks(rows, 1)
+    }
 }
 
 /// Include directory of the CUDA toolkit (`$CUDA_HOME/include` or `/usr/local/cuda/include`).

@@ -66,11 +66,7 @@ impl Cuda {
             d: d as i32,
             n_uniq: 0,
         };
-        let cfg = Launch {
-            grid: (n as u32, 1, 1),
-            block: 256,
-            smem: 0,
-        };
+        let cfg = Launch::per_row(n);
         // SAFETY: shapes checked above; token ids are in range.
         unsafe { self.launch(EMBEDDING, self.compute, "embedding_fwd", cfg, &p) }
     }
@@ -102,11 +98,7 @@ impl Cuda {
             d: d as i32,
             n_uniq: n_uniq as i32,
         };
-        let cfg = Launch {
-            grid: (n_uniq as u32, d.div_ceil(256) as u32, 1),
-            block: 256,
-            smem: 0,
-        };
+        let cfg = Launch::blocks(n_uniq, d.div_ceil(256));
         let name = if self.grad == Dtype::Bf16 {
             "embedding_bwd_sorted_g16"
         } else {

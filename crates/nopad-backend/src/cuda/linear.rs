@@ -286,11 +286,7 @@ impl Cuda {
             cols: cols as i32,
             rows_per: rows_per as i32,
         };
-        let cfg = Launch {
-            grid: (cols.div_ceil(256) as u32, splits as u32, 1),
-            block: 256,
-            smem: 0,
-        };
+        let cfg = Launch::blocks(cols.div_ceil(256), splits);
         // SAFETY: m holds rows·cols, partial splits·cols elements.
         unsafe { self.launch(REDUCE, self.compute, "colsum_partial", cfg, &p)? };
         self.finish_partials(out, &partial, splits, cols, acc)
@@ -318,11 +314,7 @@ impl Cuda {
                 REDUCE,
                 self.grad,
                 "partials_finish",
-                Launch {
-                    grid: (cols.div_ceil(32) as u32, 1, 1),
-                    block: 256,
-                    smem: 0,
-                },
+                Launch::blocks(cols.div_ceil(32), 1),
                 &p,
             )
         }

@@ -56,14 +56,6 @@ struct SumIntoParams {
     n: i32,
 }
 
-fn per_row(rows: usize) -> Launch {
-    Launch {
-        grid: (rows as u32, 1, 1),
-        block: 256,
-        smem: 0,
-    }
-}
-
 impl Cuda {
     /// loss_sum: `[1]` fp32 (accumulated); dx: `[N, D]` Compute (overwritten); d_w: `[V, D]` of
     /// the gradient type (as `acc`); x: `[N, D]`; w: `[V, D]` Compute; targets: `[N]` (-100 = no target).
@@ -139,7 +131,7 @@ impl Cuda {
             d: d as i32,
         };
         // SAFETY: rows index valid rows of x; xc holds m·d.
-        unsafe { self.launch(LM_HEAD, c, "gather_rows", per_row(m), &gather)? };
+        unsafe { self.launch(LM_HEAD, c, "gather_rows", Launch::per_row(m), &gather)? };
 
         // Equal chunks of at most the configured size: every chunk's d_w GEMM reads and writes
         // all of d_w (V·D fp32), so the count of chunks, not their size, sets that traffic.
@@ -177,7 +169,7 @@ impl Cuda {
                 grad_scale,
             };
             // SAFETY: one block per chunk row; targets are in [0, v).
-            unsafe { self.launch(LM_HEAD, c, "cross_entropy", per_row(rc), &ce)? };
+            unsafe { self.launch(LM_HEAD, c, "cross_entropy", Launch::per_row(rc), &ce)? };
             if grad {
                 let dl = logits.ptr;
                 if let Some(dxc) = &dxc {
@@ -199,7 +191,7 @@ impl Cuda {
                 d: d as i32,
             };
             // SAFETY: rows index valid, distinct rows of dx.
-            unsafe { self.launch(LM_HEAD, c, "scatter_rows", per_row(m), &scatter)? };
+            unsafe { self.launch(LM_HEAD, c, "scatter_rows", Launch::per_row(m), &scatter)? };
         }
         let sum = SumIntoParams {
             out: loss_sum.ptr,

@@ -312,34 +312,28 @@ pub struct CudaMut<'a> {
     _buf: PhantomData<&'a mut CudaBuf>,
 }
 
-impl CudaRef<'_> {
-    /// Element type.
-    pub fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether the view is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+/// The accessors both views share.
+macro_rules! view_accessors {
+    ($($view:ident),*) => {$(
+        impl $view<'_> {
+            /// Element type.
+            pub fn dtype(&self) -> Dtype {
+                self.dtype
+            }
+            /// Number of elements.
+            pub fn len(&self) -> usize {
+                self.len
+            }
+            /// Whether the view is empty.
+            pub fn is_empty(&self) -> bool {
+                self.len == 0
+            }
+        }
+    )*};
 }
+view_accessors!(CudaRef, CudaMut);
 
 impl<'a> CudaMut<'a> {
-    /// Element type.
-    pub fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether the view is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
     /// The same view with a lifetime chosen by the caller (for splitting one buffer into
     /// disjoint views; the caller guarantees the views do not overlap and do not outlive it).
     pub(crate) fn detach<'b>(self) -> CudaMut<'b> {

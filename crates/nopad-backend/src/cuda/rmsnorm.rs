@@ -24,14 +24,6 @@ struct RmsnormParams {
     rows_per: i32,
 }
 
-fn per_row(n: usize) -> Launch {
-    Launch {
-        grid: (n as u32, 1, 1),
-        block: 256,
-        smem: 0,
-    }
-}
-
 impl Cuda {
     /// y: `[n, d]` Compute; rstd: `[n]` fp32; x: `[n, d]`; weight: `[d]` Compute.
     pub(crate) fn rmsnorm_forward_impl(&self, a: RmsNormFwd<'_, Self>) -> Result<()> {
@@ -67,7 +59,15 @@ impl Cuda {
         };
         let v8 = v8_ok(&[p.y, p.x, p.weight], &[d]);
         // SAFETY: shapes checked above; the v8 kernel only on aligned views.
-        unsafe { self.launch(RMSNORM, c, &v8_name("rmsnorm_fwd", v8), per_row(n), &p) }
+        unsafe {
+            self.launch(
+                RMSNORM,
+                c,
+                &v8_name("rmsnorm_fwd", v8),
+                Launch::per_row(n),
+                &p,
+            )
+        }
     }
 
     /// x: `[n, d]` Compute, `x += r` first; then as [`Cuda::rmsnorm_forward_impl`]. One kernel
@@ -107,7 +107,7 @@ impl Cuda {
         };
         if v8_ok(&[p.y, p.x, p.weight, p.dy], &[d]) {
             // SAFETY: shapes checked above; aligned views.
-            unsafe { self.launch(RMSNORM, c, "add_rmsnorm_fwd_v8", per_row(n), &p) }
+            unsafe { self.launch(RMSNORM, c, "add_rmsnorm_fwd_v8", Launch::per_row(n), &p) }
         } else {
             self.add_impl(x.reborrow(), r, None, n * d)?;
             self.rmsnorm_forward_impl(RmsNormFwd {
@@ -178,29 +178,23 @@ impl Cuda {
         };
         if fused {
             let name = "rmsnorm_bwd_fused_v8_1";
-            let cfg = Launch {
-                grid: (splits as u32, 1, 1),
-                block: 256,
-                smem: 0,
-            };
+            let cfg = Launch::blocks(splits, 1);
             // SAFETY: shapes checked above; partial holds splits·d fp32; 16-byte aligned rows
             // of at most 2048 columns (one 8-wide chunk per thread).
             unsafe { self.launch(RMSNORM, c, name, cfg, &p)? };
             return self.finish_partials(d_weight.ptr, &partial, splits, d, acc);
         }
-        let cols = Launch {
-            grid: (
-                d.div_ceil(if v8 { 2048 } else { 256 }) as u32,
-                splits as u32,
-                1,
-            ),
-            block: 256,
-            smem: 0,
-        };
+        let cols = Launch::blocks(d.div_ceil(if v8 { 2048 } else { 256 }), splits);
         // SAFETY: shapes checked above; partial holds splits·d fp32; the v8 kernels only on
         // aligned views.
         unsafe {
-            self.launch(RMSNORM, c, &v8_name("rmsnorm_bwd_dx", v8), per_row(n), &p)?;
+            self.launch(
+                RMSNORM,
+                c,
+                &v8_name("rmsnorm_bwd_dx", v8),
+                Launch::per_row(n),
+                &p,
+            )?;
             let dw = v8_name("rmsnorm_bwd_dw_partial", v8);
             self.launch(RMSNORM, c, &dw, cols, &p)?;
         }

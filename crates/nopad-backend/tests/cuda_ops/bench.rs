@@ -3,8 +3,8 @@
 //! Ignored by default: run with `--ignored bench_llama_1b_shapes`. Prints a table of median and
 //! min milliseconds over 10 runs after 2 warm-up runs, with TFLOP/s or GB/s.
 
-use super::say;
-use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaOptions};
+use super::{cuda_present, say};
+use nopad_backend::cuda::{Cuda, CudaBuf, CudaOptions};
 use nopad_backend::prelude::*;
 use nopad_backend::{AdamW, AttnDims, GradWrite, Kind, LinearDims, RopeDims};
 
@@ -54,8 +54,7 @@ fn time(
 #[test]
 #[ignore]
 fn bench_llama_1b_shapes() {
-    if let Err(reason) = probe() {
-        say(&format!("skipped: no CUDA device ({reason}) [bench]"));
+    if !cuda_present("bench") {
         return;
     }
     let g = Cuda::new(CudaOptions::default()).expect("device present");

@@ -1,8 +1,8 @@
 //! The runtime around the ops: the caching allocator reaches a steady state, and compiled kernels
 //! are cached on disk.
 
-use super::{envs, say, Env};
-use nopad_backend::cuda::{probe, Cuda, CudaOptions};
+use super::{cuda_present, envs, say, Env};
+use nopad_backend::cuda::{Cuda, CudaOptions};
 use nopad_backend::prelude::*;
 use nopad_backend::{GradWrite, Kind, LinearDims};
 
@@ -63,10 +63,7 @@ fn steady_state_allocates_nothing_new() {
 
 #[test]
 fn kernel_cache_on_disk() {
-    if let Err(reason) = probe() {
-        say(&format!(
-            "skipped: no CUDA device ({reason}) [kernel_cache]"
-        ));
+    if !cuda_present("kernel_cache") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("nopad-kernel-cache-{}", std::process::id()));

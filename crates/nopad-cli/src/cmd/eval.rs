@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use nopad_backend::Backend;
-use nopad_data::{Format, LoadOptions, LongPolicy, PackOptions, Strategy};
+use nopad_data::{PackOptions, Strategy};
 use nopad_train::{build_eval_model, evaluate, pad_token_id, ModelSource};
 
 use crate::device::{run_on, DeviceChoice, Job, Precision};
@@ -30,19 +30,8 @@ pub struct EvalArgs {
     /// Longest example in tokens; longer ones follow --long (and are counted on stderr).
     #[arg(long, default_value_t = 32768)]
     pub max_len: usize,
-    /// Record format [pretokenized, text, prompt-completion, messages, alpaca]; detected from
-    /// the first record when absent (as `nopad train` does).
-    #[arg(long)]
-    pub format: Option<Format>,
-    /// What to do with examples longer than --max-len [truncate, split, drop].
-    #[arg(long, value_name = "POLICY", default_value = "truncate")]
-    pub long: LongPolicy,
-    /// Count and report bad records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_bad: bool,
-    /// Stop at an example with no target token instead of skipping and counting it.
-    #[arg(long)]
-    pub strict: bool,
+    #[command(flatten)]
+    pub loader: super::LoaderArgs,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -66,11 +55,7 @@ impl Job for EvalJob<'_> {
             ModelSource::Preset(a.model.clone())
         };
         let (mut model, _) = build_eval_model(b, &source, 0)?;
-        let mut opts = LoadOptions::new(a.max_len);
-        opts.format = a.format;
-        opts.long = a.long;
-        opts.skip_bad = a.skip_bad;
-        opts.strict = a.strict;
+        let mut opts = a.loader.options(a.max_len);
         opts.vocab_size = Some(model.cfg.vocab_size);
         if let ModelSource::Dir(d) = &source {
             opts.tokenizer_dir = Some(d.clone());

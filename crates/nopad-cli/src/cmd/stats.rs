@@ -8,9 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Context};
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
-use nopad_data::{
-    load_examples, strategy_stats, Format, LoadOptions, LongPolicy, PackOptions, Strategy,
-};
+use nopad_data::{load_examples, strategy_stats, PackOptions, Strategy};
 
 /// Arguments of `nopad stats`.
 #[derive(clap::Args, Debug)]
@@ -38,19 +36,8 @@ pub struct StatsArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, value_name = "K", default_value_t = 1)]
     pub grad_accum: usize,
-    /// Record format [pretokenized, text, prompt-completion, messages, alpaca]; detected from
-    /// the first record when absent.
-    #[arg(long)]
-    pub format: Option<Format>,
-    /// What to do with examples longer than --max-len [truncate, split, drop].
-    #[arg(long, value_name = "POLICY", default_value = "truncate")]
-    pub long: LongPolicy,
-    /// Count and report bad records instead of stopping at the first.
-    #[arg(long)]
-    pub skip_bad: bool,
-    /// Stop at an example with no target token instead of skipping and counting it.
-    #[arg(long)]
-    pub strict: bool,
+    #[command(flatten)]
+    pub loader: super::LoaderArgs,
     /// Check token ids against this vocabulary size (default: the tokenizer's, if any).
     #[arg(long, value_name = "V")]
     pub vocab_size: Option<usize>,
@@ -70,16 +57,9 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     ensure!(args.max_len >= 1, "--max-len must be at least 1");
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
-    let opts = LoadOptions {
-        format: args.format,
-        max_len: args.max_len,
-        long: args.long,
-        skip_bad: args.skip_bad,
-        vocab_size: args.vocab_size,
-        tokenizer_dir: args.model.clone(),
-        strict: args.strict,
-        stop: Default::default(),
-    };
+    let mut opts = args.loader.options(args.max_len);
+    opts.vocab_size = args.vocab_size;
+    opts.tokenizer_dir = args.model.clone();
     let synthetic = match args.data.to_str() {
         Some("synthetic-flan") => Some(LengthDist::FlanLike),
         Some("synthetic-orcamath") => Some(LengthDist::OrcaMathLike),
