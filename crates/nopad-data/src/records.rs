@@ -359,10 +359,8 @@ fn chat(
     if messages.is_empty() {
         return Err(rec.err(field, "empty conversation"));
     }
-    let is_assistant = |m: &Value| m.get("role").and_then(Value::as_str) == Some("assistant");
-    if !messages.iter().any(is_assistant) {
-        return Err(rec.err(field, "no assistant turn: nothing to train on"));
-    }
+    // A conversation with no assistant turn renders with every label masked: the loader skips
+    // and counts it with the other examples that have no target (or refuses it under strict).
     let (text, spans) = tok
         .render_with_assistant_spans(messages)
         .map_err(|e| rec.err(field, format!("chat template failed to render: {e}")))?;

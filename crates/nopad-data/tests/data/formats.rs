@@ -221,7 +221,6 @@ fn bad_text_records_name_line_and_field() {
         (json!({"messages": [{"role": "user", "content": 3}]}), "field `messages[0].content`: expected a string, found an integer"),
         (json!({"messages": [7]}), "field `messages[0]`: expected an object, found an integer"),
         (json!({"messages": []}), "field `messages`: empty conversation"),
-        (json!({"messages": [{"role": "user", "content": "hello"}]}), "field `messages`: no assistant turn"),
         (json!({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "x"}]}),
          "field `messages`: chat template failed to render: invalid operation: unknown role robot"),
         (json!({"text": ""}), "field `text`: empty string"),
@@ -239,6 +238,22 @@ fn bad_text_records_name_line_and_field() {
             "{record}\n  got:  {msg}\n  want: {want}"
         );
     }
+    // A conversation with no assistant turn has nothing to train: skipped and counted, or an
+    // error naming the line under strict.
+    let dir = temp_dir("noassistant");
+    let p = write(
+        &dir,
+        "d.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"bye\"}]}\n",
+    );
+    let mut o = LoadOptions::new(64);
+    o.tokenizer_dir = Some(m.clone());
+    let (ex, report) = load_examples(&p, &o).unwrap();
+    assert_eq!((ex.len(), report.no_targets), (1, 1));
+    o.strict = true;
+    let msg = load_examples(&p, &o).unwrap_err().to_string();
+    assert!(msg.contains("d.jsonl:1"), "{msg}");
     // A vocabulary check applies to tokenized formats too (the tokenizer's size by default).
     let dir = temp_dir("vocab");
     let p = write(&dir, "d.jsonl", "{\"input_ids\": [1, 27]}\n");
