@@ -13,7 +13,6 @@ use nopad_backend::{AttnDims, Backend, GradWrite, LinearDims, RopeDims};
 use crate::config::Config;
 use crate::error::Result;
 use crate::layout::LayerRanges;
-use crate::model::split_weight_bias;
 use crate::profile::Profile;
 
 /// What every layer of one pass shares: the backend, the config, the parameters and the batch.
@@ -434,4 +433,21 @@ pub(crate) fn backward<B: Backend>(
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res[l].
     Ok(())
+}
+
+/// A weight's gradient view and, when the layer has one, its bias's: two disjoint ranges of the
+/// same gradient buffer, borrowed together.
+fn split_weight_bias<'a, B: Backend>(
+    b: &'a B,
+    g: &'a mut B::Buf,
+    w: &std::ops::Range<usize>,
+    bias: &Option<std::ops::Range<usize>>,
+) -> (B::Mut<'a>, Option<B::Mut<'a>>) {
+    match bias {
+        Some(br) => {
+            let (dw, db) = b.view_mut2(g, w.clone(), br.clone());
+            (dw, Some(db))
+        }
+        None => (b.view_mut(g, w.clone()), None),
+    }
 }

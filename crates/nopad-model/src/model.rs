@@ -581,18 +581,3 @@ impl<B: Backend> Model<B> {
         Ok(b.read(&acts.s.d_res, 0..n * self.cfg.hidden_size)?)
     }
 }
-
-pub(crate) fn split_weight_bias<'a, B: Backend>(
-    b: &'a B,
-    g: &'a mut B::Buf,
-    w: &std::ops::Range<usize>,
-    bias: &Option<std::ops::Range<usize>>,
-) -> (B::Mut<'a>, Option<B::Mut<'a>>) {
-    match bias {
-        Some(br) => {
-            let (dw, db) = b.view_mut2(g, w.clone(), br.clone());
-            (dw, Some(db))
-        }
-        None => (b.view_mut(g, w.clone()), None),
-    }
-}
