@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::linear::{gemm_serial, Mat};
+use super::linear::{gemm, Mat, Threads};
 use super::{check_len, Cpu, Scalar};
 use crate::args::{AttnBwd, AttnFwd};
 use crate::error::check;
@@ -111,7 +111,7 @@ fn gather<T: Scalar>(
     m
 }
 
-/// Dense row-major `[rows, cols]` operand for [`gemm_serial`], optionally transposed.
+/// Dense row-major `[rows, cols]` operand for [`gemm`], optionally transposed.
 fn mat<T>(data: &[T], cols: usize, transposed: bool) -> Mat<'_, T> {
     if transposed {
         Mat {
@@ -131,7 +131,7 @@ fn mat<T>(data: &[T], cols: usize, transposed: bool) -> Mat<'_, T> {
 /// `p[len, len] = scale · q · kᵀ` (q, k: `[len, dh]`), the raw scores of one head.
 fn scores<T: Scalar>(p: &mut [T], q: &[T], k: &[T], len: usize, dh: usize, scale: T) {
     let (qm, kt) = (mat(q, dh, false), mat(k, dh, true));
-    gemm_serial(len, len, dh, p, len, qm, kt, false, scale);
+    gemm(len, len, dh, p, len, qm, kt, false, scale, Threads::One);
 }
 
 /// Causal probabilities of one (sequence, head) in place: `s: [len, len]` holds scaled scores on
@@ -204,7 +204,7 @@ pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
                 scores(&mut p, &q, &k, len, dh, scale);
                 probabilities(&mut p, len, None, &mut l[hh * len..(hh + 1) * len]);
                 let oh = &mut o[hh * len * dh..(hh + 1) * len * dh];
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
@@ -214,6 +214,7 @@ pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
                     mat(&v, dh, false),
                     false,
                     T::ONE,
+                    Threads::One,
                 );
             }
             (o, l)
@@ -280,7 +281,7 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     &mut unused,
                 );
                 // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP − rowsum(dO∘O)).
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
@@ -290,8 +291,9 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     mat(&dout, dh, false),
                     true,
                     T::ONE,
+                    Threads::One,
                 );
-                gemm_serial(
+                gemm(
                     len,
                     len,
                     dh,
@@ -301,6 +303,7 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     mat(&v, dh, true),
                     false,
                     T::ONE,
+                    Threads::One,
                 );
                 for i in 0..len {
                     let di = dot(&dout[i * dh..(i + 1) * dh], &o[i * dh..(i + 1) * dh]);
@@ -310,7 +313,7 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                 }
                 // p now holds dS (zero above the diagonal): dQ = s·dS·K, dK += s·dSᵀ·Q.
                 let dqh = &mut dq[hh * len * dh..(hh + 1) * len * dh];
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
@@ -320,8 +323,9 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     mat(&k, dh, false),
                     false,
                     scale,
+                    Threads::One,
                 );
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
@@ -331,6 +335,7 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     mat(&q, dh, false),
                     true,
                     scale,
+                    Threads::One,
                 );
             }
             (dq, dk, dv)
