@@ -111,26 +111,9 @@ fn gather<T: Scalar>(
     m
 }
 
-/// Dense row-major `[rows, cols]` operand for [`gemm`], optionally transposed.
-fn mat<T>(data: &[T], cols: usize, transposed: bool) -> Mat<'_, T> {
-    if transposed {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    } else {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-}
-
 /// `p[len, len] = scale · q · kᵀ` (q, k: `[len, dh]`), the raw scores of one head.
 fn scores<T: Scalar>(p: &mut [T], q: &[T], k: &[T], len: usize, dh: usize, scale: T) {
-    let (qm, kt) = (mat(q, dh, false), mat(k, dh, true));
+    let (qm, kt) = (Mat::rows(q, dh), Mat::transposed(k, dh));
     gemm(len, len, dh, p, len, qm, kt, false, scale, Threads::One);
 }
 
@@ -210,8 +193,8 @@ pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
                     len,
                     oh,
                     dh,
-                    mat(&p, len, false),
-                    mat(&v, dh, false),
+                    Mat::rows(&p, len),
+                    Mat::rows(&v, dh),
                     false,
                     T::ONE,
                     Threads::One,
@@ -287,8 +270,8 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     len,
                     &mut dv,
                     dh,
-                    mat(&p, len, true),
-                    mat(&dout, dh, false),
+                    Mat::transposed(&p, len),
+                    Mat::rows(&dout, dh),
                     true,
                     T::ONE,
                     Threads::One,
@@ -299,8 +282,8 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     dh,
                     &mut dp,
                     len,
-                    mat(&dout, dh, false),
-                    mat(&v, dh, true),
+                    Mat::rows(&dout, dh),
+                    Mat::transposed(&v, dh),
                     false,
                     T::ONE,
                     Threads::One,
@@ -319,8 +302,8 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     len,
                     dqh,
                     dh,
-                    mat(&p, len, false),
-                    mat(&k, dh, false),
+                    Mat::rows(&p, len),
+                    Mat::rows(&k, dh),
                     false,
                     scale,
                     Threads::One,
@@ -331,8 +314,8 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     len,
                     &mut dk,
                     dh,
-                    mat(&p, len, true),
-                    mat(&q, dh, false),
+                    Mat::transposed(&p, len),
+                    Mat::rows(&q, dh),
                     true,
                     scale,
                     Threads::One,

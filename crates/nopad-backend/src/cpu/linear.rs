@@ -16,6 +16,25 @@ pub(crate) struct Mat<'a, T> {
     pub cs: usize,
 }
 
+impl<'a, T> Mat<'a, T> {
+    /// A row-major `[rows, cols]` matrix.
+    pub(crate) fn rows(data: &'a [T], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix.
+    pub(crate) fn transposed(data: &'a [T], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
 /// How many threads a [`gemm`] may use.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Threads {
@@ -99,16 +118,8 @@ pub(crate) fn linear_forward<T: Scalar>(a: LinearFwd<'_, Cpu<T>>) -> Result<()> 
     let LinearDims { n, d_in, d_out } = dims;
     check_linear("linear_forward", dims, x, w)?;
     check_len("linear_forward", "y", y.len(), n * d_out)?;
-    let xm = Mat {
-        data: x,
-        rs: d_in,
-        cs: 1,
-    };
-    let wt = Mat {
-        data: w,
-        rs: 1,
-        cs: d_in,
-    }; // wᵀ: [d_in, d_out]
+    let xm = Mat::rows(x, d_in);
+    let wt = Mat::transposed(w, d_in); // wᵀ: [d_in, d_out]
     gemm(
         n,
         d_out,
@@ -166,16 +177,8 @@ pub(crate) fn linear_backward<T: Scalar>(a: LinearBwd<'_, Cpu<T>>) -> Result<()>
     check_len("linear_backward", "dy", dy.len(), n * d_out)?;
     if let Some(dx) = dx {
         check_len("linear_backward", "dx", dx.len(), n * d_in)?;
-        let dym = Mat {
-            data: dy,
-            rs: d_out,
-            cs: 1,
-        };
-        let wm = Mat {
-            data: w,
-            rs: d_in,
-            cs: 1,
-        };
+        let dym = Mat::rows(dy, d_out);
+        let wm = Mat::rows(w, d_in);
         let acc = dx_write == GradWrite::Accumulate;
         gemm(
             n,
@@ -193,16 +196,8 @@ pub(crate) fn linear_backward<T: Scalar>(a: LinearBwd<'_, Cpu<T>>) -> Result<()>
     // A frozen weight (no d_w) skips this GEMM, the larger half of the backward's work.
     if let Some(d_w) = d_w {
         check_len("linear_backward", "d_w", d_w.len(), d_out * d_in)?;
-        let dyt = Mat {
-            data: dy,
-            rs: 1,
-            cs: d_out,
-        }; // dyᵀ: [d_out, n]
-        let xm = Mat {
-            data: x,
-            rs: d_in,
-            cs: 1,
-        };
+        let dyt = Mat::transposed(dy, d_out); // dyᵀ: [d_out, n]
+        let xm = Mat::rows(x, d_in);
         gemm(
             d_out,
             d_in,
@@ -278,16 +273,8 @@ pub(crate) fn lm_head_loss<T: Scalar>(a: LmHeadLoss<'_, Cpu<T>>) -> Result<()> {
         for (i, &t) in rows.iter().enumerate() {
             xc[i * d..(i + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
         }
-        let xm = Mat {
-            data: &xc,
-            rs: d,
-            cs: 1,
-        };
-        let wt = Mat {
-            data: w,
-            rs: 1,
-            cs: d,
-        };
+        let xm = Mat::rows(&xc, d);
+        let wt = Mat::transposed(w, d);
         gemm(
             c,
             v,
@@ -329,29 +316,13 @@ pub(crate) fn lm_head_loss<T: Scalar>(a: LmHeadLoss<'_, Cpu<T>>) -> Result<()> {
         // d_w first, while the chunk buffer still holds the inputs; then dx rows = dlogits · w,
         // computed into the chunk buffer and scattered.
         if let Some(dw) = d_w.as_deref_mut() {
-            let dlt = Mat {
-                data: &logits,
-                rs: 1,
-                cs: v,
-            };
-            let xm = Mat {
-                data: &xc,
-                rs: d,
-                cs: 1,
-            };
+            let dlt = Mat::transposed(&logits, v);
+            let xm = Mat::rows(&xc, d);
             gemm(v, d, c, dw, d, dlt, xm, true, T::ONE, Threads::Auto);
         }
         if let Some(dx) = dx.as_deref_mut() {
-            let dl = Mat {
-                data: &logits,
-                rs: v,
-                cs: 1,
-            };
-            let wm = Mat {
-                data: w,
-                rs: d,
-                cs: 1,
-            };
+            let dl = Mat::rows(&logits, v);
+            let wm = Mat::rows(w, d);
             gemm(c, d, v, &mut xc, d, dl, wm, false, T::ONE, Threads::Auto);
             for (i, &t) in rows.iter().enumerate() {
                 dx[t * d..(t + 1) * d].copy_from_slice(&xc[i * d..(i + 1) * d]);

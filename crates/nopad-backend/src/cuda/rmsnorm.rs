@@ -74,17 +74,9 @@ impl Cuda {
         if n == 0 {
             return Ok(());
         }
-        let v8 = v8_ok(&[p.y, p.x, p.weight], &[d]);
+        let name = v8_name("rmsnorm_fwd", v8_ok(&[p.y, p.x, p.weight], &[d]));
         // SAFETY: shapes checked above; the v8 kernel only on aligned views.
-        unsafe {
-            self.launch(
-                RMSNORM,
-                c,
-                &v8_name("rmsnorm_fwd", v8),
-                Launch::per_row(n),
-                &p,
-            )
-        }
+        unsafe { self.launch(RMSNORM, c, &name, Launch::per_row(n), &p) }
     }
 
     /// x: `[n, d]` Compute, `x += r` first; then as [`Cuda::rmsnorm_forward_impl`]. One kernel
