@@ -10,35 +10,23 @@ use std::time::{Duration, Instant};
 use nopad_train::checkpoint;
 
 mod common;
-use common::{command, stderr};
+use common::{args, command, stderr};
 
 /// A tiny run that takes a few milliseconds per step on the CPU.
 fn run_args(out: &Path, log: &Path, steps: u32) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "train",
-        "--model",
-        "tiny",
-        "--synthetic-examples",
-        "64",
-        "--max-len",
-        "32",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
-    .map(String::from)
-    .to_vec();
-    a.extend([
-        "--steps".into(),
-        steps.to_string(),
-        "--out".into(),
-        out.display().to_string(),
-        "--log".into(),
-        log.display().to_string(),
-    ]);
-    a
+    let (out, log) = (out.display().to_string(), log.display().to_string());
+    args(
+        "train --model tiny --synthetic-examples 64 --max-len 32 --batch-size 4 --device cpu",
+        &[
+            "--no-progress",
+            "--steps",
+            &steps.to_string(),
+            "--out",
+            &out,
+            "--log",
+            &log,
+        ],
+    )
 }
 
 fn finish(args: &[String]) -> Output {
@@ -130,17 +118,10 @@ fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
     let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
     let mut args = run_args(&out, &log, 60);
     // Slow saves stretch each step to ~10 ms so the signal lands mid-run.
-    args.extend(
-        [
-            "--save-every",
-            "1",
-            "--keep",
-            "2",
-            "--test-save-delay-ms",
-            "2",
-        ]
-        .map(String::from),
-    );
+    args.extend(common::args(
+        "--save-every 1 --keep 2 --test-save-delay-ms 2",
+        &[],
+    ));
     let child = spawn(&args);
     wait_for_lines(&log, 5);
     signal(&child, "-INT");
@@ -236,19 +217,10 @@ fn sigkill_in_the_middle_of_saves_never_leaves_a_checkpoint_resume_would_trust()
 
     let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
     let mut args = run_args(&out, &log, 150);
-    args.extend(
-        [
-            "--resume",
-            "latest",
-            "--save-every",
-            "1",
-            "--keep",
-            "3",
-            "--test-save-delay-ms",
-            "2",
-        ]
-        .map(String::from),
-    );
+    args.extend(common::args(
+        "--resume latest --save-every 1 --keep 3 --test-save-delay-ms 2",
+        &[],
+    ));
     let (mut mid_save, mut resumed, mut seen) = (0, 0, std::collections::HashSet::new());
     for i in 0..20u64 {
         let mut child = spawn(&args);

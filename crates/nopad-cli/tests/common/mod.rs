@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// The `nopad` binary built for these tests, with no arguments yet.
@@ -16,6 +17,24 @@ pub fn nopad<S: AsRef<OsStr>>(args: &[S]) -> Output {
         .args(args)
         .output()
         .expect("the nopad binary runs")
+}
+
+/// The arguments `line` spells (split at spaces), then `more` (paths and other values that may
+/// hold spaces).
+pub fn args(line: &str, more: &[&str]) -> Vec<String> {
+    line.split_whitespace()
+        .chain(more.iter().copied())
+        .map(String::from)
+        .collect()
+}
+
+/// Runs `nopad eval --device cpu <extra> --model <model> --data <data>` (`extra` split at spaces).
+pub fn eval_on_cpu(model: &str, data: &Path, extra: &str) -> Output {
+    let data = data.to_str().expect("test paths are UTF-8");
+    nopad(&args(
+        &format!("eval --device cpu {extra}"),
+        &["--model", model, "--data", data],
+    ))
 }
 
 /// What the run printed on stderr.
