@@ -81,6 +81,29 @@ fn bytes(p: PathBuf) -> Vec<u8> {
 
 /// Every visible `checkpoint-*` directory must be complete and load; returns the names of the
 /// hidden (temporary) entries.
+/// An uninterrupted run of the same arguments, in `dir/ref`, that an interrupted run must match.
+struct Reference {
+    out: PathBuf,
+    log: PathBuf,
+}
+
+impl Reference {
+    fn run(dir: &Path, steps: u32) -> Self {
+        let (out, log) = (dir.join("ref"), dir.join("ref.jsonl"));
+        finish(&run_args(&out, &log, steps));
+        Reference { out, log }
+    }
+
+    /// The run that wrote `out` and `log` logged the same losses and saved the same weights.
+    fn assert_same(&self, out: &Path, log: &Path) {
+        assert_eq!(losses(log), losses(&self.log));
+        assert_eq!(
+            bytes(out.join("model.safetensors")),
+            bytes(self.out.join("model.safetensors"))
+        );
+    }
+}
+
 fn check_visible_checkpoints_are_whole(out: &Path) -> Vec<String> {
     let mut hidden = vec![];
     let Ok(entries) = std::fs::read_dir(out) else {
@@ -112,8 +135,7 @@ fn check_visible_checkpoints_are_whole(out: &Path) -> Vec<String> {
 #[test]
 fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_out, ref_log) = (dir.path().join("ref"), dir.path().join("ref.jsonl"));
-    finish(&run_args(&ref_out, &ref_log, 60));
+    let reference = Reference::run(dir.path(), 60);
 
     let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
     let mut args = run_args(&out, &log, 60);
@@ -151,11 +173,7 @@ fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
         stderr.contains(&format!("at step {stopped_at} of 60")),
         "{stderr}"
     );
-    assert_eq!(losses(&log), losses(&ref_log));
-    assert_eq!(
-        bytes(out.join("model.safetensors")),
-        bytes(ref_out.join("model.safetensors"))
-    );
+    reference.assert_same(&out, &log);
 }
 
 #[test]
@@ -212,8 +230,7 @@ fn a_second_signal_exits_at_once_leaving_no_partial_checkpoint() {
 #[test]
 fn sigkill_in_the_middle_of_saves_never_leaves_a_checkpoint_resume_would_trust() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_out, ref_log) = (dir.path().join("ref"), dir.path().join("ref.jsonl"));
-    finish(&run_args(&ref_out, &ref_log, 150));
+    let reference = Reference::run(dir.path(), 150);
 
     let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
     let mut args = run_args(&out, &log, 150);
@@ -272,11 +289,7 @@ fn sigkill_in_the_middle_of_saves_never_leaves_a_checkpoint_resume_would_trust()
     assert!(resumed >= 15, "only {resumed} of 20 runs resumed");
     // However often it was killed, the finished run equals the uninterrupted one.
     finish(&args);
-    assert_eq!(losses(&log), losses(&ref_log));
-    assert_eq!(
-        bytes(out.join("model.safetensors")),
-        bytes(ref_out.join("model.safetensors"))
-    );
+    reference.assert_same(&out, &log);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 mod common;
-use common::{args, eval_on_cpu, nopad, ok, stderr};
+use common::{args, dir_with, eval_on_cpu, nopad, ok, stderr};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -73,10 +73,8 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
 
 #[test]
 fn config_files_are_merged_and_bad_keys_or_values_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("run.toml");
-    write(
-        &cfg,
+    let (_dir, cfg) = dir_with(
+        "run.toml",
         "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n",
     );
     let out = ok(nopad(&args(
@@ -110,10 +108,8 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
 
 #[test]
 fn bad_data_and_bad_models_are_reported_with_their_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d.jsonl");
-    write(
-        &data,
+    let (dir, data) = dir_with(
+        "d.jsonl",
         "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 200, 3]}\n",
     );
     let e = stderr(&eval_on_cpu("tiny", &data, ""));

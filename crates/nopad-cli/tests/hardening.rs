@@ -6,7 +6,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{args, command, eval_on_cpu, stderr};
+use common::{args, command, dir_with, eval_on_cpu, stderr};
 
 /// `nopad eval --json` of the tiny preset on `data`, with `extra` (split at spaces).
 fn eval(data: &Path, extra: &str) -> Output {
@@ -15,16 +15,13 @@ fn eval(data: &Path, extra: &str) -> Output {
 
 #[test]
 fn eval_skips_and_counts_rows_with_no_target_and_strict_refuses_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("heldout.jsonl");
-    std::fs::write(
-        &data,
+    let (_dir, data) = dir_with(
+        "heldout.jsonl",
         "{\"input_ids\": [1, 5, 9, 13, 2], \"labels\": [-100, -100, 9, 13, 2]}\n\
          {\"input_ids\": [1]}\n\
          {\"input_ids\": [1, 40, 41], \"labels\": [-100, -100, -100]}\n\
          {\"input_ids\": [1, 7, 7, 2]}\n",
-    )
-    .unwrap();
+    );
     let o = eval(&data, "");
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -42,13 +39,10 @@ fn eval_skips_and_counts_rows_with_no_target_and_strict_refuses_them() {
 
 #[test]
 fn eval_takes_the_loader_flags_train_takes() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("heldout.jsonl");
-    std::fs::write(
-        &data,
+    let (_dir, data) = dir_with(
+        "heldout.jsonl",
         "{\"input_ids\": [1, 5, 9, 13, 2, 8, 8, 8, 8, 8]}\nnot json\n{\"input_ids\": [1, 7, 7, 2]}\n",
-    )
-    .unwrap();
+    );
     let o = eval(&data, "--format pretokenized");
     assert!(!o.status.success(), "a bad record stops eval by default");
     assert!(stderr(&o).contains(":2"), "{}", stderr(&o));

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `nopad` binary built for these tests, with no arguments yet.
@@ -35,6 +35,15 @@ pub fn eval_on_cpu(model: &str, data: &Path, extra: &str) -> Output {
         &format!("eval --device cpu {extra}"),
         &["--model", model, "--data", data],
     ))
+}
+
+/// A temporary directory holding one file, `name`, with `text`; the directory lives as long as
+/// the returned guard.
+pub fn dir_with(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("the test file is written");
+    (dir, path)
 }
 
 /// What the run printed on stderr.
