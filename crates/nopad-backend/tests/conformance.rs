@@ -184,28 +184,25 @@ fn cuda_envs(test: &str) -> Vec<Env<Cuda>> {
 /// One `#[test]` per (backend, op): the same body for every backend.
 macro_rules! conformance {
     ($($op:ident),* $(,)?) => {
-        mod cpu_f64 {
-            $(#[test]
-            fn $op() {
-                let b = nopad_backend::cpu::Cpu::<f64>::new();
-                let (c, g) = (super::Store::F64, super::Store::F64);
-                super::$op(&mut super::Env::new(b, "cpu f64", c, g, false, stringify!($op)));
-            })*
-        }
-        mod cpu_f32 {
-            $(#[test]
-            fn $op() {
-                let b = nopad_backend::cpu::Cpu::<f32>::new();
-                let (c, g) = (super::Store::F32, super::Store::F32);
-                super::$op(&mut super::Env::new(b, "cpu f32", c, g, false, stringify!($op)));
-            })*
-        }
+        conformance!(@cpu cpu_f64, f64, F64, "cpu f64"; $($op),*);
+        conformance!(@cpu cpu_f32, f32, F32, "cpu f32"; $($op),*);
         mod cuda {
             $(#[test]
             fn $op() {
                 for mut e in super::cuda_envs(stringify!($op)) {
                     super::$op(&mut e);
                 }
+            })*
+        }
+    };
+    // The CPU backend of element type $t, storing compute values and gradients as $store.
+    (@cpu $module:ident, $t:ty, $store:ident, $name:literal; $($op:ident),*) => {
+        mod $module {
+            $(#[test]
+            fn $op() {
+                let b = nopad_backend::cpu::Cpu::<$t>::new();
+                let (c, g) = (super::Store::$store, super::Store::$store);
+                super::$op(&mut super::Env::new(b, $name, c, g, false, stringify!($op)));
             })*
         }
     };

@@ -10,35 +10,23 @@ use std::time::{Duration, Instant};
 use nopad_train::checkpoint;
 
 mod common;
-use common::{command, stderr};
+use common::{args, command, stderr};
 
 /// A tiny run that takes a few milliseconds per step on the CPU.
 fn run_args(out: &Path, log: &Path, steps: u32) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "train",
-        "--model",
-        "tiny",
-        "--synthetic-examples",
-        "64",
-        "--max-len",
-        "32",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
-    .map(String::from)
-    .to_vec();
-    a.extend([
-        "--steps".into(),
-        steps.to_string(),
-        "--out".into(),
-        out.display().to_string(),
-        "--log".into(),
-        log.display().to_string(),
-    ]);
-    a
+    let (out, log) = (out.display().to_string(), log.display().to_string());
+    args(
+        "train --model tiny --synthetic-examples 64 --max-len 32 --batch-size 4 --device cpu",
+        &[
+            "--no-progress",
+            "--steps",
+            &steps.to_string(),
+            "--out",
+            &out,
+            "--log",
+            &log,
+        ],
+    )
 }
 
 fn finish(args: &[String]) -> Output {
@@ -93,6 +81,29 @@ fn bytes(p: PathBuf) -> Vec<u8> {
 
 /// Every visible `checkpoint-*` directory must be complete and load; returns the names of the
 /// hidden (temporary) entries.
+/// An uninterrupted run of the same arguments, in `dir/ref`, that an interrupted run must match.
+struct Reference {
+    out: PathBuf,
+    log: PathBuf,
+}
+
+impl Reference {
+    fn run(dir: &Path, steps: u32) -> Self {
+        let (out, log) = (dir.join("ref"), dir.join("ref.jsonl"));
+        finish(&run_args(&out, &log, steps));
+        Reference { out, log }
+    }
+
+    /// The run that wrote `out` and `log` logged the same losses and saved the same weights.
+    fn assert_same(&self, out: &Path, log: &Path) {
+        assert_eq!(losses(log), losses(&self.log));
+        assert_eq!(
+            bytes(out.join("model.safetensors")),
+            bytes(self.out.join("model.safetensors"))
+        );
+    }
+}
+
 fn check_visible_checkpoints_are_whole(out: &Path) -> Vec<String> {
     let mut hidden = vec![];
     let Ok(entries) = std::fs::read_dir(out) else {
@@ -124,23 +135,15 @@ fn check_visible_checkpoints_are_whole(out: &Path) -> Vec<String> {
 #[test]
 fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_out, ref_log) = (dir.path().join("ref"), dir.path().join("ref.jsonl"));
-    finish(&run_args(&ref_out, &ref_log, 60));
+    let reference = Reference::run(dir.path(), 60);
 
     let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
     let mut args = run_args(&out, &log, 60);
     // Slow saves stretch each step to ~10 ms so the signal lands mid-run.
-    args.extend(
-        [
-            "--save-every",
-            "1",
-            "--keep",
-            "2",
-            "--test-save-delay-ms",
-            "2",
-        ]
-        .map(String::from),
-    );
+    args.extend(common::args(
+        "--save-every 1 --keep 2 --test-save-delay-ms 2",
+        &[],
+    ));
     let child = spawn(&args);
     wait_for_lines(&log, 5);
     signal(&child, "-INT");
@@ -170,11 +173,7 @@ fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
         stderr.contains(&format!("at step {stopped_at} of 60")),
         "{stderr}"
     );
-    assert_eq!(losses(&log), losses(&ref_log));
-    assert_eq!(
-        bytes(out.join("model.safetensors")),
-        bytes(ref_out.join("model.safetensors"))
-    );
+    reference.assert_same(&out, &log);
 }
 
 #[test]
@@ -231,24 +230,14 @@ fn a_second_signal_exits_at_once_leaving_no_partial_checkpoint() {
 #[test]
 fn sigkill_in_the_middle_of_saves_never_leaves_a_checkpoint_resume_would_trust() {
     let dir = tempfile::tempdir().unwrap();
-    let (ref_out, ref_log) = (dir.path().join("ref"), dir.path().join("ref.jsonl"));
-    finish(&run_args(&ref_out, &ref_log, 150));
+    let reference = Reference::run(dir.path(), 150);
 
     let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
     let mut args = run_args(&out, &log, 150);
-    args.extend(
-        [
-            "--resume",
-            "latest",
-            "--save-every",
-            "1",
-            "--keep",
-            "3",
-            "--test-save-delay-ms",
-            "2",
-        ]
-        .map(String::from),
-    );
+    args.extend(common::args(
+        "--resume latest --save-every 1 --keep 3 --test-save-delay-ms 2",
+        &[],
+    ));
     let (mut mid_save, mut resumed, mut seen) = (0, 0, std::collections::HashSet::new());
     for i in 0..20u64 {
         let mut child = spawn(&args);
@@ -300,11 +289,7 @@ fn sigkill_in_the_middle_of_saves_never_leaves_a_checkpoint_resume_would_trust()
     assert!(resumed >= 15, "only {resumed} of 20 runs resumed");
     // However often it was killed, the finished run equals the uninterrupted one.
     finish(&args);
-    assert_eq!(losses(&log), losses(&ref_log));
-    assert_eq!(
-        bytes(out.join("model.safetensors")),
-        bytes(ref_out.join("model.safetensors"))
-    );
+    reference.assert_same(&out, &log);
 }
 
 #[test]

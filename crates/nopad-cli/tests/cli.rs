@@ -4,7 +4,7 @@
 use std::path::Path;
 
 mod common;
-use common::{nopad, ok, stderr};
+use common::{args, dir_with, eval_on_cpu, nopad, ok, stderr};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -15,24 +15,15 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ckpt");
     let log = dir.path().join("log.jsonl");
-    let summary = ok(nopad(&[
-        "train",
-        "--model",
-        "tiny",
-        "--steps",
-        "3",
-        "--max-len",
-        "32",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        out.to_str().unwrap(),
-        "--log",
-        log.to_str().unwrap(),
-        "--no-progress",
-    ]));
+    let summary = ok(nopad(&args(
+        "train --model tiny --steps 3 --max-len 32 --batch-size 4 --device cpu --no-progress",
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    )));
     assert!(
         summary.contains("strategy flatten: 3 steps") && summary.contains("loss "),
         "{summary}"
@@ -44,15 +35,8 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3);
-    for key in [
-        "step",
-        "loss",
-        "lr",
-        "grad_norm",
-        "tokens_per_s",
-        "target_tokens_per_s",
-        "padding_fraction",
-    ] {
+    let keys = "step loss lr grad_norm tokens_per_s target_tokens_per_s padding_fraction";
+    for key in keys.split(' ') {
         assert!(
             lines[2].get(key).is_some_and(|v| v.is_number()),
             "log line lacks {key}: {}",
@@ -66,29 +50,19 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
          {\"input_ids\": [1, 7, 7, 7, 7, 7, 2]}\n\
          {\"input_ids\": [1, 40, 41, 42], \"labels\": [-100, -100, -100, 42]}\n",
     );
-    let eval = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec![
-            "eval",
-            "--model",
-            out.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--json",
-            "--device",
-            "cpu",
-        ];
-        args.extend_from_slice(extra);
-        serde_json::from_str(ok(nopad(&args)).trim()).unwrap()
+    let eval = |extra: &str| -> serde_json::Value {
+        let o = eval_on_cpu(out.to_str().unwrap(), &data, &format!("--json {extra}"));
+        serde_json::from_str(ok(o).trim()).unwrap()
     };
-    let base = eval(&[]);
+    let base = eval("");
     // Targets: 3 (first example) + 6 (second, labels default to input_ids) + 1 (third).
     assert_eq!(base["tokens"], 10);
     let l0 = base["loss"].as_f64().unwrap();
     assert!(l0.is_finite() && l0 > 0.0);
     for extra in [
-        &["--strategy", "pad", "--batch-size", "1"][..],
-        &["--strategy", "pad", "--batch-size", "3"],
-        &["--batch-size", "2"],
+        "--strategy pad --batch-size 1",
+        "--strategy pad --batch-size 3",
+        "--batch-size 2",
     ] {
         let r = eval(extra);
         assert_eq!(r["tokens"], 10);
@@ -99,21 +73,14 @@ fn train_saves_a_checkpoint_that_eval_reads_with_any_batching() {
 
 #[test]
 fn config_files_are_merged_and_bad_keys_or_values_are_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("run.toml");
-    write(
-        &cfg,
+    let (_dir, cfg) = dir_with(
+        "run.toml",
         "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n",
     );
-    let out = ok(nopad(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--strategy",
-        "pad",
-    ]));
+    let out = ok(nopad(&args(
+        "train --device cpu --strategy pad --config",
+        &[cfg.to_str().unwrap()],
+    )));
     assert!(out.contains("strategy pad: 2 steps"), "{out}");
 
     write(&cfg, "model = \"tiny\"\nbatch_sise = 2\n");
@@ -141,36 +108,18 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
 
 #[test]
 fn bad_data_and_bad_models_are_reported_with_their_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d.jsonl");
-    write(
-        &data,
+    let (dir, data) = dir_with(
+        "d.jsonl",
         "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 200, 3]}\n",
     );
-    let e = stderr(&nopad(&[
-        "eval",
-        "--model",
-        "tiny",
-        "--data",
-        data.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
+    let e = stderr(&eval_on_cpu("tiny", &data, ""));
     assert!(e.contains("d.jsonl:2") && e.contains("input_ids"), "{e}");
 
     let model = dir.path().join("m");
     std::fs::create_dir(&model).unwrap();
     write(&model.join("config.json"), "{\"architectures\": [\"LlamaForCausalLM\"], \"vocab_size\": 10, \"hidden_size\": 8, \"intermediate_size\": 8, \"num_hidden_layers\": 1, \"num_attention_heads\": 3}");
     write(&data, "{\"input_ids\": [1, 2, 3]}\n");
-    let e = stderr(&nopad(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]));
+    let e = stderr(&eval_on_cpu(model.to_str().unwrap(), &data, ""));
     assert!(e.contains("config.json: field `head_dim`"), "{e}");
 }
 
@@ -181,20 +130,10 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     let m = model.to_str().unwrap();
-    ok(nopad(&[
-        "train",
-        "--model",
-        "tiny",
-        "--steps",
-        "1",
-        "--max-len",
-        "32",
-        "--device",
-        "cpu",
-        "--out",
-        m,
-        "--no-progress",
-    ]));
+    ok(nopad(&args(
+        "train --model tiny --steps 1 --max-len 32 --device cpu --no-progress --out",
+        &[m],
+    )));
     // Word-level tokenizer: ids 0-4 special, then words; all below the tiny preset's 97.
     let words = [
         "hi", "there", "how", "are", "you", "fine", "thanks", "bye", "see", "ya", "good", "day",
@@ -236,70 +175,30 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
     write(&data, &lines);
     let d = data.to_str().unwrap();
     let out2 = dir.path().join("ft");
-    let summary = ok(nopad(&[
-        "train",
-        "--model",
-        m,
-        "--data",
-        d,
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--max-len",
-        "32",
-        "--device",
-        "cpu",
-        "--out",
-        out2.to_str().unwrap(),
-        "--no-progress",
-    ]));
+    let summary = ok(nopad(&args(
+        "train --steps 3 --batch-size 2 --max-len 32 --device cpu --no-progress",
+        &["--model", m, "--data", d, "--out", out2.to_str().unwrap()],
+    )));
     assert!(
         summary.contains("5 examples") && summary.contains("loss "),
         "{summary}"
     );
-    let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&[
-        "stats",
-        "--data",
-        d,
-        "--model",
-        m,
-        "--max-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--json",
-    ])))
+    let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&args(
+        "stats --max-len 32 --batch-size 2 --json",
+        &["--data", d, "--model", m],
+    ))))
     .unwrap();
     for s in ["pad", "concat", "flatten", "offline"] {
-        for k in [
-            "rows",
-            "steps_per_epoch",
-            "real_tokens",
-            "pad_tokens",
-            "padding_fraction",
-            "sum_len_sq",
-            "predicted_speedup",
-        ] {
+        let keys = "rows steps_per_epoch real_tokens pad_tokens padding_fraction sum_len_sq \
+                    predicted_speedup";
+        for k in keys.split_whitespace() {
             assert!(stats[s].get(k).is_some(), "stats.{s} lacks {k}: {stats}");
         }
     }
     assert_eq!(stats["pad"]["real_tokens"], stats["flatten"]["real_tokens"]);
     // The assistant turns are the targets: 4+2+2+2+1 words plus </s> after each = 16.
-    let e: serde_json::Value = serde_json::from_str(
-        ok(nopad(&[
-            "eval",
-            "--model",
-            out2.to_str().unwrap(),
-            "--data",
-            d,
-            "--json",
-            "--device",
-            "cpu",
-        ]))
-        .trim(),
-    )
-    .unwrap();
+    let e = ok(eval_on_cpu(out2.to_str().unwrap(), &data, "--json"));
+    let e: serde_json::Value = serde_json::from_str(e.trim()).unwrap();
     assert_eq!(e["tokens"], 16, "{e}");
 }
 
@@ -307,18 +206,10 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
 /// no padding, and the precision and recompute flags reject bad values by name.
 #[test]
 fn stats_on_synthetic_data_and_flag_errors() {
-    let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&[
-        "stats",
-        "--data",
-        "synthetic-orcamath",
-        "--examples",
-        "300",
-        "--max-len",
-        "2048",
-        "--batch-size",
-        "8",
-        "--json",
-    ])))
+    let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&args(
+        "stats --data synthetic-orcamath --examples 300 --max-len 2048 --batch-size 8 --json",
+        &[],
+    ))))
     .unwrap();
     assert_eq!(stats["pad"]["real_tokens"], stats["flatten"]["real_tokens"]);
     assert_eq!(stats["flatten"]["pad_tokens"], 0, "{stats}");

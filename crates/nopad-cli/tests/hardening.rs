@@ -6,36 +6,23 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{command, nopad, stderr};
+use common::{args, command, dir_with, eval_on_cpu, stderr};
 
-fn eval(data: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "eval",
-        "--model",
-        "tiny",
-        "--data",
-        data.to_str().unwrap(),
-        "--json",
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    nopad(&args)
+/// `nopad eval --json` of the tiny preset on `data`, with `extra` (split at spaces).
+fn eval(data: &Path, extra: &str) -> Output {
+    eval_on_cpu("tiny", data, &format!("--json {extra}"))
 }
 
 #[test]
 fn eval_skips_and_counts_rows_with_no_target_and_strict_refuses_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("heldout.jsonl");
-    std::fs::write(
-        &data,
+    let (_dir, data) = dir_with(
+        "heldout.jsonl",
         "{\"input_ids\": [1, 5, 9, 13, 2], \"labels\": [-100, -100, 9, 13, 2]}\n\
          {\"input_ids\": [1]}\n\
          {\"input_ids\": [1, 40, 41], \"labels\": [-100, -100, -100]}\n\
          {\"input_ids\": [1, 7, 7, 2]}\n",
-    )
-    .unwrap();
-    let o = eval(&data, &[]);
+    );
+    let o = eval(&data, "");
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     // Targets: 3 (first row) + 3 (last row); the two rows between hold none.
@@ -45,34 +32,23 @@ fn eval_skips_and_counts_rows_with_no_target_and_strict_refuses_them() {
         "{}",
         stderr(&o)
     );
-    let o = eval(&data, &["--strict"]);
+    let o = eval(&data, "--strict");
     assert!(!o.status.success());
     assert!(stderr(&o).contains(":2"), "names the line: {}", stderr(&o));
 }
 
 #[test]
 fn eval_takes_the_loader_flags_train_takes() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("heldout.jsonl");
-    std::fs::write(
-        &data,
+    let (_dir, data) = dir_with(
+        "heldout.jsonl",
         "{\"input_ids\": [1, 5, 9, 13, 2, 8, 8, 8, 8, 8]}\nnot json\n{\"input_ids\": [1, 7, 7, 2]}\n",
-    )
-    .unwrap();
-    let o = eval(&data, &["--format", "pretokenized"]);
+    );
+    let o = eval(&data, "--format pretokenized");
     assert!(!o.status.success(), "a bad record stops eval by default");
     assert!(stderr(&o).contains(":2"), "{}", stderr(&o));
     let o = eval(
         &data,
-        &[
-            "--format",
-            "pretokenized",
-            "--skip-bad",
-            "--max-len",
-            "6",
-            "--long",
-            "split",
-        ],
+        "--format pretokenized --skip-bad --max-len 6 --long split",
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -84,30 +60,15 @@ fn eval_takes_the_loader_flags_train_takes() {
 fn a_second_run_into_the_same_out_is_refused_while_the_first_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let args = |steps: &str| {
-        vec![
-            "train".to_string(),
-            "--device".into(),
-            "cpu".into(),
-            "--model".into(),
-            "tiny".into(),
-            "--data".into(),
-            "synthetic-flan".into(),
-            "--synthetic-examples".into(),
-            "64".into(),
-            "--steps".into(),
-            steps.into(),
-            "--save-every".into(),
-            "1".into(),
-            "--out".into(),
-            out.to_str().unwrap().into(),
-            "--no-progress".into(),
-            "--test-save-delay-ms".into(),
-            "400".into(),
-        ]
+    let train = |steps: &str| {
+        args(
+            "train --device cpu --model tiny --data synthetic-flan --synthetic-examples 64 \
+             --save-every 1 --no-progress --test-save-delay-ms 400",
+            &["--steps", steps, "--out", out.to_str().unwrap()],
+        )
     };
     let mut first = command()
-        .args(args("50"))
+        .args(train("50"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -122,7 +83,7 @@ fn a_second_run_into_the_same_out_is_refused_while_the_first_holds_it() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let second = command().args(args("2")).output().unwrap();
+    let second = command().args(train("2")).output().unwrap();
     let _ = first.kill();
     let _ = first.wait();
     assert!(!second.status.success());

@@ -7,26 +7,9 @@ use nopad_rng::Rng;
 use crate::weights::{self, SaveDtype};
 use crate::{Config, Inputs, Model};
 
-/// One packed micro-batch built by hand (independently of nopad-data's packers).
-struct Packed {
-    tokens: Vec<i32>,
-    targets: Vec<i32>,
-    pos: Vec<i32>,
-    cu: Vec<i32>,
-    max: usize,
-}
-
-impl Packed {
-    fn inputs(&self) -> Inputs<'_> {
-        Inputs {
-            tokens: &self.tokens,
-            targets: &self.targets,
-            position_ids: &self.pos,
-            cu_seqlens: &self.cu,
-            max_seqlen: self.max,
-        }
-    }
-}
+#[path = "../tests/support/packed.rs"]
+mod packed;
+use packed::Packed;
 
 /// Examples as (tokens, labels); label -100 = not a target.
 type Ex = (Vec<i32>, Vec<i32>);
@@ -38,13 +21,7 @@ fn shifted(labels: &[i32]) -> Vec<i32> {
 }
 
 fn flatten(exs: &[Ex]) -> Packed {
-    let mut p = Packed {
-        tokens: vec![],
-        targets: vec![],
-        pos: vec![],
-        cu: vec![0],
-        max: 0,
-    };
+    let mut p = Packed::empty(0);
     for (tok, lab) in exs {
         p.tokens.extend(tok);
         p.targets.extend(shifted(lab));
@@ -57,13 +34,7 @@ fn flatten(exs: &[Ex]) -> Packed {
 
 fn pad(exs: &[Ex], pad_id: i32) -> Packed {
     let m = exs.iter().map(|e| e.0.len()).max().unwrap();
-    let mut p = Packed {
-        tokens: vec![],
-        targets: vec![],
-        pos: vec![],
-        cu: vec![0],
-        max: m,
-    };
+    let mut p = Packed::empty(m);
     for (tok, lab) in exs {
         let extra = m - tok.len();
         p.tokens.extend(

@@ -43,22 +43,12 @@ fn config(tied: bool) -> Config {
     .unwrap()
 }
 
-struct Packed {
-    tokens: Vec<i32>,
-    targets: Vec<i32>,
-    pos: Vec<i32>,
-    cu: Vec<i32>,
-    max: usize,
-}
+#[path = "support/packed.rs"]
+mod packed;
+use packed::Packed;
 
 fn flatten(rng: &mut Rng, lens: &[usize], vocab: usize) -> Packed {
-    let mut p = Packed {
-        tokens: vec![],
-        targets: vec![],
-        pos: vec![],
-        cu: vec![0],
-        max: 0,
-    };
+    let mut p = Packed::empty(0);
     for &l in lens {
         let toks: Vec<i32> = (0..l).map(|_| rng.below(vocab as u64) as i32).collect();
         for i in 0..l {
@@ -90,13 +80,7 @@ fn run<B: Backend>(
     m.set_grad_aliasing(b, alias).unwrap();
     let layout = m.layout.clone();
     weights::init_random(cfg, &layout, seed, |off, v| m.write_params(b, off, v)).unwrap();
-    let inputs = Inputs {
-        tokens: &p.tokens,
-        targets: &p.targets,
-        position_ids: &p.pos,
-        cu_seqlens: &p.cu,
-        max_seqlen: p.max,
-    };
+    let inputs = p.inputs();
     let targets = p.targets.iter().filter(|&&t| t >= 0).count();
     // Two steps on the same batch without an update: the second finds the first's gradients
     // (and, aliased, activations written over them) and must overwrite all of it.

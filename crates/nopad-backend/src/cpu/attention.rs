@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::linear::{gemm_serial, Mat};
+use super::linear::{gemm, Mat, Threads};
 use super::{check_len, Cpu, Scalar};
 use crate::args::{AttnBwd, AttnFwd};
 use crate::error::check;
@@ -111,27 +111,10 @@ fn gather<T: Scalar>(
     m
 }
 
-/// Dense row-major `[rows, cols]` operand for [`gemm_serial`], optionally transposed.
-fn mat<T>(data: &[T], cols: usize, transposed: bool) -> Mat<'_, T> {
-    if transposed {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    } else {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-}
-
 /// `p[len, len] = scale · q · kᵀ` (q, k: `[len, dh]`), the raw scores of one head.
 fn scores<T: Scalar>(p: &mut [T], q: &[T], k: &[T], len: usize, dh: usize, scale: T) {
-    let (qm, kt) = (mat(q, dh, false), mat(k, dh, true));
-    gemm_serial(len, len, dh, p, len, qm, kt, false, scale);
+    let (qm, kt) = (Mat::rows(q, dh), Mat::transposed(k, dh));
+    gemm(len, len, dh, p, len, qm, kt, false, scale, Threads::One);
 }
 
 /// Causal probabilities of one (sequence, head) in place: `s: [len, len]` holds scaled scores on
@@ -204,16 +187,17 @@ pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
                 scores(&mut p, &q, &k, len, dh, scale);
                 probabilities(&mut p, len, None, &mut l[hh * len..(hh + 1) * len]);
                 let oh = &mut o[hh * len * dh..(hh + 1) * len * dh];
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
                     oh,
                     dh,
-                    mat(&p, len, false),
-                    mat(&v, dh, false),
+                    Mat::rows(&p, len),
+                    Mat::rows(&v, dh),
                     false,
                     T::ONE,
+                    Threads::One,
                 );
             }
             (o, l)
@@ -280,27 +264,29 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                     &mut unused,
                 );
                 // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P∘(dP − rowsum(dO∘O)).
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
                     &mut dv,
                     dh,
-                    mat(&p, len, true),
-                    mat(&dout, dh, false),
+                    Mat::transposed(&p, len),
+                    Mat::rows(&dout, dh),
                     true,
                     T::ONE,
+                    Threads::One,
                 );
-                gemm_serial(
+                gemm(
                     len,
                     len,
                     dh,
                     &mut dp,
                     len,
-                    mat(&dout, dh, false),
-                    mat(&v, dh, true),
+                    Mat::rows(&dout, dh),
+                    Mat::transposed(&v, dh),
                     false,
                     T::ONE,
+                    Threads::One,
                 );
                 for i in 0..len {
                     let di = dot(&dout[i * dh..(i + 1) * dh], &o[i * dh..(i + 1) * dh]);
@@ -310,27 +296,29 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                 }
                 // p now holds dS (zero above the diagonal): dQ = s·dS·K, dK += s·dSᵀ·Q.
                 let dqh = &mut dq[hh * len * dh..(hh + 1) * len * dh];
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
                     dqh,
                     dh,
-                    mat(&p, len, false),
-                    mat(&k, dh, false),
+                    Mat::rows(&p, len),
+                    Mat::rows(&k, dh),
                     false,
                     scale,
+                    Threads::One,
                 );
-                gemm_serial(
+                gemm(
                     len,
                     dh,
                     len,
                     &mut dk,
                     dh,
-                    mat(&p, len, true),
-                    mat(&q, dh, false),
+                    Mat::transposed(&p, len),
+                    Mat::rows(&q, dh),
                     true,
                     scale,
+                    Threads::One,
                 );
             }
             (dq, dk, dv)

@@ -16,8 +16,35 @@ pub(crate) struct Mat<'a, T> {
     pub cs: usize,
 }
 
-/// `dst[m, n] (row-major, row stride ldd) = (accumulate ? dst : 0) + scale · a[m, k] · b[k, n]`,
-/// multi-threaded when the product is large.
+impl<'a, T> Mat<'a, T> {
+    /// A row-major `[rows, cols]` matrix.
+    pub(crate) fn rows(data: &'a [T], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix.
+    pub(crate) fn transposed(data: &'a [T], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// How many threads a [`gemm`] may use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Rayon's pool when the product is large, else the calling thread.
+    Auto,
+    /// The calling thread only (for use inside parallel tasks).
+    One,
+}
+
+/// `dst[m, n] (row-major, row stride ldd) = (accumulate ? dst : 0) + scale · a[m, k] · b[k, n]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<T: Scalar>(
     m: usize,
@@ -29,57 +56,15 @@ pub(crate) fn gemm<T: Scalar>(
     b: Mat<'_, T>,
     accumulate: bool,
     scale: T,
+    threads: Threads,
 ) {
     // Small products are faster on one thread; the threshold only changes speed, never results
     // (gemm's blocking does not depend on the thread count).
-    let par = if m * n * k >= 1 << 18 {
+    let par = if threads == Threads::Auto && m * n * k >= 1 << 18 {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
     };
-    gemm_with(m, n, k, dst, ldd, a, b, accumulate, scale, par)
-}
-
-/// [`gemm`] on the calling thread only (for use inside parallel tasks).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_serial<T: Scalar>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    ldd: usize,
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
-    accumulate: bool,
-    scale: T,
-) {
-    gemm_with(
-        m,
-        n,
-        k,
-        dst,
-        ldd,
-        a,
-        b,
-        accumulate,
-        scale,
-        Parallelism::None,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_with<T: Scalar>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    ldd: usize,
-    a: Mat<'_, T>,
-    b: Mat<'_, T>,
-    accumulate: bool,
-    scale: T,
-    par: Parallelism,
-) {
     if m == 0 || n == 0 {
         return;
     }
@@ -133,17 +118,20 @@ pub(crate) fn linear_forward<T: Scalar>(a: LinearFwd<'_, Cpu<T>>) -> Result<()> 
     let LinearDims { n, d_in, d_out } = dims;
     check_linear("linear_forward", dims, x, w)?;
     check_len("linear_forward", "y", y.len(), n * d_out)?;
-    let xm = Mat {
-        data: x,
-        rs: d_in,
-        cs: 1,
-    };
-    let wt = Mat {
-        data: w,
-        rs: 1,
-        cs: d_in,
-    }; // wᵀ: [d_in, d_out]
-    gemm(n, d_out, d_in, y, d_out, xm, wt, false, T::ONE);
+    let xm = Mat::rows(x, d_in);
+    let wt = Mat::transposed(w, d_in); // wᵀ: [d_in, d_out]
+    gemm(
+        n,
+        d_out,
+        d_in,
+        y,
+        d_out,
+        xm,
+        wt,
+        false,
+        T::ONE,
+        Threads::Auto,
+    );
     if let Some(b) = b {
         check_len("linear_forward", "b", b.len(), d_out)?;
         y[..n * d_out]
@@ -189,33 +177,39 @@ pub(crate) fn linear_backward<T: Scalar>(a: LinearBwd<'_, Cpu<T>>) -> Result<()>
     check_len("linear_backward", "dy", dy.len(), n * d_out)?;
     if let Some(dx) = dx {
         check_len("linear_backward", "dx", dx.len(), n * d_in)?;
-        let dym = Mat {
-            data: dy,
-            rs: d_out,
-            cs: 1,
-        };
-        let wm = Mat {
-            data: w,
-            rs: d_in,
-            cs: 1,
-        };
+        let dym = Mat::rows(dy, d_out);
+        let wm = Mat::rows(w, d_in);
         let acc = dx_write == GradWrite::Accumulate;
-        gemm(n, d_in, d_out, dx, d_in, dym, wm, acc, T::ONE);
+        gemm(
+            n,
+            d_in,
+            d_out,
+            dx,
+            d_in,
+            dym,
+            wm,
+            acc,
+            T::ONE,
+            Threads::Auto,
+        );
     }
     // A frozen weight (no d_w) skips this GEMM, the larger half of the backward's work.
     if let Some(d_w) = d_w {
         check_len("linear_backward", "d_w", d_w.len(), d_out * d_in)?;
-        let dyt = Mat {
-            data: dy,
-            rs: 1,
-            cs: d_out,
-        }; // dyᵀ: [d_out, n]
-        let xm = Mat {
-            data: x,
-            rs: d_in,
-            cs: 1,
-        };
-        gemm(d_out, d_in, n, d_w, d_in, dyt, xm, true, T::ONE);
+        let dyt = Mat::transposed(dy, d_out); // dyᵀ: [d_out, n]
+        let xm = Mat::rows(x, d_in);
+        gemm(
+            d_out,
+            d_in,
+            n,
+            d_w,
+            d_in,
+            dyt,
+            xm,
+            true,
+            T::ONE,
+            Threads::Auto,
+        );
     }
     if let Some(d_b) = d_b {
         check_len("linear_backward", "d_b", d_b.len(), d_out)?;
@@ -279,17 +273,20 @@ pub(crate) fn lm_head_loss<T: Scalar>(a: LmHeadLoss<'_, Cpu<T>>) -> Result<()> {
         for (i, &t) in rows.iter().enumerate() {
             xc[i * d..(i + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
         }
-        let xm = Mat {
-            data: &xc,
-            rs: d,
-            cs: 1,
-        };
-        let wt = Mat {
-            data: w,
-            rs: 1,
-            cs: d,
-        };
-        gemm(c, v, d, &mut logits, v, xm, wt, false, T::ONE);
+        let xm = Mat::rows(&xc, d);
+        let wt = Mat::transposed(w, d);
+        gemm(
+            c,
+            v,
+            d,
+            &mut logits,
+            v,
+            xm,
+            wt,
+            false,
+            T::ONE,
+            Threads::Auto,
+        );
         // Per-row loss; in backward the logits row becomes scale · (softmax − onehot).
         let losses: Vec<f64> = logits[..c * v]
             .par_chunks_mut(v)
@@ -319,30 +316,14 @@ pub(crate) fn lm_head_loss<T: Scalar>(a: LmHeadLoss<'_, Cpu<T>>) -> Result<()> {
         // d_w first, while the chunk buffer still holds the inputs; then dx rows = dlogits · w,
         // computed into the chunk buffer and scattered.
         if let Some(dw) = d_w.as_deref_mut() {
-            let dlt = Mat {
-                data: &logits,
-                rs: 1,
-                cs: v,
-            };
-            let xm = Mat {
-                data: &xc,
-                rs: d,
-                cs: 1,
-            };
-            gemm(v, d, c, dw, d, dlt, xm, true, T::ONE);
+            let dlt = Mat::transposed(&logits, v);
+            let xm = Mat::rows(&xc, d);
+            gemm(v, d, c, dw, d, dlt, xm, true, T::ONE, Threads::Auto);
         }
         if let Some(dx) = dx.as_deref_mut() {
-            let dl = Mat {
-                data: &logits,
-                rs: v,
-                cs: 1,
-            };
-            let wm = Mat {
-                data: w,
-                rs: d,
-                cs: 1,
-            };
-            gemm(c, d, v, &mut xc, d, dl, wm, false, T::ONE);
+            let dl = Mat::rows(&logits, v);
+            let wm = Mat::rows(w, d);
+            gemm(c, d, v, &mut xc, d, dl, wm, false, T::ONE, Threads::Auto);
             for (i, &t) in rows.iter().enumerate() {
                 dx[t * d..(t + 1) * d].copy_from_slice(&xc[i * d..(i + 1) * d]);
             }

@@ -15,7 +15,7 @@ use crate::{AttnDims, BackendError, Device, Result};
 const TILE: usize = 64;
 const MAX_HEAD_DIM: usize = 128;
 
-/// Mirrors `AttnParams` in attention_fwd.cu / attention_bwd.cu.
+/// Mirrors `AttnParams` in attention.cuh (shared by attention_fwd.cu and attention_bwd.cu).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AttnParams {

@@ -12,36 +12,6 @@
 //   dQ = scale * sum over key tiles of dS K.
 // Dynamic shared memory: four [64][Dh+1] f32 tiles, one [64][65] f32 tile, 2 x 64 f32.
 
-#define BR 64
-#define BC 64
-#define NT 256
-#define DPT 32
-
-struct AttnParams {
-    compute_t* out;
-    float* lse;
-    const compute_t* qkv;
-    const compute_t* d_out;
-    const compute_t* o;
-    const float* delta;
-    const int* cu;
-    const int* tiles;
-    int n;
-    int h;
-    int hkv;
-    int dh;
-    float scale;
-};
-
-__device__ void load_rows(float* s, int sld, const compute_t* src, i64 width, int seq_start, int row0,
-                          int len, int col, int dh) {
-    for (int idx = threadIdx.x; idx < 64 * dh; idx += NT) {
-        int r = idx / dh, d = idx - r * dh;
-        int i = row0 + r;
-        s[r * sld + d] = i < len ? ld(src, (i64)(seq_start + i) * width + col + d) : 0.f;
-    }
-}
-
 extern "C" __global__ void KNAME(attention_bwd_delta)(const AttnParams p) {
     i64 warp = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;

@@ -9,37 +9,6 @@
 // a warp) combine their row max and sum with shuffles.
 // Dynamic shared memory: Q, K, V tiles [64][Dh+1] f32 and P [64][65] f32.
 
-#define BR 64
-#define BC 64
-#define NT 256
-#define DPT 32   // head dims per thread: 128 / 4
-
-struct AttnParams {
-    compute_t* out;          // fwd: out; bwd: d_qkv
-    float* lse;
-    const compute_t* qkv;
-    const compute_t* d_out;  // bwd only
-    const compute_t* o;      // bwd only (the forward output)
-    const float* delta;      // bwd: rowsum(dO * O), [H, N] (written by attention_bwd_delta)
-    const int* cu;
-    const int* tiles;
-    int n;
-    int h;
-    int hkv;
-    int dh;
-    float scale;
-};
-
-// Loads rows [row0, row0 + 64) of one head's slice of qkv into s[64][sld], zero past `len`.
-__device__ void load_tile(float* s, int sld, const compute_t* qkv, i64 width, int seq_start, int row0,
-                          int len, int col, int dh) {
-    for (int idx = threadIdx.x; idx < 64 * dh; idx += NT) {
-        int r = idx / dh, d = idx - r * dh;
-        int i = row0 + r;
-        s[r * sld + d] = i < len ? ld(qkv, (i64)(seq_start + i) * width + col + d) : 0.f;
-    }
-}
-
 extern "C" __global__ void KNAME(attention_fwd)(const AttnParams p) {
     extern __shared__ float smem[];
     const int sld = p.dh + 1;
@@ -55,7 +24,7 @@ extern "C" __global__ void KNAME(attention_fwd)(const AttnParams p) {
     const i64 width = (i64)(p.h + 2 * p.hkv) * p.dh;
     const int qcol = h * p.dh, kcol = (p.h + hk) * p.dh, vcol = (p.h + p.hkv + hk) * p.dh;
 
-    load_tile(sQ, sld, p.qkv, width, start, q0, len, qcol, p.dh);
+    load_rows(sQ, sld, p.qkv, width, start, q0, len, qcol, p.dh);
 
     const int r = threadIdx.x >> 2, q4 = threadIdx.x & 3;
     const int qi = q0 + r;
@@ -67,8 +36,8 @@ extern "C" __global__ void KNAME(attention_fwd)(const AttnParams p) {
     const int kend = min(q0 + BR, len);  // keys [0, kend) are visible to some row of the tile
     for (int k0 = 0; k0 < kend; k0 += BC) {
         __syncthreads();
-        load_tile(sK, sld, p.qkv, width, start, k0, len, kcol, p.dh);
-        load_tile(sV, sld, p.qkv, width, start, k0, len, vcol, p.dh);
+        load_rows(sK, sld, p.qkv, width, start, k0, len, kcol, p.dh);
+        load_rows(sV, sld, p.qkv, width, start, k0, len, vcol, p.dh);
         __syncthreads();
 
         float s[BC / 4];

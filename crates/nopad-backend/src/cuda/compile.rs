@@ -33,6 +33,23 @@ macro_rules! kernel_file {
             src: include_str!($name),
         }
     };
+    // A file that starts with a header shared with other files; the `#line` directives keep
+    // NVRTC's messages pointing at the right file and line.
+    ($header:literal, $name:literal) => {
+        KernelFile {
+            name: $name,
+            src: concat!(
+                "#line 1 \"",
+                $header,
+                "\"\n",
+                include_str!($header),
+                "#line 1 \"",
+                $name,
+                "\"\n",
+                include_str!($name)
+            ),
+        }
+    };
 }
 
 pub(crate) const ELEMENTWISE: KernelFile = kernel_file!("elementwise.cu");
@@ -44,8 +61,8 @@ pub(crate) const ROPE: KernelFile = kernel_file!("rope.cu");
 pub(crate) const SWIGLU: KernelFile = kernel_file!("swiglu.cu");
 pub(crate) const LM_HEAD: KernelFile = kernel_file!("lm_head.cu");
 pub(crate) const ADAMW: KernelFile = kernel_file!("adamw.cu");
-pub(crate) const ATTENTION_FWD: KernelFile = kernel_file!("attention_fwd.cu");
-pub(crate) const ATTENTION_BWD: KernelFile = kernel_file!("attention_bwd.cu");
+pub(crate) const ATTENTION_FWD: KernelFile = kernel_file!("attention.cuh", "attention_fwd.cu");
+pub(crate) const ATTENTION_BWD: KernelFile = kernel_file!("attention.cuh", "attention_bwd.cu");
 
 /// Every kernel file, for the compile-everything test and warm-up.
 pub(crate) const ALL_FILES: [KernelFile; 11] = [

@@ -20,24 +20,19 @@ extern "C" __global__ void KNAME(add_assign)(const AddParams p) {
         p.out[i] = to_c(ld(p.out, i) + ld(p.a, i));
 }
 
-// The same, 8 elements per thread (n % 8 == 0, 16-byte aligned buffers).
-extern "C" __global__ void KNAME(add_v8)(const AddParams p) {
-    for (i64 i = (blockIdx.x * (i64)blockDim.x + threadIdx.x) * 8; i < p.n; i += (i64)gridDim.x * blockDim.x * 8) {
-        f8 a = ld8(p.a, i), b = ld8(p.b, i);
+// The same, 8 elements per thread (n % 8 == 0, 16-byte aligned buffers): out[i] = x[i] + y[i].
+__device__ __forceinline__ void add_v8_into(compute_t* out, const compute_t* x, const compute_t* y, i64 n) {
+    for (i64 i = (blockIdx.x * (i64)blockDim.x + threadIdx.x) * 8; i < n; i += (i64)gridDim.x * blockDim.x * 8) {
+        f8 a = ld8(x, i), b = ld8(y, i);
 #pragma unroll
         for (int k = 0; k < 8; ++k) a.v[k] += b.v[k];
-        st8(p.out, i, a);
+        st8(out, i, a);
     }
 }
 
-extern "C" __global__ void KNAME(add_assign_v8)(const AddParams p) {
-    for (i64 i = (blockIdx.x * (i64)blockDim.x + threadIdx.x) * 8; i < p.n; i += (i64)gridDim.x * blockDim.x * 8) {
-        f8 o = ld8(p.out, i), a = ld8(p.a, i);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) o.v[k] += a.v[k];
-        st8(p.out, i, o);
-    }
-}
+extern "C" __global__ void KNAME(add_v8)(const AddParams p) { add_v8_into(p.out, p.a, p.b, p.n); }
+
+extern "C" __global__ void KNAME(add_assign_v8)(const AddParams p) { add_v8_into(p.out, p.out, p.a, p.n); }
 
 struct ScaleParams {
     compute_t* x;

@@ -266,21 +266,11 @@ impl CudaBuf {
     }
     /// A view of the whole buffer.
     pub fn as_ref(&self) -> CudaRef<'_> {
-        CudaRef {
-            ptr: self.ptr,
-            len: self.len,
-            dtype: self.dtype,
-            _buf: PhantomData,
-        }
+        CudaRef::raw(self.ptr, self.len, self.dtype)
     }
     /// A writable view of the whole buffer.
     pub fn as_mut(&mut self) -> CudaMut<'_> {
-        CudaMut {
-            ptr: self.ptr,
-            len: self.len,
-            dtype: self.dtype,
-            _buf: PhantomData,
-        }
+        CudaMut::raw(self.ptr, self.len, self.dtype)
     }
 }
 
@@ -312,10 +302,20 @@ pub struct CudaMut<'a> {
     _buf: PhantomData<&'a mut CudaBuf>,
 }
 
-/// The accessors both views share.
+/// The constructor and accessors both views share.
 macro_rules! view_accessors {
     ($($view:ident),*) => {$(
         impl $view<'_> {
+            /// A view of `len` elements at `ptr`; the caller checked that they lie in a live
+            /// buffer of type `dtype` and chose the lifetime.
+            pub(crate) fn raw(ptr: CUdeviceptr, len: usize, dtype: Dtype) -> Self {
+                $view {
+                    ptr,
+                    len,
+                    dtype,
+                    _buf: PhantomData,
+                }
+            }
             /// Element type.
             pub fn dtype(&self) -> Dtype {
                 self.dtype
@@ -329,6 +329,14 @@ macro_rules! view_accessors {
                 self.len == 0
             }
         }
+        impl ViewInfo for $view<'_> {
+            fn len_(&self) -> usize {
+                self.len
+            }
+            fn dtype_(&self) -> Dtype {
+                self.dtype
+            }
+        }
     )*};
 }
 view_accessors!(CudaRef, CudaMut);
@@ -337,30 +345,15 @@ impl<'a> CudaMut<'a> {
     /// The same view with a lifetime chosen by the caller (for splitting one buffer into
     /// disjoint views; the caller guarantees the views do not overlap and do not outlive it).
     pub(crate) fn detach<'b>(self) -> CudaMut<'b> {
-        CudaMut {
-            ptr: self.ptr,
-            len: self.len,
-            dtype: self.dtype,
-            _buf: PhantomData,
-        }
+        CudaMut::raw(self.ptr, self.len, self.dtype)
     }
     /// Reborrows the view for a shorter time.
     pub fn reborrow(&mut self) -> CudaMut<'_> {
-        CudaMut {
-            ptr: self.ptr,
-            len: self.len,
-            dtype: self.dtype,
-            _buf: PhantomData,
-        }
+        CudaMut::raw(self.ptr, self.len, self.dtype)
     }
     /// Reborrows the view as read-only.
     pub fn as_ref(&self) -> CudaRef<'_> {
-        CudaRef {
-            ptr: self.ptr,
-            len: self.len,
-            dtype: self.dtype,
-            _buf: PhantomData,
-        }
+        CudaRef::raw(self.ptr, self.len, self.dtype)
     }
 }
 
@@ -369,40 +362,14 @@ pub(crate) trait ViewInfo {
     fn len_(&self) -> usize;
     fn dtype_(&self) -> Dtype;
 }
-impl ViewInfo for CudaRef<'_> {
-    fn len_(&self) -> usize {
-        self.len
-    }
-    fn dtype_(&self) -> Dtype {
-        self.dtype
-    }
-}
-impl ViewInfo for CudaMut<'_> {
-    fn len_(&self) -> usize {
-        self.len
-    }
-    fn dtype_(&self) -> Dtype {
-        self.dtype
-    }
-}
 
 /// Views of a sub-range; the range was checked against the buffer by the caller.
 pub(crate) fn sub_ref(buf: &CudaBuf, start: usize, len: usize) -> CudaRef<'_> {
-    CudaRef {
-        ptr: buf.ptr + (start * buf.dtype.size()) as u64,
-        len,
-        dtype: buf.dtype,
-        _buf: PhantomData,
-    }
+    CudaRef::raw(buf.ptr + (start * buf.dtype.size()) as u64, len, buf.dtype)
 }
 
 pub(crate) fn sub_mut(buf: &mut CudaBuf, start: usize, len: usize) -> CudaMut<'_> {
-    CudaMut {
-        ptr: buf.ptr + (start * buf.dtype.size()) as u64,
-        len,
-        dtype: buf.dtype,
-        _buf: PhantomData,
-    }
+    CudaMut::raw(buf.ptr + (start * buf.dtype.size()) as u64, len, buf.dtype)
 }
 
 /// An `i32` array on the device together with the host copy it was uploaded from, so that

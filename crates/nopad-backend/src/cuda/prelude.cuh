@@ -54,28 +54,24 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// Reduce over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `Warp::op` is the warp reduction, `identity` fills the lanes past the last warp.
 // `scratch` holds 32 floats; the function synchronises before returning, so it can be reused.
-__device__ float block_sum(float v, float* scratch) {
+template <class Warp>
+__device__ __forceinline__ float block_reduce(float v, float identity, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = Warp::op(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = lane < nwarps ? scratch[lane] : 0.f;
-    t = warp_sum(t);
+    float t = lane < nwarps ? scratch[lane] : identity;
+    t = Warp::op(t);
     return t;
 }
-__device__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < nwarps ? scratch[lane] : -INF_F;
-    t = warp_max(t);
-    return t;
-}
+struct WarpSum { static __device__ __forceinline__ float op(float v) { return warp_sum(v); } };
+struct WarpMax { static __device__ __forceinline__ float op(float v) { return warp_max(v); } };
+__device__ float block_sum(float v, float* scratch) { return block_reduce<WarpSum>(v, 0.f, scratch); }
+__device__ float block_max(float v, float* scratch) { return block_reduce<WarpMax>(v, -INF_F, scratch); }
 
 // Eight consecutive compute_t elements as floats, in one 16-byte access (bf16) or two (f32).
 // The address p + i must be 16-byte aligned; launchers check before choosing a *_v8 kernel.

@@ -61,6 +61,20 @@ extern "C" __global__ void KNAME(rmsnorm_bwd_dw_partial)(const RmsnormParams p) 
     p.partial[(i64)blockIdx.y * p.d + j] = acc;
 }
 
+// The end of an 8-wide forward row (block blockIdx.x, row start base): the block's sum of
+// squares ss gives rstd (stored by thread 0), then y = x * rstd * weight.
+__device__ __forceinline__ void rmsnorm_row_v8_finish(const RmsnormParams& p, const compute_t* x, i64 base, float ss, float* scratch) {
+    ss = block_sum(ss, scratch);
+    float r = rsqrtf(ss / (float)p.d + p.eps);
+    if (threadIdx.x == 0) p.rstd[blockIdx.x] = r;
+    for (int j = threadIdx.x * 8; j < p.d; j += blockDim.x * 8) {
+        f8 a = ld8(x, base + j), w = ld8(p.weight, j);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a.v[k] = a.v[k] * r * w.v[k];
+        st8(p.y, base + j, a);
+    }
+}
+
 // The same forward and dx backward with 8 elements per access (d % 8 == 0, 16-byte aligned rows).
 extern "C" __global__ void KNAME(rmsnorm_fwd_v8)(const RmsnormParams p) {
     __shared__ float scratch[32];
@@ -71,15 +85,7 @@ extern "C" __global__ void KNAME(rmsnorm_fwd_v8)(const RmsnormParams p) {
 #pragma unroll
         for (int k = 0; k < 8; ++k) ss += x.v[k] * x.v[k];
     }
-    ss = block_sum(ss, scratch);
-    float r = rsqrtf(ss / (float)p.d + p.eps);
-    if (threadIdx.x == 0) p.rstd[blockIdx.x] = r;
-    for (int j = threadIdx.x * 8; j < p.d; j += blockDim.x * 8) {
-        f8 x = ld8(p.x, base + j), w = ld8(p.weight, j);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) x.v[k] = x.v[k] * r * w.v[k];
-        st8(p.y, base + j, x);
-    }
+    rmsnorm_row_v8_finish(p, p.x, base, ss, scratch);
 }
 
 extern "C" __global__ void KNAME(rmsnorm_bwd_dx_v8)(const RmsnormParams p) {
@@ -219,13 +225,5 @@ extern "C" __global__ void KNAME(add_rmsnorm_fwd_v8)(const RmsnormParams p) {
 #pragma unroll
         for (int k = 0; k < 8; ++k) ss += a.v[k] * a.v[k];
     }
-    ss = block_sum(ss, scratch);
-    float rs = rsqrtf(ss / (float)p.d + p.eps);
-    if (threadIdx.x == 0) p.rstd[blockIdx.x] = rs;
-    for (int j = threadIdx.x * 8; j < p.d; j += blockDim.x * 8) {
-        f8 a = ld8(x, base + j), w = ld8(p.weight, j);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) a.v[k] = a.v[k] * rs * w.v[k];
-        st8(p.y, base + j, a);
-    }
+    rmsnorm_row_v8_finish(p, x, base, ss, scratch);
 }

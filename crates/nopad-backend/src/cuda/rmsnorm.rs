@@ -4,7 +4,7 @@
 use super::compile::{Launch, RMSNORM};
 use super::elementwise::{v8_name, v8_ok};
 use super::linear::row_splits;
-use super::{want, Cuda, Dtype};
+use super::{want, Cuda, CudaMut, CudaRef, Dtype};
 use crate::args::{AddRmsNormFwd, RmsNormBwd, RmsNormFwd};
 use crate::{GradWrite, Result};
 
@@ -25,6 +25,39 @@ struct RmsnormParams {
 }
 
 impl Cuda {
+    /// The forward's shape checks (y, rstd, x, weight) and its launch parameters; `dy` is left
+    /// 0 for the fused add to set to its `r`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_params(
+        &self,
+        op: &'static str,
+        y: &CudaMut<'_>,
+        rstd: &CudaMut<'_>,
+        x: CudaRef<'_>,
+        weight: &CudaRef<'_>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<RmsnormParams> {
+        let c = self.compute;
+        want(op, "y", y, c, n * d)?;
+        want(op, "rstd", rstd, Dtype::F32, n)?;
+        want(op, "x", &x, c, n * d)?;
+        want(op, "weight", weight, c, d)?;
+        Ok(RmsnormParams {
+            y: y.ptr,
+            rstd: rstd.ptr,
+            x: x.ptr,
+            weight: weight.ptr,
+            dy: 0,
+            partial: 0,
+            n: n as i32,
+            d: d as i32,
+            eps,
+            rows_per: 0,
+        })
+    }
+
     /// y: `[n, d]` Compute; rstd: `[n]` fp32; x: `[n, d]`; weight: `[d]` Compute.
     pub(crate) fn rmsnorm_forward_impl(&self, a: RmsNormFwd<'_, Self>) -> Result<()> {
         let RmsNormFwd {
@@ -36,38 +69,14 @@ impl Cuda {
             d,
             eps,
         } = a;
-        let op = "rmsnorm_forward";
         let c = self.compute;
-        want(op, "y", &y, c, n * d)?;
-        want(op, "rstd", &rstd, Dtype::F32, n)?;
-        want(op, "x", &x, c, n * d)?;
-        want(op, "weight", &weight, c, d)?;
+        let p = self.forward_params("rmsnorm_forward", &y, &rstd, x, &weight, n, d, eps)?;
         if n == 0 {
             return Ok(());
         }
-        let p = RmsnormParams {
-            y: y.ptr,
-            rstd: rstd.ptr,
-            x: x.ptr,
-            weight: weight.ptr,
-            dy: 0,
-            partial: 0,
-            n: n as i32,
-            d: d as i32,
-            eps,
-            rows_per: 0,
-        };
-        let v8 = v8_ok(&[p.y, p.x, p.weight], &[d]);
+        let name = v8_name("rmsnorm_fwd", v8_ok(&[p.y, p.x, p.weight], &[d]));
         // SAFETY: shapes checked above; the v8 kernel only on aligned views.
-        unsafe {
-            self.launch(
-                RMSNORM,
-                c,
-                &v8_name("rmsnorm_fwd", v8),
-                Launch::per_row(n),
-                &p,
-            )
-        }
+        unsafe { self.launch(RMSNORM, c, &name, Launch::per_row(n), &p) }
     }
 
     /// x: `[n, d]` Compute, `x += r` first; then as [`Cuda::rmsnorm_forward_impl`]. One kernel
@@ -85,26 +94,12 @@ impl Cuda {
         } = a;
         let op = "add_rmsnorm_forward";
         let c = self.compute;
-        want(op, "y", &y, c, n * d)?;
-        want(op, "rstd", &rstd, Dtype::F32, n)?;
-        want(op, "x", &x, c, n * d)?;
+        let mut p = self.forward_params(op, &y, &rstd, x.as_ref(), &weight, n, d, eps)?;
         want(op, "r", &r, c, n * d)?;
-        want(op, "weight", &weight, c, d)?;
         if n == 0 {
             return Ok(());
         }
-        let p = RmsnormParams {
-            y: y.ptr,
-            rstd: rstd.ptr,
-            x: x.ptr,
-            weight: weight.ptr,
-            dy: r.ptr,
-            partial: 0,
-            n: n as i32,
-            d: d as i32,
-            eps,
-            rows_per: 0,
-        };
+        p.dy = r.ptr;
         if v8_ok(&[p.y, p.x, p.weight, p.dy], &[d]) {
             // SAFETY: shapes checked above; aligned views.
             unsafe { self.launch(RMSNORM, c, "add_rmsnorm_fwd_v8", Launch::per_row(n), &p) }

@@ -35,15 +35,23 @@ extern "C" __global__ void KNAME(swiglu_bwd)(const SwigluParams p) {
     }
 }
 
+// Group idx of a row-major [N, F / 8] grid of 8-element groups (f8n = F / 8): its row t, its
+// first column j, and the row's 8 gate and 8 up values there.
+__device__ __forceinline__ void gate_up_v8(const SwigluParams& p, int f8n, i64 idx, i64& t, int& j, f8& g, f8& u) {
+    t = idx / f8n;
+    j = (int)(idx - t * f8n) * 8;
+    g = ld8(p.gu, t * 2 * p.f + j);
+    u = ld8(p.gu, t * 2 * p.f + p.f + j);
+}
+
 // The same, 8 elements of a row per thread (f % 8 == 0, 16-byte aligned buffers): one 16-byte
 // access per operand, no 64-bit division per element.
 extern "C" __global__ void KNAME(swiglu_fwd_v8)(const SwigluParams p) {
     int f8n = p.f / 8;
     i64 total = (i64)p.n * f8n;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
-        i64 t = idx / f8n;
-        int j = (int)(idx - t * f8n) * 8;
-        f8 g = ld8(p.gu, t * 2 * p.f + j), u = ld8(p.gu, t * 2 * p.f + p.f + j), a;
+        i64 t; int j; f8 g, u, a;
+        gate_up_v8(p, f8n, idx, t, j, g, u);
 #pragma unroll
         for (int k = 0; k < 8; ++k) a.v[k] = g.v[k] * sigmoidf_(g.v[k]) * u.v[k];
         st8(p.out, t * p.f + j, a);
@@ -54,9 +62,8 @@ extern "C" __global__ void KNAME(swiglu_bwd_v8)(const SwigluParams p) {
     int f8n = p.f / 8;
     i64 total = (i64)p.n * f8n;
     for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
-        i64 t = idx / f8n;
-        int j = (int)(idx - t * f8n) * 8;
-        f8 g = ld8(p.gu, t * 2 * p.f + j), u = ld8(p.gu, t * 2 * p.f + p.f + j);
+        i64 t; int j; f8 g, u;
+        gate_up_v8(p, f8n, idx, t, j, g, u);
         f8 da = ld8(p.d_a, t * p.f + j), dg, du;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `nopad` binary built for these tests, with no arguments yet.
@@ -16,6 +17,33 @@ pub fn nopad<S: AsRef<OsStr>>(args: &[S]) -> Output {
         .args(args)
         .output()
         .expect("the nopad binary runs")
+}
+
+/// The arguments `line` spells (split at spaces), then `more` (paths and other values that may
+/// hold spaces).
+pub fn args(line: &str, more: &[&str]) -> Vec<String> {
+    line.split_whitespace()
+        .chain(more.iter().copied())
+        .map(String::from)
+        .collect()
+}
+
+/// Runs `nopad eval --device cpu <extra> --model <model> --data <data>` (`extra` split at spaces).
+pub fn eval_on_cpu(model: &str, data: &Path, extra: &str) -> Output {
+    let data = data.to_str().expect("test paths are UTF-8");
+    nopad(&args(
+        &format!("eval --device cpu {extra}"),
+        &["--model", model, "--data", data],
+    ))
+}
+
+/// A temporary directory holding one file, `name`, with `text`; the directory lives as long as
+/// the returned guard.
+pub fn dir_with(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("the test file is written");
+    (dir, path)
 }
 
 /// What the run printed on stderr.
