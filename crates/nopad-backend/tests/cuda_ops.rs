@@ -20,7 +20,7 @@ mod bench;
 mod common;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
-use common::{bf16_tol, cuda_present, say, TOL_F32};
+use common::{bf16_tol, cuda_present, say, LmHeadCase, TOL_F32};
 
 /// One mode's pair of backends and its random stream.
 struct Env {
@@ -198,6 +198,13 @@ fn lm_head_loss_forward_backward() {
                 .collect();
             let scale = 1.0 / (n as f32 + 1.0);
             let (l0, dw0) = (e.randn(1, 1.0), e.randn(v * d, 1.0));
+            let case = LmHeadCase {
+                x: &x,
+                w: &w,
+                targets: &targets,
+                dims,
+                scale,
+            };
             let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
             let gt = e.gpu.ints(&targets).unwrap();
             let mut gl = e.up(&l0, Kind::Master);
@@ -205,33 +212,25 @@ fn lm_head_loss_forward_backward() {
             let acc = e.grad_write();
             let (mut gdw, _) = e.grads_before(&dw0, &[], acc);
             let tag = format!("{tag} {acc:?}");
-            e.gpu
-                .lm_head_loss(LmHeadLoss {
-                    loss_sum: gl.as_mut(),
-                    dx: Some(gdx.as_mut()),
-                    d_w: Some(gdw.as_mut()),
-                    x: gx.as_ref(),
-                    w: gw.as_ref(),
-                    targets: &gt,
-                    dims,
-                    grad_scale: scale,
-                    write: acc,
-                })
-                .unwrap();
-            let (mut l, mut dx, mut dw) = (l0.clone(), vec![0f32; n * d], dw0.clone());
-            e.cpu
-                .lm_head_loss(LmHeadLoss {
-                    loss_sum: &mut l,
-                    dx: Some(&mut dx),
-                    d_w: Some(&mut dw),
-                    x: &x,
-                    w: &w,
-                    targets: &targets,
-                    dims,
-                    grad_scale: scale,
-                    write: acc,
-                })
-                .unwrap();
+            // The GPU's call; evaluation passes no gradient buffers.
+            let run = |gl: &mut CudaBuf, grads: Option<(&mut CudaBuf, &mut CudaBuf)>, write| {
+                let (gdx, gdw) = grads.unzip();
+                e.gpu
+                    .lm_head_loss(LmHeadLoss {
+                        loss_sum: gl.as_mut(),
+                        dx: gdx.map(|g| g.as_mut()),
+                        d_w: gdw.map(|g| g.as_mut()),
+                        x: gx.as_ref(),
+                        w: gw.as_ref(),
+                        targets: &gt,
+                        dims,
+                        grad_scale: scale,
+                        write,
+                    })
+                    .unwrap()
+            };
+            run(&mut gl, Some((&mut gdx, &mut gdw)), acc);
+            let (l, dx, dw) = case.reference(&e.cpu, &l0, &dw0, acc);
             e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
             // dlogits rounded, then the dx GEMM output rounded.
             e.check(&format!("lm_head dx {tag}"), &e.down(&gdx), &dx, 2);
@@ -247,19 +246,7 @@ fn lm_head_loss_forward_backward() {
 
             // Loss only (evaluation): no gradients touched.
             let mut gl = e.up(&l0, Kind::Master);
-            e.gpu
-                .lm_head_loss(LmHeadLoss {
-                    loss_sum: gl.as_mut(),
-                    dx: None,
-                    d_w: None,
-                    x: gx.as_ref(),
-                    w: gw.as_ref(),
-                    targets: &gt,
-                    dims,
-                    grad_scale: scale,
-                    write: GradWrite::Accumulate,
-                })
-                .unwrap();
+            run(&mut gl, None, GradWrite::Accumulate);
             e.check(&format!("lm_head loss-only {tag}"), &e.down(&gl), &l, 0);
         }
     }

@@ -71,3 +71,45 @@ pub fn error<T: Copy + Into<f64>>(what: &str, got: &[T], want: &[T]) -> Error {
         nan,
     }
 }
+
+/// One output-head case on the host: the inputs every `lm_head_loss` check draws.
+pub struct LmHeadCase<'a, T> {
+    /// `x: [N, D]`.
+    pub x: &'a [T],
+    /// `w: [V, D]`.
+    pub w: &'a [T],
+    /// `targets: [N]`, −100 for a row without one.
+    pub targets: &'a Vec<i32>,
+    /// N, D and V as a GEMM's `(n, d_in, d_out)`.
+    pub dims: nopad_backend::LinearDims,
+    /// The factor on every gradient.
+    pub scale: f32,
+}
+
+impl<T: nopad_backend::cpu::Scalar> LmHeadCase<'_, T> {
+    /// The reference side of a check: `lm_head_loss` on the CPU with the loss starting from `l0`
+    /// and `d_w` from `dw0` (written by `write`); returns the loss, `dx` and `d_w`.
+    pub fn reference(
+        &self,
+        cpu: &nopad_backend::cpu::Cpu<T>,
+        l0: &[T],
+        dw0: &[T],
+        write: nopad_backend::GradWrite,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        use nopad_backend::Ops as _;
+        let (mut l, mut dx, mut dw) = (l0.to_vec(), vec![T::default(); self.x.len()], dw0.to_vec());
+        cpu.lm_head_loss(nopad_backend::args::LmHeadLoss {
+            loss_sum: &mut l,
+            dx: Some(&mut dx),
+            d_w: Some(&mut dw),
+            x: self.x,
+            w: self.w,
+            targets: self.targets,
+            dims: self.dims,
+            grad_scale: self.scale,
+            write,
+        })
+        .expect("the CPU reference runs on valid inputs");
+        (l, dx, dw)
+    }
+}
