@@ -20,7 +20,7 @@ mod bench;
 mod common;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
-use common::{bf16_tol, cuda_present, say, LmHeadCase, TOL_F32};
+use common::{bf16_tol, cuda_present, draw_targets, say, LmHeadCase, TOL_F32};
 
 /// One mode's pair of backends and its random stream.
 struct Env {
@@ -96,9 +96,6 @@ impl Env {
     /// Extra roundings of an accumulated parameter gradient (1 with bf16 gradients).
     fn gk(&self) -> u32 {
         self.bf16_grads as u32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.rng.below(n as u64) as usize
     }
     /// Uploads `data` into a new GPU buffer of `kind`.
     fn up(&self, data: &[f32], kind: Kind) -> CudaBuf {
@@ -187,15 +184,7 @@ fn lm_head_loss_forward_backward() {
             };
             let tag = format!("n={n} d={d} v={v} chunk={chunk_rows} masked={masked}");
             let (x, w) = (e.randn(n * d, 1.0), e.randn(v * d, 0.3));
-            let targets: Vec<i32> = (0..n)
-                .map(|_| {
-                    if e.rng.uniform() < masked {
-                        -100
-                    } else {
-                        e.below(v) as i32
-                    }
-                })
-                .collect();
+            let targets = draw_targets(&mut e.rng, n, v, masked);
             let scale = 1.0 / (n as f32 + 1.0);
             let (l0, dw0) = (e.randn(1, 1.0), e.randn(v * d, 1.0));
             let case = LmHeadCase {

@@ -113,3 +113,17 @@ impl<T: nopad_backend::cpu::Scalar> LmHeadCase<'_, T> {
         (l, dx, dw)
     }
 }
+
+/// Output-head targets for `n` rows over a vocabulary of `v`: a row has none (−100) with
+/// probability `masked`.
+pub fn draw_targets(rng: &mut nopad_rng::Rng, n: usize, v: usize, masked: f64) -> Vec<i32> {
+    (0..n)
+        .map(|_| {
+            if rng.uniform() < masked {
+                -100
+            } else {
+                rng.below(v as u64) as i32
+            }
+        })
+        .collect()
+}

@@ -1,7 +1,7 @@
 //! The fused output head with cross-entropy, and the AdamW update through the optimizer's
 //! storage (split master weights where the backend keeps them).
 
-use super::super::common::LmHeadCase;
+use super::super::common::{draw_targets, LmHeadCase};
 use super::super::{Env, Store, TOL_F32};
 use super::BOTH;
 use nopad_backend::prelude::*;
@@ -21,15 +21,7 @@ pub(crate) fn lm_head<B: Backend>(e: &mut Env<B>) {
         };
         let x = e.randn(n * d, 1.0, Kind::Compute);
         let w = e.randn(v * d, 0.3, Kind::Compute);
-        let targets: Vec<i32> = (0..n)
-            .map(|_| {
-                if e.rng.uniform() < masked {
-                    -100
-                } else {
-                    e.below(v) as i32
-                }
-            })
-            .collect();
+        let targets = draw_targets(&mut e.rng, n, v, masked);
         let scale = 1.0 / (n as f32 + 1.0);
         let (l0, dw0) = (
             e.randn(1, 1.0, Kind::Master),
