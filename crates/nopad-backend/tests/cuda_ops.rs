@@ -12,7 +12,7 @@
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
 use nopad_backend::prelude::*;
-use nopad_backend::{GradWrite, Kind, LinearDims};
+use nopad_backend::{GradWrite, Kind};
 use nopad_rng::Rng;
 
 #[path = "cuda_ops/bench.rs"]
@@ -20,7 +20,7 @@ mod bench;
 mod common;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
-use common::{bf16_tol, cuda_present, draw_targets, say, LmHeadCase, TOL_F32};
+use common::{bf16_tol, cuda_present, say, LmHeadCase, TOL_F32};
 
 /// One mode's pair of backends and its random stream.
 struct Env {
@@ -177,25 +177,14 @@ fn lm_head_loss_forward_backward() {
             (16, 8, 11, 8192, 1.0),
         ] {
             e.gpu.set_lm_head_chunk_elems(chunk_rows * v);
-            let dims = LinearDims {
-                n,
-                d_in: d,
-                d_out: v,
-            };
             let tag = format!("n={n} d={d} v={v} chunk={chunk_rows} masked={masked}");
             let (x, w) = (e.randn(n * d, 1.0), e.randn(v * d, 0.3));
-            let targets = draw_targets(&mut e.rng, n, v, masked);
-            let scale = 1.0 / (n as f32 + 1.0);
+            let case = LmHeadCase::new((n, d, v), x, w, &mut e.rng, masked);
             let (l0, dw0) = (e.randn(1, 1.0), e.randn(v * d, 1.0));
-            let case = LmHeadCase {
-                x: &x,
-                w: &w,
-                targets: &targets,
-                dims,
-                scale,
-            };
-            let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
-            let gt = e.gpu.ints(&targets).unwrap();
+            let (x, w, targets, dims, scale) =
+                (&case.x, &case.w, &case.targets, case.dims, case.scale);
+            let (gx, gw) = (e.up(x, Kind::Compute), e.up(w, Kind::Compute));
+            let gt = e.gpu.ints(targets).unwrap();
             let mut gl = e.up(&l0, Kind::Master);
             let mut gdx = e.poison(n * d, Kind::Compute);
             let acc = e.grad_write();

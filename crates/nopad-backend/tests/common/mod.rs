@@ -73,20 +73,53 @@ pub fn error<T: Copy + Into<f64>>(what: &str, got: &[T], want: &[T]) -> Error {
 }
 
 /// One output-head case on the host: the inputs every `lm_head_loss` check draws.
-pub struct LmHeadCase<'a, T> {
+pub struct LmHeadCase<T> {
     /// `x: [N, D]`.
-    pub x: &'a [T],
+    pub x: Vec<T>,
     /// `w: [V, D]`.
-    pub w: &'a [T],
+    pub w: Vec<T>,
     /// `targets: [N]`, −100 for a row without one.
-    pub targets: &'a Vec<i32>,
+    pub targets: Vec<i32>,
     /// N, D and V as a GEMM's `(n, d_in, d_out)`.
     pub dims: nopad_backend::LinearDims,
-    /// The factor on every gradient.
+    /// The factor on every gradient: 1 / (N + 1), as if one more target were elsewhere.
     pub scale: f32,
 }
 
-impl<T: nopad_backend::cpu::Scalar> LmHeadCase<'_, T> {
+impl<T: nopad_backend::cpu::Scalar> LmHeadCase<T> {
+    /// The case of `x: [N, D]` and `w: [V, D]` as drawn by the caller, with targets drawn from
+    /// `rng` after them: a row has none (−100) with probability `masked`.
+    pub fn new(
+        (n, d, v): (usize, usize, usize),
+        x: Vec<T>,
+        w: Vec<T>,
+        rng: &mut nopad_rng::Rng,
+        masked: f64,
+    ) -> Self {
+        let targets = (0..n)
+            .map(|_| {
+                if rng.uniform() < masked {
+                    -100
+                } else {
+                    rng.below(v as u64) as i32
+                }
+            })
+            .collect();
+        let dims = nopad_backend::LinearDims {
+            n,
+            d_in: d,
+            d_out: v,
+        };
+        let scale = 1.0 / (n as f32 + 1.0);
+        LmHeadCase {
+            x,
+            w,
+            targets,
+            dims,
+            scale,
+        }
+    }
+
     /// The reference side of a check: `lm_head_loss` on the CPU with the loss starting from `l0`
     /// and `d_w` from `dw0` (written by `write`); returns the loss, `dx` and `d_w`.
     pub fn reference(
@@ -102,9 +135,9 @@ impl<T: nopad_backend::cpu::Scalar> LmHeadCase<'_, T> {
             loss_sum: &mut l,
             dx: Some(&mut dx),
             d_w: Some(&mut dw),
-            x: self.x,
-            w: self.w,
-            targets: self.targets,
+            x: &self.x,
+            w: &self.w,
+            targets: &self.targets,
             dims: self.dims,
             grad_scale: self.scale,
             write,
@@ -112,18 +145,4 @@ impl<T: nopad_backend::cpu::Scalar> LmHeadCase<'_, T> {
         .expect("the CPU reference runs on valid inputs");
         (l, dx, dw)
     }
-}
-
-/// Output-head targets for `n` rows over a vocabulary of `v`: a row has none (−100) with
-/// probability `masked`.
-pub fn draw_targets(rng: &mut nopad_rng::Rng, n: usize, v: usize, masked: f64) -> Vec<i32> {
-    (0..n)
-        .map(|_| {
-            if rng.uniform() < masked {
-                -100
-            } else {
-                rng.below(v as u64) as i32
-            }
-        })
-        .collect()
 }

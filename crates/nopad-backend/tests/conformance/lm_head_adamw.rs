@@ -1,7 +1,7 @@
 //! The fused output head with cross-entropy, and the AdamW update through the optimizer's
 //! storage (split master weights where the backend keeps them).
 
-use super::super::common::{draw_targets, LmHeadCase};
+use super::super::common::LmHeadCase;
 use super::super::{Env, Store, TOL_F32};
 use super::BOTH;
 use nopad_backend::prelude::*;
@@ -14,29 +14,17 @@ pub(crate) fn lm_head<B: Backend>(e: &mut Env<B>) {
         (300, 64, 1000, 0.3),
         (16, 8, 11, 1.0),
     ] {
-        let dims = LinearDims {
-            n,
-            d_in: d,
-            d_out: v,
-        };
         let x = e.randn(n * d, 1.0, Kind::Compute);
         let w = e.randn(v * d, 0.3, Kind::Compute);
-        let targets = draw_targets(&mut e.rng, n, v, masked);
-        let scale = 1.0 / (n as f32 + 1.0);
+        let case = LmHeadCase::new((n, d, v), x, w, &mut e.rng, masked);
         let (l0, dw0) = (
             e.randn(1, 1.0, Kind::Master),
             e.randn(v * d, 1.0, Kind::Grad),
         );
-        let case = LmHeadCase {
-            x: &x,
-            w: &w,
-            targets: &targets,
-            dims,
-            scale,
-        };
+        let (x, w, targets, dims, scale) = (&case.x, &case.w, &case.targets, case.dims, case.scale);
         let b = &e.b;
-        let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
-        let gt = b.ints(&targets).unwrap();
+        let (gx, gw) = (e.up(x, Kind::Compute), e.up(w, Kind::Compute));
+        let gt = b.ints(targets).unwrap();
         // The backend's call; evaluation passes no gradient buffers.
         let run = |gl: &mut B::Buf, grads: Option<(&mut B::Buf, &mut B::Buf)>, write| {
             let (gdx, gdw) = grads.unzip();
