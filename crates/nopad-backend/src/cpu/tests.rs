@@ -88,33 +88,26 @@ fn linear_matches_naive_and_finite_differences() {
         let mut dx = vec![f64::NAN; n * d_in];
         let mut dw = vec![0.5; d_out * d_in]; // accumulates on top of 0.5
         let mut db = vec![0.0; d_out];
-        b.linear_backward(LinearBwd {
-            dx: Some(&mut dx),
-            dx_write: GradWrite::Overwrite,
-            d_w: Some(&mut dw),
-            d_b: Some(&mut db),
-            dy: &r,
-            x: &x,
-            w: &w,
-            dims,
-            write: GradWrite::Accumulate,
-        })
-        .unwrap();
+        // Both backward calls read the same dy, x and w; the buffers and the rule vary.
+        let bwd = |dx: Option<&mut [f64]>, d_w: &mut [f64], d_b: &mut [f64], write| {
+            b.linear_backward(LinearBwd {
+                dx,
+                dx_write: GradWrite::Overwrite,
+                d_w: Some(d_w),
+                d_b: Some(d_b),
+                dy: &r,
+                x: &x,
+                w: &w,
+                dims,
+                write,
+            })
+            .unwrap()
+        };
+        bwd(Some(&mut dx), &mut dw, &mut db, GradWrite::Accumulate);
         dw.iter_mut().for_each(|v| *v -= 0.5);
         // Overwriting ignores what the gradients held (NaN here).
         let (mut dw2, mut db2) = (vec![f64::NAN; d_out * d_in], vec![f64::NAN; d_out]);
-        b.linear_backward(LinearBwd {
-            dx: None,
-            dx_write: GradWrite::Overwrite,
-            d_w: Some(&mut dw2),
-            d_b: Some(&mut db2),
-            dy: &r,
-            x: &x,
-            w: &w,
-            dims,
-            write: GradWrite::Overwrite,
-        })
-        .unwrap();
+        bwd(None, &mut dw2, &mut db2, GradWrite::Overwrite);
         close("linear dw overwrite", &dw2, &dw, 1e-12);
         close("linear db overwrite", &db2, &db, 1e-12);
         fd_check("linear dx", &x, &dx, |x| dotv(&fwd(x, &w, &bias), &r));
