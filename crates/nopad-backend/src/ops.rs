@@ -28,38 +28,9 @@ pub struct LinearDims {
     pub d_out: usize,
 }
 
-/// Shape of varlen attention over a packed `qkv` buffer.
-///
-/// `qkv: [N, (H + 2·Hkv)·Dh]`: each row holds the H query heads, then the Hkv key heads, then the
-/// Hkv value heads. Query head `h` reads key/value head `h / (H / Hkv)` (grouped-query attention).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttnDims {
-    /// Tokens N (= `cu_seqlens[S]`).
-    pub n: usize,
-    /// Sequences S (`cu_seqlens` has S + 1 entries).
-    pub n_seqs: usize,
-    /// Longest sequence, computed on the host by the packer.
-    pub max_seqlen: usize,
-    /// Query heads H.
-    pub n_heads: usize,
-    /// Key/value heads Hkv; divides H.
-    pub n_kv_heads: usize,
-    /// Head dimension Dh.
-    pub head_dim: usize,
-    /// Softmax scale, usually `1/√Dh`.
-    pub scale: f32,
-}
-
-impl AttnDims {
-    /// Width of one `qkv` row.
-    pub fn qkv_width(&self) -> usize {
-        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-    }
-    /// Width of one output row, `H·Dh`.
-    pub fn out_width(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-}
+/// Shape of varlen attention over a packed `qkv` buffer: the one struct shared with the
+/// FlashAttention crate, whose kernels the CUDA backend calls with it.
+pub use nopad_flash::FlashDims as AttnDims;
 
 /// Rotary embedding over the first `n_rot_heads` heads of each row of a strided buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

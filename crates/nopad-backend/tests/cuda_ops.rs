@@ -12,7 +12,7 @@
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaBuf, CudaDtype, CudaOptions};
 use nopad_backend::prelude::*;
-use nopad_backend::{GradWrite, Kind, LinearDims};
+use nopad_backend::{GradWrite, Kind};
 use nopad_rng::Rng;
 
 #[path = "cuda_ops/bench.rs"]
@@ -20,7 +20,7 @@ mod bench;
 mod common;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
-use common::{bf16_tol, cuda_present, say, TOL_F32};
+use common::{bf16_tol, cuda_present, say, LmHeadCase, TOL_F32};
 
 /// One mode's pair of backends and its random stream.
 struct Env {
@@ -96,9 +96,6 @@ impl Env {
     /// Extra roundings of an accumulated parameter gradient (1 with bf16 gradients).
     fn gk(&self) -> u32 {
         self.bf16_grads as u32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        self.rng.below(n as u64) as usize
     }
     /// Uploads `data` into a new GPU buffer of `kind`.
     fn up(&self, data: &[f32], kind: Kind) -> CudaBuf {
@@ -180,58 +177,38 @@ fn lm_head_loss_forward_backward() {
             (16, 8, 11, 8192, 1.0),
         ] {
             e.gpu.set_lm_head_chunk_elems(chunk_rows * v);
-            let dims = LinearDims {
-                n,
-                d_in: d,
-                d_out: v,
-            };
             let tag = format!("n={n} d={d} v={v} chunk={chunk_rows} masked={masked}");
             let (x, w) = (e.randn(n * d, 1.0), e.randn(v * d, 0.3));
-            let targets: Vec<i32> = (0..n)
-                .map(|_| {
-                    if e.rng.uniform() < masked {
-                        -100
-                    } else {
-                        e.below(v) as i32
-                    }
-                })
-                .collect();
-            let scale = 1.0 / (n as f32 + 1.0);
+            let case = LmHeadCase::new((n, d, v), x, w, &mut e.rng, masked);
             let (l0, dw0) = (e.randn(1, 1.0), e.randn(v * d, 1.0));
-            let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
-            let gt = e.gpu.ints(&targets).unwrap();
+            let (x, w, targets, dims, scale) =
+                (&case.x, &case.w, &case.targets, case.dims, case.scale);
+            let (gx, gw) = (e.up(x, Kind::Compute), e.up(w, Kind::Compute));
+            let gt = e.gpu.ints(targets).unwrap();
             let mut gl = e.up(&l0, Kind::Master);
             let mut gdx = e.poison(n * d, Kind::Compute);
             let acc = e.grad_write();
             let (mut gdw, _) = e.grads_before(&dw0, &[], acc);
             let tag = format!("{tag} {acc:?}");
-            e.gpu
-                .lm_head_loss(LmHeadLoss {
-                    loss_sum: gl.as_mut(),
-                    dx: Some(gdx.as_mut()),
-                    d_w: Some(gdw.as_mut()),
-                    x: gx.as_ref(),
-                    w: gw.as_ref(),
-                    targets: &gt,
-                    dims,
-                    grad_scale: scale,
-                    write: acc,
-                })
-                .unwrap();
-            let (mut l, mut dx, mut dw) = (l0.clone(), vec![0f32; n * d], dw0.clone());
-            e.cpu
-                .lm_head_loss(LmHeadLoss {
-                    loss_sum: &mut l,
-                    dx: Some(&mut dx),
-                    d_w: Some(&mut dw),
-                    x: &x,
-                    w: &w,
-                    targets: &targets,
-                    dims,
-                    grad_scale: scale,
-                    write: acc,
-                })
-                .unwrap();
+            // The GPU's call; evaluation passes no gradient buffers.
+            let run = |gl: &mut CudaBuf, grads: Option<(&mut CudaBuf, &mut CudaBuf)>, write| {
+                let (gdx, gdw) = grads.unzip();
+                e.gpu
+                    .lm_head_loss(LmHeadLoss {
+                        loss_sum: gl.as_mut(),
+                        dx: gdx.map(|g| g.as_mut()),
+                        d_w: gdw.map(|g| g.as_mut()),
+                        x: gx.as_ref(),
+                        w: gw.as_ref(),
+                        targets: &gt,
+                        dims,
+                        grad_scale: scale,
+                        write,
+                    })
+                    .unwrap()
+            };
+            run(&mut gl, Some((&mut gdx, &mut gdw)), acc);
+            let (l, dx, dw) = case.reference(&e.cpu, &l0, &dw0, acc);
             e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
             // dlogits rounded, then the dx GEMM output rounded.
             e.check(&format!("lm_head dx {tag}"), &e.down(&gdx), &dx, 2);
@@ -247,19 +224,7 @@ fn lm_head_loss_forward_backward() {
 
             // Loss only (evaluation): no gradients touched.
             let mut gl = e.up(&l0, Kind::Master);
-            e.gpu
-                .lm_head_loss(LmHeadLoss {
-                    loss_sum: gl.as_mut(),
-                    dx: None,
-                    d_w: None,
-                    x: gx.as_ref(),
-                    w: gw.as_ref(),
-                    targets: &gt,
-                    dims,
-                    grad_scale: scale,
-                    write: GradWrite::Accumulate,
-                })
-                .unwrap();
+            run(&mut gl, None, GradWrite::Accumulate);
             e.check(&format!("lm_head loss-only {tag}"), &e.down(&gl), &l, 0);
         }
     }

@@ -30,16 +30,22 @@ fn cfg() -> BenchConfig {
     }
 }
 
-#[test]
-fn flatten_follows_pad_concat_does_not_offline_has_fewer_steps() {
-    let b = Cpu::<f32>::new();
-    let all = instruction_dataset(&SyntheticConfig {
-        n_examples: 120,
+/// `n_examples` synthetic examples of FLAN-like lengths (at most 48 tokens) over the tiny
+/// preset's vocabulary.
+fn flan_like(n_examples: usize, seed: u64) -> Vec<nopad_data::Example> {
+    instruction_dataset(&SyntheticConfig {
+        n_examples,
         vocab_size: 97,
         lengths: LengthDist::FlanLike,
         max_len: 48,
-        seed: 1,
-    });
+        seed,
+    })
+}
+
+#[test]
+fn flatten_follows_pad_concat_does_not_offline_has_fewer_steps() {
+    let b = Cpu::<f32>::new();
+    let all = flan_like(120, 1);
     let (train, held) = all.split_at(108);
     let train = Arc::new(train.to_vec());
     let res: Vec<_> = Strategy::ALL
@@ -95,13 +101,7 @@ fn flatten_follows_pad_concat_does_not_offline_has_fewer_steps() {
 #[test]
 fn export_holds_the_steps_in_order_and_a_loadable_model() {
     let b = Cpu::<f32>::new();
-    let all = instruction_dataset(&SyntheticConfig {
-        n_examples: 60,
-        vocab_size: 97,
-        lengths: LengthDist::FlanLike,
-        max_len: 48,
-        seed: 2,
-    });
+    let all = flan_like(60, 2);
     let train = Arc::new(all[..50].to_vec());
     let dir = tempfile::tempdir().unwrap();
     export(&b, &cfg(), &train, &all[50..], dir.path()).unwrap();

@@ -79,8 +79,20 @@ fn bytes(p: PathBuf) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// Every visible `checkpoint-*` directory must be complete and load; returns the names of the
-/// hidden (temporary) entries.
+/// The run under test: `dir/run`, logged to `dir/run.jsonl`, for `steps` steps with `flags`
+/// (split at spaces) and `more` after them; returns the output folder, the log and the arguments.
+fn run_under_test(
+    dir: &Path,
+    steps: u32,
+    flags: &str,
+    more: &[&str],
+) -> (PathBuf, PathBuf, Vec<String>) {
+    let (out, log) = (dir.join("run"), dir.join("run.jsonl"));
+    let mut a = run_args(&out, &log, steps);
+    a.extend(args(flags, more));
+    (out, log, a)
+}
+
 /// An uninterrupted run of the same arguments, in `dir/ref`, that an interrupted run must match.
 struct Reference {
     out: PathBuf,
@@ -104,6 +116,8 @@ impl Reference {
     }
 }
 
+/// Every visible `checkpoint-*` directory must be complete and load; returns the names of the
+/// hidden (temporary) entries.
 fn check_visible_checkpoints_are_whole(out: &Path) -> Vec<String> {
     let mut hidden = vec![];
     let Ok(entries) = std::fs::read_dir(out) else {
@@ -137,13 +151,9 @@ fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let reference = Reference::run(dir.path(), 60);
 
-    let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
-    let mut args = run_args(&out, &log, 60);
     // Slow saves stretch each step to ~10 ms so the signal lands mid-run.
-    args.extend(common::args(
-        "--save-every 1 --keep 2 --test-save-delay-ms 2",
-        &[],
-    ));
+    let flags = "--save-every 1 --keep 2 --test-save-delay-ms 2";
+    let (out, log, mut args) = run_under_test(dir.path(), 60, flags, &[]);
     let child = spawn(&args);
     wait_for_lines(&log, 5);
     signal(&child, "-INT");
@@ -179,9 +189,7 @@ fn sigint_saves_a_checkpoint_and_the_resumed_run_is_exact() {
 #[test]
 fn a_second_signal_exits_at_once_leaving_no_partial_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
-    let mut args = run_args(&out, &log, 5000);
-    args.extend(["--test-save-delay-ms", "400"].map(String::from));
+    let (out, log, args) = run_under_test(dir.path(), 5000, "--test-save-delay-ms 400", &[]);
     let child = spawn(&args);
     wait_for_lines(&log, 3);
     signal(&child, "-INT");
@@ -232,12 +240,8 @@ fn sigkill_in_the_middle_of_saves_never_leaves_a_checkpoint_resume_would_trust()
     let dir = tempfile::tempdir().unwrap();
     let reference = Reference::run(dir.path(), 150);
 
-    let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
-    let mut args = run_args(&out, &log, 150);
-    args.extend(common::args(
-        "--resume latest --save-every 1 --keep 3 --test-save-delay-ms 2",
-        &[],
-    ));
+    let flags = "--resume latest --save-every 1 --keep 3 --test-save-delay-ms 2";
+    let (out, log, args) = run_under_test(dir.path(), 150, flags, &[]);
     let (mut mid_save, mut resumed, mut seen) = (0, 0, std::collections::HashSet::new());
     for i in 0..20u64 {
         let mut child = spawn(&args);
@@ -304,9 +308,8 @@ fn resuming_with_other_data_or_another_strategy_is_refused_by_name() {
     };
     let text: String = (0..30).map(record).collect();
     std::fs::write(&data, &text).unwrap();
-    let (out, log) = (dir.path().join("run"), dir.path().join("run.jsonl"));
-    let mut args = run_args(&out, &log, 6);
-    args.extend(["--data".into(), data.display().to_string()]);
+    let data = data.display().to_string();
+    let (_, _, args) = run_under_test(dir.path(), 6, "--data", &[&data]);
     let mut first = args.clone();
     first.extend(["--stop-after", "2"].map(String::from));
     finish(&first);

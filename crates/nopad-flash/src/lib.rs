@@ -42,23 +42,39 @@ pub use error::FlashError;
 pub use module::{ptx_loader, ModuleLoader, SOURCES};
 pub use plan::Plan;
 
-/// Sizes of one attention call. `n` tokens in `n_seqs` packed sequences.
+/// Shape of one varlen attention call over a packed `qkv` buffer: `n` tokens in `n_seqs`
+/// sequences. The backend re-exports it as `nopad_backend::AttnDims`, so the CPU reference, the
+/// backend's own kernels and this crate share one struct.
+///
+/// `qkv: [N, (H + 2·Hkv)·Dh]`: each row holds the H query heads, then the Hkv key heads, then the
+/// Hkv value heads. Query head `h` reads key/value head `h / (H / Hkv)` (grouped-query attention).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FlashDims {
-    /// Total tokens N (rows of qkv), equal to `cu_seqlens[n_seqs]`.
+    /// Tokens N (rows of qkv), equal to `cu_seqlens[n_seqs]`.
     pub n: usize,
-    /// Number of sequences S.
+    /// Sequences S (`cu_seqlens` has S + 1 entries).
     pub n_seqs: usize,
-    /// Upper bound on any sequence length.
+    /// Upper bound on any sequence length, computed on the host by the packer.
     pub max_seqlen: usize,
     /// Query heads H.
     pub n_heads: usize,
-    /// Key/value heads Hkv; H must be a multiple (query head h uses kv head h / (H / Hkv)).
+    /// Key/value heads Hkv; divides H.
     pub n_kv_heads: usize,
-    /// Head dimension Dh: 64 or 128.
+    /// Head dimension Dh (these kernels take 64 or 128; the backend's own kernels take others).
     pub head_dim: usize,
-    /// Softmax scale, usually 1 / sqrt(Dh).
+    /// Softmax scale, usually `1/√Dh`.
     pub scale: f32,
+}
+
+impl FlashDims {
+    /// Width of one `qkv` row.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    /// Width of one output row, `H·Dh`.
+    pub fn out_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
 }
 
 /// Causal FLOPs of one call (the convention of `docs/FLASH.md` section 11): forward `4 Dh H sum L^2 / 2`,

@@ -15,16 +15,12 @@ pub fn inv_freq(c: &Config) -> Vec<f32> {
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / *factor as f32).collect(),
         RopeScaling::Llama3 {
             factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: old,
         } => {
-            let (factor, low, high, old) = (
-                *factor as f32,
-                *low_freq_factor as f32,
-                *high_freq_factor as f32,
-                *original_max_position_embeddings as f32,
-            );
+            // HF computes these in f32.
+            let [factor, low, high, old] = [factor, low, high, old].map(|&v| v as f32);
             let low_wavelen = old / low;
             let high_wavelen = old / high;
             plain

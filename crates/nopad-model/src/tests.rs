@@ -108,6 +108,22 @@ fn model<T: Scalar>(b: &Cpu<T>, cfg: Config, seed: u64) -> Model<Cpu<T>> {
     m
 }
 
+/// A model of `cfg` initialised from `seed`, and examples of `lens` drawn from `seed + 1`.
+fn model_and_examples(
+    b: &Cpu<f32>,
+    cfg: Config,
+    seed: u64,
+    lens: &[usize],
+) -> (Model<Cpu<f32>>, Vec<Ex>) {
+    let exs = examples(&mut Rng::new(seed + 1), lens, cfg.vocab_size);
+    (model(b, cfg, seed), exs)
+}
+
+/// Rows of a batch that carry a target.
+fn n_targets(p: &Packed) -> usize {
+    p.targets.iter().filter(|&&t| t != -100).count()
+}
+
 fn loss_and_grads<T: Scalar>(
     b: &Cpu<T>,
     m: &mut Model<Cpu<T>>,
@@ -261,14 +277,11 @@ fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn padded_and_flattened_batches_give_the_same_loss_and_gradients() {
     let b = Cpu::<f32>::new();
-    let cfg = tiny(false, true);
-    let mut m = model(&b, cfg.clone(), 7);
-    let mut rng = Rng::new(8);
-    let exs = examples(&mut rng, &[9, 2, 17, 5, 1, 12], cfg.vocab_size);
+    let (mut m, exs) = model_and_examples(&b, tiny(false, true), 7, &[9, 2, 17, 5, 1, 12]);
     let f = flatten(&exs);
     let pd = pad(&exs, 0);
-    let targets = f.targets.iter().filter(|&&t| t != -100).count();
-    assert_eq!(targets, pd.targets.iter().filter(|&&t| t != -100).count());
+    let targets = n_targets(&f);
+    assert_eq!(targets, n_targets(&pd));
     let scale = 1.0 / targets as f32;
     let (lf, gf) = loss_and_grads(&b, &mut m, &[&f], scale);
     let (lp, gp) = loss_and_grads(&b, &mut m, &[&pd], scale);
@@ -288,13 +301,10 @@ fn padded_and_flattened_batches_give_the_same_loss_and_gradients() {
 #[test]
 fn gradient_accumulation_equals_one_batch_of_the_same_examples() {
     let b = Cpu::<f32>::new();
-    let cfg = tiny(true, false);
-    let mut m = model(&b, cfg.clone(), 9);
-    let mut rng = Rng::new(10);
-    let exs = examples(&mut rng, &[6, 11, 3, 8, 14, 2, 7], cfg.vocab_size);
+    let (mut m, exs) = model_and_examples(&b, tiny(true, false), 9, &[6, 11, 3, 8, 14, 2, 7]);
     let whole = flatten(&exs);
     let parts = [flatten(&exs[..2]), flatten(&exs[2..3]), flatten(&exs[3..])];
-    let targets = whole.targets.iter().filter(|&&t| t != -100).count();
+    let targets = n_targets(&whole);
     let scale = 1.0 / targets as f32;
     let (l1, g1) = loss_and_grads(&b, &mut m, &[&whole], scale);
     let (l2, g2) = loss_and_grads(&b, &mut m, &parts.iter().collect::<Vec<_>>(), scale);
@@ -306,10 +316,7 @@ fn gradient_accumulation_equals_one_batch_of_the_same_examples() {
 #[test]
 fn attention_that_crosses_examples_changes_the_loss() {
     let b = Cpu::<f32>::new();
-    let cfg = tiny(false, false);
-    let mut m = model(&b, cfg.clone(), 11);
-    let mut rng = Rng::new(12);
-    let exs = examples(&mut rng, &[8, 8, 8], cfg.vocab_size);
+    let (mut m, exs) = model_and_examples(&b, tiny(false, false), 11, &[8, 8, 8]);
     // Same tokens, same targets, same positions; only the attention boundaries differ.
     let iso = flatten(&exs);
     let mut leak = flatten(&exs);

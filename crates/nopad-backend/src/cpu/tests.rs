@@ -88,33 +88,26 @@ fn linear_matches_naive_and_finite_differences() {
         let mut dx = vec![f64::NAN; n * d_in];
         let mut dw = vec![0.5; d_out * d_in]; // accumulates on top of 0.5
         let mut db = vec![0.0; d_out];
-        b.linear_backward(LinearBwd {
-            dx: Some(&mut dx),
-            dx_write: GradWrite::Overwrite,
-            d_w: Some(&mut dw),
-            d_b: Some(&mut db),
-            dy: &r,
-            x: &x,
-            w: &w,
-            dims,
-            write: GradWrite::Accumulate,
-        })
-        .unwrap();
+        // Both backward calls read the same dy, x and w; the buffers and the rule vary.
+        let bwd = |dx: Option<&mut [f64]>, d_w: &mut [f64], d_b: &mut [f64], write| {
+            b.linear_backward(LinearBwd {
+                dx,
+                dx_write: GradWrite::Overwrite,
+                d_w: Some(d_w),
+                d_b: Some(d_b),
+                dy: &r,
+                x: &x,
+                w: &w,
+                dims,
+                write,
+            })
+            .unwrap()
+        };
+        bwd(Some(&mut dx), &mut dw, &mut db, GradWrite::Accumulate);
         dw.iter_mut().for_each(|v| *v -= 0.5);
         // Overwriting ignores what the gradients held (NaN here).
         let (mut dw2, mut db2) = (vec![f64::NAN; d_out * d_in], vec![f64::NAN; d_out]);
-        b.linear_backward(LinearBwd {
-            dx: None,
-            dx_write: GradWrite::Overwrite,
-            d_w: Some(&mut dw2),
-            d_b: Some(&mut db2),
-            dy: &r,
-            x: &x,
-            w: &w,
-            dims,
-            write: GradWrite::Overwrite,
-        })
-        .unwrap();
+        bwd(None, &mut dw2, &mut db2, GradWrite::Overwrite);
         close("linear dw overwrite", &dw2, &dw, 1e-12);
         close("linear db overwrite", &db2, &db, 1e-12);
         fd_check("linear dx", &x, &dx, |x| dotv(&fwd(x, &w, &bias), &r));
@@ -425,20 +418,28 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     let w = randn(&mut rng, v * d, 1.0);
     let targets = vec![3, -100, 0, 10, -100, 7];
     let scale = 0.25f32;
-    let loss = |x: &[f64], w: &[f64]| {
-        let mut l = vec![0.0];
+    // Every call below shares the case's dims and scale; only buffers, targets and rule vary.
+    let run = |loss_sum: &mut [f64],
+               dx: Option<&mut [f64]>,
+               d_w: Option<&mut [f64]>,
+               (x, w): (&[f64], &[f64]),
+               targets: &Vec<i32>,
+               write| {
         b.lm_head_loss(LmHeadLoss {
-            loss_sum: &mut l,
-            dx: None,
-            d_w: None,
+            loss_sum,
+            dx,
+            d_w,
             x,
             w,
-            targets: &targets,
+            targets,
             dims,
             grad_scale: scale,
-            write: GradWrite::Accumulate,
+            write,
         })
-        .unwrap();
+    };
+    let loss = |x: &[f64], w: &[f64]| {
+        let mut l = vec![0.0];
+        run(&mut l, None, None, (x, w), &targets, GradWrite::Accumulate).unwrap();
         l[0]
     };
     let mut naive = 0.0;
@@ -457,31 +458,12 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     let mut l = vec![1.0];
     let mut dx = vec![f64::NAN; n * d];
     let mut dw = vec![0.0; v * d];
-    b.lm_head_loss(LmHeadLoss {
-        loss_sum: &mut l,
-        dx: Some(&mut dx),
-        d_w: Some(&mut dw),
-        x: &x,
-        w: &w,
-        targets: &targets,
-        dims,
-        grad_scale: scale,
-        write: GradWrite::Accumulate,
-    })
-    .unwrap();
+    let xw = (&x[..], &w[..]);
+    let acc = GradWrite::Accumulate;
+    run(&mut l, Some(&mut dx), Some(&mut dw), xw, &targets, acc).unwrap();
     let mut dw2 = vec![f64::NAN; v * d];
-    b.lm_head_loss(LmHeadLoss {
-        loss_sum: &mut [0.0],
-        dx: None,
-        d_w: Some(&mut dw2),
-        x: &x,
-        w: &w,
-        targets: &targets,
-        dims,
-        grad_scale: scale,
-        write: GradWrite::Overwrite,
-    })
-    .unwrap();
+    let over = GradWrite::Overwrite;
+    run(&mut [0.0], None, Some(&mut dw2), xw, &targets, over).unwrap();
     assert_eq!(dw2, dw, "an overwrite ignores the NaN it finds");
     assert!(
         (l[0] - 1.0 - naive).abs() < 1e-12,
@@ -494,19 +476,7 @@ fn lm_head_loss_matches_naive_and_finite_differences() {
     fd_check("lm_head dx", &x, &dx, |x| scale as f64 * loss(x, &w));
     fd_check("lm_head dw", &w, &dw, |w| scale as f64 * loss(&x, w));
     let bad = vec![11, -100, 0, 0, 0, 0];
-    let err = b
-        .lm_head_loss(LmHeadLoss {
-            loss_sum: &mut l,
-            dx: None,
-            d_w: None,
-            x: &x,
-            w: &w,
-            targets: &bad,
-            dims,
-            grad_scale: 1.0,
-            write: GradWrite::Accumulate,
-        })
-        .unwrap_err();
+    let err = run(&mut l, None, None, xw, &bad, acc).unwrap_err();
     assert!(err.to_string().contains("target 11 at row 0"), "{err}");
 }
 

@@ -71,3 +71,78 @@ pub fn error<T: Copy + Into<f64>>(what: &str, got: &[T], want: &[T]) -> Error {
         nan,
     }
 }
+
+/// One output-head case on the host: the inputs every `lm_head_loss` check draws.
+pub struct LmHeadCase<T> {
+    /// `x: [N, D]`.
+    pub x: Vec<T>,
+    /// `w: [V, D]`.
+    pub w: Vec<T>,
+    /// `targets: [N]`, −100 for a row without one.
+    pub targets: Vec<i32>,
+    /// N, D and V as a GEMM's `(n, d_in, d_out)`.
+    pub dims: nopad_backend::LinearDims,
+    /// The factor on every gradient: 1 / (N + 1), as if one more target were elsewhere.
+    pub scale: f32,
+}
+
+impl<T: nopad_backend::cpu::Scalar> LmHeadCase<T> {
+    /// The case of `x: [N, D]` and `w: [V, D]` as drawn by the caller, with targets drawn from
+    /// `rng` after them: a row has none (−100) with probability `masked`.
+    pub fn new(
+        (n, d, v): (usize, usize, usize),
+        x: Vec<T>,
+        w: Vec<T>,
+        rng: &mut nopad_rng::Rng,
+        masked: f64,
+    ) -> Self {
+        let targets = (0..n)
+            .map(|_| {
+                if rng.uniform() < masked {
+                    -100
+                } else {
+                    rng.below(v as u64) as i32
+                }
+            })
+            .collect();
+        let dims = nopad_backend::LinearDims {
+            n,
+            d_in: d,
+            d_out: v,
+        };
+        let scale = 1.0 / (n as f32 + 1.0);
+        LmHeadCase {
+            x,
+            w,
+            targets,
+            dims,
+            scale,
+        }
+    }
+
+    /// The reference side of a check: `lm_head_loss` on the CPU with the loss starting from `l0`
+    /// and `d_w` from `dw0` (written by `write`); returns the loss, `dx` and `d_w`.
+    pub fn reference(
+        &self,
+        cpu: &nopad_backend::cpu::Cpu<T>,
+        l0: &[T],
+        dw0: &[T],
+        write: nopad_backend::GradWrite,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        use nopad_backend::Ops as _;
+        let (mut l, mut dx, mut dw) = (l0.to_vec(), vec![T::default(); self.x.len()], dw0.to_vec());
+        cpu.lm_head_loss(nopad_backend::args::LmHeadLoss {
+            loss_sum: &mut l,
+            dx: Some(&mut dx),
+            d_w: Some(&mut dw),
+            x: &self.x,
+            w: &self.w,
+            targets: &self.targets,
+            dims: self.dims,
+            grad_scale: self.scale,
+            write,
+        })
+        .expect("the CPU reference runs on valid inputs");
+        (l, dx, dw)
+    }
+}

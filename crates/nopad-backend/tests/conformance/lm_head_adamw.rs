@@ -1,6 +1,7 @@
 //! The fused output head with cross-entropy, and the AdamW update through the optimizer's
 //! storage (split master weights where the backend keeps them).
 
+use super::super::common::LmHeadCase;
 use super::super::{Env, Store, TOL_F32};
 use super::BOTH;
 use nopad_backend::prelude::*;
@@ -13,60 +14,40 @@ pub(crate) fn lm_head<B: Backend>(e: &mut Env<B>) {
         (300, 64, 1000, 0.3),
         (16, 8, 11, 1.0),
     ] {
-        let dims = LinearDims {
-            n,
-            d_in: d,
-            d_out: v,
-        };
         let x = e.randn(n * d, 1.0, Kind::Compute);
         let w = e.randn(v * d, 0.3, Kind::Compute);
-        let targets: Vec<i32> = (0..n)
-            .map(|_| {
-                if e.rng.uniform() < masked {
-                    -100
-                } else {
-                    e.below(v) as i32
-                }
-            })
-            .collect();
-        let scale = 1.0 / (n as f32 + 1.0);
+        let case = LmHeadCase::new((n, d, v), x, w, &mut e.rng, masked);
         let (l0, dw0) = (
             e.randn(1, 1.0, Kind::Master),
             e.randn(v * d, 1.0, Kind::Grad),
         );
+        let (x, w, targets, dims, scale) = (&case.x, &case.w, &case.targets, case.dims, case.scale);
         let b = &e.b;
-        let (gx, gw) = (e.up(&x, Kind::Compute), e.up(&w, Kind::Compute));
-        let gt = b.ints(&targets).unwrap();
-        for acc in BOTH {
-            let tag = format!("n={n} d={d} v={v} masked={masked} {acc:?}");
-            let mut gl = e.up(&l0, Kind::Master);
-            let mut gdx = e.poison(n * d, Kind::Compute);
-            let mut gdw = e.grad_before(&dw0, acc);
+        let (gx, gw) = (e.up(x, Kind::Compute), e.up(w, Kind::Compute));
+        let gt = b.ints(targets).unwrap();
+        // The backend's call; evaluation passes no gradient buffers.
+        let run = |gl: &mut B::Buf, grads: Option<(&mut B::Buf, &mut B::Buf)>, write| {
+            let (gdx, gdw) = grads.unzip();
             b.lm_head_loss(LmHeadLoss {
-                loss_sum: b.view_mut(&mut gl, 0..1),
-                dx: Some(b.view_mut(&mut gdx, 0..n * d)),
-                d_w: Some(b.view_mut(&mut gdw, 0..v * d)),
+                loss_sum: b.view_mut(gl, 0..1),
+                dx: gdx.map(|g| b.view_mut(g, 0..n * d)),
+                d_w: gdw.map(|g| b.view_mut(g, 0..v * d)),
                 x: b.view(&gx, 0..n * d),
                 w: b.view(&gw, 0..v * d),
                 targets: &gt,
                 dims,
                 grad_scale: scale,
-                write: acc,
+                write,
             })
-            .unwrap();
-            let (mut l, mut dx, mut dw) = (l0.clone(), vec![0.0; n * d], dw0.clone());
-            e.r.lm_head_loss(LmHeadLoss {
-                loss_sum: &mut l,
-                dx: Some(&mut dx),
-                d_w: Some(&mut dw),
-                x: &x,
-                w: &w,
-                targets: &targets,
-                dims,
-                grad_scale: scale,
-                write: acc,
-            })
-            .unwrap();
+            .unwrap()
+        };
+        for acc in BOTH {
+            let tag = format!("n={n} d={d} v={v} masked={masked} {acc:?}");
+            let mut gl = e.up(&l0, Kind::Master);
+            let mut gdx = e.poison(n * d, Kind::Compute);
+            let mut gdw = e.grad_before(&dw0, acc);
+            run(&mut gl, Some((&mut gdx, &mut gdw)), acc);
+            let (l, dx, dw) = case.reference(&e.r, &l0, &dw0, acc);
             e.check(&format!("lm_head loss {tag}"), &e.down(&gl), &l, 0);
             // dlogits rounded, then the dx GEMM's output rounded.
             e.check(&format!("lm_head dx {tag}"), &e.down(&gdx), &dx, 2);
@@ -74,18 +55,7 @@ pub(crate) fn lm_head<B: Backend>(e: &mut Env<B>) {
 
             // Loss only (evaluation): no gradient touched.
             let mut gl = e.up(&l0, Kind::Master);
-            b.lm_head_loss(LmHeadLoss {
-                loss_sum: b.view_mut(&mut gl, 0..1),
-                dx: None,
-                d_w: None,
-                x: b.view(&gx, 0..n * d),
-                w: b.view(&gw, 0..v * d),
-                targets: &gt,
-                dims,
-                grad_scale: scale,
-                write: acc,
-            })
-            .unwrap();
+            run(&mut gl, None, acc);
             e.check(&format!("lm_head loss-only {tag}"), &e.down(&gl), &l, 0);
         }
     }

@@ -8,6 +8,23 @@ use nopad_backend::cuda::{Cuda, CudaBuf, CudaOptions};
 use nopad_backend::prelude::*;
 use nopad_backend::{AdamW, AttnDims, GradWrite, Kind, LinearDims, RopeDims};
 
+/// `linear_forward` without bias over the first `dims.n` rows of `y` and `x`.
+fn linear_fwd(
+    g: &Cuda,
+    y: &mut CudaBuf,
+    (x, w): (&CudaBuf, &CudaBuf),
+    dims: LinearDims,
+) -> nopad_backend::Result<()> {
+    let LinearDims { n, d_in, d_out } = dims;
+    g.linear_forward(LinearFwd {
+        y: g.view_mut(y, 0..n * d_out),
+        x: g.view(x, 0..n * d_in),
+        w: g.view(w, 0..d_in * d_out),
+        b: None,
+        dims,
+    })
+}
+
 /// Uniform values in [-s, s) from a fixed xorshift stream (fast enough for 10^8 elements).
 fn fill(n: usize, s: f32, seed: u64) -> Vec<f32> {
     let mut x = seed | 1;
@@ -88,15 +105,7 @@ fn bench_llama_1b_shapes() {
             &format!("linear_fwd {name} {n}x{d_in}->{d_out}"),
             fl,
             false,
-            || {
-                g.linear_forward(LinearFwd {
-                    y: g.view_mut(&mut y, 0..n * d_out),
-                    x: g.view(&x, 0..n * d_in),
-                    w: g.view(&w, 0..d_in * d_out),
-                    b: None,
-                    dims,
-                })
-            },
+            || linear_fwd(&g, &mut y, (&x, &w), dims),
         );
         time(
             &g,
@@ -130,14 +139,7 @@ fn bench_llama_1b_shapes() {
             };
             g.synchronize().expect("sync");
             let t = std::time::Instant::now();
-            g.linear_forward(LinearFwd {
-                y: g.view_mut(&mut y, 0..rows * d_out),
-                x: g.view(&x, 0..rows * d_in),
-                w: g.view(&w, 0..d_in * d_out),
-                b: None,
-                dims,
-            })
-            .expect("linear_forward");
+            linear_fwd(&g, &mut y, (&x, &w), dims).expect("linear_forward");
             g.synchronize().expect("sync");
             t.elapsed().as_secs_f64() * 1e3
         };
