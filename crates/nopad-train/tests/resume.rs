@@ -12,8 +12,8 @@ use nopad_model::weights;
 use nopad_train::checkpoint::{self, COMPLETE};
 use nopad_train::{build_model, load_data, pad_token_id, train_step, SingleProcess};
 use nopad_train::{
-    train, DataSource, Interrupt, ModelSource, Optimizer, Resume, Schedule, StopReason,
-    TrainConfig, TrainError,
+    train, DataSource, Interrupt, MasterPrecision, ModelSource, Optimizer, Resume, Schedule,
+    StatePrecision, StopReason, TrainConfig, TrainError,
 };
 
 mod common;
@@ -254,6 +254,63 @@ fn a_checkpoint_is_hf_weights_plus_state_and_only_complete_ones_are_resumed() {
     assert!(
         notes.iter().any(|n| n.contains("checkpoint-000009")),
         "{notes:?}"
+    );
+}
+
+/// Every optimizer-state mode resumes bit for bit: the moments are saved in their own precision
+/// (bf16 bits, 8-bit codes and scales) and the stochastic rounding of `master-weights none`
+/// draws from the run's seed and step, which a resumed run has too.
+#[test]
+fn every_optimizer_state_mode_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(8, dir.path());
+    for (states, master) in [
+        (StatePrecision::Bf16, MasterPrecision::F32),
+        (StatePrecision::Block8, MasterPrecision::F32),
+        (StatePrecision::F32, MasterPrecision::None),
+        (StatePrecision::Block8, MasterPrecision::None),
+    ] {
+        let mut tc = base.clone();
+        tc.adamw.states = states;
+        tc.adamw.master = master;
+        let name = format!("{states:?} moments, {master:?} master");
+        check_resume_is_exact(&name, tc, 3);
+    }
+}
+
+/// A checkpoint resumes only in the mode it was written in; the refusal names both modes.
+#[test]
+fn resuming_in_another_optimizer_mode_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut tc = TrainConfig {
+        stop_after: Some(2),
+        ..config(4, &out)
+    };
+    tc.adamw.states = StatePrecision::Bf16;
+    run(&tc);
+    let resume = |states, master| -> String {
+        let mut c = TrainConfig {
+            stop_after: None,
+            resume: Some(Resume::Latest),
+            ..tc.clone()
+        };
+        c.adamw.states = states;
+        c.adamw.master = master;
+        match train(&Cpu::<f32>::new(), &c, |_| {}) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("resumed in another optimizer mode"),
+        }
+    };
+    let e = resume(StatePrecision::Block8, MasterPrecision::F32);
+    assert!(
+        e.contains("`optim-states`: checkpoint \"bf16\", this run \"8bit\""),
+        "{e}"
+    );
+    let e = resume(StatePrecision::Bf16, MasterPrecision::None);
+    assert!(
+        e.contains("`master-weights`: checkpoint \"f32\", this run \"none\""),
+        "{e}"
     );
 }
 
