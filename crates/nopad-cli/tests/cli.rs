@@ -82,6 +82,26 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
         &[cfg.to_str().unwrap()],
     )));
     assert!(out.contains("strategy pad: 2 steps"), "{out}");
+    // The optimizer-state modes, as TOML keys and as flags.
+    write(
+        &cfg,
+        "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n\
+         optim-states = \"8bit\"\nmaster-weights = \"none\"\n",
+    );
+    ok(nopad(&args(
+        "train --device cpu --config",
+        &[cfg.to_str().unwrap()],
+    )));
+    let e = stderr(&nopad(&["train", "--optim-states", "4bit"]));
+    assert!(
+        e.contains("`optim-states`: 4bit is not f32, bf16 or 8bit"),
+        "{e}"
+    );
+    let e = stderr(&nopad(&["train", "--master-weights", "bf16"]));
+    assert!(
+        e.contains("`master-weights`: bf16 is not f32 or none"),
+        "{e}"
+    );
 
     write(&cfg, "model = \"tiny\"\nbatch_sise = 2\n");
     let e = stderr(&nopad(&["train", "--config", cfg.to_str().unwrap()]));

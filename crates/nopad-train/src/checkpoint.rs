@@ -4,8 +4,12 @@
 //! Layout of `OUT/checkpoint-000120/` (the number is the optimizer step done):
 //! - `config.json`, `model.safetensors`: the weights in HF layout, always f32 (the fp32 master
 //!   copy where the backend keeps one), loadable by HF Transformers as they are;
-//! - `optimizer.safetensors`: AdamW's first and second moments, `exp_avg` and `exp_avg_sq`, each
-//!   one flat f32 tensor `[P]` in nopad's parameter order (see `nopad_model::Layout`);
+//! - `optimizer.safetensors`: AdamW's first and second moments, `exp_avg` and `exp_avg_sq`, in
+//!   nopad's parameter order (see `nopad_model::Layout`) and in their own precision, named in
+//!   the metadata as `optim-states`: one flat F32 or BF16 tensor `[P]` each, or for 8-bit states
+//!   U8 codes `[P]` and `exp_avg.scales`/`exp_avg_sq.scales`, F32, one per block of 256 counted
+//!   from the start of the weight-decay part and of the rest (see `Optimizer::states`); a file
+//!   without `optim-states` (written before the precisions existed) holds F32 moments;
 //! - `trainer_state.json`: [`TrainerState`] (step, data position, schedule, counters, losses,
 //!   and the run's [`RunIdentity`]);
 //! - `COMPLETE`: written last; a directory without it is never resumed from.
@@ -17,7 +21,6 @@
 //! seed and the epoch, which `data_position` holds.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,7 +29,6 @@ use nopad_data::DataPosition;
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Model;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::error::{io, Result, TrainError};
 use crate::identity::RunIdentity;
@@ -39,6 +41,8 @@ use crate::schedule::Schedule;
 pub const FORMAT: u32 = 2;
 /// The marker written last into a checkpoint directory.
 pub const COMPLETE: &str = "COMPLETE";
+mod moments;
+
 const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 /// Values moved between host and device at once (64 MiB of f32).
@@ -220,93 +224,6 @@ pub fn latest(out: &Path) -> Result<(Option<Found>, Vec<String>)> {
     Ok((None, notes))
 }
 
-/// Writes `[P]` moments as one safetensors file, streaming from the device in chunks.
-fn write_optimizer<B: Backend>(b: &B, path: &Path, opt: &Optimizer<B>, n: usize) -> Result<()> {
-    let bytes = 4 * n;
-    let tensor = |start: usize| json!({"dtype": "F32", "shape": [n], "data_offsets": [start, start + bytes]});
-    let header = json!({
-        "__metadata__": {"format": "nopad-optimizer", "step": opt.step.to_string()},
-        "exp_avg": tensor(0),
-        "exp_avg_sq": tensor(bytes),
-    });
-    let mut header = header.to_string().into_bytes();
-    // safetensors aligns the data to 8 bytes by padding the header with spaces.
-    header.resize(header.len().div_ceil(8) * 8, b' ');
-    let f = fs::File::create(path).map_err(io(path))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .and_then(|_| w.write_all(&header))
-        .map_err(io(path))?;
-    for buf in [&opt.m, &opt.v] {
-        let mut off = 0;
-        while off < n {
-            let end = (off + CHUNK).min(n);
-            let vals = b.read(buf, off..end)?;
-            let raw: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-            w.write_all(&raw).map_err(io(path))?;
-            off = end;
-        }
-    }
-    let f = w.into_inner().map_err(|e| io(path)(e.into_error()))?;
-    f.sync_all().map_err(io(path))
-}
-
-/// Reads the moments written by [`write_optimizer`] into `opt`, checking names, types and sizes.
-fn read_optimizer<B: Backend>(b: &B, path: &Path, opt: &mut Optimizer<B>, n: usize) -> Result<()> {
-    let bad = |msg: String| TrainError::Config(format!("{}: {msg}", path.display()));
-    let mut f = fs::File::open(path).map_err(io(path))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(io(path))?;
-    let hlen = u64::from_le_bytes(len);
-    if hlen > 1 << 20 {
-        return Err(bad(format!(
-            "header of {hlen} bytes: not an optimizer state"
-        )));
-    }
-    let mut header = vec![0u8; hlen as usize];
-    f.read_exact(&mut header).map_err(io(path))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-    let file_len = f.metadata().map_err(io(path))?.len();
-    for (name, is_m) in [("exp_avg", true), ("exp_avg_sq", false)] {
-        let t = header
-            .get(name)
-            .ok_or_else(|| bad(format!("tensor `{name}` missing")))?;
-        let (start, end) = match t["data_offsets"].as_array().map(|a| a.as_slice()) {
-            Some([s, e]) => (s.as_u64().unwrap_or(u64::MAX), e.as_u64().unwrap_or(0)),
-            _ => return Err(bad(format!("tensor `{name}`: no data_offsets"))),
-        };
-        if t["dtype"] != "F32"
-            || t["shape"] != json!([n])
-            || end.checked_sub(start) != Some(4 * n as u64)
-            || 8 + hlen + end > file_len
-        {
-            return Err(bad(format!(
-                "tensor `{name}`: expected F32 [{n}] (dtype {}, shape {}, {} bytes in a file of {file_len}): \
-                 was the checkpoint made for another model?",
-                t["dtype"], t["shape"], end.saturating_sub(start)
-            )));
-        }
-        f.seek(SeekFrom::Start(8 + hlen + start))
-            .map_err(io(path))?;
-        let buf = if is_m { &mut opt.m } else { &mut opt.v };
-        let mut raw = vec![0u8; 4 * CHUNK.min(n)];
-        let mut off = 0;
-        while off < n {
-            let end = (off + CHUNK).min(n);
-            let raw = &mut raw[..4 * (end - off)];
-            f.read_exact(raw).map_err(io(path))?;
-            let vals: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            b.write(buf, off, &vals)?;
-            off = end;
-        }
-    }
-    Ok(())
-}
-
 /// Restores a model's parameters (and the optimizer's master copy) from a checkpoint's
 /// `model.safetensors`, and the moments and update count from `optimizer.safetensors`.
 pub fn restore<B: Backend>(
@@ -326,7 +243,7 @@ pub fn restore<B: Backend>(
         }
         Ok(())
     })?;
-    read_optimizer(b, &dir.join(OPTIMIZER), opt, layout.total)?;
+    moments::read_optimizer(b, &dir.join(OPTIMIZER), opt, layout.total)?;
     opt.step = state.optimizer_step;
     Ok(())
 }
@@ -454,7 +371,7 @@ pub fn save<B: Backend>(
         weights::copy_tokenizer_files(src, &tmp)?;
     }
     pause();
-    write_optimizer(b, &tmp.join(OPTIMIZER), opt, model.layout.total)?;
+    moments::write_optimizer(b, &tmp.join(OPTIMIZER), opt, model.layout.total)?;
     pause();
     let text = serde_json::to_string_pretty(state).expect("trainer states serialise");
     weights::atomic_write(&tmp.join(STATE), text.as_bytes())?;

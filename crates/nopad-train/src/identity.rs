@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::config::{DataSource, TrainConfig};
 use crate::error::{Result, TrainError};
+use crate::optimizer::{master_name, states_name};
 
 /// A 64-bit running checksum (a word-wise multiply-rotate hash). Not cryptographic: it detects
 /// accidental changes (every single-word change changes the result, since each step is a
@@ -132,6 +133,10 @@ pub struct AdamWIdentity {
     pub max_grad_norm: Option<f32>,
 }
 
+fn f32_name() -> String {
+    "f32".into()
+}
+
 /// Everything that must be equal for a resumed run to continue the interrupted one exactly.
 /// Keys are the CLI's flag names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -167,6 +172,12 @@ pub struct RunIdentity {
     pub schedule: String,
     /// Optimizer settings.
     pub adamw: AdamWIdentity,
+    /// Precision of the moments (`f32`, `bf16`, `8bit`; checkpoints from before it: `f32`).
+    #[serde(default = "f32_name")]
+    pub optim_states: String,
+    /// Master weights (`f32`, `none`; checkpoints from before it: `f32`).
+    #[serde(default = "f32_name")]
+    pub master_weights: String,
     /// Processes training together (1 until data parallelism lands).
     pub world_size: usize,
 }
@@ -222,6 +233,8 @@ impl RunIdentity {
                 weight_decay: a.weight_decay,
                 max_grad_norm: a.max_grad_norm,
             },
+            optim_states: states_name(a.states).into(),
+            master_weights: master_name(a.master).into(),
             world_size: 1,
         })
     }

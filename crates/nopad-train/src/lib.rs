@@ -40,7 +40,10 @@ pub use config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
-pub use optimizer::{AdamWConfig, GroupSettings, Optimizer, Placement, StatePrecision, UpdateInfo};
+pub use optimizer::{
+    master_name, parse_master, parse_states, states_name, AdamWConfig, GroupSettings,
+    MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
+};
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};

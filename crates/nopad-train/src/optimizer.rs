@@ -1,6 +1,14 @@
-//! AdamW over the model's parameter groups ([`nopad_model::Layout::groups`]): fp32 moments (and
-//! an fp32 master copy where the backend computes in lower precision), global gradient-norm
-//! clipping, weight decay on matrices and none on norms and biases (as HF Trainer splits them).
+//! AdamW over the model's parameter groups ([`nopad_model::Layout::groups`]): moments in fp32,
+//! bf16 or block-wise 8 bits, an fp32 master copy
+//! where the backend computes in lower precision unless `--master-weights none` asks for
+//! stochastic rounding instead, global gradient-norm clipping, weight decay on matrices and none
+//! on norms and biases (as HF Trainer splits them).
+//!
+//! The moments are two [`AdamWState`]s, one over the weight-decay part of the flat buffer
+//! (`0..decay_end`) and one over the rest: no AdamW launch crosses `decay_end` (the two parts
+//! take different decay), and an 8-bit block must be updated in one launch, so each part counts
+//! its blocks from its own start and the boundary never falls inside a block, whatever the
+//! model's sizes. Element by element the update is the same as over one buffer.
 //!
 //! Each group has settings of its own ([`GroupSettings`]: trainable or frozen, the precision and
 //! placement of its state, the rank that owns it), the seam for frozen weights, optimizer-state
@@ -10,7 +18,8 @@
 
 use std::ops::Range;
 
-use nopad_backend::{AdamW, AdamWStep, Backend, Kind};
+use nopad_backend::{AdamW, AdamWState, AdamWStates, Backend, ParamRounding};
+pub use nopad_backend::{MasterPrecision, StatePrecision};
 use nopad_model::{GroupGrads, GroupKind, Model, ParamGroup};
 
 use crate::collective::Collective;
@@ -29,6 +38,47 @@ pub struct AdamWConfig {
     pub weight_decay: f32,
     /// Clip the global gradient norm to this (None: no clipping).
     pub max_grad_norm: Option<f32>,
+    /// How the moments are stored (`--optim-states`).
+    pub states: StatePrecision,
+    /// Whether an fp32 master copy is kept (`--master-weights`).
+    pub master: MasterPrecision,
+    /// Seed of the stochastic rounding of `--master-weights none` (the run's seed).
+    pub rounding_seed: u64,
+}
+
+/// The flag value of a state precision: `f32`, `bf16` or `8bit`.
+pub fn states_name(p: StatePrecision) -> &'static str {
+    match p {
+        StatePrecision::F32 => "f32",
+        StatePrecision::Bf16 => "bf16",
+        StatePrecision::Block8 => "8bit",
+    }
+}
+
+/// The state precision a flag value names ([`states_name`]'s inverse).
+pub fn parse_states(s: &str) -> Option<StatePrecision> {
+    [
+        StatePrecision::F32,
+        StatePrecision::Bf16,
+        StatePrecision::Block8,
+    ]
+    .into_iter()
+    .find(|&p| states_name(p) == s)
+}
+
+/// The flag value of a master-weights mode: `f32` or `none`.
+pub fn master_name(p: MasterPrecision) -> &'static str {
+    match p {
+        MasterPrecision::F32 => "f32",
+        MasterPrecision::None => "none",
+    }
+}
+
+/// The master-weights mode a flag value names ([`master_name`]'s inverse).
+pub fn parse_master(s: &str) -> Option<MasterPrecision> {
+    [MasterPrecision::F32, MasterPrecision::None]
+        .into_iter()
+        .find(|&p| master_name(p) == s)
 }
 
 impl Default for AdamWConfig {
@@ -39,6 +89,9 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             max_grad_norm: Some(1.0),
+            states: StatePrecision::F32,
+            master: MasterPrecision::F32,
+            rounding_seed: 0,
         }
     }
 }
@@ -50,16 +103,6 @@ pub struct UpdateInfo {
     pub grad_norm: f64,
     /// Whether the update was applied (false when the norm was not finite).
     pub applied: bool,
-}
-
-/// How a group's optimizer state (moments, master weights) is stored. Only fp32 exists; the
-/// memory modes of later issues (bf16 moments, 8-bit states) become variants here.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StatePrecision {
-    /// fp32 moments and master weights.
-    #[default]
-    F32,
 }
 
 /// Where a group's optimizer state lives. Only the device exists; host offload becomes a variant.
@@ -76,7 +119,8 @@ pub enum Placement {
 pub struct GroupSettings {
     /// Updated by the optimizer (false: frozen, its parameters never change).
     pub trainable: bool,
-    /// How its state is stored.
+    /// How its moments are stored: one precision for the whole model ([`AdamWConfig::states`];
+    /// [`Optimizer::set_group`] refuses another).
     pub precision: StatePrecision,
     /// Where its state lives.
     pub placement: Placement,
@@ -99,12 +143,11 @@ impl Default for GroupSettings {
 pub struct Optimizer<B: Backend> {
     /// Settings.
     pub cfg: AdamWConfig,
-    /// `[P]` first moments (Master).
-    pub m: B::Buf,
-    /// `[P]` second moments (Master).
-    pub v: B::Buf,
+    /// Both moments, in [`AdamWConfig::states`]: each part's offset in the flat buffer and its
+    /// state (the weight-decay part, then the rest; empty parts left out).
+    states: Vec<(usize, AdamWState<B>)>,
     /// `[P]` fp32 master weights (in the backend's form, see `Backend::master_new`), when the
-    /// backend's Compute type is narrower.
+    /// backend's Compute type is narrower and [`AdamWConfig::master`] is F32.
     pub master: Option<B::Buf>,
     /// Updates applied so far (AdamW's step number of the last update).
     pub step: u64,
@@ -117,12 +160,18 @@ impl<B: Backend> Optimizer<B> {
     /// trainable with the default settings.
     pub fn new(b: &B, model: &Model<B>, cfg: AdamWConfig) -> Result<Self> {
         let n = model.layout.total;
-        let moments = |e: nopad_backend::BackendError| {
-            e.while_allocating(|| format!("AdamW's moments of {n} parameters"))
-        };
-        let m = b.alloc(n, Kind::Master).map_err(moments)?;
-        let v = b.alloc(n, Kind::Master).map_err(moments)?;
-        let master = if b.needs_master() {
+        let split = model.layout.decay_end;
+        let states = [0..split, split..n]
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                let state = AdamWState::new(b, r.len(), cfg.states).map_err(|e| {
+                    e.while_allocating(|| format!("AdamW's moments of {n} parameters"))
+                })?;
+                Ok((r.start, state))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let master = if b.needs_master() && cfg.master == MasterPrecision::F32 {
             Some(b.master_new(&model.params, n).map_err(|e| {
                 e.while_allocating(|| format!("the fp32 master weights of {n} parameters"))
             })?)
@@ -133,16 +182,72 @@ impl<B: Backend> Optimizer<B> {
             .layout
             .groups
             .iter()
-            .map(|g| (g.clone(), GroupSettings::default()))
+            .map(|g| {
+                let s = GroupSettings {
+                    precision: cfg.states,
+                    ..GroupSettings::default()
+                };
+                (g.clone(), s)
+            })
             .collect();
-        Ok(Optimizer {
+        let opt = Optimizer {
             cfg,
-            m,
-            v,
+            states,
             master,
             step: 0,
             groups,
-        })
+        };
+        opt.check_blocks()?;
+        Ok(opt)
+    }
+
+    /// The moments: each part's offset in the flat buffer and its state, in buffer order (a
+    /// checkpoint stores them one after the other).
+    pub fn states(&self) -> &[(usize, AdamWState<B>)] {
+        &self.states
+    }
+
+    /// The moments, to restore them (see [`Optimizer::states`]).
+    pub fn states_mut(&mut self) -> &mut [(usize, AdamWState<B>)] {
+        &mut self.states
+    }
+
+    /// The part holding `range` and the range relative to it.
+    fn part(&self, range: &Range<usize>) -> Result<(usize, Range<usize>)> {
+        self.states
+            .iter()
+            .position(|(off, s)| *off <= range.start && range.end <= off + s.len())
+            .map(|i| {
+                let off = self.states[i].0;
+                (i, range.start - off..range.end - off)
+            })
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "AdamW range {range:?} crosses the boundary between weight decay and none"
+                ))
+            })
+    }
+
+    /// In 8-bit states, that every run of the update starts on a block boundary of its part.
+    fn check_blocks(&self) -> Result<()> {
+        if self.cfg.states != StatePrecision::Block8 {
+            return Ok(());
+        }
+        let block = nopad_backend::codes::QUANT_BLOCK;
+        let owners: Vec<usize> = self.groups.iter().map(|(_, s)| s.owner).collect();
+        for rank in owners {
+            for (r, _) in self.runs(rank, true) {
+                let (_, rel) = self.part(&r)?;
+                if !rel.start.is_multiple_of(block) {
+                    return Err(TrainError::Config(format!(
+                        "--optim-states 8bit: the update's range {r:?} does not start on a \
+                         block of {block} parameters (a frozen group splits a block); freeze \
+                         other groups or use --optim-states bf16"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The parameter groups and their settings, in [`nopad_model::Layout::groups`] order.
@@ -152,15 +257,25 @@ impl<B: Backend> Optimizer<B> {
 
     /// Replaces the settings of the group of `kind`.
     pub fn set_group(&mut self, kind: GroupKind, settings: GroupSettings) -> Result<()> {
-        match self.groups.iter_mut().find(|(g, _)| g.kind == kind) {
-            Some((_, s)) => {
-                *s = settings;
-                Ok(())
-            }
-            None => Err(TrainError::Config(format!(
-                "the model has no parameter group `{kind}`"
-            ))),
+        if settings.precision != self.cfg.states {
+            return Err(TrainError::Config(format!(
+                "parameter group `{kind}`: moments in {}, but the optimizer keeps one precision \
+                 for the whole model ({})",
+                states_name(settings.precision),
+                states_name(self.cfg.states)
+            )));
         }
+        let Some(i) = self.groups.iter().position(|(g, _)| g.kind == kind) else {
+            return Err(TrainError::Config(format!(
+                "the model has no parameter group `{kind}`"
+            )));
+        };
+        let old = std::mem::replace(&mut self.groups[i].1, settings);
+        if let Err(e) = self.check_blocks() {
+            self.groups[i].1 = old;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Maximal runs of adjacent ranges of the trainable groups that `rank` owns, in buffer
@@ -308,14 +423,25 @@ impl<B: Backend> Optimizer<B> {
             grad_scale,
         };
         let n = range.len();
-        b.adamw(AdamWStep {
+        // fp32 moments rounded to nearest take the backend's plain AdamW, bit for bit.
+        let rounding = match self.cfg.master {
+            MasterPrecision::F32 => ParamRounding::Nearest,
+            MasterPrecision::None => ParamRounding::Stochastic {
+                seed: self.cfg.rounding_seed,
+                first_index: range.start as u64,
+            },
+        };
+        let (i, rel) = self.part(&range)?;
+        let (m, v) = self.states[i].1.views(b, rel)?;
+        b.adamw_states(AdamWStates {
             param: b.view_mut(params, range.clone()),
             master: self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
-            grad: b.view(grads, range.clone()),
-            m: b.view_mut(&mut self.m, range.clone()),
-            v: b.view_mut(&mut self.v, range.clone()),
+            grad: b.view(grads, range),
+            m,
+            v,
             n,
             hp,
+            rounding,
         })?;
         Ok(())
     }

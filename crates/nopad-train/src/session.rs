@@ -324,7 +324,12 @@ impl<B: Backend> Session<B> {
             decay: tc.decay,
         };
         stop_if_asked(tc)?;
-        let mut opt = Optimizer::new(b, &model, tc.adamw)?;
+        // Stochastic rounding draws its bits from the run's seed, so a resumed run draws the same.
+        let adamw = crate::AdamWConfig {
+            rounding_seed: tc.seed,
+            ..tc.adamw
+        };
+        let mut opt = Optimizer::new(b, &model, adamw)?;
         let history = match &resume {
             Some((dir, st)) => {
                 checkpoint::restore(b, dir, st, &mut model, &mut opt)?;

@@ -12,8 +12,8 @@ use nopad_model::weights;
 use nopad_train::checkpoint::{self, COMPLETE};
 use nopad_train::{build_model, load_data, pad_token_id, train_step, SingleProcess};
 use nopad_train::{
-    train, DataSource, Interrupt, ModelSource, Optimizer, Resume, Schedule, StopReason,
-    TrainConfig, TrainError,
+    train, DataSource, Interrupt, MasterPrecision, ModelSource, Optimizer, Resume, Schedule,
+    StatePrecision, StopReason, TrainConfig, TrainError,
 };
 
 mod common;
@@ -257,6 +257,27 @@ fn a_checkpoint_is_hf_weights_plus_state_and_only_complete_ones_are_resumed() {
     );
 }
 
+/// Every optimizer-state mode resumes bit for bit: the moments are saved in their own precision
+/// (bf16 bits, 8-bit codes and scales) and the stochastic rounding of `master-weights none`
+/// draws from the run's seed and step, which a resumed run has too.
+#[test]
+fn every_optimizer_state_mode_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(8, dir.path());
+    for (states, master) in [
+        (StatePrecision::Bf16, MasterPrecision::F32),
+        (StatePrecision::Block8, MasterPrecision::F32),
+        (StatePrecision::F32, MasterPrecision::None),
+        (StatePrecision::Block8, MasterPrecision::None),
+    ] {
+        let mut tc = base.clone();
+        tc.adamw.states = states;
+        tc.adamw.master = master;
+        let name = format!("{states:?} moments, {master:?} master");
+        check_resume_is_exact(&name, tc, 3);
+    }
+}
+
 #[test]
 fn resuming_another_run_names_every_difference() {
     let dir = tempfile::tempdir().unwrap();
@@ -307,6 +328,17 @@ fn resuming_another_run_names_every_difference() {
     let e = resume(&|c| c.stop_after = Some(2));
     assert!(
         e.contains("`stop-after` 2: the checkpoint is already at step 2"),
+        "{e}"
+    );
+    // A checkpoint resumes only in the optimizer mode it was written in.
+    let e = resume(&|c| c.adamw.states = StatePrecision::Block8);
+    assert!(
+        e.contains("`optim-states`: checkpoint \"f32\", this run \"8bit\""),
+        "{e}"
+    );
+    let e = resume(&|c| c.adamw.master = MasterPrecision::None);
+    assert!(
+        e.contains("`master-weights`: checkpoint \"f32\", this run \"none\""),
         "{e}"
     );
 }

@@ -7,7 +7,10 @@ use nopad_backend::cpu::Cpu;
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{pack_micro_batch, Example, Loader, LoaderOptions, PackOptions, Strategy};
 use nopad_train::{build_model, train_step, SingleProcess};
-use nopad_train::{evaluate, train, AdamWConfig, ModelSource, Optimizer, TrainConfig};
+use nopad_train::{
+    evaluate, train, AdamWConfig, MasterPrecision, ModelSource, Optimizer, StatePrecision,
+    TrainConfig,
+};
 
 mod common;
 
@@ -15,19 +18,50 @@ fn tiny_config(steps: u64) -> TrainConfig {
     common::tiny_run(steps, 256, 64, 8, 2)
 }
 
-#[test]
-fn a_short_run_on_the_tiny_preset_lowers_the_loss() {
+/// Trains `tc` for 40 steps; the loss must fall. Returns the losses.
+fn loss_falls(name: &str, tc: &TrainConfig) -> Vec<f64> {
     let b = Cpu::<f32>::new();
     let mut losses = Vec::new();
-    let s = train(&b, &tiny_config(40), |r| losses.push(r.loss)).unwrap();
-    assert_eq!(losses.len(), 40);
+    let s = train(&b, tc, |r| losses.push(r.loss)).unwrap();
+    assert_eq!(losses.len(), 40, "{name}");
     let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
     assert!(
         last < first - 0.3,
-        "loss did not fall: first {first:.3}, last {last:.3}"
+        "{name}: loss did not fall: first {first:.3}, last {last:.3}"
     );
     assert!(s.tokens_per_s > 0.0 && s.real_tokens > 0 && s.pad_tokens == 0);
+    losses
+}
+
+#[test]
+fn a_short_run_on_the_tiny_preset_lowers_the_loss() {
+    loss_falls("default", &tiny_config(40));
+}
+
+/// Every optimizer-state mode trains, and each is really another computation than the
+/// default (its losses part from the fp32 ones after the first update).
+#[test]
+fn every_optimizer_state_mode_lowers_the_loss() {
+    let reference = loss_falls("default", &tiny_config(40));
+    for (states, master) in [
+        (StatePrecision::Bf16, MasterPrecision::F32),
+        (StatePrecision::Block8, MasterPrecision::F32),
+        (StatePrecision::F32, MasterPrecision::None),
+        (StatePrecision::Block8, MasterPrecision::None),
+    ] {
+        let mut tc = tiny_config(40);
+        tc.adamw.states = states;
+        tc.adamw.master = master;
+        let name = format!("{states:?} moments, {master:?} master");
+        let losses = loss_falls(&name, &tc);
+        assert_eq!(losses[0].to_bits(), reference[0].to_bits(), "{name}");
+        assert_ne!(
+            losses[1..],
+            reference[1..],
+            "{name}: same losses as fp32 AdamW"
+        );
+    }
 }
 
 #[test]

@@ -95,6 +95,17 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (0 = off).
     #[arg(long)]
     pub max_grad_norm: Option<f32>,
+    /// AdamW's two moments: f32 (8 bytes per parameter, the default), bf16 (4) or 8bit
+    /// (block-wise 8-bit codes with one f32 scale per 256 values, about 2.03). A checkpoint
+    /// resumes only in the precision it was written with.
+    #[arg(long, value_name = "f32|bf16|8bit")]
+    pub optim_states: Option<String>,
+    /// f32 (the default): an fp32 master copy of the weights where the device computes in bf16
+    /// (2 more bytes per parameter on CUDA, which keeps only the low halves). none: no master
+    /// copy; each update is rounded stochastically to bf16 (on the CPU too, whose weights stay
+    /// f32 buffers holding bf16 values), drawing its bits from --seed.
+    #[arg(long, value_name = "f32|none")]
+    pub master_weights: Option<String>,
     /// Seed of initialisation and data order.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -215,6 +226,8 @@ impl TrainArgs {
             schedule,
             weight_decay,
             max_grad_norm,
+            optim_states,
+            master_weights,
             seed,
             out,
             save_every,
@@ -336,6 +349,14 @@ impl TrainArgs {
                 bail!("`max-grad-norm`: {g} must be ≥ 0 (0 turns clipping off)");
             }
             c.adamw.max_grad_norm = (g > 0.0).then_some(g);
+        }
+        if let Some(s) = &a.optim_states {
+            c.adamw.states = nopad_train::parse_states(s)
+                .ok_or_else(|| anyhow::anyhow!("`optim-states`: {s} is not f32, bf16 or 8bit"))?;
+        }
+        if let Some(s) = &a.master_weights {
+            c.adamw.master = nopad_train::parse_master(s)
+                .ok_or_else(|| anyhow::anyhow!("`master-weights`: {s} is not f32 or none"))?;
         }
         c.seed = a.seed.unwrap_or(c.seed);
         c.skip_bad = a.skip_bad.unwrap_or(false);
