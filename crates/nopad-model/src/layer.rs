@@ -253,13 +253,17 @@ fn recompute_h2<B: Backend>(
 }
 
 /// Layer backward: on entry `acts.d_res` = ∂loss/∂res_out, on exit ∂loss/∂res_in; parameter
-/// gradients accumulate into `g`.
+/// gradients accumulate into `g` at `gr`: the layer's ranges in the gradient buffer, which are
+/// `lr` (the parameters' ranges) for a gradient buffer shaped like the parameters, or ranges of
+/// a one-group scratch when the optimizer runs in the backward.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<B: Backend>(
     cx: &Ctx<'_, B>,
     lr: &LayerRanges,
     la: &mut LayerActs<B>,
     acts: &mut Scratch<B>,
     g: &mut B::Buf,
+    gr: &LayerRanges,
     res_in: &B::Buf,
     prof: &mut Profile,
 ) -> Result<()> {
@@ -294,7 +298,7 @@ pub(crate) fn backward<B: Backend>(
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_a, 0..n * f)),
         dx_write: GradWrite::Overwrite,
-        d_w: Some(b.view_mut(g, lr.down_w.clone())),
+        d_w: Some(b.view_mut(g, gr.down_w.clone())),
         d_b: None,
         dy: b.view(&acts.d_res, nd.clone()),
         x: b.view(&acts.a, 0..n * f),
@@ -327,7 +331,7 @@ pub(crate) fn backward<B: Backend>(
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_h, nd.clone())),
         dx_write: GradWrite::Overwrite,
-        d_w: Some(b.view_mut(g, lr.gate_up_w.clone())),
+        d_w: Some(b.view_mut(g, gr.gate_up_w.clone())),
         d_b: None,
         dy: b.view(
             if cx.mlp_recompute { &acts.gu } else { &la.gu },
@@ -345,7 +349,7 @@ pub(crate) fn backward<B: Backend>(
     prof.mark(b, "gate_up_proj bwd")?;
     b.rmsnorm_backward(RmsNormBwd {
         dx: b.view_mut(&mut acts.d_res, nd.clone()),
-        d_weight: b.view_mut(g, lr.ln2.clone()),
+        d_weight: b.view_mut(g, gr.ln2.clone()),
         dy: b.view(&acts.d_h, nd.clone()),
         x: b.view(&la.res_mid, nd.clone()),
         weight: b.view(p, lr.ln2.clone()),
@@ -356,7 +360,7 @@ pub(crate) fn backward<B: Backend>(
     })?;
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
-    let (dw, db) = split_weight_bias(b, g, &lr.o_w, &lr.o_b);
+    let (dw, db) = split_weight_bias(b, g, &gr.o_w, &gr.o_b);
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
         dx_write: GradWrite::Overwrite,
@@ -402,7 +406,7 @@ pub(crate) fn backward<B: Backend>(
         eps,
     })?;
     prof.mark(b, "recompute bwd")?;
-    let (dw, db) = split_weight_bias(b, g, &lr.qkv_w, &lr.qkv_b);
+    let (dw, db) = split_weight_bias(b, g, &gr.qkv_w, &gr.qkv_b);
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_h, nd.clone())),
         dx_write: GradWrite::Overwrite,
@@ -421,7 +425,7 @@ pub(crate) fn backward<B: Backend>(
     prof.mark(b, "qkv_proj bwd")?;
     b.rmsnorm_backward(RmsNormBwd {
         dx: b.view_mut(&mut acts.d_res, nd.clone()),
-        d_weight: b.view_mut(g, lr.ln1.clone()),
+        d_weight: b.view_mut(g, gr.ln1.clone()),
         dy: b.view(&acts.d_h, nd.clone()),
         x: b.view(res_in, nd.clone()),
         weight: b.view(p, lr.ln1.clone()),

@@ -13,6 +13,8 @@
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
 
+use std::ops::Range;
+
 use nopad_backend::args::{EmbeddingBwd, EmbeddingFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd};
 use nopad_backend::{AttnDims, Backend, GradWrite, Kind, LinearDims};
 
@@ -24,7 +26,9 @@ use crate::profile::Profile;
 use crate::recompute::Recompute;
 
 mod acts;
+mod grad_slots;
 pub use acts::Acts;
+use grad_slots::GradSlots;
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward_train`] and
 /// [`Model::forward_eval`]).
@@ -50,13 +54,33 @@ pub struct GroupGrads<'a, B: Backend> {
     pub group: &'a ParamGroup,
     /// `[P]` every parameter; the hook may write the group's ranges only.
     pub params: &'a mut B::Buf,
-    /// `[P]` every gradient; the group's ranges are written for this backward.
+    /// The gradients; the group's are written for this backward, at
+    /// [`GroupGrads::grad_range`].
     pub grads: &'a B::Buf,
+    /// Where the group's gradients lie in a one-group scratch; None: at the parameters' offsets.
+    slots: Option<&'a [(Range<usize>, usize)]>,
+}
+
+impl<B: Backend> GroupGrads<'_, B> {
+    /// Where the gradient of `r`, a range inside one of the group's ranges, lies in
+    /// [`GroupGrads::grads`]: `r` itself in a buffer shaped like the parameters, elsewhere when
+    /// the optimizer runs in the backward.
+    pub fn grad_range(&self, r: &Range<usize>) -> Range<usize> {
+        match self.slots {
+            None => r.clone(),
+            Some(placed) => placed
+                .iter()
+                .find(|(g, _)| g.start <= r.start && r.end <= g.end)
+                .map(|(g, at)| at + (r.start - g.start)..at + (r.end - g.start))
+                .unwrap_or_else(|| panic!("range {r:?} is not in group {}", self.group.kind)),
+        }
+    }
 }
 
 /// Calls `hook` for the group of `kind`.
 fn group_ready<B: Backend, E: From<ModelError>>(
     layout: &Layout,
+    slots: Option<&GradSlots>,
     kind: GroupKind,
     params: &mut B::Buf,
     grads: &B::Buf,
@@ -70,6 +94,7 @@ fn group_ready<B: Backend, E: From<ModelError>>(
         group: &layout.groups[index],
         params,
         grads,
+        slots: slots.map(|s| s.groups[index].as_slice()),
     })
 }
 
@@ -108,6 +133,8 @@ pub struct Model<B: Backend> {
     grad_state: GradState,
     has_grads: bool,
     alias_grads: bool,
+    /// With the optimizer in the backward, `grads` is a one-group scratch laid out by this.
+    slots: Option<GradSlots>,
     inv_freq: B::Buf,
     loss_sum: B::Buf,
     acts: Option<Acts<B>>,
@@ -151,6 +178,7 @@ impl<B: Backend> Model<B> {
             grad_state: GradState::Zero,
             has_grads,
             alias_grads: false,
+            slots: None,
             inv_freq,
             loss_sum,
             acts: None,
@@ -195,6 +223,11 @@ impl<B: Backend> Model<B> {
         if on == self.alias_grads {
             return Ok(());
         }
+        if on && self.slots.is_some() {
+            return Err(ModelError::Input(
+                "gradient aliasing and the optimizer in the backward are alternatives: turn the update in the backward off first".into(),
+            ));
+        }
         if self.grad_state != GradState::Zero {
             return Err(ModelError::Input(
                 "gradient aliasing can change only between optimizer steps".into(),
@@ -205,6 +238,44 @@ impl<B: Backend> Model<B> {
         // With aliasing the activations' allocation brings the gradients along.
         self.grads = b.alloc(if on { 0 } else { self.layout.total }, Kind::Grad)?;
         Ok(())
+    }
+
+    /// Keeps the gradient of one parameter group at a time, in a scratch of the embedding's size
+    /// plus the largest other group's ([`grad_slots`]), for optimizer steps of one micro-batch
+    /// whose update runs in [`Model::backward_with`]'s hook: the hook must consume each group's
+    /// gradient, because the next group's is written over it. [`Model::grads`] is then an
+    /// error. Turns gradient aliasing off. Call between steps.
+    pub fn set_update_in_backward(&mut self, b: &B, on: bool) -> Result<()> {
+        self.check_grads()?;
+        if on == self.slots.is_some() {
+            return Ok(());
+        }
+        if self.grad_state != GradState::Zero {
+            return Err(ModelError::Input(
+                "the update in the backward can change only between optimizer steps".into(),
+            ));
+        }
+        if on {
+            self.set_grad_aliasing(b, false)?;
+            let slots = GradSlots::new(&self.layout);
+            self.grads = b.alloc(0, Kind::Grad)?;
+            self.grads = b.alloc(slots.len, Kind::Grad).map_err(|e| {
+                e.while_allocating(|| {
+                    format!("the one-group gradient scratch of {} elements", slots.len)
+                })
+            })?;
+            self.slots = Some(slots);
+        } else {
+            self.slots = None;
+            self.grads = b.alloc(0, Kind::Grad)?;
+            self.grads = b.alloc(self.layout.total, Kind::Grad)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the gradients are kept one group at a time ([`Model::set_update_in_backward`]).
+    pub fn updates_in_backward(&self) -> bool {
+        self.slots.is_some()
     }
 
     /// Sets every gradient to zero. Free: nothing touches the device (`b` is kept for the
@@ -230,6 +301,11 @@ impl<B: Backend> Model<B> {
     /// Makes the buffer hold what [`Model::grads`] promises.
     fn settle_grads(&mut self, b: &B) -> Result<()> {
         self.check_grads()?;
+        if self.slots.is_some() {
+            return Err(ModelError::Input(
+                "the optimizer runs in the backward: each group's gradient is consumed there and not kept".into(),
+            ));
+        }
         match self.grad_state {
             GradState::Written => Ok(()),
             GradState::Pending(_) => Err(ModelError::Input(
@@ -264,6 +340,9 @@ impl<B: Backend> Model<B> {
         match (self.grad_state, train) {
             (GradState::Pending(_), _) => refuse(
                 "a forward while the previous training forward's backward has not run",
+            ),
+            (GradState::Written, _) if self.slots.is_some() => refuse(
+                "a forward after a backward whose gradients were consumed group by group (the optimizer in the backward is for steps of one micro-batch): zero_grads first",
             ),
             (GradState::Written, _) if self.alias_grads => refuse(
                 "a forward would write activations over the gradients (gradient aliasing is for steps of one micro-batch): take the optimizer step and zero_grads first, or turn aliasing off for gradient accumulation",
@@ -410,7 +489,13 @@ impl<B: Backend> Model<B> {
         let (dx, dw) = match grad_scale {
             Some(_) => (
                 Some(b.view_mut(&mut acts.s.d_h, nd.clone())),
-                Some(b.view_mut(&mut self.grads, self.layout.lm_head.clone())),
+                Some(b.view_mut(
+                    &mut self.grads,
+                    match &self.slots {
+                        Some(s) => s.lm_head.clone(),
+                        None => self.layout.lm_head.clone(),
+                    },
+                )),
             ),
             None => (None, None),
         };
@@ -475,12 +560,14 @@ impl<B: Backend> Model<B> {
             .as_mut()
             .expect("a forward allocated the activations");
         let g = &mut self.grads;
+        let slots = self.slots.as_ref();
         let prof = &mut self.profile;
         prof.start(b)?;
         // The untied head's gradient is complete since the forward.
         if self.layout.embed != self.layout.lm_head {
             group_ready(
                 &self.layout,
+                slots,
                 GroupKind::Head,
                 &mut self.params,
                 g,
@@ -494,7 +581,7 @@ impl<B: Backend> Model<B> {
         prof.mark(b, "zero bwd")?;
         b.rmsnorm_backward(RmsNormBwd {
             dx: b.view_mut(&mut acts.s.d_res, nd.clone()),
-            d_weight: b.view_mut(g, self.layout.norm.clone()),
+            d_weight: b.view_mut(g, slots.map_or(&self.layout.norm, |s| &s.norm).clone()),
             dy: b.view(&acts.s.d_h, nd.clone()),
             x: b.view(&acts.res[c.num_hidden_layers], nd.clone()),
             weight: b.view(p, self.layout.norm.clone()),
@@ -506,6 +593,7 @@ impl<B: Backend> Model<B> {
         prof.mark(b, "rmsnorm bwd")?;
         group_ready(
             &self.layout,
+            slots,
             GroupKind::FinalNorm,
             &mut self.params,
             g,
@@ -540,21 +628,25 @@ impl<B: Backend> Model<B> {
                 )?;
             }
             let la = &mut acts.layers[if recompute { 0 } else { l }];
-            layer::backward(&cx, lr, la, &mut acts.s, g, &acts.res[l], prof)?;
+            let gr = slots.map_or(lr, |s| &s.layers[l]);
+            layer::backward(&cx, lr, la, &mut acts.s, g, gr, &acts.res[l], prof)?;
             group_ready(
                 &self.layout,
+                slots,
                 GroupKind::Layer(l),
                 &mut self.params,
                 g,
                 &mut on_group,
             )?;
         }
+        let embed = slots.map_or(&self.layout.embed, |s| &s.embed).clone();
         if acc == GradWrite::Overwrite && self.layout.embed != self.layout.lm_head {
-            // The embedding backward adds; untied, nothing wrote this step's embedding gradient.
-            b.zero(b.view_mut(g, self.layout.embed.clone()))?;
+            // The embedding backward adds; untied, nothing wrote this step's embedding gradient
+            // (with one-group slots, the head's gradient lay there and has been consumed).
+            b.zero(b.view_mut(g, embed.clone()))?;
         }
         b.embedding_backward(EmbeddingBwd {
-            d_table: b.view_mut(g, self.layout.embed.clone()),
+            d_table: b.view_mut(g, embed),
             dx: b.view(&acts.s.d_res, nd.clone()),
             tokens: &up.tokens,
             n,
@@ -564,6 +656,7 @@ impl<B: Backend> Model<B> {
         self.grad_state = GradState::Written;
         group_ready(
             &self.layout,
+            self.slots.as_ref(),
             GroupKind::Embedding,
             &mut self.params,
             &self.grads,

@@ -5,7 +5,7 @@ use nopad_backend::cpu::{Cpu, Scalar};
 use nopad_rng::Rng;
 
 use crate::weights::{self, SaveDtype};
-use crate::{Config, Inputs, Model};
+use crate::{Config, Inputs, Model, ModelError, Recompute};
 
 #[path = "../tests/support/packed.rs"]
 mod packed;
@@ -545,5 +545,59 @@ fn changing_the_recompute_mode_between_steps_keeps_the_gradients() {
             g.iter().zip(&g0).all(|(a, b)| a.to_bits() == b.to_bits()),
             "{mode}"
         );
+    }
+}
+
+#[test]
+fn one_group_gradient_scratch_hands_each_group_the_full_buffers_gradient() {
+    use nopad_backend::Device;
+    for (tied, recompute) in [(false, Recompute::None), (true, Recompute::Full)] {
+        let cfg = tiny(tied, true);
+        let mut rng = Rng::new(61);
+        let p = flatten(&examples(&mut rng, &[9, 4, 13], cfg.vocab_size));
+        let b = Cpu::<f32>::new();
+        let mut m = model(&b, cfg.clone(), 62);
+        m.set_recompute(recompute);
+        let (l0, g0) = loss_and_grads(&b, &mut m, &[&p], 0.05);
+        assert!(
+            m.set_update_in_backward(&b, true).is_err(),
+            "only between steps"
+        );
+        m.zero_grads(&b).unwrap();
+        m.set_update_in_backward(&b, true).unwrap();
+        assert!(m.set_grad_aliasing(&b, true).is_err(), "alternatives");
+        // Stale values in the scratch must not leak into any group's gradient.
+        let len = b.buf_len(&m.grads);
+        assert!(len < m.layout.total, "{len} vs {}", m.layout.total);
+        b.write(&mut m.grads, 0, &vec![f32::NAN; len]).unwrap();
+        for _ in 0..2 {
+            m.zero_grads(&b).unwrap();
+            m.forward_train(&b, &p.inputs(), 0.05).unwrap();
+            let mut seen = Vec::new();
+            m.backward_with(&b, |g| {
+                for (r, _) in g.group.ranges() {
+                    let got = b.read(g.grads, g.grad_range(&r))?;
+                    let want = &g0[r.clone()];
+                    assert!(
+                        got.iter()
+                            .zip(want)
+                            .all(|(x, y)| (*x as f64).to_bits() == y.to_bits()),
+                        "tied={tied} group {} range {r:?}",
+                        g.group.kind
+                    );
+                }
+                seen.push(g.index);
+                Ok::<(), ModelError>(())
+            })
+            .unwrap();
+            assert_eq!(seen, (0..m.layout.groups.len()).collect::<Vec<_>>());
+            assert_eq!(m.take_loss_sum(&b).unwrap(), l0);
+            assert!(m.grads(&b).is_err(), "no full gradient is kept");
+            assert!(m.forward_train(&b, &p.inputs(), 0.05).is_err());
+        }
+        m.zero_grads(&b).unwrap();
+        m.set_update_in_backward(&b, false).unwrap();
+        let (l1, g1) = loss_and_grads(&b, &mut m, &[&p], 0.05);
+        assert!(l1 == l0 && same_bits(&g1, &g0));
     }
 }
