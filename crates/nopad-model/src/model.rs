@@ -573,6 +573,7 @@ impl<B: Backend> Model<B> {
                 g,
                 &mut on_group,
             )?;
+            prof.mark(b, "group hook (update in backward)")?;
         }
         let p = &self.params;
         let nd = 0..n * d;
@@ -599,6 +600,7 @@ impl<B: Backend> Model<B> {
             g,
             &mut on_group,
         )?;
+        prof.mark(b, "group hook (update in backward)")?;
         let recompute = self.recompute == Recompute::Full;
         let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate().rev() {
@@ -638,6 +640,7 @@ impl<B: Backend> Model<B> {
                 g,
                 &mut on_group,
             )?;
+            prof.mark(b, "group hook (update in backward)")?;
         }
         let embed = slots.map_or(&self.layout.embed, |s| &s.embed).clone();
         if acc == GradWrite::Overwrite && self.layout.embed != self.layout.lm_head {
@@ -661,7 +664,10 @@ impl<B: Backend> Model<B> {
             &mut self.params,
             &self.grads,
             &mut on_group,
-        )
+        )?;
+        self.profile
+            .mark(b, "group hook (update in backward)")
+            .map_err(E::from)
     }
 
     /// `[N, D]` gradient of the loss with respect to the embedded inputs after the last
