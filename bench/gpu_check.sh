@@ -19,7 +19,7 @@
 #   --flash-check       run the flash kernel check on all shapes (command: FLASH_CHECK below)
 #   --seed N            seed for the flash check             (default: today's date, YYYYMMDD)
 #   --row NAME          a bench row, repeatable: flan-1b, orca-1b, flan-7b8, orca-7b8, flan-8b,
-#                       flan-7b (see ROWS)
+#                       flan-7b, ab-100m (1,000 steps of a 0.1B model: quality A/B of modes)
 #   --bench-args "..."  extra flags for every bench row (e.g. "--profile-steps 3")
 #   --mode LABEL=FLAGS  run every row once more per mode with FLAGS added, labelled ROW-LABEL
 #                       (repeatable; e.g. --mode q8ib="--optim-states 8bit --optim-in-backward");
@@ -45,6 +45,7 @@ declare -A ROWS=(
   [flan-7b8]="--model llama-2-7b --layers 8 --data synthetic-flan --examples 1500 --batch-size 16 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
   [orca-7b8]="--model llama-2-7b --layers 8 --data synthetic-orcamath --examples 800 --batch-size 8 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
   [flan-8b]="--model llama-3.1-8b --data synthetic-flan --examples 1000 --batch-size 16 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
+  [ab-100m]="--model llama-100m --data synthetic-flan --examples 20000 --batch-size 16 --max-len 1024 --strategies flatten --warmup 0 --steps 1000 --lr 3e-4"
   [flan-7b]="--model llama-2-7b --data synthetic-flan --examples 1000 --batch-size 16 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
 )
 

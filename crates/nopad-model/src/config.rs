@@ -519,6 +519,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         r#"{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":128,"intermediate_size":352,"num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":true}"#,
     ),
     (
+        "llama-100m",
+        "12 layers, D=768, GQA 12/4, V=32000, tied (0.10B): quality A/B runs of optimizer modes",
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":768,"intermediate_size":2048,"num_hidden_layers":12,"num_attention_heads":12,"num_key_value_heads":4,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":true}"#,
+    ),
+    (
         "llama-3.2-1b",
         "Llama-3.2-1B shape (1.24B)",
         r#"{"architectures":["LlamaForCausalLM"],"vocab_size":128256,"hidden_size":2048,"intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,"num_key_value_heads":8,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},"max_position_embeddings":131072,"tie_word_embeddings":true,"bos_token_id":128000,"eos_token_id":128001}"#,

@@ -14,6 +14,7 @@ fn presets_parse_and_have_the_published_sizes() {
         assert!(count(name) > 0, "{name}");
     }
     // Parameter counts HF reports for these models (tied embeddings counted once).
+    assert_eq!(count("llama-100m"), 100_092_672);
     assert_eq!(count("llama-3.2-1b"), 1_235_814_400);
     assert_eq!(count("llama-3.1-8b"), 8_030_261_248);
     assert_eq!(count("llama-2-7b"), 6_738_415_616);
