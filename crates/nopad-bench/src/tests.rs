@@ -27,6 +27,7 @@ fn cfg() -> BenchConfig {
         profile_steps: 1,
         recompute: nopad_model::Recompute::None,
         grad_aliasing: true,
+        gpu_memory: None,
     }
 }
 

@@ -48,8 +48,9 @@ pub use optimizer::{
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{
-    check_fits, gib, largest_fitting, mode_grid, plan, table, DeviceSizes, Modes, Plan, Trained,
-    CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
+    check_device, check_fits, gib, is_out_of_memory, largest_fitting, largest_micro_batch,
+    last_plan, mode_grid, modes_of, parse_gib, plan, print_plan_for_out_of_memory, table,
+    DeviceSizes, Modes, Plan, Trained, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
 };
 pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};

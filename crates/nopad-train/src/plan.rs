@@ -7,10 +7,15 @@
 //! the model allocates from. `docs/MEMORY.md` explains the terms.
 
 use std::fmt;
+use std::sync::Mutex;
 
-use nopad_backend::{Accounting, Backend, Kind, MasterPrecision, StatePrecision};
+use nopad_backend::{Accounting, Backend, BackendError, Kind, MasterPrecision, StatePrecision};
+use nopad_data::{Example, PackOptions, Strategy};
 use nopad_model::memory::{self, GradHolding};
-use nopad_model::{Config, Layout, Recompute};
+use nopad_model::{Config, Layout, ModelError, Recompute};
+
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
 
 /// The cuBLASLt workspace the CUDA backend takes from its pool at start (its `WORKSPACE_BYTES`).
 pub const CUDA_BLAS_WORKSPACE: usize = 32 << 20;
@@ -455,4 +460,103 @@ fn flags(m: &Modes) -> String {
         s += " --optim-in-backward";
     }
     s
+}
+
+/// The largest micro-batch, in tokens, `examples` can make under `pack` in any epoch order:
+/// `flatten` the sum of the `batch_size` longest examples, `pad` `batch_size` rows of the
+/// longest, `concat` and `offline` `batch_size` rows of `max_len` (at most every token).
+pub fn largest_micro_batch(examples: &[Example], pack: &PackOptions) -> usize {
+    let bs = pack.batch_size.max(1);
+    let mut lens: Vec<usize> = examples.iter().map(Example::len).collect();
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    let all: usize = lens.iter().sum();
+    match pack.strategy {
+        Strategy::Flatten => lens.iter().take(bs).sum(),
+        Strategy::Pad => bs.min(lens.len()) * lens.first().copied().unwrap_or(0),
+        Strategy::Concat | Strategy::Offline => (bs * pack.max_len).min(all),
+    }
+}
+
+/// The modes of a training run (optimizer-in-backward: not a run setting yet).
+pub fn modes_of(tc: &TrainConfig) -> Modes {
+    Modes {
+        states: tc.adamw.states,
+        master: tc.adamw.master,
+        recompute: tc.recompute,
+        grad_aliasing: tc.grad_aliasing && tc.grad_accum == 1,
+        optim_in_backward: false,
+        trained: Trained::Full,
+    }
+}
+
+/// The last plan [`check_device`] printed, for a run-time out-of-memory error to show beside
+/// its own numbers: the error surfaces far from where the plan was made (inside
+/// `nopad_train::train` or a benchmark), so the plan is kept here rather than threaded through.
+static LAST_PLAN: Mutex<Option<String>> = Mutex::new(None);
+
+/// The plan [`check_device`] printed last, if any.
+pub fn last_plan() -> Option<String> {
+    LAST_PLAN.lock().ok().and_then(|p| p.clone())
+}
+
+/// Plans a step of `cfg` with `tokens` in its largest micro-batch on `b`, prints the plan to
+/// stderr, and refuses (before anything is allocated) when it does not fit the device's memory
+/// (`gpu_memory` bytes, if given, else [`Backend::total_memory`]; no check where neither is
+/// known). `in_backward`: whether optimizer-in-backward may be suggested.
+pub fn check_device<B: Backend>(
+    b: &B,
+    cfg: &Config,
+    tokens: usize,
+    modes: Modes,
+    gpu_memory: Option<usize>,
+    in_backward: bool,
+) -> Result<Plan> {
+    let dev = DeviceSizes::of(b);
+    let p = plan(cfg, tokens, modes, &dev);
+    if let Ok(mut last) = LAST_PLAN.lock() {
+        *last = Some(p.to_string());
+    }
+    eprintln!("nopad: {p}");
+    match gpu_memory.or_else(|| b.total_memory()) {
+        Some(budget) => check_fits(cfg, tokens, modes, &dev, budget, in_backward)
+            .map_err(|msg| TrainError::Config(format!("memory plan: {msg}"))),
+        None => Ok(p),
+    }
+}
+
+/// Whether an error is the device running out of memory (which the caller then shows beside
+/// [`last_plan`]).
+pub fn is_out_of_memory(e: &TrainError) -> bool {
+    matches!(
+        e,
+        TrainError::Backend(BackendError::OutOfMemory { .. })
+            | TrainError::Model(ModelError::Backend(BackendError::OutOfMemory { .. }))
+    )
+}
+
+/// How a run packs its micro-batches (the session's and the plan's, one definition).
+pub(crate) fn pack_options(tc: &TrainConfig, cfg: &Config) -> PackOptions {
+    PackOptions {
+        strategy: tc.strategy,
+        batch_size: tc.batch_size,
+        max_len: tc.max_len,
+        pad_token_id: crate::session::pad_token_id(cfg),
+        group_by_length: tc.group_by_length,
+    }
+}
+
+/// Parses `--gpu-memory GIB` (a positive number of GiB) into bytes.
+pub fn parse_gib(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<f64>() {
+        Ok(g) if g.is_finite() && g > 0.0 => Ok((g * (1u64 << 30) as f64) as usize),
+        _ => Err(format!("`{s}` is not a positive number of GiB")),
+    }
+}
+
+/// Prints the last memory plan to stderr, beside an out-of-memory error the caller reports
+/// (the error names what was being allocated; the plan says what the step holds).
+pub fn print_plan_for_out_of_memory() {
+    if let Some(p) = last_plan() {
+        eprintln!("nopad: the device ran out of memory; the {p}");
+    }
 }

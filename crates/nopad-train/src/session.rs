@@ -224,6 +224,23 @@ impl<B: Backend> Session<B> {
         let lock = tc.out.as_deref().map(OutLock::acquire).transpose()?;
         let mut notes = vec![];
         let resume = find_resume(tc, &mut notes)?;
+        // The data first: the memory plan needs its largest micro-batch, and a run that cannot
+        // fit is refused before the model is allocated.
+        let cfg = model_config(&tc.model)?;
+        let model_dir = model_dir(tc);
+        let (examples, data_notes) = load_data(&tc.data, &cfg, model_dir, tc)?;
+        stop_if_asked(tc)?;
+        notes.extend(data_notes);
+        let pack = crate::plan::pack_options(tc, &cfg);
+        let tokens = crate::plan::largest_micro_batch(&examples, &pack);
+        crate::plan::check_device(
+            b,
+            &cfg,
+            tokens,
+            crate::plan::modes_of(tc),
+            tc.gpu_memory,
+            false,
+        )?;
         let (mut model, model_desc) = match &resume {
             None => build_model(b, &tc.model, tc.seed)?,
             // The weights come from the checkpoint: skip the initialisation or the HF load.
@@ -238,10 +255,6 @@ impl<B: Backend> Session<B> {
         };
         model.set_recompute(tc.recompute);
         model.set_grad_aliasing(b, tc.grad_aliasing && tc.grad_accum == 1)?;
-        let model_dir = model_dir(tc);
-        let (examples, data_notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
-        stop_if_asked(tc)?;
-        notes.extend(data_notes);
         if tc.strategy == Strategy::Concat {
             notes.push("strategy concat: attention crosses examples and positions continue; training is NOT equivalent to padding (shown for comparison only)".into());
         }
@@ -277,13 +290,6 @@ impl<B: Backend> Session<B> {
             )));
         }
         let n_examples = examples.len();
-        let pack = PackOptions {
-            strategy: tc.strategy,
-            batch_size: tc.batch_size,
-            max_len: tc.max_len,
-            pad_token_id: pad_token_id(&model.cfg),
-            group_by_length: tc.group_by_length,
-        };
         let loader = Loader::new(
             Arc::new(examples),
             LoaderOptions {
