@@ -191,9 +191,16 @@ impl Plan {
     }
 }
 
-/// Bytes as GiB with two decimals.
+/// Bytes in the largest binary unit (up to GiB) that keeps them at least 1, two decimals.
 pub fn gib(bytes: usize) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    let units = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.2} {}", units[u])
 }
 
 impl fmt::Display for Plan {
@@ -516,12 +523,13 @@ pub fn check_device<B: Backend>(
     if let Ok(mut last) = LAST_PLAN.lock() {
         *last = Some(p.to_string());
     }
-    eprintln!("nopad: {p}");
-    match gpu_memory.or_else(|| b.total_memory()) {
-        Some(budget) => check_fits(cfg, tokens, modes, &dev, budget, in_backward)
-            .map_err(|msg| TrainError::Config(format!("memory plan: {msg}"))),
-        None => Ok(p),
+    if let Some(budget) = gpu_memory.or_else(|| b.total_memory()) {
+        // The refusal carries the plan itself.
+        check_fits(cfg, tokens, modes, &dev, budget, in_backward)
+            .map_err(|msg| TrainError::Config(format!("memory plan: {msg}")))?;
     }
+    eprintln!("nopad: {p}");
+    Ok(p)
 }
 
 /// Whether an error is the device running out of memory (which the caller then shows beside

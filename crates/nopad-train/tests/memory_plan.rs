@@ -150,3 +150,27 @@ fn a_run_that_does_not_fit_is_refused_with_what_would() {
     let err = fits(1024, 4).unwrap_err();
     assert!(err.contains("not even one token"), "{err}");
 }
+
+#[test]
+fn the_largest_micro_batch_bounds_every_strategy() {
+    use nopad_data::{Example, PackOptions, Strategy};
+    let ex = |len: usize| Example {
+        input_ids: vec![1; len],
+        labels: vec![1; len],
+    };
+    let examples: Vec<Example> = [5, 30, 12, 7, 30, 2].into_iter().map(ex).collect();
+    let pack = |strategy| PackOptions {
+        strategy,
+        batch_size: 3,
+        max_len: 32,
+        pad_token_id: 0,
+        group_by_length: false,
+    };
+    use nopad_train::largest_micro_batch as largest;
+    assert_eq!(largest(&examples, &pack(Strategy::Flatten)), 30 + 30 + 12);
+    assert_eq!(largest(&examples, &pack(Strategy::Pad)), 3 * 30);
+    assert_eq!(largest(&examples, &pack(Strategy::Concat)), 86);
+    assert_eq!(largest(&examples[..2], &pack(Strategy::Offline)), 35);
+    assert_eq!(nopad_train::parse_gib("0.5"), Ok(1 << 29));
+    assert!(nopad_train::parse_gib("-1").is_err() && nopad_train::parse_gib("x").is_err());
+}
