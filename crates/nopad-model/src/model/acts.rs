@@ -28,6 +28,19 @@ pub struct Acts<B: Backend> {
     pub s: Scratch<B>,
 }
 
+/// One layer's saved activations from the next seven buffers, in `memory::act_parts` order.
+fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
+    LayerActs {
+        rstd1: next(),
+        qkv: next(),
+        att: next(),
+        lse: next(),
+        res_mid: next(),
+        rstd2: next(),
+        gu: next(),
+    }
+}
+
 impl<B: Backend> Model<B> {
     /// Makes the activation buffers hold `n` tokens, reallocating them (and, with aliasing, the
     /// gradients that share their allocation) when the batch is larger than any before.
@@ -69,15 +82,7 @@ impl<B: Backend> Model<B> {
         for _ in 0..n_layers {
             res.push(next());
             if !full {
-                layers.push(LayerActs {
-                    rstd1: next(),
-                    qkv: next(),
-                    att: next(),
-                    lse: next(),
-                    res_mid: next(),
-                    rstd2: next(),
-                    gu: next(),
-                });
+                layers.push(layer_acts(&mut next));
             }
         }
         // The shared layer set and the tail, each on its own, in `act_parts` order.
@@ -90,15 +95,7 @@ impl<B: Backend> Model<B> {
             .into_iter();
         let mut next = || own.next().expect("one buffer per part");
         if full {
-            layers.push(LayerActs {
-                rstd1: next(),
-                qkv: next(),
-                att: next(),
-                lse: next(),
-                res_mid: next(),
-                rstd2: next(),
-                gu: next(),
-            });
+            layers.push(layer_acts(&mut next));
         }
         res.push(next());
         self.acts = Some(Acts {
