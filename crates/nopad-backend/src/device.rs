@@ -25,6 +25,33 @@ pub enum Kind {
     Code8,
 }
 
+/// How a device counts the bytes of its buffers, for predicting [`Device::peak_memory`] without
+/// allocating (the memory plan). The CPU's defaults: every buffer counts its exact bytes, and
+/// [`Device::alloc_parts`] allocates each part on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accounting {
+    /// Each buffer counts its bytes rounded up to a multiple of this (at least one unit, even
+    /// when empty, where it is above 1): 512 on CUDA, as PyTorch counts `max_memory_allocated`.
+    pub round: usize,
+    /// Whether the parts of [`Device::alloc_parts`] share one allocation (so overlapping parts
+    /// cost their union once).
+    pub shares_parts: bool,
+    /// Whether ops take scratch buffers from the same pool as the callers' buffers (CUDA: the
+    /// cuBLASLt workspace, the output head's logits chunk, the uploaded integer arrays), so
+    /// they count towards the peak; the CPU's scratch is host memory it does not count.
+    pub pooled_scratch: bool,
+}
+
+impl Default for Accounting {
+    fn default() -> Self {
+        Accounting {
+            round: 1,
+            shares_parts: false,
+            pooled_scratch: false,
+        }
+    }
+}
+
 /// Checks the parts of [`Device::alloc_parts`]: aligned offsets, inside the allocation.
 pub(crate) fn check_parts(
     bytes: usize,
@@ -119,6 +146,15 @@ pub trait Device {
 
     /// Most bytes held by live buffers at once so far (like `torch.cuda.max_memory_allocated`).
     fn peak_memory(&self) -> usize;
+    /// Bytes of memory the device has in all (CUDA: `cuMemGetInfo`'s total), or `None` where
+    /// there is no fixed device memory to plan against (the CPU).
+    fn total_memory(&self) -> Option<usize> {
+        None
+    }
+    /// How buffers count towards [`Device::peak_memory`] (see [`Accounting`]).
+    fn accounting(&self) -> Accounting {
+        Accounting::default()
+    }
     /// Most bytes reserved from the device at once, cached free blocks included (like
     /// `torch.cuda.max_memory_reserved`); backends without a cache report [`Device::peak_memory`].
     fn peak_reserved_memory(&self) -> usize {

@@ -36,7 +36,7 @@ mod ops;
 mod optim;
 
 pub(crate) use device::check_parts;
-pub use device::{Device, Kind};
+pub use device::{Accounting, Device, Kind};
 pub use error::{BackendError, Result};
 pub use ops::{AttnDims, GradWrite, LinearDims, Ops, RopeDims};
 pub use optim::codes;

@@ -19,8 +19,9 @@ use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, I
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
 use nopad_train::{
-    accumulate, build_model, build_model_layers, evaluate, finish, pad_token_id, step_targets,
-    train_step, AdamWConfig, ModelSource, Optimizer, SingleProcess,
+    accumulate, build_model, build_model_layers, check_device, evaluate, finish, model_config,
+    pad_token_id, step_targets, train_step, AdamWConfig, ModelSource, Modes, Optimizer,
+    SingleProcess, Trained,
 };
 use serde::Serialize;
 
@@ -89,6 +90,8 @@ pub struct BenchConfig {
     pub master_weights: nopad_train::MasterPrecision,
     /// Update each group in the backward (`--optim-in-backward`; no clipping).
     pub optim_in_backward: bool,
+    /// Bytes of device memory the memory plan must fit (default: the device's total).
+    pub gpu_memory: Option<usize>,
 }
 
 /// What one strategy did.
@@ -217,20 +220,13 @@ pub fn run_strategy<B: Backend>(
     heldout: &[Example],
     mut progress: impl FnMut(u64, f64),
 ) -> Result<StrategyResult> {
-    let mut model = model(b, cfg)?;
-    model.set_recompute(cfg.recompute);
     let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1 && !cfg.optim_in_backward;
-    model.set_grad_aliasing(b, aliasing)?;
     if cfg.optim_in_backward && cfg.grad_accum != 1 {
         return Err(nopad_train::TrainError::Config(
             "--optim-in-backward takes steps of one micro-batch: use --grad-accum 1".into(),
         )
         .into());
     }
-    model.set_update_in_backward(b, cfg.optim_in_backward)?;
-    let pad_id = pad_token_id(&model.cfg);
-    let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
-    let steps_per_epoch = loader.steps_per_epoch();
     let adamw = AdamWConfig {
         weight_decay: 0.0,
         states: cfg.optim_states,
@@ -243,6 +239,14 @@ pub fn run_strategy<B: Backend>(
         },
         ..AdamWConfig::default()
     };
+    plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
+    let mut model = model(b, cfg)?;
+    model.set_recompute(cfg.recompute);
+    model.set_grad_aliasing(b, aliasing)?;
+    model.set_update_in_backward(b, cfg.optim_in_backward)?;
+    let pad_id = pad_token_id(&model.cfg);
+    let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
+    let steps_per_epoch = loader.steps_per_epoch();
     let mut opt = Optimizer::new(b, &model, adamw)?;
     if cfg.optim_in_backward {
         opt.check_group_blocks()?;
@@ -328,6 +332,42 @@ pub fn run_strategy<B: Backend>(
         losses,
         eval_loss,
     })
+}
+
+/// Prints the memory plan of a benchmark run (its largest micro-batch found by packing the
+/// steps it will time) and refuses one that cannot fit, before the model is allocated.
+fn plan_run<B: Backend>(
+    b: &B,
+    cfg: &BenchConfig,
+    strategy: Strategy,
+    train: &Arc<Vec<Example>>,
+    adamw: &AdamWConfig,
+    aliasing: bool,
+) -> Result<()> {
+    let mut mc = model_config(&cfg.model)?;
+    if let Some(l) = cfg.layers {
+        mc.num_hidden_layers = l.min(mc.num_hidden_layers).max(1);
+    }
+    let mut scan = loader(cfg, strategy, pad_token_id(&mc), train, 1)?;
+    let mut tokens = 0;
+    for _ in 0..cfg.warmup + cfg.steps {
+        let Some(step) = scan.next() else { break };
+        tokens = step
+            .batches
+            .iter()
+            .map(|x| x.tokens.len())
+            .fold(tokens, usize::max);
+    }
+    let modes = Modes {
+        states: adamw.states,
+        master: adamw.master,
+        recompute: cfg.recompute,
+        grad_aliasing: aliasing,
+        optim_in_backward: cfg.optim_in_backward,
+        trained: Trained::Full,
+    };
+    check_device(b, &mc, tokens, modes, cfg.gpu_memory, cfg.grad_accum == 1)?;
+    Ok(())
 }
 
 /// Runs `cfg.profile_steps` more steps with every op timed; returns ms per step for each op.

@@ -25,7 +25,7 @@ mod tokenize;
 pub use batch::{Batch, BatchStats, Example, Strategy, IGNORE_INDEX};
 pub use error::DataError;
 pub use load::{load_examples, LoadOptions, LoadReport, LongPolicy};
-pub use loader::{eval_batches, Loader, LoaderOptions};
+pub use loader::{eval_batches, largest_micro_batch, steps_per_epoch, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
 pub use records::Format;
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};

@@ -165,3 +165,51 @@ pub fn eval_batches(examples: &[Example], opts: &PackOptions) -> Vec<Batch> {
         })
         .collect()
 }
+
+/// The most tokens any micro-batch of the `steps` steps from `opts.start` holds, padding
+/// included: the number a memory plan sizes the activations by. Exact, because it plans and
+/// packs those very steps in the same order as the [`Loader`] (on this thread, without keeping
+/// them), at the cost of one pass over their tokens on the host.
+pub fn largest_micro_batch(
+    examples: Arc<Vec<Example>>,
+    opts: &LoaderOptions,
+    steps: u64,
+) -> Result<usize, DataError> {
+    check_options(&examples, opts)?;
+    let mut planner = Planner::new(
+        examples,
+        opts.pack.clone(),
+        opts.grad_accum,
+        opts.seed,
+        opts.shuffle,
+    );
+    let mut pos = opts.start.clone();
+    let mut most = 0;
+    for _ in 0..steps {
+        let step = planner.next_step(&pos);
+        most = step
+            .batches
+            .iter()
+            .map(|b| b.tokens.len())
+            .fold(most, usize::max);
+        pos = step.position_after;
+    }
+    Ok(most)
+}
+
+/// Optimizer steps in the epoch of `opts.start` (what [`Loader::steps_per_epoch`] reports),
+/// without starting a loader.
+pub fn steps_per_epoch(
+    examples: Arc<Vec<Example>>,
+    opts: &LoaderOptions,
+) -> Result<usize, DataError> {
+    check_options(&examples, opts)?;
+    let mut planner = Planner::new(
+        examples,
+        opts.pack.clone(),
+        opts.grad_accum,
+        opts.seed,
+        opts.shuffle,
+    );
+    Ok(planner.steps_in_epoch(opts.start.epoch))
+}

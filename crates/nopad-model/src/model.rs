@@ -28,6 +28,7 @@ use crate::recompute::Recompute;
 mod acts;
 mod grad_slots;
 pub use acts::Acts;
+pub(crate) use grad_slots::scratch_len as group_scratch_len;
 use grad_slots::GradSlots;
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward_train`] and

@@ -122,6 +122,9 @@ pub struct TrainConfig {
     pub optim_in_backward: bool,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
+    /// Bytes of device memory the memory plan must fit (`--gpu-memory`; default: the device's
+    /// own total, none on the CPU).
+    pub gpu_memory: Option<usize>,
     /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
     /// checkpoint and stops.
     pub interrupt: Option<Interrupt>,
@@ -178,6 +181,7 @@ impl TrainConfig {
             grad_aliasing: true,
             optim_in_backward: false,
             progress: true,
+            gpu_memory: None,
             interrupt: None,
             nan_at_step: None,
             save_delay: None,

@@ -10,7 +10,8 @@
 //! asked ([`Optimizer::update_group`]); [`Collective`] is what ranks exchange ([`SingleProcess`]
 //! for one). Other modules: `config`, `schedule`, `records` (step and eval records, the run's
 //! history, [`Summary`]), `identity` (what must match to resume), `signals` (SIGINT/SIGTERM → a
-//! graceful stop), `runlog` (the JSON-lines log), `error`.
+//! graceful stop), `runlog` (the JSON-lines log), `plan` (the memory plan: predicted peak by kind, what fits),
+//! `error`.
 //!
 //! Every module is private and the API is the `pub use` block below, except [`checkpoint`]: the
 //! checkpoint directory format, whose free functions (`latest`, `load_state`, …) read best
@@ -26,6 +27,7 @@ mod eval;
 mod identity;
 mod optimizer;
 mod out_lock;
+mod plan;
 mod records;
 mod runlog;
 mod schedule;
@@ -45,6 +47,11 @@ pub use optimizer::{
     MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
 };
 pub use out_lock::{OutLock, LOCK_FILE};
+pub use plan::{
+    check_device, check_fits, gib, is_out_of_memory, largest_fitting, largest_micro_batch,
+    last_plan, mode_grid, modes_of, parse_gib, plan, print_plan_for_out_of_memory, table,
+    DeviceSizes, Modes, Plan, Trained, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
+};
 pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
 pub use session::{

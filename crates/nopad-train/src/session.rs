@@ -216,6 +216,27 @@ pub(crate) struct Session<B: Backend> {
     pub _lock: Option<OutLock>,
 }
 
+/// The run's total steps and steps per epoch, `spe` being the loader's start epoch's. A resumed
+/// run takes both from the checkpoint: `offline` counts the steps of the loader's start epoch,
+/// which may differ from those of epoch 0 the first session counted.
+fn run_length(
+    tc: &TrainConfig,
+    resume: &Option<(std::path::PathBuf, crate::checkpoint::TrainerState)>,
+    spe: usize,
+) -> (u64, usize) {
+    match resume {
+        Some((_, st)) => (st.schedule.total, st.steps_per_epoch),
+        None => {
+            let total = match (tc.steps, tc.epochs) {
+                (Some(s), _) => s,
+                (None, Some(e)) => (e * spe as f64).ceil().max(1.0) as u64,
+                (None, None) => spe as u64,
+            };
+            (total, spe)
+        }
+    }
+}
+
 impl<B: Backend> Session<B> {
     /// Opens a session: resume, model, data, identity, loader, schedule, optimizer.
     pub fn open(b: &B, tc: &TrainConfig) -> Result<Self> {
@@ -224,37 +245,29 @@ impl<B: Backend> Session<B> {
         let lock = tc.out.as_deref().map(OutLock::acquire).transpose()?;
         let mut notes = vec![];
         let resume = find_resume(tc, &mut notes)?;
-        let (mut model, model_desc) = match &resume {
-            None => build_model(b, &tc.model, tc.seed)?,
-            // The weights come from the checkpoint: skip the initialisation or the HF load.
-            Some(_) => {
-                let what = match &tc.model {
-                    ModelSource::Preset(name) => format!("preset {name}"),
-                    ModelSource::Dir(d) => d.display().to_string(),
-                };
-                let desc = format!("{what} (weights from the checkpoint)");
-                (Model::new(b, model_config(&tc.model)?)?, desc)
-            }
-        };
-        model.set_recompute(tc.recompute);
-        model.set_grad_aliasing(
-            b,
-            tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward,
-        )?;
-        model.set_update_in_backward(b, tc.optim_in_backward)?;
-        if tc.optim_in_backward {
-            notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());
-        }
+        // The data first: the memory plan needs its largest micro-batch, and a run that cannot
+        // fit is refused before the model is allocated.
+        let cfg = model_config(&tc.model)?;
         let model_dir = model_dir(tc);
-        let (examples, data_notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
+        let (examples, data_notes) = load_data(&tc.data, &cfg, model_dir, tc)?;
         stop_if_asked(tc)?;
         notes.extend(data_notes);
-        if tc.strategy == Strategy::Concat {
-            notes.push("strategy concat: attention crosses examples and positions continue; training is NOT equivalent to padding (shown for comparison only)".into());
-        }
+        let pack = crate::plan::pack_options(tc, &cfg);
+        let examples = Arc::new(examples);
+        let loader_opts = LoaderOptions {
+            pack: pack.clone(),
+            grad_accum: tc.grad_accum,
+            seed: tc.seed,
+            shuffle: true,
+            start: resume
+                .as_ref()
+                .map(|(_, st)| st.data_position.clone())
+                .unwrap_or_default(),
+            prefetch: 4,
+        };
         // Only a run that saves or resumes needs its identity (hashing a big data file takes time).
         let identity = if tc.out.is_some() || resume.is_some() {
-            Some(RunIdentity::new(tc, &model.cfg, &examples)?)
+            Some(RunIdentity::new(tc, &cfg, &examples)?)
         } else {
             None
         };
@@ -277,52 +290,65 @@ impl<B: Backend> Session<B> {
             };
             check_state(dir, st, &facts)?;
         }
+        // Only now that the checkpoint's state is known to be sound (its step counts bound the
+        // scan below), the memory plan, then the model.
+        // The steps this session runs, packed once on the host: their largest micro-batch.
+        let spe = nopad_data::steps_per_epoch(Arc::clone(&examples), &loader_opts)?;
+        if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
+            check_schedule(
+                dir,
+                st,
+                id,
+                (tc.strategy != Strategy::Offline).then_some(spe),
+            )?;
+        }
+        let (total, steps_per_epoch) = run_length(tc, &resume, spe);
         let start_step = resume.as_ref().map_or(0, |(_, st)| st.step);
+        let last = tc.stop_after.map_or(total, |s| s.min(total));
+        let tokens = nopad_data::largest_micro_batch(
+            Arc::clone(&examples),
+            &loader_opts,
+            last.saturating_sub(start_step),
+        )?;
+        crate::plan::check_device(
+            b,
+            &cfg,
+            tokens,
+            crate::plan::modes_of(tc),
+            tc.gpu_memory,
+            tc.grad_accum == 1,
+        )?;
+        let (mut model, model_desc) = match &resume {
+            None => build_model(b, &tc.model, tc.seed)?,
+            // The weights come from the checkpoint: skip the initialisation or the HF load.
+            Some(_) => {
+                let what = match &tc.model {
+                    ModelSource::Preset(name) => format!("preset {name}"),
+                    ModelSource::Dir(d) => d.display().to_string(),
+                };
+                let desc = format!("{what} (weights from the checkpoint)");
+                (Model::new(b, model_config(&tc.model)?)?, desc)
+            }
+        };
+        model.set_recompute(tc.recompute);
+        model.set_grad_aliasing(
+            b,
+            tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward,
+        )?;
+        model.set_update_in_backward(b, tc.optim_in_backward)?;
+        if tc.optim_in_backward {
+            notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());
+        }
+        if tc.strategy == Strategy::Concat {
+            notes.push("strategy concat: attention crosses examples and positions continue; training is NOT equivalent to padding (shown for comparison only)".into());
+        }
         if let Some(n) = tc.stop_after.filter(|&n| n <= start_step) {
             return Err(TrainError::Config(format!(
                 "`stop-after` {n}: the checkpoint is already at step {start_step}"
             )));
         }
         let n_examples = examples.len();
-        let pack = PackOptions {
-            strategy: tc.strategy,
-            batch_size: tc.batch_size,
-            max_len: tc.max_len,
-            pad_token_id: pad_token_id(&model.cfg),
-            group_by_length: tc.group_by_length,
-        };
-        let loader = Loader::new(
-            Arc::new(examples),
-            LoaderOptions {
-                pack: pack.clone(),
-                grad_accum: tc.grad_accum,
-                seed: tc.seed,
-                shuffle: true,
-                start: resume
-                    .as_ref()
-                    .map(|(_, st)| st.data_position.clone())
-                    .unwrap_or_default(),
-                prefetch: 4,
-            },
-        )?;
-        // A resumed run takes its length from the checkpoint: `offline` counts the steps of the
-        // loader's start epoch, which may differ from those of epoch 0 the first session counted.
-        let (total, steps_per_epoch) = match &resume {
-            Some((_, st)) => (st.schedule.total, st.steps_per_epoch),
-            None => {
-                let spe = loader.steps_per_epoch();
-                let total = match (tc.steps, tc.epochs) {
-                    (Some(s), _) => s,
-                    (None, Some(e)) => (e * spe as f64).ceil().max(1.0) as u64,
-                    (None, None) => spe as u64,
-                };
-                (total, spe)
-            }
-        };
-        if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
-            let spe = (tc.strategy != Strategy::Offline).then(|| loader.steps_per_epoch());
-            check_schedule(dir, st, id, spe)?;
-        }
+        let loader = Loader::new(examples, loader_opts)?;
         let schedule = Schedule {
             lr: tc.lr,
             min_lr: tc.min_lr,

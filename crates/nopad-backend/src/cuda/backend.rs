@@ -292,6 +292,20 @@ impl Device for Cuda {
             .trim()
     }
 
+    fn total_memory(&self) -> Option<usize> {
+        // The context is current on this thread's device; a failed query plans against nothing.
+        self.ctx.bind_to_thread().ok()?;
+        cu::mem_get_info().ok().map(|(_, total)| total)
+    }
+
+    fn accounting(&self) -> crate::Accounting {
+        crate::Accounting {
+            round: super::memory::LIVE_ROUND,
+            shares_parts: true,
+            pooled_scratch: true,
+        }
+    }
+
     fn peak_reserved_memory(&self) -> usize {
         self.pool
             .lock()

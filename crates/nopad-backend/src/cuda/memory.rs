@@ -62,8 +62,11 @@ impl Dtype {
 /// What a request counts towards the live peak: its size rounded up to 512 bytes, as PyTorch's
 /// caching allocator counts `max_memory_allocated` (not the size of the block that serves it).
 fn live_bytes(bytes: usize) -> usize {
-    bytes.max(1).div_ceil(512) * 512
+    bytes.max(1).div_ceil(LIVE_ROUND) * LIVE_ROUND
 }
+
+/// The unit [`live_bytes`] rounds to (`Accounting::round`).
+pub(crate) const LIVE_ROUND: usize = 512;
 
 /// Size class of a request: 16 classes per power of two, so at most 1/8 of a request is padding
 /// (above 8 KiB).

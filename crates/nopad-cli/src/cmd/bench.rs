@@ -104,6 +104,9 @@ pub struct BenchArgs {
     /// gradient clipping; steps of one micro-batch).
     #[arg(long)]
     pub optim_in_backward: bool,
+    /// Device memory in GiB the memory plan must fit (default: the device's total).
+    #[arg(long, value_name = "GIB", value_parser = nopad_train::parse_gib)]
+    pub gpu_memory: Option<usize>,
     /// After the run, time this many more steps op by op and print the breakdown.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: u64,
@@ -176,7 +179,20 @@ impl Job for StrategyJob<'_> {
             |k, loss| {
                 eprint!("\r  {name:<8} step {k}/{total}  loss {loss:.4}   ");
             },
-        )?;
+        )
+        .inspect_err(|e| {
+            use nopad_backend::BackendError::OutOfMemory;
+            use nopad_bench::BenchError as E;
+            if match e {
+                E::Train(t) => nopad_train::is_out_of_memory(t),
+                E::Model(nopad_model::ModelError::Backend(OutOfMemory { .. })) => true,
+                E::Backend(OutOfMemory { .. }) => true,
+                _ => false,
+            } {
+                eprintln!();
+                nopad_train::print_plan_for_out_of_memory();
+            }
+        })?;
         eprintln!();
         Ok(r)
     }
@@ -217,6 +233,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         optim_states: a.optim_states,
         master_weights: a.master_weights,
         optim_in_backward: a.optim_in_backward,
+        gpu_memory: a.gpu_memory,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.

@@ -2,11 +2,13 @@
 //!
 //! Glue only: loads the file with nopad-data's loader (same formats, masking and long policy as
 //! training), asks `strategy_stats` for every strategy's epoch, and prints text, JSON or an SVG
-//! histogram.
+//! histogram. With `--gpu-memory GIB` also the memory plan of `--model` (a directory or a
+//! preset) on a CUDA device of that size, for every mode worth comparing (nopad-train's
+//! `plan`), with the largest micro-batch each fits.
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, ensure, Context};
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{load_examples, strategy_stats, PackOptions, Strategy};
 
@@ -24,9 +26,15 @@ pub struct StatsArgs {
     /// Seed of the synthetic examples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Model directory with tokenizer.json and tokenizer_config.json (needed for text formats).
+    /// Model directory with tokenizer.json and tokenizer_config.json (needed for text formats),
+    /// or, for the memory plan only, a preset name.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
+    /// Print the memory plan of `--model` on a CUDA device of this many GiB (bf16 weights):
+    /// every optimizer-state, master-weight and recomputation mode, with the largest
+    /// micro-batch in tokens that fits each.
+    #[arg(long, value_name = "GIB", value_parser = nopad_train::parse_gib)]
+    pub gpu_memory: Option<usize>,
     /// Longest example (and row length for concat and offline).
     #[arg(long, value_name = "N")]
     pub max_len: usize,
@@ -59,7 +67,16 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
     let mut opts = args.loader.options(args.max_len);
     opts.vocab_size = args.vocab_size;
-    opts.tokenizer_dir = args.model.clone();
+    // A preset name is not a tokenizer directory.
+    let preset = args
+        .model
+        .as_ref()
+        .filter(|m| !m.is_dir())
+        .and_then(|m| m.to_str())
+        .and_then(nopad_model::Config::preset);
+    if preset.is_none() {
+        opts.tokenizer_dir = args.model.clone();
+    }
     let synthetic = match args.data.to_str() {
         Some("synthetic-flan") => Some(LengthDist::FlanLike),
         Some("synthetic-orcamath") => Some(LengthDist::OrcaMathLike),
@@ -110,5 +127,50 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     } else {
         println!("{report}");
     }
+    if let Some(budget) = args.gpu_memory {
+        let cfg = match (preset, &args.model) {
+            (Some(cfg), _) => cfg,
+            (None, Some(dir)) => nopad_model::weights::read_config(dir)?,
+            (None, None) => bail!("--gpu-memory needs --model (a model directory or a preset)"),
+        };
+        let text = memory_table(&cfg, &examples, &pack, args.grad_accum, budget);
+        // JSON output stays one object on stdout; the table then goes to stderr.
+        if args.json {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
     Ok(())
+}
+
+/// The memory plan of every mode worth comparing, on a CUDA device of `budget` bytes, at the
+/// largest `flatten` micro-batch of the data.
+fn memory_table(
+    cfg: &nopad_model::Config,
+    examples: &[nopad_data::Example],
+    pack: &PackOptions,
+    grad_accum: usize,
+    budget: usize,
+) -> String {
+    use nopad_train::{Modes, Trained};
+    let tokens = nopad_train::largest_micro_batch(examples, pack);
+    let one = grad_accum == 1;
+    // bf16 gradients when a step is one micro-batch, as `--grad-dtype auto` chooses.
+    let dev = nopad_train::DeviceSizes::cuda_bf16(one);
+    let base = Modes {
+        states: nopad_train::StatePrecision::F32,
+        master: nopad_train::MasterPrecision::F32,
+        recompute: nopad_model::Recompute::None,
+        grad_aliasing: one,
+        optim_in_backward: false,
+        trained: Trained::Full,
+    };
+    let grid = nopad_train::mode_grid(base, one);
+    format!(
+        "memory plan on a {} CUDA device (bf16, {} gradients), largest flatten micro-batch {tokens} tokens; sizes in GiB:\n{}",
+        nopad_train::gib(budget),
+        if one { "bf16" } else { "fp32" },
+        nopad_train::table(cfg, tokens, &grid, &dev, budget)
+    )
 }

@@ -180,6 +180,10 @@ pub struct TrainArgs {
     /// Never draw a progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_progress: Option<bool>,
+    /// Device memory in GiB the memory plan must fit (default: the device's total; the CPU
+    /// has none, so no check unless given). The plan is printed before step 1.
+    #[arg(long, value_name = "GIB")]
+    pub gpu_memory: Option<f64>,
     /// Test only: poison step N's gradients with NaN.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -253,7 +257,8 @@ impl TrainArgs {
             grad_dtype,
             recompute,
             no_grad_aliasing,
-            no_progress
+            no_progress,
+            gpu_memory
         )
     }
 
@@ -406,6 +411,12 @@ impl TrainArgs {
         c.progress = !a.no_progress.unwrap_or(false);
         c.recompute = a.recompute.unwrap_or_default();
         c.grad_aliasing = !a.no_grad_aliasing.unwrap_or(false);
+        if let Some(g) = a.gpu_memory {
+            c.gpu_memory = Some(
+                nopad_train::parse_gib(&g.to_string())
+                    .map_err(|e| anyhow::anyhow!("`gpu-memory`: {e}"))?,
+            );
+        }
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
         let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
             .map_err(|e| anyhow::anyhow!("`dtype`: {e}"))?;
@@ -422,7 +433,11 @@ impl Job for TrainJob {
     type Out = nopad_train::Summary;
     fn run<B: Backend>(self, b: &B) -> Result<Self::Out> {
         eprintln!("nopad: training on {}", b.describe());
-        Ok(nopad_train::train(b, &self.0, |_| {})?)
+        Ok(nopad_train::train(b, &self.0, |_| {}).inspect_err(|e| {
+            if nopad_train::is_out_of_memory(e) {
+                nopad_train::print_plan_for_out_of_memory();
+            }
+        })?)
     }
 }
 

@@ -6,9 +6,10 @@ use std::ops::Range;
 use nopad_backend::{Backend, Kind};
 
 use super::{GradState, Model};
-use crate::arena::{self, align_up};
+use crate::arena;
 use crate::error::{ModelError, Result};
 use crate::layer::{LayerActs, Scratch};
+use crate::memory;
 use crate::recompute::Recompute;
 
 /// All activation buffers, sized for `cap` tokens.
@@ -25,6 +26,19 @@ pub struct Acts<B: Backend> {
     pub rstdf: B::Buf,
     /// Buffers the layers share.
     pub s: Scratch<B>,
+}
+
+/// One layer's saved activations from the next seven buffers, in `memory::act_parts` order.
+fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
+    LayerActs {
+        rstd1: next(),
+        qkv: next(),
+        att: next(),
+        lse: next(),
+        res_mid: next(),
+        rstd2: next(),
+        gu: next(),
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -59,82 +73,47 @@ impl<B: Backend> Model<B> {
             // than keep them reserved (a few times per run, as the largest batch grows).
             b.release_cached()?;
         }
-        let c = &self.cfg;
-        let (d, f, h) = (c.hidden_size, c.intermediate_size, c.num_attention_heads);
-        let (w, hd, n_layers) = (c.qkv_width(), h * c.head_dim, c.num_hidden_layers);
-        let (big, stat) = (Kind::Compute, Kind::Master);
-        let mode = self.recompute;
-        let gu_len = |on: bool| if on { 2 * f } else { 0 };
-        // What one layer saves, in `LayerActs` field order.
-        let layer_parts = |l: usize| {
-            [
-                (cap, stat),
-                (cap * w, big),
-                (cap * hd, big),
-                (cap * h, stat),
-                (cap * d, big),
-                (cap, stat),
-                (cap * gu_len(!mode.mlp_in_layer(l)), big),
-            ]
-        };
-        // Slot l: res[l], then (unless one shared set serves every layer) the layer's parts.
-        let slot_parts: Vec<Vec<(usize, Kind)>> = (0..n_layers)
-            .map(|l| {
-                let mut v = vec![(cap * d, big)];
-                if !full {
-                    v.extend(layer_parts(l));
-                }
-                v
-            })
-            .collect();
-        let mut bufs = self.alloc_slots(b, &slot_parts)?.into_iter();
+        let parts = memory::act_parts(&self.cfg, cap, self.recompute);
+        let mut bufs = self.alloc_slots(b, &parts.slots)?.into_iter();
+        let n_layers = self.cfg.num_hidden_layers;
         let mut res = Vec::with_capacity(n_layers + 1);
         let mut layers = Vec::with_capacity(slots);
         let mut next = || bufs.next().expect("one buffer per part");
         for _ in 0..n_layers {
             res.push(next());
             if !full {
-                layers.push(LayerActs {
-                    rstd1: next(),
-                    qkv: next(),
-                    att: next(),
-                    lse: next(),
-                    res_mid: next(),
-                    rstd2: next(),
-                    gu: next(),
-                });
+                layers.push(layer_acts(&mut next));
             }
         }
-        let one = |len: usize, kind: Kind| b.alloc(len, kind);
+        // The shared layer set and the tail, each on its own, in `act_parts` order.
+        let mut own = parts
+            .shared_layer
+            .iter()
+            .chain(&parts.tail)
+            .map(|&(len, kind)| b.alloc(len, kind))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter();
+        let mut next = || own.next().expect("one buffer per part");
         if full {
-            let [r1, qkv, att, lse, rm, r2, gu] = layer_parts(0);
-            layers.push(LayerActs {
-                rstd1: one(r1.0, r1.1)?,
-                qkv: one(qkv.0, qkv.1)?,
-                att: one(att.0, att.1)?,
-                lse: one(lse.0, lse.1)?,
-                res_mid: one(rm.0, rm.1)?,
-                rstd2: one(r2.0, r2.1)?,
-                gu: one(gu.0, gu.1)?,
-            });
+            layers.push(layer_acts(&mut next));
         }
-        res.push(one(cap * d, big)?);
+        res.push(next());
         self.acts = Some(Acts {
             cap,
             res,
             layers,
-            hf: one(cap * d, big)?,
-            rstdf: one(cap, stat)?,
+            hf: next(),
+            rstdf: next(),
             s: Scratch {
-                h: one(cap * d, big)?,
-                a: one(cap * f, big)?,
-                rstd_tmp: one(cap, stat)?,
-                d_res: one(cap * d, big)?,
-                d_h: one(cap * d, big)?,
-                d_qkv: one(cap * w, big)?,
-                d_att: one(cap * hd, big)?,
-                d_a: one(cap * f, big)?,
-                gu: one(cap * gu_len(mode.mlp_in_layer(0)), big)?,
+                h: next(),
+                a: next(),
+                rstd_tmp: next(),
+                d_res: next(),
+                d_h: next(),
+                d_qkv: next(),
+                d_att: next(),
+                d_a: next(),
+                gu: next(),
             },
         });
         Ok(())
@@ -150,35 +129,15 @@ impl<B: Backend> Model<B> {
                 .map(|&(len, kind)| Ok(b.alloc(len, kind)?))
                 .collect();
         }
-        // Offsets inside each slot, and the slot sizes.
-        let mut rel = Vec::new();
-        let mut sizes = Vec::new();
-        for parts in slots {
-            let mut at = 0;
-            let mut offs = Vec::new();
-            for &(len, kind) in parts {
-                offs.push(at);
-                at += align_up(len * b.kind_size(kind));
-            }
-            rel.push(offs);
-            sizes.push(at);
-        }
+        let (rel, sizes) = memory::slot_bytes(slots, |k| b.kind_size(k));
         let g = b.kind_size(Kind::Grad);
         let live = |l: usize| -> Vec<Range<usize>> {
-            self.grads_written_above(l)
+            memory::grads_written_above(&self.layout, l)
                 .into_iter()
                 .map(|r| r.start * g..r.end * g)
                 .collect()
         };
-        let limit: Vec<usize> = (0..slots.len())
-            .map(|l| {
-                live(l)
-                    .iter()
-                    .map(|r| r.start)
-                    .min()
-                    .unwrap_or(usize::MAX / 4)
-            })
-            .collect();
+        let limit = memory::grad_limits(&self.layout, g);
         let total = self.layout.total;
         let p = arena::place(&sizes, &limit, total * g);
         if !arena::disjoint(&p, &sizes, live) {
@@ -196,26 +155,5 @@ impl<B: Backend> Model<B> {
         let mut bufs = b.alloc_parts(p.bytes, &parts)?;
         self.grads = bufs.pop().expect("the gradients' part");
         Ok(bufs)
-    }
-
-    /// Element ranges of the gradients written while layer `l`'s activations are still to be
-    /// read: those of layers `l..`, the output head (written in the forward) and the final norm.
-    /// An untied embedding's is written after every layer's backward.
-    fn grads_written_above(&self, l: usize) -> Vec<Range<usize>> {
-        let lay = &self.layout;
-        let mut v = vec![lay.lm_head.clone(), lay.norm.clone()];
-        for lr in &lay.layers[l..] {
-            v.extend([
-                lr.qkv_w.clone(),
-                lr.o_w.clone(),
-                lr.gate_up_w.clone(),
-                lr.down_w.clone(),
-                lr.ln1.clone(),
-                lr.ln2.clone(),
-            ]);
-            v.extend(lr.qkv_b.clone());
-            v.extend(lr.o_b.clone());
-        }
-        v
     }
 }

@@ -110,6 +110,11 @@ impl GradSlots {
     }
 }
 
+/// Elements of the one-group gradient scratch of `layout` (what the memory plan counts).
+pub(crate) fn scratch_len(layout: &Layout) -> usize {
+    GradSlots::new(layout).len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
