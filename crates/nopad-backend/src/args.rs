@@ -126,8 +126,8 @@ pub struct RmsNormBwd<'a, B: Device + ?Sized + 'a> {
     /// `[N, D]`, accumulated: the residual stream's gradient arrives from the skip connection
     /// and from the norm.
     pub dx: B::Mut<'a>,
-    /// `[D]` Grad, written as `write` says.
-    pub d_weight: B::Mut<'a>,
+    /// `[D]` Grad, written as `write` says; None: a frozen weight (only `dx` is computed).
+    pub d_weight: Option<B::Mut<'a>>,
     /// `[N, D]`.
     pub dy: B::Ref<'a>,
     /// `[N, D]`, the forward's input.
@@ -237,5 +237,62 @@ pub struct LmHeadLoss<'a, B: Device + ?Sized + 'a> {
     /// across micro-batches.
     pub grad_scale: f32,
     /// How `d_w` is written.
+    pub write: GradWrite,
+}
+
+/// Arguments of [`crate::Ops::add_columns`]: `y[t, c0 + j] += s · x[t, j]` for `j < w`: an
+/// adapter's output added into its columns of a fused projection (q, k or v of `qkv`; gate or
+/// up of `gu`; all of `o_proj`'s or `down_proj`'s).
+pub struct AddColumns<'a, B: Device + ?Sized + 'a> {
+    /// `[N, stride]`, columns `c0..c0 + w` accumulated, the others untouched.
+    pub y: B::Mut<'a>,
+    /// `[N, w]`.
+    pub x: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// Row length of `y`.
+    pub stride: usize,
+    /// First column.
+    pub c0: usize,
+    /// Columns w.
+    pub w: usize,
+    /// Scale s.
+    pub s: f32,
+}
+
+/// Arguments of [`crate::Ops::gather_columns`]: `y[t, j] = s · x[t, c0 + j]` for `j < w`, the
+/// counterpart of [`AddColumns`] in the backward (an adapter's share of a fused gradient).
+pub struct GatherColumns<'a, B: Device + ?Sized + 'a> {
+    /// `[N, w]`, overwritten.
+    pub y: B::Mut<'a>,
+    /// `[N, stride]`.
+    pub x: B::Ref<'a>,
+    /// Rows N.
+    pub n: usize,
+    /// Row length of `x`.
+    pub stride: usize,
+    /// First column.
+    pub c0: usize,
+    /// Columns w.
+    pub w: usize,
+    /// Scale s.
+    pub s: f32,
+}
+
+/// Arguments of [`crate::Ops::dropout`]: `y[i] (+)= keep(seed, i) ? x[i] / (1 − p) : 0` for
+/// `i < n`. The mask is a counter-based hash of `(seed, i)` ([`crate::dropout_keep`]), identical
+/// on every backend, so the backward regenerates it from the seed instead of saving it.
+pub struct Dropout<'a, B: Device + ?Sized + 'a> {
+    /// `[n]`, written as `write` says (the backward adds the masked gradient into `dx`).
+    pub y: B::Mut<'a>,
+    /// `[n]`.
+    pub x: B::Ref<'a>,
+    /// Elements n.
+    pub n: usize,
+    /// Drop probability p, in `[0, 1)`.
+    pub p: f32,
+    /// The mask's seed (one per step, layer and module).
+    pub seed: u64,
+    /// `Overwrite` in the forward, `Accumulate` in the backward.
     pub write: GradWrite,
 }

@@ -349,7 +349,7 @@ pub(crate) fn backward<B: Backend>(
     prof.mark(b, "gate_up_proj bwd")?;
     b.rmsnorm_backward(RmsNormBwd {
         dx: b.view_mut(&mut acts.d_res, nd.clone()),
-        d_weight: b.view_mut(g, gr.ln2.clone()),
+        d_weight: Some(b.view_mut(g, gr.ln2.clone())),
         dy: b.view(&acts.d_h, nd.clone()),
         x: b.view(&la.res_mid, nd.clone()),
         weight: b.view(p, lr.ln2.clone()),
@@ -425,7 +425,7 @@ pub(crate) fn backward<B: Backend>(
     prof.mark(b, "qkv_proj bwd")?;
     b.rmsnorm_backward(RmsNormBwd {
         dx: b.view_mut(&mut acts.d_res, nd.clone()),
-        d_weight: b.view_mut(g, gr.ln1.clone()),
+        d_weight: Some(b.view_mut(g, gr.ln1.clone())),
         dy: b.view(&acts.d_h, nd.clone()),
         x: b.view(res_in, nd.clone()),
         weight: b.view(p, lr.ln1.clone()),

@@ -581,7 +581,7 @@ impl<B: Backend> Model<B> {
         prof.mark(b, "zero bwd")?;
         b.rmsnorm_backward(RmsNormBwd {
             dx: b.view_mut(&mut acts.s.d_res, nd.clone()),
-            d_weight: b.view_mut(g, slots.map_or(&self.layout.norm, |s| &s.norm).clone()),
+            d_weight: Some(b.view_mut(g, slots.map_or(&self.layout.norm, |s| &s.norm).clone())),
             dy: b.view(&acts.s.d_h, nd.clone()),
             x: b.view(&acts.res[c.num_hidden_layers], nd.clone()),
             weight: b.view(p, self.layout.norm.clone()),

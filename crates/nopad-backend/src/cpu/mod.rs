@@ -6,6 +6,7 @@
 //! work stealing, so two runs with the same inputs give bit-identical results (exact resume needs
 //! this).
 
+mod adapter;
 mod attention;
 mod layers;
 mod linear;
@@ -17,8 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, EmbeddingBwd, EmbeddingFwd, LinearBwd, LinearFwd, LmHeadLoss,
-    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddColumns, AddRmsNormFwd, AttnBwd, AttnFwd, Dropout, EmbeddingBwd, EmbeddingFwd,
+    GatherColumns, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd,
+    SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
@@ -319,6 +321,15 @@ impl<T: Scalar> Ops for Cpu<T> {
     fn sum_squares(&self, x: &[T], n: usize) -> Result<f64> {
         check_len("sum_squares", "x", x.len(), n)?;
         Ok(layers::sum_squares(&x[..n]))
+    }
+    fn add_columns(&self, a: AddColumns<'_, Self>) -> Result<()> {
+        adapter::add_columns(a)
+    }
+    fn gather_columns(&self, a: GatherColumns<'_, Self>) -> Result<()> {
+        adapter::gather_columns(a)
+    }
+    fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
+        adapter::dropout(a)
     }
     fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
         layers::embedding_forward(a)
