@@ -12,6 +12,7 @@ pub mod config;
 mod error;
 mod layer;
 pub mod layout;
+pub mod lora;
 mod model;
 pub mod profile;
 mod recompute;
