@@ -29,7 +29,7 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
-    fn torch_name(self) -> &'static str {
+    pub(crate) fn torch_name(self) -> &'static str {
         match self {
             SaveDtype::F32 => "float32",
             SaveDtype::Bf16 => "bfloat16",
@@ -93,7 +93,7 @@ pub fn read_config(dir: &Path) -> Result<Config> {
     Ok(cfg)
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let c2 = |b: &[u8]| [b[0], b[1]];
     Some(match dtype {
         Dtype::F32 => bytes
@@ -382,7 +382,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
-fn encode(vals: &[f32], dtype: SaveDtype) -> Vec<u8> {
+pub(crate) fn encode(vals: &[f32], dtype: SaveDtype) -> Vec<u8> {
     match dtype {
         SaveDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         SaveDtype::Bf16 => vals

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use super::{LoraConfig, Target};
 use crate::config::Config;
-use crate::layout::{GroupKind, ParamGroup, TensorSpec};
+use crate::layout::{GroupKind, LayerRanges, ParamGroup, TensorSpec};
 
 /// The prefix PEFT gives every tensor of a causal LM's adapter.
 pub const PEFT_PREFIX: &str = "base_model.model.model.layers.";
@@ -33,6 +33,18 @@ pub struct ModuleSpec {
     pub c0: usize,
     /// The fused output's row length.
     pub stride: usize,
+}
+
+impl ModuleSpec {
+    /// The base weight matrix (`[stride, in]`) whose rows `c0..c0 + out` this adapter adapts.
+    pub fn base_weight(&self, lr: &LayerRanges) -> Range<usize> {
+        match self.target {
+            Target::Q | Target::K | Target::V => lr.qkv_w.clone(),
+            Target::O => lr.o_w.clone(),
+            Target::Gate | Target::Up => lr.gate_up_w.clone(),
+            Target::Down => lr.down_w.clone(),
+        }
+    }
 }
 
 /// The adapter's layout.

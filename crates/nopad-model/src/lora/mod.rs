@@ -11,10 +11,14 @@
 pub(crate) mod apply;
 mod init;
 pub mod layout;
+mod merge;
+pub mod peft;
 
 pub(crate) use apply::{LayerPass, LoraScratch};
 pub use init::init_adapter;
 pub use layout::{AdapterLayout, ModuleSpec};
+pub use merge::merge;
+pub use peft::{load_adapter, read_adapter_config, save_adapter};
 
 use crate::error::{ModelError, Result};
 
@@ -149,3 +153,5 @@ impl LoraConfig {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_peft;

@@ -13,7 +13,7 @@ use crate::tests::{
 };
 use crate::{Config, Model, Recompute};
 
-fn lora_cfg(r: usize, dropout: f32, targets: &[Target]) -> LoraConfig {
+pub(super) fn lora_cfg(r: usize, dropout: f32, targets: &[Target]) -> LoraConfig {
     LoraConfig {
         r,
         alpha: 2.0 * r as f64 + 1.0,
@@ -26,7 +26,7 @@ fn lora_cfg(r: usize, dropout: f32, targets: &[Target]) -> LoraConfig {
 
 /// A LoRA model over the base of `crate::tests::model(cfg, seed)`, with PEFT's initialisation
 /// and, with `random_b`, B drawn too (a fresh B = 0 would give A no gradient to check).
-fn lora_model<T: Scalar>(
+pub(super) fn lora_model<T: Scalar>(
     b: &Cpu<T>,
     cfg: Config,
     lora: LoraConfig,
