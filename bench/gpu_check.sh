@@ -18,8 +18,12 @@
 #   --test PATH         a GPU test executable to run (repeatable; run with --test-threads=1)
 #   --flash-check       run the flash kernel check on all shapes (command: FLASH_CHECK below)
 #   --seed N            seed for the flash check             (default: today's date, YYYYMMDD)
-#   --row NAME          a bench row, repeatable: flan-1b, orca-1b, flan-7b8, orca-7b8 (see ROWS)
+#   --row NAME          a bench row, repeatable: flan-1b, orca-1b, flan-7b8, orca-7b8, flan-8b,
+#                       flan-7b (see ROWS)
 #   --bench-args "..."  extra flags for every bench row (e.g. "--profile-steps 3")
+#   --mode LABEL=FLAGS  run every row once more per mode with FLAGS added, labelled ROW-LABEL
+#                       (repeatable; e.g. --mode q8ib="--optim-states 8bit --optim-in-backward");
+#                       without any, each row runs once, labelled ROW-new
 #   --hf MODES          also run HF on each row with the new binary: HF_MODES of side_by_side.sh,
 #                       e.g. "flatten" or "pad flatten flatten-amp parity"
 #   --resume            exact resume: 30 steps straight vs 15 + resume, losses compared bit for bit
@@ -40,12 +44,14 @@ declare -A ROWS=(
   [orca-1b]="--model llama-3.2-1b --data synthetic-orcamath --examples 1000 --batch-size 8 --max-len 4096 --strategies flatten --warmup 3 --steps 15"
   [flan-7b8]="--model llama-2-7b --layers 8 --data synthetic-flan --examples 1500 --batch-size 16 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
   [orca-7b8]="--model llama-2-7b --layers 8 --data synthetic-orcamath --examples 800 --batch-size 8 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
+  [flan-8b]="--model llama-3.1-8b --data synthetic-flan --examples 1000 --batch-size 16 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
+  [flan-7b]="--model llama-2-7b --data synthetic-flan --examples 1000 --batch-size 16 --max-len 4096 --strategies flatten --warmup 3 --steps 12"
 )
 
 usage() { sed -n '/^# Usage/,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 nopad=.device/gpu/nopad old="" seed=$(date -u +%Y%m%d) bench_args="" hf="" flash=0 resume=0
-tests=() rows=()
+tests=() rows=() modes=()
 while [ $# -gt 0 ]; do
   case $1 in
     --nopad) nopad=${2:?}; shift ;;
@@ -55,6 +61,7 @@ while [ $# -gt 0 ]; do
     --seed) seed=${2:?}; shift ;;
     --row) rows+=("${2:?}"); shift ;;
     --bench-args) bench_args=${2:?}; shift ;;
+    --mode) modes+=("${2:?}"); shift ;;
     --hf) hf=${2:?}; shift ;;
     --resume) resume=1 ;;
     -h|--help) usage ;;
@@ -104,15 +111,19 @@ fi
 
 # 3. Bench rows. With --hf the new binary's first run goes through side_by_side.sh (HF on the
 #    same exported weights and examples); with --old the order is new, old, new.
-bench() {  # label, binary, row; writes $out/bench/<label>/ and $out/bench/<label>.txt
-  local label=$1 bin=$2 row=$3 dir="$out/bench/$1"
+bench() {  # label, binary, row[, extra flags]; writes $out/bench/<label>/ and $out/bench/<label>.txt
+  local label=$1 bin=$2 row=$3 extra=${4:-} dir="$out/bench/$1"
   mkdir -p "$out/bench"
-  # shellcheck disable=SC2086  # a row and --bench-args are lists of flags
-  timeout 300 "$bin" bench --device cuda --out "$dir" ${ROWS[$row]} $bench_args > "$out/bench/$label.txt" 2>&1
+  # shellcheck disable=SC2086  # a row, --bench-args and a mode's flags are lists of flags
+  timeout 300 "$bin" bench --device cuda --out "$dir" ${ROWS[$row]} $bench_args $extra > "$out/bench/$label.txt" 2>&1
   local rc=$?; [ $rc = 0 ] || failed=1
   echo "bench $label: rc=$rc at ${SECONDS}s"
 }
 for row in "${rows[@]}"; do
+  for m in "${modes[@]}"; do
+    bench "$row-${m%%=*}" "$nopad" "$row" "${m#*=}"
+  done
+  [ ${#modes[@]} -gt 0 ] && [ -z "$hf" ] && [ -z "$old" ] && continue
   if [ -n "$hf" ]; then
     # shellcheck disable=SC2086
     HF_MODES=$hf timeout 600 "$here/side_by_side.sh" "$nopad" "$out/bench/$row-new" ${ROWS[$row]} $bench_args \
@@ -150,7 +161,7 @@ if [ ${#rows[@]} -gt 0 ]; then
   python3 - "$out/bench" <<'PY' >> "$summary"
 import glob, json, os, sys
 gib = 1 << 30
-print(f"{'run':<22} {'strategy':<10} {'tok/s':>9} {'peak GiB':>9} {'last loss':>10}")
+print(f"{'run':<22} {'strategy':<10} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'last loss':>10}  optimizer")
 for d in sorted(glob.glob(os.path.join(sys.argv[1], '*', ''))):
     name = os.path.basename(d.rstrip('/'))
     try:
@@ -159,12 +170,12 @@ for d in sorted(glob.glob(os.path.join(sys.argv[1], '*', ''))):
         print(f"{name:<22} (no results.json: see {name}.txt)")
         continue
     for r in res:
-        print(f"{name:<22} {r['strategy']:<10} {r['tokens_per_s']:>9.0f} {r['peak_memory_bytes'] / gib:>9.2f} {r['losses'][-1]:>10.4f}")
+        print(f"{name:<22} {r['strategy']:<10} {r['tokens_per_s']:>9.0f} {r['mfu']:>6.1%} {r['peak_memory_bytes'] / gib:>9.2f} {r['losses'][-1]:>10.4f}  {r.get('optimizer', '')}")
     for hf in sorted(glob.glob(os.path.join(d, 'hf-*.json'))):
         h = json.load(open(hf))
         if 'tokens_per_s' in h:
             mode = os.path.basename(hf)[3:-5]
-            print(f"{'  HF ' + mode:<22} {'':<10} {h['tokens_per_s']:>9.0f} {h['peak_memory_bytes'] / gib:>9.2f} {h['losses'][-1]:>10.4f}")
+            print(f"{'  HF ' + mode:<22} {'':<10} {h['tokens_per_s']:>9.0f} {'':>6} {h['peak_memory_bytes'] / gib:>9.2f} {h['losses'][-1]:>10.4f}")
 PY
 fi
 echo "== summary ($out/summary.txt), done at ${SECONDS}s"

@@ -5,7 +5,8 @@
 # and the side-by-side table.
 #
 # Usage: bench/side_by_side.sh NOPAD_BINARY OUT_DIR [extra nopad bench flags...]
-# HF_MODES (default "pad flatten flatten-amp parity") chooses the HF runs.
+# HF_MODES (default "pad flatten flatten-amp parity") chooses the HF runs; flatten-ckpt adds
+# gradient checkpointing (what HF needs for a 7-8B model on one 80 GB GPU).
 # e.g.   bench/side_by_side.sh .device/nopad runs/1b-flan --model llama-3.2-1b --data synthetic-flan --batch-size 16
 set -euo pipefail
 nopad=$1; out=$2; shift 2
@@ -16,6 +17,7 @@ modes=${HF_MODES:-pad flatten flatten-amp parity}
 for m in $modes; do
   case $m in
     flatten-amp) python3 "$here/hf_baseline.py" "$out/export" flatten --amp --json "$out/hf-$m.json" > /dev/null ;;
+    flatten-ckpt) python3 "$here/hf_baseline.py" "$out/export" flatten --grad-ckpt --json "$out/hf-$m.json" > /dev/null ;;
     *) python3 "$here/hf_baseline.py" "$out/export" "$m" --json "$out/hf-$m.json" > /dev/null ;;
   esac
 done

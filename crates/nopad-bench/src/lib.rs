@@ -83,6 +83,12 @@ pub struct BenchConfig {
     pub recompute: nopad_model::Recompute,
     /// Place gradients over dead activations when a step is one micro-batch.
     pub grad_aliasing: bool,
+    /// AdamW's moments (`--optim-states`).
+    pub optim_states: nopad_train::StatePrecision,
+    /// Master weights (`--master-weights`).
+    pub master_weights: nopad_train::MasterPrecision,
+    /// Update each group in the backward (`--optim-in-backward`; no clipping).
+    pub optim_in_backward: bool,
 }
 
 /// What one strategy did.
@@ -96,6 +102,8 @@ pub struct StrategyResult {
     pub recompute: String,
     /// Whether the gradients lay over dead activations (`Model::set_grad_aliasing`).
     pub grad_aliasing: bool,
+    /// Optimizer memory mode: moments, master weights, and `in-backward` when it applies.
+    pub optimizer: String,
     /// Optimizer steps one epoch takes.
     pub steps_per_epoch: usize,
     /// Median real tokens/s over the timed steps.
@@ -211,16 +219,34 @@ pub fn run_strategy<B: Backend>(
 ) -> Result<StrategyResult> {
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
-    let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1;
+    let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1 && !cfg.optim_in_backward;
     model.set_grad_aliasing(b, aliasing)?;
+    if cfg.optim_in_backward && cfg.grad_accum != 1 {
+        return Err(nopad_train::TrainError::Config(
+            "--optim-in-backward takes steps of one micro-batch: use --grad-accum 1".into(),
+        )
+        .into());
+    }
+    model.set_update_in_backward(b, cfg.optim_in_backward)?;
     let pad_id = pad_token_id(&model.cfg);
     let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
     let steps_per_epoch = loader.steps_per_epoch();
     let adamw = AdamWConfig {
         weight_decay: 0.0,
+        states: cfg.optim_states,
+        master: cfg.master_weights,
+        // The update in the backward cannot clip (see nopad_train's step).
+        max_grad_norm: if cfg.optim_in_backward {
+            None
+        } else {
+            AdamWConfig::default().max_grad_norm
+        },
         ..AdamWConfig::default()
     };
     let mut opt = Optimizer::new(b, &model, adamw)?;
+    if cfg.optim_in_backward {
+        opt.check_group_blocks()?;
+    }
     let (mut losses, mut times, mut tok, mut tgt) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut real, mut padded, mut flops, mut secs) = (0usize, 0usize, 0.0f64, 0.0f64);
@@ -280,6 +306,16 @@ pub fn run_strategy<B: Backend>(
         device: b.describe(),
         recompute: cfg.recompute.to_string(),
         grad_aliasing: aliasing,
+        optimizer: format!(
+            "moments {}, master {}{}",
+            nopad_train::states_name(cfg.optim_states),
+            nopad_train::master_name(cfg.master_weights),
+            if cfg.optim_in_backward {
+                ", in backward"
+            } else {
+                ""
+            }
+        ),
         steps_per_epoch,
         tokens_per_s: median(&mut tok),
         target_tokens_per_s: median(&mut tgt),
@@ -309,6 +345,11 @@ fn profile_steps<B: Backend>(
         let step = loader
             .next()
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
+        if model.updates_in_backward() {
+            // The update runs inside the backward, timed as the model's "group hook" op.
+            train_step(b, &SingleProcess, model, opt, &step.batches, cfg.lr)?;
+            continue;
+        }
         let targets = step_targets::<B>(&SingleProcess, &step.batches)?;
         accumulate(b, model, &step.batches, 1.0 / targets as f32)?;
         b.synchronize()?;
@@ -349,11 +390,18 @@ pub fn export<B: Backend>(
         msg: e.to_string(),
     };
     let model = model(b, cfg)?;
+    // Weights computed in bf16 are bf16 values: bf16 files hold them exactly, at half the size
+    // (16 GB instead of 32 for an 8B model).
+    let dtype = if b.needs_master() {
+        SaveDtype::Bf16
+    } else {
+        SaveDtype::F32
+    };
     weights::save_checkpoint(
         &dir.join("model"),
         &model.cfg,
         &model.layout,
-        SaveDtype::F32,
+        dtype,
         4 << 30,
         |r| Ok(b.read(&model.params, r)?),
     )?;

@@ -134,10 +134,11 @@ pub fn markdown(results: &[StrategyResult]) -> String {
     let mut out = String::new();
     if let Some(r) = results.first() {
         out.push_str(&format!(
-            "Device: {}; recompute: {}; gradients over dead activations: {}.\n\n",
+            "Device: {}; recompute: {}; gradients over dead activations: {}; optimizer: {}.\n\n",
             r.device,
             r.recompute,
-            if r.grad_aliasing { "yes" } else { "no" }
+            if r.grad_aliasing { "yes" } else { "no" },
+            r.optimizer
         ));
     }
     out.push_str(&format!(

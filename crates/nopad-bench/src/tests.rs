@@ -27,6 +27,9 @@ fn cfg() -> BenchConfig {
         profile_steps: 1,
         recompute: nopad_model::Recompute::None,
         grad_aliasing: true,
+        optim_states: nopad_train::StatePrecision::F32,
+        master_weights: nopad_train::MasterPrecision::F32,
+        optim_in_backward: false,
     }
 }
 

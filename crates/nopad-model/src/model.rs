@@ -601,6 +601,7 @@ impl<B: Backend> Model<B> {
                 g,
                 &mut on_group,
             )?;
+            prof.mark(b, "group hook (update in backward)")?;
         }
         let p = &self.params;
         let nd = 0..n * d;
@@ -629,6 +630,7 @@ impl<B: Backend> Model<B> {
                 g,
                 &mut on_group,
             )?;
+            prof.mark(b, "group hook (update in backward)")?;
         }
         let recompute = self.recompute == Recompute::Full;
         let mode = self.recompute;
@@ -673,6 +675,7 @@ impl<B: Backend> Model<B> {
                 None => (&self.layout.groups, &mut self.params),
             };
             group_ready(groups, slots, GroupKind::Layer(l), params, g, &mut on_group)?;
+            prof.mark(b, "group hook (update in backward)")?;
         }
         if frozen {
             // Nothing below the first layer trains.
@@ -701,7 +704,10 @@ impl<B: Backend> Model<B> {
             &mut self.params,
             &self.grads,
             &mut on_group,
-        )
+        )?;
+        self.profile
+            .mark(b, "group hook (update in backward)")
+            .map_err(E::from)
     }
 
     /// `[N, D]` gradient of the loss with respect to the embedded inputs after the last

@@ -7,7 +7,7 @@ use std::io::Write;
 
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
-use nopad_backend::Backend;
+use nopad_backend::prelude::*;
 use nopad_model::{weights, Config, Inputs, Model, Recompute};
 use nopad_rng::Rng;
 
@@ -300,5 +300,75 @@ fn lora_model_matches_cpu() {
                 );
             }
         }
+    }
+}
+
+/// The one-group gradient scratch of the optimizer in the backward, on the GPU in bf16 with
+/// bf16 gradients (how `--optim-in-backward` runs): every group's gradient, read in the hook,
+/// against the same GPU's full gradient buffer (the same kernels on other addresses: equal up
+/// to a GEMM algorithm chosen for another alignment) and against the CPU (the bf16 bound).
+#[test]
+fn bf16_one_group_gradient_scratch_matches_the_full_buffer_and_cpu() {
+    let test = "bf16_one_group_gradient_scratch_matches_the_full_buffer_and_cpu";
+    let Some(gpu) = gpu(CudaDtype::Bf16, true, test) else {
+        return;
+    };
+    for tied in [false, true] {
+        let cfg = config(tied);
+        let seed = Rng::new(0x5c4a7c).next_u64() ^ std::process::id() as u64;
+        let mut rng = Rng::new(seed);
+        let p = flatten(&mut rng, &[3, 70, 129, 250, 1, 44], cfg.vocab_size);
+        let (l_cpu, g_cpu) = run(&Cpu::<f32>::new(), &cfg, seed, &p, Recompute::None, false);
+        let (l_full, g_full) = run(&gpu, &cfg, seed, &p, Recompute::None, false);
+        let mut m = Model::new(&gpu, cfg.clone()).unwrap();
+        m.set_update_in_backward(&gpu, true).unwrap();
+        let layout = m.layout.clone();
+        weights::init_random(&cfg, &layout, seed, |off, v| m.write_params(&gpu, off, v)).unwrap();
+        let targets = p.targets.iter().filter(|&&t| t >= 0).count();
+        let mut g = vec![f32::NAN; layout.total];
+        m.forward_train(&gpu, &p.inputs(), 1.0 / targets as f32)
+            .unwrap();
+        m.backward_with(&gpu, |gg| {
+            for (r, _) in gg.group.ranges() {
+                let v = gpu.read(gg.grads, gg.grad_range(&r))?;
+                g[r].copy_from_slice(&v);
+            }
+            Ok::<(), nopad_model::ModelError>(())
+        })
+        .unwrap();
+        let l = m.take_loss_sum(&gpu).unwrap() / targets as f64;
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "[{test}] every group handed over"
+        );
+        eprintln!(
+            "[{test}] tied={tied} seed {seed}: loss cpu {l_cpu:.6} full {l_full:.6} scratch {l:.6}"
+        );
+        assert!(
+            ((l - l_cpu) / l_cpu).abs() <= 4e-3,
+            "[{test}] loss {l} vs cpu {l_cpu}"
+        );
+        let (mut worst_full, mut worst_cpu) = (0.0f64, 0.0f64);
+        for t in &layout.tensors {
+            let (rf, rc) = (
+                rel(&g[t.range()], &g_full[t.range()]),
+                rel(&g[t.range()], &g_cpu[t.range()]),
+            );
+            worst_full = worst_full.max(rf);
+            worst_cpu = worst_cpu.max(rc);
+            assert!(
+                rf <= 1e-2,
+                "[{test}] seed {seed}: {} vs the full buffer: {rf:e}",
+                t.name
+            );
+            assert!(
+                rc <= 7.4e-2,
+                "[{test}] seed {seed}: {} vs cpu: {rc:e}",
+                t.name
+            );
+        }
+        eprintln!(
+            "[{test}] tied={tied}: worst vs full buffer {worst_full:.2e}, vs cpu {worst_cpu:.2e}"
+        );
     }
 }

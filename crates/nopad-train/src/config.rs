@@ -116,6 +116,10 @@ pub struct TrainConfig {
     /// With one micro-batch per step (`grad_accum` 1), place the parameter gradients over dead
     /// activations (`Model::set_grad_aliasing`); results are unchanged.
     pub grad_aliasing: bool,
+    /// Update each parameter group inside the backward as soon as its gradient is complete,
+    /// keeping one group's gradient at a time (`Model::set_update_in_backward`): steps of one
+    /// micro-batch, no clipping (see `step.rs`).
+    pub optim_in_backward: bool,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
@@ -172,6 +176,7 @@ impl TrainConfig {
             max_bad_steps: 10,
             recompute: nopad_model::Recompute::None,
             grad_aliasing: true,
+            optim_in_backward: false,
             progress: true,
             interrupt: None,
             nan_at_step: None,
@@ -208,6 +213,17 @@ impl TrainConfig {
                     )));
                 }
             }
+        }
+        if self.optim_in_backward && self.grad_accum != 1 {
+            return Err(Config(format!(
+                "`optim-in-backward` updates each group as its gradient completes, so a step is one micro-batch: it cannot accumulate {} (use grad-accum 1 and a larger batch-size)",
+                self.grad_accum
+            )));
+        }
+        if let (true, Some(max)) = (self.optim_in_backward, self.adamw.max_grad_norm) {
+            return Err(Config(format!(
+                "`optim-in-backward` cannot clip the gradient norm (max-grad-norm {max}): clipping needs the global norm before the first group's update; set max-grad-norm 0, or leave it unset (with optim-in-backward it then defaults to off)"
+            )));
         }
         if self.eval_every.is_some() && self.eval_data.is_none() {
             return Err(Config(

@@ -250,6 +250,29 @@ impl<B: Backend> Optimizer<B> {
         Ok(())
     }
 
+    /// In 8-bit states, that every range of every trainable group starts on a block boundary
+    /// of its part, as updating group by group ([`Optimizer::update_group`], the optimizer in
+    /// the backward) needs: a block split between two updates would be quantised twice from
+    /// halves. Holds on Llama shapes (hidden sizes are multiples of 256).
+    pub fn check_group_blocks(&self) -> Result<()> {
+        if self.cfg.states != StatePrecision::Block8 {
+            return Ok(());
+        }
+        let block = nopad_backend::codes::QUANT_BLOCK;
+        for (g, s) in &self.groups {
+            for (r, _) in g.ranges().filter(|_| s.trainable) {
+                let (_, rel) = self.part(&r)?;
+                if !rel.start.is_multiple_of(block) {
+                    return Err(TrainError::Config(format!(
+                        "--optim-states 8bit updated group by group: parameter group `{}` has a range {r:?} that does not start on a block of {block} parameters (the model's hidden size is not a multiple of {block}); use --optim-states bf16 or turn the update in the backward off",
+                        g.kind
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The parameter groups and their settings, in [`nopad_model::Layout::groups`] order.
     pub fn groups(&self) -> impl Iterator<Item = (&ParamGroup, &GroupSettings)> {
         self.groups.iter().map(|(g, s)| (g, s))
@@ -343,7 +366,7 @@ impl<B: Backend> Optimizer<B> {
         let runs = self.runs(coll.rank(), true);
         let (params, grads) = model.params_and_grads(b)?;
         for (range, decay) in runs {
-            self.adamw(b, params, grads, range, decay, lr, clip)?;
+            self.adamw(b, params, grads, range.clone(), range, decay, lr, clip)?;
         }
         Ok(UpdateInfo {
             grad_norm: norm,
@@ -393,12 +416,36 @@ impl<B: Backend> Optimizer<B> {
         }
         let ranges: Vec<_> = group.ranges().collect();
         for (range, decay) in ranges {
-            self.adamw(b, g.params, g.grads, range, decay, lr, grad_scale)?;
+            let at = g.grad_range(&range);
+            self.adamw(b, g.params, g.grads, range, at, decay, lr, grad_scale)?;
         }
         Ok(())
     }
 
-    /// AdamW on one range of the flat buffers.
+    /// The sum of squares of one group's gradient as [`Model::backward_with`] hands it over
+    /// (zero for a frozen group, which takes no part in the norm). Reading it waits for the
+    /// device: the price of checking each group before its update in the backward.
+    pub fn group_grad_squares(&self, b: &B, g: &GroupGrads<'_, B>) -> Result<f64> {
+        match self.groups.get(g.index) {
+            Some((_, s)) if !s.trainable => return Ok(0.0),
+            Some(_) => {}
+            None => {
+                return Err(TrainError::Config(format!(
+                    "parameter group {} is not one of the model's {}",
+                    g.index,
+                    self.groups.len()
+                )))
+            }
+        }
+        let mut sq = 0.0;
+        for (r, _) in g.group.ranges() {
+            let at = g.grad_range(&r);
+            sq += b.sum_squares(b.view(g.grads, at), r.len())?;
+        }
+        Ok(sq)
+    }
+
+    /// AdamW on one range of the flat buffers, its gradient at `grad_at` of `grads`.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &mut self,
@@ -406,6 +453,7 @@ impl<B: Backend> Optimizer<B> {
         params: &mut B::Buf,
         grads: &B::Buf,
         range: Range<usize>,
+        grad_at: Range<usize>,
         decay: bool,
         lr: f64,
         grad_scale: f32,
@@ -436,7 +484,7 @@ impl<B: Backend> Optimizer<B> {
         b.adamw_states(AdamWStates {
             param: b.view_mut(params, range.clone()),
             master: self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
-            grad: b.view(grads, range),
+            grad: b.view(grads, grad_at),
             m,
             v,
             n,

@@ -237,7 +237,14 @@ impl<B: Backend> Session<B> {
             }
         };
         model.set_recompute(tc.recompute);
-        model.set_grad_aliasing(b, tc.grad_aliasing && tc.grad_accum == 1)?;
+        model.set_grad_aliasing(
+            b,
+            tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward,
+        )?;
+        model.set_update_in_backward(b, tc.optim_in_backward)?;
+        if tc.optim_in_backward {
+            notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());
+        }
         let model_dir = model_dir(tc);
         let (examples, data_notes) = load_data(&tc.data, &model.cfg, model_dir, tc)?;
         stop_if_asked(tc)?;
@@ -330,6 +337,9 @@ impl<B: Backend> Session<B> {
             ..tc.adamw
         };
         let mut opt = Optimizer::new(b, &model, adamw)?;
+        if tc.optim_in_backward {
+            opt.check_group_blocks()?;
+        }
         let history = match &resume {
             Some((dir, st)) => {
                 checkpoint::restore(b, dir, st, &mut model, &mut opt)?;

@@ -126,6 +126,9 @@ pub(crate) fn step_scaled<B: Backend>(
     } else {
         1.0 / targets as f32
     };
+    if model.updates_in_backward() {
+        return step_in_backward(b, coll, model, opt, batches, targets, scale, lr);
+    }
     accumulate(b, model, batches, scale)?;
     let out = finish(b, coll, model, opt, targets, lr)?;
     model.zero_grads(b)?;
@@ -140,4 +143,65 @@ pub fn eval_step<B: Backend>(b: &B, model: &mut Model<B>, batch: &Batch) -> Resu
         model.forward_eval(b, &inputs(batch))?;
     }
     Ok(targets)
+}
+
+/// A step whose update runs inside the backward (`--optim-in-backward`,
+/// [`Model::set_update_in_backward`]): each parameter group is updated as soon as its gradient
+/// is complete, and the next group's gradient is written over it.
+///
+/// Two things differ from [`finish`], both because no group waits for the others:
+/// - **No clipping.** Clipping by the global norm needs every gradient before the first update,
+///   which is exactly what this mode gives up; the configuration refuses `max_grad_norm` with it
+///   ([`crate::TrainConfig::validate`]). The global norm is still computed, group by group, and
+///   reported.
+/// - **Non-finite gradients are caught per group.** A non-finite loss (known after the forward)
+///   skips the whole step as [`finish`] does. Otherwise each group's squared norm is read before
+///   its update, and a group with a non-finite gradient is left untouched (weights and moments);
+///   the step is then reported as not applied although the groups before it were updated.
+#[allow(clippy::too_many_arguments)]
+fn step_in_backward<B: Backend>(
+    b: &B,
+    coll: &dyn Collective<B>,
+    model: &mut Model<B>,
+    opt: &mut Optimizer<B>,
+    batches: &[Batch],
+    targets: usize,
+    scale: f32,
+    lr: f64,
+) -> Result<StepOutcome> {
+    let live: Vec<&Batch> = batches.iter().filter(|x| !x.is_empty()).collect();
+    if live.len() != 1 || coll.world_size() != 1 {
+        return Err(TrainError::Config(format!(
+            "the optimizer in the backward takes steps of one micro-batch on one rank (this step has {} micro-batches on {} ranks): use --grad-accum 1 and one GPU, or turn --optim-in-backward off",
+            live.len(),
+            coll.world_size()
+        )));
+    }
+    model.forward_train(b, &inputs(live[0]), scale)?;
+    let loss = model.take_loss_sum(b)? / targets as f64;
+    if !loss.is_finite() {
+        model.zero_grads(b)?;
+        return Ok(StepOutcome {
+            loss,
+            grad_norm: f64::NAN,
+            applied: false,
+        });
+    }
+    opt.begin_step();
+    let (mut sq, mut all_finite) = (0.0f64, true);
+    model.backward_with(b, |g| {
+        let s = opt.group_grad_squares(b, &g)?;
+        sq += s;
+        if !s.is_finite() {
+            all_finite = false;
+            return Ok(());
+        }
+        opt.update_group(b, g, lr, 1.0)
+    })?;
+    model.zero_grads(b)?;
+    Ok(StepOutcome {
+        loss,
+        grad_norm: sq.sqrt(),
+        applied: all_finite,
+    })
 }

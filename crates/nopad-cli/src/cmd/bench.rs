@@ -94,6 +94,16 @@ pub struct BenchArgs {
     /// per step, they lie over activations that are dead by the time each is written).
     #[arg(long)]
     pub no_grad_aliasing: bool,
+    /// AdamW's moments: f32 (8 bytes per parameter), bf16 (4) or 8bit (about 2.03).
+    #[arg(long, default_value = "f32", value_parser = parse_states)]
+    pub optim_states: nopad_train::StatePrecision,
+    /// Master weights: f32 (an fp32 copy beside the bf16 weights) or none (stochastic rounding).
+    #[arg(long, default_value = "f32", value_parser = parse_master)]
+    pub master_weights: nopad_train::MasterPrecision,
+    /// Update each group inside the backward, keeping one group's gradient at a time (no
+    /// gradient clipping; steps of one micro-batch).
+    #[arg(long)]
+    pub optim_in_backward: bool,
     /// After the run, time this many more steps op by op and print the breakdown.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: u64,
@@ -103,6 +113,14 @@ pub struct BenchArgs {
     /// Also write the initial weights and the exact steps for bench/hf_baseline.py here.
     #[arg(long)]
     pub export: Option<PathBuf>,
+}
+
+fn parse_states(s: &str) -> std::result::Result<nopad_train::StatePrecision, String> {
+    nopad_train::parse_states(s).ok_or_else(|| format!("`{s}` is not f32, bf16 or 8bit"))
+}
+
+fn parse_master(s: &str) -> std::result::Result<nopad_train::MasterPrecision, String> {
+    nopad_train::parse_master(s).ok_or_else(|| format!("`{s}` is not f32 or none"))
 }
 
 fn examples(a: &BenchArgs, vocab: usize) -> Result<Vec<Example>> {
@@ -196,6 +214,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         profile_steps: a.profile_steps,
         recompute: a.recompute,
         grad_aliasing: !a.no_grad_aliasing,
+        optim_states: a.optim_states,
+        master_weights: a.master_weights,
+        optim_in_backward: a.optim_in_backward,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.

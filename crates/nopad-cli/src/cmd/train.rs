@@ -106,6 +106,13 @@ pub struct TrainArgs {
     /// f32 buffers holding bf16 values), drawing its bits from --seed.
     #[arg(long, value_name = "f32|none")]
     pub master_weights: Option<String>,
+    /// Update each layer's weights inside the backward as soon as its gradient is complete, so
+    /// only one layer's gradient (plus the embedding's) is ever alive: 2 or 4 bytes per
+    /// parameter less. Steps of one micro-batch (grad-accum 1), and no gradient clipping
+    /// (max-grad-norm then defaults to 0; a positive one is refused), because clipping needs
+    /// the global norm before the first update.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub optim_in_backward: Option<bool>,
     /// Seed of initialisation and data order.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -228,6 +235,7 @@ impl TrainArgs {
             max_grad_norm,
             optim_states,
             master_weights,
+            optim_in_backward,
             seed,
             out,
             save_every,
@@ -343,6 +351,10 @@ impl TrainArgs {
                 bail!("`weight-decay`: {w} must be ≥ 0");
             }
             c.adamw.weight_decay = w;
+        }
+        c.optim_in_backward = a.optim_in_backward.unwrap_or(false);
+        if c.optim_in_backward && a.max_grad_norm.is_none() {
+            c.adamw.max_grad_norm = None;
         }
         if let Some(g) = a.max_grad_norm {
             if !(g >= 0.0 && g.is_finite()) {
