@@ -677,8 +677,9 @@ impl<B: Backend> Model<B> {
             group_ready(groups, slots, GroupKind::Layer(l), params, g, &mut on_group)?;
             prof.mark(b, "group hook (update in backward)")?;
         }
-        if frozen {
+        if let Some(a) = ad {
             // Nothing below the first layer trains.
+            a.next_micro_batch();
             self.grad_state = GradState::Written;
             return Ok(());
         }

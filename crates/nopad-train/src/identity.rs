@@ -137,6 +137,42 @@ fn f32_name() -> String {
     "f32".into()
 }
 
+/// The LoRA settings of a run (keys as PEFT's `adapter_config.json` names them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LoraIdentity {
+    /// Rank.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub lora_alpha: f64,
+    /// `lora_dropout`.
+    pub lora_dropout: f32,
+    /// The adapted modules.
+    pub target_modules: Vec<String>,
+    /// rsLoRA scaling.
+    pub use_rslora: bool,
+    /// Checksum of the adapter a run started from (`--adapter`), if any.
+    pub adapter_checksum: Option<String>,
+}
+
+impl LoraIdentity {
+    fn new(lt: &crate::LoraTrain) -> Result<Self> {
+        let s = &lt.settings;
+        let adapter_checksum = match &lt.adapter {
+            Some(d) => Some(file_checksum(&d.join(nopad_model::lora::peft::ADAPTER_FILE))?.1),
+            None => None,
+        };
+        Ok(LoraIdentity {
+            r: s.r,
+            lora_alpha: s.alpha,
+            lora_dropout: s.dropout,
+            target_modules: s.targets.iter().map(|t| t.name().to_string()).collect(),
+            use_rslora: s.use_rslora,
+            adapter_checksum,
+        })
+    }
+}
+
 /// Everything that must be equal for a resumed run to continue the interrupted one exactly.
 /// Keys are the CLI's flag names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,6 +216,9 @@ pub struct RunIdentity {
     pub master_weights: String,
     /// Processes training together (1 until data parallelism lands).
     pub world_size: usize,
+    /// LoRA settings; absent for full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraIdentity>,
 }
 
 impl RunIdentity {
@@ -236,6 +275,7 @@ impl RunIdentity {
             optim_states: states_name(a.states).into(),
             master_weights: master_name(a.master).into(),
             world_size: 1,
+            lora: tc.lora.as_ref().map(LoraIdentity::new).transpose()?,
         })
     }
 

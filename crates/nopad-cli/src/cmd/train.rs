@@ -180,6 +180,9 @@ pub struct TrainArgs {
     /// Never draw a progress bar.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_progress: Option<bool>,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub lora: super::lora::LoraArgs,
     /// Test only: poison step N's gradients with NaN.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -207,6 +210,7 @@ impl TrainArgs {
         macro_rules! pick {
             ($($f:ident),*) => { TrainArgs {
                 config: self.config,
+                lora: self.lora,
                 test_nan_at_step: self.test_nan_at_step,
                 test_save_delay_ms: self.test_save_delay_ms,
                 $($f: self.$f.or(file.$f)),*
@@ -400,6 +404,7 @@ impl TrainArgs {
                 );
             }
         }
+        c.lora = a.lora.resolve(c.seed)?;
         c.nan_at_step = a.test_nan_at_step;
         c.save_delay = a.test_save_delay_ms.map(std::time::Duration::from_millis);
         c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -78,13 +78,14 @@ fn adapter_gradients_match_finite_differences() {
         for t in &layout.tensors {
             for _ in 0..3 {
                 let i = t.offset + rng.below(t.len() as u64) as usize;
-                let orig = m.trainable_params()[i];
+                let orig = m.trainable_mut()[i];
                 let mut at = |v: f64| {
-                    m.trainable_params()[i] = v;
+                    m.trainable_mut()[i] = v;
+                    m.set_lora_step(11);
                     train_loss(&b, &mut m, &p)
                 };
                 let (lp, lm) = (at(orig + h), at(orig - h));
-                m.trainable_params()[i] = orig;
+                m.trainable_mut()[i] = orig;
                 let num = (lp - lm) / (2.0 * h);
                 let err = (num - grads[i]).abs() / scale;
                 assert!(
@@ -191,14 +192,22 @@ fn recomputation_and_dropout_masks_are_reproducible() {
         Recompute::Mlp(Some(1)),
     ] {
         m.set_recompute(mode);
+        m.set_lora_step(4);
         let (l, g) = loss_and_grads(&b, &mut m, &[&p], 0.05);
         assert!(l == l0 && same_bits(&g, &g0), "{mode}");
     }
     m.set_recompute(Recompute::None);
-    // Another micro-batch index draws other masks; evaluation drops nothing.
+    // Another step draws other masks, and so does the step's next micro-batch.
     m.set_lora_step(5);
     let (l5, _) = loss_and_grads(&b, &mut m, &[&p], 0.05);
     assert_ne!(l5, l0);
+    m.set_lora_step(4);
+    let (l4, _) = loss_and_grads(&b, &mut m, &[&p, &p], 0.05);
+    assert!(
+        l4 != 2.0 * l0 && (l4 - 2.0 * l0).abs() < 0.5 * l0,
+        "{l4} vs 2 × {l0}"
+    );
+    // Evaluation drops nothing.
     m.forward_eval(&b, &p.inputs()).unwrap();
     let le = m.take_loss_sum(&b).unwrap();
     assert!(le != l0 && le != l5);

@@ -33,7 +33,7 @@ fn evaluating_base_plus_adapter_equals_evaluating_the_merged_model() {
         let mut merged = Model::new_eval(&b, cfg.clone()).unwrap();
         init_base(&b, &mut merged, cfg.clone(), 21);
         let alayout = m.adapter_layout().unwrap().clone();
-        let vals = m.trainable_params().to_vec();
+        let vals = m.trainable_mut().to_vec();
         let layout = merged.layout.clone();
         merge(&layout, &lora, &alayout, &vals, &mut merged.params);
         merged.forward_eval(&b, &p.inputs()).unwrap();

@@ -21,8 +21,10 @@ pub(crate) struct Adapter<B: Backend> {
     u: Vec<B::Buf>,
     scratch: Option<LoraScratch<B>>,
     cap: usize,
-    /// Which dropout masks this micro-batch draws.
+    /// Which dropout masks this micro-batch draws: the step ([`Model::set_lora_step`]) and
+    /// the training micro-batches since (counted at the end of each backward).
     step: u64,
+    micro: u64,
 }
 
 impl<B: Backend> Adapter<B> {
@@ -41,6 +43,7 @@ impl<B: Backend> Adapter<B> {
             scratch: None,
             cap: 0,
             step: 0,
+            micro: 0,
         })
     }
 
@@ -71,8 +74,13 @@ impl<B: Backend> Adapter<B> {
             u: &mut self.u[l],
             s: self.scratch.as_mut().expect("ensure ran before the pass"),
             p: if train { self.cfg.dropout } else { 0.0 },
-            seed: mix64(mix64(self.cfg.seed ^ mix64(self.step)) ^ l as u64),
+            seed: mix64(mix64(self.cfg.seed ^ mix64(self.step) ^ self.micro) ^ l as u64),
         }
+    }
+
+    /// Called once a training micro-batch's backward is done: the next draws other masks.
+    pub(super) fn next_micro_batch(&mut self) {
+        self.micro += 1;
     }
 }
 
@@ -116,11 +124,13 @@ impl<B: Backend> Model<B> {
         Ok(b.read(&a.params, 0..a.layout.total)?)
     }
 
-    /// Chooses the dropout masks of the following training forwards and backwards (one value
-    /// per micro-batch, e.g. its global index, so a resumed run draws the same masks).
+    /// Chooses the dropout masks of the following training micro-batches: those of optimizer
+    /// step `step` (set before each step, so a resumed run draws the masks an uninterrupted
+    /// one draws); each micro-batch of the step draws its own.
     pub fn set_lora_step(&mut self, step: u64) {
         if let Some(a) = &mut self.adapter {
             a.step = step;
+            a.micro = 0;
         }
     }
 
@@ -141,12 +151,28 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// The buffer of the parameters that train (tests set single elements exactly).
-    #[cfg(test)]
-    pub(crate) fn trainable_params(&mut self) -> &mut B::Buf {
+    /// The parameters that train: the adapters in a LoRA model, else [`Model::params`].
+    pub fn trainable(&self) -> &B::Buf {
+        match &self.adapter {
+            Some(a) => &a.params,
+            None => &self.params,
+        }
+    }
+
+    /// The same, to write (restoring a checkpoint; tests set single elements).
+    pub fn trainable_mut(&mut self) -> &mut B::Buf {
         match &mut self.adapter {
             Some(a) => &mut a.params,
             None => &mut self.params,
+        }
+    }
+
+    /// Where the trainable parameters that take weight decay end (they come first): every
+    /// adapter matrix decays.
+    pub fn trainable_decay_end(&self) -> usize {
+        match &self.adapter {
+            Some(a) => a.layout.total,
+            None => self.layout.decay_end,
         }
     }
 
