@@ -52,16 +52,17 @@ fn check_adapter_shape(dir: &Path, want: &LoraConfig) -> Result<()> {
     Ok(())
 }
 
-/// A LoRA model for training: the base from `source` (frozen), the adapter fresh (seeded by
-/// the run's seed) or from `lt.adapter`.
-pub(crate) fn build_lora_model<B: Backend>(
+/// A LoRA model for training: the base from `source` (frozen; a preset's first `layers` decoder
+/// layers if given), the adapter fresh (seeded by the run's seed) or from `lt.adapter`.
+pub fn build_lora_model<B: Backend>(
     b: &B,
     source: &ModelSource,
     seed: u64,
+    layers: Option<usize>,
     lt: &LoraTrain,
 ) -> Result<(Model<B>, String)> {
     let settings = lt.settings.clone();
-    let (mut m, desc) = build(b, source, seed, None, |b, cfg| {
+    let (mut m, desc) = build(b, source, seed, layers, |b, cfg| {
         Model::new_lora(b, cfg, settings, true)
     })?;
     let layout = m.adapter_layout().expect("a LoRA model").clone();

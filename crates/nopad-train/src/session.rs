@@ -229,7 +229,7 @@ impl<B: Backend> Session<B> {
         let resume = find_resume(tc, &mut notes)?;
         let (mut model, model_desc) = match (&resume, &tc.lora) {
             // A LoRA checkpoint holds the adapter only: the frozen base comes from its source.
-            (_, Some(lt)) => build_lora_model(b, &tc.model, tc.seed, lt)?,
+            (_, Some(lt)) => build_lora_model(b, &tc.model, tc.seed, None, lt)?,
             (None, None) => build_model(b, &tc.model, tc.seed)?,
             // The weights come from the checkpoint: skip the initialisation or the HF load.
             (Some(_), None) => {

@@ -110,9 +110,12 @@ pub struct BenchArgs {
     /// Directory for results.json, results.md and the SVG charts.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Also write the initial weights and the exact steps for bench/hf_baseline.py here.
+    /// Also write the initial weights and the exact steps for bench/hf_baseline.py here (and,
+    /// with LoRA, the initial adapter in DIR/adapter for its --init-adapter).
     #[arg(long)]
     pub export: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: super::lora::LoraArgs,
 }
 
 fn parse_states(s: &str) -> std::result::Result<nopad_train::StatePrecision, String> {
@@ -217,6 +220,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         optim_states: a.optim_states,
         master_weights: a.master_weights,
         optim_in_backward: a.optim_in_backward,
+        lora: a.lora.resolve(a.seed)?,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.
