@@ -240,43 +240,43 @@ pub struct LmHeadLoss<'a, B: Device + ?Sized + 'a> {
     pub write: GradWrite,
 }
 
-/// Arguments of [`crate::Ops::add_columns`]: `y[t, c0 + j] += s · x[t, j]` for `j < w`: an
-/// adapter's output added into its columns of a fused projection (q, k or v of `qkv`; gate or
-/// up of `gu`; all of `o_proj`'s or `down_proj`'s).
-pub struct AddColumns<'a, B: Device + ?Sized + 'a> {
-    /// `[N, stride]`, columns `c0..c0 + w` accumulated, the others untouched.
+/// Arguments of [`crate::Ops::columns`]: an adapter's share of a fused projection's columns
+/// `c0..c0 + w` of rows of `stride` (q, k or v of `qkv`; gate or up of `gu`; all of `o_proj`'s
+/// or `down_proj`'s).
+///
+/// `add` (the adapter's output added in): `y[t, c0 + j] += s · x[t, j]`, `y: [N, stride]`
+/// (other columns untouched), `x: [N, w]`. Gather (its share of the fused gradient):
+/// `y[t, j] = s · x[t, c0 + j]`, `y: [N, w]` overwritten, `x: [N, stride]`.
+pub struct Columns<'a, B: Device + ?Sized + 'a> {
+    /// Written: the wide rows (add) or the narrow ones (gather).
     pub y: B::Mut<'a>,
-    /// `[N, w]`.
+    /// Read: the narrow rows (add) or the wide ones (gather).
     pub x: B::Ref<'a>,
-    /// Rows N.
-    pub n: usize,
-    /// Row length of `y`.
-    pub stride: usize,
-    /// First column.
-    pub c0: usize,
-    /// Columns w.
-    pub w: usize,
+    /// Rows N, the wide rows' length, the first column and the number of columns w.
+    pub rows: [usize; 4],
     /// Scale s.
     pub s: f32,
+    /// Add into the wide rows (true) or gather from them (false).
+    pub add: bool,
 }
 
-/// Arguments of [`crate::Ops::gather_columns`]: `y[t, j] = s · x[t, c0 + j]` for `j < w`, the
-/// counterpart of [`AddColumns`] in the backward (an adapter's share of a fused gradient).
-pub struct GatherColumns<'a, B: Device + ?Sized + 'a> {
-    /// `[N, w]`, overwritten.
-    pub y: B::Mut<'a>,
-    /// `[N, stride]`.
-    pub x: B::Ref<'a>,
-    /// Rows N.
-    pub n: usize,
-    /// Row length of `x`.
-    pub stride: usize,
-    /// First column.
-    pub c0: usize,
-    /// Columns w.
-    pub w: usize,
-    /// Scale s.
-    pub s: f32,
+impl<B: Device + ?Sized> Columns<'_, B> {
+    /// The op's name, and the lengths `y` and `x` need, after checking that the columns lie
+    /// inside the row.
+    pub(crate) fn lens(&self) -> crate::Result<(&'static str, usize, usize)> {
+        let add = self.add;
+        let op = if add { "add_columns" } else { "gather_columns" };
+        let [n, stride, c0, w] = self.rows;
+        crate::error::check(c0 + w <= stride, op, || {
+            format!("columns {c0}..{} exceed the row length {stride}", c0 + w)
+        })?;
+        let (wide, narrow) = (n * stride, n * w);
+        Ok(if add {
+            (op, wide, narrow)
+        } else {
+            (op, narrow, wide)
+        })
+    }
 }
 
 /// Arguments of [`crate::Ops::dropout`]: `y[i] (+)= keep(seed, i) ? x[i] / (1 − p) : 0` for

@@ -12,6 +12,9 @@
 //!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
+//!
+//! Over 600 lines on purpose: the forward and the backward are meant to be read side by side,
+//! so they stay in one file; the gradient modes and LoRA's adapters live in `model/`.
 
 use std::ops::Range;
 

@@ -243,15 +243,8 @@ fn finite_differences_for_every_parameter_kind_and_the_input_path() {
                 m.params[i] = orig - h;
                 let lm = eval(&mut m);
                 m.params[i] = orig;
-                let num = (lp - lm) / (2.0 * h);
-                let err = (num - grads[i]).abs() / scale;
-                assert!(
-                    err < 1e-6,
-                    "{} (tied {tied}): element {}: numeric {num:e}, analytic {:e}",
-                    t.name,
-                    i - t.offset,
-                    grads[i]
-                );
+                let what = format!("{} (tied {tied}): element {}", t.name, i - t.offset);
+                assert_fd(&what, (lp, lm, h), grads[i], scale);
             }
         }
         // Input path: ∂loss/∂x0 for a token that occurs once equals its embedding row gradient.
@@ -266,6 +259,14 @@ fn finite_differences_for_every_parameter_kind_and_the_input_path() {
             }
         }
     }
+}
+
+/// Checks the central difference `(lp − lm) / 2h` against `analytic`, relative to `scale` (the
+/// largest gradient), to 1e-6.
+pub(crate) fn assert_fd(what: &str, (lp, lm, h): (f64, f64, f64), analytic: f64, scale: f64) {
+    let num = (lp - lm) / (2.0 * h);
+    let err = (num - analytic).abs() / scale;
+    assert!(err < 1e-6, "{what}: numeric {num:e}, analytic {analytic:e}");
 }
 
 pub(crate) fn rel_diff(a: &[f64], b: &[f64]) -> f64 {

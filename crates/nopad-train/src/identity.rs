@@ -137,40 +137,16 @@ fn f32_name() -> String {
     "f32".into()
 }
 
-/// The LoRA settings of a run (keys as PEFT's `adapter_config.json` names them).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct LoraIdentity {
-    /// Rank.
-    pub r: usize,
-    /// `lora_alpha`.
-    pub lora_alpha: f64,
-    /// `lora_dropout`.
-    pub lora_dropout: f32,
-    /// The adapted modules.
-    pub target_modules: Vec<String>,
-    /// rsLoRA scaling.
-    pub use_rslora: bool,
-    /// Checksum of the adapter a run started from (`--adapter`), if any.
-    pub adapter_checksum: Option<String>,
-}
-
-impl LoraIdentity {
-    fn new(lt: &crate::LoraTrain) -> Result<Self> {
-        let s = &lt.settings;
-        let adapter_checksum = match &lt.adapter {
-            Some(d) => Some(file_checksum(&d.join(nopad_model::lora::peft::ADAPTER_FILE))?.1),
-            None => None,
-        };
-        Ok(LoraIdentity {
-            r: s.r,
-            lora_alpha: s.alpha,
-            lora_dropout: s.dropout,
-            target_modules: s.targets.iter().map(|t| t.name().to_string()).collect(),
-            use_rslora: s.use_rslora,
-            adapter_checksum,
-        })
+/// The LoRA settings of a run: its `adapter_config.json` (base left out: where the model lies
+/// does not change the run), plus `adapter-checksum`, the checksum of the adapter it started
+/// from (`--adapter`), if any.
+fn lora_identity(lt: &crate::LoraTrain) -> Result<Value> {
+    let mut v = nopad_model::lora::peft::adapter_config(&lt.settings, "");
+    if let (Some(d), Some(map)) = (&lt.adapter, v.as_object_mut()) {
+        let sum = file_checksum(&d.join(nopad_model::lora::peft::ADAPTER_FILE))?.1;
+        map.insert("adapter-checksum".into(), Value::String(sum));
     }
+    Ok(v)
 }
 
 /// Everything that must be equal for a resumed run to continue the interrupted one exactly.
@@ -216,13 +192,15 @@ pub struct RunIdentity {
     pub master_weights: String,
     /// Processes training together (1 until data parallelism lands).
     pub world_size: usize,
-    /// LoRA settings; absent for full fine-tuning.
+    /// LoRA settings (see [`RunIdentity::new`]); absent for full fine-tuning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<LoraIdentity>,
+    pub lora: Option<Value>,
 }
 
 impl RunIdentity {
-    /// The identity of the run `tc` describes, with its model config and loaded examples.
+    /// The identity of the run `tc` describes, with its model config and loaded examples. A
+    /// LoRA run's `lora` is its `adapter_config.json` (without the base's path) plus, when it
+    /// started from an adapter, that adapter's checksum.
     pub fn new(tc: &TrainConfig, cfg: &Config, examples: &[Example]) -> Result<Self> {
         let data = match &tc.data {
             DataSource::File(p) => {
@@ -275,7 +253,7 @@ impl RunIdentity {
             optim_states: states_name(a.states).into(),
             master_weights: master_name(a.master).into(),
             world_size: 1,
-            lora: tc.lora.as_ref().map(LoraIdentity::new).transpose()?,
+            lora: tc.lora.as_ref().map(lora_identity).transpose()?,
         })
     }
 

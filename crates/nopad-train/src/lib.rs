@@ -40,7 +40,7 @@ pub use collective::{Collective, SingleProcess};
 pub use config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
-pub use identity::{config_hash, LoraIdentity, RunIdentity};
+pub use identity::{config_hash, RunIdentity};
 pub use lora::{build_adapter_eval_model, build_lora_model, LoraTrain};
 pub use optimizer::{
     master_name, parse_master, parse_states, states_name, AdamWConfig, GroupSettings,

@@ -122,12 +122,9 @@ fn a_stopped_and_resumed_lora_run_is_bit_identical() {
         !ck.join("model.safetensors").exists(),
         "a LoRA checkpoint holds no base weights"
     );
-    let (c, _) = run(&TrainConfig {
-        stop_after: None,
-        resume: Some(Resume::Latest),
-        ..first.clone()
-    });
-    b.extend(c);
+    let mut rest = first.clone();
+    (rest.stop_after, rest.resume) = (None, Some(Resume::Latest));
+    b.extend(run(&rest).0);
     assert_eq!(a, b, "resumed steps differ from uninterrupted ones");
     let (wa, wb) = (adapter(&a_out), adapter(&b_out));
     assert!(wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()));

@@ -4,86 +4,44 @@
 use rayon::prelude::*;
 
 use super::{check_len, Cpu, Scalar, ROW_CHUNK};
-use crate::args::{AddColumns, Dropout, GatherColumns};
+use crate::args::{Columns, Dropout};
 use crate::error::check;
 use crate::{dropout_keep, dropout_scale, dropout_threshold, GradWrite, Result};
 
-fn check_cols(op: &'static str, stride: usize, c0: usize, w: usize) -> Result<()> {
-    check(c0 + w <= stride, op, || {
-        format!("columns {c0}..{} exceed the row length {stride}", c0 + w)
-    })
-}
-
-pub(crate) fn add_columns<T: Scalar>(a: AddColumns<'_, Cpu<T>>) -> Result<()> {
-    let AddColumns {
-        y,
-        x,
-        n,
-        stride,
-        c0,
-        w,
-        s,
-    } = a;
-    const OP: &str = "add_columns";
-    check_cols(OP, stride, c0, w)?;
-    check_len(OP, "y", y.len(), n * stride)?;
-    check_len(OP, "x", x.len(), n * w)?;
+/// An adapter's columns added in or gathered (see [`Columns`]).
+pub(crate) fn columns<T: Scalar>(a: Columns<'_, Cpu<T>>) -> Result<()> {
+    let add = a.add;
+    let [n, stride, c0, w] = a.rows;
+    let (op, ylen, xlen) = a.lens()?;
+    check_len(op, "y", a.y.len(), ylen)?;
+    check_len(op, "x", a.x.len(), xlen)?;
     if n * w == 0 {
         return Ok(());
     }
-    let s = T::from_f32(s);
-    y[..n * stride]
-        .par_chunks_mut(stride)
-        .zip(x[..n * w].par_chunks(w))
+    let s = T::from_f32(a.s);
+    let (ystep, xstep) = if add { (stride, w) } else { (w, stride) };
+    a.y[..ylen]
+        .par_chunks_mut(ystep)
+        .zip(a.x[..xlen].par_chunks(xstep))
         .with_min_len(ROW_CHUNK)
         .for_each(|(yr, xr)| {
-            for (o, &v) in yr[c0..c0 + w].iter_mut().zip(xr) {
-                *o += s * v;
-            }
-        });
-    Ok(())
-}
-
-pub(crate) fn gather_columns<T: Scalar>(a: GatherColumns<'_, Cpu<T>>) -> Result<()> {
-    let GatherColumns {
-        y,
-        x,
-        n,
-        stride,
-        c0,
-        w,
-        s,
-    } = a;
-    const OP: &str = "gather_columns";
-    check_cols(OP, stride, c0, w)?;
-    check_len(OP, "y", y.len(), n * w)?;
-    check_len(OP, "x", x.len(), n * stride)?;
-    if n * w == 0 {
-        return Ok(());
-    }
-    let s = T::from_f32(s);
-    y[..n * w]
-        .par_chunks_mut(w)
-        .zip(x[..n * stride].par_chunks(stride))
-        .with_min_len(ROW_CHUNK)
-        .for_each(|(yr, xr)| {
-            for (o, &v) in yr.iter_mut().zip(&xr[c0..c0 + w]) {
-                *o = s * v;
+            if add {
+                for (o, &v) in yr[c0..c0 + w].iter_mut().zip(xr) {
+                    *o += s * v;
+                }
+            } else {
+                for (o, &v) in yr.iter_mut().zip(&xr[c0..c0 + w]) {
+                    *o = s * v;
+                }
             }
         });
     Ok(())
 }
 
 pub(crate) fn dropout<T: Scalar>(a: Dropout<'_, Cpu<T>>) -> Result<()> {
-    let Dropout {
-        y,
-        x,
-        n,
-        p,
-        seed,
-        write,
-    } = a;
     const OP: &str = "dropout";
+    let (n, p, seed, write) = (a.n, a.p, a.seed, a.write);
+    let (y, x) = (a.y, a.x);
     check((0.0..1.0).contains(&p), OP, || {
         format!("the drop probability {p} is outside [0, 1)")
     })?;

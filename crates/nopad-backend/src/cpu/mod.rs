@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::args::{
-    AddColumns, AddRmsNormFwd, AttnBwd, AttnFwd, Dropout, EmbeddingBwd, EmbeddingFwd,
-    GatherColumns, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd,
-    SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
+    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
@@ -322,11 +321,8 @@ impl<T: Scalar> Ops for Cpu<T> {
         check_len("sum_squares", "x", x.len(), n)?;
         Ok(layers::sum_squares(&x[..n]))
     }
-    fn add_columns(&self, a: AddColumns<'_, Self>) -> Result<()> {
-        adapter::add_columns(a)
-    }
-    fn gather_columns(&self, a: GatherColumns<'_, Self>) -> Result<()> {
-        adapter::gather_columns(a)
+    fn columns(&self, a: Columns<'_, Self>) -> Result<()> {
+        adapter::columns(a)
     }
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
         adapter::dropout(a)

@@ -4,7 +4,7 @@
 use super::compile::ADAPTER;
 use super::elementwise::stride_launch;
 use super::{want, Cuda};
-use crate::args::{AddColumns, Dropout, GatherColumns};
+use crate::args::{Columns, Dropout};
 use crate::{dropout_scale, dropout_threshold, BackendError, GradWrite, Result};
 
 /// Mirrors `ColumnsParams` in adapter.cu.
@@ -33,90 +33,35 @@ struct DropoutParams {
     accumulate: i32,
 }
 
-fn check_cols(op: &'static str, stride: usize, c0: usize, w: usize) -> Result<()> {
-    if c0 + w > stride {
-        return Err(BackendError::Shape {
-            op,
-            what: format!("columns {c0}..{} exceed the row length {stride}", c0 + w),
-        });
-    }
-    Ok(())
-}
-
 impl Cuda {
-    /// y: `[n, stride]`, x: `[n, w]` (Compute).
-    pub(crate) fn add_columns_impl(&self, a: AddColumns<'_, Self>) -> Result<()> {
-        let AddColumns {
-            y,
-            x,
-            n,
-            stride,
-            c0,
-            w,
-            s,
-        } = a;
-        let op = "add_columns";
-        check_cols(op, stride, c0, w)?;
-        want(op, "y", &y, self.compute, n * stride)?;
-        want(op, "x", &x, self.compute, n * w)?;
-        self.columns("add_columns", y.ptr, x.ptr, [n, stride, c0, w], s)
-    }
-
-    /// y: `[n, w]`, x: `[n, stride]` (Compute).
-    pub(crate) fn gather_columns_impl(&self, a: GatherColumns<'_, Self>) -> Result<()> {
-        let GatherColumns {
-            y,
-            x,
-            n,
-            stride,
-            c0,
-            w,
-            s,
-        } = a;
-        let op = "gather_columns";
-        check_cols(op, stride, c0, w)?;
-        want(op, "y", &y, self.compute, n * w)?;
-        want(op, "x", &x, self.compute, n * stride)?;
-        self.columns("gather_columns", y.ptr, x.ptr, [n, stride, c0, w], s)
-    }
-
-    /// Launches `kernel` (`add_columns` or `gather_columns`) over `[n, w]`.
-    fn columns(
-        &self,
-        kernel: &str,
-        dst: u64,
-        src: u64,
-        [n, stride, c0, w]: [usize; 4],
-        s: f32,
-    ) -> Result<()> {
+    /// An adapter's columns added in or gathered (see [`Columns`]); both views Compute.
+    pub(crate) fn columns_impl(&self, a: Columns<'_, Self>) -> Result<()> {
+        let [n, stride, c0, w] = a.rows;
+        let (op, ylen, xlen) = a.lens()?;
+        want(op, "y", &a.y, self.compute, ylen)?;
+        want(op, "x", &a.x, self.compute, xlen)?;
         if n * w == 0 {
             return Ok(());
         }
         let p = ColumnsParams {
-            dst,
-            src,
+            dst: a.y.ptr,
+            src: a.x.ptr,
             n: n as i64,
             stride: stride as i64,
             c0: c0 as i64,
             w: w as i64,
-            s,
+            s: a.s,
         };
-        // SAFETY: the caller checked that both views hold their [n, ·] rows and that the
-        // columns lie inside the wide one.
-        unsafe { self.launch(ADAPTER, self.compute, kernel, stride_launch(n * w), &p) }
+        // SAFETY: both views hold their rows (checked above) and the columns lie inside the
+        // wide ones.
+        unsafe { self.launch(ADAPTER, self.compute, op, stride_launch(n * w), &p) }
     }
 
     /// y, x: `[n]` (Compute).
     pub(crate) fn dropout_impl(&self, a: Dropout<'_, Self>) -> Result<()> {
-        let Dropout {
-            y,
-            x,
-            n,
-            p,
-            seed,
-            write,
-        } = a;
         let op = "dropout";
+        let (n, p, seed, write) = (a.n, a.p, a.seed, a.write);
+        let (y, x) = (a.y, a.x);
         if !(0.0..1.0).contains(&p) {
             return Err(BackendError::Shape {
                 op,

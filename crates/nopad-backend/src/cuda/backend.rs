@@ -10,9 +10,8 @@ use cudarc::driver::result as cu;
 use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::args::{
-    AddColumns, AddRmsNormFwd, AttnBwd, AttnFwd, Dropout, EmbeddingBwd, EmbeddingFwd,
-    GatherColumns, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd,
-    SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
+    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
@@ -314,11 +313,8 @@ impl Ops for Cuda {
     fn sum_squares(&self, x: CudaRef<'_>, n: usize) -> Result<f64> {
         self.sum_squares_impl(x, n)
     }
-    fn add_columns(&self, a: AddColumns<'_, Self>) -> Result<()> {
-        self.add_columns_impl(a)
-    }
-    fn gather_columns(&self, a: GatherColumns<'_, Self>) -> Result<()> {
-        self.gather_columns_impl(a)
+    fn columns(&self, a: Columns<'_, Self>) -> Result<()> {
+        self.columns_impl(a)
     }
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
         self.dropout_impl(a)

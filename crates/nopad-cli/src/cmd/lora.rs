@@ -12,25 +12,25 @@ use nopad_train::LoraTrain;
 pub struct LoraArgs {
     /// Train LoRA adapters of rank R on a frozen base instead of every weight. The output
     /// directory then holds PEFT's adapter_model.safetensors and adapter_config.json.
-    #[arg(long, value_name = "R")]
+    #[arg(long = "lora-r", value_name = "R")]
     pub lora_r: Option<usize>,
     /// The adapters' output is scaled by A / R (A / √R with --use-rslora). Default: 2·R (PEFT's
     /// own default is 8).
-    #[arg(long, value_name = "A")]
+    #[arg(long = "lora-alpha", value_name = "A")]
     pub lora_alpha: Option<f64>,
     /// Dropout on each adapter's input while training. Default: 0.
-    #[arg(long, value_name = "P")]
+    #[arg(long = "lora-dropout", value_name = "P")]
     pub lora_dropout: Option<f32>,
     /// The adapted projections: all-linear (the default: q, k, v, o, gate, up and down) or a
     /// comma-separated list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
-    #[arg(long, value_name = "all-linear|LIST")]
+    #[arg(long = "lora-targets", value_name = "all-linear|LIST")]
     pub lora_targets: Option<String>,
     /// rsLoRA: scale by alpha / √r instead of alpha / r.
-    #[arg(long)]
+    #[arg(long = "use-rslora")]
     pub use_rslora: bool,
     /// Start from this PEFT adapter directory instead of a fresh adapter; its r, alpha,
     /// dropout, targets and rsLoRA setting are the defaults of the flags above.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long = "adapter", value_name = "DIR")]
     pub adapter: Option<PathBuf>,
 }
 

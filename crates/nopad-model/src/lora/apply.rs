@@ -11,7 +11,7 @@
 //! backward (and by activation recomputation) rather than saved; each adapter draws its own, as
 //! PEFT's per-module dropout does.
 
-use nopad_backend::args::{AddColumns, Dropout, GatherColumns, LinearBwd, LinearFwd};
+use nopad_backend::args::{Columns, Dropout, LinearBwd, LinearFwd};
 use nopad_backend::{mix64, Backend, GradWrite, Kind, LinearDims};
 
 use super::{LoraConfig, ModuleSpec, Target};
@@ -24,6 +24,12 @@ pub(crate) enum Site {
     O,
     GateUp,
     Down,
+}
+
+/// The adapters at `site`, with their index in the layer (which picks their slice of `u`).
+fn at_site(mods: &[ModuleSpec], site: Site) -> impl Iterator<Item = (usize, &ModuleSpec)> {
+    let here = move |m: &&ModuleSpec| site_of(m.target) == site;
+    mods.iter().enumerate().filter(move |(_, m)| here(m))
 }
 
 fn site_of(t: Target) -> Site {
@@ -62,6 +68,46 @@ impl<B: Backend> LoraScratch<B> {
     }
 }
 
+/// An adapter's A and what its backward reads: `du` `[N, r]` and the pass's shape.
+struct AdapterA<'a, B: Backend> {
+    params: &'a B::Buf,
+    du: &'a B::Buf,
+    m: &'a ModuleSpec,
+    r: usize,
+    n: usize,
+    write: GradWrite,
+}
+
+impl<B: Backend> AdapterA<'_, B> {
+    /// `dx (+)= du·A` (written as `dx.1` says, if `dx.0` is given) and `dA (+)= duᵀ·x` (if
+    /// `d_a` is given), `x` being the (dropped) input.
+    fn backward<'v>(
+        &'v self,
+        b: &'v B,
+        dx: (Option<B::Mut<'v>>, GradWrite),
+        d_a: Option<B::Mut<'v>>,
+        x: B::Ref<'v>,
+    ) -> Result<()> {
+        let (n, r, m) = (self.n, self.r, self.m);
+        b.linear_backward(LinearBwd {
+            dx: dx.0,
+            dx_write: dx.1,
+            d_w: d_a,
+            d_b: None,
+            dy: b.view(self.du, 0..n * r),
+            x,
+            w: b.view(self.params, m.a.clone()),
+            dims: LinearDims {
+                n,
+                d_in: m.d_in,
+                d_out: r,
+            },
+            write: self.write,
+        })?;
+        Ok(())
+    }
+}
+
 /// One layer's adapters for one pass.
 pub(crate) struct LayerPass<'a, B: Backend> {
     pub cfg: &'a LoraConfig,
@@ -79,8 +125,18 @@ pub(crate) struct LayerPass<'a, B: Backend> {
 }
 
 impl<B: Backend> LayerPass<'_, B> {
-    fn module_seed(&self, m: &ModuleSpec) -> u64 {
-        mix64(self.seed ^ (m.target as u64 + 1))
+    /// `xd = drop(x)` with `m`'s mask (its first `ni` elements); returns the mask's seed.
+    fn drop_input(&mut self, b: &B, m: &ModuleSpec, x: &B::Buf, ni: usize) -> Result<u64> {
+        let seed = mix64(self.seed ^ (m.target as u64 + 1));
+        b.dropout(Dropout {
+            y: b.view_mut(&mut self.s.xd, 0..ni),
+            x: b.view(x, 0..ni),
+            n: ni,
+            p: self.p,
+            seed,
+            write: GradWrite::Overwrite,
+        })?;
+        Ok(seed)
     }
 
     /// Adds the adapters of `site` to its output `y` `[N, stride]`, from its input `x` `[N, in]`.
@@ -93,20 +149,10 @@ impl<B: Backend> LayerPass<'_, B> {
         n: usize,
     ) -> Result<()> {
         let (r, p) = (self.cfg.r, self.p);
-        for (k, m) in self.mods.iter().enumerate() {
-            if site_of(m.target) != site {
-                continue;
-            }
-            let (ni, seed) = (n * m.d_in, self.module_seed(m));
+        for (k, m) in at_site(self.mods, site) {
+            let ni = n * m.d_in;
             if p > 0.0 {
-                b.dropout(Dropout {
-                    y: b.view_mut(&mut self.s.xd, 0..ni),
-                    x: b.view(x, 0..ni),
-                    n: ni,
-                    p,
-                    seed,
-                    write: GradWrite::Overwrite,
-                })?;
+                self.drop_input(b, m, x, ni)?;
             }
             let xin = if p > 0.0 { &self.s.xd } else { x };
             let uk = k * n * r..(k + 1) * n * r;
@@ -132,14 +178,12 @@ impl<B: Backend> LayerPass<'_, B> {
                     d_out: m.d_out,
                 },
             })?;
-            b.add_columns(AddColumns {
+            b.columns(Columns {
                 y: b.view_mut(y, 0..n * m.stride),
                 x: b.view(&self.s.t, 0..n * m.d_out),
-                n,
-                stride: m.stride,
-                c0: m.c0,
-                w: m.d_out,
+                rows: [n, m.stride, m.c0, m.d_out],
                 s: self.cfg.scale(),
+                add: true,
             })?;
         }
         Ok(())
@@ -161,19 +205,14 @@ impl<B: Backend> LayerPass<'_, B> {
         n: usize,
     ) -> Result<()> {
         let (r, p) = (self.cfg.r, self.p);
-        for (k, m) in self.mods.iter().enumerate() {
-            if site_of(m.target) != site {
-                continue;
-            }
+        for (k, m) in at_site(self.mods, site) {
             let (ni, uk) = (n * m.d_in, k * n * r..(k + 1) * n * r);
-            b.gather_columns(GatherColumns {
+            b.columns(Columns {
                 y: b.view_mut(&mut self.s.t, 0..n * m.d_out),
                 x: b.view(dy, 0..n * m.stride),
-                n,
-                stride: m.stride,
-                c0: m.c0,
-                w: m.d_out,
+                rows: [n, m.stride, m.c0, m.d_out],
                 s: self.cfg.scale(),
+                add: false,
             })?;
             let (ab, bb) = (m.a.clone(), m.b.clone());
             let b_dims = LinearDims {
@@ -192,57 +231,32 @@ impl<B: Backend> LayerPass<'_, B> {
                 dims: b_dims,
                 write,
             })?;
-            let a_dims = LinearDims {
-                n,
-                d_in: m.d_in,
-                d_out: r,
+            // With dropout, the dropped input regenerated for dA (and the mask for dx below).
+            let seed = match p > 0.0 {
+                true => Some(self.drop_input(b, m, x, ni)?),
+                false => None,
             };
-            if p == 0.0 {
-                b.linear_backward(LinearBwd {
-                    dx: Some(b.view_mut(dx, 0..ni)),
-                    dx_write: GradWrite::Accumulate,
-                    d_w: Some(b.view_mut(g, ab.clone())),
-                    d_b: None,
-                    dy: b.view(&self.s.du, 0..n * r),
-                    x: b.view(x, 0..ni),
-                    w: b.view(self.params, ab),
-                    dims: a_dims,
-                    write,
-                })?;
+            let a = AdapterA {
+                params: self.params,
+                du: &self.s.du,
+                m,
+                r,
+                n,
+                write,
+            };
+            let Some(seed) = seed else {
+                let (dx, da) = (b.view_mut(dx, 0..ni), b.view_mut(g, ab));
+                let dx = (Some(dx), GradWrite::Accumulate);
+                a.backward(b, dx, Some(da), b.view(x, 0..ni))?;
                 continue;
-            }
-            // With dropout: dA from the regenerated dropped input, then du·A masked into dx.
-            let seed = self.module_seed(m);
-            b.dropout(Dropout {
-                y: b.view_mut(&mut self.s.xd, 0..ni),
-                x: b.view(x, 0..ni),
-                n: ni,
-                p,
-                seed,
-                write: GradWrite::Overwrite,
-            })?;
-            b.linear_backward(LinearBwd {
-                dx: None,
-                dx_write: GradWrite::Overwrite,
-                d_w: Some(b.view_mut(g, ab.clone())),
-                d_b: None,
-                dy: b.view(&self.s.du, 0..n * r),
-                x: b.view(&self.s.xd, 0..ni),
-                w: b.view(self.params, ab.clone()),
-                dims: a_dims,
-                write,
-            })?;
-            b.linear_backward(LinearBwd {
-                dx: Some(b.view_mut(&mut self.s.xd, 0..ni)),
-                dx_write: GradWrite::Overwrite,
-                d_w: None,
-                d_b: None,
-                dy: b.view(&self.s.du, 0..n * r),
-                x: b.view(x, 0..ni),
-                w: b.view(self.params, ab),
-                dims: a_dims,
-                write,
-            })?;
+            };
+            let (da, xd) = (b.view_mut(g, ab), b.view(&self.s.xd, 0..ni));
+            a.backward(b, (None, GradWrite::Overwrite), Some(da), xd)?;
+            let xd = (
+                Some(b.view_mut(&mut self.s.xd, 0..ni)),
+                GradWrite::Overwrite,
+            );
+            a.backward(b, xd, None, b.view(x, 0..ni))?;
             b.dropout(Dropout {
                 y: b.view_mut(dx, 0..ni),
                 x: b.view(&self.s.xd, 0..ni),

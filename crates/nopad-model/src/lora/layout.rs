@@ -21,17 +21,20 @@ pub const PEFT_PREFIX: &str = "base_model.model.model.layers.";
 pub struct ModuleSpec {
     /// The adapted projection.
     pub target: Target,
-    /// `[r, in]` A.
+    /// Where A (`[r, in]`, PEFT's `lora_A`) and B (`[out, r]`, `lora_B`) lie in the adapter
+    /// buffer.
     pub a: Range<usize>,
-    /// `[out, r]` B.
+    #[doc = "B's range (see `a`)."]
     pub b: Range<usize>,
-    /// The projection's input features.
+    /// The projection's input features (`in`).
     pub d_in: usize,
-    /// Its output features.
+    /// Its output features (`out`); they land in columns `c0..c0 + out` of the fused output
+    /// (q, k, v in `qkv`; gate, up in `gu`; all of o's and down's), whose rows are `stride`
+    /// long.
     pub d_out: usize,
-    /// Its first column in the fused output (q, k, v in `qkv`; gate, up in `gu`).
+    #[doc = "The first of those columns."]
     pub c0: usize,
-    /// The fused output's row length.
+    #[doc = "The fused output's row length."]
     pub stride: usize,
 }
 

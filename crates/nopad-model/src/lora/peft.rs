@@ -20,7 +20,7 @@ use super::layout::PEFT_PREFIX;
 use super::{AdapterLayout, LoraConfig, Target};
 use crate::error::{ModelError, Result};
 use crate::layout::TensorSpec;
-use crate::weights::{atomic_write, encode, to_f32, SaveDtype};
+use crate::weights::{atomic_write, encode, tensor_values, SaveDtype};
 
 /// The adapter's weights file.
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
@@ -59,7 +59,14 @@ pub fn save_adapter(
         msg: format!("cannot serialise: {e}"),
     })?;
     atomic_write(&path, &bytes)?;
-    let config = json!({
+    let config = adapter_config(lora, base_model);
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+    atomic_write(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+}
+
+/// The `adapter_config.json` PEFT writes for `lora` on `base_model`.
+pub fn adapter_config(lora: &LoraConfig, base_model: &str) -> Value {
+    json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -80,9 +87,7 @@ pub fn save_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": null,
-    });
-    let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
-    atomic_write(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+    })
 }
 
 /// Reads `adapter_config.json` of `dir`: the settings (with `seed` 0: the file has none) and
@@ -226,21 +231,8 @@ pub fn load_adapter(
             )
         })?;
         let view = st.tensor(&name).map_err(|e| err(e.to_string()))?;
-        if view.shape() != spec.shape.as_slice() {
-            return Err(err(format!(
-                "shape {:?}, expected {:?} from adapter_config.json's r and the base model's \
-                 config.json",
-                view.shape(),
-                spec.shape
-            )));
-        }
-        let vals = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            err(format!(
-                "dtype {:?} is not supported (f32, bf16, f16)",
-                view.dtype()
-            ))
-        })?;
-        sink(spec.offset, &vals)?;
+        let hint = " from adapter_config.json's r and the base model's config.json";
+        sink(spec.offset, &tensor_values(&view, &spec.shape, hint, err)?)?;
         seen.insert(name.clone(), ());
     }
     if let Some(missing) = layout.tensors.iter().find(|t| !seen.contains_key(&t.name)) {
