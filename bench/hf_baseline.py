@@ -12,12 +12,21 @@ Modes (one per process, so peak memory is each mode's own):
   parity   loads DIR/model (written by nopad) and prints the token-weighted loss over
            DIR/heldout.jsonl in fp32: the number `nopad eval --json` must reproduce.
 
+LoRA (--lora-r R): PEFT adapters with the same rank, alpha (default 2·R, as nopad's), dropout and
+targets as `nopad bench --lora-r`, on the frozen base; only the adapters train (AdamW over them,
+clipping over them). --init-adapter DIR/adapter (written by `nopad bench --export DIR` with LoRA)
+loads nopad's initial adapter values, so both sides start equal; without it PEFT initialises
+its own (another A). The LoRA path has not been run here (no torch on the machine it was
+written on): check it on the device before trusting a number.
+
 The step loss is HF's causal-LM loss with `num_items_in_batch` = target tokens of the whole
 optimizer step, i.e. the token-weighted loss nopad uses. AdamW (torch, fused), constant lr,
 no weight decay, clipping at 1.0, bf16 parameters (HF's usual bf16 training keeps the optimizer
 states in bf16 too: compare memory with that in mind).
 
 Usage: hf_baseline.py DIR MODE [--amp] [--grad-ckpt] [--warmup 3] [--lr 1e-4] [--json OUT] [--device cpu]
+                       [--lora-r R [--lora-alpha A] [--lora-dropout P] [--lora-targets all-linear|LIST]
+                        [--use-rslora] [--init-adapter ADAPTER_DIR]]
 """
 
 import argparse
@@ -29,6 +38,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 IGNORE = -100
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -105,6 +115,36 @@ def targets_of(examples):
     return sum(sum(1 for l in e.get("labels", e["input_ids"])[1:] if l != IGNORE) for e in examples)
 
 
+def add_lora(model, args):
+    """Wraps `model` in PEFT LoRA adapters as `nopad bench --lora-*` configures them and, with
+    --init-adapter, loads nopad's initial values, refusing any missing or unexpected adapter key
+    (PEFT would otherwise leave those B at zero with only a warning)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    targets = ALL_LINEAR if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    cfg = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        use_rslora=args.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, cfg)
+    if args.init_adapter:
+        sd = load_file(f"{args.init_adapter}/adapter_model.safetensors")
+        res = set_peft_model_state_dict(model, sd)
+        unexpected = list(res.unexpected_keys)
+        missing = [k for k in res.missing_keys if "lora_" in k]
+        if unexpected or missing:
+            sys.exit(f"--init-adapter: {len(missing)} adapter keys missing ({missing[:3]}), "
+                     f"{len(unexpected)} unexpected ({unexpected[:3]})")
+    model.print_trainable_parameters()
+    return model
+
+
 def train(args):
     steps = [json.loads(l) for l in open(f"{args.dir}/steps.jsonl")]
     attn = "sdpa" if args.mode == "pad" else "nopad_varlen_fa2"
@@ -114,6 +154,8 @@ def train(args):
         f"{args.dir}/model", dtype=torch.float32 if args.amp else torch.bfloat16, attn_implementation=attn
     ).to(args.device)
     model.config.use_cache = False
+    if args.lora_r:
+        model = add_lora(model, args)
     if args.grad_ckpt:
         # What lets HF fit a 7-8B model on one 80 GB GPU: each layer's activations recomputed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -122,7 +164,9 @@ def train(args):
     if pad_id is None:
         eos = model.config.eos_token_id
         pad_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    # With LoRA only the adapters train (the frozen base has requires_grad off).
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -143,7 +187,7 @@ def train(args):
                 out = model(**batch, num_items_in_batch=torch.tensor(n_targets, device=args.device))
             out.loss.backward()
             total += out.loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(total)
@@ -158,7 +202,8 @@ def train(args):
     print(file=sys.stderr)
     rates = sorted(t / s for t, s in zip(tokens, times))
     result = {
-        "system": f"hf-{args.mode}" + ("-amp" if args.amp else "") + ("-ckpt" if args.grad_ckpt else ""),
+        "system": f"hf-{args.mode}" + ("-amp" if args.amp else "") + ("-ckpt" if args.grad_ckpt else "")
+        + (f"-lora{args.lora_r}" if args.lora_r else ""),
         "tokens_per_s": rates[len(rates) // 2] if rates else float("nan"),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
         "losses": losses,
@@ -169,21 +214,28 @@ def train(args):
 
 
 @torch.no_grad()
-def parity(args):
-    model = AutoModelForCausalLM.from_pretrained(f"{args.dir}/model", dtype=torch.float32, attn_implementation="sdpa").to(args.device)
+def heldout_loss(model, path, device):
+    """Token-weighted loss of `model` over the JSONL examples of `path` (`input_ids`, optional
+    `labels`), one example at a time: what `nopad eval --json` computes."""
     model.eval()
     total, n = 0.0, 0
-    for line in open(f"{args.dir}/heldout.jsonl"):
+    for line in open(path):
         e = json.loads(line)
-        ids = torch.tensor([e["input_ids"]], device=args.device)
-        labels = torch.tensor([e.get("labels", e["input_ids"])], device=args.device)
+        ids = torch.tensor([e["input_ids"]], device=device)
+        labels = torch.tensor([e.get("labels", e["input_ids"])], device=device)
         t = targets_of([e])
         if t == 0:
             continue
         out = model(input_ids=ids, labels=labels)
         total += float(out.loss) * t
         n += t
-    return {"system": "hf-parity", "loss": total / n, "tokens": n}
+    return total / n, n
+
+
+def parity(args):
+    model = AutoModelForCausalLM.from_pretrained(f"{args.dir}/model", dtype=torch.float32, attn_implementation="sdpa").to(args.device)
+    loss, n = heldout_loss(model, f"{args.dir}/heldout.jsonl", args.device)
+    return {"system": "hf-parity", "loss": loss, "tokens": n}
 
 
 def main():
@@ -196,6 +248,12 @@ def main():
     p.add_argument("--amp", action="store_true", help="fp32 weights and optimizer states, bf16 autocast")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (recompute each layer)")
     p.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (checking the script)")
+    p.add_argument("--lora-r", type=int, help="train PEFT LoRA adapters of this rank on the frozen base")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 * r, as nopad's)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma-separated list of modules")
+    p.add_argument("--use-rslora", action="store_true")
+    p.add_argument("--init-adapter", help="start from this PEFT adapter (nopad bench --export DIR writes DIR/adapter)")
     args = p.parse_args()
     result = parity(args) if args.mode == "parity" else train(args)
     text = json.dumps(result)

@@ -126,8 +126,8 @@ pub struct RmsNormBwd<'a, B: Device + ?Sized + 'a> {
     /// `[N, D]`, accumulated: the residual stream's gradient arrives from the skip connection
     /// and from the norm.
     pub dx: B::Mut<'a>,
-    /// `[D]` Grad, written as `write` says.
-    pub d_weight: B::Mut<'a>,
+    /// `[D]` Grad, written as `write` says; None: a frozen weight (only `dx` is computed).
+    pub d_weight: Option<B::Mut<'a>>,
     /// `[N, D]`.
     pub dy: B::Ref<'a>,
     /// `[N, D]`, the forward's input.
@@ -237,5 +237,62 @@ pub struct LmHeadLoss<'a, B: Device + ?Sized + 'a> {
     /// across micro-batches.
     pub grad_scale: f32,
     /// How `d_w` is written.
+    pub write: GradWrite,
+}
+
+/// Arguments of [`crate::Ops::columns`]: an adapter's share of a fused projection's columns
+/// `c0..c0 + w` of rows of `stride` (q, k or v of `qkv`; gate or up of `gu`; all of `o_proj`'s
+/// or `down_proj`'s).
+///
+/// `add` (the adapter's output added in): `y[t, c0 + j] += s · x[t, j]`, `y: [N, stride]`
+/// (other columns untouched), `x: [N, w]`. Gather (its share of the fused gradient):
+/// `y[t, j] = s · x[t, c0 + j]`, `y: [N, w]` overwritten, `x: [N, stride]`.
+pub struct Columns<'a, B: Device + ?Sized + 'a> {
+    /// Written: the wide rows (add) or the narrow ones (gather).
+    pub y: B::Mut<'a>,
+    /// Read: the narrow rows (add) or the wide ones (gather).
+    pub x: B::Ref<'a>,
+    /// Rows N, the wide rows' length, the first column and the number of columns w.
+    pub rows: [usize; 4],
+    /// Scale s.
+    pub s: f32,
+    /// Add into the wide rows (true) or gather from them (false).
+    pub add: bool,
+}
+
+impl<B: Device + ?Sized> Columns<'_, B> {
+    /// The op's name, and the lengths `y` and `x` need, after checking that the columns lie
+    /// inside the row.
+    pub(crate) fn lens(&self) -> crate::Result<(&'static str, usize, usize)> {
+        let add = self.add;
+        let op = if add { "add_columns" } else { "gather_columns" };
+        let [n, stride, c0, w] = self.rows;
+        crate::error::check(c0 + w <= stride, op, || {
+            format!("columns {c0}..{} exceed the row length {stride}", c0 + w)
+        })?;
+        let (wide, narrow) = (n * stride, n * w);
+        Ok(if add {
+            (op, wide, narrow)
+        } else {
+            (op, narrow, wide)
+        })
+    }
+}
+
+/// Arguments of [`crate::Ops::dropout`]: `y[i] (+)= keep(seed, i) ? x[i] / (1 − p) : 0` for
+/// `i < n`. The mask is a counter-based hash of `(seed, i)` ([`crate::dropout_keep`]), identical
+/// on every backend, so the backward regenerates it from the seed instead of saving it.
+pub struct Dropout<'a, B: Device + ?Sized + 'a> {
+    /// `[n]`, written as `write` says (the backward adds the masked gradient into `dx`).
+    pub y: B::Mut<'a>,
+    /// `[n]`.
+    pub x: B::Ref<'a>,
+    /// Elements n.
+    pub n: usize,
+    /// Drop probability p, in `[0, 1)`.
+    pub p: f32,
+    /// The mask's seed (one per step, layer and module).
+    pub seed: u64,
+    /// `Overwrite` in the forward, `Accumulate` in the backward.
     pub write: GradWrite,
 }

@@ -31,12 +31,14 @@ pub mod args;
 pub mod cpu;
 pub mod cuda;
 mod device;
+mod dropout;
 mod error;
 mod ops;
 mod optim;
 
 pub(crate) use device::check_parts;
 pub use device::{Accounting, Device, Kind};
+pub use dropout::{dropout_keep, dropout_scale, dropout_threshold, mix64};
 pub use error::{BackendError, Result};
 pub use ops::{AttnDims, GradWrite, LinearDims, Ops, RopeDims};
 pub use optim::codes;

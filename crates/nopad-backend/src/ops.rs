@@ -3,8 +3,8 @@
 //! from [`crate::args`], where its shapes and write rules are documented.
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, EmbeddingBwd, EmbeddingFwd, LinearBwd, LinearFwd, LmHeadLoss,
-    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
+    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::{Device, Result};
 
@@ -57,6 +57,11 @@ pub trait Ops: Device {
     fn scale(&self, x: Self::Mut<'_>, s: f32, n: usize) -> Result<()>;
     /// `Σ x[i]²` over `i < n`, in f64 on the host (for gradient norms).
     fn sum_squares(&self, x: Self::Ref<'_>, n: usize) -> Result<f64>;
+    /// An adapter's scaled output added into its columns of a fused output, or its scaled
+    /// share of a fused gradient gathered from them (see [`Columns`]).
+    fn columns(&self, a: Columns<'_, Self>) -> Result<()>;
+    /// Seeded dropout whose mask the backward regenerates (see [`Dropout`]).
+    fn dropout(&self, a: Dropout<'_, Self>) -> Result<()>;
 
     // ---- layers -----------------------------------------------------------------------------
 

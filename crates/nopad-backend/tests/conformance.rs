@@ -220,6 +220,9 @@ conformance!(
     lm_head,
     adamw,
     adamw_states,
+    adapter_columns,
+    dropout,
+    rmsnorm_frozen,
 );
 
 #[path = "conformance/ops.rs"]
@@ -228,3 +231,6 @@ use ops::*;
 #[path = "conformance/optim.rs"]
 mod optim;
 use optim::adamw_states;
+#[path = "conformance/adapter.rs"]
+mod adapter;
+use adapter::{adapter_columns, dropout, rmsnorm_frozen};

@@ -19,9 +19,9 @@ use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, I
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
 use nopad_train::{
-    accumulate, build_model, build_model_layers, check_device, evaluate, finish, model_config,
-    pad_token_id, step_targets, train_step, AdamWConfig, ModelSource, Modes, Optimizer,
-    SingleProcess, Trained,
+    accumulate, build_lora_model, build_model, build_model_layers, check_device, evaluate, finish,
+    model_config, pad_token_id, step_targets, train_step, AdamWConfig, ModelSource, Modes,
+    Optimizer, SingleProcess, Trained,
 };
 use serde::Serialize;
 
@@ -92,6 +92,8 @@ pub struct BenchConfig {
     pub optim_in_backward: bool,
     /// Bytes of device memory the memory plan must fit (default: the device's total).
     pub gpu_memory: Option<usize>,
+    /// Train LoRA adapters on a frozen base (the `--lora-*` flags); None: every weight.
+    pub lora: Option<nopad_train::LoraTrain>,
 }
 
 /// What one strategy did.
@@ -134,8 +136,15 @@ pub struct StrategyResult {
 
 /// Model FLOPs of one batch that count as useful: 6·N per real token for the matrices (N without
 /// the input embedding, a lookup), plus the causal attention of the examples (not of padding):
-/// 3 passes × 2 matmuls × 2 FLOPs × Dh·H·Σlen²/2 per layer = 6·Dh·H·L·Σlen².
-pub fn useful_flops(cfg: &Config, batch: &Batch, pad_id: i32, strategy: Strategy) -> f64 {
+/// 3 passes × 2 matmuls × 2 FLOPs × Dh·H·Σlen²/2 per layer = 6·Dh·H·L·Σlen². With frozen
+/// matrices (`frozen`, LoRA) 4·N: no weight gradient (the adapters' few FLOPs not counted).
+pub fn useful_flops(
+    cfg: &Config,
+    batch: &Batch,
+    pad_id: i32,
+    strategy: Strategy,
+    frozen: bool,
+) -> f64 {
     let layout = nopad_model::Layout::new(cfg);
     let embed = if cfg.tie_word_embeddings {
         0
@@ -164,7 +173,8 @@ pub fn useful_flops(cfg: &Config, batch: &Batch, pad_id: i32, strategy: Strategy
     };
     let attn =
         6.0 * (cfg.head_dim * cfg.num_attention_heads * cfg.num_hidden_layers) as f64 * sum_sq;
-    6.0 * n * batch.stats.real_tokens as f64 + attn
+    let dense = if frozen { 4.0 } else { 6.0 };
+    dense * n * batch.stats.real_tokens as f64 + attn
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -178,9 +188,10 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Builds the model of a benchmark (with `layers` applied) on a backend.
 pub fn model<B: Backend>(b: &B, cfg: &BenchConfig) -> Result<nopad_model::Model<B>> {
-    let built = match cfg.layers {
-        Some(l) => build_model_layers(b, &cfg.model, cfg.seed, l)?,
-        None => build_model(b, &cfg.model, cfg.seed)?,
+    let built = match (&cfg.lora, cfg.layers) {
+        (Some(lt), layers) => build_lora_model(b, &cfg.model, cfg.seed, layers, lt)?,
+        (None, Some(l)) => build_model_layers(b, &cfg.model, cfg.seed, l)?,
+        (None, None) => build_model(b, &cfg.model, cfg.seed)?,
     };
     Ok(built.0)
 }
@@ -220,7 +231,8 @@ pub fn run_strategy<B: Backend>(
     heldout: &[Example],
     mut progress: impl FnMut(u64, f64),
 ) -> Result<StrategyResult> {
-    let aliasing = cfg.grad_aliasing && cfg.grad_accum == 1 && !cfg.optim_in_backward;
+    let aliasing =
+        cfg.grad_aliasing && cfg.grad_accum == 1 && !cfg.optim_in_backward && cfg.lora.is_none();
     if cfg.optim_in_backward && cfg.grad_accum != 1 {
         return Err(nopad_train::TrainError::Config(
             "--optim-in-backward takes steps of one micro-batch: use --grad-accum 1".into(),
@@ -239,7 +251,10 @@ pub fn run_strategy<B: Backend>(
         },
         ..AdamWConfig::default()
     };
-    plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
+    if cfg.lora.is_none() {
+        // The plan counts full fine-tuning only: a frozen base is not planned yet.
+        plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
+    }
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
     model.set_grad_aliasing(b, aliasing)?;
@@ -259,6 +274,7 @@ pub fn run_strategy<B: Backend>(
         let step = loader
             .next()
             .ok_or_else(|| nopad_train::TrainError::Config("the loader stopped".into()))?;
+        model.set_lora_step(k);
         let t0 = Instant::now();
         let loss = train_step(
             b,
@@ -283,7 +299,7 @@ pub fn run_strategy<B: Backend>(
             flops += step
                 .batches
                 .iter()
-                .map(|x| useful_flops(&model.cfg, x, pad_id, strategy))
+                .map(|x| useful_flops(&model.cfg, x, pad_id, strategy, cfg.lora.is_some()))
                 .sum::<f64>();
             secs += dt;
         }
@@ -311,14 +327,18 @@ pub fn run_strategy<B: Backend>(
         recompute: cfg.recompute.to_string(),
         grad_aliasing: aliasing,
         optimizer: format!(
-            "moments {}, master {}{}",
+            "moments {}, master {}{}{}",
             nopad_train::states_name(cfg.optim_states),
             nopad_train::master_name(cfg.master_weights),
             if cfg.optim_in_backward {
                 ", in backward"
             } else {
                 ""
-            }
+            },
+            cfg.lora.as_ref().map_or(String::new(), |lt| format!(
+                ", LoRA r {} alpha {}",
+                lt.settings.r, lt.settings.alpha
+            )),
         ),
         steps_per_epoch,
         tokens_per_s: median(&mut tok),
@@ -445,6 +465,13 @@ pub fn export<B: Backend>(
         4 << 30,
         |r| Ok(b.read(&model.params, r)?),
     )?;
+    if let (Some(lt), Some(al)) = (&cfg.lora, model.adapter_layout()) {
+        // The initial adapter, exactly as nopad starts from it (bf16 values on CUDA), in f32.
+        let vals = b.read(model.trainable(), 0..al.total)?;
+        let base = dir.join("model").display().to_string();
+        let adir = dir.join("adapter");
+        nopad_model::lora::save_adapter(&adir, &lt.settings, al, SaveDtype::F32, &base, &vals)?;
+    }
     let pad_id = pad_token_id(&model.cfg);
     let mut loader = loader(cfg, Strategy::Flatten, pad_id, train, 2)?;
     let path = dir.join("steps.jsonl");

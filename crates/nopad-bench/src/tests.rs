@@ -31,6 +31,7 @@ fn cfg() -> BenchConfig {
         master_weights: nopad_train::MasterPrecision::F32,
         optim_in_backward: false,
         gpu_memory: None,
+        lora: None,
     }
 }
 
@@ -162,7 +163,52 @@ fn useful_flops_count_real_tokens_and_example_attention_only() {
                 group_by_length: false,
             },
         );
-        let got = useful_flops(&cfg, &b, 0, s);
+        let got = useful_flops(&cfg, &b, 0, s, false);
         assert!((got - want).abs() < 1e-6 * want, "{s}: {got} vs {want}");
     }
+}
+
+/// LoRA: every strategy trains adapters (the first loss is the base model's), and the export
+/// holds the initial adapter in PEFT's format for the HF side's --init-adapter.
+#[test]
+fn lora_runs_every_strategy_and_exports_the_initial_adapter() {
+    use nopad_model::lora::{read_adapter_config, LoraConfig, Target};
+    let b = Cpu::<f32>::new();
+    let all = flan_like(60, 2);
+    let train = Arc::new(all[..50].to_vec());
+    let settings = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec![Target::Q, Target::V],
+        use_rslora: false,
+        seed: 3,
+    };
+    let lora = BenchConfig {
+        lora: Some(nopad_train::LoraTrain {
+            settings: settings.clone(),
+            adapter: None,
+        }),
+        ..cfg()
+    };
+    for s in [Strategy::Pad, Strategy::Flatten] {
+        let full = run_strategy(&b, &cfg(), s, &train, &all[50..], |_, _| {}).unwrap();
+        let r = run_strategy(&b, &lora, s, &train, &all[50..], |_, _| {}).unwrap();
+        assert_eq!(
+            r.losses[0], full.losses[0],
+            "{s:?}: B = 0 starts at the base"
+        );
+        assert!(r.losses.iter().all(|l| l.is_finite()) && r.optimizer.contains("LoRA r 4"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    export(&b, &lora, &train, &all[50..], dir.path()).unwrap();
+    let (got, base) = read_adapter_config(&dir.path().join("adapter")).unwrap();
+    assert_eq!(
+        got,
+        LoraConfig {
+            seed: 0,
+            ..settings
+        }
+    );
+    assert!(base.unwrap().ends_with("model"));
 }

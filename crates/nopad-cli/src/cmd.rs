@@ -3,6 +3,8 @@
 
 pub mod bench;
 pub mod eval;
+pub mod lora;
+pub mod merge;
 pub mod stats;
 pub mod train;
 

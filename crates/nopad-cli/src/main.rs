@@ -4,7 +4,7 @@
 //! the library crates. With no arguments it trains the built-in default (the `small` preset on
 //! synthetic FLAN-like data with the `flatten` strategy).
 //!
-//! Entry points: `main` dispatches to `cmd::{train,eval,stats,bench}::run`; each builds its
+//! Entry points: `main` dispatches to `cmd::{train,eval,merge,stats,bench}::run`; each builds its
 //! library configuration and runs it on the backend `device.rs` picks (`run_on`).
 
 mod cmd;
@@ -12,7 +12,7 @@ mod device;
 
 use clap::{Parser, Subcommand};
 
-use cmd::{bench, eval, stats, train};
+use cmd::{bench, eval, merge, stats, train};
 
 /// Fine-tune Llama-family language models with padding-free packing and varlen attention.
 #[derive(Parser, Debug)]
@@ -28,6 +28,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Token-weighted loss of a model over a pretokenized JSONL file.
     Eval(eval::EvalArgs),
+    /// Merge a PEFT LoRA adapter into its base model and write an HF checkpoint.
+    Merge(merge::MergeArgs),
     /// What each packing strategy would do with a data set (rows, padding, steps, Σlen²).
     Stats(stats::StatsArgs),
     /// Train with every strategy on the same examples and compare speed, memory and loss.
@@ -40,6 +42,7 @@ fn main() {
         None => train::run(&train::TrainArgs::default()),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Eval(args)) => eval::run(&args),
+        Some(Command::Merge(args)) => merge::run(&args),
         Some(Command::Stats(args)) => stats::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
     };

@@ -13,6 +13,8 @@ use nopad_backend::{AttnDims, Backend, GradWrite, LinearDims, RopeDims};
 use crate::config::Config;
 use crate::error::Result;
 use crate::layout::LayerRanges;
+use crate::lora::apply::Site;
+use crate::lora::LayerPass;
 use crate::profile::Profile;
 
 /// What every layer of one pass shares: the backend, the config, the parameters and the batch.
@@ -106,6 +108,8 @@ fn dims(c: &Config) -> (usize, usize, usize, usize, f32) {
 
 /// Layer forward: `res_out = layer(res_in)`, saving what the backward needs in `la`. With
 /// `res_out = None` (recomputation) it stops once `la` is complete (after the gate/up GEMM).
+/// `lora`: the layer's adapters, added after each base projection they target.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<B: Backend>(
     cx: &Ctx<'_, B>,
     lr: &LayerRanges,
@@ -113,6 +117,7 @@ pub(crate) fn forward<B: Backend>(
     acts: &mut Scratch<B>,
     res_in: &B::Buf,
     res_out: Option<&mut B::Buf>,
+    mut lora: Option<&mut LayerPass<'_, B>>,
     prof: &mut Profile,
 ) -> Result<()> {
     let (b, c, p, n) = (cx.b, cx.c, cx.p, cx.n);
@@ -141,6 +146,7 @@ pub(crate) fn forward<B: Backend>(
         },
     })?;
     prof.mark(b, "qkv_proj fwd")?;
+    adapt(&mut lora, b, Site::Qkv, &acts.h, &mut la.qkv, n, prof)?;
     let rope = rope_dims(c, n);
     b.rope_forward(Rope {
         x: b.view_mut(&mut la.qkv, 0..n * w),
@@ -169,6 +175,7 @@ pub(crate) fn forward<B: Backend>(
         },
     })?;
     prof.mark(b, "o_proj fwd")?;
+    adapt(&mut lora, b, Site::O, &la.att, &mut la.res_mid, n, prof)?;
     // res_mid = res_in + attention block; MLP block: h2 = post_attention_layernorm(res_mid).
     b.add_rmsnorm_forward(AddRmsNormFwd {
         y: b.view_mut(&mut acts.h, nd.clone()),
@@ -198,6 +205,7 @@ pub(crate) fn forward<B: Backend>(
         },
     })?;
     prof.mark(b, "gate_up_proj fwd")?;
+    adapt(&mut lora, b, Site::GateUp, &acts.h, gu, n, prof)?;
     // The rest of the MLP is skipped when recomputing for the backward.
     let Some(res_out) = res_out else {
         return Ok(());
@@ -222,6 +230,7 @@ pub(crate) fn forward<B: Backend>(
         },
     })?;
     prof.mark(b, "down_proj fwd")?;
+    adapt(&mut lora, b, Site::Down, &acts.a, res_out, n, prof)?;
     b.add_assign(
         b.view_mut(res_out, nd.clone()),
         b.view(&la.res_mid, nd.clone()),
@@ -253,17 +262,19 @@ fn recompute_h2<B: Backend>(
 }
 
 /// Layer backward: on entry `acts.d_res` = ∂loss/∂res_out, on exit ∂loss/∂res_in; parameter
-/// gradients accumulate into `g` at `gr`: the layer's ranges in the gradient buffer, which are
-/// `lr` (the parameters' ranges) for a gradient buffer shaped like the parameters, or ranges of
-/// a one-group scratch when the optimizer runs in the backward.
+/// gradients accumulate into `base = (g, gr)` at `gr`: the layer's ranges in the gradient
+/// buffer, which are `lr` (the parameters' ranges) for a gradient buffer shaped like the
+/// parameters, or ranges of a one-group scratch when the optimizer runs in the backward.
+/// `base = None`: the base weights are frozen and only input gradients flow through them;
+/// `lora = (adapters, their gradient buffer)` adds the adapters' share.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<B: Backend>(
     cx: &Ctx<'_, B>,
     lr: &LayerRanges,
     la: &mut LayerActs<B>,
     acts: &mut Scratch<B>,
-    g: &mut B::Buf,
-    gr: &LayerRanges,
+    mut base: Option<(&mut B::Buf, &LayerRanges)>,
+    mut lora: Option<(&mut LayerPass<'_, B>, &mut B::Buf)>,
     res_in: &B::Buf,
     prof: &mut Profile,
 ) -> Result<()> {
@@ -286,6 +297,8 @@ pub(crate) fn backward<B: Backend>(
                 d_out: 2 * f,
             },
         })?;
+        let lora_fwd = &mut lora.as_mut().map(|(lp, _)| &mut **lp);
+        adapt(lora_fwd, b, Site::GateUp, &acts.h, &mut acts.gu, n, prof)?;
     }
     let gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
     b.swiglu_forward(SwigluFwd {
@@ -298,7 +311,9 @@ pub(crate) fn backward<B: Backend>(
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_a, 0..n * f)),
         dx_write: GradWrite::Overwrite,
-        d_w: Some(b.view_mut(g, gr.down_w.clone())),
+        d_w: base
+            .as_mut()
+            .map(|(g, gr)| b.view_mut(g, gr.down_w.clone())),
         d_b: None,
         dy: b.view(&acts.d_res, nd.clone()),
         x: b.view(&acts.a, 0..n * f),
@@ -311,6 +326,8 @@ pub(crate) fn backward<B: Backend>(
         write: cx.grad_write,
     })?;
     prof.mark(b, "down_proj bwd")?;
+    let (dy, x) = (&acts.d_res, &acts.a);
+    adapt_bwd(&mut lora, cx, Site::Down, dy, x, &mut acts.d_a, prof)?;
     // In place: the gate/up projections become their gradient.
     let d_gu = if cx.mlp_recompute {
         &mut acts.gu
@@ -331,7 +348,9 @@ pub(crate) fn backward<B: Backend>(
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_h, nd.clone())),
         dx_write: GradWrite::Overwrite,
-        d_w: Some(b.view_mut(g, gr.gate_up_w.clone())),
+        d_w: base
+            .as_mut()
+            .map(|(g, gr)| b.view_mut(g, gr.gate_up_w.clone())),
         d_b: None,
         dy: b.view(
             if cx.mlp_recompute { &acts.gu } else { &la.gu },
@@ -347,9 +366,19 @@ pub(crate) fn backward<B: Backend>(
         write: cx.grad_write,
     })?;
     prof.mark(b, "gate_up_proj bwd")?;
+    let d_gu = if cx.mlp_recompute { &acts.gu } else { &la.gu };
+    adapt_bwd(
+        &mut lora,
+        cx,
+        Site::GateUp,
+        d_gu,
+        &acts.h,
+        &mut acts.d_h,
+        prof,
+    )?;
     b.rmsnorm_backward(RmsNormBwd {
         dx: b.view_mut(&mut acts.d_res, nd.clone()),
-        d_weight: b.view_mut(g, gr.ln2.clone()),
+        d_weight: base.as_mut().map(|(g, gr)| b.view_mut(g, gr.ln2.clone())),
         dy: b.view(&acts.d_h, nd.clone()),
         x: b.view(&la.res_mid, nd.clone()),
         weight: b.view(p, lr.ln2.clone()),
@@ -360,11 +389,11 @@ pub(crate) fn backward<B: Backend>(
     })?;
     prof.mark(b, "rmsnorm bwd")?;
     // d_res = ∂loss/∂res_mid. Attention block: res_mid = res[l] + att·o_wᵀ.
-    let (dw, db) = split_weight_bias(b, g, &gr.o_w, &gr.o_b);
+    let (dw, db) = split_weight_bias(b, &mut base, |gr| (&gr.o_w, &gr.o_b));
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_att, 0..n * hd)),
         dx_write: GradWrite::Overwrite,
-        d_w: Some(dw),
+        d_w: dw,
         d_b: db,
         dy: b.view(&acts.d_res, nd.clone()),
         x: b.view(&la.att, 0..n * hd),
@@ -377,6 +406,15 @@ pub(crate) fn backward<B: Backend>(
         write: cx.grad_write,
     })?;
     prof.mark(b, "o_proj bwd")?;
+    adapt_bwd(
+        &mut lora,
+        cx,
+        Site::O,
+        &acts.d_res,
+        &la.att,
+        &mut acts.d_att,
+        prof,
+    )?;
     b.attention_backward(AttnBwd {
         d_qkv: b.view_mut(&mut acts.d_qkv, 0..n * w),
         d_out: b.view(&acts.d_att, 0..n * hd),
@@ -406,11 +444,11 @@ pub(crate) fn backward<B: Backend>(
         eps,
     })?;
     prof.mark(b, "recompute bwd")?;
-    let (dw, db) = split_weight_bias(b, g, &gr.qkv_w, &gr.qkv_b);
+    let (dw, db) = split_weight_bias(b, &mut base, |gr| (&gr.qkv_w, &gr.qkv_b));
     b.linear_backward(LinearBwd {
         dx: Some(b.view_mut(&mut acts.d_h, nd.clone())),
         dx_write: GradWrite::Overwrite,
-        d_w: Some(dw),
+        d_w: dw,
         d_b: db,
         dy: b.view(&acts.d_qkv, 0..n * w),
         x: b.view(&acts.h, nd.clone()),
@@ -423,9 +461,18 @@ pub(crate) fn backward<B: Backend>(
         write: cx.grad_write,
     })?;
     prof.mark(b, "qkv_proj bwd")?;
+    adapt_bwd(
+        &mut lora,
+        cx,
+        Site::Qkv,
+        &acts.d_qkv,
+        &acts.h,
+        &mut acts.d_h,
+        prof,
+    )?;
     b.rmsnorm_backward(RmsNormBwd {
         dx: b.view_mut(&mut acts.d_res, nd.clone()),
-        d_weight: b.view_mut(g, gr.ln1.clone()),
+        d_weight: base.as_mut().map(|(g, gr)| b.view_mut(g, gr.ln1.clone())),
         dy: b.view(&acts.d_h, nd.clone()),
         x: b.view(res_in, nd.clone()),
         weight: b.view(p, lr.ln1.clone()),
@@ -440,18 +487,59 @@ pub(crate) fn backward<B: Backend>(
 }
 
 /// A weight's gradient view and, when the layer has one, its bias's: two disjoint ranges of the
-/// same gradient buffer, borrowed together.
+/// same gradient buffer, borrowed together; neither for a frozen base.
+type WeightBias<'a> = (
+    &'a std::ops::Range<usize>,
+    &'a Option<std::ops::Range<usize>>,
+);
 fn split_weight_bias<'a, B: Backend>(
     b: &'a B,
-    g: &'a mut B::Buf,
-    w: &std::ops::Range<usize>,
-    bias: &Option<std::ops::Range<usize>>,
-) -> (B::Mut<'a>, Option<B::Mut<'a>>) {
-    match bias {
-        Some(br) => {
+    base: &'a mut Option<(&mut B::Buf, &LayerRanges)>,
+    which: impl Fn(&LayerRanges) -> WeightBias<'_>,
+) -> (Option<B::Mut<'a>>, Option<B::Mut<'a>>) {
+    let Some((g, gr)) = base else {
+        return (None, None);
+    };
+    match which(gr) {
+        (w, Some(br)) => {
             let (dw, db) = b.view_mut2(g, w.clone(), br.clone());
-            (dw, Some(db))
+            (Some(dw), Some(db))
         }
-        None => (b.view_mut(g, w.clone()), None),
+        (w, None) => (Some(b.view_mut(g, w.clone())), None),
     }
+}
+
+/// The adapters of `site`, if any, added to the output `y` of input `x` (see
+/// [`LayerPass::forward`]).
+fn adapt<B: Backend>(
+    lora: &mut Option<&mut LayerPass<'_, B>>,
+    b: &B,
+    site: Site,
+    x: &B::Buf,
+    y: &mut B::Buf,
+    n: usize,
+    prof: &mut Profile,
+) -> Result<()> {
+    if let Some(lp) = lora {
+        lp.forward(b, site, x, y, n)?;
+        prof.mark(b, "lora fwd")?;
+    }
+    Ok(())
+}
+
+/// The adapters' backward at `site`, if any (see [`LayerPass::backward`]).
+fn adapt_bwd<B: Backend>(
+    lora: &mut Option<(&mut LayerPass<'_, B>, &mut B::Buf)>,
+    cx: &Ctx<'_, B>,
+    site: Site,
+    dy: &B::Buf,
+    x: &B::Buf,
+    dx: &mut B::Buf,
+    prof: &mut Profile,
+) -> Result<()> {
+    if let Some((lp, g)) = lora {
+        lp.backward(cx.b, site, dy, x, dx, g, cx.grad_write, cx.n)?;
+        prof.mark(cx.b, "lora bwd")?;
+    }
+    Ok(())
 }

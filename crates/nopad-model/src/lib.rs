@@ -12,6 +12,7 @@ pub mod config;
 mod error;
 mod layer;
 pub mod layout;
+pub mod lora;
 pub mod memory;
 mod model;
 pub mod profile;

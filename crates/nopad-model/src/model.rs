@@ -12,6 +12,9 @@
 //!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
+//!
+//! Over 600 lines on purpose: the forward and the backward are meant to be read side by side,
+//! so they stay in one file; the gradient modes and LoRA's adapters live in `model/`.
 
 use std::ops::Range;
 
@@ -27,9 +30,11 @@ use crate::recompute::Recompute;
 
 mod acts;
 mod grad_slots;
+mod lora;
 pub use acts::Acts;
 pub(crate) use grad_slots::scratch_len as group_scratch_len;
 use grad_slots::GradSlots;
+use lora::Adapter;
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward_train`] and
 /// [`Model::forward_eval`]).
@@ -78,21 +83,21 @@ impl<B: Backend> GroupGrads<'_, B> {
     }
 }
 
-/// Calls `hook` for the group of `kind`.
+/// Calls `hook` for the group of `kind` among `groups`.
 fn group_ready<B: Backend, E: From<ModelError>>(
-    layout: &Layout,
+    groups: &[ParamGroup],
     slots: Option<&GradSlots>,
     kind: GroupKind,
     params: &mut B::Buf,
     grads: &B::Buf,
     hook: &mut impl FnMut(GroupGrads<'_, B>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    let Some(index) = layout.groups.iter().position(|g| g.kind == kind) else {
+    let Some(index) = groups.iter().position(|g| g.kind == kind) else {
         return Err(ModelError::Input(format!("no parameter group {kind} in the layout")).into());
     };
     hook(GroupGrads {
         index,
-        group: &layout.groups[index],
+        group: &groups[index],
         params,
         grads,
         slots: slots.map(|s| s.groups[index].as_slice()),
@@ -129,8 +134,11 @@ pub struct Model<B: Backend> {
     /// `[P]` parameters as the forward reads them (Compute).
     pub params: B::Buf,
     /// `[P]` gradients (Grad); read them through [`Model::grads`]. Empty in an evaluation model
-    /// and, with aliasing, until the first forward allocates the activations.
+    /// and, with aliasing, until the first forward allocates the activations. In a LoRA model
+    /// shaped like the adapters (the base takes no gradient).
     pub(crate) grads: B::Buf,
+    /// The adapters of a LoRA model ([`Model::new_lora`]).
+    adapter: Option<Adapter<B>>,
     grad_state: GradState,
     has_grads: bool,
     alias_grads: bool,
@@ -148,25 +156,28 @@ impl<B: Backend> Model<B> {
     /// A model with zero parameters; fill them with [`crate::weights::init_random`] or
     /// [`crate::weights::load_checkpoint`] through [`Model::write_params`].
     pub fn new(b: &B, cfg: Config) -> Result<Self> {
-        Self::build(b, cfg, true)
+        Self::build(b, cfg, true, None)
     }
 
     /// The same for evaluation only: no gradient buffer (as large as the parameters, fp32 on
     /// CUDA), so [`Model::backward`] and [`Model::zero_grads`] are errors.
     pub fn new_eval(b: &B, cfg: Config) -> Result<Self> {
-        Self::build(b, cfg, false)
+        Self::build(b, cfg, false, None)
     }
 
-    fn build(b: &B, cfg: Config, grads: bool) -> Result<Self> {
+    fn build(b: &B, cfg: Config, grads: bool, adapter: Option<Adapter<B>>) -> Result<Self> {
         let layout = Layout::new(&cfg);
         let n = layout.total;
+        let trainable = adapter.as_ref().map_or(n, |a| a.layout.total);
         let params = b
             .alloc(n, Kind::Compute)
             .map_err(|e| e.while_allocating(|| format!("the model's {n} parameters")))?;
         let has_grads = grads;
         let grads = b
-            .alloc(if grads { n } else { 0 }, Kind::Grad)
-            .map_err(|e| e.while_allocating(|| format!("the gradients of {n} parameters")))?;
+            .alloc(if grads { trainable } else { 0 }, Kind::Grad)
+            .map_err(|e| {
+                e.while_allocating(|| format!("the gradients of {trainable} parameters"))
+            })?;
         let freqs = crate::rope::inv_freq(&cfg);
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
         b.write(&mut inv_freq, 0, &freqs)?;
@@ -176,6 +187,7 @@ impl<B: Backend> Model<B> {
             layout,
             params,
             grads,
+            adapter,
             grad_state: GradState::Zero,
             has_grads,
             alias_grads: false,
@@ -224,6 +236,7 @@ impl<B: Backend> Model<B> {
         if on == self.alias_grads {
             return Ok(());
         }
+        self.refuse_with_lora("gradient aliasing")?;
         if on && self.slots.is_some() {
             return Err(ModelError::Input(
                 "gradient aliasing and the optimizer in the backward are alternatives: turn the update in the backward off first".into(),
@@ -251,6 +264,7 @@ impl<B: Backend> Model<B> {
         if on == self.slots.is_some() {
             return Ok(());
         }
+        self.refuse_with_lora("the one-group gradient scratch")?;
         if self.grad_state != GradState::Zero {
             return Err(ModelError::Input(
                 "the update in the backward can change only between optimizer steps".into(),
@@ -293,10 +307,15 @@ impl<B: Backend> Model<B> {
         Ok(&self.grads)
     }
 
-    /// The parameters to update and their gradients, for the optimizer.
+    /// The parameters to update and their gradients, for the optimizer (a LoRA model's
+    /// adapters; see [`Model::trainable_groups`]).
     pub fn params_and_grads(&mut self, b: &B) -> Result<(&mut B::Buf, &B::Buf)> {
         self.settle_grads(b)?;
-        Ok((&mut self.params, &self.grads))
+        let p = match &mut self.adapter {
+            Some(a) => &mut a.params,
+            None => &mut self.params,
+        };
+        Ok((p, &self.grads))
     }
 
     /// Makes the buffer hold what [`Model::grads`] promises.
@@ -313,7 +332,7 @@ impl<B: Backend> Model<B> {
                 "a training forward's backward has not run, so its gradients are incomplete".into(),
             )),
             GradState::Zero => {
-                let n = self.layout.total;
+                let n = self.trainable_len();
                 if b.buf_len(&self.grads) < n {
                     // Aliasing before any forward: a buffer of its own until one runs.
                     self.grads = b.alloc(n, Kind::Grad)?;
@@ -427,6 +446,10 @@ impl<B: Backend> Model<B> {
         let c = &self.cfg;
         let d = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
+        let mut ad = self.adapter.as_mut();
+        if let Some(a) = ad.as_deref_mut() {
+            a.ensure(b, n)?;
+        }
         let acts = self.acts.as_mut().expect("ensure_acts allocated them");
         let p = &self.params;
         let prof = &mut self.profile;
@@ -461,6 +484,7 @@ impl<B: Backend> Model<B> {
                 mlp_recompute: mode.mlp_in_layer(l),
                 ..cx
             };
+            let mut pass = ad.as_deref_mut().map(|a| a.pass(l, grad_scale.is_some()));
             layer::forward(
                 &cx,
                 lr,
@@ -468,6 +492,7 @@ impl<B: Backend> Model<B> {
                 &mut acts.s,
                 &res_in[l],
                 Some(&mut res_out[0]),
+                pass.as_mut(),
                 prof,
             )?;
         }
@@ -487,16 +512,20 @@ impl<B: Backend> Model<B> {
             d_in: d,
             d_out: c.vocab_size,
         };
+        // A LoRA model's head is frozen: only its input gradient.
+        let frozen = ad.is_some();
         let (dx, dw) = match grad_scale {
             Some(_) => (
                 Some(b.view_mut(&mut acts.s.d_h, nd.clone())),
-                Some(b.view_mut(
-                    &mut self.grads,
-                    match &self.slots {
-                        Some(s) => s.lm_head.clone(),
-                        None => self.layout.lm_head.clone(),
-                    },
-                )),
+                (!frozen).then(|| {
+                    b.view_mut(
+                        &mut self.grads,
+                        match &self.slots {
+                            Some(s) => s.lm_head.clone(),
+                            None => self.layout.lm_head.clone(),
+                        },
+                    )
+                }),
             ),
             None => (None, None),
         };
@@ -563,11 +592,13 @@ impl<B: Backend> Model<B> {
         let g = &mut self.grads;
         let slots = self.slots.as_ref();
         let prof = &mut self.profile;
+        let mut ad = self.adapter.as_mut();
+        let frozen = ad.is_some();
         prof.start(b)?;
         // The untied head's gradient is complete since the forward.
-        if self.layout.embed != self.layout.lm_head {
+        if !frozen && self.layout.embed != self.layout.lm_head {
             group_ready(
-                &self.layout,
+                &self.layout.groups,
                 slots,
                 GroupKind::Head,
                 &mut self.params,
@@ -583,7 +614,8 @@ impl<B: Backend> Model<B> {
         prof.mark(b, "zero bwd")?;
         b.rmsnorm_backward(RmsNormBwd {
             dx: b.view_mut(&mut acts.s.d_res, nd.clone()),
-            d_weight: b.view_mut(g, slots.map_or(&self.layout.norm, |s| &s.norm).clone()),
+            d_weight: (!frozen)
+                .then(|| b.view_mut(g, slots.map_or(&self.layout.norm, |s| &s.norm).clone())),
             dy: b.view(&acts.s.d_h, nd.clone()),
             x: b.view(&acts.res[c.num_hidden_layers], nd.clone()),
             weight: b.view(p, self.layout.norm.clone()),
@@ -593,15 +625,17 @@ impl<B: Backend> Model<B> {
             write: acc,
         })?;
         prof.mark(b, "rmsnorm bwd")?;
-        group_ready(
-            &self.layout,
-            slots,
-            GroupKind::FinalNorm,
-            &mut self.params,
-            g,
-            &mut on_group,
-        )?;
-        prof.mark(b, "group hook (update in backward)")?;
+        if !frozen {
+            group_ready(
+                &self.layout.groups,
+                slots,
+                GroupKind::FinalNorm,
+                &mut self.params,
+                g,
+                &mut on_group,
+            )?;
+            prof.mark(b, "group hook (update in backward)")?;
+        }
         let recompute = self.recompute == Recompute::Full;
         let mode = self.recompute;
         for (l, lr) in self.layout.layers.iter().enumerate().rev() {
@@ -618,6 +652,7 @@ impl<B: Backend> Model<B> {
                 mlp_recompute: mode.mlp_in_layer(l),
                 grad_write: acc,
             };
+            let mut pass = ad.as_deref_mut().map(|a| a.pass(l, true));
             if recompute {
                 // Rebuild this layer's saved activations from its input residual stream.
                 layer::forward(
@@ -627,21 +662,30 @@ impl<B: Backend> Model<B> {
                     &mut acts.s,
                     &acts.res[l],
                     None,
+                    pass.as_mut(),
                     prof,
                 )?;
             }
             let la = &mut acts.layers[if recompute { 0 } else { l }];
             let gr = slots.map_or(lr, |s| &s.layers[l]);
-            layer::backward(&cx, lr, la, &mut acts.s, g, gr, &acts.res[l], prof)?;
-            group_ready(
-                &self.layout,
-                slots,
-                GroupKind::Layer(l),
-                &mut self.params,
-                g,
-                &mut on_group,
-            )?;
+            // Frozen base: the gradient buffer is the adapters'.
+            let (base, lora) = match pass.as_mut() {
+                Some(pass) => (None, Some((pass, &mut *g))),
+                None => (Some((&mut *g, gr)), None),
+            };
+            layer::backward(&cx, lr, la, &mut acts.s, base, lora, &acts.res[l], prof)?;
+            let (groups, params) = match ad.as_deref_mut() {
+                Some(a) => (&a.layout.groups, &mut a.params),
+                None => (&self.layout.groups, &mut self.params),
+            };
+            group_ready(groups, slots, GroupKind::Layer(l), params, g, &mut on_group)?;
             prof.mark(b, "group hook (update in backward)")?;
+        }
+        if let Some(a) = ad {
+            // Nothing below the first layer trains.
+            a.next_micro_batch();
+            self.grad_state = GradState::Written;
+            return Ok(());
         }
         let embed = slots.map_or(&self.layout.embed, |s| &s.embed).clone();
         if acc == GradWrite::Overwrite && self.layout.embed != self.layout.lm_head {
@@ -659,7 +703,7 @@ impl<B: Backend> Model<B> {
         prof.mark(b, "embedding bwd")?;
         self.grad_state = GradState::Written;
         group_ready(
-            &self.layout,
+            &self.layout.groups,
             self.slots.as_ref(),
             GroupKind::Embedding,
             &mut self.params,

@@ -8,11 +8,11 @@ use crate::weights::{self, SaveDtype};
 use crate::{Config, Inputs, Model, ModelError, Recompute};
 
 #[path = "../tests/support/packed.rs"]
-mod packed;
+pub(crate) mod packed;
 use packed::Packed;
 
 /// Examples as (tokens, labels); label -100 = not a target.
-type Ex = (Vec<i32>, Vec<i32>);
+pub(crate) type Ex = (Vec<i32>, Vec<i32>);
 
 fn shifted(labels: &[i32]) -> Vec<i32> {
     let mut t: Vec<i32> = labels[1..].to_vec();
@@ -20,7 +20,7 @@ fn shifted(labels: &[i32]) -> Vec<i32> {
     t
 }
 
-fn flatten(exs: &[Ex]) -> Packed {
+pub(crate) fn flatten(exs: &[Ex]) -> Packed {
     let mut p = Packed::empty(0);
     for (tok, lab) in exs {
         p.tokens.extend(tok);
@@ -32,7 +32,7 @@ fn flatten(exs: &[Ex]) -> Packed {
     p
 }
 
-fn pad(exs: &[Ex], pad_id: i32) -> Packed {
+pub(crate) fn pad(exs: &[Ex], pad_id: i32) -> Packed {
     let m = exs.iter().map(|e| e.0.len()).max().unwrap();
     let mut p = Packed::empty(m);
     for (tok, lab) in exs {
@@ -67,7 +67,7 @@ fn concat(exs: &[Ex]) -> Packed {
     }
 }
 
-fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Ex> {
+pub(crate) fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Ex> {
     lens.iter()
         .map(|&l| {
             let tok: Vec<i32> = (0..l)
@@ -84,7 +84,7 @@ fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Ex> {
         .collect()
 }
 
-fn tiny(tied: bool, bias: bool) -> Config {
+pub(crate) fn tiny(tied: bool, bias: bool) -> Config {
     let mut c = Config::preset("tiny").unwrap();
     c.tie_word_embeddings = tied;
     c.qkv_bias = bias;
@@ -94,6 +94,12 @@ fn tiny(tied: bool, bias: bool) -> Config {
 
 fn model<T: Scalar>(b: &Cpu<T>, cfg: Config, seed: u64) -> Model<Cpu<T>> {
     let mut m = Model::new(b, cfg.clone()).unwrap();
+    init_base(b, &mut m, cfg, seed);
+    m
+}
+
+/// Fills a model's parameters as [`model`] does (also the frozen base of a LoRA model).
+pub(crate) fn init_base<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>, cfg: Config, seed: u64) {
     let layout = m.layout.clone();
     // A larger init than HF's 0.02 so every path carries gradient well above rounding; biases
     // and norms get random values too, so their gradients are not special cases.
@@ -105,7 +111,6 @@ fn model<T: Scalar>(b: &Cpu<T>, cfg: Config, seed: u64) -> Model<Cpu<T>> {
         let v: Vec<f32> = r.clone().map(|_| 1.0 + 0.3 * rng.normal() as f32).collect();
         m.write_params(b, r.start, &v).unwrap();
     }
-    m
 }
 
 /// A model of `cfg` initialised from `seed`, and examples of `lens` drawn from `seed + 1`.
@@ -120,11 +125,11 @@ fn model_and_examples(
 }
 
 /// Rows of a batch that carry a target.
-fn n_targets(p: &Packed) -> usize {
+pub(crate) fn n_targets(p: &Packed) -> usize {
     p.targets.iter().filter(|&&t| t != -100).count()
 }
 
-fn loss_and_grads<T: Scalar>(
+pub(crate) fn loss_and_grads<T: Scalar>(
     b: &Cpu<T>,
     m: &mut Model<Cpu<T>>,
     batches: &[&Packed],
@@ -142,7 +147,7 @@ fn loss_and_grads<T: Scalar>(
     )
 }
 
-fn same_bits(a: &[f64], b: &[f64]) -> bool {
+pub(crate) fn same_bits(a: &[f64], b: &[f64]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
@@ -238,15 +243,8 @@ fn finite_differences_for_every_parameter_kind_and_the_input_path() {
                 m.params[i] = orig - h;
                 let lm = eval(&mut m);
                 m.params[i] = orig;
-                let num = (lp - lm) / (2.0 * h);
-                let err = (num - grads[i]).abs() / scale;
-                assert!(
-                    err < 1e-6,
-                    "{} (tied {tied}): element {}: numeric {num:e}, analytic {:e}",
-                    t.name,
-                    i - t.offset,
-                    grads[i]
-                );
+                let what = format!("{} (tied {tied}): element {}", t.name, i - t.offset);
+                assert_fd(&what, (lp, lm, h), grads[i], scale);
             }
         }
         // Input path: ∂loss/∂x0 for a token that occurs once equals its embedding row gradient.
@@ -263,7 +261,15 @@ fn finite_differences_for_every_parameter_kind_and_the_input_path() {
     }
 }
 
-fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+/// Checks the central difference `(lp − lm) / 2h` against `analytic`, relative to `scale` (the
+/// largest gradient), to 1e-6.
+pub(crate) fn assert_fd(what: &str, (lp, lm, h): (f64, f64, f64), analytic: f64, scale: f64) {
+    let num = (lp - lm) / (2.0 * h);
+    let err = (num - analytic).abs() / scale;
+    assert!(err < 1e-6, "{what}: numeric {num:e}, analytic {analytic:e}");
+}
+
+pub(crate) fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a
         .iter()
         .zip(b)

@@ -29,7 +29,7 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
-    fn torch_name(self) -> &'static str {
+    pub(crate) fn torch_name(self) -> &'static str {
         match self {
             SaveDtype::F32 => "float32",
             SaveDtype::Bf16 => "bfloat16",
@@ -348,23 +348,30 @@ pub fn load_checkpoint(
             };
             let view = st.tensor(&name).map_err(|e| err(e.to_string()))?;
             // The header was checked, but the file may have changed since: check again.
-            if view.shape() != spec.shape.as_slice() {
-                return Err(err(format!(
-                    "shape {:?}, expected {:?}",
-                    view.shape(),
-                    spec.shape
-                )));
-            }
-            let vals = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                err(format!(
-                    "dtype {:?} is not supported (f32, bf16, f16)",
-                    view.dtype()
-                ))
-            })?;
-            sink(spec.offset, &vals)?;
+            sink(spec.offset, &tensor_values(&view, &spec.shape, "", err)?)?;
         }
     }
     Ok(())
+}
+
+/// A stored tensor's values as f32, after checking its shape against `want` (`hint`: where that
+/// shape comes from) and its dtype; `err` names the file and the tensor.
+pub(crate) fn tensor_values(
+    view: &safetensors::tensor::TensorView<'_>,
+    want: &[usize],
+    hint: &str,
+    err: impl Fn(String) -> ModelError,
+) -> Result<Vec<f32>> {
+    if view.shape() != want {
+        let got = view.shape();
+        return Err(err(format!("shape {got:?}, expected {want:?}{hint}")));
+    }
+    to_f32(view.dtype(), view.data()).ok_or_else(|| {
+        err(format!(
+            "dtype {:?} is not supported (f32, bf16, f16)",
+            view.dtype()
+        ))
+    })
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
@@ -382,7 +389,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
-fn encode(vals: &[f32], dtype: SaveDtype) -> Vec<u8> {
+pub(crate) fn encode(vals: &[f32], dtype: SaveDtype) -> Vec<u8> {
     match dtype {
         SaveDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         SaveDtype::Bf16 => vals

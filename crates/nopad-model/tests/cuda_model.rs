@@ -216,6 +216,93 @@ fn bf16_model_with_bf16_gradients_matches_cpu() {
     );
 }
 
+/// A LoRA model (every target, rank 8, dropout, B drawn so that A takes gradient too) on the
+/// GPU against the CPU: loss and every adapter gradient, with the same tolerances as the whole
+/// model, without and with full recomputation.
+#[test]
+fn lora_model_matches_cpu() {
+    use nopad_model::lora::{init_adapter, AdapterLayout, LoraConfig, Target};
+    let settings = |seed| LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        targets: Target::ALL.to_vec(),
+        use_rslora: false,
+        seed,
+    };
+    fn run_lora<B: Backend>(
+        b: &B,
+        cfg: &Config,
+        lora: LoraConfig,
+        p: &Packed,
+        rc: Recompute,
+    ) -> (f64, Vec<f32>) {
+        let seed = lora.seed;
+        let mut m = Model::new_lora(b, cfg.clone(), lora, true).unwrap();
+        m.set_recompute(rc);
+        let layout = m.layout.clone();
+        weights::init_random(cfg, &layout, seed, |off, v| m.write_params(b, off, v)).unwrap();
+        let al = m.adapter_layout().unwrap().clone();
+        init_adapter(&al, seed, |off, v| m.write_adapter(b, off, v)).unwrap();
+        let mut rng = Rng::new(seed ^ 1);
+        for md in al.layers.iter().flatten() {
+            let v: Vec<f32> = md.b.clone().map(|_| 0.05 * rng.normal() as f32).collect();
+            m.write_adapter(b, md.b.start, &v).unwrap();
+        }
+        m.set_lora_step(3);
+        let targets = p.targets.iter().filter(|&&t| t >= 0).count();
+        m.zero_grads(b).unwrap();
+        m.forward_train(b, &p.inputs(), 1.0 / targets as f32)
+            .unwrap();
+        m.backward(b).unwrap();
+        let loss = m.take_loss_sum(b).unwrap() / targets as f64;
+        (loss, b.read(m.grads(b).unwrap(), 0..al.total).unwrap())
+    }
+    for (dtype, loss_tol, grad_tol) in [
+        (CudaDtype::F32, 1e-4, 1e-4),
+        (CudaDtype::Bf16, 4e-3, 7.4e-2),
+    ] {
+        let test = format!("lora_model_matches_cpu {dtype:?}");
+        let Some(gpu) = gpu(dtype, false, &test) else {
+            return;
+        };
+        let cfg = config(false);
+        let seed = Rng::new(0x10aa).next_u64() ^ std::process::id() as u64;
+        let p = flatten(
+            &mut Rng::new(seed),
+            &[1, 17, 64, 65, 129, 300, 2, 31],
+            cfg.vocab_size,
+        );
+        let (l_cpu, g_cpu) = run_lora(
+            &Cpu::<f32>::new(),
+            &cfg,
+            settings(seed),
+            &p,
+            Recompute::None,
+        );
+        for rc in [Recompute::None, Recompute::Full] {
+            let (l_gpu, g_gpu) = run_lora(&gpu, &cfg, settings(seed), &p, rc);
+            let dl = ((l_gpu - l_cpu) / l_cpu).abs();
+            eprintln!(
+                "[{test} {rc}] seed {seed}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {dl:.2e})"
+            );
+            assert!(
+                dl <= loss_tol,
+                "[{test} {rc}] seed {seed}: loss differs by {dl:e}"
+            );
+            let al = AdapterLayout::new(&cfg, &settings(seed));
+            for t in &al.tensors {
+                let r = rel(&g_gpu[t.range()], &g_cpu[t.range()]);
+                assert!(
+                    r <= grad_tol,
+                    "[{test} {rc}] seed {seed}: {}: relative error {r:e}",
+                    t.name
+                );
+            }
+        }
+    }
+}
+
 /// The one-group gradient scratch of the optimizer in the backward, on the GPU in bf16 with
 /// bf16 gradients (how `--optim-in-backward` runs): every group's gradient, read in the hook,
 /// against the same GPU's full gradient buffer (the same kernels on other addresses: equal up

@@ -3,9 +3,12 @@
 //!
 //! Layout of `OUT/checkpoint-000120/` (the number is the optimizer step done):
 //! - `config.json`, `model.safetensors`: the weights in HF layout, always f32 (the fp32 master
-//!   copy where the backend keeps one), loadable by HF Transformers as they are;
+//!   copy where the backend keeps one), loadable by HF Transformers as they are; in a LoRA run
+//!   `adapter_model.safetensors` and `adapter_config.json` instead (PEFT's files, f32), the
+//!   frozen base being the run's `--model`;
 //! - `optimizer.safetensors`: AdamW's first and second moments, `exp_avg` and `exp_avg_sq`, in
-//!   nopad's parameter order (see `nopad_model::Layout`) and in their own precision, named in
+//!   nopad's parameter order (see `nopad_model::Layout`; a LoRA run's cover the adapters, in
+//!   `nopad_model::lora::AdapterLayout`'s order) and in their own precision, named in
 //!   the metadata as `optim-states`: one flat F32 or BF16 tensor `[P]` each, or for 8-bit states
 //!   U8 codes `[P]` and `exp_avg.scales`/`exp_avg_sq.scales`, F32, one per block of 256 counted
 //!   from the start of the weight-decay part and of the rest (see `Optimizer::states`); a file
@@ -225,7 +228,8 @@ pub fn latest(out: &Path) -> Result<(Option<Found>, Vec<String>)> {
 }
 
 /// Restores a model's parameters (and the optimizer's master copy) from a checkpoint's
-/// `model.safetensors`, and the moments and update count from `optimizer.safetensors`.
+/// `model.safetensors` (a LoRA model's adapters from its `adapter_model.safetensors`), and the
+/// moments and update count from `optimizer.safetensors`.
 pub fn restore<B: Backend>(
     b: &B,
     dir: &Path,
@@ -233,6 +237,12 @@ pub fn restore<B: Backend>(
     model: &mut Model<B>,
     opt: &mut Optimizer<B>,
 ) -> Result<()> {
+    if model.lora().is_some() {
+        crate::lora::restore_adapter(b, dir, model, opt)?;
+        moments::read_optimizer(b, &dir.join(OPTIMIZER), opt, model.trainable_len())?;
+        opt.step = state.optimizer_step;
+        return Ok(());
+    }
     let (cfg, layout) = (model.cfg.clone(), model.layout.clone());
     let params = &mut model.params;
     let mut master = opt.master.as_mut();
@@ -332,7 +342,8 @@ fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
 /// Saves a checkpoint of the run after `state.step` under `out` (see the module docs for the
 /// layout and the order of writes), then keeps only the newest `keep`. `delay` (tests only)
 /// sleeps between the files; `tokenizer_from` is a model directory whose tokenizer files are
-/// copied in. Returns the checkpoint's directory and what was deleted.
+/// copied in. Returns the checkpoint's directory and what was deleted. For a LoRA model,
+/// `base` is the frozen base's source (recorded in `adapter_config.json`).
 #[allow(clippy::too_many_arguments)]
 pub fn save<B: Backend>(
     b: &B,
@@ -343,6 +354,7 @@ pub fn save<B: Backend>(
     keep: Option<usize>,
     delay: Option<Duration>,
     tokenizer_from: Option<&Path>,
+    base: Option<&crate::ModelSource>,
 ) -> Result<(PathBuf, Vec<PathBuf>)> {
     let pause = || {
         if let Some(d) = delay {
@@ -359,19 +371,22 @@ pub fn save<B: Backend>(
     let name = dir_name(state.step);
     let tmp = out.join(format!(".{name}.tmp-{}", owner_tag()));
     fs::create_dir(&tmp).map_err(io(&tmp))?;
-    weights::save_checkpoint(
-        &tmp,
-        &model.cfg,
-        &model.layout,
-        SaveDtype::F32,
-        4 << 30,
-        |r| Ok(opt.read_weights(b, model, r)?),
-    )?;
+    match base {
+        Some(source) => crate::lora::save_adapter(b, &tmp, model, opt, SaveDtype::F32, source)?,
+        None => weights::save_checkpoint(
+            &tmp,
+            &model.cfg,
+            &model.layout,
+            SaveDtype::F32,
+            4 << 30,
+            |r| Ok(opt.read_weights(b, model, r)?),
+        )?,
+    }
     if let Some(src) = tokenizer_from {
         weights::copy_tokenizer_files(src, &tmp)?;
     }
     pause();
-    moments::write_optimizer(b, &tmp.join(OPTIMIZER), opt, model.layout.total)?;
+    moments::write_optimizer(b, &tmp.join(OPTIMIZER), opt, model.trainable_len())?;
     pause();
     let text = serde_json::to_string_pretty(state).expect("trainer states serialise");
     weights::atomic_write(&tmp.join(STATE), text.as_bytes())?;

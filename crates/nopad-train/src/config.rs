@@ -120,6 +120,8 @@ pub struct TrainConfig {
     /// keeping one group's gradient at a time (`Model::set_update_in_backward`): steps of one
     /// micro-batch, no clipping (see `step.rs`).
     pub optim_in_backward: bool,
+    /// Train LoRA adapters on a frozen base instead of every weight (None: full fine-tuning).
+    pub lora: Option<crate::LoraTrain>,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Bytes of device memory the memory plan must fit (`--gpu-memory`; default: the device's
@@ -180,6 +182,7 @@ impl TrainConfig {
             recompute: nopad_model::Recompute::None,
             grad_aliasing: true,
             optim_in_backward: false,
+            lora: None,
             progress: true,
             gpu_memory: None,
             interrupt: None,
@@ -228,6 +231,16 @@ impl TrainConfig {
             return Err(Config(format!(
                 "`optim-in-backward` cannot clip the gradient norm (max-grad-norm {max}): clipping needs the global norm before the first group's update; set max-grad-norm 0, or leave it unset (with optim-in-backward it then defaults to off)"
             )));
+        }
+        if let (true, Some(_)) = (self.optim_in_backward, &self.lora) {
+            return Err(Config(
+                "`optim-in-backward` is for full fine-tuning: a LoRA run's gradients are the adapters' and small, so it updates after the backward".into(),
+            ));
+        }
+        if let Some(lt) = &self.lora {
+            lt.settings
+                .validate("LoRA flags")
+                .map_err(|e| Config(e.to_string()))?;
         }
         if self.eval_every.is_some() && self.eval_data.is_none() {
             return Err(Config(

@@ -137,6 +137,18 @@ fn f32_name() -> String {
     "f32".into()
 }
 
+/// The LoRA settings of a run: its `adapter_config.json` (base left out: where the model lies
+/// does not change the run), plus `adapter-checksum`, the checksum of the adapter it started
+/// from (`--adapter`), if any.
+fn lora_identity(lt: &crate::LoraTrain) -> Result<Value> {
+    let mut v = nopad_model::lora::peft::adapter_config(&lt.settings, "");
+    if let (Some(d), Some(map)) = (&lt.adapter, v.as_object_mut()) {
+        let sum = file_checksum(&d.join(nopad_model::lora::peft::ADAPTER_FILE))?.1;
+        map.insert("adapter-checksum".into(), Value::String(sum));
+    }
+    Ok(v)
+}
+
 /// Everything that must be equal for a resumed run to continue the interrupted one exactly.
 /// Keys are the CLI's flag names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,10 +192,15 @@ pub struct RunIdentity {
     pub master_weights: String,
     /// Processes training together (1 until data parallelism lands).
     pub world_size: usize,
+    /// LoRA settings (see [`RunIdentity::new`]); absent for full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Value>,
 }
 
 impl RunIdentity {
-    /// The identity of the run `tc` describes, with its model config and loaded examples.
+    /// The identity of the run `tc` describes, with its model config and loaded examples. A
+    /// LoRA run's `lora` is its `adapter_config.json` (without the base's path) plus, when it
+    /// started from an adapter, that adapter's checksum.
     pub fn new(tc: &TrainConfig, cfg: &Config, examples: &[Example]) -> Result<Self> {
         let data = match &tc.data {
             DataSource::File(p) => {
@@ -236,6 +253,7 @@ impl RunIdentity {
             optim_states: states_name(a.states).into(),
             master_weights: master_name(a.master).into(),
             world_size: 1,
+            lora: tc.lora.as_ref().map(lora_identity).transpose()?,
         })
     }
 

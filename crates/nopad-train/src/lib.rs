@@ -25,6 +25,7 @@ mod config;
 mod error;
 mod eval;
 mod identity;
+mod lora;
 mod optimizer;
 mod out_lock;
 mod plan;
@@ -42,6 +43,7 @@ pub use config::{DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
+pub use lora::{build_adapter_eval_model, build_lora_model, LoraTrain};
 pub use optimizer::{
     master_name, parse_master, parse_states, states_name, AdamWConfig, GroupSettings,
     MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,

@@ -156,11 +156,25 @@ pub struct Optimizer<B: Backend> {
 }
 
 impl<B: Backend> Optimizer<B> {
-    /// Fresh state for a model (moments zero, master copied from the parameters), every group
-    /// trainable with the default settings.
+    /// Fresh state for a model's trainable parameters (all of them, or a LoRA model's
+    /// adapters: [`Model::trainable`]), every group trainable with the default settings.
     pub fn new(b: &B, model: &Model<B>, cfg: AdamWConfig) -> Result<Self> {
-        let n = model.layout.total;
-        let split = model.layout.decay_end;
+        let (params, groups) = (model.trainable(), model.trainable_groups());
+        Self::over(b, params, model.trainable_decay_end(), groups, cfg)
+    }
+
+    /// Fresh state for a flat buffer `params` cut into `groups` (moments zero, master copied
+    /// from the parameters), its weight-decay part `0..decay_end`, every group trainable with
+    /// the default settings.
+    pub fn over(
+        b: &B,
+        params: &B::Buf,
+        decay_end: usize,
+        groups: &[ParamGroup],
+        cfg: AdamWConfig,
+    ) -> Result<Self> {
+        let n: usize = groups.iter().map(ParamGroup::len).sum();
+        let split = decay_end;
         let states = [0..split, split..n]
             .into_iter()
             .filter(|r| !r.is_empty())
@@ -172,15 +186,13 @@ impl<B: Backend> Optimizer<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let master = if b.needs_master() && cfg.master == MasterPrecision::F32 {
-            Some(b.master_new(&model.params, n).map_err(|e| {
+            Some(b.master_new(params, n).map_err(|e| {
                 e.while_allocating(|| format!("the fp32 master weights of {n} parameters"))
             })?)
         } else {
             None
         };
-        let groups = model
-            .layout
-            .groups
+        let groups = groups
             .iter()
             .map(|g| {
                 let s = GroupSettings {
@@ -494,8 +506,8 @@ impl<B: Backend> Optimizer<B> {
         Ok(())
     }
 
-    /// `range` of the weights to save: the fp32 master weights when there are some, else the
-    /// parameters.
+    /// `range` of the weights to save (of [`Model::trainable`]): the fp32 master weights when
+    /// there are some, else the parameters.
     pub fn read_weights(
         &self,
         b: &B,
@@ -503,8 +515,8 @@ impl<B: Backend> Optimizer<B> {
         range: std::ops::Range<usize>,
     ) -> nopad_backend::Result<Vec<f32>> {
         match &self.master {
-            Some(m) => b.master_read(&model.params, m, range),
-            None => b.read(&model.params, range),
+            Some(m) => b.master_read(model.trainable(), m, range),
+            None => b.read(model.trainable(), range),
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::checkpoint;
 use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::identity::RunIdentity;
+use crate::lora::build_lora_model;
 use crate::optimizer::Optimizer;
 use crate::out_lock::OutLock;
 use crate::records::History;
@@ -67,12 +68,14 @@ pub fn build_eval_model<B: Backend>(
     build(b, source, seed, None, Model::new_eval)
 }
 
-fn build<B: Backend>(
+/// A model of `source` made by `new` (its parameters filled: random for a preset, the
+/// checkpoint's for a directory).
+pub(crate) fn build<B: Backend>(
     b: &B,
     source: &ModelSource,
     seed: u64,
     layers: Option<usize>,
-    new: fn(&B, Config) -> nopad_model::Result<Model<B>>,
+    new: impl FnOnce(&B, Config) -> nopad_model::Result<Model<B>>,
 ) -> Result<(Model<B>, String)> {
     match source {
         ModelSource::Preset(name) => {
@@ -310,18 +313,23 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
-        crate::plan::check_device(
-            b,
-            &cfg,
-            tokens,
-            crate::plan::modes_of(tc),
-            tc.gpu_memory,
-            tc.grad_accum == 1,
-        )?;
-        let (mut model, model_desc) = match &resume {
-            None => build_model(b, &tc.model, tc.seed)?,
+        if tc.lora.is_none() {
+            // The plan counts full fine-tuning only: a frozen base is not planned yet.
+            crate::plan::check_device(
+                b,
+                &cfg,
+                tokens,
+                crate::plan::modes_of(tc),
+                tc.gpu_memory,
+                tc.grad_accum == 1,
+            )?;
+        }
+        let (mut model, model_desc) = match (&resume, &tc.lora) {
+            // A LoRA checkpoint holds the adapter only: the frozen base comes from its source.
+            (_, Some(lt)) => build_lora_model(b, &tc.model, tc.seed, None, lt)?,
+            (None, None) => build_model(b, &tc.model, tc.seed)?,
             // The weights come from the checkpoint: skip the initialisation or the HF load.
-            Some(_) => {
+            (Some(_), None) => {
                 let what = match &tc.model {
                     ModelSource::Preset(name) => format!("preset {name}"),
                     ModelSource::Dir(d) => d.display().to_string(),
@@ -331,10 +339,10 @@ impl<B: Backend> Session<B> {
             }
         };
         model.set_recompute(tc.recompute);
-        model.set_grad_aliasing(
-            b,
-            tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward,
-        )?;
+        // A LoRA model's gradients are the adapters' (small): nothing to alias.
+        let alias = tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward;
+        model.set_grad_aliasing(b, alias && tc.lora.is_none())?;
+        notes.extend(crate::lora::describe(&model));
         model.set_update_in_backward(b, tc.optim_in_backward)?;
         if tc.optim_in_backward {
             notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());

@@ -114,6 +114,8 @@ impl<B: Backend> Session<B> {
         let lr = self.schedule.lr_at(self.opt.step + 1);
         let poison = tc.nan_at_step == Some(step);
         let (model, opt) = (&mut self.model, &mut self.opt);
+        // A LoRA run's dropout masks are a function of the step (exact resume).
+        model.set_lora_step(step);
         let out = step_scaled(b, &SingleProcess, model, opt, &data.batches, lr, poison)?;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
@@ -188,6 +190,7 @@ impl<B: Backend> Session<B> {
             tc.keep,
             tc.save_delay,
             model_dir(tc),
+            tc.lora.as_ref().map(|_| &tc.model),
         )?;
         Ok(Some(saved))
     }
@@ -202,7 +205,9 @@ impl<B: Backend> Session<B> {
         last_checkpoint: Option<PathBuf>,
     ) -> Result<Summary> {
         let (model, opt) = (&self.model, &self.opt);
-        if let (Some(out), None) = (&tc.out, stopped) {
+        if let (Some(out), None, Some(_)) = (&tc.out, stopped, &tc.lora) {
+            crate::lora::save_adapter(b, out, model, opt, tc.save_dtype, &tc.model)?;
+        } else if let (Some(out), None) = (&tc.out, stopped) {
             weights::save_checkpoint(
                 out,
                 &model.cfg,
@@ -211,6 +216,8 @@ impl<B: Backend> Session<B> {
                 4 << 30,
                 |r| Ok(opt.read_weights(b, model, r)?),
             )?;
+        }
+        if let (Some(out), None) = (&tc.out, stopped) {
             if let ModelSource::Dir(src) = &tc.model {
                 weights::copy_tokenizer_files(src, out)?;
             }

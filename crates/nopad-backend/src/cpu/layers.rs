@@ -114,7 +114,6 @@ pub(crate) fn rmsnorm_backward<T: Scalar>(a: RmsNormBwd<'_, Cpu<T>>) -> Result<(
         d,
         write,
     } = a;
-    clear(Some(&mut *d_weight), d, write);
     const OP: &str = "rmsnorm_backward";
     for (name, len, need) in [
         ("dx", dx.len(), n * d),
@@ -122,9 +121,11 @@ pub(crate) fn rmsnorm_backward<T: Scalar>(a: RmsNormBwd<'_, Cpu<T>>) -> Result<(
         ("x", x.len(), n * d),
         ("rstd", rstd.len(), n),
         ("weight", weight.len(), d),
-        ("d_weight", d_weight.len(), d),
     ] {
         check_len(OP, name, len, need)?;
+    }
+    if let Some(dw) = &d_weight {
+        check_len(OP, "d_weight", dw.len(), d)?;
     }
     let inv_d = T::ONE / T::from_f64(d as f64);
     // y = w·x·r with r = (mean x² + eps)^-½:
@@ -145,6 +146,10 @@ pub(crate) fn rmsnorm_backward<T: Scalar>(a: RmsNormBwd<'_, Cpu<T>>) -> Result<(
             }
         });
     // d_weight += Σ_t dy·x·r, as column sums of the row products (fixed order).
+    let Some(d_weight) = d_weight else {
+        return Ok(());
+    };
+    clear(Some(&mut *d_weight), d, write);
     let mut prod = vec![T::ZERO; n * d];
     prod.par_chunks_mut(d)
         .zip(dy[..n * d].par_chunks(d))

@@ -6,6 +6,7 @@
 //! work stealing, so two runs with the same inputs give bit-identical results (exact resume needs
 //! this).
 
+mod adapter;
 mod attention;
 mod layers;
 mod linear;
@@ -17,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, EmbeddingBwd, EmbeddingFwd, LinearBwd, LinearFwd, LmHeadLoss,
-    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
+    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
@@ -319,6 +320,12 @@ impl<T: Scalar> Ops for Cpu<T> {
     fn sum_squares(&self, x: &[T], n: usize) -> Result<f64> {
         check_len("sum_squares", "x", x.len(), n)?;
         Ok(layers::sum_squares(&x[..n]))
+    }
+    fn columns(&self, a: Columns<'_, Self>) -> Result<()> {
+        adapter::columns(a)
+    }
+    fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
+        adapter::dropout(a)
     }
     fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
         layers::embedding_forward(a)

@@ -150,7 +150,7 @@ fn rmsnorm_finite_differences_and_residual_accumulation() {
     let mut dw = vec![0.0; d];
     b.rmsnorm_backward(RmsNormBwd {
         dx: &mut dx,
-        d_weight: &mut dw,
+        d_weight: Some(&mut dw),
         dy: &r,
         x: &x,
         weight: &w,
@@ -163,7 +163,7 @@ fn rmsnorm_finite_differences_and_residual_accumulation() {
     let mut dw2 = vec![f64::NAN; d];
     b.rmsnorm_backward(RmsNormBwd {
         dx: &mut base.clone(),
-        d_weight: &mut dw2,
+        d_weight: Some(&mut dw2),
         dy: &r,
         x: &x,
         weight: &w,

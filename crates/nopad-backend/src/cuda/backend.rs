@@ -10,8 +10,8 @@ use cudarc::driver::result as cu;
 use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, EmbeddingBwd, EmbeddingFwd, LinearBwd, LinearFwd, LmHeadLoss,
-    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
+    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
@@ -326,6 +326,12 @@ impl Ops for Cuda {
     }
     fn sum_squares(&self, x: CudaRef<'_>, n: usize) -> Result<f64> {
         self.sum_squares_impl(x, n)
+    }
+    fn columns(&self, a: Columns<'_, Self>) -> Result<()> {
+        self.columns_impl(a)
+    }
+    fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
+        self.dropout_impl(a)
     }
     fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
         self.embedding_forward_impl(a)

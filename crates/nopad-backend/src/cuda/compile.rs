@@ -61,11 +61,12 @@ pub(crate) const ROPE: KernelFile = kernel_file!("rope.cu");
 pub(crate) const SWIGLU: KernelFile = kernel_file!("swiglu.cu");
 pub(crate) const LM_HEAD: KernelFile = kernel_file!("lm_head.cu");
 pub(crate) const ADAMW: KernelFile = kernel_file!("adamw.cu");
+pub(crate) const ADAPTER: KernelFile = kernel_file!("adapter.cu");
 pub(crate) const ATTENTION_FWD: KernelFile = kernel_file!("attention.cuh", "attention_fwd.cu");
 pub(crate) const ATTENTION_BWD: KernelFile = kernel_file!("attention.cuh", "attention_bwd.cu");
 
 /// Every kernel file, for the compile-everything test and warm-up.
-pub(crate) const ALL_FILES: [KernelFile; 11] = [
+pub(crate) const ALL_FILES: [KernelFile; 12] = [
     ELEMENTWISE,
     REDUCE,
     EMBEDDING,
@@ -75,6 +76,7 @@ pub(crate) const ALL_FILES: [KernelFile; 11] = [
     SWIGLU,
     LM_HEAD,
     ADAMW,
+    ADAPTER,
     ATTENTION_FWD,
     ATTENTION_BWD,
 ];

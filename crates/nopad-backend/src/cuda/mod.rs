@@ -22,6 +22,7 @@
 
 mod adamw;
 mod adamw_states;
+mod adapter;
 mod attention;
 mod backend;
 mod blas;

@@ -117,7 +117,8 @@ impl Cuda {
         }
     }
 
-    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` of the gradient type (as `acc`);
+    /// dx: `[n, d]` Compute (accumulated); d_weight: `[d]` of the gradient type (as `acc`), or
+    /// None (a frozen weight: its partial sums are skipped, or left unused by the fused kernel);
     /// dy, x: `[n, d]`;
     /// weight: `[d]`; rstd: `[n]` fp32 from the forward.
     pub(crate) fn rmsnorm_backward_impl(&self, a: RmsNormBwd<'_, Self>) -> Result<()> {
@@ -135,14 +136,16 @@ impl Cuda {
         let op = "rmsnorm_backward";
         let c = self.compute;
         want(op, "dx", &dx, c, n * d)?;
-        want(op, "d_weight", &d_weight, self.grad, d)?;
+        if let Some(dw) = &d_weight {
+            want(op, "d_weight", dw, self.grad, d)?;
+        }
         want(op, "dy", &dy, c, n * d)?;
         want(op, "x", &x, c, n * d)?;
         want(op, "weight", &weight, c, d)?;
         want(op, "rstd", &rstd, Dtype::F32, n)?;
         if n == 0 || d == 0 {
-            if acc == GradWrite::Overwrite {
-                self.zero_raw(d_weight.ptr, d, self.grad)?;
+            if let (Some(dw), GradWrite::Overwrite) = (&d_weight, acc) {
+                self.zero_raw(dw.ptr, d, self.grad)?;
             }
             return Ok(());
         }
@@ -177,7 +180,10 @@ impl Cuda {
             // SAFETY: shapes checked above; partial holds splits·d fp32; 16-byte aligned rows
             // of at most 2048 columns (one 8-wide chunk per thread).
             unsafe { self.launch(RMSNORM, c, name, cfg, &p)? };
-            return self.finish_partials(d_weight.ptr, &partial, splits, d, acc);
+            return match d_weight {
+                Some(dw) => self.finish_partials(dw.ptr, &partial, splits, d, acc),
+                None => Ok(()),
+            };
         }
         let cols = Launch::blocks(d.div_ceil(if v8 { 2048 } else { 256 }), splits);
         // SAFETY: shapes checked above; partial holds splits·d fp32; the v8 kernels only on
@@ -190,6 +196,12 @@ impl Cuda {
                 Launch::per_row(n),
                 &p,
             )?;
+        }
+        let Some(d_weight) = d_weight else {
+            return Ok(());
+        };
+        // SAFETY: as above.
+        unsafe {
             let dw = v8_name("rmsnorm_bwd_dw_partial", v8);
             self.launch(RMSNORM, c, &dw, cols, &p)?;
         }

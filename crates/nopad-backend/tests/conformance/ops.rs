@@ -354,7 +354,7 @@ pub(crate) fn rmsnorm<B: Backend>(e: &mut Env<B>) {
             let (mut gdx, mut gdw) = (e.up(&dx0, Kind::Compute), e.grad_before(&dw0, acc));
             b.rmsnorm_backward(RmsNormBwd {
                 dx: b.view_mut(&mut gdx, 0..n * d),
-                d_weight: b.view_mut(&mut gdw, 0..d),
+                d_weight: Some(b.view_mut(&mut gdw, 0..d)),
                 dy: b.view(&gdy, 0..n * d),
                 x: b.view(&gx, 0..n * d),
                 weight: b.view(&gw, 0..d),
@@ -367,7 +367,7 @@ pub(crate) fn rmsnorm<B: Backend>(e: &mut Env<B>) {
             let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
             e.r.rmsnorm_backward(RmsNormBwd {
                 dx: &mut dx,
-                d_weight: &mut dw,
+                d_weight: Some(&mut dw),
                 dy: &dy,
                 x: &x,
                 weight: &w,

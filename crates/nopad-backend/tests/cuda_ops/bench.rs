@@ -172,7 +172,7 @@ fn bench_llama_1b_shapes() {
     time(&g, "rmsnorm_bwd", nd * 10.0, true, || {
         g.rmsnorm_backward(RmsNormBwd {
             dx: g.view_mut(&mut dx, 0..n * d),
-            d_weight: g.view_mut(&mut dwt, 0..d),
+            d_weight: Some(g.view_mut(&mut dwt, 0..d)),
             dy: g.view(&y, 0..n * d),
             x: g.view(&x, 0..n * d),
             weight: g.view(&w, 0..d),

@@ -113,9 +113,12 @@ pub struct BenchArgs {
     /// Directory for results.json, results.md and the SVG charts.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Also write the initial weights and the exact steps for bench/hf_baseline.py here.
+    /// Also write the initial weights and the exact steps for bench/hf_baseline.py here (and,
+    /// with LoRA, the initial adapter in DIR/adapter for its --init-adapter).
     #[arg(long)]
     pub export: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: super::lora::LoraArgs,
 }
 
 fn parse_states(s: &str) -> std::result::Result<nopad_train::StatePrecision, String> {
@@ -234,6 +237,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         master_weights: a.master_weights,
         optim_in_backward: a.optim_in_backward,
         gpu_memory: a.gpu_memory,
+        lora: a.lora.resolve(a.seed)?,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.

@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::Args;
 use nopad_backend::Backend;
 use nopad_data::{PackOptions, Strategy};
-use nopad_train::{build_eval_model, evaluate, pad_token_id, ModelSource};
+use nopad_train::{
+    build_adapter_eval_model, build_eval_model, evaluate, pad_token_id, ModelSource,
+};
 
 use crate::device::{run_on, DeviceChoice, Job, Precision};
 
@@ -38,6 +40,9 @@ pub struct EvalArgs {
     /// Compute type on CUDA: bf16 (mixed precision) or f32.
     #[arg(long, default_value = "bf16", value_parser = crate::device::parse_dtype)]
     pub dtype: nopad_backend::cuda::CudaDtype,
+    /// A PEFT LoRA adapter directory to evaluate on top of --model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Print `{"loss": ..., "tokens": ...}` only.
     #[arg(long)]
     pub json: bool,
@@ -54,7 +59,10 @@ impl Job for EvalJob<'_> {
         } else {
             ModelSource::Preset(a.model.clone())
         };
-        let (mut model, _) = build_eval_model(b, &source, 0)?;
+        let (mut model, _) = match &a.adapter {
+            Some(dir) => build_adapter_eval_model(b, &source, 0, dir)?,
+            None => build_eval_model(b, &source, 0)?,
+        };
         let mut opts = a.loader.options(a.max_len);
         opts.vocab_size = Some(model.cfg.vocab_size);
         if let ModelSource::Dir(d) = &source {

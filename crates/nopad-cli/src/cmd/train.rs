@@ -184,6 +184,9 @@ pub struct TrainArgs {
     /// has none, so no check unless given). The plan is printed before step 1.
     #[arg(long, value_name = "GIB")]
     pub gpu_memory: Option<f64>,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub lora: super::lora::LoraArgs,
     /// Test only: poison step N's gradients with NaN.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -211,6 +214,7 @@ impl TrainArgs {
         macro_rules! pick {
             ($($f:ident),*) => { TrainArgs {
                 config: self.config,
+                lora: self.lora,
                 test_nan_at_step: self.test_nan_at_step,
                 test_save_delay_ms: self.test_save_delay_ms,
                 $($f: self.$f.or(file.$f)),*
@@ -405,6 +409,7 @@ impl TrainArgs {
                 );
             }
         }
+        c.lora = a.lora.resolve(c.seed)?;
         c.nan_at_step = a.test_nan_at_step;
         c.save_delay = a.test_save_delay_ms.map(std::time::Duration::from_millis);
         c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
