@@ -89,6 +89,8 @@ pub struct BenchConfig {
     pub master_weights: nopad_train::MasterPrecision,
     /// Update each group in the backward (`--optim-in-backward`; no clipping).
     pub optim_in_backward: bool,
+    /// Where the optimizer state lives (`--offload optimizer`: the host).
+    pub offload: nopad_train::Placement,
 }
 
 /// What one strategy did.
@@ -243,7 +245,7 @@ pub fn run_strategy<B: Backend>(
         },
         ..AdamWConfig::default()
     };
-    let mut opt = Optimizer::new(b, &model, adamw)?;
+    let mut opt = Optimizer::with_placement(b, &model, adamw, cfg.offload)?;
     if cfg.optim_in_backward {
         opt.check_group_blocks()?;
     }
@@ -307,11 +309,16 @@ pub fn run_strategy<B: Backend>(
         recompute: cfg.recompute.to_string(),
         grad_aliasing: aliasing,
         optimizer: format!(
-            "moments {}, master {}{}",
+            "moments {}, master {}{}{}",
             nopad_train::states_name(cfg.optim_states),
             nopad_train::master_name(cfg.master_weights),
             if cfg.optim_in_backward {
                 ", in backward"
+            } else {
+                ""
+            },
+            if cfg.offload == nopad_train::Placement::Host {
+                ", offloaded to the host"
             } else {
                 ""
             }

@@ -30,6 +30,7 @@ fn cfg() -> BenchConfig {
         optim_states: nopad_train::StatePrecision::F32,
         master_weights: nopad_train::MasterPrecision::F32,
         optim_in_backward: false,
+        offload: nopad_train::Placement::Device,
     }
 }
 

@@ -120,6 +120,10 @@ pub struct TrainConfig {
     /// keeping one group's gradient at a time (`Model::set_update_in_backward`): steps of one
     /// micro-batch, no clipping (see `step.rs`).
     pub optim_in_backward: bool,
+    /// Where the optimizer's weights and moments live (`--offload optimizer`:
+    /// [`crate::Placement::Host`], updated on the host's cores). Results are unchanged, and a
+    /// checkpoint resumes with or without it.
+    pub offload: crate::Placement,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
@@ -177,6 +181,7 @@ impl TrainConfig {
             recompute: nopad_model::Recompute::None,
             grad_aliasing: true,
             optim_in_backward: false,
+            offload: crate::Placement::Device,
             progress: true,
             interrupt: None,
             nan_at_step: None,

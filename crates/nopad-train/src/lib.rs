@@ -24,6 +24,7 @@ mod config;
 mod error;
 mod eval;
 mod identity;
+mod offload;
 mod optimizer;
 mod out_lock;
 mod records;
@@ -41,8 +42,8 @@ pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
 pub use optimizer::{
-    master_name, parse_master, parse_states, states_name, AdamWConfig, GroupSettings,
-    MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
+    master_name, parse_master, parse_offload, parse_states, states_name, AdamWConfig,
+    GroupSettings, MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
