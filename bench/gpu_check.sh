@@ -127,7 +127,7 @@ for row in "${rows[@]}"; do
   [ ${#modes[@]} -gt 0 ] && [ -z "$hf" ] && [ -z "$old" ] && continue
   if [ -n "$hf" ]; then
     # shellcheck disable=SC2086
-    HF_MODES=$hf timeout 600 "$here/side_by_side.sh" "$nopad" "$out/bench/$row-new" ${ROWS[$row]} $bench_args \
+    HF_MODES=$hf timeout 600 bash "$here/side_by_side.sh" "$nopad" "$out/bench/$row-new" ${ROWS[$row]} $bench_args \
       > "$out/bench/$row-new.txt" 2>&1
     rc=$?; [ $rc = 0 ] || failed=1
     echo "bench $row-new (with HF: $hf): rc=$rc at ${SECONDS}s"

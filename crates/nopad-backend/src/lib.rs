@@ -3,9 +3,10 @@
 //! (f32 or f64, rayon, the `gemm` crate; the reference) and `cuda` (bf16 activations, fp32
 //! master weights, cuBLASLt and NVRTC kernels).
 //!
-//! [`Backend`] is three traits by concern: [`Device`] (buffers, views, transfers, queue,
-//! instrumentation), [`Ops`] (the math; each layer op takes one argument struct from [`args`])
-//! and [`OptimizerOps`] (master weights and the AdamW update). Code that holds a concrete
+//! [`Backend`] is four traits by concern: [`Device`] (buffers, views, transfers, queue,
+//! instrumentation), [`Ops`] (the math; each layer op takes one argument struct from [`args`]),
+//! [`OptimizerOps`] (master weights and the AdamW update) and [`Staging`] (pinned host buffers
+//! and asynchronous copies, for an optimizer offloaded to the host). Code that holds a concrete
 //! backend brings the methods into scope with `use nopad_backend::prelude::*`.
 //!
 //! Legend used in every shape comment: N tokens, S sequences, D hidden, H query heads, Hkv key/value
@@ -35,6 +36,7 @@ mod dropout;
 mod error;
 mod ops;
 mod optim;
+mod staging;
 
 pub(crate) use device::check_parts;
 pub use device::{Accounting, Device, Kind};
@@ -46,12 +48,13 @@ pub use optim::{
     AdamW, AdamWState, AdamWStates, AdamWStep, MasterPrecision, Moment, MomentMut, OptimizerOps,
     ParamRounding, StateData, StatePrecision,
 };
+pub use staging::Staging;
 
 /// One backend: a [`Device`] with the [`Ops`] and the [`OptimizerOps`]. Downstream code is
 /// generic over `B: Backend`; every type that implements the three traits is one.
-pub trait Backend: Device + Ops + OptimizerOps {}
+pub trait Backend: Device + Ops + OptimizerOps + Staging {}
 
-impl<B: Device + Ops + OptimizerOps + ?Sized> Backend for B {}
+impl<B: Device + Ops + OptimizerOps + Staging + ?Sized> Backend for B {}
 
 /// The traits and argument structs, for code that calls ops on a concrete backend.
 pub mod prelude {
@@ -59,6 +62,6 @@ pub mod prelude {
     pub use crate::{
         AdamW, AdamWState, AdamWStates, AdamWStep, AttnDims, Backend, Device, GradWrite, Kind,
         LinearDims, MasterPrecision, Moment, MomentMut, Ops, OptimizerOps, ParamRounding, RopeDims,
-        StateData, StatePrecision,
+        Staging, StateData, StatePrecision,
     };
 }

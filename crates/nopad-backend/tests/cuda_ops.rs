@@ -1,7 +1,9 @@
 //! CUDA-only checks, beyond the per-op conformance suite (`tests/conformance.rs`, which runs
 //! every op on every backend): the output head split into several logits chunks
 //! (`Cuda::set_lm_head_chunk_elems`), the caching allocator's steady state and the kernel disk
-//! cache (`cuda_ops/runtime.rs`), and the op timings at Llama 1B shapes (`cuda_ops/bench.rs`).
+//! cache (`cuda_ops/runtime.rs`), the staging copies of an offloaded optimizer and its update
+//! against the device's (`cuda_ops/staging.rs`), and the op timings at Llama 1B shapes
+//! (`cuda_ops/bench.rs`).
 //!
 //! Comparisons are against `Cpu<f32>` on inputs drawn representable in the CUDA Compute type,
 //! with the tolerance model of the conformance suite: 1e-4 relative for fp32 paths, 3·k·u + 1e-4
@@ -20,6 +22,8 @@ mod bench;
 mod common;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
+#[path = "cuda_ops/staging.rs"]
+mod staging;
 use common::{bf16_tol, cuda_present, say, LmHeadCase, TOL_F32};
 
 /// One mode's pair of backends and its random stream.

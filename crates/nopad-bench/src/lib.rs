@@ -94,6 +94,8 @@ pub struct BenchConfig {
     pub gpu_memory: Option<usize>,
     /// Train LoRA adapters on a frozen base (the `--lora-*` flags); None: every weight.
     pub lora: Option<nopad_train::LoraTrain>,
+    /// Where the optimizer state lives (`--offload optimizer`: the host).
+    pub offload: nopad_train::Placement,
 }
 
 /// What one strategy did.
@@ -262,7 +264,7 @@ pub fn run_strategy<B: Backend>(
     let pad_id = pad_token_id(&model.cfg);
     let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
     let steps_per_epoch = loader.steps_per_epoch();
-    let mut opt = Optimizer::new(b, &model, adamw)?;
+    let mut opt = Optimizer::with_placement(b, &model, adamw, cfg.offload)?;
     if cfg.optim_in_backward {
         opt.check_group_blocks()?;
     }
@@ -327,7 +329,7 @@ pub fn run_strategy<B: Backend>(
         recompute: cfg.recompute.to_string(),
         grad_aliasing: aliasing,
         optimizer: format!(
-            "moments {}, master {}{}{}",
+            "moments {}, master {}{}{}{}",
             nopad_train::states_name(cfg.optim_states),
             nopad_train::master_name(cfg.master_weights),
             if cfg.optim_in_backward {
@@ -339,6 +341,11 @@ pub fn run_strategy<B: Backend>(
                 ", LoRA r {} alpha {}",
                 lt.settings.r, lt.settings.alpha
             )),
+            if cfg.offload == nopad_train::Placement::Host {
+                ", offloaded to the host"
+            } else {
+                ""
+            }
         ),
         steps_per_epoch,
         tokens_per_s: median(&mut tok),

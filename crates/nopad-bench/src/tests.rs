@@ -32,6 +32,7 @@ fn cfg() -> BenchConfig {
         optim_in_backward: false,
         gpu_memory: None,
         lora: None,
+        offload: nopad_train::Placement::Device,
     }
 }
 

@@ -102,6 +102,19 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
         e.contains("`master-weights`: bf16 is not f32 or none"),
         "{e}"
     );
+    // The optimizer offloaded to the host, as a TOML key; a part that cannot be offloaded is
+    // named.
+    write(
+        &cfg,
+        "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n\
+         offload = \"optimizer\"\n",
+    );
+    ok(nopad(&args(
+        "train --device cpu --config",
+        &[cfg.to_str().unwrap()],
+    )));
+    let e = stderr(&nopad(&["train", "--offload", "params"]));
+    assert!(e.contains("`offload`: params is not `optimizer`"), "{e}");
 
     write(&cfg, "model = \"tiny\"\nbatch_sise = 2\n");
     let e = stderr(&nopad(&["train", "--config", cfg.to_str().unwrap()]));

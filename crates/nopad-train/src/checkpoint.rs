@@ -245,13 +245,9 @@ pub fn restore<B: Backend>(
     }
     let (cfg, layout) = (model.cfg.clone(), model.layout.clone());
     let params = &mut model.params;
-    let mut master = opt.master.as_mut();
+    // The optimizer knows where the master weights live (device, host or none).
     weights::load_checkpoint(dir, &cfg, &layout, |off, vals| {
-        match master.as_deref_mut() {
-            Some(m) => b.master_write(params, m, off, vals)?,
-            None => b.write(params, off, vals)?,
-        }
-        Ok(())
+        Ok(opt.write_weights(b, params, off, vals)?)
     })?;
     moments::read_optimizer(b, &dir.join(OPTIMIZER), opt, layout.total)?;
     opt.step = state.optimizer_step;

@@ -122,6 +122,10 @@ pub struct TrainConfig {
     pub optim_in_backward: bool,
     /// Train LoRA adapters on a frozen base instead of every weight (None: full fine-tuning).
     pub lora: Option<crate::LoraTrain>,
+    /// Where the optimizer's weights and moments live (`--offload optimizer`:
+    /// [`crate::Placement::Host`], updated on the host's cores). Results are unchanged, and a
+    /// checkpoint resumes with or without it.
+    pub offload: crate::Placement,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Bytes of device memory the memory plan must fit (`--gpu-memory`; default: the device's
@@ -183,6 +187,7 @@ impl TrainConfig {
             grad_aliasing: true,
             optim_in_backward: false,
             lora: None,
+            offload: crate::Placement::Device,
             progress: true,
             gpu_memory: None,
             interrupt: None,

@@ -26,6 +26,7 @@ mod error;
 mod eval;
 mod identity;
 mod lora;
+mod offload;
 mod optimizer;
 mod out_lock;
 mod plan;
@@ -45,8 +46,8 @@ pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
 pub use lora::{build_adapter_eval_model, build_lora_model, LoraTrain};
 pub use optimizer::{
-    master_name, parse_master, parse_states, states_name, AdamWConfig, GroupSettings,
-    MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
+    master_name, parse_master, parse_offload, parse_states, states_name, AdamWConfig,
+    GroupSettings, MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{

@@ -118,13 +118,9 @@ pub(crate) fn restore_adapter<B: Backend>(
 ) -> Result<()> {
     let layout = model.adapter_layout().expect("a LoRA model").clone();
     let params = model.trainable_mut();
-    let mut master = opt.master.as_mut();
+    // The optimizer knows where the master weights live (device, host or none).
     lora::load_adapter(dir, &layout, |off, vals| {
-        match master.as_deref_mut() {
-            Some(m) => b.master_write(params, m, off, vals)?,
-            None => b.write(params, off, vals)?,
-        }
-        Ok(())
+        Ok(opt.write_weights(b, params, off, vals)?)
     })?;
     Ok(())
 }

@@ -15,6 +15,10 @@
 //! memory modes and sharding. [`Optimizer::update_group`] updates one group, so it can run from
 //! [`nopad_model::Model::backward_with`] as soon as the group's gradient is complete;
 //! [`Optimizer::update`] is the global gradient norm plus every group this rank owns.
+//!
+//! With [`Placement::Host`] (`--offload optimizer`) the weights and moments live on the host
+//! and each group is updated there (module `offload`); the device keeps only the parameters.
+//! The update is the same element by element, and a checkpoint is the same file.
 
 use std::ops::Range;
 
@@ -24,6 +28,10 @@ use nopad_model::{GroupGrads, GroupKind, Model, ParamGroup};
 
 use crate::collective::Collective;
 use crate::error::{Result, TrainError};
+use crate::offload::{HostOptimizer, Update};
+
+mod state_io;
+pub(crate) use state_io::{new_parts, part_of};
 
 /// Hyper-parameters that stay fixed for a run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,13 +113,28 @@ pub struct UpdateInfo {
     pub applied: bool,
 }
 
-/// Where a group's optimizer state lives. Only the device exists; host offload becomes a variant.
+/// Where a group's optimizer state lives (one placement for the whole model, chosen when the
+/// optimizer is built: [`Optimizer::with_placement`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Placement {
     /// In the backend's memory, beside the parameters.
     #[default]
     Device,
+    /// In host memory, updated on the host's cores (`--offload optimizer`): the fp32 weights
+    /// and moments never occupy device memory.
+    Host,
+}
+
+/// The placement `--offload` names: `optimizer` puts the optimizer's state on the host.
+pub fn parse_offload(s: &str) -> Result<Placement> {
+    match s {
+        "optimizer" => Ok(Placement::Host),
+        _ => Err(TrainError::Config(format!(
+            "`offload`: {s} is not `optimizer` (the only part that can be offloaded: the fp32 \
+             weights and AdamW's moments)"
+        ))),
+    }
 }
 
 /// What the optimizer does with one parameter group.
@@ -153,19 +176,41 @@ pub struct Optimizer<B: Backend> {
     pub step: u64,
     /// The model's parameter groups, and what to do with each (same order).
     groups: Vec<(ParamGroup, GroupSettings)>,
+    /// The offloaded state ([`Placement::Host`]); `states` and `master` are then empty.
+    host: Option<Box<HostOptimizer<B>>>,
 }
 
 impl<B: Backend> Optimizer<B> {
     /// Fresh state for a model's trainable parameters (all of them, or a LoRA model's
     /// adapters: [`Model::trainable`]), every group trainable with the default settings.
     pub fn new(b: &B, model: &Model<B>, cfg: AdamWConfig) -> Result<Self> {
+        Self::with_placement(b, model, cfg, Placement::Device)
+    }
+
+    /// [`Optimizer::new`] with the state in `placement` for every group. On the host, the
+    /// groups are updated one by one (8-bit blocks must not straddle groups,
+    /// [`Optimizer::check_group_blocks`]), and each update ends with
+    /// [`Optimizer::finish_group_updates`].
+    pub fn with_placement(
+        b: &B,
+        model: &Model<B>,
+        cfg: AdamWConfig,
+        placement: Placement,
+    ) -> Result<Self> {
         let (params, groups) = (model.trainable(), model.trainable_groups());
-        Self::over(b, params, model.trainable_decay_end(), groups, cfg)
+        Self::over_in(
+            b,
+            params,
+            model.trainable_decay_end(),
+            groups,
+            cfg,
+            placement,
+        )
     }
 
     /// Fresh state for a flat buffer `params` cut into `groups` (moments zero, master copied
     /// from the parameters), its weight-decay part `0..decay_end`, every group trainable with
-    /// the default settings.
+    /// the default settings, on the device.
     pub fn over(
         b: &B,
         params: &B::Buf,
@@ -173,19 +218,27 @@ impl<B: Backend> Optimizer<B> {
         groups: &[ParamGroup],
         cfg: AdamWConfig,
     ) -> Result<Self> {
+        Self::over_in(b, params, decay_end, groups, cfg, Placement::Device)
+    }
+
+    /// [`Optimizer::over`] with the state in `placement`.
+    fn over_in(
+        b: &B,
+        params: &B::Buf,
+        decay_end: usize,
+        groups: &[ParamGroup],
+        cfg: AdamWConfig,
+        placement: Placement,
+    ) -> Result<Self> {
         let n: usize = groups.iter().map(ParamGroup::len).sum();
         let split = decay_end;
-        let states = [0..split, split..n]
-            .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| {
-                let state = AdamWState::new(b, r.len(), cfg.states).map_err(|e| {
-                    e.while_allocating(|| format!("AdamW's moments of {n} parameters"))
-                })?;
-                Ok((r.start, state))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let master = if b.needs_master() && cfg.master == MasterPrecision::F32 {
+        let host = placement == Placement::Host;
+        let states = if host {
+            vec![]
+        } else {
+            new_parts(b, split, n, cfg.states)?
+        };
+        let master = if !host && b.needs_master() && cfg.master == MasterPrecision::F32 {
             Some(b.master_new(params, n).map_err(|e| {
                 e.while_allocating(|| format!("the fp32 master weights of {n} parameters"))
             })?)
@@ -197,20 +250,48 @@ impl<B: Backend> Optimizer<B> {
             .map(|g| {
                 let s = GroupSettings {
                     precision: cfg.states,
+                    placement,
                     ..GroupSettings::default()
                 };
                 (g.clone(), s)
             })
             .collect();
-        let opt = Optimizer {
+        let mut opt = Optimizer {
             cfg,
             states,
             master,
             step: 0,
             groups,
+            host: None,
         };
+        if host {
+            let stage = opt
+                .groups
+                .iter()
+                .flat_map(|(g, _)| g.ranges())
+                .map(|(r, _)| r.len())
+                .max()
+                .unwrap_or(0)
+                .max(1);
+            opt.host = Some(Box::new(HostOptimizer::new(
+                b,
+                params,
+                (split, n),
+                cfg.states,
+                stage,
+            )?));
+            opt.check_group_blocks()?;
+        }
         opt.check_blocks()?;
         Ok(opt)
+    }
+
+    /// Where the optimizer state lives.
+    pub fn placement(&self) -> Placement {
+        match self.host {
+            Some(_) => Placement::Host,
+            None => Placement::Device,
+        }
     }
 
     /// The moments: each part's offset in the flat buffer and its state, in buffer order (a
@@ -226,18 +307,10 @@ impl<B: Backend> Optimizer<B> {
 
     /// The part holding `range` and the range relative to it.
     fn part(&self, range: &Range<usize>) -> Result<(usize, Range<usize>)> {
-        self.states
-            .iter()
-            .position(|(off, s)| *off <= range.start && range.end <= off + s.len())
-            .map(|i| {
-                let off = self.states[i].0;
-                (i, range.start - off..range.end - off)
-            })
-            .ok_or_else(|| {
-                TrainError::Config(format!(
-                    "AdamW range {range:?} crosses the boundary between weight decay and none"
-                ))
-            })
+        match &self.host {
+            Some(h) => h.part(range),
+            None => part_of(&self.states, range),
+        }
     }
 
     /// In 8-bit states, that every run of the update starts on a block boundary of its part.
@@ -292,6 +365,14 @@ impl<B: Backend> Optimizer<B> {
 
     /// Replaces the settings of the group of `kind`.
     pub fn set_group(&mut self, kind: GroupKind, settings: GroupSettings) -> Result<()> {
+        if settings.placement != self.placement() {
+            return Err(TrainError::Config(format!(
+                "parameter group `{kind}`: state on the {:?}, but the optimizer keeps one \
+                 placement for the whole model ({:?}; --offload optimizer chooses the host)",
+                settings.placement,
+                self.placement()
+            )));
+        }
         if settings.precision != self.cfg.states {
             return Err(TrainError::Config(format!(
                 "parameter group `{kind}`: moments in {}, but the optimizer keeps one precision \
@@ -375,11 +456,22 @@ impl<B: Backend> Optimizer<B> {
             _ => 1.0,
         };
         self.begin_step();
-        let runs = self.runs(coll.rank(), true);
+        // Offloaded, the ranges go through the host one group's range at a time (the staging
+        // slots hold one); on the device, one launch per run.
+        let ranges = match self.host {
+            Some(_) => self
+                .groups
+                .iter()
+                .filter(|(_, s)| s.trainable && s.owner == coll.rank())
+                .flat_map(|(g, _)| g.ranges())
+                .collect(),
+            None => self.runs(coll.rank(), true),
+        };
         let (params, grads) = model.params_and_grads(b)?;
-        for (range, decay) in runs {
+        for (range, decay) in ranges {
             self.adamw(b, params, grads, range.clone(), range, decay, lr, clip)?;
         }
+        self.finish_group_updates(b, params)?;
         Ok(UpdateInfo {
             grad_norm: norm,
             applied: true,
@@ -491,6 +583,14 @@ impl<B: Backend> Optimizer<B> {
                 first_index: range.start as u64,
             },
         };
+        if let Some(h) = &mut self.host {
+            let u = Update {
+                range,
+                hp,
+                rounding,
+            };
+            return h.push(b, (params, grads), grad_at, u);
+        }
         let (i, rel) = self.part(&range)?;
         let (m, v) = self.states[i].1.views(b, rel)?;
         b.adamw_states(AdamWStates {
@@ -506,17 +606,14 @@ impl<B: Backend> Optimizer<B> {
         Ok(())
     }
 
-    /// `range` of the weights to save (of [`Model::trainable`]): the fp32 master weights when
-    /// there are some, else the parameters.
-    pub fn read_weights(
-        &self,
-        b: &B,
-        model: &Model<B>,
-        range: std::ops::Range<usize>,
-    ) -> nopad_backend::Result<Vec<f32>> {
-        match &self.master {
-            Some(m) => b.master_read(model.trainable(), m, range),
-            None => b.read(model.trainable(), range),
+    /// Ends the group updates of a step: an offloaded optimizer runs its last host update and
+    /// makes the device wait for the new weights before the next forward (a no-op on the
+    /// device). [`Optimizer::update`] calls it; a step that calls
+    /// [`Optimizer::update_group`] itself must call it after the backward.
+    pub fn finish_group_updates(&mut self, b: &B, params: &mut B::Buf) -> Result<()> {
+        match &mut self.host {
+            Some(h) => h.finish(b, params),
+            None => Ok(()),
         }
     }
 }

@@ -370,7 +370,7 @@ impl<B: Backend> Session<B> {
             rounding_seed: tc.seed,
             ..tc.adamw
         };
-        let mut opt = Optimizer::new(b, &model, adamw)?;
+        let mut opt = Optimizer::with_placement(b, &model, adamw, tc.offload)?;
         if tc.optim_in_backward {
             opt.check_group_blocks()?;
         }

@@ -198,6 +198,8 @@ fn step_in_backward<B: Backend>(
         }
         opt.update_group(b, g, lr, 1.0)
     })?;
+    // An offloaded optimizer's last host update, and the device's wait for the new weights.
+    opt.finish_group_updates(b, &mut model.params)?;
     model.zero_grads(b)?;
     Ok(StepOutcome {
         loss,

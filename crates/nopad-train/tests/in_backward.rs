@@ -2,57 +2,15 @@
 //! for bit, as the update after the backward without clipping, in every optimizer-state mode;
 //! and the settings it cannot honour are refused with the reason.
 
-use std::sync::Arc;
-
 use nopad_backend::cpu::Cpu;
-use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
-use nopad_data::{Loader, LoaderOptions, PackOptions, Strategy};
-use nopad_model::{Config, Model};
-use nopad_train::{
-    train, train_step, AdamWConfig, MasterPrecision, Optimizer, SingleProcess, StatePrecision,
-};
+use nopad_train::{train, AdamWConfig, MasterPrecision, Optimizer, StatePrecision};
 
 mod common;
+#[path = "common/grouped.rs"]
+mod grouped;
+use grouped::setup;
 
 type B = Cpu<f32>;
-
-/// A one-layer model whose every parameter range lies on a block of 256 (8-bit moments can be
-/// updated group by group), tied or not, and a loader of one micro-batch a step.
-fn setup(b: &B, tied: bool) -> (Model<B>, Loader) {
-    let cfg = Config::from_json_str(
-        &format!(
-            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":64,"hidden_size":256,"intermediate_size":512,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":512,"tie_word_embeddings":{tied}}}"#
-        ),
-        "test config",
-    )
-    .unwrap();
-    let mut model = Model::new(b, cfg.clone()).unwrap();
-    let layout = model.layout.clone();
-    nopad_model::weights::init_random(&cfg, &layout, 7, |o, v| model.write_params(b, o, v))
-        .unwrap();
-    let ex = instruction_dataset(&SyntheticConfig {
-        n_examples: 32,
-        vocab_size: cfg.vocab_size,
-        lengths: LengthDist::FlanLike,
-        max_len: 40,
-        seed: 3,
-    });
-    let opts = LoaderOptions {
-        pack: PackOptions {
-            strategy: Strategy::Flatten,
-            batch_size: 3,
-            max_len: 40,
-            pad_token_id: 0,
-            group_by_length: false,
-        },
-        grad_accum: 1,
-        seed: 4,
-        shuffle: true,
-        start: Default::default(),
-        prefetch: 1,
-    };
-    (model, Loader::new(Arc::new(ex), opts).unwrap())
-}
 
 #[test]
 fn updating_in_the_backward_equals_updating_after_it_in_every_state_mode() {
@@ -78,14 +36,11 @@ fn updating_in_the_backward_equals_updating_after_it_in_every_state_mode() {
         let mut opt_d = Optimizer::new(&b, &during, cfg).unwrap();
         opt_d.check_group_blocks().unwrap();
         let what = format!("{states:?} moments, {master:?} master, tied={tied}");
-        for step in 0..3 {
-            let lr = 1e-2 / (step + 1) as f64;
-            let (sa, sd) = (loader_a.next().unwrap(), loader_d.next().unwrap());
-            let oa = train_step(&b, &SingleProcess, &mut after, &mut opt_a, &sa.batches, lr);
-            let od = train_step(&b, &SingleProcess, &mut during, &mut opt_d, &sd.batches, lr);
-            let (oa, od) = (oa.unwrap(), od.unwrap());
-            assert!(oa.applied && od.applied, "{what}");
-            assert_eq!(oa.loss.to_bits(), od.loss.to_bits(), "{what} step {step}");
+        let runs = (
+            (&mut after, &mut opt_a, &mut loader_a),
+            (&mut during, &mut opt_d, &mut loader_d),
+        );
+        grouped::three_steps(&b, runs, &what, |step, oa, od, same| {
             // The norm is summed group by group instead of run by run: equal up to rounding.
             let rel = (oa.grad_norm - od.grad_norm).abs() / oa.grad_norm;
             assert!(
@@ -94,10 +49,8 @@ fn updating_in_the_backward_equals_updating_after_it_in_every_state_mode() {
                 oa.grad_norm,
                 od.grad_norm
             );
-            let (pa, pd) = (after.params.to_vec(), during.params.to_vec());
-            let same = pa.iter().zip(&pd).all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(same, "{what}: weights differ after step {step}");
-        }
+        });
         assert!(
             during.grads(&b).is_err(),
             "{what}: no full gradient is kept"

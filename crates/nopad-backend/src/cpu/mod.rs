@@ -11,6 +11,7 @@ mod attention;
 mod layers;
 mod linear;
 mod optim;
+mod staging;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -23,6 +24,7 @@ use crate::args::{
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
+pub use staging::CpuHost;
 
 /// Rows handled by one task in row-parallel loops; fixed so that results never depend on the
 /// thread count.

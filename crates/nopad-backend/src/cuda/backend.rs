@@ -35,7 +35,7 @@ fn codes_from_f32(data: &[f32]) -> Result<Vec<u8>> {
 }
 
 impl Cuda {
-    fn dtype_of(&self, kind: Kind) -> Dtype {
+    pub(super) fn dtype_of(&self, kind: Kind) -> Dtype {
         match kind {
             Kind::Compute => self.compute,
             Kind::Master => Dtype::F32,

@@ -34,10 +34,12 @@ mod lm_head;
 mod memory;
 mod rmsnorm;
 mod rope;
+mod staging;
 mod swiglu;
 
 use memory::ViewInfo;
 pub use memory::{CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
+pub use staging::CudaHost;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

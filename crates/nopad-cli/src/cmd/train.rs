@@ -113,6 +113,12 @@ pub struct TrainArgs {
     /// the global norm before the first update.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub optim_in_backward: Option<bool>,
+    /// `optimizer`: keep the fp32 weights and both moments in host memory and update them on
+    /// the host's cores (ZeRO-Offload style), for models whose optimizer state does not fit on
+    /// the device. Gradients go down and new weights come back over PCIe, overlapped with the
+    /// backward under --optim-in-backward. Results and checkpoints are the same as without.
+    #[arg(long, value_name = "optimizer")]
+    pub offload: Option<String>,
     /// Seed of initialisation and data order.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -244,6 +250,7 @@ impl TrainArgs {
             optim_states,
             master_weights,
             optim_in_backward,
+            offload,
             seed,
             out,
             save_every,
@@ -378,6 +385,9 @@ impl TrainArgs {
         if let Some(s) = &a.master_weights {
             c.adamw.master = nopad_train::parse_master(s)
                 .ok_or_else(|| anyhow::anyhow!("`master-weights`: {s} is not f32 or none"))?;
+        }
+        if let Some(s) = &a.offload {
+            c.offload = nopad_train::parse_offload(s)?;
         }
         c.seed = a.seed.unwrap_or(c.seed);
         c.skip_bad = a.skip_bad.unwrap_or(false);

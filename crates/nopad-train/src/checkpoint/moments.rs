@@ -39,9 +39,9 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 /// The optimizer's state precision and the number of 8-bit blocks of all its parts.
 fn precision_and_blocks<B: Backend>(opt: &Optimizer<B>) -> (StatePrecision, usize) {
     let blocks = opt
-        .states()
+        .state_lens()
         .iter()
-        .map(|(_, s)| s.len().div_ceil(QUANT_BLOCK))
+        .map(|len| len.div_ceil(QUANT_BLOCK))
         .sum();
     (opt.cfg.states, blocks)
 }
@@ -83,12 +83,11 @@ pub(super) fn write_optimizer<B: Backend>(
     for (_, which) in MOMENTS {
         // 8-bit scales follow all the codes of their moment.
         let mut scales = vec![];
-        for (_, state) in opt.states() {
-            let len = state.len();
+        for (part, len) in opt.state_lens().into_iter().enumerate() {
             let mut off = 0;
             while off < len {
                 let end = (off + CHUNK).min(len);
-                let raw = match state.read(b, which, off..end)? {
+                let raw = match opt.read_state(b, part, which, off..end)? {
                     StateData::F32(x) => f32_bytes(&x),
                     StateData::Bf16(x) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
                     StateData::Block8 { codes, scales: s } => {
@@ -182,8 +181,7 @@ pub(super) fn read_optimizer<B: Backend>(
         };
         // `at`: the part's first element in the file, `first_block`: its first scale.
         let (mut at, mut first_block) = (0usize, 0usize);
-        for (_, state) in opt.states_mut() {
-            let len = state.len();
+        for (part, len) in opt.state_lens().into_iter().enumerate() {
             let mut off = 0;
             while off < len {
                 let end = (off + CHUNK).min(len);
@@ -205,7 +203,7 @@ pub(super) fn read_optimizer<B: Backend>(
                             .to_vec(),
                     },
                 };
-                state.write(b, which, off, &data)?;
+                opt.write_state(b, part, which, off, &data)?;
                 off = end;
             }
             at += len;
