@@ -391,6 +391,7 @@ fn plan_run<B: Backend>(
         recompute: cfg.recompute,
         grad_aliasing: aliasing,
         optim_in_backward: cfg.optim_in_backward,
+        offload: cfg.offload == nopad_train::Placement::Host,
         trained: Trained::Full,
     };
     check_device(b, &mc, tokens, modes, cfg.gpu_memory, cfg.grad_accum == 1)?;

@@ -38,6 +38,7 @@ fn train_prints_the_plan_and_refuses_a_run_that_cannot_fit() {
         recompute: Recompute::None,
         grad_aliasing: true,
         optim_in_backward: false,
+        offload: false,
         trained: Trained::Full,
     };
     let none = plan(&cfg, tokens, m, &dev).needed();

@@ -56,6 +56,9 @@ pub struct Modes {
     /// The optimizer runs in the backward, group by group (`--optim-in-backward`): only a
     /// gradient scratch for the groups in flight.
     pub optim_in_backward: bool,
+    /// The master weights and moments live in host memory (`--offload optimizer`): none on the
+    /// device.
+    pub offload: bool,
     /// What is trained.
     pub trained: Trained,
 }
@@ -79,10 +82,11 @@ impl Modes {
             GradHolding::GroupScratch => " in-bwd",
         };
         format!(
-            "{}/{}/{}{g}",
+            "{}/{}/{}{g}{}",
             crate::states_name(self.states),
             crate::master_name(self.master),
-            self.recompute
+            self.recompute,
+            if self.offload { " offload" } else { "" }
         )
     }
 }
@@ -283,6 +287,7 @@ pub fn plan(cfg: &Config, tokens: usize, modes: Modes, dev: &DeviceSizes) -> Pla
     );
     let Trained::Full = modes.trained;
     let master = match modes.master {
+        _ if modes.offload => 0,
         MasterPrecision::F32 if dev.master_per_param > 0 => {
             memory::held(layout.total * dev.master_per_param, &dev.acc)
         }
@@ -294,7 +299,11 @@ pub fn plan(cfg: &Config, tokens: usize, modes: Modes, dev: &DeviceSizes) -> Pla
         tokens,
         weights: model.weights,
         master,
-        moments: moment_bytes(&layout, modes.states, dev),
+        moments: if modes.offload {
+            0
+        } else {
+            moment_bytes(&layout, modes.states, dev)
+        },
         gradients: model.grads,
         activations: model.activations,
         workspace,
@@ -492,6 +501,7 @@ pub fn modes_of(tc: &TrainConfig) -> Modes {
         recompute: tc.recompute,
         grad_aliasing: tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward,
         optim_in_backward: tc.optim_in_backward,
+        offload: tc.offload == crate::Placement::Host,
         trained: Trained::Full,
     }
 }

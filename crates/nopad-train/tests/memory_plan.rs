@@ -62,7 +62,12 @@ fn planned_and_measured<B: nopad_backend::Backend>(
         },
         ..AdamWConfig::default()
     };
-    let mut opt = Optimizer::new(b, &model, cfg).unwrap();
+    let placement = if modes.offload {
+        nopad_train::Placement::Host
+    } else {
+        nopad_train::Placement::Device
+    };
+    let mut opt = Optimizer::with_placement(b, &model, cfg, placement).unwrap();
     let mut largest = 0;
     for _ in 0..3 {
         let step = loader.next().unwrap();
@@ -84,6 +89,7 @@ fn modes(states: StatePrecision, recompute: Recompute, grad_aliasing: bool) -> M
         recompute,
         grad_aliasing,
         optim_in_backward: false,
+        offload: false,
         trained: Trained::Full,
     }
 }
@@ -92,7 +98,16 @@ fn modes(states: StatePrecision, recompute: Recompute, grad_aliasing: bool) -> M
 fn in_backward(states: StatePrecision, recompute: Recompute) -> Modes {
     Modes {
         optim_in_backward: true,
+        offload: false,
         ..modes(states, recompute, false)
+    }
+}
+
+/// The optimizer's state on the host (`--offload optimizer`), updated in the backward.
+fn offloaded(states: StatePrecision, recompute: Recompute) -> Modes {
+    Modes {
+        offload: true,
+        ..in_backward(states, recompute)
     }
 }
 
@@ -109,6 +124,8 @@ fn the_plan_equals_the_cpu_peak_in_every_mode() {
         ("small", modes(S::Bf16, R::Mlp(Some(1)), false), 2),
         ("tiny", in_backward(S::F32, R::None), 1),
         ("small", in_backward(S::Block8, R::Full), 1),
+        ("small", offloaded(S::F32, R::None), 1),
+        ("small", offloaded(S::Bf16, R::Full), 1),
     ] {
         let (planned, measured) = planned_and_measured(&Cpu::<f32>::new(), preset, m, accum);
         assert_eq!(planned, measured, "{preset} {}", m.label());

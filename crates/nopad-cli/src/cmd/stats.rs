@@ -164,6 +164,7 @@ fn memory_table(
         recompute: nopad_model::Recompute::None,
         grad_aliasing: one,
         optim_in_backward: false,
+        offload: false,
         trained: Trained::Full,
     };
     let grid = nopad_train::mode_grid(base, one);
