@@ -175,14 +175,7 @@ pub fn largest_micro_batch(
     opts: &LoaderOptions,
     steps: u64,
 ) -> Result<usize, DataError> {
-    check_options(&examples, opts)?;
-    let mut planner = Planner::new(
-        examples,
-        opts.pack.clone(),
-        opts.grad_accum,
-        opts.seed,
-        opts.shuffle,
-    );
+    let mut planner = checked_planner(examples, opts)?;
     let mut pos = opts.start.clone();
     let mut most = 0;
     for _ in 0..steps {
@@ -203,13 +196,20 @@ pub fn steps_per_epoch(
     examples: Arc<Vec<Example>>,
     opts: &LoaderOptions,
 ) -> Result<usize, DataError> {
+    Ok(checked_planner(examples, opts)?.steps_in_epoch(opts.start.epoch))
+}
+
+/// The planner a [`Loader`] with `opts` would run, after the same checks.
+fn checked_planner(
+    examples: Arc<Vec<Example>>,
+    opts: &LoaderOptions,
+) -> Result<Planner, DataError> {
     check_options(&examples, opts)?;
-    let mut planner = Planner::new(
+    Ok(Planner::new(
         examples,
         opts.pack.clone(),
         opts.grad_accum,
         opts.seed,
         opts.shuffle,
-    );
-    Ok(planner.steps_in_epoch(opts.start.epoch))
+    ))
 }

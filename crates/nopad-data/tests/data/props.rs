@@ -331,3 +331,37 @@ fn offline_resume_is_exact_while_examples_wait_between_windows() {
         );
     }
 }
+
+/// The memory plan's scan: the largest micro-batch of a run's steps, computed without a loader,
+/// is the largest the loader then hands out, over two epochs, for every strategy; and the steps
+/// per epoch are the loader's.
+#[test]
+fn the_largest_micro_batch_scan_matches_the_loader() {
+    for seed in 0..6u64 {
+        let n = 5 + (seed as usize * 29) % 70;
+        let data = Arc::new(traceable(seed, n, 64));
+        for strategy in [
+            Strategy::Pad,
+            Strategy::Flatten,
+            Strategy::Offline,
+            Strategy::Concat,
+        ] {
+            let opts = loader_opts(strategy, 3, 2, 64, seed);
+            let loader = Loader::new(Arc::clone(&data), opts.clone()).unwrap();
+            let spe = loader.steps_per_epoch();
+            assert_eq!(
+                nopad_data::steps_per_epoch(Arc::clone(&data), &opts).unwrap(),
+                spe,
+                "seed {seed} {strategy}"
+            );
+            let steps = 2 * spe as u64 + 1;
+            let want = loader
+                .take(steps as usize)
+                .flat_map(|s| s.batches.into_iter().map(|b| b.tokens.len()))
+                .max()
+                .unwrap_or(0);
+            let got = nopad_data::largest_micro_batch(Arc::clone(&data), &opts, steps).unwrap();
+            assert_eq!(got, want, "seed {seed} {strategy}");
+        }
+    }
+}
