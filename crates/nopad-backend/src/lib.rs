@@ -33,6 +33,7 @@ pub mod cuda;
 mod device;
 mod dropout;
 mod error;
+pub mod nf4;
 mod ops;
 mod optim;
 

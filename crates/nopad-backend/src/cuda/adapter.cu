@@ -1,6 +1,7 @@
 // adapter.cu: the ops a low-rank adapter adds: its output scattered into columns of a fused
 // projection (add_columns), its gradient gathered from them (gather_columns), and seeded
-// dropout whose mask is a hash of (seed, index), mirroring src/dropout.rs bit for bit.
+// dropout whose mask is a hash of (seed, index), mirroring src/dropout.rs bit for bit, and the
+// dequantisation of an NF4 base weight (dequant_nf4), mirroring src/nf4.rs bit for bit.
 // Flat grids (grid-stride) over N*w or n elements; fp32 arithmetic.
 
 struct ColumnsParams {
@@ -54,5 +55,29 @@ extern "C" __global__ void KNAME(dropout)(const DropoutParams p) {
         unsigned long long h = mix64(p.seed + ((unsigned long long)i + 1ull) * 0x9e3779b97f4a7c15ull);
         float m = ((unsigned)(h >> 40)) >= p.threshold ? ld(p.x, i) * p.keep_scale : 0.f;
         p.y[i] = to_c(p.accumulate ? ld(p.y, i) + m : m);
+    }
+}
+
+struct DequantNf4Params {
+    compute_t* y;                     // [n]
+    const unsigned char* codes;       // [ceil(n/2)]: element 2i high nibble, 2i+1 low
+    const unsigned char* scale_codes; // [ceil(n/64)]
+    const float* absmax;              // [ceil(n/64/256)] absmax, then the mean
+    i64 n;
+    i64 mean_at;
+    float nf4[16];
+    float map[256];
+};
+
+// y[i] = nf4[code i] * (map[scale code] * absmax[blk / 256] + mean), blk = i / 64; explicit
+// roundings (no fma contraction) so the CPU's f32 arithmetic is matched bit for bit.
+extern "C" __global__ void KNAME(dequant_nf4)(const DequantNf4Params p) {
+    float mean = p.absmax[p.mean_at];
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
+        unsigned byte = p.codes[i >> 1];
+        unsigned c = (i & 1) ? (byte & 15u) : (byte >> 4);
+        i64 blk = i / 64;
+        float scale = __fadd_rn(__fmul_rn(p.map[p.scale_codes[blk]], p.absmax[blk / 256]), mean);
+        p.y[i] = to_c(__fmul_rn(p.nf4[c], scale));
     }
 }
