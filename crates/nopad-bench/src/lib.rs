@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use nopad_backend::Backend;
 use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, IGNORE_INDEX};
+use nopad_model::lora::memory::LoraShape;
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
 use nopad_train::{
@@ -251,10 +252,7 @@ pub fn run_strategy<B: Backend>(
         },
         ..AdamWConfig::default()
     };
-    if cfg.lora.is_none() {
-        // The plan counts full fine-tuning only: a frozen base is not planned yet.
-        plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
-    }
+    plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
     model.set_grad_aliasing(b, aliasing)?;
@@ -384,9 +382,13 @@ fn plan_run<B: Backend>(
         recompute: cfg.recompute,
         grad_aliasing: aliasing,
         optim_in_backward: cfg.optim_in_backward,
-        trained: Trained::Full,
+        trained: match &cfg.lora {
+            Some(l) => Trained::Lora(LoraShape::of(&l.settings, l.base)),
+            None => Trained::Full,
+        },
     };
-    check_device(b, &mc, tokens, modes, cfg.gpu_memory, cfg.grad_accum == 1)?;
+    let in_backward = cfg.grad_accum == 1 && cfg.lora.is_none();
+    check_device(b, &mc, tokens, modes, cfg.gpu_memory, in_backward)?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nopad_backend::Backend;
 use nopad_model::lora::{self, LoraConfig};
+use nopad_model::quant::BaseDtype;
 use nopad_model::weights::SaveDtype;
 use nopad_model::Model;
 
@@ -23,6 +24,8 @@ pub struct LoraTrain {
     pub settings: LoraConfig,
     /// A PEFT adapter directory to start from instead of a fresh adapter.
     pub adapter: Option<PathBuf>,
+    /// How the frozen base's projections are held (`--base-dtype`).
+    pub base: BaseDtype,
 }
 
 /// What PEFT records as the base model: the directory, or the preset's name.

@@ -25,6 +25,7 @@ fn lora(r: usize, dropout: f32) -> LoraTrain {
             seed: 0,
         },
         adapter: None,
+        base: Default::default(),
     }
 }
 

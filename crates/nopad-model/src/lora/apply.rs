@@ -12,7 +12,7 @@
 //! PEFT's per-module dropout does.
 
 use nopad_backend::args::{Columns, Dropout, LinearBwd, LinearFwd};
-use nopad_backend::{mix64, Backend, GradWrite, Kind, LinearDims};
+use nopad_backend::{mix64, Backend, GradWrite, LinearDims};
 
 use super::{LoraConfig, ModuleSpec, Target};
 use crate::error::Result;
@@ -52,19 +52,15 @@ pub(crate) struct LoraScratch<B: Backend> {
 }
 
 impl<B: Backend> LoraScratch<B> {
-    /// Scratch for `cap` tokens of adapters of rank `r` and the widest `(in, out)`.
-    pub(crate) fn new(
-        b: &B,
-        cap: usize,
-        r: usize,
-        widest: (usize, usize),
-        dropout: bool,
-    ) -> Result<Self> {
-        Ok(LoraScratch {
-            t: b.alloc(cap * widest.1, Kind::Compute)?,
-            du: b.alloc(cap * r, Kind::Compute)?,
-            xd: b.alloc(if dropout { cap * widest.0 } else { 0 }, Kind::Compute)?,
-        })
+    /// The scratch from its buffers `[t, du, xd]` (allocated from
+    /// [`crate::lora::memory::adapter_parts`]).
+    pub(crate) fn from_bufs(bufs: Vec<B::Buf>) -> Result<Self> {
+        let Ok([t, du, xd]) = <[B::Buf; 3]>::try_from(bufs) else {
+            return Err(crate::error::ModelError::Input(
+                "bug: the adapters' scratch is not three buffers".into(),
+            ));
+        };
+        Ok(LoraScratch { t, du, xd })
     }
 }
 

@@ -11,6 +11,7 @@
 pub(crate) mod apply;
 mod init;
 pub mod layout;
+pub mod memory;
 mod merge;
 pub mod peft;
 

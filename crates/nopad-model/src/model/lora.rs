@@ -9,6 +9,7 @@ use nopad_backend::{mix64, Backend, Kind};
 use super::Model;
 use crate::error::{ModelError, Result};
 use crate::layout::ParamGroup;
+use crate::lora::memory::adapter_parts;
 use crate::lora::{AdapterLayout, LayerPass, LoraConfig, LoraScratch};
 
 /// The adapters of a LoRA model and their activations.
@@ -52,15 +53,17 @@ impl<B: Backend> Adapter<B> {
         if self.scratch.is_some() && self.cap >= n {
             return Ok(());
         }
-        let (r, per) = (self.cfg.r, self.layout.per_layer());
         self.u.clear();
         self.scratch = None;
-        for _ in &self.layout.layers {
-            self.u.push(b.alloc(per * n * r, Kind::Compute)?);
-        }
-        let widest = self.layout.widest();
-        let drop = self.cfg.dropout > 0.0;
-        self.scratch = Some(LoraScratch::new(b, n, r, widest, drop)?);
+        // The memory plan counts these same parts (`lora::memory::adapter_parts`).
+        let parts = adapter_parts(&self.layout, n, self.cfg.dropout > 0.0);
+        let mut bufs = parts
+            .iter()
+            .map(|&(len, kind)| b.alloc(len, kind))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let scratch = bufs.split_off(self.layout.layers.len());
+        self.u = bufs;
+        self.scratch = Some(LoraScratch::from_bufs(scratch)?);
         self.cap = n;
         Ok(())
     }
