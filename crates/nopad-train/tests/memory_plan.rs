@@ -233,7 +233,11 @@ fn a_frozen_base_plans_no_base_states_and_nf4_weights_at_half_a_byte() {
         nf4.weights
     );
     assert_eq!(nf4.activations, lora_plan.activations);
-    assert!(nf4.modes.label().ends_with("lora-r16 nf4"), "{}", nf4.modes.label());
+    assert!(
+        nf4.modes.label().ends_with("lora-r16 nf4"),
+        "{}",
+        nf4.modes.label()
+    );
 }
 
 #[test]

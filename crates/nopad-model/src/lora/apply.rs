@@ -14,6 +14,7 @@
 use nopad_backend::args::{Columns, Dropout, LinearBwd, LinearFwd};
 use nopad_backend::{mix64, Backend, GradWrite, LinearDims};
 
+use super::nf4::Nf4Base;
 use super::{LoraConfig, ModuleSpec, Target};
 use crate::error::Result;
 
@@ -118,6 +119,29 @@ pub(crate) struct LayerPass<'a, B: Backend> {
     pub p: f32,
     /// The dropout seed of this layer in this micro-batch.
     pub seed: u64,
+    /// The base's projections in NF4, if so held.
+    pub nf4: Option<&'a mut Nf4Base<B>>,
+    /// This layer.
+    pub layer: usize,
+}
+
+/// The base weight of `site` (its range `r` of the parameters): dequantised into the NF4
+/// scratch just ahead of its GEMM over an NF4 base, else a view of the parameters.
+pub(crate) fn base_weight<'s, B: Backend>(
+    b: &'s B,
+    p: &'s B::Buf,
+    r: std::ops::Range<usize>,
+    lora: Option<&'s mut LayerPass<'_, B>>,
+    site: Site,
+) -> Result<B::Ref<'s>> {
+    match lora {
+        Some(LayerPass {
+            nf4: Some(q),
+            layer,
+            ..
+        }) => q.weight(b, *layer, site),
+        _ => Ok(b.view(p, r)),
+    }
 }
 
 impl<B: Backend> LayerPass<'_, B> {
