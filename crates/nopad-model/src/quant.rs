@@ -112,5 +112,21 @@ impl Nf4Matrix {
     }
 }
 
+/// The values a base held as `base` computes with, for host values written at `offset` of
+/// `layout`: an NF4 base's projection matrices (which come first, before the embedding; each
+/// written whole) come back through their NF4 round trip, everything else as given. What
+/// `nopad merge` merges into for an adapter trained over an NF4 base.
+pub fn as_base<'v>(
+    base: BaseDtype,
+    layout: &crate::Layout,
+    offset: usize,
+    vals: &'v [f32],
+) -> std::borrow::Cow<'v, [f32]> {
+    match base {
+        BaseDtype::Nf4 if offset < layout.embed.start => quantise(vals).dequantise().into(),
+        _ => vals.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -64,9 +64,9 @@ pub fn build_lora_model<B: Backend>(
     layers: Option<usize>,
     lt: &LoraTrain,
 ) -> Result<(Model<B>, String)> {
-    let settings = lt.settings.clone();
+    let (settings, base) = (lt.settings.clone(), lt.base);
     let (mut m, desc) = build(b, source, seed, layers, |b, cfg| {
-        Model::new_lora(b, cfg, settings, true)
+        Model::new_lora_over(b, cfg, settings, base, true)
     })?;
     let layout = m.adapter_layout().expect("a LoRA model").clone();
     match &lt.adapter {
@@ -79,16 +79,18 @@ pub fn build_lora_model<B: Backend>(
     Ok((m, desc))
 }
 
-/// A base model from `source` with the PEFT adapter of `dir`, for evaluation.
+/// A base model from `source` (its projections held as `base`) with the PEFT adapter of `dir`,
+/// for evaluation.
 pub fn build_adapter_eval_model<B: Backend>(
     b: &B,
     source: &ModelSource,
     seed: u64,
     dir: &Path,
+    base: BaseDtype,
 ) -> Result<(Model<B>, String)> {
     let (settings, _) = lora::read_adapter_config(dir)?;
     let (mut m, desc) = build(b, source, seed, None, |b, cfg| {
-        Model::new_lora(b, cfg, settings, false)
+        Model::new_lora_over(b, cfg, settings, base, false)
     })?;
     let layout = m.adapter_layout().expect("a LoRA model").clone();
     lora::load_adapter(dir, &layout, |off, v| m.write_adapter(b, off, v))?;

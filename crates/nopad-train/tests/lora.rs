@@ -146,6 +146,12 @@ fn a_stopped_and_resumed_lora_run_is_bit_identical() {
     };
     let e = resume_with(Some(lora(8, 0.1)));
     assert!(e.contains("`lora.r`: checkpoint 4, this run 8"), "{e}");
+    let nf4 = LoraTrain {
+        base: nopad_model::quant::BaseDtype::Nf4,
+        ..lora(4, 0.1)
+    };
+    let e = resume_with(Some(nf4));
+    assert!(e.contains("base-dtype"), "{e}");
     let e = resume_with(None);
     assert!(e.contains("`lora`"), "{e}");
 }

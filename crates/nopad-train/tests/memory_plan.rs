@@ -152,6 +152,13 @@ fn lora(r: usize, targets: &[Target], dropout: f32, states: StatePrecision) -> (
     (m, lt)
 }
 
+/// The same over an NF4 base (QLoRA).
+fn qlora((m, mut lt): (Modes, LoraTrain)) -> (Modes, LoraTrain) {
+    lt.base = BaseDtype::Nf4;
+    let trained = Trained::Lora(LoraShape::of(&lt.settings, lt.base));
+    (Modes { trained, ..m }, lt)
+}
+
 #[test]
 fn the_plan_equals_the_cpu_peak_of_lora_runs() {
     use StatePrecision as S;
@@ -177,19 +184,36 @@ fn the_plan_equals_the_cpu_peak_of_lora_runs() {
             Recompute::None,
             2,
         ),
+        (
+            "tiny",
+            qlora(lora(4, &all, 0.1, S::F32)),
+            Recompute::None,
+            1,
+        ),
+        (
+            "small",
+            qlora(lora(8, &all, 0.0, S::Block8)),
+            Recompute::Full,
+            2,
+        ),
     ] {
         let m = Modes { recompute, ..m };
         let (planned, measured) =
             planned_and_measured(&Cpu::<f32>::new(), preset, m, accum, Some(&lt));
         assert_eq!(planned, measured, "{preset} {}", m.label());
     }
-    let (m, lt) = lora(4, &all, 0.1, S::F32);
-    let (planned, measured) = planned_and_measured(&Cpu::<f64>::new(), "tiny", m, 1, Some(&lt));
-    assert_eq!(planned, measured);
+    for (m, lt) in [
+        lora(4, &all, 0.1, S::F32),
+        qlora(lora(2, &all, 0.0, S::Bf16)),
+    ] {
+        let (planned, measured) = planned_and_measured(&Cpu::<f64>::new(), "tiny", m, 1, Some(&lt));
+        assert_eq!(planned, measured, "{}", m.label());
+    }
 }
 
 #[test]
 fn a_frozen_base_plans_no_base_states_and_nf4_weights_at_half_a_byte() {
+    // (The plan of NF4 weights equals the CPU's measured peak above; here its CUDA sizes.)
     let cfg = nopad_model::Config::preset("llama-3.2-1b").unwrap();
     let dev = DeviceSizes::cuda_bf16(false);
     let full = plan(
@@ -214,15 +238,7 @@ fn a_frozen_base_plans_no_base_states_and_nf4_weights_at_half_a_byte() {
     let shapes = nopad_model::lora::memory::projection_shapes(&cfg);
     let per_layer: usize = shapes.iter().map(|&(r, c)| r * c).sum();
     let pq = cfg.num_hidden_layers * per_layer;
-    let nf4 = plan(
-        &cfg,
-        8192,
-        Modes {
-            trained: Trained::Lora(LoraShape::of(&lt.settings, BaseDtype::Nf4)),
-            ..m
-        },
-        &dev,
-    );
+    let nf4 = plan(&cfg, 8192, qlora((m, lt)).0, &dev);
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let scratch = 2 * (2 * f * d);
     let want = lora_plan.weights - 2 * pq + pq / 2 + pq / 64 + scratch;

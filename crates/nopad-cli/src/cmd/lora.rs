@@ -39,7 +39,7 @@ pub struct LoraArgs {
     pub base_dtype: BaseDtype,
 }
 
-fn parse_base(s: &str) -> std::result::Result<BaseDtype, String> {
+pub(crate) fn parse_base(s: &str) -> std::result::Result<BaseDtype, String> {
     BaseDtype::parse(s, "--base-dtype").map_err(|e| e.to_string())
 }
 

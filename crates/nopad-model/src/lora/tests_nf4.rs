@@ -9,7 +9,7 @@ use nopad_rng::Rng;
 
 use super::tests::{lora_cfg, lora_model, lora_model_over};
 use super::Target;
-use crate::quant::{quantise, BaseDtype};
+use crate::quant::{as_base, quantise, BaseDtype};
 use crate::tests::{examples, flatten, loss_and_grads, same_bits, tiny};
 use crate::{Model, Recompute};
 
@@ -23,8 +23,9 @@ fn dequantised_base<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>) {
         .filter(|t| t.offset < layout.embed.start)
     {
         let vals = b.read(&m.params, t.range()).unwrap();
-        m.write_params(b, t.offset, &quantise(&vals).dequantise())
-            .unwrap();
+        let back = as_base(BaseDtype::Nf4, &layout, t.offset, &vals);
+        assert_eq!(*back, quantise(&vals).dequantise());
+        m.write_params(b, t.offset, &back).unwrap();
     }
 }
 
