@@ -334,8 +334,10 @@ pub fn run_strategy<B: Backend>(
                 ""
             },
             cfg.lora.as_ref().map_or(String::new(), |lt| format!(
-                ", LoRA r {} alpha {}",
-                lt.settings.r, lt.settings.alpha
+                ", LoRA r {} alpha {} base {}",
+                lt.settings.r,
+                lt.settings.alpha,
+                lt.base.name()
             )),
         ),
         steps_per_epoch,

@@ -147,6 +147,9 @@ pub(crate) fn describe<B: Backend>(model: &Model<B>) -> Option<String> {
         if s.use_rslora { ", rsLoRA" } else { "" },
         s.dropout,
         targets.join(","),
-        100.0 * n as f64 / total as f64
-    ))
+        100.0 * n as f64 / total as f64,
+    ) + match model.base_dtype() {
+        BaseDtype::Nf4 => ", base in NF4",
+        BaseDtype::Bf16 => "",
+    })
 }
