@@ -509,12 +509,12 @@ impl<B: Backend> Model<B> {
                 prof,
             )?;
         }
-        let last = &acts.res[c.num_hidden_layers];
+        let (last, norm) = (&acts.res[c.num_hidden_layers], pv.norm.clone());
         b.rmsnorm_forward(RmsNormFwd {
             y: b.view_mut(&mut acts.hf, nd.clone()),
             rstd: b.view_mut(&mut acts.rstdf, 0..n),
             x: b.view(last, nd.clone()),
-            weight: b.view(p, pv.norm.clone()),
+            weight: b.view(p, norm),
             n,
             d,
             eps,

@@ -59,14 +59,14 @@ extern "C" __global__ void KNAME(dropout)(const DropoutParams p) {
 }
 
 struct DequantNf4Params {
+    float nf4[16];                    // the NF4 values
+    float map[256];                   // the signed dynamic map of the scale codes
+    i64 n;
+    i64 mean_at;
     compute_t* y;                     // [n]
     const unsigned char* codes;       // [ceil(n/2)]: element 2i high nibble, 2i+1 low
     const unsigned char* scale_codes; // [ceil(n/64)]
     const float* absmax;              // [ceil(n/64/256)] absmax, then the mean
-    i64 n;
-    i64 mean_at;
-    float nf4[16];
-    float map[256];
 };
 
 // y[i] = nf4[code i] * (map[scale code] * absmax[blk / 256] + mean), blk = i / 64; explicit

@@ -39,14 +39,14 @@ struct DropoutParams {
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct DequantNf4Params {
+    nf4: [f32; 16],
+    map: [f32; 256],
+    n: i64,
+    mean_at: i64,
     y: u64,
     codes: u64,
     scale_codes: u64,
     absmax: u64,
-    n: i64,
-    mean_at: i64,
-    nf4: [f32; 16],
-    map: [f32; 256],
 }
 
 impl Cuda {
