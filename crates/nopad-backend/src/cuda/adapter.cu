@@ -70,14 +70,23 @@ struct DequantNf4Params {
 };
 
 // y[i] = nf4[code i] * (map[scale code] * absmax[blk / 256] + mean), blk = i / 64; explicit
-// roundings (no fma contraction) so the CPU's f32 arithmetic is matched bit for bit.
+// roundings (no fma contraction) so the CPU's f32 arithmetic is matched bit for bit. One thread
+// per code byte (two elements); the tables are copied to shared memory first, as their indices
+// differ from thread to thread.
 extern "C" __global__ void KNAME(dequant_nf4)(const DequantNf4Params p) {
+    __shared__ float nf4[16], map[256];
+    for (int j = threadIdx.x; j < 256; j += blockDim.x) {
+        map[j] = p.map[j];
+        if (j < 16) nf4[j] = p.nf4[j];
+    }
+    __syncthreads();
     float mean = p.absmax[p.mean_at];
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
-        unsigned byte = p.codes[i >> 1];
-        unsigned c = (i & 1) ? (byte & 15u) : (byte >> 4);
-        i64 blk = i / 64;
-        float scale = __fadd_rn(__fmul_rn(p.map[p.scale_codes[blk]], p.absmax[blk / 256]), mean);
-        p.y[i] = to_c(__fmul_rn(p.nf4[c], scale));
+    i64 bytes = (p.n + 1) / 2;
+    for (i64 k = blockIdx.x * (i64)blockDim.x + threadIdx.x; k < bytes; k += (i64)gridDim.x * blockDim.x) {
+        unsigned byte = p.codes[k];
+        i64 i = 2 * k, blk = i / 64;  // both elements share a block (64 is even)
+        float scale = __fadd_rn(__fmul_rn(map[p.scale_codes[blk]], p.absmax[blk / 256]), mean);
+        p.y[i] = to_c(__fmul_rn(nf4[byte >> 4], scale));
+        if (i + 1 < p.n) p.y[i + 1] = to_c(__fmul_rn(nf4[byte & 15u], scale));
     }
 }

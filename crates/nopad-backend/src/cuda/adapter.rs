@@ -125,6 +125,6 @@ impl Cuda {
             map: crate::codes::code_map(true),
         };
         // SAFETY: every view holds what n elements need (checked above).
-        unsafe { self.launch(ADAPTER, self.compute, op, stride_launch(n), &p) }
+        unsafe { self.launch(ADAPTER, self.compute, op, stride_launch(codes), &p) }
     }
 }
