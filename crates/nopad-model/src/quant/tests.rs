@@ -18,7 +18,8 @@ fn argmin(table: &[f32], x: f32) -> usize {
     best
 }
 
-/// The reference: element by element, block by block, no shared helper beyond the tables.
+/// The reference: element by element, block by block, sharing nothing with `quantise` but the
+/// tables.
 fn reference(w: &[f32]) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
     let blocks: Vec<&[f32]> = w.chunks(64).collect();
     let scales: Vec<f32> = blocks
