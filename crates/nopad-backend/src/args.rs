@@ -296,3 +296,19 @@ pub struct Dropout<'a, B: Device + ?Sized + 'a> {
     /// `Overwrite` in the forward, `Accumulate` in the backward.
     pub write: GradWrite,
 }
+
+/// Arguments of [`crate::Ops::dequant_nf4`]: `y[i] = NF4[code i] · scale of i's block` for
+/// `i < n`, an NF4 matrix with double-quantised scales read into Compute values (the format:
+/// [`crate::nf4`]).
+pub struct DequantNf4<'a, B: Device + ?Sized + 'a> {
+    /// `[n]`, overwritten.
+    pub y: B::Mut<'a>,
+    /// `[⌈n/2⌉]` Code8: two 4-bit codes a byte, the first element in the high nibble.
+    pub codes: B::Ref<'a>,
+    /// `[⌈n/64⌉]` Code8: each block scale's 8-bit code.
+    pub scale_codes: B::Ref<'a>,
+    /// `[⌈n/64/256⌉ + 1]` Master: the absmax of each 256 block scales, then their mean.
+    pub absmax: B::Ref<'a>,
+    /// Elements n.
+    pub n: usize,
+}

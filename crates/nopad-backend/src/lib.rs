@@ -34,6 +34,7 @@ pub mod cuda;
 mod device;
 mod dropout;
 mod error;
+pub mod nf4;
 mod ops;
 mod optim;
 mod staging;

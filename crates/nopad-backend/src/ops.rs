@@ -3,8 +3,8 @@
 //! from [`crate::args`], where its shapes and write rules are documented.
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
-    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
+    LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::{Device, Result};
 
@@ -62,6 +62,9 @@ pub trait Ops: Device {
     fn columns(&self, a: Columns<'_, Self>) -> Result<()>;
     /// Seeded dropout whose mask the backward regenerates (see [`Dropout`]).
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()>;
+    /// An NF4 matrix (a 4-bit frozen base weight) read into Compute values just ahead of its
+    /// GEMM (see [`DequantNf4`]).
+    fn dequant_nf4(&self, a: DequantNf4<'_, Self>) -> Result<()>;
 
     // ---- layers -----------------------------------------------------------------------------
 

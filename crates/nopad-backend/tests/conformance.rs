@@ -223,6 +223,7 @@ conformance!(
     adapter_columns,
     dropout,
     rmsnorm_frozen,
+    dequant_nf4,
 );
 
 #[path = "conformance/ops.rs"]
@@ -233,4 +234,4 @@ mod optim;
 use optim::adamw_states;
 #[path = "conformance/adapter.rs"]
 mod adapter;
-use adapter::{adapter_columns, dropout, rmsnorm_frozen};
+use adapter::{adapter_columns, dequant_nf4, dropout, rmsnorm_frozen};

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use nopad_backend::Backend;
 use nopad_data::{Batch, Example, Loader, LoaderOptions, PackOptions, Strategy, IGNORE_INDEX};
+use nopad_model::lora::memory::LoraShape;
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::Config;
 use nopad_train::{
@@ -253,10 +254,7 @@ pub fn run_strategy<B: Backend>(
         },
         ..AdamWConfig::default()
     };
-    if cfg.lora.is_none() {
-        // The plan counts full fine-tuning only: a frozen base is not planned yet.
-        plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
-    }
+    plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
     model.set_grad_aliasing(b, aliasing)?;
@@ -338,8 +336,10 @@ pub fn run_strategy<B: Backend>(
                 ""
             },
             cfg.lora.as_ref().map_or(String::new(), |lt| format!(
-                ", LoRA r {} alpha {}",
-                lt.settings.r, lt.settings.alpha
+                ", LoRA r {} alpha {} base {}",
+                lt.settings.r,
+                lt.settings.alpha,
+                lt.base.name()
             )),
             if cfg.offload == nopad_train::Placement::Host {
                 ", offloaded to the host"
@@ -392,9 +392,13 @@ fn plan_run<B: Backend>(
         grad_aliasing: aliasing,
         optim_in_backward: cfg.optim_in_backward,
         offload: cfg.offload == nopad_train::Placement::Host,
-        trained: Trained::Full,
+        trained: match &cfg.lora {
+            Some(l) => Trained::Lora(LoraShape::of(&l.settings, l.base)),
+            None => Trained::Full,
+        },
     };
-    check_device(b, &mc, tokens, modes, cfg.gpu_memory, cfg.grad_accum == 1)?;
+    let in_backward = cfg.grad_accum == 1 && cfg.lora.is_none();
+    check_device(b, &mc, tokens, modes, cfg.gpu_memory, in_backward)?;
     Ok(())
 }
 

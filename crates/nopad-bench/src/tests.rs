@@ -189,6 +189,7 @@ fn lora_runs_every_strategy_and_exports_the_initial_adapter() {
         lora: Some(nopad_train::LoraTrain {
             settings: settings.clone(),
             adapter: None,
+            base: Default::default(),
         }),
         ..cfg()
     };

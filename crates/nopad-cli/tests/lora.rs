@@ -1,5 +1,6 @@
 //! LoRA through the binary: `train --lora-r` writes PEFT's files, `eval --adapter` gives the
-//! loss of `merge`'s checkpoint, and bad LoRA flags are errors naming the flag.
+//! loss of `merge`'s checkpoint (over a bf16 base, and over an NF4 one with `--base-dtype nf4`,
+//! merged into the dequantised projections), and bad LoRA flags are errors naming the flag.
 
 mod common;
 use common::{args, dir_with, eval_on_cpu, nopad, ok, stderr};
@@ -11,6 +12,12 @@ fn loss(o: std::process::Output) -> f64 {
 
 #[test]
 fn eval_with_an_adapter_equals_eval_of_the_merged_model() {
+    for base in ["bf16", "nf4"] {
+        eval_with_an_adapter_over(base);
+    }
+}
+
+fn eval_with_an_adapter_over(dtype: &str) {
     let (dir, data) = dir_with(
         "eval.jsonl",
         "{\"input_ids\": [1, 5, 9, 13, 2], \"labels\": [-100, -100, 9, 13, 2]}\n\
@@ -19,7 +26,11 @@ fn eval_with_an_adapter_equals_eval_of_the_merged_model() {
     let (out, merged) = (dir.path().join("adapter"), dir.path().join("merged"));
     let train = "train --model tiny --steps 4 --max-len 32 --batch-size 4 --device cpu \
                  --no-progress --lr 0.05 --lora-r 4 --lora-dropout 0.1 --lora-targets q_proj,v_proj,down_proj --out";
-    ok(nopad(&args(train, &[out.to_str().unwrap()])));
+    let bd = ["--base-dtype", dtype];
+    ok(nopad(&args(
+        train,
+        &[&[out.to_str().unwrap()][..], &bd].concat(),
+    )));
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
@@ -30,7 +41,7 @@ fn eval_with_an_adapter_equals_eval_of_the_merged_model() {
     let with = loss(eval_on_cpu(
         "tiny",
         &data,
-        &format!("--json --adapter {}", out.display()),
+        &format!("--json --adapter {} --base-dtype {dtype}", out.display()),
     ));
     let base = loss(eval_on_cpu("tiny", &data, "--json"));
     assert!(
@@ -40,12 +51,18 @@ fn eval_with_an_adapter_equals_eval_of_the_merged_model() {
     let m = "merge --model tiny --save-dtype f32 --adapter";
     ok(nopad(&args(
         m,
-        &[out.to_str().unwrap(), "--out", merged.to_str().unwrap()],
+        &[
+            out.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+            "--base-dtype",
+            dtype,
+        ],
     )));
     let merged_loss = loss(eval_on_cpu(merged.to_str().unwrap(), &data, "--json"));
     assert!(
         ((with - merged_loss) / with).abs() < 1e-5,
-        "adapter {with} vs merged {merged_loss}"
+        "{dtype}: adapter {with} vs merged {merged_loss}"
     );
 }
 
@@ -65,6 +82,10 @@ fn bad_lora_flags_name_the_flag() {
     assert!(e.contains("rank"), "{e}");
     let e = run("--lora-r 4 --optim-in-backward");
     assert!(e.contains("optim-in-backward"), "{e}");
+    let e = run("--base-dtype nf4");
+    assert!(e.contains("--lora-r"), "{e}");
+    let e = run("--lora-r 4 --base-dtype int4");
+    assert!(e.contains("--base-dtype") && e.contains("int4"), "{e}");
     let help = ok(nopad(&["train", "--help"]));
     assert!(
         help.contains("--lora-r") && help.contains("Default: 2·R"),

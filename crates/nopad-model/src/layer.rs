@@ -13,7 +13,7 @@ use nopad_backend::{AttnDims, Backend, GradWrite, LinearDims, RopeDims};
 use crate::config::Config;
 use crate::error::Result;
 use crate::layout::LayerRanges;
-use crate::lora::apply::Site;
+use crate::lora::apply::{base_weight, Site};
 use crate::lora::LayerPass;
 use crate::profile::Profile;
 
@@ -137,7 +137,7 @@ pub(crate) fn forward<B: Backend>(
     b.linear_forward(LinearFwd {
         y: b.view_mut(&mut la.qkv, 0..n * w),
         x: b.view(&acts.h, nd.clone()),
-        w: b.view(p, lr.qkv_w.clone()),
+        w: base_weight(b, p, lr.qkv_w.clone(), lora.as_deref_mut(), Site::Qkv)?,
         b: lr.qkv_b.clone().map(|r| b.view(p, r)),
         dims: LinearDims {
             n,
@@ -166,7 +166,7 @@ pub(crate) fn forward<B: Backend>(
     b.linear_forward(LinearFwd {
         y: b.view_mut(&mut la.res_mid, nd.clone()),
         x: b.view(&la.att, 0..n * hd),
-        w: b.view(p, lr.o_w.clone()),
+        w: base_weight(b, p, lr.o_w.clone(), lora.as_deref_mut(), Site::O)?,
         b: lr.o_b.clone().map(|r| b.view(p, r)),
         dims: LinearDims {
             n,
@@ -196,7 +196,13 @@ pub(crate) fn forward<B: Backend>(
     b.linear_forward(LinearFwd {
         y: b.view_mut(gu, 0..n * 2 * f),
         x: b.view(&acts.h, nd.clone()),
-        w: b.view(p, lr.gate_up_w.clone()),
+        w: base_weight(
+            b,
+            p,
+            lr.gate_up_w.clone(),
+            lora.as_deref_mut(),
+            Site::GateUp,
+        )?,
         b: None,
         dims: LinearDims {
             n,
@@ -221,7 +227,7 @@ pub(crate) fn forward<B: Backend>(
     b.linear_forward(LinearFwd {
         y: b.view_mut(res_out, nd.clone()),
         x: b.view(&acts.a, 0..n * f),
-        w: b.view(p, lr.down_w.clone()),
+        w: base_weight(b, p, lr.down_w.clone(), lora.as_deref_mut(), Site::Down)?,
         b: None,
         dims: LinearDims {
             n,
@@ -289,7 +295,7 @@ pub(crate) fn backward<B: Backend>(
         b.linear_forward(LinearFwd {
             y: b.view_mut(&mut acts.gu, 0..n * 2 * f),
             x: b.view(&acts.h, nd.clone()),
-            w: b.view(p, lr.gate_up_w.clone()),
+            w: base_weight(b, p, lr.gate_up_w.clone(), pass_of(&mut lora), Site::GateUp)?,
             b: None,
             dims: LinearDims {
                 n,
@@ -317,7 +323,7 @@ pub(crate) fn backward<B: Backend>(
         d_b: None,
         dy: b.view(&acts.d_res, nd.clone()),
         x: b.view(&acts.a, 0..n * f),
-        w: b.view(p, lr.down_w.clone()),
+        w: base_weight(b, p, lr.down_w.clone(), pass_of(&mut lora), Site::Down)?,
         dims: LinearDims {
             n,
             d_in: f,
@@ -357,7 +363,7 @@ pub(crate) fn backward<B: Backend>(
             0..n * 2 * f,
         ),
         x: b.view(&acts.h, nd.clone()),
-        w: b.view(p, lr.gate_up_w.clone()),
+        w: base_weight(b, p, lr.gate_up_w.clone(), pass_of(&mut lora), Site::GateUp)?,
         dims: LinearDims {
             n,
             d_in: d,
@@ -397,7 +403,7 @@ pub(crate) fn backward<B: Backend>(
         d_b: db,
         dy: b.view(&acts.d_res, nd.clone()),
         x: b.view(&la.att, 0..n * hd),
-        w: b.view(p, lr.o_w.clone()),
+        w: base_weight(b, p, lr.o_w.clone(), pass_of(&mut lora), Site::O)?,
         dims: LinearDims {
             n,
             d_in: hd,
@@ -452,7 +458,7 @@ pub(crate) fn backward<B: Backend>(
         d_b: db,
         dy: b.view(&acts.d_qkv, 0..n * w),
         x: b.view(&acts.h, nd.clone()),
-        w: b.view(p, lr.qkv_w.clone()),
+        w: base_weight(b, p, lr.qkv_w.clone(), pass_of(&mut lora), Site::Qkv)?,
         dims: LinearDims {
             n,
             d_in: d,
@@ -542,4 +548,11 @@ fn adapt_bwd<B: Backend>(
         prof.mark(cx.b, "lora bwd")?;
     }
     Ok(())
+}
+
+/// The adapters of a backward's `lora`, reborrowed (for a base weight's dequantisation).
+fn pass_of<'s, 'p, B: Backend>(
+    lora: &'s mut Option<(&mut LayerPass<'p, B>, &mut B::Buf)>,
+) -> Option<&'s mut LayerPass<'p, B>> {
+    lora.as_mut().map(|(lp, _)| &mut **lp)
 }

@@ -16,6 +16,7 @@ pub mod lora;
 pub mod memory;
 mod model;
 pub mod profile;
+pub mod quant;
 mod recompute;
 pub mod rope;
 pub mod weights;

@@ -131,8 +131,11 @@ pub struct Model<B: Backend> {
     pub cfg: Config,
     /// Where each parameter lives.
     pub layout: Layout,
-    /// `[P]` parameters as the forward reads them (Compute).
+    /// `[P]` parameters as the forward reads them (Compute); over an NF4 base only those not
+    /// quantised, viewed as `views` says.
     pub params: B::Buf,
+    /// Over an NF4 base, how `params` is viewed (`lora::nf4::param_views`); else `layout`.
+    views: Option<Layout>,
     /// `[P]` gradients (Grad); read them through [`Model::grads`]. Empty in an evaluation model
     /// and, with aliasing, until the first forward allocates the activations. In a LoRA model
     /// shaped like the adapters (the base takes no gradient).
@@ -167,8 +170,12 @@ impl<B: Backend> Model<B> {
 
     fn build(b: &B, cfg: Config, grads: bool, adapter: Option<Adapter<B>>) -> Result<Self> {
         let layout = Layout::new(&cfg);
-        let n = layout.total;
-        let trainable = adapter.as_ref().map_or(n, |a| a.layout.total);
+        let views = adapter
+            .as_ref()
+            .filter(|a| a.nf4.is_some())
+            .map(|_| crate::lora::nf4::param_views(&layout));
+        let trainable = adapter.as_ref().map_or(layout.total, |a| a.layout.total);
+        let n = views.as_ref().map_or(layout.total, |v| v.total);
         let params = b
             .alloc(n, Kind::Compute)
             .map_err(|e| e.while_allocating(|| format!("the model's {n} parameters")))?;
@@ -186,6 +193,7 @@ impl<B: Backend> Model<B> {
             cfg,
             layout,
             params,
+            views,
             grads,
             adapter,
             grad_state: GradState::Zero,
@@ -222,8 +230,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// Writes host values into the parameters at `offset`.
+    /// Over an NF4 base a projection matrix must come whole (it is quantised).
     pub fn write_params(&mut self, b: &B, offset: usize, vals: &[f32]) -> Result<()> {
-        Ok(b.write(&mut self.params, offset, vals)?)
+        match self.adapter.as_mut().and_then(|a| a.nf4.as_mut()) {
+            Some(q) => q.write(b, &self.layout, &mut self.params, offset, vals),
+            None => Ok(b.write(&mut self.params, offset, vals)?),
+        }
     }
 
     /// Places the parameter gradients over the saved activations of the layers whose backward
@@ -452,12 +464,13 @@ impl<B: Backend> Model<B> {
         }
         let acts = self.acts.as_mut().expect("ensure_acts allocated them");
         let p = &self.params;
+        let pv = self.views.as_ref().unwrap_or(&self.layout);
         let prof = &mut self.profile;
         prof.start(b)?;
         let nd = 0..n * d;
         b.embedding_forward(EmbeddingFwd {
             x: b.view_mut(&mut acts.res[0], nd.clone()),
-            table: b.view(p, self.layout.embed.clone()),
+            table: b.view(p, pv.embed.clone()),
             tokens: &up.tokens,
             n,
             d,
@@ -477,7 +490,7 @@ impl<B: Backend> Model<B> {
             grad_write: GradWrite::Accumulate,
         };
         let mode = self.recompute;
-        for (l, lr) in self.layout.layers.iter().enumerate() {
+        for (l, lr) in pv.layers.iter().enumerate() {
             let la = &mut acts.layers[if recompute { 0 } else { l }];
             let (res_in, res_out) = acts.res.split_at_mut(l + 1);
             let cx = layer::Ctx {
@@ -496,12 +509,12 @@ impl<B: Backend> Model<B> {
                 prof,
             )?;
         }
-        let last = &acts.res[c.num_hidden_layers];
+        let (last, norm) = (&acts.res[c.num_hidden_layers], pv.norm.clone());
         b.rmsnorm_forward(RmsNormFwd {
             y: b.view_mut(&mut acts.hf, nd.clone()),
             rstd: b.view_mut(&mut acts.rstdf, 0..n),
             x: b.view(last, nd.clone()),
-            weight: b.view(p, self.layout.norm.clone()),
+            weight: b.view(p, norm),
             n,
             d,
             eps,
@@ -534,7 +547,7 @@ impl<B: Backend> Model<B> {
             dx,
             d_w: dw,
             x: b.view(&acts.hf, nd.clone()),
-            w: b.view(p, self.layout.lm_head.clone()),
+            w: b.view(p, pv.lm_head.clone()),
             targets: &up.targets,
             dims: head,
             grad_scale: grad_scale.unwrap_or(0.0),
@@ -608,6 +621,7 @@ impl<B: Backend> Model<B> {
             prof.mark(b, "group hook (update in backward)")?;
         }
         let p = &self.params;
+        let pv = self.views.as_ref().unwrap_or(&self.layout);
         let nd = 0..n * d;
         // Final norm: d_h holds ∂loss/∂hf from the fused head.
         b.zero(b.view_mut(&mut acts.s.d_res, nd.clone()))?;
@@ -618,7 +632,7 @@ impl<B: Backend> Model<B> {
                 .then(|| b.view_mut(g, slots.map_or(&self.layout.norm, |s| &s.norm).clone())),
             dy: b.view(&acts.s.d_h, nd.clone()),
             x: b.view(&acts.res[c.num_hidden_layers], nd.clone()),
-            weight: b.view(p, self.layout.norm.clone()),
+            weight: b.view(p, pv.norm.clone()),
             rstd: b.view(&acts.rstdf, 0..n),
             n,
             d,
@@ -638,7 +652,7 @@ impl<B: Backend> Model<B> {
         }
         let recompute = self.recompute == Recompute::Full;
         let mode = self.recompute;
-        for (l, lr) in self.layout.layers.iter().enumerate().rev() {
+        for (l, lr) in pv.layers.iter().enumerate().rev() {
             // Built per layer: the hook below may write this layer's parameters.
             let cx = layer::Ctx {
                 b,

@@ -218,10 +218,12 @@ fn bf16_model_with_bf16_gradients_matches_cpu() {
 
 /// A LoRA model (every target, rank 8, dropout, B drawn so that A takes gradient too) on the
 /// GPU against the CPU: loss and every adapter gradient, with the same tolerances as the whole
-/// model, without and with full recomputation.
+/// model, without and with full recomputation; over a bf16 base and over an NF4 one (QLoRA:
+/// the `dequant_nf4` kernel ahead of every base GEMM, fresh random weights quantised).
 #[test]
 fn lora_model_matches_cpu() {
     use nopad_model::lora::{init_adapter, AdapterLayout, LoraConfig, Target};
+    use nopad_model::quant::BaseDtype;
     let settings = |seed| LoraConfig {
         r: 8,
         alpha: 16.0,
@@ -233,12 +235,12 @@ fn lora_model_matches_cpu() {
     fn run_lora<B: Backend>(
         b: &B,
         cfg: &Config,
-        lora: LoraConfig,
+        (lora, base): (LoraConfig, nopad_model::quant::BaseDtype),
         p: &Packed,
         rc: Recompute,
     ) -> (f64, Vec<f32>) {
         let seed = lora.seed;
-        let mut m = Model::new_lora(b, cfg.clone(), lora, true).unwrap();
+        let mut m = Model::new_lora_over(b, cfg.clone(), lora, base, true).unwrap();
         m.set_recompute(rc);
         let layout = m.layout.clone();
         weights::init_random(cfg, &layout, seed, |off, v| m.write_params(b, off, v)).unwrap();
@@ -273,15 +275,16 @@ fn lora_model_matches_cpu() {
             &[1, 17, 64, 65, 129, 300, 2, 31],
             cfg.vocab_size,
         );
-        let (l_cpu, g_cpu) = run_lora(
-            &Cpu::<f32>::new(),
-            &cfg,
-            settings(seed),
-            &p,
-            Recompute::None,
-        );
-        for rc in [Recompute::None, Recompute::Full] {
-            let (l_gpu, g_gpu) = run_lora(&gpu, &cfg, settings(seed), &p, rc);
+        for (base, rc) in [
+            (BaseDtype::Bf16, Recompute::None),
+            (BaseDtype::Bf16, Recompute::Full),
+            (BaseDtype::Nf4, Recompute::None),
+            (BaseDtype::Nf4, Recompute::Full),
+        ] {
+            let test = format!("{test} {base:?}");
+            let s = (settings(seed), base);
+            let (l_cpu, g_cpu) = run_lora(&Cpu::<f32>::new(), &cfg, s.clone(), &p, Recompute::None);
+            let (l_gpu, g_gpu) = run_lora(&gpu, &cfg, s, &p, rc);
             let dl = ((l_gpu - l_cpu) / l_cpu).abs();
             eprintln!(
                 "[{test} {rc}] seed {seed}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {dl:.2e})"

@@ -139,12 +139,18 @@ fn f32_name() -> String {
 
 /// The LoRA settings of a run: its `adapter_config.json` (base left out: where the model lies
 /// does not change the run), plus `adapter-checksum`, the checksum of the adapter it started
-/// from (`--adapter`), if any.
+/// from (`--adapter`), if any, and `base-dtype` when the base is not bf16 (so a bf16 run's
+/// identity is what it was before NF4 bases existed).
 fn lora_identity(lt: &crate::LoraTrain) -> Result<Value> {
     let mut v = nopad_model::lora::peft::adapter_config(&lt.settings, "");
-    if let (Some(d), Some(map)) = (&lt.adapter, v.as_object_mut()) {
-        let sum = file_checksum(&d.join(nopad_model::lora::peft::ADAPTER_FILE))?.1;
-        map.insert("adapter-checksum".into(), Value::String(sum));
+    if let Some(map) = v.as_object_mut() {
+        if let Some(d) = &lt.adapter {
+            let sum = file_checksum(&d.join(nopad_model::lora::peft::ADAPTER_FILE))?.1;
+            map.insert("adapter-checksum".into(), Value::String(sum));
+        }
+        if lt.base != nopad_model::quant::BaseDtype::Bf16 {
+            map.insert("base-dtype".into(), Value::String(lt.base.name().into()));
+        }
     }
     Ok(v)
 }

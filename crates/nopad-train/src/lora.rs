@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nopad_backend::Backend;
 use nopad_model::lora::{self, LoraConfig};
+use nopad_model::quant::BaseDtype;
 use nopad_model::weights::SaveDtype;
 use nopad_model::Model;
 
@@ -23,6 +24,8 @@ pub struct LoraTrain {
     pub settings: LoraConfig,
     /// A PEFT adapter directory to start from instead of a fresh adapter.
     pub adapter: Option<PathBuf>,
+    /// How the frozen base's projections are held (`--base-dtype`).
+    pub base: BaseDtype,
 }
 
 /// What PEFT records as the base model: the directory, or the preset's name.
@@ -61,9 +64,9 @@ pub fn build_lora_model<B: Backend>(
     layers: Option<usize>,
     lt: &LoraTrain,
 ) -> Result<(Model<B>, String)> {
-    let settings = lt.settings.clone();
+    let (settings, base) = (lt.settings.clone(), lt.base);
     let (mut m, desc) = build(b, source, seed, layers, |b, cfg| {
-        Model::new_lora(b, cfg, settings, true)
+        Model::new_lora_over(b, cfg, settings, base, true)
     })?;
     let layout = m.adapter_layout().expect("a LoRA model").clone();
     match &lt.adapter {
@@ -76,16 +79,18 @@ pub fn build_lora_model<B: Backend>(
     Ok((m, desc))
 }
 
-/// A base model from `source` with the PEFT adapter of `dir`, for evaluation.
+/// A base model from `source` (its projections held as `base`) with the PEFT adapter of `dir`,
+/// for evaluation.
 pub fn build_adapter_eval_model<B: Backend>(
     b: &B,
     source: &ModelSource,
     seed: u64,
     dir: &Path,
+    base: BaseDtype,
 ) -> Result<(Model<B>, String)> {
     let (settings, _) = lora::read_adapter_config(dir)?;
     let (mut m, desc) = build(b, source, seed, None, |b, cfg| {
-        Model::new_lora(b, cfg, settings, false)
+        Model::new_lora_over(b, cfg, settings, base, false)
     })?;
     let layout = m.adapter_layout().expect("a LoRA model").clone();
     lora::load_adapter(dir, &layout, |off, v| m.write_adapter(b, off, v))?;
@@ -138,6 +143,9 @@ pub(crate) fn describe<B: Backend>(model: &Model<B>) -> Option<String> {
         if s.use_rslora { ", rsLoRA" } else { "" },
         s.dropout,
         targets.join(","),
-        100.0 * n as f64 / total as f64
-    ))
+        100.0 * n as f64 / total as f64,
+    ) + match model.base_dtype() {
+        BaseDtype::Nf4 => ", base in NF4",
+        BaseDtype::Bf16 => "",
+    })
 }

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use nopad_backend::{Accounting, Backend, BackendError, Kind, MasterPrecision, StatePrecision};
 use nopad_data::{Example, PackOptions, Strategy};
+use nopad_model::lora::memory::{lora_model_bytes, LoraShape};
 use nopad_model::memory::{self, GradHolding};
 use nopad_model::{Config, Layout, ModelError, Recompute};
 
@@ -32,14 +33,16 @@ pub const CUDA_CONTEXT_BYTES: usize = 600 << 20;
 /// repeat, so 1/16 of the peak is the planning margin.
 pub const CUDA_SLACK_DIVISOR: usize = 16;
 
-/// What a run trains. Only full fine-tuning today; adapters (a frozen base: no master, moments
-/// or base gradients) will be another variant.
+/// What a run trains.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Trained {
     /// Every parameter.
     #[default]
     Full,
+    /// LoRA adapters on a frozen base (bf16 or NF4): no base gradients, master or moments; the
+    /// adapters with their gradients, master and moments, and the saved `u` activations.
+    Lora(LoraShape),
 }
 
 /// The settings that decide a step's memory.
@@ -74,15 +77,20 @@ impl Modes {
         }
     }
 
-    /// A short name for tables: `states/master/recompute[/aliased|/in-backward]`.
+    /// A short name for tables: `states/master/recompute[/aliased|/in-backward][ lora-rR
+    /// (nf4)]`.
     pub fn label(&self) -> String {
         let g = match self.grads() {
             GradHolding::Separate => "",
             GradHolding::Aliased => " alias",
             GradHolding::GroupScratch => " in-bwd",
         };
+        let t = match self.trained {
+            Trained::Full => String::new(),
+            Trained::Lora(s) => format!(" lora-r{} {}", s.r, s.base.name()),
+        };
         format!(
-            "{}/{}/{}{g}{}",
+            "{}/{}/{}{g}{t}{}",
             crate::states_name(self.states),
             crate::master_name(self.master),
             self.recompute,
@@ -228,12 +236,11 @@ impl fmt::Display for Plan {
     }
 }
 
-/// AdamW's moments of `n` parameters as the optimizer allocates them: one state per part of
-/// the weight-decay split, each moment one buffer (plus its block scales in 8-bit).
-fn moment_bytes(layout: &Layout, states: StatePrecision, dev: &DeviceSizes) -> usize {
+/// AdamW's moments of `total` parameters as the optimizer allocates them: one state per part
+/// of the weight-decay split at `split`, each moment one buffer (plus its block scales in 8-bit).
+fn moment_bytes(split: usize, total: usize, states: StatePrecision, dev: &DeviceSizes) -> usize {
     let one = |len: usize, k: Kind| memory::held(len * dev.size(k), &dev.acc);
-    let split = layout.decay_end;
-    [split, layout.total - split]
+    [split, total - split]
         .into_iter()
         .filter(|&n| n > 0)
         .map(|n| {
@@ -274,22 +281,27 @@ fn head_workspace(cfg: &Config, tokens: usize, dev: &DeviceSizes) -> usize {
 pub fn plan(cfg: &Config, tokens: usize, modes: Modes, dev: &DeviceSizes) -> Plan {
     let layout = Layout::new(cfg);
     let size = |k: Kind| dev.size(k);
-    let model = memory::model_bytes(
-        cfg,
-        &layout,
-        tokens,
-        modes.recompute,
-        modes.grads(),
-        &memory::Device {
-            size: &size,
-            acc: dev.acc,
-        },
-    );
-    let Trained::Full = modes.trained;
+    let mdev = memory::Device {
+        size: &size,
+        acc: dev.acc,
+    };
+    // What trains: its count and where its weight-decay part ends (every adapter matrix decays).
+    let (model, trained, decay_end) = match modes.trained {
+        Trained::Full => {
+            let m =
+                memory::model_bytes(cfg, &layout, tokens, modes.recompute, modes.grads(), &mdev);
+            (m, layout.total, layout.decay_end)
+        }
+        Trained::Lora(shape) => {
+            let m = lora_model_bytes(cfg, &shape, tokens, modes.recompute, &mdev);
+            let n = shape.layout(cfg).total;
+            (m, n, n)
+        }
+    };
     let master = match modes.master {
         _ if modes.offload => 0,
         MasterPrecision::F32 if dev.master_per_param > 0 => {
-            memory::held(layout.total * dev.master_per_param, &dev.acc)
+            memory::held(trained * dev.master_per_param, &dev.acc)
         }
         _ => 0,
     };
@@ -302,7 +314,7 @@ pub fn plan(cfg: &Config, tokens: usize, modes: Modes, dev: &DeviceSizes) -> Pla
         moments: if modes.offload {
             0
         } else {
-            moment_bytes(&layout, modes.states, dev)
+            moment_bytes(decay_end, trained, modes.states, dev)
         },
         gradients: model.grads,
         activations: model.activations,
@@ -493,16 +505,22 @@ pub fn largest_micro_batch(examples: &[Example], pack: &PackOptions) -> usize {
     }
 }
 
-/// The modes of a training run (optimizer-in-backward: not a run setting yet).
+/// The modes of a training run (gradient aliasing is off in LoRA runs).
 pub fn modes_of(tc: &TrainConfig) -> Modes {
     Modes {
         states: tc.adamw.states,
         master: tc.adamw.master,
         recompute: tc.recompute,
-        grad_aliasing: tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward,
+        grad_aliasing: tc.grad_aliasing
+            && tc.grad_accum == 1
+            && !tc.optim_in_backward
+            && tc.lora.is_none(),
         optim_in_backward: tc.optim_in_backward,
         offload: tc.offload == crate::Placement::Host,
-        trained: Trained::Full,
+        trained: match &tc.lora {
+            Some(l) => Trained::Lora(LoraShape::of(&l.settings, l.base)),
+            None => Trained::Full,
+        },
     }
 }
 

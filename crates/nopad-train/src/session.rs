@@ -313,17 +313,14 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
-        if tc.lora.is_none() {
-            // The plan counts full fine-tuning only: a frozen base is not planned yet.
-            crate::plan::check_device(
-                b,
-                &cfg,
-                tokens,
-                crate::plan::modes_of(tc),
-                tc.gpu_memory,
-                tc.grad_accum == 1,
-            )?;
-        }
+        crate::plan::check_device(
+            b,
+            &cfg,
+            tokens,
+            crate::plan::modes_of(tc),
+            tc.gpu_memory,
+            tc.grad_accum == 1 && tc.lora.is_none(),
+        )?;
         let (mut model, model_desc) = match (&resume, &tc.lora) {
             // A LoRA checkpoint holds the adapter only: the frozen base comes from its source.
             (_, Some(lt)) => build_lora_model(b, &tc.model, tc.seed, None, lt)?,

@@ -1,10 +1,11 @@
 //! The ops a low-rank adapter adds on the CPU: its output scattered into (and its gradient
-//! gathered from) columns of a fused projection, and seeded dropout.
+//! gathered from) columns of a fused projection, seeded dropout, and the dequantisation of an
+//! NF4 base weight (QLoRA).
 
 use rayon::prelude::*;
 
 use super::{check_len, Cpu, Scalar, ROW_CHUNK};
-use crate::args::{Columns, Dropout};
+use crate::args::{Columns, DequantNf4, Dropout};
 use crate::error::check;
 use crate::{dropout_keep, dropout_scale, dropout_threshold, GradWrite, Result};
 
@@ -62,6 +63,33 @@ pub(crate) fn dropout<T: Scalar>(a: Dropout<'_, Cpu<T>>) -> Result<()> {
             match write {
                 GradWrite::Overwrite => *o = m,
                 GradWrite::Accumulate => *o += m,
+            }
+        });
+    Ok(())
+}
+
+/// An NF4 matrix read into values of `T` (see [`DequantNf4`]): [`crate::nf4::dequant_value`]
+/// per element, in f32, then converted.
+pub(crate) fn dequant_nf4<T: Scalar>(a: DequantNf4<'_, Cpu<T>>) -> Result<()> {
+    const OP: &str = "dequant_nf4";
+    let n = a.n;
+    let (codes, blocks, absmax) = crate::nf4::nf4_lens(n);
+    check_len(OP, "y", a.y.len(), n)?;
+    check_len(OP, "codes", a.codes.len(), codes)?;
+    check_len(OP, "scale_codes", a.scale_codes.len(), blocks)?;
+    check_len(OP, "absmax", a.absmax.len(), absmax)?;
+    // Code8 holds each byte as a number on the CPU.
+    let bytes = |v: &[T]| -> Vec<u8> { v.iter().map(|x| x.to_f32() as u8).collect() };
+    let (c, sc) = (bytes(&a.codes[..codes]), bytes(&a.scale_codes[..blocks]));
+    let am: Vec<f32> = a.absmax[..absmax].iter().map(|x| x.to_f32()).collect();
+    let map = crate::codes::code_map(true);
+    a.y[..n]
+        .par_chunks_mut(crate::nf4::NF4_BLOCK)
+        .enumerate()
+        .for_each(|(blk, ys)| {
+            let i0 = blk * crate::nf4::NF4_BLOCK;
+            for (j, y) in ys.iter_mut().enumerate() {
+                *y = T::from_f32(crate::nf4::dequant_value(&map, &c, &sc, &am, i0 + j));
             }
         });
     Ok(())

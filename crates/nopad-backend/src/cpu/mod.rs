@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
-    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
+    LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
@@ -328,6 +328,9 @@ impl<T: Scalar> Ops for Cpu<T> {
     }
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
         adapter::dropout(a)
+    }
+    fn dequant_nf4(&self, a: DequantNf4<'_, Self>) -> Result<()> {
+        adapter::dequant_nf4(a)
     }
     fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
         layers::embedding_forward(a)

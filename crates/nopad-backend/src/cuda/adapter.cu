@@ -1,6 +1,7 @@
 // adapter.cu: the ops a low-rank adapter adds: its output scattered into columns of a fused
 // projection (add_columns), its gradient gathered from them (gather_columns), and seeded
-// dropout whose mask is a hash of (seed, index), mirroring src/dropout.rs bit for bit.
+// dropout whose mask is a hash of (seed, index), mirroring src/dropout.rs bit for bit, and the
+// dequantisation of an NF4 base weight (dequant_nf4), mirroring src/nf4.rs bit for bit.
 // Flat grids (grid-stride) over N*w or n elements; fp32 arithmetic.
 
 struct ColumnsParams {
@@ -54,5 +55,38 @@ extern "C" __global__ void KNAME(dropout)(const DropoutParams p) {
         unsigned long long h = mix64(p.seed + ((unsigned long long)i + 1ull) * 0x9e3779b97f4a7c15ull);
         float m = ((unsigned)(h >> 40)) >= p.threshold ? ld(p.x, i) * p.keep_scale : 0.f;
         p.y[i] = to_c(p.accumulate ? ld(p.y, i) + m : m);
+    }
+}
+
+struct DequantNf4Params {
+    float nf4[16];                    // the NF4 values
+    float map[256];                   // the signed dynamic map of the scale codes
+    i64 n;
+    i64 mean_at;
+    compute_t* y;                     // [n]
+    const unsigned char* codes;       // [ceil(n/2)]: element 2i high nibble, 2i+1 low
+    const unsigned char* scale_codes; // [ceil(n/64)]
+    const float* absmax;              // [ceil(n/64/256)] absmax, then the mean
+};
+
+// y[i] = nf4[code i] * (map[scale code] * absmax[blk / 256] + mean), blk = i / 64; explicit
+// roundings (no fma contraction) so the CPU's f32 arithmetic is matched bit for bit. One thread
+// per code byte (two elements); the tables are copied to shared memory first, as their indices
+// differ from thread to thread.
+extern "C" __global__ void KNAME(dequant_nf4)(const DequantNf4Params p) {
+    __shared__ float nf4[16], map[256];
+    for (int j = threadIdx.x; j < 256; j += blockDim.x) {
+        map[j] = p.map[j];
+        if (j < 16) nf4[j] = p.nf4[j];
+    }
+    __syncthreads();
+    float mean = p.absmax[p.mean_at];
+    i64 bytes = (p.n + 1) / 2;
+    for (i64 k = blockIdx.x * (i64)blockDim.x + threadIdx.x; k < bytes; k += (i64)gridDim.x * blockDim.x) {
+        unsigned byte = p.codes[k];
+        i64 i = 2 * k, blk = i / 64;  // both elements share a block (64 is even)
+        float scale = __fadd_rn(__fmul_rn(map[p.scale_codes[blk]], p.absmax[blk / 256]), mean);
+        p.y[i] = to_c(__fmul_rn(nf4[byte >> 4], scale));
+        if (i + 1 < p.n) p.y[i + 1] = to_c(__fmul_rn(nf4[byte & 15u], scale));
     }
 }

@@ -1,10 +1,11 @@
 //! Launchers of `adapter.cu`: an adapter's output added into columns of a fused projection, its
-//! gradient gathered from them, and seeded dropout (the mask of `crate::dropout`).
+//! gradient gathered from them, seeded dropout (the mask of `crate::dropout`), and an NF4 base
+//! weight dequantised ahead of its GEMM (the format of `crate::nf4`).
 
 use super::compile::ADAPTER;
 use super::elementwise::stride_launch;
-use super::{want, Cuda};
-use crate::args::{Columns, Dropout};
+use super::{want, Cuda, Dtype};
+use crate::args::{Columns, DequantNf4, Dropout};
 use crate::{dropout_scale, dropout_threshold, BackendError, GradWrite, Result};
 
 /// Mirrors `ColumnsParams` in adapter.cu.
@@ -31,6 +32,21 @@ struct DropoutParams {
     threshold: u32,
     keep_scale: f32,
     accumulate: i32,
+}
+
+/// Mirrors `DequantNf4Params` in adapter.cu; the code maps go by value (1.1 KiB, under the
+/// 4 KiB parameter limit), as the 8-bit optimizer's do.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DequantNf4Params {
+    nf4: [f32; 16],
+    map: [f32; 256],
+    n: i64,
+    mean_at: i64,
+    y: u64,
+    codes: u64,
+    scale_codes: u64,
+    absmax: u64,
 }
 
 impl Cuda {
@@ -84,5 +100,31 @@ impl Cuda {
         };
         // SAFETY: y and x hold at least n elements of the compute type (checked above).
         unsafe { self.launch(ADAPTER, self.compute, "dropout", stride_launch(n), &prm) }
+    }
+
+    /// y: `[n]` Compute; codes, scale_codes: Code8; absmax: Master (see [`DequantNf4`]).
+    pub(crate) fn dequant_nf4_impl(&self, a: DequantNf4<'_, Self>) -> Result<()> {
+        let op = "dequant_nf4";
+        let n = a.n;
+        let (codes, blocks, absmax) = crate::nf4::nf4_lens(n);
+        want(op, "y", &a.y, self.compute, n)?;
+        want(op, "codes", &a.codes, Dtype::U8, codes)?;
+        want(op, "scale_codes", &a.scale_codes, Dtype::U8, blocks)?;
+        want(op, "absmax", &a.absmax, Dtype::F32, absmax)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let p = DequantNf4Params {
+            y: a.y.ptr,
+            codes: a.codes.ptr,
+            scale_codes: a.scale_codes.ptr,
+            absmax: a.absmax.ptr,
+            n: n as i64,
+            mean_at: absmax as i64 - 1,
+            nf4: crate::nf4::NF4,
+            map: crate::codes::code_map(true),
+        };
+        // SAFETY: every view holds what n elements need (checked above).
+        unsafe { self.launch(ADAPTER, self.compute, op, stride_launch(codes), &p) }
     }
 }

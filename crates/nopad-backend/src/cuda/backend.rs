@@ -10,8 +10,8 @@ use cudarc::driver::result as cu;
 use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, Dropout, EmbeddingBwd, EmbeddingFwd, LinearBwd,
-    LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
+    LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
@@ -332,6 +332,9 @@ impl Ops for Cuda {
     }
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
         self.dropout_impl(a)
+    }
+    fn dequant_nf4(&self, a: DequantNf4<'_, Self>) -> Result<()> {
+        self.dequant_nf4_impl(a)
     }
     fn embedding_forward(&self, a: EmbeddingFwd<'_, Self>) -> Result<()> {
         self.embedding_forward_impl(a)

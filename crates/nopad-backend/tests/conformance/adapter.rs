@@ -1,6 +1,6 @@
 //! The test bodies of the ops low-rank adapters add: `columns` (added in and gathered), seeded
 //! `dropout` (the same mask on every backend, regenerated from the seed), and RMSNorm's backward
-//! over a frozen weight (`d_weight: None`).
+//! over a frozen weight (`d_weight: None`), and `dequant_nf4` (a QLoRA base weight read back).
 use nopad_backend::prelude::*;
 
 use super::Env;
@@ -196,4 +196,61 @@ pub(crate) fn rmsnorm_frozen<B: Backend>(e: &mut Env<B>) {
             .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "{tag}: a frozen weight changed dx");
     }
+}
+
+/// An NF4 matrix on fresh random codes, scale codes, absmax and mean (odd lengths, partial
+/// blocks, several 256-scale blocks) against the host formula of `nopad_backend::nf4`: equal
+/// bit for bit once rounded to the Compute type (the kernel mirrors the f32 arithmetic).
+pub(crate) fn dequant_nf4<B: Backend>(e: &mut Env<B>) {
+    let big = if e.big {
+        64 * 256 * 3 + 5
+    } else {
+        64 * 256 + 77
+    };
+    for n in [1, 63, 64, 129, big] {
+        let (nc, nb, na) = nopad_backend::nf4::nf4_lens(n);
+        let codes: Vec<u8> = (0..nc).map(|_| e.below(256) as u8).collect();
+        let scale_codes: Vec<u8> = (0..nb).map(|_| e.below(256) as u8).collect();
+        let mut absmax: Vec<f32> = (0..na).map(|_| e.rng.normal().abs() as f32 + 0.1).collect();
+        absmax[na - 1] = e.rng.normal() as f32;
+        let host = nopad_backend::nf4::dequantise_nf4(n, &codes, &scale_codes, &absmax);
+        let to64 = |v: &[u8]| v.iter().map(|&c| c as f64).collect::<Vec<_>>();
+        let am: Vec<f64> = absmax.iter().map(|&x| x as f64).collect();
+        let (gc, gs, ga) = (
+            e.up(&to64(&codes), Kind::Code8),
+            e.up(&to64(&scale_codes), Kind::Code8),
+            e.up(&am, Kind::Master),
+        );
+        let mut gy = e.poison(n, Kind::Compute);
+        let b = &e.b;
+        b.dequant_nf4(DequantNf4 {
+            y: b.view_mut(&mut gy, 0..n),
+            codes: b.view(&gc, 0..nc),
+            scale_codes: b.view(&gs, 0..nb),
+            absmax: b.view(&ga, 0..na),
+            n,
+        })
+        .unwrap();
+        let want = e.round(
+            Kind::Compute,
+            &host.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        );
+        let got = e.down(&gy);
+        e.check(&format!("dequant_nf4 n={n}"), &got, &want, 0);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "n={n}: element {i}");
+        }
+    }
+    // Too short a scale buffer is refused.
+    let b = &e.b;
+    let (mut gy, gc) = (e.poison(128, Kind::Compute), e.poison(64, Kind::Code8));
+    let (gs, ga) = (e.poison(1, Kind::Code8), e.poison(2, Kind::Master));
+    let r = b.dequant_nf4(DequantNf4 {
+        y: b.view_mut(&mut gy, 0..128),
+        codes: b.view(&gc, 0..64),
+        scale_codes: b.view(&gs, 0..1),
+        absmax: b.view(&ga, 0..2),
+        n: 128,
+    });
+    assert!(r.is_err());
 }

@@ -43,6 +43,10 @@ pub struct EvalArgs {
     /// A PEFT LoRA adapter directory to evaluate on top of --model.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// How the base's projection matrices are held under --adapter: bf16 or nf4 (QLoRA; as
+    /// the adapter was trained).
+    #[arg(long = "base-dtype", value_name = "bf16|nf4", default_value = "bf16", value_parser = super::lora::parse_base)]
+    pub base_dtype: nopad_model::quant::BaseDtype,
     /// Print `{"loss": ..., "tokens": ...}` only.
     #[arg(long)]
     pub json: bool,
@@ -59,8 +63,11 @@ impl Job for EvalJob<'_> {
         } else {
             ModelSource::Preset(a.model.clone())
         };
+        if a.adapter.is_none() && a.base_dtype != nopad_model::quant::BaseDtype::Bf16 {
+            anyhow::bail!("--base-dtype applies to the base under --adapter");
+        }
         let (mut model, _) = match &a.adapter {
-            Some(dir) => build_adapter_eval_model(b, &source, 0, dir)?,
+            Some(dir) => build_adapter_eval_model(b, &source, 0, dir, a.base_dtype)?,
             None => build_eval_model(b, &source, 0)?,
         };
         let mut opts = a.loader.options(a.max_len);

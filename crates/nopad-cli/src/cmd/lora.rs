@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use nopad_model::lora::{read_adapter_config, LoraConfig, Target};
+use nopad_model::quant::BaseDtype;
 use nopad_train::LoraTrain;
 
 /// LoRA flags (command line only, not config-file keys).
@@ -32,6 +33,14 @@ pub struct LoraArgs {
     /// dropout, targets and rsLoRA setting are the defaults of the flags above.
     #[arg(long = "adapter", value_name = "DIR")]
     pub adapter: Option<PathBuf>,
+    /// How the frozen base's projection matrices are held: bf16 (the default) or nf4 (QLoRA:
+    /// 4-bit NormalFloat, blocks of 64, double-quantised scales).
+    #[arg(long = "base-dtype", value_name = "bf16|nf4", default_value = "bf16", value_parser = parse_base)]
+    pub base_dtype: BaseDtype,
+}
+
+pub(crate) fn parse_base(s: &str) -> std::result::Result<BaseDtype, String> {
+    BaseDtype::parse(s, "--base-dtype").map_err(|e| e.to_string())
 }
 
 impl LoraArgs {
@@ -45,9 +54,10 @@ impl LoraArgs {
             let extra = self.lora_alpha.is_some()
                 || self.lora_dropout.is_some()
                 || self.lora_targets.is_some()
-                || self.use_rslora;
+                || self.use_rslora
+                || self.base_dtype != BaseDtype::Bf16;
             if extra {
-                bail!("--lora-alpha, --lora-dropout, --lora-targets and --use-rslora need --lora-r (or --adapter)");
+                bail!("--lora-alpha, --lora-dropout, --lora-targets, --use-rslora and --base-dtype need --lora-r (or --adapter)");
             }
             return Ok(None);
         };
@@ -74,6 +84,7 @@ impl LoraArgs {
         Ok(Some(LoraTrain {
             settings,
             adapter: self.adapter.clone(),
+            base: self.base_dtype,
         }))
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use nopad_model::lora::{load_adapter, merge, read_adapter_config, AdapterLayout};
+use nopad_model::quant::{as_base, BaseDtype};
 use nopad_model::weights::{self, SaveDtype};
 use nopad_model::{Config, Layout};
 
@@ -28,6 +29,10 @@ pub struct MergeArgs {
     /// Element type of the merged weights: f32 or bf16.
     #[arg(long, default_value = "bf16")]
     pub save_dtype: SaveDtype,
+    /// The base the adapter was trained over: bf16, or nf4 (QLoRA: the adapters are merged
+    /// into the dequantised projections, as PEFT merges into a 4-bit base).
+    #[arg(long = "base-dtype", value_name = "bf16|nf4", default_value = "bf16", value_parser = super::lora::parse_base)]
+    pub base_dtype: BaseDtype,
 }
 
 /// Runs `nopad merge`. The base is held on the host in f32 (4 bytes per parameter).
@@ -44,7 +49,7 @@ pub fn run(a: &MergeArgs) -> Result<()> {
     let layout = Layout::new(&cfg);
     let mut base = vec![0f32; layout.total];
     let mut sink = |off: usize, v: &[f32]| {
-        base[off..off + v.len()].copy_from_slice(v);
+        base[off..off + v.len()].copy_from_slice(&as_base(a.base_dtype, &layout, off, v));
         Ok(())
     };
     match &dir {

@@ -12,8 +12,9 @@
 //! PEFT's per-module dropout does.
 
 use nopad_backend::args::{Columns, Dropout, LinearBwd, LinearFwd};
-use nopad_backend::{mix64, Backend, GradWrite, Kind, LinearDims};
+use nopad_backend::{mix64, Backend, GradWrite, LinearDims};
 
+use super::nf4::Nf4Base;
 use super::{LoraConfig, ModuleSpec, Target};
 use crate::error::Result;
 
@@ -52,19 +53,15 @@ pub(crate) struct LoraScratch<B: Backend> {
 }
 
 impl<B: Backend> LoraScratch<B> {
-    /// Scratch for `cap` tokens of adapters of rank `r` and the widest `(in, out)`.
-    pub(crate) fn new(
-        b: &B,
-        cap: usize,
-        r: usize,
-        widest: (usize, usize),
-        dropout: bool,
-    ) -> Result<Self> {
-        Ok(LoraScratch {
-            t: b.alloc(cap * widest.1, Kind::Compute)?,
-            du: b.alloc(cap * r, Kind::Compute)?,
-            xd: b.alloc(if dropout { cap * widest.0 } else { 0 }, Kind::Compute)?,
-        })
+    /// The scratch from its buffers `[t, du, xd]` (allocated from
+    /// [`crate::lora::memory::adapter_parts`]).
+    pub(crate) fn from_bufs(bufs: Vec<B::Buf>) -> Result<Self> {
+        let Ok([t, du, xd]) = <[B::Buf; 3]>::try_from(bufs) else {
+            return Err(crate::error::ModelError::Input(
+                "bug: the adapters' scratch is not three buffers".into(),
+            ));
+        };
+        Ok(LoraScratch { t, du, xd })
     }
 }
 
@@ -122,6 +119,29 @@ pub(crate) struct LayerPass<'a, B: Backend> {
     pub p: f32,
     /// The dropout seed of this layer in this micro-batch.
     pub seed: u64,
+    /// The base's projections in NF4, if so held.
+    pub nf4: Option<&'a mut Nf4Base<B>>,
+    /// This layer.
+    pub layer: usize,
+}
+
+/// The base weight of `site` (its range `r` of the parameters): dequantised into the NF4
+/// scratch just ahead of its GEMM over an NF4 base, else a view of the parameters.
+pub(crate) fn base_weight<'s, B: Backend>(
+    b: &'s B,
+    p: &'s B::Buf,
+    r: std::ops::Range<usize>,
+    lora: Option<&'s mut LayerPass<'_, B>>,
+    site: Site,
+) -> Result<B::Ref<'s>> {
+    match lora {
+        Some(LayerPass {
+            nf4: Some(q),
+            layer,
+            ..
+        }) => q.weight(b, *layer, site),
+        _ => Ok(b.view(p, r)),
+    }
 }
 
 impl<B: Backend> LayerPass<'_, B> {

@@ -5,13 +5,16 @@
 //! the model computes only input gradients through them. This module owns the settings
 //! ([`LoraConfig`]), where every adapter tensor lives in the adapter's one flat buffer and under
 //! which PEFT name ([`layout`]), PEFT's initialisation ([`init_adapter`]), the adapter's forward
-//! and backward on a backend (`apply`), and PEFT's files in and out and the merge into the base
-//! weights ([`peft`]).
+//! and backward on a backend (`apply`), PEFT's files in and out and the merge into the base
+//! weights ([`peft`]), what a LoRA model allocates ([`memory`]), and a frozen base held in NF4
+//! (QLoRA; `nf4`).
 
 pub(crate) mod apply;
 mod init;
 pub mod layout;
+pub mod memory;
 mod merge;
+pub(crate) mod nf4;
 pub mod peft;
 
 pub(crate) use apply::{LayerPass, LoraScratch};
@@ -153,5 +156,7 @@ impl LoraConfig {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_nf4;
 #[cfg(test)]
 mod tests_peft;

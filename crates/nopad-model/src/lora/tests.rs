@@ -1,12 +1,13 @@
 //! LoRA on the CPU: adapter gradients against f64 finite differences (every target, tied and
 //! untied, with and without biases, with dropout), padded vs flattened batches, a fresh adapter
 //! (B = 0) leaves the base model's loss, recomputation and accumulation change nothing, and the
-//! base takes no gradient.
+//! base takes no gradient (also through an NF4 base: `tests_nf4.rs`).
 
 use nopad_backend::cpu::{Cpu, Scalar};
 use nopad_rng::Rng;
 
 use super::{init_adapter, LoraConfig, Target};
+use crate::quant::BaseDtype;
 use crate::tests::packed::Packed;
 use crate::tests::{
     assert_fd, examples, flatten, init_base, loss_and_grads, n_targets, pad, rel_diff, same_bits,
@@ -34,7 +35,19 @@ pub(super) fn lora_model<T: Scalar>(
     seed: u64,
     random_b: bool,
 ) -> Model<Cpu<T>> {
-    let mut m = Model::new_lora(b, cfg.clone(), lora.clone(), true).unwrap();
+    lora_model_over(b, cfg, lora, seed, random_b, BaseDtype::Bf16)
+}
+
+/// [`lora_model`] over a base held as `base`.
+pub(super) fn lora_model_over<T: Scalar>(
+    b: &Cpu<T>,
+    cfg: Config,
+    lora: LoraConfig,
+    seed: u64,
+    random_b: bool,
+    base: BaseDtype,
+) -> Model<Cpu<T>> {
+    let mut m = Model::new_lora_over(b, cfg.clone(), lora.clone(), base, true).unwrap();
     init_base(b, &mut m, cfg, seed);
     let layout = m.adapter_layout().unwrap().clone();
     init_adapter(&layout, lora.seed, |off, v| m.write_adapter(b, off, v)).unwrap();
@@ -49,7 +62,7 @@ pub(super) fn lora_model<T: Scalar>(
 }
 
 /// The training loss of one batch (with the dropout masks of a training pass), no gradient kept.
-fn train_loss<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>, p: &Packed) -> f64 {
+pub(super) fn train_loss<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>, p: &Packed) -> f64 {
     m.zero_grads(b).unwrap();
     m.forward_train(b, &p.inputs(), 1.0).unwrap();
     m.zero_grads(b).unwrap();
@@ -58,15 +71,25 @@ fn train_loss<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>, p: &Packed) -> f64 {
 
 #[test]
 fn adapter_gradients_match_finite_differences() {
+    let (bf16, nf4) = (BaseDtype::Bf16, BaseDtype::Nf4);
     let cases = [
-        (false, true, 0.0, Target::ALL.to_vec()),
-        (true, false, 0.25, Target::ALL.to_vec()),
-        (false, false, 0.4, vec![Target::K, Target::O, Target::Up]),
+        (false, true, 0.0, Target::ALL.to_vec(), bf16),
+        (true, false, 0.25, Target::ALL.to_vec(), bf16),
+        (
+            false,
+            false,
+            0.4,
+            vec![Target::K, Target::O, Target::Up],
+            bf16,
+        ),
+        // QLoRA: the same through an NF4 base.
+        (false, true, 0.25, Target::ALL.to_vec(), nf4),
     ];
-    for (tied, bias, drop, targets) in cases {
+    for (tied, bias, drop, targets, base) in cases {
         let b = Cpu::<f64>::new();
         let cfg = tiny(tied, bias);
-        let mut m = lora_model(&b, cfg.clone(), lora_cfg(3, drop, &targets), 5, true);
+        let lc = lora_cfg(3, drop, &targets);
+        let mut m = lora_model_over(&b, cfg.clone(), lc, 5, true, base);
         m.set_lora_step(11);
         let mut rng = Rng::new(6);
         let p = flatten(&examples(&mut rng, &[5, 1, 7, 3], cfg.vocab_size));
@@ -87,7 +110,10 @@ fn adapter_gradients_match_finite_differences() {
                 };
                 let (lp, lm) = (at(orig + h), at(orig - h));
                 m.trainable_mut()[i] = orig;
-                let what = format!("{} (tied {tied}, bias {bias}, dropout {drop}): {i}", t.name);
+                let what = format!(
+                    "{} (tied {tied}, bias {bias}, dropout {drop}, {base:?}): {i}",
+                    t.name
+                );
                 assert_fd(&what, (lp, lm, h), grads[i], scale);
             }
         }

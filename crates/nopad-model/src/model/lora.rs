@@ -9,7 +9,10 @@ use nopad_backend::{mix64, Backend, Kind};
 use super::Model;
 use crate::error::{ModelError, Result};
 use crate::layout::ParamGroup;
+use crate::lora::memory::adapter_parts;
+use crate::lora::nf4::Nf4Base;
 use crate::lora::{AdapterLayout, LayerPass, LoraConfig, LoraScratch};
+use crate::quant::BaseDtype;
 
 /// The adapters of a LoRA model and their activations.
 pub(crate) struct Adapter<B: Backend> {
@@ -17,6 +20,9 @@ pub(crate) struct Adapter<B: Backend> {
     pub layout: AdapterLayout,
     /// `[A]` every adapter matrix (Compute).
     pub params: B::Buf,
+    /// The base's projection matrices in NF4 (QLoRA), or None (they are in the model's
+    /// parameters).
+    pub nf4: Option<Nf4Base<B>>,
     /// Per layer `[adapters, cap, r]`: the saved `u = drop(x)·Aᵀ`.
     u: Vec<B::Buf>,
     scratch: Option<LoraScratch<B>>,
@@ -28,8 +34,17 @@ pub(crate) struct Adapter<B: Backend> {
 }
 
 impl<B: Backend> Adapter<B> {
-    pub(super) fn new(b: &B, cfg: &crate::Config, lora: LoraConfig) -> Result<Self> {
+    pub(super) fn new(
+        b: &B,
+        cfg: &crate::Config,
+        lora: LoraConfig,
+        base: BaseDtype,
+    ) -> Result<Self> {
         lora.validate("LoRA settings")?;
+        let nf4 = match base {
+            BaseDtype::Bf16 => None,
+            BaseDtype::Nf4 => Some(Nf4Base::new(b, cfg, &crate::Layout::new(cfg))?),
+        };
         let layout = AdapterLayout::new(cfg, &lora);
         let n = layout.total;
         let params = b
@@ -39,6 +54,7 @@ impl<B: Backend> Adapter<B> {
             cfg: lora,
             layout,
             params,
+            nf4,
             u: Vec::new(),
             scratch: None,
             cap: 0,
@@ -52,15 +68,17 @@ impl<B: Backend> Adapter<B> {
         if self.scratch.is_some() && self.cap >= n {
             return Ok(());
         }
-        let (r, per) = (self.cfg.r, self.layout.per_layer());
         self.u.clear();
         self.scratch = None;
-        for _ in &self.layout.layers {
-            self.u.push(b.alloc(per * n * r, Kind::Compute)?);
-        }
-        let widest = self.layout.widest();
-        let drop = self.cfg.dropout > 0.0;
-        self.scratch = Some(LoraScratch::new(b, n, r, widest, drop)?);
+        // The memory plan counts these same parts (`lora::memory::adapter_parts`).
+        let parts = adapter_parts(&self.layout, n, self.cfg.dropout > 0.0);
+        let mut bufs = parts
+            .iter()
+            .map(|&(len, kind)| b.alloc(len, kind))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let scratch = bufs.split_off(self.layout.layers.len());
+        self.u = bufs;
+        self.scratch = Some(LoraScratch::from_bufs(scratch)?);
         self.cap = n;
         Ok(())
     }
@@ -75,6 +93,8 @@ impl<B: Backend> Adapter<B> {
             s: self.scratch.as_mut().expect("ensure ran before the pass"),
             p: if train { self.cfg.dropout } else { 0.0 },
             seed: mix64(mix64(self.cfg.seed ^ mix64(self.step) ^ self.micro) ^ l as u64),
+            nf4: self.nf4.as_mut(),
+            layer: l,
         }
     }
 
@@ -90,8 +110,28 @@ impl<B: Backend> Model<B> {
     /// [`Model::write_adapter`]). With `train` the gradient buffer holds the adapters'
     /// gradients only; without it the model evaluates.
     pub fn new_lora(b: &B, cfg: crate::Config, lora: LoraConfig, train: bool) -> Result<Self> {
-        let adapter = Adapter::new(b, &cfg, lora)?;
+        Self::new_lora_over(b, cfg, lora, BaseDtype::Bf16, train)
+    }
+
+    /// [`Model::new_lora`] over a base held as `base`: in NF4 (QLoRA) the projection matrices
+    /// are quantised as [`Model::write_params`] receives them (each whole).
+    pub fn new_lora_over(
+        b: &B,
+        cfg: crate::Config,
+        lora: LoraConfig,
+        base: BaseDtype,
+        train: bool,
+    ) -> Result<Self> {
+        let adapter = Adapter::new(b, &cfg, lora, base)?;
         Self::build(b, cfg, train, Some(adapter))
+    }
+
+    /// How the base's projections are held (bf16 for a model without adapters).
+    pub fn base_dtype(&self) -> BaseDtype {
+        match self.adapter.as_ref().and_then(|a| a.nf4.as_ref()) {
+            Some(_) => BaseDtype::Nf4,
+            None => BaseDtype::Bf16,
+        }
     }
 
     /// The LoRA settings, if this is a LoRA model.
