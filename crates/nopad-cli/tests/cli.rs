@@ -254,3 +254,35 @@ fn stats_on_synthetic_data_and_flag_errors() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("mlp:K"), "{}", stderr(&bad));
 }
+
+/// Without a terminal (as under nohup, Slurm or CI) a run prints its settings before step 1 and a
+/// plain line every --log-every steps, with no progress-bar escape codes; a warm-up longer than
+/// the run is reported.
+#[test]
+fn a_run_without_a_terminal_logs_plain_lines() {
+    let o = nopad(&args(
+        "train --model tiny --steps 4 --log-every 2 --max-len 32 --batch-size 4 --device cpu",
+        &[],
+    ));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("settings:") && e.contains("batch 4 × accum 1, max-len 32"),
+        "{e}"
+    );
+    assert!(
+        e.contains("4 steps (") && e.contains("4 warm-up steps"),
+        "{e}"
+    );
+    assert!(
+        e.contains("warm-up of 10 steps is longer than the run's 4"),
+        "{e}"
+    );
+    let steps: Vec<&str> = e.lines().filter(|l| l.contains(": loss ")).collect();
+    assert_eq!(steps.len(), 2, "{e}");
+    assert!(steps[0].starts_with("nopad: step 2/4: loss "), "{e}");
+    assert!(
+        steps[1].contains("lr ") && steps[1].contains("grad norm ") && steps[1].contains("tok/s")
+    );
+    assert!(!e.contains('\x1b'), "escape codes in {e:?}");
+}

@@ -79,6 +79,8 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// Warm-up updates.
     pub warmup: u64,
+    /// Warm-up as a fraction of the run (wins over `warmup`): see [`warmup_steps`].
+    pub warmup_ratio: Option<f64>,
     /// Decay after warm-up.
     pub decay: Decay,
     /// AdamW settings.
@@ -142,6 +144,14 @@ pub struct TrainConfig {
     pub save_delay: Option<Duration>,
 }
 
+/// The warm-up of a run of `total` steps: `ceil(ratio × total)` when a ratio is given, else
+/// `warmup`; never beyond the run.
+pub fn warmup_steps(warmup: u64, ratio: Option<f64>, total: u64) -> u64 {
+    ratio
+        .map_or(warmup, |r| (r * total as f64).ceil() as u64)
+        .min(total)
+}
+
 impl TrainConfig {
     /// The built-in default: the small preset on synthetic FLAN-like data with `flatten`,
     /// sized to finish in under two minutes on two CPU cores.
@@ -166,6 +176,7 @@ impl TrainConfig {
             lr: 3e-3,
             min_lr: 3e-4,
             warmup: 10,
+            warmup_ratio: None,
             decay: Decay::Cosine,
             adamw: AdamWConfig {
                 weight_decay: 0.01,

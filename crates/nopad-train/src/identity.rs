@@ -186,6 +186,10 @@ pub struct RunIdentity {
     pub min_lr: f64,
     /// Warm-up updates.
     pub warmup: u64,
+    /// Warm-up as a fraction of the run (wins over `warmup`; absent when not given, so the
+    /// identity of a run without it is what it was before the flag existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
     /// Decay after warm-up.
     pub schedule: String,
     /// Optimizer settings.
@@ -248,6 +252,7 @@ impl RunIdentity {
             lr: tc.lr,
             min_lr: tc.min_lr,
             warmup: tc.warmup,
+            warmup_ratio: tc.warmup_ratio,
             schedule: tc.decay.name().into(),
             adamw: AdamWIdentity {
                 beta1: a.beta1,

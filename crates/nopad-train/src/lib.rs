@@ -34,13 +34,14 @@ mod records;
 mod runlog;
 mod schedule;
 mod session;
+mod settings;
 mod signals;
 mod state_check;
 mod step;
 mod trainer;
 
 pub use collective::{Collective, SingleProcess};
-pub use config::{DataSource, ModelSource, Resume, TrainConfig};
+pub use config::{warmup_steps, DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};

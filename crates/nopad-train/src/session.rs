@@ -119,6 +119,17 @@ pub fn load_data(
     model_dir: Option<&Path>,
     tc: &TrainConfig,
 ) -> Result<(Vec<Example>, Vec<String>)> {
+    load_counted(source, model_cfg, model_dir, tc).map(|(ex, notes, _)| (ex, notes))
+}
+
+/// [`load_data`], also returning how many examples were truncated (None for synthetic data,
+/// generated within max-len).
+fn load_counted(
+    source: &DataSource,
+    model_cfg: &Config,
+    model_dir: Option<&Path>,
+    tc: &TrainConfig,
+) -> Result<(Vec<Example>, Vec<String>, Option<usize>)> {
     match source {
         DataSource::Synthetic { dist, examples } => {
             let ex = synthetic::instruction_dataset(&synthetic::SyntheticConfig {
@@ -128,7 +139,7 @@ pub fn load_data(
                 max_len: tc.max_len,
                 seed: tc.seed,
             });
-            Ok((ex, vec![]))
+            Ok((ex, vec![], None))
         }
         DataSource::File(path) => {
             let opts = nopad_data::LoadOptions {
@@ -158,7 +169,7 @@ pub fn load_data(
                     path.display()
                 )));
             }
-            Ok((ex, notes))
+            Ok((ex, notes, Some(report.truncated)))
         }
     }
 }
@@ -215,6 +226,8 @@ pub(crate) struct Session<B: Backend> {
     pub eval_examples: Option<Vec<Example>>,
     /// Notes for the summary.
     pub notes: Vec<String>,
+    /// Examples truncated to max-len while loading (None for synthetic data).
+    pub truncated: Option<usize>,
     /// The exclusive hold on `out`, for the session's whole life.
     pub _lock: Option<OutLock>,
 }
@@ -252,7 +265,7 @@ impl<B: Backend> Session<B> {
         // fit is refused before the model is allocated.
         let cfg = model_config(&tc.model)?;
         let model_dir = model_dir(tc);
-        let (examples, data_notes) = load_data(&tc.data, &cfg, model_dir, tc)?;
+        let (examples, data_notes, truncated) = load_counted(&tc.data, &cfg, model_dir, tc)?;
         stop_if_asked(tc)?;
         notes.extend(data_notes);
         let pack = crate::plan::pack_options(tc, &cfg);
@@ -357,7 +370,7 @@ impl<B: Backend> Session<B> {
         let schedule = Schedule {
             lr: tc.lr,
             min_lr: tc.min_lr,
-            warmup: tc.warmup.min(total),
+            warmup: crate::config::warmup_steps(tc.warmup, tc.warmup_ratio, total),
             total,
             decay: tc.decay,
         };
@@ -404,6 +417,7 @@ impl<B: Backend> Session<B> {
             history,
             eval_examples,
             notes,
+            truncated,
             _lock: lock,
         })
     }

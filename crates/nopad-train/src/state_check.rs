@@ -191,6 +191,7 @@ pub(crate) fn check_schedule(
             format!("is {} but the run's flags give {total} steps", s.total),
         ));
     }
+    let warmup = crate::config::warmup_steps(id.warmup, id.warmup_ratio, total);
     let checks = [
         (
             "schedule.lr",
@@ -206,9 +207,9 @@ pub(crate) fn check_schedule(
         ),
         (
             "schedule.warmup",
-            s.warmup == id.warmup.min(total),
+            s.warmup == warmup,
             s.warmup.to_string(),
-            id.warmup.min(total).to_string(),
+            warmup.to_string(),
         ),
         (
             "schedule.decay",

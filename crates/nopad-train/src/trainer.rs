@@ -5,6 +5,7 @@
 //! Around the steps: non-finite steps are skipped (and too many in a row end the run), periodic
 //! evaluation and checkpoints, and a stop on request leaves a checkpoint to resume from.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -34,6 +35,20 @@ pub fn train<B: Backend>(
     let mut log = RunLog::open(&tc.log, start)?;
     let bar = progress_bar(tc.progress, total, start);
     let say = |msg: String| bar.suspend(|| eprintln!("nopad: {msg}"));
+    let facts = crate::settings::Facts {
+        model: &s.model_desc,
+        examples: s.n_examples,
+        truncated: s.truncated,
+        schedule: &s.schedule,
+        steps_per_epoch: s.steps_per_epoch,
+    };
+    say(format!("settings:\n{}", crate::settings::block(tc, &facts)));
+    if let Some(w) = crate::settings::warmup_warning(tc, total) {
+        say(format!("warning: {w}"));
+    }
+    // Where no bar can be drawn (nohup, Slurm, CI), or none is wanted, a plain line per logged
+    // step says how the run goes.
+    let plain = !tc.progress || !std::io::stderr().is_terminal();
     if let Some(dir) = &s.resumed_from {
         say(format!(
             "resumed from {} at step {start} of {total}",
@@ -49,8 +64,15 @@ pub fn train<B: Backend>(
             .ok_or_else(|| TrainError::Config("the data loader stopped early".into()))?;
         let mut rec = s.step(b, tc, step, &data, clock)?;
         done = step;
-        if step % tc.log_every.max(1) == 0 || step == total || rec.skipped {
+        let logged = step % tc.log_every.max(1) == 0 || step == total;
+        if logged || rec.skipped {
             log.line(&rec)?;
+        }
+        if logged && plain && !rec.skipped {
+            say(format!(
+                "step {step}/{total}: loss {:.4}, lr {:.3e}, grad norm {:.3}, {:.0} tok/s",
+                rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_s
+            ));
         }
         if rec.skipped {
             let bad = s.history.counters.bad_in_a_row;

@@ -36,18 +36,19 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     /// Model: an HF directory (config.json + safetensors) or a preset (tiny, small,
     /// llama-3.2-1b, llama-3.1-8b, llama-2-7b, mistral-7b, qwen2.5-0.5b; random init).
+    /// Default: small.
     #[arg(long)]
     pub model: Option<String>,
-    /// Training data: a JSONL/JSON file, or `synthetic-flan` / `synthetic-orcamath`.
+    /// Training data: a JSONL/JSON file, or `synthetic-flan` (default) / `synthetic-orcamath`.
     #[arg(long)]
     pub data: Option<String>,
-    /// Examples generated for synthetic data.
+    /// Examples generated for synthetic data. Default 4096.
     #[arg(long)]
     pub synthetic_examples: Option<usize>,
     /// Data format (default: detected): pretokenized, text, prompt-completion, messages, alpaca.
     #[arg(long)]
     pub format: Option<String>,
-    /// Examples longer than --max-len: truncate, split or drop.
+    /// Examples longer than --max-len: truncate (default), split or drop.
     #[arg(long)]
     pub long: Option<String>,
     /// Skip (and count) malformed records instead of stopping.
@@ -59,40 +60,54 @@ pub struct TrainArgs {
     /// Packing: pad, concat, flatten (default) or offline.
     #[arg(long)]
     pub strategy: Option<String>,
-    /// Examples per micro-batch (rows of max-len for concat and offline).
-    #[arg(long)]
+    /// Examples per micro-batch (rows of max-len for concat and offline). Default 16.
+    #[arg(long, visible_alias = "per-device-train-batch-size")]
+    #[serde(alias = "per-device-train-batch-size")]
     pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step.
-    #[arg(long)]
+    /// Micro-batches per optimizer step. Default 1.
+    #[arg(long, visible_alias = "gradient-accumulation-steps")]
+    #[serde(alias = "gradient-accumulation-steps")]
     pub grad_accum: Option<usize>,
-    /// Longest example in tokens.
-    #[arg(long)]
+    /// Longest example in tokens. Default: with an HF model directory, the model's
+    /// max_position_embeddings up to 4096; else 512.
+    #[arg(long, visible_aliases = ["max-seq-length", "max-length"])]
+    #[serde(alias = "max-seq-length", alias = "max-length")]
     pub max_len: Option<usize>,
     /// Length-grouped sampling (pad).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub group_by_length: Option<bool>,
-    /// Optimizer steps (wins over --epochs).
-    #[arg(long)]
+    /// Optimizer steps (wins over --epochs). Default: 150 for the built-in run, else one epoch.
+    #[arg(long, visible_alias = "max-steps")]
+    #[serde(alias = "max-steps")]
     pub steps: Option<u64>,
-    /// Epochs (may be fractional).
-    #[arg(long)]
+    /// Epochs (may be fractional). Default 1 with --data or --model and no --steps.
+    #[arg(long, visible_alias = "num-train-epochs")]
+    #[serde(alias = "num-train-epochs")]
     pub epochs: Option<f64>,
-    /// Peak learning rate.
-    #[arg(long)]
+    /// Peak learning rate. Default: 2e-5 with an HF model directory (fine-tuning); 3e-3 for
+    /// presets and the built-in run (training from random init).
+    #[arg(long, visible_alias = "learning-rate")]
+    #[serde(alias = "learning-rate")]
     pub lr: Option<f64>,
-    /// Final learning rate.
+    /// Final learning rate. Default 0.1 × lr.
     #[arg(long)]
     pub min_lr: Option<f64>,
-    /// Warm-up updates.
-    #[arg(long)]
+    /// Warm-up updates. Default 10.
+    #[arg(long, visible_alias = "warmup-steps", conflicts_with = "warmup_ratio")]
+    #[serde(alias = "warmup-steps")]
     pub warmup: Option<u64>,
-    /// Decay after warm-up: cosine, linear or constant.
-    #[arg(long)]
+    /// Warm-up as a fraction of the run: ceil(R × total steps), resolved once the run's length
+    /// is known. Excludes --warmup.
+    #[arg(long, value_name = "R")]
+    pub warmup_ratio: Option<f64>,
+    /// Decay after warm-up: cosine (default), linear or constant.
+    #[arg(long, visible_alias = "lr-scheduler-type")]
+    #[serde(alias = "lr-scheduler-type")]
     pub schedule: Option<String>,
-    /// Decoupled weight decay on matrices.
+    /// Decoupled weight decay on matrices. Default 0.01.
     #[arg(long)]
     pub weight_decay: Option<f32>,
-    /// Clip the global gradient norm (0 = off).
+    /// Clip the global gradient norm (0 = off). Default 1.0 (off under --optim-in-backward).
     #[arg(long)]
     pub max_grad_norm: Option<f32>,
     /// AdamW's two moments: f32 (8 bytes per parameter, the default), bf16 (4) or 8bit
@@ -119,19 +134,22 @@ pub struct TrainArgs {
     /// backward under --optim-in-backward. Results and checkpoints are the same as without.
     #[arg(long, value_name = "optimizer")]
     pub offload: Option<String>,
-    /// Seed of initialisation and data order.
+    /// Seed of initialisation and data order. Default 0.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Output directory: the final weights in HF layout at its root (written when the run reaches
     /// its last step), checkpoints in OUT/checkpoint-NNNNNN/.
-    #[arg(long)]
+    #[arg(long, visible_alias = "output-dir")]
+    #[serde(alias = "output-dir")]
     pub out: Option<PathBuf>,
     /// Save a checkpoint every N steps under --out (weights in HF layout, optimizer moments, data
     /// position, schedule and counters; written atomically).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", visible_alias = "save-steps")]
+    #[serde(alias = "save-steps")]
     pub save_every: Option<u64>,
-    /// Keep only the newest K checkpoints (older ones are deleted after each save).
-    #[arg(long, value_name = "K")]
+    /// Keep only the newest K checkpoints (older ones are deleted after each save). Default: all.
+    #[arg(long, value_name = "K", visible_alias = "save-total-limit")]
+    #[serde(alias = "save-total-limit")]
     pub keep: Option<usize>,
     /// Continue from a checkpoint directory, or `latest`: the newest complete one under --out (a
     /// fresh start when there is none yet). Give the run's other flags unchanged: a checkpoint
@@ -146,14 +164,16 @@ pub struct TrainArgs {
     /// (their updates are skipped, counted and logged); 0 never stops. Default 10.
     #[arg(long, value_name = "N")]
     pub max_bad_steps: Option<u64>,
-    /// Element type of the final weights: f32 or bf16 (checkpoints are always f32).
+    /// Element type of the final weights: f32 (default) or bf16 (checkpoints are always f32).
     #[arg(long)]
     pub save_dtype: Option<String>,
     /// Write one JSON line per logged step (and per evaluation) here; a resumed run appends.
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Log every N steps.
-    #[arg(long)]
+    /// Log every N steps (the JSON lines, and a plain line on stderr when it is not a terminal).
+    /// Default 1.
+    #[arg(long, visible_alias = "logging-steps")]
+    #[serde(alias = "logging-steps")]
     pub log_every: Option<u64>,
     /// Held-out data evaluated at the end of training (token-weighted loss, every example once).
     #[arg(long)]
@@ -161,10 +181,10 @@ pub struct TrainArgs {
     /// Also evaluate --eval-data every N steps (logged as {"step", "eval_loss", "eval_tokens"}).
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
-    /// auto (CUDA if present, else CPU), cpu or cuda.
+    /// auto (the default: CUDA if present, else CPU), cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
-    /// Compute type on CUDA: bf16 (mixed precision, fp32 master weights) or f32.
+    /// Compute type on CUDA: bf16 (the default; mixed precision, fp32 master weights) or f32.
     #[arg(long)]
     pub dtype: Option<String>,
     /// Parameter gradients on CUDA in bf16 mode: auto (default: bf16 when a step is one
@@ -172,7 +192,7 @@ pub struct TrainArgs {
     /// accumulation, where bf16 would round at every micro-batch), f32 or bf16.
     #[arg(long)]
     pub grad_dtype: Option<String>,
-    /// Activation recomputation in the backward: none, mlp (drop the gate/up projections, two
+    /// Activation recomputation in the backward: none (default), mlp (drop the gate/up projections, two
     /// thirds of a layer's saved activations, and redo that GEMM: ~8% more compute) or full (keep
     /// only each layer's input: one layer's activations instead of all, ~a third more compute).
     /// A bare --recompute means full.
@@ -202,6 +222,11 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub test_save_delay_ms: Option<u64>,
 }
+
+/// Peak learning rate of a run from an HF model directory (full fine-tuning's usual value).
+pub const FINE_TUNE_LR: f64 = 2e-5;
+/// Longest default example of a run from an HF model directory (if the model allows it).
+pub const FINE_TUNE_MAX_LEN: usize = 4096;
 
 fn parse<T: std::str::FromStr<Err = String>>(key: &str, v: &str) -> Result<T> {
     v.parse::<T>().map_err(|e| anyhow::anyhow!("`{key}`: {e}"))
@@ -244,6 +269,7 @@ impl TrainArgs {
             lr,
             min_lr,
             warmup,
+            warmup_ratio,
             schedule,
             weight_decay,
             max_grad_norm,
@@ -287,6 +313,16 @@ impl TrainArgs {
             } else {
                 ModelSource::Preset(m.clone())
             };
+        }
+        // Fine-tuning a pretrained model wants a small step and the model's own context; the
+        // demo's values (random init, short examples) stay for presets.
+        if let ModelSource::Dir(dir) = &c.model {
+            c.lr = FINE_TUNE_LR;
+            c.min_lr = FINE_TUNE_LR * 0.1;
+            // An unreadable config.json is reported (with its path) when the run opens the model.
+            if let Ok(cfg) = nopad_model::weights::read_config(dir) {
+                c.max_len = cfg.max_position_embeddings.clamp(8, FINE_TUNE_MAX_LEN);
+            }
         }
         let n_synth = a.synthetic_examples.unwrap_or(4096);
         c.data = match a.data.as_deref() {
@@ -362,6 +398,15 @@ impl TrainArgs {
             c.min_lr = m;
         }
         c.warmup = a.warmup.unwrap_or(c.warmup);
+        if let Some(r) = a.warmup_ratio {
+            if a.warmup.is_some() {
+                bail!("`warmup` and `warmup-ratio` both set: give one (steps, or a fraction of the run)");
+            }
+            if !((0.0..=1.0).contains(&r)) {
+                bail!("`warmup-ratio`: {r} must lie in [0, 1]");
+            }
+            c.warmup_ratio = Some(r);
+        }
         if let Some(w) = a.weight_decay {
             if !(w >= 0.0 && w.is_finite()) {
                 bail!("`weight-decay`: {w} must be ≥ 0");
@@ -488,4 +533,91 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         std::process::exit(EXIT_INTERRUPTED);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn resolved(line: &str) -> Result<TrainConfig> {
+        let argv = std::iter::once("train").chain(line.split_whitespace());
+        Ok(Cli::try_parse_from(argv)?.args.resolve()?.0)
+    }
+
+    /// Each HF/TRL flag name resolves to the same settings as nopad's own.
+    #[test]
+    fn hf_flag_names_are_aliases() {
+        let pairs = [
+            ("--lr 1e-4", "--learning-rate 1e-4"),
+            ("--epochs 2", "--num-train-epochs 2"),
+            ("--batch-size 3", "--per-device-train-batch-size 3"),
+            ("--grad-accum 4", "--gradient-accumulation-steps 4"),
+            ("--out o", "--output-dir o"),
+            ("--max-len 64", "--max-seq-length 64"),
+            ("--max-len 64", "--max-length 64"),
+            ("--steps 7", "--max-steps 7"),
+            ("--warmup 3", "--warmup-steps 3"),
+            ("--schedule linear", "--lr-scheduler-type linear"),
+            ("--log-every 5", "--logging-steps 5"),
+            ("--out o --save-every 5", "--out o --save-steps 5"),
+            ("--out o --keep 2", "--out o --save-total-limit 2"),
+            ("--max-grad-norm 0.5", "--max-grad-norm 0.5"),
+        ];
+        let base = format!("{:?}", resolved("").unwrap());
+        for (ours, theirs) in pairs {
+            let a = format!("{:?}", resolved(ours).unwrap());
+            assert_eq!(a, format!("{:?}", resolved(theirs).unwrap()), "{theirs}");
+            if !ours.starts_with("--max-grad-norm 0.5") {
+                assert_ne!(a, base, "{ours} changes nothing");
+            }
+        }
+    }
+
+    /// The same names are keys of a config file.
+    #[test]
+    fn hf_names_are_config_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "learning-rate = 1e-4\nmax-steps = 7\n").unwrap();
+        let a = resolved(&format!("--config {}", p.display())).unwrap();
+        assert_eq!((a.lr, a.steps), (1e-4, Some(7)));
+    }
+
+    #[test]
+    fn warmup_ratio_is_kept_and_excludes_warmup() {
+        let c = resolved("--warmup-ratio 0.1").unwrap();
+        assert_eq!(c.warmup_ratio, Some(0.1));
+        assert_eq!(nopad_train::warmup_steps(c.warmup, c.warmup_ratio, 95), 10);
+        assert!(resolved("--warmup 3 --warmup-ratio 0.1").is_err());
+        let e = resolved("--warmup-ratio 1.5").unwrap_err().to_string();
+        assert!(e.contains("`warmup-ratio`"), "{e}");
+    }
+
+    /// An HF model directory gets fine-tuning defaults; a preset keeps the demo's.
+    #[test]
+    fn fine_tuning_defaults_with_a_model_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = nopad_model::Config::preset("tiny").unwrap();
+        cfg.max_position_embeddings = 100_000;
+        let json = serde_json::to_string(&cfg.to_hf_json("float32")).unwrap();
+        std::fs::write(dir.path().join("config.json"), json).unwrap();
+        let c = resolved(&format!("--model {}", dir.path().display())).unwrap();
+        assert_eq!((c.lr, c.min_lr, c.max_len), (2e-5, 2e-5 * 0.1, 4096));
+        let c = resolved(&format!(
+            "--model {} --lr 1e-3 --max-len 64",
+            dir.path().display()
+        ));
+        let c = c.unwrap();
+        assert_eq!((c.lr, c.max_len), (1e-3, 64));
+        let c = resolved("--model tiny").unwrap();
+        assert_eq!((c.lr, c.min_lr, c.max_len), (3e-3, 3e-4, 512));
+    }
 }
