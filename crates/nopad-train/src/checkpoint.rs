@@ -64,6 +64,9 @@ pub struct ScheduleState {
     pub total: u64,
     /// Decay after warm-up.
     pub decay: String,
+    /// Where a resumed run with a changed length or learning rate restarted its decay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<crate::schedule::Restart>,
 }
 
 impl From<&Schedule> for ScheduleState {
@@ -74,6 +77,7 @@ impl From<&Schedule> for ScheduleState {
             warmup: s.warmup,
             total: s.total,
             decay: s.decay.name().into(),
+            restart: s.restart,
         }
     }
 }

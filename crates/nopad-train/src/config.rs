@@ -144,6 +144,16 @@ pub struct TrainConfig {
     pub save_delay: Option<Duration>,
 }
 
+/// The steps of a run: `steps` if given, else `epochs` × `steps_per_epoch` rounded up (at least
+/// one), else one epoch.
+pub fn total_steps(steps: Option<u64>, epochs: Option<f64>, steps_per_epoch: usize) -> u64 {
+    match (steps, epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => (e * steps_per_epoch as f64).ceil().max(1.0) as u64,
+        (None, None) => steps_per_epoch as u64,
+    }
+}
+
 /// The warm-up of a run of `total` steps: `ceil(ratio × total)` when a ratio is given, else
 /// `warmup`; never beyond the run.
 pub fn warmup_steps(warmup: u64, ratio: Option<f64>, total: u64) -> u64 {

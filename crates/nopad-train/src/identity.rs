@@ -268,6 +268,20 @@ impl RunIdentity {
         })
     }
 
+    /// The differences a resumed run may make, split from the ones it may not: `(refused,
+    /// allowed)`. Allowed: the run's length (`steps`, `epochs`) and its learning rate (`lr`,
+    /// `min-lr`); the schedule continues with [`crate::schedule::Schedule::continued`].
+    pub fn split_changes(&self, saved: &RunIdentity) -> (Vec<String>, Vec<String>) {
+        let allowed = RunIdentity {
+            steps: self.steps,
+            epochs: self.epochs,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            ..saved.clone()
+        };
+        (self.differences(&allowed), allowed.differences(saved))
+    }
+
     /// The differences between a checkpoint's identity (`saved`) and this run's, one line each,
     /// naming the key and both values; empty when the run may resume.
     pub fn differences(&self, saved: &RunIdentity) -> Vec<String> {

@@ -228,6 +228,8 @@ pub(crate) struct Session<B: Backend> {
     pub notes: Vec<String>,
     /// Examples truncated to max-len while loading (None for synthetic data).
     pub truncated: Option<usize>,
+    /// Warnings to print before the first step (a resumed run's changed settings).
+    pub warnings: Vec<String>,
     /// The exclusive hold on `out`, for the session's whole life.
     pub _lock: Option<OutLock>,
 }
@@ -240,17 +242,40 @@ fn run_length(
     resume: &Option<(std::path::PathBuf, crate::checkpoint::TrainerState)>,
     spe: usize,
 ) -> (u64, usize) {
-    match resume {
-        Some((_, st)) => (st.schedule.total, st.steps_per_epoch),
-        None => {
-            let total = match (tc.steps, tc.epochs) {
-                (Some(s), _) => s,
-                (None, Some(e)) => (e * spe as f64).ceil().max(1.0) as u64,
-                (None, None) => spe as u64,
-            };
-            (total, spe)
-        }
+    let spe = resume.as_ref().map_or(spe, |(_, st)| st.steps_per_epoch);
+    (crate::config::total_steps(tc.steps, tc.epochs, spe), spe)
+}
+
+/// The schedule of a resumed run: the checkpoint's (its restart included) when nothing changed,
+/// else the checkpoint's continued by `plain`, the flags' (see [`Schedule::continued`]).
+fn resumed_schedule(
+    dir: &Path,
+    st: &checkpoint::TrainerState,
+    changed: bool,
+    plain: Schedule,
+) -> Result<Schedule> {
+    let s = &st.schedule;
+    if !changed {
+        return Ok(Schedule {
+            restart: s.restart,
+            ..plain
+        });
     }
+    let decay = s.decay.parse().map_err(|e| {
+        TrainError::Config(format!(
+            "{}: trainer_state.json field `schedule.decay`: {e}",
+            dir.join("trainer_state.json").display()
+        ))
+    })?;
+    let old = Schedule {
+        lr: s.lr,
+        min_lr: s.min_lr,
+        warmup: s.warmup,
+        total: s.total,
+        decay,
+        restart: s.restart,
+    };
+    Ok(old.continued(st.optimizer_step, plain))
 }
 
 impl<B: Backend> Session<B> {
@@ -288,8 +313,18 @@ impl<B: Backend> Session<B> {
             None
         };
         stop_if_asked(tc)?;
+        let mut warnings = vec![];
+        let mut changed = false;
         if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
-            let diffs = id.differences(&st.identity);
+            let (diffs, changes) = id.split_changes(&st.identity);
+            if !changes.is_empty() {
+                changed = true;
+                warnings.push(format!(
+                    "resuming {} with changed settings:\n  {}",
+                    dir.display(),
+                    changes.join("\n  ")
+                ));
+            }
             if !diffs.is_empty() {
                 return Err(TrainError::Config(format!(
                     "cannot resume from {}: this run is not the one that saved it:\n  {}\n\
@@ -310,16 +345,23 @@ impl<B: Backend> Session<B> {
         // scan below), the memory plan, then the model.
         // The steps this session runs, packed once on the host: their largest micro-batch.
         let spe = nopad_data::steps_per_epoch(Arc::clone(&examples), &loader_opts)?;
-        if let (Some((dir, st)), Some(id)) = (&resume, &identity) {
+        if let Some((dir, st)) = &resume {
             check_schedule(
                 dir,
                 st,
-                id,
+                &st.identity,
                 (tc.strategy != Strategy::Offline).then_some(spe),
             )?;
         }
         let (total, steps_per_epoch) = run_length(tc, &resume, spe);
         let start_step = resume.as_ref().map_or(0, |(_, st)| st.step);
+        if let Some((dir, _)) = resume.as_ref().filter(|_| total <= start_step) {
+            return Err(TrainError::Config(format!(
+                "`steps`/`epochs`: this run ends at step {total}, but {} is already at step \
+                 {start_step}: give more steps or epochs to extend it",
+                dir.display()
+            )));
+        }
         let last = tc.stop_after.map_or(total, |s| s.min(total));
         let tokens = nopad_data::largest_micro_batch(
             Arc::clone(&examples),
@@ -367,13 +409,34 @@ impl<B: Backend> Session<B> {
         }
         let n_examples = examples.len();
         let loader = Loader::new(examples, loader_opts)?;
-        let schedule = Schedule {
+        let plain = Schedule {
             lr: tc.lr,
             min_lr: tc.min_lr,
             warmup: crate::config::warmup_steps(tc.warmup, tc.warmup_ratio, total),
             total,
             decay: tc.decay,
+            restart: None,
         };
+        let schedule = match &resume {
+            Some((dir, st)) => resumed_schedule(dir, st, changed, plain)?,
+            None => plain,
+        };
+        if let (true, Some(r)) = (changed, schedule.restart) {
+            warnings.push(format!(
+                "the {} decay restarts after update {} from lr {:e} to {:e} at step {total}",
+                schedule.decay.name(),
+                r.at,
+                r.lr,
+                schedule.min_lr
+            ));
+        } else if changed {
+            warnings.push(format!(
+                "the warm-up goes on to lr {:e}, then the {} decay reaches {:e} at step {total}",
+                schedule.lr,
+                schedule.decay.name(),
+                schedule.min_lr
+            ));
+        }
         stop_if_asked(tc)?;
         // Stochastic rounding draws its bits from the run's seed, so a resumed run draws the same.
         let adamw = crate::AdamWConfig {
@@ -418,6 +481,7 @@ impl<B: Backend> Session<B> {
             eval_examples,
             notes,
             truncated,
+            warnings,
             _lock: lock,
         })
     }

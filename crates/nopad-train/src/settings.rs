@@ -103,6 +103,7 @@ mod tests {
             warmup: 10,
             total: 150,
             decay: tc.decay,
+            restart: None,
         };
         let f = Facts {
             model: "preset small",

@@ -78,6 +78,18 @@ pub(crate) fn check_state(dir: &Path, st: &TrainerState, data: &DataFacts) -> Re
             format!("is {} beyond the schedule's {} steps", s.warmup, s.total),
         ));
     }
+    if let Some(r) = &s.restart {
+        if r.at > st.optimizer_step || !r.lr.is_finite() || r.lr < 0.0 {
+            return Err(refuse(
+                dir,
+                "schedule.restart",
+                format!(
+                    "restarts at update {} from lr {} after {} updates",
+                    r.at, r.lr, st.optimizer_step
+                ),
+            ));
+        }
+    }
     for (field, v) in [("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr)] {
         if !v.is_finite() || v < 0.0 {
             return Err(refuse(dir, field, format!("is {v}")));
@@ -161,9 +173,9 @@ fn close(a: f64, b: f64) -> bool {
     a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
 }
 
-/// Checks the state's schedule against the run's flags, which the identity check has already
-/// matched with the checkpoint's (`--steps`, `--epochs`, `--lr`, `--min-lr`, `--warmup`,
-/// `--schedule`), and its steps per epoch against the loader's where every epoch has the same.
+/// Checks the state's schedule against the flags of the run that saved it (`id`, the
+/// checkpoint's identity: `--steps`, `--epochs`, `--lr`, `--min-lr`, `--warmup`, `--schedule`),
+/// and its steps per epoch against the loader's where every epoch has the same.
 pub(crate) fn check_schedule(
     dir: &Path,
     st: &TrainerState,
@@ -178,12 +190,7 @@ pub(crate) fn check_schedule(
         ));
     }
     let s = &st.schedule;
-    let spe = st.steps_per_epoch as f64;
-    let total = match (id.steps, id.epochs) {
-        (Some(n), _) => n,
-        (None, Some(e)) => (e * spe).ceil().max(1.0) as u64,
-        (None, None) => st.steps_per_epoch as u64,
-    };
+    let total = crate::config::total_steps(id.steps, id.epochs, st.steps_per_epoch);
     if s.total != total {
         return Err(refuse(
             dir,

@@ -43,7 +43,8 @@ pub fn train<B: Backend>(
         steps_per_epoch: s.steps_per_epoch,
     };
     say(format!("settings:\n{}", crate::settings::block(tc, &facts)));
-    if let Some(w) = crate::settings::warmup_warning(tc, total) {
+    let warmup = crate::settings::warmup_warning(tc, total);
+    for w in s.warnings.iter().chain(&warmup) {
         say(format!("warning: {w}"));
     }
     // Where no bar can be drawn (nohup, Slurm, CI), or none is wanted, a plain line per logged

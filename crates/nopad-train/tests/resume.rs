@@ -324,7 +324,8 @@ fn resuming_another_run_names_every_difference() {
         c.batch_size = 2;
         c.steps = Some(7);
     });
-    assert!(e.contains("`batch-size`") && e.contains("`steps`"), "{e}");
+    // Only the batch is refused: a longer run is allowed.
+    assert!(e.contains("`batch-size`") && !e.contains("`steps`"), "{e}");
     let e = resume(&|c| c.stop_after = Some(2));
     assert!(
         e.contains("`stop-after` 2: the checkpoint is already at step 2"),
@@ -397,6 +398,7 @@ fn a_planted_nan_is_skipped_counted_and_never_reaches_the_weights() {
         warmup: tc.warmup,
         total: 6,
         decay: tc.decay,
+        restart: None,
     };
     let mut opt = Optimizer::new(&b, &model, tc.adamw).unwrap();
     for step in 1..=6 {
@@ -532,4 +534,80 @@ fn an_interrupt_during_preparation_stops_before_training() {
         let left: Vec<_> = std::fs::read_dir(&out).map_or(vec![], |d| d.collect());
         assert!(left.is_empty(), "nothing written: {left:?}");
     }
+}
+
+/// A resumed run may go on for more steps or change its learning rate: the decay restarts from
+/// the checkpoint's rate to the new end, and the extended run, stopped and resumed again, is
+/// exact. Ending before the checkpoint's step is refused.
+#[test]
+fn a_resumed_run_may_be_extended_or_change_its_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let tc = config(6, &out);
+    run(&TrainConfig {
+        stop_after: Some(3),
+        ..tc.clone()
+    });
+    let ckpt = |n: u64| Resume::Dir(out.join(checkpoint::dir_name(n)));
+    let longer = TrainConfig {
+        steps: Some(10),
+        resume: Some(ckpt(3)),
+        ..tc.clone()
+    };
+    let (whole, s) = run(&longer);
+    assert_eq!(s.steps_done, 10);
+    let old = Schedule {
+        lr: tc.lr,
+        min_lr: tc.min_lr,
+        warmup: tc.warmup,
+        total: 6,
+        decay: tc.decay,
+        restart: None,
+    };
+    let new = old.continued(3, Schedule { total: 10, ..old });
+    assert!(new.restart.is_some());
+    for &(step, _, lr, _) in &whole {
+        assert_eq!(lr, new.lr_at(step).to_bits(), "step {step}");
+    }
+    assert_eq!(whole.first().map(|t| t.0), Some(4));
+    assert!(f64::from_bits(whole[0].2) < old.lr_at(3) && f64::from_bits(whole[0].2) > old.lr_at(4));
+    assert_eq!(f64::from_bits(whole.last().unwrap().2), tc.min_lr);
+    // The extended run stopped at 7 and resumed with the same flags continues exactly.
+    run(&TrainConfig {
+        stop_after: Some(7),
+        ..longer.clone()
+    });
+    let (rest, _) = run(&TrainConfig {
+        resume: Some(ckpt(7)),
+        ..longer.clone()
+    });
+    assert_eq!(rest, whole[4..]);
+    // A new peak scales the rest of the schedule.
+    let (lower, _) = run(&TrainConfig {
+        lr: tc.lr / 2.0,
+        min_lr: tc.min_lr / 2.0,
+        resume: Some(ckpt(3)),
+        ..tc.clone()
+    });
+    let half = old.continued(
+        3,
+        Schedule {
+            lr: tc.lr / 2.0,
+            min_lr: tc.min_lr / 2.0,
+            ..old
+        },
+    );
+    assert_eq!(lower[0].2, half.lr_at(4).to_bits());
+    let e = train(
+        &Cpu::<f32>::new(),
+        &TrainConfig {
+            steps: Some(3),
+            resume: Some(ckpt(3)),
+            ..tc
+        },
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already at step 3"), "{e}");
 }
