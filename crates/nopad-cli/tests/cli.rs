@@ -266,18 +266,15 @@ fn a_run_without_a_terminal_logs_plain_lines() {
     ));
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
-    assert!(
-        e.contains("settings:") && e.contains("batch 4 × accum 1, max-len 32"),
-        "{e}"
-    );
-    assert!(
-        e.contains("4 steps (") && e.contains("4 warm-up steps"),
-        "{e}"
-    );
-    assert!(
-        e.contains("warm-up of 10 steps is longer than the run's 4"),
-        "{e}"
-    );
+    for want in [
+        "settings:",
+        "batch 4 × accum 1, max-len 32",
+        "4 steps (",
+        "4 warm-up steps",
+        "warm-up of 10 steps is longer than the run's 4",
+    ] {
+        assert!(e.contains(want), "{want} not in {e}");
+    }
     let steps: Vec<&str> = e.lines().filter(|l| l.contains(": loss ")).collect();
     assert_eq!(steps.len(), 2, "{e}");
     assert!(steps[0].starts_with("nopad: step 2/4: loss "), "{e}");

@@ -114,16 +114,21 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    #[test]
-    fn warmup_then_decay_hits_the_ends() {
-        let s = Schedule {
+    /// Warm-up over 10 updates to 1e-3, cosine to 1e-4 at 110.
+    fn sample() -> Schedule {
+        Schedule {
             lr: 1e-3,
             min_lr: 1e-4,
             warmup: 10,
             total: 110,
             decay: Decay::Cosine,
             restart: None,
-        };
+        }
+    }
+
+    #[test]
+    fn warmup_then_decay_hits_the_ends() {
+        let s = sample();
         assert!((s.lr_at(1) - 1e-4).abs() < 1e-12);
         assert!((s.lr_at(10) - 1e-3).abs() < 1e-12);
         assert!((s.lr_at(60) - 5.5e-4).abs() < 1e-12);
@@ -145,14 +150,7 @@ mod tests {
 
     #[test]
     fn a_continued_schedule_restarts_from_the_old_rate() {
-        let old = Schedule {
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup: 10,
-            total: 110,
-            decay: Decay::Cosine,
-            restart: None,
-        };
+        let old = sample();
         // Twice as long: the cosine restarts at update 60 from 5.5e-4 down to 1e-4 at 210.
         let longer = old.continued(60, Schedule { total: 210, ..old });
         assert_eq!(longer.restart.unwrap().lr, old.lr_at(60));

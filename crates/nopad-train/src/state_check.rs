@@ -78,19 +78,17 @@ pub(crate) fn check_state(dir: &Path, st: &TrainerState, data: &DataFacts) -> Re
             format!("is {} beyond the schedule's {} steps", s.warmup, s.total),
         ));
     }
-    if let Some(r) = &s.restart {
-        if r.at > st.optimizer_step || !r.lr.is_finite() || r.lr < 0.0 {
-            return Err(refuse(
-                dir,
-                "schedule.restart",
-                format!(
-                    "restarts at update {} from lr {} after {} updates",
-                    r.at, r.lr, st.optimizer_step
-                ),
-            ));
-        }
+    let restart = s.restart.map_or((0, 0.0), |r| (r.at, r.lr));
+    if restart.0 > st.optimizer_step {
+        let why = format!("is at update {} after {}", restart.0, st.optimizer_step);
+        return Err(refuse(dir, "schedule.restart.at", why));
     }
-    for (field, v) in [("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr)] {
+    let rates = [
+        ("schedule.lr", s.lr),
+        ("schedule.min_lr", s.min_lr),
+        ("schedule.restart.lr", restart.1),
+    ];
+    for (field, v) in rates {
         if !v.is_finite() || v < 0.0 {
             return Err(refuse(dir, field, format!("is {v}")));
         }
