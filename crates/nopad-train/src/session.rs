@@ -137,6 +137,7 @@ pub fn load_data(
                 long: tc.long,
                 skip_bad: tc.skip_bad,
                 strict: tc.strict,
+                loss_on: tc.loss_on,
                 stop: tc
                     .interrupt
                     .as_ref()
