@@ -167,6 +167,29 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
         "train --model tiny --steps 1 --max-len 32 --device cpu --no-progress --out",
         &[m],
     )));
+    let data = dir.path().join("chat.jsonl");
+    let mut lines = String::new();
+    for (u, a) in [
+        ("hi there", "hi how are you"),
+        ("how are you", "fine thanks"),
+        ("bye", "see ya"),
+        ("good day", "good day"),
+        ("hi", "bye"),
+    ] {
+        lines += &serde_json::json!({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}).to_string();
+        lines.push('\n');
+    }
+    write(&data, &lines);
+    let d = data.to_str().unwrap();
+    // The preset's checkpoint has no tokenizer: the error says so and names the directory.
+    let e = stderr(&nopad(&args(
+        "stats --max-len 32 --batch-size 2",
+        &["--data", d, "--model", m],
+    )));
+    assert!(
+        e.contains(&format!("the model directory {m} has no tokenizer.json")),
+        "{e}"
+    );
     // Word-level tokenizer: ids 0-4 special, then words; all below the tiny preset's 97.
     let words = [
         "hi", "there", "how", "are", "you", "fine", "thanks", "bye", "see", "ya", "good", "day",
@@ -193,20 +216,6 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
         &serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
             .to_string(),
     );
-    let data = dir.path().join("chat.jsonl");
-    let mut lines = String::new();
-    for (u, a) in [
-        ("hi there", "hi how are you"),
-        ("how are you", "fine thanks"),
-        ("bye", "see ya"),
-        ("good day", "good day"),
-        ("hi", "bye"),
-    ] {
-        lines += &serde_json::json!({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}).to_string();
-        lines.push('\n');
-    }
-    write(&data, &lines);
-    let d = data.to_str().unwrap();
     let out2 = dir.path().join("ft");
     let summary = ok(nopad(&args(
         "train --steps 3 --batch-size 2 --max-len 32 --device cpu --no-progress",
@@ -233,6 +242,48 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
     let e = ok(eval_on_cpu(out2.to_str().unwrap(), &data, "--json"));
     let e: serde_json::Value = serde_json::from_str(e.trim()).unwrap();
     assert_eq!(e["tokens"], 16, "{e}");
+    // --loss-on all: every token but each example's first (BOS), 40 - 5.
+    let e = ok(eval_on_cpu(m, &data, "--json --loss-on all"));
+    let e: serde_json::Value = serde_json::from_str(e.trim()).unwrap();
+    assert_eq!(e["tokens"], 35, "{e}");
+    let e = stderr(&eval_on_cpu(m, &data, "--loss-on completion"));
+    assert!(
+        e.contains("--loss-on completion does not apply to records in format `messages`"),
+        "{e}"
+    );
+    let stats = ok(nopad(&args(
+        "stats --max-len 32 --batch-size 2 --json --loss-on all",
+        &["--data", d, "--model", m],
+    )));
+    assert!(stats.contains("real_tokens"), "{stats}");
+    let bad = nopad(&args("train --loss-on prompt --data", &[d, "--model", m]));
+    assert!(
+        stderr(&bad).contains("`loss-on`: unknown loss-on `prompt`"),
+        "{}",
+        stderr(&bad)
+    );
+    // bench --export writes a model directory HF loads with its tokenizer, as train --out does.
+    let export = dir.path().join("export");
+    ok(nopad(&args(
+        "bench --steps 1 --warmup 0 --strategies flatten --batch-size 2 --max-len 32 --device cpu",
+        &[
+            "--model",
+            m,
+            "--data",
+            d,
+            "--out",
+            dir.path().join("bench").to_str().unwrap(),
+            "--export",
+            export.to_str().unwrap(),
+        ],
+    )));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            std::fs::read(export.join(f)).unwrap(),
+            std::fs::read(model.join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }
 
 /// `nopad stats` on the built-in length distributions; flatten packs the same tokens as pad with

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use serde_json::Value;
 
 use crate::error::DataError;
-use crate::records::{convert_known, convert_record, Converter, Format};
+use crate::records::{convert_known, convert_record, Converter, Format, LossOn};
 use crate::stop::StopFlag;
 use crate::{Example, IGNORE_INDEX};
 
@@ -77,6 +77,9 @@ pub struct LoadOptions {
     pub strict: bool,
     /// Checked between records: once raised, loading stops with [`DataError::signal`] set.
     pub stop: StopFlag,
+    /// Which tokens are targets; `None` keeps the format's default ([`LossOn::default_for`]).
+    /// A value the file's format does not accept fails loading (see [`LossOn::check`]).
+    pub loss_on: Option<LossOn>,
 }
 
 impl LoadOptions {
@@ -91,6 +94,7 @@ impl LoadOptions {
             tokenizer_dir: None,
             strict: false,
             stop: StopFlag::new(),
+            loss_on: None,
         }
     }
 }
@@ -172,6 +176,7 @@ pub fn load_examples(
         opts.format,
         opts.vocab_size,
         opts.tokenizer_dir.as_deref(),
+        opts.loss_on,
     )?;
     let vocab = conv.vocab_size();
     let check = |line, r: Result<Example, DataError>| {
@@ -189,7 +194,7 @@ pub fn load_examples(
         results.push(check(line, convert_record(&mut conv, line, raw)));
         first += 1;
     }
-    if let Some(fatal) = conv.missing_tokenizer() {
+    if let Some(fatal) = conv.fatal() {
         return Err(fatal);
     }
     let rest = &records[first..];

@@ -6,12 +6,13 @@
 //! `tokenize.rs`; this module decides which text is a target and which is not.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
 use crate::error::{json_kind, DataError};
+use crate::messages::{conversation, MESSAGES, SHAREGPT};
 use crate::tokenize::ModelTokenizer;
 use crate::{Example, IGNORE_INDEX};
 
@@ -26,15 +27,18 @@ pub enum Format {
     PromptCompletion,
     /// `{"messages": [{"role", "content"}, ...]}` rendered with the chat template.
     Messages,
+    /// ShareGPT: `{"conversations": [{"from", "value"}, ...]}`, read as messages.
+    ShareGpt,
     /// `{"instruction", "input"?, "output"}`.
     Alpaca,
 }
 
 impl Format {
     /// Every format, in the order detection tries them.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Pretokenized,
         Format::Messages,
+        Format::ShareGpt,
         Format::PromptCompletion,
         Format::Alpaca,
         Format::Text,
@@ -46,6 +50,7 @@ impl Format {
             Format::Text => "text",
             Format::PromptCompletion => "prompt-completion",
             Format::Messages => "messages",
+            Format::ShareGpt => "sharegpt",
             Format::Alpaca => "alpaca",
         }
     }
@@ -60,6 +65,8 @@ impl Format {
             Some(Format::Pretokenized)
         } else if has("messages") {
             Some(Format::Messages)
+        } else if has("conversations") {
+            Some(Format::ShareGpt)
         } else if has("prompt") && has("completion") {
             Some(Format::PromptCompletion)
         } else if has("instruction") && has("output") {
@@ -72,11 +79,17 @@ impl Format {
     }
 }
 
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// `Display` as the name the flag takes.
+macro_rules! display_by_name {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    )*};
 }
+display_by_name!(Format, LossOn);
 
 impl FromStr for Format {
     type Err = String;
@@ -87,10 +100,84 @@ impl FromStr for Format {
             "text" => Ok(Format::Text),
             "prompt-completion" => Ok(Format::PromptCompletion),
             "messages" | "chat" => Ok(Format::Messages),
+            "sharegpt" => Ok(Format::ShareGpt),
             "alpaca" => Ok(Format::Alpaca),
             _ => Err(format!(
                 "unknown format `{s}` (expected one of: pretokenized, text, prompt-completion, \
-                 messages, alpaca)"
+                 messages, sharegpt, alpaca)"
+            )),
+        }
+    }
+}
+
+/// Which tokens are targets (TRL's `assistant_only_loss`, `completion_only_loss`, or neither).
+/// Each format has a default ([`LossOn::default_for`]) and refuses the values that mean
+/// nothing for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LossOn {
+    /// The assistant turns of a conversation (messages, sharegpt, alpaca through a chat
+    /// template): their content and end-of-turn tokens.
+    Assistant,
+    /// The completion of prompt/completion data (and the output of alpaca data), and EOS.
+    Completion,
+    /// Every token (the first is never a target: nothing predicts it).
+    All,
+}
+
+impl LossOn {
+    /// The name used with `--loss-on`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossOn::Assistant => "assistant",
+            LossOn::Completion => "completion",
+            LossOn::All => "all",
+        }
+    }
+
+    /// What `format` trains on when `--loss-on` is not given: labels as given for pretokenized
+    /// data, every token of text, the completion of prompt/completion data, the assistant turns
+    /// of conversations (alpaca: its output, whichever way it is rendered).
+    pub fn default_for(format: Format) -> LossOn {
+        match format {
+            Format::Pretokenized | Format::Text => LossOn::All,
+            Format::PromptCompletion => LossOn::Completion,
+            Format::Messages | Format::ShareGpt | Format::Alpaca => LossOn::Assistant,
+        }
+    }
+
+    /// The values `format` accepts (alpaca's output is both a completion and an assistant turn).
+    fn accepted_by(format: Format) -> &'static [LossOn] {
+        match format {
+            Format::Pretokenized | Format::Text => &[LossOn::All],
+            Format::PromptCompletion => &[LossOn::Completion, LossOn::All],
+            Format::Messages | Format::ShareGpt => &[LossOn::Assistant, LossOn::All],
+            Format::Alpaca => &[LossOn::Assistant, LossOn::Completion, LossOn::All],
+        }
+    }
+
+    /// Refuses a value that makes no sense for `format`, saying which ones do.
+    pub fn check(self, format: Format) -> Result<(), String> {
+        let ok = LossOn::accepted_by(format);
+        if ok.contains(&self) {
+            return Ok(());
+        }
+        let names: Vec<&str> = ok.iter().map(|l| l.name()).collect();
+        Err(format!(
+            "--loss-on {self} does not apply to records in format `{format}` (it accepts: {})",
+            names.join(", ")
+        ))
+    }
+}
+
+impl FromStr for LossOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "assistant" => Ok(LossOn::Assistant),
+            "completion" => Ok(LossOn::Completion),
+            "all" => Ok(LossOn::All),
+            _ => Err(format!(
+                "unknown loss-on `{s}` (expected assistant, completion or all)"
             )),
         }
     }
@@ -103,16 +190,22 @@ pub(crate) struct Converter<'a> {
     format: Option<Format>,
     vocab_size: Option<usize>,
     tokenizer: Option<ModelTokenizer>,
+    /// The model directory given for the tokenizer, named when it has no tokenizer.json.
+    tokenizer_dir: Option<PathBuf>,
+    /// `None`: the format's default.
+    loss_on: Option<LossOn>,
 }
 
 impl<'a> Converter<'a> {
     /// `format` forces the format (`None`: detect it from the first record); token ids are
-    /// checked against `vocab_size`, else the tokenizer's vocabulary if `tokenizer_dir` has one.
+    /// checked against `vocab_size`, else the tokenizer's vocabulary if `tokenizer_dir` has one;
+    /// `loss_on` picks the targets (`None`: the format's default).
     pub(crate) fn new(
         path: &'a Path,
         format: Option<Format>,
         vocab_size: Option<usize>,
         tokenizer_dir: Option<&Path>,
+        loss_on: Option<LossOn>,
     ) -> Result<Self, DataError> {
         // A model directory without tokenizer.json is fine for pretokenized data; formats that
         // need a tokenizer then fail with `missing_tokenizer`.
@@ -125,6 +218,8 @@ impl<'a> Converter<'a> {
             format,
             vocab_size: vocab_size.or(tokenizer.as_ref().map(ModelTokenizer::vocab_size)),
             tokenizer,
+            tokenizer_dir: tokenizer_dir.map(Path::to_path_buf),
+            loss_on,
         })
     }
 
@@ -138,19 +233,35 @@ impl<'a> Converter<'a> {
         self.vocab_size
     }
 
-    /// The error no `--skip-bad` may swallow: the file's format needs a tokenizer and none was
-    /// given.
-    pub(crate) fn missing_tokenizer(&self) -> Option<DataError> {
+    /// The errors no `--skip-bad` may swallow, since every record would fail: the file's format
+    /// needs a tokenizer and none was given (or the model directory has no tokenizer.json), or
+    /// `--loss-on` means nothing for the format.
+    pub(crate) fn fatal(&self) -> Option<DataError> {
         let f = self.format?;
-        (f.needs_tokenizer() && self.tokenizer.is_none()).then(|| {
-            DataError::file(
-                self.path,
-                format!(
-                    "records are in format `{f}`, which needs the model's tokenizer: pass the \
-                     model directory holding tokenizer.json (--model DIR)"
-                ),
-            )
-        })
+        if let Some(Err(e)) = self.loss_on.map(|l| l.check(f)) {
+            return Some(DataError::file(self.path, e));
+        }
+        if !f.needs_tokenizer() || self.tokenizer.is_some() {
+            return None;
+        }
+        let msg = match &self.tokenizer_dir {
+            Some(dir) => format!(
+                "records are in format `{f}`, which needs the model's tokenizer, but the model \
+                 directory {} has no tokenizer.json (copy the tokenizer files of the base \
+                 model there, or pass pretokenized data)",
+                dir.display()
+            ),
+            None => format!(
+                "records are in format `{f}`, which needs the model's tokenizer: pass the \
+                 model directory holding tokenizer.json (--model DIR)"
+            ),
+        };
+        Some(DataError::file(self.path, msg))
+    }
+
+    /// Whether every token is a target (`--loss-on all`).
+    fn trains_all(&self) -> bool {
+        self.loss_on == Some(LossOn::All)
     }
 }
 
@@ -169,7 +280,7 @@ pub(crate) fn convert_record(
                 line,
                 None,
                 "cannot tell the record format: expected `input_ids`, `messages`, \
-                 `prompt`+`completion`, `instruction`+`output` or `text` (or pass --format)",
+                 `conversations`, `prompt`+`completion`, `instruction`+`output` or `text` (or pass --format)",
             )
         })?;
         conv.format = Some(f);
@@ -217,21 +328,20 @@ fn convert_object(
     let path = conv.path;
     let format = conv.format.expect("the format is known before conversion");
     let rec = Record { path, line, obj };
+    if let Some(e) = conv.fatal() {
+        return Err(e);
+    }
     if format == Format::Pretokenized {
         let input_ids = rec.int_array("input_ids")?;
         let labels = match obj.get("labels") {
             None | Some(Value::Null) => input_ids.clone(),
+            // `--loss-on all` trains every token whatever the labels say.
+            Some(_) if conv.trains_all() => input_ids.clone(),
             Some(_) => rec.int_array("labels")?,
         };
         return Ok(Example { input_ids, labels });
     }
-    if let Some(e) = conv.missing_tokenizer() {
-        return Err(e);
-    }
-    let tok = conv
-        .tokenizer
-        .as_ref()
-        .expect("checked by missing_tokenizer");
+    let tok = conv.tokenizer.as_ref().expect("checked by fatal");
     match format {
         Format::Pretokenized => unreachable!("handled above"),
         Format::Text => {
@@ -240,44 +350,28 @@ fn convert_object(
             let mut ids = bos_unless(tok, &body);
             ids.extend(body);
             push_eos_unless_there(&mut ids, tok.eos_id());
-            let mut labels = ids.clone();
-            if tok.bos_id().is_some() && ids.first() == tok.bos_id().as_ref() {
-                labels[0] = IGNORE_INDEX;
-            }
-            Ok(Example {
-                input_ids: ids,
-                labels,
-            })
+            Ok(every_token(tok, ids))
         }
         Format::PromptCompletion => {
             let prompt = rec.string("prompt")?;
             let completion = rec.nonempty_string("completion")?;
-            prompt_completion(&rec, tok, prompt, completion, ("prompt", "completion"))
+            prompt_completion(
+                &rec,
+                conv,
+                tok,
+                prompt,
+                completion,
+                ("prompt", "completion"),
+            )
         }
-        Format::Messages => {
-            let items = rec.get("messages")?;
-            let Value::Array(items) = items else {
-                let msg = format!("expected an array, found {}", json_kind(items));
-                return Err(rec.err("messages", msg));
+        Format::Messages | Format::ShareGpt => {
+            let shape = if format == Format::Messages {
+                &MESSAGES
+            } else {
+                &SHAREGPT
             };
-            for (i, m) in items.iter().enumerate() {
-                let Value::Object(m) = m else {
-                    let msg = format!("expected an object, found {}", json_kind(m));
-                    return Err(rec.err(&format!("messages[{i}]"), msg));
-                };
-                for key in ["role", "content"] {
-                    let field = format!("messages[{i}].{key}");
-                    match m.get(key) {
-                        Some(Value::String(_)) => {}
-                        None => return Err(rec.err(&field, "missing")),
-                        Some(v) => {
-                            let msg = format!("expected a string, found {}", json_kind(v));
-                            return Err(rec.err(&field, msg));
-                        }
-                    }
-                }
-            }
-            chat(&rec, tok, items, "messages")
+            let messages = conversation(&rec, shape)?;
+            chat(&rec, conv, tok, &messages, shape.field)
         }
         Format::Alpaca => {
             let instruction = rec.nonempty_string("instruction")?;
@@ -293,10 +387,11 @@ fn convert_object(
                     serde_json::json!({"role": "user", "content": user}),
                     serde_json::json!({"role": "assistant", "content": output}),
                 ];
-                chat(&rec, tok, &messages, "instruction")
+                chat(&rec, conv, tok, &messages, "instruction")
             } else {
                 let prompt = format!("{user}\n");
-                prompt_completion(&rec, tok, &prompt, output, ("instruction", "output"))
+                let fields = ("instruction", "output");
+                prompt_completion(&rec, conv, tok, &prompt, output, fields)
             }
         }
     }
@@ -319,10 +414,23 @@ fn push_eos_unless_there(ids: &mut Vec<i32>, eos: Option<i32>) {
     }
 }
 
-/// `[BOS] prompt completion EOS`, loss on the completion and EOS. The two texts are tokenized
-/// apart so the boundary between them is exact.
+/// Every token a target but a leading BOS (which nothing predicts).
+fn every_token(tok: &ModelTokenizer, ids: Vec<i32>) -> Example {
+    let mut labels = ids.clone();
+    if tok.bos_id().is_some() && ids.first() == tok.bos_id().as_ref() {
+        labels[0] = IGNORE_INDEX;
+    }
+    Example {
+        input_ids: ids,
+        labels,
+    }
+}
+
+/// `[BOS] prompt completion EOS`, loss on the completion and EOS (on every token under
+/// `--loss-on all`). The two texts are tokenized apart so the boundary between them is exact.
 fn prompt_completion(
     rec: &Record,
+    conv: &Converter,
     tok: &ModelTokenizer,
     prompt: &str,
     completion: &str,
@@ -341,6 +449,9 @@ fn prompt_completion(
     let n_prompt = ids.len();
     ids.extend(rec.encode(tok, fields.1, completion)?);
     push_eos_unless_there(&mut ids, Some(eos));
+    if conv.trains_all() {
+        return Ok(every_token(tok, ids));
+    }
     let mut labels = ids.clone();
     labels[..n_prompt].fill(IGNORE_INDEX);
     Ok(Example {
@@ -349,9 +460,11 @@ fn prompt_completion(
     })
 }
 
-/// A conversation through the chat template; loss on each assistant turn's span only.
+/// A conversation through the chat template; loss on each assistant turn's span only (on every
+/// token under `--loss-on all`).
 fn chat(
     rec: &Record,
+    conv: &Converter,
     tok: &ModelTokenizer,
     messages: &[Value],
     field: &str,
@@ -359,11 +472,16 @@ fn chat(
     if messages.is_empty() {
         return Err(rec.err(field, "empty conversation"));
     }
+    let failed = |e: String| rec.err(field, format!("chat template failed to render: {e}"));
     // A conversation with no assistant turn renders with every label masked: the loader skips
     // and counts it with the other examples that have no target (or refuses it under strict).
-    let (text, spans) = tok
-        .render_with_assistant_spans(messages)
-        .map_err(|e| rec.err(field, format!("chat template failed to render: {e}")))?;
+    let (text, spans) = if conv.trains_all() {
+        let text = tok.render_chat(messages, false).map_err(failed)?;
+        let whole = vec![(0, text.len())];
+        (text, whole)
+    } else {
+        tok.render_with_assistant_spans(messages).map_err(failed)?
+    };
     let (mut ids, starts) = tok
         .encode_with_offsets(&text)
         .map_err(|e| rec.err(field, format!("cannot tokenize the rendered text: {e}")))?;
@@ -385,6 +503,10 @@ fn chat(
             ids.insert(0, b);
             labels.insert(0, IGNORE_INDEX);
         }
+    }
+    if conv.trains_all() {
+        // The template's own BOS is no target either.
+        return Ok(every_token(tok, ids));
     }
     Ok(Example {
         input_ids: ids,

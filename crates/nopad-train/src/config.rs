@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nopad_data::{synthetic, Format, LongPolicy, Strategy};
+use nopad_data::{synthetic, Format, LongPolicy, LossOn, Strategy};
 use nopad_model::weights::SaveDtype;
 
 use crate::optimizer::AdamWConfig;
@@ -59,6 +59,8 @@ pub struct TrainConfig {
     pub skip_bad: bool,
     /// Refuse examples with no target token instead of skipping (and counting) them.
     pub strict: bool,
+    /// Which tokens are targets; `None`: the data format's default.
+    pub loss_on: Option<LossOn>,
     /// Packing strategy.
     pub strategy: Strategy,
     /// Examples per micro-batch (rows for concat/offline).
@@ -176,6 +178,7 @@ impl TrainConfig {
             long: LongPolicy::Truncate,
             skip_bad: false,
             strict: false,
+            loss_on: None,
             strategy: Strategy::Flatten,
             batch_size: 16,
             grad_accum: 1,

@@ -148,6 +148,7 @@ fn load_counted(
                 long: tc.long,
                 skip_bad: tc.skip_bad,
                 strict: tc.strict,
+                loss_on: tc.loss_on,
                 stop: tc
                     .interrupt
                     .as_ref()

@@ -173,6 +173,10 @@ impl Job for StrategyJob<'_> {
     fn run<B: Backend>(self, b: &B) -> Result<StrategyResult> {
         if let Some(dir) = self.export {
             nopad_bench::export(b, self.cfg, self.train, self.heldout, dir)?;
+            // As `train --out` does: the export then loads in HF with its own tokenizer.
+            if let ModelSource::Dir(src) = &self.cfg.model {
+                nopad_model::weights::copy_tokenizer_files(src, dir)?;
+            }
             eprintln!(
                 "nopad bench: exported the initial weights and steps to {}",
                 dir.display()

@@ -34,6 +34,9 @@ pub struct EvalArgs {
     pub max_len: usize,
     #[command(flatten)]
     pub loader: super::LoaderArgs,
+    /// Tokens whose loss counts: assistant, completion or all (default: the format's own).
+    #[arg(long, value_name = "WHICH")]
+    pub loss_on: Option<nopad_data::LossOn>,
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -72,6 +75,7 @@ impl Job for EvalJob<'_> {
         };
         let mut opts = a.loader.options(a.max_len);
         opts.vocab_size = Some(model.cfg.vocab_size);
+        opts.loss_on = a.loss_on;
         if let ModelSource::Dir(d) = &source {
             opts.tokenizer_dir = Some(d.clone());
         }

@@ -15,8 +15,8 @@ use nopad_data::{load_examples, strategy_stats, PackOptions, Strategy};
 /// Arguments of `nopad stats`.
 #[derive(clap::Args, Debug)]
 pub struct StatsArgs {
-    /// Examples: JSONL, or a .json array (pretokenized, text, prompt-completion, messages or
-    /// alpaca records); or `synthetic-flan` / `synthetic-orcamath` (the built-in length
+    /// Examples: JSONL, or a .json array (pretokenized, text, prompt-completion, messages,
+    /// sharegpt or alpaca records); or `synthetic-flan` / `synthetic-orcamath` (the built-in length
     /// distributions of `nopad bench` and `nopad train`).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
@@ -46,6 +46,9 @@ pub struct StatsArgs {
     pub grad_accum: usize,
     #[command(flatten)]
     pub loader: super::LoaderArgs,
+    /// Target tokens (assistant, completion or all), as `nopad train --loss-on`.
+    #[arg(long, value_name = "WHICH")]
+    pub loss_on: Option<nopad_data::LossOn>,
     /// Check token ids against this vocabulary size (default: the tokenizer's, if any).
     #[arg(long, value_name = "V")]
     pub vocab_size: Option<usize>,
@@ -67,6 +70,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
     let mut opts = args.loader.options(args.max_len);
     opts.vocab_size = args.vocab_size;
+    opts.loss_on = args.loss_on;
     // A preset name is not a tokenizer directory.
     let preset = args
         .model

@@ -57,6 +57,10 @@ pub struct TrainArgs {
     /// Stop at an example with no target token instead of skipping and counting it.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub strict: Option<bool>,
+    /// Targets: assistant (chat turns; default for conversations), completion (default for
+    /// prompt/completion) or all (every token; default for text).
+    #[arg(long, value_name = "WHICH")]
+    pub loss_on: Option<String>,
     /// Packing: pad, concat, flatten (default) or offline.
     #[arg(long)]
     pub strategy: Option<String>,
@@ -259,6 +263,7 @@ impl TrainArgs {
             long,
             skip_bad,
             strict,
+            loss_on,
             strategy,
             batch_size,
             grad_accum,
@@ -346,6 +351,9 @@ impl TrainArgs {
         }
         if let Some(l) = &a.long {
             c.long = parse("long", l)?;
+        }
+        if let Some(l) = &a.loss_on {
+            c.loss_on = Some(parse("loss-on", l)?);
         }
         if let Some(s) = &a.strategy {
             c.strategy = parse("strategy", s)?;

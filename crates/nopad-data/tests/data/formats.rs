@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nopad_data::{load_examples, Example, Format, LoadOptions, ModelTokenizer};
+use nopad_data::{load_examples, Example, Format, LoadOptions, LossOn, ModelTokenizer};
 use serde_json::json;
 
 use crate::util::{temp_dir, write};
@@ -83,7 +83,7 @@ pub(crate) fn model_dir(name: &str, config: serde_json::Value, post_bos: bool) -
     dir
 }
 
-fn chat_config() -> serde_json::Value {
+pub(crate) fn chat_config() -> serde_json::Value {
     json!({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "add_bos_token": true,
            "chat_template": TEMPLATE})
 }
@@ -93,17 +93,46 @@ pub(crate) fn load_one(
     format: Option<Format>,
     record: serde_json::Value,
 ) -> Result<Example, String> {
+    load_one_with(model, format, None, record)
+}
+
+/// [`load_one`] with `--loss-on`.
+pub(crate) fn load_one_with(
+    model: &Path,
+    format: Option<Format>,
+    loss_on: Option<LossOn>,
+    record: serde_json::Value,
+) -> Result<Example, String> {
     let dir = temp_dir("records");
     let p = write(&dir, "d.jsonl", &format!("{record}\n"));
     let mut o = LoadOptions::new(64);
     o.format = format;
+    o.loss_on = loss_on;
     o.tokenizer_dir = Some(model.to_path_buf());
     load_examples(&p, &o)
         .map(|(mut ex, _)| ex.remove(0))
         .map_err(|e| e.to_string())
 }
 
-fn golden(model: &Path, record: serde_json::Value, ids: &[i32], labels: &[i32]) {
+/// Each record, alone in `d.jsonl`, fails with its message at line 1 (the format is detected,
+/// messages when nothing says).
+pub(crate) fn assert_located_errors<const K: usize>(
+    model: &Path,
+    cases: [(serde_json::Value, &str); K],
+) {
+    for (record, want) in cases {
+        let format = Format::detect(record.as_object().unwrap()).or(Some(Format::Messages));
+        let msg = load_one(model, format, record.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{record}: no error"));
+        assert!(
+            msg.contains(&format!("d.jsonl:1: {want}")),
+            "{record}\n  got:  {msg}\n  want: {want}"
+        );
+    }
+}
+
+pub(crate) fn golden(model: &Path, record: serde_json::Value, ids: &[i32], labels: &[i32]) {
     let e = load_one(model, None, record.clone()).unwrap_or_else(|e| panic!("{record}: {e}"));
     assert_eq!(e.input_ids, ids, "ids of {record}");
     assert_eq!(e.labels, labels, "labels of {record}");
@@ -218,26 +247,17 @@ fn bad_text_records_name_line_and_field() {
     let cases = [
         (json!({"messages": "hi"}), "field `messages`: expected an array, found a string"),
         (json!({"messages": [{"role": "user"}]}), "field `messages[0].content`: missing"),
-        (json!({"messages": [{"role": "user", "content": 3}]}), "field `messages[0].content`: expected a string, found an integer"),
+        (json!({"messages": [{"role": "user", "content": 3}]}), "field `messages[0].content`: expected a string or a list of text parts, found an integer"),
         (json!({"messages": [7]}), "field `messages[0]`: expected an object, found an integer"),
         (json!({"messages": []}), "field `messages`: empty conversation"),
         (json!({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "x"}]}),
-         "field `messages`: chat template failed to render: invalid operation: unknown role robot"),
+         "field `messages[0].role`: unknown role `robot` (expected system, user, assistant or tool)"),
         (json!({"text": ""}), "field `text`: empty string"),
         (json!({"text": 5}), "field `text`: expected a string, found an integer"),
         (json!({"prompt": "x", "completion": null}), "field `completion`: expected a string, found null"),
         (json!({"instruction": "x", "input": ["y"], "output": "x"}), "field `input`: expected a string, found an array"),
     ];
-    for (record, want) in cases {
-        let format = Format::detect(record.as_object().unwrap()).or(Some(Format::Messages));
-        let msg = load_one(&m, format, record.clone())
-            .err()
-            .unwrap_or_else(|| panic!("{record}: no error"));
-        assert!(
-            msg.contains(&format!("d.jsonl:1: {want}")),
-            "{record}\n  got:  {msg}\n  want: {want}"
-        );
-    }
+    assert_located_errors(&m, cases);
     // A conversation with no assistant turn has nothing to train: skipped and counted, or an
     // error naming the line under strict.
     let dir = temp_dir("noassistant");
