@@ -14,7 +14,7 @@ use nopad_data::{Format, LoadOptions, LongPolicy};
 /// optional overrides of its config file, so it keeps its own).
 #[derive(clap::Args, Debug)]
 pub struct LoaderArgs {
-    /// Record format [pretokenized, text, prompt-completion, messages, alpaca]; detected from
+    /// Record format [pretokenized, text, prompt-completion, messages, sharegpt, alpaca]; detected from
     /// the first record when absent (as `nopad train` does).
     #[arg(long)]
     pub format: Option<Format>,

@@ -45,7 +45,7 @@ pub struct TrainArgs {
     /// Examples generated for synthetic data. Default 4096.
     #[arg(long)]
     pub synthetic_examples: Option<usize>,
-    /// Data format (default: detected): pretokenized, text, prompt-completion, messages, alpaca.
+    /// Data format (default: detected): pretokenized, text, prompt-completion, messages, sharegpt, alpaca.
     #[arg(long)]
     pub format: Option<String>,
     /// Examples longer than --max-len: truncate (default), split or drop.
