@@ -56,6 +56,18 @@ fn final_weights(dir: &Path) -> Vec<f32> {
     w
 }
 
+/// The schedule a run of `tc` over `total` steps follows from its start.
+fn schedule_of(tc: &TrainConfig, total: u64) -> Schedule {
+    Schedule {
+        lr: tc.lr,
+        min_lr: tc.min_lr,
+        warmup: tc.warmup,
+        total,
+        decay: tc.decay,
+        restart: None,
+    }
+}
+
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
@@ -392,14 +404,7 @@ fn a_planted_nan_is_skipped_counted_and_never_reaches_the_weights() {
         },
     )
     .unwrap();
-    let schedule = Schedule {
-        lr: tc.lr,
-        min_lr: tc.min_lr,
-        warmup: tc.warmup,
-        total: 6,
-        decay: tc.decay,
-        restart: None,
-    };
+    let schedule = schedule_of(&tc, 6);
     let mut opt = Optimizer::new(&b, &model, tc.adamw).unwrap();
     for step in 1..=6 {
         let s = loader.next().unwrap();
@@ -556,14 +561,7 @@ fn a_resumed_run_may_be_extended_or_change_its_learning_rate() {
     };
     let (whole, s) = run(&longer);
     assert_eq!(s.steps_done, 10);
-    let old = Schedule {
-        lr: tc.lr,
-        min_lr: tc.min_lr,
-        warmup: tc.warmup,
-        total: 6,
-        decay: tc.decay,
-        restart: None,
-    };
+    let old = schedule_of(&tc, 6);
     let new = old.continued(3, Schedule { total: 10, ..old });
     assert!(new.restart.is_some());
     for &(step, _, lr, _) in &whole {
