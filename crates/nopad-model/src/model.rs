@@ -74,10 +74,7 @@ impl<B: Backend> GroupGrads<'_, B> {
     pub fn grad_range(&self, r: &Range<usize>) -> Range<usize> {
         match self.slots {
             None => r.clone(),
-            Some(placed) => placed
-                .iter()
-                .find(|(g, _)| g.start <= r.start && r.end <= g.end)
-                .map(|(g, at)| at + (r.start - g.start)..at + (r.end - g.start))
+            Some(placed) => grad_slots::locate(placed.iter(), r)
                 .unwrap_or_else(|| panic!("range {r:?} is not in group {}", self.group.kind)),
         }
     }

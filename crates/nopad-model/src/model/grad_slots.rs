@@ -101,13 +101,20 @@ impl GradSlots {
 
     /// Where the gradient of parameter range `r` (inside one range of one group) lies.
     pub fn map(&self, r: &Range<usize>) -> Range<usize> {
-        self.groups
-            .iter()
-            .flatten()
-            .find(|(g, _)| g.start <= r.start && r.end <= g.end)
-            .map(|(g, at)| at + (r.start - g.start)..at + (r.end - g.start))
+        locate(self.groups.iter().flatten(), r)
             .expect("every parameter range lies in one group's range")
     }
+}
+
+/// Where `r` lies in the scratch, given placed ranges `(parameter range, scratch offset)`; None
+/// when no placed range holds it.
+pub(crate) fn locate<'a>(
+    mut placed: impl Iterator<Item = &'a (Range<usize>, usize)>,
+    r: &Range<usize>,
+) -> Option<Range<usize>> {
+    placed
+        .find(|(g, _)| g.start <= r.start && r.end <= g.end)
+        .map(|(g, at)| at + (r.start - g.start)..at + (r.end - g.start))
 }
 
 /// Elements of the one-group gradient scratch of `layout` (what the memory plan counts).
