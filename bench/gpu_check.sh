@@ -120,6 +120,7 @@ bench() {  # label, binary, row[, extra flags]; writes $out/bench/<label>/ and $
   local rc=$?; [ $rc = 0 ] || failed=1
   echo "bench $label: rc=$rc at ${SECONDS}s"
 }
+mkdir -p "$out/bench"
 for row in "${rows[@]}"; do
   for m in "${modes[@]}"; do
     bench "$row-${m%%=*}" "$nopad" "$row" "${m#*=}"

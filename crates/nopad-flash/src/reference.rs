@@ -31,8 +31,26 @@ pub struct Reference {
     pub d_qkv: Vec<f32>,
 }
 
-fn bf16_round(x: f64) -> f64 {
-    half::bf16::from_f64(x).to_f64()
+/// `x` rounded to the nearest bf16, ties to even, in one rounding (what a kernel's
+/// `f32 -> bf16` conversion does to an exact value).
+///
+/// Not `half::bf16::from_f64`: it decides the rounding from the upper 32 bits of the f64 alone,
+/// so a value just above a tie whose excess lies in the lower bits (an f32's last three mantissa
+/// bits, for one) is rounded down. Here `x` goes to f32 rounded to odd (truncated, with the
+/// lowest bit set when anything was cut), which keeps every bit bf16's rounding looks at, and
+/// then to bf16 with `from_f32`, which rounds correctly.
+pub fn bf16_round(x: f64) -> f64 {
+    let f = x as f32;
+    if !x.is_finite() || f as f64 == x {
+        return half::bf16::from_f32(f).to_f64();
+    }
+    // `as` rounded to nearest: step back toward zero when it rounded away from zero.
+    let truncated = if (f as f64).abs() > x.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    half::bf16::from_f32(f32::from_bits(truncated.to_bits() | 1)).to_f64()
 }
 
 /// Forward and backward of causal varlen attention on the CPU.
@@ -265,5 +283,25 @@ mod tests {
         assert_eq!(r.out, vec![5.0, 6.0]);
         assert!((r.lse[0] - 0.5 * 11.0).abs() < 1e-6);
         assert_eq!(r.d_qkv, vec![0.0, 0.0, 0.0, 0.0, 0.25, -1.0]);
+    }
+
+    #[test]
+    fn bf16_round_sees_every_bit() {
+        let tie = f32::from_bits(0x3cea_8000) as f64;
+        // An exact tie goes to the even neighbour, below.
+        assert_eq!(bf16_round(tie), f32::from_bits(0x3cea_0000) as f64);
+        // Just above the tie, by an f32's lowest bit or by less than an f32 can hold: up. (The
+        // first is the case `half::bf16::from_f64` rounds down.)
+        let up = f32::from_bits(0x3ceb_0000) as f64;
+        assert_eq!(bf16_round(f32::from_bits(0x3cea_8001) as f64), up);
+        assert_eq!(bf16_round(tie + tie * 2f64.powi(-40)), up);
+        assert_eq!(bf16_round(-(tie + tie * 2f64.powi(-40))), -up);
+        // Just below: down.
+        assert_eq!(
+            bf16_round(tie - tie * 2f64.powi(-40)),
+            f32::from_bits(0x3cea_0000) as f64
+        );
+        assert_eq!(bf16_round(1.0), 1.0);
+        assert!(bf16_round(f64::NAN).is_nan());
     }
 }

@@ -243,8 +243,9 @@ pub(crate) fn dequant_nf4<B: Backend>(e: &mut Env<B>) {
     }
     // Too short a scale buffer is refused.
     let b = &e.b;
-    let (mut gy, gc) = (e.poison(128, Kind::Compute), e.poison(64, Kind::Code8));
-    let (gs, ga) = (e.poison(1, Kind::Code8), e.poison(2, Kind::Master));
+    // Codes are integers 0..=255 on every backend (CUDA refuses NaN in a code buffer).
+    let (mut gy, gc) = (e.poison(128, Kind::Compute), e.up(&[0.0; 64], Kind::Code8));
+    let (gs, ga) = (e.up(&[0.0], Kind::Code8), e.poison(2, Kind::Master));
     let r = b.dequant_nf4(DequantNf4 {
         y: b.view_mut(&mut gy, 0..128),
         codes: b.view(&gc, 0..64),

@@ -58,6 +58,10 @@ pub struct StatsArgs {
     /// Print one JSON object keyed by strategy name instead of text.
     #[arg(long)]
     pub json: bool,
+    /// With `--gpu-memory` and `--lora-r`: the plan of LoRA (or QLoRA, `--base-dtype nf4`)
+    /// training instead of full fine-tuning, over both base precisions.
+    #[command(flatten)]
+    pub lora: super::lora::LoraArgs,
     /// Also draw the length histogram to this .svg file.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
@@ -137,7 +141,8 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
             (None, Some(dir)) => nopad_model::weights::read_config(dir)?,
             (None, None) => bail!("--gpu-memory needs --model (a model directory or a preset)"),
         };
-        let text = memory_table(&cfg, &examples, &pack, args.grad_accum, budget);
+        let lora = args.lora.resolve(args.seed)?;
+        let text = memory_table(&cfg, &examples, &pack, args.grad_accum, budget, lora);
         // JSON output stays one object on stdout; the table then goes to stderr.
         if args.json {
             eprintln!("{text}");
@@ -149,13 +154,16 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
 }
 
 /// The memory plan of every mode worth comparing, on a CUDA device of `budget` bytes, at the
-/// largest `flatten` micro-batch of the data.
+/// largest `flatten` micro-batch of the data. With `lora`, the modes are the adapters over a
+/// bf16 and an NF4 base, each with and without recomputation (the adapters' own optimizer state
+/// is too small for its precision to matter).
 fn memory_table(
     cfg: &nopad_model::Config,
     examples: &[nopad_data::Example],
     pack: &PackOptions,
     grad_accum: usize,
     budget: usize,
+    lora: Option<nopad_train::LoraTrain>,
 ) -> String {
     use nopad_train::{Modes, Trained};
     let tokens = nopad_train::largest_micro_batch(examples, pack);
@@ -171,11 +179,33 @@ fn memory_table(
         offload: false,
         trained: Trained::Full,
     };
-    let grid = nopad_train::mode_grid(base, one);
+    let grid = match &lora {
+        None => nopad_train::mode_grid(base, one),
+        Some(l) => lora_grid(base, &l.settings),
+    };
     format!(
         "memory plan on a {} CUDA device (bf16, {} gradients), largest flatten micro-batch {tokens} tokens; sizes in GiB:\n{}",
         nopad_train::gib(budget),
         if one { "bf16" } else { "fp32" },
         nopad_train::table(cfg, tokens, &grid, &dev, budget)
     )
+}
+
+/// LoRA's rows of the memory table: bf16 and NF4 bases, with no, MLP and full recomputation.
+fn lora_grid(
+    base: nopad_train::Modes,
+    lora: &nopad_model::lora::LoraConfig,
+) -> Vec<nopad_train::Modes> {
+    use nopad_model::{lora::memory::LoraShape, quant::BaseDtype, Recompute};
+    let mut v = Vec::new();
+    for dtype in [BaseDtype::Bf16, BaseDtype::Nf4] {
+        for recompute in [Recompute::None, Recompute::Mlp(None), Recompute::Full] {
+            v.push(nopad_train::Modes {
+                recompute,
+                trained: nopad_train::Trained::Lora(LoraShape::of(lora, dtype)),
+                ..base
+            });
+        }
+    }
+    v
 }
