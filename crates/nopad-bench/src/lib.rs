@@ -221,6 +221,7 @@ fn loader(
         shuffle: true,
         start: Default::default(),
         prefetch,
+        parallel: nopad_data::DataParallel::ALONE,
     };
     Ok(Loader::new(train.clone(), opts)?)
 }

@@ -171,6 +171,7 @@ fn main() {
                     shuffle: true,
                     start: Default::default(),
                     prefetch: 4,
+                    parallel: nopad_data::DataParallel::ALONE,
                 };
                 let loader = Loader::new(Arc::clone(&shared), opts).expect("loader");
                 let spe = loader.steps_per_epoch();

@@ -5,7 +5,9 @@
 //! the model needs (`cu_seqlens`, `position_ids`, shifted `targets`), computed once on the host.
 //! The path of data: [`load_examples`] (or [`synthetic::instruction_dataset`]) gives examples;
 //! [`Loader`] samples them into optimizer steps on a background thread, each micro-batch laid out
-//! by [`pack_micro_batch`]; [`eval_batches`] does the same for evaluation, in file order.
+//! by [`pack_micro_batch`]; [`eval_batches`] does the same for evaluation, in file order. A
+//! data-parallel run gives each rank's loader its `rank`: every rank plans the same global step
+//! and keeps its balanced share ([`RankCost`] says what each rank runs).
 
 #![deny(missing_docs)]
 
@@ -16,6 +18,7 @@ mod loader;
 mod messages;
 mod pack;
 mod plot;
+mod ranks;
 mod records;
 mod sampler;
 mod stats;
@@ -28,6 +31,7 @@ pub use error::DataError;
 pub use load::{load_examples, LoadOptions, LoadReport, LongPolicy};
 pub use loader::{eval_batches, largest_micro_batch, steps_per_epoch, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
+pub use ranks::{imbalance, DataParallel, RankCost, DEFAULT_ATTENTION_LEN};
 pub use records::{Format, LossOn};
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
 pub use stats::{strategy_stats, LengthHistogram, StatsReport, StrategyStats};

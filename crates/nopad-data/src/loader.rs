@@ -4,6 +4,8 @@
 //! `sampler` on its own thread and hands finished [`Step`]s through a bounded channel, so packing
 //! overlaps with the model's work and memory stays bounded by `prefetch` steps. The iterator is
 //! endless over epochs; the caller decides when to stop (dropping the loader stops the thread).
+//! In a data-parallel run each rank runs its own loader with its own `rank`; all of them plan
+//! the same global steps and keep their own share (see `ranks`).
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::thread::JoinHandle;
 
 use crate::error::DataError;
 use crate::pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
+use crate::ranks::DataParallel;
 use crate::sampler::{DataPosition, Planner, Step};
 use crate::{Batch, Example, Strategy};
 
@@ -19,7 +22,7 @@ use crate::{Batch, Example, Strategy};
 pub struct LoaderOptions {
     /// Packing of each micro-batch.
     pub pack: PackOptions,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step on each rank.
     pub grad_accum: usize,
     /// Seed of the per-epoch shuffle.
     pub seed: u64,
@@ -29,6 +32,8 @@ pub struct LoaderOptions {
     pub start: DataPosition,
     /// Steps built ahead of the consumer (at least 1).
     pub prefetch: usize,
+    /// This loader's rank in a data-parallel run ([`DataParallel::ALONE`] for one process).
+    pub parallel: DataParallel,
 }
 
 /// Endless iterator over optimizer steps, built on a background thread.
@@ -43,28 +48,14 @@ impl Loader {
     /// Checks the dataset against the options and starts the background thread.
     ///
     /// Errors: no examples, an empty example, an example longer than `max_len` (load with a long
-    /// policy first), zero sizes, or a start position that does not fit this dataset.
+    /// policy first), zero sizes, a rank not below `ranks`, or a start position that does not fit
+    /// this dataset.
     pub fn new(examples: Arc<Vec<Example>>, opts: LoaderOptions) -> Result<Loader, DataError> {
-        check_options(&examples, &opts)?;
+        let mut planner = checked_planner(examples, &opts)?;
         let mut warnings = vec![];
         if opts.pack.strategy == Strategy::Concat {
             eprintln!("warning: {CONCAT_WARNING}");
             warnings.push(CONCAT_WARNING.to_string());
-        }
-        let n_examples = examples.len();
-        let mut planner = Planner::new(
-            examples,
-            opts.pack.clone(),
-            opts.grad_accum,
-            opts.seed,
-            opts.shuffle,
-        );
-        if !planner.fits(&opts.start) {
-            return Err(DataError::msg(format!(
-                "the resume position {:?} does not fit {} examples packed with `{}`: was the \
-                 checkpoint made with other data or another strategy?",
-                opts.start, n_examples, opts.pack.strategy
-            )));
         }
         let steps_per_epoch = planner.steps_in_epoch(opts.start.epoch);
         let (tx, rx) = sync_channel(opts.prefetch.max(1));
@@ -133,6 +124,7 @@ fn check_options(examples: &[Example], opts: &LoaderOptions) -> Result<(), DataE
             p.batch_size, opts.grad_accum, p.max_len
         )));
     }
+    opts.parallel.check()?;
     if examples.is_empty() {
         return Err(DataError::msg("no examples to train on"));
     }
@@ -167,9 +159,11 @@ pub fn eval_batches(examples: &[Example], opts: &PackOptions) -> Vec<Batch> {
 }
 
 /// The most tokens any micro-batch of the `steps` steps from `opts.start` holds, padding
-/// included: the number a memory plan sizes the activations by. Exact, because it plans and
-/// packs those very steps in the same order as the [`Loader`] (on this thread, without keeping
-/// them), at the cost of one pass over their tokens on the host.
+/// included, over every rank's share (balancing moves examples between ranks, so the largest
+/// over all of them is the number that fits every rank): the number a memory plan sizes the
+/// activations by. Exact, because it plans and packs those very steps in the same order as the
+/// [`Loader`] (on this thread, without keeping them), at the cost of one pass over their tokens
+/// on the host.
 pub fn largest_micro_batch(
     examples: Arc<Vec<Example>>,
     opts: &LoaderOptions,
@@ -179,19 +173,19 @@ pub fn largest_micro_batch(
     let mut pos = opts.start.clone();
     let mut most = 0;
     for _ in 0..steps {
-        let step = planner.next_step(&pos);
-        most = step
-            .batches
+        let (shares, after) = planner.shares(&pos);
+        most = shares
             .iter()
+            .flatten()
             .map(|b| b.tokens.len())
             .fold(most, usize::max);
-        pos = step.position_after;
+        pos = after;
     }
     Ok(most)
 }
 
-/// Optimizer steps in the epoch of `opts.start` (what [`Loader::steps_per_epoch`] reports),
-/// without starting a loader.
+/// Optimizer steps in the epoch of `opts.start` (what [`Loader::steps_per_epoch`] reports, the
+/// same on every rank), without starting a loader.
 pub fn steps_per_epoch(
     examples: Arc<Vec<Example>>,
     opts: &LoaderOptions,
@@ -199,17 +193,27 @@ pub fn steps_per_epoch(
     Ok(checked_planner(examples, opts)?.steps_in_epoch(opts.start.epoch))
 }
 
-/// The planner a [`Loader`] with `opts` would run, after the same checks.
+/// The planner a [`Loader`] with `opts` runs, after its checks (the start position included).
 fn checked_planner(
     examples: Arc<Vec<Example>>,
     opts: &LoaderOptions,
 ) -> Result<Planner, DataError> {
     check_options(&examples, opts)?;
-    Ok(Planner::new(
+    let n_examples = examples.len();
+    let mut planner = Planner::new(
         examples,
         opts.pack.clone(),
         opts.grad_accum,
         opts.seed,
         opts.shuffle,
-    ))
+    )
+    .for_ranks(opts.parallel);
+    if !planner.fits(&opts.start) {
+        return Err(DataError::msg(format!(
+            "the resume position {:?} does not fit {} examples packed with `{}`: was the \
+             checkpoint made with other data or another strategy?",
+            opts.start, n_examples, opts.pack.strategy
+        )));
+    }
+    Ok(planner)
 }

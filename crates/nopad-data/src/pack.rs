@@ -66,9 +66,9 @@ pub fn pack_micro_batch(examples: &[&Example], opts: &PackOptions) -> Batch {
             pack_rows(&rows)
         }
         Strategy::Concat => {
-            let pieces: Vec<Piece> = examples
+            let pieces: Vec<Piece<&Example>> = examples
                 .iter()
-                .map(|e| Piece {
+                .map(|&e| Piece {
                     example: e,
                     start: 0,
                     end: e.len(),
@@ -124,22 +124,24 @@ pub(crate) fn pack_rows(rows: &[Vec<&Example>]) -> Batch {
         b.stats.real_tokens += len;
         b.stats.sum_len_sq += (len * len) as u64;
     }
-    b.stats.rows = rows.len();
+    // An empty micro-batch (a rank with nothing left at an epoch's end) lays out no row.
+    b.stats.rows = rows.iter().filter(|r| !r.is_empty()).count();
     finish(b)
 }
 
-/// A contiguous token range `start..end` of one example (whole examples have `0..len`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Piece<'a> {
-    pub example: &'a Example,
+/// A contiguous token range `start..end` of one example (whole examples have `0..len`). `E` is
+/// how the example is named: `&Example` when packing, its dataset index `u32` when planning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Piece<E> {
+    pub example: E,
     pub start: usize,
     pub end: usize,
 }
 
 /// Cuts a stream of pieces into rows of at most `max_len` tokens.
-pub(crate) fn cut_rows<'a>(pieces: &[Piece<'a>], max_len: usize) -> Vec<Vec<Piece<'a>>> {
+pub(crate) fn cut_rows<E: Copy>(pieces: &[Piece<E>], max_len: usize) -> Vec<Vec<Piece<E>>> {
     let mut rows = vec![];
-    let mut row: Vec<Piece<'a>> = vec![];
+    let mut row: Vec<Piece<E>> = vec![];
     let mut fill = 0;
     for p in pieces {
         let mut start = p.start;
@@ -166,7 +168,7 @@ pub(crate) fn cut_rows<'a>(pieces: &[Piece<'a>], max_len: usize) -> Vec<Vec<Piec
 
 /// `concat`: each row one segment; the label of an example's first token becomes its token id,
 /// so the previous example in the row is trained to predict it (the failure `concat` shows).
-pub(crate) fn pack_concat(rows: &[Vec<Piece>]) -> Batch {
+pub(crate) fn pack_concat(rows: &[Vec<Piece<&Example>>]) -> Batch {
     let n = rows.iter().flatten().map(|p| p.end - p.start).sum();
     let mut b = with_capacity(n);
     let mut examples = 0;

@@ -6,6 +6,9 @@
 //! into the current example, the `offline` packer's carried examples) lives in [`DataPosition`].
 //! So a run resumed from a checkpoint's position yields exactly the steps an uninterrupted run
 //! would. Steps never cross an epoch; an epoch's last step may hold fewer micro-batches.
+//!
+//! With several data-parallel ranks the planner plans the global step (`ranks × grad_accum`
+//! micro-batches, one position for every rank) and `ranks` splits it; see there.
 
 use std::sync::Arc;
 
@@ -13,6 +16,7 @@ use nopad_rng::Rng;
 
 use crate::pack::{best_fit_decreasing, cut_rows, pack_concat, pack_micro_batch, pack_rows};
 use crate::pack::{PackOptions, Piece};
+use crate::ranks::{self, DataParallel, RankCost};
 use crate::{Batch, BatchStats, Example, Strategy};
 
 /// Where the data stream stands: which example comes next, and what the packer carries. Store it
@@ -32,30 +36,48 @@ pub struct DataPosition {
     pub carry: Vec<u64>,
 }
 
-/// One optimizer step's micro-batches.
+/// One optimizer step's micro-batches (this rank's), and what every rank runs in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
-    /// `grad_accum` micro-batches, fewer at an epoch's end.
+    /// This rank's micro-batches: `grad_accum` of them. Alone (one rank), fewer at an epoch's
+    /// end; with several ranks always exactly `grad_accum`, some empty ([`Batch::is_empty`]) when
+    /// the epoch's last step runs short, so every rank makes the same calls.
     pub batches: Vec<Batch>,
     /// The epoch these batches belong to.
     pub epoch: u64,
-    /// Where the stream stands after this step (a checkpoint stores it).
+    /// Where the stream stands after this step (a checkpoint stores it; the same on every rank).
     pub position_after: DataPosition,
+    /// What each rank runs in this step, indexed by rank (one entry alone).
+    pub rank_costs: Vec<RankCost>,
+    /// Token accounting over every rank's micro-batches; `global.target_tokens` is the loss
+    /// divisor of the step, known on every rank before any forward.
+    pub global: BatchStats,
+    /// The balance's attention length, for [`Step::imbalance`].
+    attention_len: u64,
 }
 
 impl Step {
-    /// Target tokens over all micro-batches: the loss divisor of the step.
+    /// Target tokens over this rank's micro-batches (alone, the loss divisor of the step; with
+    /// several ranks the divisor is `global.target_tokens`).
     pub fn target_tokens(&self) -> usize {
-        self.batches.iter().map(|b| b.stats.target_tokens).sum()
+        self.stats().target_tokens
     }
-    /// Token accounting summed over the micro-batches.
+    /// Token accounting summed over this rank's micro-batches.
     pub fn stats(&self) -> BatchStats {
-        let mut s = BatchStats::default();
-        for b in &self.batches {
-            s += b.stats;
-        }
-        s
+        sum_stats(&self.batches)
     }
+    /// The costliest rank's cost over the mean (1 alone): how long ranks wait for the slowest.
+    pub fn imbalance(&self) -> f64 {
+        ranks::imbalance(&self.rank_costs, self.attention_len)
+    }
+}
+
+fn sum_stats(batches: &[Batch]) -> BatchStats {
+    let mut s = BatchStats::default();
+    for b in batches {
+        s += b.stats;
+    }
+    s
 }
 
 /// `offline` packs at least this many examples at once (plus enough tokens for two steps).
@@ -66,11 +88,11 @@ pub const OFFLINE_WINDOW: usize = 1024;
 const MEGABATCH: usize = 50;
 
 /// What one micro-batch is made of, before its tokens are copied.
-enum MicroPlan {
+pub(crate) enum MicroPlan {
     /// Whole examples (`pad`, `flatten`).
     Examples(Vec<u32>),
-    /// A `concat` stream segment: `(example, start, end)`.
-    Pieces(Vec<(u32, usize, usize)>),
+    /// `concat` rows of at most `max_len` tokens, each one attention segment of stream pieces.
+    Stream(Vec<Vec<Piece<u32>>>),
     /// `offline` rows of examples.
     Rows(Vec<Vec<u32>>),
 }
@@ -79,11 +101,13 @@ enum MicroPlan {
 pub(crate) struct Planner {
     examples: Arc<Vec<Example>>,
     pack: PackOptions,
+    /// Micro-batches of the global step (all ranks').
     grad_accum: usize,
     seed: u64,
     shuffle: bool,
     order_epoch: Option<u64>,
     order: Vec<u32>,
+    parallel: DataParallel,
 }
 
 impl Planner {
@@ -102,6 +126,18 @@ impl Planner {
             shuffle,
             order_epoch: None,
             order: vec![],
+            parallel: DataParallel::ALONE,
+        }
+    }
+
+    /// The planner of one rank among several: it plans global steps of `ranks × grad_accum`
+    /// micro-batches (`grad_accum` as given to [`Planner::new`], per rank) and hands out
+    /// `rank`'s share.
+    pub(crate) fn for_ranks(self, parallel: DataParallel) -> Self {
+        Planner {
+            grad_accum: self.grad_accum * parallel.ranks,
+            parallel,
+            ..self
         }
     }
 
@@ -160,7 +196,11 @@ impl Planner {
                         let i = order[next.cursor as usize];
                         let start = next.offset as usize;
                         let end = len(i).min(start + room);
-                        pieces.push((i, start, end));
+                        pieces.push(Piece {
+                            example: i,
+                            start,
+                            end,
+                        });
                         room -= end - start;
                         if end == len(i) {
                             next.cursor += 1;
@@ -169,7 +209,7 @@ impl Planner {
                             next.offset = end as u64;
                         }
                     }
-                    plans.push(MicroPlan::Pieces(pieces));
+                    plans.push(MicroPlan::Stream(cut_rows(&pieces, max_len)));
                 }
             }
             Strategy::Offline => {
@@ -217,39 +257,78 @@ impl Planner {
         (plans, next)
     }
 
-    /// Builds the step at `pos`.
+    /// Builds the step at `pos`: this rank's micro-batches and every rank's costs.
     pub(crate) fn next_step(&mut self, pos: &DataPosition) -> Step {
-        let (plans, position_after) = self.plan(pos);
-        let ex = |i: &u32| &self.examples[*i as usize];
-        let batches = plans
-            .iter()
-            .map(|p| match p {
-                MicroPlan::Examples(ids) => {
-                    let refs: Vec<&Example> = ids.iter().map(ex).collect();
-                    pack_micro_batch(&refs, &self.pack)
-                }
-                MicroPlan::Pieces(pieces) => {
-                    let pieces: Vec<Piece> = pieces
-                        .iter()
-                        .map(|&(i, start, end)| Piece {
-                            example: ex(&i),
-                            start,
-                            end,
-                        })
-                        .collect();
-                    pack_concat(&cut_rows(&pieces, self.pack.max_len))
-                }
-                MicroPlan::Rows(rows) => {
-                    let rows: Vec<Vec<&Example>> =
-                        rows.iter().map(|r| r.iter().map(ex).collect()).collect();
-                    pack_rows(&rows)
-                }
-            })
-            .collect();
+        let (mut shares, position_after) = self.shares(pos);
+        let per_rank: Vec<BatchStats> = shares.iter().map(|s| sum_stats(s)).collect();
+        let mut global = BatchStats::default();
+        for s in &per_rank {
+            global += *s;
+        }
+        let rank_costs = per_rank.iter().map(RankCost::of).collect();
         Step {
-            batches,
+            batches: std::mem::take(&mut shares[self.parallel.rank]),
             epoch: pos.epoch,
             position_after,
+            rank_costs,
+            global,
+            attention_len: self.parallel.attention_len,
+        }
+    }
+
+    /// Every rank's micro-batches of the step at `pos` (`[rank][micro-batch]`; one rank alone
+    /// gets the plan unsplit), and the position after it. Each rank builds them all: the costs
+    /// the step reports and the memory plan's largest micro-batch need every share, and copying
+    /// the tokens is small next to a training step.
+    pub(crate) fn shares(&mut self, pos: &DataPosition) -> (Vec<Vec<Batch>>, DataPosition) {
+        let (plans, position_after) = self.plan(pos);
+        let (p, strategy) = (&self.parallel, self.pack.strategy);
+        let shares = if p.ranks == 1 {
+            vec![plans]
+        } else {
+            ranks::split(
+                plans,
+                strategy,
+                &self.examples,
+                p,
+                self.grad_accum / p.ranks,
+            )
+        };
+        let built = shares
+            .iter()
+            .map(|share| share.iter().map(|p| self.build(p)).collect())
+            .collect();
+        (built, position_after)
+    }
+
+    /// Copies one micro-batch's tokens into a [`Batch`].
+    fn build(&self, plan: &MicroPlan) -> Batch {
+        let ex = |i: &u32| &self.examples[*i as usize];
+        match plan {
+            MicroPlan::Examples(ids) => {
+                let refs: Vec<&Example> = ids.iter().map(ex).collect();
+                pack_micro_batch(&refs, &self.pack)
+            }
+            MicroPlan::Stream(rows) => {
+                let rows: Vec<Vec<Piece<&Example>>> = rows
+                    .iter()
+                    .map(|row| {
+                        row.iter()
+                            .map(|p| Piece {
+                                example: ex(&p.example),
+                                start: p.start,
+                                end: p.end,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                pack_concat(&rows)
+            }
+            MicroPlan::Rows(rows) => {
+                let rows: Vec<Vec<&Example>> =
+                    rows.iter().map(|r| r.iter().map(ex).collect()).collect();
+                pack_rows(&rows)
+            }
         }
     }
 

@@ -306,6 +306,7 @@ impl<B: Backend> Session<B> {
                 .map(|(_, st)| st.data_position.clone())
                 .unwrap_or_default(),
             prefetch: 4,
+            parallel: nopad_data::DataParallel::ALONE,
         };
         // Only a run that saves or resumes needs its identity (hashing a big data file takes time).
         let identity = if tc.out.is_some() || resume.is_some() {

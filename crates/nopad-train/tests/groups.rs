@@ -46,6 +46,7 @@ fn setup(b: &B, tied: bool) -> (Model<B>, Loader) {
         shuffle: true,
         start: Default::default(),
         prefetch: 1,
+        parallel: nopad_data::DataParallel::ALONE,
     };
     (model, Loader::new(Arc::new(ex), opts).unwrap())
 }

@@ -60,6 +60,7 @@ fn planned_and_measured<B: nopad_backend::Backend>(
             shuffle: true,
             start: Default::default(),
             prefetch: 1,
+            parallel: nopad_data::DataParallel::ALONE,
         },
     )
     .unwrap();

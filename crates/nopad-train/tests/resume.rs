@@ -401,6 +401,7 @@ fn a_planted_nan_is_skipped_counted_and_never_reaches_the_weights() {
             shuffle: true,
             start: Default::default(),
             prefetch: 1,
+            parallel: nopad_data::DataParallel::ALONE,
         },
     )
     .unwrap();

@@ -118,6 +118,7 @@ fn pad_and_flatten_steps_train_identically() {
             shuffle: true,
             start: Default::default(),
             prefetch: 2,
+            parallel: nopad_data::DataParallel::ALONE,
         };
         let mut loader = Loader::new(ex.clone(), opts).unwrap();
         let mut losses = Vec::new();

@@ -5,5 +5,6 @@ mod conversations;
 mod formats;
 mod loading;
 mod props;
+mod ranks;
 mod untrusted;
 mod util;

@@ -12,7 +12,7 @@ use crate::util::{trace, traceable};
 
 const PAD: i32 = 0;
 
-fn loader_opts(
+pub(crate) fn loader_opts(
     strategy: Strategy,
     bs: usize,
     ga: usize,
@@ -32,6 +32,7 @@ fn loader_opts(
         shuffle: true,
         start: DataPosition::default(),
         prefetch: 2,
+        parallel: nopad_data::DataParallel::ALONE,
     }
 }
 
@@ -99,7 +100,7 @@ fn check_isolated(b: &Batch, data: &[Example], strategy: Strategy, seed: u64) ->
 }
 
 /// The steps of epoch 0 (and checks that the next step starts epoch 1).
-fn one_epoch(data: &Arc<Vec<Example>>, opts: LoaderOptions, seed: u64) -> Vec<Step> {
+pub(crate) fn one_epoch(data: &Arc<Vec<Example>>, opts: LoaderOptions, seed: u64) -> Vec<Step> {
     let mut loader = Loader::new(Arc::clone(data), opts).expect("loader");
     let spe = loader.steps_per_epoch();
     let steps: Vec<Step> = loader.by_ref().take(spe).collect();

@@ -45,6 +45,7 @@ pub fn setup(b: &B, tied: bool) -> (Model<B>, Loader) {
         shuffle: true,
         start: Default::default(),
         prefetch: 1,
+        parallel: nopad_data::DataParallel::ALONE,
     };
     (model, Loader::new(Arc::new(ex), opts).unwrap())
 }
