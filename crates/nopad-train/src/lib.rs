@@ -44,8 +44,9 @@ mod trainer;
 pub use collective::{Collective, SingleProcess};
 pub use config::{warmup_steps, DataSource, ModelSource, Resume, TrainConfig};
 pub use dist::{
-    launch_local, rendezvous, without_flag, DistError, LaunchOptions, Meeting, RendezvousOptions,
-    WorkerExit, World, NCCL_TIMEOUT_VAR, RENDEZVOUS_TIMEOUT_VAR, STOPPED_STATUS, WORLD_VARS,
+    launch_local, rendezvous, without_flag, DistError, DistOptions, LaunchOptions, Meeting,
+    NcclCollective, RendezvousOptions, WorkerExit, World, NCCL_TIMEOUT_VAR, RENDEZVOUS_TIMEOUT_VAR,
+    STOPPED_STATUS, WORLD_VARS,
 };
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};

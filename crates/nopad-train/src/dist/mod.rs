@@ -13,10 +13,12 @@
 
 mod env;
 mod launch;
+mod nccl;
 mod rendezvous;
 
 pub use env::{World, NCCL_TIMEOUT_VAR, RENDEZVOUS_TIMEOUT_VAR, WORLD_VARS};
 pub use launch::{launch_local, without_flag, LaunchOptions, WorkerExit, STOPPED_STATUS};
+pub use nccl::{DistOptions, NcclCollective};
 pub use rendezvous::{rendezvous, Meeting, RendezvousOptions};
 
 /// What setting up or running several processes can fail with.
