@@ -22,6 +22,7 @@
 pub mod checkpoint;
 mod collective;
 mod config;
+mod dist;
 mod error;
 mod eval;
 mod identity;
@@ -42,6 +43,11 @@ mod trainer;
 
 pub use collective::{Collective, SingleProcess};
 pub use config::{warmup_steps, DataSource, ModelSource, Resume, TrainConfig};
+pub use dist::{
+    launch_local, rendezvous, without_flag, DistError, DistOptions, LaunchOptions, Meeting,
+    NcclCollective, RendezvousOptions, WorkerExit, World, NCCL_TIMEOUT_VAR, RENDEZVOUS_TIMEOUT_VAR,
+    STOPPED_STATUS, WORLD_VARS,
+};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};

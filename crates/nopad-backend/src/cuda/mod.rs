@@ -32,6 +32,7 @@ mod embedding;
 mod linear;
 mod lm_head;
 mod memory;
+mod nccl;
 mod rmsnorm;
 mod rope;
 mod staging;
@@ -39,6 +40,7 @@ mod swiglu;
 
 use memory::ViewInfo;
 pub use memory::{CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
+pub use nccl::{nccl_version, shard, NcclComm, NcclId, NcclOptions, HOST_SLOTS, NCCL_ID_BYTES};
 pub use staging::CudaHost;
 
 use std::path::PathBuf;
