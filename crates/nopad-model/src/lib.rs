@@ -10,6 +10,7 @@
 mod arena;
 pub mod config;
 mod error;
+pub mod hub;
 mod layer;
 pub mod layout;
 pub mod lora;

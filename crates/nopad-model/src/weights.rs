@@ -327,7 +327,7 @@ pub fn load_checkpoint(
         .map(|t| (t.name.as_str(), t))
         .collect();
     for file in weight_files(dir)? {
-        let bytes = fs::read(&file).map_err(|e| ModelError::io(&file, e))?;
+        let bytes = map_file(&file)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Format {
             path: file.clone(),
             msg: format!("not a safetensors file: {e}"),
@@ -352,6 +352,19 @@ pub fn load_checkpoint(
         }
     }
     Ok(())
+}
+
+/// The bytes of a weight file, memory-mapped: a shard is read from the page cache as its
+/// tensors are converted, never copied whole into the process (an 8B checkpoint's 5 GB shards
+/// would otherwise each be one more 5 GB allocation at load time).
+///
+/// The map is read-only and private. Its one hazard is the file being truncated by another
+/// process while it is read (a SIGBUS), the hazard of every loader that maps safetensors, HF's
+/// included; replacing the file (a new inode) does not affect the map.
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let f = fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: read-only private map of a regular file; see above for truncation.
+    unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(|e| ModelError::io(path, e))
 }
 
 /// A stored tensor's values as f32, after checking its shape against `want` (`hint`: where that

@@ -191,7 +191,7 @@ pub fn load_adapter(
     mut sink: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let path = dir.join(ADAPTER_FILE);
-    let bytes = fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+    let bytes = crate::weights::map_file(&path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Format {
         path: path.clone(),
         msg: format!("not a safetensors file: {e}"),
