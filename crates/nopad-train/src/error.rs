@@ -26,6 +26,10 @@ pub enum TrainError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A collective between ranks could not complete: a rank failed, left, hung or called
+    /// another collective; the message names the rank.
+    #[error("{0}")]
+    Collective(String),
     /// Training stopped because too many steps had a non-finite loss or gradient.
     #[error("{0}")]
     Diverged(String),

@@ -40,7 +40,7 @@ mod state_check;
 mod step;
 mod trainer;
 
-pub use collective::{Collective, SingleProcess};
+pub use collective::{aligned_shard, Collective, SingleProcess, ThreadGroup, ThreadRank};
 pub use config::{warmup_steps, DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};

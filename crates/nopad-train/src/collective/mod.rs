@@ -7,13 +7,17 @@
 //! rank scales its loss by the global count; the squared gradient norm, for clipping) and, once
 //! parameters are sharded, device buffer ranges (gradients reduce-scattered to the rank that owns
 //! them, updated parameters all-gathered). [`SingleProcess`] is the identity at world size 1, so
-//! one process computes exactly what it computed before collectives existed.
+//! one process computes exactly what it computed before collectives existed. [`ThreadGroup`]
+//! (`threads`) joins ranks that are threads of one process, for tests and `--ranks N` on the CPU.
 
 use std::ops::Range;
 
 use nopad_backend::Backend;
 
 use crate::error::Result;
+
+mod threads;
+pub use threads::{ThreadGroup, ThreadRank};
 
 /// Communication between the ranks of one run. Every rank calls the same methods in the same
 /// order (a collective call is a meeting point); buffers are summed element by element.
@@ -52,6 +56,69 @@ pub trait Collective<B: Backend> {
         self.all_reduce_host(&mut v)?;
         Ok(v[0] as usize)
     }
+
+    /// This rank's part of `0..n` when every part but the last must start on a multiple of
+    /// `align` ([`aligned_shard`]): 8-bit moments are quantised in blocks of 256 counted from
+    /// the start of each piece of state, so pieces that start on a block of the unsharded state
+    /// keep its blocks and hence its numbers. With `align` 1 this is [`Collective::shard`].
+    fn shard_aligned(&self, n: usize, align: usize) -> Range<usize> {
+        aligned_shard(self.rank(), self.world_size(), n, align)
+    }
+
+    /// Sums `range` of `buf` over the ranks and leaves at least this rank's
+    /// [`Collective::shard_aligned`] part of it (relative to `range`) in place.
+    ///
+    /// Where the aligned parts are [`Collective::shard`]'s, a reduce-scatter; otherwise an
+    /// all-reduce (twice the traffic, the same sums) until an implementation overrides this with
+    /// a padded reduce-scatter.
+    fn reduce_scatter_aligned(
+        &self,
+        b: &B,
+        buf: &mut B::Buf,
+        range: Range<usize>,
+        align: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        if plain_is_aligned(self.world_size(), n, align) {
+            self.reduce_scatter(b, b.view_mut(buf, range), n)
+        } else {
+            self.all_reduce(b, b.view_mut(buf, range), n)
+        }
+    }
+
+    /// Fills `range` of `buf` from the ranks' [`Collective::shard_aligned`] parts, each read
+    /// from its rank's `buf`. Where the aligned parts are not [`Collective::shard`]'s, the rest of
+    /// this rank's range is zeroed and all-reduced (adding zeros is exact).
+    fn all_gather_aligned(
+        &self,
+        b: &B,
+        buf: &mut B::Buf,
+        range: Range<usize>,
+        align: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        if plain_is_aligned(self.world_size(), n, align) {
+            return self.all_gather(b, b.view_mut(buf, range), n);
+        }
+        let own = self.shard_aligned(n, align);
+        let s = range.start;
+        b.zero(b.view_mut(buf, s..s + own.start))?;
+        b.zero(b.view_mut(buf, s + own.end..range.end))?;
+        self.all_reduce(b, b.view_mut(buf, range), n)
+    }
+}
+
+/// Rank `rank`'s part of `0..n` split over `world` ranks: equal parts of `ceil(n / world)`
+/// rounded up to a multiple of `align`, the last ones shorter or empty.
+pub fn aligned_shard(rank: usize, world: usize, n: usize, align: usize) -> Range<usize> {
+    let per = n.div_ceil(world.max(1)).next_multiple_of(align.max(1));
+    let start = (rank * per).min(n);
+    start..(start + per).min(n)
+}
+
+/// Whether [`aligned_shard`]'s parts of `0..n` are [`Collective::shard`]'s.
+fn plain_is_aligned(world: usize, n: usize, align: usize) -> bool {
+    n.div_ceil(world.max(1)).is_multiple_of(align.max(1))
 }
 
 /// One process, one rank: every collective is the identity.
