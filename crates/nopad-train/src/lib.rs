@@ -22,6 +22,7 @@
 pub mod checkpoint;
 mod collective;
 mod config;
+mod data_parallel;
 mod error;
 mod eval;
 mod identity;
@@ -40,15 +41,15 @@ mod state_check;
 mod step;
 mod trainer;
 
-pub use collective::{aligned_shard, Collective, SingleProcess, ThreadGroup, ThreadRank};
+pub use collective::{aligned_shard, Aligned, Collective, SingleProcess, ThreadGroup, ThreadRank};
 pub use config::{warmup_steps, DataSource, ModelSource, Resume, TrainConfig};
 pub use error::{Result, TrainError};
 pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
 pub use lora::{build_adapter_eval_model, build_lora_model, LoraTrain};
 pub use optimizer::{
-    master_name, parse_master, parse_offload, parse_states, states_name, AdamWConfig,
-    GroupSettings, MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
+    master_name, parse_master, parse_offload, parse_shard, parse_states, states_name, AdamWConfig,
+    GroupSettings, MasterPrecision, Optimizer, Placement, ShardStage, StatePrecision, UpdateInfo,
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{

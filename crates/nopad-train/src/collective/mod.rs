@@ -65,47 +65,44 @@ pub trait Collective<B: Backend> {
         aligned_shard(self.rank(), self.world_size(), n, align)
     }
 
-    /// Sums `range` of `buf` over the ranks and leaves at least this rank's
-    /// [`Collective::shard_aligned`] part of it (relative to `range`) in place.
+    /// A sharded state's exchange ([`Aligned`]) over `range` of `buf`, on the ranks'
+    /// [`Collective::shard_aligned`] parts (relative to `range`).
     ///
-    /// Where the aligned parts are [`Collective::shard`]'s, a reduce-scatter; otherwise an
-    /// all-reduce (twice the traffic, the same sums) until an implementation overrides this with
-    /// a padded reduce-scatter.
-    fn reduce_scatter_aligned(
+    /// Where the aligned parts are [`Collective::shard`]'s, a reduce-scatter or all-gather.
+    /// Otherwise an all-reduce (twice the traffic, the same sums; for a gather, of this rank's
+    /// part with the rest zeroed, which adds exactly) until an implementation overrides this
+    /// with padded collectives.
+    fn exchange_aligned(
         &self,
         b: &B,
+        (op, align): (Aligned, usize),
         buf: &mut B::Buf,
         range: Range<usize>,
-        align: usize,
     ) -> Result<()> {
         let n = range.len();
-        if plain_is_aligned(self.world_size(), n, align) {
-            self.reduce_scatter(b, b.view_mut(buf, range), n)
-        } else {
-            self.all_reduce(b, b.view_mut(buf, range), n)
+        let plain = plain_is_aligned(self.world_size(), n, align);
+        match (op, plain) {
+            (Aligned::ReduceScatter, true) => self.reduce_scatter(b, b.view_mut(buf, range), n),
+            (Aligned::AllGather, true) => self.all_gather(b, b.view_mut(buf, range), n),
+            (Aligned::ReduceScatter, false) => self.all_reduce(b, b.view_mut(buf, range), n),
+            (Aligned::AllGather, false) => {
+                let own = self.shard_aligned(n, align);
+                let s = range.start;
+                b.zero(b.view_mut(buf, s..s + own.start))?;
+                b.zero(b.view_mut(buf, s + own.end..range.end))?;
+                self.all_reduce(b, b.view_mut(buf, range), n)
+            }
         }
     }
+}
 
-    /// Fills `range` of `buf` from the ranks' [`Collective::shard_aligned`] parts, each read
-    /// from its rank's `buf`. Where the aligned parts are not [`Collective::shard`]'s, the rest of
-    /// this rank's range is zeroed and all-reduced (adding zeros is exact).
-    fn all_gather_aligned(
-        &self,
-        b: &B,
-        buf: &mut B::Buf,
-        range: Range<usize>,
-        align: usize,
-    ) -> Result<()> {
-        let n = range.len();
-        if plain_is_aligned(self.world_size(), n, align) {
-            return self.all_gather(b, b.view_mut(buf, range), n);
-        }
-        let own = self.shard_aligned(n, align);
-        let s = range.start;
-        b.zero(b.view_mut(buf, s..s + own.start))?;
-        b.zero(b.view_mut(buf, s + own.end..range.end))?;
-        self.all_reduce(b, b.view_mut(buf, range), n)
-    }
+/// The exchanges of a sharded state ([`Collective::exchange_aligned`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aligned {
+    /// Sum over the ranks; at least this rank's part of the sum is left in place.
+    ReduceScatter,
+    /// Every rank's part, read from that rank, fills the whole range.
+    AllGather,
 }
 
 /// Rank `rank`'s part of `0..n` split over `world` ranks: equal parts of `ceil(n / world)`

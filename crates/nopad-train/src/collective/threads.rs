@@ -111,6 +111,16 @@ fn collective_error(msg: String) -> TrainError {
 }
 
 impl ThreadRank {
+    /// This rank (also [`Collective::rank`], without naming the backend).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.shared.n
+    }
+
     /// Marks this rank as failed (`why`: its error), so that its peers' pending and later
     /// collectives return an error naming it instead of waiting for it.
     pub fn fail(&self, why: &str) {
@@ -315,6 +325,7 @@ impl<T: Scalar> Collective<Cpu<T>> for ThreadRank {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collective::Aligned;
     use std::thread;
 
     /// Runs `f` on every rank of a group of `n` on its own thread; the results in rank order.
@@ -401,12 +412,13 @@ mod tests {
                 *x = (i * (r.rank + 1)) as f64;
             }
             let own = Collective::<Cpu<f64>>::shard_aligned(r, 600, 256);
-            r.reduce_scatter_aligned(&b, &mut buf, 5..605, 256).unwrap();
+            r.exchange_aligned(&b, (Aligned::ReduceScatter, 256), &mut buf, 5..605)
+                .unwrap();
             let mine: Vec<f64> = buf[5 + own.start..5 + own.end].to_vec();
             let mut gathered = b.alloc(610, nopad_backend::Kind::Grad).unwrap();
             gathered.fill(-1.0);
             gathered[5 + own.start..5 + own.end].copy_from_slice(&mine);
-            r.all_gather_aligned(&b, &mut gathered, 5..605, 256)
+            r.exchange_aligned(&b, (Aligned::AllGather, 256), &mut gathered, 5..605)
                 .unwrap();
             (own, mine, gathered.to_vec())
         });
