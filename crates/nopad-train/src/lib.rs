@@ -31,6 +31,7 @@ mod offload;
 mod optimizer;
 mod out_lock;
 mod plan;
+mod ranks;
 mod records;
 mod runlog;
 mod schedule;
@@ -57,11 +58,12 @@ pub use plan::{
     last_plan, mode_grid, modes_of, parse_gib, plan, print_plan_for_out_of_memory, table,
     DeviceSizes, Modes, Plan, Trained, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
 };
-pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
+pub use ranks::train_threads;
+pub use records::{Counters, EvalRecord, RankImbalance, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
 pub use session::{
     build_eval_model, build_model, build_model_layers, load_data, model_config, pad_token_id,
 };
 pub use signals::{install as install_signal_handlers, Interrupt};
 pub use step::{accumulate, eval_step, finish, inputs, step_targets, train_step, StepOutcome};
-pub use trainer::train;
+pub use trainer::{train, train_rank};
