@@ -157,11 +157,11 @@ pub fn train_threads<T: Scalar>(
 /// Rank 0's summary, or the error that started the failure: a rank whose own work failed
 /// before the ones that only saw a peer fail.
 fn first_error(results: Vec<(usize, Result<Summary>)>) -> Result<Summary> {
-    let mut lead = None;
+    let mut rank0 = None;
     let mut errors = vec![];
     for (rank, r) in results {
         match r {
-            Ok(s) if rank == 0 => lead = Some(s),
+            Ok(s) if rank == 0 => rank0 = Some(s),
             Ok(_) => {}
             Err(e) => errors.push((rank, e)),
         }
@@ -178,7 +178,7 @@ fn first_error(results: Vec<(usize, Result<Summary>)>) -> Result<Summary> {
                 source: Box::new(e),
             })
         }
-        None => lead.ok_or_else(|| TrainError::Collective("rank 0 returned no summary".into())),
+        None => rank0.ok_or_else(|| TrainError::Collective("rank 0 returned no summary".into())),
     }
 }
 

@@ -47,12 +47,12 @@ pub fn train_rank<B: Backend>(
     mut on_step: impl FnMut(&StepRecord),
 ) -> Result<Summary> {
     let mut s = Session::open(b, coll, tc)?;
-    let lead = coll.rank() == 0;
+    let rank0 = coll.rank() == 0;
     let (start, total) = (s.start_step, s.schedule.total);
-    let mut log = RunLog::open(if lead { &tc.log } else { &None }, start)?;
-    let bar = progress_bar(tc.progress && lead, total, start);
+    let mut log = RunLog::open(if rank0 { &tc.log } else { &None }, start)?;
+    let bar = progress_bar(tc.progress && rank0, total, start);
     let say = |msg: String| {
-        if lead {
+        if rank0 {
             bar.suspend(|| eprintln!("nopad: {msg}"))
         }
     };
@@ -110,7 +110,7 @@ pub fn train_rank<B: Backend>(
                 return Err(diverged(tc, step, bad, last_checkpoint.as_ref()));
             }
         }
-        let eval = match lead {
+        let eval = match rank0 {
             true => s.evaluate_at(b, tc, step)?,
             false => None,
         };
@@ -169,10 +169,16 @@ impl<B: Backend> Session<B> {
         let lr = self.schedule.lr_at(self.opt.step + 1);
         let poison = tc.nan_at_step == Some(step);
         let (model, opt) = (&mut self.model, &mut self.opt);
-        // A LoRA run's dropout masks are a function of the step (exact resume).
-        model.set_lora_step(step);
         let ga = tc.grad_accum;
         let (rank, world) = self.ranks;
+        // A LoRA run's dropout masks are a function of the step and of the micro-batch's place
+        // in it (exact resume; a rank draws what one rank running the whole step would).
+        let before = data
+            .batches
+            .iter()
+            .take(rank * ga)
+            .filter(|x| !x.is_empty());
+        model.set_lora_step_at(step, before.count() as u64);
         let mine = crate::ranks::share(&data.batches, rank, ga);
         let out = step_scaled(b, coll, model, opt, &mine, lr, poison)?;
         b.synchronize()?;

@@ -120,3 +120,36 @@ fn a_rank_that_fails_is_named() {
     assert!(e.starts_with("rank "), "{e}");
     assert!(e.contains("`optim-in-backward` runs on one rank"), "{e}");
 }
+
+/// LoRA with dropout: each rank draws the masks one rank draws for the same micro-batches, so
+/// two ranks train what one rank with their accumulation trains (within f32's reordering of
+/// the sums, as in the CLI's test: 1e-5).
+#[test]
+fn lora_dropout_masks_follow_the_micro_batch_not_the_rank() {
+    use nopad_model::lora::{LoraConfig, Target};
+    let mut one = common::tiny_run(3, 40, 48, 2, 1);
+    one.lora = Some(nopad_train::LoraTrain {
+        settings: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.3,
+            targets: Target::ALL.to_vec(),
+            use_rslora: false,
+            seed: 0,
+        },
+        adapter: None,
+        base: Default::default(),
+    });
+    one.grad_accum = 4;
+    let mut two = one.clone();
+    two.ranks = 2;
+    two.grad_accum = 2;
+    let mut a = vec![];
+    nopad_train::train(&Cpu::<f32>::new(), &one, |r| a.push(r.loss)).unwrap();
+    let (b, _, _) = run(&two);
+    assert_eq!(a.len(), b.len());
+    for (x, (_, y)) in a.iter().zip(&b) {
+        let y = f64::from_bits(*y);
+        assert!((x - y).abs() / x < 1e-5, "loss {x} vs {y}");
+    }
+}

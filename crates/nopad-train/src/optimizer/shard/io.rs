@@ -147,13 +147,13 @@ impl<B: Backend> Optimizer<B> {
             return Ok(());
         };
         let precision = self.cfg.states;
-        let lead = coll.rank() == 0;
+        let rank0 = coll.rank() == 0;
         let cpu = Cpu::<f32>::new();
-        let mut parts = match lead {
+        let mut parts = match rank0 {
             true => new_parts(&cpu, sh.split, sh.total, precision)?,
             false => vec![],
         };
-        let mut weights = (lead && !sh.masters.is_empty()).then(|| vec![0.0f32; sh.total]);
+        let mut weights = (rank0 && !sh.masters.is_empty()).then(|| vec![0.0f32; sh.total]);
         for p in &sh.pieces {
             for r in 0..sh.world {
                 let rel = aligned_shard(r, sh.world, p.range.len(), sh.align);
@@ -170,7 +170,7 @@ impl<B: Backend> Optimizer<B> {
                         encode(&self.states[i].1.read(b, which, rel)?, &mut v);
                     }
                     coll.all_reduce_host(&mut v)?;
-                    if lead {
+                    if rank0 {
                         let (i, rel) = part_of(&parts, &piece)?;
                         parts[i]
                             .1
@@ -200,7 +200,7 @@ impl<B: Backend> Optimizer<B> {
                 }
             }
         }
-        if let (true, Some(sh)) = (lead, self.shards.as_mut()) {
+        if let (true, Some(sh)) = (rank0, self.shards.as_mut()) {
             sh.gathered = Some(Gathered {
                 cpu,
                 weights,
