@@ -30,6 +30,7 @@ use crate::recompute::Recompute;
 
 mod acts;
 mod grad_slots;
+mod hand_over;
 mod lora;
 pub use acts::Acts;
 pub(crate) use grad_slots::scratch_len as group_scratch_len;
@@ -61,8 +62,9 @@ pub struct GroupGrads<'a, B: Backend> {
     /// `[P]` every parameter; the hook may write the group's ranges only.
     pub params: &'a mut B::Buf,
     /// The gradients; the group's are written for this backward, at
-    /// [`GroupGrads::grad_range`].
-    pub grads: &'a B::Buf,
+    /// [`GroupGrads::grad_range`]. Writable so that a data-parallel hook can exchange the
+    /// group's gradient in place (all-reduce, reduce-scatter); nothing else may be written.
+    pub grads: &'a mut B::Buf,
     /// Where the group's gradients lie in a one-group scratch; None: at the parameters' offsets.
     slots: Option<&'a [(Range<usize>, usize)]>,
 }
@@ -86,7 +88,7 @@ fn group_ready<B: Backend, E: From<ModelError>>(
     slots: Option<&GradSlots>,
     kind: GroupKind,
     params: &mut B::Buf,
-    grads: &B::Buf,
+    grads: &mut B::Buf,
     hook: &mut impl FnMut(GroupGrads<'_, B>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
     let Some(index) = groups.iter().position(|g| g.kind == kind) else {
@@ -718,7 +720,7 @@ impl<B: Backend> Model<B> {
             self.slots.as_ref(),
             GroupKind::Embedding,
             &mut self.params,
-            &self.grads,
+            &mut self.grads,
             &mut on_group,
         )?;
         self.profile

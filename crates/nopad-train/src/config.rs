@@ -130,6 +130,12 @@ pub struct TrainConfig {
     /// [`crate::Placement::Host`], updated on the host's cores). Results are unchanged, and a
     /// checkpoint resumes with or without it.
     pub offload: crate::Placement,
+    /// Ranks of a data-parallel run on the CPU (`--ranks N`: threads of this process over
+    /// [`crate::ThreadGroup`], [`crate::train_threads`]); 1 otherwise. A run over another
+    /// collective ([`crate::train_rank`]) takes its world size from the collective.
+    pub ranks: usize,
+    /// ZeRO stage (`--shard`); None: the lowest stage the memory plan says fits.
+    pub shard: Option<crate::ShardStage>,
     /// Draw a progress bar (only on a terminal).
     pub progress: bool,
     /// Bytes of device memory the memory plan must fit (`--gpu-memory`; default: the device's
@@ -212,6 +218,8 @@ impl TrainConfig {
             optim_in_backward: false,
             lora: None,
             offload: crate::Placement::Device,
+            ranks: 1,
+            shard: None,
             progress: true,
             gpu_memory: None,
             interrupt: None,
@@ -265,6 +273,23 @@ impl TrainConfig {
             return Err(Config(
                 "`optim-in-backward` is for full fine-tuning: a LoRA run's gradients are the adapters' and small, so it updates after the backward".into(),
             ));
+        }
+        if self.ranks == 0 {
+            return Err(Config("`ranks` must be at least 1".into()));
+        }
+        if self.ranks > 1 && self.optim_in_backward {
+            return Err(Config(format!(
+                "`optim-in-backward` runs on one rank: it cannot update in the backward of {} ranks (--shard 2 keeps one group's gradient at a time instead)",
+                self.ranks
+            )));
+        }
+        if let (true, Some(st)) = (self.offload == crate::Placement::Host, self.shard) {
+            if st != crate::ShardStage::Replicated {
+                return Err(Config(format!(
+                    "`offload optimizer` keeps the whole optimizer state on the host of every rank; it takes `shard` 0, not {}",
+                    st.number()
+                )));
+            }
         }
         if let Some(lt) = &self.lora {
             lt.settings

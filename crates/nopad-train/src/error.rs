@@ -26,6 +26,18 @@ pub enum TrainError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A collective between ranks could not complete: a rank failed, left, hung or called
+    /// another collective; the message names the rank.
+    #[error("{0}")]
+    Collective(String),
+    /// One rank of a data-parallel run failed (the error that started the failure).
+    #[error("rank {rank}: {source}")]
+    Rank {
+        /// The rank.
+        rank: usize,
+        /// What it failed with.
+        source: Box<TrainError>,
+    },
     /// Training stopped because too many steps had a non-finite loss or gradient.
     #[error("{0}")]
     Diverged(String),

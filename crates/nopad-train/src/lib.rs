@@ -22,6 +22,7 @@
 pub mod checkpoint;
 mod collective;
 mod config;
+mod data_parallel;
 mod dist;
 mod error;
 mod eval;
@@ -31,6 +32,7 @@ mod offload;
 mod optimizer;
 mod out_lock;
 mod plan;
+mod ranks;
 mod records;
 mod runlog;
 mod schedule;
@@ -43,7 +45,7 @@ mod step;
 mod tensorboard;
 mod trainer;
 
-pub use collective::{Collective, SingleProcess};
+pub use collective::{aligned_shard, Aligned, Collective, SingleProcess, ThreadGroup, ThreadRank};
 pub use config::{warmup_steps, DataSource, ModelSource, Resume, TrainConfig};
 pub use dist::{
     launch_local, rendezvous, without_flag, DistError, DistOptions, LaunchOptions, Meeting,
@@ -55,8 +57,8 @@ pub use eval::{evaluate, EvalResult};
 pub use identity::{config_hash, RunIdentity};
 pub use lora::{build_adapter_eval_model, build_lora_model, LoraTrain};
 pub use optimizer::{
-    master_name, parse_master, parse_offload, parse_states, states_name, AdamWConfig,
-    GroupSettings, MasterPrecision, Optimizer, Placement, StatePrecision, UpdateInfo,
+    master_name, parse_master, parse_offload, parse_shard, parse_states, states_name, AdamWConfig,
+    GroupSettings, MasterPrecision, Optimizer, Placement, ShardStage, StatePrecision, UpdateInfo,
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{
@@ -64,11 +66,12 @@ pub use plan::{
     last_plan, mode_grid, modes_of, parse_gib, plan, print_plan_for_out_of_memory, table,
     DeviceSizes, Modes, Plan, Trained, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
 };
-pub use records::{Counters, EvalRecord, StepRecord, StopReason, Summary};
+pub use ranks::train_threads;
+pub use records::{Counters, EvalRecord, RankImbalance, StepRecord, StopReason, Summary};
 pub use schedule::{Decay, Schedule};
 pub use session::{
     build_eval_model, build_model, build_model_layers, load_data, model_config, pad_token_id,
 };
 pub use signals::{install as install_signal_handlers, Interrupt};
 pub use step::{accumulate, eval_step, finish, inputs, step_targets, train_step, StepOutcome};
-pub use trainer::train;
+pub use trainer::{train, train_rank};

@@ -24,13 +24,19 @@ use std::ops::Range;
 
 use nopad_backend::{AdamW, AdamWState, AdamWStates, Backend, ParamRounding};
 pub use nopad_backend::{MasterPrecision, StatePrecision};
-use nopad_model::{GroupGrads, GroupKind, Model, ParamGroup};
+use nopad_model::{GroupKind, Model, ParamGroup};
 
 use crate::collective::Collective;
 use crate::error::{Result, TrainError};
 use crate::offload::{HostOptimizer, Update};
 
+mod by_group;
+mod names;
+mod shard;
 mod state_io;
+pub use names::{master_name, parse_master, parse_offload, parse_states, states_name};
+use shard::Shards;
+pub use shard::{parse_shard, ShardStage};
 pub(crate) use state_io::{new_parts, part_of};
 
 /// Hyper-parameters that stay fixed for a run.
@@ -52,41 +58,6 @@ pub struct AdamWConfig {
     pub master: MasterPrecision,
     /// Seed of the stochastic rounding of `--master-weights none` (the run's seed).
     pub rounding_seed: u64,
-}
-
-/// The flag value of a state precision: `f32`, `bf16` or `8bit`.
-pub fn states_name(p: StatePrecision) -> &'static str {
-    match p {
-        StatePrecision::F32 => "f32",
-        StatePrecision::Bf16 => "bf16",
-        StatePrecision::Block8 => "8bit",
-    }
-}
-
-/// The state precision a flag value names ([`states_name`]'s inverse).
-pub fn parse_states(s: &str) -> Option<StatePrecision> {
-    [
-        StatePrecision::F32,
-        StatePrecision::Bf16,
-        StatePrecision::Block8,
-    ]
-    .into_iter()
-    .find(|&p| states_name(p) == s)
-}
-
-/// The flag value of a master-weights mode: `f32` or `none`.
-pub fn master_name(p: MasterPrecision) -> &'static str {
-    match p {
-        MasterPrecision::F32 => "f32",
-        MasterPrecision::None => "none",
-    }
-}
-
-/// The master-weights mode a flag value names ([`master_name`]'s inverse).
-pub fn parse_master(s: &str) -> Option<MasterPrecision> {
-    [MasterPrecision::F32, MasterPrecision::None]
-        .into_iter()
-        .find(|&p| master_name(p) == s)
 }
 
 impl Default for AdamWConfig {
@@ -113,6 +84,24 @@ pub struct UpdateInfo {
     pub applied: bool,
 }
 
+impl UpdateInfo {
+    /// An update that changed nothing: the norm was not finite.
+    pub(crate) fn skipped(grad_norm: f64) -> Self {
+        UpdateInfo {
+            grad_norm,
+            applied: false,
+        }
+    }
+
+    /// An update that was applied.
+    fn applied(grad_norm: f64) -> Self {
+        UpdateInfo {
+            grad_norm,
+            applied: true,
+        }
+    }
+}
+
 /// Where a group's optimizer state lives (one placement for the whole model, chosen when the
 /// optimizer is built: [`Optimizer::with_placement`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,17 +113,6 @@ pub enum Placement {
     /// In host memory, updated on the host's cores (`--offload optimizer`): the fp32 weights
     /// and moments never occupy device memory.
     Host,
-}
-
-/// The placement `--offload` names: `optimizer` puts the optimizer's state on the host.
-pub fn parse_offload(s: &str) -> Result<Placement> {
-    match s {
-        "optimizer" => Ok(Placement::Host),
-        _ => Err(TrainError::Config(format!(
-            "`offload`: {s} is not `optimizer` (the only part that can be offloaded: the fp32 \
-             weights and AdamW's moments)"
-        ))),
-    }
 }
 
 /// What the optimizer does with one parameter group.
@@ -178,6 +156,12 @@ pub struct Optimizer<B: Backend> {
     groups: Vec<(ParamGroup, GroupSettings)>,
     /// The offloaded state ([`Placement::Host`]); `states` and `master` are then empty.
     host: Option<Box<HostOptimizer<B>>>,
+    /// Ranks holding a copy of this state (stage 0 of data parallelism; 1 in one process):
+    /// with several, every rank updates every group from the same all-reduced gradients.
+    replicas: usize,
+    /// This rank's share of a sharded state (stages 1 and 2); `states` then holds one part
+    /// per piece and `master` is empty.
+    shards: Option<Box<Shards<B>>>,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -204,8 +188,38 @@ impl<B: Backend> Optimizer<B> {
             model.trainable_decay_end(),
             groups,
             cfg,
-            placement,
+            (placement, true),
         )
+    }
+
+    /// The optimizer of rank `coll.rank()` of a data-parallel run with sharding `stage`
+    /// (`--shard`; see module `shard`): stage 0 is [`Optimizer::with_placement`] on every rank;
+    /// from stage 1 the state covers only this rank's pieces, on the device.
+    pub fn for_rank(
+        b: &B,
+        model: &Model<B>,
+        cfg: AdamWConfig,
+        placement: Placement,
+        (coll, stage): (&dyn Collective<B>, ShardStage),
+    ) -> Result<Self> {
+        if stage == ShardStage::Replicated {
+            let mut opt = Self::with_placement(b, model, cfg, placement)?;
+            opt.replicas = coll.world_size();
+            return Ok(opt);
+        }
+        if placement == Placement::Host {
+            return Err(TrainError::Config(format!(
+                "--shard {} keeps each rank's share of the optimizer state on its device; --offload optimizer takes --shard 0",
+                stage.number()
+            )));
+        }
+        let (params, split) = (model.trainable(), model.trainable_decay_end());
+        let groups = model.trainable_groups();
+        let mut opt = Self::over_in(b, params, split, groups, cfg, (placement, false))?;
+        let (shards, states) = Shards::new(b, &opt, params, coll, (stage, split))?;
+        opt.states = states;
+        opt.shards = Some(Box::new(shards));
+        Ok(opt)
     }
 
     /// Fresh state for a flat buffer `params` cut into `groups` (moments zero, master copied
@@ -218,27 +232,28 @@ impl<B: Backend> Optimizer<B> {
         groups: &[ParamGroup],
         cfg: AdamWConfig,
     ) -> Result<Self> {
-        Self::over_in(b, params, decay_end, groups, cfg, Placement::Device)
+        Self::over_in(b, params, decay_end, groups, cfg, (Placement::Device, true))
     }
 
-    /// [`Optimizer::over`] with the state in `placement`.
+    /// [`Optimizer::over`] with the state in `placement`; without moments and master copy
+    /// unless `whole` (a sharded optimizer allocates its pieces' afterwards).
     fn over_in(
         b: &B,
         params: &B::Buf,
         decay_end: usize,
         groups: &[ParamGroup],
         cfg: AdamWConfig,
-        placement: Placement,
+        (placement, whole): (Placement, bool),
     ) -> Result<Self> {
         let n: usize = groups.iter().map(ParamGroup::len).sum();
         let split = decay_end;
         let host = placement == Placement::Host;
-        let states = if host {
+        let states = if host || !whole {
             vec![]
         } else {
             new_parts(b, split, n, cfg.states)?
         };
-        let master = if !host && b.needs_master() && cfg.master == MasterPrecision::F32 {
+        let master = if whole && !host && b.needs_master() && cfg.master == MasterPrecision::F32 {
             Some(b.master_new(params, n).map_err(|e| {
                 e.while_allocating(|| format!("the fp32 master weights of {n} parameters"))
             })?)
@@ -263,6 +278,8 @@ impl<B: Backend> Optimizer<B> {
             step: 0,
             groups,
             host: None,
+            replicas: 1,
+            shards: None,
         };
         if host {
             let stage = opt
@@ -282,7 +299,9 @@ impl<B: Backend> Optimizer<B> {
             )?));
             opt.check_group_blocks()?;
         }
-        opt.check_blocks()?;
+        if whole {
+            opt.check_blocks()?;
+        }
         Ok(opt)
     }
 
@@ -315,42 +334,20 @@ impl<B: Backend> Optimizer<B> {
 
     /// In 8-bit states, that every run of the update starts on a block boundary of its part.
     fn check_blocks(&self) -> Result<()> {
-        if self.cfg.states != StatePrecision::Block8 {
+        // A sharded state checks its pieces when it cuts them.
+        if self.cfg.states != StatePrecision::Block8 || self.shards.is_some() {
             return Ok(());
         }
         let block = nopad_backend::codes::QUANT_BLOCK;
         let owners: Vec<usize> = self.groups.iter().map(|(_, s)| s.owner).collect();
         for rank in owners {
-            for (r, _) in self.runs(rank, true) {
+            for (r, _) in self.runs(Some(rank), true) {
                 let (_, rel) = self.part(&r)?;
                 if !rel.start.is_multiple_of(block) {
                     return Err(TrainError::Config(format!(
                         "--optim-states 8bit: the update's range {r:?} does not start on a \
                          block of {block} parameters (a frozen group splits a block); freeze \
                          other groups or use --optim-states bf16"
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// In 8-bit states, that every range of every trainable group starts on a block boundary
-    /// of its part, as updating group by group ([`Optimizer::update_group`], the optimizer in
-    /// the backward) needs: a block split between two updates would be quantised twice from
-    /// halves. Holds on Llama shapes (hidden sizes are multiples of 256).
-    pub fn check_group_blocks(&self) -> Result<()> {
-        if self.cfg.states != StatePrecision::Block8 {
-            return Ok(());
-        }
-        let block = nopad_backend::codes::QUANT_BLOCK;
-        for (g, s) in &self.groups {
-            for (r, _) in g.ranges().filter(|_| s.trainable) {
-                let (_, rel) = self.part(&r)?;
-                if !rel.start.is_multiple_of(block) {
-                    return Err(TrainError::Config(format!(
-                        "--optim-states 8bit updated group by group: parameter group `{}` has a range {r:?} that does not start on a block of {block} parameters (the model's hidden size is not a multiple of {block}); use --optim-states bf16 or turn the update in the backward off",
-                        g.kind
                     )));
                 }
             }
@@ -394,15 +391,15 @@ impl<B: Backend> Optimizer<B> {
         Ok(())
     }
 
-    /// Maximal runs of adjacent ranges of the trainable groups that `rank` owns, in buffer
-    /// order, with their weight decay; ranges with a different decay stay apart when
-    /// `split_decay`. On the default layout: `0..decay_end` and `decay_end..total`, the two
-    /// ranges of one flat AdamW.
-    fn runs(&self, rank: usize, split_decay: bool) -> Vec<(Range<usize>, bool)> {
+    /// Maximal runs of adjacent ranges of the trainable groups that `rank` owns (every
+    /// trainable group for None), in buffer order, with their weight decay; ranges with a
+    /// different decay stay apart when `split_decay`. On the default layout: `0..decay_end` and
+    /// `decay_end..total`, the two ranges of one flat AdamW.
+    fn runs(&self, rank: Option<usize>, split_decay: bool) -> Vec<(Range<usize>, bool)> {
         let mut all: Vec<(Range<usize>, bool)> = self
             .groups
             .iter()
-            .filter(|(_, s)| s.trainable && s.owner == rank)
+            .filter(|(_, s)| s.trainable && rank.is_none_or(|r| s.owner == r))
             .flat_map(|(g, _)| g.ranges())
             .collect();
         all.sort_by_key(|(r, _)| r.start);
@@ -418,16 +415,49 @@ impl<B: Backend> Optimizer<B> {
         runs
     }
 
-    /// The global L2 norm of the accumulated gradients of the trainable groups, over all ranks.
+    /// The rank whose groups this rank updates: None (all of them) when every rank holds the
+    /// whole state (stage 0 over several ranks).
+    fn updater(&self, coll: &dyn Collective<B>) -> Option<usize> {
+        (self.replicas == 1).then(|| coll.rank())
+    }
+
+    /// The global L2 norm of the accumulated gradients of the trainable groups, over all ranks
+    /// (unsharded: with several ranks, each already holds the all-reduced gradients).
     pub fn grad_norm(&self, b: &B, coll: &dyn Collective<B>, model: &mut Model<B>) -> Result<f64> {
         let g = model.grads(b)?;
         let mut sq = [0.0f64];
-        for (r, _) in self.runs(coll.rank(), false) {
+        for (r, _) in self.runs(self.updater(coll), false) {
             let n = r.len();
             sq[0] += b.sum_squares(b.view(g, r), n)?;
         }
-        coll.all_reduce_host(&mut sq)?;
+        if self.replicas == 1 {
+            coll.all_reduce_host(&mut sq)?;
+        }
         Ok(sq[0].sqrt())
+    }
+
+    /// Starts an update of gradient norm `norm`: the next step number and the factor that
+    /// clips the gradient to [`AdamWConfig::max_grad_norm`]; None (nothing changes) when the
+    /// norm is not finite.
+    fn start_update(&mut self, norm: f64) -> Option<f32> {
+        if !norm.is_finite() {
+            return None;
+        }
+        self.begin_step();
+        Some(match self.cfg.max_grad_norm {
+            Some(max) if norm > max as f64 => (max as f64 / (norm + 1e-6)) as f32,
+            _ => 1.0,
+        })
+    }
+
+    /// The group at `index` ([`nopad_model::GroupGrads::index`]) and its settings.
+    fn group_at(&self, index: usize) -> Result<&(ParamGroup, GroupSettings)> {
+        self.groups.get(index).ok_or_else(|| {
+            TrainError::Config(format!(
+                "parameter group {index} is not one of the model's {}",
+                self.groups.len()
+            ))
+        })
     }
 
     /// Applies one update with learning rate `lr` (clipping by the global norm) to every
@@ -444,109 +474,37 @@ impl<B: Backend> Optimizer<B> {
         model: &mut Model<B>,
         lr: f64,
     ) -> Result<UpdateInfo> {
-        let norm = self.grad_norm(b, coll, model)?;
-        if !norm.is_finite() {
-            return Ok(UpdateInfo {
-                grad_norm: norm,
-                applied: false,
-            });
+        if self.shards.is_some() {
+            return self.update_sharded(b, coll, (model, lr));
         }
-        let clip = match self.cfg.max_grad_norm {
-            Some(max) if norm > max as f64 => (max as f64 / (norm + 1e-6)) as f32,
-            _ => 1.0,
+        let norm = self.grad_norm(b, coll, model)?;
+        let Some(clip) = self.start_update(norm) else {
+            return Ok(UpdateInfo::skipped(norm));
         };
-        self.begin_step();
         // Offloaded, the ranges go through the host one group's range at a time (the staging
         // slots hold one); on the device, one launch per run.
+        let updater = self.updater(coll);
         let ranges = match self.host {
             Some(_) => self
                 .groups
                 .iter()
-                .filter(|(_, s)| s.trainable && s.owner == coll.rank())
+                .filter(|(_, s)| s.trainable && updater.is_none_or(|r| s.owner == r))
                 .flat_map(|(g, _)| g.ranges())
                 .collect(),
-            None => self.runs(coll.rank(), true),
+            None => self.runs(updater, true),
         };
         let (params, grads) = model.params_and_grads(b)?;
         for (range, decay) in ranges {
             self.adamw(b, params, grads, range.clone(), range, decay, lr, clip)?;
         }
         self.finish_group_updates(b, params)?;
-        Ok(UpdateInfo {
-            grad_norm: norm,
-            applied: true,
-        })
+        Ok(UpdateInfo::applied(norm))
     }
 
     /// Starts an optimizer step: the step number every [`Optimizer::update_group`] of this step
     /// uses ([`Optimizer::update`] calls it itself).
     pub fn begin_step(&mut self) {
         self.step += 1;
-    }
-
-    /// Updates one group (a frozen one stays as it is) with learning rate `lr`, its gradients
-    /// multiplied by `grad_scale` (the clipping factor, 1 without clipping), as step
-    /// [`Optimizer::step`] (call [`Optimizer::begin_step`] first). Takes what
-    /// [`Model::backward_with`] hands its hook, so it can run as soon as the group's gradient is
-    /// complete. Clipping by the global norm needs every gradient first, so an update in the
-    /// backward runs without it.
-    pub fn update_group(
-        &mut self,
-        b: &B,
-        g: GroupGrads<'_, B>,
-        lr: f64,
-        grad_scale: f32,
-    ) -> Result<()> {
-        let Some((group, settings)) = self.groups.get(g.index) else {
-            return Err(TrainError::Config(format!(
-                "parameter group {} is not one of the model's {}",
-                g.index,
-                self.groups.len()
-            )));
-        };
-        if group.kind != g.group.kind {
-            return Err(TrainError::Config(format!(
-                "parameter group {}: the optimizer was built for another layout",
-                g.group.kind
-            )));
-        }
-        if !settings.trainable {
-            return Ok(());
-        }
-        if self.step == 0 {
-            return Err(TrainError::Config(
-                "update_group before begin_step: AdamW's step numbers start at 1".into(),
-            ));
-        }
-        let ranges: Vec<_> = group.ranges().collect();
-        for (range, decay) in ranges {
-            let at = g.grad_range(&range);
-            self.adamw(b, g.params, g.grads, range, at, decay, lr, grad_scale)?;
-        }
-        Ok(())
-    }
-
-    /// The sum of squares of one group's gradient as [`Model::backward_with`] hands it over
-    /// (zero for a frozen group, which takes no part in the norm). Reading it waits for the
-    /// device: the price of checking each group before its update in the backward.
-    pub fn group_grad_squares(&self, b: &B, g: &GroupGrads<'_, B>) -> Result<f64> {
-        match self.groups.get(g.index) {
-            Some((_, s)) if !s.trainable => return Ok(0.0),
-            Some(_) => {}
-            None => {
-                return Err(TrainError::Config(format!(
-                    "parameter group {} is not one of the model's {}",
-                    g.index,
-                    self.groups.len()
-                )))
-            }
-        }
-        let mut sq = 0.0;
-        for (r, _) in g.group.ranges() {
-            let at = g.grad_range(&r);
-            sq += b.sum_squares(b.view(g.grads, at), r.len())?;
-        }
-        Ok(sq)
     }
 
     /// AdamW on one range of the flat buffers, its gradient at `grad_at` of `grads`.
@@ -593,9 +551,14 @@ impl<B: Backend> Optimizer<B> {
         }
         let (i, rel) = self.part(&range)?;
         let (m, v) = self.states[i].1.views(b, rel)?;
+        let master = match (&mut self.master, &mut self.shards) {
+            (Some(m), _) => Some(b.view_mut(m, range.clone())),
+            (None, Some(sh)) => sh.master_view(b, &range),
+            (None, None) => None,
+        };
         b.adamw_states(AdamWStates {
             param: b.view_mut(params, range.clone()),
-            master: self.master.as_mut().map(|m| b.view_mut(m, range.clone())),
+            master,
             grad: b.view(grads, grad_at),
             m,
             v,
@@ -604,16 +567,5 @@ impl<B: Backend> Optimizer<B> {
             rounding,
         })?;
         Ok(())
-    }
-
-    /// Ends the group updates of a step: an offloaded optimizer runs its last host update and
-    /// makes the device wait for the new weights before the next forward (a no-op on the
-    /// device). [`Optimizer::update`] calls it; a step that calls
-    /// [`Optimizer::update_group`] itself must call it after the backward.
-    pub fn finish_group_updates(&mut self, b: &B, params: &mut B::Buf) -> Result<()> {
-        match &mut self.host {
-            Some(h) => h.finish(b, params),
-            None => Ok(()),
-        }
     }
 }

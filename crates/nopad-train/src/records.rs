@@ -40,9 +40,22 @@ pub struct StepRecord {
     pub skipped: bool,
     /// Steps skipped so far in the run, this one included.
     pub skipped_steps: u64,
+    /// How unevenly the step's work was shared between the ranks (absent with one rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_imbalance: Option<RankImbalance>,
     /// The evaluation run after this step, if any (logged as its own line).
     #[serde(skip)]
     pub eval: Option<EvalRecord>,
+}
+
+/// How unevenly one step's work fell on the ranks: for each cost, the busiest rank's over the
+/// mean, minus one (0: even; 1: the busiest rank did twice the mean, the others waited).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RankImbalance {
+    /// Real tokens (the linear layers' cost).
+    pub tokens: f64,
+    /// Σ segment length² (attention's cost).
+    pub attention: f64,
 }
 
 /// One evaluation of the held-out data (a line `{"step", "eval_loss", "eval_tokens"}` of the log).

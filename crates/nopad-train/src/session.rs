@@ -13,11 +13,12 @@ use nopad_model::weights;
 use nopad_model::{Config, Model};
 
 use crate::checkpoint;
+use crate::collective::Collective;
 use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::identity::RunIdentity;
 use crate::lora::build_lora_model;
-use crate::optimizer::Optimizer;
+use crate::optimizer::{Optimizer, ShardStage};
 use crate::out_lock::OutLock;
 use crate::records::History;
 use crate::schedule::Schedule;
@@ -231,8 +232,11 @@ pub(crate) struct Session<B: Backend> {
     pub truncated: Option<usize>,
     /// Warnings to print before the first step (a resumed run's changed settings).
     pub warnings: Vec<String>,
-    /// The exclusive hold on `out`, for the session's whole life.
+    /// The exclusive hold on `out`, for the session's whole life (rank 0's).
     pub _lock: Option<OutLock>,
+    /// (this rank, ranks in the run): each step's micro-batches are shared out, rank r taking
+    /// its `grad_accum` of them ([`crate::ranks::share`]).
+    pub ranks: (usize, usize),
 }
 
 /// The run's total steps and steps per epoch, `spe` being the loader's start epoch's. A resumed
@@ -280,11 +284,16 @@ fn resumed_schedule(
 }
 
 impl<B: Backend> Session<B> {
-    /// Opens a session: resume, model, data, identity, loader, schedule, optimizer.
-    pub fn open(b: &B, tc: &TrainConfig) -> Result<Self> {
+    /// Opens rank `coll.rank()`'s session: resume, model, data, identity, loader, schedule,
+    /// optimizer. Every rank loads the data and reads the checkpoint; only rank 0 locks `out`.
+    pub fn open(b: &B, coll: &dyn Collective<B>, tc: &TrainConfig) -> Result<Self> {
         tc.validate()?;
+        let (rank, world) = (coll.rank(), coll.world_size());
         // Before anything reads or prunes checkpoints under `out`.
-        let lock = tc.out.as_deref().map(OutLock::acquire).transpose()?;
+        let lock = match rank {
+            0 => tc.out.as_deref().map(OutLock::acquire).transpose()?,
+            _ => None,
+        };
         let mut notes = vec![];
         let resume = find_resume(tc, &mut notes)?;
         // The data first: the memory plan needs its largest micro-batch, and a run that cannot
@@ -298,7 +307,8 @@ impl<B: Backend> Session<B> {
         let examples = Arc::new(examples);
         let loader_opts = LoaderOptions {
             pack: pack.clone(),
-            grad_accum: tc.grad_accum,
+            // One global order: each step is the one-rank step of every rank's micro-batches.
+            grad_accum: tc.grad_accum * world,
             seed: tc.seed,
             shuffle: true,
             start: resume
@@ -310,7 +320,9 @@ impl<B: Backend> Session<B> {
         };
         // Only a run that saves or resumes needs its identity (hashing a big data file takes time).
         let identity = if tc.out.is_some() || resume.is_some() {
-            Some(RunIdentity::new(tc, &cfg, &examples)?)
+            let mut id = RunIdentity::new(tc, &cfg, &examples)?;
+            id.world_size = world;
+            Some(id)
         } else {
             None
         };
@@ -397,7 +409,11 @@ impl<B: Backend> Session<B> {
         let alias = tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward;
         model.set_grad_aliasing(b, alias && tc.lora.is_none())?;
         notes.extend(crate::lora::describe(&model));
-        model.set_update_in_backward(b, tc.optim_in_backward)?;
+        let stage = tc.shard.unwrap_or_default();
+        // Stage 2 keeps one group's gradient at a time, as the optimizer in the backward does (a
+        // LoRA model's adapter gradients are small and stay whole).
+        let scratch = stage == ShardStage::Grads && tc.lora.is_none();
+        model.set_update_in_backward(b, tc.optim_in_backward || scratch)?;
         if tc.optim_in_backward {
             notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());
         }
@@ -445,7 +461,7 @@ impl<B: Backend> Session<B> {
             rounding_seed: tc.seed,
             ..tc.adamw
         };
-        let mut opt = Optimizer::with_placement(b, &model, adamw, tc.offload)?;
+        let mut opt = Optimizer::for_rank(b, &model, adamw, tc.offload, (coll, stage))?;
         if tc.optim_in_backward {
             opt.check_group_blocks()?;
         }
@@ -458,14 +474,14 @@ impl<B: Backend> Session<B> {
         };
         // Held-out data never loses examples: under `--long drop` its long examples are split.
         let eval_examples = match &tc.eval_data {
-            Some(p) => {
+            Some(p) if rank == 0 => {
                 let mut etc = tc.clone();
                 if etc.long == LongPolicy::Drop {
                     etc.long = LongPolicy::Split;
                 }
                 Some(load_data(&DataSource::File(p.clone()), &model.cfg, model_dir, &etc)?.0)
             }
-            None => None,
+            _ => None,
         };
         Ok(Session {
             model,
@@ -485,6 +501,7 @@ impl<B: Backend> Session<B> {
             truncated,
             warnings,
             _lock: lock,
+            ranks: (rank, world),
         })
     }
 }

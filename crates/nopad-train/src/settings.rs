@@ -18,6 +18,8 @@ pub(crate) struct Facts<'a> {
     pub schedule: &'a Schedule,
     /// Steps per epoch.
     pub steps_per_epoch: usize,
+    /// Ranks training together.
+    pub world: usize,
 }
 
 /// The settings block, one `key  value` line each.
@@ -49,11 +51,19 @@ pub(crate) fn block(tc: &TrainConfig, f: &Facts) -> String {
     if tc.lora.is_some() {
         modes.push("LoRA adapters only".into());
     }
+    let ranks = match f.world {
+        1 => String::new(),
+        n => {
+            let stage = tc.shard.unwrap_or_default().number();
+            modes.push(format!("ZeRO stage {stage} over {n} ranks"));
+            format!(" × {n} ranks")
+        }
+    };
     [
         format!("model      {}", f.model),
         format!("data       {data}: {} examples{truncated}", f.examples),
         format!(
-            "packing    {}, batch {} × accum {}, max-len {}",
+            "packing    {}, batch {} × accum {}{ranks}, max-len {}",
             tc.strategy.name(),
             tc.batch_size,
             tc.grad_accum,
@@ -111,6 +121,7 @@ mod tests {
             truncated: Some(3),
             schedule: &s,
             steps_per_epoch: 100,
+            world: 1,
         };
         let b = block(&tc, &f);
         for want in [

@@ -86,10 +86,7 @@ pub fn finish<B: Backend>(
     let info = if loss.is_finite() {
         opt.update(b, coll, model, lr)?
     } else {
-        UpdateInfo {
-            grad_norm: f64::NAN,
-            applied: false,
-        }
+        UpdateInfo::skipped(f64::NAN)
     };
     Ok(StepOutcome {
         loss,
@@ -126,6 +123,10 @@ pub(crate) fn step_scaled<B: Backend>(
     } else {
         1.0 / targets as f32
     };
+    if crate::data_parallel::is_data_parallel(coll, opt) {
+        let at = (targets, scale);
+        return crate::data_parallel::data_parallel_step(b, coll, (model, opt), batches, at, lr);
+    }
     if model.updates_in_backward() {
         return step_in_backward(b, coll, model, opt, batches, targets, scale, lr);
     }

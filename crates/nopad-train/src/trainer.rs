@@ -14,7 +14,7 @@ use nopad_data::Step;
 use nopad_model::weights;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::collective::SingleProcess;
+use crate::collective::{Collective, SingleProcess};
 use crate::config::{ModelSource, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::eval::evaluate;
@@ -28,19 +28,41 @@ use crate::step::step_scaled;
 pub fn train<B: Backend>(
     b: &B,
     tc: &TrainConfig,
+    on_step: impl FnMut(&StepRecord),
+) -> Result<Summary> {
+    train_rank(b, &SingleProcess, tc, on_step)
+}
+
+/// Rank `coll.rank()` of a data-parallel run of `coll.world_size()` ranks: [`train`] with each
+/// step's micro-batches shared out between the ranks (rank r takes its `grad_accum` of the
+/// one-rank step of `grad_accum × world` micro-batches) and the gradients exchanged over `coll`
+/// (module `data_parallel`). Every rank builds the same model from the same seed or checkpoint;
+/// rank 0 alone prints, logs, evaluates and writes checkpoints and the final weights (the
+/// others join the collectives that gather a sharded state for it). Every rank calls it with
+/// the same `tc`; a rank's error reaches its peers through `coll` (their collectives fail).
+pub fn train_rank<B: Backend>(
+    b: &B,
+    coll: &dyn Collective<B>,
+    tc: &TrainConfig,
     mut on_step: impl FnMut(&StepRecord),
 ) -> Result<Summary> {
-    let mut s = Session::open(b, tc)?;
+    let mut s = Session::open(b, coll, tc)?;
+    let rank0 = coll.rank() == 0;
     let (start, total) = (s.start_step, s.schedule.total);
-    let mut log = RunLog::open(&tc.log, start)?;
-    let bar = progress_bar(tc.progress, total, start);
-    let say = |msg: String| bar.suspend(|| eprintln!("nopad: {msg}"));
+    let mut log = RunLog::open(if rank0 { &tc.log } else { &None }, start)?;
+    let bar = progress_bar(tc.progress && rank0, total, start);
+    let say = |msg: String| {
+        if rank0 {
+            bar.suspend(|| eprintln!("nopad: {msg}"))
+        }
+    };
     let facts = crate::settings::Facts {
         model: &s.model_desc,
         examples: s.n_examples,
         truncated: s.truncated,
         schedule: &s.schedule,
         steps_per_epoch: s.steps_per_epoch,
+        world: s.ranks.1,
     };
     say(format!("settings:\n{}", crate::settings::block(tc, &facts)));
     let warmup = crate::settings::warmup_warning(tc, total);
@@ -58,12 +80,13 @@ pub fn train<B: Backend>(
     }
     let clock = Instant::now();
     let (mut stopped, mut last_checkpoint, mut done) = (None, None, start);
+    let mut imbalances = vec![];
     for step in start + 1..=total {
         let data = s
             .loader
             .next()
             .ok_or_else(|| TrainError::Config("the data loader stopped early".into()))?;
-        let mut rec = s.step(b, tc, step, &data, clock)?;
+        let mut rec = s.step((b, coll), tc, (step, &data), clock)?;
         done = step;
         let logged = step % tc.log_every.max(1) == 0 || step == total;
         if logged || rec.skipped {
@@ -87,7 +110,11 @@ pub fn train<B: Backend>(
                 return Err(diverged(tc, step, bad, last_checkpoint.as_ref()));
             }
         }
-        if let Some(e) = s.evaluate_at(b, tc, step)? {
+        let eval = match rank0 {
+            true => s.evaluate_at(b, tc, step)?,
+            false => None,
+        };
+        if let Some(e) = eval {
             log.line(&e)?;
             say(format!(
                 "step {step}: eval loss {:.4} over {} target tokens",
@@ -100,13 +127,14 @@ pub fn train<B: Backend>(
             rec.loss, rec.lr, rec.tokens_per_s
         ));
         bar.inc(1);
+        imbalances.extend(rec.rank_imbalance);
         on_step(&rec);
         if step < total {
-            stopped = stop_requested(tc, step);
+            stopped = crate::ranks::agree_on_stop(coll, stop_requested(tc, step))?;
         }
         let periodic = tc.save_every.is_some_and(|n| step % n == 0);
         if periodic || stopped.is_some() {
-            if let Some((dir, gone)) = s.checkpoint(b, tc, step, &data)? {
+            if let Some((dir, gone)) = s.checkpoint(b, coll, tc, step, &data)? {
                 let gone: String = gone
                     .iter()
                     .map(|g| format!(", deleted {}", g.display()))
@@ -120,26 +148,39 @@ pub fn train<B: Backend>(
         }
     }
     bar.finish_and_clear();
-    s.finish(b, tc, stopped, done, last_checkpoint)
+    let mut summary = s.finish(b, coll, tc, (stopped, done), last_checkpoint)?;
+    summary
+        .notes
+        .extend(crate::ranks::imbalance_note(&imbalances));
+    Ok(summary)
 }
 
 impl<B: Backend> Session<B> {
-    /// Runs step `step` on `data` and counts it.
+    /// Runs this rank's share of step `step` of `data` (every rank's micro-batches) and counts
+    /// the whole step.
     fn step(
         &mut self,
-        b: &B,
+        (b, coll): (&B, &dyn Collective<B>),
         tc: &TrainConfig,
-        step: u64,
-        data: &Step,
+        (step, data): (u64, &Step),
         clock: Instant,
     ) -> Result<StepRecord> {
         let t0 = Instant::now();
         let lr = self.schedule.lr_at(self.opt.step + 1);
         let poison = tc.nan_at_step == Some(step);
         let (model, opt) = (&mut self.model, &mut self.opt);
-        // A LoRA run's dropout masks are a function of the step (exact resume).
-        model.set_lora_step(step);
-        let out = step_scaled(b, &SingleProcess, model, opt, &data.batches, lr, poison)?;
+        let ga = tc.grad_accum;
+        let (rank, world) = self.ranks;
+        // A LoRA run's dropout masks are a function of the step and of the micro-batch's place
+        // in it (exact resume; a rank draws what one rank running the whole step would).
+        let before = data
+            .batches
+            .iter()
+            .take(rank * ga)
+            .filter(|x| !x.is_empty());
+        model.set_lora_step_at(step, before.count() as u64);
+        let mine = crate::ranks::share(&data.batches, rank, ga);
+        let out = step_scaled(b, coll, model, opt, &mine, lr, poison)?;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
         let st = data.stats();
@@ -161,6 +202,7 @@ impl<B: Backend> Session<B> {
             peak_memory_bytes: b.peak_memory(),
             skipped: !out.applied,
             skipped_steps: self.history.counters.skipped_steps,
+            rank_imbalance: crate::ranks::imbalance(&data.batches, world, ga),
             eval: None,
         })
     }
@@ -186,8 +228,9 @@ impl<B: Backend> Session<B> {
     /// Saves a checkpoint after `step` when the run has somewhere to put it; returns its
     /// directory and the old ones deleted.
     fn checkpoint(
-        &self,
+        &mut self,
         b: &B,
+        coll: &dyn Collective<B>,
         tc: &TrainConfig,
         step: u64,
         data: &Step,
@@ -195,6 +238,11 @@ impl<B: Backend> Session<B> {
         let (Some(out), Some(id)) = (&tc.out, &self.identity) else {
             return Ok(None);
         };
+        // Every rank brings its pieces of a sharded state; rank 0 alone writes.
+        self.opt.gather_state(b, coll, &self.model)?;
+        if coll.rank() != 0 {
+            return Ok(None);
+        }
         let state = TrainerState::at(
             step,
             self.opt.step,
@@ -215,22 +263,28 @@ impl<B: Backend> Session<B> {
             model_dir(tc),
             tc.lora.as_ref().map(|_| &tc.model),
         )?;
+        self.opt.drop_gathered();
         Ok(Some(saved))
     }
 
     /// Writes the final weights (when the run reached its last step) and sums the run up.
     fn finish(
-        self,
+        mut self,
         b: &B,
+        coll: &dyn Collective<B>,
         tc: &TrainConfig,
-        stopped: Option<StopReason>,
-        done: u64,
+        (stopped, done): (Option<StopReason>, u64),
         last_checkpoint: Option<PathBuf>,
     ) -> Result<Summary> {
+        let writes = tc.out.is_some() && stopped.is_none();
+        if writes {
+            self.opt.gather_state(b, coll, &self.model)?;
+        }
         let (model, opt) = (&self.model, &self.opt);
-        if let (Some(out), None, Some(_)) = (&tc.out, stopped, &tc.lora) {
+        let out = tc.out.as_ref().filter(|_| coll.rank() == 0);
+        if let (Some(out), None, Some(_)) = (out, stopped, &tc.lora) {
             crate::lora::save_adapter(b, out, model, opt, tc.save_dtype, &tc.model)?;
-        } else if let (Some(out), None) = (&tc.out, stopped) {
+        } else if let (Some(out), None) = (out, stopped) {
             weights::save_checkpoint(
                 out,
                 &model.cfg,
@@ -240,7 +294,7 @@ impl<B: Backend> Session<B> {
                 |r| Ok(opt.read_weights(b, model, r)?),
             )?;
         }
-        if let (Some(out), None) = (&tc.out, stopped) {
+        if let (Some(out), None) = (out, stopped) {
             if let ModelSource::Dir(src) = &tc.model {
                 weights::copy_tokenizer_files(src, out)?;
             }

@@ -138,6 +138,16 @@ pub struct TrainArgs {
     /// backward under --optim-in-backward. Results and checkpoints are the same as without.
     #[arg(long, value_name = "optimizer")]
     pub offload: Option<String>,
+    /// Data-parallel ranks as threads of this process on the CPU (--device cpu): each rank has
+    /// its own model, its share of the optimizer state and grad-accum micro-batches of every
+    /// step, which is the one-rank step of ranks x grad-accum micro-batches. Default 1.
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// ZeRO stage of a data-parallel run: 0 every rank holds everything (gradients
+    /// all-reduced), 1 the optimizer's moments and master weights are sharded, 2 the gradients
+    /// too. Default 0.
+    #[arg(long, value_name = "0|1|2")]
+    pub shard: Option<String>,
     /// Seed of initialisation and data order. Default 0.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -282,6 +292,8 @@ impl TrainArgs {
             master_weights,
             optim_in_backward,
             offload,
+            ranks,
+            shard,
             seed,
             out,
             save_every,
@@ -442,6 +454,12 @@ impl TrainArgs {
         if let Some(s) = &a.offload {
             c.offload = nopad_train::parse_offload(s)?;
         }
+        c.ranks = a.ranks.unwrap_or(1);
+        c.shard = a
+            .shard
+            .as_deref()
+            .map(nopad_train::parse_shard)
+            .transpose()?;
         c.seed = a.seed.unwrap_or(c.seed);
         c.skip_bad = a.skip_bad.unwrap_or(false);
         c.strict = a.strict.unwrap_or(false);
@@ -509,6 +527,28 @@ impl Job for TrainJob {
     }
 }
 
+/// Trains `cfg` on the device chosen, or on `cfg.ranks` ranks of the CPU.
+fn train_on(
+    device: DeviceChoice,
+    prec: Precision,
+    cfg: TrainConfig,
+) -> Result<nopad_train::Summary> {
+    if cfg.ranks == 1 {
+        return run_on(device, prec, TrainJob(cfg));
+    }
+    if device != DeviceChoice::Cpu {
+        bail!(
+            "`ranks` {}: ranks as threads run on the CPU only; add --device cpu",
+            cfg.ranks
+        );
+    }
+    eprintln!(
+        "nopad: training on {} ranks of the CPU (threads)",
+        cfg.ranks
+    );
+    Ok(nopad_train::train_threads::<f32>(&cfg, |_| {})?)
+}
+
 /// Exit status of a run that a signal stopped after saving its checkpoint (EX_TEMPFAIL: try
 /// again, with `--resume latest`). A second signal exits at once with 128 + its number.
 pub const EXIT_INTERRUPTED: i32 = 75;
@@ -523,7 +563,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     cfg.interrupt = Some(
         nopad_train::install_signal_handlers().context("installing the SIGINT/SIGTERM handlers")?,
     );
-    let summary = match run_on(device, dtype, TrainJob(cfg)) {
+    let summary = match train_on(device, dtype, cfg) {
         Ok(s) => s,
         Err(e) => {
             // Stopped while preparing the data: exit as the signal's default action would.

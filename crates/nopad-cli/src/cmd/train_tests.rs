@@ -83,3 +83,73 @@ fn fine_tuning_defaults_with_a_model_directory() {
     let c = resolved("--model tiny").unwrap();
     assert_eq!((c.lr, c.min_lr, c.max_len), (3e-3, 3e-4, 512));
 }
+
+/// The losses and gradient norms of a run's JSON log.
+fn logged(path: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `--ranks 2` trains what `--ranks 1` with twice the accumulation trains (same global batch),
+/// in every sharding stage, within f32's reordering bound. The two add the same micro-batches'
+/// gradients in another order (each rank's sum, then the ranks'), which changes each sum by at
+/// most a few units of f32 rounding (u = 6e-8) of its terms, and the loss and squared norm are
+/// sums of the same kind; AdamW keeps an element's relative error in its update, so over four
+/// steps at lr 1e-2 the loss and norm move by a few u of themselves: bound 1e-5 (measured:
+/// at most 1.2e-7). Not bit for bit: floating-point addition is not associative.
+#[test]
+fn ranks_equal_one_rank_with_their_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |flags: &str, name: &str| {
+        let log = dir.path().join(name);
+        let line = format!(
+            "--device cpu --model tiny --synthetic-examples 48 --max-len 32 --batch-size 2 \
+             --steps 4 --warmup 1 --lr 1e-2 --no-progress --log {} {flags}",
+            log.display()
+        );
+        let argv = std::iter::once("train").chain(line.split_whitespace());
+        let (cfg, device, prec) = Cli::try_parse_from(argv).unwrap().args.resolve().unwrap();
+        let s = train_on(device, prec, cfg).unwrap_or_else(|e| panic!("{flags}: {e}"));
+        assert_eq!(s.steps_done, 4, "{flags}");
+        logged(&log)
+    };
+    let one = run("--grad-accum 4", "one.jsonl");
+    for shard in 0..3 {
+        let two = run(
+            &format!("--ranks 2 --grad-accum 2 --shard {shard}"),
+            "two.jsonl",
+        );
+        assert_eq!(two.len(), one.len());
+        for (step, (a, b)) in one.iter().zip(&two).enumerate() {
+            let rel = |x: f64, y: f64| (x - y).abs() / x.abs();
+            assert!(
+                rel(a.0, b.0) < 1e-4,
+                "shard {shard} step {step}: loss {} vs {}",
+                a.0,
+                b.0
+            );
+            assert!(
+                rel(a.1, b.1) < 1e-3,
+                "shard {shard} step {step}: norm {} vs {}",
+                a.1,
+                b.1
+            );
+        }
+    }
+    let e = resolved("--ranks 2 --shard 3").unwrap_err().to_string();
+    assert!(e.contains("stage 3"), "{e}");
+    let line = "--ranks 2 --device cuda --steps 1";
+    let argv = std::iter::once("train").chain(line.split_whitespace());
+    let (cfg, device, prec) = Cli::try_parse_from(argv).unwrap().args.resolve().unwrap();
+    let e = train_on(device, prec, cfg).unwrap_err().to_string();
+    assert!(e.contains("--device cpu"), "{e}");
+}

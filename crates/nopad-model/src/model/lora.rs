@@ -168,9 +168,16 @@ impl<B: Backend> Model<B> {
     /// step `step` (set before each step, so a resumed run draws the masks an uninterrupted
     /// one draws); each micro-batch of the step draws its own.
     pub fn set_lora_step(&mut self, step: u64) {
+        self.set_lora_step_at(step, 0);
+    }
+
+    /// [`Model::set_lora_step`] for a share of the step that starts after `micro` training
+    /// micro-batches of it (a data-parallel rank's share draws the masks one rank running the
+    /// whole step draws for those micro-batches).
+    pub fn set_lora_step_at(&mut self, step: u64, micro: u64) {
         if let Some(a) = &mut self.adapter {
             a.step = step;
-            a.micro = 0;
+            a.micro = micro;
         }
     }
 

@@ -51,13 +51,17 @@ pub(crate) fn part_of<D: Device>(
 
 impl<B: Backend> Optimizer<B> {
     /// `range` of the weights to save: the fp32 master weights when there are some (on the
-    /// host when offloaded), else the parameters.
+    /// host when offloaded; gathered when sharded, [`Optimizer::gather_state`]), else the
+    /// parameters.
     pub fn read_weights(
         &self,
         b: &B,
         model: &Model<B>,
         range: std::ops::Range<usize>,
     ) -> nopad_backend::Result<Vec<f32>> {
+        if let Some(sh) = &self.shards {
+            return sh.read_weights(b, model.trainable(), range);
+        }
         match (&self.host, &self.master) {
             (Some(h), _) => h.read_weights(range),
             (None, Some(m)) => b.master_read(model.trainable(), m, range),
@@ -66,7 +70,8 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// Sets the weights from `offset` on to `vals` (a restore): the master copy where there is
-    /// one (on the host when offloaded) and the parameters rounded from it.
+    /// one (on the host when offloaded; this rank's pieces when sharded) and the parameters
+    /// rounded from it.
     pub fn write_weights(
         &mut self,
         b: &B,
@@ -74,6 +79,9 @@ impl<B: Backend> Optimizer<B> {
         offset: usize,
         vals: &[f32],
     ) -> nopad_backend::Result<()> {
+        if let Some(sh) = &mut self.shards {
+            return sh.write_weights(b, params, (offset, vals));
+        }
         match (&mut self.host, &mut self.master) {
             (Some(h), _) => h.write_weights(b, (params, offset), vals),
             (None, Some(m)) => b.master_write(params, m, offset, vals),
@@ -82,8 +90,13 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// The lengths of the moments' parts in buffer order (the weight-decay part, then the
-    /// rest), wherever they live: what a checkpoint stores one after the other.
+    /// rest), wherever they live and however they are sharded: what a checkpoint stores one
+    /// after the other. A sharded state answers for the whole, read after
+    /// [`Optimizer::gather_state`] and written piece by piece.
     pub fn state_lens(&self) -> Vec<usize> {
+        if let Some(sh) = &self.shards {
+            return sh.state_lens();
+        }
         match &self.host {
             Some(h) => h.state_lens(),
             None => self.states.iter().map(|(_, s)| s.len()).collect(),
@@ -98,6 +111,9 @@ impl<B: Backend> Optimizer<B> {
         which: Moment,
         range: Range<usize>,
     ) -> Result<StateData> {
+        if let Some(sh) = &self.shards {
+            return sh.read_state((part, which), range);
+        }
         match &self.host {
             Some(h) => h.read_state(part, which, range),
             None => Ok(self.part_state(part)?.read(b, which, range)?),
@@ -113,6 +129,9 @@ impl<B: Backend> Optimizer<B> {
         offset: usize,
         data: &StateData,
     ) -> Result<()> {
+        if let Some(sh) = &self.shards {
+            return sh.write_state(b, &mut self.states, (part, which), offset, data);
+        }
         match &mut self.host {
             Some(h) => h.write_state(part, which, offset, data),
             None => {

@@ -1,12 +1,9 @@
 //! A model for tests that update group by group: every parameter range on a block of 256, so
 //! 8-bit moments can be updated one group at a time.
 
-use std::sync::Arc;
-
 use nopad_backend::cpu::Cpu;
-use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
-use nopad_data::{Loader, LoaderOptions, PackOptions, Strategy};
-use nopad_model::{Config, Model};
+use nopad_data::Loader;
+use nopad_model::Model;
 use nopad_train::{train_step, Optimizer, SingleProcess, StepOutcome};
 
 type B = Cpu<f32>;
@@ -14,40 +11,13 @@ type B = Cpu<f32>;
 /// A two-layer model whose every parameter range lies on a block of 256 (8-bit moments can be
 /// updated group by group), tied or not, and a loader of one micro-batch a step.
 pub fn setup(b: &B, tied: bool) -> (Model<B>, Loader) {
-    let cfg = Config::from_json_str(
-        &format!(
-            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":64,"hidden_size":256,"intermediate_size":512,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":512,"tie_word_embeddings":{tied}}}"#
-        ),
-        "test config",
-    )
-    .unwrap();
+    let cfg = crate::common::block_aligned_config(tied);
     let mut model = Model::new(b, cfg.clone()).unwrap();
     let layout = model.layout.clone();
     nopad_model::weights::init_random(&cfg, &layout, 7, |o, v| model.write_params(b, o, v))
         .unwrap();
-    let ex = instruction_dataset(&SyntheticConfig {
-        n_examples: 32,
-        vocab_size: cfg.vocab_size,
-        lengths: LengthDist::FlanLike,
-        max_len: 40,
-        seed: 3,
-    });
-    let opts = LoaderOptions {
-        pack: PackOptions {
-            strategy: Strategy::Flatten,
-            batch_size: 3,
-            max_len: 40,
-            pad_token_id: 0,
-            group_by_length: false,
-        },
-        grad_accum: 1,
-        seed: 4,
-        shuffle: true,
-        start: Default::default(),
-        prefetch: 1,
-        parallel: nopad_data::DataParallel::ALONE,
-    };
-    (model, Loader::new(Arc::new(ex), opts).unwrap())
+    let loader = crate::common::flatten_loader(cfg.vocab_size, 32, 1);
+    (model, loader)
 }
 
 /// One run of [`setup`]: its model, optimizer and loader.

@@ -1,6 +1,12 @@
 //! What the integration tests share: the tiny preset on synthetic FLAN-like data.
+// Each test binary uses part of it.
+#![allow(dead_code)]
 
-use nopad_data::synthetic::LengthDist;
+use std::sync::Arc;
+
+use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
+use nopad_data::{Loader, LoaderOptions, PackOptions, Strategy};
+use nopad_model::Config;
 use nopad_train::{DataSource, ModelSource, TrainConfig};
 
 /// A quiet CPU run of the tiny preset over `examples` synthetic examples.
@@ -25,4 +31,44 @@ pub fn tiny_run(
     c.min_lr = 1e-3;
     c.progress = false;
     c
+}
+
+/// A two-layer config whose every parameter range lies on a block of 256 (8-bit moments can be
+/// updated group by group or sharded), tied or not.
+pub fn block_aligned_config(tied: bool) -> Config {
+    Config::from_json_str(
+        &format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":64,"hidden_size":256,"intermediate_size":512,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":512,"tie_word_embeddings":{tied}}}"#
+        ),
+        "test config",
+    )
+    .unwrap()
+}
+
+/// A loader of `examples` synthetic FLAN-like examples over `vocab` tokens (up to 40 tokens),
+/// flattened three to a micro-batch, `grad_accum` micro-batches a step.
+pub fn flatten_loader(vocab: usize, examples: usize, grad_accum: usize) -> Loader {
+    let ex = instruction_dataset(&SyntheticConfig {
+        n_examples: examples,
+        vocab_size: vocab,
+        lengths: LengthDist::FlanLike,
+        max_len: 40,
+        seed: 3,
+    });
+    let opts = LoaderOptions {
+        pack: PackOptions {
+            strategy: Strategy::Flatten,
+            batch_size: 3,
+            max_len: 40,
+            pad_token_id: 0,
+            group_by_length: false,
+        },
+        grad_accum,
+        seed: 4,
+        shuffle: true,
+        start: Default::default(),
+        prefetch: 1,
+        parallel: nopad_data::DataParallel::ALONE,
+    };
+    Loader::new(Arc::new(ex), opts).unwrap()
 }

@@ -7,13 +7,17 @@
 //! rank scales its loss by the global count; the squared gradient norm, for clipping) and, once
 //! parameters are sharded, device buffer ranges (gradients reduce-scattered to the rank that owns
 //! them, updated parameters all-gathered). [`SingleProcess`] is the identity at world size 1, so
-//! one process computes exactly what it computed before collectives existed.
+//! one process computes exactly what it computed before collectives existed. [`ThreadGroup`]
+//! (`threads`) joins ranks that are threads of one process, for tests and `--ranks N` on the CPU.
 
 use std::ops::Range;
 
 use nopad_backend::Backend;
 
 use crate::error::Result;
+
+mod threads;
+pub use threads::{ThreadGroup, ThreadRank};
 
 /// Communication between the ranks of one run. Every rank calls the same methods in the same
 /// order (a collective call is a meeting point); buffers are summed element by element.
@@ -52,6 +56,66 @@ pub trait Collective<B: Backend> {
         self.all_reduce_host(&mut v)?;
         Ok(v[0] as usize)
     }
+
+    /// This rank's part of `0..n` when every part but the last must start on a multiple of
+    /// `align` ([`aligned_shard`]): 8-bit moments are quantised in blocks of 256 counted from
+    /// the start of each piece of state, so pieces that start on a block of the unsharded state
+    /// keep its blocks and hence its numbers. With `align` 1 this is [`Collective::shard`].
+    fn shard_aligned(&self, n: usize, align: usize) -> Range<usize> {
+        aligned_shard(self.rank(), self.world_size(), n, align)
+    }
+
+    /// A sharded state's exchange ([`Aligned`]) over `range` of `buf`, on the ranks'
+    /// [`Collective::shard_aligned`] parts (relative to `range`).
+    ///
+    /// Where the aligned parts are [`Collective::shard`]'s, a reduce-scatter or all-gather.
+    /// Otherwise an all-reduce (twice the traffic, the same sums; for a gather, of this rank's
+    /// part with the rest zeroed, which adds exactly) until an implementation overrides this
+    /// with padded collectives.
+    fn exchange_aligned(
+        &self,
+        b: &B,
+        (op, align): (Aligned, usize),
+        buf: &mut B::Buf,
+        range: Range<usize>,
+    ) -> Result<()> {
+        let n = range.len();
+        let plain = plain_is_aligned(self.world_size(), n, align);
+        match (op, plain) {
+            (Aligned::ReduceScatter, true) => self.reduce_scatter(b, b.view_mut(buf, range), n),
+            (Aligned::AllGather, true) => self.all_gather(b, b.view_mut(buf, range), n),
+            (Aligned::ReduceScatter, false) => self.all_reduce(b, b.view_mut(buf, range), n),
+            (Aligned::AllGather, false) => {
+                let own = self.shard_aligned(n, align);
+                let s = range.start;
+                b.zero(b.view_mut(buf, s..s + own.start))?;
+                b.zero(b.view_mut(buf, s + own.end..range.end))?;
+                self.all_reduce(b, b.view_mut(buf, range), n)
+            }
+        }
+    }
+}
+
+/// The exchanges of a sharded state ([`Collective::exchange_aligned`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aligned {
+    /// Sum over the ranks; at least this rank's part of the sum is left in place.
+    ReduceScatter,
+    /// Every rank's part, read from that rank, fills the whole range.
+    AllGather,
+}
+
+/// Rank `rank`'s part of `0..n` split over `world` ranks: equal parts of `ceil(n / world)`
+/// rounded up to a multiple of `align`, the last ones shorter or empty.
+pub fn aligned_shard(rank: usize, world: usize, n: usize, align: usize) -> Range<usize> {
+    let per = n.div_ceil(world.max(1)).next_multiple_of(align.max(1));
+    let start = (rank * per).min(n);
+    start..(start + per).min(n)
+}
+
+/// Whether [`aligned_shard`]'s parts of `0..n` are [`Collective::shard`]'s.
+fn plain_is_aligned(world: usize, n: usize, align: usize) -> bool {
+    n.div_ceil(world.max(1)).is_multiple_of(align.max(1))
 }
 
 /// One process, one rank: every collective is the identity.

@@ -1,0 +1,327 @@
+//! Data parallelism on the CPU backend in f64: N ranks (threads over [`ThreadGroup`]), each
+//! given its share of every step's micro-batches, against one rank given all of them with
+//! gradient accumulation, for every sharding stage, moment precision and LoRA.
+//!
+//! **The bound.** The ranks compute the same micro-batches' gradients bit for bit; what differs
+//! is the order in which they are added: one rank accumulates micro-batch after micro-batch
+//! (`((g1 + g2) + g3) + g4`), N ranks add each rank's sum in rank order (`(g1 + g2) + (g3 +
+//! g4)`; in stage 2 `((0 + (g1 + g3)) + (g2 + g4))`). Each order's error is at most about
+//! (k - 1) · u · Σ|gi| with u = 2^-53 and k ≤ 6 terms, so the gradients agree to ~1e-15 of
+//! their terms' magnitude; the squared norm sums the same values in another grouping (pieces,
+//! not whole runs). The loss sum is exchanged the same way. AdamW divides m by √v, so an
+//! element's update keeps the gradient's relative error (its first step is sign(g), exact
+//! unless g cancels to ~1e-15 of its terms, which the tolerance below covers through lr). So:
+//! loss and norm agree within 1e-12 relative; each parameter within 1e-12 + lr · 1e-10
+//! absolute after three steps (lr ≤ 1e-2; weights are O(1)). Measured: at most 5e-14. Not bit
+//! for bit, because floating-point addition is not associative and the order is what changed.
+//! (With `--master-weights none` the parameters are rounded to bf16 after each update and come
+//! out identical.)
+
+use std::thread;
+
+use nopad_backend::cpu::Cpu;
+use nopad_backend::Device;
+use nopad_data::Batch;
+use nopad_model::lora::{LoraConfig, Target};
+use nopad_model::{Config, Model};
+use nopad_train::{
+    build_lora_model, train_step, AdamWConfig, Collective, LoraTrain, MasterPrecision, ModelSource,
+    Optimizer, Placement, ShardStage, SingleProcess, StatePrecision, StepOutcome, ThreadGroup,
+};
+
+mod common;
+
+type B = Cpu<f64>;
+
+/// Loss and norm: relative agreement (see the module docs).
+const REL: f64 = 1e-12;
+
+/// Which model a run trains.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// Two layers whose every range lies on a block of 256 (8-bit moments shard exactly).
+    Full { tied: bool },
+    /// LoRA adapters (r 4, no dropout) over the tiny preset.
+    Lora,
+}
+
+fn model(b: &B, kind: Kind) -> Model<B> {
+    match kind {
+        Kind::Full { tied } => {
+            let cfg = common::block_aligned_config(tied);
+            let mut m = Model::new(b, cfg.clone()).unwrap();
+            let layout = m.layout.clone();
+            nopad_model::weights::init_random(&cfg, &layout, 7, |o, v| m.write_params(b, o, v))
+                .unwrap();
+            m
+        }
+        Kind::Lora => {
+            let lt = LoraTrain {
+                settings: LoraConfig {
+                    r: 4,
+                    alpha: 8.0,
+                    dropout: 0.0,
+                    targets: Target::ALL.to_vec(),
+                    use_rslora: false,
+                    seed: 0,
+                },
+                adapter: None,
+                base: Default::default(),
+            };
+            build_lora_model(b, &ModelSource::Preset("tiny".into()), 5, None, &lt)
+                .unwrap()
+                .0
+        }
+    }
+}
+
+/// Three steps of `per_step` micro-batches each (flatten, 3 examples a micro-batch).
+fn steps(kind: Kind, per_step: usize) -> Vec<Vec<Batch>> {
+    let vocab = match kind {
+        Kind::Full { .. } => 64,
+        Kind::Lora => Config::preset("tiny").unwrap().vocab_size,
+    };
+    let mut loader = common::flatten_loader(vocab, 64, per_step);
+    (0..3)
+        .map(|_| {
+            let s = loader.next().unwrap();
+            assert_eq!(s.batches.len(), per_step);
+            s.batches
+        })
+        .collect()
+}
+
+fn adamw(states: StatePrecision, master: MasterPrecision) -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: 0.1,
+        // Low enough that clipping acts, so the global norm matters.
+        max_grad_norm: Some(0.5),
+        states,
+        master,
+        ..AdamWConfig::default()
+    }
+}
+
+fn lr(step: usize) -> f64 {
+    1e-2 / (step + 1) as f64
+}
+
+/// What a run leaves: each step's outcome, the trainable parameters, and the optimizer's
+/// state elements.
+type Trace = (Vec<StepOutcome>, Vec<f64>, usize);
+
+/// One rank trains `shares` (its micro-batches of each step) over `coll`.
+fn rank_run(
+    coll: &dyn Collective<B>,
+    kind: Kind,
+    cfg: AdamWConfig,
+    stage: ShardStage,
+    shares: &[Vec<Batch>],
+) -> Trace {
+    let b = B::new();
+    let mut m = model(&b, kind);
+    if stage == ShardStage::Grads && !matches!(kind, Kind::Lora) {
+        m.set_update_in_backward(&b, true).unwrap();
+    }
+    let mut opt = Optimizer::for_rank(&b, &m, cfg, Placement::Device, (coll, stage)).unwrap();
+    let outs = shares
+        .iter()
+        .enumerate()
+        .map(|(step, batches)| {
+            train_step(&b, coll, &mut m, &mut opt, batches, lr(step))
+                .unwrap_or_else(|e| panic!("rank {}: {e}", coll.rank()))
+        })
+        .collect();
+    let n = b.buf_len(m.trainable());
+    let params = b.read_f64(m.trainable(), 0..n).unwrap();
+    (outs, params, opt.state_elements(&b))
+}
+
+/// N ranks, rank r given `shares(r)` of every step.
+fn ranks_run(
+    n: usize,
+    kind: Kind,
+    cfg: AdamWConfig,
+    stage: ShardStage,
+    shares: impl Fn(usize) -> Vec<Vec<Batch>> + Sync,
+) -> Vec<Trace> {
+    thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(n)
+            .into_iter()
+            .map(|r| {
+                let shares = &shares;
+                s.spawn(move || rank_run(&r, kind, cfg, stage, &shares(r.rank())))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// The largest absolute difference of two parameter vectors.
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Checks every rank of `runs` against the one-rank `reference` within the bound, and that all
+/// ranks hold the same parameters bit for bit.
+fn check(what: &str, reference: &Trace, runs: &[Trace]) {
+    for (r, run) in runs.iter().enumerate() {
+        for (step, (a, o)) in reference.0.iter().zip(&run.0).enumerate() {
+            assert!(a.applied && o.applied, "{what}: step {step} skipped");
+            let rel = |x: f64, y: f64| (x - y).abs() / x.abs();
+            assert!(
+                rel(a.loss, o.loss) < REL,
+                "{what} rank {r} step {step}: loss {} vs {}",
+                a.loss,
+                o.loss
+            );
+            assert!(
+                rel(a.grad_norm, o.grad_norm) < REL,
+                "{what} rank {r} step {step}: norm {} vs {}",
+                a.grad_norm,
+                o.grad_norm
+            );
+        }
+        let d = max_diff(&reference.1, &run.1);
+        assert!(
+            d < 1e-12 + lr(0) * 1e-9,
+            "{what} rank {r}: parameters differ by {d:e}"
+        );
+        assert_eq!(
+            run.1, runs[0].1,
+            "{what}: rank {r} holds other parameters than rank 0"
+        );
+    }
+}
+
+/// One rank with every micro-batch of each step.
+fn reference(kind: Kind, cfg: AdamWConfig, all: &[Vec<Batch>]) -> Trace {
+    rank_run(&SingleProcess, kind, cfg, ShardStage::Replicated, all)
+}
+
+/// Rank r of n takes micro-batches r·k..(r+1)·k of each step.
+fn share(all: &[Vec<Batch>], r: usize, k: usize) -> Vec<Vec<Batch>> {
+    all.iter().map(|s| s[r * k..(r + 1) * k].to_vec()).collect()
+}
+
+#[test]
+fn n_ranks_equal_one_rank_at_the_same_global_batch_in_every_stage() {
+    let modes = [
+        (StatePrecision::F32, MasterPrecision::F32, false),
+        (StatePrecision::Block8, MasterPrecision::F32, true),
+        (StatePrecision::F32, MasterPrecision::None, false),
+    ];
+    for (states, master, tied) in modes {
+        let kind = Kind::Full { tied };
+        let cfg = adamw(states, master);
+        for n in [2, 3] {
+            let all = steps(kind, 2 * n);
+            let want = reference(kind, cfg, &all);
+            for stage in ShardStage::ALL {
+                let what = format!(
+                    "{states:?}/{master:?} tied={tied}, {n} ranks, stage {}",
+                    stage.number()
+                );
+                let runs = ranks_run(n, kind, cfg, stage, |r| share(&all, r, 2));
+                check(&what, &want, &runs);
+            }
+        }
+    }
+}
+
+#[test]
+fn lora_ranks_exchange_only_the_adapters_and_equal_one_rank() {
+    let cfg = adamw(StatePrecision::F32, MasterPrecision::F32);
+    let all = steps(Kind::Lora, 4);
+    let want = reference(Kind::Lora, cfg, &all);
+    for stage in ShardStage::ALL {
+        let runs = ranks_run(2, Kind::Lora, cfg, stage, |r| share(&all, r, 2));
+        check(&format!("LoRA stage {}", stage.number()), &want, &runs);
+    }
+}
+
+#[test]
+fn uneven_shares_with_empty_micro_batches_equal_one_rank() {
+    let kind = Kind::Full { tied: false };
+    let cfg = adamw(StatePrecision::F32, MasterPrecision::F32);
+    let all = steps(kind, 5);
+    let want = reference(kind, cfg, &all);
+    // Three ranks of two micro-batches: the last has one empty micro-batch.
+    let three = |r: usize| -> Vec<Vec<Batch>> {
+        all.iter()
+            .map(|s| {
+                let mut mine = s[(2 * r).min(5)..(2 * r + 2).min(5)].to_vec();
+                mine.resize(2, Batch::default());
+                mine
+            })
+            .collect()
+    };
+    // Two ranks of five: the second has nothing at all.
+    let two = |r: usize| -> Vec<Vec<Batch>> {
+        all.iter()
+            .map(|s| match r {
+                0 => s.clone(),
+                _ => vec![Batch::default(); 5],
+            })
+            .collect()
+    };
+    for stage in ShardStage::ALL {
+        check(
+            &format!("3 ranks, one empty micro-batch, stage {}", stage.number()),
+            &want,
+            &ranks_run(3, kind, cfg, stage, three),
+        );
+        check(
+            &format!("2 ranks, one empty share, stage {}", stage.number()),
+            &want,
+            &ranks_run(2, kind, cfg, stage, two),
+        );
+    }
+}
+
+#[test]
+fn sharded_state_per_rank_is_a_one_over_n_share() {
+    let kind = Kind::Full { tied: false };
+    for states in [StatePrecision::F32, StatePrecision::Block8] {
+        let cfg = adamw(states, MasterPrecision::F32);
+        let all = steps(kind, 4);
+        let one_step = &all[..1];
+        let whole = reference(kind, cfg, one_step).2;
+        let m = model(&B::new(), kind);
+        let params = m.layout.total;
+        let ranges: usize = m.layout.groups.iter().map(|g| g.ranges().count()).sum();
+        assert_eq!(
+            whole,
+            2 * params,
+            "{states:?}: two moments over every parameter"
+        );
+        for n in [2, 4] {
+            for stage in [ShardStage::States, ShardStage::Grads] {
+                let runs = ranks_run(n, kind, cfg, stage, |r| share(one_step, r, 4 / n));
+                let held: Vec<usize> = runs.iter().map(|t| t.2).collect();
+                // Stage 2 adds the gradient pieces: one more share of the parameters.
+                let per = if stage == ShardStage::Grads { 3 } else { 2 };
+                let total: usize = held.iter().sum();
+                assert_eq!(
+                    total,
+                    per * params,
+                    "{states:?} stage {} {n} ranks: {held:?}",
+                    stage.number()
+                );
+                for h in &held {
+                    let share = per * params / n;
+                    // Each range's pieces differ from 1/N by less than a block each.
+                    assert!(
+                        h.abs_diff(share) <= per * 256 * ranges,
+                        "{states:?} stage {} {n} ranks: {held:?}",
+                        stage.number()
+                    );
+                }
+            }
+        }
+    }
+}
