@@ -1,19 +1,20 @@
-//! What the ranks of a data-parallel run agree on around the step: which micro-batches each
-//! rank runs ([`share`]), how unevenly the work fell ([`imbalance`], logged per step and
-//! summed up at the end), whether to stop ([`agree_on_stop`]); and [`train_threads`], a run of
-//! N ranks as threads of this process over the CPU backend (`--device cpu --ranks N`).
+//! What the ranks of a data-parallel run agree on around the step: how unevenly the work fell
+//! ([`imbalance`], logged per step and summed up at the end), whether to stop
+//! ([`agree_on_stop`]); and [`train_threads`], a run of N ranks as threads of this process over
+//! the CPU backend (`--device cpu --ranks N`).
 //!
-//! The data order is one global order: each step is the one-rank step of `grad_accum × N`
-//! micro-batches, and rank r takes micro-batches `r·ga .. (r+1)·ga` of it (fewer at an epoch's
-//! end: the missing ones are empty, so every rank runs the same number of micro-batches and
-//! makes the same collective calls). A run of N ranks therefore trains on exactly the batches of
-//! one rank with N times the accumulation, and resumes from the same data position.
+//! The data order is one global order (nopad-data's `ranks`): each step holds the examples of
+//! the one-rank step of `grad_accum × N` micro-batches, dealt to the ranks by cost, each rank
+//! exactly `grad_accum` micro-batches (empty ones at an epoch's end, so every rank makes the
+//! same collective calls). A run of N ranks therefore trains on exactly the examples of one rank
+//! with N times the accumulation, in other micro-batches (the same gradient summed in another
+//! order), and resumes from the same data position.
 
 use std::thread;
 
 use nopad_backend::cpu::{Cpu, Scalar};
 use nopad_backend::Backend;
-use nopad_data::Batch;
+use nopad_data::RankCost;
 
 use crate::collective::{Collective, ThreadGroup};
 use crate::config::TrainConfig;
@@ -21,39 +22,15 @@ use crate::error::{Result, TrainError};
 use crate::records::{RankImbalance, StepRecord, StopReason, Summary};
 use crate::trainer::train_rank;
 
-/// Rank `rank`'s micro-batches of a step (`ga` of them, empty ones where the step is short).
-pub(crate) fn share(batches: &[Batch], rank: usize, ga: usize) -> Vec<Batch> {
-    let n = batches.len();
-    let mut mine = batches[(rank * ga).min(n)..((rank + 1) * ga).min(n)].to_vec();
-    mine.resize(ga, Batch::default());
-    mine
-}
-
-/// Each rank's (real tokens, Σ segment length²) in a step of `world` shares of `ga`.
-fn rank_costs(batches: &[Batch], world: usize, ga: usize) -> Vec<(f64, f64)> {
-    (0..world)
-        .map(|r| {
-            share(batches, r, ga).iter().fold((0.0, 0.0), |(t, a), x| {
-                let sq: f64 = x
-                    .cu_seqlens
-                    .windows(2)
-                    .map(|w| ((w[1] - w[0]) as f64).powi(2))
-                    .sum();
-                (t + x.stats.real_tokens as f64, a + sq)
-            })
-        })
-        .collect()
-}
-
-/// How unevenly a step's work falls on `world` ranks (None for one rank).
-pub(crate) fn imbalance(batches: &[Batch], world: usize, ga: usize) -> Option<RankImbalance> {
-    if world < 2 {
+/// How unevenly a step's work fell on the ranks (None for one rank): the busiest rank's real
+/// tokens and Σ segment length² over the mean, minus 1, from the loader's per-rank costs.
+pub(crate) fn imbalance(costs: &[RankCost]) -> Option<RankImbalance> {
+    if costs.len() < 2 {
         return None;
     }
-    let costs = rank_costs(batches, world, ga);
-    let excess = |f: fn(&(f64, f64)) -> f64| {
+    let excess = |f: fn(&RankCost) -> f64| {
         let max = costs.iter().map(f).fold(0.0, f64::max);
-        let mean = costs.iter().map(f).sum::<f64>() / world as f64;
+        let mean = costs.iter().map(f).sum::<f64>() / costs.len() as f64;
         if mean > 0.0 {
             max / mean - 1.0
         } else {
@@ -61,8 +38,8 @@ pub(crate) fn imbalance(batches: &[Batch], world: usize, ga: usize) -> Option<Ra
         }
     };
     Some(RankImbalance {
-        tokens: excess(|c| c.0),
-        attention: excess(|c| c.1),
+        tokens: excess(|c| c.tokens as f64),
+        attention: excess(|c| c.sum_len_sq as f64),
     })
 }
 
@@ -187,42 +164,21 @@ mod tests {
     use super::*;
     use crate::collective::SingleProcess;
 
-    fn batch(lens: &[i32]) -> Batch {
-        let mut cu = vec![0];
-        for l in lens {
-            cu.push(cu.last().unwrap() + l);
+    fn cost(tokens: usize, sum_len_sq: u64) -> RankCost {
+        RankCost {
+            tokens,
+            sum_len_sq,
+            target_tokens: 0,
         }
-        let n = *cu.last().unwrap() as usize;
-        Batch {
-            tokens: vec![1; n],
-            targets: vec![1; n],
-            position_ids: vec![0; n],
-            cu_seqlens: cu,
-            max_seqlen: 0,
-            stats: nopad_data::BatchStats {
-                real_tokens: n,
-                ..Default::default()
-            },
-        }
-    }
-
-    #[test]
-    fn shares_split_a_step_in_order_and_pad_a_short_one_with_empty_batches() {
-        let step: Vec<Batch> = (1..=5).map(|l| batch(&[l])).collect();
-        assert_eq!(share(&step, 0, 2), step[0..2]);
-        assert_eq!(share(&step, 1, 2), step[2..4]);
-        assert_eq!(share(&step, 2, 2), vec![step[4].clone(), Batch::default()]);
-        assert_eq!(share(&step, 3, 2), vec![Batch::default(); 2]);
     }
 
     #[test]
     fn imbalance_is_the_busiest_rank_over_the_mean() {
         // Rank 0: 4 tokens in one segment (16); rank 1: 4 tokens in two (8).
-        let step = vec![batch(&[4]), batch(&[2, 2])];
-        let i = imbalance(&step, 2, 1).unwrap();
+        let i = imbalance(&[cost(4, 16), cost(4, 8)]).unwrap();
         assert_eq!(i.tokens, 0.0);
         assert!((i.attention - (16.0 / 12.0 - 1.0)).abs() < 1e-12);
-        assert_eq!(imbalance(&step, 1, 2), None);
+        assert_eq!(imbalance(&[cost(4, 16)]), None);
         let note = imbalance_note(&[
             i,
             RankImbalance {

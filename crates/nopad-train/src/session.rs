@@ -234,8 +234,8 @@ pub(crate) struct Session<B: Backend> {
     pub warnings: Vec<String>,
     /// The exclusive hold on `out`, for the session's whole life (rank 0's).
     pub _lock: Option<OutLock>,
-    /// (this rank, ranks in the run): each step's micro-batches are shared out, rank r taking
-    /// its `grad_accum` of them ([`crate::ranks::share`]).
+    /// (this rank, ranks in the run): the loader hands this rank its `grad_accum` micro-batches
+    /// of each global step, dealt by cost.
     pub ranks: (usize, usize),
 }
 
@@ -307,8 +307,9 @@ impl<B: Backend> Session<B> {
         let examples = Arc::new(examples);
         let loader_opts = LoaderOptions {
             pack: pack.clone(),
-            // One global order: each step is the one-rank step of every rank's micro-batches.
-            grad_accum: tc.grad_accum * world,
+            // One global order: each step is the one-rank step of every rank's micro-batches,
+            // dealt to the ranks by cost (nopad-data's `ranks`); this loader keeps this rank's.
+            grad_accum: tc.grad_accum,
             seed: tc.seed,
             shuffle: true,
             start: resume
@@ -316,7 +317,11 @@ impl<B: Backend> Session<B> {
                 .map(|(_, st)| st.data_position.clone())
                 .unwrap_or_default(),
             prefetch: 4,
-            parallel: nopad_data::DataParallel::ALONE,
+            parallel: nopad_data::DataParallel {
+                ranks: world,
+                rank,
+                attention_len: 6 * cfg.hidden_size as u64,
+            },
         };
         // Only a run that saves or resumes needs its identity (hashing a big data file takes time).
         let identity = if tc.out.is_some() || resume.is_some() {

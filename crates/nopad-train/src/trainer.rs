@@ -169,18 +169,13 @@ impl<B: Backend> Session<B> {
         let lr = self.schedule.lr_at(self.opt.step + 1);
         let poison = tc.nan_at_step == Some(step);
         let (model, opt) = (&mut self.model, &mut self.opt);
-        let ga = tc.grad_accum;
-        let (rank, world) = self.ranks;
+        let (rank, _) = self.ranks;
         // A LoRA run's dropout masks are a function of the step and of the micro-batch's place
-        // in it (exact resume; a rank draws what one rank running the whole step would).
-        let before = data
-            .batches
-            .iter()
-            .take(rank * ga)
-            .filter(|x| !x.is_empty());
-        model.set_lora_step_at(step, before.count() as u64);
-        let mine = crate::ranks::share(&data.batches, rank, ga);
-        let out = step_scaled(b, coll, model, opt, &mine, lr, poison)?;
+        // in the global step (exact resume; ranks draw distinct masks). The ranks' micro-batches
+        // are dealt by cost, not cut from one rank's, so with dropout the masks, like DDP's,
+        // depend on the world size.
+        model.set_lora_step_at(step, (rank * tc.grad_accum) as u64);
+        let out = step_scaled(b, coll, model, opt, &data.batches, lr, poison)?;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
         let st = data.stats();
@@ -202,7 +197,7 @@ impl<B: Backend> Session<B> {
             peak_memory_bytes: b.peak_memory(),
             skipped: !out.applied,
             skipped_steps: self.history.counters.skipped_steps,
-            rank_imbalance: crate::ranks::imbalance(&data.batches, world, ga),
+            rank_imbalance: crate::ranks::imbalance(&data.rank_costs),
             eval: None,
         })
     }

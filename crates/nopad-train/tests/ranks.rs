@@ -121,14 +121,15 @@ fn a_rank_that_fails_is_named() {
     assert!(e.contains("`optim-in-backward` runs on one rank"), "{e}");
 }
 
-/// LoRA with dropout: each rank draws the masks one rank draws for the same micro-batches, so
-/// two ranks train what one rank with their accumulation trains (within f32's reordering of
-/// the sums, as in the CLI's test: 1e-5).
+/// LoRA with dropout on two ranks: the ranks' micro-batches are dealt by cost, not cut from one
+/// rank's, so their dropout masks (a function of the step, the micro-batch's place and the
+/// element) depend on the world size, as DDP's do. What holds is determinism: the same 2-rank run
+/// twice gives the same bits.
 #[test]
-fn lora_dropout_masks_follow_the_micro_batch_not_the_rank() {
+fn lora_dropout_on_ranks_is_reproducible() {
     use nopad_model::lora::{LoraConfig, Target};
-    let mut one = common::tiny_run(3, 40, 48, 2, 1);
-    one.lora = Some(nopad_train::LoraTrain {
+    let mut two = common::tiny_run(3, 40, 48, 2, 1);
+    two.lora = Some(nopad_train::LoraTrain {
         settings: LoraConfig {
             r: 4,
             alpha: 8.0,
@@ -140,16 +141,10 @@ fn lora_dropout_masks_follow_the_micro_batch_not_the_rank() {
         adapter: None,
         base: Default::default(),
     });
-    one.grad_accum = 4;
-    let mut two = one.clone();
     two.ranks = 2;
     two.grad_accum = 2;
-    let mut a = vec![];
-    nopad_train::train(&Cpu::<f32>::new(), &one, |r| a.push(r.loss)).unwrap();
+    let (a, _, _) = run(&two);
     let (b, _, _) = run(&two);
-    assert_eq!(a.len(), b.len());
-    for (x, (_, y)) in a.iter().zip(&b) {
-        let y = f64::from_bits(*y);
-        assert!((x - y).abs() / x < 1e-5, "loss {x} vs {y}");
-    }
+    assert_eq!(a, b);
+    assert!(a.iter().all(|(_, l)| f64::from_bits(*l).is_finite()));
 }
