@@ -2,6 +2,7 @@
 //! configuration and hands it to `crate::device::run_on`.
 
 pub mod bench;
+pub mod dist;
 pub mod eval;
 pub mod lora;
 pub mod merge;
@@ -39,4 +40,24 @@ impl LoaderArgs {
         opts.strict = self.strict;
         opts
     }
+}
+
+/// What `--model` names: a model directory, a preset (tiny, small, llama-3.1-8b, ...; random
+/// init), or a Hub id (`org/name`) found in the local Hugging Face cache (never downloaded).
+/// A name that is none of these is a preset name the training refuses with the list of presets.
+pub fn model_source(m: &str) -> anyhow::Result<nopad_train::ModelSource> {
+    use nopad_train::ModelSource;
+    let path = std::path::Path::new(m);
+    if path.is_dir() {
+        return Ok(ModelSource::Dir(path.into()));
+    }
+    if nopad_model::Config::preset(m).is_none() && nopad_model::hub::looks_like_hub_id(m) {
+        let cache = nopad_model::hub::cache_dir(|k| std::env::var(k).ok()).ok_or_else(|| {
+            anyhow::anyhow!("--model {m}: not a directory, and no Hugging Face cache is known (HOME, HF_HOME and HF_HUB_CACHE are unset)")
+        })?;
+        let dir = nopad_model::hub::resolve_in(&cache, m, None)?;
+        eprintln!("nopad: --model {m}: {}", dir.display());
+        return Ok(ModelSource::Dir(dir));
+    }
+    Ok(ModelSource::Preset(m.to_string()))
 }

@@ -334,3 +334,60 @@ fn a_run_without_a_terminal_logs_plain_lines() {
     );
     assert!(!e.contains('\x1b'), "escape codes in {e:?}");
 }
+
+/// `--model org/name` is found in the Hugging Face cache (`HF_HUB_CACHE`), never downloaded; an
+/// id that is not there names the folder it looked for and how to fetch it.
+#[test]
+fn a_hub_id_is_a_snapshot_of_the_local_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("made");
+    ok(nopad(&args(
+        "train --model tiny --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress --out",
+        &[made.to_str().unwrap()],
+    )));
+    let cache = tmp.path().join("hub");
+    let snap = cache.join("models--acme--tiny-llama/snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(cache.join("models--acme--tiny-llama/refs")).unwrap();
+    std::fs::write(cache.join("models--acme--tiny-llama/refs/main"), "abc123").unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(made.join(f), snap.join(f)).unwrap();
+    }
+    let run = |id: &str| {
+        common::command()
+            .args(args(
+                "train --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress --model",
+                &[id],
+            ))
+            .env("HF_HUB_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let o = run("acme/tiny-llama");
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("snapshots/abc123"), "{e}");
+    let o = run("acme/other");
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("models--acme--other") && e.contains("huggingface-cli download acme/other"),
+        "{e}"
+    );
+}
+
+/// `--gpus N` starts N workers of the same command with torchrun's variables; a worker that
+/// fails (here: every one, since ranks of a multi-process run need GPUs and --device cpu says
+/// otherwise) stops the run with the failed rank named, its last lines quoted, and its status.
+#[test]
+fn gpus_launches_workers_and_reports_the_one_that_failed() {
+    let o = nopad(&args(
+        "train --gpus 2 --model tiny --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress",
+        &[],
+    ));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("starting 2 workers"), "{e}");
+    assert!(e.contains("rank ") && e.contains("failed"), "{e}");
+    assert!(e.contains("use --ranks N in one process"), "{e}");
+}

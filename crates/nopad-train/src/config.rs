@@ -96,6 +96,8 @@ pub struct TrainConfig {
     pub save_dtype: SaveDtype,
     /// JSON-lines log of every logged step and evaluation.
     pub log: Option<PathBuf>,
+    /// Folder of TensorBoard event files with the logged scalars (`--report-to tensorboard`).
+    pub tensorboard: Option<PathBuf>,
     /// Log every this many steps.
     pub log_every: u64,
     /// Held-out data, evaluated at the end (and every `eval_every` steps).
@@ -205,6 +207,7 @@ impl TrainConfig {
             out: None,
             save_dtype: SaveDtype::F32,
             log: None,
+            tensorboard: None,
             log_every: 1,
             eval_data: None,
             eval_every: None,

@@ -41,7 +41,6 @@ mod settings;
 mod signals;
 mod state_check;
 mod step;
-#[allow(dead_code)] // wired into the trainer next
 mod tensorboard;
 mod trainer;
 

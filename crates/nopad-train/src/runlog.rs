@@ -1,7 +1,8 @@
 //! The JSON-lines log (`--log`): one line per logged step and one per evaluation, flushed as it
 //! is written so a crash loses nothing logged. A resumed run first drops the lines of steps after
 //! its checkpoint (the interrupted session logged them, but the resumed one redoes those steps),
-//! so the log of a resumed run reads like that of an uninterrupted one.
+//! so the log of a resumed run reads like that of an uninterrupted one. With `--report-to
+//! tensorboard` the same scalars also go to TensorBoard event files (`crate::tensorboard`).
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -10,21 +11,34 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::{io, Result};
+use crate::records::{EvalRecord, StepRecord};
+use crate::tensorboard::EventWriter;
 
 /// An open log, or nothing when no `--log` was asked for.
 pub(crate) struct RunLog {
     path: PathBuf,
     w: Option<BufWriter<fs::File>>,
+    tb: Option<EventWriter>,
 }
 
 impl RunLog {
     /// Opens `path` for a run that starts after step `resumed_at` (0 for a fresh run, which
     /// truncates the file).
-    pub(crate) fn open(path: &Option<PathBuf>, resumed_at: u64) -> Result<RunLog> {
+    /// With `tensorboard`, event files are written in that folder too.
+    pub(crate) fn open(
+        path: &Option<PathBuf>,
+        tensorboard: Option<&std::path::Path>,
+        resumed_at: u64,
+    ) -> Result<RunLog> {
+        let tb = match tensorboard {
+            Some(dir) => Some(EventWriter::create(dir, resumed_at)?),
+            None => None,
+        };
         let Some(p) = path else {
             return Ok(RunLog {
                 path: PathBuf::new(),
                 w: None,
+                tb,
             });
         };
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -51,6 +65,7 @@ impl RunLog {
         Ok(RunLog {
             path: p.clone(),
             w: Some(BufWriter::new(f)),
+            tb,
         })
     }
 
@@ -61,6 +76,33 @@ impl RunLog {
             writeln!(w, "{line}")
                 .and_then(|_| w.flush())
                 .map_err(io(&self.path))?;
+        }
+        Ok(())
+    }
+
+    /// Logs a step: its JSON line, and its scalars to TensorBoard.
+    pub(crate) fn step(&mut self, rec: &StepRecord) -> Result<()> {
+        self.line(rec)?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.scalars(
+                rec.step,
+                &[
+                    ("train/loss", rec.loss),
+                    ("train/learning_rate", rec.lr),
+                    ("train/grad_norm", rec.grad_norm),
+                    ("train/tokens_per_s", rec.tokens_per_s),
+                    ("train/padding_fraction", rec.padding_fraction),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Logs an evaluation: its JSON line, and its loss to TensorBoard.
+    pub(crate) fn eval(&mut self, rec: &EvalRecord) -> Result<()> {
+        self.line(rec)?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.scalars(rec.step, &[("eval/loss", rec.eval_loss)])?;
         }
         Ok(())
     }

@@ -29,15 +29,23 @@ impl EventWriter {
     pub(crate) fn create(dir: &Path, resumed_at: u64) -> Result<EventWriter> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let now = wall_time();
-        // TensorBoard reads every file whose name contains "tfevents"; the time and pid keep
-        // the files of successive sessions apart and in order.
-        let name = format!(
-            "events.out.tfevents.{}.{}.nopad",
-            now as u64,
-            std::process::id()
-        );
-        let path = dir.join(name);
-        let f = fs::File::create(&path).map_err(io(&path))?;
+        // TensorBoard reads every file whose name contains "tfevents", in name order: the time
+        // keeps successive sessions' files in order, and a counter apart within one second (a
+        // file is never overwritten).
+        let (secs, pid) = (now as u64, std::process::id());
+        let mut k = 0u32;
+        let (path, f) = loop {
+            let path = dir.join(format!("events.out.tfevents.{secs}.{pid}.{k:03}.nopad"));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => break (path, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 999 => k += 1,
+                Err(e) => return Err(io(&path)(e)),
+            }
+        };
         let mut w = EventWriter {
             path,
             w: BufWriter::new(f),
@@ -60,6 +68,7 @@ impl EventWriter {
     }
 
     /// The file being written.
+    #[cfg(test)]
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

@@ -49,7 +49,10 @@ pub fn train_rank<B: Backend>(
     let mut s = Session::open(b, coll, tc)?;
     let rank0 = coll.rank() == 0;
     let (start, total) = (s.start_step, s.schedule.total);
-    let mut log = RunLog::open(if rank0 { &tc.log } else { &None }, start)?;
+    let mut log = match rank0 {
+        true => RunLog::open(&tc.log, tc.tensorboard.as_deref(), start)?,
+        false => RunLog::open(&None, None, start)?,
+    };
     let bar = progress_bar(tc.progress && rank0, total, start);
     let say = |msg: String| {
         if rank0 {
@@ -90,7 +93,7 @@ pub fn train_rank<B: Backend>(
         done = step;
         let logged = step % tc.log_every.max(1) == 0 || step == total;
         if logged || rec.skipped {
-            log.line(&rec)?;
+            log.step(&rec)?;
         }
         if logged && plain && !rec.skipped {
             say(format!(
@@ -115,7 +118,7 @@ pub fn train_rank<B: Backend>(
             false => None,
         };
         if let Some(e) = eval {
-            log.line(&e)?;
+            log.eval(&e)?;
             say(format!(
                 "step {step}: eval loss {:.4} over {} target tokens",
                 e.eval_loss, e.eval_tokens
@@ -178,7 +181,9 @@ impl<B: Backend> Session<B> {
         let out = step_scaled(b, coll, model, opt, &data.batches, lr, poison)?;
         b.synchronize()?;
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
-        let st = data.stats();
+        // The whole step's tokens (every rank's, known to each from the loader): throughput
+        // and counts are the run's, not this rank's share.
+        let st = data.global;
         self.history.record(&st, dt, out.loss, out.applied);
         let laid_out = (st.real_tokens + st.pad_tokens).max(1);
         Ok(StepRecord {

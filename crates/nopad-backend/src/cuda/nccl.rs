@@ -238,6 +238,12 @@ impl NcclComm {
         }
     }
 
+    /// Records `why` as this rank's failure and aborts the communicator, so that peers waiting
+    /// in a collective for this rank fail at once instead of at their timeout.
+    pub fn abort(&self, why: &str) {
+        self.shared.fail(format!("rank {}: {why}", self.rank));
+    }
+
     /// Sums the first `n` elements of `buf` over the ranks, in place.
     pub fn all_reduce(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
         const OP: &str = "all_reduce";

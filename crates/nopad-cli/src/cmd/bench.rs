@@ -217,11 +217,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch_size == 0 || a.grad_accum == 0 || a.steps == 0 {
         bail!("--batch-size, --grad-accum and --steps must be at least 1");
     }
-    let model = if std::path::Path::new(&a.model).is_dir() {
-        ModelSource::Dir(a.model.clone().into())
-    } else {
-        ModelSource::Preset(a.model.clone())
-    };
+    let model = super::model_source(&a.model)?;
     let vocab = match &model {
         ModelSource::Preset(p) => {
             nopad_model::Config::preset(p)

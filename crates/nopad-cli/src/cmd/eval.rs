@@ -61,11 +61,7 @@ impl Job for EvalJob<'_> {
     type Out = nopad_train::EvalResult;
     fn run<B: Backend>(self, b: &B) -> Result<Self::Out> {
         let a = self.0;
-        let source = if std::path::Path::new(&a.model).is_dir() {
-            ModelSource::Dir(a.model.clone().into())
-        } else {
-            ModelSource::Preset(a.model.clone())
-        };
+        let source = super::model_source(&a.model)?;
         if a.adapter.is_none() && a.base_dtype != nopad_model::quant::BaseDtype::Bf16 {
             anyhow::bail!("--base-dtype applies to the base under --adapter");
         }

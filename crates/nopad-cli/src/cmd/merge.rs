@@ -1,7 +1,7 @@
 //! `nopad merge`: a base model plus a PEFT LoRA adapter written as one HF checkpoint
 //! (`W + scale·B·A` in every adapted matrix), on the host, without a device.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -37,9 +37,10 @@ pub struct MergeArgs {
 
 /// Runs `nopad merge`. The base is held on the host in f32 (4 bytes per parameter).
 pub fn run(a: &MergeArgs) -> Result<()> {
-    let dir = Path::new(&a.model)
-        .is_dir()
-        .then(|| PathBuf::from(&a.model));
+    let dir = match super::model_source(&a.model)? {
+        nopad_train::ModelSource::Dir(d) => Some(d),
+        nopad_train::ModelSource::Preset(_) => None,
+    };
     let cfg = match &dir {
         Some(d) => weights::read_config(d)?,
         None => Config::preset(&a.model).with_context(|| {

@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use nopad_backend::Backend;
 use nopad_data::synthetic::LengthDist;
 use nopad_model::weights::SaveDtype;
 use nopad_train::{DataSource, ModelSource, Resume, StopReason, TrainConfig};
 use serde::Deserialize;
 
-use crate::device::{parse_grad_dtype, run_on, DeviceChoice, Job, Precision};
+use crate::device::{parse_grad_dtype, DeviceChoice, Precision};
 
 /// Flags of `nopad train`. Every flag but `--config` may also be a key of the config file.
 #[derive(Args, Clone, Debug, Default, Deserialize)]
@@ -148,6 +147,16 @@ pub struct TrainArgs {
     /// too. Default 0.
     #[arg(long, value_name = "0|1|2")]
     pub shard: Option<String>,
+    /// Train on N GPUs of this host: starts N worker processes of this command (one per GPU,
+    /// torchrun's variables set), data parallel over NCCL. Under torchrun or srun (RANK,
+    /// WORLD_SIZE, ... set) leave it out: each process is already a worker. docs/DISTRIBUTED.md.
+    #[arg(long, value_name = "N")]
+    #[serde(skip)]
+    pub gpus: Option<usize>,
+    /// Also write TensorBoard event files (`tensorboard`) into DIR/runs, DIR being --out (or the
+    /// --log file's folder): loss, learning rate, gradient norm, throughput, evaluation loss.
+    #[arg(long, value_name = "tensorboard")]
+    pub report_to: Option<String>,
     /// Seed of initialisation and data order. Default 0.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -259,6 +268,7 @@ impl TrainArgs {
         macro_rules! pick {
             ($($f:ident),*) => { TrainArgs {
                 config: self.config,
+                gpus: self.gpus,
                 lora: self.lora,
                 test_nan_at_step: self.test_nan_at_step,
                 test_save_delay_ms: self.test_save_delay_ms,
@@ -312,7 +322,8 @@ impl TrainArgs {
             recompute,
             no_grad_aliasing,
             no_progress,
-            gpu_memory
+            gpu_memory,
+            report_to
         )
     }
 
@@ -325,11 +336,7 @@ impl TrainArgs {
         let a = self.clone().or(file);
         let mut c = TrainConfig::default_cpu();
         if let Some(m) = &a.model {
-            c.model = if Path::new(m).is_dir() {
-                ModelSource::Dir(m.into())
-            } else {
-                ModelSource::Preset(m.clone())
-            };
+            c.model = super::model_source(m)?;
         }
         // Fine-tuning a pretrained model wants a small step and the model's own context; the
         // demo's values (random init, short examples) stay for presets.
@@ -503,6 +510,25 @@ impl TrainArgs {
                     .map_err(|e| anyhow::anyhow!("`gpu-memory`: {e}"))?,
             );
         }
+        c.tensorboard = match a.report_to.as_deref() {
+            None | Some("none") => None,
+            Some("tensorboard") => {
+                let base = c.out.clone().or_else(|| {
+                    c.log.as_ref().map(|l| {
+                        l.parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .to_path_buf()
+                    })
+                });
+                match base {
+                    Some(dir) => Some(dir.join("runs")),
+                    None => bail!(
+                        "`report-to` tensorboard: the event files go into OUT/runs (or the --log                          file's folder/runs): give --out or --log"
+                    ),
+                }
+            }
+            Some(other) => bail!("`report-to` {other:?}: expected tensorboard or none"),
+        };
         let device = parse("device", a.device.as_deref().unwrap_or("auto"))?;
         let dtype = crate::device::parse_dtype(a.dtype.as_deref().unwrap_or("bf16"))
             .map_err(|e| anyhow::anyhow!("`dtype`: {e}"))?;
@@ -513,42 +539,6 @@ impl TrainArgs {
     }
 }
 
-struct TrainJob(TrainConfig);
-
-impl Job for TrainJob {
-    type Out = nopad_train::Summary;
-    fn run<B: Backend>(self, b: &B) -> Result<Self::Out> {
-        eprintln!("nopad: training on {}", b.describe());
-        Ok(nopad_train::train(b, &self.0, |_| {}).inspect_err(|e| {
-            if nopad_train::is_out_of_memory(e) {
-                nopad_train::print_plan_for_out_of_memory();
-            }
-        })?)
-    }
-}
-
-/// Trains `cfg` on the device chosen, or on `cfg.ranks` ranks of the CPU.
-fn train_on(
-    device: DeviceChoice,
-    prec: Precision,
-    cfg: TrainConfig,
-) -> Result<nopad_train::Summary> {
-    if cfg.ranks == 1 {
-        return run_on(device, prec, TrainJob(cfg));
-    }
-    if device != DeviceChoice::Cpu {
-        bail!(
-            "`ranks` {}: ranks as threads run on the CPU only; add --device cpu",
-            cfg.ranks
-        );
-    }
-    eprintln!(
-        "nopad: training on {} ranks of the CPU (threads)",
-        cfg.ranks
-    );
-    Ok(nopad_train::train_threads::<f32>(&cfg, |_| {})?)
-}
-
 /// Exit status of a run that a signal stopped after saving its checkpoint (EX_TEMPFAIL: try
 /// again, with `--resume latest`). A second signal exits at once with 128 + its number.
 pub const EXIT_INTERRUPTED: i32 = 75;
@@ -556,6 +546,11 @@ pub const EXIT_INTERRUPTED: i32 = 75;
 /// Runs `nopad train`. A run stopped by SIGINT/SIGTERM exits with [`EXIT_INTERRUPTED`] after
 /// printing its summary; one stopped by `--stop-after` exits 0.
 pub fn run(args: &TrainArgs) -> Result<()> {
+    let world = super::dist::world()?;
+    if let (Some(n), None) = (args.gpus, &world) {
+        // The launcher: its workers parse and check the flags themselves.
+        return super::dist::launch(n);
+    }
     let (mut cfg, device, dtype) = args.resolve()?;
     if cfg.strategy == nopad_data::Strategy::Concat {
         eprintln!("nopad: warning: {}", nopad_data::CONCAT_WARNING);
@@ -563,7 +558,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     cfg.interrupt = Some(
         nopad_train::install_signal_handlers().context("installing the SIGINT/SIGTERM handlers")?,
     );
-    let summary = match train_on(device, dtype, cfg) {
+    let first = world.as_ref().is_none_or(|w| w.is_first());
+    let trained = match &world {
+        Some(w) => super::dist::run_worker(w, device, dtype, &cfg),
+        None => super::dist::train_on(device, dtype, cfg),
+    };
+    let summary = match trained {
         Ok(s) => s,
         Err(e) => {
             // Stopped while preparing the data: exit as the signal's default action would.
@@ -574,7 +574,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             return Err(e);
         }
     };
-    println!("{summary}");
+    if first {
+        println!("{summary}");
+    }
     if let Some(StopReason::Signal(_)) = summary.stopped {
         use std::io::Write;
         let _ = std::io::stdout().flush();

@@ -3,6 +3,7 @@
 use clap::Parser;
 
 use super::*;
+use crate::cmd::dist::train_on;
 
 #[derive(Parser)]
 struct Cli {
@@ -152,4 +153,46 @@ fn ranks_equal_one_rank_with_their_accumulation() {
     let (cfg, device, prec) = Cli::try_parse_from(argv).unwrap().args.resolve().unwrap();
     let e = train_on(device, prec, cfg).unwrap_err().to_string();
     assert!(e.contains("--device cpu"), "{e}");
+}
+
+/// `--report-to tensorboard` writes event files into OUT/runs, a resumed run a new one; without
+/// --out or --log there is nowhere to put them, which is said.
+#[test]
+fn tensorboard_event_files_go_into_out_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let flags = |extra: &str| {
+        format!(
+            "--device cpu --model tiny --synthetic-examples 48 --max-len 32 --batch-size 2 \
+             --steps 4 --no-progress --report-to tensorboard --out {} {extra}",
+            out.display()
+        )
+    };
+    let go = |line: String| {
+        let argv: Vec<&str> = std::iter::once("train")
+            .chain(line.split_whitespace())
+            .collect();
+        let (cfg, device, prec) = Cli::try_parse_from(argv).unwrap().args.resolve().unwrap();
+        assert_eq!(cfg.tensorboard, Some(out.join("runs")));
+        train_on(device, prec, cfg).unwrap()
+    };
+    go(flags("--save-every 2 --stop-after 2"));
+    go(flags("--resume latest"));
+    let mut files: Vec<_> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("events.out.tfevents."), "{name}");
+        // The scalars' tags are in the records (the framing is tested in nopad-train).
+        let bytes = std::fs::read(f).unwrap();
+        assert!(bytes.windows(10).any(|w| w == b"train/loss"), "{name}");
+    }
+    let e = resolved("--report-to tensorboard").unwrap_err().to_string();
+    assert!(e.contains("give --out or --log"), "{e}");
+    let e = resolved("--report-to wandb").unwrap_err().to_string();
+    assert!(e.contains("expected tensorboard or none"), "{e}");
 }

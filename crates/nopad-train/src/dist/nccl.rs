@@ -95,6 +95,12 @@ impl NcclCollective {
     pub fn check(&self) -> Result<()> {
         Ok(self.comm.check()?)
     }
+
+    /// Aborts the communicator after this rank failed (`why`), so the other ranks' pending
+    /// collectives fail now rather than at their timeout.
+    pub fn abort(&self, why: &str) {
+        self.comm.abort(why);
+    }
 }
 
 impl Collective<Cuda> for NcclCollective {
