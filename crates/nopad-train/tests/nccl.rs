@@ -92,6 +92,15 @@ fn a_world_of_one_through_nccl_is_the_identity() {
     let all_reduce: Op = |c, b, v, n| c.all_reduce(b, v, n);
     let reduce_scatter: Op = |c, b, v, n| c.reduce_scatter(b, v, n);
     let all_gather: Op = |c, b, v, n| c.all_gather(b, v, n);
+    // Deferred, then settled: the compute stream's read below must come after them.
+    let all_reduce_deferred: Op = |c, b, v, n| {
+        c.all_reduce_deferred(b, v, n)?;
+        c.settle(b)
+    };
+    let reduce_scatter_deferred: Op = |c, b, v, n| {
+        c.reduce_scatter_deferred(b, v, n)?;
+        c.settle(b)
+    };
     for kind in [Kind::Compute, Kind::Master, Kind::Grad, Kind::Code8] {
         for n in [1, 7, 1000, 4099] {
             let len = n + 3;
@@ -111,6 +120,8 @@ fn a_world_of_one_through_nccl_is_the_identity() {
                     ("all_reduce", all_reduce),
                     ("reduce_scatter", reduce_scatter),
                     ("all_gather", all_gather),
+                    ("all_reduce_deferred", all_reduce_deferred),
+                    ("reduce_scatter_deferred", reduce_scatter_deferred),
                 ],
             };
             for (name, op) in ops {
@@ -195,6 +206,19 @@ fn worker_collectives() {
                 (0..n).map(sum).collect::<Vec<_>>(),
                 "{}",
                 what("all_reduce")
+            );
+
+            // Deferred: the sum is there once the compute stream has settled after it.
+            cuda.write(&mut buf, 0, &mine).unwrap();
+            coll.all_reduce_deferred(&cuda, cuda.view_mut(&mut buf, 0..n), n)
+                .unwrap();
+            coll.settle(&cuda).unwrap();
+            let got = cuda.read(&buf, 0..n).unwrap();
+            assert_eq!(
+                got,
+                (0..n).map(sum).collect::<Vec<_>>(),
+                "{}",
+                what("all_reduce_deferred")
             );
 
             cuda.write(&mut buf, 0, &mine).unwrap();

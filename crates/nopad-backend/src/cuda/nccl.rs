@@ -21,8 +21,16 @@
 //! when `n` does not divide by the world size they go through a padded scratch buffer, since
 //! NCCL's shards are equal.
 //!
-//! Collectives run on the backend's own stream, in order with its kernels: communication does
-//! not overlap computation yet (that needs a second stream and events between the two).
+//! Streams: collectives run on a stream of their own, each after everything the backend's
+//! compute stream had enqueued when it was called (an event the communication stream waits on),
+//! so a collective always sees the kernels that filled its buffer. Afterwards the compute stream
+//! waits for it (an event the other way, no host wait) before its next kernel: the order of one
+//! stream, unless the caller asks for a **deferred** collective ([`NcclComm::all_reduce_deferred`],
+//! [`NcclComm::reduce_scatter_deferred`]), which the compute stream does not wait for until
+//! [`NcclComm::settle`]. That is how the exchange of one group's gradients runs while the
+//! backward of the next group computes; until `settle` the caller must neither write nor free
+//! the buffer. A collective that pads through a scratch buffer settles before the scratch goes
+//! back to the pool (the pool hands memory out in the compute stream's order).
 //!
 //! The library is opened at run time: `libnccl.so.2`, found through `LD_LIBRARY_PATH`; a
 //! missing one is [`BackendError::Unavailable`] saying so.
@@ -121,19 +129,32 @@ fn size_words(n: usize, dtype: Dtype) -> String {
     format!("{n} {dtype:?} elements ({} bytes)", n * dtype.size())
 }
 
-/// One rank's NCCL communicator over a [`Cuda`] backend's stream. Every rank calls the same
-/// collectives in the same order; each is enqueued on the stream (ordered with the backend's
-/// kernels) and returns without waiting, except [`NcclComm::all_reduce_host`] and
-/// [`NcclComm::wait`].
+/// One rank's NCCL communicator over a [`Cuda`] backend. Every rank calls the same collectives
+/// in the same order; each is enqueued on the communicator's stream after the backend's kernels
+/// enqueued so far and returns without the host waiting, except
+/// [`NcclComm::all_reduce_host`] and [`NcclComm::wait`] (the module doc says how the two
+/// streams are ordered).
 pub struct NcclComm {
     shared: Arc<Shared>,
     watchdog: Option<std::thread::JoinHandle<()>>,
     rank: usize,
     world_size: usize,
     ctx: Arc<CudaContext>,
+    /// The backend's compute stream.
     stream: Arc<CudaStream>,
+    /// The stream every collective runs on.
+    comm: Arc<CudaStream>,
     /// [`HOST_SLOTS`] f64 on the device, for host sums.
     host: Mutex<CudaBuf>,
+}
+
+/// Whether the compute stream waits for a collective before its next kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// Yes: the collective is ordered as if it ran on the compute stream.
+    InStream,
+    /// Not until [`NcclComm::settle`].
+    Deferred,
 }
 
 /// Host values summed per NCCL call by [`NcclComm::all_reduce_host`] (a step sums two or three).
@@ -197,6 +218,10 @@ impl NcclComm {
                 msg: e.to_string(),
             }
         })?;
+        let comm = cuda
+            .ctx
+            .new_stream()
+            .map_err(cuda.device_err("NCCL (cuStreamCreate)"))?;
         Ok(NcclComm {
             shared,
             watchdog: Some(watchdog),
@@ -204,6 +229,7 @@ impl NcclComm {
             world_size,
             ctx: cuda.ctx.clone(),
             stream: cuda.stream.clone(),
+            comm,
             host,
         })
     }
@@ -246,28 +272,74 @@ impl NcclComm {
 
     /// Sums the first `n` elements of `buf` over the ranks, in place.
     pub fn all_reduce(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        self.summed(cuda, buf, n, Order::InStream)
+    }
+
+    /// [`NcclComm::all_reduce`], which the compute stream does not wait for until
+    /// [`NcclComm::settle`]: `buf` must not be written or freed before then.
+    pub fn all_reduce_deferred(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        self.summed(cuda, buf, n, Order::Deferred)
+    }
+
+    /// Sums the first `n` elements of `buf` over the ranks and leaves this rank's [`shard`] of
+    /// the sum in place; the rest of `buf[..n]` is undefined afterwards.
+    pub fn reduce_scatter(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        self.sharded(cuda, "reduce_scatter", buf, n, Op::Sum, Order::InStream)
+    }
+
+    /// [`NcclComm::reduce_scatter`], which the compute stream does not wait for until
+    /// [`NcclComm::settle`]: `buf` must not be written or freed before then.
+    pub fn reduce_scatter_deferred(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        self.sharded(cuda, "reduce_scatter", buf, n, Op::Sum, Order::Deferred)
+    }
+
+    /// Fills the first `n` elements of `buf` from the ranks' shards ([`shard`]), each rank's
+    /// shard read from that rank's `buf`.
+    pub fn all_gather(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        self.sharded(cuda, "all_gather", buf, n, Op::Copy, Order::InStream)
+    }
+
+    /// Makes the compute stream wait for every collective issued so far (deferred ones
+    /// included) before its next kernel. The host does not wait.
+    pub fn settle(&self) -> Result<()> {
+        self.check()?;
+        self.bind()?;
+        self.stream
+            .join(&self.comm)
+            .map_err(|e| device("NCCL settle (cuStreamWaitEvent)", e))
+    }
+
+    /// Makes the communication stream wait for everything the compute stream has enqueued (the
+    /// kernels that filled the buffers a collective is about to read).
+    fn follow_compute(&self) -> Result<()> {
+        self.bind()?;
+        self.comm
+            .join(&self.stream)
+            .map_err(|e| device("NCCL (cuStreamWaitEvent)", e))
+    }
+
+    /// Settles unless the collective was asked `Deferred`.
+    fn finish(&self, order: Order) -> Result<()> {
+        match order {
+            Order::InStream => self.settle(),
+            Order::Deferred => Ok(()),
+        }
+    }
+
+    /// All-reduce (sum) of `buf[..n]` in place.
+    fn summed(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize, order: Order) -> Result<()> {
         const OP: &str = "all_reduce";
         let Some((ty, per_elem)) = self.prepare(cuda, OP, &buf, n, Op::Sum)? else {
             return Ok(());
         };
         let ptr = buf.ptr;
         let what = format!("{OP} of {}", size_words(n, buf.dtype));
+        self.follow_compute()?;
         self.enqueue(what, |lib, comm, s| {
             // SAFETY: `ptr` holds `n` elements (checked); in place is allowed.
             unsafe { (lib.all_reduce)(dptr(ptr), dptr(ptr), n * per_elem, ty as u32, SUM, comm, s) }
-        })
-    }
-
-    /// Sums the first `n` elements of `buf` over the ranks and leaves this rank's [`shard`] of
-    /// the sum in place; the rest of `buf[..n]` is undefined afterwards.
-    pub fn reduce_scatter(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
-        self.sharded(cuda, "reduce_scatter", buf, n, Op::Sum)
-    }
-
-    /// Fills the first `n` elements of `buf` from the ranks' shards ([`shard`]), each rank's
-    /// shard read from that rank's `buf`.
-    pub fn all_gather(&self, cuda: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
-        self.sharded(cuda, "all_gather", buf, n, Op::Copy)
+        })?;
+        self.finish(order)
     }
 
     /// The checks every device collective starts with: NCCL's element type and elements per
@@ -296,10 +368,12 @@ impl NcclComm {
         buf: CudaMut<'_>,
         n: usize,
         kind: Op,
+        order: Order,
     ) -> Result<()> {
         let Some((ty, per_elem)) = self.prepare(cuda, op, &buf, n, kind)? else {
             return Ok(());
         };
+        self.follow_compute()?;
         let (w, dtype, size) = (self.world_size, buf.dtype, buf.dtype.size());
         let per = n.div_ceil(w);
         let what = format!("{op} of {}", size_words(n, dtype));
@@ -317,7 +391,8 @@ impl NcclComm {
             }
         };
         if per * w == n {
-            return self.enqueue(what, call(buf.ptr));
+            self.enqueue(what, call(buf.ptr))?;
+            return self.finish(order);
         }
         let mut padded = cuda.scratch(per * w, dtype)?;
         let mine = shard(n, self.rank, w);
@@ -338,9 +413,12 @@ impl NcclComm {
                 buf.ptr + off,
                 len,
                 "reduce_scatter (shard)",
-            ),
-            Op::Copy => self.copy(padded.ptr, buf.ptr, n * size, "all_gather (result)"),
+            )?,
+            Op::Copy => self.copy(padded.ptr, buf.ptr, n * size, "all_gather (result)")?,
         }
+        // `padded` goes back to the pool, which hands memory out in the compute stream's order:
+        // that stream must be past the collective first, deferred or not.
+        self.settle()
     }
 
     /// Sums `vals` over the ranks, in place, through a small device buffer of the
@@ -348,7 +426,7 @@ impl NcclComm {
     /// watchdog's timeout.
     pub fn all_reduce_host(&self, vals: &mut [f64]) -> Result<()> {
         let dev = self.host.lock().unwrap_or_else(|p| p.into_inner());
-        let s = self.stream.cu_stream();
+        let s = self.comm.cu_stream();
         for chunk in vals.chunks_mut(HOST_SLOTS) {
             let n = chunk.len();
             self.bind()?;
@@ -391,7 +469,7 @@ impl NcclComm {
         self.check()?;
         self.bind()?;
         let done = self
-            .stream
+            .comm
             .record_event(None)
             .map_err(|e| device("NCCL wait (cuEventRecord)", e))?;
         loop {
@@ -422,7 +500,7 @@ impl NcclComm {
         self.check()?;
         self.bind()?;
         let event = |op: &str| {
-            self.stream
+            self.comm
                 .record_event(None)
                 .map_err(|e| device(&format!("NCCL {what} ({op})"), e))
         };
@@ -434,7 +512,7 @@ impl NcclComm {
                     self.shared.failure().unwrap_or("communicator aborted"),
                 ));
             }
-            call(self.shared.lib, comm.0, self.stream.cu_stream() as Stream)
+            call(self.shared.lib, comm.0, self.comm.cu_stream() as Stream)
         };
         match code {
             SUCCESS => {}
@@ -459,7 +537,7 @@ impl NcclComm {
         }
         self.bind()?;
         // SAFETY: the callers pass ranges inside live buffers of at least `bytes` bytes.
-        unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.comm.cu_stream()) }
             .map_err(|e| device(&format!("NCCL {what} (cuMemcpyDtoDAsync)"), e))
     }
 
@@ -473,7 +551,7 @@ impl NcclComm {
                 buf.ptr + (from * size) as u64,
                 0,
                 (buf.len - from) * size,
-                self.stream.cu_stream(),
+                self.comm.cu_stream(),
             )
         }
         .map_err(|e| device("NCCL reduce_scatter (zeroing the padding)", e))

@@ -42,6 +42,25 @@ pub trait Collective<B: Backend> {
     /// rank's `buf` ([`Collective::shard`]).
     fn all_gather(&self, b: &B, buf: B::Mut<'_>, n: usize) -> Result<()>;
 
+    /// [`Collective::all_reduce`], which the device may still be running when later kernels
+    /// start: `buf` must be neither written nor freed before [`Collective::settle`]. It lets the
+    /// exchange of one group's gradient run while the backward computes the next group. Where
+    /// collectives are synchronous (threads, one process) it is `all_reduce`.
+    fn all_reduce_deferred(&self, b: &B, buf: B::Mut<'_>, n: usize) -> Result<()> {
+        self.all_reduce(b, buf, n)
+    }
+
+    /// [`Collective::reduce_scatter`], deferred as [`Collective::all_reduce_deferred`] is.
+    fn reduce_scatter_deferred(&self, b: &B, buf: B::Mut<'_>, n: usize) -> Result<()> {
+        self.reduce_scatter(b, buf, n)
+    }
+
+    /// Orders everything computed from now on after every deferred collective (on a GPU: the
+    /// compute stream waits for the communication stream; the host does not wait).
+    fn settle(&self, _b: &B) -> Result<()> {
+        Ok(())
+    }
+
     /// The part of `0..n` this rank owns in [`Collective::reduce_scatter`] and
     /// [`Collective::all_gather`]: equal shards, the last one shorter when `n` does not divide.
     fn shard(&self, n: usize) -> Range<usize> {

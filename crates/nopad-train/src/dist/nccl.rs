@@ -129,6 +129,18 @@ impl Collective<Cuda> for NcclCollective {
         Ok(self.comm.all_gather(b, buf, n)?)
     }
 
+    fn all_reduce_deferred(&self, b: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        Ok(self.comm.all_reduce_deferred(b, buf, n)?)
+    }
+
+    fn reduce_scatter_deferred(&self, b: &Cuda, buf: CudaMut<'_>, n: usize) -> Result<()> {
+        Ok(self.comm.reduce_scatter_deferred(b, buf, n)?)
+    }
+
+    fn settle(&self, _b: &Cuda) -> Result<()> {
+        Ok(self.comm.settle()?)
+    }
+
     fn shard(&self, n: usize) -> std::ops::Range<usize> {
         // The layout the communicator pads to; the trait's default computes the same.
         nopad_backend::cuda::shard(n, self.comm.rank(), self.comm.world_size())
