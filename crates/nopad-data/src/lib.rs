@@ -24,6 +24,8 @@ mod sampler;
 mod stats;
 mod stop;
 pub mod synthetic;
+mod targets;
+mod template;
 mod tokenize;
 
 pub use batch::{Batch, BatchStats, Example, Strategy, IGNORE_INDEX};

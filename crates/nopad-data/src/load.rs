@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::error::DataError;
 use crate::records::{convert_known, convert_record, Converter, Format, LossOn};
 use crate::stop::StopFlag;
+use crate::targets::Built;
 use crate::{Example, IGNORE_INDEX};
 
 /// What to do with an example longer than `max_len`.
@@ -80,6 +81,9 @@ pub struct LoadOptions {
     /// Which tokens are targets; `None` keeps the format's default ([`LossOn::default_for`]).
     /// A value the file's format does not accept fails loading (see [`LossOn::check`]).
     pub loss_on: Option<LossOn>,
+    /// A Jinja file replacing the tokenizer's chat template (HF's `tokenizer.chat_template =
+    /// ...`); `None` keeps the model's own.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl LoadOptions {
@@ -95,6 +99,7 @@ impl LoadOptions {
             strict: false,
             stop: StopFlag::new(),
             loss_on: None,
+            chat_template: None,
         }
     }
 }
@@ -171,16 +176,10 @@ pub fn load_examples(
         return Err(undecodable.swap_remove(0).1);
     }
     let (records, is_array) = split_records(path, &text)?;
-    let mut conv = Converter::new(
-        path,
-        opts.format,
-        opts.vocab_size,
-        opts.tokenizer_dir.as_deref(),
-        opts.loss_on,
-    )?;
+    let mut conv = Converter::new(path, opts, false)?;
     let vocab = conv.vocab_size();
-    let check = |line, r: Result<Example, DataError>| {
-        r.and_then(|e| check_example(path, line, &e, vocab).map(|_| e))
+    let check = |line, r: Result<Built, DataError>| {
+        r.and_then(|b| check_example(path, line, &b.example, vocab).map(|_| b.example))
     };
     // Records up to the first whose format is recognised go one by one (it fixes the format);
     // the rest are converted in parallel, and results are consumed in file order.

@@ -127,7 +127,7 @@ fn loss_on_picks_the_targets_and_refuses_what_the_format_cannot_mean() {
         json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}),
         false,
     );
-    let pc = json!({"prompt": "what is two plus two", "completion": "four"});
+    let pc = json!({"prompt": "what is two plus two", "completion": " four"});
     let alpaca = json!({"instruction": "what is", "input": "two plus two", "output": "four"});
     let one = |loss, record: &serde_json::Value| load_one_with(&plain, None, loss, record.clone());
     let completion = [N, N, N, N, N, N, 12, 2];

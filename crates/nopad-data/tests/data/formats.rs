@@ -155,9 +155,10 @@ fn text_and_prompt_completion_golden() {
             hello,
             &[N, 6, 7, 2][..],
         ),
-        // Prompt masked; completion and EOS trained.
+        // Prompt masked; completion and EOS trained. The two are one text, as TRL joins them
+        // (so the completion brings its own leading space).
         (
-            json!({"prompt": "what is two plus two", "completion": "four"}),
+            json!({"prompt": "what is two plus two", "completion": " four"}),
             qa,
             qa_labels,
         ),

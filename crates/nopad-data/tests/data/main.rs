@@ -2,6 +2,7 @@
 //! random length sets, the loader's epochs and resume, and loading of every input format.
 
 mod conversations;
+mod fidelity;
 mod formats;
 mod loading;
 mod props;
