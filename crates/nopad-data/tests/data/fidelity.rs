@@ -290,3 +290,89 @@ fn a_byte_level_tokenizer_that_trims_offsets_masks_as_trl_does() {
     );
     assert_eq!(e.labels, [N, N, N, N, N, e.input_ids[5]]);
 }
+
+/// Llama 3.0's original template: the assistant header follows every conversation, with or
+/// without `add_generation_prompt`.
+pub(crate) const LLAMA30: &str = "{% set loop_messages = messages %}{% for message in \
+loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + \
+'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}\
+{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}\
+{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}";
+
+/// A Llama 3-shaped model directory whose tokenizer_config.json carries `template`.
+pub(crate) fn llama3_chat(name: &str, template: &str) -> PathBuf {
+    let dir = model(Shape::Llama3, name);
+    let cfg = json!({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                     "chat_template": template});
+    write(&dir, "tokenizer_config.json", &cfg.to_string());
+    dir
+}
+
+/// The tokens of `e` that are targets.
+fn targets(tok: &Tokenizer, e: &Example) -> Vec<String> {
+    let trained: Vec<i32> = e.labels.iter().copied().filter(|&l| l != N).collect();
+    tokens(tok, &trained)
+}
+
+#[test]
+fn a_template_that_always_appends_the_header_renders_as_hf_and_masks_as_trl() {
+    let dir = llama3_chat("llama30", LLAMA30);
+    let tok = hf(&dir);
+    let turn = |role: &str, text: &str| {
+        format!("<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>")
+    };
+    let header = "<|start_header_id|>assistant<|end_header_id|>\n\n";
+    // One turn: the header after the answer is in the ids (HF renders it) but no target.
+    let one = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "bonjour"}]});
+    let e = load(&dir, one);
+    let text = format!(
+        "<|begin_of_text|>{}{}{header}",
+        turn("user", "hello"),
+        turn("assistant", "bonjour")
+    );
+    assert_eq!(e.input_ids, ids(&tok.encode(text, false).unwrap()));
+    assert_eq!(targets(&tok, &e), ["bonjour", "<|eot_id|>"]);
+    // The stray header ends the ids, masked.
+    let names = tokens(&tok, &e.input_ids);
+    let last_eot = names.iter().rposition(|t| t == "<|eot_id|>").unwrap();
+    let tail = &names[last_eot + 1..];
+    assert_eq!(
+        tail[..3],
+        ["<|start_header_id|>", "assistant", "<|end_header_id|>"]
+    );
+    assert!(e.labels[last_eot + 1..].iter().all(|&l| l == N));
+    // Several turns: each answer and its end of turn; no header, user turn or stray header.
+    let many = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "bonjour"},
+        {"role": "user", "content": "thanks"}, {"role": "assistant", "content": " bye "}]});
+    let e = load(&dir, many);
+    let text = format!(
+        "<|begin_of_text|>{}{}{}{}{header}",
+        turn("user", "hello"),
+        turn("assistant", "bonjour"),
+        turn("user", "thanks"),
+        turn("assistant", "bye")
+    );
+    assert_eq!(e.input_ids, ids(&tok.encode(text, false).unwrap()));
+    assert_eq!(
+        targets(&tok, &e),
+        ["bonjour", "<|eot_id|>", "bye", "<|eot_id|>"]
+    );
+}
+
+#[test]
+fn text_a_template_writes_before_every_conversation_is_no_trailer() {
+    // It ignores `add_generation_prompt` too, and an empty conversation renders to its system
+    // turn, which ends as every turn does: that end stays in the assistant's turn.
+    let template = "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nhello<|eot_id|>\
+{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n\
+{{ m['content'] }}<|eot_id|>{% endfor %}";
+    let dir = llama3_chat("preamble", template);
+    let e = load(
+        &dir,
+        json!({"messages": [
+            {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "bonjour"}]}),
+    );
+    assert_eq!(targets(&hf(&dir), &e), ["bonjour", "<|eot_id|>"]);
+}
