@@ -8,6 +8,8 @@ pub mod merge;
 pub mod stats;
 pub mod train;
 
+use std::path::PathBuf;
+
 use nopad_data::{Format, LoadOptions, LongPolicy};
 
 /// The loader's flags, the same on `nopad eval` and `nopad stats` (`nopad train` takes them as
@@ -27,6 +29,10 @@ pub struct LoaderArgs {
     /// Stop at an example with no target token instead of skipping and counting it.
     #[arg(long)]
     pub strict: bool,
+    /// A Jinja chat template file used instead of the model's own (as HF's
+    /// `tokenizer.chat_template = ...`).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl LoaderArgs {
@@ -37,6 +43,7 @@ impl LoaderArgs {
         opts.long = self.long;
         opts.skip_bad = self.skip_bad;
         opts.strict = self.strict;
+        opts.chat_template = self.chat_template.clone();
         opts
     }
 }

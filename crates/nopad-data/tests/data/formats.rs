@@ -304,7 +304,7 @@ fn bad_text_records_name_line_and_field() {
 
 /// A ChatML-style template of our own: default system turn, `namespace`, `loop.first`, `trim`,
 /// whitespace control; no BOS.
-const CHATML: &str = "{%- set ns = namespace(sys=false) -%}{%- for m in messages -%}\
+pub(crate) const CHATML: &str = "{%- set ns = namespace(sys=false) -%}{%- for m in messages -%}\
 {%- if m['role'] == 'system' %}{% set ns.sys = true %}{% endif -%}\
 {%- if loop.first and not ns.sys -%}<|im_start|>system\nhelpful<|im_end|>\n{% endif -%}\
 <|im_start|>{{ m.role }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor -%}\

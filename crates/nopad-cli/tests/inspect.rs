@@ -1,0 +1,77 @@
+//! The data as training will see it, before any training: `nopad inspect`, and
+//! `--chat-template FILE` on the commands that read data.
+
+use std::path::Path;
+
+mod common;
+use common::{args, nopad, ok, stderr};
+
+/// A word-level tokenizer (whitespace split), written out by hand.
+const TOKENIZER: &str = r#"{"version": "1.0", "truncation": null, "padding": null,
+ "added_tokens": [
+  {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+  {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+  {"id": 3, "content": "<|user|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+  {"id": 4, "content": "<|assistant|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+ "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+ "model": {"type": "WordLevel", "unk_token": "<unk>", "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2,
+  "<|user|>": 3, "<|assistant|>": 4, "hello": 5, "bonjour": 6, "thanks": 7, "bye": 8, "what": 9,
+  "is": 10, "two": 11, "four": 12}}}"#;
+
+/// The model's template: role markers, `</s>` after each assistant turn.
+const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+<|user|> {{ m['content'] }}\n{% else %}<|assistant|> {{ m['content'] }}</s>\n{% endif %}{% endfor %}";
+
+/// A model directory with the tokenizer files only (no weights: nothing here trains).
+fn model(dir: &Path) -> String {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("tokenizer.json"), TOKENIZER).unwrap();
+    let cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true,
+                                 "chat_template": TEMPLATE});
+    std::fs::write(m.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    m.to_str().unwrap().to_string()
+}
+
+/// `dir/name` holding `text`, as a string for the command line.
+fn file(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+const CHAT: &str = r#"{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "bonjour"}]}"#;
+
+#[test]
+fn a_chat_template_file_replaces_the_models_on_stats_and_its_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let data = file(dir.path(), "chat.jsonl", &format!("{CHAT}\n"));
+    let stats = |extra: &[&str]| {
+        let mut more = vec!["--data", &data, "--model", &m];
+        more.extend(extra);
+        nopad(&args("stats --max-len 32 --batch-size 1 --json", &more))
+    };
+    let tokens = |o| {
+        let j: serde_json::Value = serde_json::from_str(&ok(o)).unwrap();
+        j["flatten"]["real_tokens"].as_u64().unwrap()
+    };
+    // <s> <|user|> hello <|assistant|> bonjour </s>; the file's template has no markers.
+    assert_eq!(tokens(stats(&[])), 6);
+    let plain = file(
+        dir.path(),
+        "plain.jinja",
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    );
+    assert_eq!(tokens(stats(&["--chat-template", &plain])), 3);
+    let broken = file(
+        dir.path(),
+        "broken.jinja",
+        "{% for m in messages %}\n{{ m }\n",
+    );
+    let e = stderr(&stats(&["--chat-template", &broken]));
+    assert!(
+        e.contains(&format!("{broken}:2: the chat template does not parse")),
+        "{e}"
+    );
+}
