@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod inspect;
 pub mod lora;
 pub mod merge;
 pub mod stats;
@@ -12,8 +13,8 @@ use std::path::PathBuf;
 
 use nopad_data::{Format, LoadOptions, LongPolicy};
 
-/// The loader's flags, the same on `nopad eval` and `nopad stats` (`nopad train` takes them as
-/// optional overrides of its config file, so it keeps its own).
+/// The loader's flags, the same on `nopad eval`, `nopad stats` and `nopad inspect` (`nopad train`
+/// takes them as optional overrides of its config file, so it keeps its own).
 #[derive(clap::Args, Debug)]
 pub struct LoaderArgs {
     /// Record format [pretokenized, text, prompt-completion, messages, sharegpt, alpaca]; detected from

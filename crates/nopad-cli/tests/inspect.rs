@@ -75,3 +75,83 @@ fn a_chat_template_file_replaces_the_models_on_stats_and_its_errors_name_the_fil
         "{e}"
     );
 }
+
+/// Runs `nopad inspect --model m --data data` with `line` (split at spaces) before them.
+fn inspect(line: &str, m: &str, data: &str) -> std::process::Output {
+    nopad(&args(line, &["--model", m, "--data", data]))
+}
+
+#[test]
+fn inspect_shows_the_marked_text_the_ids_and_labels_and_what_training_would_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let lonely = r#"{"messages": [{"role": "user", "content": "hello"}]}"#;
+    let data = file(
+        dir.path(),
+        "chat.jsonl",
+        &format!("{CHAT}\nnot json\n{lonely}\n{CHAT}\n"),
+    );
+    let out = ok(inspect("inspect --skip-bad", &m, &data));
+    assert!(out.contains(": format messages, max-len 4096"), "{out}");
+    for want in [
+        "record 1 (line 1): 6 tokens, 2 targets\n",
+        "  | <s><|user|> hello\n  | <|assistant|> [[bonjour</s>]]\n",
+        "       0        1     -100  \"<s>\"\n",
+        "       4        6        6  \"bonjour\"\n",
+        "       5        2        2  \"</s>\"\n",
+        "record 2 (line 2): ",
+        "malformed JSON",
+        "record 3 (line 3): 3 tokens, 0 targets (no target token: training skips it)",
+        "training would load: 4 records -> 2 examples (1 skipped, 0 truncated, 0 split, 0 dropped); \
+         1 examples with no target tokens skipped",
+        "  line 3: skipped: no target tokens",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("record 4"),
+        "three records by default:\n{out}"
+    );
+    // -n, and a cut at --max-len shown where it falls.
+    let out = ok(inspect("inspect --skip-bad -n 1 --max-len 5", &m, &data));
+    assert!(!out.contains("record 2"), "{out}");
+    assert!(
+        out.contains(
+            "6 tokens, 2 targets (longer than --max-len 5: truncated to its first 5 tokens)"
+        ),
+        "{out}"
+    );
+    let cut = "       4        6        6  \"bonjour\"\n  ------ --max-len 5 ------\n";
+    assert!(out.contains(cut), "{out}");
+    assert!(out.contains("2 truncated, 0 split, 0 dropped"), "{out}");
+    // Without --skip-bad, training would stop at line 2: the records are shown, then why.
+    let o = inspect("inspect", &m, &data);
+    assert_eq!(o.status.code(), Some(2));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("record 1 (line 1)"), "{shown}");
+    let e = stderr(&o);
+    assert!(e.contains("training would stop: "), "{e}");
+    assert!(e.contains("chat.jsonl:2: malformed JSON"), "{e}");
+}
+
+#[test]
+fn inspect_takes_a_chat_template_file_and_the_loss_on_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let data = file(dir.path(), "chat.jsonl", &format!("{CHAT}\n"));
+    let plain = file(
+        dir.path(),
+        "plain.jinja",
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+    );
+    let out = ok(nopad(&args(
+        "inspect",
+        &["--model", &m, "--data", &data, "--chat-template", &plain],
+    )));
+    assert!(out.contains("  | <s>hello [[bonjour]] \n"), "{out}");
+    let out = ok(inspect("inspect --loss-on all", &m, &data));
+    assert!(
+        out.contains("  | <s>[[<|user|> hello\n  | <|assistant|> bonjour</s>]]\n"),
+        "{out}"
+    );
+}

@@ -74,6 +74,9 @@ pub struct LoadOptions {
     pub vocab_size: Option<usize>,
     /// The model directory holding `tokenizer.json` and `tokenizer_config.json`.
     pub tokenizer_dir: Option<PathBuf>,
+    /// A Jinja file used instead of the model's chat template (HF's `tokenizer.chat_template =
+    /// ...`); `None` keeps the model's own.
+    pub chat_template: Option<PathBuf>,
     /// Fail on an example with no target token instead of counting it in `no_targets`.
     pub strict: bool,
     /// Checked between records: once raised, loading stops with [`DataError::signal`] set.
@@ -81,9 +84,6 @@ pub struct LoadOptions {
     /// Which tokens are targets; `None` keeps the format's default ([`LossOn::default_for`]).
     /// A value the file's format does not accept fails loading (see [`LossOn::check`]).
     pub loss_on: Option<LossOn>,
-    /// A Jinja file replacing the tokenizer's chat template (HF's `tokenizer.chat_template =
-    /// ...`); `None` keeps the model's own.
-    pub chat_template: Option<PathBuf>,
 }
 
 impl LoadOptions {
@@ -164,16 +164,10 @@ pub fn load_examples(
     if opts.max_len == 0 {
         return Err(DataError::msg("max_len must be at least 1"));
     }
-    let bytes =
-        std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    let (text, undecodable) = read_text(path)?;
     let stopped = || opts.stop.raised().map(|sig| DataError::stopped(path, sig));
     if let Some(e) = stopped() {
         return Err(e);
-    }
-    let (text, mut undecodable) = decode(path, bytes);
-    if !undecodable.is_empty() && text.trim_start().starts_with('[') {
-        // An array cannot lose a line and stay an array: nothing to skip.
-        return Err(undecodable.swap_remove(0).1);
     }
     let (records, is_array) = split_records(path, &text)?;
     let mut conv = Converter::new(path, opts, false)?;
@@ -275,6 +269,18 @@ pub fn load_examples(
     Ok((examples, report))
 }
 
+/// The text of `path` (see [`decode`]), and its lines that are not UTF-8 as errors; a JSON array
+/// with such a line is an error of its own (an array cannot lose a line and stay an array).
+pub(crate) fn read_text(path: &Path) -> Result<(String, Vec<(usize, DataError)>), DataError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    let (text, mut undecodable) = decode(path, bytes);
+    if !undecodable.is_empty() && text.trim_start().starts_with('[') {
+        return Err(undecodable.swap_remove(0).1);
+    }
+    Ok((text, undecodable))
+}
+
 /// The UTF-8 byte-order mark some editors write at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -314,13 +320,16 @@ fn decode(path: &Path, mut bytes: Vec<u8>) -> (String, Vec<(usize, DataError)>) 
 }
 
 /// `(1-based line, record text)` of each record of a file.
-type Records<'a> = Vec<(usize, &'a str)>;
+pub(crate) type Records<'a> = Vec<(usize, &'a str)>;
 
 /// Splits a file into `(1-based line, record text)`, and says whether it is a JSON array: one
 /// record per element for a file starting with `[`, else one per non-blank line (JSON Lines).
 /// A `.json` file holding JSON Lines is read as such; any other `.json` file that is not an
 /// array is refused with a hint.
-fn split_records<'a>(path: &Path, text: &'a str) -> Result<(Records<'a>, bool), DataError> {
+pub(crate) fn split_records<'a>(
+    path: &Path,
+    text: &'a str,
+) -> Result<(Records<'a>, bool), DataError> {
     let start = text.trim_start();
     let is_array = start.starts_with('[');
     if !is_array {

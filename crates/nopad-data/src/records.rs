@@ -230,6 +230,11 @@ impl<'a> Converter<'a> {
         })
     }
 
+    /// The model's tokenizer, if one was loaded.
+    pub(crate) fn into_tokenizer(self) -> Option<ModelTokenizer> {
+        self.tokenizer
+    }
+
     /// The file's format, once known.
     pub(crate) fn format(&self) -> Option<Format> {
         self.format

@@ -30,7 +30,6 @@ pub struct Shown {
 /// A record's example and, when asked, the text it was made from.
 pub(crate) struct Built {
     pub example: Example,
-    #[allow(dead_code)] // read by `nopad inspect`, which comes next
     pub shown: Option<Shown>,
 }
 

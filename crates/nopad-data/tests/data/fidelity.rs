@@ -182,11 +182,8 @@ fn trl(tok: &Tokenizer, eos: &str, prompt: &str, completion: &str) -> Example {
         .encode(format!("{prompt}{completion}{eos}"), true)
         .unwrap();
     let input_ids = ids(&full);
-    let labels = input_ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| if i < n_prompt { N } else { id })
-        .collect();
+    let mut labels = input_ids.clone();
+    labels[..n_prompt].fill(N);
     Example { input_ids, labels }
 }
 

@@ -4,6 +4,7 @@
 mod conversations;
 mod fidelity;
 mod formats;
+mod inspect;
 mod loading;
 mod props;
 mod ranks;
