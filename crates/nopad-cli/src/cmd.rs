@@ -34,6 +34,11 @@ pub struct LoaderArgs {
     /// `tokenizer.chat_template = ...`).
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// Keep the tokenised examples in this directory, keyed by the data, the tokenizer files,
+    /// the template and these options, and read them from there when nothing changed (off by
+    /// default: the files are as large as the tokenised data).
+    #[arg(long, value_name = "DIR")]
+    pub dataset_cache: Option<PathBuf>,
 }
 
 impl LoaderArgs {
@@ -45,6 +50,7 @@ impl LoaderArgs {
         opts.skip_bad = self.skip_bad;
         opts.strict = self.strict;
         opts.chat_template = self.chat_template.clone();
+        opts.dataset_cache = self.dataset_cache.clone();
         opts
     }
 }

@@ -150,8 +150,30 @@ fn inspect_takes_a_chat_template_file_and_the_loss_on_flag() {
     )));
     assert!(out.contains("  | <s>hello [[bonjour]] \n"), "{out}");
     let out = ok(inspect("inspect --loss-on all", &m, &data));
+    let every = "  | <s>[[<|user|> hello\n  | <|assistant|> bonjour</s>]]\n";
+    assert!(out.contains(every), "every token but BOS:\n{out}");
+}
+
+#[test]
+fn a_dataset_cache_answers_the_second_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let data = file(dir.path(), "chat.jsonl", &format!("{CHAT}\n{CHAT}\n"));
+    let cache = dir.path().join("cache");
+    let run = || {
+        let line = "inspect -n 1 --dataset-cache";
+        ok(nopad(&args(
+            line,
+            &[cache.to_str().unwrap(), "--model", &m, "--data", &data],
+        )))
+    };
+    let first = run();
+    assert!(!first.contains("dataset cache"), "{first}");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    let second = run();
+    assert!(second.contains("2 examples (0 skipped"), "{second}");
     assert!(
-        out.contains("  | <s>[[<|user|> hello\n  | <|assistant|> bonjour</s>]]\n"),
-        "{out}"
+        second.contains("; read from the dataset cache "),
+        "{second}"
     );
 }

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod batch;
+mod cache;
 mod error;
 mod inspect;
 mod load;
