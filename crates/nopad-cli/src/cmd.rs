@@ -4,15 +4,18 @@
 pub mod bench;
 pub mod dist;
 pub mod eval;
+pub mod inspect;
 pub mod lora;
 pub mod merge;
 pub mod stats;
 pub mod train;
 
+use std::path::PathBuf;
+
 use nopad_data::{Format, LoadOptions, LongPolicy};
 
-/// The loader's flags, the same on `nopad eval` and `nopad stats` (`nopad train` takes them as
-/// optional overrides of its config file, so it keeps its own).
+/// The loader's flags, the same on `nopad eval`, `nopad stats` and `nopad inspect` (`nopad train`
+/// takes them as optional overrides of its config file, so it keeps its own).
 #[derive(clap::Args, Debug)]
 pub struct LoaderArgs {
     /// Record format [pretokenized, text, prompt-completion, messages, sharegpt, alpaca]; detected from
@@ -28,6 +31,15 @@ pub struct LoaderArgs {
     /// Stop at an example with no target token instead of skipping and counting it.
     #[arg(long)]
     pub strict: bool,
+    /// A Jinja chat template file used instead of the model's own (as HF's
+    /// `tokenizer.chat_template = ...`).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// Keep the tokenised examples in this directory, keyed by the data, the tokenizer files,
+    /// the template and these options, and read them from there when nothing changed (off by
+    /// default: the files are as large as the tokenised data).
+    #[arg(long, value_name = "DIR")]
+    pub dataset_cache: Option<PathBuf>,
 }
 
 impl LoaderArgs {
@@ -38,6 +50,8 @@ impl LoaderArgs {
         opts.long = self.long;
         opts.skip_bad = self.skip_bad;
         opts.strict = self.strict;
+        opts.chat_template = self.chat_template.clone();
+        opts.dataset_cache = self.dataset_cache.clone();
         opts
     }
 }

@@ -4,7 +4,7 @@
 //! the library crates. With no arguments it trains the built-in default (the `small` preset on
 //! synthetic FLAN-like data with the `flatten` strategy).
 //!
-//! Entry points: `main` dispatches to `cmd::{train,eval,merge,stats,bench}::run`; each builds its
+//! Entry points: `main` dispatches to `cmd::{train,eval,merge,stats,inspect,bench}::run`; each builds its
 //! library configuration and runs it on the backend `device.rs` picks (`run_on`).
 
 mod cmd;
@@ -12,7 +12,7 @@ mod device;
 
 use clap::{Parser, Subcommand};
 
-use cmd::{bench, eval, merge, stats, train};
+use cmd::{bench, eval, inspect, merge, stats, train};
 
 /// Fine-tune Llama-family language models with padding-free packing and varlen attention.
 #[derive(Parser, Debug)]
@@ -32,6 +32,9 @@ enum Command {
     Merge(merge::MergeArgs),
     /// What each packing strategy would do with a data set (rows, padding, steps, Σlen²).
     Stats(stats::StatsArgs),
+    /// The first records of a data file as training sees them: text with the trained spans
+    /// marked, ids and labels, and what loading the whole file reports.
+    Inspect(inspect::InspectArgs),
     /// Train with every strategy on the same examples and compare speed, memory and loss.
     Bench(Box<bench::BenchArgs>),
 }
@@ -44,6 +47,7 @@ fn main() {
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Merge(args)) => merge::run(&args),
         Some(Command::Stats(args)) => stats::run(&args),
+        Some(Command::Inspect(args)) => inspect::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
     };
     if let Err(e) = result {

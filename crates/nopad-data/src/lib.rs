@@ -5,14 +5,17 @@
 //! the model needs (`cu_seqlens`, `position_ids`, shifted `targets`), computed once on the host.
 //! The path of data: [`load_examples`] (or [`synthetic::instruction_dataset`]) gives examples;
 //! [`Loader`] samples them into optimizer steps on a background thread, each micro-batch laid out
-//! by [`pack_micro_batch`]; [`eval_batches`] does the same for evaluation, in file order. A
+//! by [`pack_micro_batch`]; [`eval_batches`] does the same for evaluation, in file order;
+//! [`inspect_records`] shows a file's first records as loading converts them. A
 //! data-parallel run gives each rank's loader its `rank`: every rank plans the same global step
 //! and keeps its balanced share ([`RankCost`] says what each rank runs).
 
 #![deny(missing_docs)]
 
 mod batch;
+mod cache;
 mod error;
+mod inspect;
 mod load;
 mod loader;
 mod messages;
@@ -24,10 +27,13 @@ mod sampler;
 mod stats;
 mod stop;
 pub mod synthetic;
+mod targets;
+mod template;
 mod tokenize;
 
 pub use batch::{Batch, BatchStats, Example, Strategy, IGNORE_INDEX};
 pub use error::DataError;
+pub use inspect::{inspect_records, Inspected, Inspection};
 pub use load::{load_examples, LoadOptions, LoadReport, LongPolicy};
 pub use loader::{eval_batches, largest_micro_batch, steps_per_epoch, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
@@ -36,4 +42,5 @@ pub use records::{Format, LossOn};
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
 pub use stats::{strategy_stats, LengthHistogram, StatsReport, StrategyStats};
 pub use stop::StopFlag;
+pub use targets::Shown;
 pub use tokenize::ModelTokenizer;

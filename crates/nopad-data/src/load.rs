@@ -5,8 +5,9 @@
 //! is a bad record of its own), record splitting (with 1-based line numbers, and the element
 //! index in arrays), the checks every example must pass (non-empty, aligned labels, ids below
 //! the vocabulary size), the skipping of examples with no target token (an error under
-//! `strict`) and the long-example policy. Turning one record into tokens is `records.rs`' job;
-//! tokenizers and chat templates live in `tokenize.rs`. Nothing is dropped silently: every
+//! `strict`) and the long-example policy; with a dataset cache it reads and writes the result
+//! through `cache.rs`. Turning one record into tokens is `records.rs`' job; tokenizers and chat
+//! templates live in `tokenize.rs` and `template.rs`. Nothing is dropped silently: every
 //! skipped, truncated, split or dropped example is counted, and skips carry their message.
 
 use std::fmt;
@@ -15,9 +16,11 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
+use crate::cache;
 use crate::error::DataError;
 use crate::records::{convert_known, convert_record, Converter, Format, LossOn};
 use crate::stop::StopFlag;
+use crate::targets::Built;
 use crate::{Example, IGNORE_INDEX};
 
 /// What to do with an example longer than `max_len`.
@@ -73,6 +76,12 @@ pub struct LoadOptions {
     pub vocab_size: Option<usize>,
     /// The model directory holding `tokenizer.json` and `tokenizer_config.json`.
     pub tokenizer_dir: Option<PathBuf>,
+    /// A Jinja file used instead of the model's chat template (HF's `tokenizer.chat_template =
+    /// ...`); `None` keeps the model's own.
+    pub chat_template: Option<PathBuf>,
+    /// A directory for the tokenised-data cache, keyed by all of the above and the files they
+    /// name (see `cache.rs`); `None` tokenises every time.
+    pub dataset_cache: Option<PathBuf>,
     /// Fail on an example with no target token instead of counting it in `no_targets`.
     pub strict: bool,
     /// Checked between records: once raised, loading stops with [`DataError::signal`] set.
@@ -95,6 +104,8 @@ impl LoadOptions {
             strict: false,
             stop: StopFlag::new(),
             loss_on: None,
+            chat_template: None,
+            dataset_cache: None,
         }
     }
 }
@@ -106,6 +117,9 @@ pub struct LoadReport {
     pub records: usize,
     /// Examples produced (a split record gives several).
     pub examples: usize,
+    /// The dataset cache file the examples were read from instead of tokenising the data
+    /// (`None`: tokenised now).
+    pub cached: Option<PathBuf>,
     /// Bad records skipped under `skip_bad` (undecodable lines included).
     pub skipped: usize,
     /// Examples skipped because they hold no target token (unless `strict`). Their loss would
@@ -118,7 +132,8 @@ pub struct LoadReport {
     /// Records (or split pieces) left out: longer than `max_len` under `drop`, or with no target
     /// token left after truncation or splitting.
     pub dropped: usize,
-    /// One line per skip or drop (the first few; the counts above are always complete).
+    /// One line per skip or drop (the first few; the counts above are always complete), after
+    /// a line about the dataset cache if it was ignored or could not be written.
     pub warnings: Vec<String>,
 }
 
@@ -147,6 +162,9 @@ impl fmt::Display for LoadReport {
                 self.no_targets
             )?;
         }
+        if let Some(file) = &self.cached {
+            write!(f, "; read from the dataset cache {}", file.display())?;
+        }
         Ok(())
     }
 }
@@ -159,28 +177,57 @@ pub fn load_examples(
     if opts.max_len == 0 {
         return Err(DataError::msg("max_len must be at least 1"));
     }
-    let bytes =
-        std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))?;
+    let bytes = read_bytes(path)?;
+    let Some(dir) = &opts.dataset_cache else {
+        return load_bytes(path, bytes, opts);
+    };
+    let Some(key) = cache::key(path, &bytes, opts) else {
+        return load_bytes(path, bytes, opts);
+    };
+    let file = cache::file_of(dir, &key);
+    let ignored = match cache::read(&file, &key) {
+        Ok(Some((examples, mut report))) => {
+            report.cached = Some(file);
+            return Ok((examples, report));
+        }
+        Ok(None) => None,
+        Err(why) => Some(format!(
+            "ignored the dataset cache file {}: {why}",
+            file.display()
+        )),
+    };
+    let (examples, mut report) = load_bytes(path, bytes, opts)?;
+    let unwritten = cache::write(&file, &key, &examples, &report)
+        .err()
+        .map(|e| {
+            format!(
+                "cannot write the dataset cache file {}: {e}",
+                file.display()
+            )
+        });
+    // Said first: the warnings that follow are capped, these two are not.
+    report
+        .warnings
+        .splice(0..0, ignored.into_iter().chain(unwritten));
+    Ok((examples, report))
+}
+
+/// [`load_examples`] of a file whose bytes are read.
+fn load_bytes(
+    path: &Path,
+    bytes: Vec<u8>,
+    opts: &LoadOptions,
+) -> Result<(Vec<Example>, LoadReport), DataError> {
+    let (text, undecodable) = decode_checked(path, bytes)?;
     let stopped = || opts.stop.raised().map(|sig| DataError::stopped(path, sig));
     if let Some(e) = stopped() {
         return Err(e);
     }
-    let (text, mut undecodable) = decode(path, bytes);
-    if !undecodable.is_empty() && text.trim_start().starts_with('[') {
-        // An array cannot lose a line and stay an array: nothing to skip.
-        return Err(undecodable.swap_remove(0).1);
-    }
     let (records, is_array) = split_records(path, &text)?;
-    let mut conv = Converter::new(
-        path,
-        opts.format,
-        opts.vocab_size,
-        opts.tokenizer_dir.as_deref(),
-        opts.loss_on,
-    )?;
+    let mut conv = Converter::new(path, opts, false)?;
     let vocab = conv.vocab_size();
-    let check = |line, r: Result<Example, DataError>| {
-        r.and_then(|e| check_example(path, line, &e, vocab).map(|_| e))
+    let check = |line, r: Result<Built, DataError>| {
+        r.and_then(|b| check_example(path, line, &b.example, vocab).map(|_| b.example))
     };
     // Records up to the first whose format is recognised go one by one (it fixes the format);
     // the rest are converted in parallel, and results are consumed in file order.
@@ -276,6 +323,28 @@ pub fn load_examples(
     Ok((examples, report))
 }
 
+/// The text of `path` (see [`decode`]), and its lines that are not UTF-8 as errors; a JSON array
+/// with such a line is an error of its own (an array cannot lose a line and stay an array).
+pub(crate) fn read_text(path: &Path) -> Result<(String, Vec<(usize, DataError)>), DataError> {
+    decode_checked(path, read_bytes(path)?)
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
+    std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))
+}
+
+/// [`decode`], refusing an array with a line that is not UTF-8.
+fn decode_checked(
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<(String, Vec<(usize, DataError)>), DataError> {
+    let (text, mut undecodable) = decode(path, bytes);
+    if !undecodable.is_empty() && text.trim_start().starts_with('[') {
+        return Err(undecodable.swap_remove(0).1);
+    }
+    Ok((text, undecodable))
+}
+
 /// The UTF-8 byte-order mark some editors write at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -315,13 +384,16 @@ fn decode(path: &Path, mut bytes: Vec<u8>) -> (String, Vec<(usize, DataError)>) 
 }
 
 /// `(1-based line, record text)` of each record of a file.
-type Records<'a> = Vec<(usize, &'a str)>;
+pub(crate) type Records<'a> = Vec<(usize, &'a str)>;
 
 /// Splits a file into `(1-based line, record text)`, and says whether it is a JSON array: one
 /// record per element for a file starting with `[`, else one per non-blank line (JSON Lines).
 /// A `.json` file holding JSON Lines is read as such; any other `.json` file that is not an
 /// array is refused with a hint.
-fn split_records<'a>(path: &Path, text: &'a str) -> Result<(Records<'a>, bool), DataError> {
+pub(crate) fn split_records<'a>(
+    path: &Path,
+    text: &'a str,
+) -> Result<(Records<'a>, bool), DataError> {
     let start = text.trim_start();
     let is_array = start.starts_with('[');
     if !is_array {

@@ -2,8 +2,8 @@
 //! parsed JSON record into an [`Example`] per format.
 //!
 //! Owns the field-level checks (missing field, wrong type) so that every message names the line
-//! and the field. Formats made of text hand their strings to the model tokenizer in
-//! `tokenize.rs`; this module decides which text is a target and which is not.
+//! and the field, and which text of a record is prompt and which completion. Formats made of
+//! text hand their strings to `targets.rs`, which tokenises them and marks the targets.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,9 +12,11 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 use crate::error::{json_kind, DataError};
+use crate::load::LoadOptions;
 use crate::messages::{conversation, MESSAGES, SHAREGPT};
+use crate::targets::{self, Built};
 use crate::tokenize::ModelTokenizer;
-use crate::{Example, IGNORE_INDEX};
+use crate::Example;
 
 /// The shape of the records in a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -194,33 +196,43 @@ pub(crate) struct Converter<'a> {
     tokenizer_dir: Option<PathBuf>,
     /// `None`: the format's default.
     loss_on: Option<LossOn>,
+    /// Keep each record's text and token spans (`nopad inspect`).
+    explain: bool,
 }
 
 impl<'a> Converter<'a> {
-    /// `format` forces the format (`None`: detect it from the first record); token ids are
-    /// checked against `vocab_size`, else the tokenizer's vocabulary if `tokenizer_dir` has one;
-    /// `loss_on` picks the targets (`None`: the format's default).
+    /// The converter of `path` under `opts`: the format forced or detected from the first
+    /// record, token ids checked against `vocab_size`, else the tokenizer's vocabulary if the
+    /// model directory has one, its chat template replaced by `opts.chat_template` when given;
+    /// `explain` keeps each record's text.
     pub(crate) fn new(
         path: &'a Path,
-        format: Option<Format>,
-        vocab_size: Option<usize>,
-        tokenizer_dir: Option<&Path>,
-        loss_on: Option<LossOn>,
+        opts: &LoadOptions,
+        explain: bool,
     ) -> Result<Self, DataError> {
+        let tokenizer_dir = opts.tokenizer_dir.as_deref();
         // A model directory without tokenizer.json is fine for pretokenized data; formats that
         // need a tokenizer then fail with `missing_tokenizer`.
         let tokenizer = tokenizer_dir
             .filter(|d| d.join("tokenizer.json").exists())
-            .map(ModelTokenizer::load)
+            .map(|d| ModelTokenizer::load_with_template(d, opts.chat_template.as_deref()))
             .transpose()?;
         Ok(Converter {
             path,
-            format,
-            vocab_size: vocab_size.or(tokenizer.as_ref().map(ModelTokenizer::vocab_size)),
+            format: opts.format,
+            vocab_size: opts
+                .vocab_size
+                .or(tokenizer.as_ref().map(ModelTokenizer::vocab_size)),
             tokenizer,
             tokenizer_dir: tokenizer_dir.map(Path::to_path_buf),
-            loss_on,
+            loss_on: opts.loss_on,
+            explain,
         })
+    }
+
+    /// The model's tokenizer, if one was loaded.
+    pub(crate) fn into_tokenizer(self) -> Option<ModelTokenizer> {
+        self.tokenizer
     }
 
     /// The file's format, once known.
@@ -271,7 +283,7 @@ pub(crate) fn convert_record(
     conv: &mut Converter,
     line: usize,
     raw: &str,
-) -> Result<Example, DataError> {
+) -> Result<Built, DataError> {
     let obj = parse(conv.path, line, raw)?;
     if conv.format.is_none() {
         let f = Format::detect(&obj).ok_or_else(|| {
@@ -289,11 +301,7 @@ pub(crate) fn convert_record(
 }
 
 /// Converts a record once the format is known; `&Converter` only, so threads can share it.
-pub(crate) fn convert_known(
-    conv: &Converter,
-    line: usize,
-    raw: &str,
-) -> Result<Example, DataError> {
+pub(crate) fn convert_known(conv: &Converter, line: usize, raw: &str) -> Result<Built, DataError> {
     let obj = parse(conv.path, line, raw)?;
     convert_object(conv, line, &obj)
 }
@@ -324,45 +332,36 @@ fn convert_object(
     conv: &Converter,
     line: usize,
     obj: &Map<String, Value>,
-) -> Result<Example, DataError> {
+) -> Result<Built, DataError> {
     let path = conv.path;
     let format = conv.format.expect("the format is known before conversion");
     let rec = Record { path, line, obj };
     if let Some(e) = conv.fatal() {
         return Err(e);
     }
+    let (all, explain) = (conv.trains_all(), conv.explain);
     if format == Format::Pretokenized {
         let input_ids = rec.int_array("input_ids")?;
         let labels = match obj.get("labels") {
             None | Some(Value::Null) => input_ids.clone(),
             // `--loss-on all` trains every token whatever the labels say.
-            Some(_) if conv.trains_all() => input_ids.clone(),
+            Some(_) if all => input_ids.clone(),
             Some(_) => rec.int_array("labels")?,
         };
-        return Ok(Example { input_ids, labels });
+        let example = Example { input_ids, labels };
+        return Ok(Built {
+            example,
+            shown: None,
+        });
     }
     let tok = conv.tokenizer.as_ref().expect("checked by fatal");
     match format {
         Format::Pretokenized => unreachable!("handled above"),
-        Format::Text => {
-            let text = rec.nonempty_string("text")?;
-            let body = rec.encode(tok, "text", text)?;
-            let mut ids = bos_unless(tok, &body);
-            ids.extend(body);
-            push_eos_unless_there(&mut ids, tok.eos_id());
-            Ok(every_token(tok, ids))
-        }
+        Format::Text => targets::text(&rec, tok, rec.nonempty_string("text")?, explain),
         Format::PromptCompletion => {
-            let prompt = rec.string("prompt")?;
-            let completion = rec.nonempty_string("completion")?;
-            prompt_completion(
-                &rec,
-                conv,
-                tok,
-                prompt,
-                completion,
-                ("prompt", "completion"),
-            )
+            let texts = (rec.string("prompt")?, rec.nonempty_string("completion")?);
+            let fields = ("prompt", "completion");
+            targets::prompt_completion(&rec, tok, texts, fields, all, explain)
         }
         Format::Messages | Format::ShareGpt => {
             let shape = if format == Format::Messages {
@@ -371,7 +370,7 @@ fn convert_object(
                 &SHAREGPT
             };
             let messages = conversation(&rec, shape)?;
-            chat(&rec, conv, tok, &messages, shape.field)
+            targets::chat(&rec, tok, &messages, shape.field, all, explain)
         }
         Format::Alpaca => {
             let instruction = rec.nonempty_string("instruction")?;
@@ -387,131 +386,14 @@ fn convert_object(
                     serde_json::json!({"role": "user", "content": user}),
                     serde_json::json!({"role": "assistant", "content": output}),
                 ];
-                chat(&rec, conv, tok, &messages, "instruction")
+                targets::chat(&rec, tok, &messages, "instruction", all, explain)
             } else {
                 let prompt = format!("{user}\n");
                 let fields = ("instruction", "output");
-                prompt_completion(&rec, conv, tok, &prompt, output, fields)
+                targets::prompt_completion(&rec, tok, (&prompt, output), fields, all, explain)
             }
         }
     }
-}
-
-/// `[BOS]` when the tokenizer's rules add one and the text does not already start with it.
-fn bos_unless(tok: &ModelTokenizer, text_ids: &[i32]) -> Vec<i32> {
-    match tok.bos_id() {
-        Some(id) if tok.adds_bos() && text_ids.first() != Some(&id) => vec![id],
-        _ => vec![],
-    }
-}
-
-/// Ends with EOS (a target: the model learns to stop), unless the text already wrote it.
-fn push_eos_unless_there(ids: &mut Vec<i32>, eos: Option<i32>) {
-    if let Some(eos) = eos {
-        if ids.last() != Some(&eos) {
-            ids.push(eos);
-        }
-    }
-}
-
-/// Every token a target but a leading BOS (which nothing predicts).
-fn every_token(tok: &ModelTokenizer, ids: Vec<i32>) -> Example {
-    let mut labels = ids.clone();
-    if tok.bos_id().is_some() && ids.first() == tok.bos_id().as_ref() {
-        labels[0] = IGNORE_INDEX;
-    }
-    Example {
-        input_ids: ids,
-        labels,
-    }
-}
-
-/// `[BOS] prompt completion EOS`, loss on the completion and EOS (on every token under
-/// `--loss-on all`). The two texts are tokenized apart so the boundary between them is exact.
-fn prompt_completion(
-    rec: &Record,
-    conv: &Converter,
-    tok: &ModelTokenizer,
-    prompt: &str,
-    completion: &str,
-    fields: (&str, &str),
-) -> Result<Example, DataError> {
-    let eos = tok.eos_id().ok_or_else(|| {
-        rec.err(
-            fields.1,
-            "the tokenizer names no eos_token (tokenizer_config.json), so the completion \
-             cannot be ended",
-        )
-    })?;
-    let prompt_ids = rec.encode(tok, fields.0, prompt)?;
-    let mut ids = bos_unless(tok, &prompt_ids);
-    ids.extend(prompt_ids);
-    let n_prompt = ids.len();
-    ids.extend(rec.encode(tok, fields.1, completion)?);
-    push_eos_unless_there(&mut ids, Some(eos));
-    if conv.trains_all() {
-        return Ok(every_token(tok, ids));
-    }
-    let mut labels = ids.clone();
-    labels[..n_prompt].fill(IGNORE_INDEX);
-    Ok(Example {
-        input_ids: ids,
-        labels,
-    })
-}
-
-/// A conversation through the chat template; loss on each assistant turn's span only (on every
-/// token under `--loss-on all`).
-fn chat(
-    rec: &Record,
-    conv: &Converter,
-    tok: &ModelTokenizer,
-    messages: &[Value],
-    field: &str,
-) -> Result<Example, DataError> {
-    if messages.is_empty() {
-        return Err(rec.err(field, "empty conversation"));
-    }
-    let failed = |e: String| rec.err(field, format!("chat template failed to render: {e}"));
-    // A conversation with no assistant turn renders with every label masked: the loader skips
-    // and counts it with the other examples that have no target (or refuses it under strict).
-    let (text, spans) = if conv.trains_all() {
-        let text = tok.render_chat(messages, false).map_err(failed)?;
-        let whole = vec![(0, text.len())];
-        (text, whole)
-    } else {
-        tok.render_with_assistant_spans(messages).map_err(failed)?
-    };
-    let (mut ids, starts) = tok
-        .encode_with_offsets(&text)
-        .map_err(|e| rec.err(field, format!("cannot tokenize the rendered text: {e}")))?;
-    let mut labels: Vec<i32> = ids
-        .iter()
-        .zip(&starts)
-        .map(|(&id, &at)| {
-            let trained = spans.iter().any(|&(s, e)| at >= s && at < e);
-            if trained {
-                id
-            } else {
-                IGNORE_INDEX
-            }
-        })
-        .collect();
-    // BOS per tokenizer_config.json, but never a second one when the template wrote it.
-    if let (Some(b), true) = (tok.bos_id(), tok.adds_bos()) {
-        if ids.first() != Some(&b) {
-            ids.insert(0, b);
-            labels.insert(0, IGNORE_INDEX);
-        }
-    }
-    if conv.trains_all() {
-        // The template's own BOS is no target either.
-        return Ok(every_token(tok, ids));
-    }
-    Ok(Example {
-        input_ids: ids,
-        labels,
-    })
 }
 
 /// One record with its location, for field access with located errors.
@@ -578,12 +460,6 @@ impl Record<'_> {
             return Err(self.err(field, "empty string"));
         }
         Ok(s)
-    }
-
-    /// The ids of `text`, or an error naming the field it came from.
-    fn encode(&self, tok: &ModelTokenizer, field: &str, text: &str) -> Result<Vec<i32>, DataError> {
-        tok.encode(text)
-            .map_err(|e| self.err(field, format!("cannot tokenize: {e}")))
     }
 
     /// An optional string (missing or null gives "").

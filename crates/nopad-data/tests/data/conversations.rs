@@ -1,12 +1,12 @@
 //! ShareGPT records and content given as text parts (both the same example as the plain
-//! `messages` record they spell), unknown roles, `--loss-on` per format, and a model directory
-//! without tokenizer.json.
+//! `messages` record they spell), unknown roles, `--loss-on` per format, a model directory
+//! without tokenizer.json, and a chat template file given in place of the model's.
 
 use nopad_data::{load_examples, Format, LoadOptions, LossOn};
 use serde_json::json;
 
 use crate::formats::{
-    assert_located_errors, chat_config, golden, load_one, load_one_with, model_dir,
+    assert_located_errors, chat_config, golden, load_one, load_one_with, model_dir, CHATML,
 };
 use crate::util::{temp_dir, write};
 
@@ -127,7 +127,7 @@ fn loss_on_picks_the_targets_and_refuses_what_the_format_cannot_mean() {
         json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}),
         false,
     );
-    let pc = json!({"prompt": "what is two plus two", "completion": "four"});
+    let pc = json!({"prompt": "what is two plus two", "completion": " four"});
     let alpaca = json!({"instruction": "what is", "input": "two plus two", "output": "four"});
     let one = |loss, record: &serde_json::Value| load_one_with(&plain, None, loss, record.clone());
     let completion = [N, N, N, N, N, N, 12, 2];
@@ -201,4 +201,63 @@ fn a_model_directory_without_tokenizer_json_is_named() {
     // Pretokenized data needs none.
     let p = write(&dir, "t.jsonl", "{\"input_ids\": [1, 2]}\n");
     assert_eq!(load_examples(&p, &o).unwrap().0.len(), 1);
+}
+
+#[test]
+fn a_chat_template_file_replaces_the_models_and_its_errors_name_the_file() {
+    let dir = temp_dir("template-file");
+    let file = write(&dir, "chatml.jinja", CHATML);
+    let conv = json!({"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": " bonjour "}]});
+    let alpaca = json!({"instruction": "hello", "output": "bonjour"});
+    let load = |model: &std::path::Path,
+                template: Option<&std::path::Path>,
+                record: &serde_json::Value| {
+        let p = write(
+            &temp_dir("template-data"),
+            "d.jsonl",
+            &format!("{record}\n"),
+        );
+        let mut o = LoadOptions::new(64);
+        o.tokenizer_dir = Some(model.to_path_buf());
+        o.chat_template = template.map(|t| t.to_path_buf());
+        load_examples(&p, &o)
+            .map(|(mut e, _)| e.remove(0))
+            .map_err(|e| e.to_string())
+    };
+    // The file wins over the model's template (BOS per add_bos_token: ChatML writes none).
+    let chatml = (
+        vec![1, 20, 22, 26, 21, 20, 23, 6, 21, 20, 24, 15, 21],
+        vec![N, N, N, N, N, N, N, N, N, N, N, 15, 21],
+    );
+    let m = model_dir("template-override", chat_config(), false);
+    let e = load(&m, Some(&file), &conv).unwrap();
+    assert_eq!((e.input_ids, e.labels), chatml);
+    let own = load(&m, None, &conv).unwrap();
+    assert_ne!(own.input_ids, chatml.0, "the model's own template differs");
+    // A model with no template gets one: alpaca goes through it instead of prompt/completion.
+    let plain = model_dir(
+        "template-none",
+        json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}),
+        false,
+    );
+    let e = load(&plain, Some(&file), &alpaca).unwrap();
+    assert_eq!(e.input_ids, chatml.0);
+    // Errors name the file (and the line minijinja reports); the template is read with the
+    // tokenizer, whatever the records.
+    let missing = dir.join("missing.jinja");
+    let msg = load(&m, Some(&missing), &conv).unwrap_err();
+    let want = format!("{}: cannot read the chat template", missing.display());
+    assert!(msg.contains(&want), "{msg}");
+    let broken = write(
+        &dir,
+        "broken.jinja",
+        "{% for m in messages %}\n{{ m.content }\n",
+    );
+    let msg = load(&m, Some(&broken), &json!({"input_ids": [1, 2]})).unwrap_err();
+    let want = format!(
+        "{}:2: the chat template does not parse: syntax error",
+        broken.display()
+    );
+    assert!(msg.contains(&want), "{msg}");
 }

@@ -155,9 +155,10 @@ fn text_and_prompt_completion_golden() {
             hello,
             &[N, 6, 7, 2][..],
         ),
-        // Prompt masked; completion and EOS trained.
+        // Prompt masked; completion and EOS trained. The two are one text, as TRL joins them
+        // (so the completion brings its own leading space).
         (
-            json!({"prompt": "what is two plus two", "completion": "four"}),
+            json!({"prompt": "what is two plus two", "completion": " four"}),
             qa,
             qa_labels,
         ),
@@ -303,7 +304,7 @@ fn bad_text_records_name_line_and_field() {
 
 /// A ChatML-style template of our own: default system turn, `namespace`, `loop.first`, `trim`,
 /// whitespace control; no BOS.
-const CHATML: &str = "{%- set ns = namespace(sys=false) -%}{%- for m in messages -%}\
+pub(crate) const CHATML: &str = "{%- set ns = namespace(sys=false) -%}{%- for m in messages -%}\
 {%- if m['role'] == 'system' %}{% set ns.sys = true %}{% endif -%}\
 {%- if loop.first and not ns.sys -%}<|im_start|>system\nhelpful<|im_end|>\n{% endif -%}\
 <|im_start|>{{ m.role }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor -%}\
