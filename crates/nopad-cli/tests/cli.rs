@@ -225,6 +225,45 @@ fn chat_data_through_a_model_directory_with_its_tokenizer() {
         summary.contains("5 examples") && summary.contains("loss "),
         "{summary}"
     );
+    // --chat-template replaces the model's template (here: no </s> after the answers), and
+    // --dataset-cache makes the second identical run read the tokenised examples back.
+    let alt = dir.path().join("alt.jinja");
+    write(
+        &alt,
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} {% else %}<|assistant|> {{ m['content'] }} {% endif %}{% endfor %}",
+    );
+    let cache = dir.path().join("cache");
+    let with_template = |out: &str| {
+        let out = dir.path().join(out);
+        nopad(&args(
+            "train --steps 1 --batch-size 2 --max-len 32 --device cpu --no-progress",
+            &[
+                "--model",
+                m,
+                "--data",
+                d,
+                "--chat-template",
+                alt.to_str().unwrap(),
+                "--dataset-cache",
+                cache.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        ))
+    };
+    // The load report is among the summary's notes, on stdout.
+    let first = ok(with_template("t1"));
+    assert!(!first.contains("read from the dataset cache"), "{first}");
+    let second = ok(with_template("t2"));
+    assert!(second.contains("read from the dataset cache"), "{second}");
+    // Without </s> the assistant turns hold 11 target words instead of 16 tokens.
+    let e = ok(eval_on_cpu(
+        out2.to_str().unwrap(),
+        &data,
+        &format!("--json --chat-template {}", alt.display()),
+    ));
+    let e: serde_json::Value = serde_json::from_str(e.trim()).unwrap();
+    assert_eq!(e["tokens"], 11, "{e}");
     let stats: serde_json::Value = serde_json::from_str(&ok(nopad(&args(
         "stats --max-len 32 --batch-size 2 --json",
         &["--data", d, "--model", m],

@@ -61,6 +61,10 @@ pub struct TrainConfig {
     pub strict: bool,
     /// Which tokens are targets; `None`: the data format's default.
     pub loss_on: Option<LossOn>,
+    /// A Jinja chat template replacing the tokenizer's (`--chat-template`).
+    pub chat_template: Option<PathBuf>,
+    /// Folder of the tokenised-data cache (`--dataset-cache`; None: tokenise every run).
+    pub dataset_cache: Option<PathBuf>,
     /// Packing strategy.
     pub strategy: Strategy,
     /// Examples per micro-batch (rows for concat/offline).
@@ -187,6 +191,8 @@ impl TrainConfig {
             skip_bad: false,
             strict: false,
             loss_on: None,
+            chat_template: None,
+            dataset_cache: None,
             strategy: Strategy::Flatten,
             batch_size: 16,
             grad_accum: 1,

@@ -157,8 +157,8 @@ fn load_counted(
                     .unwrap_or_default(),
                 vocab_size: Some(model_cfg.vocab_size),
                 tokenizer_dir: model_dir.map(|d| d.to_path_buf()),
-                chat_template: None,
-                dataset_cache: None,
+                chat_template: tc.chat_template.clone(),
+                dataset_cache: tc.dataset_cache.clone(),
             };
             let (ex, report) =
                 nopad_data::load_examples(path, &opts).map_err(|e| match e.signal {

@@ -60,6 +60,14 @@ pub struct TrainArgs {
     /// prompt/completion) or all (every token; default for text).
     #[arg(long, value_name = "WHICH")]
     pub loss_on: Option<String>,
+    /// A Jinja chat template that replaces the model's (tokenizer_config.json's
+    /// chat_template), as HF's `tokenizer.chat_template = ...` does.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// Keep the tokenised examples in this folder, keyed by the data, tokenizer, template and
+    /// every loading option, so reruns and resumes skip tokenisation. Default: off.
+    #[arg(long, value_name = "DIR")]
+    pub dataset_cache: Option<PathBuf>,
     /// Packing: pad, concat, flatten (default) or offline.
     #[arg(long)]
     pub strategy: Option<String>,
@@ -284,6 +292,8 @@ impl TrainArgs {
             skip_bad,
             strict,
             loss_on,
+            chat_template,
+            dataset_cache,
             strategy,
             batch_size,
             grad_accum,
@@ -371,6 +381,8 @@ impl TrainArgs {
         if let Some(l) = &a.long {
             c.long = parse("long", l)?;
         }
+        c.chat_template = a.chat_template.clone();
+        c.dataset_cache = a.dataset_cache.clone();
         if let Some(l) = &a.loss_on {
             c.loss_on = Some(parse("loss-on", l)?);
         }
