@@ -38,7 +38,7 @@ pub(crate) use grad_slots::scratch_len as group_scratch_len;
 use grad_slots::Slots as GradSlots;
 use lora::Adapter;
 use sharded::{fetch, fetch_top, weights, Sharded};
-pub use sharded::{Phase, Piece, Resident, WeightSource};
+pub use sharded::{Phase, Piece, Placed, Resident, WeightSource};
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward_train`] and
 /// [`Model::forward_eval`]).

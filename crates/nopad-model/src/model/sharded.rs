@@ -35,24 +35,26 @@ pub enum Phase {
     Backward,
 }
 
+/// Where a group's ranges go: each parameter range and where it starts in the buffer.
+pub type Placed = [(Range<usize>, usize)];
+
 /// Where a pass's weights come from, asked for each parameter group just ahead of its use.
 pub trait WeightSource<B: Backend> {
     /// How many ranks hold a piece of each parameter range (1: this one holds them whole).
     fn ranks(&self) -> usize;
 
-    /// Makes group `kind`'s weights whole in `buf`: each `(range, at)` of `placed` is a
-    /// parameter range to lie at `buf[at..at + range.len()]`, where this rank's piece of it
-    /// already lies at its place. Every rank makes the same calls in the same order. The
-    /// default brings nothing, which suits a rank that holds every weight.
+    /// Makes the weights of group `what.0` whole in `to.0` for phase `what.1`: each
+    /// `(range, at)` of `to.1` is a parameter range to lie at `to.0[at..at + range.len()]`,
+    /// where this rank's piece of it already lies at its place. Every rank makes the same calls
+    /// in the same order. The default brings nothing, which suits a rank that holds every
+    /// weight.
     fn materialise(
         &mut self,
         b: &B,
-        kind: GroupKind,
-        phase: Phase,
-        buf: &mut B::Buf,
-        placed: &[(Range<usize>, usize)],
+        what: (GroupKind, Phase),
+        to: (&mut B::Buf, &Placed),
     ) -> Result<()> {
-        let _ = (b, kind, phase, buf, placed);
+        let _ = (b, what, to);
         Ok(())
     }
 }
@@ -192,7 +194,11 @@ impl<B: Backend> Sharded<B> {
                 n,
             )?;
         }
-        src.materialise(b, kind, phase, &mut self.resident, &self.slots.groups[i])
+        src.materialise(
+            b,
+            (kind, phase),
+            (&mut self.resident, &self.slots.groups[i]),
+        )
     }
 
     /// Writes host values at `offset` of the full layout: what falls in this rank's pieces.
@@ -231,6 +237,13 @@ impl<B: Backend> Model<B> {
     /// Whether this model holds only its pieces of the weights ([`Model::new_sharded`]).
     pub fn is_sharded(&self) -> bool {
         self.sharded.is_some()
+    }
+
+    /// The pieces a sharded model holds, in the order of its parameter buffer (none for a
+    /// model that holds every weight).
+    pub fn pieces(&self) -> Vec<Piece> {
+        let all = self.sharded.iter().flat_map(|s| &s.pieces);
+        all.map(|(p, _)| p.clone()).collect()
     }
 
     /// Parameter elements this rank allocates: the pieces and the resident weights of a
@@ -324,12 +337,10 @@ mod tests {
         fn materialise(
             &mut self,
             b: &B,
-            kind: GroupKind,
-            phase: Phase,
-            buf: &mut <B as Device>::Buf,
-            placed: &[(Range<usize>, usize)],
+            what: (GroupKind, Phase),
+            (buf, placed): (&mut <B as Device>::Buf, &Placed),
         ) -> Result<()> {
-            self.calls.push((kind, phase));
+            self.calls.push(what);
             for (r, at) in placed {
                 let p = self.pieces.iter().find(|p| p.range == *r).unwrap();
                 b.write(buf, *at, &self.full[r.start..p.own.start])?;
