@@ -10,11 +10,17 @@
 //! memory with the saved activations ([`crate::arena`]): the backward writes layer `l`'s
 //! gradients when the activations of the layers above `l` are dead, so they may lie there.
 //!
+//! A model sharded by weight ([`Model::new_sharded`], ZeRO stage 3) holds only its pieces: the
+//! `*_from` passes ask a [`WeightSource`] for each group's weights just ahead of their use
+//! (`model/sharded.rs`); a model that holds every weight runs with [`Resident`], which brings
+//! nothing.
+//!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
 //!
 //! Over 600 lines on purpose: the forward and the backward are meant to be read side by side,
-//! so they stay in one file; the gradient modes and LoRA's adapters live in `model/`.
+//! so they stay in one file; the gradient modes, LoRA's adapters and weight sharding live in
+//! `model/`.
 
 use std::ops::Range;
 
@@ -34,8 +40,10 @@ mod hand_over;
 mod lora;
 mod sharded;
 pub use acts::Acts;
-pub(crate) use grad_slots::scratch_len as group_scratch_len;
 use grad_slots::Slots as GradSlots;
+pub(crate) use grad_slots::{
+    scratch_len as group_scratch_len, weights_len as gathered_weights_len,
+};
 use lora::Adapter;
 use sharded::{fetch, fetch_top, weights, Sharded};
 pub use sharded::{Phase, Piece, Placed, Resident, WeightSource};
@@ -473,36 +481,14 @@ impl<B: Backend> Model<B> {
         self.forward(b, x, Some(scale), &mut Resident)
     }
 
-    /// [`Model::forward_train`] with each group's weights brought by `src` just ahead of their
-    /// use (a sharded model, [`Model::new_sharded`]).
-    pub fn forward_train_from(
-        &mut self,
-        b: &B,
-        x: &Inputs<'_>,
-        scale: f32,
-        src: &mut dyn WeightSource<B>,
-    ) -> Result<()> {
-        self.forward(b, x, Some(scale), src)
-    }
-
     /// Evaluation forward pass over one micro-batch: adds its loss sum to the running total
     /// ([`Model::take_loss_sum`]) and touches no gradient.
     pub fn forward_eval(&mut self, b: &B, x: &Inputs<'_>) -> Result<()> {
         self.forward(b, x, None, &mut Resident)
     }
 
-    /// [`Model::forward_eval`] with the weights brought by `src` (see
-    /// [`Model::forward_train_from`]).
-    pub fn forward_eval_from(
-        &mut self,
-        b: &B,
-        x: &Inputs<'_>,
-        src: &mut dyn WeightSource<B>,
-    ) -> Result<()> {
-        self.forward(b, x, None, src)
-    }
-
-    /// The forward of both: `grad_scale = Some(s)` for training, `None` for evaluation.
+    /// The forward of both: `grad_scale = Some(s)` for training, `None` for evaluation; each
+    /// group's weights brought by `src` just ahead of their use.
     fn forward(
         &mut self,
         b: &B,

@@ -156,6 +156,11 @@ pub(crate) fn scratch_len(layout: &Layout) -> usize {
     Slots::grads(layout).len
 }
 
+/// Elements of a sharded model's gathered weights of `layout` (what the memory plan counts).
+pub(crate) fn weights_len(layout: &Layout) -> usize {
+    Slots::weights(layout).len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
