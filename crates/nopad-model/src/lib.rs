@@ -26,7 +26,7 @@ pub use config::{Arch, Config, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
 pub use layer::{LayerActs, Scratch};
 pub use layout::{GroupKind, Layout, ParamGroup, TensorSpec};
-pub use model::{Acts, GroupGrads, Inputs, Model};
+pub use model::{Acts, GroupGrads, Inputs, Model, Phase, Piece, Placed, Resident, WeightSource};
 pub use recompute::Recompute;
 
 #[cfg(test)]

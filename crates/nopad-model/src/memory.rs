@@ -157,6 +157,13 @@ pub fn held(bytes: usize, acc: &Accounting) -> usize {
     }
 }
 
+/// Elements of the gathered weights a model sharded by weight keeps besides its pieces
+/// ([`crate::Model::new_sharded`], Compute): two layers, the embedding, the untied head and the
+/// final norm, each range aligned to 64 elements. Its pieces are its part of every range.
+pub fn gathered_weights_len(layout: &Layout) -> usize {
+    crate::model::gathered_weights_len(layout)
+}
+
 /// How the model's gradients are held during a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GradHolding {

@@ -10,11 +10,17 @@
 //! memory with the saved activations ([`crate::arena`]): the backward writes layer `l`'s
 //! gradients when the activations of the layers above `l` are dead, so they may lie there.
 //!
+//! A model sharded by weight ([`Model::new_sharded`], ZeRO stage 3) holds only its pieces: the
+//! `*_from` passes ask a [`WeightSource`] for each group's weights just ahead of their use
+//! (`model/sharded.rs`); a model that holds every weight runs with [`Resident`], which brings
+//! nothing.
+//!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width,
 //! V vocabulary, L layers.
 //!
 //! Over 600 lines on purpose: the forward and the backward are meant to be read side by side,
-//! so they stay in one file; the gradient modes and LoRA's adapters live in `model/`.
+//! so they stay in one file; the gradient modes, LoRA's adapters and weight sharding live in
+//! `model/`.
 
 use std::ops::Range;
 
@@ -32,10 +38,15 @@ mod acts;
 mod grad_slots;
 mod hand_over;
 mod lora;
+mod sharded;
 pub use acts::Acts;
-pub(crate) use grad_slots::scratch_len as group_scratch_len;
-use grad_slots::GradSlots;
+use grad_slots::Slots as GradSlots;
+pub(crate) use grad_slots::{
+    scratch_len as group_scratch_len, weights_len as gathered_weights_len,
+};
 use lora::Adapter;
+use sharded::{fetch, fetch_top, weights, Sharded};
+pub use sharded::{Phase, Piece, Placed, Resident, WeightSource};
 
 /// One micro-batch as the model consumes it (host slices; uploaded by [`Model::forward_train`] and
 /// [`Model::forward_eval`]).
@@ -131,10 +142,14 @@ pub struct Model<B: Backend> {
     /// Where each parameter lives.
     pub layout: Layout,
     /// `[P]` parameters as the forward reads them (Compute); over an NF4 base only those not
-    /// quantised, viewed as `views` says.
+    /// quantised, viewed as `views` says; in a sharded model `[Σ piece]`, this rank's pieces
+    /// (`model/sharded.rs`), which a pass gathers into `sharded`'s resident weights.
     pub params: B::Buf,
-    /// Over an NF4 base, how `params` is viewed (`lora::nf4::param_views`); else `layout`.
+    /// Over an NF4 base, how `params` is viewed (`lora::nf4::param_views`); in a sharded model,
+    /// how the resident weights are; else `layout`.
     views: Option<Layout>,
+    /// ZeRO stage 3: the pieces' map and the gathered weights ([`Model::new_sharded`]).
+    sharded: Option<Sharded<B>>,
     /// `[P]` gradients (Grad); read them through [`Model::grads`]. Empty in an evaluation model
     /// and, with aliasing, until the first forward allocates the activations. In a LoRA model
     /// shaped like the adapters (the base takes no gradient).
@@ -158,32 +173,51 @@ impl<B: Backend> Model<B> {
     /// A model with zero parameters; fill them with [`crate::weights::init_random`] or
     /// [`crate::weights::load_checkpoint`] through [`Model::write_params`].
     pub fn new(b: &B, cfg: Config) -> Result<Self> {
-        Self::build(b, cfg, true, None)
+        Self::build(b, cfg, true, None, None)
     }
 
     /// The same for evaluation only: no gradient buffer (as large as the parameters, fp32 on
     /// CUDA), so [`Model::backward`] and [`Model::zero_grads`] are errors.
     pub fn new_eval(b: &B, cfg: Config) -> Result<Self> {
-        Self::build(b, cfg, false, None)
+        Self::build(b, cfg, false, None, None)
     }
 
-    fn build(b: &B, cfg: Config, grads: bool, adapter: Option<Adapter<B>>) -> Result<Self> {
+    fn build(
+        b: &B,
+        cfg: Config,
+        grads: bool,
+        adapter: Option<Adapter<B>>,
+        shard: Option<(&[Piece], usize)>,
+    ) -> Result<Self> {
         let layout = Layout::new(&cfg);
-        let views = adapter
+        let mut views = adapter
             .as_ref()
             .filter(|a| a.nf4.is_some())
             .map(|_| crate::lora::nf4::param_views(&layout));
         let trainable = adapter.as_ref().map_or(layout.total, |a| a.layout.total);
-        let n = views.as_ref().map_or(layout.total, |v| v.total);
+        let mut n = views.as_ref().map_or(layout.total, |v| v.total);
+        let sharded = match shard {
+            Some((pieces, ranks)) => {
+                let (s, len) = Sharded::new(b, &layout, pieces, ranks)?;
+                (views, n) = (Some(s.views.clone()), len);
+                Some(s)
+            }
+            None => None,
+        };
         let params = b
             .alloc(n, Kind::Compute)
             .map_err(|e| e.while_allocating(|| format!("the model's {n} parameters")))?;
         let has_grads = grads;
-        let grads = b
-            .alloc(if grads { trainable } else { 0 }, Kind::Grad)
-            .map_err(|e| {
-                e.while_allocating(|| format!("the gradients of {trainable} parameters"))
-            })?;
+        // A sharded model never holds every gradient: one group's at a time.
+        let slots = sharded.as_ref().map(|_| GradSlots::grads(&layout));
+        let grad_len = match (&slots, grads) {
+            (Some(s), true) => s.len,
+            (None, true) => trainable,
+            (_, false) => 0,
+        };
+        let grads = b.alloc(grad_len, Kind::Grad).map_err(|e| {
+            e.while_allocating(|| format!("the gradients of {trainable} parameters"))
+        })?;
         let freqs = crate::rope::inv_freq(&cfg);
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
         b.write(&mut inv_freq, 0, &freqs)?;
@@ -193,12 +227,13 @@ impl<B: Backend> Model<B> {
             layout,
             params,
             views,
+            sharded,
             grads,
             adapter,
             grad_state: GradState::Zero,
             has_grads,
             alias_grads: false,
-            slots: None,
+            slots,
             inv_freq,
             loss_sum,
             acts: None,
@@ -229,8 +264,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// Writes host values into the parameters at `offset`.
-    /// Over an NF4 base a projection matrix must come whole (it is quantised).
+    /// Over an NF4 base a projection matrix must come whole (it is quantised); a sharded model
+    /// keeps what falls in its pieces.
     pub fn write_params(&mut self, b: &B, offset: usize, vals: &[f32]) -> Result<()> {
+        if let Some(s) = &self.sharded {
+            return s.write(b, (&mut self.params, offset), vals);
+        }
         match self.adapter.as_mut().and_then(|a| a.nf4.as_mut()) {
             Some(q) => q.write(b, &self.layout, &mut self.params, offset, vals),
             None => Ok(b.write(&mut self.params, offset, vals)?),
@@ -242,9 +281,11 @@ impl<B: Backend> Model<B> {
     /// a layer's activations or gradients, whichever is smaller, per layer. Only for optimizer
     /// steps of one micro-batch: a second training forward before [`Model::zero_grads`] would
     /// write activations over the first one's gradients, so it is refused. Call between steps.
+    /// A sharded model keeps one group's gradient at a time, which leaves nothing to alias: it
+    /// stays as it is.
     pub fn set_grad_aliasing(&mut self, b: &B, on: bool) -> Result<()> {
         self.check_grads()?;
-        if on == self.alias_grads {
+        if on == self.alias_grads || self.sharded.is_some() {
             return Ok(());
         }
         self.refuse_with_lora("gradient aliasing")?;
@@ -276,6 +317,12 @@ impl<B: Backend> Model<B> {
             return Ok(());
         }
         self.refuse_with_lora("the one-group gradient scratch")?;
+        if self.sharded.is_some() {
+            return Err(ModelError::Input(
+                "a sharded model keeps one group's gradient at a time: it cannot hold them all"
+                    .into(),
+            ));
+        }
         if self.grad_state != GradState::Zero {
             return Err(ModelError::Input(
                 "the update in the backward can change only between optimizer steps".into(),
@@ -283,7 +330,7 @@ impl<B: Backend> Model<B> {
         }
         if on {
             self.set_grad_aliasing(b, false)?;
-            let slots = GradSlots::new(&self.layout);
+            let slots = GradSlots::grads(&self.layout);
             self.grads = b.alloc(0, Kind::Grad)?;
             self.grads = b.alloc(slots.len, Kind::Grad).map_err(|e| {
                 e.while_allocating(|| {
@@ -431,20 +478,28 @@ impl<B: Backend> Model<B> {
     /// ([`Model::take_loss_sum`]) and computes the output head's gradient on the way, scaled by
     /// `scale` (1 / target tokens of the optimizer step); [`Model::backward`] follows.
     pub fn forward_train(&mut self, b: &B, x: &Inputs<'_>, scale: f32) -> Result<()> {
-        self.forward(b, x, Some(scale))
+        self.forward(b, x, Some(scale), &mut Resident)
     }
 
     /// Evaluation forward pass over one micro-batch: adds its loss sum to the running total
     /// ([`Model::take_loss_sum`]) and touches no gradient.
     pub fn forward_eval(&mut self, b: &B, x: &Inputs<'_>) -> Result<()> {
-        self.forward(b, x, None)
+        self.forward(b, x, None, &mut Resident)
     }
 
-    /// The forward of both: `grad_scale = Some(s)` for training, `None` for evaluation.
-    fn forward(&mut self, b: &B, x: &Inputs<'_>, grad_scale: Option<f32>) -> Result<()> {
+    /// The forward of both: `grad_scale = Some(s)` for training, `None` for evaluation; each
+    /// group's weights brought by `src` just ahead of their use.
+    fn forward(
+        &mut self,
+        b: &B,
+        x: &Inputs<'_>,
+        grad_scale: Option<f32>,
+        src: &mut dyn WeightSource<B>,
+    ) -> Result<()> {
         if grad_scale.is_some() {
             self.check_grads()?;
         }
+        self.check_source(src)?;
         let head_write = self.begin_forward(grad_scale.is_some())?;
         let up = self.upload(b, x)?;
         let n = up.attn.n;
@@ -462,10 +517,16 @@ impl<B: Backend> Model<B> {
             a.ensure(b, n)?;
         }
         let acts = self.acts.as_mut().expect("ensure_acts allocated them");
-        let p = &self.params;
         let pv = self.views.as_ref().unwrap_or(&self.layout);
         let prof = &mut self.profile;
         prof.start(b)?;
+        let (own, sh) = (&self.params, &mut self.sharded);
+        let fwd = |kind| (kind, Phase::Forward);
+        fetch(b, own, sh, fwd(GroupKind::Embedding), src)?;
+        if !pv.layers.is_empty() {
+            fetch(b, own, sh, fwd(GroupKind::Layer(0)), src)?;
+        }
+        let p = weights(own, sh);
         let nd = 0..n * d;
         b.embedding_forward(EmbeddingFwd {
             x: b.view_mut(&mut acts.res[0], nd.clone()),
@@ -476,25 +537,29 @@ impl<B: Backend> Model<B> {
         })?;
         prof.mark(b, "embedding fwd")?;
         let recompute = self.recompute == Recompute::Full;
-        let cx = layer::Ctx {
-            b,
-            c,
-            p,
-            inv_freq: &self.inv_freq,
-            positions: &up.positions,
-            cu_seqlens: &up.cu_seqlens,
-            attn: up.attn,
-            n,
-            mlp_recompute: false,
-            grad_write: GradWrite::Accumulate,
-        };
         let mode = self.recompute;
+        let last = pv.layers.len().saturating_sub(1);
         for (l, lr) in pv.layers.iter().enumerate() {
+            // The next layer's weights go into the other slot while this one computes; after
+            // the last layer, the final norm's and the head's.
+            if l < last {
+                fetch(b, own, sh, fwd(GroupKind::Layer(l + 1)), src)?;
+            } else {
+                fetch_top(b, own, sh, (&self.layout, Phase::Forward), src)?;
+            }
             let la = &mut acts.layers[if recompute { 0 } else { l }];
             let (res_in, res_out) = acts.res.split_at_mut(l + 1);
             let cx = layer::Ctx {
+                b,
+                c,
+                p: weights(own, sh),
+                inv_freq: &self.inv_freq,
+                positions: &up.positions,
+                cu_seqlens: &up.cu_seqlens,
+                attn: up.attn,
+                n,
                 mlp_recompute: mode.mlp_in_layer(l),
-                ..cx
+                grad_write: GradWrite::Accumulate,
             };
             let mut pass = ad.as_deref_mut().map(|a| a.pass(l, grad_scale.is_some()));
             layer::forward(
@@ -508,6 +573,10 @@ impl<B: Backend> Model<B> {
                 prof,
             )?;
         }
+        if pv.layers.is_empty() {
+            fetch_top(b, own, sh, (&self.layout, Phase::Forward), src)?;
+        }
+        let p = weights(own, sh);
         let (last, norm) = (&acts.res[c.num_hidden_layers], pv.norm.clone());
         b.rmsnorm_forward(RmsNormFwd {
             y: b.view_mut(&mut acts.hf, nd.clone()),
@@ -585,12 +654,29 @@ impl<B: Backend> Model<B> {
     pub fn backward_with<E>(
         &mut self,
         b: &B,
+        on_group: impl FnMut(GroupGrads<'_, B>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E>
+    where
+        E: From<ModelError> + From<nopad_backend::BackendError>,
+    {
+        self.backward_from(b, &mut Resident, on_group)
+    }
+
+    /// [`Model::backward_with`] with each layer's weights brought by `src` again, from the top
+    /// down, just ahead of the layer's backward (and its recomputation): see
+    /// [`Model::forward_train_from`]. The final norm's and the head's stay from the forward.
+    /// A sharded model hands the hook its pieces as [`GroupGrads::params`].
+    pub fn backward_from<E>(
+        &mut self,
+        b: &B,
+        src: &mut dyn WeightSource<B>,
         mut on_group: impl FnMut(GroupGrads<'_, B>) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E>
     where
         E: From<ModelError> + From<nopad_backend::BackendError>,
     {
         self.check_grads()?;
+        self.check_source(src)?;
         let (GradState::Pending(acc), Some(up)) = (self.grad_state, self.saved.take()) else {
             return Err(ModelError::Input("backward without a training forward".into()).into());
         };
@@ -619,8 +705,12 @@ impl<B: Backend> Model<B> {
             )?;
             prof.mark(b, "group hook (update in backward)")?;
         }
-        let p = &self.params;
         let pv = self.views.as_ref().unwrap_or(&self.layout);
+        if let Some(top) = pv.layers.len().checked_sub(1) {
+            let what = (GroupKind::Layer(top), Phase::Backward);
+            fetch(b, &self.params, &mut self.sharded, what, src)?;
+        }
+        let p = weights(&self.params, &self.sharded);
         let nd = 0..n * d;
         // Final norm: d_h holds ∂loss/∂hf from the fused head.
         b.zero(b.view_mut(&mut acts.s.d_res, nd.clone()))?;
@@ -652,11 +742,16 @@ impl<B: Backend> Model<B> {
         let recompute = self.recompute == Recompute::Full;
         let mode = self.recompute;
         for (l, lr) in pv.layers.iter().enumerate().rev() {
+            // The layer below goes into the other slot while this one computes.
+            if l > 0 {
+                let what = (GroupKind::Layer(l - 1), Phase::Backward);
+                fetch(b, &self.params, &mut self.sharded, what, src)?;
+            }
             // Built per layer: the hook below may write this layer's parameters.
             let cx = layer::Ctx {
                 b,
                 c,
-                p: &self.params,
+                p: weights(&self.params, &self.sharded),
                 inv_freq: &self.inv_freq,
                 positions: &up.positions,
                 cu_seqlens: &up.cu_seqlens,

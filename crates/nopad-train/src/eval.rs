@@ -4,11 +4,11 @@
 
 use nopad_backend::Backend;
 use nopad_data::{eval_batches, Example, PackOptions};
-use nopad_model::Model;
+use nopad_model::{Model, Resident, WeightSource};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::step::eval_step;
+use crate::step::eval_step_from;
 
 /// Result of an evaluation.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -26,10 +26,22 @@ pub fn evaluate<B: Backend>(
     examples: &[Example],
     pack: &PackOptions,
 ) -> Result<EvalResult> {
+    evaluate_from(b, model, examples, pack, &mut Resident)
+}
+
+/// [`evaluate`] with the weights brought by `src`: a model sharded by weight (`--shard 3`) is
+/// evaluated by every rank at once, each gathering the weights with the others.
+pub fn evaluate_from<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    examples: &[Example],
+    pack: &PackOptions,
+    src: &mut dyn WeightSource<B>,
+) -> Result<EvalResult> {
     let mut tokens = 0;
     model.take_loss_sum(b)?;
     for batch in eval_batches(examples, pack) {
-        tokens += eval_step(b, model, &batch)?;
+        tokens += eval_step_from(b, model, &batch, &mut *src)?;
     }
     let sum = model.take_loss_sum(b)?;
     Ok(EvalResult {

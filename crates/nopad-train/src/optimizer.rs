@@ -36,7 +36,7 @@ mod shard;
 mod state_io;
 pub use names::{master_name, parse_master, parse_offload, parse_states, states_name};
 use shard::Shards;
-pub use shard::{parse_shard, ShardStage};
+pub use shard::{parse_shard, weight_pieces, ShardSource, ShardStage};
 pub(crate) use state_io::{new_parts, part_of};
 
 /// Hyper-parameters that stay fixed for a run.
@@ -216,7 +216,7 @@ impl<B: Backend> Optimizer<B> {
         let (params, split) = (model.trainable(), model.trainable_decay_end());
         let groups = model.trainable_groups();
         let mut opt = Self::over_in(b, params, split, groups, cfg, (placement, false))?;
-        let (shards, states) = Shards::new(b, &opt, params, coll, (stage, split))?;
+        let (shards, states) = Shards::new(b, &opt, model, coll, (stage, split))?;
         opt.states = states;
         opt.shards = Some(Box::new(shards));
         Ok(opt)
@@ -495,7 +495,8 @@ impl<B: Backend> Optimizer<B> {
         };
         let (params, grads) = model.params_and_grads(b)?;
         for (range, decay) in ranges {
-            self.adamw(b, params, grads, range.clone(), range, decay, lr, clip)?;
+            let at = (&mut *params, range.start);
+            self.adamw(b, at, grads, range.clone(), range, decay, lr, clip)?;
         }
         self.finish_group_updates(b, params)?;
         Ok(UpdateInfo::applied(norm))
@@ -507,12 +508,14 @@ impl<B: Backend> Optimizer<B> {
         self.step += 1;
     }
 
-    /// AdamW on one range of the flat buffers, its gradient at `grad_at` of `grads`.
+    /// AdamW on one range of the flat buffers, its parameters at `params.1` of `params.0` (the
+    /// range's own start, except for the pieces of a sharded model) and its gradient at
+    /// `grad_at` of `grads`.
     #[allow(clippy::too_many_arguments)]
     fn adamw(
         &mut self,
         b: &B,
-        params: &mut B::Buf,
+        (params, param_at): (&mut B::Buf, usize),
         grads: &B::Buf,
         range: Range<usize>,
         grad_at: Range<usize>,
@@ -542,6 +545,11 @@ impl<B: Backend> Optimizer<B> {
             },
         };
         if let Some(h) = &mut self.host {
+            if param_at != range.start {
+                return Err(TrainError::Config(
+                    "an offloaded optimizer updates whole parameter buffers".into(),
+                ));
+            }
             let u = Update {
                 range,
                 hp,
@@ -557,7 +565,7 @@ impl<B: Backend> Optimizer<B> {
             (None, None) => None,
         };
         b.adamw_states(AdamWStates {
-            param: b.view_mut(params, range.clone()),
+            param: b.view_mut(params, param_at..param_at + n),
             master,
             grad: b.view(grads, grad_at),
             m,

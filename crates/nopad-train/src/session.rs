@@ -18,7 +18,7 @@ use crate::config::{DataSource, ModelSource, Resume, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::identity::RunIdentity;
 use crate::lora::build_lora_model;
-use crate::optimizer::{Optimizer, ShardStage};
+use crate::optimizer::{weight_pieces, Optimizer, ShardStage};
 use crate::out_lock::OutLock;
 use crate::records::History;
 use crate::schedule::Schedule;
@@ -397,10 +397,20 @@ impl<B: Backend> Session<B> {
             tc.gpu_memory,
             tc.grad_accum == 1 && tc.lora.is_none(),
         )?;
+        let stage = tc.shard.unwrap_or_default();
+        // Stage 3: this rank allocates only its pieces of the weights.
+        let pieces = match (stage, &tc.lora) {
+            (ShardStage::Params, None) => Some(weight_pieces(&cfg, coll, tc.adamw.states)?),
+            _ => None,
+        };
+        let new = |b: &B, cfg| match &pieces {
+            Some(p) => Model::new_sharded(b, cfg, p, world),
+            None => Model::new(b, cfg),
+        };
         let (mut model, model_desc) = match (&resume, &tc.lora) {
             // A LoRA checkpoint holds the adapter only: the frozen base comes from its source.
             (_, Some(lt)) => build_lora_model(b, &tc.model, tc.seed, None, lt)?,
-            (None, None) => build_model(b, &tc.model, tc.seed)?,
+            (None, None) => build(b, &tc.model, tc.seed, None, new)?,
             // The weights come from the checkpoint: skip the initialisation or the HF load.
             (Some(_), None) => {
                 let what = match &tc.model {
@@ -408,7 +418,7 @@ impl<B: Backend> Session<B> {
                     ModelSource::Dir(d) => d.display().to_string(),
                 };
                 let desc = format!("{what} (weights from the checkpoint)");
-                (Model::new(b, model_config(&tc.model)?)?, desc)
+                (new(b, model_config(&tc.model)?)?, desc)
             }
         };
         model.set_recompute(tc.recompute);
@@ -416,10 +426,9 @@ impl<B: Backend> Session<B> {
         let alias = tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward;
         model.set_grad_aliasing(b, alias && tc.lora.is_none())?;
         notes.extend(crate::lora::describe(&model));
-        let stage = tc.shard.unwrap_or_default();
-        // Stage 2 keeps one group's gradient at a time, as the optimizer in the backward does (a
-        // LoRA model's adapter gradients are small and stay whole).
-        let scratch = stage == ShardStage::Grads && tc.lora.is_none();
+        // Stages 2 and 3 keep one group's gradient at a time, as the optimizer in the backward
+        // does (a LoRA model's adapter gradients are small and stay whole).
+        let scratch = stage.one_group_grads() && tc.lora.is_none();
         model.set_update_in_backward(b, tc.optim_in_backward || scratch)?;
         if tc.optim_in_backward {
             notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());
@@ -481,7 +490,8 @@ impl<B: Backend> Session<B> {
         };
         // Held-out data never loses examples: under `--long drop` its long examples are split.
         let eval_examples = match &tc.eval_data {
-            Some(p) if rank == 0 => {
+            // Stage 3: every rank evaluates (the weights are gathered from all of them).
+            Some(p) if rank == 0 || stage == ShardStage::Params => {
                 let mut etc = tc.clone();
                 if etc.long == LongPolicy::Drop {
                     etc.long = LongPolicy::Split;

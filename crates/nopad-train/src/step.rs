@@ -10,7 +10,7 @@
 
 use nopad_backend::Backend;
 use nopad_data::Batch;
-use nopad_model::{Inputs, Model};
+use nopad_model::{Inputs, Model, Resident, WeightSource};
 
 use crate::collective::Collective;
 use crate::error::{Result, TrainError};
@@ -139,9 +139,19 @@ pub(crate) fn step_scaled<B: Backend>(
 /// Evaluation forward of one batch; returns its target tokens (the loss sum stays in the model,
 /// [`Model::take_loss_sum`]). A batch without targets is skipped.
 pub fn eval_step<B: Backend>(b: &B, model: &mut Model<B>, batch: &Batch) -> Result<usize> {
+    eval_step_from(b, model, batch, &mut Resident)
+}
+
+/// [`eval_step`] with the weights brought by `src` (a model sharded by weight).
+pub fn eval_step_from<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    batch: &Batch,
+    src: &mut dyn WeightSource<B>,
+) -> Result<usize> {
     let targets = batch.stats.target_tokens;
     if targets > 0 {
-        model.forward_eval(b, &inputs(batch))?;
+        model.forward_eval_from(b, &inputs(batch), src)?;
     }
     Ok(targets)
 }

@@ -17,7 +17,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::collective::{Collective, SingleProcess};
 use crate::config::{ModelSource, TrainConfig};
 use crate::error::{Result, TrainError};
-use crate::eval::evaluate;
+use crate::eval::evaluate_from;
+use crate::optimizer::ShardStage;
 use crate::records::{EvalRecord, StepRecord, StopReason, Summary};
 use crate::runlog::RunLog;
 use crate::session::{model_dir, Session};
@@ -113,8 +114,10 @@ pub fn train_rank<B: Backend>(
                 return Err(diverged(tc, step, bad, last_checkpoint.as_ref()));
             }
         }
-        let eval = match rank0 {
-            true => s.evaluate_at(b, tc, step)?,
+        // A model sharded by weight is evaluated by every rank (each gathers with the others);
+        // otherwise rank 0 alone evaluates.
+        let eval = match rank0 || s.opt.shard_stage() == ShardStage::Params {
+            true => s.evaluate_at((b, coll), tc, step)?,
             false => None,
         };
         if let Some(e) = eval {
@@ -209,13 +212,19 @@ impl<B: Backend> Session<B> {
 
     /// Evaluates the held-out data when one is due after `step` (every `eval_every` steps and
     /// at the last one).
-    fn evaluate_at(&mut self, b: &B, tc: &TrainConfig, step: u64) -> Result<Option<EvalRecord>> {
+    fn evaluate_at(
+        &mut self,
+        (b, coll): (&B, &dyn Collective<B>),
+        tc: &TrainConfig,
+        step: u64,
+    ) -> Result<Option<EvalRecord>> {
         let due =
             tc.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == self.schedule.total;
         let Some(ex) = self.eval_examples.as_ref().filter(|_| due) else {
             return Ok(None);
         };
-        let r = evaluate(b, &mut self.model, ex, &self.pack)?;
+        let mut src = self.opt.weight_source(coll);
+        let r = evaluate_from(b, &mut self.model, ex, &self.pack, &mut src)?;
         let e = EvalRecord {
             step,
             eval_loss: r.loss,

@@ -1,6 +1,8 @@
 //! Data parallelism on the CPU backend in f64: N ranks (threads over [`ThreadGroup`]), each
 //! given its share of every step's micro-batches, against one rank given all of them with
-//! gradient accumulation, for every sharding stage, moment precision and LoRA.
+//! gradient accumulation, for every sharding stage, moment precision and LoRA. In stage 3 each
+//! rank holds only its pieces of the weights and gathers every group's from the others just
+//! ahead of its use; its parameters here are its pieces gathered after the run.
 //!
 //! **The bound.** The ranks compute the same micro-batches' gradients bit for bit; what differs
 //! is the order in which they are added: one rank accumulates micro-batch after micro-batch
@@ -23,10 +25,11 @@ use nopad_backend::cpu::Cpu;
 use nopad_backend::Device;
 use nopad_data::Batch;
 use nopad_model::lora::{LoraConfig, Target};
-use nopad_model::{Config, Model};
+use nopad_model::{Config, GroupKind, Model};
 use nopad_train::{
-    build_lora_model, train_step, AdamWConfig, Collective, LoraTrain, MasterPrecision, ModelSource,
-    Optimizer, Placement, ShardStage, SingleProcess, StatePrecision, StepOutcome, ThreadGroup,
+    build_lora_model, train_step, weight_pieces, AdamWConfig, Collective, LoraTrain,
+    MasterPrecision, ModelSource, Optimizer, Placement, ShardStage, SingleProcess, StatePrecision,
+    StepOutcome, ThreadGroup,
 };
 
 mod common;
@@ -45,11 +48,19 @@ enum Kind {
     Lora,
 }
 
-fn model(b: &B, kind: Kind) -> Model<B> {
+/// The model of `kind`; `sharded`: rank `coll.rank()`'s pieces only (stage 3, cut for
+/// moments in `states`).
+fn model(b: &B, kind: Kind, sharded: Option<(&dyn Collective<B>, StatePrecision)>) -> Model<B> {
     match kind {
         Kind::Full { tied } => {
             let cfg = common::block_aligned_config(tied);
-            let mut m = Model::new(b, cfg.clone()).unwrap();
+            let mut m = match sharded {
+                Some((coll, states)) => {
+                    let pieces = weight_pieces(&cfg, coll, states).unwrap();
+                    Model::new_sharded(b, cfg.clone(), &pieces, coll.world_size()).unwrap()
+                }
+                None => Model::new(b, cfg.clone()).unwrap(),
+            };
             let layout = m.layout.clone();
             nopad_model::weights::init_random(&cfg, &layout, 7, |o, v| m.write_params(b, o, v))
                 .unwrap();
@@ -106,9 +117,26 @@ fn lr(step: usize) -> f64 {
     1e-2 / (step + 1) as f64
 }
 
-/// What a run leaves: each step's outcome, the trainable parameters, and the optimizer's
-/// state elements.
-type Trace = (Vec<StepOutcome>, Vec<f64>, usize);
+/// What a run leaves: each step's outcome, the trainable parameters (whole), the optimizer's
+/// state elements and the parameter elements the rank allocated.
+type Trace = (Vec<StepOutcome>, Vec<f64>, usize, usize);
+
+/// The whole parameters of a stage-3 rank: every rank's pieces, summed over the ranks into
+/// zeros elsewhere (exact).
+fn gathered(b: &B, coll: &dyn Collective<B>, m: &Model<B>) -> Vec<f64> {
+    let mut whole = vec![0.0; m.layout.total];
+    let mine = b
+        .read_f64(m.trainable(), 0..b.buf_len(m.trainable()))
+        .unwrap();
+    let mut at = 0;
+    for p in m.pieces() {
+        let n = p.own.len();
+        whole[p.own].copy_from_slice(&mine[at..at + n]);
+        at += n;
+    }
+    coll.all_reduce_host(&mut whole).unwrap();
+    whole
+}
 
 /// One rank trains `shares` (its micro-batches of each step) over `coll`.
 fn rank_run(
@@ -119,8 +147,9 @@ fn rank_run(
     shares: &[Vec<Batch>],
 ) -> Trace {
     let b = B::new();
-    let mut m = model(&b, kind);
-    if stage == ShardStage::Grads && !matches!(kind, Kind::Lora) {
+    let sharded = (stage == ShardStage::Params).then_some((coll, cfg.states));
+    let mut m = model(&b, kind, sharded);
+    if stage.one_group_grads() && !matches!(kind, Kind::Lora) {
         m.set_update_in_backward(&b, true).unwrap();
     }
     let mut opt = Optimizer::for_rank(&b, &m, cfg, Placement::Device, (coll, stage)).unwrap();
@@ -132,9 +161,13 @@ fn rank_run(
                 .unwrap_or_else(|e| panic!("rank {}: {e}", coll.rank()))
         })
         .collect();
-    let n = b.buf_len(m.trainable());
-    let params = b.read_f64(m.trainable(), 0..n).unwrap();
-    (outs, params, opt.state_elements(&b))
+    let params = match m.is_sharded() {
+        true => gathered(&b, coll, &m),
+        false => b
+            .read_f64(m.trainable(), 0..b.buf_len(m.trainable()))
+            .unwrap(),
+    };
+    (outs, params, opt.state_elements(&b), m.param_elements(&b))
 }
 
 /// N ranks, rank r given `shares(r)` of every step.
@@ -233,12 +266,23 @@ fn n_ranks_equal_one_rank_at_the_same_global_batch_in_every_stage() {
     }
 }
 
+/// LoRA in stages 0 to 2; stage 3 (weights sharded) is refused, naming the stages that take it.
 #[test]
 fn lora_ranks_exchange_only_the_adapters_and_equal_one_rank() {
     let cfg = adamw(StatePrecision::F32, MasterPrecision::F32);
     let all = steps(Kind::Lora, 4);
     let want = reference(Kind::Lora, cfg, &all);
     for stage in ShardStage::ALL {
+        if stage == ShardStage::Params {
+            let b = B::new();
+            let m = model(&b, Kind::Lora, None);
+            let coll = (&SingleProcess as &dyn Collective<B>, stage);
+            let e = Optimizer::for_rank(&b, &m, cfg, Placement::Device, coll).err();
+            let e = e.expect("LoRA in stage 3 is refused").to_string();
+            assert!(e.contains("a LoRA run's base is frozen"), "{e}");
+            assert!(e.contains("use --shard 0, 1 or 2"), "{e}");
+            continue;
+        }
         let runs = ranks_run(2, Kind::Lora, cfg, stage, |r| share(&all, r, 2));
         check(&format!("LoRA stage {}", stage.number()), &want, &runs);
     }
@@ -291,7 +335,7 @@ fn sharded_state_per_rank_is_a_one_over_n_share() {
         let all = steps(kind, 4);
         let one_step = &all[..1];
         let whole = reference(kind, cfg, one_step).2;
-        let m = model(&B::new(), kind);
+        let m = model(&B::new(), kind, None);
         let params = m.layout.total;
         let ranges: usize = m.layout.groups.iter().map(|g| g.ranges().count()).sum();
         assert_eq!(
@@ -300,11 +344,11 @@ fn sharded_state_per_rank_is_a_one_over_n_share() {
             "{states:?}: two moments over every parameter"
         );
         for n in [2, 4] {
-            for stage in [ShardStage::States, ShardStage::Grads] {
+            for stage in [ShardStage::States, ShardStage::Grads, ShardStage::Params] {
                 let runs = ranks_run(n, kind, cfg, stage, |r| share(one_step, r, 4 / n));
                 let held: Vec<usize> = runs.iter().map(|t| t.2).collect();
-                // Stage 2 adds the gradient pieces: one more share of the parameters.
-                let per = if stage == ShardStage::Grads { 3 } else { 2 };
+                // Stages 2 and 3 add the gradient pieces: one more share of the parameters.
+                let per = if stage.one_group_grads() { 3 } else { 2 };
                 let total: usize = held.iter().sum();
                 assert_eq!(
                     total,
@@ -321,7 +365,65 @@ fn sharded_state_per_rank_is_a_one_over_n_share() {
                         stage.number()
                     );
                 }
+                // Stage 3's parameters: this rank's pieces (1/N) plus two layers, the
+                // embedding, the head and the norm gathered; below, every parameter.
+                let size = |k| m.layout.group(k).map_or(0, |g| g.len());
+                let gathered = 2 * size(GroupKind::Layer(0))
+                    + size(GroupKind::Embedding)
+                    + size(GroupKind::Head)
+                    + size(GroupKind::FinalNorm);
+                let weights: Vec<usize> = runs.iter().map(|t| t.3).collect();
+                if stage != ShardStage::Params {
+                    assert!(weights.iter().all(|&w| w == params), "{weights:?}");
+                    continue;
+                }
+                let pieces: Vec<usize> = weights.iter().map(|w| w - gathered).collect();
+                assert_eq!(
+                    pieces.iter().sum::<usize>(),
+                    params,
+                    "{n} ranks: {weights:?}"
+                );
+                for p in &pieces {
+                    assert!(p.abs_diff(params / n) <= 256 * ranges, "{pieces:?}");
+                }
             }
         }
+    }
+}
+
+/// With more layers than the two slots, a stage-3 rank holds far less than the model.
+#[test]
+fn stage_3_holds_its_pieces_and_two_layers_not_the_model() {
+    let mut cfg = common::block_aligned_config(false);
+    cfg.num_hidden_layers = 8;
+    let b = B::new();
+    for n in [2, 4] {
+        let ranks = ThreadGroup::new(n);
+        let held: Vec<usize> = ranks
+            .iter()
+            .map(|r| {
+                let pieces = weight_pieces::<B>(&cfg, r, StatePrecision::F32).unwrap();
+                let m = Model::new_sharded(&b, cfg.clone(), &pieces, n).unwrap();
+                m.param_elements(&b)
+            })
+            .collect();
+        let layout = nopad_model::Layout::new(&cfg);
+        let size = |k| layout.group(k).map_or(0, |g| g.len());
+        let gathered = 2 * size(GroupKind::Layer(0))
+            + size(GroupKind::Embedding)
+            + size(GroupKind::Head)
+            + size(GroupKind::FinalNorm);
+        let ranges: usize = layout.groups.iter().map(|g| g.ranges().count()).sum();
+        let own: Vec<usize> = held.iter().map(|h| h - gathered).collect();
+        assert_eq!(
+            own.iter().sum::<usize>(),
+            layout.total,
+            "{n} ranks: {held:?}"
+        );
+        for o in &own {
+            assert!(o.abs_diff(layout.total / n) <= ranges, "{n} ranks: {own:?}");
+        }
+        // Two of eight layers and 1/N of the rest.
+        assert!(held[0] < layout.total / 2 + layout.total / n, "{held:?}");
     }
 }

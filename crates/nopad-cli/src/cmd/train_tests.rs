@@ -124,7 +124,7 @@ fn ranks_equal_one_rank_with_their_accumulation() {
         logged(&log)
     };
     let one = run("--grad-accum 4", "one.jsonl");
-    for shard in 0..3 {
+    for shard in 0..4 {
         let two = run(
             &format!("--ranks 2 --grad-accum 2 --shard {shard}"),
             "two.jsonl",
@@ -146,8 +146,8 @@ fn ranks_equal_one_rank_with_their_accumulation() {
             );
         }
     }
-    let e = resolved("--ranks 2 --shard 3").unwrap_err().to_string();
-    assert!(e.contains("stage 3"), "{e}");
+    let e = resolved("--ranks 2 --shard 4").unwrap_err().to_string();
+    assert!(e.contains("3 (weights sharded too)"), "{e}");
     let line = "--ranks 2 --device cuda --steps 1";
     let argv = std::iter::once("train").chain(line.split_whitespace());
     let (cfg, device, prec) = Cli::try_parse_from(argv).unwrap().args.resolve().unwrap();

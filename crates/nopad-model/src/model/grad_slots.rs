@@ -1,7 +1,9 @@
-//! Where each parameter group's gradient lies when the optimizer runs in the backward
-//! ([`crate::Model::set_update_in_backward`]): in a scratch that holds one group at a time,
-//! instead of a buffer as large as the parameters.
+//! Where each parameter group lies in a scratch that holds a few groups at a time instead of a
+//! buffer as large as the parameters: the gradients when the optimizer runs in the backward
+//! ([`crate::Model::set_update_in_backward`], [`Slots::grads`]), and the gathered weights of a
+//! sharded model ([`crate::Model::new_sharded`], [`Slots::weights`]).
 //!
+//! **Gradients.**
 //! The backward hands each group to the optimizer as soon as its gradient is complete (see
 //! [`crate::Model::backward_with`]), and the optimizer is done with it before the next group's
 //! gradient is written, so every group but one can share the same bytes. The exception is the
@@ -14,6 +16,11 @@
 //! - region B, after it: the final norm and one decoder layer at a time.
 //!
 //! For Llama-3.1-8B with bf16 gradients that is 1.05 GB + 0.44 GB instead of 16 GB.
+//!
+//! **Weights of a sharded model.** Two layer slots, layer `l` in slot `l % 2` (so layer `l + 1`
+//! can be gathered while layer `l` computes), then the embedding, the untied head and the final
+//! norm, each in a region of its own: they are used at both ends of a pass (the embedding first,
+//! the head and norm last in the forward and the norm first in the backward), so they stay.
 
 use std::ops::Range;
 
@@ -29,7 +36,7 @@ fn align(x: usize) -> usize {
 
 /// The scratch's map: every parameter range of every group to its place in the scratch.
 #[derive(Clone, Debug)]
-pub(crate) struct GradSlots {
+pub(crate) struct Slots {
     /// Per group ([`Layout::groups`] order): each of its ranges and where its gradient starts.
     pub groups: Vec<Vec<(Range<usize>, usize)>>,
     /// Per layer: the layer's ranges in the scratch.
@@ -44,18 +51,45 @@ pub(crate) struct GradSlots {
     pub len: usize,
 }
 
-impl GradSlots {
-    pub fn new(layout: &Layout) -> Self {
+impl Slots {
+    /// The one-group gradient scratch: region A for the embedding and the untied head, region
+    /// B for every other group in turn.
+    pub fn grads(layout: &Layout) -> Self {
         let region_b = align(layout.embed.len());
-        let mut len = region_b;
+        Self::placed(layout, region_b, |kind| match kind {
+            GroupKind::Embedding | GroupKind::Head => 0,
+            GroupKind::FinalNorm | GroupKind::Layer(_) => region_b,
+        })
+    }
+
+    /// The gathered weights of a sharded model: two alternating layer slots, then the
+    /// embedding, the untied head and the final norm.
+    pub fn weights(layout: &Layout) -> Self {
+        let size = |kind| {
+            layout
+                .group(kind)
+                .map_or(0, |g| g.ranges().map(|(r, _)| align(r.len())).sum())
+        };
+        let layer = size(GroupKind::Layer(0));
+        let embed = 2 * layer;
+        let head = embed + size(GroupKind::Embedding);
+        let norm = head + size(GroupKind::Head);
+        Self::placed(layout, 0, |kind| match kind {
+            GroupKind::Layer(l) => (l % 2) * layer,
+            GroupKind::Embedding => embed,
+            GroupKind::Head => head,
+            GroupKind::FinalNorm => norm,
+        })
+    }
+
+    /// Each group's ranges placed one after the other (aligned) from `region(kind)`; the
+    /// scratch at least `len` long.
+    fn placed(layout: &Layout, mut len: usize, region: impl Fn(GroupKind) -> usize) -> Self {
         let groups: Vec<Vec<(Range<usize>, usize)>> = layout
             .groups
             .iter()
             .map(|g| {
-                let mut at = match g.kind {
-                    GroupKind::Embedding | GroupKind::Head => 0,
-                    GroupKind::FinalNorm | GroupKind::Layer(_) => region_b,
-                };
+                let mut at = region(g.kind);
                 let placed: Vec<_> = g
                     .ranges()
                     .map(|(r, _)| {
@@ -68,7 +102,7 @@ impl GradSlots {
                 placed
             })
             .collect();
-        let mut slots = GradSlots {
+        let mut slots = Slots {
             groups,
             layers: Vec::new(),
             lm_head: 0..0,
@@ -119,7 +153,12 @@ pub(crate) fn locate<'a>(
 
 /// Elements of the one-group gradient scratch of `layout` (what the memory plan counts).
 pub(crate) fn scratch_len(layout: &Layout) -> usize {
-    GradSlots::new(layout).len
+    Slots::grads(layout).len
+}
+
+/// Elements of a sharded model's gathered weights of `layout` (what the memory plan counts).
+pub(crate) fn weights_len(layout: &Layout) -> usize {
+    Slots::weights(layout).len
 }
 
 #[cfg(test)]
@@ -134,7 +173,7 @@ mod tests {
             let mut cfg = Config::preset("tiny").unwrap();
             cfg.tie_word_embeddings = tied;
             let layout = Layout::new(&cfg);
-            let slots = GradSlots::new(&layout);
+            let slots = Slots::grads(&layout);
             assert_eq!(slots.groups.len(), layout.groups.len());
             let region_b = align(layout.embed.len());
             for (g, placed) in layout.groups.iter().zip(&slots.groups) {
@@ -154,6 +193,47 @@ mod tests {
             assert_eq!(slots.embed, slots.map(&layout.embed));
             assert_eq!(slots.lm_head.len(), layout.lm_head.len());
             assert!(slots.len < layout.total || layout.layers.len() < 2);
+        }
+    }
+
+    /// The weights' slots: layers alternate between two slots; the embedding, head and norm
+    /// each have a region of their own after them; nothing overlaps.
+    #[test]
+    fn layers_alternate_between_two_slots_beside_the_other_groups() {
+        for tied in [false, true] {
+            let mut cfg = Config::preset("tiny").unwrap();
+            cfg.tie_word_embeddings = tied;
+            cfg.num_hidden_layers = 3;
+            let layout = Layout::new(&cfg);
+            let slots = Slots::weights(&layout);
+            let span = |i: usize| {
+                let p = &slots.groups[i];
+                let lo = p.iter().map(|(_, at)| *at).min().unwrap();
+                let hi = p.iter().map(|(r, at)| at + r.len()).max().unwrap();
+                lo..hi
+            };
+            let kinds: Vec<GroupKind> = layout.groups.iter().map(|g| g.kind).collect();
+            let at = |k| span(kinds.iter().position(|x| *x == k).unwrap());
+            let (l0, l1, l2) = (
+                at(GroupKind::Layer(0)),
+                at(GroupKind::Layer(1)),
+                at(GroupKind::Layer(2)),
+            );
+            assert_eq!(l0, l2, "layers 0 and 2 share a slot");
+            assert!(l0.end <= l1.start);
+            let mut others: Vec<_> = kinds
+                .iter()
+                .filter(|k| !matches!(k, GroupKind::Layer(_)))
+                .map(|&k| at(k))
+                .collect();
+            others.push(l0);
+            others.push(l1);
+            others.sort_by_key(|r| r.start);
+            for w in others.windows(2) {
+                assert!(w[0].end <= w[1].start, "tied={tied}: {others:?}");
+            }
+            assert_eq!(slots.layers[2], slots.layers[0]);
+            assert!(slots.len < layout.total);
         }
     }
 }

@@ -123,7 +123,7 @@ impl<B: Backend> Model<B> {
         train: bool,
     ) -> Result<Self> {
         let adapter = Adapter::new(b, &cfg, lora, base)?;
-        Self::build(b, cfg, train, Some(adapter))
+        Self::build(b, cfg, train, Some(adapter), None)
     }
 
     /// How the base's projections are held (bf16 for a model without adapters).

@@ -63,7 +63,8 @@ impl<B: Backend> Optimizer<B> {
         let ranges: Vec<_> = group.ranges().collect();
         for (range, decay) in ranges {
             let at = g.grad_range(&range);
-            self.adamw(b, g.params, g.grads, range, at, decay, lr, grad_scale)?;
+            let params = (&mut *g.params, range.start);
+            self.adamw(b, params, g.grads, range, at, decay, lr, grad_scale)?;
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! ZeRO sharding of the optimizer over the ranks of a data-parallel run (`--shard 1|2`), and
-//! the exchange of each group's gradient from the backward's hook (every stage).
+//! ZeRO sharding over the ranks of a data-parallel run (`--shard 1|2|3`), and the exchange of
+//! each group's gradient from the backward's hook (every stage).
 //!
 //! Each trainable range of each group is cut into one contiguous piece per rank
 //! ([`Collective::shard_aligned`]; with 8-bit moments every piece starts on a block of 256 of
@@ -15,18 +15,28 @@
 //! - Stage 2 ([`ShardStage::Grads`]): the model keeps one group's gradient at a time; every
 //!   micro-batch's hook reduce-scatters it and adds the rank's piece into a persistent
 //!   accumulator of the pieces (1/N of the gradients), which the update reads.
+//! - Stage 3 ([`ShardStage::Params`]): the parameters too. The model holds only this rank's
+//!   pieces ([`Model::new_sharded`], cut by [`weight_pieces`] as the state is), laid out as the
+//!   stage-2 accumulator is, and gathers each group's weights from the ranks just ahead of their
+//!   use ([`ShardSource`], the model's [`WeightSource`]); gradients go as in stage 2; the update
+//!   writes the rank's pieces in place and nothing is all-gathered after it (the next forward
+//!   gathers them). LoRA is refused: its base is frozen, so there is nothing of it to update
+//!   piece by piece, and its adapters are too small to be worth sharding.
 //!
 //! Checkpoints stay those of one rank: [`Optimizer::gather_state`] collects the pieces onto
-//! rank 0's host before a save, and a restore writes each rank's pieces out of the whole state.
+//! rank 0's host before a save (in stage 3 the weights too), and a restore writes each rank's
+//! pieces out of the whole state.
 
 use std::ops::Range;
 
 use nopad_backend::codes::QUANT_BLOCK;
 use nopad_backend::{AdamWState, Backend, Kind, MasterPrecision, StatePrecision};
-use nopad_model::{GroupGrads, Model};
+use nopad_model::{
+    Config, GroupGrads, GroupKind, Layout, Model, ParamGroup, Phase, Placed, WeightSource,
+};
 
 use super::{Optimizer, UpdateInfo};
-use crate::collective::{Aligned, Collective};
+use crate::collective::{aligned_shard, Aligned, Collective};
 use crate::error::{Result, TrainError};
 
 mod io;
@@ -42,6 +52,8 @@ pub enum ShardStage {
     States,
     /// 2: gradients sharded too (one group's full gradient at a time).
     Grads,
+    /// 3: parameters sharded too, each group's gathered just ahead of its use.
+    Params,
 }
 
 impl ShardStage {
@@ -51,26 +63,33 @@ impl ShardStage {
             ShardStage::Replicated => 0,
             ShardStage::States => 1,
             ShardStage::Grads => 2,
+            ShardStage::Params => 3,
         }
     }
 
     /// Every stage, lowest first.
-    pub const ALL: [ShardStage; 3] = [
+    pub const ALL: [ShardStage; 4] = [
         ShardStage::Replicated,
         ShardStage::States,
         ShardStage::Grads,
+        ShardStage::Params,
     ];
+
+    /// Whether the model keeps one group's gradient at a time (stages 2 and 3).
+    pub fn one_group_grads(self) -> bool {
+        self >= ShardStage::Grads
+    }
 }
 
-/// The stage `--shard` names (0, 1 or 2).
+/// The stage `--shard` names (0, 1, 2 or 3).
 pub fn parse_shard(s: &str) -> Result<ShardStage> {
     ShardStage::ALL
         .into_iter()
         .find(|st| st.number().to_string() == s)
         .ok_or_else(|| {
             TrainError::Config(format!(
-                "`shard`: {s} is not 0 (replicated), 1 (optimizer states sharded) or 2 \
-                 (gradients sharded too); stage 3 (weights sharded) is not implemented"
+                "`shard`: {s} is not 0 (replicated), 1 (optimizer states sharded), 2 \
+                 (gradients sharded too) or 3 (weights sharded too)"
             ))
         })
 }
@@ -86,8 +105,149 @@ pub(crate) struct Piece {
     decay: bool,
     /// This rank's part of it (absolute, possibly empty).
     own: Range<usize>,
-    /// Where the part's gradient lies in the stage-2 accumulator.
+    /// Where the part's gradient lies in the stage-2 accumulator (and, in stage 3, the part's
+    /// parameters in the model's buffer of pieces, laid out alike).
     acc: usize,
+}
+
+/// Pieces start on multiples of this: a block of 256 with 8-bit moments, else anywhere.
+fn piece_align(states: StatePrecision) -> usize {
+    match states {
+        StatePrecision::Block8 => QUANT_BLOCK,
+        _ => 1,
+    }
+}
+
+/// Rank `rank` of `world`'s pieces of every range of `groups` (the weight-decay part of the
+/// buffer ends at `split`), in group order, each starting on a multiple of `align` of its part.
+fn cut(
+    groups: &[ParamGroup],
+    (split, stage): (usize, ShardStage),
+    (rank, world): (usize, usize),
+    align: usize,
+) -> Result<Vec<Piece>> {
+    let (mut pieces, mut acc) = (vec![], 0);
+    for (group, g) in groups.iter().enumerate() {
+        for (range, decay) in g.ranges() {
+            let part_start = if decay { 0 } else { split };
+            if !(range.start - part_start).is_multiple_of(align) {
+                return Err(TrainError::Config(format!(
+                    "--optim-states 8bit with --shard {}: parameter group `{}` has a range {range:?} that does not start on a block of {align} parameters (the model's hidden size is not a multiple of {align}); use --optim-states bf16 or --shard 0",
+                    stage.number(),
+                    g.kind
+                )));
+            }
+            let rel = aligned_shard(rank, world, range.len(), align);
+            let own = range.start + rel.start..range.start + rel.end;
+            acc += own.len();
+            pieces.push(Piece {
+                group,
+                range,
+                decay,
+                acc: acc - own.len(),
+                own,
+            });
+        }
+    }
+    Ok(pieces)
+}
+
+/// This rank's piece of every parameter range of a model of `cfg` in stage 3, cut as the
+/// optimizer's state is for moments in `states`: what [`Model::new_sharded`] takes.
+pub fn weight_pieces<B: Backend>(
+    cfg: &Config,
+    coll: &dyn Collective<B>,
+    states: StatePrecision,
+) -> Result<Vec<nopad_model::Piece>> {
+    let layout = Layout::new(cfg);
+    let at = (layout.decay_end, ShardStage::Params);
+    let ranks = (coll.rank(), coll.world_size());
+    let pieces = cut(&layout.groups, at, ranks, piece_align(states))?;
+    Ok(pieces
+        .into_iter()
+        .map(|p| nopad_model::Piece {
+            range: p.range,
+            own: p.own,
+        })
+        .collect())
+}
+
+/// Where piece `p`'s parameters lie in the model's trainable buffer: at their own offsets,
+/// or in stage 3 in the buffer of pieces, where the accumulator keeps their gradient.
+fn params_of(stage: ShardStage, p: &Piece) -> Range<usize> {
+    match stage {
+        ShardStage::Params => p.acc..p.acc + p.own.len(),
+        _ => p.own.clone(),
+    }
+}
+
+/// That `model` holds its weights as `stage` shards them: only `pieces` in stage 3 (built by
+/// [`weight_pieces`] for the same moments), whole below.
+fn check_model<B: Backend>(model: &Model<B>, stage: ShardStage, pieces: &[Piece]) -> Result<()> {
+    let refuse = |why: &str| Err(TrainError::Config(why.into()));
+    match (stage, model.is_sharded()) {
+        (ShardStage::Params, _) if model.lora().is_some() => refuse(
+            "--shard 3 shards the weights of full fine-tuning; a LoRA run's base is frozen and its adapters are small: use --shard 0, 1 or 2",
+        ),
+        (ShardStage::Params, false) => refuse(
+            "--shard 3 needs a model that holds only this rank's pieces (Model::new_sharded with weight_pieces)",
+        ),
+        (ShardStage::Params, true) => {
+            let want = pieces.iter().map(|p| (p.range.clone(), p.own.clone()));
+            let held = model.pieces().into_iter().map(|p| (p.range, p.own));
+            match want.eq(held) {
+                true => Ok(()),
+                false => refuse("the model's pieces are not the ones this rank's optimizer state covers (cut them with weight_pieces for the same --optim-states and ranks)"),
+            }
+        }
+        (_, true) => refuse("a model sharded by weight (Model::new_sharded) takes --shard 3"),
+        (_, false) => Ok(()),
+    }
+}
+
+/// A stage-3 model's [`WeightSource`]: each group's ranges all-gathered over the ranks, each
+/// rank's piece where [`weight_pieces`] cut it.
+pub struct ShardSource<'a, B: Backend> {
+    coll: &'a dyn Collective<B>,
+    align: usize,
+}
+
+impl<'a, B: Backend> ShardSource<'a, B> {
+    /// The source over `coll` of a model cut for moments in `states`.
+    pub fn new(coll: &'a dyn Collective<B>, states: StatePrecision) -> Self {
+        ShardSource {
+            coll,
+            align: piece_align(states),
+        }
+    }
+}
+
+impl<B: Backend> WeightSource<B> for ShardSource<'_, B> {
+    fn ranks(&self) -> usize {
+        self.coll.world_size()
+    }
+
+    fn materialise(
+        &mut self,
+        b: &B,
+        (kind, phase): (GroupKind, Phase),
+        (buf, placed): (&mut B::Buf, &Placed),
+    ) -> nopad_model::Result<()> {
+        for (r, at) in placed {
+            let op = (Aligned::AllGather, self.align);
+            let range = *at..at + r.len();
+            self.coll.exchange_aligned(b, op, buf, range).map_err(|e| {
+                nopad_model::ModelError::Input(format!(
+                    "gathering the weights of `{kind}` for the {}: {e}",
+                    match phase {
+                        Phase::Forward => "forward",
+                        Phase::Backward => "backward",
+                    }
+                ))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// A rank's share of a sharded optimizer (stages 1 and 2).
@@ -112,44 +272,25 @@ pub(crate) struct Shards<B: Backend> {
 
 impl<B: Backend> Shards<B> {
     /// Rank `coll.rank()`'s pieces of `opt`'s groups, with their moments (returned, for
-    /// [`Optimizer`]'s parts), master copies and accumulator.
+    /// [`Optimizer`]'s parts), master copies and accumulator. In stage 3 `model` must hold
+    /// these pieces ([`weight_pieces`]).
     #[allow(clippy::type_complexity)]
     pub(crate) fn new(
         b: &B,
         opt: &Optimizer<B>,
-        params: &B::Buf,
+        model: &Model<B>,
         coll: &dyn Collective<B>,
         (stage, split): (ShardStage, usize),
     ) -> Result<(Self, Vec<(usize, AdamWState<B>)>)> {
         let cfg = &opt.cfg;
-        let align = match cfg.states {
-            StatePrecision::Block8 => QUANT_BLOCK,
-            _ => 1,
-        };
-        let (mut pieces, mut acc_len, mut total) = (vec![], 0, 0);
-        for (group, (g, _)) in opt.groups.iter().enumerate() {
-            for (range, decay) in g.ranges() {
-                let part_start = if decay { 0 } else { split };
-                if !(range.start - part_start).is_multiple_of(align) {
-                    return Err(TrainError::Config(format!(
-                        "--optim-states 8bit with --shard {}: parameter group `{}` has a range {range:?} that does not start on a block of {align} parameters (the model's hidden size is not a multiple of {align}); use --optim-states bf16 or --shard 0",
-                        stage.number(),
-                        g.kind
-                    )));
-                }
-                let rel = coll.shard_aligned(range.len(), align);
-                let own = range.start + rel.start..range.start + rel.end;
-                total = total.max(range.end);
-                pieces.push(Piece {
-                    group,
-                    range,
-                    decay,
-                    own: own.clone(),
-                    acc: acc_len,
-                });
-                acc_len += own.len();
-            }
-        }
+        let align = piece_align(cfg.states);
+        let groups: Vec<ParamGroup> = opt.groups.iter().map(|(g, _)| g.clone()).collect();
+        let ranks = (coll.rank(), coll.world_size());
+        let pieces = cut(&groups, (split, stage), ranks, align)?;
+        check_model(model, stage, &pieces)?;
+        let params = model.trainable();
+        let total = pieces.iter().map(|p| p.range.end).max().unwrap_or(0);
+        let acc_len: usize = pieces.iter().map(|p| p.own.len()).sum();
         let mine = || pieces.iter().filter(|p| !p.own.is_empty());
         let states = mine()
             .map(|p| {
@@ -163,15 +304,20 @@ impl<B: Backend> Shards<B> {
             .collect::<Result<Vec<_>>>()?;
         let masters = if b.needs_master() && cfg.master == MasterPrecision::F32 {
             mine()
-                .map(|p| Ok((p.own.start, piece_master_new(b, params, p.own.clone())?)))
+                .map(|p| {
+                    let at = params_of(stage, p);
+                    Ok((p.own.start, piece_master_new(b, params, at)?))
+                })
                 .collect::<Result<Vec<_>>>()?
         } else {
             vec![]
         };
         let acc = match stage {
-            ShardStage::Grads => Some(b.alloc(acc_len, Kind::Grad).map_err(|e| {
-                e.while_allocating(|| format!("the gradient shard of {acc_len} parameters"))
-            })?),
+            ShardStage::Grads | ShardStage::Params => {
+                Some(b.alloc(acc_len, Kind::Grad).map_err(|e| {
+                    e.while_allocating(|| format!("the gradient shard of {acc_len} parameters"))
+                })?)
+            }
             _ => None,
         };
         let shards = Shards {
@@ -229,11 +375,18 @@ impl<B: Backend> Optimizer<B> {
             .map_or(ShardStage::Replicated, |s| s.stage)
     }
 
+    /// The [`WeightSource`] of a stage-3 model over `coll` (its pieces cut for this
+    /// optimizer's moments).
+    pub fn weight_source<'a>(&self, coll: &'a dyn Collective<B>) -> ShardSource<'a, B> {
+        ShardSource::new(coll, self.cfg.states)
+    }
+
     /// Exchanges one group's gradient, as [`Model::backward_with`] (or
     /// [`Model::groups_without_backward`]) hands it over, with the other ranks: all-reduced in
-    /// stage 0, reduce-scattered in stage 1; in stage 2 reduce-scattered and this rank's piece
-    /// added into the accumulator ([`Optimizer::begin_accumulation`]). Stages 0 and 1 call it in
-    /// a step's last micro-batch, stage 2 in every one. A frozen group is not exchanged.
+    /// stage 0, reduce-scattered in stage 1; in stages 2 and 3 reduce-scattered and this rank's
+    /// piece added into the accumulator ([`Optimizer::begin_accumulation`]). Stages 0 and 1
+    /// call it in a step's last micro-batch, stages 2 and 3 in every one. A frozen group is not
+    /// exchanged.
     pub fn exchange_group(
         &mut self,
         b: &B,
@@ -255,7 +408,7 @@ impl<B: Backend> Optimizer<B> {
         for p in sh.pieces.iter().filter(|p| p.group == g.index) {
             let at = g.grad_range(&p.range);
             coll.exchange_aligned(b, (Aligned::ReduceScatter, sh.align), g.grads, at.clone())?;
-            if let (ShardStage::Grads, Some(acc)) = (sh.stage, sh.acc.as_mut()) {
+            if let Some(acc) = sh.acc.as_mut() {
                 let n = p.own.len();
                 let src = at.start + (p.own.start - p.range.start);
                 b.add_assign(
@@ -268,7 +421,8 @@ impl<B: Backend> Optimizer<B> {
         Ok(())
     }
 
-    /// Starts a stage-2 step: the gradient accumulator to zero (a no-op in other stages).
+    /// Starts a stage-2 or stage-3 step: the gradient accumulator to zero (a no-op in other
+    /// stages).
     pub fn begin_accumulation(&mut self, b: &B) -> Result<()> {
         if let Some(acc) = self.shards.as_mut().and_then(|s| s.acc.as_mut()) {
             let n = b.buf_len(acc);
@@ -277,9 +431,9 @@ impl<B: Backend> Optimizer<B> {
         Ok(())
     }
 
-    /// The update of a sharded optimizer (stages 1 and 2; see [`Optimizer::update`]): the norm
-    /// of the pieces' gradients over the ranks, clipping, each piece's AdamW, then every
-    /// trainable range all-gathered.
+    /// The update of a sharded optimizer (stages 1 to 3; see [`Optimizer::update`]): the norm
+    /// of the pieces' gradients over the ranks, clipping, each piece's AdamW, then (below stage
+    /// 3) every trainable range all-gathered.
     pub(crate) fn update_sharded(
         &mut self,
         b: &B,
@@ -319,6 +473,7 @@ impl<B: Backend> Optimizer<B> {
             return Err(TrainError::Config("update_pieces without shards".into()));
         };
         let align = sh.align;
+        let stage = sh.stage;
         let live: Vec<Piece> = sh
             .pieces
             .iter()
@@ -339,16 +494,18 @@ impl<B: Backend> Optimizer<B> {
             return Ok(UpdateInfo::skipped(norm));
         };
         for p in live.iter().filter(|p| !p.own.is_empty()) {
-            self.adamw(b, params, grads, p.own.clone(), at(p), p.decay, lr, clip)?;
+            let to = (&mut *params, params_of(stage, p).start);
+            self.adamw(b, to, grads, p.own.clone(), at(p), p.decay, lr, clip)?;
         }
-        for p in &live {
+        // Stage 3 gathers the weights where they are used, in the next forward.
+        for p in live.iter().filter(|_| stage != ShardStage::Params) {
             coll.exchange_aligned(b, (Aligned::AllGather, align), params, p.range.clone())?;
         }
         Ok(UpdateInfo::applied(norm))
     }
 
     /// Elements of optimizer state this rank holds: both moments, the master copy and the
-    /// stage-2 gradient accumulator (what sharding divides by the number of ranks).
+    /// gradient accumulator of stages 2 and 3 (what sharding divides by the number of ranks).
     pub fn state_elements(&self, b: &B) -> usize {
         let moments: usize = self.states.iter().map(|(_, s)| 2 * s.len()).sum();
         let master = match (&self.master, &self.shards) {
@@ -374,10 +531,7 @@ mod tests {
         for st in ShardStage::ALL {
             assert_eq!(parse_shard(&st.number().to_string()).unwrap(), st);
         }
-        let e = parse_shard("3").unwrap_err().to_string();
-        assert!(
-            e.contains("stage 3 (weights sharded) is not implemented"),
-            "{e}"
-        );
+        let e = parse_shard("4").unwrap_err().to_string();
+        assert!(e.contains("3 (weights sharded too)"), "{e}");
     }
 }

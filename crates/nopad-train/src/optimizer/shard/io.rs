@@ -3,7 +3,8 @@
 //! ([`Optimizer::gather_state`], the pieces exchanged as host numbers one at a time); a restore
 //! has every rank read the whole state and keep its pieces. A piece's master copy lives in a
 //! buffer of its own, which the backend's master functions (made for a buffer's prefix) reach
-//! through a scratch of the piece's parameters.
+//! through a scratch of the piece's parameters. In stage 3 the weights are pieces too: a save
+//! gathers them like the master copy, a restore writes each rank's pieces of the model.
 
 use std::ops::Range;
 
@@ -12,7 +13,7 @@ use nopad_backend::cpu::Cpu;
 use nopad_backend::{AdamWState, Backend, BackendError, Kind, Moment, StateData, StatePrecision};
 use nopad_model::Model;
 
-use super::Shards;
+use super::{params_of, ShardStage, Shards};
 use crate::collective::{aligned_shard, Collective};
 use crate::error::{Result, TrainError};
 use crate::optimizer::{new_parts, part_of, Optimizer};
@@ -105,24 +106,25 @@ pub(crate) fn piece_master_new<B: Backend>(
     b.master_new(&tmp, n)
 }
 
-/// The master weights `range` of the piece at `own` (its master `master`).
+/// The master weights `range` of the piece at `own` (its master `master`), whose parameters
+/// lie in `params` from `at` on.
 pub(crate) fn piece_master_read<B: Backend>(
     b: &B,
-    params: &B::Buf,
+    (params, at): (&B::Buf, usize),
     (master, own): (&B::Buf, &Range<usize>),
     range: Range<usize>,
 ) -> nopad_backend::Result<Vec<f32>> {
     let rel = range.start - own.start..range.end - own.start;
     let mut tmp = b.alloc(own.len(), Kind::Compute)?;
-    copy_through_host(b, params, range, &mut tmp, rel.start)?;
+    copy_through_host(b, params, at + rel.start..at + rel.end, &mut tmp, rel.start)?;
     b.master_read(&tmp, master, rel)
 }
 
 /// Sets the master weights of the piece at `own` from `offset` on to `vals` and the
-/// parameters to their rounding.
+/// parameters (in `params` from `at` on) to their rounding.
 pub(crate) fn piece_master_write<B: Backend>(
     b: &B,
-    params: &mut B::Buf,
+    (params, at): (&mut B::Buf, usize),
     (master, own): (&mut B::Buf, &Range<usize>),
     offset: usize,
     vals: &[f32],
@@ -130,7 +132,7 @@ pub(crate) fn piece_master_write<B: Backend>(
     let rel = offset - own.start..offset - own.start + vals.len();
     let mut tmp = b.alloc(own.len(), Kind::Compute)?;
     b.master_write(&mut tmp, master, rel.start, vals)?;
-    copy_through_host(b, &tmp, rel, params, offset)
+    copy_through_host(b, &tmp, rel.clone(), params, at + rel.start)
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -153,7 +155,10 @@ impl<B: Backend> Optimizer<B> {
             true => new_parts(&cpu, sh.split, sh.total, precision)?,
             false => vec![],
         };
-        let mut weights = (rank0 && !sh.masters.is_empty()).then(|| vec![0.0f32; sh.total]);
+        // Stage 3 gathers the weights even without a master copy: no rank holds them whole.
+        let stage3 = sh.stage == ShardStage::Params;
+        let with_weights = !sh.masters.is_empty() || stage3;
+        let mut weights = (rank0 && with_weights).then(|| vec![0.0f32; sh.total]);
         for p in &sh.pieces {
             for r in 0..sh.world {
                 let rel = aligned_shard(r, sh.world, p.range.len(), sh.align);
@@ -177,18 +182,24 @@ impl<B: Backend> Optimizer<B> {
                             .write(&cpu, which, rel.start, &decode(&v, precision, n))?;
                     }
                 }
-                if sh.masters.is_empty() {
+                if !with_weights {
                     continue;
                 }
                 let mut v = vec![0.0f64; n];
                 if mine {
+                    let params = (model.trainable(), params_of(sh.stage, p).start);
                     let m = sh.masters.iter().find(|(off, _)| *off == piece.start);
-                    let Some((_, m)) = m else {
-                        return Err(TrainError::Config(format!(
-                            "no master copy of the shard {piece:?}"
-                        )));
+                    let vals = match (m, sh.masters.is_empty()) {
+                        (Some((_, m)), _) => {
+                            piece_master_read(b, params, (m, &piece), piece.clone())?
+                        }
+                        (None, true) => b.read(params.0, params_of(sh.stage, p))?,
+                        (None, false) => {
+                            return Err(TrainError::Config(format!(
+                                "no master copy of the shard {piece:?}"
+                            )))
+                        }
                     };
-                    let vals = piece_master_read(b, model.trainable(), (m, &piece), piece.clone())?;
                     v.iter_mut().zip(vals).for_each(|(x, y)| *x = y as f64);
                 }
                 coll.all_reduce_host(&mut v)?;
@@ -221,7 +232,7 @@ impl<B: Backend> Optimizer<B> {
 /// The state I/O of a sharded optimizer (see `state_io`, which dispatches here).
 impl<B: Backend> Shards<B> {
     /// `range` of the weights: the gathered master weights, or the parameters (whole on every
-    /// rank) when no master copy is kept.
+    /// rank below stage 3) when no master copy is kept; in stage 3 always the gathered ones.
     pub(crate) fn read_weights(
         &self,
         b: &B,
@@ -235,27 +246,49 @@ impl<B: Backend> Shards<B> {
                 }),
                 _,
             ) => Ok(w[range].to_vec()),
-            (_, true) => b.read(params, range),
-            (_, false) => Err(BackendError::Unsupported(
-                "the fp32 master weights are sharded: Optimizer::gather_state first".into(),
+            (_, true) if self.stage != ShardStage::Params => b.read(params, range),
+            _ => Err(BackendError::Unsupported(
+                "the weights (or their fp32 master copy) are sharded: Optimizer::gather_state first"
+                    .into(),
             )),
         }
     }
 
-    /// Sets the weights from `offset` on: the parameters, and this rank's master pieces.
+    /// Sets the weights from `offset` on: the parameters (in stage 3 this rank's pieces of
+    /// them), and this rank's master pieces.
     pub(crate) fn write_weights(
         &mut self,
         b: &B,
         params: &mut B::Buf,
         (offset, vals): (usize, &[f32]),
     ) -> nopad_backend::Result<()> {
-        b.write(params, offset, vals)?;
         let end = offset + vals.len();
+        let overlap = |own: &Range<usize>| (own.start.max(offset), own.end.min(end));
+        for p in self
+            .pieces
+            .iter()
+            .filter(|_| self.stage == ShardStage::Params)
+        {
+            let (lo, hi) = overlap(&p.own);
+            if lo < hi {
+                let at = params_of(self.stage, p).start + (lo - p.own.start);
+                b.write(params, at, &vals[lo - offset..hi - offset])?;
+            }
+        }
+        if self.stage != ShardStage::Params {
+            b.write(params, offset, vals)?;
+        }
         for (off, m) in &mut self.masters {
             let own = *off..*off + b.buf_len(m);
-            let (lo, hi) = (own.start.max(offset), own.end.min(end));
+            let (lo, hi) = overlap(&own);
             if lo < hi {
-                piece_master_write(b, params, (m, &own), lo, &vals[lo - offset..hi - offset])?;
+                let piece = self
+                    .pieces
+                    .iter()
+                    .find(|p| p.own.start == *off && !p.own.is_empty());
+                let at = piece.map_or(*off, |p| params_of(self.stage, p).start);
+                let to = (&mut *params, at);
+                piece_master_write(b, to, (m, &own), lo, &vals[lo - offset..hi - offset])?;
             }
         }
         Ok(())
@@ -336,10 +369,10 @@ mod tests {
         let mut m = piece_master_new(&b, &params, own.clone()).unwrap();
         assert_eq!(b.read(&m, 0..5).unwrap(), vals[4..9]);
         assert_eq!(
-            piece_master_read(&b, &params, (&m, &own), 5..7).unwrap(),
+            piece_master_read(&b, (&params, 4), (&m, &own), 5..7).unwrap(),
             vals[5..7]
         );
-        piece_master_write(&b, &mut params, (&mut m, &own), 6, &[-1.0, -2.0]).unwrap();
+        piece_master_write(&b, (&mut params, 4), (&mut m, &own), 6, &[-1.0, -2.0]).unwrap();
         assert_eq!(b.read(&m, 2..4).unwrap(), [-1.0, -2.0]);
         assert_eq!(b.read(&params, 5..9).unwrap(), [5.5, -1.0, -2.0, 8.5]);
     }
