@@ -75,6 +75,9 @@ pub(crate) fn data_parallel_step<B: Backend>(
             model.groups_without_backward(b, &mut exchange)?;
         }
     }
+    // The deferred gradient exchanges (stages 0 and 1) are complete before the update reads
+    // them.
+    coll.settle(b)?;
     let out = finish(b, coll, model, opt, targets, lr)?;
     model.zero_grads(b)?;
     Ok(out)

@@ -427,3 +427,109 @@ fn stage_3_holds_its_pieces_and_two_layers_not_the_model() {
         assert!(held[0] < layout.total / 2 + layout.total / n, "{held:?}");
     }
 }
+
+/// A rank whose deferred collectives really are deferred: the buffer holds NaN from the call
+/// until `settle`, which writes the sum back. A step that read a gradient before settling would
+/// train on NaN.
+struct Deferring {
+    inner: nopad_train::ThreadRank,
+    /// (the caller's buffer, its length, the sum to write back at settle).
+    pending: std::sync::Mutex<Vec<(usize, usize, Vec<f64>)>>,
+    deferred: std::sync::atomic::AtomicUsize,
+}
+
+impl Deferring {
+    fn defer(
+        &self,
+        buf: &mut [f64],
+        n: usize,
+        op: impl FnOnce(&mut [f64]) -> nopad_train::Result<()>,
+    ) -> nopad_train::Result<()> {
+        let mut sum = buf.to_vec();
+        op(&mut sum[..n])?;
+        buf.iter_mut().for_each(|x| *x = f64::NAN);
+        let at = buf.as_mut_ptr() as usize;
+        self.pending.lock().unwrap().push((at, buf.len(), sum));
+        self.deferred
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Collective<B> for Deferring {
+    fn rank(&self) -> usize {
+        Collective::<B>::rank(&self.inner)
+    }
+    fn world_size(&self) -> usize {
+        Collective::<B>::world_size(&self.inner)
+    }
+    fn all_reduce_host(&self, vals: &mut [f64]) -> nopad_train::Result<()> {
+        Collective::<B>::all_reduce_host(&self.inner, vals)
+    }
+    fn all_reduce(&self, b: &B, buf: &mut [f64], n: usize) -> nopad_train::Result<()> {
+        self.inner.all_reduce(b, buf, n)
+    }
+    fn reduce_scatter(&self, b: &B, buf: &mut [f64], n: usize) -> nopad_train::Result<()> {
+        self.inner.reduce_scatter(b, buf, n)
+    }
+    fn all_gather(&self, b: &B, buf: &mut [f64], n: usize) -> nopad_train::Result<()> {
+        self.inner.all_gather(b, buf, n)
+    }
+    fn shard(&self, n: usize) -> std::ops::Range<usize> {
+        Collective::<B>::shard(&self.inner, n)
+    }
+    fn all_reduce_deferred(&self, b: &B, buf: &mut [f64], n: usize) -> nopad_train::Result<()> {
+        self.defer(buf, n, |s| self.inner.all_reduce(b, s, n))
+    }
+    fn reduce_scatter_deferred(&self, b: &B, buf: &mut [f64], n: usize) -> nopad_train::Result<()> {
+        self.defer(buf, n, |s| self.inner.reduce_scatter(b, s, n))
+    }
+    fn settle(&self, _b: &B) -> nopad_train::Result<()> {
+        for (at, len, sum) in self.pending.lock().unwrap().drain(..) {
+            // SAFETY: the trait's contract: a deferred buffer is neither freed nor moved before
+            // `settle` (what this test checks the step keeps to).
+            let buf = unsafe { std::slice::from_raw_parts_mut(at as *mut f64, len) };
+            buf.copy_from_slice(&sum);
+        }
+        Ok(())
+    }
+}
+
+/// Stages 0 and 1 exchange gradients deferred, and the step settles before the update reads
+/// them: with collectives that leave NaN until settle, the run equals the synchronous one bit for
+/// bit (and did defer).
+#[test]
+fn deferred_exchanges_are_settled_before_the_update() {
+    let kind = Kind::Full { tied: false };
+    let cfg = adamw(StatePrecision::F32, MasterPrecision::F32);
+    let all = steps(kind, 4);
+    for stage in [ShardStage::Replicated, ShardStage::States] {
+        let plain = ranks_run(2, kind, cfg, stage, |r| share(&all, r, 2));
+        let deferred: Vec<(Trace, usize)> = thread::scope(|s| {
+            let hs: Vec<_> = ThreadGroup::new(2)
+                .into_iter()
+                .map(|inner| {
+                    let all = &all;
+                    s.spawn(move || {
+                        let r = inner.rank();
+                        let c = Deferring {
+                            inner,
+                            pending: Default::default(),
+                            deferred: Default::default(),
+                        };
+                        let t = rank_run(&c, kind, cfg, stage, &share(all, r, 2));
+                        (t, c.deferred.into_inner())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, ((d, calls), p)) in deferred.iter().zip(&plain).enumerate() {
+            let what = format!("stage {} rank {r}", stage.number());
+            assert!(*calls > 0, "{what}: nothing was deferred");
+            assert_eq!(d.0, p.0, "{what}: step outcomes");
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&d.1), bits(&p.1), "{what}: parameters");
+        }
+    }
+}

@@ -102,8 +102,14 @@ pub trait Collective<B: Backend> {
         let plain = plain_is_aligned(self.world_size(), n, align);
         match (op, plain) {
             (Aligned::ReduceScatter, true) => self.reduce_scatter(b, b.view_mut(buf, range), n),
+            (Aligned::ReduceScatterDeferred, true) => {
+                self.reduce_scatter_deferred(b, b.view_mut(buf, range), n)
+            }
             (Aligned::AllGather, true) => self.all_gather(b, b.view_mut(buf, range), n),
             (Aligned::ReduceScatter, false) => self.all_reduce(b, b.view_mut(buf, range), n),
+            (Aligned::ReduceScatterDeferred, false) => {
+                self.all_reduce_deferred(b, b.view_mut(buf, range), n)
+            }
             (Aligned::AllGather, false) => {
                 let own = self.shard_aligned(n, align);
                 let s = range.start;
@@ -120,6 +126,9 @@ pub trait Collective<B: Backend> {
 pub enum Aligned {
     /// Sum over the ranks; at least this rank's part of the sum is left in place.
     ReduceScatter,
+    /// [`Aligned::ReduceScatter`], deferred ([`Collective::reduce_scatter_deferred`]): the
+    /// range must not be written or freed before [`Collective::settle`].
+    ReduceScatterDeferred,
     /// Every rank's part, read from that rank, fills the whole range.
     AllGather,
 }

@@ -398,16 +398,24 @@ impl<B: Backend> Optimizer<B> {
             return Ok(());
         }
         let ranges: Vec<_> = group.ranges().collect();
+        // Stages 0 and 1 keep every group's gradient until the update, so the exchange is
+        // deferred: it runs while the backward computes the next groups, and the step settles
+        // before the update reads it. Stages 2 and 3 add this rank's piece into the accumulator
+        // at once (the next group's gradient overwrites the scratch), so theirs is in order.
         let Some(sh) = self.shards.as_mut() else {
             for (r, _) in ranges {
                 let at = g.grad_range(&r);
-                coll.all_reduce(b, b.view_mut(g.grads, at), r.len())?;
+                coll.all_reduce_deferred(b, b.view_mut(g.grads, at), r.len())?;
             }
             return Ok(());
         };
+        let op = match sh.acc {
+            None => Aligned::ReduceScatterDeferred,
+            Some(_) => Aligned::ReduceScatter,
+        };
         for p in sh.pieces.iter().filter(|p| p.group == g.index) {
             let at = g.grad_range(&p.range);
-            coll.exchange_aligned(b, (Aligned::ReduceScatter, sh.align), g.grads, at.clone())?;
+            coll.exchange_aligned(b, (op, sh.align), g.grads, at.clone())?;
             if let Some(acc) = sh.acc.as_mut() {
                 let n = p.own.len();
                 let src = at.start + (p.own.start - p.range.start);
