@@ -60,6 +60,65 @@ pub enum RopeScaling {
         /// Context length the base model was trained with.
         original_max_position_embeddings: f64,
     },
+    /// YaRN (`rope_type: "yarn"`): frequencies blended between interpolated and extrapolated by
+    /// a ramp over the dimensions, and the attention logits scaled (HF scales cos and sin by the
+    /// attention factor; nopad scales the softmax by its square, the same product).
+    Yarn {
+        /// Context extension factor.
+        factor: f64,
+        /// Context length the base model was trained with.
+        original_max_position_embeddings: f64,
+        /// Rotations where the ramp starts extrapolating (HF default 32).
+        beta_fast: f64,
+        /// Rotations where the ramp ends (HF default 1).
+        beta_slow: f64,
+        /// The cos/sin scale, when given; else from `factor`, `mscale`, `mscale_all_dim`.
+        attention_factor: Option<f64>,
+        /// YaRN's `mscale`, when given.
+        mscale: Option<f64>,
+        /// YaRN's `mscale_all_dim`, when given.
+        mscale_all_dim: Option<f64>,
+        /// Whether the correction range is rounded outwards to whole dimensions (HF default).
+        truncate: bool,
+    },
+    /// Dynamic NTK (`rope_type: "dynamic"`). HF rescales the base only for a sequence longer than
+    /// `max_position_embeddings`; nopad trains examples up to that length, where it is plain RoPE,
+    /// and refuses a longer `max_len`.
+    Dynamic {
+        /// Scale factor (applies beyond `max_position_embeddings` only).
+        factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// YaRN's attention factor, as HF derives it (1 for every other scaling): given, or
+    /// `m(factor, mscale) / m(factor, mscale_all_dim)` when both are given, else `m(factor, 1)`,
+    /// where `m(s, k) = 0.1·k·ln(s) + 1` for s > 1 and 1 otherwise.
+    pub fn attention_factor(&self) -> f64 {
+        let m = |s: f64, k: f64| {
+            if s <= 1.0 {
+                1.0
+            } else {
+                0.1 * k * s.ln() + 1.0
+            }
+        };
+        match self {
+            RopeScaling::Yarn {
+                factor,
+                attention_factor,
+                mscale,
+                mscale_all_dim,
+                ..
+            } => match (attention_factor, mscale, mscale_all_dim) {
+                (Some(a), _, _) => *a,
+                (None, Some(ms), Some(ma)) if *ms != 0.0 && *ma != 0.0 => {
+                    m(*factor, *ms) / m(*factor, *ma)
+                }
+                _ => m(*factor, 1.0),
+            },
+            _ => 1.0,
+        }
+    }
 }
 
 /// A validated model configuration.
@@ -341,12 +400,31 @@ impl Config {
                         high_freq_factor: num("high_freq_factor")?,
                         original_max_position_embeddings: num("original_max_position_embeddings")?,
                     },
-                    other => {
-                        return Err(r.err(
-                            &format!("{params_key}.rope_type"),
-                            format!("`{other}` is not supported (default, linear, llama3)"),
-                        ))
+                    "yarn" => {
+                        let max_pos = r.usize_opt("max_position_embeddings")?.unwrap_or(2048);
+                        let original = pr
+                            .f64_opt("original_max_position_embeddings")?
+                            .unwrap_or(max_pos as f64);
+                        RopeScaling::Yarn {
+                            factor: pr.f64_opt("factor")?.unwrap_or(max_pos as f64 / original),
+                            original_max_position_embeddings: original,
+                            beta_fast: pr.f64_opt("beta_fast")?.unwrap_or(32.0),
+                            beta_slow: pr.f64_opt("beta_slow")?.unwrap_or(1.0),
+                            attention_factor: pr.f64_opt("attention_factor")?,
+                            mscale: pr.f64_opt("mscale")?,
+                            mscale_all_dim: pr.f64_opt("mscale_all_dim")?,
+                            truncate: pr.bool_opt("truncate")?.unwrap_or(true),
+                        }
                     }
+                    "dynamic" => RopeScaling::Dynamic {
+                        factor: num("factor")?,
+                    },
+                    other => return Err(r.err(
+                        &format!("{params_key}.rope_type"),
+                        format!(
+                            "`{other}` is not supported (default, linear, llama3, yarn, dynamic)"
+                        ),
+                    )),
                 }
             }
             Some(v) => return Err(r.err(params_key, format!("expected an object, found {v}"))),
@@ -440,6 +518,37 @@ impl Config {
                     json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                            "high_freq_factor": high_freq_factor,
                            "original_max_position_embeddings": *original_max_position_embeddings as u64}),
+                );
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                mscale,
+                mscale_all_dim,
+                truncate,
+            } => {
+                let mut y = json!({"rope_type": "yarn", "factor": factor,
+                    "original_max_position_embeddings": *original_max_position_embeddings as u64,
+                    "beta_fast": beta_fast, "beta_slow": beta_slow, "truncate": truncate});
+                let o = y.as_object_mut().expect("json! object literal");
+                for (k, v) in [
+                    ("attention_factor", attention_factor),
+                    ("mscale", mscale),
+                    ("mscale_all_dim", mscale_all_dim),
+                ] {
+                    if let Some(v) = v {
+                        o.insert(k.into(), json!(v));
+                    }
+                }
+                obj.insert("rope_scaling".into(), y);
+            }
+            RopeScaling::Dynamic { factor } => {
+                obj.insert(
+                    "rope_scaling".into(),
+                    json!({"rope_type": "dynamic", "factor": factor}),
                 );
             }
         }

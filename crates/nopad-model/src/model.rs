@@ -469,7 +469,7 @@ impl<B: Backend> Model<B> {
                 n_heads: c.num_attention_heads,
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
-                scale: 1.0 / (c.head_dim as f32).sqrt(),
+                scale: softmax_scale(c),
             },
         })
     }
@@ -831,5 +831,15 @@ impl<B: Backend> Model<B> {
             .as_ref()
             .ok_or_else(|| ModelError::Input("no backward has run".into()))?;
         Ok(b.read(&acts.s.d_res, 0..n * self.cfg.hidden_size)?)
+    }
+}
+
+/// The attention's softmax scale: `1/√Dh`, times the square of YaRN's attention factor (HF
+/// scales q's and k's cos and sin by it, so the logits by its square).
+fn softmax_scale(c: &Config) -> f32 {
+    let plain = 1.0 / (c.head_dim as f32).sqrt();
+    match c.rope_scaling.attention_factor() {
+        1.0 => plain,
+        a => (a * a) as f32 * plain,
     }
 }

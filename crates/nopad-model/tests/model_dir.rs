@@ -290,4 +290,31 @@ fn hf_json_roundtrips() {
     let c = Config::from_json_str(v5, "x").unwrap();
     assert_eq!(c.rope_theta, 123.0);
     assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    // YaRN as Qwen2.5's long-context configs write it (transformers 4 `type` key), defaults
+    // filled as HF fills them, and back out; dynamic NTK too.
+    let yarn = r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":131072,"rope_scaling":{"type":"yarn","factor":4.0,"original_max_position_embeddings":32768}}"#;
+    let c = Config::from_json_str(yarn, "x").unwrap();
+    assert_eq!(
+        c.rope_scaling,
+        RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 32768.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: None,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: true,
+        }
+    );
+    let back = Config::from_json_str(&c.to_hf_json("bfloat16").to_string(), "x").unwrap();
+    assert_eq!(back, c);
+    let dynamic = yarn.replace(
+        r#"{"type":"yarn","factor":4.0,"original_max_position_embeddings":32768}"#,
+        r#"{"rope_type":"dynamic","factor":2.0}"#,
+    );
+    let c = Config::from_json_str(&dynamic, "x").unwrap();
+    assert_eq!(c.rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
+    let e = Config::from_json_str(&yarn.replace("yarn", "longrope"), "x").unwrap_err();
+    assert!(e.to_string().contains("`longrope` is not supported"), "{e}");
 }
