@@ -10,7 +10,7 @@ use nopad_backend::{Accounting, Kind};
 
 use crate::arena::{self, align_up};
 use crate::config::Config;
-use crate::layout::Layout;
+use crate::layout::{GroupKind, Layout};
 use crate::recompute::Recompute;
 
 /// One buffer: elements and kind.
@@ -240,6 +240,57 @@ pub fn model_bytes(
                 grads: arena_bytes.saturating_sub(slots),
                 activations: slots.min(arena_bytes) + rest,
             }
+        }
+    }
+}
+
+/// Elements of the gathered weights of a model whose parameters are sharded over ranks (ZeRO
+/// stage 3): two alternating layer slots plus the embedding, the untied head and the final
+/// norm, each range of a group rounded up to 64 elements as the one-group gradient scratch
+/// rounds them (`model/grad_slots.rs`). The memory plan counts it beside this rank's pieces.
+pub fn gathered_weights_len(layout: &Layout) -> usize {
+    const ALIGN: usize = 64;
+    let size = |kind| {
+        layout.group(kind).map_or(0, |g| {
+            g.ranges()
+                .map(|(r, _)| r.len().next_multiple_of(ALIGN))
+                .sum::<usize>()
+        })
+    };
+    2 * size(GroupKind::Layer(0))
+        + size(GroupKind::Embedding)
+        + size(GroupKind::Head)
+        + size(GroupKind::FinalNorm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gathered weights hold two layers and the groups outside the layers, each range
+    /// rounded up by less than 64 elements: far less than the model once it has a few layers.
+    #[test]
+    fn gathered_weights_are_two_layers_and_the_ends() {
+        let tiny = Config::preset("tiny").unwrap();
+        let six_layers = |tie_word_embeddings| Config {
+            tie_word_embeddings,
+            num_hidden_layers: 6,
+            ..tiny.clone()
+        };
+        for layout in [false, true].map(six_layers).iter().map(Layout::new) {
+            let kinds = [
+                GroupKind::Layer(0),
+                GroupKind::Layer(0),
+                GroupKind::Embedding,
+                GroupKind::Head,
+                GroupKind::FinalNorm,
+            ];
+            let groups: Vec<_> = kinds.iter().filter_map(|&k| layout.group(k)).collect();
+            let exact: usize = groups.iter().map(|g| g.len()).sum();
+            let ranges: usize = groups.iter().map(|g| g.ranges().count()).sum();
+            let got = gathered_weights_len(&layout);
+            assert!(got >= exact && got < exact + 64 * ranges, "{got} {exact}");
+            assert!(got < layout.total, "{got} of {}", layout.total);
         }
     }
 }

@@ -387,14 +387,17 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
-        crate::plan::check_device(
+        // Every rank plans for the largest micro-batch of any rank, so all take the same stage.
+        let tokens = crate::plan::largest_over_ranks(coll, tokens)?;
+        let (stage, _, chosen) = crate::plan::check_run(
             b,
             &cfg,
             tokens,
-            crate::plan::modes_of(tc),
-            tc.gpu_memory,
-            tc.grad_accum == 1 && tc.lora.is_none(),
+            crate::plan::modes_of(tc, world),
+            (tc.shard, tc.gpu_memory),
+            tc.grad_accum == 1 && tc.lora.is_none() && world == 1,
         )?;
+        notes.extend(chosen);
         let (mut model, model_desc) = match (&resume, &tc.lora) {
             // A LoRA checkpoint holds the adapter only: the frozen base comes from its source.
             (_, Some(lt)) => build_lora_model(b, &tc.model, tc.seed, None, lt)?,
@@ -414,7 +417,6 @@ impl<B: Backend> Session<B> {
         let alias = tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward;
         model.set_grad_aliasing(b, alias && tc.lora.is_none())?;
         notes.extend(crate::lora::describe(&model));
-        let stage = tc.shard.unwrap_or_default();
         // Stage 2 keeps one group's gradient at a time, as the optimizer in the backward does (a
         // LoRA model's adapter gradients are small and stay whole).
         let scratch = stage == ShardStage::Grads && tc.lora.is_none();
