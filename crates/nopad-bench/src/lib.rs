@@ -397,6 +397,8 @@ fn plan_run<B: Backend>(
             Some(l) => Trained::Lora(LoraShape::of(&l.settings, l.base)),
             None => Trained::Full,
         },
+        ranks: 1,
+        shard: 0,
     };
     let in_backward = cfg.grad_accum == 1 && cfg.lora.is_none();
     check_device(b, &mc, tokens, modes, cfg.gpu_memory, in_backward)?;

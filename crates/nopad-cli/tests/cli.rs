@@ -430,3 +430,33 @@ fn gpus_launches_workers_and_reports_the_one_that_failed() {
     assert!(e.contains("rank ") && e.contains("failed"), "{e}");
     assert!(e.contains("use --ranks N in one process"), "{e}");
 }
+
+/// A model with `dynamic` RoPE trains within its max_position_embeddings (where HF's dynamic
+/// NTK is plain RoPE) and refuses a longer --max-len, naming both.
+#[test]
+fn dynamic_rope_trains_within_the_models_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    ok(nopad(&args(
+        "train --model tiny --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress --out",
+        &[m.to_str().unwrap()],
+    )));
+    let cfg_path = m.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
+    cfg["max_position_embeddings"] = serde_json::json!(24);
+    write(&cfg_path, &cfg.to_string());
+    let run = |max_len: &str| {
+        nopad(&args(
+            "train --steps 1 --batch-size 4 --device cpu --no-progress --model",
+            &[m.to_str().unwrap(), "--max-len", max_len],
+        ))
+    };
+    ok(run("24"));
+    let e = stderr(&run("32"));
+    assert!(
+        e.contains("`max-len` 32") && e.contains("max_position_embeddings (24)"),
+        "{e}"
+    );
+}

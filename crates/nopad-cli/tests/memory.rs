@@ -40,6 +40,8 @@ fn train_prints_the_plan_and_refuses_a_run_that_cannot_fit() {
         optim_in_backward: false,
         offload: false,
         trained: Trained::Full,
+        ranks: 1,
+        shard: 0,
     };
     let none = plan(&cfg, tokens, m, &dev).needed();
     let full = plan(

@@ -419,12 +419,14 @@ impl Config {
                     "dynamic" => RopeScaling::Dynamic {
                         factor: num("factor")?,
                     },
-                    other => return Err(r.err(
-                        &format!("{params_key}.rope_type"),
-                        format!(
+                    other => {
+                        return Err(r.err(
+                            &format!("{params_key}.rope_type"),
+                            format!(
                             "`{other}` is not supported (default, linear, llama3, yarn, dynamic)"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             Some(v) => return Err(r.err(params_key, format!("expected an object, found {v}"))),

@@ -250,3 +250,36 @@ pub fn model_bytes(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::GroupKind;
+
+    /// The gathered weights hold two layers and the groups outside the layers, each range
+    /// rounded up by less than 64 elements: far less than the model once it has a few layers.
+    #[test]
+    fn gathered_weights_are_two_layers_and_the_ends() {
+        let tiny = Config::preset("tiny").unwrap();
+        let six_layers = |tie_word_embeddings| Config {
+            tie_word_embeddings,
+            num_hidden_layers: 6,
+            ..tiny.clone()
+        };
+        for layout in [false, true].map(six_layers).iter().map(Layout::new) {
+            let kinds = [
+                GroupKind::Layer(0),
+                GroupKind::Layer(0),
+                GroupKind::Embedding,
+                GroupKind::Head,
+                GroupKind::FinalNorm,
+            ];
+            let groups: Vec<_> = kinds.iter().filter_map(|&k| layout.group(k)).collect();
+            let exact: usize = groups.iter().map(|g| g.len()).sum();
+            let ranges: usize = groups.iter().map(|g| g.ranges().count()).sum();
+            let got = gathered_weights_len(&layout);
+            assert!(got >= exact && got < exact + 64 * ranges, "{got} {exact}");
+            assert!(got < layout.total, "{got} of {}", layout.total);
+        }
+    }
+}

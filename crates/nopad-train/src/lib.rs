@@ -62,9 +62,10 @@ pub use optimizer::{
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{
-    check_device, check_fits, gib, is_out_of_memory, largest_fitting, largest_micro_batch,
-    last_plan, mode_grid, modes_of, parse_gib, plan, print_plan_for_out_of_memory, table,
-    DeviceSizes, Modes, Plan, Trained, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
+    check_device, check_fits, check_run, gib, is_out_of_memory, largest_fitting,
+    largest_micro_batch, last_plan, mode_grid, modes_of, parse_gib, plan, plan_rank,
+    print_plan_for_out_of_memory, stage_grid, table, DeviceSizes, Modes, Plan, Trained,
+    CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR, PLANNED_STAGES,
 };
 pub use ranks::train_threads;
 pub use records::{Counters, EvalRecord, RankImbalance, StepRecord, StopReason, Summary};

@@ -301,6 +301,16 @@ impl<B: Backend> Session<B> {
         // The data first: the memory plan needs its largest micro-batch, and a run that cannot
         // fit is refused before the model is allocated.
         let cfg = model_config(&tc.model)?;
+        // HF's dynamic NTK rescales RoPE per batch beyond the model's context; within it, it is
+        // plain RoPE, which is what nopad trains.
+        if let (nopad_model::RopeScaling::Dynamic { .. }, true) =
+            (&cfg.rope_scaling, tc.max_len > cfg.max_position_embeddings)
+        {
+            return Err(TrainError::Config(format!(
+                "`max-len` {}: this model's RoPE is `dynamic`, which nopad trains only within                  max_position_embeddings ({}): lower --max-len",
+                tc.max_len, cfg.max_position_embeddings
+            )));
+        }
         let model_dir = model_dir(tc);
         let (examples, data_notes, truncated) = load_counted(&tc.data, &cfg, model_dir, tc)?;
         stop_if_asked(tc)?;
@@ -389,15 +399,17 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
-        crate::plan::check_device(
+        // Every rank plans for the largest micro-batch of any rank, so all take the same stage.
+        let tokens = crate::plan::largest_over_ranks(coll, tokens)?;
+        let (stage, _, chosen) = crate::plan::check_run(
             b,
             &cfg,
             tokens,
-            crate::plan::modes_of(tc),
-            tc.gpu_memory,
-            tc.grad_accum == 1 && tc.lora.is_none(),
+            crate::plan::modes_of(tc, world),
+            (tc.shard, tc.gpu_memory),
+            tc.grad_accum == 1 && tc.lora.is_none() && world == 1,
         )?;
-        let stage = tc.shard.unwrap_or_default();
+        notes.extend(chosen);
         // Stage 3: this rank allocates only its pieces of the weights.
         let pieces = match (stage, &tc.lora) {
             (ShardStage::Params, None) => Some(weight_pieces(&cfg, coll, tc.adamw.states)?),

@@ -54,8 +54,12 @@ pub(crate) fn block(tc: &TrainConfig, f: &Facts) -> String {
     let ranks = match f.world {
         1 => String::new(),
         n => {
-            let stage = tc.shard.unwrap_or_default().number();
-            modes.push(format!("ZeRO stage {stage} over {n} ranks"));
+            // Without --shard the plan picks the stage after this block is printed (its note
+            // says which).
+            match tc.shard {
+                Some(s) => modes.push(format!("ZeRO stage {} over {n} ranks", s.number())),
+                None => modes.push(format!("ZeRO stage: the lowest that fits, over {n} ranks")),
+            }
             format!(" × {n} ranks")
         }
     };

@@ -4,7 +4,8 @@
 //! training), asks `strategy_stats` for every strategy's epoch, and prints text, JSON or an SVG
 //! histogram. With `--gpu-memory GIB` also the memory plan of `--model` (a directory or a
 //! preset) on a CUDA device of that size, for every mode worth comparing (nopad-train's
-//! `plan`), with the largest micro-batch each fits.
+//! `plan`), with the largest micro-batch each fits; with `--gpus N` also the plan of every ZeRO
+//! stage for N ranks, per rank.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,10 @@ pub struct StatsArgs {
     /// micro-batch in tokens that fits each.
     #[arg(long, value_name = "GIB", value_parser = nopad_train::parse_gib)]
     pub gpu_memory: Option<usize>,
+    /// With `--gpu-memory`: plan for N GPUs of that size training data parallel, and print
+    /// every `--shard` stage's plan per rank, with the largest micro-batch per rank each fits.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub gpus: usize,
     /// Longest example (and row length for concat and offline).
     #[arg(long, value_name = "N")]
     pub max_len: usize,
@@ -72,6 +77,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     ensure!(args.max_len >= 1, "--max-len must be at least 1");
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(args.grad_accum >= 1, "--grad-accum must be at least 1");
+    ensure!(args.gpus >= 1, "--gpus must be at least 1");
     let mut opts = args.loader.options(args.max_len);
     opts.vocab_size = args.vocab_size;
     opts.loss_on = args.loss_on;
@@ -142,7 +148,8 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
             (None, None) => bail!("--gpu-memory needs --model (a model directory or a preset)"),
         };
         let lora = args.lora.resolve(args.seed)?;
-        let text = memory_table(&cfg, &examples, &pack, args.grad_accum, budget, lora);
+        let at = (args.grad_accum, args.gpus);
+        let text = memory_table(&cfg, (&examples, &pack), at, budget, lora);
         // JSON output stays one object on stdout; the table then goes to stderr.
         if args.json {
             eprintln!("{text}");
@@ -153,15 +160,15 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The memory plan of every mode worth comparing, on a CUDA device of `budget` bytes, at the
-/// largest `flatten` micro-batch of the data. With `lora`, the modes are the adapters over a
-/// bf16 and an NF4 base, each with and without recomputation (the adapters' own optimizer state
-/// is too small for its precision to matter).
+/// The memory plan of every mode worth comparing, on `gpus` CUDA devices of `budget` bytes,
+/// at the largest `flatten` micro-batch of the data, then (several GPUs) the plan of every ZeRO
+/// stage per rank. With `lora`, the modes are the adapters over a bf16 and an NF4 base, each
+/// with and without recomputation (the adapters' own optimizer state is too small for its
+/// precision to matter).
 fn memory_table(
     cfg: &nopad_model::Config,
-    examples: &[nopad_data::Example],
-    pack: &PackOptions,
-    grad_accum: usize,
+    (examples, pack): (&[nopad_data::Example], &PackOptions),
+    (grad_accum, gpus): (usize, usize),
     budget: usize,
     lora: Option<nopad_train::LoraTrain>,
 ) -> String {
@@ -178,17 +185,28 @@ fn memory_table(
         optim_in_backward: false,
         offload: false,
         trained: Trained::Full,
+        ranks: gpus,
+        shard: 0,
     };
     let grid = match &lora {
-        None => nopad_train::mode_grid(base, one),
+        None => nopad_train::mode_grid(base, one && gpus == 1),
         Some(l) => lora_grid(base, &l.settings),
     };
-    format!(
+    let mut text = format!(
         "memory plan on a {} CUDA device (bf16, {} gradients), largest flatten micro-batch {tokens} tokens; sizes in GiB:\n{}",
         nopad_train::gib(budget),
         if one { "bf16" } else { "fp32" },
         nopad_train::table(cfg, tokens, &grid, &dev, budget)
-    )
+    );
+    if gpus > 1 {
+        // The first row's modes at every stage: what sharding saves on its own.
+        let stages = nopad_train::stage_grid(grid.first().copied().unwrap_or(base));
+        text += &format!(
+            "\nper rank of {gpus} GPUs, by --shard stage (stage 3 gathers two layers and the embedding, head and norm):\n{}",
+            nopad_train::table(cfg, tokens, &stages, &dev, budget)
+        );
+    }
+    text
 }
 
 /// LoRA's rows of the memory table: bf16 and NF4 bases, with no, MLP and full recomputation.
@@ -208,4 +226,63 @@ fn lora_grid(
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest micro-batch that fits (the last column, 0: none) of each row whose label
+    /// starts with `label` and ends with `stage`.
+    fn fits(text: &str, label: &str, stage: &str) -> Vec<usize> {
+        text.lines()
+            .filter(|l| l.starts_with(label) && l.contains(stage))
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                match words.iter().position(|w| *w == "tokens") {
+                    Some(i) => words[i - 1].parse().unwrap(),
+                    None => 0,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn several_gpus_add_the_plan_of_every_stage_per_rank() {
+        let cfg = nopad_model::Config::preset("llama-3.1-8b").unwrap();
+        let examples = instruction_dataset(&SyntheticConfig {
+            n_examples: 64,
+            vocab_size: cfg.vocab_size,
+            lengths: LengthDist::FlanLike,
+            max_len: 2048,
+            seed: 0,
+        });
+        let pack = PackOptions {
+            strategy: Strategy::Flatten,
+            batch_size: 4,
+            max_len: 2048,
+            pad_token_id: 0,
+            group_by_length: false,
+        };
+        let one = memory_table(&cfg, (&examples, &pack), (1, 1), 80 << 30, None);
+        assert!(!one.contains("by --shard stage"), "{one}");
+        let text = memory_table(&cfg, (&examples, &pack), (1, 8), 80 << 30, None);
+        assert!(
+            text.contains("per rank of 8 GPUs, by --shard stage"),
+            "{text}"
+        );
+        let rows: Vec<usize> = (0..4)
+            .flat_map(|s| fits(&text, "f32/f32/none", &format!("stage {s}×8")))
+            .collect();
+        // The mode table's first row and the four stages' rows.
+        assert_eq!(rows.len(), 5, "{text}");
+        // An 8B with fp32 moments does not fit 80 GiB unsharded, but does from stage 1 on;
+        // stage 3 fits the most. (Stage 2 may fit fewer tokens than stage 1: its one-group
+        // gradient scratch is not placed over dead activations as aliased gradients are.)
+        assert_eq!(rows[..2], [0, 0], "{text}");
+        assert!(
+            rows[2] > 0 && rows[3] > 0 && rows[4] > rows[2].max(rows[3]),
+            "{text}"
+        );
+    }
 }

@@ -152,8 +152,9 @@ pub struct TrainArgs {
     pub ranks: Option<usize>,
     /// ZeRO stage of a data-parallel run: 0 every rank holds everything (gradients
     /// all-reduced), 1 the optimizer's moments and master weights are sharded, 2 the gradients
-    /// too. Default 0.
-    #[arg(long, value_name = "0|1|2")]
+    /// too, 3 the weights too (gathered layer by layer). Default: the lowest the memory plan
+    /// says fits.
+    #[arg(long, value_name = "0|1|2|3")]
     pub shard: Option<String>,
     /// Train on N GPUs of this host: starts N worker processes of this command (one per GPU,
     /// torchrun's variables set), data parallel over NCCL. Under torchrun or srun (RANK,
