@@ -235,8 +235,8 @@ fn bad_fields_are_named() {
             "field `hidden_act`: `gelu` is not supported",
         ),
         (
-            r#","rope_scaling":{"rope_type":"yarn","factor":2}}"#,
-            "field `rope_scaling.rope_type`: `yarn`",
+            r#","rope_scaling":{"rope_type":"longrope","factor":2}}"#,
+            "field `rope_scaling.rope_type`: `longrope`",
         ),
         (
             r#","rope_scaling":{"rope_type":"llama3","factor":2}}"#,
