@@ -40,6 +40,18 @@ pub struct LoaderArgs {
     /// default: the files are as large as the tokenised data).
     #[arg(long, value_name = "DIR")]
     pub dataset_cache: Option<PathBuf>,
+    /// Rename a Parquet file's columns to the fields a format reads, e.g.
+    /// prompt=question,completion=answer.
+    #[arg(long, value_name = "NEW=OLD,...", value_parser = parse_columns)]
+    pub columns: Option<Columns>,
+}
+
+/// `--columns`: `(new, old)` pairs (one flag value, so clap must not take it for a list).
+#[derive(Clone, Debug)]
+pub struct Columns(pub Vec<(String, String)>);
+
+fn parse_columns(s: &str) -> Result<Columns, String> {
+    nopad_data::parse_columns(s).map(Columns)
 }
 
 impl LoaderArgs {
@@ -52,6 +64,7 @@ impl LoaderArgs {
         opts.strict = self.strict;
         opts.chat_template = self.chat_template.clone();
         opts.dataset_cache = self.dataset_cache.clone();
+        opts.columns = self.columns.clone().map(|c| c.0).unwrap_or_default();
         opts
     }
 }

@@ -73,6 +73,7 @@ pub(crate) fn key(path: &Path, data: &[u8], opts: &LoadOptions) -> Option<[u8; 1
         loss_on,
         chat_template,
         dataset_cache: _,
+        columns,
     } = opts;
     let mut d = Digest::new();
     d.field(&VERSION.to_le_bytes());
@@ -97,7 +98,7 @@ pub(crate) fn key(path: &Path, data: &[u8], opts: &LoadOptions) -> Option<[u8; 1
     }
     let options = format!(
         "format={:?} max_len={max_len} long={long} skip_bad={skip_bad} vocab={vocab_size:?} \
-         tokenizer={} strict={strict} loss_on={:?} template={}",
+         tokenizer={} strict={strict} loss_on={:?} template={} columns={columns:?}",
         format.map(|f| f.name()),
         tokenizer_dir.is_some(),
         loss_on.map(|l| l.name()),

@@ -41,7 +41,7 @@ pub struct Inspection {
 /// errors), converted under `opts` as [`load_examples`](crate::load_examples) converts them.
 /// Errors are those of the whole file: it cannot be read, or holds no records at all.
 pub fn inspect_records(path: &Path, opts: &LoadOptions, n: usize) -> Result<Inspection, DataError> {
-    let (text, undecodable) = read_text(path)?;
+    let (text, undecodable) = read_text(path, &opts.columns)?;
     let (records, is_array) = split_records(path, &text)?;
     let mut conv = Converter::new(path, opts, true)?;
     // Records and undecodable lines in file order: `Ok(index into records)` or the line's error.

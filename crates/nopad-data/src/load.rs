@@ -89,6 +89,8 @@ pub struct LoadOptions {
     /// Which tokens are targets; `None` keeps the format's default ([`LossOn::default_for`]).
     /// A value the file's format does not accept fails loading (see [`LossOn::check`]).
     pub loss_on: Option<LossOn>,
+    /// Columns renamed before conversion, `(new, old)` (`--columns new=old,...`; Parquet files).
+    pub columns: Vec<(String, String)>,
 }
 
 impl LoadOptions {
@@ -106,6 +108,7 @@ impl LoadOptions {
             loss_on: None,
             chat_template: None,
             dataset_cache: None,
+            columns: Vec::new(),
         }
     }
 }
@@ -218,7 +221,10 @@ fn load_bytes(
     bytes: Vec<u8>,
     opts: &LoadOptions,
 ) -> Result<(Vec<Example>, LoadReport), DataError> {
-    let (text, undecodable) = decode_checked(path, bytes)?;
+    let (text, undecodable) = match crate::parquet::is_parquet(path) {
+        true => (crate::parquet::to_jsonl(path, &opts.columns)?, vec![]),
+        false => decode_checked(path, bytes)?,
+    };
     let stopped = || opts.stop.raised().map(|sig| DataError::stopped(path, sig));
     if let Some(e) = stopped() {
         return Err(e);
@@ -325,7 +331,14 @@ fn load_bytes(
 
 /// The text of `path` (see [`decode`]), and its lines that are not UTF-8 as errors; a JSON array
 /// with such a line is an error of its own (an array cannot lose a line and stay an array).
-pub(crate) fn read_text(path: &Path) -> Result<(String, Vec<(usize, DataError)>), DataError> {
+/// A Parquet file's rows come as JSON Lines (columns renamed by `columns`).
+pub(crate) fn read_text(
+    path: &Path,
+    columns: &[(String, String)],
+) -> Result<(String, Vec<(usize, DataError)>), DataError> {
+    if crate::parquet::is_parquet(path) {
+        return Ok((crate::parquet::to_jsonl(path, columns)?, vec![]));
+    }
     decode_checked(path, read_bytes(path)?)
 }
 

@@ -65,6 +65,8 @@ pub struct TrainConfig {
     pub chat_template: Option<PathBuf>,
     /// Folder of the tokenised-data cache (`--dataset-cache`; None: tokenise every run).
     pub dataset_cache: Option<PathBuf>,
+    /// Columns renamed before conversion, `(new, old)` (`--columns`).
+    pub columns: Vec<(String, String)>,
     /// Packing strategy.
     pub strategy: Strategy,
     /// Examples per micro-batch (rows for concat/offline).
@@ -193,6 +195,7 @@ impl TrainConfig {
             loss_on: None,
             chat_template: None,
             dataset_cache: None,
+            columns: Vec::new(),
             strategy: Strategy::Flatten,
             batch_size: 16,
             grad_accum: 1,

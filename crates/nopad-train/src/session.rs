@@ -159,6 +159,7 @@ fn load_counted(
                 tokenizer_dir: model_dir.map(|d| d.to_path_buf()),
                 chat_template: tc.chat_template.clone(),
                 dataset_cache: tc.dataset_cache.clone(),
+                columns: tc.columns.clone(),
             };
             let (ex, report) =
                 nopad_data::load_examples(path, &opts).map_err(|e| match e.signal {

@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// every loading option, so reruns and resumes skip tokenisation. Default: off.
     #[arg(long, value_name = "DIR")]
     pub dataset_cache: Option<PathBuf>,
+    /// Rename a Parquet file's columns to the fields a format reads, e.g.
+    /// prompt=question,completion=answer.
+    #[arg(long, value_name = "NEW=OLD,...")]
+    pub columns: Option<String>,
     /// Packing: pad, concat, flatten (default) or offline.
     #[arg(long)]
     pub strategy: Option<String>,
@@ -295,6 +299,7 @@ impl TrainArgs {
             loss_on,
             chat_template,
             dataset_cache,
+            columns,
             strategy,
             batch_size,
             grad_accum,
@@ -384,6 +389,10 @@ impl TrainArgs {
         }
         c.chat_template = a.chat_template.clone();
         c.dataset_cache = a.dataset_cache.clone();
+        if let Some(cols) = &a.columns {
+            c.columns =
+                nopad_data::parse_columns(cols).map_err(|e| anyhow::anyhow!("`columns`: {e}"))?;
+        }
         if let Some(l) = &a.loss_on {
             c.loss_on = Some(parse("loss-on", l)?);
         }

@@ -7,6 +7,7 @@ mod fidelity;
 mod formats;
 mod inspect;
 mod loading;
+mod parquet;
 mod props;
 mod ranks;
 mod untrusted;
