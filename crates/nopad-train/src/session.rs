@@ -400,8 +400,8 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
-        // Every rank plans for the largest micro-batch of any rank, so all take the same stage.
-        let tokens = crate::plan::largest_over_ranks(coll, tokens)?;
+        // `largest_micro_batch` packs every rank's share of those steps, so `tokens` is the same
+        // on every rank and all choose the same stage.
         let (stage, _, chosen) = crate::plan::check_run(
             b,
             &cfg,

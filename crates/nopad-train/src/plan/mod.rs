@@ -28,11 +28,11 @@ mod terms;
 
 pub use fit::{largest_fitting, mode_grid, stage_grid, table, PLANNED_STAGES};
 pub use refusal::check_fits;
+pub(crate) use run::pack_options;
 pub use run::{
     check_device, check_run, is_out_of_memory, largest_micro_batch, last_plan, modes_of,
     print_plan_for_out_of_memory,
 };
-pub(crate) use run::{largest_over_ranks, pack_options};
 pub use terms::{plan, plan_rank, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR};
 
 /// What a run trains.

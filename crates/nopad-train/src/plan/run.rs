@@ -11,7 +11,6 @@ use nopad_model::{Config, ModelError};
 
 use super::refusal::stages_to_offer;
 use super::{check_fits, gib, plan, DeviceSizes, Modes, Plan, Trained};
-use crate::collective::Collective;
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::optimizer::ShardStage;
@@ -51,22 +50,6 @@ pub fn modes_of(tc: &TrainConfig, ranks: usize) -> Modes {
         ranks: ranks.max(1),
         shard: tc.shard.map_or(0, ShardStage::number),
     }
-}
-
-/// The largest of every rank's `tokens` (each rank packs its own share of the steps), so that
-/// every rank plans, and chooses its stage, for the same micro-batch.
-pub(crate) fn largest_over_ranks<B: Backend>(
-    coll: &dyn Collective<B>,
-    tokens: usize,
-) -> Result<usize> {
-    if coll.world_size() < 2 {
-        return Ok(tokens);
-    }
-    // Each rank's count in its own slot: the sum is every rank's count.
-    let mut v = vec![0.0; coll.world_size()];
-    v[coll.rank()] = tokens as f64;
-    coll.all_reduce_host(&mut v)?;
-    Ok(v.into_iter().fold(0.0, f64::max) as usize)
 }
 
 /// The last plan [`check_device`] printed, for a run-time out-of-memory error to show beside
