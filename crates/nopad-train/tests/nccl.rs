@@ -197,29 +197,19 @@ fn worker_collectives() {
             let mut buf = cuda.alloc(n, kind).unwrap();
             let what = |op: &str| format!("rank {rank}: {op} of {kind:?}, n={n}");
 
-            cuda.write(&mut buf, 0, &mine).unwrap();
-            coll.all_reduce(&cuda, cuda.view_mut(&mut buf, 0..n), n)
-                .unwrap();
-            let got = cuda.read(&buf, 0..n).unwrap();
-            assert_eq!(
-                got,
-                (0..n).map(sum).collect::<Vec<_>>(),
-                "{}",
-                what("all_reduce")
-            );
-
-            // Deferred: the sum is there once the compute stream has settled after it.
-            cuda.write(&mut buf, 0, &mine).unwrap();
-            coll.all_reduce_deferred(&cuda, cuda.view_mut(&mut buf, 0..n), n)
-                .unwrap();
-            coll.settle(&cuda).unwrap();
-            let got = cuda.read(&buf, 0..n).unwrap();
-            assert_eq!(
-                got,
-                (0..n).map(sum).collect::<Vec<_>>(),
-                "{}",
-                what("all_reduce_deferred")
-            );
+            // In order, and deferred: the sum is there once the compute stream has settled.
+            for deferred in [false, true] {
+                cuda.write(&mut buf, 0, &mine).unwrap();
+                let view = cuda.view_mut(&mut buf, 0..n);
+                match deferred {
+                    false => coll.all_reduce(&cuda, view, n).unwrap(),
+                    true => coll.all_reduce_deferred(&cuda, view, n).unwrap(),
+                }
+                coll.settle(&cuda).unwrap();
+                let got = cuda.read(&buf, 0..n).unwrap();
+                let op = ["all_reduce", "all_reduce_deferred"][deferred as usize];
+                assert_eq!(got, (0..n).map(sum).collect::<Vec<_>>(), "{}", what(op));
+            }
 
             cuda.write(&mut buf, 0, &mine).unwrap();
             coll.reduce_scatter(&cuda, cuda.view_mut(&mut buf, 0..n), n)
