@@ -88,3 +88,13 @@ pub fn model_source(m: &str) -> anyhow::Result<nopad_train::ModelSource> {
     }
     Ok(ModelSource::Preset(m.to_string()))
 }
+
+/// The directory a `--model` path names for commands that read only its tokenizer and config
+/// (`stats`, `inspect`): the path itself, or a Hub id's snapshot in the local cache
+/// ([`model_source`]); a preset name stays as given.
+pub fn model_path(m: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    match m.to_str().map(model_source).transpose()? {
+        Some(nopad_train::ModelSource::Dir(d)) => Ok(d),
+        _ => Ok(m.to_path_buf()),
+    }
+}

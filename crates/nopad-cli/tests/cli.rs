@@ -406,6 +406,17 @@ fn a_hub_id_is_a_snapshot_of_the_local_cache() {
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("snapshots/abc123"), "{e}");
+    // stats reads the snapshot's config.json for the memory plan.
+    let o = common::command()
+        .args(args(
+            "stats --data synthetic-flan --examples 8 --max-len 32 --batch-size 2 --gpu-memory 24 --model",
+            &["acme/tiny-llama"],
+        ))
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("memory plan"));
     let o = run("acme/other");
     let e = stderr(&o);
     assert!(!o.status.success());

@@ -51,7 +51,8 @@ fn marks() -> (&'static str, &'static str) {
 pub fn run(a: &InspectArgs) -> Result<()> {
     anyhow::ensure!(a.records >= 1, "--records must be at least 1");
     // The vocabulary and length training checks against come from config.json when there is one.
-    let cfg = match &a.model {
+    let model = a.model.as_deref().map(super::model_path).transpose()?;
+    let cfg = match &model {
         Some(dir) if dir.join("config.json").is_file() => {
             Some(nopad_model::weights::read_config(dir)?)
         }
@@ -66,7 +67,7 @@ pub fn run(a: &InspectArgs) -> Result<()> {
     let mut opts = a.loader.options(max_len);
     opts.loss_on = a.loss_on;
     opts.vocab_size = cfg.as_ref().map(|c| c.vocab_size);
-    opts.tokenizer_dir = a.model.clone();
+    opts.tokenizer_dir = model;
     let what = || format!("cannot inspect {}", a.data.display());
     let view = inspect_records(&a.data, &opts, a.records).with_context(what)?;
     let format = view.format.map_or("unknown".into(), |f| f.to_string());

@@ -81,15 +81,15 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
     let mut opts = args.loader.options(args.max_len);
     opts.vocab_size = args.vocab_size;
     opts.loss_on = args.loss_on;
+    let model = args.model.as_deref().map(super::model_path).transpose()?;
     // A preset name is not a tokenizer directory.
-    let preset = args
-        .model
+    let preset = model
         .as_ref()
         .filter(|m| !m.is_dir())
         .and_then(|m| m.to_str())
         .and_then(nopad_model::Config::preset);
     if preset.is_none() {
-        opts.tokenizer_dir = args.model.clone();
+        opts.tokenizer_dir = model.clone();
     }
     let synthetic = match args.data.to_str() {
         Some("synthetic-flan") => Some(LengthDist::FlanLike),
@@ -142,7 +142,7 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
         println!("{report}");
     }
     if let Some(budget) = args.gpu_memory {
-        let cfg = match (preset, &args.model) {
+        let cfg = match (preset, &model) {
             (Some(cfg), _) => cfg,
             (None, Some(dir)) => nopad_model::weights::read_config(dir)?,
             (None, None) => bail!("--gpu-memory needs --model (a model directory or a preset)"),
