@@ -10,5 +10,6 @@ mod loading;
 mod parquet;
 mod props;
 mod ranks;
+mod real_tokenizer;
 mod untrusted;
 mod util;
