@@ -26,7 +26,13 @@ states in bf16 too: compare memory with that in mind).
 
 Usage: hf_baseline.py DIR MODE [--amp] [--grad-ckpt] [--warmup 3] [--lr 1e-4] [--json OUT] [--device cpu]
                        [--lora-r R [--lora-alpha A] [--lora-dropout P] [--lora-targets all-linear|LIST]
-                        [--use-rslora] [--init-adapter ADAPTER_DIR]]
+                        [--use-rslora] [--init-adapter ADAPTER_DIR] [--load-in-4bit]]
+
+QLoRA (--load-in-4bit, with --lora-r): the base is loaded through bitsandbytes as NF4 with double
+quantisation and bf16 compute (BitsAndBytesConfig, the QLoRA paper's recipe and what TRL users
+pass), every projection of the layers quantised, embeddings, norms and lm_head left in bf16 as
+nopad's `--base-dtype nf4` leaves them. `prepare_model_for_kbit_training` is not called: it
+would cast those bf16 tensors to fp32 and cost HF memory nopad does not spend.
 """
 
 import argparse
@@ -150,9 +156,24 @@ def train(args):
     attn = "sdpa" if args.mode == "pad" else "nopad_varlen_fa2"
     # Default: bf16 parameters and optimizer states (HF's usual bf16 training). --amp: fp32
     # parameters, gradients and AdamW states with bf16 autocast, the precision nopad keeps.
-    model = AutoModelForCausalLM.from_pretrained(
-        f"{args.dir}/model", dtype=torch.float32 if args.amp else torch.bfloat16, attn_implementation=attn
-    ).to(args.device)
+    dtype = torch.float32 if args.amp else torch.bfloat16
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            f"{args.dir}/model", dtype=dtype, attn_implementation=attn, quantization_config=quant,
+            device_map={"": 0},
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            f"{args.dir}/model", dtype=dtype, attn_implementation=attn
+        ).to(args.device)
     model.config.use_cache = False
     if args.lora_r:
         model = add_lora(model, args)
@@ -203,7 +224,7 @@ def train(args):
     rates = sorted(t / s for t, s in zip(tokens, times))
     result = {
         "system": f"hf-{args.mode}" + ("-amp" if args.amp else "") + ("-ckpt" if args.grad_ckpt else "")
-        + (f"-lora{args.lora_r}" if args.lora_r else ""),
+        + (f"-lora{args.lora_r}" if args.lora_r else "") + ("-nf4" if args.load_in_4bit else ""),
         "tokens_per_s": rates[len(rates) // 2] if rates else float("nan"),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
         "losses": losses,
@@ -254,7 +275,10 @@ def main():
     p.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma-separated list of modules")
     p.add_argument("--use-rslora", action="store_true")
     p.add_argument("--init-adapter", help="start from this PEFT adapter (nopad bench --export DIR writes DIR/adapter)")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base through bitsandbytes (needs --lora-r)")
     args = p.parse_args()
+    if args.load_in_4bit and not args.lora_r:
+        p.error("--load-in-4bit trains adapters over the quantised base: give --lora-r")
     result = parity(args) if args.mode == "parity" else train(args)
     text = json.dumps(result)
     if args.json:
