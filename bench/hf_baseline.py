@@ -16,8 +16,7 @@ LoRA (--lora-r R): PEFT adapters with the same rank, alpha (default 2·R, as nop
 targets as `nopad bench --lora-r`, on the frozen base; only the adapters train (AdamW over them,
 clipping over them). --init-adapter DIR/adapter (written by `nopad bench --export DIR` with LoRA)
 loads nopad's initial adapter values, so both sides start equal; without it PEFT initialises
-its own (another A). The LoRA path has not been run here (no torch on the machine it was
-written on): check it on the device before trusting a number.
+its own (another A). docs/BENCHMARKS.md rows L1-L6 ran this path on an H100.
 
 The step loss is HF's causal-LM loss with `num_items_in_batch` = target tokens of the whole
 optimizer step, i.e. the token-weighted loss nopad uses. AdamW (torch, fused), constant lr,
