@@ -6,7 +6,7 @@
 //! Adding an op: a struct here, a method in [`crate::Ops`], its CPU function, its CUDA launcher
 //! (and `.cu` file), and a body in `tests/conformance.rs`.
 
-use crate::{AttnDims, Device, GradWrite, LinearDims, RopeDims};
+use crate::{AttnDims, Device, GradWrite, HeadNormDims, LinearDims, RopeDims};
 
 /// Arguments of [`crate::Ops::embedding_forward`]: `x[N, D] = table[tokens[t], :]`.
 pub struct EmbeddingFwd<'a, B: Device + ?Sized + 'a> {
@@ -140,6 +140,48 @@ pub struct RmsNormBwd<'a, B: Device + ?Sized + 'a> {
     pub n: usize,
     /// Row length D.
     pub d: usize,
+    /// How `d_weight` is written.
+    pub write: GradWrite,
+}
+
+/// Arguments of [`crate::Ops::head_rmsnorm_forward`]: for every token t and normalised head h
+/// (the H query heads, then the Hkv key heads of [`HeadNormDims`]), with `v = qkv[t, h, :]`:
+/// `x[t, h, :] = v`, `rstd[t, h] = 1/√(mean(v²) + eps)`, `qkv[t, h, :] = v · rstd[t, h] · w`,
+/// where `w` is `weight[0..Dh]` for a query head and `weight[Dh..2·Dh]` for a key head.
+pub struct HeadRmsNormFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, (H + 2·Hkv)·Dh]`: the query and key heads normalised in place, the value heads
+    /// untouched.
+    pub qkv: B::Mut<'a>,
+    /// `[N, H + Hkv, Dh]`, overwritten: the heads before the norm, saved for the backward.
+    pub x: B::Mut<'a>,
+    /// `[N, H + Hkv]` Master, overwritten; saved for the backward.
+    pub rstd: B::Mut<'a>,
+    /// `[2·Dh]`: the query heads' weight, then the key heads'.
+    pub weight: B::Ref<'a>,
+    /// The heads' shape.
+    pub dims: HeadNormDims,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+/// Arguments of [`crate::Ops::head_rmsnorm_backward`], in place: on entry the query and key
+/// heads of `d_qkv` hold the gradient of the norm's output, on return that of its input
+/// (`dx = r·w·dy − x·r³·Σ(w·dy·x)/Dh` per head); `d_weight (+)= Σ dy · x · rstd` over every
+/// token and query head (first Dh) or key head (last Dh).
+pub struct HeadRmsNormBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, (H + 2·Hkv)·Dh]`: the query and key heads overwritten as above, the value heads
+    /// untouched.
+    pub d_qkv: B::Mut<'a>,
+    /// `[2·Dh]` Grad, written as `write` says; None: frozen weights (only `dx` is computed).
+    pub d_weight: Option<B::Mut<'a>>,
+    /// `[N, H + Hkv, Dh]`, the forward's saved input.
+    pub x: B::Ref<'a>,
+    /// `[N, H + Hkv]` Master, from the forward.
+    pub rstd: B::Ref<'a>,
+    /// `[2·Dh]`.
+    pub weight: B::Ref<'a>,
+    /// The heads' shape.
+    pub dims: HeadNormDims,
     /// How `d_weight` is written.
     pub write: GradWrite,
 }

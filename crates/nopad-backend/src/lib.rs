@@ -43,7 +43,7 @@ pub(crate) use device::check_parts;
 pub use device::{Accounting, Device, Kind};
 pub use dropout::{dropout_keep, dropout_scale, dropout_threshold, mix64};
 pub use error::{BackendError, Result};
-pub use ops::{AttnDims, GradWrite, LinearDims, Ops, RopeDims};
+pub use ops::{AttnDims, GradWrite, HeadNormDims, LinearDims, Ops, RopeDims};
 pub use optim::codes;
 pub use optim::{
     AdamW, AdamWState, AdamWStates, AdamWStep, MasterPrecision, Moment, MomentMut, OptimizerOps,
@@ -61,8 +61,8 @@ impl<B: Device + Ops + OptimizerOps + Staging + ?Sized> Backend for B {}
 pub mod prelude {
     pub use crate::args::*;
     pub use crate::{
-        AdamW, AdamWState, AdamWStates, AdamWStep, AttnDims, Backend, Device, GradWrite, Kind,
-        LinearDims, MasterPrecision, Moment, MomentMut, Ops, OptimizerOps, ParamRounding, RopeDims,
-        Staging, StateData, StatePrecision,
+        AdamW, AdamWState, AdamWStates, AdamWStep, AttnDims, Backend, Device, GradWrite,
+        HeadNormDims, Kind, LinearDims, MasterPrecision, Moment, MomentMut, Ops, OptimizerOps,
+        ParamRounding, RopeDims, Staging, StateData, StatePrecision,
     };
 }

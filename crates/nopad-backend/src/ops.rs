@@ -4,7 +4,8 @@
 
 use crate::args::{
     AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
-    LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope,
+    SwigluBwd, SwigluFwd,
 };
 use crate::{Device, Result};
 
@@ -45,6 +46,34 @@ pub struct RopeDims {
     pub head_dim: usize,
 }
 
+/// The query and key heads of a packed `qkv` buffer `[N, (H + 2·Hkv)·Dh]`: each row holds H
+/// query heads, then Hkv key heads, then Hkv value heads, Dh values each. The per-head norm
+/// (Qwen3's `q_norm`/`k_norm`) normalises the first H + Hkv heads of every row and leaves the
+/// values alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadNormDims {
+    /// Tokens N.
+    pub n: usize,
+    /// Query heads H (normalised with the first Dh weights).
+    pub heads: usize,
+    /// Key/value heads Hkv (keys normalised with the last Dh weights).
+    pub kv_heads: usize,
+    /// Head dimension Dh.
+    pub head_dim: usize,
+}
+
+impl HeadNormDims {
+    /// Elements of one `qkv` row, `(H + 2·Hkv)·Dh`.
+    pub fn row_stride(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+    /// Normalised heads of one row, H + Hkv: the saved inputs are `[N, H + Hkv, Dh]`, the
+    /// reciprocal RMS values `[N, H + Hkv]`.
+    pub fn normed_heads(&self) -> usize {
+        self.heads + self.kv_heads
+    }
+}
+
 /// The forward and backward of every op a Llama-family decoder needs.
 pub trait Ops: Device {
     // ---- element-wise ---------------------------------------------------------------------
@@ -83,6 +112,11 @@ pub trait Ops: Device {
     fn add_rmsnorm_forward(&self, a: AddRmsNormFwd<'_, Self>) -> Result<()>;
     /// RMSNorm backward, accumulating into the residual-stream gradient (see [`RmsNormBwd`]).
     fn rmsnorm_backward(&self, a: RmsNormBwd<'_, Self>) -> Result<()>;
+    /// RMSNorm of every query and key head of a packed `qkv` buffer, in place, saving the
+    /// heads' inputs and reciprocal RMS (see [`HeadRmsNormFwd`]).
+    fn head_rmsnorm_forward(&self, a: HeadRmsNormFwd<'_, Self>) -> Result<()>;
+    /// Its backward, in place over the query and key heads' gradient (see [`HeadRmsNormBwd`]).
+    fn head_rmsnorm_backward(&self, a: HeadRmsNormBwd<'_, Self>) -> Result<()>;
     /// Rotary embedding in place, HF rotate-half convention: for head vector `x = [x1, x2]`
     /// (halves of Dh/2), angle `θ_i = pos · inv_freq[i]`:
     /// `x1' = x1·cos θ − x2·sin θ`, `x2' = x2·cos θ + x1·sin θ`.

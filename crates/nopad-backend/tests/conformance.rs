@@ -214,6 +214,7 @@ conformance!(
     linear,
     linear_frozen_and_adapter,
     rmsnorm,
+    head_rmsnorm,
     rope,
     swiglu,
     attention,

@@ -4,6 +4,9 @@
 //! Unknown keys in `config.json` are ignored (HF configs carry many that do not change the
 //! maths, such as `use_cache`); every key that does change the maths is read, and a value nopad
 //! cannot honour is an error naming the key.
+//!
+//! Over 600 lines: the reader and the writer of one format, kept side by side so that every key
+//! read is seen written back, and the presets are that format's text.
 
 use serde_json::{json, Map, Value};
 
@@ -18,6 +21,9 @@ pub enum Arch {
     Mistral,
     /// `Qwen2ForCausalLM` (q/k/v biases).
     Qwen2,
+    /// `Qwen3ForCausalLM` (dense): RMSNorm of every query and key head (`q_norm`, `k_norm`)
+    /// before RoPE; biases on q/k/v/o only with `attention_bias`.
+    Qwen3,
 }
 
 impl Arch {
@@ -27,6 +33,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
     /// HF `model_type`.
@@ -35,6 +42,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -154,6 +162,9 @@ pub struct Config {
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama `attention_bias`).
     pub o_bias: bool,
+    /// RMSNorm over each query and key head before RoPE, with weights `[Dh]` of its own for the
+    /// queries and the keys (Qwen3's `q_norm`, `k_norm`; eps `rms_norm_eps`).
+    pub qk_norm: bool,
     /// Sliding-window attention size, if the model uses one.
     pub sliding_window: Option<usize>,
     /// Standard deviation of the random initialisation.
@@ -283,10 +294,11 @@ impl Config {
                 Some("LlamaForCausalLM") => Arch::Llama,
                 Some("MistralForCausalLM") => Arch::Mistral,
                 Some("Qwen2ForCausalLM") => Arch::Qwen2,
+                Some("Qwen3ForCausalLM") => Arch::Qwen3,
                 _ => {
                     return Err(r.err(
                         "architectures",
-                        format!("unsupported architecture {}; nopad supports LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM", a[0]),
+                        format!("unsupported architecture {}; nopad supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM", a[0]),
                     ))
                 }
             },
@@ -295,6 +307,7 @@ impl Config {
                 Some("llama") => Arch::Llama,
                 Some("mistral") => Arch::Mistral,
                 Some("qwen2") => Arch::Qwen2,
+                Some("qwen3") => Arch::Qwen3,
                 Some(other) => return Err(r.err("model_type", format!("unsupported model type `{other}`"))),
                 None => return Err(r.err("architectures", "missing (required, or give model_type)")),
             },
@@ -310,6 +323,8 @@ impl Config {
         }
         let head_dim = match r.usize_opt("head_dim")? {
             Some(h) => h,
+            // Qwen3Config's default, whatever hidden_size / heads is.
+            None if arch == Arch::Qwen3 => 128,
             None => {
                 if !hidden_size.is_multiple_of(heads) {
                     return Err(r.err("head_dim", format!("missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {heads}")));
@@ -350,12 +365,12 @@ impl Config {
         let attention_bias = r.bool_opt("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
-            Arch::Llama => (attention_bias, attention_bias),
+            Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
             Arch::Mistral => (false, false),
         };
         let sliding_window = match arch {
             Arch::Mistral => r.usize_opt("sliding_window")?,
-            Arch::Qwen2 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
+            Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
                 r.usize_opt("sliding_window")?
             }
             _ => None,
@@ -450,6 +465,7 @@ impl Config {
             tie_word_embeddings: r.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
             o_bias,
+            qk_norm: arch == Arch::Qwen3,
             sliding_window,
             initializer_range: r.f64_opt("initializer_range")?.unwrap_or(0.02),
             bos_token_id: r.present("bos_token_id").cloned(),
@@ -562,7 +578,10 @@ impl Config {
             Arch::Mistral => {
                 obj.insert("sliding_window".into(), json!(self.sliding_window));
             }
-            Arch::Qwen2 => {
+            Arch::Qwen2 | Arch::Qwen3 => {
+                if self.arch == Arch::Qwen3 {
+                    obj.insert("attention_bias".into(), json!(self.o_bias));
+                }
                 obj.insert(
                     "use_sliding_window".into(),
                     json!(self.sliding_window.is_some()),
@@ -597,7 +616,8 @@ impl Config {
         ]
         .map(|x| x as u128);
         let (qd, kvd) = (h * dh, kv * dh);
-        let per_layer = d * (qd + 2 * kvd) + d * qd + 3 * d * f + 2 * d + (qd + 2 * kvd) + d;
+        let per_layer =
+            d * (qd + 2 * kvd) + d * qd + 3 * d * f + 2 * d + (qd + 2 * kvd) + d + 2 * dh;
         let embeddings = if self.tie_word_embeddings { 1 } else { 2 } * v * d;
         l * per_layer + embeddings + d
     }
@@ -623,6 +643,11 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         "tiny",
         "2 layers, D=16, GQA 4/2: for tests",
         r#"{"architectures":["LlamaForCausalLM"],"vocab_size":97,"hidden_size":16,"intermediate_size":40,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,"max_position_embeddings":4096,"tie_word_embeddings":false}"#,
+    ),
+    (
+        "tiny-qwen3",
+        "2 layers, D=16, GQA 4/2 of head_dim 8, q/k norms, tied: Qwen3's paths in tests",
+        r#"{"architectures":["Qwen3ForCausalLM"],"vocab_size":97,"hidden_size":16,"intermediate_size":40,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":8,"attention_bias":false,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"max_position_embeddings":4096,"tie_word_embeddings":true}"#,
     ),
     (
         "small",
@@ -658,5 +683,10 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         "qwen2.5-0.5b",
         "Qwen2.5-0.5B shape (0.49B, q/k/v biases, tied)",
         r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":151936,"hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"max_position_embeddings":32768,"tie_word_embeddings":true,"use_sliding_window":false,"sliding_window":32768,"bos_token_id":151643,"eos_token_id":151643}"#,
+    ),
+    (
+        "qwen3-0.6b",
+        "Qwen3-0.6B shape (0.60B, q/k norms, head_dim 128 over hidden 1024, tied)",
+        r#"{"architectures":["Qwen3ForCausalLM"],"vocab_size":151936,"hidden_size":1024,"intermediate_size":3072,"num_hidden_layers":28,"num_attention_heads":16,"num_key_value_heads":8,"head_dim":128,"attention_bias":false,"rms_norm_eps":1e-6,"rope_theta":1000000.0,"max_position_embeddings":40960,"tie_word_embeddings":true,"use_sliding_window":false,"sliding_window":null,"max_window_layers":28,"bos_token_id":151643,"eos_token_id":151645}"#,
     ),
 ];

@@ -3,12 +3,14 @@
 //! backward first re-runs a layer's forward from its saved input residual stream.
 //!
 //! Legend: N tokens, D hidden, H/Hkv heads, Dh head dim, W = (H + 2·Hkv)·Dh, F MLP width.
+//!
+//! Just over 600 lines: the forward and the backward are read side by side, as in `model.rs`.
 
 use nopad_backend::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, LinearBwd, LinearFwd, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd,
-    SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd,
+    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
-use nopad_backend::{AttnDims, Backend, GradWrite, LinearDims, RopeDims};
+use nopad_backend::{AttnDims, Backend, GradWrite, HeadNormDims, LinearDims, RopeDims};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -61,6 +63,17 @@ pub struct LayerActs<B: Backend> {
     /// `[N, 2F]` gate and up projections (empty under `Recompute::Mlp`); the backward
     /// overwrites them with their gradient.
     pub gu: B::Buf,
+    /// What the q/k norms' backward reads, in a model that has them.
+    pub qk_norm: Option<QkNormActs<B>>,
+}
+
+/// The saved activations of the per-head norms of the query and key heads (Qwen3's `q_norm`,
+/// `k_norm`), `Hn = H + Hkv` heads a token.
+pub struct QkNormActs<B: Backend> {
+    /// `[N, Hn, Dh]` the heads before the norm.
+    pub x: B::Buf,
+    /// `[N, Hn]` their reciprocal RMS.
+    pub rstd: B::Buf,
 }
 
 /// Buffers every layer reuses, `[cap, ·]`.
@@ -91,6 +104,16 @@ fn rope_dims(c: &Config, n: usize) -> RopeDims {
         n,
         row_stride: c.qkv_width(),
         n_rot_heads: c.num_attention_heads + c.num_key_value_heads,
+        head_dim: c.head_dim,
+    }
+}
+
+/// The query and key heads the q/k norms normalise, at the start of each `qkv` row.
+fn head_norm_dims(c: &Config, n: usize) -> HeadNormDims {
+    HeadNormDims {
+        n,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim,
     }
 }
@@ -147,6 +170,19 @@ pub(crate) fn forward<B: Backend>(
     })?;
     prof.mark(b, "qkv_proj fwd")?;
     adapt(&mut lora, b, Site::Qkv, &acts.h, &mut la.qkv, n, prof)?;
+    if let (Some(qk), Some(wr)) = (la.qk_norm.as_mut(), lr.qk_norm.clone()) {
+        // q_norm/k_norm, on the projections (with bias and adapters) before RoPE.
+        let hn = c.num_attention_heads + c.num_key_value_heads;
+        b.head_rmsnorm_forward(HeadRmsNormFwd {
+            qkv: b.view_mut(&mut la.qkv, 0..n * w),
+            x: b.view_mut(&mut qk.x, 0..n * hn * c.head_dim),
+            rstd: b.view_mut(&mut qk.rstd, 0..n * hn),
+            weight: b.view(p, wr),
+            dims: head_norm_dims(c, n),
+            eps,
+        })?;
+        prof.mark(b, "qk_norm fwd")?;
+    }
     let rope = rope_dims(c, n);
     b.rope_forward(Rope {
         x: b.view_mut(&mut la.qkv, 0..n * w),
@@ -439,6 +475,22 @@ pub(crate) fn backward<B: Backend>(
         dims: rope,
     })?;
     prof.mark(b, "rope bwd")?;
+    if let (Some(qk), Some(wr)) = (la.qk_norm.as_ref(), lr.qk_norm.clone()) {
+        // d_qkv's q and k heads: ∂loss/∂(normed heads) in, ∂loss/∂(projections) out.
+        let hn = c.num_attention_heads + c.num_key_value_heads;
+        b.head_rmsnorm_backward(HeadRmsNormBwd {
+            d_qkv: b.view_mut(&mut acts.d_qkv, 0..n * w),
+            d_weight: base
+                .as_mut()
+                .and_then(|(g, gr)| Some(b.view_mut(g, gr.qk_norm.clone()?))),
+            x: b.view(&qk.x, 0..n * hn * c.head_dim),
+            rstd: b.view(&qk.rstd, 0..n * hn),
+            weight: b.view(p, wr),
+            dims: head_norm_dims(c, n),
+            write: cx.grad_write,
+        })?;
+        prof.mark(b, "qk_norm bwd")?;
+    }
     // h1 = input_layernorm(res[l]), recomputed.
     b.rmsnorm_forward(RmsNormFwd {
         y: b.view_mut(&mut acts.h, nd.clone()),

@@ -66,6 +66,36 @@ pub struct LayerRanges {
     pub ln1: Range<usize>,
     /// `[D]` post_attention_layernorm.
     pub ln2: Range<usize>,
+    /// `[2·Dh]` when the model normalises its query and key heads: q_norm's weight, then
+    /// k_norm's.
+    pub qk_norm: Option<Range<usize>>,
+}
+
+impl LayerRanges {
+    /// The same layer with every range mapped by `f` (where another buffer holds the layer).
+    pub fn map(&self, f: impl Fn(&Range<usize>) -> Range<usize>) -> LayerRanges {
+        LayerRanges {
+            qkv_w: f(&self.qkv_w),
+            qkv_b: self.qkv_b.as_ref().map(&f),
+            o_w: f(&self.o_w),
+            o_b: self.o_b.as_ref().map(&f),
+            gate_up_w: f(&self.gate_up_w),
+            down_w: f(&self.down_w),
+            ln1: f(&self.ln1),
+            ln2: f(&self.ln2),
+            qk_norm: self.qk_norm.as_ref().map(&f),
+        }
+    }
+
+    /// The norms' and biases' ranges (no weight decay), in layout order.
+    pub fn vectors(&self) -> impl Iterator<Item = &Range<usize>> {
+        let norms = [&self.ln1, &self.ln2].into_iter();
+        norms.chain(
+            [&self.qk_norm, &self.qkv_b, &self.o_b]
+                .into_iter()
+                .flatten(),
+        )
+    }
 }
 
 /// The whole parameter layout.
@@ -233,6 +263,12 @@ impl Layout {
         for (i, (qkv_w, o_w, gate_up_w, down_w)) in mats.into_iter().enumerate() {
             let ln1 = a.take(p(i, "input_layernorm.weight"), vec![d]);
             let ln2 = a.take(p(i, "post_attention_layernorm.weight"), vec![d]);
+            let qk_norm = c.qk_norm.then(|| {
+                a.stacked_vec(&[
+                    (p(i, "self_attn.q_norm.weight"), c.head_dim),
+                    (p(i, "self_attn.k_norm.weight"), c.head_dim),
+                ])
+            });
             let qkv_b = c.qkv_bias.then(|| {
                 a.stacked_vec(&[
                     (p(i, "self_attn.q_proj.bias"), qd),
@@ -252,6 +288,7 @@ impl Layout {
                 down_w,
                 ln1,
                 ln2,
+                qk_norm,
             });
         }
         let norm = a.take("model.norm.weight".into(), vec![d]);
@@ -278,7 +315,8 @@ impl Layout {
         let mut v: Vec<_> = self
             .layers
             .iter()
-            .flat_map(|l| [l.ln1.clone(), l.ln2.clone()])
+            .flat_map(|l| [Some(l.ln1.clone()), Some(l.ln2.clone()), l.qk_norm.clone()])
+            .flatten()
             .collect();
         v.push(self.norm.clone());
         v
@@ -326,13 +364,7 @@ fn groups(
         for r in [&lr.qkv_w, &lr.o_w, &lr.gate_up_w, &lr.down_w] {
             push_range(&mut g.decay, r.clone());
         }
-        let vecs = [
-            Some(&lr.ln1),
-            Some(&lr.ln2),
-            lr.qkv_b.as_ref(),
-            lr.o_b.as_ref(),
-        ];
-        for r in vecs.into_iter().flatten() {
+        for r in lr.vectors() {
             push_range(&mut g.no_decay, r.clone());
         }
         v.push(g);
@@ -347,7 +379,7 @@ mod tests {
 
     #[test]
     fn tensors_tile_the_buffer_and_groups_are_contiguous() {
-        for name in ["tiny", "qwen2.5-0.5b", "llama-2-7b"] {
+        for name in ["tiny", "qwen2.5-0.5b", "llama-2-7b", "qwen3-0.6b"] {
             let c = Config::preset(name).unwrap();
             let l = Layout::new(&c);
             let mut next = 0;
@@ -370,7 +402,7 @@ mod tests {
 
     #[test]
     fn groups_tile_the_buffer_with_the_decay_split() {
-        for name in ["tiny", "qwen2.5-0.5b", "llama-2-7b"] {
+        for name in ["tiny", "qwen2.5-0.5b", "llama-2-7b", "qwen3-0.6b"] {
             let c = Config::preset(name).unwrap();
             let l = Layout::new(&c);
             let mut all: Vec<(Range<usize>, bool)> =

@@ -1,4 +1,4 @@
-//! nopad-model: the Llama-family decoder (Llama, Mistral, Qwen2).
+//! nopad-model: the Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 dense).
 //!
 //! - [`Config`]: read from an HF `config.json` or a built-in preset, validated once.
 //! - [`Layout`]: where every HF tensor lives in one flat parameter buffer.
@@ -24,7 +24,7 @@ pub mod weights;
 
 pub use config::{Arch, Config, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
-pub use layer::{LayerActs, Scratch};
+pub use layer::{LayerActs, QkNormActs, Scratch};
 pub use layout::{GroupKind, Layout, ParamGroup, TensorSpec};
 pub use model::{Acts, GroupGrads, Inputs, Model, Phase, Piece, Placed, Resident, WeightSource};
 pub use recompute::Recompute;

@@ -52,9 +52,11 @@ pub fn act_parts(cfg: &Config, cap: usize, mode: Recompute) -> ActParts {
     let (w, hd, n_layers) = (cfg.qkv_width(), h * cfg.head_dim, cfg.num_hidden_layers);
     let (big, stat) = (Kind::Compute, Kind::Master);
     let gu_len = |on: bool| if on { 2 * f } else { 0 };
-    // What one layer saves, in `LayerActs` field order.
+    // What one layer saves, in `LayerActs` field order; with q/k norms, the heads' inputs and
+    // reciprocal RMS last (`QkNormActs`).
+    let normed = (h + cfg.num_key_value_heads) * cap;
     let layer_parts = |l: usize| {
-        vec![
+        let mut v = vec![
             (cap, stat),
             (cap * w, big),
             (cap * hd, big),
@@ -62,7 +64,11 @@ pub fn act_parts(cfg: &Config, cap: usize, mode: Recompute) -> ActParts {
             (cap * d, big),
             (cap, stat),
             (cap * gu_len(!mode.mlp_in_layer(l)), big),
-        ]
+        ];
+        if cfg.qk_norm {
+            v.extend([(normed * cfg.head_dim, big), (normed, stat)]);
+        }
+        v
     };
     let slots = (0..n_layers)
         .map(|l| {
@@ -125,11 +131,8 @@ pub fn grads_written_above(layout: &Layout, l: usize) -> Vec<Range<usize>> {
             lr.o_w.clone(),
             lr.gate_up_w.clone(),
             lr.down_w.clone(),
-            lr.ln1.clone(),
-            lr.ln2.clone(),
         ]);
-        v.extend(lr.qkv_b.clone());
-        v.extend(lr.o_b.clone());
+        v.extend(lr.vectors().cloned());
     }
     v
 }

@@ -1,5 +1,7 @@
 //! Whole-model tests: finite-difference gradients of every parameter kind (f64), padded vs
-//! flattened batches, gradient accumulation, attention isolation, and checkpoint round trips.
+//! flattened batches, gradient accumulation, attention isolation, and checkpoint round trips;
+//! the Llama paths and Qwen3's q/k norms (`tiny_qwen3`). Over 600 lines: the helpers the LoRA,
+//! QLoRA and sharding tests share live here with the tests that first need them.
 
 use nopad_backend::cpu::{Cpu, Scalar};
 use nopad_rng::Rng;
@@ -86,6 +88,16 @@ pub(crate) fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Ex> {
 
 pub(crate) fn tiny(tied: bool, bias: bool) -> Config {
     let mut c = Config::preset("tiny").unwrap();
+    c.tie_word_embeddings = tied;
+    c.qkv_bias = bias;
+    c.o_bias = bias;
+    c
+}
+
+/// The Qwen3 counterpart of [`tiny`]: q/k norms, and heads of 8 with D = 16 and 4 heads, so
+/// attention is wider than the residual stream (q_proj 16 → 32, o_proj 32 → 16).
+pub(crate) fn tiny_qwen3(tied: bool, bias: bool) -> Config {
+    let mut c = Config::preset("tiny-qwen3").unwrap();
     c.tie_word_embeddings = tied;
     c.qkv_bias = bias;
     c.o_bias = bias;
@@ -213,9 +225,13 @@ fn a_step_overwrites_stale_gradients_and_aliasing_refuses_a_second_micro_batch()
 
 #[test]
 fn finite_differences_for_every_parameter_kind_and_the_input_path() {
-    for (tied, bias) in [(false, true), (true, false)] {
+    let qwen3 = [tiny_qwen3(false, true), tiny_qwen3(true, false)];
+    for cfg in [tiny(false, true), tiny(true, false)]
+        .into_iter()
+        .chain(qwen3)
+    {
         let b = Cpu::<f64>::new();
-        let cfg = tiny(tied, bias);
+        let tied = cfg.tie_word_embeddings;
         let mut m = model(&b, cfg.clone(), 5);
         let mut rng = Rng::new(6);
         let exs = examples(&mut rng, &[5, 1, 7, 3], cfg.vocab_size);
@@ -243,7 +259,12 @@ fn finite_differences_for_every_parameter_kind_and_the_input_path() {
                 m.params[i] = orig - h;
                 let lm = eval(&mut m);
                 m.params[i] = orig;
-                let what = format!("{} (tied {tied}): element {}", t.name, i - t.offset);
+                let what = format!(
+                    "{} ({:?}, tied {tied}): element {}",
+                    t.name,
+                    cfg.arch,
+                    i - t.offset
+                );
                 assert_fd(&what, (lp, lm, h), grads[i], scale);
             }
         }
@@ -452,8 +473,13 @@ fn sliding_window_longer_sequences_are_refused() {
 
 #[test]
 fn recomputing_activations_gives_identical_gradients_in_less_memory() {
+    for cfg in [tiny(false, true), tiny_qwen3(false, true)] {
+        recompute_gives_identical_gradients_in_less_memory(cfg);
+    }
+}
+
+fn recompute_gives_identical_gradients_in_less_memory(mut cfg: Config) {
     use crate::Recompute;
-    let mut cfg = tiny(false, true);
     // Three layers, so that recomputing the MLP of two of them holds less than none (the one
     // recomputed gate/up buffer is shared) and more than all three.
     cfg.num_hidden_layers = 3;
@@ -557,8 +583,13 @@ fn changing_the_recompute_mode_between_steps_keeps_the_gradients() {
 #[test]
 fn one_group_gradient_scratch_hands_each_group_the_full_buffers_gradient() {
     use nopad_backend::Device;
-    for (tied, recompute) in [(false, Recompute::None), (true, Recompute::Full)] {
-        let cfg = tiny(tied, true);
+    for (cfg, recompute) in [
+        (tiny(false, true), Recompute::None),
+        (tiny(true, true), Recompute::Full),
+        (tiny_qwen3(true, false), Recompute::None),
+        (tiny_qwen3(false, true), Recompute::Full),
+    ] {
+        let tied = cfg.tie_word_embeddings;
         let mut rng = Rng::new(61);
         let p = flatten(&examples(&mut rng, &[9, 4, 13], cfg.vocab_size));
         let b = Cpu::<f32>::new();

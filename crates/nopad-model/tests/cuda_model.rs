@@ -43,6 +43,20 @@ fn config(tied: bool) -> Config {
     .unwrap()
 }
 
+/// Qwen3: q/k norms, heads of 64 (nopad-flash in bf16) over a residual stream of 192, so q_proj
+/// widens (192 → 256) and o_proj narrows; biases on q/k/v/o as `attention_bias` says.
+fn qwen3_config(tied: bool, bias: bool) -> Config {
+    Config::from_json_str(
+        &format!(
+            r#"{{"architectures":["Qwen3ForCausalLM"],"vocab_size":1000,"hidden_size":192,"intermediate_size":512,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":64,"rms_norm_eps":1e-6,
+            "rope_theta":1000000.0,"attention_bias":{bias},"tie_word_embeddings":{tied}}}"#
+        ),
+        "test config",
+    )
+    .unwrap()
+}
+
 #[path = "support/packed.rs"]
 mod packed;
 use packed::Packed;
@@ -118,18 +132,36 @@ fn compare_with(
     grad_tol: f64,
     test: &str,
 ) {
+    // The bf16-gradient run (the 1B benchmark's configuration) ties the head.
+    let cfg = config(bf16_grads);
+    compare_cfg(
+        &cfg,
+        (dtype, bf16_grads),
+        recompute,
+        (loss_tol, grad_tol),
+        test,
+    );
+}
+
+/// `cfg` on the GPU (in `dtype`, with bf16 gradients or not) against the CPU: the loss and
+/// every tensor's gradient within `(loss_tol, grad_tol)`.
+fn compare_cfg(
+    cfg: &Config,
+    (dtype, bf16_grads): (CudaDtype, bool),
+    recompute: Recompute,
+    (loss_tol, grad_tol): (f64, f64),
+    test: &str,
+) {
     let Some(gpu) = gpu(dtype, bf16_grads, test) else {
         return;
     };
-    // The bf16-gradient run (the 1B benchmark's configuration) ties the head.
-    let cfg = config(bf16_grads);
     let seed = Rng::new(0x5eed).next_u64() ^ std::process::id() as u64;
     let mut rng = Rng::new(seed);
     // Lengths with a length-1 sequence, primes, tile-crossing sizes and one long sequence.
     let p = flatten(&mut rng, &[1, 17, 64, 65, 129, 300, 2, 31], cfg.vocab_size);
-    let (l_cpu, g_cpu) = run(&Cpu::<f32>::new(), &cfg, seed, &p, Recompute::None, false);
+    let (l_cpu, g_cpu) = run(&Cpu::<f32>::new(), cfg, seed, &p, Recompute::None, false);
     let alias = dtype == CudaDtype::Bf16;
-    let (l_gpu, g_gpu) = run(&gpu, &cfg, seed, &p, recompute, alias);
+    let (l_gpu, g_gpu) = run(&gpu, cfg, seed, &p, recompute, alias);
     let dl = ((l_gpu - l_cpu) / l_cpu).abs();
     eprintln!("[{test}] seed {seed}: loss cpu {l_cpu:.6} gpu {l_gpu:.6} (rel {dl:.2e})");
     assert!(
@@ -140,7 +172,7 @@ fn compare_with(
         g_gpu.iter().all(|g| g.is_finite()),
         "[{test}] non-finite gradient"
     );
-    let layout = nopad_model::Layout::new(&cfg);
+    let layout = nopad_model::Layout::new(cfg);
     let mut worst = (0.0, String::new());
     for t in &layout.tensors {
         let r = rel(&g_gpu[t.range()], &g_cpu[t.range()]);
@@ -216,6 +248,49 @@ fn bf16_model_with_bf16_gradients_matches_cpu() {
     );
 }
 
+/// Qwen3 (the per-head q/k norm kernels in both passes, heads wider than the residual stream):
+/// f32 to 1e-4; bf16 within the bound above with two more rounded stages per layer and pass
+/// (the norm of q and k), k = 2·12·L = 48: 3·√48·u ≈ 0.081; under full recomputation, with bf16
+/// gradients, with biases.
+#[test]
+fn qwen3_model_matches_cpu() {
+    use CudaDtype::{Bf16, F32};
+    let cases = [
+        (
+            qwen3_config(false, false),
+            F32,
+            false,
+            Recompute::None,
+            (1e-4, 1e-4),
+        ),
+        (
+            qwen3_config(true, false),
+            Bf16,
+            false,
+            Recompute::None,
+            (4e-3, 8.1e-2),
+        ),
+        (
+            qwen3_config(false, true),
+            Bf16,
+            false,
+            Recompute::Full,
+            (4e-3, 8.1e-2),
+        ),
+        (
+            qwen3_config(true, true),
+            Bf16,
+            true,
+            Recompute::Mlp(None),
+            (4e-3, 8.1e-2),
+        ),
+    ];
+    for (cfg, dtype, g16, rc, tols) in cases {
+        let test = format!("qwen3_model_matches_cpu {dtype:?} bf16 grads {g16} {rc}");
+        compare_cfg(&cfg, (dtype, g16), rc, tols, &test);
+    }
+}
+
 /// A LoRA model (every target, rank 8, dropout, B drawn so that A takes gradient too) on the
 /// GPU against the CPU: loss and every adapter gradient, with the same tolerances as the whole
 /// model, without and with full recomputation; over a bf16 base and over an NF4 one (QLoRA:
@@ -268,20 +343,26 @@ fn lora_model_matches_cpu() {
         let Some(gpu) = gpu(dtype, false, &test) else {
             return;
         };
-        let cfg = config(false);
         let seed = Rng::new(0x10aa).next_u64() ^ std::process::id() as u64;
-        let p = flatten(
-            &mut Rng::new(seed),
-            &[1, 17, 64, 65, 129, 300, 2, 31],
-            cfg.vocab_size,
-        );
-        for (base, rc) in [
-            (BaseDtype::Bf16, Recompute::None),
-            (BaseDtype::Bf16, Recompute::Full),
-            (BaseDtype::Nf4, Recompute::None),
-            (BaseDtype::Nf4, Recompute::Full),
-        ] {
-            let test = format!("{test} {base:?}");
+        // Both configs have a vocabulary of 1000.
+        let p = flatten(&mut Rng::new(seed), &[1, 17, 64, 65, 129, 300, 2, 31], 1000);
+        let (bf16, nf4) = (BaseDtype::Bf16, BaseDtype::Nf4);
+        let cases = [
+            (config(false), bf16, Recompute::None),
+            (config(false), bf16, Recompute::Full),
+            (config(false), nf4, Recompute::None),
+            (config(false), nf4, Recompute::Full),
+            // Qwen3's frozen q/k norms between the q/k adapters and RoPE, over both bases.
+            (qwen3_config(false, false), bf16, Recompute::Full),
+            (qwen3_config(true, true), nf4, Recompute::None),
+        ];
+        for (cfg, base, rc) in cases {
+            let test = format!("{test} {:?} {base:?}", cfg.arch);
+            // The q/k norms' two more rounded stages a layer (see qwen3_model_matches_cpu).
+            let grad_tol = match dtype {
+                CudaDtype::Bf16 if cfg.qk_norm => 8.1e-2,
+                _ => grad_tol,
+            };
             let s = (settings(seed), base);
             let (l_cpu, g_cpu) = run_lora(&Cpu::<f32>::new(), &cfg, s.clone(), &p, Recompute::None);
             let (l_gpu, g_gpu) = run_lora(&gpu, &cfg, s, &p, rc);

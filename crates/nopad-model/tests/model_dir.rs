@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use nopad_model::weights::{self, SaveDtype};
-use nopad_model::{Config, Layout, RopeScaling, PRESETS};
+use nopad_model::{Arch, Config, Layout, RopeScaling, PRESETS};
 
 #[test]
 fn presets_parse_and_have_the_published_sizes() {
@@ -20,6 +20,7 @@ fn presets_parse_and_have_the_published_sizes() {
     assert_eq!(count("llama-2-7b"), 6_738_415_616);
     assert_eq!(count("mistral-7b"), 7_248_023_552);
     assert_eq!(count("qwen2.5-0.5b"), 494_032_768);
+    assert_eq!(count("qwen3-0.6b"), 596_049_920);
 }
 
 /// The `tiny` preset's config.json text with `key` set to `value`.
@@ -317,4 +318,87 @@ fn hf_json_roundtrips() {
     assert_eq!(c.rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
     let e = Config::from_json_str(&yarn.replace("yarn", "longrope"), "x").unwrap_err();
     assert!(e.to_string().contains("`longrope` is not supported"), "{e}");
+}
+
+/// A Qwen3 `config.json` as transformers 5 writes it (`rope_parameters`, `layer_types`), with
+/// heads wider than the residual stream (4 × 32 over 48): read with its q/k norms, its biases and
+/// window read as HF reads them; a checkpoint of it round-trips with `q_norm`/`k_norm` under
+/// HF's names.
+#[test]
+fn a_qwen3_directory_reads_with_its_qk_norms_and_round_trips() {
+    let hf = r#"{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "head_dim": 32, "hidden_act": "silu", "hidden_size": 48,
+        "initializer_range": 0.02, "intermediate_size": 64,
+        "layer_types": ["full_attention", "full_attention"], "max_position_embeddings": 40960,
+        "max_window_layers": 28, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "sliding_window": null, "tie_word_embeddings": true, "dtype": "bfloat16",
+        "transformers_version": "5.0.0", "use_cache": true, "use_sliding_window": false,
+        "vocab_size": 100}"#;
+    let c = Config::from_json_str(hf, "config.json").unwrap();
+    assert_eq!((c.arch, c.head_dim, c.rope_theta), (Arch::Qwen3, 32, 1e6));
+    assert!(c.qk_norm && !c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
+    assert_eq!(c.sliding_window, None);
+    let with = |from: &str, to: &str| Config::from_json_str(&hf.replace(from, to), "c").unwrap();
+    let biased = with(r#""attention_bias": false"#, r#""attention_bias": true"#);
+    assert!(
+        biased.qkv_bias && biased.o_bias,
+        "attention_bias: q, k, v and o"
+    );
+    assert_eq!(
+        with(r#""head_dim": 32,"#, "").head_dim,
+        128,
+        "Qwen3Config's default"
+    );
+    let windowed = with(
+        r#""use_sliding_window": false"#,
+        r#""use_sliding_window": true"#,
+    );
+    assert_eq!(windowed.sliding_window, None, "a null window");
+    let windowed = Config::from_json_str(
+        &hf.replace(
+            r#""use_sliding_window": false"#,
+            r#""use_sliding_window": true"#,
+        )
+        .replace(r#""sliding_window": null"#, r#""sliding_window": 4096"#),
+        "c",
+    )
+    .unwrap();
+    assert_eq!(windowed.sliding_window, Some(4096));
+    let layout = Layout::new(&c);
+    let shape = |name: &str| {
+        let t = layout.tensors.iter().find(|t| t.name == name);
+        t.map(|t| t.shape.clone())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    for l in 0..2 {
+        let at = |s: &str| format!("model.layers.{l}.self_attn.{s}");
+        assert_eq!(shape(&at("q_norm.weight")), [32]);
+        assert_eq!(shape(&at("k_norm.weight")), [32]);
+        assert_eq!(shape(&at("q_proj.weight")), [128, 48]);
+        assert_eq!(shape(&at("o_proj.weight")), [48, 128]);
+    }
+    // Every element a different value: a tensor loaded at another's place shows.
+    let dir = tempfile::tempdir().unwrap();
+    weights::save_checkpoint(dir.path(), &c, &layout, SaveDtype::F32, usize::MAX, |r| {
+        Ok(r.map(|i| i as f32).collect())
+    })
+    .unwrap();
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = file.names();
+    for n in ["q_norm", "k_norm"].map(|n| format!("model.layers.1.self_attn.{n}.weight")) {
+        assert!(names.contains(&n.as_str()), "{n} not in the file");
+    }
+    let back = weights::read_config(dir.path()).unwrap();
+    assert_eq!(back, c);
+    let mut got = vec![f32::NAN; layout.total];
+    weights::load_checkpoint(dir.path(), &back, &Layout::new(&back), |off, v| {
+        got[off..off + v.len()].copy_from_slice(v);
+        Ok(())
+    })
+    .unwrap();
+    assert!(got.iter().enumerate().all(|(i, &v)| v == i as f32));
 }

@@ -191,6 +191,10 @@ fn the_plan_equals_the_cpu_peak_in_every_mode() {
         ("small", in_backward(S::Block8, R::Full), 1),
         ("small", offloaded(S::F32, R::None), 1),
         ("small", offloaded(S::Bf16, R::Full), 1),
+        // Qwen3: the q/k norms' saved inputs and rstd in every layer's activations.
+        ("tiny-qwen3", modes(S::F32, R::None, true), 1),
+        ("tiny-qwen3", modes(S::Bf16, R::Full, false), 2),
+        ("tiny-qwen3", in_backward(S::F32, R::Mlp(None)), 1),
     ] {
         let (planned, measured) = planned_and_measured(&Cpu::<f32>::new(), preset, m, accum, None);
         assert_eq!(planned, measured, "{preset} {}", m.label());
@@ -265,6 +269,12 @@ fn the_plan_equals_the_cpu_peak_of_lora_runs() {
             qlora(lora(8, &all, 0.0, S::Block8)),
             Recompute::Full,
             2,
+        ),
+        (
+            "tiny-qwen3",
+            qlora(lora(4, &all, 0.1, S::F32)),
+            Recompute::Full,
+            1,
         ),
     ] {
         let m = Modes { recompute, ..m };
@@ -476,6 +486,11 @@ fn each_ranks_peak_equals_the_plan_of_its_stage() {
             aligned,
             sharded(modes(S::Block8, R::None, false), 4, 2),
             (4, 2),
+        ),
+        (
+            Net::Preset("tiny-qwen3"),
+            sharded(modes(S::F32, R::None, false), 2, 2),
+            (4, 1),
         ),
         // Eight ranks of one example each: the model's construction, with its full gradient
         // buffer, is the peak.

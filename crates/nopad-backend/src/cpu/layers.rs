@@ -88,18 +88,35 @@ pub(crate) fn rmsnorm_forward<T: Scalar>(a: RmsNormFwd<'_, Cpu<T>>) -> Result<()
         .par_chunks_mut(d)
         .zip(rstd[..n].par_iter_mut())
         .zip(x[..n * d].par_chunks(d))
-        .for_each(|((yr, r), xr)| {
-            let mut ss = T::ZERO;
-            for &v in xr {
-                ss += v * v;
-            }
-            let rs = T::ONE / (ss * inv_d + eps).sqrt();
-            *r = rs;
-            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&weight[..d]) {
-                *o = v * rs * w;
-            }
-        });
+        .for_each(|((yr, r), xr)| *r = rms_row(yr, xr, &weight[..d], eps, inv_d));
     Ok(())
+}
+
+/// One row of RMSNorm, `y = x · r · w`, returning `r = 1/√(Σx² · inv_d + eps)` (shared with the
+/// per-head norm, so both round alike).
+pub(crate) fn rms_row<T: Scalar>(y: &mut [T], x: &[T], weight: &[T], eps: T, inv_d: T) -> T {
+    let mut ss = T::ZERO;
+    for &v in x {
+        ss += v * v;
+    }
+    let rs = T::ONE / (ss * inv_d + eps).sqrt();
+    for ((o, &v), &w) in y.iter_mut().zip(x).zip(weight) {
+        *o = v * rs * w;
+    }
+    rs
+}
+
+/// One row of RMSNorm's backward, `dx += r·w·dy − r³·x·inv_d · Σ dy·w·x` (y = w·x·r with
+/// r = (mean x² + eps)^-½).
+pub(crate) fn rms_row_dx<T: Scalar>(dx: &mut [T], dy: &[T], x: &[T], weight: &[T], r: T, inv_d: T) {
+    let mut dot = T::ZERO;
+    for ((&g, &w), &v) in dy.iter().zip(weight).zip(x) {
+        dot += g * w * v;
+    }
+    let c = r * r * r * dot * inv_d;
+    for (((o, &g), &w), &v) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
+        *o += r * w * g - c * v;
+    }
 }
 
 pub(crate) fn rmsnorm_backward<T: Scalar>(a: RmsNormBwd<'_, Cpu<T>>) -> Result<()> {
@@ -128,23 +145,12 @@ pub(crate) fn rmsnorm_backward<T: Scalar>(a: RmsNormBwd<'_, Cpu<T>>) -> Result<(
         check_len(OP, "d_weight", dw.len(), d)?;
     }
     let inv_d = T::ONE / T::from_f64(d as f64);
-    // y = w·x·r with r = (mean x² + eps)^-½:
-    // dx_j = r·w_j·dy_j − r³·x_j/d · Σ_i dy_i·w_i·x_i.
     dx[..n * d]
         .par_chunks_mut(d)
         .zip(dy[..n * d].par_chunks(d))
         .zip(x[..n * d].par_chunks(d))
         .zip(rstd[..n].par_iter())
-        .for_each(|(((dxr, dyr), xr), &r)| {
-            let mut dot = T::ZERO;
-            for ((&g, &w), &v) in dyr.iter().zip(&weight[..d]).zip(xr) {
-                dot += g * w * v;
-            }
-            let c = r * r * r * dot * inv_d;
-            for (((o, &g), &w), &v) in dxr.iter_mut().zip(dyr).zip(&weight[..d]).zip(xr) {
-                *o += r * w * g - c * v;
-            }
-        });
+        .for_each(|(((dxr, dyr), xr), &r)| rms_row_dx(dxr, dyr, xr, &weight[..d], r, inv_d));
     // d_weight += Σ_t dy·x·r, as column sums of the row products (fixed order).
     let Some(d_weight) = d_weight else {
         return Ok(());

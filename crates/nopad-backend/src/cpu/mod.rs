@@ -8,6 +8,7 @@
 
 mod adapter;
 mod attention;
+mod head_norm;
 mod layers;
 mod linear;
 mod optim;
@@ -20,7 +21,8 @@ use std::sync::Arc;
 
 use crate::args::{
     AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
-    LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope,
+    SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
@@ -372,6 +374,12 @@ impl<T: Scalar> Ops for Cpu<T> {
     }
     fn rmsnorm_backward(&self, a: RmsNormBwd<'_, Self>) -> Result<()> {
         layers::rmsnorm_backward(a)
+    }
+    fn head_rmsnorm_forward(&self, a: HeadRmsNormFwd<'_, Self>) -> Result<()> {
+        head_norm::head_rmsnorm_forward(a)
+    }
+    fn head_rmsnorm_backward(&self, a: HeadRmsNormBwd<'_, Self>) -> Result<()> {
+        head_norm::head_rmsnorm_backward(a)
     }
     fn rope_forward(&self, a: Rope<'_, Self>) -> Result<()> {
         layers::rope(a, false)

@@ -179,6 +179,101 @@ fn rmsnorm_finite_differences_and_residual_accumulation() {
     fd_check("rmsnorm dw", &w, &dw, |w| dotv(&fwd(&x, w).0, &r));
 }
 
+/// The per-head norm: each query head is RMSNorm with the first Dh weights, each key head with
+/// the last Dh, the value heads untouched; its in-place backward and weight gradient against
+/// finite differences.
+#[test]
+fn head_rmsnorm_is_rmsnorm_per_head_and_matches_finite_differences() {
+    // GQA 3/2 heads of 6 over 5 tokens.
+    let [n, heads, kv_heads, head_dim] = [5, 3, 2, 6];
+    let dims = HeadNormDims {
+        n,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let (b, mut rng) = (B::new(), Rng::new(14));
+    let (n, dh, hn, w) = (
+        dims.n,
+        dims.head_dim,
+        dims.normed_heads(),
+        dims.row_stride(),
+    );
+    let qkv = randn(&mut rng, n * w, 1.0);
+    let weight = randn(&mut rng, 2 * dh, 1.0);
+    let fwd = |qkv: &[f64], weight: &[f64]| {
+        let (mut y, mut x, mut rstd) =
+            (qkv.to_vec(), vec![f64::NAN; n * hn * dh], vec![0.0; n * hn]);
+        b.head_rmsnorm_forward(HeadRmsNormFwd {
+            qkv: &mut y,
+            x: &mut x,
+            rstd: &mut rstd,
+            weight,
+            dims,
+            eps: 1e-6,
+        })
+        .unwrap();
+        (y, x, rstd)
+    };
+    let (y, x, rstd) = fwd(&qkv, &weight);
+    for t in 0..n {
+        let row = &qkv[t * w..][..w];
+        for h in 0..hn {
+            let head = &row[h * dh..][..dh];
+            let hw = &weight[if h < dims.heads { 0 } else { dh }..][..dh];
+            let (mut want, mut r) = (vec![0.0; dh], vec![0.0]);
+            b.rmsnorm_forward(RmsNormFwd {
+                y: &mut want,
+                rstd: &mut r,
+                x: head,
+                weight: hw,
+                n: 1,
+                d: dh,
+                eps: 1e-6,
+            })
+            .unwrap();
+            assert_eq!(&y[t * w + h * dh..][..dh], &want[..], "token {t} head {h}");
+            assert_eq!(rstd[t * hn + h], r[0]);
+            assert_eq!(&x[(t * hn + h) * dh..][..dh], head);
+        }
+        assert_eq!(
+            &y[t * w + hn * dh..][..w - hn * dh],
+            &row[hn * dh..],
+            "values"
+        );
+    }
+    let dy = randn(&mut rng, n * w, 1.0);
+    let bwd = |write, dw: &mut [f64], frozen: bool| {
+        let mut g = dy.clone();
+        b.head_rmsnorm_backward(HeadRmsNormBwd {
+            d_qkv: &mut g,
+            d_weight: (!frozen).then_some(dw),
+            x: &x,
+            rstd: &rstd,
+            weight: &weight,
+            dims,
+            write,
+        })
+        .unwrap();
+        g
+    };
+    let base = randn(&mut rng, 2 * dh, 1.0);
+    let mut dw = base.clone();
+    let dx = bwd(GradWrite::Accumulate, &mut dw, false);
+    let mut dw2 = vec![f64::NAN; 2 * dh];
+    assert_eq!(bwd(GradWrite::Overwrite, &mut dw2, false), dx);
+    assert_eq!(bwd(GradWrite::Overwrite, &mut [], true), dx, "frozen");
+    let dw: Vec<f64> = dw.iter().zip(&base).map(|(a, b)| a - b).collect();
+    close("head_rmsnorm dw overwrite", &dw2, &dw, 1e-12);
+    // The value heads pass y = v, so the op's whole output (their dy untouched) is ∂L/∂qkv.
+    fd_check("head_rmsnorm dx", &qkv, &dx, |q| {
+        dotv(&fwd(q, &weight).0, &dy)
+    });
+    fd_check("head_rmsnorm dw", &weight, &dw, |wt| {
+        dotv(&fwd(&qkv, wt).0, &dy)
+    });
+}
+
 #[test]
 fn rope_rotates_halves_and_backward_is_the_transpose() {
     let b = B::new();

@@ -1,6 +1,6 @@
 //! The trait impls of [`Cuda`]: [`Device`] (memory, transfers, queue, instrumentation) here;
 //! [`Ops`] and [`OptimizerOps`] delegate each op to its launcher (`elementwise.rs`,
-//! `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `rope.rs`, `swiglu.rs`, `attention.rs`,
+//! `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `head_norm.rs`, `rope.rs`, `swiglu.rs`, `attention.rs`,
 //! `lm_head.rs`, `adamw.rs`).
 
 use std::ops::Range;
@@ -11,7 +11,8 @@ use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::args::{
     AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
-    LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
+    HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope,
+    SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
@@ -356,6 +357,12 @@ impl Ops for Cuda {
     }
     fn rmsnorm_backward(&self, a: RmsNormBwd<'_, Self>) -> Result<()> {
         self.rmsnorm_backward_impl(a)
+    }
+    fn head_rmsnorm_forward(&self, a: HeadRmsNormFwd<'_, Self>) -> Result<()> {
+        self.head_rmsnorm_forward_impl(a)
+    }
+    fn head_rmsnorm_backward(&self, a: HeadRmsNormBwd<'_, Self>) -> Result<()> {
+        self.head_rmsnorm_backward_impl(a)
     }
     fn rope_forward(&self, a: Rope<'_, Self>) -> Result<()> {
         self.rope_impl(a, 1.0)

@@ -58,6 +58,7 @@ pub(crate) const EMBEDDING: KernelFile = kernel_file!("embedding.cu");
 pub(crate) const LINEAR: KernelFile = kernel_file!("linear.cu");
 pub(crate) const RMSNORM: KernelFile = kernel_file!("rmsnorm.cu");
 pub(crate) const ROPE: KernelFile = kernel_file!("rope.cu");
+pub(crate) const HEAD_NORM: KernelFile = kernel_file!("head_norm.cu");
 pub(crate) const SWIGLU: KernelFile = kernel_file!("swiglu.cu");
 pub(crate) const LM_HEAD: KernelFile = kernel_file!("lm_head.cu");
 pub(crate) const ADAMW: KernelFile = kernel_file!("adamw.cu");
@@ -66,13 +67,14 @@ pub(crate) const ATTENTION_FWD: KernelFile = kernel_file!("attention.cuh", "atte
 pub(crate) const ATTENTION_BWD: KernelFile = kernel_file!("attention.cuh", "attention_bwd.cu");
 
 /// Every kernel file, for the compile-everything test and warm-up.
-pub(crate) const ALL_FILES: [KernelFile; 12] = [
+pub(crate) const ALL_FILES: [KernelFile; 13] = [
     ELEMENTWISE,
     REDUCE,
     EMBEDDING,
     LINEAR,
     RMSNORM,
     ROPE,
+    HEAD_NORM,
     SWIGLU,
     LM_HEAD,
     ADAMW,

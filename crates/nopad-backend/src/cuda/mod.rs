@@ -9,11 +9,11 @@
 //! Module map: `memory` (caching allocator, buffers, views), `compile` (NVRTC, disk cache,
 //! launch), `blas` (cuBLASLt plans), `backend` (the `Device`, `Ops` and `OptimizerOps` impls),
 //! and one launcher file per op family beside its `.cu` file (`elementwise`, `embedding`,
-//! `linear`, `rmsnorm`, `rope`, `swiglu`, `lm_head`, `adamw`; `attention` has a forward and a
+//! `linear`, `rmsnorm`, `head_norm`, `rope`, `swiglu`, `lm_head`, `adamw`; `attention` has a forward and a
 //! backward `.cu`; `adamw_states` launches the low-precision-state kernels of `adamw.cu`).
 //! `reduce.cu` has no launcher of its own: its reductions are launched from
 //! `elementwise.rs` (sum of squares), `linear.rs` (bias gradient, partial sums, also used by
-//! `rmsnorm.rs`) and `lm_head.rs` (loss sum).
+//! `rmsnorm.rs` and `head_norm.rs`) and `lm_head.rs` (loss sum).
 //!
 //! One environment variable is read, a diagnostic that never changes results:
 //! `NOPAD_CUDA_SYNC=1` synchronises the stream after every kernel launch and checks it, so an
@@ -29,6 +29,7 @@ mod blas;
 mod compile;
 mod elementwise;
 mod embedding;
+mod head_norm;
 mod linear;
 mod lm_head;
 mod memory;

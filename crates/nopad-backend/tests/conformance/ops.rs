@@ -383,6 +383,119 @@ pub(crate) fn rmsnorm<B: Backend>(e: &mut Env<B>) {
     }
 }
 
+/// The per-head norm of Qwen3's q_norm/k_norm over a packed qkv buffer: head dims 64 and 128
+/// (and odd small ones), GQA and MHA; the value heads must come back untouched, and frozen
+/// weights must leave dx bit for bit as it is with a weight gradient.
+pub(crate) fn head_rmsnorm<B: Backend>(e: &mut Env<B>) {
+    let mut cases = vec![(1, 1, 1, 2), (7, 3, 1, 64), (37, 4, 2, 128), (5, 2, 2, 30)];
+    if e.big {
+        cases.extend([(3000, 16, 8, 128), (517, 14, 2, 64), (1031, 32, 8, 128)]);
+    }
+    for (n, heads, kv_heads, head_dim) in cases {
+        let dims = HeadNormDims {
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (w, xl, hn) = (
+            n * dims.row_stride(),
+            n * dims.normed_heads() * head_dim,
+            n * dims.normed_heads(),
+        );
+        let tag = format!("n={n} h={heads} kv={kv_heads} dh={head_dim}");
+        let [qkv, wt, dy] = [w, 2 * head_dim, w].map(|len| e.randn(len, 1.0, Kind::Compute));
+        let dw0 = e.randn(2 * head_dim, 1.0, Kind::Grad);
+        let b = &e.b;
+        let (mut gq, gw) = (e.up(&qkv, Kind::Compute), e.up(&wt, Kind::Compute));
+        let (mut gx, mut grs) = (e.poison(xl, Kind::Compute), e.poison(hn, Kind::Master));
+        b.head_rmsnorm_forward(HeadRmsNormFwd {
+            qkv: b.view_mut(&mut gq, 0..w),
+            x: b.view_mut(&mut gx, 0..xl),
+            rstd: b.view_mut(&mut grs, 0..hn),
+            weight: b.view(&gw, 0..2 * head_dim),
+            dims,
+            eps: 1e-6,
+        })
+        .unwrap();
+        let (mut y, mut x, mut rstd) = (qkv.clone(), vec![0.0; xl], vec![0.0; hn]);
+        e.r.head_rmsnorm_forward(HeadRmsNormFwd {
+            qkv: &mut y,
+            x: &mut x,
+            rstd: &mut rstd,
+            weight: &wt,
+            dims,
+            eps: 1e-6,
+        })
+        .unwrap();
+        e.check(&format!("head_rmsnorm_fwd qkv {tag}"), &e.down(&gq), &y, 1);
+        e.check(&format!("head_rmsnorm_fwd x {tag}"), &e.down(&gx), &x, 0);
+        e.check(
+            &format!("head_rmsnorm_fwd rstd {tag}"),
+            &e.down(&grs),
+            &rstd,
+            0,
+        );
+
+        // The backward reads the reference's rstd (as the backend stores it) on both sides.
+        let rs = e.round(Kind::Master, &rstd);
+        let grs = e.up(&rs, Kind::Master);
+        let mut dxs = Vec::new();
+        for (acc, frozen) in [
+            (GradWrite::Overwrite, false),
+            (GradWrite::Accumulate, false),
+            (GradWrite::Overwrite, true),
+        ] {
+            let tag = format!("{tag} {acc:?}");
+            let (mut gd, mut gdw) = (e.up(&dy, Kind::Compute), e.grad_before(&dw0, acc));
+            b.head_rmsnorm_backward(HeadRmsNormBwd {
+                d_qkv: b.view_mut(&mut gd, 0..w),
+                d_weight: (!frozen).then(|| b.view_mut(&mut gdw, 0..2 * head_dim)),
+                x: b.view(&gx, 0..xl),
+                rstd: b.view(&grs, 0..hn),
+                weight: b.view(&gw, 0..2 * head_dim),
+                dims,
+                write: acc,
+            })
+            .unwrap();
+            dxs.push(e.down(&gd));
+            if frozen {
+                break;
+            }
+            let (mut dx, mut dw) = (dy.clone(), dw0.clone());
+            e.r.head_rmsnorm_backward(HeadRmsNormBwd {
+                d_qkv: &mut dx,
+                d_weight: Some(&mut dw),
+                x: &x,
+                rstd: &rs,
+                weight: &wt,
+                dims,
+                write: acc,
+            })
+            .unwrap();
+            e.check(
+                &format!("head_rmsnorm_bwd dx {tag}"),
+                &dxs[dxs.len() - 1],
+                &dx,
+                1,
+            );
+            e.check(
+                &format!("head_rmsnorm_bwd dw {tag}"),
+                &e.down(&gdw),
+                &dw,
+                e.gk(),
+            );
+        }
+        // Frozen weights: exactly the same dx.
+        e.check_tol(
+            &format!("head_rmsnorm_bwd frozen {tag}"),
+            &dxs[2],
+            &dxs[0],
+            0.0,
+        );
+    }
+}
+
 pub(crate) fn rope<B: Backend>(e: &mut Env<B>) {
     for (n, heads, rot, dh) in [(1, 1, 1, 2), (37, 5, 3, 16), (300, 48, 40, 64)] {
         let dims = RopeDims {

@@ -52,11 +52,8 @@ pub(crate) fn param_views(layout: &Layout) -> Layout {
     let by = layout.embed.start;
     let mut v = layout.clone();
     for l in &mut v.layers {
-        (l.qkv_w, l.o_w, l.gate_up_w, l.down_w) = (0..0, 0..0, 0..0, 0..0);
-        l.ln1 = shift(&l.ln1, by);
-        l.ln2 = shift(&l.ln2, by);
-        l.qkv_b = l.qkv_b.as_ref().map(|r| shift(r, by));
-        l.o_b = l.o_b.as_ref().map(|r| shift(r, by));
+        // The matrices lie below `by` (the embedding's start): empty; the rest shifted.
+        *l = l.map(|r| if r.start < by { 0..0 } else { shift(r, by) });
     }
     v.embed = shift(&v.embed, by);
     v.lm_head = shift(&v.lm_head, by);

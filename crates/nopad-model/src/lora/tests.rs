@@ -11,7 +11,7 @@ use crate::quant::BaseDtype;
 use crate::tests::packed::Packed;
 use crate::tests::{
     assert_fd, examples, flatten, init_base, loss_and_grads, n_targets, pad, rel_diff, same_bits,
-    tiny,
+    tiny, tiny_qwen3,
 };
 use crate::{Config, Model, Recompute};
 
@@ -73,21 +73,28 @@ pub(super) fn train_loss<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>, p: &Packe
 fn adapter_gradients_match_finite_differences() {
     let (bf16, nf4) = (BaseDtype::Bf16, BaseDtype::Nf4);
     let cases = [
-        (false, true, 0.0, Target::ALL.to_vec(), bf16),
-        (true, false, 0.25, Target::ALL.to_vec(), bf16),
+        (tiny(false, true), 0.0, Target::ALL.to_vec(), bf16),
+        (tiny(true, false), 0.25, Target::ALL.to_vec(), bf16),
         (
-            false,
-            false,
+            tiny(false, false),
             0.4,
             vec![Target::K, Target::O, Target::Up],
             bf16,
         ),
         // QLoRA: the same through an NF4 base.
-        (false, true, 0.25, Target::ALL.to_vec(), nf4),
+        (tiny(false, true), 0.25, Target::ALL.to_vec(), nf4),
+        // Qwen3: the q and k adapters feed the frozen q/k norms.
+        (tiny_qwen3(true, false), 0.25, Target::ALL.to_vec(), bf16),
+        (
+            tiny_qwen3(false, true),
+            0.0,
+            vec![Target::Q, Target::K],
+            nf4,
+        ),
     ];
-    for (tied, bias, drop, targets, base) in cases {
+    for (cfg, drop, targets, base) in cases {
         let b = Cpu::<f64>::new();
-        let cfg = tiny(tied, bias);
+        let (tied, bias) = (cfg.tie_word_embeddings, cfg.qkv_bias);
         let lc = lora_cfg(3, drop, &targets);
         let mut m = lora_model_over(&b, cfg.clone(), lc, 5, true, base);
         m.set_lora_step(11);
@@ -111,8 +118,8 @@ fn adapter_gradients_match_finite_differences() {
                 let (lp, lm) = (at(orig + h), at(orig - h));
                 m.trainable_mut()[i] = orig;
                 let what = format!(
-                    "{} (tied {tied}, bias {bias}, dropout {drop}, {base:?}): {i}",
-                    t.name
+                    "{} ({:?}, tied {tied}, bias {bias}, dropout {drop}, {base:?}): {i}",
+                    t.name, cfg.arch
                 );
                 assert_fd(&what, (lp, lm, h), grads[i], scale);
             }

@@ -10,8 +10,8 @@ use nopad_rng::Rng;
 use super::tests::{lora_cfg, lora_model, lora_model_over};
 use super::Target;
 use crate::quant::{as_base, quantise, BaseDtype};
-use crate::tests::{examples, flatten, loss_and_grads, same_bits, tiny};
-use crate::{Model, Recompute};
+use crate::tests::{examples, flatten, loss_and_grads, same_bits, tiny, tiny_qwen3};
+use crate::{Config, Model, Recompute};
 
 /// Replaces every projection matrix of `m`'s base by its NF4 round trip.
 fn dequantised_base<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>) {
@@ -29,9 +29,9 @@ fn dequantised_base<T: Scalar>(b: &Cpu<T>, m: &mut Model<Cpu<T>>) {
     }
 }
 
-fn same_as_dequantised_lora<T: Scalar>(tied: bool, bias: bool, recompute: Recompute) {
+fn same_as_dequantised_lora<T: Scalar>(cfg: Config, recompute: Recompute) {
     let b = Cpu::<T>::new();
-    let cfg = tiny(tied, bias);
+    let (tied, bias) = (cfg.tie_word_embeddings, cfg.qkv_bias);
     let lc = lora_cfg(4, 0.2, &Target::ALL);
     let mut q = lora_model_over(&b, cfg.clone(), lc.clone(), 9, true, BaseDtype::Nf4);
     let mut l = lora_model(&b, cfg.clone(), lc, 9, true);
@@ -47,7 +47,7 @@ fn same_as_dequantised_lora<T: Scalar>(tied: bool, bias: bool, recompute: Recomp
     }
     let (lq, gq) = loss_and_grads(&b, &mut q, &[&p], 0.5);
     let (ll, gl) = loss_and_grads(&b, &mut l, &[&p], 0.5);
-    let what = format!("tied {tied} bias {bias} {recompute}");
+    let what = format!("{:?} tied {tied} bias {bias} {recompute}", cfg.arch);
     assert_eq!(lq.to_bits(), ll.to_bits(), "{what}: loss {lq} vs {ll}");
     assert!(same_bits(&gq, &gl), "{what}: adapter gradients differ");
     assert!(gq.iter().any(|&g| g != 0.0));
@@ -65,9 +65,11 @@ fn same_as_dequantised_lora<T: Scalar>(tied: bool, bias: bool, recompute: Recomp
 
 #[test]
 fn qlora_equals_lora_over_the_dequantised_base_bit_for_bit() {
-    same_as_dequantised_lora::<f32>(false, true, Recompute::None);
-    same_as_dequantised_lora::<f32>(true, false, Recompute::Full);
-    same_as_dequantised_lora::<f64>(false, false, Recompute::Mlp(None));
+    same_as_dequantised_lora::<f32>(tiny(false, true), Recompute::None);
+    same_as_dequantised_lora::<f32>(tiny(true, false), Recompute::Full);
+    same_as_dequantised_lora::<f64>(tiny(false, false), Recompute::Mlp(None));
+    // Qwen3: the q/k norms' weights are read from the shifted parameter buffer.
+    same_as_dequantised_lora::<f32>(tiny_qwen3(false, true), Recompute::Full);
 }
 
 #[test]

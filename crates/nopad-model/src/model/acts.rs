@@ -8,7 +8,7 @@ use nopad_backend::{Backend, Kind};
 use super::{GradState, Model};
 use crate::arena;
 use crate::error::{ModelError, Result};
-use crate::layer::{LayerActs, Scratch};
+use crate::layer::{LayerActs, QkNormActs, Scratch};
 use crate::memory;
 use crate::recompute::Recompute;
 
@@ -28,8 +28,9 @@ pub struct Acts<B: Backend> {
     pub s: Scratch<B>,
 }
 
-/// One layer's saved activations from the next seven buffers, in `memory::act_parts` order.
-fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
+/// One layer's saved activations from the next seven buffers (nine with q/k norms), in
+/// `memory::act_parts` order.
+fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf, qk_norm: bool) -> LayerActs<B> {
     LayerActs {
         rstd1: next(),
         qkv: next(),
@@ -38,6 +39,10 @@ fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
         res_mid: next(),
         rstd2: next(),
         gu: next(),
+        qk_norm: qk_norm.then(|| QkNormActs {
+            x: next(),
+            rstd: next(),
+        }),
     }
 }
 
@@ -75,14 +80,14 @@ impl<B: Backend> Model<B> {
         }
         let parts = memory::act_parts(&self.cfg, cap, self.recompute);
         let mut bufs = self.alloc_slots(b, &parts.slots)?.into_iter();
-        let n_layers = self.cfg.num_hidden_layers;
+        let (n_layers, qk_norm) = (self.cfg.num_hidden_layers, self.cfg.qk_norm);
         let mut res = Vec::with_capacity(n_layers + 1);
         let mut layers = Vec::with_capacity(slots);
         let mut next = || bufs.next().expect("one buffer per part");
         for _ in 0..n_layers {
             res.push(next());
             if !full {
-                layers.push(layer_acts(&mut next));
+                layers.push(layer_acts(&mut next, qk_norm));
             }
         }
         // The shared layer set and the tail, each on its own, in `act_parts` order.
@@ -95,7 +100,7 @@ impl<B: Backend> Model<B> {
             .into_iter();
         let mut next = || own.next().expect("one buffer per part");
         if full {
-            layers.push(layer_acts(&mut next));
+            layers.push(layer_acts(&mut next, qk_norm));
         }
         res.push(next());
         self.acts = Some(Acts {

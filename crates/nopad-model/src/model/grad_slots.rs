@@ -111,20 +111,7 @@ impl Slots {
             len,
         };
         let at = |r: &Range<usize>| slots.map(r);
-        let layers = layout
-            .layers
-            .iter()
-            .map(|lr| LayerRanges {
-                qkv_w: at(&lr.qkv_w),
-                qkv_b: lr.qkv_b.as_ref().map(at),
-                o_w: at(&lr.o_w),
-                o_b: lr.o_b.as_ref().map(at),
-                gate_up_w: at(&lr.gate_up_w),
-                down_w: at(&lr.down_w),
-                ln1: at(&lr.ln1),
-                ln2: at(&lr.ln2),
-            })
-            .collect();
+        let layers: Vec<LayerRanges> = layout.layers.iter().map(|lr| lr.map(at)).collect();
         let (lm_head, norm, embed) = (at(&layout.lm_head), at(&layout.norm), at(&layout.embed));
         slots.layers = layers;
         slots.lm_head = lm_head;

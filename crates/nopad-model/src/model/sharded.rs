@@ -339,7 +339,7 @@ mod tests {
     use nopad_rng::Rng;
 
     use super::*;
-    use crate::tests::{examples, flatten, init_base, tiny};
+    use crate::tests::{examples, flatten, init_base, tiny, tiny_qwen3};
     use crate::{ModelError, Recompute};
 
     type B = Cpu<f32>;
@@ -416,12 +416,14 @@ mod tests {
     fn a_sharded_model_gathers_each_group_ahead_of_its_use_and_matches_the_whole_one() {
         let b = B::new();
         let modes = [
-            (false, Recompute::None),
-            (true, Recompute::Full),
-            (false, Recompute::Mlp(None)),
+            (tiny(false, true), Recompute::None),
+            (tiny(true, true), Recompute::Full),
+            (tiny(false, true), Recompute::Mlp(None)),
+            (tiny_qwen3(true, false), Recompute::Full),
+            (tiny_qwen3(false, true), Recompute::None),
         ];
-        for (tied, recompute) in modes {
-            let cfg = tiny(tied, true);
+        for (cfg, recompute) in modes {
+            let tied = cfg.tie_word_embeddings;
             let p = flatten(&examples(&mut Rng::new(5), &[9, 4, 13], cfg.vocab_size));
             let mut whole = Model::new(&b, cfg.clone()).unwrap();
             init_base(&b, &mut whole, cfg.clone(), 8);
