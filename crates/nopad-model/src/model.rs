@@ -470,6 +470,7 @@ impl<B: Backend> Model<B> {
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
                 scale: softmax_scale(c),
+                window: None,
             },
         })
     }
