@@ -149,7 +149,8 @@ pub struct Shape {
     pub n_kv_heads: usize,
     /// 64 or 128.
     pub head_dim: usize,
-    /// Sliding window (`FlashDims::window`), `None` for plain causal attention.
+    /// Sliding window (`FlashDims::window`): a query sees itself and the W - 1 keys before it.
+    /// `None` for plain causal attention.
     pub window: Option<usize>,
 }
 

@@ -123,6 +123,17 @@ struct Uploaded<B: Backend> {
     attn: AttnDims,
 }
 
+impl<B: Backend> Uploaded<B> {
+    /// The attention shape of layer `l`: the batch's, with the layer's sliding window
+    /// (`Config::layer_window`).
+    fn layer_attn(&self, c: &Config, l: usize) -> AttnDims {
+        AttnDims {
+            window: c.layer_window(l),
+            ..self.attn
+        }
+    }
+}
+
 /// What the gradient buffer holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GradState {
@@ -550,11 +561,7 @@ impl<B: Backend> Model<B> {
                 inv_freq: &self.inv_freq,
                 positions: &up.positions,
                 cu_seqlens: &up.cu_seqlens,
-                // This layer's sliding window, if any (`Config::layer_window`).
-                attn: AttnDims {
-                    window: c.layer_window(l),
-                    ..up.attn
-                },
+                attn: up.layer_attn(c, l),
                 n,
                 mlp_recompute: mode.mlp_in_layer(l),
                 grad_write: GradWrite::Accumulate,
@@ -753,11 +760,7 @@ impl<B: Backend> Model<B> {
                 inv_freq: &self.inv_freq,
                 positions: &up.positions,
                 cu_seqlens: &up.cu_seqlens,
-                // This layer's sliding window, if any (`Config::layer_window`).
-                attn: AttnDims {
-                    window: c.layer_window(l),
-                    ..up.attn
-                },
+                attn: up.layer_attn(c, l),
                 n,
                 mlp_recompute: mode.mlp_in_layer(l),
                 grad_write: acc,

@@ -376,10 +376,11 @@ mod tests {
 
     /// Packed rows of `lens`: `cu_seqlens` and dims with `window`.
     fn batch(lens: &[usize], window: Option<usize>) -> (Vec<i32>, AttnDims) {
-        let mut cu = vec![0i32];
-        for &l in lens {
-            cu.push(cu[cu.len() - 1] + l as i32);
-        }
+        let ends = lens.iter().scan(0i32, |end, &l| {
+            *end += l as i32;
+            Some(*end)
+        });
+        let cu: Vec<i32> = std::iter::once(0).chain(ends).collect();
         let dims = AttnDims {
             n: cu[lens.len()] as usize,
             n_seqs: lens.len(),

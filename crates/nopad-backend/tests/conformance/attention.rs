@@ -7,20 +7,18 @@
 use super::super::{say, Env};
 use nopad_backend::prelude::*;
 
-/// Runs attention forward and backward on both sides for sequences of `lens`.
-fn case<B: Backend>(
-    e: &mut Env<B>,
+/// `cu_seqlens` and dims of packed sequences of `lens` with (H, Hkv, Dh) and `window`.
+fn batch(
     lens: &[usize],
     (h, hkv, dh): (usize, usize, usize),
     window: Option<usize>,
-) {
+) -> (Vec<i32>, AttnDims) {
     let mut cu = vec![0i32];
     for &l in lens {
         cu.push(cu[cu.len() - 1] + l as i32);
     }
-    let n = cu[lens.len()] as usize;
     let dims = AttnDims {
-        n,
+        n: cu[lens.len()] as usize,
         n_seqs: lens.len(),
         max_seqlen: lens.iter().copied().max().unwrap_or(0),
         n_heads: h,
@@ -29,6 +27,18 @@ fn case<B: Backend>(
         scale: 1.0 / (dh as f32).sqrt(),
         window,
     };
+    (cu, dims)
+}
+
+/// Runs attention forward and backward on both sides for sequences of `lens`.
+fn case<B: Backend>(
+    e: &mut Env<B>,
+    lens: &[usize],
+    (h, hkv, dh): (usize, usize, usize),
+    window: Option<usize>,
+) {
+    let (cu, dims) = batch(lens, (h, hkv, dh), window);
+    let n = dims.n;
     let mut tag = if lens.len() > 8 {
         format!("{} seqs n={n} h={h}/{hkv} dh={dh}", lens.len())
     } else {
@@ -140,27 +150,9 @@ pub(crate) fn attention_window<B: Backend>(e: &mut Env<B>) {
 }
 
 /// A windowed call the backend has no kernel for must fail with an error that says so.
-fn refused<B: Backend>(
-    e: &mut Env<B>,
-    lens: &[usize],
-    (h, hkv, dh): (usize, usize, usize),
-    w: usize,
-) {
-    let mut cu = vec![0i32];
-    for &l in lens {
-        cu.push(cu[cu.len() - 1] + l as i32);
-    }
-    let n = cu[lens.len()] as usize;
-    let dims = AttnDims {
-        n,
-        n_seqs: lens.len(),
-        max_seqlen: lens.iter().copied().max().unwrap_or(0),
-        n_heads: h,
-        n_kv_heads: hkv,
-        head_dim: dh,
-        scale: 0.125,
-        window: Some(w),
-    };
+fn refused<B: Backend>(e: &mut Env<B>, lens: &[usize], shape: (usize, usize, usize), w: usize) {
+    let (cu, dims) = batch(lens, shape, Some(w));
+    let (n, h) = (dims.n, dims.n_heads);
     let b = &e.b;
     let gcu = b.ints(&cu).unwrap();
     let qkv = e.up(&vec![0.0; n * dims.qkv_width()], Kind::Compute);

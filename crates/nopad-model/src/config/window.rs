@@ -307,55 +307,66 @@ mod tests {
     #[test]
     fn bad_layer_types_name_the_field() {
         let on = r#","use_sliding_window":true,"sliding_window":8"#;
-        let e = err(
-            "Qwen2ForCausalLM",
-            &format!("{on},\"layer_types\":[\"full_attention\"]"),
-        );
-        assert!(
-            e.contains("layer_types") && e.contains("1 entries for num_hidden_layers = 4"),
-            "{e}"
-        );
-        let e = err(
-            "Qwen2ForCausalLM",
-            &format!("{on},\"layer_types\":[\"full_attention\",\"chunked_attention\",\"full_attention\",\"full_attention\"]"),
-        );
-        assert!(
-            e.contains("layer_types[1]") && e.contains("chunked_attention"),
-            "{e}"
-        );
-        let e = err("Qwen2ForCausalLM", r#","layer_types":"full_attention""#);
-        assert!(
-            e.contains("layer_types") && e.contains("expected a list"),
-            "{e}"
-        );
-        assert!(e.contains("model/config.json"), "{e}");
-        // Sliding layers without a window: HF refuses to build their mask.
-        let e = err(
-            "Qwen2ForCausalLM",
-            r#","layer_types":["full_attention","sliding_attention","full_attention","full_attention"]"#,
-        );
-        assert!(
-            e.contains("layer_types") && e.contains("layer 1 is sliding_attention"),
-            "{e}"
-        );
-        // Mistral and Llama ignore layer_types in HF: one that disagrees is refused.
-        let e = err(
-            "MistralForCausalLM",
-            r#","sliding_window":4,"layer_types":["sliding_attention","full_attention","sliding_attention","sliding_attention"]"#,
-        );
-        assert!(
-            e.contains("layer 1 is full_attention") && e.contains("MistralForCausalLM"),
-            "{e}"
-        );
-        let e = err(
-            "LlamaForCausalLM",
-            r#","layer_types":["sliding_attention","full_attention","full_attention","full_attention"]"#,
-        );
-        assert!(e.contains("layer 0 is sliding_attention"), "{e}");
-        let e = err("MistralForCausalLM", r#","sliding_window":0"#);
-        assert!(
-            e.contains("sliding_window") && e.contains("at least 1"),
-            "{e}"
-        );
+        let types = |t: &str| format!(",\"layer_types\":{t}");
+        // (architecture, extra keys, what the error must say besides the file).
+        let cases = [
+            (
+                "Qwen2ForCausalLM",
+                format!("{on}{}", types(r#"["full_attention"]"#)),
+                vec!["layer_types", "1 entries for num_hidden_layers = 4"],
+            ),
+            (
+                "Qwen2ForCausalLM",
+                format!(
+                    "{on}{}",
+                    types(
+                        r#"["full_attention","chunked_attention","full_attention","full_attention"]"#
+                    )
+                ),
+                vec!["layer_types[1]", "chunked_attention"],
+            ),
+            (
+                "Qwen2ForCausalLM",
+                types(r#""full_attention""#),
+                vec!["layer_types", "expected a list"],
+            ),
+            // Sliding layers without a window: HF refuses to build their mask.
+            (
+                "Qwen2ForCausalLM",
+                types(
+                    r#"["full_attention","sliding_attention","full_attention","full_attention"]"#,
+                ),
+                vec!["layer_types", "layer 1 is sliding_attention"],
+            ),
+            // Mistral and Llama ignore layer_types in HF: one that disagrees is refused.
+            (
+                "MistralForCausalLM",
+                format!(
+                    ",\"sliding_window\":4{}",
+                    types(
+                        r#"["sliding_attention","full_attention","sliding_attention","sliding_attention"]"#
+                    )
+                ),
+                vec!["layer 1 is full_attention", "MistralForCausalLM"],
+            ),
+            (
+                "LlamaForCausalLM",
+                types(
+                    r#"["sliding_attention","full_attention","full_attention","full_attention"]"#,
+                ),
+                vec!["layer_types", "layer 0 is sliding_attention"],
+            ),
+            (
+                "MistralForCausalLM",
+                r#","sliding_window":0"#.into(),
+                vec!["sliding_window", "at least 1"],
+            ),
+        ];
+        for (arch, extra, want) in cases {
+            let e = err(arch, &extra);
+            for w in want.iter().chain(&["model/config.json"]) {
+                assert!(e.contains(w), "{arch} {extra}: {e}");
+            }
+        }
     }
 }
