@@ -8,6 +8,7 @@ use std::io::Write;
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
 use nopad_backend::prelude::*;
+use nopad_model::config::LayerType;
 use nopad_model::{weights, Config, Inputs, Model, Recompute};
 use nopad_rng::Rng;
 
@@ -118,11 +119,25 @@ fn compare_with(
     grad_tol: f64,
     test: &str,
 ) {
+    // The bf16-gradient run (the 1B benchmark's configuration) ties the head.
+    let cfg = config(bf16_grads);
+    let tols = (loss_tol, grad_tol);
+    compare_config(&cfg, dtype, bf16_grads, recompute, tols, test);
+}
+
+/// CPU against CUDA for `cfg`, loss and every tensor's gradient within `(loss_tol, grad_tol)`.
+fn compare_config(
+    cfg: &Config,
+    dtype: CudaDtype,
+    bf16_grads: bool,
+    recompute: Recompute,
+    (loss_tol, grad_tol): (f64, f64),
+    test: &str,
+) {
     let Some(gpu) = gpu(dtype, bf16_grads, test) else {
         return;
     };
-    // The bf16-gradient run (the 1B benchmark's configuration) ties the head.
-    let cfg = config(bf16_grads);
+    let cfg = cfg.clone();
     let seed = Rng::new(0x5eed).next_u64() ^ std::process::id() as u64;
     let mut rng = Rng::new(seed);
     // Lengths with a length-1 sequence, primes, tile-crossing sizes and one long sequence.
@@ -154,6 +169,25 @@ fn compare_with(
         );
     }
     eprintln!("[{test}] worst gradient: {} at {:.2e}", worst.1, worst.0);
+}
+
+/// Sliding windows: a Qwen2 config whose layer 0 slides (W = 40, below most of the sequences
+/// of `compare_config`'s batch) and layer 1 attends fully, so one micro-batch runs nopad-flash's
+/// windowed kernels and its plain ones; the tolerances of the unwindowed bf16 test.
+#[test]
+fn bf16_windowed_model_matches_cpu() {
+    let mut cfg = config(false);
+    cfg.sliding_window = Some(40);
+    cfg.layer_types = Some(vec![LayerType::Sliding, LayerType::Full]);
+    let test = "bf16_windowed_model_matches_cpu";
+    compare_config(
+        &cfg,
+        CudaDtype::Bf16,
+        false,
+        Recompute::None,
+        (4e-3, 7.4e-2),
+        test,
+    );
 }
 
 #[test]
