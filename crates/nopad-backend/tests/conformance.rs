@@ -218,6 +218,7 @@ conformance!(
     rope,
     swiglu,
     attention,
+    attention_window,
     lm_head,
     adamw,
     adamw_states,

@@ -1,7 +1,8 @@
 //! Speed: time forward and backward of the device's route on the benchmark shapes with CUDA events
 //! (warm-up, then the median of `reps` timed calls, with min and max as the spread), report
-//! causal TFLOP/s (`causal_flops`), and optionally dump inputs and outputs for
-//! `bench/flash_vs_torch.py`, which checks PyTorch against the same data and times it.
+//! causal TFLOP/s (`attention_flops`: the window's pairs on windowed shapes), and optionally
+//! dump inputs and outputs for `bench/flash_vs_torch.py`, which checks PyTorch against the same
+//! data and times it (plain causal shapes only: its manifest has no window column).
 
 use std::io::Write;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::path::Path;
 use cudarc::driver::{sys, DevicePtr};
 
 use super::{drv, lognormal_lens, random_bf16, uniform_lens, write_raw, Gpu, HarnessError, Shape};
-use nopad_flash::causal_flops;
+use nopad_flash::attention_flops;
 
 /// Timings of one shape.
 #[derive(Clone, Debug)]
@@ -30,7 +31,8 @@ pub struct BenchRow {
     pub bwd_tflops: f64,
 }
 
-/// The benchmark shapes (a)-(d), plus 1 x 8192 for the published comparison.
+/// The benchmark shapes (a)-(d), plus 1 x 8192 for the published comparison, and (f)
+/// the same 8192 tokens under Mistral v0.1's window of 4096 (the windowed route).
 pub fn bench_shapes(seed: u64) -> Vec<Shape> {
     let mut rng = nopad_rng::Rng::derived(seed, "bench-shapes");
     let mut v = vec![Shape::from_lens(
@@ -71,6 +73,7 @@ pub fn bench_shapes(seed: u64) -> Vec<Shape> {
         ));
     }
     v.push(Shape::from_lens("e_1x8192_d128_32/8", &[8192], 32, 8, 128));
+    v.push(Shape::from_lens("f_1x8192_d128_32/8", &[8192], 32, 8, 128).with_window(4096));
     v
 }
 
@@ -155,7 +158,7 @@ pub fn bench_table(
             };
         let tf = stats(time(&fwd)?);
         let tb = stats(time(&bwd)?);
-        let (ff, fb) = causal_flops(&shape.cu, dims.n_heads, dims.head_dim);
+        let (ff, fb) = attention_flops(&shape.cu, dims.n_heads, dims.head_dim, dims.window);
         let row = BenchRow {
             shape: shape.name.clone(),
             n: dims.n,
@@ -165,7 +168,7 @@ pub fn bench_table(
             fwd_tflops: ff / (tf[0] * 1e-3) / 1e12,
             bwd_tflops: fb / (tb[0] * 1e-3) / 1e12,
         };
-        if let Some(dir) = dump {
+        if let (Some(dir), None) = (dump, dims.window) {
             let file = shape.name.replace('/', "-");
             write_raw(dir, &format!("{file}.cu.i32"), &shape.cu)?;
             write_raw(dir, &format!("{file}.qkv.bf16"), &qkv)?;

@@ -117,6 +117,39 @@ pub fn check_shapes(seed: u64) -> Vec<Shape> {
     let tiny = [0, 1, 5, 0, 17, 64, 65, 3, 130, 2];
     out.push(Shape::from_lens("tiny_d128_h4/1", &tiny, 4, 1, 128));
     out.push(Shape::from_lens("tiny_d64_h2/2", &tiny, 2, 2, 64));
+    out.extend(window_shapes(&mut rng));
+    out
+}
+
+/// The sliding-window shapes (names end in `_w<W>`; select with `--only _w`): windows of 1, 3,
+/// 16, 64 and 100 keys over sequences of 1 to 300 tokens (packed short tiles whose sequences
+/// outgrow the window, window edges inside a tile, on a tile border and across tiles) at both
+/// head dims; long sequences whose window leaves most key tiles out; a window no sequence
+/// exceeds (W = the longest: the plain causal route); and two tiny ones (`tiny` prefix: in the GPU tests and the
+/// sanitizer set).
+fn window_shapes(rng: &mut nopad_rng::Rng) -> Vec<Shape> {
+    let mut out = Vec::new();
+    let fixed = [
+        0, 1, 2, 3, 0, 5, 17, 31, 64, 65, 100, 101, 127, 129, 200, 257, 300, 0,
+    ];
+    for &(dh, h, hkv) in &[(64, 4, 1), (128, 2, 2)] {
+        for w in [1, 3, 16, 64, 100] {
+            let mut lens = fixed.to_vec();
+            lens.extend(uniform_lens(rng, 40, 1, 300));
+            let name = format!("win_d{dh}_h{h}/{hkv}");
+            out.push(Shape::from_lens(&name, &lens, h, hkv, dh).with_window(w));
+        }
+    }
+    let long = [4099, 1021, 3, 700];
+    out.push(Shape::from_lens("winlong_d128_h4/1", &long, 4, 1, 128).with_window(1000));
+    out.push(Shape::from_lens("winlong_d64_h2/2", &long, 2, 2, 64).with_window(257));
+    // W equal to the longest sequence: nothing is hidden, the plain route runs.
+    let short = uniform_lens(rng, 500, 8, 256);
+    let w = short.iter().copied().max().unwrap_or(1);
+    out.push(Shape::from_lens("winfits_d128_h4/1", &short, 4, 1, 128).with_window(w));
+    let tiny = [0, 1, 5, 0, 17, 64, 65, 3, 130, 2];
+    out.push(Shape::from_lens("tiny_d64_h2/2", &tiny, 2, 2, 64).with_window(3));
+    out.push(Shape::from_lens("tiny_d128_h4/1", &tiny, 4, 1, 128).with_window(16));
     out
 }
 

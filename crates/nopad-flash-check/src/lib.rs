@@ -149,6 +149,9 @@ pub struct Shape {
     pub n_kv_heads: usize,
     /// 64 or 128.
     pub head_dim: usize,
+    /// Sliding window (`FlashDims::window`): a query sees itself and the W - 1 keys before it.
+    /// `None` for plain causal attention.
+    pub window: Option<usize>,
 }
 
 impl Shape {
@@ -170,7 +173,15 @@ impl Shape {
             n_heads,
             n_kv_heads,
             head_dim,
+            window: None,
         }
+    }
+
+    /// The same batch under a sliding window of `window` keys, named `<name>_w<window>`.
+    pub fn with_window(mut self, window: usize) -> Shape {
+        self.name = format!("{}_w{window}", self.name);
+        self.window = Some(window);
+        self
     }
 
     /// The dims of this shape with the default scale 1 / sqrt(Dh).
@@ -189,6 +200,7 @@ impl Shape {
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
+            window: self.window,
         }
     }
 
@@ -317,6 +329,21 @@ mod tests {
         let names = |v: Vec<Shape>| v.into_iter().map(|s| (s.name, s.cu)).collect::<Vec<_>>();
         assert_eq!(names(check::check_shapes(5)), names(check::check_shapes(5)));
         assert_eq!(names(bench::bench_shapes(5)), names(bench::bench_shapes(5)));
-        assert_eq!(check::check_shapes(5).len(), 4 * 4 + 3);
+        // 4 per (Dh, G), 1 x 8192, 2 tiny; windowed: 2 x 5 windows, 2 long, 1 fits, 2 tiny.
+        let shapes = check::check_shapes(5);
+        assert_eq!(shapes.len(), 4 * 4 + 3 + 15);
+        let windowed: Vec<&Shape> = shapes.iter().filter(|s| s.window.is_some()).collect();
+        assert_eq!(windowed.len(), 15);
+        for s in &windowed {
+            let w = s.window.unwrap_or(0);
+            assert!(s.name.ends_with(&format!("_w{w}")), "{}", s.name);
+            assert_eq!(s.dims().window, Some(w));
+        }
+        // All but the `winfits` shape have a sequence the window hides keys of.
+        let hiding = windowed
+            .iter()
+            .filter(|s| s.dims().window_within(s.dims().max_seqlen).is_some())
+            .count();
+        assert_eq!(hiding, 14);
     }
 }

@@ -1,6 +1,7 @@
 //! `FlashAttention`: the loaded kernels of one device, shape checks, and `forward` / `backward`,
 //! which upload a plan's tile lists into the workspace and run the launches of the route
-//! (`choice::route`) in order, skipping empty lists.
+//! (`choice::route`, or `choice::window_route` where the sliding window hides keys of this
+//! batch) in order, skipping empty lists.
 //!
 //! The math lives in the `.cu` files under `kernels/` (each opens with what it computes), the
 //! choice in `choice.rs`, the launch geometry in `module.rs`, `forward.rs` and `backward.rs`.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, sys, CudaFunction, CudaStream};
 
 use crate::backward::{launch_dkdv, launch_dkdv_long, launch_dq, BackwardArgs};
-use crate::choice::{has_wgmma, route, Capability, Kernel, Route};
+use crate::choice::{has_wgmma, route, window_route, Capability, Kernel, Route};
 use crate::forward::{launch_forward, ForwardArgs};
 use crate::module::{KernelTable, ModuleLoader};
 use crate::plan::Plan;
@@ -82,9 +83,18 @@ impl FlashAttention {
         self.capability
     }
 
-    /// The launches `forward` and `backward` run at head dim `head_dim`.
+    /// The launches `forward` and `backward` run at head dim `head_dim` without a window.
     pub fn route(&self, head_dim: usize) -> Route {
         route(head_dim, self.capability)
+    }
+
+    /// The launches of a call of `dims` over the batch of `plan`: [`window_route`] where the
+    /// window hides keys (some sequence is longer than it), else the device's [`route`].
+    pub fn route_for(&self, dims: &FlashDims, plan: &Plan) -> Route {
+        match dims.window_within(plan.max_len()) {
+            Some(_) => window_route(dims.head_dim),
+            None => self.route(dims.head_dim),
+        }
     }
 
     pub(crate) fn wg_selftest(&self) -> Option<&CudaFunction> {
@@ -110,7 +120,19 @@ impl FlashAttention {
                 dims.scale
             )));
         }
+        if dims.window == Some(0) {
+            return Err(FlashError::Unsupported(
+                "a sliding window of 0 keys (a query always sees itself: at least 1)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The window as the kernels take it (`i32`; 0 where no windowed kernel runs).
+    fn window_arg(dims: &FlashDims, plan: &Plan) -> i32 {
+        // A window that hides a key is below the longest sequence, which fits an i32 (the
+        // plan checked the row indices).
+        dims.window_within(plan.max_len()).map_or(0, |w| w as i32)
     }
 
     /// Build the tile lists for `cu_seqlens_host` (host copy of the device `cu_seqlens`).
@@ -159,8 +181,9 @@ impl FlashAttention {
             n_kv_heads: dims.n_kv_heads as i32,
             n: dims.n as i32,
             scale: dims.scale,
+            window: Self::window_arg(dims, plan),
         };
-        for step in self.route(dims.head_dim).forward {
+        for step in self.route_for(dims, plan).forward {
             let (offset, count) = plan.list(&lay, step.tiles);
             if count > 0 {
                 let k = self.kernels.get(step.kernel, dims.head_dim)?;
@@ -213,8 +236,9 @@ impl FlashAttention {
             n: dims.n as i32,
             t_pad: plan.t_pad as i32,
             scale: dims.scale,
+            window: Self::window_arg(dims, plan),
         };
-        for step in self.route(dims.head_dim).backward {
+        for step in self.route_for(dims, plan).backward {
             let (offset, count) = plan.list(&lay, step.tiles);
             if count == 0 {
                 continue;
@@ -222,12 +246,14 @@ impl FlashAttention {
             let k = self.kernels.get(step.kernel, dims.head_dim)?;
             let tiles = at(offset);
             match step.kernel {
-                Kernel::BwdDq | Kernel::BwdDqWgmma => launch_dq(stream, k, tiles, count, &args)?,
-                Kernel::BwdDkdv | Kernel::BwdDkdvWgmma => {
+                Kernel::BwdDq | Kernel::BwdDqWgmma | Kernel::BwdDqWindow => {
+                    launch_dq(stream, k, tiles, count, &args)?
+                }
+                Kernel::BwdDkdv | Kernel::BwdDkdvWgmma | Kernel::BwdDkdvWindow => {
                     launch_dkdv(stream, k, tiles, count, &args)?
                 }
                 Kernel::BwdDkdvLongWgmma => launch_dkdv_long(stream, k, tiles, count, &args)?,
-                Kernel::Fwd | Kernel::FwdWide | Kernel::FwdWgmma => {
+                Kernel::Fwd | Kernel::FwdWide | Kernel::FwdWgmma | Kernel::FwdWindow => {
                     return Err(FlashError::Unsupported(format!(
                         "forward kernel {:?} in a backward route",
                         step.kernel

@@ -2,7 +2,8 @@
 //! tiles, computing D and lse2 of its rows first), [`launch_dkdv`] (dK, dV over 64-key tiles)
 //! and [`launch_dkdv_long`] (dK, dV over 128-key tiles of long sequences). Grids are tiles x
 //! heads, heads fastest: query heads for dQ, kv heads for dK/dV (the GQA group is summed in
-//! registers). The order of the launches is `choice::route`'s.
+//! registers). The windowed kernels (`Loaded::windowed`) take the window as one more, last,
+//! parameter. The order of the launches is `choice::route`'s.
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub(crate) struct BackwardArgs {
     pub n: i32,
     pub t_pad: i32,
     pub scale: f32,
+    /// The sliding window, passed to the windowed kernels only.
+    pub window: i32,
 }
 
 fn config(blocks: usize, k: &Loaded) -> LaunchConfig {
@@ -69,7 +72,11 @@ pub(crate) unsafe fn launch_dq(
         .arg(&a.n)
         .arg(&a.t_pad)
         .arg(&a.scale);
-    // SAFETY: matches `flash_bwd_dq_<dh>` and `flash_bwd_wgs_dq_<dh>` (14 parameters).
+    if k.windowed {
+        b.arg(&a.window);
+    }
+    // SAFETY: matches `flash_bwd_dq_<dh>` and `flash_bwd_wgs_dq_<dh>` (14 parameters) and
+    // `flash_bwd_dq_win_<dh>` (15).
     b.launch(config(count * a.n_heads as usize, k))
         .map(|_| ())
         .map_err(driver(format!("launching {}", k.name)))
@@ -98,8 +105,9 @@ pub(crate) unsafe fn launch_dkdv(
         .arg(&tiles)
         .arg(&a.segs)
         .arg(&dqacc);
-    // SAFETY: matches `flash_bwd_dkdv_<dh>` and `flash_bwd_wgs_kv_<dh>` (12 parameters); the
-    // deterministic kernels never read `dqacc`.
+    // SAFETY: matches `flash_bwd_dkdv_<dh>` and `flash_bwd_wgs_kv_<dh>` (12 parameters) and
+    // `flash_bwd_dkdv_win_<dh>` (13, the window pushed by `launch_kv`); the deterministic
+    // kernels never read `dqacc`.
     launch_kv(b, k, count, a)
 }
 
@@ -128,8 +136,8 @@ pub(crate) unsafe fn launch_dkdv_long(
     launch_kv(b, k, count, a)
 }
 
-/// The dK/dV kernels' common tail: `H, Hkv, Tpad, scale`, then the launch over `count` key
-/// tiles x kv heads.
+/// The dK/dV kernels' common tail: `H, Hkv, Tpad, scale` (and the window, for a windowed
+/// kernel), then the launch over `count` key tiles x kv heads.
 ///
 /// # Safety
 /// `b` holds the kernel's leading parameters in order, as its callers push them.
@@ -143,6 +151,9 @@ unsafe fn launch_kv<'a>(
         .arg(&a.n_kv_heads)
         .arg(&a.t_pad)
         .arg(&a.scale);
+    if k.windowed {
+        b.arg(&a.window);
+    }
     b.launch(config(count * a.n_kv_heads as usize, k))
         .map(|_| ())
         .map_err(driver(format!("launching {}", k.name)))

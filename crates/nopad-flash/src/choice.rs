@@ -8,6 +8,13 @@
 //! The variants no default path used (the atomic-dQ backward, FA2's mma.sync long-sequence
 //! backward, the separate preprocess pass, the scalar kernels, ...) left the crate; the same
 //! section names the commit that still has them.
+//!
+//! A sliding window that hides keys in a batch (some sequence longer than W) takes
+//! [`window_route`] on every device: the 64-row mma.sync kernels built with the window (`fwd.cu`,
+//! `bwd_dq.cu`, `bwd_dkdv.cu`). The wgmma kernels and the 128-row/128-key tiles have no window
+//! and are left alone: one kernel family to get right, and a window keeps every query tile's
+//! work bounded (about W / 64 key tiles), which is where the wide tiles gained. A window no
+//! sequence exceeds is plain causal attention and keeps [`route`], launches and all.
 
 /// A device's compute capability `(major, minor)`.
 pub type Capability = (i32, i32);
@@ -46,6 +53,27 @@ pub enum Kernel {
     /// `bwd_wgmma_long.cu` `flash_bwd_wg`: dK, dV over 128-key tiles of long sequences on two
     /// warpgroups (sm_90a, Dh 128 only).
     BwdDkdvLongWgmma,
+    /// `fwd.cu` `flash_fwd_win`: `Fwd` with a sliding window (one more parameter, the window).
+    FwdWindow,
+    /// `bwd_dq.cu` `flash_bwd_dq_win`: `BwdDq` with a sliding window.
+    BwdDqWindow,
+    /// `bwd_dkdv.cu` `flash_bwd_dkdv_win`: `BwdDkdv` with a sliding window.
+    BwdDkdvWindow,
+}
+
+impl Kernel {
+    /// Whether the kernel takes the sliding window (its last parameter).
+    pub fn windowed(self) -> bool {
+        matches!(self, FwdWindow | BwdDqWindow | BwdDkdvWindow)
+    }
+
+    /// Whether the kernel needs warpgroup MMAs (sm_90a).
+    pub fn wgmma(self) -> bool {
+        matches!(
+            self,
+            FwdWgmma | BwdDqWgmma | BwdDkdvWgmma | BwdDkdvLongWgmma
+        )
+    }
 }
 
 /// A tile list of the plan (`plan.rs` builds them; all longest first).
@@ -131,6 +159,18 @@ pub fn route(head_dim: usize, cap: Capability) -> Route {
             forward: steps![(Fwd, Query)],
             backward: steps![(BwdDq, Query), (BwdDkdv, Keys)],
         },
+    }
+}
+
+/// The route of a batch in which the sliding window hides keys (some sequence longer than the
+/// window), at either head dim and on every device: the mma.sync kernels with the window over
+/// the 64-row query and key lists. Their host-built lists are those of plain causal attention
+/// (`plan.rs` says why the order stays longest first); each kernel computes the first key tile
+/// (forward, dQ) or the last query tile (dK/dV) its window reaches and skips the rest.
+pub fn window_route(_head_dim: usize) -> Route {
+    Route {
+        forward: steps![(FwdWindow, Query)],
+        backward: steps![(BwdDqWindow, Query), (BwdDkdvWindow, Keys)],
     }
 }
 
@@ -221,7 +261,25 @@ mod tests {
                     );
                     assert_eq!(wg, has_wgmma(*cap), "{cap:?} {dh}: {s:?}");
                     assert!(s.kernel != BwdDkdvLongWgmma || dh == 128);
+                    assert!(!s.kernel.windowed(), "{cap:?} {dh}: {s:?}");
                 }
+            }
+        }
+    }
+
+    /// The windowed route: the three mma.sync kernels with a window, the same list structure
+    /// (every query tile once, dQ first, every key tile once after it), no wgmma.
+    #[test]
+    fn the_window_route_runs_the_windowed_mma_sync_kernels() {
+        for dh in [64, 128] {
+            let r = window_route(dh);
+            assert_eq!(r.forward, [step(FwdWindow, Query)]);
+            assert_eq!(
+                r.backward,
+                [step(BwdDqWindow, Query), step(BwdDkdvWindow, Keys)]
+            );
+            for s in r.forward.iter().chain(r.backward) {
+                assert!(s.kernel.windowed() && !s.kernel.wgmma(), "{s:?}");
             }
         }
     }

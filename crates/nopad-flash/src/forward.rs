@@ -1,6 +1,7 @@
 //! Forward launches. Every forward kernel (`flash_fwd`, `flash_fwd_br128`, `flash_fwd_wg`, at
-//! Dh 64 and 128) takes the same nine parameters; the grid is tiles x query heads, heads
-//! fastest. Which kernel walks which list is `choice::route`'s decision, not this file's.
+//! Dh 64 and 128) takes the same nine parameters, the windowed `flash_fwd_win` a tenth (the
+//! window); the grid is tiles x query heads, heads fastest. Which kernel walks which list is
+//! `choice::route`'s decision, not this file's.
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub(crate) struct ForwardArgs {
     pub n_kv_heads: i32,
     pub n: i32,
     pub scale: f32,
+    /// The sliding window, passed to the windowed kernels only.
+    pub window: i32,
 }
 
 /// One forward kernel over `count` tiles of the list at device address `tiles`.
@@ -45,12 +48,16 @@ pub(crate) unsafe fn launch_forward(
         .arg(&tiles)
         .arg(&a.segs);
     b.arg(&a.n_heads).arg(&a.n_kv_heads).arg(&a.n).arg(&a.scale);
+    if k.windowed {
+        b.arg(&a.window);
+    }
     let cfg = LaunchConfig {
         grid_dim: ((count * a.n_heads as usize) as u32, 1, 1),
         block_dim: (k.threads, 1, 1),
         shared_mem_bytes: k.smem as u32,
     };
-    // SAFETY: argument order and types match `flash_fwd[_br128|_wg]_<dh>` (9 parameters).
+    // SAFETY: argument order and types match `flash_fwd[_br128|_wg]_<dh>` (9 parameters) and
+    // `flash_fwd_win_<dh>` (10).
     b.launch(cfg)
         .map(|_| ())
         .map_err(driver(format!("launching {}", k.name)))

@@ -8,7 +8,8 @@
 //! loader with its own disk cache ([`ModuleLoader`]). The crate allocates no device memory; it
 //! keeps a small pool of page-locked host buffers for the tile-list uploads (`staging`).
 //! Sequences are given by `cu_seqlens`; attention is causal within a sequence and never crosses
-//! one. A [`Plan`] (host tile lists, longest first) is built once per batch.
+//! one, optionally limited to a sliding window ([`FlashDims::window`]). A [`Plan`] (host tile
+//! lists, longest first) is built once per batch.
 //!
 //! Modules by role: `choice` (the one pure function from head dim and device to the kernels and
 //! tile lists: [`route`]), `module` (sources, loading, shared-memory sizes), `forward` and
@@ -64,6 +65,10 @@ pub struct FlashDims {
     pub head_dim: usize,
     /// Softmax scale, usually `1/√Dh`.
     pub scale: f32,
+    /// Sliding window W (HF's `sliding_window`): query i of a sequence sees key j of the same
+    /// sequence iff `i - W < j <= i`, itself and the W − 1 keys before it. `None`: plain causal.
+    /// At least 1.
+    pub window: Option<usize>,
 }
 
 impl FlashDims {
@@ -75,16 +80,40 @@ impl FlashDims {
     pub fn out_width(&self) -> usize {
         self.n_heads * self.head_dim
     }
+    /// The window where it hides a key from some query of a batch whose longest sequence has
+    /// `max_len` tokens (`W < max_len`); `None` where every sequence fits in it, which is plain
+    /// causal attention.
+    pub fn window_within(&self, max_len: usize) -> Option<usize> {
+        self.window.filter(|&w| w < max_len)
+    }
 }
 
 /// Causal FLOPs of one call (the convention of `docs/FLASH.md` section 11): forward `4 Dh H sum L^2 / 2`,
 /// backward 2.5 x forward (5 matmuls against 2).
 pub fn causal_flops(cu_seqlens_host: &[i32], n_heads: usize, head_dim: usize) -> (f64, f64) {
-    let sum_sq: f64 = cu_seqlens_host
+    attention_flops(cu_seqlens_host, n_heads, head_dim, None)
+}
+
+/// [`causal_flops`] under a sliding window W: a sequence of L > W tokens loses the triangle of
+/// `(L - W)^2 / 2` query-key pairs beyond the window, so it counts `(L^2 - (L - W)^2) / 2`
+/// pairs instead of `L^2 / 2` (the same convention, which counts the diagonal as half).
+pub fn attention_flops(
+    cu_seqlens_host: &[i32],
+    n_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+) -> (f64, f64) {
+    let pairs: f64 = cu_seqlens_host
         .windows(2)
-        .map(|w| ((w[1] - w[0]) as f64).powi(2))
+        .map(|w| {
+            let l = (w[1] - w[0]) as f64;
+            match window.map(|w| w as f64) {
+                Some(w) if w < l => (l * l - (l - w) * (l - w)) / 2.0,
+                _ => l * l / 2.0,
+            }
+        })
         .sum();
-    let fwd = 4.0 * head_dim as f64 * n_heads as f64 * sum_sq / 2.0;
+    let fwd = 4.0 * head_dim as f64 * n_heads as f64 * pairs;
     (fwd, 2.5 * fwd)
 }
 
@@ -95,6 +124,22 @@ mod tests {
         let (f, b) = super::causal_flops(&[0, 4096, 8192], 32, 128);
         assert_eq!(f, 4.0 * 128.0 * 32.0 * 2.0 * 4096.0 * 4096.0 / 2.0);
         assert_eq!(b, 2.5 * f);
+    }
+
+    #[test]
+    fn windowed_flops_drop_the_triangle_beyond_the_window() {
+        let cu = [0, 8192, 8192 + 100];
+        let (causal, _) = super::causal_flops(&cu, 32, 128);
+        // A window no sequence exceeds changes nothing.
+        assert_eq!(super::attention_flops(&cu, 32, 128, Some(8192)).0, causal);
+        // W = 4096: the 8192-token sequence keeps 8192^2/2 - 4096^2/2 pairs, the short one all.
+        let (f, b) = super::attention_flops(&cu, 32, 128, Some(4096));
+        let pairs = (8192.0f64.powi(2) - 4096.0f64.powi(2)) / 2.0 + 100.0f64.powi(2) / 2.0;
+        assert_eq!(f, 4.0 * 128.0 * 32.0 * pairs);
+        assert_eq!(b, 2.5 * f);
+        // W = 1: one pair per token on the long sequence (8192^2 - 8191^2) / 2 = 8191.5.
+        let (one, _) = super::attention_flops(&[0, 8192], 1, 1, Some(1));
+        assert_eq!(one, 4.0 * 8191.5);
     }
 }
 

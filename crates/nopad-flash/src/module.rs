@@ -78,6 +78,8 @@ pub(crate) struct Loaded {
     pub name: String,
     pub threads: u32,
     pub smem: usize,
+    /// Takes the sliding window as its last parameter (`Kernel::windowed`).
+    pub windowed: bool,
 }
 
 /// Which module a kernel lives in, its entry point prefix and its block size.
@@ -91,6 +93,9 @@ fn entry(kernel: Kernel) -> (Module, &'static str, u32) {
         Kernel::BwdDqWgmma => (Module::Bwd, "flash_bwd_wgs_dq", 128),
         Kernel::BwdDkdvWgmma => (Module::Bwd, "flash_bwd_wgs_kv", 128),
         Kernel::BwdDkdvLongWgmma => (Module::Bwd, "flash_bwd_wg", 256),
+        Kernel::FwdWindow => (Module::Fwd, "flash_fwd_win", 128),
+        Kernel::BwdDqWindow => (Module::Bwd, "flash_bwd_dq_win", 128),
+        Kernel::BwdDkdvWindow => (Module::Bwd, "flash_bwd_dkdv_win", 128),
     }
 }
 
@@ -103,15 +108,16 @@ enum Module {
 /// Dynamic shared memory of `kernel` at head dim `dh`, in bytes.
 pub(crate) fn smem(kernel: Kernel, dh: usize) -> usize {
     match kernel {
-        // Q [BR][Dh] + K, V [64][Dh] bf16 (BR = 64 or 128).
-        Kernel::Fwd => (TILE + 2 * 64) * dh * 2,
+        // Q [BR][Dh] + K, V [64][Dh] bf16 (BR = 64 or 128). The windowed kernels are the
+        // same templates: the same tiles.
+        Kernel::Fwd | Kernel::FwdWindow => (TILE + 2 * 64) * dh * 2,
         Kernel::FwdWide => (128 + 2 * 64) * dh * 2,
         // Q, K, V [64][Dh] bf16, aligned to 1024 bytes.
         Kernel::FwdWgmma => 3 * TILE * dh * 2 + 1024,
         // Q, dO + K, V [2] [64][Dh] bf16.
-        Kernel::BwdDq => 6 * TILE * dh * 2,
+        Kernel::BwdDq | Kernel::BwdDqWindow => 6 * TILE * dh * 2,
         // K, V + Q, dO [2] [64][Dh] bf16 + lse2, D [2][64] fp32.
-        Kernel::BwdDkdv => 6 * TILE * dh * 2 + 4 * TILE * 4,
+        Kernel::BwdDkdv | Kernel::BwdDkdvWindow => 6 * TILE * dh * 2 + 4 * TILE * 4,
         // Q, dO + K, V [2] [64][Dh] bf16 + lse2, D [64] fp32, aligned.
         Kernel::BwdDqWgmma => 6 * TILE * dh * 2 + 2 * TILE * 4 + 1024,
         // K, V + Q, dO [2] [64][Dh] bf16 + lse2, D [2][64] fp32 + segs [64], aligned.
@@ -170,17 +176,13 @@ impl KernelTable {
             Kernel::BwdDqWgmma,
             Kernel::BwdDkdvWgmma,
             Kernel::BwdDkdvLongWgmma,
+            Kernel::FwdWindow,
+            Kernel::BwdDqWindow,
+            Kernel::BwdDkdvWindow,
         ];
         let mut loaded = HashMap::new();
         for kernel in kernels {
-            let needs_wgmma = matches!(
-                kernel,
-                Kernel::FwdWgmma
-                    | Kernel::BwdDqWgmma
-                    | Kernel::BwdDkdvWgmma
-                    | Kernel::BwdDkdvLongWgmma
-            );
-            if needs_wgmma && !wgmma {
+            if kernel.wgmma() && !wgmma {
                 continue;
             }
             for dh in [64, 128] {
@@ -200,6 +202,7 @@ impl KernelTable {
                     name,
                     threads,
                     smem,
+                    windowed: kernel.windowed(),
                 };
                 loaded.insert((kernel, dh), l);
             }
@@ -240,6 +243,18 @@ mod tests {
         assert_eq!(smem(Kernel::BwdDkdvLongWgmma, 128), 164864 + 1024);
         for k in [Kernel::BwdDkdvLongWgmma, Kernel::BwdDq, Kernel::FwdWide] {
             assert!(smem(k, 128) <= 227 * 1024, "{k:?} fits an SM");
+        }
+        // The windowed kernels are the same templates with the same tiles.
+        for (w, plain) in [
+            (Kernel::FwdWindow, Kernel::Fwd),
+            (Kernel::BwdDqWindow, Kernel::BwdDq),
+            (Kernel::BwdDkdvWindow, Kernel::BwdDkdv),
+        ] {
+            for dh in [64, 128] {
+                assert_eq!(smem(w, dh), smem(plain, dh));
+                assert_eq!(entry(w).2, entry(plain).2);
+                assert_eq!(format!("{}_win", entry(plain).1), entry(w).1);
+            }
         }
     }
 

@@ -10,6 +10,12 @@
 //! batch of 2000 sequences of 1-32 tokens needs ~500 tiles rather than 2000. Lists are sorted by cost, longest first, so the heaviest tiles start in the first wave
 //! and short ones fill the tail. Nothing here touches the GPU except the upload, from a page-locked
 //! buffer borrowed from the `staging` pool on first use.
+//!
+//! The sliding window (`FlashDims::window`) does not enter the plan, so one plan serves the
+//! windowed and the full-attention layers of a model. Under a window W a query tile's cost
+//! (key tiles visited) is `min(m + 1, c_W)` and a key tile's `min(nt - n, c'_W)` for constants
+//! of W: non-decreasing functions of the causal costs, so the causal order is longest first
+//! under the window too. The kernels skip the tiles beyond the window themselves.
 
 use std::sync::{Arc, Mutex};
 
@@ -63,6 +69,8 @@ pub struct Plan {
     pub(crate) n_tokens: usize,
     pub(crate) t_pad: usize,
     seq_lens: Vec<usize>,
+    /// The longest sequence's length (0 for an empty batch).
+    max_len: usize,
     /// Query tiles (forward, preprocess, dQ), longest first.
     pub(crate) q_tiles: Vec<TileDesc>,
     /// Key tiles (dK/dV), most query tiles to visit first.
@@ -287,6 +295,7 @@ impl Plan {
                 .map(|w| (w[1] - w[0]) as usize)
                 .collect(),
             t_pad: pad,
+            max_len,
             q_tiles,
             kv_tiles,
             auto_wide,
@@ -297,6 +306,12 @@ impl Plan {
             host,
             staged: Mutex::new(None),
         })
+    }
+
+    /// The longest sequence's length in tokens (0 for an empty batch): whether a sliding window
+    /// hides any key (`FlashDims::window_within`).
+    pub fn max_len(&self) -> usize {
+        self.max_len
     }
 
     /// Tokens in sequences of at least `min_len` tokens.
@@ -394,6 +409,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 64,
             scale: 0.125,
+            window: None,
         }
     }
 
@@ -536,6 +552,30 @@ mod tests {
             tiles_end,
             "uploaded bytes = tile sections"
         );
+    }
+
+    /// The window does not enter the plan: the same lists and layout with any window, so one
+    /// plan serves a model's windowed and full layers; `max_len` tells whether it hides keys.
+    #[test]
+    fn the_plan_does_not_depend_on_the_window() {
+        let cu = [0i32, 5, 5, 70, 300, 301];
+        let plain = Plan::new(&cu, &dims(301, 5, 300)).expect("valid plan");
+        assert_eq!(plain.max_len(), 230);
+        for w in [1, 3, 64, 229, 230, 4096] {
+            let d = FlashDims {
+                window: Some(w),
+                ..dims(301, 5, 300)
+            };
+            let p = Plan::new(&cu, &d).expect("valid plan");
+            assert_eq!(p.host, plain.host, "window {w}");
+            assert_eq!(p.layout(4), plain.layout(4), "window {w}");
+            assert_eq!(
+                d.window_within(p.max_len()).is_some(),
+                w < 230,
+                "window {w}"
+            );
+        }
+        assert_eq!(Plan::new(&[0], &dims(0, 0, 0)).expect("empty").max_len(), 0);
     }
 
     #[test]

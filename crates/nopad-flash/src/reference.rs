@@ -4,7 +4,8 @@
 //!
 //! Layouts are the kernels': `qkv: [N, (H + 2 Hkv) * Dh]`, `d_out, out: [N, H * Dh]`,
 //! `lse: [H, N]` (natural log), `d_qkv` like `qkv`. Per sequence and query head h (kv head
-//! h / G): `P = softmax(scale q k^T)` over keys j <= i; `D_i = dO_i . O_i`;
+//! h / G): `P = softmax(scale q k^T)` over keys j <= i (and j > i - W under a sliding window
+//! W, `FlashDims::window`); `D_i = dO_i . O_i`;
 //! `dS = P (dP - D)`; `dQ = scale dS K`, `dK = scale dS^T Q`, `dV = P^T dO` summed over the group.
 //! Rows are independent, so both passes run in parallel over (head, row) with rayon.
 
@@ -65,6 +66,10 @@ pub fn attention(
     let group = h_q / h_kv;
     let rs = (h_q + 2 * h_kv) * dh;
     let scale = dims.scale as f64;
+    // Keys of query i: first(i) ..= i; queries of key j: j .. past(j), within its sequence.
+    let w = dims.window.unwrap_or(usize::MAX).max(1);
+    let first = |s0: usize, i: usize| s0.max((i + 1).saturating_sub(w));
+    let past = |s0: usize, len: usize, j: usize| (s0 + len).min(j.saturating_add(w));
     let rnd = |x: f64| {
         if prec == Precision::Bf16 {
             bf16_round(x)
@@ -131,7 +136,7 @@ pub fn attention(
         .map(|r| {
             let (h, t) = (r / n, r % n);
             let hk = h / group;
-            let (s0, _) = seq_of[t];
+            let s0 = first(seq_of[t].0, t);
             let qi = q(t, h);
             let x: Vec<f64> = (s0..=t).map(|j| rnd(scale * dot(qi, k(j, hk)))).collect();
             let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -175,7 +180,7 @@ pub fn attention(
             let mut dk = vec![0f64; dh];
             let mut dv = vec![0f64; dh];
             for h in hk * group..(hk + 1) * group {
-                for i in j..s0 + len {
+                for i in j..past(s0, len, j) {
                     let row = &rows[h * n + i];
                     let qi = q(i, h);
                     let x = rnd(scale * dot(qi, kj));
@@ -221,49 +226,83 @@ mod tests {
     use super::*;
 
     /// Loss = sum(out * d_out); its gradient w.r.t. qkv must match d_qkv (central differences
-    /// in f64 on a tiny GQA batch with an empty and a length-1 sequence).
+    /// in f64 on a tiny GQA batch with an empty and a length-1 sequence), without a window and
+    /// with windows of 1, 2 and 4 keys (shorter than the 5-token sequence).
     #[test]
     fn gradients_match_finite_differences() {
         let cu = [0i32, 3, 3, 4, 9];
-        let dims = FlashDims {
-            n: 9,
-            n_seqs: 4,
-            max_seqlen: 5,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 4,
-            scale: 0.7,
-        };
-        let rs = (dims.n_heads + 2 * dims.n_kv_heads) * dims.head_dim;
-        let mut rng = nopad_rng::Rng::new(7);
-        // Values on a coarse grid are exact in f32 and keep the loss smooth enough.
-        let qkv: Vec<f32> = (0..dims.n * rs)
-            .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
-            .collect();
-        let d_out: Vec<f32> = (0..dims.n * dims.n_heads * dims.head_dim)
-            .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
-            .collect();
-        let r = attention(&qkv, &d_out, &cu, &dims, Precision::F64);
-        let loss = |x: &[f32]| -> f64 {
-            let o = attention(x, &d_out, &cu, &dims, Precision::F64).out;
-            o.iter()
-                .zip(&d_out)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum()
-        };
-        let eps = 1.0 / 256.0;
-        let mut worst = 0f64;
-        for idx in 0..qkv.len() {
-            let mut p = qkv.clone();
-            p[idx] += eps;
-            let mut m = qkv.clone();
-            m[idx] -= eps;
-            let fd = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
-            worst = worst.max((fd - r.d_qkv[idx] as f64).abs());
+        for window in [None, Some(1), Some(2), Some(4)] {
+            let dims = FlashDims {
+                n: 9,
+                n_seqs: 4,
+                max_seqlen: 5,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 4,
+                scale: 0.7,
+                window,
+            };
+            let rs = (dims.n_heads + 2 * dims.n_kv_heads) * dims.head_dim;
+            let mut rng = nopad_rng::Rng::new(7);
+            // Values on a coarse grid are exact in f32 and keep the loss smooth enough.
+            let qkv: Vec<f32> = (0..dims.n * rs)
+                .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
+                .collect();
+            let d_out: Vec<f32> = (0..dims.n * dims.n_heads * dims.head_dim)
+                .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
+                .collect();
+            let r = attention(&qkv, &d_out, &cu, &dims, Precision::F64);
+            let loss = |x: &[f32]| -> f64 {
+                let o = attention(x, &d_out, &cu, &dims, Precision::F64).out;
+                o.iter()
+                    .zip(&d_out)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum()
+            };
+            let eps = 1.0 / 256.0;
+            let mut worst = 0f64;
+            for idx in 0..qkv.len() {
+                let mut p = qkv.clone();
+                p[idx] += eps;
+                let mut m = qkv.clone();
+                m[idx] -= eps;
+                let fd = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
+                worst = worst.max((fd - r.d_qkv[idx] as f64).abs());
+            }
+            // The out values pass through f32 (~1e-7 relative), and central differences carry
+            // O(eps^2) ~ 1e-5 truncation error on these magnitudes.
+            assert!(
+                worst < 2e-3,
+                "window {window:?}: max |fd - analytic| = {worst}"
+            );
         }
-        // The out values pass through f32 (~1e-7 relative), and central differences carry
-        // O(eps^2) ~ 1e-5 truncation error on these magnitudes.
-        assert!(worst < 2e-3, "max |fd - analytic| = {worst}");
+    }
+
+    /// A window of one key: every query sees only itself, so out = v, lse = scale q.k,
+    /// dV = dO and dQ = dK = 0, on every token of a packed batch.
+    #[test]
+    fn a_window_of_one_key_attends_to_itself() {
+        let dims = FlashDims {
+            n: 4,
+            n_seqs: 2,
+            max_seqlen: 3,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 0.5,
+            window: Some(1),
+        };
+        let qkv: Vec<f32> = (0..4 * 6).map(|i| (i % 7) as f32 - 3.0).collect();
+        let d_out: Vec<f32> = (0..4 * 2).map(|i| 0.25 * i as f32 - 1.0).collect();
+        let r = attention(&qkv, &d_out, &[0, 3, 4], &dims, Precision::F64);
+        for t in 0..4 {
+            let row = &qkv[t * 6..t * 6 + 6];
+            assert_eq!(r.out[2 * t..2 * t + 2], row[4..6], "out of token {t}");
+            let qk = 0.5 * (row[0] * row[2] + row[1] * row[3]);
+            assert!((r.lse[t] - qk).abs() < 1e-6, "lse of token {t}");
+            assert_eq!(r.d_qkv[t * 6..t * 6 + 4], [0.0; 4], "dq, dk of token {t}");
+            assert_eq!(r.d_qkv[t * 6 + 4..t * 6 + 6], d_out[2 * t..2 * t + 2]);
+        }
     }
 
     /// A length-1 sequence: out = v, lse = scale q.k, dV = dO, dQ = dK = 0.
@@ -277,6 +316,7 @@ mod tests {
             n_kv_heads: 1,
             head_dim: 2,
             scale: 0.5,
+            window: None,
         };
         let qkv = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         let r = attention(&qkv, &[0.25, -1.0], &[0, 1], &dims, Precision::F64);

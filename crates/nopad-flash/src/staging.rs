@@ -138,6 +138,7 @@ mod tests {
             n_kv_heads,
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
         };
         (cu, dims)
     }

@@ -1,7 +1,8 @@
 //! GPU tests: every default route (the device's own and, on Hopper, the mma.sync route of every
 //! other device) against the f64 reference on the tiny check shapes (GQA, packed short
 //! sequences, L = 0 and 1, non-multiples of 64) and on long sequences (the 128-key backward and
-//! the 128-row forward take sequences of at least 512 tokens). Prints a visible skip line and
+//! the 128-row forward take sequences of at least 512 tokens), each also under sliding windows
+//! (the windowed mma.sync route; the tiny set has windowed shapes too). Prints a visible skip line and
 //! passes where no CUDA device is present (CI); the full suite is `flash-check check`.
 
 use std::io::Write;
@@ -72,5 +73,30 @@ fn long_sequences_match_the_reference_on_the_gpu() {
     for (dh, h, hkv) in [(128, 4, 1), (128, 2, 2), (64, 4, 1)] {
         let shape = Shape::from_lens(&format!("long_d{dh}_h{h}/{hkv}"), &lens, h, hkv, dh);
         assert_all_pass(&gpu, &shape, seed);
+    }
+}
+
+/// Sliding windows over the long sequences above (edges inside tiles, on a tile border, whole
+/// key tiles left out) and over packed short sequences longer than the window; a window as
+/// long as the longest sequence must run the plain route and agree too.
+#[test]
+fn windowed_attention_matches_the_reference_on_the_gpu() {
+    let Some(gpu) = gpu_or_skip() else {
+        return;
+    };
+    let seed = 37;
+    let long = [600, 3, 1100, 0, 513, 64, 700];
+    let short = [1, 2, 3, 5, 17, 31, 40, 64, 9, 63, 2, 1];
+    for (dh, h, hkv) in [(128, 4, 1), (64, 2, 2)] {
+        for w in [1, 3, 64, 100, 257, 1100] {
+            let name = format!("long_d{dh}_h{h}/{hkv}");
+            let shape = Shape::from_lens(&name, &long, h, hkv, dh).with_window(w);
+            assert_all_pass(&gpu, &shape, seed);
+        }
+        for w in [1, 3, 16] {
+            let name = format!("short_d{dh}_h{h}/{hkv}");
+            let shape = Shape::from_lens(&name, &short, h, hkv, dh).with_window(w);
+            assert_all_pass(&gpu, &shape, seed);
+        }
     }
 }

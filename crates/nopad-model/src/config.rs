@@ -3,7 +3,8 @@
 //!
 //! Unknown keys in `config.json` are ignored (HF configs carry many that do not change the
 //! maths, such as `use_cache`); every key that does change the maths is read, and a value nopad
-//! cannot honour is an error naming the key.
+//! cannot honour is an error naming the key. Which layers attend within a sliding window
+//! (`sliding_window`, `use_sliding_window`, `max_window_layers`, `layer_types`) is `window.rs`.
 //!
 //! Over 600 lines: the reader and the writer of one format, kept side by side so that every key
 //! read is seen written back, and the presets are that format's text.
@@ -11,6 +12,9 @@
 use serde_json::{json, Map, Value};
 
 use crate::error::{ModelError, Result};
+
+mod window;
+pub use window::LayerType;
 
 /// The supported architectures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,8 +169,12 @@ pub struct Config {
     /// RMSNorm over each query and key head before RoPE, with weights `[Dh]` of its own for the
     /// queries and the keys (Qwen3's `q_norm`, `k_norm`; eps `rms_norm_eps`).
     pub qk_norm: bool,
-    /// Sliding-window attention size, if the model uses one.
+    /// Sliding-window attention size W, as HF keeps it (a query sees itself and the W − 1 keys
+    /// before it); which layers use it is [`Config::layer_window`].
     pub sliding_window: Option<usize>,
+    /// HF's `layer_types`, one per layer: as `config.json` gives them, or (Qwen2) as HF derives
+    /// them from `max_window_layers`; `None` where neither applies. Written back on export.
+    pub layer_types: Option<Vec<LayerType>>,
     /// Standard deviation of the random initialisation.
     pub initializer_range: f64,
     /// Token ids from the config, kept for saving.
@@ -368,13 +376,8 @@ impl Config {
             Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
             Arch::Mistral => (false, false),
         };
-        let sliding_window = match arch {
-            Arch::Mistral => r.usize_opt("sliding_window")?,
-            Arch::Qwen2 | Arch::Qwen3 if r.bool_opt("use_sliding_window")?.unwrap_or(false) => {
-                r.usize_opt("sliding_window")?
-            }
-            _ => None,
-        };
+        let num_hidden_layers = r.positive("num_hidden_layers")?;
+        let (sliding_window, layer_types) = window::read(&r, arch, num_hidden_layers)?;
         // RoPE: transformers 4 writes rope_theta + rope_scaling, transformers 5 rope_parameters.
         let params = r
             .present("rope_parameters")
@@ -454,7 +457,7 @@ impl Config {
             vocab_size: r.positive("vocab_size")?,
             hidden_size,
             intermediate_size: r.positive("intermediate_size")?,
-            num_hidden_layers: r.positive("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
@@ -467,6 +470,7 @@ impl Config {
             o_bias,
             qk_norm: arch == Arch::Qwen3,
             sliding_window,
+            layer_types,
             initializer_range: r.f64_opt("initializer_range")?.unwrap_or(0.02),
             bos_token_id: r.present("bos_token_id").cloned(),
             eos_token_id: r.present("eos_token_id").cloned(),
@@ -589,6 +593,7 @@ impl Config {
                 obj.insert("sliding_window".into(), json!(self.sliding_window));
             }
         }
+        window::write(self, obj);
         for (k, v) in [
             ("bos_token_id", &self.bos_token_id),
             ("eos_token_id", &self.eos_token_id),

@@ -123,6 +123,17 @@ struct Uploaded<B: Backend> {
     attn: AttnDims,
 }
 
+impl<B: Backend> Uploaded<B> {
+    /// The attention shape of layer `l`: the batch's, with the layer's sliding window
+    /// (`Config::layer_window`).
+    fn layer_attn(&self, c: &Config, l: usize) -> AttnDims {
+        AttnDims {
+            window: c.layer_window(l),
+            ..self.attn
+        }
+    }
+}
+
 /// What the gradient buffer holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GradState {
@@ -448,14 +459,6 @@ impl<B: Backend> Model<B> {
         if x.cu_seqlens.first() != Some(&0) || x.cu_seqlens.last().map(|&v| v as usize) != Some(n) {
             return bad("cu_seqlens must run from 0 to the number of tokens");
         }
-        if let Some(w) = self.cfg.sliding_window {
-            if x.max_seqlen > w {
-                return Err(ModelError::Input(format!(
-                    "a sequence of {} tokens exceeds the model's sliding_window of {w}; sliding-window attention is not implemented, so use --max-len {w} or less",
-                    x.max_seqlen
-                )));
-            }
-        }
         let c = &self.cfg;
         Ok(Uploaded {
             tokens: b.ints(x.tokens)?,
@@ -470,6 +473,8 @@ impl<B: Backend> Model<B> {
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
                 scale: softmax_scale(c),
+                // Set per layer, where the layer's context is built.
+                window: None,
             },
         })
     }
@@ -556,7 +561,7 @@ impl<B: Backend> Model<B> {
                 inv_freq: &self.inv_freq,
                 positions: &up.positions,
                 cu_seqlens: &up.cu_seqlens,
-                attn: up.attn,
+                attn: up.layer_attn(c, l),
                 n,
                 mlp_recompute: mode.mlp_in_layer(l),
                 grad_write: GradWrite::Accumulate,
@@ -755,7 +760,7 @@ impl<B: Backend> Model<B> {
                 inv_freq: &self.inv_freq,
                 positions: &up.positions,
                 cu_seqlens: &up.cu_seqlens,
-                attn: up.attn,
+                attn: up.layer_attn(c, l),
                 n,
                 mlp_recompute: mode.mlp_in_layer(l),
                 grad_write: acc,

@@ -8,6 +8,7 @@ use std::io::Write;
 use nopad_backend::cpu::Cpu;
 use nopad_backend::cuda::{probe, Cuda, CudaDtype, CudaOptions};
 use nopad_backend::prelude::*;
+use nopad_model::config::LayerType;
 use nopad_model::{weights, Config, Inputs, Model, Recompute};
 use nopad_rng::Rng;
 
@@ -186,6 +187,24 @@ fn compare_cfg(
         );
     }
     eprintln!("[{test}] worst gradient: {} at {:.2e}", worst.1, worst.0);
+}
+
+/// Sliding windows: a Qwen2 config whose layer 0 slides (W = 40, below most of the sequences
+/// of `compare_cfg`'s batch) and layer 1 attends fully, so one micro-batch runs nopad-flash's
+/// windowed kernels and its plain ones; the tolerances of the unwindowed bf16 test.
+#[test]
+fn bf16_windowed_model_matches_cpu() {
+    let mut cfg = config(false);
+    cfg.sliding_window = Some(40);
+    cfg.layer_types = Some(vec![LayerType::Sliding, LayerType::Full]);
+    let test = "bf16_windowed_model_matches_cpu";
+    compare_cfg(
+        &cfg,
+        (CudaDtype::Bf16, false),
+        Recompute::None,
+        (4e-3, 7.4e-2),
+        test,
+    );
 }
 
 #[test]

@@ -1,11 +1,14 @@
-//! Varlen causal grouped-query attention on the CPU: the reference every GPU kernel is checked
-//! against.
+//! Varlen causal grouped-query attention on the CPU, optionally within a sliding window (query i
+//! sees keys i − W < j ≤ i of its own sequence, `AttnDims::window`): the reference every GPU
+//! kernel is checked against.
 //!
 //! One task per (sequence, key/value head) gathers that sequence's K and V (and each query head
 //! of the group) into dense matrices and does the products with SIMD GEMMs on a `[L, L]`
 //! score matrix; tasks run in parallel and write back in a fixed order, so results are
 //! deterministic. The backward recomputes the probabilities from the saved log-sum-exp (no
-//! `[L, L]` matrix is kept between passes).
+//! `[L, L]` matrix is kept between passes). A window only changes which entries of a row are
+//! nonzero (the products stay dense); with every sequence inside the window the arithmetic is
+//! that of plain causal attention, bit for bit.
 
 use rayon::prelude::*;
 
@@ -57,7 +60,15 @@ fn check_dims<T>(op: &'static str, qkv: &[T], cu: &[i32], dims: &AttnDims) -> Re
             },
         )?;
     }
+    check(dims.window != Some(0), op, || {
+        "a sliding window of 0 keys (a query always sees itself: at least 1)".into()
+    })?;
     check_len(op, "qkv", qkv.len(), dims.n * dims.qkv_width())
+}
+
+/// The first key query `i` of a sequence sees: `i + 1 − W`, or 0 (always 0 without a window).
+fn first_key(i: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
 }
 
 /// Where the query/key/value vectors of one token and head live in `qkv`.
@@ -118,17 +129,25 @@ fn scores<T: Scalar>(p: &mut [T], q: &[T], k: &[T], len: usize, dh: usize, scale
 }
 
 /// Causal probabilities of one (sequence, head) in place: `s: [len, len]` holds scaled scores on
-/// entry and `P` (zero above the diagonal) on exit. With `lse` given (backward) P is recomputed
-/// from it; otherwise each row's log-sum-exp is written to `lse_out`.
-fn probabilities<T: Scalar>(s: &mut [T], len: usize, lse: Option<&[T]>, lse_out: &mut [T]) {
+/// entry and `P` (zero above the diagonal and before each row's window) on exit. With `lse`
+/// given (backward) P is recomputed from it; otherwise each row's log-sum-exp is written to
+/// `lse_out`.
+fn probabilities<T: Scalar>(
+    s: &mut [T],
+    len: usize,
+    window: Option<usize>,
+    lse: Option<&[T]>,
+    lse_out: &mut [T],
+) {
     for i in 0..len {
         let row = &mut s[i * len..(i + 1) * len];
+        let lo = first_key(i, window);
         let l = match lse {
             Some(l) => l[i],
             None => {
-                let m = row[..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let m = row[lo..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
                 let mut sum = T::ZERO;
-                for &x in &row[..=i] {
+                for &x in &row[lo..=i] {
                     sum += (x - m).exp();
                 }
                 let l = m + sum.ln();
@@ -136,9 +155,10 @@ fn probabilities<T: Scalar>(s: &mut [T], len: usize, lse: Option<&[T]>, lse_out:
                 l
             }
         };
-        for x in &mut row[..=i] {
+        for x in &mut row[lo..=i] {
             *x = (*x - l).exp();
         }
+        row[..lo].fill(T::ZERO);
         row[i + 1..].fill(T::ZERO);
     }
 }
@@ -185,7 +205,8 @@ pub(crate) fn forward<T: Scalar>(a: AttnFwd<'_, Cpu<T>>) -> Result<()> {
             for hh in 0..group {
                 let q = gather(qkv, s, len, dh, |t| lay.q(t, g * group + hh));
                 scores(&mut p, &q, &k, len, dh, scale);
-                probabilities(&mut p, len, None, &mut l[hh * len..(hh + 1) * len]);
+                let lse_h = &mut l[hh * len..(hh + 1) * len];
+                probabilities(&mut p, len, dims.window, None, lse_h);
                 let oh = &mut o[hh * len * dh..(hh + 1) * len * dh];
                 gemm(
                     len,
@@ -260,6 +281,7 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                 probabilities(
                     &mut p,
                     len,
+                    dims.window,
                     Some(&lse[head * n + s..head * n + e]),
                     &mut unused,
                 );
@@ -290,11 +312,11 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
                 );
                 for i in 0..len {
                     let di = dot(&dout[i * dh..(i + 1) * dh], &o[i * dh..(i + 1) * dh]);
-                    for j in 0..=i {
+                    for j in first_key(i, dims.window)..=i {
                         p[i * len + j] *= dp[i * len + j] - di;
                     }
                 }
-                // p now holds dS (zero above the diagonal): dQ = s·dS·K, dK += s·dSᵀ·Q.
+                // p now holds dS (zero outside the window): dQ = s·dS·K, dK += s·dSᵀ·Q.
                 let dqh = &mut dq[hh * len * dh..(hh + 1) * len * dh];
                 gemm(
                     len,
@@ -337,4 +359,162 @@ pub(crate) fn backward<T: Scalar>(a: AttnBwd<'_, Cpu<T>>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The window on packed rows: against nopad-flash's host reference (an independent
+    //! implementation: per-row loops over each query's keys), and bit for bit the plain causal
+    //! result when no sequence outgrows it. (`cpu/tests.rs` checks windows against a dense masked
+    //! softmax and finite differences too.)
+
+    use nopad_flash::reference::{self, Precision};
+    use nopad_rng::Rng;
+
+    use super::super::{Cpu, Scalar};
+    use crate::prelude::*;
+
+    /// Packed rows of `lens`: `cu_seqlens` and dims with `window`.
+    fn batch(lens: &[usize], window: Option<usize>) -> (Vec<i32>, AttnDims) {
+        let ends = lens.iter().scan(0i32, |end, &l| {
+            *end += l as i32;
+            Some(*end)
+        });
+        let cu: Vec<i32> = std::iter::once(0).chain(ends).collect();
+        let dims = AttnDims {
+            n: cu[lens.len()] as usize,
+            n_seqs: lens.len(),
+            max_seqlen: lens.iter().copied().max().unwrap_or(0),
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            scale: 0.35,
+            window,
+        };
+        (cu, dims)
+    }
+
+    /// Forward `out`, `lse` and backward `d_qkv` of one call on `Cpu<T>`.
+    fn run<T: Scalar>(
+        qkv: &[T],
+        d_out: &[T],
+        cu: &[i32],
+        dims: AttnDims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let b = Cpu::<T>::new();
+        let (n, h) = (dims.n, dims.n_heads);
+        let mut out = vec![T::from_f32(f32::NAN); n * dims.out_width()];
+        let mut lse = vec![T::from_f32(f32::NAN); h * n];
+        b.attention_forward(AttnFwd {
+            out: &mut out,
+            lse: &mut lse,
+            qkv,
+            cu_seqlens: &cu.to_vec(),
+            dims,
+        })
+        .unwrap();
+        let mut d_qkv = vec![T::from_f32(f32::NAN); n * dims.qkv_width()];
+        b.attention_backward(AttnBwd {
+            d_qkv: &mut d_qkv,
+            d_out,
+            qkv,
+            out: &out,
+            lse: &lse,
+            cu_seqlens: &cu.to_vec(),
+            dims,
+        })
+        .unwrap();
+        (out, lse, d_qkv)
+    }
+
+    /// Values on a grid of 1/64, exact in f32 and f64.
+    fn grid(rng: &mut Rng, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| (rng.normal() * 64.0).round() as f32 / 64.0)
+            .collect()
+    }
+
+    fn max_rel(got: &[f64], want: &[f32]) -> f64 {
+        let scale = want.iter().fold(1e-9f64, |m, &w| m.max((w as f64).abs()));
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g - w as f64).abs() / scale)
+            .fold(
+                0.0,
+                |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+            )
+    }
+
+    #[test]
+    fn windowed_attention_matches_the_host_reference_on_packed_rows() {
+        let lens = [1, 40, 0, 75, 3, 17];
+        let mut rng = Rng::new(41);
+        for window in [1, 2, 3, 16, 40, 64] {
+            let (cu, dims) = batch(&lens, Some(window));
+            let qkv = grid(&mut rng, dims.n * dims.qkv_width());
+            let d_out = grid(&mut rng, dims.n * dims.out_width());
+            let want = reference::attention(&qkv, &d_out, &cu, &dims, Precision::F64);
+            let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let (out, lse, d_qkv) = run::<f64>(&to64(&qkv), &to64(&d_out), &cu, dims);
+            // The reference hands back f32 copies: agreement to f32 rounding.
+            for (what, got, want) in [
+                ("out", &out, &want.out),
+                ("lse", &lse, &want.lse),
+                ("d_qkv", &d_qkv, &want.d_qkv),
+            ] {
+                let e = max_rel(got, want);
+                assert!(e < 1e-6, "window {window}: {what} relative error {e:e}");
+            }
+            // The window matters here: plain causal attention differs.
+            let (plain, _, _) = run::<f64>(&to64(&qkv), &to64(&d_out), &cu, batch(&lens, None).1);
+            assert!(max_rel(&plain, &want.out) > 1e-3, "window {window}");
+        }
+    }
+
+    fn window_as_long_as_every_sequence_is_bitwise_causal<T: Scalar>() {
+        let lens = [5, 0, 33, 1, 64, 2];
+        let mut rng = Rng::new(43);
+        let (cu, plain) = batch(&lens, None);
+        let qkv: Vec<T> = grid(&mut rng, plain.n * plain.qkv_width())
+            .into_iter()
+            .map(T::from_f32)
+            .collect();
+        let d_out: Vec<T> = grid(&mut rng, plain.n * plain.out_width())
+            .into_iter()
+            .map(T::from_f32)
+            .collect();
+        let want = run(&qkv, &d_out, &cu, plain);
+        for window in [64, 65, 1 << 20] {
+            let got = run(&qkv, &d_out, &cu, batch(&lens, Some(window)).1);
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<u64>>();
+            assert_eq!(bits(&got.0), bits(&want.0), "out, window {window}");
+            assert_eq!(bits(&got.1), bits(&want.1), "lse, window {window}");
+            assert_eq!(bits(&got.2), bits(&want.2), "d_qkv, window {window}");
+        }
+    }
+
+    #[test]
+    fn a_window_no_sequence_exceeds_gives_the_causal_bits() {
+        window_as_long_as_every_sequence_is_bitwise_causal::<f32>();
+        window_as_long_as_every_sequence_is_bitwise_causal::<f64>();
+    }
+
+    #[test]
+    fn a_window_of_zero_keys_is_refused() {
+        let (cu, dims) = batch(&[3], Some(0));
+        let b = Cpu::<f32>::new();
+        let qkv = vec![0.0f32; dims.n * dims.qkv_width()];
+        let (mut out, mut lse) = (vec![0.0; dims.n * dims.out_width()], vec![0.0; 4 * dims.n]);
+        let err = b
+            .attention_forward(AttnFwd {
+                out: &mut out,
+                lse: &mut lse,
+                qkv: &qkv,
+                cu_seqlens: &cu,
+                dims,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sliding window of 0"), "{err}");
+    }
 }

@@ -364,7 +364,8 @@ fn swiglu_finite_differences() {
     fd_check("swiglu", &gu, &dgu, |gu| dotv(&fwd(gu), &r));
 }
 
-/// Dense reference: full [N, N] scores with a block-diagonal causal mask built from cu_seqlens.
+/// Dense reference: full [N, N] scores with a block-diagonal causal mask built from cu_seqlens,
+/// narrowed to the sliding window (`i - j < W`) when `d.window` is set.
 fn naive_attention(qkv: &[f64], cu: &[i32], d: &AttnDims) -> Vec<f64> {
     let (n, h, hkv, dh) = (d.n, d.n_heads, d.n_kv_heads, d.head_dim);
     let w = d.qkv_width();
@@ -378,7 +379,10 @@ fn naive_attention(qkv: &[f64], cu: &[i32], d: &AttnDims) -> Vec<f64> {
         let g = hd / (h / hkv);
         for i in 0..n {
             let q = &qkv[i * w + hd * dh..][..dh];
-            let vis: Vec<usize> = (0..=i).filter(|&j| seg(j) == seg(i)).collect();
+            let in_window = |j: usize| d.window.is_none_or(|w| i - j < w);
+            let vis: Vec<usize> = (0..=i)
+                .filter(|&j| seg(j) == seg(i) && in_window(j))
+                .collect();
             let s: Vec<f64> = vis
                 .iter()
                 .map(|&j| dotv(q, &qkv[j * w + h * dh + g * dh..][..dh]) * d.scale as f64)
@@ -400,11 +404,17 @@ fn naive_attention(qkv: &[f64], cu: &[i32], d: &AttnDims) -> Vec<f64> {
 fn attention_matches_dense_reference_and_finite_differences() {
     let b = B::new();
     let mut rng = Rng::new(15);
-    // Lengths include 1, an empty segment and a non-power-of-two; GQA 4/2 and MHA 2/2 and MQA 3/1.
-    for &(ref lens, h, hkv, dh) in &[
-        (vec![3usize, 1, 0, 5], 4usize, 2usize, 4usize),
-        (vec![7], 2, 2, 6),
-        (vec![2, 4], 3, 1, 2),
+    // Lengths include 1, an empty segment and a non-power-of-two; GQA 4/2 and MHA 2/2 and MQA 3/1;
+    // sliding windows of 1, 2 and 3 keys over sequences longer than them, and one longer than
+    // every sequence.
+    for &(ref lens, h, hkv, dh, window) in &[
+        (vec![3usize, 1, 0, 5], 4usize, 2usize, 4usize, None),
+        (vec![7], 2, 2, 6, None),
+        (vec![2, 4], 3, 1, 2, None),
+        (vec![3, 1, 0, 7, 2], 4, 2, 4, Some(2)),
+        (vec![7], 2, 2, 6, Some(1)),
+        (vec![6, 5], 3, 1, 2, Some(3)),
+        (vec![2, 4], 3, 1, 2, Some(9)),
     ] {
         let mut cu = vec![0i32];
         for &l in lens {
@@ -419,6 +429,7 @@ fn attention_matches_dense_reference_and_finite_differences() {
             n_kv_heads: hkv,
             head_dim: dh,
             scale: 1.0 / (dh as f32).sqrt(),
+            window,
         };
         let qkv = randn(&mut rng, n * dims.qkv_width(), 1.0);
         let fwd = |qkv: &[f64]| {
@@ -471,6 +482,7 @@ fn attention_isolation_changes_the_result() {
         n_kv_heads: 1,
         head_dim: 4,
         scale: 0.5,
+        window: None,
     };
     let qkv = randn(&mut rng, 6 * dims(1, 6).qkv_width(), 1.0);
     let mut o1 = vec![0.0; 6 * 8];

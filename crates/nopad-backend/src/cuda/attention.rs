@@ -5,6 +5,11 @@
 //! They do exact fp32 math from shared memory in 64 × 64 tiles, with no atomics; the host builds
 //! the tile list (sequence, 64-row tile) from its copy of `cu_seqlens`, longest sequences first
 //! so the heavy tiles start early.
+//!
+//! A sliding window (`AttnDims::window`) runs on nopad-flash's kernels only. The simple kernels
+//! have none: a window that hides keys of a batch (a sequence longer than it) is refused there
+//! with `BackendError::Unsupported`; a window every sequence fits in is plain causal attention
+//! and runs anywhere.
 
 use super::compile::{Launch, ATTENTION_BWD, ATTENTION_FWD};
 use super::{want, Cuda, CudaInts, Dtype};
@@ -60,6 +65,9 @@ fn check_batch(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<()> {
             )
         },
     )?;
+    check(dims.window != Some(0), op, || {
+        "a sliding window of 0 keys (a query always sees itself: at least 1)".into()
+    })?;
     if dims.head_dim == 0 || dims.head_dim > MAX_HEAD_DIM {
         return Err(BackendError::Unsupported(format!(
             "{op}: head_dim {} (the simple kernel handles 1..={MAX_HEAD_DIM})",
@@ -67,6 +75,28 @@ fn check_batch(op: &'static str, cu: &CudaInts, dims: &AttnDims) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The simple kernels have no sliding window: an error where the window hides keys of this
+/// batch (after `check_batch`).
+fn no_window_needed(
+    op: &'static str,
+    cu: &CudaInts,
+    dims: &AttnDims,
+    compute: Dtype,
+) -> Result<()> {
+    let cu = &cu.host[..=dims.n_seqs];
+    let longest = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max();
+    match dims.window_within(longest.unwrap_or(0)) {
+        None => Ok(()),
+        Some(w) => Err(BackendError::Unsupported(format!(
+            "{op}: a sliding window of {w} keys over a sequence of {} tokens runs on the \
+             nopad-flash kernels only (bf16 compute, head_dim 64 or 128), not in {compute:?} \
+             mode with head_dim {}",
+            longest.unwrap_or(0),
+            dims.head_dim
+        ))),
+    }
 }
 
 /// The simple kernel's tile list `[(b, tile)]`, flattened, longest sequences first (after
@@ -158,23 +188,12 @@ impl Cuda {
         std::sync::Arc<nopad_flash::Plan>,
         super::CudaBuf,
     )> {
-        let fd = Self::flash_dims(dims);
+        // `AttnDims` is `nopad_flash::FlashDims`: the window travels with the shape.
+        let fd = *dims;
         let plan = self.flash_plan(flash, &cu.host[..=dims.n_seqs], &fd, op)?;
         let ws_words = flash.workspace_bytes(&plan, &fd).div_ceil(4).max(1);
         let ws = self.scratch(ws_words, Dtype::F32)?;
         Ok((fd, plan, ws))
-    }
-
-    fn flash_dims(dims: &AttnDims) -> nopad_flash::FlashDims {
-        nopad_flash::FlashDims {
-            n: dims.n,
-            n_seqs: dims.n_seqs,
-            max_seqlen: dims.max_seqlen,
-            n_heads: dims.n_heads,
-            n_kv_heads: dims.n_kv_heads,
-            head_dim: dims.head_dim,
-            scale: dims.scale,
-        }
     }
 
     fn flash_err(op: &str) -> impl FnOnce(nopad_flash::FlashError) -> BackendError + '_ {
@@ -238,6 +257,7 @@ impl Cuda {
             }
             .map_err(Self::flash_err(op));
         }
+        no_window_needed(op, cu_seqlens, &dims, self.compute)?;
         let list = tiles(cu_seqlens, &dims);
         let tiles = self.ints(&list)?;
         let mut p = self.params(&dims, cu_seqlens, &tiles);
@@ -299,6 +319,7 @@ impl Cuda {
             }
             .map_err(Self::flash_err(op));
         }
+        no_window_needed(op, cu_seqlens, &dims, self.compute)?;
         let list = tiles(cu_seqlens, &dims);
         let tiles = self.ints(&list)?;
         let delta = self.scratch(dims.n_heads * n, Dtype::F32)?;

@@ -588,7 +588,7 @@ pub(crate) fn swiglu<B: Backend>(e: &mut Env<B>) {
 
 #[path = "attention.rs"]
 mod attention_body;
-pub(crate) use attention_body::attention;
+pub(crate) use attention_body::{attention, attention_window};
 #[path = "lm_head_adamw.rs"]
 mod lm_head_adamw;
 pub(crate) use lm_head_adamw::{adamw, lm_head};

@@ -237,6 +237,7 @@ fn bench_llama_1b_shapes() {
             n_kv_heads: hkv,
             head_dim: dh,
             scale: 0.125,
+            window: None,
         };
         let sl2: f64 = lens.iter().map(|&l| (l * l) as f64 / 2.0).sum();
         let fl = 4.0 * (dh * h) as f64 * sl2;

@@ -25,6 +25,11 @@
 // Accumulation: fp32 (S, dP, dK, dV, dQ); P and dS rounded to bf16 as MMA operands.
 // Shared memory: (2 + 4) [64][DH] bf16 tiles + 2 x 2 x 64 fp32 (+ 8 KB dS when ATOMIC)
 // = 48.5 / 56.5 KB (DH 64), 97 / 105 KB (DH 128); NW = 8: 81 / 145 KB.
+// Sliding window (WIN, `flash_bwd_dkdv_win`, deterministic NW = 4 only): key j is seen by
+// queries i with j <= i < j + W, so the query tiles stop at the one holding the tile's last key
+// + W - 1 (m_end); 16-query blocks beyond every key's window of a warp skip their MMAs, and the
+// elementwise mask adds i - j >= W. Work: min(nt - n, ~W / 64 + 2) query tiles per key tile
+// instead of nt - n.
 
 #define BWD_THREADS 128
 // Atomic dQ: 16-byte red.global.add.v4 (lanes paired by one shuffle) rather than two 8-byte ones.
@@ -69,7 +74,7 @@ __device__ __forceinline__ void bwd_acc_pb(float (&acc)[DH / 8][4], const u32 (&
     }
 }
 
-template <int DH, bool ATOMIC, int NW>
+template <int DH, bool ATOMIC, int NW, bool WIN>
 __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                                                const bf16_t* __restrict__ d_out,
                                                const float* __restrict__ lse2,
@@ -78,10 +83,11 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                                                const int4* __restrict__ tiles,
                                                const int* __restrict__ segs,
                                                float* __restrict__ dqacc, int H, int Hkv,
-                                               int Tpad, float scale) {
+                                               int Tpad, float scale, int window) {
     // NW warps of 16 keys: KT = 16 NW keys per CTA (64, or 128 for the wide atomic kernel).
     constexpr int KT = 16 * NW, NT = 32 * NW;
     constexpr int TILE = 64 * DH;
+    static_assert(!WIN || (!ATOMIC && NW == 4), "the windowed dK/dV is the deterministic kernel");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16_t* sK = (bf16_t*)smem_raw;
     bf16_t* sV = sK + KT * DH;
@@ -102,7 +108,11 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
     const int g = lane >> 2, t = lane & 3;
     const int nq = (L + 63) >> 6;
     const int m0 = n * KT / 64;  // first query tile with a query >= this tile's first key
-    const int steps_per_head = nq - m0;
+    // WIN: one past the last query tile any key of this tile is seen from; the tile's last key
+    // n KT + KT - 1 is seen up to query n KT + KT - 2 + W. W is clamped to L (no query is
+    // further than L - 1 from a key) so the sum stays far from overflow.
+    const int m_end = WIN ? min(nq, (n * KT + KT - 2 + min(window, L)) / 64 + 1) : nq;
+    const int steps_per_head = m_end - m0;
     const int steps = G * steps_per_head;
     const float c = scale * LOG2E;
 
@@ -168,6 +178,8 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
             int q0 = m * 64 + np * 16;
             bool nd = wvalid && q0 < L &&
                       (!diag || (q0 + 15 >= j0 && (seg == nullptr || seg[np * 16] <= j0 + 15)));
+            // WIN: query q0 is the nearest to the warp's last key j0 + 15.
+            if (WIN) nd = nd && q0 - (j0 + 15) < window;
             need |= (u32)nd << np;
         }
         const bool all = need == 15u;
@@ -190,7 +202,8 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
                 int j = j0 + g + ((e >> 1) << 3);
                 float v = fast_exp2(st[nt][e] * c - sLs[qcol]);
                 bool masked = (!all && !((need >> (nt >> 1)) & 1u)) ||
-                              (m * 64 < n * KT + KT && (m * 64 + qcol < j || (seg != nullptr && seg[qcol] > j)));
+                              (m * 64 < n * KT + KT && (m * 64 + qcol < j || (seg != nullptr && seg[qcol] > j))) ||
+                              (WIN && m * 64 + qcol - j >= window);
                 p[e] = masked ? 0.f : v;
             }
             pa[nt >> 1][(nt & 1) * 2] = pack_bf16(p[0], p[1]);
@@ -315,9 +328,20 @@ __device__ __forceinline__ void flash_bwd_dkdv(const bf16_t* __restrict__ qkv,
         NAME(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,        \
              bf16_t* d_qkv, const int4* tiles, const int* segs, float* dqacc, int H, int Hkv,  \
              int Tpad, float scale) {                                                          \
-        flash_bwd_dkdv<DH, ATOMIC, NW>(qkv, d_out, lse2, D, d_qkv, tiles, segs, dqacc, H, Hkv,     \
-                                   Tpad, scale);                                               \
+        flash_bwd_dkdv<DH, ATOMIC, NW, false>(qkv, d_out, lse2, D, d_qkv, tiles, segs, dqacc,  \
+                                              H, Hkv, Tpad, scale, 0);                         \
+    }
+// The windowed kernels: one more parameter, the window W >= 1.
+#define DKDV_WIN_ENTRY(DH, NAME, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                    \
+        NAME(const bf16_t* qkv, const bf16_t* d_out, const float* lse2, const float* D,        \
+             bf16_t* d_qkv, const int4* tiles, const int* segs, float* dqacc, int H, int Hkv,  \
+             int Tpad, float scale, int window) {                                              \
+        flash_bwd_dkdv<DH, false, 4, true>(qkv, d_out, lse2, D, d_qkv, tiles, segs, dqacc, H,  \
+                                           Hkv, Tpad, scale, window);                          \
     }
 
 DKDV_ENTRY(64, flash_bwd_dkdv_64, false, DKDV64_MINB, 4)
 DKDV_ENTRY(128, flash_bwd_dkdv_128, false, 1, 4)
+DKDV_WIN_ENTRY(64, flash_bwd_dkdv_win_64, DKDV64_MINB)
+DKDV_WIN_ENTRY(128, flash_bwd_dkdv_win_128, 1)

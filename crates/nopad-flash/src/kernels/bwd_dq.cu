@@ -14,10 +14,14 @@
 // dS K (B = K via ldmatrix.trans).
 // Accumulation: fp32; P and dS rounded to bf16 as MMA operands.
 // Shared memory: 6 [64][DH] bf16 tiles = 48 KB (DH 64), 96 KB (DH 128).
+// Sliding window (WIN, `flash_bwd_dq_win`): also j > i - W, as in fwd.cu: key tiles from n_lo
+// (the first row's window) on, the elementwise mask on the diagonal tile and on tiles that
+// straddle the last row's window edge, 16-key blocks outside every row's window of a warp
+// skipped. Work: min(m + 1, ~W / 64 + 2) key tiles per query tile instead of m + 1.
 
 #define DQ_THREADS 128
 
-template <int DH>
+template <int DH, bool WIN>
 __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                                              const bf16_t* __restrict__ d_out,
                                              float* __restrict__ lse2, float* __restrict__ Dg,
@@ -26,7 +30,7 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                                              const int* __restrict__ segs,
                                              const bf16_t* __restrict__ out,
                                              const float* __restrict__ lse, int H, int Hkv,
-                                             int N, int Tpad, float scale) {
+                                             int N, int Tpad, float scale, int window) {
     constexpr int TILE = 64 * DH;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16_t* sQ = (bf16_t*)smem_raw;
@@ -43,6 +47,8 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const float c = scale * LOG2E;
+    // First key tile any row of this tile sees (row 64 m sees keys from 64 m - W + 1 on).
+    const int n_lo = WIN ? max(0, m * 64 - window + 1) >> 6 : 0;
 
     const bf16_t* gK = qkv + (long long)seq_start * rs + (H + hk) * DH;
     const bf16_t* gV = qkv + (long long)seq_start * rs + (H + Hkv + hk) * DH;
@@ -50,8 +56,8 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                                   L - m * 64, tid);
     load_tile<64, DH, DQ_THREADS>(sdO, d_out + (long long)(seq_start + m * 64) * ors + h * DH, ors,
                                   L - m * 64, tid);
-    load_tile<64, DH, DQ_THREADS>(sK, gK, rs, L, tid);
-    load_tile<64, DH, DQ_THREADS>(sV, gV, rs, L, tid);
+    load_tile<64, DH, DQ_THREADS>(sK, gK + (long long)n_lo * 64 * rs, rs, L - n_lo * 64, tid);
+    load_tile<64, DH, DQ_THREADS>(sV, gV + (long long)n_lo * 64 * rs, rs, L - n_lo * 64, tid);
     // out != nullptr: this kernel computes D and lse2 of its rows (and stores them for the dK/dV
     // kernel, which then runs after it): O goes to the K/V ring's second K stage, free until
     // the loop's first prefetch.
@@ -120,8 +126,8 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
     pa_.init(0, lane, false);
     pb_.init(0, lane, true);
 
-    for (int n = 0; n <= m; ++n) {
-        const int stage = n & 1;
+    for (int n = n_lo; n <= m; ++n) {
+        const int stage = (n - n_lo) & 1;
         if (n + 1 <= m) {
             load_tile<64, DH, DQ_THREADS>(sK + (stage ^ 1) * TILE, gK + (long long)(n + 1) * 64 * rs,
                                           rs, L - (n + 1) * 64, tid);
@@ -140,9 +146,15 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
             int k0 = n * 64 + np * 16;
-            need |= (u32)(wvalid && (n < m || (k0 <= r_hi && k0 + 15 >= kmin))) << np;
+            bool nd = wvalid && (n < m || (k0 <= r_hi && k0 + 15 >= kmin));
+            // WIN: the rows' windows together reach back to i0 - W + 1.
+            if (WIN) nd = nd && k0 + 15 > i0 - window;
+            need |= (u32)nd << np;
         }
         const bool all = need == 15u;
+        // The mask applies on the diagonal tile and (WIN) on tiles that start before the last
+        // row's window: such a tile is never "all visible", whatever `all` says of its MMAs.
+        const bool masked = n == m || (WIN && n * 64 < (m + 1) * 64 - window);
 
         float s[8][4], dp[8][4];
 #pragma unroll
@@ -195,7 +207,8 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
                 int i = m * 64 + warp * 16 + g + 8 * r;
                 int j = n * 64 + nt * 8 + 2 * t + (e & 1);
                 float p = fast_exp2(s[nt][e] * c - l2[r]);
-                if (n == m && (j > i || j >= L || j < seg_lo[r])) p = 0.f;
+                if (masked && (j > i || j >= L || j < seg_lo[r] || (WIN && j <= i - window)))
+                    p = 0.f;
                 v[e] = p * (dp[nt][e] - dd[r]);
             }
             da[nt >> 1][(nt & 1) * 2] = pack_bf16(v[0], v[1]);
@@ -248,9 +261,20 @@ __device__ __forceinline__ void flash_bwd_dq(const bf16_t* __restrict__ qkv,
         NAME(const bf16_t* qkv, const bf16_t* d_out, float* lse2, float* D, bf16_t* d_qkv,     \
              const int4* tiles, const int* segs, const bf16_t* out, const float* lse, int H,   \
              int Hkv, int N, int Tpad, float scale) {                                          \
-        flash_bwd_dq<DH>(qkv, d_out, lse2, D, d_qkv, tiles, segs, out, lse, H, Hkv, N, Tpad,   \
-                         scale);                                                               \
+        flash_bwd_dq<DH, false>(qkv, d_out, lse2, D, d_qkv, tiles, segs, out, lse, H, Hkv, N,  \
+                                Tpad, scale, 0);                                               \
+    }
+// The windowed kernels: one more parameter, the window W >= 1.
+#define DQ_WIN_ENTRY(DH, NAME, MINB)                                                          \
+    extern "C" __global__ void __launch_bounds__(DQ_THREADS, MINB)                             \
+        NAME(const bf16_t* qkv, const bf16_t* d_out, float* lse2, float* D, bf16_t* d_qkv,     \
+             const int4* tiles, const int* segs, const bf16_t* out, const float* lse, int H,   \
+             int Hkv, int N, int Tpad, float scale, int window) {                              \
+        flash_bwd_dq<DH, true>(qkv, d_out, lse2, D, d_qkv, tiles, segs, out, lse, H, Hkv, N,   \
+                               Tpad, scale, window);                                           \
     }
 
 DQ_ENTRY(64, flash_bwd_dq_64, DQ64_MINB)
 DQ_ENTRY(128, flash_bwd_dq_128, 1)
+DQ_WIN_ENTRY(64, flash_bwd_dq_win_64, DQ64_MINB)
+DQ_WIN_ENTRY(128, flash_bwd_dq_win_128, 1)
