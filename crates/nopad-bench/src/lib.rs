@@ -155,27 +155,39 @@ pub fn useful_flops(
         cfg.vocab_size * cfg.hidden_size
     };
     let n = (layout.total - embed) as f64;
-    let sum_sq = if strategy == Strategy::Pad {
-        // Each row is an example plus trailing pads (pad id, no target).
-        batch
-            .cu_seqlens
-            .windows(2)
-            .map(|w| {
-                let (s, mut e) = (w[0] as usize, w[1] as usize);
+    // The attended lengths: each example's real tokens under padding (trailing pads trimmed),
+    // each segment of the row otherwise (whose squares are `stats.sum_len_sq`).
+    let lens: Vec<f64> = batch
+        .cu_seqlens
+        .windows(2)
+        .map(|w| {
+            let (s, mut e) = (w[0] as usize, w[1] as usize);
+            if strategy == Strategy::Pad {
+                // Each row is an example plus trailing pads (pad id, no target).
                 while e > s + 1
                     && batch.tokens[e - 1] == pad_id
                     && batch.targets[e - 1] == IGNORE_INDEX
                 {
                     e -= 1;
                 }
-                ((e - s) as f64).powi(2)
-            })
-            .sum()
-    } else {
-        batch.stats.sum_len_sq as f64
-    };
-    let attn =
-        6.0 * (cfg.head_dim * cfg.num_attention_heads * cfg.num_hidden_layers) as f64 * sum_sq;
+            }
+            (e - s) as f64
+        })
+        .collect();
+    // Per layer: len² pairs, less the (len - W)² beyond a sliding window W (as
+    // `nopad_flash::attention_flops` counts them).
+    let sum_sq: f64 = (0..cfg.num_hidden_layers)
+        .map(|l| {
+            let w = cfg.layer_window(l).map(|w| w as f64);
+            lens.iter()
+                .map(|&len| match w {
+                    Some(w) if w < len => len * len - (len - w) * (len - w),
+                    _ => len * len,
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    let attn = 6.0 * (cfg.head_dim * cfg.num_attention_heads) as f64 * sum_sq;
     let dense = if frozen { 4.0 } else { 6.0 };
     dense * n * batch.stats.real_tokens as f64 + attn
 }

@@ -166,6 +166,19 @@ fn useful_flops_count_real_tokens_and_example_attention_only() {
         );
         let got = useful_flops(&cfg, &b, 0, s, false);
         assert!((got - want).abs() < 1e-6 * want, "{s}: {got} vs {want}");
+        // A window of 4 in layer 0 only: the 5-token example loses (5 - 4)² = 1 pair there.
+        let mut windowed = cfg.clone();
+        windowed.sliding_window = Some(4);
+        let mut types = vec![nopad_model::config::LayerType::Full; cfg.num_hidden_layers];
+        types[0] = nopad_model::config::LayerType::Sliding;
+        windowed.layer_types = Some(types);
+        let got = useful_flops(&windowed, &b, 0, s, false);
+        let less = 6.0 * (cfg.head_dim * cfg.num_attention_heads) as f64;
+        let want = want - less;
+        assert!(
+            (got - want).abs() < 1e-6 * want,
+            "{s} windowed: {got} vs {want}"
+        );
     }
 }
 
