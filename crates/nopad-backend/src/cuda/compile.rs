@@ -64,9 +64,10 @@ pub(crate) const ADAMW: KernelFile = kernel_file!("adamw.cu");
 pub(crate) const ADAPTER: KernelFile = kernel_file!("adapter.cu");
 pub(crate) const ATTENTION_FWD: KernelFile = kernel_file!("attention.cuh", "attention_fwd.cu");
 pub(crate) const ATTENTION_BWD: KernelFile = kernel_file!("attention.cuh", "attention_bwd.cu");
+pub(crate) const DECODE: KernelFile = kernel_file!("decode.cu");
 
 /// Every kernel file, for the compile-everything test and warm-up.
-pub(crate) const ALL_FILES: [KernelFile; 12] = [
+pub(crate) const ALL_FILES: [KernelFile; 13] = [
     ELEMENTWISE,
     REDUCE,
     EMBEDDING,
@@ -79,6 +80,7 @@ pub(crate) const ALL_FILES: [KernelFile; 12] = [
     ADAPTER,
     ATTENTION_FWD,
     ATTENTION_BWD,
+    DECODE,
 ];
 
 /// Grid, block and dynamic shared memory of one launch.

@@ -38,13 +38,13 @@ fn fill(n: usize, s: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn up(g: &Cuda, n: usize, s: f32, kind: Kind) -> CudaBuf {
+pub(super) fn up(g: &Cuda, n: usize, s: f32, kind: Kind) -> CudaBuf {
     let mut b = g.alloc(n, kind).expect("alloc");
     g.write(&mut b, 0, &fill(n, s, n as u64)).expect("write");
     b
 }
 
-fn time(
+pub(super) fn time(
     g: &Cuda,
     name: &str,
     work: f64,
