@@ -35,6 +35,7 @@ use crate::profile::Profile;
 use crate::recompute::Recompute;
 
 mod acts;
+mod decode;
 mod grad_slots;
 mod hand_over;
 mod lora;
@@ -570,6 +571,7 @@ impl<B: Backend> Model<B> {
                 &res_in[l],
                 Some(&mut res_out[0]),
                 pass.as_mut(),
+                None,
                 prof,
             )?;
         }
@@ -771,6 +773,7 @@ impl<B: Backend> Model<B> {
                     &acts.res[l],
                     None,
                     pass.as_mut(),
+                    None,
                     prof,
                 )?;
             }

@@ -29,7 +29,7 @@ pub struct Acts<B: Backend> {
 }
 
 /// One layer's saved activations from the next seven buffers, in `memory::act_parts` order.
-fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
+pub(super) fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
     LayerActs {
         rstd1: next(),
         qkv: next(),
@@ -37,6 +37,21 @@ fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> LayerActs<B> {
         lse: next(),
         res_mid: next(),
         rstd2: next(),
+        gu: next(),
+    }
+}
+
+/// The layers' scratch from the next nine buffers, in `Scratch` field order.
+pub(super) fn scratch<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> Scratch<B> {
+    Scratch {
+        h: next(),
+        a: next(),
+        rstd_tmp: next(),
+        d_res: next(),
+        d_h: next(),
+        d_qkv: next(),
+        d_att: next(),
+        d_a: next(),
         gu: next(),
     }
 }
@@ -104,17 +119,7 @@ impl<B: Backend> Model<B> {
             layers,
             hf: next(),
             rstdf: next(),
-            s: Scratch {
-                h: next(),
-                a: next(),
-                rstd_tmp: next(),
-                d_res: next(),
-                d_h: next(),
-                d_qkv: next(),
-                d_att: next(),
-                d_a: next(),
-                gu: next(),
-            },
+            s: scratch(&mut next),
         });
         Ok(())
     }
