@@ -3,7 +3,7 @@
 //! (`Cuda::set_lm_head_chunk_elems`), the caching allocator's steady state and the kernel disk
 //! cache (`cuda_ops/runtime.rs`), the staging copies of an offloaded optimizer and its update
 //! against the device's (`cuda_ops/staging.rs`), and the op timings at Llama 1B shapes
-//! (`cuda_ops/bench.rs`) and of the decode attention at 8B shapes (`cuda_ops/decode_bench.rs`).
+//! (`cuda_ops/bench.rs`).
 //!
 //! Comparisons are against `Cpu<f32>` on inputs drawn representable in the CUDA Compute type,
 //! with the tolerance model of the conformance suite: 1e-4 relative for fp32 paths, 3·k·u + 1e-4
@@ -20,8 +20,6 @@ use nopad_rng::Rng;
 #[path = "cuda_ops/bench.rs"]
 mod bench;
 mod common;
-#[path = "cuda_ops/decode_bench.rs"]
-mod decode_bench;
 #[path = "cuda_ops/runtime.rs"]
 mod runtime;
 #[path = "cuda_ops/staging.rs"]

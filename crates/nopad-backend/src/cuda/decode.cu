@@ -11,23 +11,17 @@
 // keys); out [B, H*Dh] compute_t; part_o [B, H, C, Dh] f32 and part_ml [B, H, C, 2] f32 (each
 // chunk's unnormalised output, its maximum and sum), C = chunks of the longest sequence.
 
-struct CopyRowsParams {
-    compute_t* y;            // [rows, w]
-    const compute_t* x;      // [rows, x_stride]
-    const int* pairs;        // [2n] (source row, destination row)
-    i64 n;
-    i64 x_stride;
-    i64 c0;
-    i64 w;
-};
+// y [rows, w], x [rows, x_stride], pairs [2n] (source row, destination row).
+struct CopyRowsParams { compute_t* y; const compute_t* x; const int* pairs; i64 n, x_stride, c0, w; };
 
-// y[pairs[2t+1], j] = x[pairs[2t], c0 + j]; grid-stride over n*w elements.
+// y[pairs[2t+1], j] = x[pairs[2t], c0 + j]: a grid-stride loop over the n*w elements, a row's
+// w consecutive threads reading and writing consecutive addresses.
 extern "C" __global__ void KNAME(copy_rows)(const CopyRowsParams p) {
-    i64 total = p.n * p.w;
-    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < total; idx += (i64)gridDim.x * blockDim.x) {
-        i64 t = idx / p.w, j = idx - t * p.w;
-        i64 src = p.pairs[2 * t], dst = p.pairs[2 * t + 1];
-        p.y[dst * p.w + j] = p.x[src * p.x_stride + p.c0 + j];
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x; idx < p.n * p.w; idx += stride) {
+        const i64 t = idx / p.w;
+        const int* pair = p.pairs + 2 * t;
+        p.y[pair[1] * p.w + (idx - t * p.w)] = p.x[pair[0] * p.x_stride + p.c0 + (idx - t * p.w)];
     }
 }
 
