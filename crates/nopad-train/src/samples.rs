@@ -260,7 +260,7 @@ pub(crate) struct SampleRecord {
     pub samples: Vec<Sample>,
 }
 
-/// A run's sampler: its prompts, tokenizer and settings.
+/// A run's sampler: its prompts, tokenizer and settings (every rank's; rank 0 writes).
 pub(crate) struct Sampler {
     prompts: Vec<Prompt>,
     tok: Option<ModelTokenizer>,

@@ -242,7 +242,8 @@ pub(crate) struct Session<B: Backend> {
     /// (this rank, ranks in the run): the loader hands this rank its `grad_accum` micro-batches
     /// of each global step, dealt by cost.
     pub ranks: (usize, usize),
-    /// Rank 0's samples between steps (`--sample-every`), if any.
+    /// The samples between steps (`--sample-every`), if any: every rank generates them (so
+    /// none waits for rank 0 in its next collective), rank 0 writes them.
     pub sampler: Option<Sampler>,
 }
 
@@ -404,7 +405,7 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
-        // Every rank plans rank 0's samples, so all choose the same stage.
+        // Every rank takes the samples (rank 0 writes them), and plans them.
         let sampler = Sampler::open(tc, &cfg)?;
         let sampling = sampler.as_ref().map_or(0, |sm| {
             let lora = tc.lora.as_ref().map(|l| LoraShape::of(&l.settings, l.base));
@@ -549,7 +550,7 @@ impl<B: Backend> Session<B> {
             warnings,
             _lock: lock,
             ranks: (rank, world),
-            sampler: sampler.filter(|_| rank == 0),
+            sampler,
         })
     }
 }

@@ -3,7 +3,8 @@
 //! `sampling_bytes` above the same run without samples (the plan's `peak` adds them to
 //! everything a step keeps between steps), for full fine-tuning with and without recomputation
 //! and for LoRA; a budget that fits the steps but not the samples is refused naming them; the
-//! losses are those of the run without samples; a stage-3 run is refused.
+//! losses are those of the run without samples; two ranks sample and one writes; a stage-3 run
+//! is refused.
 
 use nopad_backend::cpu::Cpu;
 use nopad_model::lora::memory::LoraShape;
@@ -94,4 +95,21 @@ fn bad_sample_settings_are_refused_before_step_one() {
     tc.ranks = 2;
     tc.shard = Some(ShardStage::Params);
     refused(&tc, "`sample-every`: a run at --shard 3");
+}
+
+#[test]
+fn every_rank_samples_and_rank_0_writes_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tc = config(dir.path(), &[vec![3, 1], vec![4]], 5);
+    tc.ranks = 2;
+    tc.log = Some(dir.path().join("log.jsonl"));
+    nopad_train::train_threads::<f32>(&tc, |_| {}).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("log.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("samples").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![2, 3]);
 }

@@ -85,7 +85,7 @@ pub struct GenerateArgs {
 pub struct SampleArgs {
     /// Every N optimizer steps (and after the last), greedy completions of --sample-prompts
     /// from the current weights, written to the --log file as {"step", "samples": [{"prompt",
-    /// "completion", "ids", "stop"}]} and to stderr (one rank; not with --shard 3).
+    /// "completion", "ids", "stop"}]} and to stderr (not with --shard 3).
     #[arg(long, value_name = "N", requires = "sample_prompts")]
     pub sample_every: Option<u64>,
     /// The prompts of --sample-every: JSON lines, one {"prompt"}, {"messages"} or

@@ -97,9 +97,10 @@ impl<B: Backend> Model<B> {
         self.generate_with(b, prompts, opts, |_, _| {})
     }
 
-    /// [`Model::generate`], handing `on_logits(i, logits)` every row of logits sequence i's
-    /// next token is chosen from (tests compare them with a forward without the cache).
-    pub(crate) fn generate_with(
+    /// [`Model::generate`], handing `on_logits(i, logits)` every row of logits `[V]` sequence
+    /// i's next token is chosen from, in order (to compare backends, or a forward without the
+    /// cache).
+    pub fn generate_with(
         &mut self,
         b: &B,
         prompts: &[Vec<i32>],
