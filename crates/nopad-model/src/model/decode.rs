@@ -5,9 +5,10 @@
 //! layer's keys and values (after RoPE) copied from its `qkv` rows to the prompt's rows of that
 //! layer's cache (`Ops::copy_rows`); the last row of each prompt gathered, normed and projected
 //! to logits (`linear_forward` with the head, not the fused loss). Decode: one token per live
-//! sequence per step, at position = its length so far: `layer::forward_qkv` (norm, q/k/v, RoPE),
-//! the new keys and values appended, `Ops::decode_attention` of the one query over the
-//! sequence's cache, `layer::forward_out` (o_proj, residual, MLP), the final norm and the head.
+//! sequence per step, at position = its length so far, through the same `layer::forward` with
+//! its attention replaced by a hook (`layer::Attention`): the step's keys and values appended
+//! (`Ops::copy_rows`), then `Ops::decode_attention` of the one query over the sequence's cache;
+//! then the final norm and the head over the live rows.
 //!
 //! Sequence i owns cache rows `first_i .. first_i + prompt_i + max_new - 1` of every layer; a
 //! finished sequence leaves the batch and its rows are simply no longer read. LoRA adapters
