@@ -354,3 +354,149 @@ pub struct DequantNf4<'a, B: Device + ?Sized + 'a> {
     /// Elements n.
     pub n: usize,
 }
+
+// ---- generation: the KV cache's append and the one-query attention over it -----------------
+
+/// Arguments of [`crate::Ops::copy_rows`]: `y[pairs[2t + 1], 0..w] = x[pairs[2t], c0..c0 + w]`
+/// for `t < n`: rows of `x` (or a run of their columns) copied to chosen rows of `y`, whose
+/// rows are `w` long. Appending each new token's keys and values to its sequence's rows of a
+/// KV cache (`x` = the `qkv` rows, `c0 = H·Dh`, `w = 2·Hkv·Dh`), and gathering the last row of
+/// each prompt (`c0 = 0`, `w` = the row length).
+pub struct CopyRows<'a, B: Device + ?Sized + 'a> {
+    /// `[rows, w]`: the destination rows written, the others untouched.
+    pub y: B::Mut<'a>,
+    /// `[rows, x_stride]`.
+    pub x: B::Ref<'a>,
+    /// `[2·n]` (source row of `x`, destination row of `y`) pairs; the destinations distinct.
+    pub pairs: &'a B::Ints,
+    /// Rows copied n.
+    pub n: usize,
+    /// Elements between the starts of consecutive rows of `x`.
+    pub x_stride: usize,
+    /// The first column of `x` copied.
+    pub c0: usize,
+    /// Columns copied w: the row length of `y`.
+    pub w: usize,
+}
+
+impl<B: Device + ?Sized> CopyRows<'_, B> {
+    /// Checks the pairs (`pairs` as the host knows them) against the views' lengths: every
+    /// source row inside `x`, every destination row inside `y` and no destination twice.
+    pub(crate) fn check(&self, pairs: &[i32], x_len: usize, y_len: usize) -> crate::Result<()> {
+        const OP: &str = "copy_rows";
+        let (n, xs, c0, w) = (self.n, self.x_stride, self.c0, self.w);
+        crate::error::check(c0 + w <= xs || n == 0, OP, || {
+            format!("columns {c0}..{} exceed the source rows of {xs}", c0 + w)
+        })?;
+        crate::error::check(pairs.len() >= 2 * n, OP, || {
+            format!("{} pair entries for {n} rows", pairs.len())
+        })?;
+        let (x_rows, y_rows) = (x_len / xs.max(1), y_len / w.max(1));
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        for (t, p) in pairs[..2 * n].chunks(2).enumerate() {
+            let (src, dst) = (p[0], p[1]);
+            crate::error::check(
+                src >= 0 && (src as usize) < x_rows && dst >= 0 && (dst as usize) < y_rows,
+                OP,
+                || {
+                    format!("pair {t} ({src} -> {dst}) is outside {x_rows} source and {y_rows} destination rows")
+                },
+            )?;
+            crate::error::check(seen.insert(dst), OP, || {
+                format!("pair {t} writes destination row {dst} a second time")
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Shape of [`crate::Ops::decode_attention`]: one query row per sequence against that
+/// sequence's cached keys and values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeDims {
+    /// Sequences B (one query row each).
+    pub n_seqs: usize,
+    /// Query heads H.
+    pub n_heads: usize,
+    /// Key/value heads Hkv (dividing H; query head h reads kv head h / (H / Hkv)).
+    pub n_kv_heads: usize,
+    /// Head dimension Dh.
+    pub head_dim: usize,
+    /// The softmax scale (1/√Dh, or YaRN's).
+    pub scale: f32,
+}
+
+impl DecodeDims {
+    /// Elements of one `qkv` row: `(H + 2·Hkv)·Dh`.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    /// Elements of one cache row, a token's keys then its values: `2·Hkv·Dh`.
+    pub fn cache_width(&self) -> usize {
+        2 * self.n_kv_heads * self.head_dim
+    }
+    /// Elements of one output row: `H·Dh`.
+    pub fn out_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}
+
+/// Arguments of [`crate::Ops::decode_attention`]: for each sequence b and query head h,
+/// `out[b, h] = Σ_j softmax_j(scale · q[b, h] · k_j) · v_j` over the keys and values of
+/// cache rows `spans[2b] .. spans[2b] + spans[2b + 1]` (the whole of what sequence b has
+/// seen, its new token included: decoding is causal by construction), kv head h / (H / Hkv).
+/// A sequence with no key gets zeros.
+pub struct DecodeAttn<'a, B: Device + ?Sized + 'a> {
+    /// `[B, H·Dh]`, overwritten.
+    pub out: B::Mut<'a>,
+    /// `[B, (H + 2·Hkv)·Dh]`: the queries are the first `H·Dh` columns of each row (keys and
+    /// values are read from the cache, where [`crate::Ops::copy_rows`] put them).
+    pub qkv: B::Ref<'a>,
+    /// `[rows, 2·Hkv·Dh]`: each row one token's keys, then its values.
+    pub cache: B::Ref<'a>,
+    /// `[2·B]`: sequence b's first cache row and its number of keys.
+    pub spans: &'a B::Ints,
+    /// The shape.
+    pub dims: DecodeDims,
+}
+
+impl<B: Device + ?Sized> DecodeAttn<'_, B> {
+    /// Checks the shape and the spans (as the host knows them) against the views' lengths;
+    /// returns the most keys of any sequence.
+    pub(crate) fn check(&self, spans: &[i32], lens: [usize; 3]) -> crate::Result<usize> {
+        const OP: &str = "decode_attention";
+        let d = &self.dims;
+        let [out_len, qkv_len, cache_len] = lens;
+        crate::error::check(
+            d.n_kv_heads > 0 && d.n_heads.is_multiple_of(d.n_kv_heads) && d.head_dim > 0,
+            OP,
+            || {
+                format!(
+                    "{} query heads, {} kv heads of {} dims (heads must be a multiple of kv heads)",
+                    d.n_heads, d.n_kv_heads, d.head_dim
+                )
+            },
+        )?;
+        let b = d.n_seqs;
+        for (what, have, need) in [
+            ("out", out_len, b * d.out_width()),
+            ("qkv", qkv_len, b * d.qkv_width()),
+            ("spans", spans.len(), 2 * b),
+        ] {
+            crate::error::check(have >= need, OP, || {
+                format!("{what} has {have} elements, needs {need}")
+            })?;
+        }
+        let rows = cache_len / d.cache_width();
+        let mut most = 0;
+        for (s, span) in spans[..2 * b].chunks(2).enumerate() {
+            let (first, len) = (span[0], span[1]);
+            let inside = first >= 0 && len >= 0 && (first as usize + len as usize) <= rows;
+            crate::error::check(inside, OP, || {
+                format!("sequence {s}: rows {first}..{first}+{len} outside a cache of {rows} rows")
+            })?;
+            most = most.max(len as usize);
+        }
+        Ok(most)
+    }
+}

@@ -135,4 +135,13 @@ pub trait Ops: Device {
     /// Fused output head and cross-entropy, forward and (optionally) backward in one pass, in
     /// chunks of rows so that the full `[N, V]` logits never exist at once (see [`LmHeadLoss`]).
     fn lm_head_loss(&self, a: LmHeadLoss<'_, Self>) -> Result<()>;
+
+    // ---- generation -------------------------------------------------------------------------
+
+    /// Rows (or a run of their columns) copied to chosen rows of another buffer: a KV cache's
+    /// append, a gather of each prompt's last row (see [`crate::args::CopyRows`]).
+    fn copy_rows(&self, a: crate::args::CopyRows<'_, Self>) -> Result<()>;
+    /// One query row per sequence against that sequence's cached keys and values, GQA, one pass
+    /// over the cache (see [`crate::args::DecodeAttn`]).
+    fn decode_attention(&self, a: crate::args::DecodeAttn<'_, Self>) -> Result<()>;
 }

@@ -226,6 +226,8 @@ conformance!(
     dropout,
     rmsnorm_frozen,
     dequant_nf4,
+    copy_rows,
+    decode_attention,
 );
 
 #[path = "conformance/ops.rs"]
@@ -237,3 +239,6 @@ use optim::adamw_states;
 #[path = "conformance/adapter.rs"]
 mod adapter;
 use adapter::{adapter_columns, dequant_nf4, dropout, rmsnorm_frozen};
+#[path = "conformance/decode.rs"]
+mod decode;
+use decode::{copy_rows, decode_attention};

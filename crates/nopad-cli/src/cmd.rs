@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod dist;
 pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod lora;
 pub mod merge;

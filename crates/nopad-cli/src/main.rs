@@ -4,15 +4,15 @@
 //! the library crates. With no arguments it trains the built-in default (the `small` preset on
 //! synthetic FLAN-like data with the `flatten` strategy).
 //!
-//! Entry points: `main` dispatches to `cmd::{train,eval,merge,stats,inspect,bench}::run`; each builds its
-//! library configuration and runs it on the backend `device.rs` picks (`run_on`).
+//! Entry points: `main` dispatches to `cmd::{train,eval,generate,merge,stats,inspect,bench}::run`;
+//! each builds its library configuration and runs it on the backend `device.rs` picks (`run_on`).
 
 mod cmd;
 mod device;
 
 use clap::{Parser, Subcommand};
 
-use cmd::{bench, eval, inspect, merge, stats, train};
+use cmd::{bench, eval, generate, inspect, merge, stats, train};
 
 /// Fine-tune Llama-family language models with padding-free packing and varlen attention.
 #[derive(Parser, Debug)]
@@ -28,6 +28,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Token-weighted loss of a model over a pretokenized JSONL file.
     Eval(eval::EvalArgs),
+    /// Complete prompts with a model (KV cache; greedy or sampled), one or a file of them.
+    Generate(Box<generate::GenerateArgs>),
     /// Merge a PEFT LoRA adapter into its base model and write an HF checkpoint.
     Merge(merge::MergeArgs),
     /// What each packing strategy would do with a data set (rows, padding, steps, Σlen²).
@@ -45,6 +47,7 @@ fn main() {
         None => train::run(&train::TrainArgs::default()),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Eval(args)) => eval::run(&args),
+        Some(Command::Generate(args)) => generate::run(&args),
         Some(Command::Merge(args)) => merge::run(&args),
         Some(Command::Stats(args)) => stats::run(&args),
         Some(Command::Inspect(args)) => inspect::run(&args),

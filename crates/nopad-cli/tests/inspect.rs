@@ -4,19 +4,7 @@
 use std::path::Path;
 
 mod common;
-use common::{args, nopad, ok, stderr};
-
-/// A word-level tokenizer (whitespace split), written out by hand.
-const TOKENIZER: &str = r#"{"version": "1.0", "truncation": null, "padding": null,
- "added_tokens": [
-  {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-  {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-  {"id": 3, "content": "<|user|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-  {"id": 4, "content": "<|assistant|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
- "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
- "model": {"type": "WordLevel", "unk_token": "<unk>", "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2,
-  "<|user|>": 3, "<|assistant|>": 4, "hello": 5, "bonjour": 6, "thanks": 7, "bye": 8, "what": 9,
-  "is": 10, "two": 11, "four": 12}}}"#;
+use common::{args, nopad, ok, stderr, TOKENIZER};
 
 /// The model's template: role markers, `</s>` after each assistant turn.
 const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\

@@ -166,6 +166,13 @@ impl ModelTokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
     }
 
+    /// The text of `ids` as HF's `tokenizer.decode(ids, skip_special_tokens=True)` gives it
+    /// (generated completions).
+    pub fn decode(&self, ids: &[i32]) -> Result<String, String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i.max(0) as u32).collect();
+        self.tok.decode(&ids, true).map_err(|e| e.to_string())
+    }
+
     /// [`ModelTokenizer::encode`], with the byte span of `text` each token comes from.
     pub(crate) fn encode_with_spans(&self, text: &str) -> Result<Encoded, String> {
         let enc = self.tok.encode(text, false).map_err(|e| e.to_string())?;

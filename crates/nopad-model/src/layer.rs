@@ -129,6 +129,11 @@ fn dims(c: &Config) -> (usize, usize, usize, usize, f32) {
     )
 }
 
+/// How a layer's forward attends: `None`, the varlen causal attention within each segment of
+/// `Ctx::cu_seqlens` (training, evaluation, a generation's prefill); `Some(f)`, `f(la)` writes
+/// `la.att` from the rotated `la.qkv` (a generation step's attention over its KV cache).
+pub(crate) type Attention<'f, B> = Option<&'f mut dyn FnMut(&mut LayerActs<B>) -> Result<()>>;
+
 /// Layer forward: `res_out = layer(res_in)`, saving what the backward needs in `la`. With
 /// `res_out = None` (recomputation) it stops once `la` is complete (after the gate/up GEMM).
 /// `lora`: the layer's adapters, added after each base projection they target.
@@ -141,6 +146,7 @@ pub(crate) fn forward<B: Backend>(
     res_in: &B::Buf,
     res_out: Option<&mut B::Buf>,
     mut lora: Option<&mut LayerPass<'_, B>>,
+    attention: Attention<'_, B>,
     prof: &mut Profile,
 ) -> Result<()> {
     let (b, c, p, n) = (cx.b, cx.c, cx.p, cx.n);
@@ -191,13 +197,16 @@ pub(crate) fn forward<B: Backend>(
         dims: rope,
     })?;
     prof.mark(b, "rope fwd")?;
-    b.attention_forward(AttnFwd {
-        out: b.view_mut(&mut la.att, 0..n * hd),
-        lse: b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
-        qkv: b.view(&la.qkv, 0..n * w),
-        cu_seqlens: cx.cu_seqlens,
-        dims: cx.attn,
-    })?;
+    match attention {
+        None => b.attention_forward(AttnFwd {
+            out: b.view_mut(&mut la.att, 0..n * hd),
+            lse: b.view_mut(&mut la.lse, 0..n * c.num_attention_heads),
+            qkv: b.view(&la.qkv, 0..n * w),
+            cu_seqlens: cx.cu_seqlens,
+            dims: cx.attn,
+        })?,
+        Some(f) => f(la)?,
+    }
     prof.mark(b, "attention fwd")?;
     b.linear_forward(LinearFwd {
         y: b.view_mut(&mut la.res_mid, nd.clone()),

@@ -4,12 +4,14 @@
 //! - [`Layout`]: where every HF tensor lives in one flat parameter buffer.
 //! - [`weights`]: random init and HF safetensors checkpoints, in and out.
 //! - [`Model`]: explicit forward and backward against any [`nopad_backend::Backend`].
+//! - [`generate`]: generation with a KV cache ([`Model::generate`]) and its sampling.
 
 #![deny(missing_docs)]
 
 mod arena;
 pub mod config;
 mod error;
+pub mod generate;
 pub mod hub;
 mod layer;
 pub mod layout;

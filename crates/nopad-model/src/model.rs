@@ -35,6 +35,7 @@ use crate::profile::Profile;
 use crate::recompute::Recompute;
 
 mod acts;
+mod decode;
 mod grad_slots;
 mod hand_over;
 mod lora;
@@ -575,6 +576,7 @@ impl<B: Backend> Model<B> {
                 &res_in[l],
                 Some(&mut res_out[0]),
                 pass.as_mut(),
+                None,
                 prof,
             )?;
         }
@@ -776,6 +778,7 @@ impl<B: Backend> Model<B> {
                     &acts.res[l],
                     None,
                     pass.as_mut(),
+                    None,
                     prof,
                 )?;
             }

@@ -152,6 +152,9 @@ pub struct TrainConfig {
     /// Set by a signal handler (see [`crate::signals`]): the run finishes its step, saves a
     /// checkpoint and stops.
     pub interrupt: Option<Interrupt>,
+    /// Greedy samples from the current weights every so many steps (`--sample-every`); None:
+    /// no samples.
+    pub sample: Option<crate::SampleConfig>,
     /// Test-only: the gradients of this step are poisoned with NaN (its loss scale is NaN), as
     /// a numerically broken batch would; the update must be skipped and counted.
     pub nan_at_step: Option<u64>,
@@ -237,6 +240,7 @@ impl TrainConfig {
             interrupt: None,
             nan_at_step: None,
             save_delay: None,
+            sample: None,
         }
     }
 
@@ -307,6 +311,9 @@ impl TrainConfig {
             lt.settings
                 .validate("LoRA flags")
                 .map_err(|e| Config(e.to_string()))?;
+        }
+        if let Some(sc) = &self.sample {
+            sc.validate()?;
         }
         if self.eval_every.is_some() && self.eval_data.is_none() {
             return Err(Config(

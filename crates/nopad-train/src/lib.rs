@@ -11,7 +11,7 @@
 //! for one). Other modules: `config`, `schedule`, `records` (step and eval records, the run's
 //! history, [`Summary`]), `identity` (what must match to resume), `signals` (SIGINT/SIGTERM → a
 //! graceful stop), `runlog` (the JSON-lines log), `plan` (the memory plan: predicted peak by kind, what fits),
-//! `error`.
+//! `samples` (prompts for generation, and a run's samples every `--sample-every` steps), `error`.
 //!
 //! Every module is private and the API is the `pub use` block below, except [`checkpoint`]: the
 //! checkpoint directory format, whose free functions (`latest`, `load_state`, …) read best
@@ -35,6 +35,7 @@ mod plan;
 mod ranks;
 mod records;
 mod runlog;
+mod samples;
 mod schedule;
 mod session;
 mod settings;
@@ -64,11 +65,14 @@ pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{
     check_device, check_fits, check_run, gib, is_out_of_memory, largest_fitting,
     largest_micro_batch, last_plan, mode_grid, modes_of, parse_gib, plan, plan_rank,
-    print_plan_for_out_of_memory, stage_grid, table, DeviceSizes, Modes, Plan, Trained,
-    CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR, PLANNED_STAGES,
+    print_plan_for_out_of_memory, sampling_bytes, stage_grid, table, DeviceSizes, Modes, Plan,
+    Trained, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR, PLANNED_STAGES,
 };
 pub use ranks::train_threads;
 pub use records::{Counters, EvalRecord, RankImbalance, StepRecord, StopReason, Summary};
+pub use samples::{
+    completion_text, model_tokenizer, read_prompts, Prompt, PromptInput, Sample, SampleConfig,
+};
 pub use schedule::{Decay, Schedule};
 pub use session::{
     build_eval_model, build_model, build_model_layers, load_data, model_config, pad_token_id,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use nopad_backend::Backend;
 use nopad_data::{synthetic, Example, Loader, LoaderOptions, LongPolicy, PackOptions, Strategy};
+use nopad_model::lora::memory::LoraShape;
 use nopad_model::weights;
 use nopad_model::{Config, Model};
 
@@ -21,6 +22,7 @@ use crate::lora::build_lora_model;
 use crate::optimizer::{weight_pieces, Optimizer, ShardStage};
 use crate::out_lock::OutLock;
 use crate::records::History;
+use crate::samples::Sampler;
 use crate::schedule::Schedule;
 use crate::state_check::{check_schedule, check_state, DataFacts};
 
@@ -240,6 +242,9 @@ pub(crate) struct Session<B: Backend> {
     /// (this rank, ranks in the run): the loader hands this rank its `grad_accum` micro-batches
     /// of each global step, dealt by cost.
     pub ranks: (usize, usize),
+    /// The samples between steps (`--sample-every`), if any: every rank generates them (so
+    /// none waits for rank 0 in its next collective), rank 0 writes them.
+    pub sampler: Option<Sampler>,
 }
 
 /// The run's total steps and steps per epoch, `spe` being the loader's start epoch's. A resumed
@@ -400,6 +405,14 @@ impl<B: Backend> Session<B> {
             &loader_opts,
             last.saturating_sub(start_step),
         )?;
+        // Every rank takes the samples (rank 0 writes them), and plans them.
+        let sampler = Sampler::open(tc, &cfg)?;
+        let sampling = sampler.as_ref().map_or(0, |sm| {
+            let lora = tc.lora.as_ref().map(|l| LoraShape::of(&l.settings, l.base));
+            let dev = crate::plan::DeviceSizes::of(b);
+            let max_new = sm.max_new_tokens();
+            crate::plan::sampling_bytes(&cfg, lora.as_ref(), &sm.lens(), max_new, &dev)
+        });
         // `largest_micro_batch` packs every rank's share of those steps, so `tokens` is the same
         // on every rank and all choose the same stage.
         let (stage, _, chosen) = crate::plan::check_run(
@@ -407,10 +420,15 @@ impl<B: Backend> Session<B> {
             &cfg,
             tokens,
             crate::plan::modes_of(tc, world),
-            (tc.shard, tc.gpu_memory),
+            (tc.shard, tc.gpu_memory, sampling),
             tc.grad_accum == 1 && tc.lora.is_none() && world == 1,
         )?;
         notes.extend(chosen);
+        if sampler.is_some() && stage == ShardStage::Params && tc.lora.is_none() {
+            return Err(TrainError::Config(
+                "`sample-every`: a run at --shard 3 holds pieces of each layer, which cannot generate; use --shard 2 or less".into(),
+            ));
+        }
         // Stage 3: this rank allocates only its pieces of the weights.
         let pieces = match (stage, &tc.lora) {
             (ShardStage::Params, None) => Some(weight_pieces(&cfg, coll, tc.adamw.states)?),
@@ -532,6 +550,7 @@ impl<B: Backend> Session<B> {
             warnings,
             _lock: lock,
             ranks: (rank, world),
+            sampler,
         })
     }
 }

@@ -3,7 +3,8 @@
 //! stopping on request and checkpointing; at the end the final weights and the [`Summary`].
 //!
 //! Around the steps: non-finite steps are skipped (and too many in a row end the run), periodic
-//! evaluation and checkpoints, and a stop on request leaves a checkpoint to resume from.
+//! evaluation, samples (`--sample-every`) and checkpoints, and a stop on request leaves a
+//! checkpoint to resume from.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -127,6 +128,13 @@ pub fn train_rank<B: Backend>(
                 e.eval_loss, e.eval_tokens
             ));
             rec.eval = Some(e);
+        }
+        // Every rank generates (none then waits for rank 0 in its next collective); only rank
+        // 0's log is a file and only its `say` prints.
+        if let Some(sm) = s.sampler.as_ref().filter(|sm| sm.due(step, total)) {
+            let samples = sm.run(b, &mut s.model, step)?;
+            log.line(&samples)?;
+            samples.lines().into_iter().for_each(&say);
         }
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s",

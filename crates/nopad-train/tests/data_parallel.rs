@@ -24,12 +24,11 @@ use std::thread;
 use nopad_backend::cpu::Cpu;
 use nopad_backend::Device;
 use nopad_data::Batch;
-use nopad_model::lora::{LoraConfig, Target};
 use nopad_model::{Config, GroupKind, Model};
 use nopad_train::{
-    build_lora_model, train_step, weight_pieces, AdamWConfig, Collective, LoraTrain,
-    MasterPrecision, ModelSource, Optimizer, Placement, ShardStage, SingleProcess, StatePrecision,
-    StepOutcome, ThreadGroup,
+    build_lora_model, train_step, weight_pieces, AdamWConfig, Collective, MasterPrecision,
+    ModelSource, Optimizer, Placement, ShardStage, SingleProcess, StatePrecision, StepOutcome,
+    ThreadGroup,
 };
 
 mod common;
@@ -67,18 +66,7 @@ fn model(b: &B, kind: Kind, sharded: Option<(&dyn Collective<B>, StatePrecision)
             m
         }
         Kind::Lora => {
-            let lt = LoraTrain {
-                settings: LoraConfig {
-                    r: 4,
-                    alpha: 8.0,
-                    dropout: 0.0,
-                    targets: Target::ALL.to_vec(),
-                    use_rslora: false,
-                    seed: 0,
-                },
-                adapter: None,
-                base: Default::default(),
-            };
+            let lt = common::lora_train(4, 0.0);
             build_lora_model(b, &ModelSource::Preset("tiny".into()), 5, None, &lt)
                 .unwrap()
                 .0

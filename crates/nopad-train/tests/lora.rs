@@ -7,7 +7,7 @@ use std::path::Path;
 
 use nopad_backend::cpu::Cpu;
 use nopad_data::Strategy;
-use nopad_model::lora::{load_adapter, read_adapter_config, AdapterLayout, LoraConfig, Target};
+use nopad_model::lora::{load_adapter, read_adapter_config, AdapterLayout};
 use nopad_model::Config;
 use nopad_train::checkpoint;
 use nopad_train::{train, LoraTrain, Resume, StopReason, TrainConfig};
@@ -15,18 +15,7 @@ use nopad_train::{train, LoraTrain, Resume, StopReason, TrainConfig};
 mod common;
 
 fn lora(r: usize, dropout: f32) -> LoraTrain {
-    LoraTrain {
-        settings: LoraConfig {
-            r,
-            alpha: 2.0 * r as f64,
-            dropout,
-            targets: Target::ALL.to_vec(),
-            use_rslora: false,
-            seed: 0,
-        },
-        adapter: None,
-        base: Default::default(),
-    }
+    common::lora_train(r, dropout)
 }
 
 fn config(steps: u64, r: usize, dropout: f32) -> TrainConfig {

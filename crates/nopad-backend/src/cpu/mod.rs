@@ -8,6 +8,7 @@
 
 mod adapter;
 mod attention;
+mod decode;
 mod head_norm;
 mod layers;
 mod linear;
@@ -401,6 +402,12 @@ impl<T: Scalar> Ops for Cpu<T> {
     }
     fn lm_head_loss(&self, a: LmHeadLoss<'_, Self>) -> Result<()> {
         linear::lm_head_loss(a)
+    }
+    fn copy_rows(&self, a: crate::args::CopyRows<'_, Self>) -> Result<()> {
+        decode::copy_rows(a)
+    }
+    fn decode_attention(&self, a: crate::args::DecodeAttn<'_, Self>) -> Result<()> {
+        decode::decode_attention(a)
     }
 }
 

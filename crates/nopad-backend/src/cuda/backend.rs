@@ -1,7 +1,7 @@
 //! The trait impls of [`Cuda`]: [`Device`] (memory, transfers, queue, instrumentation) here;
 //! [`Ops`] and [`OptimizerOps`] delegate each op to its launcher (`elementwise.rs`,
-//! `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `head_norm.rs`, `rope.rs`, `swiglu.rs`, `attention.rs`,
-//! `lm_head.rs`, `adamw.rs`).
+//! `embedding.rs`, `linear.rs`, `rmsnorm.rs`, `head_norm.rs`, `rope.rs`, `swiglu.rs`,
+//! `attention.rs`, `lm_head.rs`, `adamw.rs`, `decode.rs`).
 
 use std::ops::Range;
 
@@ -384,6 +384,12 @@ impl Ops for Cuda {
     }
     fn lm_head_loss(&self, a: LmHeadLoss<'_, Self>) -> Result<()> {
         self.lm_head_loss_impl(a)
+    }
+    fn copy_rows(&self, a: crate::args::CopyRows<'_, Self>) -> Result<()> {
+        self.copy_rows_impl(a)
+    }
+    fn decode_attention(&self, a: crate::args::DecodeAttn<'_, Self>) -> Result<()> {
+        self.decode_attention_impl(a)
     }
 }
 

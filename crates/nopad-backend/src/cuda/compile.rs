@@ -65,9 +65,10 @@ pub(crate) const ADAMW: KernelFile = kernel_file!("adamw.cu");
 pub(crate) const ADAPTER: KernelFile = kernel_file!("adapter.cu");
 pub(crate) const ATTENTION_FWD: KernelFile = kernel_file!("attention.cuh", "attention_fwd.cu");
 pub(crate) const ATTENTION_BWD: KernelFile = kernel_file!("attention.cuh", "attention_bwd.cu");
+pub(crate) const DECODE: KernelFile = kernel_file!("decode.cu");
 
 /// Every kernel file, for the compile-everything test and warm-up.
-pub(crate) const ALL_FILES: [KernelFile; 13] = [
+pub(crate) const ALL_FILES: [KernelFile; 14] = [
     ELEMENTWISE,
     REDUCE,
     EMBEDDING,
@@ -81,6 +82,7 @@ pub(crate) const ALL_FILES: [KernelFile; 13] = [
     ADAPTER,
     ATTENTION_FWD,
     ATTENTION_BWD,
+    DECODE,
 ];
 
 /// Grid, block and dynamic shared memory of one launch.

@@ -9,7 +9,8 @@
 //! Module map: `memory` (caching allocator, buffers, views), `compile` (NVRTC, disk cache,
 //! launch), `blas` (cuBLASLt plans), `backend` (the `Device`, `Ops` and `OptimizerOps` impls),
 //! and one launcher file per op family beside its `.cu` file (`elementwise`, `embedding`,
-//! `linear`, `rmsnorm`, `head_norm`, `rope`, `swiglu`, `lm_head`, `adamw`; `attention` has a forward and a
+//! `linear`, `rmsnorm`, `head_norm`, `rope`, `swiglu`, `lm_head`, `adamw`, `decode` (generation:
+//! the KV cache's row copy and the one-query attention over it); `attention` has a forward and a
 //! backward `.cu`; `adamw_states` launches the low-precision-state kernels of `adamw.cu`).
 //! `reduce.cu` has no launcher of its own: its reductions are launched from
 //! `elementwise.rs` (sum of squares), `linear.rs` (bias gradient, partial sums, also used by
@@ -27,6 +28,7 @@ mod attention;
 mod backend;
 mod blas;
 mod compile;
+mod decode;
 mod elementwise;
 mod embedding;
 mod head_norm;

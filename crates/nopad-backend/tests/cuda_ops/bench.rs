@@ -1,4 +1,5 @@
-//! Times every op of the CUDA backend (bf16) on Llama-3.2-1B shapes with CUDA events: D = 2048,
+//! Times every op of the CUDA backend (bf16) on Llama-3.2-1B shapes with CUDA events (and the
+//! decode attention over caches of 512 to 8192 tokens, as bandwidth): D = 2048,
 //! H = 32, Hkv = 8, Dh = 64, F = 8192, V = 128256, N = 4096 tokens (one sequence, and 16 × 256).
 //! Ignored by default: run with `--ignored bench_llama_1b_shapes`. Prints a table of median and
 //! min milliseconds over 10 runs after 2 warm-up runs, with TFLOP/s or GB/s.
@@ -374,8 +375,46 @@ fn bench_llama_1b_shapes() {
     time(&g, "sum_squares 256M fp32", np as f64 * 4.0, true, || {
         g.sum_squares(g.view(&grad, 0..np), np).map(|_| ())
     });
+    decode_attention(&g, (h, hkv, dh));
     say(&format!(
         "bench peak device memory: {:.2} GiB",
         g.peak_memory() as f64 / (1u64 << 30) as f64
     ));
+}
+
+/// `decode_attention` for batches of 1 to 64 sequences of 512 to 8192 cached tokens, as the
+/// bandwidth of its one pass over the cache: the keys and values of every sequence
+/// (`Σ len · 2·Hkv·Dh · 2` bytes) plus the queries and outputs (`B · 2·H·Dh · 2`).
+fn decode_attention(g: &Cuda, (h, hkv, dh): (usize, usize, usize)) {
+    for (seqs, len) in [(1, 512), (1, 8192), (8, 2048), (32, 1024), (64, 4096)] {
+        let dims = DecodeDims {
+            n_seqs: seqs,
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: dh,
+            scale: 1.0 / (dh as f32).sqrt(),
+        };
+        let (wq, wc, wo) = (
+            seqs * dims.qkv_width(),
+            seqs * len * dims.cache_width(),
+            seqs * dims.out_width(),
+        );
+        let (q, cache) = (up(g, wq, 1.0, Kind::Compute), up(g, wc, 1.0, Kind::Compute));
+        let mut out = up(g, wo, 0.0, Kind::Compute);
+        let spans: Vec<i32> = (0..seqs)
+            .flat_map(|b| [(b * len) as i32, len as i32])
+            .collect();
+        let spans = g.ints(&spans).expect("spans");
+        let bytes = 2.0 * (wc + 2 * wo) as f64;
+        let name = format!("decode_attention B={seqs} len={len}");
+        time(g, &name, bytes, true, || {
+            g.decode_attention(DecodeAttn {
+                out: g.view_mut(&mut out, 0..wo),
+                qkv: g.view(&q, 0..wq),
+                cache: g.view(&cache, 0..wc),
+                spans: &spans,
+                dims,
+            })
+        });
+    }
 }

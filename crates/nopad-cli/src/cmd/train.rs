@@ -249,6 +249,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(skip)]
     pub lora: super::lora::LoraArgs,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub sample: super::generate::SampleArgs,
     /// Test only: poison step N's gradients with NaN.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -283,6 +286,7 @@ impl TrainArgs {
                 config: self.config,
                 gpus: self.gpus,
                 lora: self.lora,
+                sample: self.sample,
                 test_nan_at_step: self.test_nan_at_step,
                 test_save_delay_ms: self.test_save_delay_ms,
                 $($f: self.$f.or(file.$f)),*
@@ -520,6 +524,7 @@ impl TrainArgs {
             }
         }
         c.lora = a.lora.resolve(c.seed)?;
+        c.sample = a.sample.resolve()?;
         c.nan_at_step = a.test_nan_at_step;
         c.save_delay = a.test_save_delay_ms.map(std::time::Duration::from_millis);
         c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -56,3 +56,16 @@ pub fn ok(o: Output) -> String {
     assert!(o.status.success(), "nopad failed:\n{}", stderr(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A word-level tokenizer (whitespace split), written out by hand: `<s>` 1, `</s>` 2, the
+/// role markers `<|user|>` 3 and `<|assistant|>` 4, then words from 5.
+pub const TOKENIZER: &str = r#"{"version": "1.0", "truncation": null, "padding": null,
+ "added_tokens": [
+  {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+  {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+  {"id": 3, "content": "<|user|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+  {"id": 4, "content": "<|assistant|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+ "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+ "model": {"type": "WordLevel", "unk_token": "<unk>", "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2,
+  "<|user|>": 3, "<|assistant|>": 4, "hello": 5, "bonjour": 6, "thanks": 7, "bye": 8, "what": 9,
+  "is": 10, "two": 11, "four": 12}}}"#;

@@ -30,7 +30,10 @@ pub struct Acts<B: Backend> {
 
 /// One layer's saved activations from the next seven buffers (nine with q/k norms), in
 /// `memory::act_parts` order.
-fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf, qk_norm: bool) -> LayerActs<B> {
+pub(super) fn layer_acts<B: Backend>(
+    next: &mut impl FnMut() -> B::Buf,
+    qk_norm: bool,
+) -> LayerActs<B> {
     LayerActs {
         rstd1: next(),
         qkv: next(),
@@ -43,6 +46,21 @@ fn layer_acts<B: Backend>(next: &mut impl FnMut() -> B::Buf, qk_norm: bool) -> L
             x: next(),
             rstd: next(),
         }),
+    }
+}
+
+/// The layers' scratch from the next nine buffers, in `Scratch` field order.
+pub(super) fn scratch<B: Backend>(next: &mut impl FnMut() -> B::Buf) -> Scratch<B> {
+    Scratch {
+        h: next(),
+        a: next(),
+        rstd_tmp: next(),
+        d_res: next(),
+        d_h: next(),
+        d_qkv: next(),
+        d_att: next(),
+        d_a: next(),
+        gu: next(),
     }
 }
 
@@ -109,17 +127,7 @@ impl<B: Backend> Model<B> {
             layers,
             hf: next(),
             rstdf: next(),
-            s: Scratch {
-                h: next(),
-                a: next(),
-                rstd_tmp: next(),
-                d_res: next(),
-                d_h: next(),
-                d_qkv: next(),
-                d_att: next(),
-                d_a: next(),
-                gu: next(),
-            },
+            s: scratch(&mut next),
         });
         Ok(())
     }

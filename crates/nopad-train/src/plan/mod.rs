@@ -33,7 +33,9 @@ pub use run::{
     check_device, check_run, is_out_of_memory, largest_micro_batch, last_plan, modes_of,
     print_plan_for_out_of_memory,
 };
-pub use terms::{plan, plan_rank, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR};
+pub use terms::{
+    plan, plan_rank, sampling_bytes, CUDA_BLAS_WORKSPACE, CUDA_CONTEXT_BYTES, CUDA_SLACK_DIVISOR,
+};
 
 /// What a run trains.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -200,9 +202,22 @@ pub struct Plan {
     /// in the backward, `--offload optimizer`) replaces before step 1. Beyond the step's sum
     /// only where that scratch saves more than the step adds.
     pub construction: usize,
+    /// A run's samples between steps (`--sample-every`): the KV cache and the generation's
+    /// buffers, alive beside everything a step keeps between steps; 0 without samples.
+    pub sampling: usize,
 }
 
 impl Plan {
+    /// This plan with `bytes` of samples between steps (the slack recomputed on a device that
+    /// has one).
+    pub fn with_sampling(mut self, bytes: usize) -> Plan {
+        self.sampling = bytes;
+        if self.slack > 0 {
+            self.slack = self.peak() / CUDA_SLACK_DIVISOR + CUDA_CONTEXT_BYTES;
+        }
+        self
+    }
+
     /// The step's bytes: the sum of the terms but the slack.
     fn step(&self) -> usize {
         self.weights
@@ -213,10 +228,11 @@ impl Plan {
             + self.workspace
     }
 
-    /// The predicted peak (what `Backend::peak_memory` measures): the step's bytes, or the
-    /// model's construction where that is larger.
+    /// The predicted peak (what `Backend::peak_memory` measures): the step's bytes (plus the
+    /// samples', taken between steps while the step's buffers stay allocated), or the model's
+    /// construction where that is larger.
     pub fn peak(&self) -> usize {
-        self.step().max(self.construction)
+        (self.step() + self.sampling).max(self.construction)
     }
 
     /// What the device must have: the peak plus the slack.
@@ -261,7 +277,14 @@ impl fmt::Display for Plan {
         for (name, bytes) in self.terms() {
             writeln!(f, "  {name:<22} {:>11}", gib(bytes))?;
         }
-        if self.construction > self.step() {
+        if self.sampling > 0 {
+            let (what, bytes) = ("samples (KV cache)", gib(self.sampling));
+            writeln!(
+                f,
+                "  {what:<22} {bytes:>11}  (between steps, beside the above)"
+            )?;
+        }
+        if self.construction > self.step() + self.sampling {
             writeln!(
                 f,
                 "  {:<22} {:>11}  (the model's full gradient buffer before the scratch replaces it)",

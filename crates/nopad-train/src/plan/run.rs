@@ -74,8 +74,21 @@ pub fn check_device<B: Backend>(
     gpu_memory: Option<usize>,
     in_backward: bool,
 ) -> Result<Plan> {
+    check_with_samples(b, (cfg, tokens, modes), gpu_memory, in_backward, 0)
+}
+
+/// [`check_device`] for a run that also takes samples between steps, `sampling` bytes of them
+/// ([`super::sampling_bytes`]): a run whose steps fit but whose samples do not is refused
+/// naming the samples' share.
+fn check_with_samples<B: Backend>(
+    b: &B,
+    (cfg, tokens, modes): (&Config, usize, Modes),
+    gpu_memory: Option<usize>,
+    in_backward: bool,
+    sampling: usize,
+) -> Result<Plan> {
     let dev = DeviceSizes::of(b);
-    let p = plan(cfg, tokens, modes, &dev);
+    let p = plan(cfg, tokens, modes, &dev).with_sampling(sampling);
     if let Ok(mut last) = LAST_PLAN.lock() {
         *last = Some(p.to_string());
     }
@@ -83,6 +96,16 @@ pub fn check_device<B: Backend>(
         // The refusal carries the plan itself.
         check_fits(cfg, tokens, modes, &dev, budget, in_backward)
             .map_err(|msg| TrainError::Config(format!("memory plan: {msg}")))?;
+        if p.needed() > budget {
+            return Err(TrainError::Config(format!(
+                "memory plan: the steps fit, but not the samples taken between them: they need {} \
+                 (the KV cache and buffers of --sample-prompts), {} in all of {}\n{p}\nlower \
+                 --sample-max-new-tokens, or give fewer or shorter prompts",
+                gib(p.sampling),
+                gib(p.needed()),
+                gib(budget)
+            )));
+        }
     }
     eprintln!("nopad: {p}");
     Ok(p)
@@ -90,14 +113,15 @@ pub fn check_device<B: Backend>(
 
 /// [`check_device`] for a run of `modes.ranks` ranks whose stage is `asked` (`--shard`), or,
 /// when None, the lowest stage whose plan fits the device (the lowest where no budget is
-/// known; stage 0 for one rank or an offloaded optimizer). Returns the stage, its plan and,
-/// when the stage was chosen among several, the line that says why (also printed).
+/// known; stage 0 for one rank or an offloaded optimizer), with `sampling` bytes of samples
+/// between steps (0: none). Returns the stage, its plan and, when the stage was chosen among
+/// several, the line that says why (also printed).
 pub fn check_run<B: Backend>(
     b: &B,
     cfg: &Config,
     tokens: usize,
     modes: Modes,
-    (asked, gpu_memory): (Option<ShardStage>, Option<usize>),
+    (asked, gpu_memory, sampling): (Option<ShardStage>, Option<usize>, usize),
     in_backward: bool,
 ) -> Result<(ShardStage, Plan, Option<String>)> {
     let offered: Vec<ShardStage> = ShardStage::ALL
@@ -109,7 +133,7 @@ pub fn check_run<B: Backend>(
         (Some(s), _, _) => (s, None),
         (None, Some(budget), [_, _, ..]) => {
             let dev = DeviceSizes::of(b);
-            lowest_fitting(cfg, tokens, modes, &dev, budget, &offered)?
+            lowest_fitting((cfg, tokens, modes, sampling), &dev, budget, &offered)?
         }
         (None, _, _) => (ShardStage::default(), None),
     };
@@ -117,7 +141,7 @@ pub fn check_run<B: Backend>(
         shard: stage.number(),
         ..modes
     };
-    let p = check_device(b, cfg, tokens, modes, gpu_memory, in_backward)?;
+    let p = check_with_samples(b, (cfg, tokens, modes), gpu_memory, in_backward, sampling)?;
     if let Some(why) = &why {
         eprintln!("nopad: {why}");
     }
@@ -127,9 +151,7 @@ pub fn check_run<B: Backend>(
 /// The lowest of `offered` (lowest first) whose plan fits `budget`, and the line that says so;
 /// a refusal naming every stage's need when none does.
 fn lowest_fitting(
-    cfg: &Config,
-    tokens: usize,
-    modes: Modes,
+    (cfg, tokens, modes, sampling): (&Config, usize, Modes, usize),
     dev: &DeviceSizes,
     budget: usize,
     offered: &[ShardStage],
@@ -139,7 +161,7 @@ fn lowest_fitting(
             shard: s.number(),
             ..modes
         };
-        plan(cfg, tokens, m, dev).needed()
+        plan(cfg, tokens, m, dev).with_sampling(sampling).needed()
     };
     let mut below: Option<(ShardStage, usize)> = None;
     for &s in offered {

@@ -4,7 +4,7 @@
 //! [`crate::collective::aligned_shard`] cuts them for the optimizer (`optimizer/shard.rs`).
 
 use nopad_backend::{Kind, MasterPrecision, StatePrecision};
-use nopad_model::lora::memory::lora_model_bytes;
+use nopad_model::lora::memory::{lora_model_bytes, LoraShape};
 use nopad_model::memory::{self, GradHolding};
 use nopad_model::{Config, Layout, ParamGroup};
 
@@ -223,9 +223,29 @@ fn plan_at(
         workspace: head_workspace(cfg, tokens, dev),
         slack: 0,
         construction,
+        sampling: 0,
     };
     if dev.acc.pooled_scratch {
         p.slack = p.peak() / CUDA_SLACK_DIVISOR + CUDA_CONTEXT_BYTES;
     }
     p
+}
+
+/// Bytes of a run's samples on `dev`: the KV cache and buffers of generating `max_new` tokens
+/// after prompts of `prompts` tokens (`nopad_model::generate::bytes`, what the model allocates
+/// from), with the adapters of `lora` in a LoRA run.
+pub fn sampling_bytes(
+    cfg: &Config,
+    lora: Option<&LoraShape>,
+    prompts: &[usize],
+    max_new: usize,
+    dev: &DeviceSizes,
+) -> usize {
+    let size = |k: Kind| dev.size(k);
+    let mdev = memory::Device {
+        size: &size,
+        acc: dev.acc,
+    };
+    let layout = lora.map(|l| l.layout(cfg));
+    nopad_model::generate::bytes(cfg, layout.as_ref(), prompts, max_new, &mdev)
 }

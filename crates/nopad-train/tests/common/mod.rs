@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use nopad_data::synthetic::{instruction_dataset, LengthDist, SyntheticConfig};
 use nopad_data::{Loader, LoaderOptions, PackOptions, Strategy};
+use nopad_model::lora::{LoraConfig, Target};
 use nopad_model::Config;
-use nopad_train::{DataSource, ModelSource, TrainConfig};
+use nopad_train::{DataSource, LoraTrain, ModelSource, TrainConfig};
 
 /// A quiet CPU run of the tiny preset over `examples` synthetic examples.
 pub fn tiny_run(
@@ -31,6 +32,22 @@ pub fn tiny_run(
     c.min_lr = 1e-3;
     c.progress = false;
     c
+}
+
+/// LoRA adapters of rank `r` on every projection (alpha 2·r), over a bf16 base.
+pub fn lora_train(r: usize, dropout: f32) -> LoraTrain {
+    LoraTrain {
+        settings: LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            dropout,
+            targets: Target::ALL.to_vec(),
+            use_rslora: false,
+            seed: 0,
+        },
+        adapter: None,
+        base: Default::default(),
+    }
 }
 
 /// A two-layer config whose every parameter range lies on a block of 256 (8-bit moments can be
