@@ -46,11 +46,9 @@ pub(crate) fn is_arrow(bytes: &[u8]) -> bool {
 pub(crate) fn read_rows(file: &Path, bytes: &[u8], out: &mut Jsonl<'_>) -> Result<(), DataError> {
     let bad = |what: String| DataError::file(file, what);
     if bytes.starts_with(FEATHER_V1) {
-        return Err(bad(
-            "a Feather v1 file, which nopad does not read: write it again \
-                        with pyarrow's feather.write_feather (version 2, the default)"
-                .into(),
-        ));
+        let why = "a Feather v1 file, which nopad does not read: write it again with pyarrow's \
+                   feather.write_feather (version 2, the default)";
+        return Err(bad(why.into()));
     }
     let is_file = bytes.starts_with(FILE_MAGIC);
     let reader: Box<dyn RecordBatchReader + '_> = if is_file {
@@ -67,7 +65,7 @@ pub(crate) fn read_rows(file: &Path, bytes: &[u8], out: &mut Jsonl<'_>) -> Resul
         let read = out.next_line() - 1;
         let batch = batch.map_err(|e| {
             bad(format!(
-                "cannot read the rows after row {read} (is the file complete?): {e}"
+                "cannot read the rows after row {read} of the data (is the file complete?): {e}"
             ))
         })?;
         let mut columns = Vec::with_capacity(names.len());
@@ -90,8 +88,8 @@ pub(crate) fn read_rows(file: &Path, bytes: &[u8], out: &mut Jsonl<'_>) -> Resul
     };
     if !is_file && !bytes.ends_with(end) {
         return Err(bad(format!(
-            "the stream stops after row {} without its end-of-stream marker: the file is \
-             truncated (or its writer was never closed)",
+            "the stream stops after row {} of the data without its end-of-stream marker: the \
+             file is truncated (or its writer was never closed)",
             out.next_line() - 1
         )));
     }
@@ -388,8 +386,8 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "t.arrow: the stream stops after row 3 without its end-of-stream marker: the file \
-             is truncated (or its writer was never closed)"
+            "t.arrow: the stream stops after row 3 of the data without its end-of-stream \
+             marker: the file is truncated (or its writer was never closed)"
         );
     }
 
