@@ -5,7 +5,7 @@
 use std::path::Path;
 
 mod common;
-use common::{args, nopad, ok, stderr};
+use common::{args, nopad, ok, stderr, tiny_model};
 
 /// A word-level tokenizer (whitespace split), written out by hand.
 const TOKENIZER: &str = r#"{"version": "1.0", "truncation": null, "padding": null,
@@ -196,11 +196,7 @@ const CHAT_ROWS: &str = r#"{"messages": [{"role": "user", "content": "hello worl
 #[test]
 fn tables_train_as_the_jsonl_records_they_hold() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("model");
-    ok(nopad(&args(
-        "train --model tiny --steps 1 --max-len 32 --device cpu --no-progress --out",
-        &[weights.to_str().unwrap()],
-    )));
+    tiny_model(&dir.path().join("model"));
     let m = model(dir.path());
     let jsonl = file(dir.path(), "chat.jsonl", CHAT_ROWS);
     let losses = |data: &str, run: &str| -> Vec<f64> {
