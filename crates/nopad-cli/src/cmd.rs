@@ -41,7 +41,7 @@ pub struct LoaderArgs {
     /// default: the files are as large as the tokenised data).
     #[arg(long, value_name = "DIR")]
     pub dataset_cache: Option<PathBuf>,
-    /// Rename a Parquet file's columns to the fields a format reads, e.g.
+    /// Rename a Parquet or Arrow table's columns to the fields a format reads, e.g.
     /// prompt=question,completion=answer.
     #[arg(long, value_name = "NEW=OLD,...", value_parser = parse_columns)]
     pub columns: Option<Columns>,

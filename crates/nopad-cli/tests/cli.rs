@@ -4,7 +4,7 @@
 use std::path::Path;
 
 mod common;
-use common::{args, dir_with, eval_on_cpu, nopad, ok, stderr};
+use common::{args, dir_with, eval_on_cpu, nopad, ok, stderr, tiny_model};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
@@ -380,10 +380,7 @@ fn a_run_without_a_terminal_logs_plain_lines() {
 fn a_hub_id_is_a_snapshot_of_the_local_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let made = tmp.path().join("made");
-    ok(nopad(&args(
-        "train --model tiny --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress --out",
-        &[made.to_str().unwrap()],
-    )));
+    tiny_model(&made);
     let cache = tmp.path().join("hub");
     let snap = cache.join("models--acme--tiny-llama/snapshots/abc123");
     std::fs::create_dir_all(&snap).unwrap();
@@ -448,10 +445,7 @@ fn gpus_launches_workers_and_reports_the_one_that_failed() {
 fn dynamic_rope_trains_within_the_models_context() {
     let tmp = tempfile::tempdir().unwrap();
     let m = tmp.path().join("m");
-    ok(nopad(&args(
-        "train --model tiny --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress --out",
-        &[m.to_str().unwrap()],
-    )));
+    tiny_model(&m);
     let cfg_path = m.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();

@@ -1,10 +1,11 @@
 //! The data as training will see it, before any training: `nopad inspect`, and
-//! `--chat-template FILE` on the commands that read data.
+//! `--chat-template FILE` on the commands that read data; Parquet and Arrow tables, which train
+//! as the JSON Lines they hold.
 
 use std::path::Path;
 
 mod common;
-use common::{args, nopad, ok, stderr, TOKENIZER};
+use common::{args, nopad, ok, stderr, tiny_model, TOKENIZER};
 
 /// The model's template: role markers, `</s>` after each assistant turn.
 const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
@@ -163,5 +164,64 @@ fn a_dataset_cache_answers_the_second_run() {
     assert!(
         second.contains("; read from the dataset cache "),
         "{second}"
+    );
+}
+
+/// `name` among nopad-data's tabular fixtures (written by pyarrow and `datasets`).
+fn fixture(name: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nopad-data/tests/data/fixtures");
+    dir.join(name).to_str().unwrap().to_string()
+}
+
+/// The rows every `chat` fixture holds, as JSON Lines.
+const CHAT_ROWS: &str = r#"{"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "bonjour"}], "source": "a"}
+{"messages": [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "bye"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "bonjour world"}], "source": "b"}
+"#;
+
+/// A table trains exactly as its rows written as JSON Lines: the same losses from the Parquet
+/// file, the Arrow stream, the Feather (IPC file) one and a saved dataset's directory, which
+/// also gives the same statistics and evaluation, and `DIR:SPLIT` with `--columns` picks a DatasetDict's split.
+#[test]
+fn tables_train_as_the_jsonl_records_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(&dir.path().join("model"));
+    let m = model(dir.path());
+    let jsonl = file(dir.path(), "chat.jsonl", CHAT_ROWS);
+    let losses = |data: &str, run: &str| -> Vec<f64> {
+        let out = dir.path().join(run);
+        let log = dir.path().join(format!("{run}.log"));
+        let line = "train --steps 2 --batch-size 1 --max-len 32 --device cpu --no-progress";
+        let (out, log) = (out.to_str().unwrap(), log.to_str().unwrap());
+        let summary = ok(nopad(&args(
+            line,
+            &["--model", &m, "--data", data, "--out", out, "--log", log],
+        )));
+        assert!(summary.contains("2 examples"), "{run}: {summary}");
+        let log = std::fs::read_to_string(log).unwrap();
+        let step = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64();
+        log.lines().map(|l| step(l).unwrap()).collect()
+    };
+    let want = losses(&jsonl, "jsonl");
+    assert_eq!(want.len(), 2);
+    for name in ["chat.parquet", "chat.arrow", "chat.feather", "chat_saved"] {
+        assert_eq!(losses(&fixture(name), name), want, "{name}");
+    }
+    let saved = fixture("chat_saved");
+    for (what, line) in [
+        ("stats", "stats --max-len 32 --batch-size 1 --json"),
+        ("eval", "eval --device cpu --max-len 32 --json"),
+    ] {
+        let on = |data: &str| ok(nopad(&args(line, &["--model", &m, "--data", data])));
+        assert_eq!(on(&saved), on(&jsonl), "{what}");
+    }
+    let out = ok(inspect(
+        "inspect --columns prompt=question,completion=answer",
+        &m,
+        &fixture("qa_dict:test"),
+    ));
+    assert!(
+        out.contains("record 1 (line 1): 4 tokens, 2 targets\n  | <s>thanks [[bye</s>]]\n")
+            && !out.contains("record 2"),
+        "{out}"
     );
 }

@@ -1,8 +1,8 @@
 //! The tokenised-data cache (`--dataset-cache DIR`): what loading a file gave, kept so that a
 //! rerun or a resume with the same data, tokenizer, template and options skips tokenisation.
 //!
-//! Owns the key and the file. The key hashes everything loading reads or is told: the data
-//! file's path and bytes, the model's tokenizer files (tokenizer.json, tokenizer_config.json,
+//! Owns the key and the file. The key hashes everything loading reads or is told: the data's
+//! path and the bytes of its files, the model's tokenizer files (tokenizer.json, tokenizer_config.json,
 //! chat_template.jinja), a `--chat-template` file, every option that changes the examples, and
 //! this crate's version and cache format. A cache file holds a header (magic, format version,
 //! key, payload length and checksum) and the examples and load report. A file that is stale (its
@@ -57,9 +57,10 @@ impl Digest {
     }
 }
 
-/// The key of loading `path` (whose bytes are `data`) under `opts`. `None` when a file the key
-/// needs cannot be read: loading then runs uncached and reports that file itself.
-pub(crate) fn key(path: &Path, data: &[u8], opts: &LoadOptions) -> Option<[u8; 16]> {
+/// The key of loading `path` (the bytes of its files: `data`, one file's but for a saved
+/// dataset's directory) under `opts`. `None` when a file the key needs cannot be read: loading
+/// then runs uncached and reports that file itself.
+pub(crate) fn key(path: &Path, data: &[&[u8]], opts: &LoadOptions) -> Option<[u8; 16]> {
     // Destructured so that an option added to LoadOptions cannot be left out of the key.
     let LoadOptions {
         format,
@@ -79,7 +80,10 @@ pub(crate) fn key(path: &Path, data: &[u8], opts: &LoadOptions) -> Option<[u8; 1
     d.field(&VERSION.to_le_bytes());
     d.field(env!("CARGO_PKG_VERSION").as_bytes());
     d.field(path.as_os_str().as_encoded_bytes());
-    d.field(data);
+    // One field per file: a single file's key is what it was before directories were read.
+    for bytes in data {
+        d.field(bytes);
+    }
     // The tokenizer files as the loader finds them: absent and empty differ.
     if let Some(dir) = tokenizer_dir {
         for name in [

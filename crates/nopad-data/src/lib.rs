@@ -1,4 +1,5 @@
-//! nopad-data: turns what users bring (JSONL files, built-in synthetic sets) into [`Example`]s, and
+//! nopad-data: turns what users bring (JSONL, Parquet and Arrow files, `datasets`
+//! `save_to_disk` directories, built-in synthetic sets) into [`Example`]s, and
 //! examples into [`Batch`]es with a packing [`Strategy`].
 //!
 //! This crate knows nothing of models or devices. Its output, [`Batch`], carries every boundary
@@ -12,6 +13,7 @@
 
 #![deny(missing_docs)]
 
+mod arrow;
 mod batch;
 mod cache;
 mod error;
@@ -25,9 +27,12 @@ mod plot;
 mod ranks;
 mod records;
 mod sampler;
+mod saved;
+mod source;
 mod stats;
 mod stop;
 pub mod synthetic;
+mod table;
 mod targets;
 mod template;
 mod tokenize;
@@ -38,11 +43,12 @@ pub use inspect::{inspect_records, Inspected, Inspection};
 pub use load::{load_examples, LoadOptions, LoadReport, LongPolicy};
 pub use loader::{eval_batches, largest_micro_batch, steps_per_epoch, Loader, LoaderOptions};
 pub use pack::{pack_micro_batch, PackOptions, CONCAT_WARNING};
-pub use parquet::parse_columns;
 pub use ranks::{imbalance, DataParallel, RankCost, DEFAULT_ATTENTION_LEN};
 pub use records::{Format, LossOn};
 pub use sampler::{DataPosition, Step, OFFLINE_WINDOW};
+pub use source::data_files;
 pub use stats::{strategy_stats, LengthHistogram, StatsReport, StrategyStats};
 pub use stop::StopFlag;
+pub use table::parse_columns;
 pub use targets::Shown;
 pub use tokenize::ModelTokenizer;

@@ -1,12 +1,12 @@
-//! Loading: reads a user's JSONL (or `.json` array) file into [`Example`]s and says exactly what
-//! it did in a [`LoadReport`].
+//! Loading: reads a user's data (JSONL, a `.json` array, a Parquet or Arrow table) into
+//! [`Example`]s and says exactly what it did in a [`LoadReport`].
 //!
-//! This module owns file reading (a UTF-8 byte-order mark is stripped; a line that is not UTF-8
-//! is a bad record of its own), record splitting (with 1-based line numbers, and the element
+//! This module owns record splitting (with 1-based line numbers, and the element
 //! index in arrays), the checks every example must pass (non-empty, aligned labels, ids below
 //! the vocabulary size), the skipping of examples with no target token (an error under
 //! `strict`) and the long-example policy; with a dataset cache it reads and writes the result
-//! through `cache.rs`. Turning one record into tokens is `records.rs`' job; tokenizers and chat
+//! through `cache.rs`. What a path holds and its text (tables as JSON Lines, one row a line) is
+//! `source.rs`' job; turning one record into tokens is `records.rs`' job; tokenizers and chat
 //! templates live in `tokenize.rs` and `template.rs`. Nothing is dropped silently: every
 //! skipped, truncated, split or dropped example is counted, and skips carry their message.
 
@@ -19,6 +19,7 @@ use serde_json::Value;
 use crate::cache;
 use crate::error::DataError;
 use crate::records::{convert_known, convert_record, Converter, Format, LossOn};
+use crate::source::{Source, Text};
 use crate::stop::StopFlag;
 use crate::targets::Built;
 use crate::{Example, IGNORE_INDEX};
@@ -89,7 +90,8 @@ pub struct LoadOptions {
     /// Which tokens are targets; `None` keeps the format's default ([`LossOn::default_for`]).
     /// A value the file's format does not accept fails loading (see [`LossOn::check`]).
     pub loss_on: Option<LossOn>,
-    /// Columns renamed before conversion, `(new, old)` (`--columns new=old,...`; Parquet files).
+    /// Columns renamed before conversion, `(new, old)` (`--columns new=old,...`; Parquet and
+    /// Arrow tables).
     pub columns: Vec<(String, String)>,
 }
 
@@ -172,7 +174,8 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// Reads `path` (JSONL, or a `.json` file holding an array of records) into examples.
+/// Reads `path` (JSONL, a `.json` file holding an array of records, a Parquet or Arrow file, or
+/// a directory `save_to_disk` wrote) into examples.
 pub fn load_examples(
     path: &Path,
     opts: &LoadOptions,
@@ -180,12 +183,12 @@ pub fn load_examples(
     if opts.max_len == 0 {
         return Err(DataError::msg("max_len must be at least 1"));
     }
-    let bytes = read_bytes(path)?;
+    let source = Source::read(path)?;
     let Some(dir) = &opts.dataset_cache else {
-        return load_bytes(path, bytes, opts);
+        return load_source(path, source, opts);
     };
-    let Some(key) = cache::key(path, &bytes, opts) else {
-        return load_bytes(path, bytes, opts);
+    let Some(key) = cache::key(path, &source.bytes(), opts) else {
+        return load_source(path, source, opts);
     };
     let file = cache::file_of(dir, &key);
     let ignored = match cache::read(&file, &key) {
@@ -199,7 +202,7 @@ pub fn load_examples(
             file.display()
         )),
     };
-    let (examples, mut report) = load_bytes(path, bytes, opts)?;
+    let (examples, mut report) = load_source(path, source, opts)?;
     let unwritten = cache::write(&file, &key, &examples, &report)
         .err()
         .map(|e| {
@@ -215,16 +218,13 @@ pub fn load_examples(
     Ok((examples, report))
 }
 
-/// [`load_examples`] of a file whose bytes are read.
-fn load_bytes(
+/// [`load_examples`] of a source whose bytes are read.
+fn load_source(
     path: &Path,
-    bytes: Vec<u8>,
+    source: Source,
     opts: &LoadOptions,
 ) -> Result<(Vec<Example>, LoadReport), DataError> {
-    let (text, undecodable) = match crate::parquet::is_parquet(path) {
-        true => (crate::parquet::to_jsonl(path, &opts.columns)?, vec![]),
-        false => decode_checked(path, bytes)?,
-    };
+    let (text, undecodable) = source.into_text(path, &opts.columns)?;
     let stopped = || opts.stop.raised().map(|sig| DataError::stopped(path, sig));
     if let Some(e) = stopped() {
         return Err(e);
@@ -329,71 +329,11 @@ fn load_bytes(
     Ok((examples, report))
 }
 
-/// The text of `path` (see [`decode`]), and its lines that are not UTF-8 as errors; a JSON array
-/// with such a line is an error of its own (an array cannot lose a line and stay an array).
-/// A Parquet file's rows come as JSON Lines (columns renamed by `columns`).
-pub(crate) fn read_text(
-    path: &Path,
-    columns: &[(String, String)],
-) -> Result<(String, Vec<(usize, DataError)>), DataError> {
-    if crate::parquet::is_parquet(path) {
-        return Ok((crate::parquet::to_jsonl(path, columns)?, vec![]));
-    }
-    decode_checked(path, read_bytes(path)?)
-}
-
-fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
-    std::fs::read(path).map_err(|e| DataError::file(path, format!("cannot read: {e}")))
-}
-
-/// [`decode`], refusing an array with a line that is not UTF-8.
-fn decode_checked(
-    path: &Path,
-    bytes: Vec<u8>,
-) -> Result<(String, Vec<(usize, DataError)>), DataError> {
-    let (text, mut undecodable) = decode(path, bytes);
-    if !undecodable.is_empty() && text.trim_start().starts_with('[') {
-        return Err(undecodable.swap_remove(0).1);
-    }
-    Ok((text, undecodable))
-}
-
-/// The UTF-8 byte-order mark some editors write at the start of a file.
-const BOM: &[u8] = b"\xEF\xBB\xBF";
-
-/// The text of a file, its byte-order mark stripped. A line that is not UTF-8 becomes a blank
-/// line (so line numbers stay true) and an error naming it, returned beside the text.
-fn decode(path: &Path, mut bytes: Vec<u8>) -> (String, Vec<(usize, DataError)>) {
-    if bytes.starts_with(BOM) {
-        bytes.drain(..BOM.len());
-    }
-    let bytes = match String::from_utf8(bytes) {
-        Ok(text) => return (text, vec![]),
-        Err(e) => e.into_bytes(),
-    };
-    let mut text = String::with_capacity(bytes.len());
-    let mut bad = vec![];
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        if i > 0 {
-            text.push('\n');
-        }
-        match std::str::from_utf8(line) {
-            Ok(l) => text.push_str(l),
-            Err(e) => bad.push((
-                i + 1,
-                DataError::at(
-                    path,
-                    i + 1,
-                    None,
-                    format!(
-                        "not valid UTF-8 (byte {} of the line); the file must be UTF-8 text",
-                        e.valid_up_to() + 1
-                    ),
-                ),
-            )),
-        }
-    }
-    (text, bad)
+/// The text of `path` (see [`Source::into_text`]): a file's text and its lines that are not
+/// UTF-8 as errors (a JSON array with such a line is an error of its own: an array cannot lose a
+/// line and stay an array), or a table's rows as JSON Lines (columns renamed by `columns`).
+pub(crate) fn read_text(path: &Path, columns: &[(String, String)]) -> Result<Text, DataError> {
+    Source::read(path)?.into_text(path, columns)
 }
 
 /// `(1-based line, record text)` of each record of a file.

@@ -77,6 +77,24 @@ fn file_checksum(path: &Path) -> Result<(u64, String)> {
     Ok((total, sum.hex()))
 }
 
+/// Size and checksum of the data at `path`: its file's, or (a saved dataset directory) the
+/// sum of its files' sizes and a checksum over each file's size and checksum, in order.
+fn data_checksum(path: &Path) -> Result<(u64, String)> {
+    match nopad_data::data_files(path)?.as_slice() {
+        [one] => file_checksum(one),
+        files => {
+            let (mut sum, mut total) = (Checksum::new(), 0u64);
+            for f in files {
+                let (n, hex) = file_checksum(f)?;
+                sum.bytes(hex.as_bytes());
+                sum.word(n);
+                total += n;
+            }
+            Ok((total, sum.hex()))
+        }
+    }
+}
+
 /// Checksum of examples as tokenized: catches a changed tokenizer, template, format, long policy
 /// or max-len even when the file is the same.
 fn examples_checksum(examples: &[Example]) -> String {
@@ -214,7 +232,7 @@ impl RunIdentity {
     pub fn new(tc: &TrainConfig, cfg: &Config, examples: &[Example]) -> Result<Self> {
         let data = match &tc.data {
             DataSource::File(p) => {
-                let (bytes, checksum) = file_checksum(p)?;
+                let (bytes, checksum) = data_checksum(p)?;
                 DataIdentity {
                     source: "file".into(),
                     path: Some(p.clone()),

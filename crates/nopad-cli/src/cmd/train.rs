@@ -68,7 +68,7 @@ pub struct TrainArgs {
     /// every loading option, so reruns and resumes skip tokenisation. Default: off.
     #[arg(long, value_name = "DIR")]
     pub dataset_cache: Option<PathBuf>,
-    /// Rename a Parquet file's columns to the fields a format reads, e.g.
+    /// Rename a Parquet or Arrow table's columns to the fields a format reads, e.g.
     /// prompt=question,completion=answer.
     #[arg(long, value_name = "NEW=OLD,...")]
     pub columns: Option<String>,
@@ -379,8 +379,11 @@ impl TrainArgs {
                 examples: n_synth,
             },
             Some(p) => {
-                if !Path::new(p).is_file() {
-                    bail!("`data`: {p} is not a file (or synthetic-flan / synthetic-orcamath)");
+                // A file, or a `save_to_disk` directory (`DIR` or `DIR:SPLIT`) of Arrow files.
+                let files = nopad_data::data_files(Path::new(p))
+                    .map_err(|e| anyhow::anyhow!("`data`: {e}"))?;
+                if !files.iter().all(|f| f.is_file()) {
+                    bail!("`data`: {p} is not a file or a saved dataset directory (or synthetic-flan / synthetic-orcamath)");
                 }
                 DataSource::File(p.into())
             }

@@ -37,6 +37,16 @@ pub fn eval_on_cpu(model: &str, data: &Path, extra: &str) -> Output {
     ))
 }
 
+/// Trains the tiny preset for one step into the model directory `out` (config and weights, no
+/// tokenizer), for tests that need a model on disk.
+pub fn tiny_model(out: &Path) {
+    let out = out.to_str().expect("test paths are UTF-8");
+    ok(nopad(&args(
+        "train --model tiny --steps 1 --max-len 32 --batch-size 4 --device cpu --no-progress --out",
+        &[out],
+    )));
+}
+
 /// A temporary directory holding one file, `name`, with `text`; the directory lives as long as
 /// the returned guard.
 pub fn dir_with(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
