@@ -34,7 +34,7 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Model: an HF directory (config.json + safetensors) or a preset (tiny, small,
-    /// llama-3.2-1b, llama-3.1-8b, llama-2-7b, mistral-7b, qwen2.5-0.5b; random init).
+    /// llama-3.2-1b, llama-3.1-8b, llama-2-7b, mistral-7b, qwen2.5-0.5b, qwen3-0.6b; random init).
     /// Default: small.
     #[arg(long)]
     pub model: Option<String>,
