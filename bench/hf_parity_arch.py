@@ -11,7 +11,8 @@ a sliding window, Llama as the control.
       Prints {"system": "hf-parity-arch", "model_type", "loss", "tokens"}: the token-weighted
       causal-LM loss, one forward per example; with --flatten, all examples in one row with
       position ids restarting at 0 (transformers 5 then masks attention to each example's own
-      tokens, windows included) and each example's first label masked.
+      tokens, windows included, provided no KV cache is made: hence use_cache=False) and each
+      example's first label masked.
 
   hf_parity_arch.py --make-tiny qwen3|mistral-window|llama DIR [--seed 0]
       Writes a random tiny model (config.json, model.safetensors; fp32) and DIR/data.jsonl:
@@ -19,7 +20,7 @@ a sliding window, Llama as the control.
       window, so no tokenizer is needed on either side. Weights are drawn wider than HF's init
       and the norms' weights around 1, so every parameter kind moves the loss.
 
-Untested here (written on a machine without torch): run it on the device.
+docs/BENCHMARKS.md ("Models and generation") has what it gave on an H100 and on a CPU.
 """
 
 import argparse
@@ -81,7 +82,9 @@ def flattened_loss(model, path, device):
     t = lambda v: torch.tensor([v], device=device)  # noqa: E731
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=t(ids), position_ids=t(pos), labels=t(labels))
+        # use_cache=False: transformers 5 reads packed examples from the position ids only when
+        # no KV cache is made; with one, every token would attend across examples.
+        out = model(input_ids=t(ids), position_ids=t(pos), labels=t(labels), use_cache=False)
     return float(out.loss), targets_of(examples)
 
 
