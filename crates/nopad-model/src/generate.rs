@@ -72,10 +72,9 @@ pub struct Generated {
     pub seconds: f64,
 }
 
-/// The end-of-sequence ids of a model: `eos_token_id` (a number or a list) of
-/// `generation_config.json` in `dir` when it has one, then of its config, without repeats.
+/// The end-of-sequence ids of a model, as HF `generate` takes them: `eos_token_id` (a number
+/// or a list) of `generation_config.json` in `dir` when that file sets it, else of its config.
 pub fn eos_ids(cfg: &Config, dir: Option<&Path>) -> Result<Vec<i32>> {
-    let mut ids = Vec::new();
     if let Some(path) = dir.map(|d| d.join("generation_config.json")) {
         if let Ok(text) = std::fs::read_to_string(&path) {
             let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
@@ -83,15 +82,12 @@ pub fn eos_ids(cfg: &Config, dir: Option<&Path>) -> Result<Vec<i32>> {
                 msg: format!("line {}: {e}", e.line()),
             })?;
             let name = path.display().to_string();
-            ids.extend(ids_of(v.get("eos_token_id"), &name)?);
+            if let Some(ids) = v.get("eos_token_id").filter(|v| !v.is_null()) {
+                return ids_of(Some(ids), &name);
+            }
         }
     }
-    for id in ids_of(cfg.eos_token_id.as_ref(), "config.json")? {
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
+    ids_of(cfg.eos_token_id.as_ref(), "config.json")
 }
 
 /// The ids of an `eos_token_id` value: none, a number, or a list of numbers.

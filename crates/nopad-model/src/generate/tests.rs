@@ -270,15 +270,19 @@ fn the_buffers_are_what_generate_bytes_counts() {
 }
 
 #[test]
-fn eos_ids_come_from_generation_config_then_config() {
+fn eos_ids_come_from_generation_config_else_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny(false, false);
     cfg.eos_token_id = Some(serde_json::json!([5, 7]));
     assert_eq!(eos_ids(&cfg, None).unwrap(), vec![5, 7]);
     assert_eq!(eos_ids(&cfg, Some(dir.path())).unwrap(), vec![5, 7]);
     let gen = dir.path().join("generation_config.json");
+    // A generation config that sets the ids decides alone, as in HF; one that does not
+    // leaves the config's.
     std::fs::write(&gen, r#"{"eos_token_id": [9, 7], "do_sample": true}"#).unwrap();
-    assert_eq!(eos_ids(&cfg, Some(dir.path())).unwrap(), vec![9, 7, 5]);
+    assert_eq!(eos_ids(&cfg, Some(dir.path())).unwrap(), vec![9, 7]);
+    std::fs::write(&gen, r#"{"do_sample": true}"#).unwrap();
+    assert_eq!(eos_ids(&cfg, Some(dir.path())).unwrap(), vec![5, 7]);
     std::fs::write(&gen, r#"{"eos_token_id": "x"}"#).unwrap();
     let e = eos_ids(&cfg, Some(dir.path())).unwrap_err().to_string();
     assert!(
