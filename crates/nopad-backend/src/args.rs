@@ -282,43 +282,80 @@ pub struct LmHeadLoss<'a, B: Device + ?Sized + 'a> {
     pub write: GradWrite,
 }
 
-/// Arguments of [`crate::Ops::columns`]: an adapter's share of a fused projection's columns
-/// `c0..c0 + w` of rows of `stride` (q, k or v of `qkv`; gate or up of `gu`; all of `o_proj`'s
-/// or `down_proj`'s).
-///
-/// `add` (the adapter's output added in): `y[t, c0 + j] += s · x[t, j]`, `y: [N, stride]`
-/// (other columns untouched), `x: [N, w]`. Gather (its share of the fused gradient):
-/// `y[t, j] = s · x[t, c0 + j]`, `y: [N, w]` overwritten, `x: [N, stride]`.
-pub struct Columns<'a, B: Device + ?Sized + 'a> {
-    /// Written: the wide rows (add) or the narrow ones (gather).
-    pub y: B::Mut<'a>,
-    /// Read: the narrow rows (add) or the wide ones (gather).
-    pub x: B::Ref<'a>,
-    /// Rows N, the wide rows' length, the first column and the number of columns w.
-    pub rows: [usize; 4],
-    /// Scale s.
-    pub s: f32,
-    /// Add into the wide rows (true) or gather from them (false).
-    pub add: bool,
+/// The column block a low-rank adapter owns in a fused projection's output `[N, stride]`:
+/// columns `c0..c0 + out` (q, k or v of `qkv`; gate or up of `gu`; all of `o_proj`'s or
+/// `down_proj`'s), and the adapter's own product `[N, in] → [N, out]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnBlock {
+    /// Rows N.
+    pub n: usize,
+    /// The wide rows' length.
+    pub stride: usize,
+    /// The block's first column.
+    pub c0: usize,
+    /// The product's input width `in`.
+    pub d_in: usize,
+    /// The block's width `out`.
+    pub d_out: usize,
 }
 
-impl<B: Device + ?Sized> Columns<'_, B> {
-    /// The op's name, and the lengths `y` and `x` need, after checking that the columns lie
-    /// inside the row.
-    pub(crate) fn lens(&self) -> crate::Result<(&'static str, usize, usize)> {
-        let add = self.add;
-        let op = if add { "add_columns" } else { "gather_columns" };
-        let [n, stride, c0, w] = self.rows;
-        crate::error::check(c0 + w <= stride, op, || {
-            format!("columns {c0}..{} exceed the row length {stride}", c0 + w)
+impl ColumnBlock {
+    /// Checks that the block lies inside the row; returns the lengths of the wide rows
+    /// (`N·stride`), the narrow input (`N·in`) and the weight (`out·in`).
+    pub(crate) fn lens(&self, op: &'static str) -> crate::Result<(usize, usize, usize)> {
+        let ColumnBlock {
+            n,
+            stride,
+            c0,
+            d_in,
+            d_out,
+        } = *self;
+        crate::error::check(c0 + d_out <= stride, op, || {
+            format!(
+                "columns {c0}..{} exceed the row length {stride}",
+                c0 + d_out
+            )
         })?;
-        let (wide, narrow) = (n * stride, n * w);
-        Ok(if add {
-            (op, wide, narrow)
-        } else {
-            (op, narrow, wide)
-        })
+        Ok((n * stride, n * d_in, d_out * d_in))
     }
+}
+
+/// Arguments of [`crate::Ops::columns_linear_forward`]: `y[:, c0..c0 + out] += s · x · wᵀ`, an
+/// adapter's scaled up-projection added straight into its columns of the fused output (one GEMM
+/// accumulating into the strided block: no `[N, out]` temporary and no separate add).
+pub struct ColumnsLinearFwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, stride]`: columns `c0..c0 + out` accumulated into, the others untouched.
+    pub y: B::Mut<'a>,
+    /// `[N, in]`.
+    pub x: B::Ref<'a>,
+    /// `[out, in]`.
+    pub w: B::Ref<'a>,
+    /// Where the block lies and the product's shape.
+    pub block: ColumnBlock,
+    /// Scale s.
+    pub s: f32,
+}
+
+/// Arguments of [`crate::Ops::columns_linear_backward`], the backward of
+/// [`ColumnsLinearFwd`]: with `dt = s · dy[:, c0..c0 + out]` (read in place, never gathered),
+/// `dx = dt · w` (overwritten) and `d_w (+)= dtᵀ · x` (as `write` says).
+pub struct ColumnsLinearBwd<'a, B: Device + ?Sized + 'a> {
+    /// `[N, in]` Compute, overwritten.
+    pub dx: B::Mut<'a>,
+    /// `[out, in]` Grad, written as `write` says.
+    pub d_w: B::Mut<'a>,
+    /// `[N, stride]`: the fused output's gradient.
+    pub dy: B::Ref<'a>,
+    /// `[N, in]`: the forward's input.
+    pub x: B::Ref<'a>,
+    /// `[out, in]`.
+    pub w: B::Ref<'a>,
+    /// Where the block lies and the product's shape.
+    pub block: ColumnBlock,
+    /// Scale s.
+    pub s: f32,
+    /// How `d_w` is written.
+    pub write: GradWrite,
 }
 
 /// Arguments of [`crate::Ops::dropout`]: `y[i] (+)= keep(seed, i) ? x[i] / (1 − p) : 0` for

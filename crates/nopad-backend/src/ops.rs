@@ -3,9 +3,9 @@
 //! from [`crate::args`], where its shapes and write rules are documented.
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
-    HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope,
-    SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout,
+    EmbeddingBwd, EmbeddingFwd, HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss,
+    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::{Device, Result};
 
@@ -86,9 +86,11 @@ pub trait Ops: Device {
     fn scale(&self, x: Self::Mut<'_>, s: f32, n: usize) -> Result<()>;
     /// `Σ x[i]²` over `i < n`, in f64 on the host (for gradient norms).
     fn sum_squares(&self, x: Self::Ref<'_>, n: usize) -> Result<f64>;
-    /// An adapter's scaled output added into its columns of a fused output, or its scaled
-    /// share of a fused gradient gathered from them (see [`Columns`]).
-    fn columns(&self, a: Columns<'_, Self>) -> Result<()>;
+    /// An adapter's scaled up-projection added into its columns of a fused output (see
+    /// [`ColumnsLinearFwd`]).
+    fn columns_linear_forward(&self, a: ColumnsLinearFwd<'_, Self>) -> Result<()>;
+    /// Its backward, reading the fused gradient's columns in place (see [`ColumnsLinearBwd`]).
+    fn columns_linear_backward(&self, a: ColumnsLinearBwd<'_, Self>) -> Result<()>;
     /// Seeded dropout whose mask the backward regenerates (see [`Dropout`]).
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()>;
     /// An NF4 matrix (a 4-bit frozen base weight) read into Compute values just ahead of its

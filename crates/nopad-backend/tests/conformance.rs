@@ -222,7 +222,7 @@ conformance!(
     lm_head,
     adamw,
     adamw_states,
-    adapter_columns,
+    columns_linear,
     dropout,
     rmsnorm_frozen,
     dequant_nf4,
@@ -238,7 +238,7 @@ mod optim;
 use optim::adamw_states;
 #[path = "conformance/adapter.rs"]
 mod adapter;
-use adapter::{adapter_columns, dequant_nf4, dropout, rmsnorm_frozen};
+use adapter::{columns_linear, dequant_nf4, dropout, rmsnorm_frozen};
 #[path = "conformance/decode.rs"]
 mod decode;
 use decode::{copy_rows, decode_attention};

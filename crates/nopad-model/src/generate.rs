@@ -147,8 +147,8 @@ pub fn parts(
         (s * v, c),
     ]);
     if let Some(a) = adapter {
-        let (r, per, widest) = (a.r, a.per_layer(), a.widest());
-        p.extend([(per * n * r, c), (n * widest.1, c), (n * r, c), (0, c)]);
+        let (r, per) = (a.r, a.per_layer());
+        p.extend([(per * n * r, c), (n * r, c), (0, c)]);
     }
     p
 }

@@ -1,41 +1,110 @@
-//! The ops a low-rank adapter adds on the CPU: its output scattered into (and its gradient
-//! gathered from) columns of a fused projection, seeded dropout, and the dequantisation of an
+//! The ops a low-rank adapter adds on the CPU: its up-projection added into (and its backward
+//! read from) columns of a fused projection, seeded dropout, and the dequantisation of an
 //! NF4 base weight (QLoRA).
 
 use rayon::prelude::*;
 
-use super::{check_len, Cpu, Scalar, ROW_CHUNK};
-use crate::args::{Columns, DequantNf4, Dropout};
+use super::linear::{gemm, Mat, Threads};
+use super::{check_len, Cpu, Scalar};
+use crate::args::{ColumnBlock, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout};
 use crate::error::check;
 use crate::{dropout_keep, dropout_scale, dropout_threshold, GradWrite, Result};
 
-/// An adapter's columns added in or gathered (see [`Columns`]).
-pub(crate) fn columns<T: Scalar>(a: Columns<'_, Cpu<T>>) -> Result<()> {
-    let add = a.add;
-    let [n, stride, c0, w] = a.rows;
-    let (op, ylen, xlen) = a.lens()?;
-    check_len(op, "y", a.y.len(), ylen)?;
-    check_len(op, "x", a.x.len(), xlen)?;
-    if n * w == 0 {
+/// `y[:, c0..c0 + out] += s · x · wᵀ` (see [`ColumnsLinearFwd`]).
+pub(crate) fn columns_linear_forward<T: Scalar>(a: ColumnsLinearFwd<'_, Cpu<T>>) -> Result<()> {
+    const OP: &str = "columns_linear_forward";
+    let ColumnBlock {
+        n,
+        stride,
+        c0,
+        d_in,
+        d_out,
+    } = a.block;
+    let (ylen, xlen, wlen) = a.block.lens(OP)?;
+    check_len(OP, "y", a.y.len(), ylen)?;
+    check_len(OP, "x", a.x.len(), xlen)?;
+    check_len(OP, "w", a.w.len(), wlen)?;
+    if n * d_out == 0 {
         return Ok(());
     }
+    let (xm, wt) = (Mat::rows(a.x, d_in), Mat::transposed(a.w, d_in));
     let s = T::from_f32(a.s);
-    let (ystep, xstep) = if add { (stride, w) } else { (w, stride) };
-    a.y[..ylen]
-        .par_chunks_mut(ystep)
-        .zip(a.x[..xlen].par_chunks(xstep))
-        .with_min_len(ROW_CHUNK)
-        .for_each(|(yr, xr)| {
-            if add {
-                for (o, &v) in yr[c0..c0 + w].iter_mut().zip(xr) {
-                    *o += s * v;
-                }
-            } else {
-                for (o, &v) in yr.iter_mut().zip(&xr[c0..c0 + w]) {
-                    *o = s * v;
-                }
-            }
-        });
+    gemm(
+        n,
+        d_out,
+        d_in,
+        &mut a.y[c0..],
+        stride,
+        xm,
+        wt,
+        true,
+        s,
+        Threads::Auto,
+    );
+    Ok(())
+}
+
+/// `dt = s · dy[:, c0..c0 + out]`: `dx = dt · w`, `d_w (+)= dtᵀ · x` (see [`ColumnsLinearBwd`]).
+pub(crate) fn columns_linear_backward<T: Scalar>(a: ColumnsLinearBwd<'_, Cpu<T>>) -> Result<()> {
+    const OP: &str = "columns_linear_backward";
+    let ColumnBlock {
+        n,
+        stride,
+        c0,
+        d_in,
+        d_out,
+    } = a.block;
+    let (ylen, xlen, wlen) = a.block.lens(OP)?;
+    check_len(OP, "dy", a.dy.len(), ylen)?;
+    check_len(OP, "x", a.x.len(), xlen)?;
+    check_len(OP, "dx", a.dx.len(), xlen)?;
+    check_len(OP, "w", a.w.len(), wlen)?;
+    check_len(OP, "d_w", a.d_w.len(), wlen)?;
+    let s = T::from_f32(a.s);
+    let acc = a.write == GradWrite::Accumulate;
+    if n == 0 || d_out == 0 {
+        // No rows (or no columns): dx is zero, and an overwritten d_w too.
+        a.dx[..xlen].fill(T::ZERO);
+        if !acc {
+            a.d_w[..wlen].fill(T::ZERO);
+        }
+        return Ok(());
+    }
+    let dy = &a.dy[c0..];
+    let dym = Mat {
+        data: dy,
+        rs: stride,
+        cs: 1,
+    };
+    gemm(
+        n,
+        d_in,
+        d_out,
+        a.dx,
+        d_in,
+        dym,
+        Mat::rows(a.w, d_in),
+        false,
+        s,
+        Threads::Auto,
+    );
+    let dyt = Mat {
+        data: dy,
+        rs: 1,
+        cs: stride,
+    };
+    gemm(
+        d_out,
+        d_in,
+        n,
+        a.d_w,
+        d_in,
+        dyt,
+        Mat::rows(a.x, d_in),
+        acc,
+        s,
+        Threads::Auto,
+    );
     Ok(())
 }
 

@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
-    HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope,
-    SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout,
+    EmbeddingBwd, EmbeddingFwd, HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss,
+    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, Device, GradWrite, Kind, Ops, OptimizerOps, Result};
@@ -326,8 +326,11 @@ impl<T: Scalar> Ops for Cpu<T> {
         check_len("sum_squares", "x", x.len(), n)?;
         Ok(layers::sum_squares(&x[..n]))
     }
-    fn columns(&self, a: Columns<'_, Self>) -> Result<()> {
-        adapter::columns(a)
+    fn columns_linear_forward(&self, a: ColumnsLinearFwd<'_, Self>) -> Result<()> {
+        adapter::columns_linear_forward(a)
+    }
+    fn columns_linear_backward(&self, a: ColumnsLinearBwd<'_, Self>) -> Result<()> {
+        adapter::columns_linear_backward(a)
     }
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
         adapter::dropout(a)

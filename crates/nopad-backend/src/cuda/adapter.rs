@@ -1,25 +1,14 @@
-//! Launchers of `adapter.cu`: an adapter's output added into columns of a fused projection, its
-//! gradient gathered from them, seeded dropout (the mask of `crate::dropout`), and an NF4 base
+//! A low-rank adapter's ops on CUDA: its up-projection added into its columns of a fused
+//! projection and the backward of that (cuBLASLt GEMMs on the strided column block), and the
+//! launchers of `adapter.cu`: seeded dropout (the mask of `crate::dropout`), and an NF4 base
 //! weight dequantised ahead of its GEMM (the format of `crate::nf4`).
 
+use super::blas::GemmSpec;
 use super::compile::ADAPTER;
 use super::elementwise::stride_launch;
 use super::{want, Cuda, Dtype};
-use crate::args::{Columns, DequantNf4, Dropout};
+use crate::args::{ColumnBlock, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout};
 use crate::{dropout_scale, dropout_threshold, BackendError, GradWrite, Result};
-
-/// Mirrors `ColumnsParams` in adapter.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ColumnsParams {
-    dst: u64,
-    src: u64,
-    n: i64,
-    stride: i64,
-    c0: i64,
-    w: i64,
-    s: f32,
-}
 
 /// Mirrors `DropoutParams` in adapter.cu.
 #[repr(C)]
@@ -50,27 +39,108 @@ struct DequantNf4Params {
 }
 
 impl Cuda {
-    /// An adapter's columns added in or gathered (see [`Columns`]); both views Compute.
-    pub(crate) fn columns_impl(&self, a: Columns<'_, Self>) -> Result<()> {
-        let [n, stride, c0, w] = a.rows;
-        let (op, ylen, xlen) = a.lens()?;
-        want(op, "y", &a.y, self.compute, ylen)?;
-        want(op, "x", &a.x, self.compute, xlen)?;
-        if n * w == 0 {
+    /// `y[:, c0..c0 + out] += s · x · wᵀ`: one GEMM (beta = 1, alpha = s) whose C is the
+    /// strided column block of `y` (see [`ColumnsLinearFwd`]); y, x, w Compute.
+    pub(crate) fn columns_linear_forward_impl(&self, a: ColumnsLinearFwd<'_, Self>) -> Result<()> {
+        let op = "columns_linear_forward";
+        let (ylen, xlen, wlen) = a.block.lens(op)?;
+        let c = self.compute;
+        want(op, "y", &a.y, c, ylen)?;
+        want(op, "x", &a.x, c, xlen)?;
+        want(op, "w", &a.w, c, wlen)?;
+        let ColumnBlock {
+            n,
+            stride,
+            c0,
+            d_in,
+            d_out,
+        } = a.block;
+        if n * d_out * d_in == 0 {
             return Ok(());
         }
-        let p = ColumnsParams {
-            dst: a.y.ptr,
-            src: a.x.ptr,
-            n: n as i64,
-            stride: stride as i64,
-            c0: c0 as i64,
-            w: w as i64,
-            s: a.s,
+        // Column-major: C [out × N] (ldc = stride) += s · wᵀ [out × in] · x [in × N].
+        let spec = GemmSpec {
+            m: d_out as u64,
+            n: n as u64,
+            k: d_in as u64,
+            trans_a: true,
+            trans_b: false,
+            lda: d_in as i64,
+            ldb: d_in as i64,
+            ldc: stride as i64,
+            ab: c,
+            c,
+            accumulate: true,
         };
-        // SAFETY: both views hold their rows (checked above) and the columns lie inside the
-        // wide ones.
-        unsafe { self.launch(ADAPTER, self.compute, op, stride_launch(n * w), &p) }
+        let y0 = a.y.ptr + (c0 * c.size()) as u64;
+        // SAFETY: the block's rows lie inside y (lens), x and w hold their matrices.
+        unsafe { self.gemm_scaled(spec, a.s, a.w.ptr, a.x.ptr, y0) }
+    }
+
+    /// `dt = s · dy[:, c0..c0 + out]` read in place: `dx = dt · w`, `d_w (+)= dtᵀ · x` (see
+    /// [`ColumnsLinearBwd`]); dx, dy, x, w Compute, d_w Grad.
+    pub(crate) fn columns_linear_backward_impl(&self, a: ColumnsLinearBwd<'_, Self>) -> Result<()> {
+        let op = "columns_linear_backward";
+        let (ylen, xlen, wlen) = a.block.lens(op)?;
+        let c = self.compute;
+        want(op, "dx", &a.dx, c, xlen)?;
+        want(op, "d_w", &a.d_w, self.grad, wlen)?;
+        want(op, "dy", &a.dy, c, ylen)?;
+        want(op, "x", &a.x, c, xlen)?;
+        want(op, "w", &a.w, c, wlen)?;
+        let ColumnBlock {
+            n,
+            stride,
+            c0,
+            d_in,
+            d_out,
+        } = a.block;
+        let acc = a.write == GradWrite::Accumulate;
+        if n == 0 || d_out == 0 {
+            // No rows (or no columns): dx is zero, and an overwritten d_w too.
+            self.zero_raw(a.dx.ptr, xlen, c)?;
+            if !acc {
+                self.zero_raw(a.d_w.ptr, wlen, self.grad)?;
+            }
+            return Ok(());
+        }
+        if d_in == 0 {
+            return Ok(());
+        }
+        let dy0 = a.dy.ptr + (c0 * c.size()) as u64;
+        // Column-major: dx [in × N] = s · w [in × out] · dt [out × N] (ldb = stride).
+        let dx = GemmSpec {
+            m: d_in as u64,
+            n: n as u64,
+            k: d_out as u64,
+            trans_a: false,
+            trans_b: false,
+            lda: d_in as i64,
+            ldb: stride as i64,
+            ldc: d_in as i64,
+            ab: c,
+            c,
+            accumulate: false,
+        };
+        // d_w [in × out] (+)= s · x [in × N] · dtᵀ [N × out].
+        let dw = GemmSpec {
+            m: d_in as u64,
+            n: d_out as u64,
+            k: n as u64,
+            trans_a: false,
+            trans_b: true,
+            lda: d_in as i64,
+            ldb: stride as i64,
+            ldc: d_in as i64,
+            ab: c,
+            c: self.grad,
+            accumulate: acc,
+        };
+        // SAFETY: shapes checked above; the block's rows lie inside dy.
+        unsafe {
+            self.gemm_scaled(dx, a.s, a.w.ptr, dy0, a.dx.ptr)?;
+            self.gemm_scaled(dw, a.s, a.x.ptr, dy0, a.d_w.ptr)
+        }
     }
 
     /// y, x: `[n]` (Compute).
@@ -124,7 +194,17 @@ impl Cuda {
             nf4: crate::nf4::NF4,
             map: crate::codes::code_map(true),
         };
-        // SAFETY: every view holds what n elements need (checked above).
-        unsafe { self.launch(ADAPTER, self.compute, op, stride_launch(codes), &p) }
+        // The wide kernel where its loads and stores are aligned (every projection of a Llama
+        // shape: n a multiple of 64, buffers 256-byte aligned, the site's matrices at offsets
+        // that are multiples of n).
+        let wide =
+            n.is_multiple_of(8) && a.y.ptr.is_multiple_of(16) && a.codes.ptr.is_multiple_of(4);
+        let (kernel, threads) = match wide {
+            true => ("dequant_nf4_x8", n / 8),
+            false => (op, codes),
+        };
+        // SAFETY: every view holds what n elements need (checked above); the wide kernel's
+        // alignment is checked just above.
+        unsafe { self.launch(ADAPTER, self.compute, kernel, stride_launch(threads), &p) }
     }
 }

@@ -10,9 +10,9 @@ use cudarc::driver::result as cu;
 use super::memory::{sub_mut, sub_ref};
 use super::{Cuda, CudaBuf, CudaInts, CudaMut, CudaRef, Dtype};
 use crate::args::{
-    AddRmsNormFwd, AttnBwd, AttnFwd, Columns, DequantNf4, Dropout, EmbeddingBwd, EmbeddingFwd,
-    HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss, RmsNormBwd, RmsNormFwd, Rope,
-    SwigluBwd, SwigluFwd,
+    AddRmsNormFwd, AttnBwd, AttnFwd, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout,
+    EmbeddingBwd, EmbeddingFwd, HeadRmsNormBwd, HeadRmsNormFwd, LinearBwd, LinearFwd, LmHeadLoss,
+    RmsNormBwd, RmsNormFwd, Rope, SwigluBwd, SwigluFwd,
 };
 use crate::error::check;
 use crate::{AdamWStates, AdamWStep, BackendError, Device, Kind, Ops, OptimizerOps, Result};
@@ -328,8 +328,11 @@ impl Ops for Cuda {
     fn sum_squares(&self, x: CudaRef<'_>, n: usize) -> Result<f64> {
         self.sum_squares_impl(x, n)
     }
-    fn columns(&self, a: Columns<'_, Self>) -> Result<()> {
-        self.columns_impl(a)
+    fn columns_linear_forward(&self, a: ColumnsLinearFwd<'_, Self>) -> Result<()> {
+        self.columns_linear_forward_impl(a)
+    }
+    fn columns_linear_backward(&self, a: ColumnsLinearBwd<'_, Self>) -> Result<()> {
+        self.columns_linear_backward_impl(a)
     }
     fn dropout(&self, a: Dropout<'_, Self>) -> Result<()> {
         self.dropout_impl(a)

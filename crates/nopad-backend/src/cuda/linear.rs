@@ -81,10 +81,25 @@ impl Cuda {
     /// # Safety
     /// The pointers must hold the matrices `spec` names.
     unsafe fn gemm(&self, spec: GemmSpec, a: u64, b: u64, c: u64) -> Result<()> {
+        self.gemm_scaled(spec, 1.0, a, b, c)
+    }
+
+    /// [`Cuda::gemm`] with `C = alpha · op(A) · op(B) (+ C)`.
+    ///
+    /// # Safety
+    /// As [`Cuda::gemm`].
+    pub(crate) unsafe fn gemm_scaled(
+        &self,
+        spec: GemmSpec,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(self.device_err("cuBLASLt (bind context)"))?;
-        self.blas.gemm(spec, 1.0, a, b, c, self.raw_stream())
+        self.blas.gemm(spec, alpha, a, b, c, self.raw_stream())
     }
 
     /// `y[rows, out] = x[rows, in] · w[out, in]ᵀ`; `y` of type `y_type`.

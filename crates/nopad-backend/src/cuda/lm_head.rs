@@ -22,6 +22,11 @@ use crate::{BackendError, GradWrite, LinearDims, Result};
 /// chunks made the head 2.6 ms slower per 2.9k target rows than 1 GiB ones, which held 0.75 GiB
 /// more (the chunk and, then, a separate bf16 copy for the dlogits).
 pub(crate) const CHUNK_ELEMS: usize = 1 << 27;
+/// The largest chunk when the head is frozen (no `d_w`, a LoRA run), 256 MiB of fp32 (~520 rows
+/// at V = 128k): without the pass over `d_w` a chunk costs only its GEMMs, which stay
+/// compute-bound at this many rows (each reads all of `w` once more than one large chunk
+/// would), so the smaller chunk frees memory at no measurable cost.
+pub(crate) const FROZEN_CHUNK_ELEMS: usize = 1 << 26;
 /// Largest chunk, in rows.
 const CHUNK_ROWS: usize = 8192;
 
@@ -135,7 +140,11 @@ impl Cuda {
 
         // Equal chunks of at most the configured size: every chunk's d_w GEMM reads and writes
         // all of d_w (V·D fp32), so the count of chunks, not their size, sets that traffic.
-        let max_rows = (self.lm_head_chunk_elems / v).clamp(1, CHUNK_ROWS);
+        let elems = match d_w {
+            Some(_) => self.lm_head_chunk_elems,
+            None => self.lm_head_chunk_elems.min(FROZEN_CHUNK_ELEMS),
+        };
+        let max_rows = (elems / v).clamp(1, CHUNK_ROWS);
         let chunk = m.div_ceil(m.div_ceil(max_rows));
         let logits = self.scratch(chunk * v, Dtype::F32)?;
         // dlogits (Compute) overwrite the logits in place, row by row: `ld` elements apart.

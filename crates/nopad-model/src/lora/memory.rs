@@ -63,8 +63,8 @@ impl LoraShape {
 }
 
 /// The buffers a LoRA model adds for `cap` tokens, in the order it allocates them: per layer the
-/// saved `u` (`[adapters, cap, r]`), then the scratch `t` (`[cap, widest out]`), `du`
-/// (`[cap, r]`) and `xd` (`[cap, widest in]` with dropout, else empty).
+/// saved `u` (`[adapters, cap, r]`), then the scratch `du` (`[cap, r]`) and `xd`
+/// (`[cap, widest in]` with dropout, else empty).
 pub fn adapter_parts(layout: &AdapterLayout, cap: usize, dropout: bool) -> Vec<Part> {
     let (r, per, widest) = (layout.r, layout.per_layer(), layout.widest());
     let mut v: Vec<Part> = layout
@@ -73,7 +73,6 @@ pub fn adapter_parts(layout: &AdapterLayout, cap: usize, dropout: bool) -> Vec<P
         .map(|_| (per * cap * r, Kind::Compute))
         .collect();
     v.extend([
-        (cap * widest.1, Kind::Compute),
         (cap * r, Kind::Compute),
         (if dropout { cap * widest.0 } else { 0 }, Kind::Compute),
     ]);

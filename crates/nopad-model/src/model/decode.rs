@@ -235,10 +235,7 @@ impl<B: Backend> Model<B> {
         let res = [next(), next()];
         let (last, normed, rstd, logits) = (next(), next(), next(), next());
         let lora = match layout {
-            Some(_) => Some((
-                next(),
-                LoraScratch::from_bufs(vec![next(), next(), next()])?,
-            )),
+            Some(_) => Some((next(), LoraScratch::from_bufs(vec![next(), next()])?)),
             None => None,
         };
         Ok(Bufs {

@@ -13,9 +13,10 @@ use crate::collective::aligned_shard;
 
 /// The cuBLASLt workspace the CUDA backend takes from its pool at start (its `WORKSPACE_BYTES`).
 pub const CUDA_BLAS_WORKSPACE: usize = 32 << 20;
-/// The CUDA output head's largest fp32 logits chunk, in elements, and in rows (its
-/// `CHUNK_ELEMS` and `CHUNK_ROWS`).
+/// The CUDA output head's largest fp32 logits chunk, in elements (frozen: a LoRA run's), and in
+/// rows (its `CHUNK_ELEMS`, `FROZEN_CHUNK_ELEMS` and `CHUNK_ROWS`).
 const LM_HEAD_CHUNK_ELEMS: usize = 1 << 27;
+const LM_HEAD_FROZEN_CHUNK_ELEMS: usize = 1 << 26;
 const LM_HEAD_CHUNK_ROWS: usize = 8192;
 /// Device memory outside the allocator's pool: the CUDA context, the loaded kernel modules and
 /// the cuBLASLt handle (an estimate; `nvidia-smi` shows about this much for an idle context on
@@ -51,12 +52,17 @@ fn master_bytes(n: usize, modes: &Modes, dev: &DeviceSizes) -> usize {
 
 /// The CUDA output head's scratch at its peak (every row a target row, the bound) and the
 /// batch's integer arrays; see `lm_head.rs` in the CUDA backend.
-fn head_workspace(cfg: &Config, tokens: usize, dev: &DeviceSizes) -> usize {
+/// A frozen head (`frozen`: a LoRA run) takes smaller chunks.
+fn head_workspace(cfg: &Config, tokens: usize, frozen: bool, dev: &DeviceSizes) -> usize {
     if !dev.acc.pooled_scratch || tokens == 0 {
         return 0;
     }
     let (d, v, m) = (cfg.hidden_size, cfg.vocab_size, tokens);
-    let max_rows = (LM_HEAD_CHUNK_ELEMS / v).clamp(1, LM_HEAD_CHUNK_ROWS);
+    let elems = match frozen {
+        true => LM_HEAD_FROZEN_CHUNK_ELEMS,
+        false => LM_HEAD_CHUNK_ELEMS,
+    };
+    let max_rows = (elems / v).clamp(1, LM_HEAD_CHUNK_ROWS);
     let chunk = m.div_ceil(m.div_ceil(max_rows));
     let int = |len: usize| memory::held(len * 4, &dev.acc);
     // xc and dxc [M, D], logits [C, V] fp32, losses [M] fp32, rows and targets [M] i32;
@@ -220,7 +226,7 @@ fn plan_at(
         moments: share.moments,
         gradients: model.grads + acc,
         activations: model.activations,
-        workspace: head_workspace(cfg, tokens, dev),
+        workspace: head_workspace(cfg, tokens, modes.trained != Trained::Full, dev),
         slack: 0,
         construction,
         sampling: 0,
