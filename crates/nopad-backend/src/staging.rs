@@ -32,6 +32,11 @@ pub trait Staging: Device {
     /// the buffer's copy queue, after the compute queue's work so far; the compute queue's later
     /// work waits for it.
     fn copy_to_host(&self, src: Self::Ref<'_>, host: &mut Self::Host) -> Result<()>;
+    /// Queues a copy of `src` into `host` as [`Staging::copy_to_host`] does, but the compute
+    /// queue's later work does not wait for it: the caller fences (`host_fence`) before anything
+    /// overwrites `src`. Activation offloading: a layer's activations travel to the host while
+    /// the next layers compute, and only a later layer reuses their device buffer.
+    fn copy_to_host_unfenced(&self, src: Self::Ref<'_>, host: &mut Self::Host) -> Result<()>;
     /// Queues a copy of the first `dst.len()` elements of `host` into `dst` (same [`Kind`]) on
     /// the buffer's copy queue, after the compute queue's work so far; the compute queue does
     /// not wait for it until [`Staging::host_fence`].

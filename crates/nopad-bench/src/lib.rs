@@ -97,6 +97,8 @@ pub struct BenchConfig {
     pub lora: Option<nopad_train::LoraTrain>,
     /// Where the optimizer state lives (`--offload optimizer`: the host).
     pub offload: nopad_train::Placement,
+    /// Layers whose gate/up projections are offloaded to the host (`--offload activations:K`).
+    pub offload_activations: usize,
 }
 
 /// What one strategy did.
@@ -270,6 +272,7 @@ pub fn run_strategy<B: Backend>(
     plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
+    model.set_offload_activations(cfg.offload_activations)?;
     model.set_grad_aliasing(b, aliasing)?;
     model.set_update_in_backward(b, cfg.optim_in_backward)?;
     let pad_id = pad_token_id(&model.cfg);
@@ -337,7 +340,10 @@ pub fn run_strategy<B: Backend>(
     Ok(StrategyResult {
         strategy: strategy.name().into(),
         device: b.describe(),
-        recompute: cfg.recompute.to_string(),
+        recompute: match cfg.offload_activations {
+            0 => cfg.recompute.to_string(),
+            k => format!("{}, activations of {k} layers offloaded", cfg.recompute),
+        },
         grad_aliasing: aliasing,
         optimizer: format!(
             "moments {}, master {}{}{}{}",
@@ -405,6 +411,7 @@ fn plan_run<B: Backend>(
         grad_aliasing: aliasing,
         optim_in_backward: cfg.optim_in_backward,
         offload: cfg.offload == nopad_train::Placement::Host,
+        offload_acts: cfg.offload_activations,
         trained: match &cfg.lora {
             Some(l) => Trained::Lora(LoraShape::of(&l.settings, l.base)),
             None => Trained::Full,

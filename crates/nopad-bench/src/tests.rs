@@ -33,6 +33,7 @@ fn cfg() -> BenchConfig {
         gpu_memory: None,
         lora: None,
         offload: nopad_train::Placement::Device,
+        offload_activations: 0,
     }
 }
 

@@ -39,6 +39,7 @@ fn train_prints_the_plan_and_refuses_a_run_that_cannot_fit() {
         grad_aliasing: true,
         optim_in_backward: false,
         offload: false,
+        offload_acts: 0,
         trained: Trained::Full,
         ranks: 1,
         shard: 0,

@@ -134,7 +134,7 @@ pub fn parts(
     let (c, m) = (Kind::Compute, Kind::Master);
     let mut p = vec![(cfg.num_hidden_layers * rows * cw, c)];
     // One layer's `LayerActs` for n tokens, gate/up kept: what full recomputation shares.
-    p.extend(act_parts(cfg, n, Recompute::Full).shared_layer);
+    p.extend(act_parts(cfg, n, Recompute::Full, 0).shared_layer);
     p.extend([(n * d, c), (n * f, c)]);
     // The backward's scratch (rstd_tmp, d_res, d_h, d_qkv, d_att, d_a, gu): never written.
     p.extend([(0, m), (0, c), (0, c), (0, c), (0, c), (0, c), (0, c)]);

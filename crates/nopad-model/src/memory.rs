@@ -11,7 +11,7 @@ use nopad_backend::{Accounting, Kind};
 use crate::arena::{self, align_up};
 use crate::config::Config;
 use crate::layout::Layout;
-use crate::recompute::Recompute;
+use crate::recompute::{gu_homes, GuHome, Recompute};
 
 /// One buffer: elements and kind.
 pub type Part = (usize, Kind);
@@ -26,7 +26,7 @@ pub struct ActParts {
     pub shared_layer: Vec<Part>,
     /// The rest, each on its own: the last residual stream, the final norm's output and
     /// reciprocal RMS, then the `Scratch` buffers (h, a, rstd_tmp, d_res, d_h, d_qkv, d_att,
-    /// d_a, gu).
+    /// d_a, gu), then the two device buffers offloaded layers take turns in.
     pub tail: Vec<Part>,
 }
 
@@ -41,9 +41,18 @@ impl ActParts {
     }
 }
 
-/// The activation buffers for `cap` tokens under recomputation `mode`.
-pub fn act_parts(cfg: &Config, cap: usize, mode: Recompute) -> ActParts {
+/// The activation buffers for `cap` tokens under recomputation `mode` with `offload` layers'
+/// gate/up projections offloaded ([`gu_homes`]; a count it refuses counts as none here: it is
+/// refused where it is set).
+pub fn act_parts(cfg: &Config, cap: usize, mode: Recompute, offload: usize) -> ActParts {
     let full = mode == Recompute::Full;
+    let n_layers = cfg.num_hidden_layers;
+    let homes = gu_homes(n_layers, mode, offload)
+        .or_else(|_| gu_homes(n_layers, mode, 0))
+        .unwrap_or_default();
+    let home = |l: usize| homes.get(l).copied().unwrap_or(GuHome::Kept);
+    let offloaded = homes.iter().filter(|&&h| h == GuHome::Offloaded).count();
+    let recomputed = homes.contains(&GuHome::Recomputed);
     let (d, f, h) = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -63,7 +72,7 @@ pub fn act_parts(cfg: &Config, cap: usize, mode: Recompute) -> ActParts {
             (cap * h, stat),
             (cap * d, big),
             (cap, stat),
-            (cap * gu_len(!mode.mlp_in_layer(l)), big),
+            (cap * gu_len(home(l) == GuHome::Kept), big),
         ];
         if cfg.qk_norm {
             v.extend([(normed * cfg.head_dim, big), (normed, stat)]);
@@ -94,7 +103,10 @@ pub fn act_parts(cfg: &Config, cap: usize, mode: Recompute) -> ActParts {
             (cap * w, big),
             (cap * hd, big),
             (cap * f, big),
-            (cap * gu_len(mode.mlp_in_layer(0)), big),
+            (cap * gu_len(recomputed), big),
+            // The offloaded layers' turns (`model::offload`).
+            (cap * gu_len(offloaded > 0), big),
+            (cap * gu_len(offloaded > 1), big),
         ],
     }
 }
@@ -200,12 +212,13 @@ pub struct Device<'a> {
     pub acc: Accounting,
 }
 
-/// The model's bytes with `tokens` in its largest micro-batch.
+/// The model's bytes with `tokens` in its largest micro-batch, under recomputation `mode` with
+/// `offload` layers' gate/up projections offloaded.
 pub fn model_bytes(
     cfg: &Config,
     layout: &Layout,
     tokens: usize,
-    mode: Recompute,
+    (mode, offload): (Recompute, usize),
     grads: GradHolding,
     dev: &Device<'_>,
 ) -> ModelBytes {
@@ -214,7 +227,7 @@ pub fn model_bytes(
     let p = layout.total;
     let rope = crate::rope::inv_freq(cfg).len();
     let weights = one((p, Kind::Compute)) + one((rope, Kind::Master)) + one((1, Kind::Master));
-    let parts = act_parts(cfg, tokens, mode);
+    let parts = act_parts(cfg, tokens, mode, offload);
     let g = size(Kind::Grad);
     let separate: usize = parts.all().map(|&x| one(x)).sum();
     match grads {

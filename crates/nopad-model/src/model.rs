@@ -32,13 +32,14 @@ use crate::error::{ModelError, Result};
 use crate::layer;
 use crate::layout::{GroupKind, Layout, ParamGroup};
 use crate::profile::Profile;
-use crate::recompute::Recompute;
+use crate::recompute::{gu_homes, GuHome, Recompute};
 
 mod acts;
 mod decode;
 mod grad_slots;
 mod hand_over;
 mod lora;
+mod offload;
 mod sharded;
 pub use acts::Acts;
 use grad_slots::Slots as GradSlots;
@@ -179,6 +180,10 @@ pub struct Model<B: Backend> {
     saved: Option<Uploaded<B>>,
     profile: Profile,
     recompute: Recompute,
+    /// Layers whose gate/up projections are offloaded (`--offload activations:K`).
+    offload: usize,
+    /// Each layer's [`GuHome`] under `recompute` and `offload`.
+    homes: Vec<GuHome>,
 }
 
 impl<B: Backend> Model<B> {
@@ -234,6 +239,7 @@ impl<B: Backend> Model<B> {
         let mut inv_freq = b.alloc(freqs.len(), Kind::Master)?;
         b.write(&mut inv_freq, 0, &freqs)?;
         let loss_sum = b.alloc(1, Kind::Master)?;
+        let homes = vec![GuHome::Kept; cfg.num_hidden_layers];
         Ok(Model {
             cfg,
             layout,
@@ -252,16 +258,40 @@ impl<B: Backend> Model<B> {
             saved: None,
             profile: Profile::default(),
             recompute: Recompute::None,
+            offload: 0,
+            homes,
         })
     }
 
     /// How much of each layer's activations the backward recomputes (see [`Recompute`]).
+    /// Offloaded layers (`set_offload_activations`) stay offloaded; full recomputation with
+    /// offloaded layers drops the offloading (it keeps nothing to offload).
     pub fn set_recompute(&mut self, mode: Recompute) {
-        if mode != self.recompute {
+        let offload = if mode == Recompute::Full {
+            0
+        } else {
+            self.offload
+        };
+        self.set_activations(mode, offload)
+            .expect("an offload count the model accepted stays valid with any partial mode");
+    }
+
+    /// Offloads `k` layers' gate/up projections to page-locked host memory between the forward
+    /// and the backward (see `model/offload.rs`); 0 offloads none. Refused with full
+    /// recomputation or more layers than the model has.
+    pub fn set_offload_activations(&mut self, k: usize) -> Result<()> {
+        self.set_activations(self.recompute, k)
+    }
+
+    fn set_activations(&mut self, mode: Recompute, offload: usize) -> Result<()> {
+        let homes =
+            gu_homes(self.cfg.num_hidden_layers, mode, offload).map_err(ModelError::Input)?;
+        if (mode, offload) != (self.recompute, self.offload) {
             // The activation buffers are laid out for the mode (which layers keep `gu`).
             self.acts = None;
         }
-        self.recompute = mode;
+        (self.recompute, self.offload, self.homes) = (mode, offload, homes);
+        Ok(())
     }
 
     /// Times every op of the following passes with device timestamps at each boundary
@@ -543,7 +573,7 @@ impl<B: Backend> Model<B> {
         })?;
         prof.mark(b, "embedding fwd")?;
         let recompute = self.recompute == Recompute::Full;
-        let mode = self.recompute;
+        let (homes, gu_len) = (&self.homes, n * 2 * c.intermediate_size);
         let last = pv.layers.len().saturating_sub(1);
         for (l, lr) in pv.layers.iter().enumerate() {
             // The next layer's weights go into the other slot while this one computes; after
@@ -564,10 +594,13 @@ impl<B: Backend> Model<B> {
                 cu_seqlens: &up.cu_seqlens,
                 attn: up.layer_attn(c, l),
                 n,
-                mlp_recompute: mode.mlp_in_layer(l),
+                mlp_recompute: homes[l] == GuHome::Recomputed,
                 grad_write: GradWrite::Accumulate,
             };
             let mut pass = ad.as_deref_mut().map(|a| a.pass(l, grad_scale.is_some()));
+            if let Some(o) = acts.offload.as_mut() {
+                o.enter_forward(b, l, &mut la.gu)?;
+            }
             layer::forward(
                 &cx,
                 lr,
@@ -579,6 +612,9 @@ impl<B: Backend> Model<B> {
                 None,
                 prof,
             )?;
+            if let Some(o) = acts.offload.as_mut() {
+                o.leave_forward(b, l, &mut la.gu, gu_len, grad_scale.is_some())?;
+            }
         }
         if pv.layers.is_empty() {
             fetch_top(b, own, sh, (&self.layout, Phase::Forward), src)?;
@@ -747,7 +783,7 @@ impl<B: Backend> Model<B> {
             prof.mark(b, "group hook (update in backward)")?;
         }
         let recompute = self.recompute == Recompute::Full;
-        let mode = self.recompute;
+        let (homes, gu_len) = (&self.homes, n * 2 * c.intermediate_size);
         for (l, lr) in pv.layers.iter().enumerate().rev() {
             // The layer below goes into the other slot while this one computes.
             if l > 0 {
@@ -764,7 +800,7 @@ impl<B: Backend> Model<B> {
                 cu_seqlens: &up.cu_seqlens,
                 attn: up.layer_attn(c, l),
                 n,
-                mlp_recompute: mode.mlp_in_layer(l),
+                mlp_recompute: homes[l] == GuHome::Recomputed,
                 grad_write: acc,
             };
             let mut pass = ad.as_deref_mut().map(|a| a.pass(l, true));
@@ -789,7 +825,13 @@ impl<B: Backend> Model<B> {
                 Some(pass) => (None, Some((pass, &mut *g))),
                 None => (Some((&mut *g, gr)), None),
             };
+            if let Some(o) = acts.offload.as_mut() {
+                o.enter_backward(b, l, &mut la.gu, gu_len)?;
+            }
             layer::backward(&cx, lr, la, &mut acts.s, base, lora, &acts.res[l], prof)?;
+            if let Some(o) = acts.offload.as_mut() {
+                o.leave_backward(l, &mut la.gu);
+            }
             let (groups, params) = match ad.as_deref_mut() {
                 Some(a) => (&a.layout.groups, &mut a.params),
                 None => (&self.layout.groups, &mut self.params),

@@ -1,4 +1,5 @@
-//! How much of each layer's activations the backward recomputes instead of keeping.
+//! How much of each layer's activations the backward recomputes instead of keeping, and where
+//! each layer keeps its gate/up projections ([`gu_homes`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -48,6 +49,58 @@ impl Recompute {
             _ => false,
         }
     }
+}
+
+/// Where a layer keeps its gate/up projections `[N, 2F]` (two thirds of what it saves) between
+/// its forward and its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuHome {
+    /// In the layer's saved activations.
+    Kept,
+    /// Nowhere: the backward recomputes them into one shared buffer (`Recompute::Mlp`).
+    Recomputed,
+    /// In page-locked host memory (`--offload activations:K`): the forward writes them into one
+    /// of two device buffers the offloaded layers take turns in, and they travel to the host
+    /// while the next layers compute; the backward brings them back while the layer above runs.
+    Offloaded,
+}
+
+/// Each layer's [`GuHome`] with `offload` of `n_layers` layers offloaded and recomputation
+/// `mode`. The offloaded layers are spread evenly over the stack (layer `⌊(2i + 1)·L / 2K⌋` for
+/// `i < K`: every other layer at K = L/2), so each copy has the layers in between to travel
+/// in; then `Recompute::Mlp(Some(k))` recomputes the first `k` of the others (`Mlp(None)`: all
+/// of them). `offload` larger than the stack, or with `Recompute::Full` (which keeps no `gu`
+/// to offload), is refused.
+pub fn gu_homes(n_layers: usize, mode: Recompute, offload: usize) -> Result<Vec<GuHome>, String> {
+    if offload > n_layers {
+        return Err(format!(
+            "`--offload activations:{offload}`: the model has only {n_layers} layers"
+        ));
+    }
+    if offload > 0 && mode == Recompute::Full {
+        return Err(
+            "`--offload activations` with `--recompute full`: full recomputation keeps no \
+             per-layer activations to offload; use `--recompute none` or `mlp:K` with it"
+                .into(),
+        );
+    }
+    let mut homes = vec![GuHome::Kept; n_layers];
+    for i in 0..offload {
+        homes[(2 * i + 1) * n_layers / (2 * offload)] = GuHome::Offloaded;
+    }
+    let mut left = match mode {
+        Recompute::Mlp(None) => n_layers,
+        Recompute::Mlp(Some(k)) => k,
+        Recompute::None | Recompute::Full => 0,
+    };
+    for h in homes.iter_mut().filter(|h| **h == GuHome::Kept) {
+        if left == 0 {
+            break;
+        }
+        *h = GuHome::Recomputed;
+        left -= 1;
+    }
+    Ok(homes)
 }
 
 impl fmt::Display for Recompute {
@@ -104,5 +157,36 @@ mod tests {
         assert!(Recompute::Mlp(Some(2)).mlp_in_layer(1));
         assert!(!Recompute::Mlp(Some(2)).mlp_in_layer(2));
         assert!(!Recompute::Full.mlp_in_layer(0));
+    }
+
+    #[test]
+    fn offloaded_layers_spread_and_recomputation_takes_the_first_others() {
+        use super::{gu_homes, GuHome::*};
+        let h = gu_homes(8, Recompute::Mlp(Some(2)), 4).unwrap();
+        assert_eq!(
+            h,
+            [Recomputed, Offloaded, Recomputed, Offloaded, Kept, Offloaded, Kept, Offloaded]
+        );
+        let h = gu_homes(5, Recompute::None, 1).unwrap();
+        assert_eq!(h, [Kept, Kept, Offloaded, Kept, Kept]);
+        assert_eq!(
+            gu_homes(3, Recompute::Mlp(None), 3).unwrap(),
+            [Offloaded; 3]
+        );
+        assert_eq!(
+            gu_homes(3, Recompute::Mlp(None), 0).unwrap(),
+            [Recomputed; 3]
+        );
+        // Every count spreads to distinct layers.
+        for n in 1..40 {
+            for k in 0..=n {
+                let h = gu_homes(n, Recompute::None, k).unwrap();
+                assert_eq!(h.iter().filter(|&&x| x == Offloaded).count(), k, "{n} {k}");
+            }
+        }
+        assert!(gu_homes(3, Recompute::None, 4)
+            .unwrap_err()
+            .contains("only 3 layers"));
+        assert!(gu_homes(3, Recompute::Full, 1).is_err());
     }
 }

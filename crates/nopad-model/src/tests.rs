@@ -503,6 +503,53 @@ fn recompute_gives_identical_gradients_in_less_memory(mut cfg: Config) {
     }
 }
 
+/// Offloading layers' gate/up projections to the host (alone and beside recomputation, over
+/// enough layers that some projections travel both ways and some stay in the ring) gives the
+/// same bits as keeping them, over two micro-batches, and holds less device memory; offloading
+/// with full recomputation, or more layers than the model has, is refused.
+#[test]
+fn offloading_activations_gives_identical_gradients_in_less_memory() {
+    use crate::Recompute;
+    for mut cfg in [tiny(false, true), tiny_qwen3(false, true)] {
+        cfg.num_hidden_layers = 6;
+        let mut rng = Rng::new(23);
+        let p = flatten(&examples(&mut rng, &[9, 2, 17, 5], cfg.vocab_size));
+        let q = flatten(&examples(&mut rng, &[4, 11], cfg.vocab_size));
+        let run = |mode: Recompute, offload: usize| {
+            let b = Cpu::<f32>::new();
+            let mut m = model(&b, cfg.clone(), 24);
+            m.set_recompute(mode);
+            m.set_offload_activations(offload).unwrap();
+            let (loss, grads) = loss_and_grads(&b, &mut m, &[&p, &q], 0.01);
+            m.forward_eval(&b, &p.inputs()).unwrap();
+            let eval = m.take_loss_sum(&b).unwrap();
+            (loss, grads, eval, nopad_backend::Device::peak_memory(&b))
+        };
+        let (l0, g0, e0, mem0) = run(Recompute::None, 0);
+        for (mode, offload) in [
+            (Recompute::None, 1),
+            (Recompute::None, 3),
+            (Recompute::None, 6),
+            (Recompute::Mlp(Some(2)), 3),
+            (Recompute::Mlp(None), 4),
+        ] {
+            let (l, g, e, mem) = run(mode, offload);
+            let tag = format!("{mode} with {offload} offloaded");
+            assert_eq!(l.to_bits(), l0.to_bits(), "{tag}");
+            assert_eq!(e.to_bits(), e0.to_bits(), "{tag}");
+            assert!(same_bits(&g, &g0), "gradients differ: {tag}");
+            if offload > 2 {
+                assert!(mem < mem0, "{tag}: {mem} vs {mem0}");
+            }
+        }
+        let b = Cpu::<f32>::new();
+        let mut m = model(&b, cfg.clone(), 24);
+        assert!(m.set_offload_activations(7).is_err());
+        m.set_recompute(Recompute::Full);
+        assert!(m.set_offload_activations(1).is_err());
+    }
+}
+
 #[test]
 fn an_evaluation_model_holds_no_gradients_and_gives_the_same_loss() {
     let cfg = tiny(false, true);

@@ -189,6 +189,49 @@ fn compare_cfg(
     eprintln!("[{test}] worst gradient: {} at {:.2e}", worst.1, worst.0);
 }
 
+/// Offloaded activations on the GPU: the projections travel to the host on their own streams
+/// while later layers compute and come back during the backward, so a missing fence would read
+/// a buffer mid-copy or overwritten. The same model with and without offloading (three of six
+/// layers, two of which make the round trip, beside one recomputed layer) must give the same
+/// bits: loss and every gradient, over two steps (`run`).
+#[test]
+fn bf16_offloaded_activations_are_bit_identical() {
+    let test = "bf16_offloaded_activations_are_bit_identical";
+    let Some(gpu) = gpu(CudaDtype::Bf16, false, test) else {
+        return;
+    };
+    let mut cfg = config(false);
+    cfg.num_hidden_layers = 6;
+    let seed = Rng::new(0x0ff1).next_u64() ^ std::process::id() as u64;
+    let mut rng = Rng::new(seed);
+    let p = flatten(&mut rng, &[1, 17, 64, 65, 129, 300, 2, 31], cfg.vocab_size);
+    let (l0, g0) = run(&gpu, &cfg, seed, &p, Recompute::None, true);
+    let (l1, g1) = {
+        let mut m = Model::new(&gpu, cfg.clone()).unwrap();
+        m.set_recompute(Recompute::Mlp(Some(1)));
+        m.set_offload_activations(3).unwrap();
+        m.set_grad_aliasing(&gpu, true).unwrap();
+        let layout = m.layout.clone();
+        weights::init_random(&cfg, &layout, seed, |off, v| m.write_params(&gpu, off, v)).unwrap();
+        let (inputs, targets) = (p.inputs(), p.targets.iter().filter(|&&t| t >= 0).count());
+        for _ in 0..2 {
+            m.zero_grads(&gpu).unwrap();
+            m.forward_train(&gpu, &inputs, 1.0 / targets as f32)
+                .unwrap();
+            m.backward(&gpu).unwrap();
+        }
+        let loss = m.take_loss_sum(&gpu).unwrap() / (2 * targets) as f64;
+        (
+            loss,
+            gpu.read(m.grads(&gpu).unwrap(), 0..layout.total).unwrap(),
+        )
+    };
+    eprintln!("[{test}] seed {seed}: loss {l0:.6} kept, {l1:.6} offloaded");
+    assert_eq!(l0.to_bits(), l1.to_bits(), "[{test}] seed {seed}: loss");
+    let same = g0.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "[{test}] seed {seed}: gradients differ");
+}
+
 /// Sliding windows: a Qwen2 config whose layer 0 slides (W = 40, below most of the sequences
 /// of `compare_cfg`'s batch) and layer 1 attends fully, so one micro-batch runs nopad-flash's
 /// windowed kernels and its plain ones; the tolerances of the unwindowed bf16 test.

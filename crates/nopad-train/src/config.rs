@@ -138,6 +138,10 @@ pub struct TrainConfig {
     /// [`crate::Placement::Host`], updated on the host's cores). Results are unchanged, and a
     /// checkpoint resumes with or without it.
     pub offload: crate::Placement,
+    /// Layers whose gate/up projections live in host memory between their forward and backward
+    /// (`--offload activations:K`, `Model::set_offload_activations`; 0: none). Results are
+    /// unchanged.
+    pub offload_activations: usize,
     /// Ranks of a data-parallel run on the CPU (`--ranks N`: threads of this process over
     /// [`crate::ThreadGroup`], [`crate::train_threads`]); 1 otherwise. A run over another
     /// collective ([`crate::train_rank`]) takes its world size from the collective.
@@ -233,6 +237,7 @@ impl TrainConfig {
             optim_in_backward: false,
             lora: None,
             offload: crate::Placement::Device,
+            offload_activations: 0,
             ranks: 1,
             shard: None,
             progress: true,

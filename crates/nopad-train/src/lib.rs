@@ -58,8 +58,8 @@ pub use identity::{config_hash, RunIdentity};
 pub use lora::{build_adapter_eval_model, build_lora_model, LoraTrain};
 pub use optimizer::{
     master_name, parse_master, parse_offload, parse_shard, parse_states, states_name,
-    weight_pieces, AdamWConfig, GroupSettings, MasterPrecision, Optimizer, Placement, ShardSource,
-    ShardStage, StatePrecision, UpdateInfo,
+    weight_pieces, AdamWConfig, GroupSettings, MasterPrecision, Offload, Optimizer, Placement,
+    ShardSource, ShardStage, StatePrecision, UpdateInfo,
 };
 pub use out_lock::{OutLock, LOCK_FILE};
 pub use plan::{

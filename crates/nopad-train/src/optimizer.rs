@@ -34,7 +34,7 @@ mod by_group;
 mod names;
 mod shard;
 mod state_io;
-pub use names::{master_name, parse_master, parse_offload, parse_states, states_name};
+pub use names::{master_name, parse_master, parse_offload, parse_states, states_name, Offload};
 use shard::Shards;
 pub use shard::{parse_shard, weight_pieces, ShardSource, ShardStage};
 pub(crate) use state_io::{new_parts, part_of};

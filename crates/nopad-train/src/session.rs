@@ -453,6 +453,7 @@ impl<B: Backend> Session<B> {
             }
         };
         model.set_recompute(tc.recompute);
+        model.set_offload_activations(tc.offload_activations)?;
         // A LoRA model's gradients are the adapters' (small): nothing to alias.
         let alias = tc.grad_aliasing && tc.grad_accum == 1 && !tc.optim_in_backward;
         model.set_grad_aliasing(b, alias && tc.lora.is_none())?;

@@ -153,6 +153,7 @@ fn modes(states: StatePrecision, recompute: Recompute, grad_aliasing: bool) -> M
         grad_aliasing,
         optim_in_backward: false,
         offload: false,
+        offload_acts: 0,
         trained: Trained::Full,
         ranks: 1,
         shard: 0,

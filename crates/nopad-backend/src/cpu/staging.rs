@@ -28,6 +28,9 @@ impl<T: Scalar> Staging for Cpu<T> {
         host.data[..src.len()].copy_from_slice(src);
         Ok(())
     }
+    fn copy_to_host_unfenced(&self, src: &[T], host: &mut CpuHost<T>) -> Result<()> {
+        self.copy_to_host(src, host)
+    }
     fn copy_from_host(&self, host: &mut CpuHost<T>, dst: &mut [T]) -> Result<()> {
         check_len("copy_from_host", "host buffer", host.data.len(), dst.len())?;
         dst.copy_from_slice(&host.data[..dst.len()]);

@@ -121,6 +121,14 @@ impl Staging for Cuda {
         self.host_fence(host)
     }
 
+    fn copy_to_host_unfenced(&self, src: CudaRef<'_>, host: &mut CudaHost) -> Result<()> {
+        let op = "copy_to_host_unfenced (cuMemcpyDtoHAsync)";
+        // SAFETY: as copy_to_host; the caller fences before the compute stream overwrites `src`.
+        self.host_copy(op, host, (src.len, src.dtype), |bytes, s| unsafe {
+            cu::memcpy_dtoh_async(bytes, src.ptr, s)
+        })
+    }
+
     fn copy_from_host(&self, host: &mut CudaHost, dst: CudaMut<'_>) -> Result<()> {
         let op = "copy_from_host (cuMemcpyHtoDAsync)";
         // SAFETY: `dst` has room for the bytes; the host writes them again only after `done`

@@ -107,9 +107,11 @@ pub struct BenchArgs {
     /// Device memory in GiB the memory plan must fit (default: the device's total).
     #[arg(long, value_name = "GIB", value_parser = nopad_train::parse_gib)]
     pub gpu_memory: Option<usize>,
-    /// `optimizer`: the fp32 weights and moments in host memory, updated on the host's cores.
-    #[arg(long, value_name = "optimizer", value_parser = parse_offload)]
-    pub offload: Option<nopad_train::Placement>,
+    /// What lives in host memory, comma-separated: `optimizer` (the fp32 weights and moments,
+    /// updated on the host's cores) and `activations:K` (the gate/up projections of K layers,
+    /// spread over the stack, between their forward and backward; results unchanged).
+    #[arg(long, value_name = "optimizer,activations:K", value_parser = parse_offload)]
+    pub offload: Option<nopad_train::Offload>,
     /// After the run, time this many more steps op by op and print the breakdown.
     #[arg(long, default_value_t = 0)]
     pub profile_steps: u64,
@@ -132,7 +134,7 @@ fn parse_master(s: &str) -> std::result::Result<nopad_train::MasterPrecision, St
     nopad_train::parse_master(s).ok_or_else(|| format!("`{s}` is not f32 or none"))
 }
 
-fn parse_offload(s: &str) -> std::result::Result<nopad_train::Placement, String> {
+fn parse_offload(s: &str) -> std::result::Result<nopad_train::Offload, String> {
     nopad_train::parse_offload(s).map_err(|e| e.to_string())
 }
 
@@ -245,7 +247,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         optim_in_backward: a.optim_in_backward,
         gpu_memory: a.gpu_memory,
         lora: a.lora.resolve(a.seed)?,
-        offload: a.offload.unwrap_or_default(),
+        offload: a.offload.unwrap_or_default().optimizer,
+        offload_activations: a.offload.unwrap_or_default().activations,
     };
     let mut all = examples(a, vocab)?;
     // The last 5% (at least one example) are held out for the final evaluation.

@@ -184,6 +184,7 @@ fn memory_table(
         grad_aliasing: one,
         optim_in_backward: false,
         offload: false,
+        offload_acts: 0,
         trained: Trained::Full,
         ranks: gpus,
         shard: 0,

@@ -143,11 +143,15 @@ pub struct TrainArgs {
     /// the global norm before the first update.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub optim_in_backward: Option<bool>,
-    /// `optimizer`: keep the fp32 weights and both moments in host memory and update them on
-    /// the host's cores (ZeRO-Offload style), for models whose optimizer state does not fit on
-    /// the device. Gradients go down and new weights come back over PCIe, overlapped with the
-    /// backward under --optim-in-backward. Results and checkpoints are the same as without.
-    #[arg(long, value_name = "optimizer")]
+    /// What lives in host memory, comma-separated. `optimizer`: the fp32 weights and both
+    /// moments, updated on the host's cores (ZeRO-Offload style), for models whose optimizer
+    /// state does not fit on the device; gradients go down and new weights come back over PCIe,
+    /// overlapped with the backward under --optim-in-backward. `activations:K`: the gate/up
+    /// projections (two thirds of a layer's saved activations) of K layers spread over the
+    /// stack, copied to the host while the next layers compute and back during the backward,
+    /// instead of recomputing them (--recompute mlp:K). Results and checkpoints are the same as
+    /// without.
+    #[arg(long, value_name = "optimizer,activations:K")]
     pub offload: Option<String>,
     /// Data-parallel ranks as threads of this process on the CPU (--device cpu): each rank has
     /// its own model, its share of the optimizer state and grad-accum micro-batches of every
@@ -488,7 +492,8 @@ impl TrainArgs {
                 .ok_or_else(|| anyhow::anyhow!("`master-weights`: {s} is not f32 or none"))?;
         }
         if let Some(s) = &a.offload {
-            c.offload = nopad_train::parse_offload(s)?;
+            let o = nopad_train::parse_offload(s)?;
+            (c.offload, c.offload_activations) = (o.optimizer, o.activations);
         }
         c.ranks = a.ranks.unwrap_or(1);
         c.shard = a

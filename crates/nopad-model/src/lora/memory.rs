@@ -86,12 +86,12 @@ pub fn lora_model_bytes(
     cfg: &Config,
     shape: &LoraShape,
     tokens: usize,
-    mode: Recompute,
+    acts: (Recompute, usize),
     dev: &Device<'_>,
 ) -> ModelBytes {
     let one = |(len, kind): Part| held(len * (dev.size)(kind), &dev.acc);
     let layout = Layout::new(cfg);
-    let base = memory::model_bytes(cfg, &layout, tokens, mode, GradHolding::Separate, dev);
+    let base = memory::model_bytes(cfg, &layout, tokens, acts, GradHolding::Separate, dev);
     let base_weights = match shape.base {
         BaseDtype::Bf16 => base.weights,
         BaseDtype::Nf4 => {

@@ -224,6 +224,12 @@ fn recomputation_and_dropout_masks_are_reproducible() {
         assert!(l == l0 && same_bits(&g, &g0), "{mode}");
     }
     m.set_recompute(Recompute::None);
+    // Offloaded activations come back the same bits (dropout regenerated in the backward).
+    m.set_offload_activations(2).unwrap();
+    m.set_lora_step(4);
+    let (l, g) = loss_and_grads(&b, &mut m, &[&p], 0.05);
+    assert!(l == l0 && same_bits(&g, &g0), "offloaded");
+    m.set_offload_activations(0).unwrap();
     // Another step draws other masks, and so does the step's next micro-batch.
     m.set_lora_step(5);
     let (l5, _) = loss_and_grads(&b, &mut m, &[&p], 0.05);

@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use nopad_backend::{Backend, Kind};
 
+use super::offload::Offload;
 use super::{GradState, Model};
 use crate::arena;
 use crate::error::{ModelError, Result};
@@ -26,6 +27,8 @@ pub struct Acts<B: Backend> {
     pub rstdf: B::Buf,
     /// Buffers the layers share.
     pub s: Scratch<B>,
+    /// The offloaded layers' ring and host buffers (`--offload activations:K`), if any.
+    pub(crate) offload: Option<Offload<B>>,
 }
 
 /// One layer's saved activations from the next seven buffers (nine with q/k norms), in
@@ -96,7 +99,7 @@ impl<B: Backend> Model<B> {
             // than keep them reserved (a few times per run, as the largest batch grows).
             b.release_cached()?;
         }
-        let parts = memory::act_parts(&self.cfg, cap, self.recompute);
+        let parts = memory::act_parts(&self.cfg, cap, self.recompute, self.offload);
         let mut bufs = self.alloc_slots(b, &parts.slots)?.into_iter();
         let (n_layers, qk_norm) = (self.cfg.num_hidden_layers, self.cfg.qk_norm);
         let mut res = Vec::with_capacity(n_layers + 1);
@@ -121,13 +124,17 @@ impl<B: Backend> Model<B> {
             layers.push(layer_acts(&mut next, qk_norm));
         }
         res.push(next());
+        let (hf, rstdf, s) = (next(), next(), scratch(&mut next));
+        let gu = cap * 2 * self.cfg.intermediate_size;
+        let offload = Offload::new(b, &self.homes, gu, vec![next(), next()])?;
         self.acts = Some(Acts {
             cap,
             res,
             layers,
-            hf: next(),
-            rstdf: next(),
-            s: scratch(&mut next),
+            hf,
+            rstdf,
+            s,
+            offload,
         });
         Ok(())
     }

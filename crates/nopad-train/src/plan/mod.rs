@@ -66,6 +66,8 @@ pub struct Modes {
     /// The master weights and moments live in host memory (`--offload optimizer`): none on the
     /// device.
     pub offload: bool,
+    /// Layers whose gate/up projections are offloaded to the host (`--offload activations:K`).
+    pub offload_acts: usize,
     /// What is trained.
     pub trained: Trained,
     /// Ranks of the data-parallel run (1: one process).
@@ -113,7 +115,10 @@ impl Modes {
             crate::master_name(self.master),
             self.recompute,
             if self.offload { " offload" } else { "" }
-        )
+        ) + &match self.offload_acts {
+            0 => String::new(),
+            k => format!(" acts-offload:{k}"),
+        }
     }
 }
 

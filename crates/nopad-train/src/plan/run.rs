@@ -43,6 +43,7 @@ pub fn modes_of(tc: &TrainConfig, ranks: usize) -> Modes {
             && tc.lora.is_none(),
         optim_in_backward: tc.optim_in_backward,
         offload: tc.offload == crate::Placement::Host,
+        offload_acts: tc.offload_activations,
         trained: match &tc.lora {
             Some(l) => Trained::Lora(LoraShape::of(&l.settings, l.base)),
             None => Trained::Full,

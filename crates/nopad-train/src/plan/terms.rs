@@ -161,15 +161,15 @@ fn plan_at(
     };
     // What trains: the model's bytes, the trainable groups and where their weight-decay part
     // ends (every adapter matrix decays).
+    let acts = (modes.recompute, modes.offload_acts);
     let lora_groups;
     let (model, groups, decay_end) = match modes.trained {
         Trained::Full => {
-            let m =
-                memory::model_bytes(cfg, &layout, tokens, modes.recompute, modes.grads(), &mdev);
+            let m = memory::model_bytes(cfg, &layout, tokens, acts, modes.grads(), &mdev);
             (m, &layout.groups, layout.decay_end)
         }
         Trained::Lora(shape) => {
-            let m = lora_model_bytes(cfg, &shape, tokens, modes.recompute, &mdev);
+            let m = lora_model_bytes(cfg, &shape, tokens, acts, &mdev);
             lora_groups = shape.layout(cfg);
             (m, &lora_groups.groups, lora_groups.total)
         }
