@@ -52,6 +52,7 @@ fn build<B: Backend>(b: &B, net: Net, modes: Modes, lora: Option<&LoraTrain>) ->
         }
     };
     model.set_recompute(modes.recompute);
+    model.set_offload_activations(modes.offload_acts).unwrap();
     model.set_grad_aliasing(b, modes.grad_aliasing).unwrap();
     let scratch = modes.optim_in_backward || (modes.shard >= 2 && lora.is_none());
     model.set_update_in_backward(b, scratch).unwrap();
@@ -282,6 +283,26 @@ fn the_plan_equals_the_cpu_peak_of_lora_runs() {
         let (planned, measured) =
             planned_and_measured(&Cpu::<f32>::new(), preset, m, accum, Some(&lt));
         assert_eq!(planned, measured, "{preset} {}", m.label());
+    }
+    // Offloaded activations (the small preset's 4 layers: 3 offloaded, 1 of which makes the
+    // round trip through the host, beside 1 recomputed): the ring buffers on the device, the
+    // host's buffers not.
+    for (offload_acts, recompute) in [(3, Recompute::Mlp(Some(1))), (4, Recompute::None)] {
+        let (m, lt) = qlora(lora(8, &all, 0.0, S::F32));
+        let m = Modes {
+            recompute,
+            offload_acts,
+            ..m
+        };
+        let cpu = Cpu::<f32>::new();
+        let (planned, measured) = planned_and_measured(&cpu, "small", m, 1, Some(&lt));
+        assert_eq!(planned, measured, "{}", m.label());
+        let m = Modes {
+            trained: Trained::Full,
+            ..m
+        };
+        let (planned, measured) = planned_and_measured(&cpu, "small", m, 2, None);
+        assert_eq!(planned, measured, "{}", m.label());
     }
     for (m, lt) in [
         lora(4, &all, 0.1, S::F32),
