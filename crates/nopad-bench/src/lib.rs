@@ -269,12 +269,15 @@ pub fn run_strategy<B: Backend>(
         },
         ..AdamWConfig::default()
     };
-    plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
+    let tokens = plan_run(b, cfg, strategy, train, &adamw, aliasing)?;
     let mut model = model(b, cfg)?;
     model.set_recompute(cfg.recompute);
     model.set_offload_activations(cfg.offload_activations)?;
     model.set_grad_aliasing(b, aliasing)?;
     model.set_update_in_backward(b, cfg.optim_in_backward)?;
+    if cfg.offload_activations > 0 {
+        model.reserve_activations(b, tokens)?;
+    }
     let pad_id = pad_token_id(&model.cfg);
     let mut loader = loader(cfg, strategy, pad_id, train, 4)?;
     let steps_per_epoch = loader.steps_per_epoch();
@@ -381,7 +384,8 @@ pub fn run_strategy<B: Backend>(
 }
 
 /// Prints the memory plan of a benchmark run (its largest micro-batch found by packing the
-/// steps it will time) and refuses one that cannot fit, before the model is allocated.
+/// steps it will time) and refuses one that cannot fit, before the model is allocated; returns
+/// that micro-batch's tokens.
 fn plan_run<B: Backend>(
     b: &B,
     cfg: &BenchConfig,
@@ -389,7 +393,7 @@ fn plan_run<B: Backend>(
     train: &Arc<Vec<Example>>,
     adamw: &AdamWConfig,
     aliasing: bool,
-) -> Result<()> {
+) -> Result<usize> {
     let mut mc = model_config(&cfg.model)?;
     if let Some(l) = cfg.layers {
         mc.num_hidden_layers = l.min(mc.num_hidden_layers).max(1);
@@ -421,7 +425,7 @@ fn plan_run<B: Backend>(
     };
     let in_backward = cfg.grad_accum == 1 && cfg.lora.is_none();
     check_device(b, &mc, tokens, modes, cfg.gpu_memory, in_backward)?;
-    Ok(())
+    Ok(tokens)
 }
 
 /// Runs `cfg.profile_steps` more steps with every op timed; returns ms per step for each op.

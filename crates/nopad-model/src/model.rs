@@ -283,6 +283,14 @@ impl<B: Backend> Model<B> {
         self.set_activations(self.recompute, k)
     }
 
+    /// Allocates the activation buffers for micro-batches of up to `tokens` tokens now, instead
+    /// of growing them with the first larger batch. A run that offloads activations reserves
+    /// its largest micro-batch before step 1: the offloaded layers' page-locked host buffers
+    /// take a second or more to pin, which a step should not pay.
+    pub fn reserve_activations(&mut self, b: &B, tokens: usize) -> Result<()> {
+        self.ensure_acts(b, tokens)
+    }
+
     fn set_activations(&mut self, mode: Recompute, offload: usize) -> Result<()> {
         let homes =
             gu_homes(self.cfg.num_hidden_layers, mode, offload).map_err(ModelError::Input)?;

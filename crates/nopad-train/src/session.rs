@@ -462,6 +462,10 @@ impl<B: Backend> Session<B> {
         // does (a LoRA model's adapter gradients are small and stay whole).
         let scratch = stage.one_group_grads() && tc.lora.is_none();
         model.set_update_in_backward(b, tc.optim_in_backward || scratch)?;
+        if tc.offload_activations > 0 {
+            // The pinned host buffers once, for the largest micro-batch, not mid-run.
+            model.reserve_activations(b, tokens)?;
+        }
         if tc.optim_in_backward {
             notes.push("optim-in-backward: each parameter group is updated as soon as its gradient is complete; gradient clipping is off (the logged norm is the unclipped global norm)".into());
         }
