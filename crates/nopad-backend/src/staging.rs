@@ -1,5 +1,6 @@
 //! [`Staging`]: page-locked host buffers and the asynchronous copies between them and the
-//! device, the transport of an offloaded optimizer (`--offload optimizer`). Each host buffer
+//! device, the transport of an offloaded optimizer (`--offload optimizer`) and of offloaded
+//! activations (`--offload activations:K`, `copy_to_host_unfenced`). Each host buffer
 //! has a copy queue of its own beside the compute queue (a CUDA stream; on the CPU every copy is
 //! done when the call returns), so a gradient can travel to the host, and new weights back,
 //! while the compute queue runs the rest of the backward.

@@ -89,7 +89,7 @@ impl Staging for Cuda {
             |e| match e.0 {
                 cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
                     BackendError::Unsupported(format!(
-                        "cannot pin {bytes} bytes of host memory for the offloaded optimizer"
+                        "cannot pin {bytes} bytes of host memory (offloaded optimizer or activations)"
                     ))
                 }
                 _ => err(e),
