@@ -1,7 +1,8 @@
 //! [`Staging`] on CUDA: page-locked host memory (`cuMemHostAlloc`, not write-combined: the
 //! host reads the gradients back) with a copy stream and the event of its last copy per
 //! buffer. A copy waits for the compute stream through an event; the compute stream waits for a
-//! device-to-host copy at once (its source, the gradient scratch, is overwritten next) and for a
+//! device-to-host copy at once (its source, the gradient scratch, is overwritten next), except an
+//! unfenced one (offloaded activations, whose buffer only a later layer reuses), and for a
 //! host-to-device copy only at [`Staging::host_fence`]. Two buffers used in opposite directions
 //! have two streams, so gradients going down and weights going up share PCIe both ways.
 //!
