@@ -300,16 +300,15 @@ pub struct ColumnBlock {
 }
 
 impl ColumnBlock {
+    /// `(n, stride, c0, d_in, d_out)`.
+    pub(crate) fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (self.n, self.stride, self.c0, self.d_in, self.d_out)
+    }
+
     /// Checks that the block lies inside the row; returns the lengths of the wide rows
     /// (`N·stride`), the narrow input (`N·in`) and the weight (`out·in`).
     pub(crate) fn lens(&self, op: &'static str) -> crate::Result<(usize, usize, usize)> {
-        let ColumnBlock {
-            n,
-            stride,
-            c0,
-            d_in,
-            d_out,
-        } = *self;
+        let (n, stride, c0, d_in, d_out) = self.dims();
         crate::error::check(c0 + d_out <= stride, op, || {
             format!(
                 "columns {c0}..{} exceed the row length {stride}",

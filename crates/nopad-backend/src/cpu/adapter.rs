@@ -6,20 +6,14 @@ use rayon::prelude::*;
 
 use super::linear::{gemm, Mat, Threads};
 use super::{check_len, Cpu, Scalar};
-use crate::args::{ColumnBlock, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout};
+use crate::args::{ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout};
 use crate::error::check;
 use crate::{dropout_keep, dropout_scale, dropout_threshold, GradWrite, Result};
 
 /// `y[:, c0..c0 + out] += s · x · wᵀ` (see [`ColumnsLinearFwd`]).
 pub(crate) fn columns_linear_forward<T: Scalar>(a: ColumnsLinearFwd<'_, Cpu<T>>) -> Result<()> {
     const OP: &str = "columns_linear_forward";
-    let ColumnBlock {
-        n,
-        stride,
-        c0,
-        d_in,
-        d_out,
-    } = a.block;
+    let (n, stride, c0, d_in, d_out) = a.block.dims();
     let (ylen, xlen, wlen) = a.block.lens(OP)?;
     check_len(OP, "y", a.y.len(), ylen)?;
     check_len(OP, "x", a.x.len(), xlen)?;
@@ -47,13 +41,7 @@ pub(crate) fn columns_linear_forward<T: Scalar>(a: ColumnsLinearFwd<'_, Cpu<T>>)
 /// `dt = s · dy[:, c0..c0 + out]`: `dx = dt · w`, `d_w (+)= dtᵀ · x` (see [`ColumnsLinearBwd`]).
 pub(crate) fn columns_linear_backward<T: Scalar>(a: ColumnsLinearBwd<'_, Cpu<T>>) -> Result<()> {
     const OP: &str = "columns_linear_backward";
-    let ColumnBlock {
-        n,
-        stride,
-        c0,
-        d_in,
-        d_out,
-    } = a.block;
+    let (n, stride, c0, d_in, d_out) = a.block.dims();
     let (ylen, xlen, wlen) = a.block.lens(OP)?;
     check_len(OP, "dy", a.dy.len(), ylen)?;
     check_len(OP, "x", a.x.len(), xlen)?;

@@ -7,7 +7,7 @@ use super::blas::GemmSpec;
 use super::compile::ADAPTER;
 use super::elementwise::stride_launch;
 use super::{want, Cuda, Dtype};
-use crate::args::{ColumnBlock, ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout};
+use crate::args::{ColumnsLinearBwd, ColumnsLinearFwd, DequantNf4, Dropout};
 use crate::{dropout_scale, dropout_threshold, BackendError, GradWrite, Result};
 
 /// Mirrors `DropoutParams` in adapter.cu.
@@ -48,13 +48,7 @@ impl Cuda {
         want(op, "y", &a.y, c, ylen)?;
         want(op, "x", &a.x, c, xlen)?;
         want(op, "w", &a.w, c, wlen)?;
-        let ColumnBlock {
-            n,
-            stride,
-            c0,
-            d_in,
-            d_out,
-        } = a.block;
+        let (n, stride, c0, d_in, d_out) = a.block.dims();
         if n * d_out * d_in == 0 {
             return Ok(());
         }
@@ -88,13 +82,7 @@ impl Cuda {
         want(op, "dy", &a.dy, c, ylen)?;
         want(op, "x", &a.x, c, xlen)?;
         want(op, "w", &a.w, c, wlen)?;
-        let ColumnBlock {
-            n,
-            stride,
-            c0,
-            d_in,
-            d_out,
-        } = a.block;
+        let (n, stride, c0, d_in, d_out) = a.block.dims();
         let acc = a.write == GradWrite::Accumulate;
         if n == 0 || d_out == 0 {
             // No rows (or no columns): dx is zero, and an overwritten d_w too.
