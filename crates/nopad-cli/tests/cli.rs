@@ -113,8 +113,29 @@ fn config_files_are_merged_and_bad_keys_or_values_are_named() {
         "train --device cpu --config",
         &[cfg.to_str().unwrap()],
     )));
+    // Activations too, in a list (the tiny preset has 2 layers: 3 is refused, naming both).
+    write(
+        &cfg,
+        "model = \"tiny\"\nsteps = 2\nmax-len = 32\nbatch-size = 2\nno-progress = true\n\
+         offload = \"activations:2, optimizer\"\n",
+    );
+    ok(nopad(&args(
+        "train --device cpu --config",
+        &[cfg.to_str().unwrap()],
+    )));
+    let e = stderr(&nopad(&args(
+        "train --device cpu --offload activations:3 --config",
+        &[cfg.to_str().unwrap()],
+    )));
+    assert!(
+        e.contains("activations:3") && e.contains("only 2 layers"),
+        "{e}"
+    );
     let e = stderr(&nopad(&["train", "--offload", "params"]));
-    assert!(e.contains("`offload`: params is not `optimizer`"), "{e}");
+    assert!(
+        e.contains("`offload`: `params` is not `optimizer` or `activations:K`"),
+        "{e}"
+    );
 
     write(&cfg, "model = \"tiny\"\nbatch_sise = 2\n");
     let e = stderr(&nopad(&["train", "--config", cfg.to_str().unwrap()]));
