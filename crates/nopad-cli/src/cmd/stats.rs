@@ -163,8 +163,8 @@ pub fn run(args: &StatsArgs) -> anyhow::Result<()> {
 /// The memory plan of every mode worth comparing, on `gpus` CUDA devices of `budget` bytes,
 /// at the largest `flatten` micro-batch of the data, then (several GPUs) the plan of every ZeRO
 /// stage per rank. With `lora`, the modes are the adapters over a bf16 and an NF4 base, each
-/// with and without recomputation (the adapters' own optimizer state is too small for its
-/// precision to matter).
+/// with and without recomputation and offloaded activations (the adapters' own optimizer state
+/// is too small for its precision to matter).
 fn memory_table(
     cfg: &nopad_model::Config,
     (examples, pack): (&[nopad_data::Example], &PackOptions),
@@ -191,7 +191,7 @@ fn memory_table(
     };
     let grid = match &lora {
         None => nopad_train::mode_grid(base, one && gpus == 1),
-        Some(l) => lora_grid(base, &l.settings),
+        Some(l) => lora_grid(base, &l.settings, cfg.num_hidden_layers),
     };
     let mut text = format!(
         "memory plan on a {} CUDA device (bf16, {} gradients), largest flatten micro-batch {tokens} tokens; sizes in GiB:\n{}",
@@ -211,21 +211,36 @@ fn memory_table(
 }
 
 /// LoRA's rows of the memory table: bf16 and NF4 bases, with no, MLP and full recomputation.
+/// The LoRA modes: each base with no, MLP and full recomputation, and with every other layer's
+/// gate/up projections offloaded to the host (`--offload activations:L/2`), alone and with the
+/// rest recomputed.
 fn lora_grid(
     base: nopad_train::Modes,
     lora: &nopad_model::lora::LoraConfig,
+    n_layers: usize,
 ) -> Vec<nopad_train::Modes> {
     use nopad_model::{lora::memory::LoraShape, quant::BaseDtype, Recompute};
     let mut v = Vec::new();
+    let half = n_layers / 2;
     for dtype in [BaseDtype::Bf16, BaseDtype::Nf4] {
-        for recompute in [Recompute::None, Recompute::Mlp(None), Recompute::Full] {
+        for (recompute, offload_acts) in [
+            (Recompute::None, 0),
+            (Recompute::None, half),
+            (Recompute::Mlp(None), half),
+            (Recompute::Mlp(None), 0),
+            (Recompute::Full, 0),
+        ] {
             v.push(nopad_train::Modes {
                 recompute,
+                offload_acts,
+                // A LoRA run keeps its (small) adapter gradients apart.
+                grad_aliasing: false,
                 trained: nopad_train::Trained::Lora(LoraShape::of(lora, dtype)),
                 ..base
             });
         }
     }
+    v.dedup();
     v
 }
 
@@ -246,6 +261,52 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// The LoRA table: each base with and without recomputation and offloaded activations;
+    /// offloading every other layer fits more tokens than keeping them, and less than
+    /// recomputing every layer's MLP (which frees one more layer's projections).
+    #[test]
+    fn lora_rows_include_offloaded_activations() {
+        let cfg = nopad_model::Config::preset("llama-3.1-8b").unwrap();
+        let examples = instruction_dataset(&SyntheticConfig {
+            n_examples: 64,
+            vocab_size: cfg.vocab_size,
+            lengths: LengthDist::FlanLike,
+            max_len: 2048,
+            seed: 0,
+        });
+        let pack = PackOptions {
+            strategy: Strategy::Flatten,
+            batch_size: 4,
+            max_len: 2048,
+            pad_token_id: 0,
+            group_by_length: false,
+        };
+        let lora = nopad_train::LoraTrain {
+            settings: nopad_model::lora::LoraConfig {
+                r: 16,
+                alpha: 32.0,
+                dropout: 0.0,
+                targets: nopad_model::lora::Target::ALL.to_vec(),
+                use_rslora: false,
+                seed: 0,
+            },
+            base: nopad_model::quant::BaseDtype::Nf4,
+            adapter: None,
+        };
+        let text = memory_table(&cfg, (&examples, &pack), (1, 1), 24 << 30, Some(lora));
+        assert!(!text.contains("alias lora"), "{text}");
+        let row = |label: &str| {
+            let v = fits(&text, label, "");
+            assert_eq!(v.len(), 1, "{label}: {text}");
+            v[0]
+        };
+        let kept = row("f32/f32/none lora-r16 nf4  ");
+        let off = row("f32/f32/none lora-r16 nf4 acts-offload:16");
+        let mlp = row("f32/f32/mlp lora-r16 nf4  ");
+        let both = row("f32/f32/mlp lora-r16 nf4 acts-offload:16");
+        assert!(kept < off && off < both && both < mlp, "{text}");
     }
 
     #[test]

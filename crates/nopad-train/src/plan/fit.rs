@@ -86,8 +86,14 @@ pub fn table(
     dev: &DeviceSizes,
     budget: usize,
 ) -> String {
+    let w = grid
+        .iter()
+        .map(|m| m.label().len())
+        .max()
+        .unwrap_or(0)
+        .max(34);
     let mut s = format!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}\n",
+        "{:<w$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}\n",
         "states/master/recompute",
         "weights",
         "states",
@@ -105,7 +111,7 @@ pub fn table(
             None => "none (the states alone do not fit)".into(),
         };
         s += &format!(
-            "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {fit}\n",
+            "{:<w$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {fit}\n",
             m.label(),
             g(p.weights),
             g(p.master + p.moments),
