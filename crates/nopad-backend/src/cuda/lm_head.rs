@@ -23,9 +23,10 @@ use crate::{BackendError, GradWrite, LinearDims, Result};
 /// more (the chunk and, then, a separate bf16 copy for the dlogits).
 pub(crate) const CHUNK_ELEMS: usize = 1 << 27;
 /// The largest chunk when the head is frozen (no `d_w`, a LoRA run), 256 MiB of fp32 (~520 rows
-/// at V = 128k): without the pass over `d_w` a chunk costs only its GEMMs, which stay
-/// compute-bound at this many rows (each reads all of `w` once more than one large chunk
-/// would), so the smaller chunk frees memory at no measurable cost.
+/// at V = 128k): without the pass over `d_w` a chunk costs only its GEMMs, which at this many
+/// rows do about 520 FLOPs per byte of `w` they read, above the H100's ratio of peak FLOPs to
+/// bandwidth (about 295), so the extra reads of `w` should cost little (arithmetic; not timed
+/// apart from the rest of BENCHMARKS row L8's changes).
 pub(crate) const FROZEN_CHUNK_ELEMS: usize = 1 << 26;
 /// Largest chunk, in rows.
 const CHUNK_ROWS: usize = 8192;

@@ -263,11 +263,8 @@ mod tests {
             .collect()
     }
 
-    /// The LoRA table: each base with and without recomputation and offloaded activations;
-    /// offloading every other layer fits more tokens than keeping them, and less than
-    /// recomputing every layer's MLP (which frees one more layer's projections).
-    #[test]
-    fn lora_rows_include_offloaded_activations() {
+    /// Llama-3.1-8B's config, 64 FLAN-like examples of up to 2,048 tokens and batches of 4.
+    fn flan_8b() -> (nopad_model::Config, Vec<nopad_data::Example>, PackOptions) {
         let cfg = nopad_model::Config::preset("llama-3.1-8b").unwrap();
         let examples = instruction_dataset(&SyntheticConfig {
             n_examples: 64,
@@ -283,6 +280,15 @@ mod tests {
             pad_token_id: 0,
             group_by_length: false,
         };
+        (cfg, examples, pack)
+    }
+
+    /// The LoRA table: each base with and without recomputation and offloaded activations;
+    /// offloading every other layer fits more tokens than keeping them, and less than
+    /// recomputing every layer's MLP (which frees one more layer's projections).
+    #[test]
+    fn lora_rows_include_offloaded_activations() {
+        let (cfg, examples, pack) = flan_8b();
         let lora = nopad_train::LoraTrain {
             settings: nopad_model::lora::LoraConfig {
                 r: 16,
@@ -311,21 +317,7 @@ mod tests {
 
     #[test]
     fn several_gpus_add_the_plan_of_every_stage_per_rank() {
-        let cfg = nopad_model::Config::preset("llama-3.1-8b").unwrap();
-        let examples = instruction_dataset(&SyntheticConfig {
-            n_examples: 64,
-            vocab_size: cfg.vocab_size,
-            lengths: LengthDist::FlanLike,
-            max_len: 2048,
-            seed: 0,
-        });
-        let pack = PackOptions {
-            strategy: Strategy::Flatten,
-            batch_size: 4,
-            max_len: 2048,
-            pad_token_id: 0,
-            group_by_length: false,
-        };
+        let (cfg, examples, pack) = flan_8b();
         let one = memory_table(&cfg, (&examples, &pack), (1, 1), 80 << 30, None);
         assert!(!one.contains("by --shard stage"), "{one}");
         let text = memory_table(&cfg, (&examples, &pack), (1, 8), 80 << 30, None);
